@@ -1,0 +1,434 @@
+"""RWKV-4 (the architecture of the paper): reference model, state layout and ONNX graphs.
+
+Notation follows the paper and BlinkDL's code: B batch, T time, C channels (n_embd), F ffn size,
+V vocab. Per layer the recurrent state is
+    att_shift [B,C]  the previous token's time-mix input (token shift)
+    wkv_aa    [B,C]  WKV numerator   } both scaled by exp(-wkv_pp): the running-maximum trick keeps
+    wkv_bb    [B,C]  WKV denominator } exp() from overflowing
+    wkv_pp    [B,C]  running maximum of the log-weights; starts at -1e30 (0 would be wrong)
+    ffn_shift [B,C]  the previous token's channel-mix input
+all float32 whatever the precision of the weights.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rwkv_runtime.manifest import BATCH, StateSpec
+
+from ..errors import CheckpointError
+from ..onnx_graph import CUSTOM_DOMAIN, GraphBuilder, make_function
+
+VERSION = "rwkv4"
+PP_INIT = -1e30
+LN_EPS = 1e-5
+STATE_FIELDS = ("att_shift", "wkv_aa", "wkv_bb", "wkv_pp", "ffn_shift")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and checkpoint validation
+# ---------------------------------------------------------------------------------------------
+def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
+    if "emb.weight" not in w or w["emb.weight"].dim() != 2:
+        raise CheckpointError("missing or malformed emb.weight (expected [vocab, n_embd])")
+    V, C = w["emb.weight"].shape
+    layers = sorted({int(k.split(".")[1]) for k in w if k.startswith("blocks.")})
+    if not layers or layers != list(range(len(layers))):
+        raise CheckpointError(f"blocks are not numbered 0..N-1 (found {layers[:8]})")
+    L = len(layers)
+    fk = w.get("blocks.0.ffn.key.weight")
+    if fk is None:
+        raise CheckpointError("missing key blocks.0.ffn.key.weight")
+    cfg = {"n_layer": L, "n_embd": int(C), "vocab_size": int(V), "ffn_dim": int(fk.shape[0])}
+    expected = expected_shapes(cfg)
+    missing = [k for k in expected if k not in w]
+    if missing:
+        raise CheckpointError(f"missing keys for RWKV-4: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+    unknown = [k for k in w if k not in expected]
+    if unknown:
+        raise CheckpointError(f"unknown keys for RWKV-4: {', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''}")
+    for k, shape in expected.items():
+        got = tuple(w[k].shape)
+        if got != shape and not (k.endswith(("time_decay", "time_first")) and math.prod(got) == math.prod(shape)):
+            raise CheckpointError(f"inconsistent shape for {k}: {list(got)}, expected {list(shape)}")
+    return cfg
+
+
+def expected_shapes(cfg: dict) -> dict:
+    C, F_, V = cfg["n_embd"], cfg["ffn_dim"], cfg["vocab_size"]
+    s = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
+         "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)}
+    for i in range(cfg["n_layer"]):
+        b = f"blocks.{i}."
+        s.update({b + "ln1.weight": (C,), b + "ln1.bias": (C,), b + "ln2.weight": (C,), b + "ln2.bias": (C,),
+                  b + "att.time_decay": (C,), b + "att.time_first": (C,),
+                  b + "att.time_mix_k": (1, 1, C), b + "att.time_mix_v": (1, 1, C), b + "att.time_mix_r": (1, 1, C),
+                  b + "att.key.weight": (C, C), b + "att.value.weight": (C, C),
+                  b + "att.receptance.weight": (C, C), b + "att.output.weight": (C, C),
+                  b + "ffn.time_mix_k": (1, 1, C), b + "ffn.time_mix_r": (1, 1, C),
+                  b + "ffn.key.weight": (F_, C), b + "ffn.receptance.weight": (C, C), b + "ffn.value.weight": (C, F_)})
+    return s
+
+
+def state_layout(cfg: dict) -> list:
+    """The recurrent state, generated from one layout (never listed by hand)."""
+    specs = []
+    for i in range(cfg["n_layer"]):
+        for f in STATE_FIELDS:
+            specs.append(StateSpec(name=f"state.{i}.{f}", output=f"new_state.{i}.{f}", shape=[BATCH, cfg["n_embd"]],
+                                   dtype="float32", init=PP_INIT if f == "wkv_pp" else 0.0, layer=i))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# The WKV operator, in both of the paper's forms
+# ---------------------------------------------------------------------------------------------
+def wkv4_step(w, u, k, v, aa, bb, pp):
+    """One token. w = -exp(time_decay), u = time_first; all float32, [B,C]."""
+    ww = u + k
+    p = torch.maximum(pp, ww)
+    e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
+    y = (e1 * aa + e2 * v) / (e1 * bb + e2)
+    ww = w + pp
+    p = torch.maximum(ww, k)
+    e1, e2 = torch.exp(ww - p), torch.exp(k - p)
+    return y, e1 * aa + e2 * v, e1 * bb + e2, p
+
+
+def wkv4_parallel(w, u, k, v, aa, bb, pp, chunk: int = 64):
+    """A whole sequence [B,T,C] at once, the paper's parallel form, in chunks of ``chunk`` tokens.
+
+    Inside a chunk, token t attends to token i < t with log-weight k_i + (t-1-i)·w, to itself with
+    u + k_t, and to the carried-in state with pp + t·w; subtracting each row's maximum before exp()
+    is the parallel counterpart of the step form's running maximum.
+    """
+    T = k.shape[1]
+    ys = []
+    for s in range(0, T, chunk):
+        kc, vc = k[:, s:s + chunk], v[:, s:s + chunk]
+        y, aa, bb, pp = _wkv4_chunk(w, u, kc, vc, aa, bb, pp)
+        ys.append(y)
+    return torch.cat(ys, 1), aa, bb, pp
+
+
+def _wkv4_chunk(w, u, k, v, aa, bb, pp):
+    B, T, C = k.shape
+    t = torch.arange(T, device=k.device)
+    dist = (t[:, None] - 1 - t[None, :]).clamp(min=0).to(k.dtype)  # [T(out), T(in)]
+    lw = k[:, None, :, :] + dist[None, :, :, None] * w  # [B,T,T,C]
+    lw = torch.where((t[:, None] > t[None, :])[None, :, :, None], lw, torch.tensor(-math.inf, dtype=k.dtype))
+    lw = torch.where((t[:, None] == t[None, :])[None, :, :, None], (u + k)[:, None, :, :], lw)
+    ls = pp[:, None, :] + t[None, :, None].to(k.dtype) * w  # state's log-weight at each t: [B,T,C]
+    m = torch.maximum(lw.amax(2), ls)
+    ew, es = torch.exp(lw - m[:, :, None]), torch.exp(ls - m)
+    y = ((ew * v[:, None]).sum(2) + es * aa[:, None]) / (ew.sum(2) + es * bb[:, None])
+    # state after the chunk: every token decayed to time T, no bonus u
+    lf = k + (T - 1 - t)[None, :, None].to(k.dtype) * w  # [B,T,C]
+    sf = pp + T * w
+    pp2 = torch.maximum(lf.amax(1), sf)
+    ef, esf = torch.exp(lf - pp2[:, None]), torch.exp(sf - pp2)
+    return y, (ef * v).sum(1) + esf * aa, ef.sum(1) + esf * bb, pp2
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference model (PyTorch), parameter names = BlinkDL checkpoint keys
+# ---------------------------------------------------------------------------------------------
+class TimeMix(nn.Module):
+    def __init__(self, C):
+        super().__init__()
+        self.time_decay = nn.Parameter(torch.zeros(C))
+        self.time_first = nn.Parameter(torch.zeros(C))
+        self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_mix_v = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+
+    def forward(self, xx, sx, aa, bb, pp, parallel: bool):
+        """xx: this token's normalised input, sx: the previous one's (token shift)."""
+        mk, mv, mr = (m.view(-1) for m in (self.time_mix_k, self.time_mix_v, self.time_mix_r))
+        k = self.key(xx * mk + sx * (1 - mk)).float()
+        v = self.value(xx * mv + sx * (1 - mv)).float()
+        r = torch.sigmoid(self.receptance(xx * mr + sx * (1 - mr)))
+        w, u = -torch.exp(self.time_decay.float().view(-1)), self.time_first.float().view(-1)
+        wkv = wkv4_parallel if parallel else wkv4_step
+        y, aa, bb, pp = wkv(w, u, k, v, aa, bb, pp)
+        return self.output(r * y), aa, bb, pp
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, C, F_):
+        super().__init__()
+        self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
+        self.key = nn.Linear(C, F_, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(F_, C, bias=False)
+
+    def forward(self, xx, sx):
+        mk, mr = self.time_mix_k.view(-1), self.time_mix_r.view(-1)
+        k = torch.square(torch.relu(self.key(xx * mk + sx * (1 - mk))))
+        return torch.sigmoid(self.receptance(xx * mr + sx * (1 - mr))) * self.value(k)
+
+
+class Block(nn.Module):
+    def __init__(self, i, C, F_):
+        super().__init__()
+        if i == 0:
+            self.ln0 = nn.LayerNorm(C, eps=LN_EPS)
+        self.ln1 = nn.LayerNorm(C, eps=LN_EPS)
+        self.ln2 = nn.LayerNorm(C, eps=LN_EPS)
+        self.att = TimeMix(C)
+        self.ffn = ChannelMix(C, F_)
+
+
+def _shift(xx, prev):
+    """Token shift over a sequence: [prev, xx_0, ..., xx_{T-2}]."""
+    return torch.cat([prev[:, None], xx[:, :-1]], 1)
+
+
+class Model(nn.Module):
+    """RWKV-4 in PyTorch: ``step`` is the RNN form, ``sequence`` the parallel form."""
+
+    version = VERSION
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = dict(cfg)
+        C, V = cfg["n_embd"], cfg["vocab_size"]
+        self.emb = nn.Embedding(V, C)
+        self.blocks = nn.ModuleList(Block(i, C, cfg["ffn_dim"]) for i in range(cfg["n_layer"]))
+        self.ln_out = nn.LayerNorm(C, eps=LN_EPS)
+        self.head = nn.Linear(C, V, bias=False)
+
+    @classmethod
+    def from_weights(cls, w: dict, cfg: dict | None = None) -> "Model":
+        cfg = cfg or config_from_weights(w)
+        m = cls(cfg)
+        sd = {k: v.reshape(m.state_dict()[k].shape) for k, v in w.items()}
+        m.load_state_dict(sd, strict=True)
+        return m.eval()
+
+    def new_state(self, batch_size: int = 1) -> dict:
+        return {s.name: torch.full(s.concrete_shape(batch_size), s.init, dtype=torch.float32)
+                for s in state_layout(self.cfg)}
+
+    def _run(self, x, state: dict, parallel: bool):
+        x = self.blocks[0].ln0(x)
+        new = {}
+        for i, blk in enumerate(self.blocks):
+            s = lambda f: state[f"state.{i}.{f}"]  # noqa: E731
+            xx = blk.ln1(x)
+            sx = _shift(xx, s("att_shift")) if parallel else s("att_shift")
+            out, aa, bb, pp = blk.att(xx, sx, s("wkv_aa"), s("wkv_bb"), s("wkv_pp"), parallel)
+            x = x + out
+            new.update({f"state.{i}.att_shift": xx[:, -1] if parallel else xx,
+                        f"state.{i}.wkv_aa": aa, f"state.{i}.wkv_bb": bb, f"state.{i}.wkv_pp": pp})
+            xx = blk.ln2(x)
+            sx = _shift(xx, s("ffn_shift")) if parallel else s("ffn_shift")
+            x = x + blk.ffn(xx, sx)
+            new[f"state.{i}.ffn_shift"] = xx[:, -1] if parallel else xx
+        return self.head(self.ln_out(x)), new
+
+    def step(self, tokens, state: dict):
+        """tokens [B] -> logits [B,V], new state (keys as the inputs: ``state.{i}.{field}``)."""
+        return self._run(self.emb(tokens), state, parallel=False)
+
+    def sequence(self, tokens, state: dict):
+        """tokens [B,T] -> logits [B,T,V], state after the last token."""
+        return self._run(self.emb(tokens), state, parallel=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX graphs
+# ---------------------------------------------------------------------------------------------
+def _np(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def export_weights(w: dict, cfg: dict) -> dict:
+    """Weights in the form the graph uses: ln0 folded into the embedding, w = -exp(time_decay)
+    computed once in float32, mixing vectors flattened, matrices transposed to [in, out]."""
+    C = cfg["n_embd"]
+    emb = F.layer_norm(w["emb.weight"].float(), (C,), w["blocks.0.ln0.weight"].float(),
+                       w["blocks.0.ln0.bias"].float(), eps=LN_EPS)
+    out = {"emb": _np(emb), "ln_out.weight": _np(w["ln_out.weight"]), "ln_out.bias": _np(w["ln_out.bias"]),
+           "head": _np(w["head.weight"]).T}
+    for i in range(cfg["n_layer"]):
+        b = f"blocks.{i}."
+        for n in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"):
+            out[b + n] = _np(w[b + n])
+        out[b + "att.w"] = _np(-torch.exp(w[b + "att.time_decay"].float().reshape(C)))
+        out[b + "att.u"] = _np(w[b + "att.time_first"].reshape(C))
+        for n in ("att.time_mix_k", "att.time_mix_v", "att.time_mix_r", "ffn.time_mix_k", "ffn.time_mix_r"):
+            out[b + n] = _np(w[b + n].reshape(C))
+        for n in ("att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.receptance", "ffn.value"):
+            out[b + n] = _np(w[b + n + ".weight"]).T
+    return out
+
+
+# -- the WKV op: standard-op bodies and the custom node ----------------------------------------
+def wkv4_step_ops(g: GraphBuilder, k, v, w, u, aa, bb, pp):
+    """Standard ONNX ops for one WKV step; returns (y, aa', bb', pp')."""
+    ww = g.op("Add", [u, k])
+    p = g.op("Max", [pp, ww])
+    e1 = g.op("Exp", [g.op("Sub", [pp, p])])
+    e2 = g.op("Exp", [g.op("Sub", [ww, p])])
+    y = g.op("Div", [g.op("Add", [g.op("Mul", [e1, aa]), g.op("Mul", [e2, v])]),
+                     g.op("Add", [g.op("Mul", [e1, bb]), e2])])
+    ww = g.op("Add", [w, pp])
+    p2 = g.op("Max", [ww, k])
+    e1 = g.op("Exp", [g.op("Sub", [ww, p2])])
+    e2 = g.op("Exp", [g.op("Sub", [k, p2])])
+    aa2 = g.op("Add", [g.op("Mul", [e1, aa]), g.op("Mul", [e2, v])])
+    bb2 = g.op("Add", [g.op("Mul", [e1, bb]), e2])
+    return y, aa2, bb2, g.op("Identity", [p2])
+
+
+def wkv4_seq_ops(g: GraphBuilder, k, v, w, u, aa, bb, pp):
+    """The sequence WKV with standard ops: a Scan over T of the step (k, v: [B,T,C])."""
+    body = GraphBuilder("wkv4_scan_body")
+    from onnx import TensorProto, helper
+
+    f32 = TensorProto.FLOAT
+    names = ["aa_in", "bb_in", "pp_in", "k_t", "v_t"]
+    y, aa2, bb2, pp2 = wkv4_step_ops(body, "k_t", "v_t", "w_outer", "u_outer", "aa_in", "bb_in", "pp_in")
+    body.op("Identity", [aa2], "aa_out")
+    body.op("Identity", [bb2], "bb_out")
+    body.op("Identity", [pp2], "pp_out")
+    body.op("Identity", [y], "y_t")
+    body_graph = helper.make_graph(
+        body.nodes, "wkv4_scan_body",
+        [helper.make_tensor_value_info(n, f32, None) for n in names],
+        [helper.make_tensor_value_info(n, f32, None) for n in ("aa_out", "bb_out", "pp_out", "y_t")],
+        body.initializers)
+    # the body reads w and u from the enclosing scope
+    for node in body_graph.node:
+        for j, n in enumerate(node.input):
+            if n == "w_outer":
+                node.input[j] = w
+            elif n == "u_outer":
+                node.input[j] = u
+    aa2, bb2, pp2, y = g.op("Scan", [aa, bb, pp, k, v], n_out=4, body=body_graph, num_scan_inputs=2,
+                            scan_input_axes=[1, 1], scan_output_axes=[1])
+    return y, aa2, bb2, pp2
+
+
+def _wkv_node(g: GraphBuilder, seq: bool, plugin: bool, ins, outs):
+    op_type = "WKV4Seq" if seq else "WKV4"
+    body = wkv4_seq_ops if seq else wkv4_step_ops
+    if not plugin:
+        res = body(g, *ins)
+        for r, o in zip(res, outs):
+            g.op("Identity", [r], o)
+        return
+    if (CUSTOM_DOMAIN, op_type) not in g.functions:
+        fn = make_function(op_type, ["k", "v", "w", "u", "aa", "bb", "pp"], ["y", "aa_out", "bb_out", "pp_out"],
+                           lambda fg, *a: _fn_body(fg, body, *a), attributes=["plugin_version", "plugin_namespace"])
+        g.add_function(fn)
+    g.op(op_type, ins, outs, domain=CUSTOM_DOMAIN, plugin_version="1", plugin_namespace=CUSTOM_DOMAIN)
+
+
+def _fn_body(fg, body, k, v, w, u, aa, bb, pp):
+    return body(fg, k, v, w, u, aa, bb, pp)
+
+
+# -- whole graphs -------------------------------------------------------------------------------
+def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool, all_logits: bool = False,
+                dtype=np.float32, weight_fn=None):
+    """Step graph (tokens [B]) or sequence graph (tokens [B,T]); state in -> logits, state out.
+
+    ``weight_fn(g, name, array)`` adds a matrix and returns a callable applying it (MatMul, or a
+    quantised MatMul); by default float MatMul in ``dtype``.
+    """
+    C, V, L = cfg["n_embd"], cfg["vocab_size"], cfg["n_layer"]
+    batch = [BATCH, "T"] if seq else [BATCH]
+    tokens = g.input("tokens", "int64", batch)
+    for s in state_layout(cfg):
+        g.input(s.name, "float32", s.shape)
+    g.output("logits", "float32", ([BATCH, "T", V] if all_logits else [BATCH, V]) if seq else [BATCH, V])
+    for s in state_layout(cfg):
+        g.output(s.output, "float32", s.shape)
+
+    def vec(name):
+        return g.weight(name, W[name])
+
+    def linear(name, x):
+        if weight_fn is not None:
+            return weight_fn(g, name, W[name], x)
+        return g.op("MatMul", [x, g.weight(name, W[name].astype(dtype))])
+
+    def ln(x, pre):
+        return g.op("LayerNormalization", [x, vec(pre + ".weight"), vec(pre + ".bias")], axis=-1, epsilon=LN_EPS)
+
+    def shift(xx, prev):
+        if not seq:
+            return prev
+        head = g.op("Unsqueeze", [prev, g.const([1], np.int64)])
+        body = g.op("Slice", [xx, g.const([0], np.int64), g.const([-1], np.int64), g.const([1], np.int64)])
+        return g.op("Concat", [head, body], axis=1)
+
+    def last(xx, out):
+        if not seq:
+            return g.op("Identity", [xx], out)
+        lastx = g.op("Slice", [xx, g.const([-1], np.int64), g.const([2**62], np.int64), g.const([1], np.int64)])
+        return g.op("Squeeze", [lastx, g.const([1], np.int64)], out)
+
+    def cast(x, to):
+        if dtype == np.float32:
+            return x
+        from onnx import TensorProto
+        return g.op("Cast", [x], to=TensorProto.FLOAT if to == "f32" else TensorProto.FLOAT16)
+
+    x = g.op("Gather", [g.weight("emb", W["emb"]), tokens], axis=0)
+    for i in range(L):
+        b = f"blocks.{i}."
+        st = lambda f: f"state.{i}.{f}"  # noqa: E731
+        # time mixing
+        xx = ln(x, b + "ln1")
+        sx = shift(xx, st("att_shift"))
+        last(xx, f"new_state.{i}.att_shift")
+        d = g.op("Sub", [xx, sx])
+        mixed = {m: g.op("Add", [sx, g.op("Mul", [d, vec(b + "att.time_mix_" + m)])]) for m in "kvr"}
+        k = cast(linear(b + "att.key", cast(mixed["k"], "lo")), "f32")
+        v = cast(linear(b + "att.value", cast(mixed["v"], "lo")), "f32")
+        r = g.op("Sigmoid", [cast(linear(b + "att.receptance", cast(mixed["r"], "lo")), "f32")])
+        y = g.fresh("wkv")
+        _wkv_node(g, seq, plugin, [k, v, vec(b + "att.w"), vec(b + "att.u"),
+                                   st("wkv_aa"), st("wkv_bb"), st("wkv_pp")],
+                  [y, f"new_state.{i}.wkv_aa", f"new_state.{i}.wkv_bb", f"new_state.{i}.wkv_pp"])
+        x = g.op("Add", [x, cast(linear(b + "att.output", cast(g.op("Mul", [r, y]), "lo")), "f32")])
+        # channel mixing
+        xx = ln(x, b + "ln2")
+        sx = shift(xx, st("ffn_shift"))
+        last(xx, f"new_state.{i}.ffn_shift")
+        d = g.op("Sub", [xx, sx])
+        xk = g.op("Add", [sx, g.op("Mul", [d, vec(b + "ffn.time_mix_k")])])
+        xr = g.op("Add", [sx, g.op("Mul", [d, vec(b + "ffn.time_mix_r")])])
+        kk = g.op("Relu", [linear(b + "ffn.key", cast(xk, "lo"))])
+        kk = g.op("Mul", [kk, kk])
+        kv = cast(linear(b + "ffn.value", kk), "f32")
+        r = g.op("Sigmoid", [cast(linear(b + "ffn.receptance", cast(xr, "lo")), "f32")])
+        x = g.op("Add", [x, g.op("Mul", [r, kv])])
+    if seq and not all_logits:
+        x = last(x, g.fresh("x_last"))
+    x = ln(x, "ln_out")
+    logits = linear("head", cast(x, "lo"))
+    g.op("Identity", [cast(logits, "f32")], "logits")
+
+
+def default_tokenizer(cfg: dict) -> dict:
+    V = cfg["vocab_size"]
+    if V <= 256:
+        return {"kind": "bytes"}
+    if V in (65536, 65529, 65525):
+        return {"kind": "world"}
+    if V in (50277, 50304):
+        return {"kind": "hf-json", "name": "20B_tokenizer"}
+    return {"kind": "none"}

@@ -1,0 +1,101 @@
+"""The manifest: the contract between the exporter and the runtime.
+
+The exporter writes it as JSON into the ONNX model's metadata (key ``rwkv.manifest``); the runtime
+reads it back and hard-codes nothing about a model: input/output names, every recurrent state tensor
+(name, output name, shape with the symbolic ``batch`` axis, dtype, initial value), sizes, tokenizer.
+This module must stay importable with numpy alone (no torch, no onnx).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import RuntimeUserError
+
+MANIFEST_KEY = "rwkv.manifest"
+TOKENIZER_KEY = "rwkv.tokenizer_json"  # a Hugging Face tokenizer.json travels inside the model
+FORMAT_VERSION = 1
+BATCH = "batch"  # the symbolic batch axis in state shapes
+
+
+@dataclass
+class StateSpec:
+    """One recurrent state tensor: graph input ``name``, graph output ``output``."""
+
+    name: str
+    output: str
+    shape: list  # e.g. ["batch", 768]; "batch" is the only symbolic axis
+    dtype: str = "float32"
+    init: float = 0.0  # fill value of a fresh state (RWKV-4's pp: -1e30)
+    layer: int = -1
+    doc: str = ""
+
+    def concrete_shape(self, batch_size: int) -> tuple:
+        return tuple(batch_size if d == BATCH else int(d) for d in self.shape)
+
+
+@dataclass
+class Manifest:
+    architecture: str  # "rwkv4", "rwkv5", "rwkv5.2", "rwkv6", "rwkv7"
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    graph: str = "step"  # "step" (one token) or "sequence" (tokens [batch, T])
+    precision: str = "fp32"
+    opset: int = 18
+    wkv: str = "plain"  # "plain": standard ONNX ops; "plugin": rwkv::WKV* custom nodes (ORT inlines)
+    tokenizer: dict = field(default_factory=lambda: {"kind": "bytes"})
+    tokens_input: str = "tokens"
+    logits_output: str = "logits"
+    state: list = field(default_factory=list)  # list[StateSpec]
+    dims: dict = field(default_factory=dict)  # architecture-specific sizes (ffn, heads, ...)
+    options: dict = field(default_factory=dict)  # e.g. rescale_every, all_logits
+    companions: dict = field(default_factory=dict)  # other graphs of the same export, by kind
+    source: dict = field(default_factory=dict)  # what was exported (checkpoint name, format)
+    exporter_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_json(self) -> str:
+        d = asdict(self)
+        return json.dumps(d, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RuntimeUserError(f"the model's rwkv manifest is not valid JSON ({e})") from None
+        if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:
+            raise RuntimeUserError(
+                f"unsupported manifest format version {d.get('format_version') if isinstance(d, dict) else '?'}"
+                f" (this runtime reads version {FORMAT_VERSION}); re-export the model"
+            )
+        known = set(cls.__dataclass_fields__)
+        d = {k: v for k, v in d.items() if k in known}
+        d["state"] = [StateSpec(**s) for s in d.get("state", [])]
+        return cls(**d)
+
+    # -- helpers -----------------------------------------------------------------------------
+    @property
+    def state_inputs(self) -> list:
+        return [s.name for s in self.state]
+
+    @property
+    def state_outputs(self) -> list:
+        return [s.output for s in self.state]
+
+    def summary(self) -> dict[str, Any]:
+        """A short human-readable view (``rwkv-export inspect``)."""
+        return {
+            "architecture": self.architecture,
+            "graph": self.graph,
+            "layers": self.n_layer,
+            "n_embd": self.n_embd,
+            "vocab": self.vocab_size,
+            "precision": self.precision,
+            "wkv": self.wkv,
+            "tokenizer": self.tokenizer.get("kind"),
+            "state tensors": len(self.state),
+        }
