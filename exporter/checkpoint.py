@@ -58,8 +58,14 @@ def detect_version(keys) -> str:
 def _torch_load(path: Path) -> dict:
     import torch
 
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # zip-format checkpoints (torch >= 1.6) are memory-mapped; legacy pickle files load whole
+    mmap = magic.startswith(b"PK")
+    if not mmap and magic[:1] != b"\x80":
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:

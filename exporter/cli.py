@@ -1,0 +1,148 @@
+"""The ``rwkv-export`` command line (click). User errors print one line and exit with status 1."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from rwkv_runtime.errors import RuntimeUserError
+
+from . import __version__
+
+
+def user_errors(fn):
+    """Turn the project's user errors (and a few OS ones) into one clean line + exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except RuntimeUserError as e:
+            raise click.ClickException(str(e)) from None
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+            raise click.ClickException(f"{e.filename}: {e.strerror}") from None
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+
+    return wrapper
+
+
+class _Bar:
+    """A stage-by-stage progress bar for long work (stderr, so stdout stays clean)."""
+
+    def __init__(self, total: int, desc: str, quiet: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, file=sys.stderr, disable=quiet, leave=False,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
+
+    def __call__(self, msg: str):
+        self.bar.set_postfix_str(msg)
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rwkv-export")
+def main():
+    """RWKV checkpoints to ONNX / TensorRT, validated, and run without torch."""
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Step graph path (e.g. model.onnx); the sequence graph goes beside it as model.seq.onnx.")
+@click.option("--graphs", default="step,sequence", show_default=True,
+              help="Which graphs to write: step, sequence or both (comma-separated).")
+@click.option("--wkv", type=click.Choice(["plain", "plugin"]), default="plain", show_default=True,
+              help="plain: WKV as standard ONNX ops; plugin: one rwkv::WKV* node per layer (TensorRT plugin; "
+                   "ONNX Runtime runs its function body).")
+@click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True)
+@click.option("--all-logits", is_flag=True, help="Sequence graph returns logits for every position.")
+@click.option("--tokenizer", default=None, help="bytes | world | none | path/to/tokenizer.json (default: from the model).")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Store weights in a .data file beside the model (default: only above 2 GB).")
+@click.option("-q", "--quiet", is_flag=True)
+@user_errors
+def export_cmd(checkpoint, out, graphs, wkv, precision, all_logits, tokenizer, external_data, quiet):
+    """Export CHECKPOINT (BlinkDL .pth, .safetensors, or a Hugging Face RWKV directory) to ONNX."""
+    from .export import ExportOptions, export
+
+    opts = ExportOptions(graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()), wkv=wkv,
+                         precision=precision, all_logits=all_logits, tokenizer=tokenizer, external_data=external_data)
+    bar = _Bar(2 + 2 * len(opts.graphs), "export", quiet)
+    try:
+        paths = export(checkpoint, out, opts, progress=bar)
+    finally:
+        bar.close()
+    for p in paths:
+        click.echo(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+@user_errors
+def inspect(model, as_json):
+    """Print the manifest of an exported MODEL (.onnx or .engine)."""
+    from rwkv_runtime.session import read_manifest
+
+    if model.suffix in (".engine", ".plan", ".trt"):
+        from rwkv_runtime.trt_backend import read_engine_manifest
+
+        man, _ = read_engine_manifest(model)
+    else:
+        man, _ = read_manifest(model)
+    if as_json:
+        click.echo(man.to_json())
+        return
+    for k, v in man.summary().items():
+        click.echo(f"{k:>15}: {v}")
+    click.echo(f"{'companions':>15}: {', '.join(f'{k}={v}' for k, v in man.companions.items())}")
+    click.echo(f"{'dims':>15}: {json.dumps(man.dims)}")
+    click.echo("state:")
+    for s in man.state:
+        click.echo(f"  {s.name:<28} -> {s.output:<32} {str(s.shape):<18} {s.dtype} init={s.init:g}")
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", required=True, help="Prompt text.")
+@click.option("-n", "--max-tokens", default=100, show_default=True, type=click.IntRange(0))
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0))
+@click.option("--top-p", default=0.85, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--presence-penalty", default=0.0, show_default=True)
+@click.option("--frequency-penalty", default=0.0, show_default=True)
+@click.option("--seed", default=None, type=int)
+@click.option("--threads", default=None, type=click.IntRange(1), help="onnxruntime intra-op threads.")
+@click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider(s), in order.")
+@user_errors
+def generate(model, prompt, max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed,
+             threads, providers):
+    """Generate text from an exported MODEL, streaming it; tokens/s at the end (stderr)."""
+    from rwkv_runtime import SamplingParams, Session
+
+    s = Session(model, providers=list(providers) or None, threads=threads)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
+                            frequency_penalty=frequency_penalty, seed=seed)
+    click.echo(prompt, nl=False)
+    for piece in s.generate(prompt, max_tokens, params):
+        click.echo(piece, nl=False)
+    click.echo()
+    st = s.stats
+    dec = st["new_tokens"] / st["decode_s"] if st["decode_s"] > 0 else float("nan")
+    click.echo(f"[{st['prompt_tokens']} prompt tokens in {st['prefill_s'] * 1e3:.1f} ms, "
+               f"{st['new_tokens']} new tokens at {dec:.1f} tokens/s]", err=True)
+
+
+def run():  # pragma: no cover
+    main()

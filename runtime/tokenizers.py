@@ -1,0 +1,88 @@
+"""Tokenizers named by the manifest: byte-level, the RWKV "World" trie vocabulary (pyrwkv-tokenizer,
+which ships the vocabulary), and Hugging Face ``tokenizer.json`` files (e.g. the 20B tokenizer of the
+Pile models) embedded in the model."""
+from __future__ import annotations
+
+from .errors import RuntimeUserError
+
+
+class ByteTokenizer:
+    """Token id = byte value (the tiny byte-level models)."""
+
+    kind = "bytes"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class WorldTokenizer:
+    """The RWKV World vocabulary (65536 tokens), used by RWKV-4-World and all RWKV-5/6/7 models."""
+
+    kind = "world"
+
+    def __init__(self):
+        try:
+            from pyrwkv_tokenizer import RWKVTokenizer
+        except ImportError:  # pragma: no cover - it is a dependency
+            raise RuntimeUserError("the World tokenizer needs `pip install pyrwkv-tokenizer`") from None
+        self._tok = RWKVTokenizer()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text))
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizers`` JSON (e.g. 20B_tokenizer.json of the RWKV-4 Pile models)."""
+
+    kind = "hf-json"
+
+    def __init__(self, json_text: str):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_str(json_text)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+
+def make_tokenizer(spec: dict, embedded_json: str | None = None):
+    kind = (spec or {}).get("kind", "none")
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind == "world":
+        return WorldTokenizer()
+    if kind == "hf-json":
+        if not embedded_json:
+            raise RuntimeUserError("the model names a tokenizer.json but does not embed it; re-export with --tokenizer")
+        return HFTokenizer(embedded_json)
+    raise RuntimeUserError("the model has no tokenizer; pass token ids, or re-export with --tokenizer")
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.pending: list[int] = []
+
+    def push(self, token: int) -> str:
+        self.pending.append(int(token))
+        text = self.tok.decode(self.pending)
+        if "\ufffd" in text and len(self.pending) < 8:  # wait for the rest of a multi-byte character
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text = self.tok.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
