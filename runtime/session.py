@@ -311,7 +311,7 @@ class Session:
         t = self._tokens(tokens, 2)
         st = self._coerce_state(state, t.shape[0])
         values = st._values
-        chunk = int(chunk_size or self.prefill_chunk)
+        chunk = int(self.prefill_chunk if chunk_size is None else chunk_size)
         if chunk < 1:
             raise RuntimeUserError(f"chunk_size must be >= 1, not {chunk}")
         logits = None
