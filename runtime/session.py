@@ -138,7 +138,12 @@ class OrtBackend:
             return False
 
     def from_numpy(self, arr: np.ndarray):
-        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), self.device, 0)
+        # An ORT-owned copy: ``ortvalue_from_numpy`` on the CPU would alias the numpy buffer without
+        # keeping it alive, and the state would then read freed memory.
+        arr = np.ascontiguousarray(arr)
+        value = self.ort.OrtValue.ortvalue_from_shape_and_type(arr.shape, arr.dtype, self.device, 0)
+        value.update_inplace(arr)
+        return value
 
     def to_numpy(self, value) -> np.ndarray:
         return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
