@@ -146,3 +146,40 @@ def generate(model, prompt, max_tokens, temperature, top_p, top_k, presence_pena
 
 def run():  # pragma: no cover
     main()
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--threads", default=None, type=click.IntRange(1), help="onnxruntime intra-op threads.")
+@click.option("--batch", "batches", default="1,4", show_default=True, help="Decode batch sizes (comma-separated).")
+@click.option("--tokens", default=64, show_default=True, type=click.IntRange(1), help="Decode steps timed.")
+@click.option("--prefill", "prefill_len", default=512, show_default=True, type=click.IntRange(0),
+              help="Prompt length for prefill tokens/s (0: skip).")
+@click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider(s).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@user_errors
+def bench(model, threads, batches, tokens, prefill_len, providers, as_json):
+    """Measure MODEL: decode tokens/s, prefill tokens/s, time to first token, peak memory."""
+    from rwkv_runtime import Session
+    from rwkv_runtime.bench import run_bench
+
+    try:
+        bs = tuple(int(b) for b in batches.split(",") if b.strip())
+    except ValueError:
+        raise click.ClickException(f"--batch must be integers separated by commas, not {batches!r}") from None
+    s = Session(model, providers=list(providers) or None, threads=threads)
+    if prefill_len and not s.backend.has("sequence"):
+        prefill_len = 0
+    res = run_bench(s, bs, tokens, prefill_len)
+    res["threads"] = threads
+    if as_json:
+        click.echo(json.dumps(res, indent=1))
+        return
+    click.echo(f"{'model':<22}{model}")
+    for b, v in res["decode_tps"].items():
+        click.echo(f"{'decode batch ' + b:<22}{v:10.1f} tokens/s")
+    if "prefill_tps" in res:
+        click.echo(f"{'prefill ' + str(prefill_len):<22}{res['prefill_tps']:10.1f} tokens/s")
+        click.echo(f"{'first token (64)':<22}{res['ttft_s_64'] * 1e3:10.1f} ms")
+    click.echo(f"{'peak RSS':<22}{res['peak_rss_mb']:10.1f} MB")

@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  `make demo` (the main job) and `make test` (the tests).
+# Each creates the virtual environment it needs in .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEFAULT_MODEL := exporter/default_model/tiny-rwkv4-pystdlib.pth
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch pinned: this version installs from a local CPU build here (others download several GB)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+## demo: export the embedded model, validate it against the PyTorch reference, generate text
+demo: $(BIN)/.installed
+	mkdir -p build
+	$(BIN)/rwkv-export export $(DEFAULT_MODEL) -o build/default.onnx
+	$(BIN)/rwkv-export validate build/default.onnx --reference $(DEFAULT_MODEL) --steps 48 --prompt 'import os'
+	$(BIN)/rwkv-export generate build/default.onnx --prompt 'def main(' -n 200 --temperature 0.8 --top-p 0.9 --seed 0
+
+## test: the test suite (GPU/TensorRT tests skip with a reason where those are missing)
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -rs
+
+## bench: decode/prefill speed against BlinkDL's rwkv package on an RWKV-4-169M-shaped model
+bench: $(BIN)/.installed
+	$(BIN)/python scripts/make_169m.py -o build/rwkv4-169m-random.pth
+	$(BIN)/rwkv-export export build/rwkv4-169m-random.pth -o build/rwkv4-169m.onnx --tokenizer none
+	$(BIN)/python scripts/bench_vs_blinkdl.py build/rwkv4-169m-random.pth build/rwkv4-169m.onnx --threads 2 --json build/bench.json
+
+clean:
+	rm -rf build
+
+.PHONY: venv demo test bench clean
