@@ -330,6 +330,12 @@ class Session:
                 logits, values = self.backend.run("step", np.ascontiguousarray(t[:, j]), values, self._specs)
         return logits, State(values, self._specs, st.batch_size, self.backend)
 
+    def prefill_many(self, prompts: list, state=None, chunk_size: int | None = None):
+        """Prompts of different lengths as one batch -> (last logits [N, vocab], State); see batch.py."""
+        from .batch import prefill_many
+
+        return prefill_many(self, prompts, state, chunk_size)
+
     def generate_tokens(self, prompt_tokens, max_new_tokens: int = 100, sampling: SamplingParams | None = None,
                         state=None) -> Iterator[int]:
         """Prefill the prompt, then sample and step; yields token ids as they are produced."""
