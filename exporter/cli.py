@@ -63,19 +63,26 @@ def main():
 @click.option("--wkv", type=click.Choice(["plain", "plugin"]), default="plain", show_default=True,
               help="plain: WKV as standard ONNX ops; plugin: one rwkv::WKV* node per layer (TensorRT plugin; "
                    "ONNX Runtime runs its function body).")
-@click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Weights and MatMuls; the state, WKV and normalisations stay float32 (explicit casts).")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
+              help="Weight-only block quantisation (onnxruntime MatMulNBits, for CPUs); prints its accuracy cost.")
+@click.option("--rescale-every", type=click.IntRange(0), default=None,
+              help="RWKV-4 float16 residual rescaling interval (default 6 for fp16/bf16, 0 = off).")
 @click.option("--all-logits", is_flag=True, help="Sequence graph returns logits for every position.")
 @click.option("--tokenizer", default=None, help="bytes | world | none | path/to/tokenizer.json (default: from the model).")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights in a .data file beside the model (default: only above 2 GB).")
 @click.option("-q", "--quiet", is_flag=True)
 @user_errors
-def export_cmd(checkpoint, out, graphs, wkv, precision, all_logits, tokenizer, external_data, quiet):
+def export_cmd(checkpoint, out, graphs, wkv, precision, quantize, rescale_every, all_logits, tokenizer, external_data,
+               quiet):
     """Export CHECKPOINT (BlinkDL .pth, .safetensors, or a Hugging Face RWKV directory) to ONNX."""
     from .export import ExportOptions, export
 
     opts = ExportOptions(graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()), wkv=wkv,
-                         precision=precision, all_logits=all_logits, tokenizer=tokenizer, external_data=external_data)
+                         precision=precision, quantize=quantize, rescale_every=rescale_every, all_logits=all_logits,
+                         tokenizer=tokenizer, external_data=external_data)
     bar = _Bar(2 + 2 * len(opts.graphs), "export", quiet)
     try:
         paths = export(checkpoint, out, opts, progress=bar)
@@ -83,6 +90,13 @@ def export_cmd(checkpoint, out, graphs, wkv, precision, all_logits, tokenizer, e
         bar.close()
     for p in paths:
         click.echo(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
+    if (quantize or precision == "fp16") and "step" in opts.graphs:
+        from .quality import compare_to_reference
+
+        q = compare_to_reference(paths[0], checkpoint)
+        click.echo(f"accuracy vs the float32 reference on {q['tokens']} held-out tokens: cross-entropy "
+                   f"{q['ce_model']:.4f} vs {q['ce_reference']:.4f} nats/token ({q['ce_change'] * 100:+.2f}%), "
+                   f"max logit error {q['max_abs_logit_error']:.3g}, argmax agreement {q['argmax_agreement'] * 100:.1f}%")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 import onnx
 
 from rwkv_runtime.manifest import MANIFEST_KEY, TOKENIZER_KEY, Manifest
@@ -18,13 +20,17 @@ from .onnx_graph import OPSET, GraphBuilder
 
 TWO_GB = 2**31 - 1
 GRAPHS = ("step", "sequence")
+PRECISIONS = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
 
 
 @dataclass
 class ExportOptions:
     graphs: tuple = GRAPHS
     wkv: str = "plain"  # "plain" | "plugin"
-    precision: str = "fp32"
+    precision: str = "fp32"  # weights and MatMuls: fp32 | fp16 | bf16 (state, WKV, norms stay fp32)
+    quantize: str | None = None  # None | "int8" | "int4": weight-only MatMulNBits (onnxruntime CPU)
+    rescale_every: int | None = None  # RWKV-4 fp16/bf16 residual rescaling; None = 6 there, else 0
+    quant_block: int = 32
     all_logits: bool = False  # sequence graph: logits for every position instead of the last
     tokenizer: str | None = None  # "bytes" | "world" | path to a tokenizer.json | None (= from the model)
     external_data: bool | None = None  # None: only when the model is over 2 GB
@@ -62,8 +68,12 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
     out = Path(out)
     if opt.wkv not in ("plain", "plugin"):
         raise ExportError(f"--wkv must be 'plain' or 'plugin', not {opt.wkv!r}")
-    if opt.precision != "fp32":
-        raise ExportError(f"--precision {opt.precision}: only fp32 is supported by this version")
+    if opt.precision not in PRECISIONS:
+        raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, not {opt.precision!r}")
+    if opt.quantize not in (None, "int8", "int4"):
+        raise ExportError(f"--quantize must be int8 or int4, not {opt.quantize!r}")
+    if opt.quantize and opt.precision != "fp32":
+        raise ExportError("--quantize applies to fp32 exports (weight-only int8/int4 for ONNX Runtime on CPU)")
     bad = [g for g in opt.graphs if g not in GRAPHS]
     if bad or not opt.graphs:
         raise ExportError(f"--graphs must name some of {', '.join(GRAPHS)} (got {', '.join(opt.graphs) or 'none'})")
@@ -78,6 +88,12 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
     tok, tok_json = _tokenizer(opt, ck, mod.default_tokenizer(cfg))
     tick("preparing weights")
     W = mod.export_weights(ck.weights, cfg)
+    rescale = opt.rescale_every
+    if rescale is None:
+        rescale = 6 if (ck.version == "rwkv4" and opt.precision != "fp32") else 0
+    graph_kwargs = {"dtype": PRECISIONS[opt.precision]}
+    if rescale:
+        graph_kwargs["rescale_every"] = int(rescale)
     paths = {"step": out, "sequence": sequence_path(out) if "step" in opt.graphs else out}
     written = []
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".rwkv-export-") as tmp:
@@ -86,18 +102,23 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
             tick(f"building {kind} graph")
             g = GraphBuilder(f"{ck.version}_{kind}")
             mod.build_graph(g, W, cfg, seq=kind == "sequence", plugin=opt.wkv == "plugin",
-                            all_logits=opt.all_logits)
+                            all_logits=opt.all_logits, **graph_kwargs)
             man = Manifest(
                 architecture=ck.version, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
                 vocab_size=cfg["vocab_size"], graph=kind, precision=opt.precision, opset=OPSET, wkv=opt.wkv,
                 tokenizer=tok, state=mod.state_layout(cfg), dims={k: v for k, v in cfg.items()},
-                options={"all_logits": bool(opt.all_logits and kind == "sequence"), **opt.extra},
+                options={"all_logits": bool(opt.all_logits and kind == "sequence"), "rescale_every": int(rescale),
+                         "quantize": opt.quantize, **({"quant_block": opt.quant_block} if opt.quantize else {}),
+                         **opt.extra},
                 companions={k: paths[k].name for k in opt.graphs},
                 source={"checkpoint": ck.path.name, "format": ck.format}, exporter_version=__version__)
             meta = {MANIFEST_KEY: man.to_json()}
             if tok_json is not None:
                 meta[TOKENIZER_KEY] = tok_json
             model = g.model(doc=f"RWKV {ck.version} {kind} graph exported by rwkv-export {__version__}", metadata=meta)
+            if opt.quantize:
+                tick(f"quantizing {kind} graph ({opt.quantize})")
+                model = quantize_weights(model, 8 if opt.quantize == "int8" else 4, opt.quant_block)
             target = paths[kind]
             tmp_path = Path(tmp) / target.name
             tick(f"writing {target.name}")
@@ -111,6 +132,25 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
             os.replace(tmp_path, target)
             written.append(target)
     return written
+
+
+def quantize_weights(model: onnx.ModelProto, bits: int, block: int) -> onnx.ModelProto:
+    """Weight-only block quantisation of every MatMul with a constant weight (onnxruntime's
+    MatMulNBits). accuracy_level=4 lets onnxruntime compute in int8, which is what makes it fast on
+    CPUs (measured: several times faster than without)."""
+    import logging
+
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    mnq.logger.setLevel(logging.WARNING)  # it logs every node at INFO
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=4)
+    q.process()
+    out = q.model.model
+    onnx.helper.set_model_props(out, meta)
+    return out
 
 
 def _save(model: onnx.ModelProto, path: Path, external: bool | None):

@@ -16,15 +16,13 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 18
 CUSTOM_DOMAIN = "rwkv"
 
-_NP_TO_ONNX = {
-    np.dtype(np.float32): TensorProto.FLOAT,
-    np.dtype(np.float16): TensorProto.FLOAT16,
-    np.dtype(np.int64): TensorProto.INT64,
-    np.dtype(np.int32): TensorProto.INT32,
-    np.dtype(np.uint8): TensorProto.UINT8,
-}
 ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
               "bfloat16": TensorProto.BFLOAT16, "int64": TensorProto.INT64}
+
+
+def onnx_dtype(dt) -> int:
+    """ONNX element type of a numpy dtype (bfloat16 via ml_dtypes, which onnx depends on)."""
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dt))
 
 
 class GraphBuilder:
@@ -48,8 +46,6 @@ class GraphBuilder:
     def weight(self, name: str, array, dtype=None) -> str:
         """Add an initializer (a model weight) and return its name."""
         arr = np.ascontiguousarray(array if dtype is None else np.asarray(array).astype(dtype))
-        if arr.dtype == np.dtype("bfloat16") if hasattr(np, "bfloat16") else False:  # pragma: no cover
-            raise TypeError("use weight_bf16 for bfloat16")
         self.initializers.append(numpy_helper.from_array(arr, name))
         return name
 

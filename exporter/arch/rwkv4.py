@@ -16,12 +16,13 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from onnx import TensorProto
 from torch import nn
 
 from rwkv_runtime.manifest import BATCH, StateSpec
 
 from ..errors import CheckpointError
-from ..onnx_graph import CUSTOM_DOMAIN, GraphBuilder, make_function
+from ..onnx_graph import CUSTOM_DOMAIN, GraphBuilder, make_function, onnx_dtype
 
 VERSION = "rwkv4"
 PP_INIT = -1e30
@@ -341,11 +342,15 @@ def _fn_body(fg, body, k, v, w, u, aa, bb, pp):
 
 # -- whole graphs -------------------------------------------------------------------------------
 def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool, all_logits: bool = False,
-                dtype=np.float32, weight_fn=None):
+                dtype=np.float32, weight_fn=None, rescale_every: int = 0):
     """Step graph (tokens [B]) or sequence graph (tokens [B,T]); state in -> logits, state out.
 
     ``weight_fn(g, name, array)`` adds a matrix and returns a callable applying it (MatMul, or a
-    quantised MatMul); by default float MatMul in ``dtype``.
+    quantised MatMul); by default float MatMul in ``dtype``. With a reduced ``dtype`` only the
+    matrices and their MatMuls are in it (explicit Casts: a strongly typed graph); the residual
+    stream, layer norms, the WKV and the state stay float32. ``rescale_every`` (RWKV-4 in float16):
+    att.output/ffn.value weights divided by 2^(layer // n) and the residual halved after every n-th
+    block, the official scheme that keeps those MatMuls' outputs inside float16's range.
     """
     C, V, L = cfg["n_embd"], cfg["vocab_size"], cfg["n_layer"]
     batch = [BATCH, "T"] if seq else [BATCH]
@@ -359,10 +364,11 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool,
     def vec(name):
         return g.weight(name, W[name])
 
-    def linear(name, x):
+    def linear(name, x, array=None):
+        array = W[name] if array is None else array
         if weight_fn is not None:
-            return weight_fn(g, name, W[name], x)
-        return g.op("MatMul", [x, g.weight(name, W[name].astype(dtype))])
+            return weight_fn(g, name, array, x)
+        return g.op("MatMul", [x, g.weight(name, array.astype(dtype))])
 
     def ln(x, pre):
         return g.op("LayerNormalization", [x, vec(pre + ".weight"), vec(pre + ".bias")], axis=-1, epsilon=LN_EPS)
@@ -380,13 +386,19 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool,
         lastx = g.op("Slice", [xx, g.const([-1], np.int64), g.const([2**62], np.int64), g.const([1], np.int64)])
         return g.op("Squeeze", [lastx, g.const([1], np.int64)], out)
 
-    def cast(x, to):
-        if dtype == np.float32:
-            return x
-        from onnx import TensorProto
-        return g.op("Cast", [x], to=TensorProto.FLOAT if to == "f32" else TensorProto.FLOAT16)
+    lo = np.dtype(dtype)
+    lo_onnx = onnx_dtype(lo)
 
-    x = g.op("Gather", [g.weight("emb", W["emb"]), tokens], axis=0)
+    def cast(x, to):
+        if lo == np.float32:
+            return x
+        return g.op("Cast", [x], to=TensorProto.FLOAT if to == "f32" else lo_onnx)
+
+    def scaled(name, i):
+        # the official float16 rescaling: these two outputs feed the residual stream
+        return W[name] / (2 ** (i // rescale_every)) if rescale_every else W[name]
+
+    x = cast(g.op("Gather", [g.weight("emb", W["emb"].astype(lo)), tokens], axis=0), "f32")
     for i in range(L):
         b = f"blocks.{i}."
         st = lambda f: f"state.{i}.{f}"  # noqa: E731
@@ -403,7 +415,8 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool,
         _wkv_node(g, seq, plugin, [k, v, vec(b + "att.w"), vec(b + "att.u"),
                                    st("wkv_aa"), st("wkv_bb"), st("wkv_pp")],
                   [y, f"new_state.{i}.wkv_aa", f"new_state.{i}.wkv_bb", f"new_state.{i}.wkv_pp"])
-        x = g.op("Add", [x, cast(linear(b + "att.output", cast(g.op("Mul", [r, y]), "lo")), "f32")])
+        x = g.op("Add", [x, cast(linear(b + "att.output", cast(g.op("Mul", [r, y]), "lo"),
+                                        scaled(b + "att.output", i)), "f32")])
         # channel mixing
         xx = ln(x, b + "ln2")
         sx = shift(xx, st("ffn_shift"))
@@ -413,9 +426,11 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool,
         xr = g.op("Add", [sx, g.op("Mul", [d, vec(b + "ffn.time_mix_r")])])
         kk = g.op("Relu", [linear(b + "ffn.key", cast(xk, "lo"))])
         kk = g.op("Mul", [kk, kk])
-        kv = cast(linear(b + "ffn.value", kk), "f32")
+        kv = cast(linear(b + "ffn.value", kk, scaled(b + "ffn.value", i)), "f32")
         r = g.op("Sigmoid", [cast(linear(b + "ffn.receptance", cast(xr, "lo")), "f32")])
         x = g.op("Add", [x, g.op("Mul", [r, kv])])
+        if rescale_every and (i + 1) % rescale_every == 0:
+            x = g.op("Mul", [x, g.const(0.5)])
     if seq and not all_logits:
         x = last(x, g.fresh("x_last"))
     x = ln(x, "ln_out")

@@ -1,0 +1,445 @@
+"""Code shared by the multi-head (matrix-state) RWKV versions 5, 5.2, 6 and 7.
+
+B batch, T time, C channels (n_embd), H heads, N head size (C = H*N), V vocab.
+
+The WKV state of one layer is a float32 [B,H,N,N] matrix per head. Its index order follows BlinkDL's
+inference code, which differs between versions (documented in each module and in the StateSpec docs):
+    RWKV-5/6: S[b,h,i,j] with i over keys, j over values:  y_j = sum_i r_i (u_i k_i v_j + S_ij)
+    RWKV-7:   S[b,h,i,j] with i over values, j over keys:  y_i = sum_j S_ij r_j
+Training code and state-tuning files store ``time_state`` as [H, N(value), N(key)] for every version
+(RWKV-LM / RWKV-PEFT kernels), hence the transpose in ``load_state_tuning`` for 5/6 only.
+
+Here: the torch WKV steps (the reference), a chunked parallel form for 5/6, the output group norm,
+the ONNX bodies of the WKV ops, the custom-op wrapper, a Scan helper, and the graph plumbing (I/O,
+token shift, linear layers, head) that every version uses in the same way as rwkv4.build_graph.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper
+
+from rwkv_runtime.manifest import BATCH, StateSpec
+
+from ..errors import CheckpointError
+from ..onnx_graph import CUSTOM_DOMAIN, GraphBuilder, make_function
+
+LN_EPS = 1e-5
+GN_EPS = 64e-5  # BlinkDL's ln_x eps: 1e-5 after dividing by head_size_divisor 8, i.e. 1e-5 * 8**2
+STATE_FIELDS = ("att_shift", "wkv", "ffn_shift")
+F32 = TensorProto.FLOAT
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint validation helpers
+# ---------------------------------------------------------------------------------------------
+def _list(keys, n=6):
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")
+
+
+def check_keys(w: dict, expected: dict, pretty: str, ignored=(), flexible=()):
+    """Every expected key present with its shape, up to size-1 axes ([1,1,C] == [C]; ``flexible``
+    keys: any shape of the same element count), nothing else except ``ignored`` keys. One-line
+    CheckpointErrors."""
+    missing = [k for k in expected if k not in w]
+    if missing:
+        raise CheckpointError(f"missing keys for {pretty}: {_list(missing)}")
+    unknown = [k for k in w if k not in expected and k not in ignored]
+    if unknown:
+        raise CheckpointError(f"unknown keys for {pretty}: {_list(unknown)}")
+    for k, shape in expected.items():
+        got = tuple(w[k].shape)
+        same = [d for d in got if d != 1] == [d for d in shape if d != 1]
+        if not same and not (k.endswith(flexible) and int(np.prod(got)) == int(np.prod(shape))):
+            raise CheckpointError(f"inconsistent shape for {k}: {list(got)}, expected {list(shape)}")
+
+
+def layer_count(w: dict) -> int:
+    layers = sorted({int(k.split(".")[1]) for k in w if k.startswith("blocks.") and k.split(".")[1].isdigit()})
+    if not layers or layers != list(range(len(layers))):
+        raise CheckpointError(f"blocks are not numbered 0..N-1 (found {layers[:8]})")
+    return len(layers)
+
+
+def embedding_size(w: dict) -> tuple:
+    if "emb.weight" not in w or w["emb.weight"].dim() != 2:
+        raise CheckpointError("missing or malformed emb.weight (expected [vocab, n_embd])")
+    V, C = w["emb.weight"].shape
+    return int(V), int(C)
+
+
+def need(w: dict, key: str, ndim: int | None = None):
+    if key not in w:
+        raise CheckpointError(f"missing key {key}")
+    if ndim is not None and w[key].dim() != ndim:
+        raise CheckpointError(f"inconsistent shape for {key}: {list(w[key].shape)} (expected {ndim} dimensions)")
+    return w[key]
+
+
+def time_state_keys(cfg: dict) -> dict:
+    """State tuning merged into a checkpoint: an optional learned initial WKV state per layer."""
+    H, N = cfg["n_head"], cfg["head_size"]
+    return {f"blocks.{i}.att.time_state": (H, N, N) for i in range(cfg["n_layer"])}
+
+
+def default_tokenizer(cfg: dict) -> dict:
+    V = cfg["vocab_size"]
+    if V <= 256:
+        return {"kind": "bytes"}
+    if V in (65536, 65529, 65525):
+        return {"kind": "world"}
+    return {"kind": "none"}
+
+
+# ---------------------------------------------------------------------------------------------
+# State layout and state tuning
+# ---------------------------------------------------------------------------------------------
+def state_layout(cfg: dict, wkv_doc: str) -> list:
+    """Per layer: att_shift [B,C], wkv [B,H,N,N] (float32, index order in ``wkv_doc``), ffn_shift [B,C]."""
+    C, H, N = cfg["n_embd"], cfg["n_head"], cfg["head_size"]
+    shapes = {"att_shift": [BATCH, C], "wkv": [BATCH, H, N, N], "ffn_shift": [BATCH, C]}
+    docs = {"att_shift": "previous token's time-mix input (token shift)", "wkv": wkv_doc,
+            "ffn_shift": "previous token's channel-mix input (token shift)"}
+    return [StateSpec(name=f"state.{i}.{f}", output=f"new_state.{i}.{f}", shape=shapes[f], dtype="float32",
+                      init=0.0, layer=i, doc=docs[f])
+            for i in range(cfg["n_layer"]) for f in STATE_FIELDS]
+
+
+def read_time_state(path_or_dict) -> dict:
+    """``blocks.N.att.time_state`` tensors from a state-tuning file (.pth/.safetensors) or a dict."""
+    if isinstance(path_or_dict, dict):
+        raw = path_or_dict
+    else:
+        p = Path(path_or_dict)
+        if p.suffix == ".safetensors":
+            from ..checkpoint import _safetensors_load
+            raw = _safetensors_load(p)
+        else:
+            from ..checkpoint import _torch_load
+            raw = _torch_load(p)
+    return {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)))
+            for k, v in raw.items() if k.endswith("att.time_state")}
+
+
+def load_state_tuning(path_or_dict, cfg: dict, transpose: bool) -> dict:
+    """``blocks.N.att.time_state`` ([H, N(value), N(key)] as trained) -> {"state.N.wkv": [1,H,N,N] float32}
+    in this version's state layout; ``transpose`` for RWKV-5/6, whose inference state is key-major.
+    Batch 1; repeat along axis 0 for a larger batch. Other keys in the file are ignored."""
+    ts = read_time_state(path_or_dict)
+    if not ts:
+        raise CheckpointError("no blocks.N.att.time_state tensors found (not a state-tuning file)")
+    H, N, L = cfg["n_head"], cfg["head_size"], cfg["n_layer"]
+    out = {}
+    for k, v in ts.items():
+        parts = k.split(".")
+        i = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else -1
+        if not 0 <= i < L:
+            raise CheckpointError(f"{k}: layer {i} out of range for a {L}-layer model")
+        if int(np.prod(v.shape)) != H * N * N:
+            raise CheckpointError(f"inconsistent shape for {k}: {list(v.shape)}, expected {[H, N, N]}")
+        s = v.detach().float().reshape(H, N, N)
+        if transpose:
+            s = s.transpose(1, 2)
+        out[f"state.{i}.wkv"] = s.contiguous().numpy()[None]
+    missing = [i for i in range(L) if f"state.{i}.wkv" not in out]
+    if missing:
+        raise CheckpointError(f"state-tuning file lacks time_state for layers {missing[:8]}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch reference pieces
+# ---------------------------------------------------------------------------------------------
+def group_norm(x, H: int, weight, bias):
+    """ln_x: per-head normalisation of [..., C] (BlinkDL: F.group_norm with eps 64e-5)."""
+    shape = x.shape
+    return F.group_norm(x.reshape(-1, shape[-1]), H, weight, bias, eps=GN_EPS).reshape(shape)
+
+
+def shift(xx, prev):
+    """Token shift over a sequence: [prev, xx_0, ..., xx_{T-2}]; xx [B,T,C], prev [B,C]."""
+    return torch.cat([prev[:, None], xx[:, :-1]], 1)
+
+
+def wkv5_step(r, k, v, w, u, s):
+    """RWKV-5/6 WKV, one token. r,k,v [B,H,N]; w decay factor [H,N] or [B,H,N]; u bonus [H,N];
+    s [B,H,N(key),N(value)]. Returns y [B,H,N], s'. Same operation order as BlinkDL."""
+    a = k[..., :, None] @ v[..., None, :]  # [B,H,N,N]
+    y = (r[..., None, :] @ (u[..., None] * a + s))[..., 0, :]  # [B,H,N]
+    return y, a + w[..., None] * s
+
+
+def wkv5_seq(r, k, v, w, u, s):
+    """Token by token over [B,T,H,N]; w [H,N] or [B,T,H,N]."""
+    ys = []
+    for t in range(r.shape[1]):
+        y, s = wkv5_step(r[:, t], k[:, t], v[:, t], w if w.dim() == 2 else w[:, t], u, s)
+        ys.append(y)
+    return torch.stack(ys, 1), s
+
+
+def wkv5_chunked(r, k, v, logw, u, s, chunk: int = 16):
+    """The parallel (chunked) form of ``wkv5_seq``, from log-decays logw = -exp(decay) ([H,N] or
+    [B,T,H,N]). Within a chunk, token t reads token i < t through the decays of the tokens strictly
+    between them, prod_{i<j<t} w_j = exp(c_t - c_{i+1}), c the exclusive cumulative sum of log w:
+    every exponent is <= 0, so nothing overflows. A chunk's final state is carried into the next."""
+    B, T, H, N = r.shape
+    dt = r.dtype
+    logw = logw.expand(B, T, H, N) if logw.dim() == 2 else logw
+    # float64 sums: a float32 c of magnitude ~100 loses ~1e-5 absolute, i.e. relative in exp(c).
+    # The clamp: a decay that underflowed to 0 (-inf) would make inf - inf = nan.
+    logw = logw.double().clamp(min=-1e4)
+    ys = []
+    for t0 in range(0, T, chunk):
+        rc, kc, vc, lw = (z[:, t0:t0 + chunk].transpose(1, 2) for z in (r, k, v, logw))  # [B,H,L,N]
+        Lc = rc.shape[2]
+        c_next = torch.cumsum(lw, 2)  # c_{t+1}
+        c = c_next - lw  # c_t = sum_{j<t} log w_j
+        mask = torch.ones(Lc, Lc, dtype=torch.bool).tril(-1)[:, :, None]  # i < t: [L(t),L(i),1]
+        diff = c[:, :, :, None, :] - c_next[:, :, None, :, :]  # c_t - c_{i+1}: [B,H,L,L,N]
+        dec = torch.exp(torch.where(mask, diff, torch.full_like(diff, -torch.inf))).to(dt)  # 0 where i >= t
+        att = (rc[:, :, :, None, :] * dec * kc[:, :, None, :, :]).sum(-1)  # [B,H,L(t),L(i)]
+        y = att @ vc  # the chunk's earlier tokens
+        y = y + (rc * u[:, None, :] * kc).sum(-1, keepdim=True) * vc  # token t itself, with the bonus u
+        y = y + (rc * torch.exp(c).to(dt)) @ s  # the carried-in state, decayed to t
+        ys.append(y.transpose(1, 2))
+        c_end = c_next[:, :, -1:, :]  # c_L: [B,H,1,N]
+        s = torch.exp(c_end).to(dt).transpose(2, 3) * s + (kc * torch.exp(c_end - c_next).to(dt)).transpose(2, 3) @ vc
+    return torch.cat(ys, 1), s
+
+
+def wkv7_step(r, w, k, v, a, b, s):
+    """RWKV-7 WKV, one token. r,w,k,v,a,b [B,H,N] (w the decay factor in (0,1), a = -kk,
+    b = kk*a_gate); s [B,H,N(value),N(key)]. S' = S diag(w) + (S a) b^T + v k^T; y = S' r."""
+    s = s * w[..., None, :] + (s @ a[..., :, None]) * b[..., None, :] + v[..., :, None] * k[..., None, :]
+    return (s @ r[..., :, None])[..., 0], s
+
+
+def wkv7_seq(r, w, k, v, a, b, s):
+    ys = []
+    for t in range(r.shape[1]):
+        y, s = wkv7_step(r[:, t], w[:, t], k[:, t], v[:, t], a[:, t], b[:, t], s)
+        ys.append(y)
+    return torch.stack(ys, 1), s
+
+
+def load_module(model, w: dict, drop=()):
+    """Load BlinkDL-named weights into a Module whose parameter names are those keys (reshaped)."""
+    sd = model.state_dict()
+    model.load_state_dict({k: v.float().reshape(sd[k].shape) for k, v in w.items()
+                           if k not in drop and not k.endswith("att.time_state")}, strict=True)
+    return model.eval()
+
+
+def initial_state(specs, batch_size: int, time_state: dict | None) -> dict:
+    """A fresh state: every tensor at its init value, WKV states from state tuning where given."""
+    st = {s.name: torch.full(s.concrete_shape(batch_size), s.init, dtype=torch.float32) for s in specs}
+    for k, v in (time_state or {}).items():
+        st[k] = torch.as_tensor(v).float().expand(batch_size, *v.shape[1:]).clone()
+    return st
+
+
+def np32(t) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().float().cpu().numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX: WKV bodies in standard ops
+# ---------------------------------------------------------------------------------------------
+def _unsq(g: GraphBuilder, x, axis: int):
+    return g.op("Unsqueeze", [x, g.const([axis], np.int64)])
+
+
+def _sq(g: GraphBuilder, x, axis: int):
+    return g.op("Squeeze", [x, g.const([axis], np.int64)])
+
+
+def wkv5_step_ops(g: GraphBuilder, r, k, v, w, u, s):
+    """WKV5/WKV6 step: r,k,v [B,H,N], w [H,N] or [B,H,N], u [H,N], s [B,H,N,N] -> y [B,H,N], s'."""
+    a = g.op("Mul", [_unsq(g, k, -1), _unsq(g, v, -2)])  # k v^T: [B,H,N,N]
+    y = _sq(g, g.op("MatMul", [_unsq(g, r, -2), g.op("Add", [g.op("Mul", [_unsq(g, u, -1), a]), s])]), -2)
+    s2 = g.op("Add", [a, g.op("Mul", [_unsq(g, w, -1), s])])
+    return y, s2
+
+
+def wkv7_step_ops(g: GraphBuilder, r, w, k, v, a, b, s):
+    """WKV7 step: r,w,k,v,a,b [B,H,N], s [B,H,N(value),N(key)] -> y [B,H,N], s'."""
+    sa = g.op("MatMul", [s, _unsq(g, a, -1)])  # S a: [B,H,N,1]
+    s2 = g.op("Add", [g.op("Add", [g.op("Mul", [s, _unsq(g, w, -2)]), g.op("Mul", [sa, _unsq(g, b, -2)])]),
+                      g.op("Mul", [_unsq(g, v, -1), _unsq(g, k, -2)])])
+    y = _sq(g, g.op("MatMul", [s2, _unsq(g, r, -1)]), -1)
+    return y, s2
+
+
+class _Body(GraphBuilder):
+    """A Scan body: its value names carry a prefix so they never shadow the enclosing graph's."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self._ids = itertools.count()
+
+    def fresh(self, hint: str) -> str:
+        return f"{self.name}/{hint}_{next(self._ids)}"
+
+
+def scan_ops(g: GraphBuilder, name: str, step, state, xs, outer=()):
+    """Run ``step(body, *xs_t, *outer, state) -> (y_t, state')`` over axis 1 of each of ``xs``
+    ([B,T,...]) with a Scan; ``outer`` are enclosing-scope values the body reads directly.
+    Returns (y [B,T,...], final state)."""
+    body = _Body(g.fresh(name))
+    x_in = [body.fresh(f"x{j}") for j in range(len(xs))]
+    s_in = body.fresh("state_in")
+    y, s2 = step(body, *x_in, *outer, s_in)
+    s_out, y_out = body.fresh("state_out"), body.fresh("y_out")
+    body.op("Identity", [s2], s_out)
+    body.op("Identity", [y], y_out)
+    graph = helper.make_graph(body.nodes, body.name,
+                              [helper.make_tensor_value_info(n, F32, None) for n in [s_in] + x_in],
+                              [helper.make_tensor_value_info(n, F32, None) for n in (s_out, y_out)],
+                              body.initializers)
+    s_fin, ys = g.op("Scan", [state] + list(xs), n_out=2, body=graph, num_scan_inputs=len(xs),
+                     scan_input_axes=[1] * len(xs), scan_output_axes=[1])
+    return ys, s_fin
+
+
+def wkv5_seq_ops(g, r, k, v, w, u, s):
+    """WKV5Seq: r,k,v [B,T,H,N], w [H,N] (constant over time), u [H,N] -> y [B,T,H,N], s'."""
+    return scan_ops(g, "wkv5_scan", lambda b, rt, kt, vt, w_, u_, st: wkv5_step_ops(b, rt, kt, vt, w_, u_, st),
+                    s, [r, k, v], [w, u])
+
+
+def wkv6_seq_ops(g, r, k, v, w, u, s):
+    """WKV6Seq: r,k,v,w [B,T,H,N], u [H,N] -> y [B,T,H,N], s'."""
+    return scan_ops(g, "wkv6_scan", lambda b, rt, kt, vt, wt, u_, st: wkv5_step_ops(b, rt, kt, vt, wt, u_, st),
+                    s, [r, k, v, w], [u])
+
+
+def wkv7_seq_ops(g, r, w, k, v, a, b, s):
+    """WKV7Seq: r,w,k,v,a,b [B,T,H,N] -> y [B,T,H,N], s'."""
+    return scan_ops(g, "wkv7_scan", wkv7_step_ops, s, [r, w, k, v, a, b])
+
+
+WKV_OPS = {  # op type -> (formal inputs, standard-op body)
+    "WKV5": (["r", "k", "v", "w", "u", "state"], wkv5_step_ops),
+    "WKV5Seq": (["r", "k", "v", "w", "u", "state"], wkv5_seq_ops),
+    "WKV6": (["r", "k", "v", "w", "u", "state"], wkv5_step_ops),
+    "WKV6Seq": (["r", "k", "v", "w", "u", "state"], wkv6_seq_ops),
+    "WKV7": (["r", "w", "k", "v", "a", "b", "state"], wkv7_step_ops),
+    "WKV7Seq": (["r", "w", "k", "v", "a", "b", "state"], wkv7_seq_ops),
+}
+
+
+def wkv_node(g: GraphBuilder, op_type: str, plugin: bool, ins, outs):
+    """The WKV of one layer: standard ops inline (plain), or one ``rwkv::<op_type>`` node (plugin)
+    backed by a model-local function with the same standard-op body (ONNX Runtime inlines it)."""
+    formal, body = WKV_OPS[op_type]
+    if not plugin:
+        for r, o in zip(body(g, *ins), outs):
+            g.op("Identity", [r], o)
+        return
+    if (CUSTOM_DOMAIN, op_type) not in g.functions:
+        # make_function renames the producers of the returned values but not their other readers
+        # (WKV7's y reads the new state): return fresh Identity copies
+        def fn_body(fg, *a):
+            return [fg.op("Identity", [r]) for r in body(fg, *a)]
+
+        g.add_function(make_function(op_type, formal, ["y", "state_out"], fn_body,
+                                     attributes=["plugin_version", "plugin_namespace"]))
+    g.op(op_type, ins, outs, domain=CUSTOM_DOMAIN, plugin_version="1", plugin_namespace=CUSTOM_DOMAIN)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX: graph plumbing shared by the versions (same conventions as rwkv4.build_graph)
+# ---------------------------------------------------------------------------------------------
+class Graph:
+    """Declares the I/O and offers the per-token building blocks; ``x`` tensors are [B,C] (step)
+    or [B,T,C] (sequence)."""
+
+    def __init__(self, g: GraphBuilder, W: dict, cfg: dict, specs, *, seq: bool, all_logits: bool,
+                 dtype, weight_fn):
+        self.g, self.W, self.cfg, self.seq, self.all_logits = g, W, cfg, seq, all_logits
+        self.dtype, self.weight_fn = np.dtype(dtype), weight_fn
+        self._added: dict = {}
+        V = cfg["vocab_size"]
+        self.tokens = g.input("tokens", "int64", [BATCH, "T"] if seq else [BATCH])
+        for s in specs:
+            g.input(s.name, "float32", s.shape)
+        g.output("logits", "float32", ([BATCH, "T", V] if all_logits else [BATCH, V]) if seq else [BATCH, V])
+        for s in specs:
+            g.output(s.output, "float32", s.shape)
+
+    def vec(self, name, dtype=np.float32):
+        """A float32 initializer (vectors, small LoRA matrices), added once."""
+        if name not in self._added:
+            self._added[name] = self.g.weight(name, np.asarray(self.W[name]).astype(dtype))
+        return self._added[name]
+
+    def cast(self, x, to):
+        if self.dtype == np.float32:
+            return x
+        return self.g.op("Cast", [x], to=F32 if to == "f32" else TensorProto.FLOAT16)
+
+    def linear(self, name, x):
+        """x @ W[name] ([in, out]) in the graph's precision; float32 in and out."""
+        x = self.cast(x, "lo")
+        if self.weight_fn is not None:
+            y = self.weight_fn(self.g, name, self.W[name], x)
+        else:
+            y = self.g.op("MatMul", [x, self.vec(name, self.dtype)])
+        return self.cast(y, "f32")
+
+    def mm(self, x, name):
+        """x @ W[name] in float32 (LoRA matrices: BlinkDL keeps them out of quantisation)."""
+        return self.g.op("MatMul", [x, self.vec(name)])
+
+    def ln(self, x, pre):
+        return self.g.op("LayerNormalization", [x, self.vec(pre + ".weight"), self.vec(pre + ".bias")],
+                         axis=-1, epsilon=LN_EPS)
+
+    def shift(self, xx, prev):
+        """The previous token's input for every position: prev (step) or [prev, xx_0..xx_{T-2}]."""
+        g = self.g
+        if not self.seq:
+            return prev
+        head = g.op("Unsqueeze", [prev, g.const([1], np.int64)])
+        body = g.op("Slice", [xx, g.const([0], np.int64), g.const([-1], np.int64), g.const([1], np.int64)])
+        return g.op("Concat", [head, body], axis=1)
+
+    def last(self, xx, out):
+        g = self.g
+        if not self.seq:
+            return g.op("Identity", [xx], out)
+        lastx = g.op("Slice", [xx, g.const([-1], np.int64), g.const([2**62], np.int64), g.const([1], np.int64)])
+        return g.op("Squeeze", [lastx, g.const([1], np.int64)], out)
+
+    def heads(self, x):
+        """[B,(T),C] -> [B,(T),H,N]."""
+        H, N = self.cfg["n_head"], self.cfg["head_size"]
+        return self.g.op("Reshape", [x, self.g.const([0, 0, H, N] if self.seq else [0, H, N], np.int64)])
+
+    def flat(self, x):
+        """[B,(T),H,N] -> [B,(T),C]."""
+        return self.g.op("Reshape", [x, self.g.const([0, 0, self.cfg["n_embd"]] if self.seq else
+                                                     [0, self.cfg["n_embd"]], np.int64)])
+
+    def group_norm(self, y, pre):
+        """ln_x on the WKV output in head form [B,(T),H,N] -> [B,(T),C]. LayerNormalization over the
+        head size is the group norm; its affine weights are per channel ([H,N]), applied after."""
+        g, N = self.g, self.cfg["head_size"]
+        yn = g.op("LayerNormalization", [y, g.const(np.ones(N, np.float32))], axis=-1, epsilon=GN_EPS)
+        yn = g.op("Add", [g.op("Mul", [yn, self.vec(pre + ".weight")]), self.vec(pre + ".bias")])
+        return self.flat(yn)
+
+    def embed(self):
+        return self.g.op("Gather", [self.vec("emb"), self.tokens], axis=0)
+
+    def head(self, x):
+        g = self.g
+        if self.seq and not self.all_logits:
+            x = self.last(x, g.fresh("x_last"))
+        g.op("Identity", [self.linear("head", self.ln(x, "ln_out"))], "logits")

@@ -1,0 +1,298 @@
+"""RWKV-5 "Eagle" (5.0, 5.1 and 5.2): reference model, state layout and ONNX graphs.
+
+B batch, T time, C channels (n_embd), H heads, N head size (C = H*N), F ffn size, V vocab.
+The variants differ only in their keys (all handled here, as BlinkDL's package does):
+    5.0  no gate;  per-head decay/bonus: time_decay [H], time_first [H]
+    5.1  gate (att.gate.weight, time_mix_g), per-head decay/bonus
+    5.2  gate, per-channel decay/bonus: time_decay [H,N], time_faaaa [H,N]
+    bonus u = exp(time_first) when the key is time_first, the raw value when it is time_faaaa.
+Per layer, with w = exp(-exp(time_decay)) and a_t = k_t v_t^T (per head):
+    y_t = r_t (u * a_t + S)   S' = a_t + w * S      (w and u scale the key index i of S[i,j])
+    out = output( group_norm(y) [* silu(gate(x_g))] )   group norm over each head, eps 64e-5
+The channel mix is RWKV-4's: sigmoid(receptance(x_r)) * value(relu(key(x_k))^2).
+
+Recurrent state per layer (all float32):
+    state.{i}.att_shift [B,C]      previous token's time-mix input (after ln1)
+    state.{i}.wkv       [B,H,N,N]  S[b,h,i,j], i over keys, j over values (BlinkDL's layout)
+    state.{i}.ffn_shift [B,C]      previous token's channel-mix input (after ln2)
+The initial state is zeros, or a learned one (state tuning: ``load_state_tuning``).
+
+Custom ONNX ops (domain "rwkv", attributes plugin_version="1", plugin_namespace="rwkv"; each also a
+model-local function whose standard-op body ONNX Runtime inlines). All tensors float32.
+    WKV5     inputs  r [B,H,N], k [B,H,N], v [B,H,N],
+                     w [H,N]  decay factor exp(-exp(time_decay)) in (0,1), constant over time,
+                     u [H,N]  bonus of the current token,
+                     state [B,H,N,N] (S[b,h,i,j], i key, j value)
+             outputs y [B,H,N]: y[b,h,j] = sum_i r[b,h,i] * (u[h,i] k[b,h,i] v[b,h,j] + S[b,h,i,j]),
+                     state_out [B,H,N,N]: S'[b,h,i,j] = k[b,h,i] v[b,h,j] + w[h,i] S[b,h,i,j]
+    WKV5Seq  inputs  r, k, v [B,T,H,N], w [H,N], u [H,N], state [B,H,N,N]
+             outputs y [B,T,H,N] (the WKV5 step applied for t = 0..T-1), state_out after the last token
+The group norm, gate and output projection stay outside the op.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError
+from ..onnx_graph import GraphBuilder
+from . import headwise as hw
+from .headwise import LN_EPS, default_tokenizer  # noqa: F401  (part of the module interface)
+
+VERSION = "rwkv5"
+VERSIONS = ("rwkv5", "rwkv5.2")
+WKV_DOC = "WKV state S[b,h,i,j]: i over keys, j over values (BlinkDL's RWKV-5 layout)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and checkpoint validation
+# ---------------------------------------------------------------------------------------------
+def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
+    V, C = hw.embedding_size(w)
+    L = hw.layer_count(w)
+    td = hw.need(w, "blocks.0.att.time_decay")
+    H = int(td.shape[0])
+    if H <= 0 or C % H:
+        raise CheckpointError(f"blocks.0.att.time_decay: {H} heads do not divide n_embd {C}")
+    N = C // H
+    bonus = "time_faaaa" if "blocks.0.att.time_faaaa" in w else "time_first"
+    F_ = int(hw.need(w, "blocks.0.ffn.key.weight", 2).shape[0])
+    cfg = {"n_layer": L, "n_embd": C, "vocab_size": V, "ffn_dim": F_,
+           "n_head": H, "head_size": N, "gate": "blocks.0.att.gate.weight" in w,
+           "per_channel_decay": td.numel() == H * N and N > 1, "bonus": bonus,
+           "time_state": "blocks.0.att.time_state" in w}
+    hw.check_keys(w, expected_shapes(cfg), "RWKV-5", flexible=("time_decay", "time_first", "time_faaaa"))
+    return cfg
+
+
+def expected_shapes(cfg: dict) -> dict:
+    C, F_, V, H, N = cfg["n_embd"], cfg["ffn_dim"], cfg["vocab_size"], cfg["n_head"], cfg["head_size"]
+    hd = (H, N) if cfg["per_channel_decay"] else (H,)
+    s = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
+         "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)}
+    mixes = "kvrg" if cfg["gate"] else "kvr"
+    for i in range(cfg["n_layer"]):
+        b = f"blocks.{i}."
+        s.update({b + "ln1.weight": (C,), b + "ln1.bias": (C,), b + "ln2.weight": (C,), b + "ln2.bias": (C,),
+                  b + "att.time_decay": hd, b + "att." + cfg["bonus"]: hd,
+                  b + "att.ln_x.weight": (C,), b + "att.ln_x.bias": (C,),
+                  b + "att.key.weight": (C, C), b + "att.value.weight": (C, C),
+                  b + "att.receptance.weight": (C, C), b + "att.output.weight": (C, C),
+                  b + "ffn.time_mix_k": (1, 1, C), b + "ffn.time_mix_r": (1, 1, C),
+                  b + "ffn.key.weight": (F_, C), b + "ffn.receptance.weight": (C, C), b + "ffn.value.weight": (C, F_)})
+        s.update({b + "att.time_mix_" + m: (1, 1, C) for m in mixes})
+        if cfg["gate"]:
+            s[b + "att.gate.weight"] = (C, C)
+    if cfg.get("time_state"):
+        s.update(hw.time_state_keys(cfg))
+    return s
+
+
+def state_layout(cfg: dict) -> list:
+    return hw.state_layout(cfg, WKV_DOC)
+
+
+def load_state_tuning(path_or_dict, cfg: dict) -> dict:
+    """State tuning: ``blocks.N.att.time_state`` ([H, N(value), N(key)] as trained; BlinkDL's package
+    transposes it) -> {"state.N.wkv": [1,H,N,N]} in this module's key-major layout."""
+    return hw.load_state_tuning(path_or_dict, cfg, transpose=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference model (PyTorch), parameter names = BlinkDL checkpoint keys
+# ---------------------------------------------------------------------------------------------
+class TimeMix(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C, H, N = cfg["n_embd"], cfg["n_head"], cfg["head_size"]
+        self.H, self.N, self.gated, self.bonus = H, N, cfg["gate"], cfg["bonus"]
+        hd = (H, N) if cfg["per_channel_decay"] else (H, 1)
+        self.time_decay = nn.Parameter(torch.zeros(hd))
+        setattr(self, self.bonus, nn.Parameter(torch.zeros(hd)))
+        for m in "kvrg" if self.gated else "kvr":
+            setattr(self, "time_mix_" + m, nn.Parameter(torch.zeros(C)))
+        for n in ("key", "value", "receptance", "output") + (("gate",) if self.gated else ()):
+            setattr(self, n, nn.Linear(C, C, bias=False))
+        self.ln_x = nn.GroupNorm(H, C, eps=hw.GN_EPS)
+
+    def decay_bonus(self):
+        """log w = -exp(time_decay) and u, both [H,N] float32."""
+        logw = -torch.exp(self.time_decay).expand(self.H, self.N)
+        u = getattr(self, self.bonus)
+        u = (u if self.bonus == "time_faaaa" else torch.exp(u)).expand(self.H, self.N)
+        return logw, u
+
+    def forward(self, xx, sx, s, parallel: bool):
+        """xx: this token's normalised input [B,(T),C], sx: the previous one's; s [B,H,N,N]."""
+        def mix(m):
+            mm = getattr(self, "time_mix_" + m)
+            return xx * mm + sx * (1 - mm)  # BlinkDL's form (rounding as his)
+
+        hd = xx.shape[:-1] + (self.H, self.N)
+        r, k, v = (lin(mix(m)).view(hd) for lin, m in ((self.receptance, "r"), (self.key, "k"), (self.value, "v")))
+        logw, u = self.decay_bonus()
+        if parallel:
+            y, s = hw.wkv5_chunked(r, k, v, logw, u, s)
+        else:
+            y, s = hw.wkv5_step(r, k, v, torch.exp(logw), u, s)
+        out = hw.group_norm(y.reshape(xx.shape), self.H, self.ln_x.weight, self.ln_x.bias)
+        if self.gated:
+            out = out * F.silu(self.gate(mix("g")))
+        return self.output(out), s
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, C, F_):
+        super().__init__()
+        self.time_mix_k = nn.Parameter(torch.zeros(C))
+        self.time_mix_r = nn.Parameter(torch.zeros(C))
+        self.key = nn.Linear(C, F_, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(F_, C, bias=False)
+
+    def forward(self, xx, sx):
+        mk, mr = self.time_mix_k, self.time_mix_r
+        k = torch.square(torch.relu(self.key(xx * mk + sx * (1 - mk))))
+        return torch.sigmoid(self.receptance(xx * mr + sx * (1 - mr))) * self.value(k)
+
+
+class Block(nn.Module):
+    def __init__(self, i, cfg):
+        super().__init__()
+        C = cfg["n_embd"]
+        if i == 0:
+            self.ln0 = nn.LayerNorm(C, eps=LN_EPS)
+        self.ln1 = nn.LayerNorm(C, eps=LN_EPS)
+        self.ln2 = nn.LayerNorm(C, eps=LN_EPS)
+        self.att = TimeMix(cfg)
+        self.ffn = ChannelMix(C, cfg["ffn_dim"])
+
+
+class Model(nn.Module):
+    """RWKV-5 in PyTorch: ``step`` is the RNN form, ``sequence`` the chunked parallel form."""
+
+    version = VERSION
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = dict(cfg)
+        C, V = cfg["n_embd"], cfg["vocab_size"]
+        self.emb = nn.Embedding(V, C)
+        self.blocks = nn.ModuleList(Block(i, cfg) for i in range(cfg["n_layer"]))
+        self.ln_out = nn.LayerNorm(C, eps=LN_EPS)
+        self.head = nn.Linear(C, V, bias=False)
+        self.time_state = None  # {"state.N.wkv": [1,H,N,N]} when the checkpoint carries state tuning
+
+    @classmethod
+    def from_weights(cls, w: dict, cfg: dict | None = None) -> "Model":
+        cfg = cfg or config_from_weights(w)
+        m = hw.load_module(cls(cfg), w)
+        if cfg.get("time_state"):
+            m.time_state = load_state_tuning(w, cfg)
+        return m
+
+    def new_state(self, batch_size: int = 1) -> dict:
+        """Zeros, or the checkpoint's learned initial WKV state (as BlinkDL's package does)."""
+        return hw.initial_state(state_layout(self.cfg), batch_size, self.time_state)
+
+    def _run(self, x, state: dict, parallel: bool):
+        x = self.blocks[0].ln0(x)
+        new = {}
+        for i, blk in enumerate(self.blocks):
+            s = lambda f: state[f"state.{i}.{f}"]  # noqa: E731
+            xx = blk.ln1(x)
+            out, new[f"state.{i}.wkv"] = blk.att(xx, hw.shift(xx, s("att_shift")) if parallel else s("att_shift"),
+                                                 s("wkv"), parallel)
+            new[f"state.{i}.att_shift"] = xx[:, -1] if parallel else xx
+            x = x + out
+            xx = blk.ln2(x)
+            x = x + blk.ffn(xx, hw.shift(xx, s("ffn_shift")) if parallel else s("ffn_shift"))
+            new[f"state.{i}.ffn_shift"] = xx[:, -1] if parallel else xx
+        return self.head(self.ln_out(x)), {k: new[k] for k in state}
+
+    @torch.no_grad()
+    def step(self, tokens, state: dict):
+        """tokens [B] -> logits [B,V], new state (keys as the inputs: ``state.{i}.{field}``)."""
+        return self._run(self.emb(tokens), state, parallel=False)
+
+    @torch.no_grad()
+    def sequence(self, tokens, state: dict):
+        """tokens [B,T] -> logits [B,T,V], state after the last token."""
+        return self._run(self.emb(tokens), state, parallel=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX graphs
+# ---------------------------------------------------------------------------------------------
+def export_weights(w: dict, cfg: dict) -> dict:
+    """Weights as the graph uses them: ln0 folded into the embedding, w = exp(-exp(time_decay)) and
+    u computed once in float32 as [H,N], mixing vectors flat (with 1 - mix, BlinkDL's form), ln_x
+    as [H,N], matrices transposed to [in, out]."""
+    C, H, N = cfg["n_embd"], cfg["n_head"], cfg["head_size"]
+    emb = F.layer_norm(w["emb.weight"].float(), (C,), w["blocks.0.ln0.weight"].float(),
+                       w["blocks.0.ln0.bias"].float(), eps=LN_EPS)
+    out = {"emb": hw.np32(emb), "ln_out.weight": hw.np32(w["ln_out.weight"]),
+           "ln_out.bias": hw.np32(w["ln_out.bias"]), "head": hw.np32(w["head.weight"]).T}
+    hd = (H, N) if cfg["per_channel_decay"] else (H, 1)
+    for i in range(cfg["n_layer"]):
+        b = f"blocks.{i}."
+        for n in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"):
+            out[b + n] = hw.np32(w[b + n])
+        td = w[b + "att.time_decay"].float().reshape(hd)
+        out[b + "att.w"] = hw.np32(torch.exp(-torch.exp(td)).expand(H, N))
+        u = w[b + "att." + cfg["bonus"]].float().reshape(hd)
+        out[b + "att.u"] = hw.np32((u if cfg["bonus"] == "time_faaaa" else torch.exp(u)).expand(H, N))
+        out[b + "att.ln_x.weight"] = hw.np32(w[b + "att.ln_x.weight"]).reshape(H, N)
+        out[b + "att.ln_x.bias"] = hw.np32(w[b + "att.ln_x.bias"]).reshape(H, N)
+        mixes = ["att.time_mix_" + m for m in ("kvrg" if cfg["gate"] else "kvr")] + ["ffn.time_mix_k", "ffn.time_mix_r"]
+        for n in mixes:
+            m = w[b + n].float().reshape(C)
+            out[b + n], out[b + n + ".1m"] = hw.np32(m), hw.np32(1 - m)
+        mats = ["att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.receptance", "ffn.value"]
+        for n in mats + (["att.gate"] if cfg["gate"] else []):
+            out[b + n] = hw.np32(w[b + n + ".weight"]).T
+    return out
+
+
+def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool, all_logits: bool = False,
+                dtype=np.float32, weight_fn=None):
+    """Step graph (tokens [B]) or sequence graph (tokens [B,T]); state in -> logits, state out.
+
+    ``weight_fn(g, name, array, x)`` applies a matrix (MatMul, or a quantised MatMul); by default
+    float MatMul in ``dtype``.
+    """
+    G = hw.Graph(g, W, cfg, state_layout(cfg), seq=seq, all_logits=all_logits, dtype=dtype, weight_fn=weight_fn)
+    x = G.embed()
+    for i in range(cfg["n_layer"]):
+        b = f"blocks.{i}."
+        st = lambda f: f"state.{i}.{f}"  # noqa: E731
+
+        def mix(xx, sx, name):
+            return g.op("Add", [g.op("Mul", [xx, G.vec(b + name)]), g.op("Mul", [sx, G.vec(b + name + ".1m")])])
+
+        # time mixing
+        xx = G.ln(x, b + "ln1")
+        sx = G.shift(xx, st("att_shift"))
+        G.last(xx, f"new_state.{i}.att_shift")
+        r, k, v = (G.heads(G.linear(b + "att." + n, mix(xx, sx, "att.time_mix_" + m)))
+                   for n, m in (("receptance", "r"), ("key", "k"), ("value", "v")))
+        y = g.fresh("wkv")
+        hw.wkv_node(g, "WKV5Seq" if seq else "WKV5", plugin,
+                    [r, k, v, G.vec(b + "att.w"), G.vec(b + "att.u"), st("wkv")], [y, f"new_state.{i}.wkv"])
+        out = G.group_norm(y, b + "att.ln_x")
+        if cfg["gate"]:
+            gate = G.linear(b + "att.gate", mix(xx, sx, "att.time_mix_g"))
+            out = g.op("Mul", [out, g.op("Mul", [gate, g.op("Sigmoid", [gate])])])  # silu
+        x = g.op("Add", [x, G.linear(b + "att.output", out)])
+        # channel mixing
+        xx = G.ln(x, b + "ln2")
+        sx = G.shift(xx, st("ffn_shift"))
+        G.last(xx, f"new_state.{i}.ffn_shift")
+        kk = g.op("Relu", [G.linear(b + "ffn.key", mix(xx, sx, "ffn.time_mix_k"))])
+        kv = G.linear(b + "ffn.value", g.op("Mul", [kk, kk]))
+        rr = g.op("Sigmoid", [G.linear(b + "ffn.receptance", mix(xx, sx, "ffn.time_mix_r"))])
+        x = g.op("Add", [x, g.op("Mul", [rr, kv])])
+    G.head(x)
+

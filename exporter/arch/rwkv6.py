@@ -1,0 +1,296 @@
+"""RWKV-6 "Finch": reference model, state layout and ONNX graphs.
+
+B batch, T time, C channels (n_embd), H heads, N head size (C = H*N), F ffn size, V vocab,
+D the token-shift LoRA size (time_maa_w1 [C,5D]), E the decay LoRA size (time_decay_w1 [C,E]).
+Per layer, with xx the ln1 output and dx = prev - xx (data-dependent token shift, "ddlerp"):
+    m_w,m_k,m_v,m_r,m_g = tanh((xx + dx*time_maa_x) @ time_maa_w1) @ time_maa_w2   (five [C] vectors)
+    x_* = xx + dx * (time_maa_* + m_*)
+    w_t = exp(-exp(time_decay + tanh(x_w @ time_decay_w1) @ time_decay_w2))        per token, [H,N]
+    y_t = r_t (u * k_t v_t^T + S)   S' = k_t v_t^T + w_t * S     (u = time_faaaa, raw)
+    out = output( group_norm(y) * silu(gate(x_g)) )     group norm over each head, eps 64e-5
+Channel mix: dx = prev - xx; sigmoid(receptance(xx + dx*maa_r)) * value(relu(key(xx + dx*maa_k))^2).
+
+Recurrent state per layer (all float32):
+    state.{i}.att_shift [B,C]      previous token's time-mix input (after ln1)
+    state.{i}.wkv       [B,H,N,N]  S[b,h,i,j], i over keys, j over values (BlinkDL's layout)
+    state.{i}.ffn_shift [B,C]      previous token's channel-mix input (after ln2)
+The initial state is zeros, or a learned one (state tuning: ``load_state_tuning``).
+
+Custom ONNX ops (domain "rwkv", attributes plugin_version="1", plugin_namespace="rwkv"; each also a
+model-local function whose standard-op body ONNX Runtime inlines). All tensors float32.
+    WKV6     inputs  r [B,H,N], k [B,H,N], v [B,H,N],
+                     w [B,H,N]  this token's decay factor exp(-exp(...)) in (0,1),
+                     u [H,N]    bonus of the current token (time_faaaa),
+                     state [B,H,N,N] (S[b,h,i,j], i key, j value)
+             outputs y [B,H,N]: y[b,h,j] = sum_i r[b,h,i] * (u[h,i] k[b,h,i] v[b,h,j] + S[b,h,i,j]),
+                     state_out [B,H,N,N]: S'[b,h,i,j] = k[b,h,i] v[b,h,j] + w[b,h,i] S[b,h,i,j]
+    WKV6Seq  inputs  r, k, v, w [B,T,H,N], u [H,N], state [B,H,N,N]
+             outputs y [B,T,H,N] (the WKV6 step applied for t = 0..T-1), state_out after the last token
+The data-dependent decay, group norm, gate and output projection stay outside the op.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError
+from ..onnx_graph import GraphBuilder
+from . import headwise as hw
+from .headwise import LN_EPS, default_tokenizer  # noqa: F401  (part of the module interface)
+
+VERSION = "rwkv6"
+WKV_DOC = "WKV state S[b,h,i,j]: i over keys, j over values (BlinkDL's RWKV-6 layout)"
+MAA = "wkvrg"  # the five data-dependent token-shift mixes, in time_maa_w2's order
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and checkpoint validation
+# ---------------------------------------------------------------------------------------------
+def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
+    V, C = hw.embedding_size(w)
+    L = hw.layer_count(w)
+    u = hw.need(w, "blocks.0.att.time_faaaa", 2)
+    H, N = (int(d) for d in u.shape)
+    if H * N != C:
+        raise CheckpointError(f"inconsistent shape for blocks.0.att.time_faaaa: {[H, N]} "
+                              f"(heads x head size != n_embd {C})")
+    w2 = hw.need(w, "blocks.0.att.time_maa_w2", 3)
+    F_ = int(hw.need(w, "blocks.0.ffn.key.weight", 2).shape[0])
+    cfg = {"n_layer": L, "n_embd": C, "vocab_size": V, "ffn_dim": F_,
+           "n_head": H, "head_size": N, "dim_maa": int(w2.shape[1]),
+           "dim_decay": int(hw.need(w, "blocks.0.att.time_decay_w1", 2).shape[1]),
+           "time_state": "blocks.0.att.time_state" in w}
+    hw.check_keys(w, expected_shapes(cfg), "RWKV-6", flexible=("time_decay",))
+    return cfg
+
+
+def expected_shapes(cfg: dict) -> dict:
+    C, F_, V, H, N = cfg["n_embd"], cfg["ffn_dim"], cfg["vocab_size"], cfg["n_head"], cfg["head_size"]
+    D, E = cfg["dim_maa"], cfg["dim_decay"]
+    s = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
+         "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)}
+    for i in range(cfg["n_layer"]):
+        b = f"blocks.{i}."
+        s.update({b + "ln1.weight": (C,), b + "ln1.bias": (C,), b + "ln2.weight": (C,), b + "ln2.bias": (C,),
+                  b + "att.time_maa_x": (1, 1, C), b + "att.time_maa_w1": (C, 5 * D), b + "att.time_maa_w2": (5, D, C),
+                  b + "att.time_decay": (1, 1, C), b + "att.time_decay_w1": (C, E), b + "att.time_decay_w2": (E, C),
+                  b + "att.time_faaaa": (H, N), b + "att.ln_x.weight": (C,), b + "att.ln_x.bias": (C,),
+                  b + "att.key.weight": (C, C), b + "att.value.weight": (C, C), b + "att.receptance.weight": (C, C),
+                  b + "att.gate.weight": (C, C), b + "att.output.weight": (C, C),
+                  b + "ffn.time_maa_k": (1, 1, C), b + "ffn.time_maa_r": (1, 1, C),
+                  b + "ffn.key.weight": (F_, C), b + "ffn.receptance.weight": (C, C), b + "ffn.value.weight": (C, F_)})
+        s.update({b + "att.time_maa_" + m: (1, 1, C) for m in MAA})
+    if cfg.get("time_state"):
+        s.update(hw.time_state_keys(cfg))
+    return s
+
+
+def state_layout(cfg: dict) -> list:
+    return hw.state_layout(cfg, WKV_DOC)
+
+
+def load_state_tuning(path_or_dict, cfg: dict) -> dict:
+    """State tuning: ``blocks.N.att.time_state`` ([H, N(value), N(key)] as trained; BlinkDL's package
+    transposes it) -> {"state.N.wkv": [1,H,N,N]} in this module's key-major layout."""
+    return hw.load_state_tuning(path_or_dict, cfg, transpose=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference model (PyTorch), parameter names = BlinkDL checkpoint keys
+# ---------------------------------------------------------------------------------------------
+class TimeMix(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C, H, N, D, E = cfg["n_embd"], cfg["n_head"], cfg["head_size"], cfg["dim_maa"], cfg["dim_decay"]
+        self.H, self.N, self.D = H, N, D
+        for m in "x" + MAA:
+            setattr(self, "time_maa_" + m, nn.Parameter(torch.zeros(C)))
+        self.time_maa_w1 = nn.Parameter(torch.zeros(C, 5 * D))
+        self.time_maa_w2 = nn.Parameter(torch.zeros(5, D, C))
+        self.time_decay = nn.Parameter(torch.zeros(C))
+        self.time_decay_w1 = nn.Parameter(torch.zeros(C, E))
+        self.time_decay_w2 = nn.Parameter(torch.zeros(E, C))
+        self.time_faaaa = nn.Parameter(torch.zeros(H, N))
+        for n in ("key", "value", "receptance", "gate", "output"):
+            setattr(self, n, nn.Linear(C, C, bias=False))
+        self.ln_x = nn.GroupNorm(H, C, eps=hw.GN_EPS)
+
+    def forward(self, xx, sx, s, parallel: bool):
+        """xx: this token's normalised input [B,(T),C], sx: the previous one's; s [B,H,N,N]."""
+        dx = sx - xx
+        lead = xx.shape[:-1]
+        xxx = torch.tanh((xx + dx * self.time_maa_x) @ self.time_maa_w1).view(*lead, 5, 1, self.D)
+        mw, mk, mv, mr, mg = (xxx @ self.time_maa_w2).view(*lead, 5, -1).unbind(-2)  # 5 x [B,(T),C]
+        xw, xk, xv, xr, xg = (xx + dx * (getattr(self, "time_maa_" + n) + m)
+                              for n, m in zip(MAA, (mw, mk, mv, mr, mg)))
+        hd = lead + (self.H, self.N)
+        r, k, v = self.receptance(xr).view(hd), self.key(xk).view(hd), self.value(xv).view(hd)
+        logw = -torch.exp(self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).view(hd)
+        if parallel:
+            y, s = hw.wkv5_chunked(r, k, v, logw, self.time_faaaa, s)
+        else:
+            y, s = hw.wkv5_step(r, k, v, torch.exp(logw), self.time_faaaa, s)
+        out = hw.group_norm(y.reshape(xx.shape), self.H, self.ln_x.weight, self.ln_x.bias)
+        return self.output(out * F.silu(self.gate(xg))), s
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, C, F_):
+        super().__init__()
+        self.time_maa_k = nn.Parameter(torch.zeros(C))
+        self.time_maa_r = nn.Parameter(torch.zeros(C))
+        self.key = nn.Linear(C, F_, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(F_, C, bias=False)
+
+    def forward(self, xx, sx):
+        dx = sx - xx
+        k = torch.square(torch.relu(self.key(xx + dx * self.time_maa_k)))
+        return torch.sigmoid(self.receptance(xx + dx * self.time_maa_r)) * self.value(k)
+
+
+class Block(nn.Module):
+    def __init__(self, i, cfg):
+        super().__init__()
+        C = cfg["n_embd"]
+        if i == 0:
+            self.ln0 = nn.LayerNorm(C, eps=LN_EPS)
+        self.ln1 = nn.LayerNorm(C, eps=LN_EPS)
+        self.ln2 = nn.LayerNorm(C, eps=LN_EPS)
+        self.att = TimeMix(cfg)
+        self.ffn = ChannelMix(C, cfg["ffn_dim"])
+
+
+class Model(nn.Module):
+    """RWKV-6 in PyTorch: ``step`` is the RNN form, ``sequence`` the chunked parallel form."""
+
+    version = VERSION
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = dict(cfg)
+        C, V = cfg["n_embd"], cfg["vocab_size"]
+        self.emb = nn.Embedding(V, C)
+        self.blocks = nn.ModuleList(Block(i, cfg) for i in range(cfg["n_layer"]))
+        self.ln_out = nn.LayerNorm(C, eps=LN_EPS)
+        self.head = nn.Linear(C, V, bias=False)
+        self.time_state = None  # {"state.N.wkv": [1,H,N,N]} when the checkpoint carries state tuning
+
+    @classmethod
+    def from_weights(cls, w: dict, cfg: dict | None = None) -> "Model":
+        cfg = cfg or config_from_weights(w)
+        m = hw.load_module(cls(cfg), w)
+        if cfg.get("time_state"):
+            m.time_state = load_state_tuning(w, cfg)
+        return m
+
+    def new_state(self, batch_size: int = 1) -> dict:
+        """Zeros, or the checkpoint's learned initial WKV state (as BlinkDL's package does)."""
+        return hw.initial_state(state_layout(self.cfg), batch_size, self.time_state)
+
+    def _run(self, x, state: dict, parallel: bool):
+        x = self.blocks[0].ln0(x)
+        new = {}
+        for i, blk in enumerate(self.blocks):
+            s = lambda f: state[f"state.{i}.{f}"]  # noqa: E731
+            xx = blk.ln1(x)
+            out, new[f"state.{i}.wkv"] = blk.att(xx, hw.shift(xx, s("att_shift")) if parallel else s("att_shift"),
+                                                 s("wkv"), parallel)
+            new[f"state.{i}.att_shift"] = xx[:, -1] if parallel else xx
+            x = x + out
+            xx = blk.ln2(x)
+            x = x + blk.ffn(xx, hw.shift(xx, s("ffn_shift")) if parallel else s("ffn_shift"))
+            new[f"state.{i}.ffn_shift"] = xx[:, -1] if parallel else xx
+        return self.head(self.ln_out(x)), {k: new[k] for k in state}
+
+    @torch.no_grad()
+    def step(self, tokens, state: dict):
+        """tokens [B] -> logits [B,V], new state (keys as the inputs: ``state.{i}.{field}``)."""
+        return self._run(self.emb(tokens), state, parallel=False)
+
+    @torch.no_grad()
+    def sequence(self, tokens, state: dict):
+        """tokens [B,T] -> logits [B,T,V], state after the last token."""
+        return self._run(self.emb(tokens), state, parallel=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX graphs
+# ---------------------------------------------------------------------------------------------
+def export_weights(w: dict, cfg: dict) -> dict:
+    """Weights as the graph uses them: ln0 folded into the embedding, mixing vectors flat,
+    time_decay flat, ln_x as [H,N], LoRA matrices as they are ([in, out]; time_maa_w2 [5,D,C]),
+    the other matrices transposed to [in, out]."""
+    C, H, N = cfg["n_embd"], cfg["n_head"], cfg["head_size"]
+    emb = F.layer_norm(w["emb.weight"].float(), (C,), w["blocks.0.ln0.weight"].float(),
+                       w["blocks.0.ln0.bias"].float(), eps=LN_EPS)
+    out = {"emb": hw.np32(emb), "ln_out.weight": hw.np32(w["ln_out.weight"]),
+           "ln_out.bias": hw.np32(w["ln_out.bias"]), "head": hw.np32(w["head.weight"]).T}
+    for i in range(cfg["n_layer"]):
+        b = f"blocks.{i}."
+        for n in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "att.time_maa_w1", "att.time_maa_w2",
+                  "att.time_decay_w1", "att.time_decay_w2"):
+            out[b + n] = hw.np32(w[b + n])
+        for n in ["att.time_maa_" + m for m in "x" + MAA] + ["att.time_decay", "ffn.time_maa_k", "ffn.time_maa_r"]:
+            out[b + n] = hw.np32(w[b + n]).reshape(C)
+        out[b + "att.u"] = hw.np32(w[b + "att.time_faaaa"]).reshape(H, N)
+        out[b + "att.ln_x.weight"] = hw.np32(w[b + "att.ln_x.weight"]).reshape(H, N)
+        out[b + "att.ln_x.bias"] = hw.np32(w[b + "att.ln_x.bias"]).reshape(H, N)
+        for n in ("att.key", "att.value", "att.receptance", "att.gate", "att.output",
+                  "ffn.key", "ffn.receptance", "ffn.value"):
+            out[b + n] = hw.np32(w[b + n + ".weight"]).T
+    return out
+
+
+def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool, all_logits: bool = False,
+                dtype=np.float32, weight_fn=None):
+    """Step graph (tokens [B]) or sequence graph (tokens [B,T]); state in -> logits, state out.
+
+    ``weight_fn(g, name, array, x)`` applies a matrix (MatMul, or a quantised MatMul); by default
+    float MatMul in ``dtype``. The LoRA matrices stay float32 MatMuls.
+    """
+    G = hw.Graph(g, W, cfg, state_layout(cfg), seq=seq, all_logits=all_logits, dtype=dtype, weight_fn=weight_fn)
+    D = cfg["dim_maa"]
+    x = G.embed()
+    for i in range(cfg["n_layer"]):
+        b = f"blocks.{i}."
+        st = lambda f: f"state.{i}.{f}"  # noqa: E731
+
+        def lerp(xx, dx, m):  # xx + dx * m
+            return g.op("Add", [xx, g.op("Mul", [dx, m])])
+
+        # time mixing
+        xx = G.ln(x, b + "ln1")
+        dx = g.op("Sub", [G.shift(xx, st("att_shift")), xx])
+        G.last(xx, f"new_state.{i}.att_shift")
+        xxx = g.op("Tanh", [G.mm(lerp(xx, dx, G.vec(b + "att.time_maa_x")), b + "att.time_maa_w1")])  # [B,(T),5D]
+        xxx = g.op("Reshape", [xxx, g.const([0, 0, 5, 1, D] if seq else [0, 5, 1, D], np.int64)])
+        xxx = g.op("MatMul", [xxx, G.vec(b + "att.time_maa_w2")])  # [B,(T),5,1,C]
+        mixed = {}
+        for j, m in enumerate(MAA):
+            mj = g.op("Gather", [xxx, g.const([j], np.int64)], axis=-3)  # [B,(T),1,1,C]
+            mj = g.op("Squeeze", [mj, g.const([-3, -2], np.int64)])  # [B,(T),C]
+            mixed[m] = lerp(xx, dx, g.op("Add", [G.vec(b + "att.time_maa_" + m), mj]))
+        r, k, v = (G.heads(G.linear(b + "att." + n, mixed[m]))
+                   for n, m in (("receptance", "r"), ("key", "k"), ("value", "v")))
+        dec = g.op("Add", [G.vec(b + "att.time_decay"),
+                           G.mm(g.op("Tanh", [G.mm(mixed["w"], b + "att.time_decay_w1")]), b + "att.time_decay_w2")])
+        w = G.heads(g.op("Exp", [g.op("Neg", [g.op("Exp", [dec])])]))
+        y = g.fresh("wkv")
+        hw.wkv_node(g, "WKV6Seq" if seq else "WKV6", plugin,
+                    [r, k, v, w, G.vec(b + "att.u"), st("wkv")], [y, f"new_state.{i}.wkv"])
+        out = G.group_norm(y, b + "att.ln_x")
+        gate = G.linear(b + "att.gate", mixed["g"])
+        out = g.op("Mul", [out, g.op("Mul", [gate, g.op("Sigmoid", [gate])])])  # silu
+        x = g.op("Add", [x, G.linear(b + "att.output", out)])
+        # channel mixing
+        xx = G.ln(x, b + "ln2")
+        dx = g.op("Sub", [G.shift(xx, st("ffn_shift")), xx])
+        G.last(xx, f"new_state.{i}.ffn_shift")
+        kk = g.op("Relu", [G.linear(b + "ffn.key", lerp(xx, dx, G.vec(b + "ffn.time_maa_k")))])
+        kv = G.linear(b + "ffn.value", g.op("Mul", [kk, kk]))
+        rr = g.op("Sigmoid", [G.linear(b + "ffn.receptance", lerp(xx, dx, G.vec(b + "ffn.time_maa_r")))])
+        x = g.op("Add", [x, g.op("Mul", [rr, kv])])
+    G.head(x)

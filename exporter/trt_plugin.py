@@ -1,0 +1,237 @@
+"""Build and locate the TensorRT plugin library for the ``rwkv::WKV4`` / ``rwkv::WKV4Seq`` nodes.
+
+The C++/CUDA sources live in ``plugins/`` at the repository root (see ``plugins/README.md``).
+This module only drives compilers; it imports neither torch nor tensorrt.
+
+- :func:`build_plugin` -- cmake + make of ``librwkv_trt_plugins.so`` against a TensorRT SDK.
+- :func:`find_plugin` -- ``$RWKV_TRT_PLUGIN``, else ``plugins/build/librwkv_trt_plugins.so``.
+- :func:`compile_kernels_only` -- nvcc of the CUDA kernels alone (no TensorRT), for tests and CI.
+- :func:`compile_host_reference` -- the same WKV math compiled for the CPU (tests).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+try:
+    from rwkv_runtime.errors import RuntimeUserError as _UserError
+except ImportError:  # loaded by file path (plugins/tests/gpu_check.py) without the package installed
+    _UserError = ValueError
+
+PLUGIN_NAMESPACE = "rwkv"
+PLUGIN_VERSION = "1"
+OP_TYPES = ("WKV4", "WKV4Seq")
+LIBRARY_NAME = "librwkv_trt_plugins.so"
+KERNELS_LIBRARY_NAME = "librwkv_wkv4_kernels.so"
+HOST_LIBRARY_NAME = "librwkv_wkv4_host.so"
+ENV_VAR = "RWKV_TRT_PLUGIN"
+# SASS for each, plus PTX of the newest so later GPUs can JIT. CUDA 13 has no sm_70 or older.
+DEFAULT_CUDA_ARCHITECTURES = (80, 86, 89, 90)
+
+Archs = Union[None, int, str, Iterable[Union[int, str]]]
+
+
+class PluginError(_UserError):
+    """A problem with the TensorRT plugin library; the message is one line."""
+
+
+class PluginBuildError(PluginError):
+    """Compiling the plugin library or the kernels failed, or a tool is missing."""
+
+
+class PluginNotFound(PluginError):
+    """``$RWKV_TRT_PLUGIN`` names a file that does not exist."""
+
+
+# -- locations ----------------------------------------------------------------------------------
+def repo_root() -> Path:
+    """The checkout this module belongs to (``exporter/`` is installed as ``rwkv_export``)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def plugins_dir() -> Path:
+    """``plugins/`` with the C++/CUDA sources; only present in a source checkout."""
+    d = repo_root() / "plugins"
+    if not (d / "CMakeLists.txt").is_file():
+        raise PluginBuildError(f"plugin sources not found at {d}: building needs a source checkout of rwkv-export")
+    return d
+
+
+def default_plugin_path() -> Path:
+    return repo_root() / "plugins" / "build" / LIBRARY_NAME
+
+
+def find_plugin() -> Optional[Path]:
+    """Path of ``librwkv_trt_plugins.so``: ``$RWKV_TRT_PLUGIN`` if set, else the default build
+    directory ``plugins/build/``; None if neither exists. A set but wrong ``$RWKV_TRT_PLUGIN`` raises
+    :class:`PluginNotFound` rather than silently falling back to another library."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_file():
+            raise PluginNotFound(f"{ENV_VAR}={env} does not exist")
+        return p.resolve()
+    p = default_plugin_path()
+    return p if p.is_file() else None
+
+
+def find_nvcc() -> Optional[str]:
+    """nvcc from ``$CUDACXX``, ``$CUDA_HOME``/``$CUDA_PATH``, ``PATH`` or /usr/local/cuda."""
+    cands = [os.environ.get("CUDACXX")]
+    cands += [str(Path(os.environ[v]) / "bin" / "nvcc") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    cands += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    for c in cands:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def cuda_include_dir(nvcc: Optional[str] = None) -> Optional[Path]:
+    """A CUDA include directory with cuda_fp16.h, or None."""
+    cands = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    nvcc = nvcc or find_nvcc()
+    if nvcc:
+        cands.append(Path(nvcc).resolve().parent.parent / "include")
+        # nvcc may be a wrapper script (e.g. /usr/local/bin/nvcc exec'ing the real one)
+        try:
+            text = Path(nvcc).read_text(errors="ignore")[:4096]
+            m = re.search(r"(/\S+)/bin/nvcc", text)
+            if m:
+                cands.append(Path(m.group(1)) / "include")
+        except OSError:
+            pass
+    cands.append(Path("/usr/local/cuda/include"))
+    for c in cands:
+        if (c / "cuda_fp16.h").is_file():
+            return c
+    return None
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _parse_archs(archs: Archs) -> list:
+    if archs is None:
+        return list(map(str, DEFAULT_CUDA_ARCHITECTURES))
+    if isinstance(archs, (int, str)):
+        archs = [a for a in re.split(r"[;, ]+", str(archs)) if a]
+    out = []
+    for a in archs:
+        a = str(a).strip().lower().removeprefix("sm_").removeprefix("compute_")
+        if not re.fullmatch(r"\d{2,3}[af]?", a):
+            raise PluginBuildError(f"bad CUDA architecture {a!r} (expected e.g. 80, 86, 89, 90, 90a)")
+        out.append(a)
+    if not out:
+        raise PluginBuildError("no CUDA architecture given")
+    return out
+
+
+def _gencode_flags(archs: Archs) -> list:
+    parsed = _parse_archs(archs)
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in parsed]
+    newest = max(parsed, key=lambda a: int(re.match(r"\d+", a).group()))
+    flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    return flags
+
+
+def _first_error(output: str) -> str:
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    for ln in lines:
+        if re.search(r"\berror\b|fatal", ln, re.IGNORECASE):
+            return ln[:400]
+    return lines[-1][:400] if lines else "no output"
+
+
+def _run(cmd: Sequence, what: str, log: Optional[Path] = None, cwd: Optional[Path] = None) -> str:
+    cmd = [str(c) for c in cmd]
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except OSError as e:
+        raise PluginBuildError(f"{what}: cannot run {cmd[0]}: {e}") from None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            f.write("$ " + " ".join(cmd) + "\n" + proc.stdout + "\n")
+    if proc.returncode != 0:
+        where = f" (full log: {log})" if log is not None else ""
+        raise PluginBuildError(f"{what} failed: {_first_error(proc.stdout)}{where}")
+    return proc.stdout
+
+
+# -- builds -------------------------------------------------------------------------------------
+def build_plugin(tensorrt_root, build_dir=None, cuda_architectures: Archs = None) -> Path:
+    """Configure and build ``librwkv_trt_plugins.so`` with CMake; returns its path.
+
+    ``tensorrt_root`` is a TensorRT SDK (only ``include/`` is needed: the library is not linked
+    against libnvinfer). ``build_dir`` defaults to ``plugins/build`` (where :func:`find_plugin`
+    looks). ``cuda_architectures`` e.g. ``"80;86;89;90"`` (the default) or ``[90]``.
+    Raises :class:`PluginBuildError` with one line on any failure; the full log is kept in
+    ``<build_dir>/rwkv-plugin-build.log``.
+    """
+    src = plugins_dir()
+    trt = Path(tensorrt_root).expanduser().resolve()
+    if not (trt / "include" / "NvInfer.h").is_file():
+        raise PluginBuildError(f"{trt / 'include' / 'NvInfer.h'} not found: pass the root of a TensorRT SDK")
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise PluginBuildError("cmake not found on PATH (needs CMake >= 3.18)")
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise PluginBuildError("nvcc not found (set CUDACXX or CUDA_HOME, or put the CUDA toolkit on PATH)")
+    build = Path(build_dir).expanduser().resolve() if build_dir else src / "build"
+    build.mkdir(parents=True, exist_ok=True)
+    log = build / "rwkv-plugin-build.log"
+    log.write_text("")
+    cfg = [cmake, "-S", src, "-B", build, f"-DTensorRT_ROOT={trt}", "-DCMAKE_BUILD_TYPE=Release",
+           f"-DCMAKE_CUDA_COMPILER={nvcc}"]
+    if cuda_architectures is not None:
+        cfg.append("-DCMAKE_CUDA_ARCHITECTURES=" + ";".join(_parse_archs(cuda_architectures)))
+    _run(cfg, "cmake configure", log)
+    _run([cmake, "--build", build, "--target", "rwkv_trt_plugins", "-j", str(os.cpu_count() or 2)],
+         "plugin build", log)
+    out = build / LIBRARY_NAME
+    if not out.is_file():
+        raise PluginBuildError(f"build finished but {out} is missing (full log: {log})")
+    return out
+
+
+def compile_kernels_only(out_dir, cuda_architectures: Archs = None, nvcc: Optional[str] = None) -> Path:
+    """nvcc the WKV kernels into ``out_dir/librwkv_wkv4_kernels.so`` (no TensorRT); returns its path.
+
+    The library exports ``rwkvWkv4Forward`` (see ``plugins/wkv4/wkv4Kernel.h``). One architecture
+    (e.g. ``cuda_architectures=80``) compiles in seconds; the default list takes longer.
+    """
+    src = plugins_dir() / "wkv4"
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise PluginBuildError("nvcc not found (set CUDACXX or CUDA_HOME, or put the CUDA toolkit on PATH)")
+    out_dir = Path(out_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / KERNELS_LIBRARY_NAME
+    cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+           *_gencode_flags(cuda_architectures), "-I", src, src / "wkv4Kernel.cu", "-o", out]
+    _run(cmd, "nvcc (WKV kernels)")
+    return out
+
+
+def compile_host_reference(out_dir, cxx: Optional[str] = None) -> Path:
+    """Compile ``plugins/wkv4/wkv4Host.cpp`` (the kernel's math, built for the CPU) into
+    ``out_dir/librwkv_wkv4_host.so``; returns its path. float16 support needs cuda_fp16.h (found
+    next to nvcc or in ``$CUDA_HOME``); without it the library handles float32 only
+    (``rwkvWkv4HasHalf()`` returns 0)."""
+    src = plugins_dir() / "wkv4"
+    cxx = cxx or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        raise PluginBuildError("no C++ compiler found (set CXX)")
+    out_dir = Path(out_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / HOST_LIBRARY_NAME
+    cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-I", src]
+    inc = cuda_include_dir()
+    if inc is not None:
+        cmd += ["-isystem", inc]
+    cmd += [src / "wkv4Host.cpp", "-o", out]
+    _run(cmd, "C++ compile (WKV host reference)")
+    return out
