@@ -45,7 +45,8 @@ class GraphBuilder:
 
     def weight(self, name: str, array, dtype=None) -> str:
         """Add an initializer (a model weight) and return its name."""
-        arr = np.ascontiguousarray(array if dtype is None else np.asarray(array).astype(dtype))
+        # np.asarray keeps 0-d scalars 0-d (ascontiguousarray would make them [1])
+        arr = np.asarray(array if dtype is None else np.asarray(array).astype(dtype), order="C")
         self.initializers.append(numpy_helper.from_array(arr, name))
         return name
 
@@ -107,10 +108,13 @@ def make_function(name: str, inputs, outputs, build, attributes=(), domain=CUSTO
     outs = [outs] if isinstance(outs, str) else list(outs)
     # rename the body's final values to the function's declared outputs
     rename = dict(zip(outs, outputs))
-    for node in g.nodes:
+    for node in g.nodes:  # producers and readers alike
         for i, o in enumerate(node.output):
             if o in rename:
                 node.output[i] = rename[o]
+        for i, o in enumerate(node.input):
+            if o in rename:
+                node.input[i] = rename[o]
     consts = []
     for init in g.initializers:  # functions have no initializers: turn them into Constant nodes
         consts.append(helper.make_node("Constant", [], [init.name], value=init))

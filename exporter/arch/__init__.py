@@ -10,7 +10,7 @@ import importlib
 from ..errors import UnsupportedArchitecture
 
 # version string (as detected from checkpoint keys) -> module name
-MODULES = {"rwkv4": "rwkv4"}
+MODULES = {"rwkv4": "rwkv4", "rwkv5": "rwkv5", "rwkv5.2": "rwkv5", "rwkv6": "rwkv6", "rwkv7": "rwkv7"}
 KNOWN = ("rwkv4", "rwkv5", "rwkv5.2", "rwkv6", "rwkv7")
 
 

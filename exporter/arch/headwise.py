@@ -358,12 +358,16 @@ def wkv_node(g: GraphBuilder, op_type: str, plugin: bool, ins, outs):
 # ---------------------------------------------------------------------------------------------
 class Graph:
     """Declares the I/O and offers the per-token building blocks; ``x`` tensors are [B,C] (step)
-    or [B,T,C] (sequence)."""
+    or [B,T,C] (sequence). With a reduced ``dtype`` (float16, bfloat16) only the embedding table,
+    the large matrices and their MatMuls are in it, behind explicit Casts; the residual stream, norms,
+    LoRA matrices, the WKV and the state stay float32. ``rescale_every`` n: BlinkDL's float16 scheme
+    (att.output/ffn.value divided by 2^(layer // n), residual halved after every n-th block)."""
 
     def __init__(self, g: GraphBuilder, W: dict, cfg: dict, specs, *, seq: bool, all_logits: bool,
-                 dtype, weight_fn):
+                 dtype, weight_fn, rescale_every: int = 0):
         self.g, self.W, self.cfg, self.seq, self.all_logits = g, W, cfg, seq, all_logits
-        self.dtype, self.weight_fn = np.dtype(dtype), weight_fn
+        self.lo, self.weight_fn, self.rescale_every = np.dtype(dtype), weight_fn, int(rescale_every or 0)
+        self.lo_onnx = helper.np_dtype_to_tensor_dtype(self.lo)
         self._added: dict = {}
         V = cfg["vocab_size"]
         self.tokens = g.input("tokens", "int64", [BATCH, "T"] if seq else [BATCH])
@@ -373,25 +377,36 @@ class Graph:
         for s in specs:
             g.output(s.output, "float32", s.shape)
 
-    def vec(self, name, dtype=np.float32):
-        """A float32 initializer (vectors, small LoRA matrices), added once."""
+    def vec(self, name, dtype=np.float32, array=None):
+        """An initializer (float32 unless told: vectors, small LoRA matrices), added once."""
         if name not in self._added:
-            self._added[name] = self.g.weight(name, np.asarray(self.W[name]).astype(dtype))
+            arr = self.W[name] if array is None else array
+            self._added[name] = self.g.weight(name, np.asarray(arr).astype(dtype))
         return self._added[name]
 
     def cast(self, x, to):
-        if self.dtype == np.float32:
+        if self.lo == np.float32:
             return x
-        return self.g.op("Cast", [x], to=F32 if to == "f32" else TensorProto.FLOAT16)
+        return self.g.op("Cast", [x], to=F32 if to == "f32" else self.lo_onnx)
 
-    def linear(self, name, x):
-        """x @ W[name] ([in, out]) in the graph's precision; float32 in and out."""
+    def linear(self, name, x, layer: int | None = None):
+        """x @ W[name] ([in, out]) in the graph's precision; float32 in and out. ``layer``: a matrix
+        whose output feeds the residual stream, scaled down there when rescaling."""
+        array = self.W[name]
+        if layer is not None and self.rescale_every:
+            array = array / np.float32(2 ** (layer // self.rescale_every))
         x = self.cast(x, "lo")
         if self.weight_fn is not None:
-            y = self.weight_fn(self.g, name, self.W[name], x)
+            y = self.weight_fn(self.g, name, array, x)
         else:
-            y = self.g.op("MatMul", [x, self.vec(name, self.dtype)])
+            y = self.g.op("MatMul", [x, self.vec(name, self.lo, array)])
         return self.cast(y, "f32")
+
+    def rescale(self, x, layer: int):
+        """After block ``layer``: halve the residual stream every ``rescale_every`` blocks."""
+        if self.rescale_every and (layer + 1) % self.rescale_every == 0:
+            return self.g.op("Mul", [x, self.g.const(0.5)])
+        return x
 
     def mm(self, x, name):
         """x @ W[name] in float32 (LoRA matrices: BlinkDL keeps them out of quantisation)."""
@@ -436,7 +451,7 @@ class Graph:
         return self.flat(yn)
 
     def embed(self):
-        return self.g.op("Gather", [self.vec("emb"), self.tokens], axis=0)
+        return self.cast(self.g.op("Gather", [self.vec("emb", self.lo), self.tokens], axis=0), "f32")
 
     def head(self, x):
         g = self.g

@@ -257,13 +257,14 @@ def export_weights(w: dict, cfg: dict) -> dict:
 
 
 def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool, all_logits: bool = False,
-                dtype=np.float32, weight_fn=None):
+                dtype=np.float32, weight_fn=None, rescale_every: int = 0):
     """Step graph (tokens [B]) or sequence graph (tokens [B,T]); state in -> logits, state out.
 
     ``weight_fn(g, name, array, x)`` applies a matrix (MatMul, or a quantised MatMul); by default
-    float MatMul in ``dtype``.
+    float MatMul in ``dtype`` (see ``headwise.Graph`` for reduced precision and ``rescale_every``).
     """
-    G = hw.Graph(g, W, cfg, state_layout(cfg), seq=seq, all_logits=all_logits, dtype=dtype, weight_fn=weight_fn)
+    G = hw.Graph(g, W, cfg, state_layout(cfg), seq=seq, all_logits=all_logits, dtype=dtype, weight_fn=weight_fn,
+                 rescale_every=rescale_every)
     x = G.embed()
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
@@ -285,14 +286,14 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool,
         if cfg["gate"]:
             gate = G.linear(b + "att.gate", mix(xx, sx, "att.time_mix_g"))
             out = g.op("Mul", [out, g.op("Mul", [gate, g.op("Sigmoid", [gate])])])  # silu
-        x = g.op("Add", [x, G.linear(b + "att.output", out)])
+        x = g.op("Add", [x, G.linear(b + "att.output", out, layer=i)])
         # channel mixing
         xx = G.ln(x, b + "ln2")
         sx = G.shift(xx, st("ffn_shift"))
         G.last(xx, f"new_state.{i}.ffn_shift")
         kk = g.op("Relu", [G.linear(b + "ffn.key", mix(xx, sx, "ffn.time_mix_k"))])
-        kv = G.linear(b + "ffn.value", g.op("Mul", [kk, kk]))
+        kv = G.linear(b + "ffn.value", g.op("Mul", [kk, kk]), layer=i)
         rr = g.op("Sigmoid", [G.linear(b + "ffn.receptance", mix(xx, sx, "ffn.time_mix_r"))])
-        x = g.op("Add", [x, g.op("Mul", [rr, kv])])
+        x = G.rescale(g.op("Add", [x, g.op("Mul", [rr, kv])]), i)
     G.head(x)
 

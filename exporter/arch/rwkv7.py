@@ -264,13 +264,15 @@ def export_weights(w: dict, cfg: dict) -> dict:
 
 
 def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool, all_logits: bool = False,
-                dtype=np.float32, weight_fn=None):
+                dtype=np.float32, weight_fn=None, rescale_every: int = 0):
     """Step graph (tokens [B]) or sequence graph (tokens [B,T]); state in -> logits, state out.
 
     ``weight_fn(g, name, array, x)`` applies a matrix (MatMul, or a quantised MatMul); by default
-    float MatMul in ``dtype``. The LoRA matrices stay float32 MatMuls.
+    float MatMul in ``dtype`` (see ``headwise.Graph`` for reduced precision and ``rescale_every``).
+    The LoRA matrices stay float32 MatMuls.
     """
-    G = hw.Graph(g, W, cfg, state_layout(cfg), seq=seq, all_logits=all_logits, dtype=dtype, weight_fn=weight_fn)
+    G = hw.Graph(g, W, cfg, state_layout(cfg), seq=seq, all_logits=all_logits, dtype=dtype, weight_fn=weight_fn,
+                 rescale_every=rescale_every)
     ax = g.const([-1], np.int64)
     x = G.embed()
     v_first = None
@@ -311,11 +313,11 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool,
         out = G.group_norm(y, b + "att.ln_x")
         bonus = g.op("ReduceSum", [g.op("Mul", [g.op("Mul", [rh, kh]), G.vec(b + "att.r_k")]), ax], keepdims=1)
         out = g.op("Add", [out, G.flat(g.op("Mul", [bonus, vh]))])
-        x = g.op("Add", [x, G.linear(b + "att.output", g.op("Mul", [out, gate]))])
+        x = g.op("Add", [x, G.linear(b + "att.output", g.op("Mul", [out, gate]), layer=i)])
         # channel mixing
         xx = G.ln(x, b + "ln2")
         dx = g.op("Sub", [G.shift(xx, st("ffn_shift")), xx])
         G.last(xx, f"new_state.{i}.ffn_shift")
         kk2 = g.op("Relu", [G.linear(b + "ffn.key", g.op("Add", [xx, g.op("Mul", [dx, G.vec(b + "ffn.x_k")])]))])
-        x = g.op("Add", [x, G.linear(b + "ffn.value", g.op("Mul", [kk2, kk2]))])
+        x = G.rescale(g.op("Add", [x, G.linear(b + "ffn.value", g.op("Mul", [kk2, kk2]), layer=i)]), i)
     G.head(x)
