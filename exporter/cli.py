@@ -139,13 +139,14 @@ def inspect(model, as_json):
 @click.option("--seed", default=None, type=int)
 @click.option("--threads", default=None, type=click.IntRange(1), help="onnxruntime intra-op threads.")
 @click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider(s), in order.")
+@click.option("--low-memory", is_flag=True, help="One session (sequence graph for steps too), no weight prepacking.")
 @user_errors
 def generate(model, prompt, max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed,
-             threads, providers):
+             threads, providers, low_memory):
     """Generate text from an exported MODEL, streaming it; tokens/s at the end (stderr)."""
     from rwkv_runtime import SamplingParams, Session
 
-    s = Session(model, providers=list(providers) or None, threads=threads)
+    s = Session(model, providers=list(providers) or None, threads=threads, low_memory=low_memory)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, seed=seed)
     click.echo(prompt, nl=False)
@@ -171,9 +172,10 @@ def run():  # pragma: no cover
 @click.option("--prefill", "prefill_len", default=512, show_default=True, type=click.IntRange(0),
               help="Prompt length for prefill tokens/s (0: skip).")
 @click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider(s).")
+@click.option("--low-memory", is_flag=True, help="One session (sequence graph for steps too), no weight prepacking.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @user_errors
-def bench(model, threads, batches, tokens, prefill_len, providers, as_json):
+def bench(model, threads, batches, tokens, prefill_len, providers, low_memory, as_json):
     """Measure MODEL: decode tokens/s, prefill tokens/s, time to first token, peak memory."""
     from rwkv_runtime import Session
     from rwkv_runtime.bench import run_bench
@@ -182,7 +184,7 @@ def bench(model, threads, batches, tokens, prefill_len, providers, as_json):
         bs = tuple(int(b) for b in batches.split(",") if b.strip())
     except ValueError:
         raise click.ClickException(f"--batch must be integers separated by commas, not {batches!r}") from None
-    s = Session(model, providers=list(providers) or None, threads=threads)
+    s = Session(model, providers=list(providers) or None, threads=threads, low_memory=low_memory)
     if prefill_len and not s.backend.has("sequence"):
         prefill_len = 0
     res = run_bench(s, bs, tokens, prefill_len)

@@ -87,8 +87,12 @@ class OrtBackend:
     """Runs the step graph (and, on first use, the sequence graph) with onnxruntime + IOBinding."""
 
     def __init__(self, path: Path, manifest: Manifest, providers=None, threads: int | None = None,
-                 session_options=None):
+                 session_options=None, low_memory: bool = False):
         import onnxruntime as ort
+
+        # low_memory: one session (the sequence graph, also used for single steps with T=1) and no
+        # weight prepacking, so the weights are in memory once (~1.2x their size instead of ~2-2.7x)
+        self.low_memory = bool(low_memory)
 
         self.ort = ort
         self.manifest = manifest
@@ -106,6 +110,8 @@ class OrtBackend:
             if self.threads:
                 so.intra_op_num_threads = self.threads
                 so.inter_op_num_threads = 1
+            if self.low_memory:
+                so.add_session_config_entry("session.disable_prepacking", "1")
         return so
 
     def session(self, kind: str):
@@ -149,6 +155,9 @@ class OrtBackend:
         return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
     def run(self, kind: str, tokens: np.ndarray, values: dict, specs: list):
+        if kind == "step" and (self.low_memory or not self.has("step")) and self.has("sequence"):
+            logits, new = self.run("sequence", tokens[:, None], values, specs)
+            return (logits[:, -1] if logits.ndim == 3 else logits), new
         sess = self.session(kind)
         io = sess.io_binding()
         io.bind_cpu_input(self.manifest.tokens_input, tokens)
@@ -193,7 +202,7 @@ class Session:
     """
 
     def __init__(self, path, providers=None, threads: int | None = None, session_options=None,
-                 prefill_chunk: int = 256):
+                 prefill_chunk: int = 256, low_memory: bool = False):
         path = Path(path)
         if not path.exists():
             raise RuntimeUserError(f"{path}: no such file")
@@ -204,8 +213,9 @@ class Session:
             self.backend = TrtBackend(path, self.manifest)
         else:
             self.manifest, self._tokenizer_json = _read_manifest_fast(path)
-            self.backend = OrtBackend(path, self.manifest, providers, threads, session_options)
-            self.backend.session("step" if self.backend.has("step") else "sequence")  # fail early on bad files
+            self.backend = OrtBackend(path, self.manifest, providers, threads, session_options, low_memory)
+            first = "sequence" if (low_memory or not self.backend.has("step")) else "step"
+            self.backend.session(first)  # fail early on bad files
         self.path = path
         self.prefill_chunk = int(prefill_chunk)
         self._tokenizer = None

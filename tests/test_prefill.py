@@ -84,3 +84,10 @@ def test_sequences_join_and_leave_with_their_own_sampling(session):
             logits, st = session.step(np.array([tok]), st)
         assert got == expect
     assert len(got_a) == 9 and len(got_c) == 6 and gen.state is None
+
+
+def test_low_memory_session_steps_with_the_sequence_graph(rwkv4_exports, stepped):
+    s = rwkv_runtime.Session(rwkv4_exports["plain"], low_memory=True)
+    logits, _ = step_all(s, TOKENS[:7])
+    assert np.abs(logits - stepped[0][:7]).max() <= 1e-5
+    assert set(s.backend._sessions) == {"sequence"}  # one onnxruntime session: weights in memory once
