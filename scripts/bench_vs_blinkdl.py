@@ -1,6 +1,6 @@
 """Decode and prefill speed of an rwkv-export ONNX model against BlinkDL's `rwkv` package, same run.
 
-    python scripts/bench_vs_blinkdl.py CHECKPOINT.pth MODEL.onnx [--threads 2] [--json out.json]
+    python scripts/bench_vs_blinkdl.py CHECKPOINT.pth MODEL.onnx [MODEL2.onnx ...] [--threads 2] [--json out.json]
 
 Each side runs in its own process (so memory and thread pools do not interfere) with the same
 thread count; BlinkDL's package uses strategy "cpu fp32", one token per forward() for decode and
@@ -45,7 +45,7 @@ OURS = textwrap.dedent("""
     import sys, json
     import rwkv_runtime
     from rwkv_runtime.bench import decode_tps, prefill_tps, peak_rss_mb
-    s = rwkv_runtime.Session(sys.argv[1], threads=int(sys.argv[2]))
+    s = rwkv_runtime.Session(sys.argv[1], threads=int(sys.argv[2]), low_memory=sys.argv[5] == "1")
     n, L = int(sys.argv[3]), int(sys.argv[4])
     res = {"decode_tps": decode_tps(s, 1, n)}
     res["step_tps_for_prefill_ratio"] = res["decode_tps"]
@@ -67,26 +67,33 @@ def run(code: str, *args) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
-    ap.add_argument("model")
+    ap.add_argument("models", nargs="+", help="exported step graphs (fp32, int8, ...) to measure")
+    ap.add_argument("--low-memory", action="store_true", help="also measure each model with low_memory=True")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--json", dest="json_out")
     ap.add_argument("--skip-blinkdl", action="store_true")
     a = ap.parse_args()
-    ours = run(OURS, a.model, a.threads, a.tokens, a.prefill)
     peer = None if a.skip_blinkdl else run(BLINKDL, a.checkpoint, a.threads, a.tokens, a.prefill)
+    ours = {}
+    for m in a.models:
+        for low in ([False, True] if a.low_memory else [False]):
+            label = os.path.basename(m) + (" (low-memory)" if low else "")
+            ours[label] = run(OURS, m, a.threads, a.tokens, a.prefill, "1" if low else "0")
     machine = f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}"
     print(f"machine: {machine}; threads {a.threads}")
-    print(f"{'':28}{'rwkv-export (ORT)':>20}{'BlinkDL rwkv':>16}{'ratio':>8}")
-    for key, label in (("decode_tps", "decode tokens/s (batch 1)"), ("prefill_tps", f"prefill tokens/s ({a.prefill})")):
-        if key not in ours:
-            continue
-        p = peer.get(key) if peer else None
-        print(f"{label:<28}{ours[key]:>20.1f}{(p or float('nan')):>16.1f}{(ours[key] / p if p else float('nan')):>8.2f}")
-    if "prefill_tps" in ours:
-        print(f"prefill / stepping the same tokens: {ours['prefill_tps'] / ours['decode_tps']:.1f}x")
-    print(f"peak RSS (ours): {ours['peak_rss_mb']:.0f} MB")
+    p_dec = peer["decode_tps"] if peer else float("nan")
+    p_pre = peer["prefill_tps"] if peer else float("nan")
+    print(f"{'':34}{'decode tok/s':>13}{'vs BlinkDL':>11}{'prefill tok/s':>15}{'vs BlinkDL':>11}{'RSS MB':>8}")
+    if peer:
+        print(f"{'BlinkDL rwkv (cpu fp32)':<34}{p_dec:>13.1f}{1.0:>11.2f}{p_pre:>15.1f}{1.0:>11.2f}{'':>8}")
+    for label, r in ours.items():
+        pre = r.get("prefill_tps", float("nan"))
+        print(f"{label:<34}{r['decode_tps']:>13.1f}{r['decode_tps'] / p_dec:>11.2f}{pre:>15.1f}{pre / p_pre:>11.2f}"
+              f"{r['peak_rss_mb']:>8.0f}")
+        if "prefill_tps" in r:
+            print(f"{'':34}prefill / stepping the same tokens: {pre / r['decode_tps']:.1f}x")
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump({"machine": machine, "threads": a.threads, "ours": ours, "blinkdl": peer}, f, indent=1)
