@@ -118,6 +118,9 @@ class OrtBackend:
     def session(self, kind: str):
         if kind not in self._sessions:
             path = self.graph_path(kind)
+            if self.manifest.precision == "bf16" and self.device == "cpu":
+                raise RuntimeUserError(f"{path.name} is a bfloat16 export: onnxruntime's CPU provider has no bfloat16 "
+                                       "MatMul; run it with TensorRT or onnxruntime's CUDA provider, or export fp32/fp16")
             try:
                 self._sessions[kind] = self.ort.InferenceSession(str(path), self._options(), providers=self.providers)
             except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
