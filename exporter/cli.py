@@ -70,19 +70,22 @@ def main():
 @click.option("--rescale-every", type=click.IntRange(0), default=None,
               help="RWKV-4 float16 residual rescaling interval (default 6 for fp16/bf16, 0 = off).")
 @click.option("--all-logits", is_flag=True, help="Sequence graph returns logits for every position.")
+@click.option("--state-tuning", type=click.Path(path_type=Path), default=None,
+              help="A state-tuning file (blocks.N.att.time_state, RWKV-5/6/7): baked in as the starting state.")
 @click.option("--tokenizer", default=None, help="bytes | world | none | path/to/tokenizer.json (default: from the model).")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights in a .data file beside the model (default: only above 2 GB).")
 @click.option("-q", "--quiet", is_flag=True)
 @user_errors
-def export_cmd(checkpoint, out, graphs, wkv, precision, quantize, rescale_every, all_logits, tokenizer, external_data,
-               quiet):
+def export_cmd(checkpoint, out, graphs, wkv, precision, quantize, rescale_every, all_logits, state_tuning, tokenizer,
+               external_data, quiet):
     """Export CHECKPOINT (BlinkDL .pth, .safetensors, or a Hugging Face RWKV directory) to ONNX."""
     from .export import ExportOptions, export
 
     opts = ExportOptions(graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()), wkv=wkv,
                          precision=precision, quantize=quantize, rescale_every=rescale_every, all_logits=all_logits,
-                         tokenizer=tokenizer, external_data=external_data)
+                         tokenizer=tokenizer, external_data=external_data,
+                         state_tuning=str(state_tuning) if state_tuning else None)
     bar = _Bar(2 + 2 * len(opts.graphs), "export", quiet)
     try:
         paths = export(checkpoint, out, opts, progress=bar)
@@ -97,6 +100,19 @@ def export_cmd(checkpoint, out, graphs, wkv, precision, quantize, rescale_every,
         click.echo(f"accuracy vs the float32 reference on {q['tokens']} held-out tokens: cross-entropy "
                    f"{q['ce_model']:.4f} vs {q['ce_reference']:.4f} nats/token ({q['ce_change'] * 100:+.2f}%), "
                    f"max logit error {q['max_abs_logit_error']:.3g}, argmax agreement {q['argmax_agreement'] * 100:.1f}%")
+
+
+# ---------------------------------------------------------------------------------------------
+@main.command("convert-state")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("tuning", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
+@user_errors
+def convert_state(checkpoint, tuning, out):
+    """Convert a state-tuning file for CHECKPOINT into an .npz for Session(initial_state=...)."""
+    from .export import state_tuning_to_npz
+
+    click.echo(f"wrote {state_tuning_to_npz(checkpoint, tuning, out)}")
 
 
 # ---------------------------------------------------------------------------------------------

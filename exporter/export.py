@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 
-from rwkv_runtime.manifest import MANIFEST_KEY, TOKENIZER_KEY, Manifest
+from rwkv_runtime.manifest import INITIAL_STATE_KEY, MANIFEST_KEY, TOKENIZER_KEY, Manifest, encode_state
 
 from . import __version__, arch
 from .checkpoint import Checkpoint, load_checkpoint
@@ -31,6 +31,7 @@ class ExportOptions:
     quantize: str | None = None  # None | "int8" | "int4": weight-only MatMulNBits (onnxruntime CPU)
     rescale_every: int | None = None  # RWKV-4 fp16/bf16 residual rescaling; None = 6 there, else 0
     quant_block: int = 32
+    state_tuning: str | None = None  # a state-tuning file (blocks.N.att.time_state) baked in as the start state
     all_logits: bool = False  # sequence graph: logits for every position instead of the last
     tokenizer: str | None = None  # "bytes" | "world" | path to a tokenizer.json | None (= from the model)
     external_data: bool | None = None  # None: only when the model is over 2 GB
@@ -94,6 +95,7 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
     graph_kwargs = {"dtype": PRECISIONS[opt.precision]}
     if rescale:
         graph_kwargs["rescale_every"] = int(rescale)
+    initial = _initial_state(mod, ck, cfg, opt)
     paths = {"step": out, "sequence": sequence_path(out) if "step" in opt.graphs else out}
     written = []
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".rwkv-export-") as tmp:
@@ -111,10 +113,13 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
                          "quantize": opt.quantize, **({"quant_block": opt.quant_block} if opt.quantize else {}),
                          **opt.extra},
                 companions={k: paths[k].name for k in opt.graphs},
-                source={"checkpoint": ck.path.name, "format": ck.format}, exporter_version=__version__)
+                source={"checkpoint": ck.path.name, "format": ck.format}, exporter_version=__version__,
+                initial_state="embedded" if initial else "")
             meta = {MANIFEST_KEY: man.to_json()}
             if tok_json is not None:
                 meta[TOKENIZER_KEY] = tok_json
+            if initial:
+                meta[INITIAL_STATE_KEY] = encode_state(initial)
             model = g.model(doc=f"RWKV {ck.version} {kind} graph exported by rwkv-export {__version__}", metadata=meta)
             if opt.quantize:
                 tick(f"quantizing {kind} graph ({opt.quantize})")
@@ -132,6 +137,36 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
             os.replace(tmp_path, target)
             written.append(target)
     return written
+
+
+def _initial_state(mod, ck: Checkpoint, cfg: dict, opt: ExportOptions) -> dict:
+    """A learned initial state: from --state-tuning, or time_state tensors merged into the checkpoint."""
+    merged = any(k.endswith("att.time_state") for k in ck.weights)
+    if opt.state_tuning is None and not merged:
+        return {}
+    if not hasattr(mod, "load_state_tuning"):
+        raise ExportError(f"{ck.version.replace('rwkv', 'RWKV-')} has no learned initial state (state tuning "
+                          "applies to RWKV-5/6/7)")
+    if opt.state_tuning is not None and not Path(opt.state_tuning).is_file():
+        raise ExportError(f"--state-tuning {opt.state_tuning}: no such file")
+    return mod.load_state_tuning(opt.state_tuning if opt.state_tuning is not None else ck.weights, cfg)
+
+
+def state_tuning_to_npz(checkpoint, tuning, out) -> Path:
+    """Convert a state-tuning .pth into an .npz the runtime loads (``Session(initial_state=...)``)."""
+    ck = load_checkpoint(checkpoint)
+    mod = arch.get(ck.version)
+    cfg = mod.config_from_weights(ck.weights, ck.hf_config)
+    if not hasattr(mod, "load_state_tuning"):
+        raise ExportError(f"{ck.version.replace('rwkv', 'RWKV-')} has no learned initial state")
+    if not Path(tuning).is_file():
+        raise ExportError(f"{tuning}: no such file")
+    arrays = mod.load_state_tuning(tuning, cfg)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, out)
+    return out
 
 
 def quantize_weights(model: onnx.ModelProto, bits: int, block: int) -> onnx.ModelProto:

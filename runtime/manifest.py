@@ -7,6 +7,8 @@ This module must stay importable with numpy alone (no torch, no onnx).
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -15,6 +17,7 @@ from .errors import RuntimeUserError
 
 MANIFEST_KEY = "rwkv.manifest"
 TOKENIZER_KEY = "rwkv.tokenizer_json"  # a Hugging Face tokenizer.json travels inside the model
+INITIAL_STATE_KEY = "rwkv.initial_state"  # a learned (state-tuned) initial state: base64 of an .npz
 FORMAT_VERSION = 1
 BATCH = "batch"  # the symbolic batch axis in state shapes
 
@@ -53,6 +56,7 @@ class Manifest:
     options: dict = field(default_factory=dict)  # e.g. rescale_every, all_logits
     companions: dict = field(default_factory=dict)  # other graphs of the same export, by kind
     source: dict = field(default_factory=dict)  # what was exported (checkpoint name, format)
+    initial_state: str = ""  # "embedded" when INITIAL_STATE_KEY holds a learned starting state
     exporter_version: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -99,3 +103,19 @@ class Manifest:
             "tokenizer": self.tokenizer.get("kind"),
             "state tensors": len(self.state),
         }
+
+
+def encode_state(arrays: dict) -> str:
+    """Arrays -> base64 text of an .npz (how a learned initial state travels in the metadata)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_state(text: str) -> dict:
+    import numpy as np
+
+    with np.load(io.BytesIO(base64.b64decode(text)), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import RuntimeUserError
-from .manifest import MANIFEST_KEY, TOKENIZER_KEY, Manifest, StateSpec
+from .manifest import INITIAL_STATE_KEY, MANIFEST_KEY, TOKENIZER_KEY, Manifest, StateSpec, decode_state
 from .sampling import Sampler, SamplingParams
 from .tokenizers import StreamDecoder, make_tokenizer
 
@@ -206,7 +206,7 @@ class Session:
     """
 
     def __init__(self, path, providers=None, threads: int | None = None, session_options=None,
-                 prefill_chunk: int = 256, low_memory: bool = False):
+                 prefill_chunk: int = 256, low_memory: bool = False, initial_state=None):
         path = Path(path)
         if not path.exists():
             raise RuntimeUserError(f"{path}: no such file")
@@ -224,6 +224,12 @@ class Session:
         self.prefill_chunk = int(prefill_chunk)
         self._tokenizer = None
         self._specs: list[StateSpec] = self.manifest.state
+        # a learned starting state: embedded by the exporter, or given here (.npz path or arrays)
+        self._initial: dict = {}
+        if self.manifest.initial_state == "embedded":
+            self._initial = decode_state(_read_props(path).get(INITIAL_STATE_KEY, "")) if path.suffix == ".onnx" else {}
+        if initial_state is not None:
+            self.set_initial_state(initial_state)
 
     # -- model facts --------------------------------------------------------------------------
     @property
@@ -249,7 +255,26 @@ class Session:
             raise RuntimeUserError(f"batch_size must be >= 1, not {batch_size}")
         arrays = {s.name: np.full(s.concrete_shape(int(batch_size)), s.init, dtype=_NP_DTYPES[s.dtype])
                   for s in self._specs}
+        for k, v in self._initial.items():
+            arrays[k][...] = v[:1]  # broadcast the learned state over the batch
         return self.state_from_numpy(arrays)
+
+    def set_initial_state(self, initial) -> None:
+        """Make ``new_state`` start from ``initial`` (an .npz path or {name: array}, batch 1 or any
+        leading axis of 1), e.g. a state-tuned state from ``rwkv-export convert-state``."""
+        if not isinstance(initial, dict):
+            p = Path(initial)
+            if not p.is_file():
+                raise RuntimeUserError(f"{p}: no such initial-state file")
+            with np.load(p, allow_pickle=False) as z:
+                initial = {k: z[k] for k in z.files}
+        specs = {s.name: s for s in self._specs}
+        for k, v in initial.items():
+            if k not in specs:
+                raise RuntimeUserError(f"initial state names {k!r}, which this model has no state tensor for")
+            if tuple(np.shape(v)[1:]) != specs[k].concrete_shape(1)[1:]:
+                raise RuntimeUserError(f"initial state {k} has shape {list(np.shape(v))}, expected {specs[k].shape}")
+        self._initial = {k: np.asarray(v, np.float32) for k, v in initial.items()}
 
     def state_from_numpy(self, arrays: dict) -> State:
         """Build a state from numpy arrays (checked against the manifest: names, shapes, dtypes)."""
@@ -392,6 +417,20 @@ class Session:
         tail = dec.flush()
         if tail:
             yield tail
+
+
+def _read_props(path: Path) -> dict:
+    """The model's metadata properties (onnx if installed: it reads no weights; else onnxruntime)."""
+    try:
+        import onnx
+    except ImportError:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return dict(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).get_modelmeta()
+                    .custom_metadata_map)
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 def _read_manifest_fast(path: Path):
