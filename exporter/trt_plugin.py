@@ -164,15 +164,19 @@ def _run(cmd: Sequence, what: str, log: Optional[Path] = None, cwd: Optional[Pat
 def build_plugin(tensorrt_root, build_dir=None, cuda_architectures: Archs = None) -> Path:
     """Configure and build ``librwkv_trt_plugins.so`` with CMake; returns its path.
 
-    ``tensorrt_root`` is a TensorRT SDK (only ``include/`` is needed: the library is not linked
-    against libnvinfer). ``build_dir`` defaults to ``plugins/build`` (where :func:`find_plugin`
-    looks). ``cuda_architectures`` e.g. ``"80;86;89;90"`` (the default) or ``[90]``.
+    ``tensorrt_root`` is a TensorRT SDK root, or directly its include directory (only the headers
+    are needed: the library is not linked against libnvinfer). ``build_dir`` defaults to
+    ``plugins/build`` (where :func:`find_plugin` looks). ``cuda_architectures`` e.g. ``"80;86;89;90"`` (the default) or ``[90]``.
     Raises :class:`PluginBuildError` with one line on any failure; the full log is kept in
     ``<build_dir>/rwkv-plugin-build.log``.
     """
     src = plugins_dir()
     trt = Path(tensorrt_root).expanduser().resolve()
-    if not (trt / "include" / "NvInfer.h").is_file():
+    if (trt / "include" / "NvInfer.h").is_file():
+        include = trt / "include"
+    elif (trt / "NvInfer.h").is_file():
+        include = trt
+    else:
         raise PluginBuildError(f"{trt / 'include' / 'NvInfer.h'} not found: pass the root of a TensorRT SDK")
     cmake = shutil.which("cmake")
     if cmake is None:
@@ -184,7 +188,7 @@ def build_plugin(tensorrt_root, build_dir=None, cuda_architectures: Archs = None
     build.mkdir(parents=True, exist_ok=True)
     log = build / "rwkv-plugin-build.log"
     log.write_text("")
-    cfg = [cmake, "-S", src, "-B", build, f"-DTensorRT_ROOT={trt}", "-DCMAKE_BUILD_TYPE=Release",
+    cfg = [cmake, "-S", src, "-B", build, f"-DTensorRT_INCLUDE_DIR={include}", "-DCMAKE_BUILD_TYPE=Release",
            f"-DCMAKE_CUDA_COMPILER={nvcc}"]
     if cuda_architectures is not None:
         cfg.append("-DCMAKE_CUDA_ARCHITECTURES=" + ";".join(_parse_archs(cuda_architectures)))

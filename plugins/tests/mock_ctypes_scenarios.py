@@ -1,0 +1,77 @@
+"""Loads librwkv_trt_plugins.so from Python with ctypes -- the way Polygraphy's --plugins does --
+next to mock_nvinfer.cpp's stand-in libnvinfer. Run in a fresh process per scenario:
+
+    python mock_ctypes_scenarios.py <scenario> <mock libnvinfer.so.N> <plugin .so>
+
+Scenarios:
+  trt-first          mock loaded (RTLD_LOCAL, by path, like the tensorrt wheel), then the plugin
+  plugin-first       plugin before any TensorRT, autoload off: warning, then rwkvTrtRegisterPlugins()
+  autoload           plugin before any TensorRT, libnvinfer.so.N findable by soname (LD_LIBRARY_PATH)
+  loadlibrary        registry.loadLibrary(plugin) called from Python (like registry.load_library)
+  version-mismatch   mock reports another major version (MOCK_TRT_VERSION): nothing registered
+Prints one line per check; exit status 1 on failure.
+"""
+import ctypes
+import os
+import sys
+
+failures = 0
+
+
+def check(ok, what):
+    global failures
+    print(("ok  : " if ok else "FAIL: ") + what, flush=True)
+    failures += not ok
+
+
+def load_mock(path):
+    m = ctypes.CDLL(path)
+    m.mockCreatorCount.restype = ctypes.c_int32
+    m.mockCreatorCountFromLibraries.restype = ctypes.c_int32
+    m.mockErrorCount.restype = ctypes.c_int32
+    m.mockLoadLibrary.restype = ctypes.c_void_p
+    m.mockLoadLibrary.argtypes = [ctypes.c_char_p]
+    m.mockHasCreator.argtypes = [ctypes.c_char_p] * 3
+    return m
+
+
+def main(scenario, mock_path, plugin_path):
+    if scenario == "trt-first":
+        m = load_mock(mock_path)
+        p = ctypes.CDLL(plugin_path)
+        check(m.mockCreatorCount() == 2, "plugin found the already-loaded TensorRT by soname and registered 2 creators")
+        check(m.mockHasCreator(b"WKV4", b"1", b"rwkv") == 1 and m.mockHasCreator(b"WKV4Seq", b"1", b"rwkv") == 1,
+              "rwkv::WKV4 and rwkv::WKV4Seq version 1")
+        p.rwkvTrtRegisterPlugins.restype = ctypes.c_int32
+        check(p.rwkvTrtRegisterPlugins() == 2 and m.mockCreatorCount() == 2, "rwkvTrtRegisterPlugins() is idempotent")
+        check(m.mockErrorCount() == 0, "no errors logged")
+    elif scenario == "plugin-first":
+        p = ctypes.CDLL(plugin_path)  # the test checks stderr for the warning
+        p.rwkvTrtRegisterPlugins.restype = ctypes.c_int32
+        check(p.rwkvTrtRegisterPlugins() == -1, "rwkvTrtRegisterPlugins() returns -1 while no TensorRT is loaded")
+        m = load_mock(mock_path)
+        check(m.mockCreatorCount() == 0, "nothing registered before TensorRT was loaded")
+        check(p.rwkvTrtRegisterPlugins() == 2 and m.mockCreatorCount() == 2,
+              "rwkvTrtRegisterPlugins() registers both once TensorRT is loaded")
+    elif scenario == "autoload":
+        ctypes.CDLL(plugin_path)
+        m = load_mock(mock_path)  # same file as the one the plugin dlopened by soname: same library
+        check(m.mockCreatorCount() == 2, "plugin dlopened libnvinfer by soname and registered 2 creators")
+    elif scenario == "loadlibrary":
+        m = load_mock(mock_path)
+        check(bool(m.mockLoadLibrary(plugin_path.encode())), "loadLibrary succeeds")
+        check(m.mockCreatorCountFromLibraries() == 2, "both creators came from getCreators()")
+        ctypes.CDLL(plugin_path)
+        check(m.mockCreatorCount() == 2 and m.mockErrorCount() == 0, "a later ctypes load adds nothing, no errors")
+    elif scenario == "version-mismatch":
+        m = load_mock(mock_path)
+        ctypes.CDLL(plugin_path)  # the test checks stderr for the explanation
+        check(m.mockCreatorCount() == 0, "nothing registered into a TensorRT of another major version")
+    else:
+        print(f"unknown scenario {scenario}", file=sys.stderr)
+        return 2
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:4]))

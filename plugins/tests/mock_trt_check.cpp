@@ -1,0 +1,531 @@
+/*
+ * Drives librwkv_trt_plugins.so the way TensorRT would, against mock_nvinfer.cpp (linked in as
+ * libnvinfer.so.<major>, like trtexec links the real one). Usage:
+ *   mock_trt_check <scenario> <plugin.so> [<copy of plugin.so>]
+ * Scenarios: loadlibrary | dlopen-then-loadlibrary | two-copies | loadlibrary-then-copy | exercise |
+ *            enqueue-without-gpu | enqueue-gpu
+ * Prints one line per check; exits non-zero if any failed.
+ * enqueue-gpu runs IPluginV3OneRuntime::enqueue on a CUDA device and compares with the same math on
+ * the CPU (wkv4Math.cuh): it checks the plugin's plumbing (which buffer is which) end to end.
+ * Link with the CUDA runtime (e.g. libcudart_static.a -lpthread -lrt) and -I plugins/wkv4.
+ */
+#include "NvInferRuntime.h"
+#include "wkv4Math.cuh"
+
+#include <cmath>
+#include <cuda_runtime_api.h>
+#include <vector>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <dlfcn.h>
+#include <string>
+
+using namespace nvinfer1;
+
+extern "C" int32_t mockCreatorCount();
+extern "C" int32_t mockErrorCount();
+extern "C" int32_t mockCreatorCountFromLibraries();
+
+namespace
+{
+
+int gFailures = 0;
+
+void check(bool ok, char const* what)
+{
+    std::printf("%s: %s\n", ok ? "ok  " : "FAIL", what);
+    if (!ok)
+    {
+        ++gFailures;
+    }
+}
+
+void* plainDlopen(char const* path)
+{
+    void* h = dlopen(path, RTLD_LAZY | RTLD_LOCAL);
+    if (h == nullptr)
+    {
+        std::printf("dlopen failed: %s\n", dlerror());
+    }
+    return h;
+}
+
+IPluginCreatorV3One* creator(char const* name)
+{
+    IPluginCreatorInterface* c = getPluginRegistry()->getCreator(name, "1", "rwkv");
+    if (c == nullptr || std::strcmp(c->getInterfaceInfo().kind, "PLUGIN CREATOR_V3ONE") != 0)
+    {
+        return nullptr;
+    }
+    return static_cast<IPluginCreatorV3One*>(c);
+}
+
+class NullExprBuilder : public IExprBuilder
+{
+public:
+    NullExprBuilder()
+    {
+        mImpl = nullptr; // the plugin must not need to build expressions
+    }
+    ~NullExprBuilder() noexcept override = default;
+};
+
+Dims makeDims(std::initializer_list<int64_t> d)
+{
+    Dims out{};
+    out.nbDims = static_cast<int32_t>(d.size());
+    int32_t i = 0;
+    for (int64_t v : d)
+    {
+        out.d[i++] = v;
+    }
+    return out;
+}
+
+// Shapes of the 7 inputs for batch B, tokens T (ignored by WKV4), channels C.
+void inputDims(bool seq, int64_t B, int64_t T, int64_t C, Dims* dims)
+{
+    dims[0] = seq ? makeDims({B, T, C}) : makeDims({B, C});
+    dims[1] = dims[0];
+    dims[2] = makeDims({C});
+    dims[3] = makeDims({C});
+    dims[4] = dims[5] = dims[6] = makeDims({B, C});
+}
+
+void fillDescs(Dims const* in, DataType elem, DynamicPluginTensorDesc* dyn, PluginTensorDesc* desc)
+{
+    for (int i = 0; i < 11; ++i)
+    {
+        Dims const d = i < 7 ? in[i] : (i == 7 ? in[0] : in[4]);
+        DataType const t = (i == 0 || i == 1 || i == 7) ? elem : DataType::kFLOAT;
+        PluginTensorDesc p{};
+        p.dims = d;
+        p.type = t;
+        p.format = TensorFormat::kLINEAR;
+        p.scale = -1.F;
+        if (desc)
+        {
+            desc[i] = p;
+        }
+        if (dyn)
+        {
+            dyn[i].desc = p;
+            dyn[i].min = d;
+            dyn[i].max = d;
+            dyn[i].opt = d;
+        }
+    }
+}
+
+void exercise(char const* name, bool seq)
+{
+    std::string const tag = std::string(name) + ": ";
+    auto msg = [&](char const* s) { return (tag + s); };
+    IPluginCreatorV3One* c = creator(name);
+    check(c != nullptr, msg("creator registered as rwkv::<name> version 1").c_str());
+    if (c == nullptr)
+    {
+        return;
+    }
+    PluginFieldCollection const* names = c->getFieldNames();
+    check(names != nullptr && names->nbFields == 0, msg("creator declares no fields").c_str());
+
+    PluginFieldCollection empty{};
+    IPluginV3* p = c->createPlugin("node", &empty, TensorRTPhase::kBUILD);
+    check(p != nullptr, msg("createPlugin(kBUILD)").c_str());
+    if (p == nullptr)
+    {
+        return;
+    }
+    auto* core = static_cast<IPluginV3OneCore*>(p->getCapabilityInterface(PluginCapabilityType::kCORE));
+    auto* build = static_cast<IPluginV3OneBuild*>(p->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    auto* rt = static_cast<IPluginV3OneRuntime*>(p->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    check(core && build && rt, msg("all three capabilities").c_str());
+    check(std::strcmp(core->getPluginName(), name) == 0 && std::strcmp(core->getPluginVersion(), "1") == 0
+            && std::strcmp(core->getPluginNamespace(), "rwkv") == 0,
+        msg("name/version/namespace").c_str());
+    check(std::strcmp(core->getInterfaceInfo().kind, "PLUGIN_V3ONE_CORE") == 0
+            && std::strcmp(build->getInterfaceInfo().kind, "PLUGIN_V3ONE_BUILD") == 0
+            && std::strcmp(rt->getInterfaceInfo().kind, "PLUGIN_V3ONE_RUNTIME") == 0,
+        msg("capability interface kinds").c_str());
+    check(build->getNbOutputs() == 4, msg("4 outputs").c_str());
+
+    // Output types.
+    DataType f = DataType::kFLOAT, h = DataType::kHALF;
+    DataType inH[7] = {h, h, f, f, f, f, f};
+    DataType inF[7] = {f, f, f, f, f, f, f};
+    DataType out[4]{};
+    check(build->getOutputDataTypes(out, 4, inH, 7) == 0 && out[0] == h && out[1] == f && out[2] == f && out[3] == f,
+        msg("types: f16 k/v -> f16 y, f32 state").c_str());
+    check(build->getOutputDataTypes(out, 4, inF, 7) == 0 && out[0] == f, msg("types: f32 k/v -> f32 y").c_str());
+    DataType inBad[7] = {DataType::kBF16, DataType::kBF16, f, f, f, f, f};
+    check(build->getOutputDataTypes(out, 4, inBad, 7) != 0, msg("types: bf16 rejected").c_str());
+    DataType inMixed[7] = {h, f, f, f, f, f, f};
+    check(build->getOutputDataTypes(out, 4, inMixed, 7) != 0, msg("types: mixed k/v rejected").c_str());
+    DataType inHalfState[7] = {h, h, f, f, h, f, f};
+    check(build->getOutputDataTypes(out, 4, inHalfState, 7) != 0, msg("types: f16 state rejected").c_str());
+
+    // Symbolic shapes: outputs reuse k's expressions.
+    static char tokens[3];
+    auto const* eB = reinterpret_cast<IDimensionExpr const*>(&tokens[0]);
+    auto const* eT = reinterpret_cast<IDimensionExpr const*>(&tokens[1]);
+    auto const* eC = reinterpret_cast<IDimensionExpr const*>(&tokens[2]);
+    DimsExprs ins[7]{};
+    ins[0].nbDims = seq ? 3 : 2;
+    ins[0].d[0] = eB;
+    if (seq)
+    {
+        ins[0].d[1] = eT;
+    }
+    ins[0].d[ins[0].nbDims - 1] = eC;
+    ins[1] = ins[0];
+    ins[2].nbDims = ins[3].nbDims = 1;
+    ins[2].d[0] = ins[3].d[0] = eC;
+    for (int i = 4; i < 7; ++i)
+    {
+        ins[i].nbDims = 2;
+        ins[i].d[0] = eB;
+        ins[i].d[1] = eC;
+    }
+    DimsExprs outs[4]{};
+    NullExprBuilder eb;
+    int32_t rc = build->getOutputShapes(ins, 7, nullptr, 0, outs, 4, eb);
+    bool shapesOk = rc == 0 && outs[0].nbDims == ins[0].nbDims && outs[0].d[0] == eB
+        && outs[0].d[outs[0].nbDims - 1] == eC && (!seq || outs[0].d[1] == eT);
+    for (int i = 1; i < 4; ++i)
+    {
+        shapesOk = shapesOk && outs[i].nbDims == 2 && outs[i].d[0] == eB && outs[i].d[1] == eC;
+    }
+    check(shapesOk, msg("getOutputShapes: y = k's shape, states [B, C]").c_str());
+    DimsExprs wrongRank[7];
+    for (int i = 0; i < 7; ++i)
+    {
+        wrongRank[i] = ins[i];
+    }
+    wrongRank[0].nbDims = seq ? 2 : 3;
+    check(build->getOutputShapes(wrongRank, 7, nullptr, 0, outs, 4, eb) != 0, msg("getOutputShapes: wrong rank of k rejected").c_str());
+
+    // Format/type combinations, queried in order as TensorRT does.
+    Dims dims[7];
+    inputDims(seq, -1, -1, 64, dims); // dynamic batch and T at build time
+    DynamicPluginTensorDesc dyn[11];
+    fillDescs(dims, h, dyn, nullptr);
+    bool sfc = true;
+    for (int pos = 0; pos < 11; ++pos)
+    {
+        sfc = sfc && build->supportsFormatCombination(pos, dyn, 7, 4);
+    }
+    check(sfc, msg("supportsFormatCombination: f16 k/v/y + f32 rest, linear").c_str());
+    fillDescs(dims, f, dyn, nullptr);
+    sfc = true;
+    for (int pos = 0; pos < 11; ++pos)
+    {
+        sfc = sfc && build->supportsFormatCombination(pos, dyn, 7, 4);
+    }
+    check(sfc, msg("supportsFormatCombination: all f32, linear").c_str());
+    dyn[1].desc.type = h; // v differs from k
+    check(!build->supportsFormatCombination(1, dyn, 7, 4), msg("supportsFormatCombination: v type != k rejected").c_str());
+    dyn[1].desc.type = f;
+    dyn[7].desc.type = h; // y differs from k
+    check(!build->supportsFormatCombination(7, dyn, 7, 4), msg("supportsFormatCombination: y type != k rejected").c_str());
+    dyn[7].desc.type = f;
+    dyn[4].desc.type = h;
+    check(!build->supportsFormatCombination(4, dyn, 7, 4), msg("supportsFormatCombination: f16 state rejected").c_str());
+    dyn[4].desc.type = f;
+    dyn[0].desc.type = DataType::kINT8;
+    check(!build->supportsFormatCombination(0, dyn, 7, 4), msg("supportsFormatCombination: int8 k rejected").c_str());
+    dyn[0].desc.type = f;
+    dyn[2].desc.format = TensorFormat::kCHW32;
+    check(!build->supportsFormatCombination(2, dyn, 7, 4), msg("supportsFormatCombination: non-linear rejected").c_str());
+    dyn[2].desc.format = TensorFormat::kLINEAR;
+
+    check(build->configurePlugin(dyn, 7, dyn + 7, 4) == 0, msg("configurePlugin: dynamic B/T accepted").c_str());
+    dyn[5].desc.dims = makeDims({-1, 32});
+    check(build->configurePlugin(dyn, 7, dyn + 7, 4) != 0, msg("configurePlugin: bb with wrong C rejected").c_str());
+    dyn[5].desc.dims = dims[5];
+    dyn[2].desc.dims = makeDims({1, 64});
+    check(build->configurePlugin(dyn, 7, dyn + 7, 4) != 0, msg("configurePlugin: w of rank 2 rejected").c_str());
+
+    // Runtime side.
+    Dims run[7];
+    inputDims(seq, 3, 5, 64, run);
+    PluginTensorDesc desc[11];
+    fillDescs(run, h, nullptr, desc);
+    check(rt->onShapeChange(desc, 7, desc + 7, 4) == 0, msg("onShapeChange: concrete shapes accepted").c_str());
+    desc[4].dims = makeDims({2, 64});
+    check(rt->onShapeChange(desc, 7, desc + 7, 4) != 0, msg("onShapeChange: aa batch != k batch rejected").c_str());
+
+    // enqueue: validation before any CUDA call; an empty batch returns before launching.
+    void const* inPtrs[7] = {};
+    void* outPtrs[4] = {};
+    check(rt->enqueue(desc, desc + 7, inPtrs, outPtrs, nullptr, nullptr) != 0, msg("enqueue: bad shapes rejected").c_str());
+    Dims empty0[7];
+    inputDims(seq, 0, 5, 64, empty0);
+    fillDescs(empty0, h, nullptr, desc);
+    check(rt->enqueue(desc, desc + 7, inPtrs, outPtrs, nullptr, nullptr) == 0, msg("enqueue: B = 0 is a no-op").c_str());
+    desc[7].type = f;
+    check(rt->enqueue(desc, desc + 7, inPtrs, outPtrs, nullptr, nullptr) != 0, msg("enqueue: y type != k rejected").c_str());
+
+    // Serialization round trip.
+    PluginFieldCollection const* fields = rt->getFieldsToSerialize();
+    bool fieldsOk = fields != nullptr && fields->nbFields == 1 && std::strcmp(fields->fields[0].name, "format_version") == 0
+        && fields->fields[0].type == PluginFieldType::kINT32 && fields->fields[0].length == 1
+        && *static_cast<int32_t const*>(fields->fields[0].data) == 1;
+    check(fieldsOk, msg("getFieldsToSerialize: format_version = 1").c_str());
+    IPluginV3* restored = c->createPlugin("node", fields, TensorRTPhase::kRUNTIME);
+    check(restored != nullptr, msg("createPlugin(kRUNTIME) from serialized fields").c_str());
+    delete restored;
+    int32_t future = 2;
+    PluginField ff("format_version", &future, PluginFieldType::kINT32, 1);
+    PluginFieldCollection fc{1, &ff};
+    IPluginV3* bad = c->createPlugin("node", &fc, TensorRTPhase::kRUNTIME);
+    check(bad == nullptr, msg("createPlugin(kRUNTIME): unknown format_version rejected").c_str());
+    delete bad;
+
+    IPluginV3* cl = p->clone();
+    check(cl != nullptr
+            && std::strcmp(static_cast<IPluginV3OneCore*>(cl->getCapabilityInterface(PluginCapabilityType::kCORE))
+                               ->getPluginName(),
+                   name)
+                == 0,
+        msg("clone").c_str());
+    if (cl)
+    {
+        // The clone's serialization fields must point into the clone, not the original.
+        PluginFieldCollection const* cf
+            = static_cast<IPluginV3OneRuntime*>(cl->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
+                  ->getFieldsToSerialize();
+        check(cf != fields && cf->fields[0].data != fields->fields[0].data, msg("clone owns its fields").c_str());
+    }
+    delete cl;
+    IPluginV3* attached = rt->attachToContext(nullptr);
+    check(attached != nullptr, msg("attachToContext").c_str());
+    delete attached;
+    delete p;
+}
+
+// Deterministic pseudo-random numbers in [lo, hi).
+struct Lcg
+{
+    uint64_t s;
+    float next(float lo, float hi)
+    {
+        s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+        return lo + (hi - lo) * static_cast<float>((s >> 40) & 0xFFFFFF) / 16777216.0F;
+    }
+};
+
+template <typename Elem>
+Elem toElem(float x)
+{
+    Elem e;
+    rwkv::wkv4Store(x, &e);
+    return e;
+}
+
+template <typename Elem>
+void enqueueCase(char const* name, bool seq, int32_t B, int32_t T, int32_t C, DataType type)
+{
+    char what[160];
+    std::snprintf(what, sizeof(what), "%s %s B=%d T=%d C=%d: enqueue on the GPU matches the CPU build", name,
+        type == DataType::kHALF ? "f16" : "f32", B, T, C);
+    Lcg rng{static_cast<uint64_t>(B * 131 + T * 17 + C)};
+    size_t const nSeq = static_cast<size_t>(B) * T * C;
+    size_t const nState = static_cast<size_t>(B) * C;
+    std::vector<Elem> k(nSeq), v(nSeq), yRef(nSeq), yGot(nSeq);
+    std::vector<float> w(C), u(C), aa(nState), bb(nState), pp(nState);
+    for (int32_t c = 0; c < C; ++c)
+    {
+        w[c] = -std::exp(rng.next(-6.F, 2.F));
+        u[c] = rng.next(-1.F, 1.5F);
+    }
+    for (size_t i = 0; i < nState; ++i)
+    {
+        // a state from a few tokens of rollout, starting at pp = -1e30
+        float a = 0.F, b = 0.F, p = -1e30F;
+        int32_t const c = static_cast<int32_t>(i % C);
+        for (int32_t t = 0; t < 4; ++t)
+        {
+            rwkv::wkv4Step(rng.next(-4.F, 4.F), rng.next(-1.F, 1.F), w[c], u[c], a, b, p);
+        }
+        aa[i] = a;
+        bb[i] = b;
+        pp[i] = p;
+    }
+    for (size_t i = 0; i < nSeq; ++i)
+    {
+        k[i] = toElem<Elem>(rng.next(-4.F, 4.F));
+        v[i] = toElem<Elem>(rng.next(-1.F, 1.F));
+    }
+    std::vector<float> aaRef(nState), bbRef(nState), ppRef(nState);
+    for (int64_t b = 0; b < B; ++b)
+    {
+        for (int64_t c = 0; c < C; ++c)
+        {
+            rwkv::wkv4Channel<Elem>(b, c, T, C, k.data(), v.data(), w.data(), u.data(), aa.data(), bb.data(),
+                pp.data(), yRef.data(), aaRef.data(), bbRef.data(), ppRef.data());
+        }
+    }
+
+    // Device buffers in the plugin's input/output order.
+    size_t const bytes[11] = {nSeq * sizeof(Elem), nSeq * sizeof(Elem), C * 4UL, C * 4UL, nState * 4, nState * 4,
+        nState * 4, nSeq * sizeof(Elem), nState * 4, nState * 4, nState * 4};
+    void const* host[7] = {k.data(), v.data(), w.data(), u.data(), aa.data(), bb.data(), pp.data()};
+    void* dev[11] = {};
+    bool ok = true;
+    for (int i = 0; i < 11 && ok; ++i)
+    {
+        ok = cudaMalloc(&dev[i], bytes[i] ? bytes[i] : 1) == cudaSuccess;
+        if (ok && i < 7)
+        {
+            ok = cudaMemcpy(dev[i], host[i], bytes[i], cudaMemcpyHostToDevice) == cudaSuccess;
+        }
+    }
+    IPluginCreatorV3One* c = creator(name);
+    PluginFieldCollection empty{};
+    IPluginV3* p = (ok && c) ? c->createPlugin("node", &empty, TensorRTPhase::kBUILD) : nullptr;
+    ok = ok && p != nullptr;
+    if (ok)
+    {
+        auto* rt = static_cast<IPluginV3OneRuntime*>(p->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+        Dims dims[7];
+        inputDims(seq, B, T, C, dims);
+        PluginTensorDesc desc[11];
+        fillDescs(dims, type, nullptr, desc);
+        void const* in[7] = {dev[0], dev[1], dev[2], dev[3], dev[4], dev[5], dev[6]};
+        void* out[4] = {dev[7], dev[8], dev[9], dev[10]};
+        ok = rt->onShapeChange(desc, 7, desc + 7, 4) == 0 && rt->enqueue(desc, desc + 7, in, out, nullptr, nullptr) == 0
+            && cudaDeviceSynchronize() == cudaSuccess;
+    }
+    std::vector<float> aaGot(nState), bbGot(nState), ppGot(nState);
+    ok = ok && cudaMemcpy(yGot.data(), dev[7], bytes[7], cudaMemcpyDeviceToHost) == cudaSuccess
+        && cudaMemcpy(aaGot.data(), dev[8], bytes[8], cudaMemcpyDeviceToHost) == cudaSuccess
+        && cudaMemcpy(bbGot.data(), dev[9], bytes[9], cudaMemcpyDeviceToHost) == cudaSuccess
+        && cudaMemcpy(ppGot.data(), dev[10], bytes[10], cudaMemcpyDeviceToHost) == cudaSuccess;
+    // GPU and CPU run the same code; only expf/FMA rounding differs.
+    double worstY = 0, worstState = 0;
+    auto rel = [](double got, double want) { return std::fabs(got - want) / std::fmax(1.0, std::fabs(want)); };
+    for (size_t i = 0; ok && i < nSeq; ++i)
+    {
+        worstY = std::fmax(worstY, rel(rwkv::wkv4Load(yGot[i]), rwkv::wkv4Load(yRef[i])));
+    }
+    for (size_t i = 0; ok && i < nState; ++i)
+    {
+        worstState = std::fmax(worstState,
+            std::fmax(rel(aaGot[i], aaRef[i]), std::fmax(rel(bbGot[i], bbRef[i]), rel(ppGot[i], ppRef[i]))));
+    }
+    double const tolY = type == DataType::kHALF ? 2e-3 : 1e-5; // float16: <= 2 ulps
+    std::printf("     max rel error: y %.2e, state %.2e\n", worstY, worstState);
+    check(ok && worstY <= tolY && worstState <= 1e-5, what);
+    delete p;
+    for (void* d : dev)
+    {
+        cudaFree(d);
+    }
+}
+
+} // namespace
+
+int main(int argc, char** argv)
+{
+    if (argc < 3)
+    {
+        std::fprintf(stderr, "usage: %s <scenario> <plugin.so> [<copy.so>]\n", argv[0]);
+        return 2;
+    }
+    std::string const scenario = argv[1];
+    char const* lib = argv[2];
+    char const* copy = argc > 3 ? argv[3] : nullptr;
+    IPluginRegistry* reg = getPluginRegistry();
+
+    if (scenario == "loadlibrary")
+    {
+        check(reg->loadLibrary(lib) != nullptr, "loadLibrary succeeds");
+        check(mockCreatorCount() == 2 && mockCreatorCountFromLibraries() == 2,
+            "2 creators, registered by loadLibrary (the load-time registration stood aside)");
+        check(plainDlopen(lib) != nullptr && mockCreatorCount() == 2, "a later dlopen of the same file adds nothing");
+    }
+    else if (scenario == "dlopen-then-loadlibrary")
+    {
+        check(plainDlopen(lib) != nullptr && mockCreatorCount() == 2, "dlopen registers 2 creators statically");
+        check(mockCreatorCountFromLibraries() == 0, "... by registerCreator, not loadLibrary");
+        check(reg->loadLibrary(lib) != nullptr, "a later loadLibrary still succeeds");
+        check(mockCreatorCount() == 2, "still 2 creators");
+    }
+    else if (scenario == "two-copies" && copy)
+    {
+        check(plainDlopen(lib) != nullptr && mockCreatorCount() == 2, "dlopen registers 2 creators");
+        check(plainDlopen(copy) != nullptr && mockCreatorCount() == 2, "dlopen of a second copy skips them");
+    }
+    else if (scenario == "loadlibrary-then-copy" && copy)
+    {
+        check(reg->loadLibrary(lib) != nullptr && mockCreatorCount() == 2, "loadLibrary registers 2 creators");
+        check(plainDlopen(copy) != nullptr && mockCreatorCount() == 2, "dlopen of a second copy skips them");
+    }
+    else if (scenario == "enqueue-without-gpu")
+    {
+        // Only meaningful where no CUDA device exists: the launch itself must fail cleanly.
+        check(plainDlopen(lib) != nullptr && mockCreatorCount() == 2, "dlopen registers 2 creators");
+        IPluginCreatorV3One* c = creator("WKV4");
+        PluginFieldCollection empty{};
+        IPluginV3* p = c ? c->createPlugin("node", &empty, TensorRTPhase::kBUILD) : nullptr;
+        check(p != nullptr, "createPlugin");
+        if (p)
+        {
+            auto* rt = static_cast<IPluginV3OneRuntime*>(p->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+            Dims run[7];
+            inputDims(false, 1, 1, 4, run);
+            PluginTensorDesc desc[11];
+            fillDescs(run, DataType::kFLOAT, nullptr, desc);
+            static float buf[11][4];
+            void const* in[7];
+            void* out[4];
+            for (int i = 0; i < 7; ++i)
+            {
+                in[i] = buf[i];
+            }
+            for (int i = 0; i < 4; ++i)
+            {
+                out[i] = buf[7 + i];
+            }
+            check(rt->enqueue(desc, desc + 7, in, out, nullptr, nullptr) != 0, "enqueue reports the failed launch");
+            check(mockErrorCount() == 1, "... through the TensorRT logger");
+            delete p;
+        }
+        return gFailures == 0 ? 0 : 1;
+    }
+    else if (scenario == "enqueue-gpu")
+    {
+        int32_t devices = 0;
+        if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)
+        {
+            std::printf("skip: no CUDA device\n");
+            return 0;
+        }
+        check(plainDlopen(lib) != nullptr && mockCreatorCount() == 2, "dlopen registers 2 creators");
+        enqueueCase<float>("WKV4", false, 3, 1, 768, DataType::kFLOAT);
+        enqueueCase<__half>("WKV4", false, 3, 1, 768, DataType::kHALF);
+        enqueueCase<float>("WKV4Seq", true, 2, 7, 100, DataType::kFLOAT);
+        enqueueCase<__half>("WKV4Seq", true, 8, 64, 64, DataType::kHALF);
+        return gFailures == 0 ? 0 : 1;
+    }
+    else if (scenario == "exercise")
+    {
+        check(plainDlopen(lib) != nullptr && mockCreatorCount() == 2, "dlopen registers 2 creators");
+        int32_t const errorsBefore = mockErrorCount();
+        exercise("WKV4", false);
+        exercise("WKV4Seq", true);
+        check(mockErrorCount() > errorsBefore, "rejections were reported through the TensorRT logger");
+        std::printf("errors logged while exercising (expected, one per rejection): %d\n", mockErrorCount() - errorsBefore);
+        return gFailures == 0 ? 0 : 1;
+    }
+    else
+    {
+        std::fprintf(stderr, "unknown scenario %s\n", scenario.c_str());
+        return 2;
+    }
+    check(mockErrorCount() == 0, "no errors logged");
+    return gFailures == 0 ? 0 : 1;
+}

@@ -1,0 +1,458 @@
+#include "wkv4Plugin.h"
+
+#include "common/rwkvPluginCommon.h"
+#include "wkv4Kernel.h"
+
+#include <climits>
+#include <cstdio>
+#include <cstring>
+#include <new>
+
+using nvinfer1::DataType;
+using nvinfer1::Dims;
+using nvinfer1::DimsExprs;
+using nvinfer1::DynamicPluginTensorDesc;
+using nvinfer1::IPluginCapability;
+using nvinfer1::IPluginV3;
+using nvinfer1::PluginCapabilityType;
+using nvinfer1::PluginField;
+using nvinfer1::PluginFieldCollection;
+using nvinfer1::PluginFieldType;
+using nvinfer1::PluginTensorDesc;
+using nvinfer1::TensorFormat;
+using nvinfer1::TensorRTPhase;
+using Severity = nvinfer1::ILogger::Severity;
+
+namespace rwkv
+{
+namespace trt
+{
+namespace
+{
+
+enum Input : int32_t
+{
+    kK = 0,
+    kV,
+    kW,
+    kU,
+    kAA,
+    kBB,
+    kPP
+};
+
+char const* const kINPUT_NAMES[kWKV4_NB_INPUTS] = {"k", "v", "w", "u", "aa", "bb", "pp"};
+char const* const kFORMAT_VERSION_FIELD = "format_version";
+
+char const* opName(bool seq) noexcept
+{
+    return seq ? kWKV4_SEQ_NAME : kWKV4_NAME;
+}
+
+int32_t kvRank(bool seq) noexcept
+{
+    return seq ? 3 : 2;
+}
+
+bool isElementType(DataType t) noexcept
+{
+    return t == DataType::kFLOAT || t == DataType::kHALF;
+}
+
+void formatDims(Dims const& d, char* buf, size_t size) noexcept
+{
+    size_t used = static_cast<size_t>(std::snprintf(buf, size, "["));
+    for (int32_t i = 0; i < d.nbDims && used < size; ++i)
+    {
+        used += static_cast<size_t>(std::snprintf(
+            buf + used, size - used, i ? ", %lld" : "%lld", static_cast<long long>(d.d[i])));
+    }
+    if (used < size)
+    {
+        std::snprintf(buf + used, size - used, "]");
+    }
+}
+
+// -1 is a dimension unknown at build time; it agrees with anything.
+bool agree(int64_t a, int64_t b) noexcept
+{
+    return a < 0 || b < 0 || a == b;
+}
+
+//! Checks the seven input shapes against the op contract; logs the first problem. With
+//! concrete=true (runtime) also requires known sizes that fit the launcher's int32 arguments.
+bool checkInputShapes(bool seq, Dims const* const dims[kWKV4_NB_INPUTS], bool concrete) noexcept
+{
+    char got[160];
+    Dims const& k = *dims[kK];
+    int32_t const rank = kvRank(seq);
+    if (k.nbDims != rank)
+    {
+        formatDims(k, got, sizeof(got));
+        log(Severity::kERROR, "%s: input 'k' must have rank %d (%s), got %s", opName(seq), rank,
+            seq ? "[B, T, C]" : "[B, C]", got);
+        return false;
+    }
+    int64_t const B = k.d[0];
+    int64_t const C = k.d[rank - 1];
+    bool ok = true;
+    int32_t bad = -1;
+    char const* expect = "";
+    for (int32_t i = 0; i < kWKV4_NB_INPUTS && ok; ++i)
+    {
+        Dims const& d = *dims[i];
+        if (i == kV)
+        {
+            ok = d.nbDims == rank;
+            for (int32_t j = 0; ok && j < rank; ++j)
+            {
+                ok = agree(d.d[j], k.d[j]);
+            }
+            expect = "the shape of 'k'";
+        }
+        else if (i == kW || i == kU)
+        {
+            ok = d.nbDims == 1 && agree(d.d[0], C);
+            expect = "[C]";
+        }
+        else if (i >= kAA)
+        {
+            ok = d.nbDims == 2 && agree(d.d[0], B) && agree(d.d[1], C);
+            expect = "[B, C]";
+        }
+        if (!ok)
+        {
+            bad = i;
+        }
+    }
+    if (!ok)
+    {
+        formatDims(*dims[bad], got, sizeof(got));
+        char kDims[160];
+        formatDims(k, kDims, sizeof(kDims));
+        log(Severity::kERROR, "%s: input '%s' has shape %s, expected %s with k %s", opName(seq), kINPUT_NAMES[bad],
+            got, expect, kDims);
+        return false;
+    }
+    if (concrete)
+    {
+        for (int32_t j = 0; j < rank; ++j)
+        {
+            if (k.d[j] < 0 || k.d[j] > INT32_MAX)
+            {
+                formatDims(k, got, sizeof(got));
+                log(Severity::kERROR, "%s: unsupported size of 'k' %s (each dimension must be in [0, 2^31))",
+                    opName(seq), got);
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+bool checkCounts(bool seq, int32_t nbInputs, int32_t nbOutputs, char const* where) noexcept
+{
+    if (nbInputs != kWKV4_NB_INPUTS || nbOutputs != kWKV4_NB_OUTPUTS)
+    {
+        log(Severity::kERROR, "%s::%s: expected %d inputs and %d outputs, got %d and %d", opName(seq), where,
+            kWKV4_NB_INPUTS, kWKV4_NB_OUTPUTS, nbInputs, nbOutputs);
+        return false;
+    }
+    return true;
+}
+
+} // namespace
+
+// ---- Wkv4Plugin ---------------------------------------------------------------------------------
+
+Wkv4Plugin::Wkv4Plugin(bool seq) noexcept
+    : mSeq(seq)
+{
+}
+
+// The serialization fields point into the object itself, so they are rebuilt, never copied.
+Wkv4Plugin::Wkv4Plugin(Wkv4Plugin const& other) noexcept
+    : mSeq(other.mSeq)
+    , mFormatVersion(other.mFormatVersion)
+{
+}
+
+char const* Wkv4Plugin::name() const noexcept
+{
+    return opName(mSeq);
+}
+
+IPluginCapability* Wkv4Plugin::getCapabilityInterface(PluginCapabilityType type) noexcept
+{
+    switch (type)
+    {
+    case PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
+    case PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
+    case PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
+    }
+    return nullptr;
+}
+
+IPluginV3* Wkv4Plugin::clone() noexcept
+{
+    auto* copy = new (std::nothrow) Wkv4Plugin(*this);
+    if (copy == nullptr)
+    {
+        log(Severity::kERROR, "%s: out of host memory in clone()", name());
+    }
+    return copy;
+}
+
+char const* Wkv4Plugin::getPluginName() const noexcept
+{
+    return name();
+}
+
+char const* Wkv4Plugin::getPluginVersion() const noexcept
+{
+    return kWKV4_VERSION;
+}
+
+char const* Wkv4Plugin::getPluginNamespace() const noexcept
+{
+    return kPLUGIN_NAMESPACE;
+}
+
+int32_t Wkv4Plugin::getNbOutputs() const noexcept
+{
+    return kWKV4_NB_OUTPUTS;
+}
+
+int32_t Wkv4Plugin::getOutputDataTypes(
+    DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
+{
+    if (!checkCounts(mSeq, nbInputs, nbOutputs, "getOutputDataTypes") || outputTypes == nullptr
+        || inputTypes == nullptr)
+    {
+        return -1;
+    }
+    if (!isElementType(inputTypes[kK]) || inputTypes[kV] != inputTypes[kK])
+    {
+        log(Severity::kERROR,
+            "%s: k and v must both be float32 or both float16 (got types %d and %d); cast them in the ONNX model",
+            name(), static_cast<int32_t>(inputTypes[kK]), static_cast<int32_t>(inputTypes[kV]));
+        return -1;
+    }
+    for (int32_t i = kW; i < kWKV4_NB_INPUTS; ++i)
+    {
+        if (inputTypes[i] != DataType::kFLOAT)
+        {
+            log(Severity::kERROR, "%s: input '%s' must be float32 (got type %d)", name(), kINPUT_NAMES[i],
+                static_cast<int32_t>(inputTypes[i]));
+            return -1;
+        }
+    }
+    outputTypes[0] = inputTypes[kK]; // y follows k
+    outputTypes[1] = DataType::kFLOAT;
+    outputTypes[2] = DataType::kFLOAT;
+    outputTypes[3] = DataType::kFLOAT;
+    return 0;
+}
+
+int32_t Wkv4Plugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* /*shapeInputs*/,
+    int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs, nvinfer1::IExprBuilder& /*exprBuilder*/) noexcept
+{
+    if (!checkCounts(mSeq, nbInputs, nbOutputs, "getOutputShapes") || inputs == nullptr || outputs == nullptr)
+    {
+        return -1;
+    }
+    int32_t const rank = kvRank(mSeq);
+    if (inputs[kK].nbDims != rank)
+    {
+        log(Severity::kERROR, "%s: input 'k' must have rank %d, got %d", name(), rank, inputs[kK].nbDims);
+        return -1;
+    }
+    // Symbolic: y has k's (possibly dynamic) shape; the state is [B, C] taken from k, so a dynamic
+    // batch or T flows through without any expression arithmetic.
+    outputs[0] = inputs[kK];
+    DimsExprs state{};
+    state.nbDims = 2;
+    state.d[0] = inputs[kK].d[0];
+    state.d[1] = inputs[kK].d[rank - 1];
+    outputs[1] = state;
+    outputs[2] = state;
+    outputs[3] = state;
+    return 0;
+}
+
+bool Wkv4Plugin::supportsFormatCombination(
+    int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
+{
+    if (inOut == nullptr || nbInputs != kWKV4_NB_INPUTS || nbOutputs != kWKV4_NB_OUTPUTS || pos < 0
+        || pos >= nbInputs + nbOutputs)
+    {
+        return false;
+    }
+    PluginTensorDesc const& desc = inOut[pos].desc;
+    if (desc.format != TensorFormat::kLINEAR)
+    {
+        return false;
+    }
+    if (pos == kK)
+    {
+        return isElementType(desc.type);
+    }
+    if (pos == kV || pos == nbInputs) // v and y: the type chosen for k
+    {
+        return desc.type == inOut[kK].desc.type;
+    }
+    return desc.type == DataType::kFLOAT; // w, u, states in and out
+}
+
+int32_t Wkv4Plugin::configurePlugin(
+    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
+{
+    if (!checkCounts(mSeq, nbInputs, nbOutputs, "configurePlugin") || in == nullptr || out == nullptr)
+    {
+        return -1;
+    }
+    Dims const* dims[kWKV4_NB_INPUTS];
+    for (int32_t i = 0; i < kWKV4_NB_INPUTS; ++i)
+    {
+        dims[i] = &in[i].desc.dims;
+    }
+    return checkInputShapes(mSeq, dims, /*concrete=*/false) ? 0 : -1;
+}
+
+int32_t Wkv4Plugin::onShapeChange(
+    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* out, int32_t nbOutputs) noexcept
+{
+    if (!checkCounts(mSeq, nbInputs, nbOutputs, "onShapeChange") || in == nullptr || out == nullptr)
+    {
+        return -1;
+    }
+    Dims const* dims[kWKV4_NB_INPUTS];
+    for (int32_t i = 0; i < kWKV4_NB_INPUTS; ++i)
+    {
+        dims[i] = &in[i].dims;
+    }
+    return checkInputShapes(mSeq, dims, /*concrete=*/true) ? 0 : -1;
+}
+
+int32_t Wkv4Plugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
+    void const* const* inputs, void* const* outputs, void* /*workspace*/, cudaStream_t stream) noexcept
+{
+    if (inputDesc == nullptr || outputDesc == nullptr || inputs == nullptr || outputs == nullptr)
+    {
+        log(Severity::kERROR, "%s::enqueue: null descriptor or buffer array", name());
+        return -1;
+    }
+    // Re-checked here (a few comparisons) because a wrong size would mean out-of-bounds accesses.
+    Dims const* dims[kWKV4_NB_INPUTS];
+    for (int32_t i = 0; i < kWKV4_NB_INPUTS; ++i)
+    {
+        dims[i] = &inputDesc[i].dims;
+    }
+    if (!checkInputShapes(mSeq, dims, /*concrete=*/true))
+    {
+        return -1;
+    }
+    DataType const type = inputDesc[kK].type;
+    if (!isElementType(type) || inputDesc[kV].type != type || outputDesc[0].type != type)
+    {
+        log(Severity::kERROR, "%s::enqueue: k, v and y must share one type, float32 or float16", name());
+        return -1;
+    }
+    Dims const& k = inputDesc[kK].dims;
+    int32_t const rank = kvRank(mSeq);
+    auto const B = static_cast<int32_t>(k.d[0]);
+    auto const T = mSeq ? static_cast<int32_t>(k.d[1]) : 1;
+    auto const C = static_cast<int32_t>(k.d[rank - 1]);
+    int32_t const dtype = type == DataType::kHALF ? RWKV_WKV4_FLOAT16 : RWKV_WKV4_FLOAT32;
+
+    cudaError_t const status = rwkvWkv4Forward(stream, B, T, C, dtype, inputs[kK], inputs[kV],
+        static_cast<float const*>(inputs[kW]), static_cast<float const*>(inputs[kU]),
+        static_cast<float const*>(inputs[kAA]), static_cast<float const*>(inputs[kBB]),
+        static_cast<float const*>(inputs[kPP]), outputs[0], static_cast<float*>(outputs[1]),
+        static_cast<float*>(outputs[2]), static_cast<float*>(outputs[3]));
+    if (status != cudaSuccess)
+    {
+        log(Severity::kERROR, "%s::enqueue: kernel launch failed (B=%d, T=%d, C=%d): %s", name(), B, T, C,
+            cudaGetErrorString(status));
+        return static_cast<int32_t>(status);
+    }
+    return 0;
+}
+
+IPluginV3* Wkv4Plugin::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept
+{
+    return clone(); // no per-context resources
+}
+
+PluginFieldCollection const* Wkv4Plugin::getFieldsToSerialize() noexcept
+{
+    mSerialField = PluginField(kFORMAT_VERSION_FIELD, &mFormatVersion, PluginFieldType::kINT32, 1);
+    mSerialFields.nbFields = 1;
+    mSerialFields.fields = &mSerialField;
+    return &mSerialFields;
+}
+
+// ---- Wkv4PluginCreator --------------------------------------------------------------------------
+
+Wkv4PluginCreator::Wkv4PluginCreator(bool seq) noexcept
+    : mSeq(seq)
+{
+}
+
+char const* Wkv4PluginCreator::getPluginName() const noexcept
+{
+    return opName(mSeq);
+}
+
+char const* Wkv4PluginCreator::getPluginVersion() const noexcept
+{
+    return kWKV4_VERSION;
+}
+
+char const* Wkv4PluginCreator::getPluginNamespace() const noexcept
+{
+    return kPLUGIN_NAMESPACE;
+}
+
+PluginFieldCollection const* Wkv4PluginCreator::getFieldNames() noexcept
+{
+    return &mFieldNames;
+}
+
+IPluginV3* Wkv4PluginCreator::createPlugin(
+    char const* /*name*/, PluginFieldCollection const* fc, TensorRTPhase phase) noexcept
+{
+    // Build phase: the ONNX parser passes only fields named by getFieldNames(), i.e. none.
+    // Runtime phase: fc is what getFieldsToSerialize() wrote into the engine.
+    if (phase == TensorRTPhase::kRUNTIME && fc != nullptr)
+    {
+        for (int32_t i = 0; i < fc->nbFields; ++i)
+        {
+            PluginField const& f = fc->fields[i];
+            if (f.name == nullptr || std::strcmp(f.name, kFORMAT_VERSION_FIELD) != 0)
+            {
+                continue;
+            }
+            int32_t const version = (f.type == PluginFieldType::kINT32 && f.length == 1 && f.data != nullptr)
+                ? *static_cast<int32_t const*>(f.data)
+                : -1;
+            if (version != Wkv4Plugin::kFORMAT_VERSION)
+            {
+                log(Severity::kERROR,
+                    "%s: the engine was built by an incompatible version of this plugin (format %d, expected %d); "
+                    "rebuild the engine",
+                    opName(mSeq), version, Wkv4Plugin::kFORMAT_VERSION);
+                return nullptr;
+            }
+        }
+    }
+    auto* plugin = new (std::nothrow) Wkv4Plugin(mSeq);
+    if (plugin == nullptr)
+    {
+        log(Severity::kERROR, "%s: out of host memory in createPlugin()", opName(mSeq));
+    }
+    return plugin;
+}
+
+} // namespace trt
+} // namespace rwkv

@@ -1,0 +1,100 @@
+/*
+ * TensorRT IPluginV3 for the RWKV-4 WKV operator: ONNX ops rwkv::WKV4 (one token, k/v [B, C]) and
+ * rwkv::WKV4Seq (k/v [B, T, C]). One plugin class and one creator class; the creator instance
+ * decides which of the two ops it makes. Thin glue: validate, pick the type, call the launcher in
+ * wkv4Kernel.h.
+ */
+#ifndef RWKV_WKV4_PLUGIN_H
+#define RWKV_WKV4_PLUGIN_H
+
+#include "NvInferRuntime.h"
+
+#include <cstdint>
+
+namespace rwkv
+{
+namespace trt
+{
+
+constexpr char const* kWKV4_NAME{"WKV4"};
+constexpr char const* kWKV4_SEQ_NAME{"WKV4Seq"};
+constexpr char const* kWKV4_VERSION{"1"};
+
+//! Inputs: k, v, w, u, aa, bb, pp. Outputs: y, aa_out, bb_out, pp_out.
+constexpr int32_t kWKV4_NB_INPUTS{7};
+constexpr int32_t kWKV4_NB_OUTPUTS{4};
+
+class Wkv4Plugin final : public nvinfer1::IPluginV3,
+                         public nvinfer1::IPluginV3OneCore,
+                         public nvinfer1::IPluginV3OneBuild,
+                         public nvinfer1::IPluginV3OneRuntime
+{
+public:
+    explicit Wkv4Plugin(bool seq) noexcept;
+    Wkv4Plugin(Wkv4Plugin const& other) noexcept;
+    Wkv4Plugin& operator=(Wkv4Plugin const&) = delete;
+    ~Wkv4Plugin() override = default;
+
+    // IPluginV3
+    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
+    nvinfer1::IPluginV3* clone() noexcept override;
+
+    // IPluginV3OneCore
+    char const* getPluginName() const noexcept override;
+    char const* getPluginVersion() const noexcept override;
+    char const* getPluginNamespace() const noexcept override;
+
+    // IPluginV3OneBuild
+    int32_t getNbOutputs() const noexcept override;
+    int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
+        nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
+    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
+        int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
+        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
+    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
+        int32_t nbOutputs) noexcept override;
+    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
+
+    // IPluginV3OneRuntime
+    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
+        int32_t nbOutputs) noexcept override;
+    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
+        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
+    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
+    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
+
+    //! Version of what getFieldsToSerialize writes; createPlugin(kRUNTIME) rejects engines with another.
+    static constexpr int32_t kFORMAT_VERSION{1};
+
+private:
+    char const* name() const noexcept;
+
+    bool mSeq;
+    int32_t mFormatVersion{kFORMAT_VERSION};
+    nvinfer1::PluginField mSerialField;
+    nvinfer1::PluginFieldCollection mSerialFields{};
+};
+
+class Wkv4PluginCreator final : public nvinfer1::IPluginCreatorV3One
+{
+public:
+    explicit Wkv4PluginCreator(bool seq) noexcept;
+    ~Wkv4PluginCreator() override = default;
+
+    char const* getPluginName() const noexcept override;
+    char const* getPluginVersion() const noexcept override;
+    char const* getPluginNamespace() const noexcept override;
+    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
+    nvinfer1::IPluginV3* createPlugin(
+        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
+
+private:
+    bool mSeq;
+    nvinfer1::PluginFieldCollection mFieldNames{}; // none: plugin_version/plugin_namespace are the parser's
+};
+
+} // namespace trt
+} // namespace rwkv
+
+#endif // RWKV_WKV4_PLUGIN_H
