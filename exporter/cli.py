@@ -30,6 +30,11 @@ def user_errors(fn):
     return wrapper
 
 
+def run_user_errors(fn):
+    """Call ``fn()`` with the same one-line treatment of user errors as the decorated commands."""
+    return user_errors(fn)()
+
+
 class _Bar:
     """A stage-by-stage progress bar for long work (stderr, so stdout stays clean)."""
 
@@ -175,8 +180,14 @@ def generate(model, prompt, max_tokens, temperature, top_p, top_k, presence_pena
                f"{st['new_tokens']} new tokens at {dec:.1f} tokens/s]", err=True)
 
 
-def run():  # pragma: no cover
-    main()
+def _register_optional_commands():
+    """Commands that live in their own modules (they import heavier things lazily)."""
+    from .validate import validate_command
+
+    main.add_command(validate_command)
+
+
+_register_optional_commands()
 
 
 # ---------------------------------------------------------------------------------------------
