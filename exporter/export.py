@@ -91,7 +91,10 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
     W = mod.export_weights(ck.weights, cfg)
     rescale = opt.rescale_every
     if rescale is None:
-        rescale = 6 if (ck.version == "rwkv4" and opt.precision != "fp32") else 0
+        if ck.format == "huggingface" and "rescale_every" in cfg:
+            rescale = cfg["rescale_every"]  # what transformers computes, in every precision
+        else:
+            rescale = 6 if (ck.version == "rwkv4" and opt.precision != "fp32") else 0
     graph_kwargs = {"dtype": PRECISIONS[opt.precision]}
     if rescale:
         graph_kwargs["rescale_every"] = int(rescale)

@@ -89,13 +89,16 @@ def test_random_odd_shapes_match_blinkdl_package(tmp_path):
     assert np.abs(pl[0] - truth[-1]).max() <= 1e-4
 
 
-def test_huggingface_checkpoint_matches_transformers(tmp_path):
+@pytest.mark.parametrize("layers, att, eps", [(3, 48, 1e-5), (13, 48, 1e-4)])
+def test_huggingface_checkpoint_matches_transformers(tmp_path, layers, att, eps):
+    """Including transformers' inference-time residual rescaling (every 6 blocks) and a non-default
+    layer-norm eps. (transformers' own RWKV cannot run attention_hidden_size != hidden_size.)"""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     import torch
 
     torch.manual_seed(0)
-    cfg = transformers.RwkvConfig(vocab_size=123, hidden_size=48, num_hidden_layers=3, attention_hidden_size=48,
-                                  intermediate_size=160, context_length=64)
+    cfg = transformers.RwkvConfig(vocab_size=123, hidden_size=48, num_hidden_layers=layers, attention_hidden_size=att,
+                                  intermediate_size=160, context_length=64, layer_norm_epsilon=eps)
     model = transformers.RwkvForCausalLM(cfg).eval()
     with torch.no_grad():  # HF's init leaves some weights at exactly zero/one: make them all matter
         for name, p in model.named_parameters():

@@ -44,7 +44,14 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
     fk = w.get("blocks.0.ffn.key.weight")
     if fk is None:
         raise CheckpointError("missing key blocks.0.ffn.key.weight")
-    cfg = {"n_layer": L, "n_embd": int(C), "vocab_size": int(V), "ffn_dim": int(fk.shape[0])}
+    ak = w.get("blocks.0.att.key.weight")
+    # Hugging Face configs may set attention_hidden_size != hidden_size; BlinkDL checkpoints never do
+    A = int(ak.shape[0]) if ak is not None and ak.dim() == 2 else int(C)
+    hf = hf_config or {}
+    cfg = {"n_layer": L, "n_embd": int(C), "vocab_size": int(V), "ffn_dim": int(fk.shape[0]), "dim_att": A,
+           "ln_eps": float(hf.get("layer_norm_epsilon", LN_EPS)),
+           # transformers halves the residual every `rescale_every` blocks at inference (all precisions)
+           "rescale_every": int(hf.get("rescale_every", 6) or 0) if hf else 0}
     expected = expected_shapes(cfg)
     missing = [k for k in expected if k not in w]
     if missing:
@@ -61,15 +68,16 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
 
 def expected_shapes(cfg: dict) -> dict:
     C, F_, V = cfg["n_embd"], cfg["ffn_dim"], cfg["vocab_size"]
+    A = cfg.get("dim_att", C)
     s = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
          "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)}
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
         s.update({b + "ln1.weight": (C,), b + "ln1.bias": (C,), b + "ln2.weight": (C,), b + "ln2.bias": (C,),
-                  b + "att.time_decay": (C,), b + "att.time_first": (C,),
+                  b + "att.time_decay": (A,), b + "att.time_first": (A,),
                   b + "att.time_mix_k": (1, 1, C), b + "att.time_mix_v": (1, 1, C), b + "att.time_mix_r": (1, 1, C),
-                  b + "att.key.weight": (C, C), b + "att.value.weight": (C, C),
-                  b + "att.receptance.weight": (C, C), b + "att.output.weight": (C, C),
+                  b + "att.key.weight": (A, C), b + "att.value.weight": (A, C),
+                  b + "att.receptance.weight": (A, C), b + "att.output.weight": (C, A),
                   b + "ffn.time_mix_k": (1, 1, C), b + "ffn.time_mix_r": (1, 1, C),
                   b + "ffn.key.weight": (F_, C), b + "ffn.receptance.weight": (C, C), b + "ffn.value.weight": (C, F_)})
     return s
@@ -80,7 +88,8 @@ def state_layout(cfg: dict) -> list:
     specs = []
     for i in range(cfg["n_layer"]):
         for f in STATE_FIELDS:
-            specs.append(StateSpec(name=f"state.{i}.{f}", output=f"new_state.{i}.{f}", shape=[BATCH, cfg["n_embd"]],
+            width = cfg.get("dim_att", cfg["n_embd"]) if f.startswith("wkv") else cfg["n_embd"]
+            specs.append(StateSpec(name=f"state.{i}.{f}", output=f"new_state.{i}.{f}", shape=[BATCH, width],
                                    dtype="float32", init=PP_INIT if f == "wkv_pp" else 0.0, layer=i))
     return specs
 
@@ -139,17 +148,17 @@ def _wkv4_chunk(w, u, k, v, aa, bb, pp):
 # Reference model (PyTorch), parameter names = BlinkDL checkpoint keys
 # ---------------------------------------------------------------------------------------------
 class TimeMix(nn.Module):
-    def __init__(self, C):
+    def __init__(self, C, A):
         super().__init__()
-        self.time_decay = nn.Parameter(torch.zeros(C))
-        self.time_first = nn.Parameter(torch.zeros(C))
+        self.time_decay = nn.Parameter(torch.zeros(A))
+        self.time_first = nn.Parameter(torch.zeros(A))
         self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
         self.time_mix_v = nn.Parameter(torch.zeros(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, A, bias=False)
+        self.value = nn.Linear(C, A, bias=False)
+        self.receptance = nn.Linear(C, A, bias=False)
+        self.output = nn.Linear(A, C, bias=False)
 
     def forward(self, xx, sx, aa, bb, pp, parallel: bool):
         """xx: this token's normalised input, sx: the previous one's (token shift)."""
@@ -179,13 +188,13 @@ class ChannelMix(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, i, C, F_):
+    def __init__(self, i, C, F_, A, eps):
         super().__init__()
         if i == 0:
-            self.ln0 = nn.LayerNorm(C, eps=LN_EPS)
-        self.ln1 = nn.LayerNorm(C, eps=LN_EPS)
-        self.ln2 = nn.LayerNorm(C, eps=LN_EPS)
-        self.att = TimeMix(C)
+            self.ln0 = nn.LayerNorm(C, eps=eps)
+        self.ln1 = nn.LayerNorm(C, eps=eps)
+        self.ln2 = nn.LayerNorm(C, eps=eps)
+        self.att = TimeMix(C, A)
         self.ffn = ChannelMix(C, F_)
 
 
@@ -204,8 +213,10 @@ class Model(nn.Module):
         self.cfg = dict(cfg)
         C, V = cfg["n_embd"], cfg["vocab_size"]
         self.emb = nn.Embedding(V, C)
-        self.blocks = nn.ModuleList(Block(i, C, cfg["ffn_dim"]) for i in range(cfg["n_layer"]))
-        self.ln_out = nn.LayerNorm(C, eps=LN_EPS)
+        eps = cfg.get("ln_eps", LN_EPS)
+        self.blocks = nn.ModuleList(Block(i, C, cfg["ffn_dim"], cfg.get("dim_att", C), eps)
+                                    for i in range(cfg["n_layer"]))
+        self.ln_out = nn.LayerNorm(C, eps=eps)
         self.head = nn.Linear(C, V, bias=False)
 
     @classmethod
@@ -213,6 +224,11 @@ class Model(nn.Module):
         cfg = cfg or config_from_weights(w)
         m = cls(cfg)
         sd = {k: v.reshape(m.state_dict()[k].shape) for k, v in w.items()}
+        R = cfg.get("rescale_every", 0)
+        if R:
+            for i in range(cfg["n_layer"]):
+                for n in (f"blocks.{i}.att.output.weight", f"blocks.{i}.ffn.value.weight"):
+                    sd[n] = sd[n] / (2 ** (i // R))
         m.load_state_dict(sd, strict=True)
         return m.eval()
 
@@ -235,6 +251,9 @@ class Model(nn.Module):
             sx = _shift(xx, s("ffn_shift")) if parallel else s("ffn_shift")
             x = x + blk.ffn(xx, sx)
             new[f"state.{i}.ffn_shift"] = xx[:, -1] if parallel else xx
+            R = self.cfg.get("rescale_every", 0)
+            if R and (i + 1) % R == 0:  # as transformers does (its weights are divided in from_weights)
+                x = x / 2
         return self.head(self.ln_out(x)), new
 
     def step(self, tokens, state: dict):
@@ -256,17 +275,17 @@ def _np(t) -> np.ndarray:
 def export_weights(w: dict, cfg: dict) -> dict:
     """Weights in the form the graph uses: ln0 folded into the embedding, w = -exp(time_decay)
     computed once in float32, mixing vectors flattened, matrices transposed to [in, out]."""
-    C = cfg["n_embd"]
+    C, A = cfg["n_embd"], cfg.get("dim_att", cfg["n_embd"])
     emb = F.layer_norm(w["emb.weight"].float(), (C,), w["blocks.0.ln0.weight"].float(),
-                       w["blocks.0.ln0.bias"].float(), eps=LN_EPS)
+                       w["blocks.0.ln0.bias"].float(), eps=cfg.get("ln_eps", LN_EPS))
     out = {"emb": _np(emb), "ln_out.weight": _np(w["ln_out.weight"]), "ln_out.bias": _np(w["ln_out.bias"]),
            "head": _np(w["head.weight"]).T}
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
         for n in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"):
             out[b + n] = _np(w[b + n])
-        out[b + "att.w"] = _np(-torch.exp(w[b + "att.time_decay"].float().reshape(C)))
-        out[b + "att.u"] = _np(w[b + "att.time_first"].reshape(C))
+        out[b + "att.w"] = _np(-torch.exp(w[b + "att.time_decay"].float().reshape(A)))
+        out[b + "att.u"] = _np(w[b + "att.time_first"].reshape(A))
         for n in ("att.time_mix_k", "att.time_mix_v", "att.time_mix_r", "ffn.time_mix_k", "ffn.time_mix_r"):
             out[b + n] = _np(w[b + n].reshape(C))
         for n in ("att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.receptance", "ffn.value"):
@@ -371,7 +390,8 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool,
         return g.op("MatMul", [x, g.weight(name, array.astype(dtype))])
 
     def ln(x, pre):
-        return g.op("LayerNormalization", [x, vec(pre + ".weight"), vec(pre + ".bias")], axis=-1, epsilon=LN_EPS)
+        return g.op("LayerNormalization", [x, vec(pre + ".weight"), vec(pre + ".bias")], axis=-1,
+                    epsilon=cfg.get("ln_eps", LN_EPS))
 
     def shift(xx, prev):
         if not seq:
