@@ -1,6 +1,10 @@
 """The TensorRT plugin part (plugins/, rwkv_export.trt_plugin), tested without TensorRT:
 
 - the WKV math the CUDA kernel runs, compiled for the CPU, against numpy;
+- RWKV-5/6/7 (plugins/wkvhead): the CPU build against numpy, against the exporter's own ONNX
+  function bodies run by onnxruntime (random inputs, and the nodes' real inputs in the exported
+  reference models), and the CUDA kernels themselves run on the CPU by an emulator (also under
+  AddressSanitizer);
 - nvcc compiles the kernels (skipped without nvcc);
 - with TensorRT headers ($TENSORRT_INCLUDE_DIR), the plugin library builds, exports the right
   symbols and registers/behaves correctly against a stand-in libnvinfer (plugins/tests/mock_*);
@@ -25,9 +29,12 @@ PLUGIN_TESTS = REPO / "plugins" / "tests"
 sys.path.insert(0, str(PLUGIN_TESTS))
 import mock_build  # noqa: E402
 import wkv4_reference as ref  # noqa: E402
+import wkvhead_reference as href  # noqa: E402
 
 CASES = [(1, 1, 64), (3, 7, 768), (8, 64, 64), (2, 33, 100)]  # (B, T, C); C=100: not a multiple of a warp
-EXPORTED = {"getCreators", "setLoggerFinder", "rwkvTrtRegisterPlugins", "rwkvTrtPluginInfo", "rwkvWkv4Forward"}
+EXPORTED = {"getCreators", "setLoggerFinder", "rwkvTrtRegisterPlugins", "rwkvTrtPluginInfo", "rwkvWkv4Forward",
+            "rwkvWkv5Forward", "rwkvWkv6Forward", "rwkvWkv7Forward"}
+REF_MODELS = REPO.parent / "shared" / "reference" / "models"
 
 
 # -- the Python module ----------------------------------------------------------------------------
@@ -160,6 +167,287 @@ def test_host_rejects_bad_arguments(host_lib):
     assert host_lib.rwkvWkv4ForwardHost(1, 1, 4, 0, *([p] * 10 + [None])) == 1  # null pointer
 
 
+# -- RWKV-5/6/7: the kernels' math, compiled for the CPU ---------------------------------------------
+# (B, T, H, N): N = 64 and 128, 16, 32 take the kernels' register path, 8 and 48 the generic one.
+HEAD_CASES = [(1, 1, 2, 64), (3, 7, 2, 8), (2, 33, 1, 48), (2, 16, 4, 16), (1, 5, 1, 128), (4, 12, 2, 32)]
+HEAD_DTYPES = {"f32": (np.float32, None), "f16": (np.float16, None), "f16-w32": (np.float16, np.float32)}
+# (family, dtype key); f16-w32 (float16 activations, float32 per-token decay) only where w is per token
+FAM_DTYPES = [(f, d) for f in href.OPS for d in HEAD_DTYPES if d != "f16-w32" or href.OPS[f].w_arg]
+
+
+@pytest.fixture(scope="session")
+def head_host(tmp_path_factory):
+    if not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler")
+    lib = href.host_library(href.compile_host(tmp_path_factory.mktemp("wkvhead_host")))  # -Wall -Wextra -Werror
+    if not lib.rwkvWkvHeadHasHalf():
+        pytest.skip("cuda_fp16.h not found: the CPU build has no float16 path")
+    return lib
+
+
+@pytest.mark.parametrize("case", HEAD_CASES, ids=lambda c: "B{}T{}H{}N{}".format(*c))
+@pytest.mark.parametrize("fam,dkey", FAM_DTYPES)
+def test_head_host_matches_numpy(head_host, fam, dkey, case):
+    act, wd = HEAD_DTYPES[dkey]
+    rng = np.random.default_rng(sum(case) * 7 + len(fam))
+    ins = href.random_case(rng, fam, *case, act, wd)
+    errs = href.compare(fam, href.run_host(head_host, fam, ins), ins)
+    assert href.within(errs, act), errs
+
+
+@pytest.mark.parametrize("fam", list(href.OPS))
+def test_head_host_long_sequence_stays_accurate(head_host, fam):
+    rng = np.random.default_rng(17)
+    ins = href.random_case(rng, fam, 2, 512, 1, 64, np.float32)
+    got = href.run_host(head_host, fam, ins)
+    assert all(np.isfinite(g).all() for g in got)
+    errs = href.compare(fam, got, ins)
+    assert href.within(errs, np.float32), errs
+
+
+@pytest.mark.parametrize("fam", list(href.OPS))
+def test_head_host_chunked_equals_unchunked(head_host, fam):
+    rng = np.random.default_rng(11)
+    ins = href.random_case(rng, fam, 3, 12, 2, 64, np.float16)
+    y_all, s_all = href.run_host(head_host, fam, ins)
+    tok = href.OPS[fam].token
+    first = {n: (a[:, :5].copy() if n in tok else a) for n, a in ins.items()}
+    y1, s1 = href.run_host(head_host, fam, first)
+    second = {n: (a[:, 5:].copy() if n in tok else a) for n, a in ins.items()}
+    second["state"] = s1
+    y2, s2 = href.run_host(head_host, fam, second)
+    np.testing.assert_array_equal(np.concatenate([y1, y2], axis=1), y_all)
+    np.testing.assert_array_equal(s2, s_all)
+
+
+@pytest.mark.parametrize("N", [64, 48])
+@pytest.mark.parametrize("fam", list(href.OPS))
+def test_head_host_outputs_may_alias_inputs(head_host, fam, N):
+    rng = np.random.default_rng(5)
+    ins = href.random_case(rng, fam, 2, 5, 2, N, np.float32)
+    want = href.run_host(head_host, fam, ins)
+    ins2 = {n: a.copy() for n, a in ins.items()}
+    got = href.run_host(head_host, fam, ins2, y=ins2["v"], state_out=ins2["state"])  # y over v, state in place
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("fam", list(href.OPS))
+def test_head_host_zero_tokens_passes_state_through(head_host, fam):
+    rng = np.random.default_rng(2)
+    ins = href.random_case(rng, fam, 2, 0, 2, 16, np.float32)
+    y, s = href.run_host(head_host, fam, ins)
+    assert y.shape == (2, 0, 2, 16)
+    np.testing.assert_array_equal(s, ins["state"])
+
+
+def test_head_first_token_from_zero_state(head_host):
+    # From S = 0: WKV5/6 y_j = sum_i r_i u_i k_i v_j; WKV7 y_i = v_i (k . r) and S' = v k^T.
+    rng = np.random.default_rng(3)
+    for fam in href.OPS:
+        ins = href.random_case(rng, fam, 2, 1, 2, 8, np.float32, warmup=0)
+        y, s = href.run_host(head_host, fam, ins)
+        r, k, v = (ins[n][:, 0].astype(np.float64) for n in ("r", "k", "v"))
+        if fam == "WKV7":
+            want = v * (k * r).sum(-1, keepdims=True)
+            np.testing.assert_allclose(s, v[..., :, None] * k[..., None, :], rtol=1e-6, atol=1e-7)
+        else:
+            want = (r * ins["u"] * k).sum(-1, keepdims=True) * v
+            np.testing.assert_allclose(s, k[..., :, None] * v[..., None, :], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(y[:, 0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_head_host_rejects_bad_arguments(head_host):
+    z = np.zeros(64, np.float32)
+    p = z.ctypes.data
+    assert head_host.rwkvWkv5ForwardHost(1, 1, 1, 4, 2, *[p] * 8) == 1  # dtype
+    assert head_host.rwkvWkv6ForwardHost(1, 1, 1, 4, 0, 1, *[p] * 8) == 1  # float16 w with float32 activations
+    assert head_host.rwkvWkv7ForwardHost(1, 1, 1, 2048, 0, 0, *[p] * 9) == 1  # N > 1024
+    assert head_host.rwkvWkv7ForwardHost(-1, 1, 1, 4, 0, 0, *[p] * 9) == 1  # size
+    assert head_host.rwkvWkv5ForwardHost(1, 1, 1, 4, 0, *([p] * 7 + [None])) == 1  # null state_out
+    assert head_host.rwkvWkv7ForwardHost(1, 0, 1, 4, 0, 0, *([None] * 6 + [p, None, p])) == 0  # T = 0: no tokens read
+
+
+# -- RWKV-5/6/7: against the exporter's own ONNX function bodies (onnxruntime) -----------------------
+@pytest.fixture(scope="session")
+def ort_available():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("rwkv_export.arch.headwise")
+
+
+@pytest.mark.parametrize("dkey", ["f32", "f16"])
+@pytest.mark.parametrize("op", href.OP_TYPES)
+def test_head_host_matches_function_body(head_host, ort_available, op, dkey):
+    """The CPU build against ONNX Runtime running the op's model-local function (built by
+    exporter/arch/headwise.wkv_node): same input order, shapes and index order. float16: the inputs
+    are float16-rounded; the body computes in float32 and y is compared after rounding."""
+    fam = href.family(op)
+    act, _ = HEAD_DTYPES[dkey]
+    seq = op.endswith("Seq")
+    rng = np.random.default_rng(len(op) * 13 + len(dkey))
+    for B, T, H, N in ([(1, 1, 2, 64), (3, 9, 2, 8), (2, 20, 1, 48)] if seq else [(1, 1, 2, 64), (4, 1, 2, 8)]):
+        ins = href.random_case(rng, fam, B, T, H, N, act)
+        got_y, got_s = href.run_host(head_host, fam, ins)
+        feeds = {n: a.astype(np.float32) for n, a in ins.items()}
+        y, s = href.run_function_body(op, feeds if seq else href.step_shapes(feeds))
+        y = y if seq else y[:, None]
+        assert y.shape == got_y.shape and s.shape == got_s.shape
+        assert href.scaled_error(got_y, y.astype(act)) <= href.TOL_Y[np.dtype(act)], (B, T, H, N)
+        assert href.scaled_error(got_s, s) <= href.TOL_STATE, (B, T, H, N)
+
+
+@pytest.fixture(scope="session")
+def head_model_exports(tmp_path_factory, ort_available):
+    """The RWKV-5.0, 5.2, 6 and 7 reference models exported with --wkv plugin (step + sequence)."""
+    from rwkv_export.export import ExportOptions, export
+
+    out = {}
+    d = tmp_path_factory.mktemp("wkvhead_models")
+    for name in ("tiny-rwkv-5v1-730K", "tiny-rwkv-5v2-730K", "tiny-rwkv-6v0-1m", "tiny-rwkv-7v0-834K"):
+        p = REF_MODELS / f"{name}.pth"
+        if p.is_file():
+            out[name] = export(p, d / f"{name}.onnx", ExportOptions(wkv="plugin"))
+    if not out:
+        pytest.skip(f"reference models not available in {REF_MODELS}")
+    return out
+
+
+def _model_feeds(model_path, B, T, rng):
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    feeds = {}
+    for i in m.graph.input:
+        dims = [d.dim_value or None for d in i.type.tensor_type.shape.dim]
+        if i.name == "tokens":
+            feeds["tokens"] = rng.integers(0, 256, (B, T) if len(dims) == 2 else (B,)).astype(np.int64)
+        else:  # a non-zero state, so that the WKV state input matters
+            feeds[i.name] = rng.normal(0.0, 0.5, [B if d is None else d for d in dims]).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("name", ["tiny-rwkv-5v1-730K", "tiny-rwkv-5v2-730K", "tiny-rwkv-6v0-1m", "tiny-rwkv-7v0-834K"])
+def test_head_host_on_reference_model_nodes(head_host, head_model_exports, name):
+    """The first and last rwkv::WKV* node of each exported reference model (step and sequence
+    graphs): their real inputs (trained decays, bonuses, the model's own r/k/v/a/b) and outputs,
+    captured from onnxruntime running the whole model; the CPU build must reproduce the outputs.
+    5v1 (per-head time_first, exp'ed) and 5v2 (time_faaaa) reach the op alike: w, u [H, N] computed."""
+    if name not in head_model_exports:
+        pytest.skip(f"{name} not available")
+    rng = np.random.default_rng(7)
+    for path in head_model_exports[name]:
+        seq = path.name.endswith(".seq.onnx")
+        feeds = _model_feeds(path, 2, 6 if seq else 1, rng)
+        for node_index in (0, -1):
+            op, ins, (y, s) = href.capture_node_io(path, feeds, node_index)
+            fam = href.family(op)
+            assert fam == "WKV" + name.split("-")[2][0] and op.endswith("Seq") == seq  # e.g. 5v1 -> WKV5
+            ins4 = {n: (a[:, None] if not seq and n in href.OPS[fam].token else a) for n, a in ins.items()}
+            got_y, got_s = href.run_host(head_host, fam, ins4)
+            got_y = got_y if seq else got_y[:, 0]
+            assert href.scaled_error(got_y, y) <= 1e-5 and href.scaled_error(got_s, s) <= 1e-5, (path.name, op)
+            # float16 activations: the same node inputs, rounded
+            act16 = {n: (a.astype(np.float16) if n in href.OPS[fam].token else a) for n, a in ins4.items()}
+            errs = href.compare(fam, href.run_host(head_host, fam, act16), act16)
+            assert href.within(errs, np.float16), (path.name, op, errs)
+
+
+# -- RWKV-5/6/7: the CUDA kernels themselves, run on the CPU by an emulator ----------------------------
+@pytest.fixture(scope="session")
+def head_emulated(tmp_path_factory):
+    if href.cuda_include_dir() is None:
+        pytest.skip("CUDA headers not found (the emulator compiles the kernel sources with them)")
+    if not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++")):
+        pytest.skip("no C++ compiler")
+    return href.kernels_library(href.compile_emulator(tmp_path_factory.mktemp("wkvhead_emu")))
+
+
+@pytest.mark.parametrize("case", HEAD_CASES + [(2, 3, 1, 1), (1, 4, 1, 100)], ids=lambda c: "B{}T{}H{}N{}".format(*c))
+@pytest.mark.parametrize("fam", list(href.OPS))
+def test_emulated_kernels_equal_host_build(head_host, head_emulated, fam, case):
+    """The kernels (thread blocks, shared-memory staging, register lines, launch dispatch) compute
+    exactly what the CPU build computes: bit-identical here (no FMA contraction on the CPU)."""
+    rng = np.random.default_rng(sum(case))
+    for dkey in HEAD_DTYPES:
+        act, wd = HEAD_DTYPES[dkey]
+        if wd is not None and not href.OPS[fam].w_arg:
+            continue
+        ins = href.random_case(rng, fam, *case, act, wd)
+        got = href.run_device(head_emulated, href.HostBackend(), fam, ins)
+        want = href.run_host(head_host, fam, ins)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("fam", list(href.OPS))
+def test_emulated_kernels_alias_and_alignment(head_emulated, fam):
+    """y over r and state_out over state give the same result; so does a state 4 bytes off
+    16-byte alignment (WKV7's vectorised state loads fall back to scalar ones)."""
+    be = href.HostBackend()
+    rng = np.random.default_rng(23)
+    ins = href.random_case(rng, fam, 2, 5, 2, 64, np.float32)
+    want = href.run_device(head_emulated, be, fam, ins)
+    f = getattr(head_emulated, f"rwkv{fam.capitalize()}Forward")
+    arrs = {n: ins[n].copy() for n in href.OPS[fam].inputs}
+    assert f(None, *href.size_args(fam, ins), *(arrs[n].ctypes.data for n in href.OPS[fam].inputs),
+             arrs["r"].ctypes.data, arrs["state"].ctypes.data) == 0
+    np.testing.assert_array_equal(arrs["r"], want[0])
+    np.testing.assert_array_equal(arrs["state"], want[1])
+    n_state = ins["state"].size
+    buf_in, buf_out = np.zeros(n_state + 4, np.float32), np.zeros(n_state + 4, np.float32)
+    assert buf_in.ctypes.data % 16 == 0 and buf_out.ctypes.data % 16 == 0  # numpy aligns to 16 bytes
+    s_in, s_out = buf_in[1:1 + n_state], buf_out[1:1 + n_state]  # 4 bytes past alignment
+    s_in[:] = ins["state"].ravel()
+    y = np.zeros_like(ins["r"])
+    arrs = {n: ins[n].copy() for n in href.OPS[fam].inputs}
+    ptrs = [arrs[n].ctypes.data if n != "state" else s_in.ctypes.data for n in href.OPS[fam].inputs]
+    assert f(None, *href.size_args(fam, ins), *ptrs, y.ctypes.data, s_out.ctypes.data) == 0
+    np.testing.assert_array_equal(y, want[0])
+    np.testing.assert_array_equal(s_out.reshape(ins["state"].shape), want[1])
+
+
+def test_emulated_launchers_check_arguments(head_emulated):
+    z = np.zeros(64, np.float32)
+    p = z.ctypes.data
+    assert head_emulated.rwkvWkv7Forward(None, 1, 1, 1, 2048, 0, 0, *[p] * 9) == 1  # cudaErrorInvalidValue
+    assert head_emulated.rwkvWkv6Forward(None, 1, 1, 1, 4, 0, 1, *[p] * 8) == 1
+    assert head_emulated.rwkvWkv5Forward(None, 1, 1, 1, 4, 0, *([p] * 7 + [None])) == 1
+    assert head_emulated.rwkvWkv5Forward(None, 0, 1, 1, 4, 0, *[None] * 8) == 0  # empty: nothing to do
+
+
+def test_emulated_kernels_under_address_sanitizer(tmp_path):
+    """The emulated kernels built with -fsanitize=address,undefined, loaded into a fresh python
+    with libasan preloaded: no out-of-bounds access in global or shared memory (the shared buffer
+    beyond the launch's size is poisoned), no undefined behaviour, over every path."""
+    asan = href.asan_runtime()
+    if asan is None or href.cuda_include_dir() is None:
+        pytest.skip("libasan or the CUDA headers not found")
+    lib = href.compile_emulator(tmp_path, sanitize=True)
+    code = (
+        "import sys, numpy as np\n"
+        f"sys.path.insert(0, {str(PLUGIN_TESTS)!r})\n"
+        "import wkvhead_reference as R\n"
+        f"lib = R.kernels_library({str(lib)!r})\n"
+        "rng = np.random.default_rng(9)\n"
+        "n = 0\n"
+        "for fam in R.OPS:\n"
+        "    for case in [(1, 1, 2, 64), (3, 3, 2, 8), (2, 2, 1, 48), (1, 2, 1, 128), (2, 2, 1, 16)]:\n"
+        "        for act, wd in [(np.float32, None), (np.float16, None), (np.float16, np.float32)]:\n"
+        "            if wd is not None and not R.OPS[fam].w_arg:\n"
+        "                continue\n"
+        "            ins = R.random_case(rng, fam, *case, act, wd)\n"
+        "            got = R.run_device(lib, R.HostBackend(), fam, ins)\n"
+        "            assert R.within(R.compare(fam, got, ins), act), (fam, case)\n"
+        "            n += 1\n"
+        "print('cases', n)\n"
+    )
+    env = {**os.environ, "LD_PRELOAD": str(asan), "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",
+           "UBSAN_OPTIONS": "print_stacktrace=1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "cases 40" in r.stdout, r.stdout + r.stderr[-4000:]
+    assert "runtime error" not in r.stderr and "AddressSanitizer" not in r.stderr, r.stderr[-4000:]
+
+
 # -- nvcc -------------------------------------------------------------------------------------------
 def test_nvcc_compiles_kernels(tmp_path):
     if tp.find_nvcc() is None:
@@ -169,6 +457,17 @@ def test_nvcc_compiles_kernels(tmp_path):
     if shutil.which("nm"):
         syms = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
         assert re.search(r"\bT rwkvWkv4Forward\b", syms), syms
+
+
+def test_nvcc_compiles_head_kernels(tmp_path):
+    if tp.find_nvcc() is None:
+        pytest.skip("nvcc not found")
+    lib = href.compile_kernels(tmp_path, arch=80)  # three files in parallel, one architecture
+    assert lib.is_file()
+    if shutil.which("nm"):
+        syms = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
+        for fam in ("Wkv5", "Wkv6", "Wkv7"):
+            assert re.search(rf"\bT rwkv{fam}Forward\b", syms), syms
 
 
 # -- the TensorRT plugin library, with headers only -------------------------------------------------
@@ -274,3 +573,26 @@ def test_plugin_enqueue_on_gpu(trt_build):
     if r.stdout.startswith("skip:"):
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0 and "FAIL" not in r.stdout, r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def head_gpu(tmp_path_factory):
+    backend, reason = ref.cuda_backend()
+    if backend is None:
+        pytest.skip(reason)
+    if tp.find_nvcc() is None:
+        pytest.skip("nvcc not found")
+    lib = href.compile_kernels(tmp_path_factory.mktemp("wkvhead_gpu"), arch=backend.arch())
+    return backend, href.kernels_library(lib)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", HEAD_CASES + [(8, 64, 4, 64), (1, 3, 1, 256)], ids=lambda c: "B{}T{}H{}N{}".format(*c))
+@pytest.mark.parametrize("fam,dkey", FAM_DTYPES)
+def test_head_kernels_on_gpu_match_numpy(head_gpu, fam, dkey, case):
+    backend, lib = head_gpu
+    act, wd = HEAD_DTYPES[dkey]
+    rng = np.random.default_rng(sum(case) * 7 + len(fam))
+    ins = href.random_case(rng, fam, *case, act, wd)
+    errs = href.compare(fam, href.run_device(lib, backend, fam, ins), ins)
+    assert href.within(errs, act), errs

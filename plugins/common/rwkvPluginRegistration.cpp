@@ -27,6 +27,7 @@
 #include "common/rwkvPluginCommon.h"
 #include "wkv4/wkv4Kernel.h"
 #include "wkv4/wkv4Plugin.h"
+#include "wkvhead/wkvHeadPlugin.h"
 
 #include <atomic>
 #include <cstdio>
@@ -48,7 +49,7 @@ namespace trt
 namespace
 {
 
-constexpr int32_t kNB_CREATORS{2};
+constexpr int32_t kNB_CREATORS{8};
 
 // Function-local statics: constructed on first use, so the load-time registration below cannot
 // run before them whatever the order of static initialization across files.
@@ -56,13 +57,21 @@ IPluginCreatorV3One* const* creators() noexcept
 {
     static Wkv4PluginCreator sWkv4{/*seq=*/false};
     static Wkv4PluginCreator sWkv4Seq{/*seq=*/true};
-    static IPluginCreatorV3One* const sList[kNB_CREATORS] = {&sWkv4, &sWkv4Seq};
+    static WkvHeadPluginCreator sWkv5{WkvFamily::kWKV5, /*seq=*/false};
+    static WkvHeadPluginCreator sWkv5Seq{WkvFamily::kWKV5, /*seq=*/true};
+    static WkvHeadPluginCreator sWkv6{WkvFamily::kWKV6, /*seq=*/false};
+    static WkvHeadPluginCreator sWkv6Seq{WkvFamily::kWKV6, /*seq=*/true};
+    static WkvHeadPluginCreator sWkv7{WkvFamily::kWKV7, /*seq=*/false};
+    static WkvHeadPluginCreator sWkv7Seq{WkvFamily::kWKV7, /*seq=*/true};
+    static IPluginCreatorV3One* const sList[kNB_CREATORS]
+        = {&sWkv4, &sWkv4Seq, &sWkv5, &sWkv5Seq, &sWkv6, &sWkv6Seq, &sWkv7, &sWkv7Seq};
     return sList;
 }
 
 IPluginCreatorInterface* const* creatorInterfaces() noexcept
 {
-    static IPluginCreatorInterface* const sList[kNB_CREATORS] = {creators()[0], creators()[1]};
+    IPluginCreatorV3One* const* c = creators();
+    static IPluginCreatorInterface* const sList[kNB_CREATORS] = {c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]};
     return sList;
 }
 
@@ -134,10 +143,10 @@ struct LoadTimeRegistration
         if (status == static_cast<int32_t>(TensorRTLookup::kNOT_LOADED) && !envFlag("RWKV_TRT_PLUGIN_QUIET"))
         {
             std::fprintf(stderr,
-                "[rwkv-trt-plugins] WARNING: no TensorRT %d library is loaded in this process, so the rwkv::WKV4 "
-                "and rwkv::WKV4Seq plugins were not registered. Load TensorRT first (import tensorrt), use "
-                "IPluginRegistry::loadLibrary, or call rwkvTrtRegisterPlugins() afterwards. Without the plugins "
-                "TensorRT's ONNX parser falls back to the nodes' function bodies.\n",
+                "[rwkv-trt-plugins] WARNING: no TensorRT %d library is loaded in this process, so the rwkv::WKV4, "
+                "WKV5, WKV6 and WKV7 plugins (and their Seq forms) were not registered. Load TensorRT first "
+                "(import tensorrt), use IPluginRegistry::loadLibrary, or call rwkvTrtRegisterPlugins() afterwards. "
+                "Without the plugins TensorRT's ONNX parser falls back to the nodes' function bodies.\n",
                 NV_TENSORRT_MAJOR);
         }
     }
@@ -156,7 +165,7 @@ RWKV_EXPORT IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
     {
         // Registered at dlopen time already; offering them again would make loadLibrary fail.
         rwkv::trt::log(Severity::kINFO,
-            "rwkv::WKV4 and rwkv::WKV4Seq were registered when this library was first loaded; "
+            "the rwkv::WKV* plugins were registered when this library was first loaded; "
             "loadLibrary adds nothing");
         nbCreators = 0;
         return rwkv::trt::creatorInterfaces();
@@ -172,7 +181,7 @@ RWKV_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
 }
 
 //! For processes that loaded this library before TensorRT: registers the creators in the global
-//! registry of the TensorRT now loaded. Returns how many of the two are registered; -1 if no
+//! registry of the TensorRT now loaded. Returns how many of the eight are registered; -1 if no
 //! TensorRT is loaded, -2 if only one of another major version is. Safe to call repeatedly.
 RWKV_EXPORT int32_t rwkvTrtRegisterPlugins()
 {
@@ -186,5 +195,6 @@ RWKV_EXPORT int32_t rwkvTrtRegisterPlugins()
 RWKV_EXPORT char const* rwkvTrtPluginInfo()
 {
     return "librwkv_trt_plugins " RWKV_TRT_PLUGINS_VERSION "; TensorRT headers " RWKV_STR(NV_TENSORRT_MAJOR) "."
-        RWKV_STR(NV_TENSORRT_MINOR) "." RWKV_STR(NV_TENSORRT_PATCH) "; plugins rwkv::WKV4 v1, rwkv::WKV4Seq v1";
+        RWKV_STR(NV_TENSORRT_MINOR) "." RWKV_STR(NV_TENSORRT_PATCH) "; plugins rwkv::WKV4 v1, rwkv::WKV4Seq v1, "
+        "rwkv::WKV5 v1, rwkv::WKV5Seq v1, rwkv::WKV6 v1, rwkv::WKV6Seq v1, rwkv::WKV7 v1, rwkv::WKV7Seq v1";
 }

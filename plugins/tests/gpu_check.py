@@ -1,17 +1,23 @@
 #!/usr/bin/env python3
-"""One-shot GPU check of the RWKV-4 WKV kernels (no TensorRT needed).
+"""One-shot GPU check of the RWKV-4/5/6/7 WKV kernels (no TensorRT needed).
 
 On a machine with a CUDA GPU, nvcc, numpy and torch or CuPy:
 
     python plugins/tests/gpu_check.py                 # compiles the kernels for this GPU, then checks
-    python plugins/tests/gpu_check.py --lib path.so   # checks a prebuilt librwkv_wkv4_kernels.so
+    python plugins/tests/gpu_check.py --lib k4.so --head-lib kh.so   # prebuilt kernel libraries
     TENSORRT_INCLUDE_DIR=/path/to/TensorRT/include python plugins/tests/gpu_check.py
-        # additionally builds librwkv_trt_plugins.so and runs its IPluginV3 enqueue() on the GPU
-        # through a stand-in libnvinfer (mock_nvinfer.cpp): headers only, still no TensorRT
+        # additionally builds librwkv_trt_plugins.so and runs its IPluginV3 enqueue() on the GPU for
+        # every op through a stand-in libnvinfer (mock_nvinfer.cpp): headers only, still no TensorRT
+    python plugins/tests/gpu_check.py --emulate       # no GPU: the WKV5/6/7 part only, with the
+        # kernels run on the CPU by wkvhead_emulator.cpp (a dry run of this script)
 
-Runs WKV4 (one token, T=1) and WKV4Seq (T in 1, 7, 64) for float32 and float16, B in 1, 3, 8,
-C in 64, 768, against numpy (float32 mirror of the formulas, and float64); prints a table and
-exits 1 if anything fails (2 if it cannot run at all).
+WKV4: WKV4 (T=1) and WKV4Seq (T in 1, 7, 64), float32 and float16, B in 1, 3, 8, C in 64, 768,
+against numpy (float32 mirror of the formulas, and float64).
+WKV5/6/7: each op (step: T=1; Seq: T in 1, 7, 64) for float32, float16 and (WKV6/7) float16 with a
+float32 decay w, B in 1, 3, 8, head size 64 (4 heads); plus head sizes 8, 16, 32, 48, 128 (the
+generic and the other register paths), a long sequence, T = 0, outputs aliasing inputs and a
+misaligned state (scalar state loads), against numpy (float32 mirror and float64).
+Prints tables and exits 1 if anything fails (2 if it cannot run at all).
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 import wkv4_reference as ref  # noqa: E402
+import wkvhead_reference as href  # noqa: E402
 
 
 def load_trt_plugin_module():
@@ -53,32 +60,9 @@ def time_call(fn, reps=50):
     return (time.perf_counter() - t0) / reps * 1e6
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lib", type=Path, help="prebuilt librwkv_wkv4_kernels.so (default: compile now)")
-    ap.add_argument("--arch", help="CUDA architecture to compile for (default: the GPU's, e.g. 90)")
-    ap.add_argument("--out-dir", type=Path, help="where to compile (default: a temporary directory)")
-    ap.add_argument("--trt-include", type=Path, help="TensorRT include dir (default: $TENSORRT_INCLUDE_DIR)")
-    args = ap.parse_args(argv)
-
-    backend, reason = ref.cuda_backend()
-    if backend is None:
-        print(f"gpu_check: cannot run: {reason}")
-        return 2
-    tp = load_trt_plugin_module()
-    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="rwkv_gpu_check_"))
-    arch = args.arch or str(backend.arch())
-    print(f"device: {backend.device_name()} (sm_{backend.arch()}), buffers via {backend.name}")
-    if args.lib:
-        lib_path = args.lib
-    else:
-        t0 = time.perf_counter()
-        lib_path = tp.compile_kernels_only(out_dir, cuda_architectures=arch)
-        print(f"compiled {lib_path} for sm_{arch} in {time.perf_counter() - t0:.1f} s")
-    lib = ref.kernels_library(lib_path)
-
+# -- RWKV-4 ---------------------------------------------------------------------------------------------
+def wkv4_rows(lib, backend, rng):
     rows = []
-    rng = np.random.default_rng(2024)
     for op, Ts in (("WKV4", (1,)), ("WKV4Seq", (1, 7, 64))):
         for dtype in (np.float32, np.float16):
             for B in (1, 3, 8):
@@ -111,10 +95,173 @@ def main(argv=None):
         e = lambda key: f"{errs[key]:.1e}" if key in errs else "-"  # noqa: E731
         print(f"{op:8} {dt:8} {B:>2} {T:>4} {C:>4}  {e('y_vs_f32'):>9} {e('state_vs_f32'):>12} {e('vs_f64'):>9}  "
               f"{'PASS' if ok else 'FAIL'} {note}")
-    failed = sum(not r[6] for r in rows)
     print(f"\ntolerances (relative to max(1, |ref|)): y {ref.TOL_Y[np.dtype(np.float32)]:.0e} (f32) / "
           f"{ref.TOL_Y[np.dtype(np.float16)]:.0e} (f16), state {ref.TOL_STATE:.0e}, vs float64 {ref.TOL_F64:.0e}")
+    return sum(not r[6] for r in rows)
 
+
+# -- RWKV-5/6/7 -----------------------------------------------------------------------------------------
+DTYPES = {"f32": (np.float32, None), "f16": (np.float16, None), "f16/w32": (np.float16, np.float32)}
+
+
+def head_cases():
+    """(op, dtype key, B, T, H, N, note) of the table."""
+    cases = []
+    for op in href.OP_TYPES:
+        fam = href.family(op)
+        Ts = (1, 7, 64) if op.endswith("Seq") else (1,)
+        for dkey in DTYPES:
+            if dkey == "f16/w32" and not href.OPS[fam].w_arg:
+                continue
+            for B in (1, 3, 8):
+                for T in Ts:
+                    cases.append((op, dkey, B, T, 4, 64, ""))
+        seq = op.endswith("Seq")
+        for N, H in ((8, 8), (16, 4), (32, 2), (48, 2), (128, 1)):  # other register sizes + generic path
+            cases.append((op, "f32", 3, 7 if seq else 1, H, N, "register path" if N in href.REGISTER_SIZES
+                          else "generic path"))
+        if seq:
+            cases.append((op, "f16", 2, 256, 2, 64, "long sequence"))
+            cases.append((op, "f32", 1, 64, 1, 256, "generic path, N=256"))
+    return cases
+
+
+def run_case(lib, backend, op, dkey, B, T, H, N, rng):
+    fam = href.family(op)
+    act, wd = DTYPES[dkey]
+    ins = href.random_case(rng, fam, B, T, H, N, act, wd)
+    got = href.run_device(lib, backend, fam, ins)
+    errs = href.compare(fam, got, ins)
+    finite = all(np.isfinite(np.asarray(g, np.float64)).all() for g in got)
+    return errs, href.within(errs, act) and finite
+
+
+def head_special_rows(lib, backend, rng):
+    """T = 0, aliasing, misaligned state: (op, dtype, B, T, H, N, errs, ok, note)."""
+    rows = []
+    for fam in href.OPS:
+        op = fam + "Seq"
+        # T = 0: the state is copied through.
+        ins = href.random_case(rng, fam, 2, 0, 2, 64, np.float32)
+        y, s = href.run_device(lib, backend, fam, ins)
+        rows.append((op, "f32", 2, 0, 2, 64, {}, y.shape == (2, 0, 2, 64) and np.array_equal(s, ins["state"]),
+                     "T=0: state passed through"))
+        # Outputs aliasing inputs: y over r, state_out over state.
+        for N in (64, 48):
+            ins = href.random_case(rng, fam, 2, 5, 2, N, np.float16)
+            want = href.run_device(lib, backend, fam, ins)
+            dev = {n: backend.to_device(ins[n]) for n in href.OPS[fam].inputs}
+            rc = getattr(lib, f"rwkv{fam.capitalize()}Forward")(
+                backend.stream(), *href.size_args(fam, ins), *(dev[n][1] for n in href.OPS[fam].inputs),
+                dev["r"][1], dev["state"][1])
+            backend.synchronize()
+            ok = rc == 0 and np.array_equal(backend.to_host(dev["r"][0]), want[0]) and \
+                np.array_equal(backend.to_host(dev["state"][0]), want[1])
+            rows.append((op, "f16", 2, 5, 2, N, {}, ok, "y aliases r, state_out aliases state"))
+        # A state 4 bytes off 16-byte alignment: the scalar state loads/stores.
+        ins = href.random_case(rng, fam, 2, 5, 2, 64, np.float32)
+        want = href.run_device(lib, backend, fam, ins)
+        n_state = ins["state"].size
+        buf_in = backend.to_device(np.concatenate([[0.0], ins["state"].ravel(), [0.0]]).astype(np.float32))
+        buf_out = backend.empty((n_state + 2,), np.float32)
+        dev = {n: backend.to_device(ins[n]) for n in href.OPS[fam].inputs if n != "state"}
+        y = backend.empty(ins["r"].shape, np.float32)
+        ptrs = [dev[n][1] if n != "state" else buf_in[1] + 4 for n in href.OPS[fam].inputs]
+        rc = getattr(lib, f"rwkv{fam.capitalize()}Forward")(backend.stream(), *href.size_args(fam, ins), *ptrs, y[1],
+                                                            buf_out[1] + 4)
+        backend.synchronize()
+        s = backend.to_host(buf_out[0])[1:-1].reshape(ins["state"].shape)
+        ok = rc == 0 and np.array_equal(backend.to_host(y[0]), want[0]) and np.array_equal(s, want[1])
+        rows.append((op, "f32", 2, 5, 2, 64, {}, ok, "state misaligned by 4 bytes (same result)"))
+    # Argument checks.
+    ins = href.random_case(rng, "WKV7", 1, 1, 1, 64, np.float32)
+    bad = [lib.rwkvWkv7Forward(backend.stream(), 1, 1, 1, 2048, 0, 0, *([None] * 9)),   # N > 1024
+           lib.rwkvWkv7Forward(backend.stream(), 1, 1, 1, 64, 0, 1, *([None] * 9)),     # f16 w with f32 act
+           lib.rwkvWkv5Forward(backend.stream(), 1, 1, 1, 64, 2, *([None] * 8))]        # bad dtype
+    rows.append(("WKV*", "-", 1, 1, 1, 64, {}, all(rc == 1 for rc in bad), "invalid arguments: cudaErrorInvalidValue"))
+    return rows
+
+
+def head_section(lib, backend, rng, timings):
+    rows = []
+    for op, dkey, B, T, H, N, note in head_cases():
+        try:
+            errs, ok = run_case(lib, backend, op, dkey, B, T, H, N, rng)
+        except Exception as e:  # report and keep going
+            errs, ok, note = {}, False, f"{type(e).__name__}: {e}"
+        rows.append((op, dkey, B, T, H, N, errs, ok, note))
+    try:
+        rows += head_special_rows(lib, backend, rng)
+    except Exception as e:
+        rows.append(("WKV*", "-", 0, 0, 0, 0, {}, False, f"special cases: {type(e).__name__}: {e}"))
+
+    print()
+    print(f"{'op':8} {'dtype':8} {'B':>2} {'T':>4} {'H':>2} {'N':>4}  {'y vs f32':>9} {'state vs f32':>12} "
+          f"{'vs f64':>9}  result")
+    for op, dt, B, T, H, N, errs, ok, note in rows:
+        e = lambda key: f"{errs[key]:.1e}" if key in errs else "-"  # noqa: E731
+        print(f"{op:8} {dt:8} {B:>2} {T:>4} {H:>2} {N:>4}  {e('y_vs_f32'):>9} {e('state_vs_f32'):>12} "
+              f"{e('vs_f64'):>9}  {'PASS' if ok else 'FAIL'} {note}")
+    print(f"\ntolerances (relative to max(1, max |ref|) of each tensor): y {href.TOL_Y[href.F32]:.0e} (f32) / "
+          f"{href.TOL_Y[href.F16]:.0e} (f16), state {href.TOL_STATE:.0e}, vs float64 {href.TOL_F64:.0e}")
+
+    if timings:
+        # Informational timings (wall clock around launch + synchronize), float16 activations.
+        for fam in href.OPS:
+            for B, T, H, N in ((1, 1, 32, 64), (8, 1, 32, 64), (1, 512, 32, 64), (8, 64, 32, 64)):
+                ins = href.random_case(rng, fam, B, T, H, N, np.float16, warmup=0)
+                dev = [backend.to_device(ins[n]) for n in href.OPS[fam].inputs]
+                y = backend.empty(ins["r"].shape, np.float16)
+                s = backend.empty(ins["state"].shape, np.float32)
+                f = getattr(lib, f"rwkv{fam.capitalize()}Forward")
+                ints = href.size_args(fam, ins)
+
+                def call():
+                    f(backend.stream(), *ints, *(p for _, p in dev), y[1], s[1])
+                    backend.synchronize()
+
+                print(f"timing {fam} f16 B={B} T={T} H={H} N={N}: {time_call(call, reps=20):.1f} us per call "
+                      "(launch + sync)")
+    return sum(not r[7] for r in rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lib", type=Path, help="prebuilt librwkv_wkv4_kernels.so (default: compile now)")
+    ap.add_argument("--head-lib", type=Path, help="prebuilt librwkv_wkvhead_kernels.so (default: compile now)")
+    ap.add_argument("--arch", help="CUDA architecture to compile for (default: the GPU's, e.g. 90)")
+    ap.add_argument("--out-dir", type=Path, help="where to compile (default: a temporary directory)")
+    ap.add_argument("--trt-include", type=Path, help="TensorRT include dir (default: $TENSORRT_INCLUDE_DIR)")
+    ap.add_argument("--emulate", action="store_true",
+                    help="no GPU: run the WKV5/6/7 kernels on the CPU (wkvhead_emulator.cpp); skips WKV4 and the "
+                         "plugin")
+    args = ap.parse_args(argv)
+    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="rwkv_gpu_check_"))
+    rng = np.random.default_rng(2024)
+
+    if args.emulate:
+        lib = href.kernels_library(href.compile_emulator(out_dir))
+        print("device: none; WKV5/6/7 kernels emulated on the CPU (wkvhead_emulator.cpp)")
+        failed = head_section(lib, href.HostBackend(), rng, timings=False)
+        print(f"\n{'ALL PASSED' if failed == 0 else f'{failed} FAILED'} (emulated)")
+        return 1 if failed else 0
+
+    backend, reason = ref.cuda_backend()
+    if backend is None:
+        print(f"gpu_check: cannot run: {reason}")
+        return 2
+    tp = load_trt_plugin_module()
+    arch = args.arch or str(backend.arch())
+    print(f"device: {backend.device_name()} (sm_{backend.arch()}), buffers via {backend.name}")
+    t0 = time.perf_counter()
+    lib_path = args.lib or tp.compile_kernels_only(out_dir, cuda_architectures=arch)
+    head_path = args.head_lib or href.compile_kernels(out_dir, arch=arch)
+    if not (args.lib and args.head_lib):
+        print(f"compiled kernels for sm_{arch} in {time.perf_counter() - t0:.1f} s")
+    lib = ref.kernels_library(lib_path)
+    hlib = href.kernels_library(head_path)
+
+    failed = wkv4_rows(lib, backend, rng)
     # Informational timings (wall clock around launch + synchronize).
     for B, T, C in ((1, 1, 768), (8, 64, 768)):
         k, v, w, u, state = ref.random_case(rng, B, T, C, np.float16)
@@ -127,6 +274,8 @@ def main(argv=None):
             backend.synchronize()
 
         print(f"timing f16 B={B} T={T} C={C}: {time_call(call):.1f} us per call (launch + sync)")
+
+    failed += head_section(hlib, backend, rng, timings=True)
 
     # Optional: the TensorRT plugin's enqueue() on the GPU, through the stand-in libnvinfer.
     env_include = os.environ.get("TENSORRT_INCLUDE_DIR")

@@ -59,7 +59,7 @@ def build_harness(tp, include, out_dir, cuda_architectures=80) -> dict:
     mock_dir.mkdir(parents=True, exist_ok=True)
     mock = mock_dir / f"libnvinfer.so.{major}"
     common = [cxx, "-std=c++17", "-O1", "-Wno-deprecated-declarations", "-isystem", str(include),
-              "-isystem", str(cuda_inc), "-I", str(PLUGINS / "wkv4")]
+              "-isystem", str(cuda_inc), "-I", str(PLUGINS / "wkv4"), "-I", str(PLUGINS / "wkvhead")]
     for cmd in (
         [*common, "-shared", "-fPIC", "-DTENSORRT_BUILD_LIB", f"-Wl,-soname,{mock.name}",
          str(HERE / "mock_nvinfer.cpp"), "-o", str(mock), "-ldl"],

@@ -5,12 +5,16 @@
  * Scenarios: loadlibrary | dlopen-then-loadlibrary | two-copies | loadlibrary-then-copy | exercise |
  *            enqueue-without-gpu | enqueue-gpu
  * Prints one line per check; exits non-zero if any failed.
+ * exercise drives every creator (WKV4, WKV5, WKV6, WKV7 and their Seq forms) through the TensorRT
+ * interfaces: types, symbolic shapes, formats, validation, serialization, clone.
  * enqueue-gpu runs IPluginV3OneRuntime::enqueue on a CUDA device and compares with the same math on
- * the CPU (wkv4Math.cuh): it checks the plugin's plumbing (which buffer is which) end to end.
- * Link with the CUDA runtime (e.g. libcudart_static.a -lpthread -lrt) and -I plugins/wkv4.
+ * the CPU (wkv4Math.cuh, wkvHeadMath.cuh): it checks the plugin's plumbing (which buffer is which)
+ * end to end.
+ * Link with the CUDA runtime (e.g. libcudart_static.a -lpthread -lrt), -I plugins/wkv4 -I plugins/wkvhead.
  */
 #include "NvInferRuntime.h"
 #include "wkv4Math.cuh"
+#include "wkvHeadMath.cuh"
 
 #include <cmath>
 #include <cuda_runtime_api.h>
@@ -426,10 +430,575 @@ void enqueueCase(char const* name, bool seq, int32_t B, int32_t T, int32_t C, Da
     }
 }
 
+// ---- RWKV-5/6/7 (WKV5, WKV6, WKV7 and their Seq forms) ------------------------------------------
+
+//! Input roles, as in wkvHeadPlugin.cpp: per-token activation (r's type), per-token decay (r's type
+//! or float32), [H, N] float32 parameter, [B, H, N, N] float32 state.
+enum class Role
+{
+    kTOKEN,
+    kDECAY,
+    kPARAM,
+    kSTATE
+};
+
+struct HeadOp
+{
+    char const* name;
+    int family; // 5, 6, 7
+    bool seq;
+    int nbIn;
+    Role roles[7];
+};
+
+HeadOp headOp(int family, bool seq)
+{
+    using R = Role;
+    if (family == 5)
+    {
+        return {seq ? "WKV5Seq" : "WKV5", 5, seq, 6, {R::kTOKEN, R::kTOKEN, R::kTOKEN, R::kPARAM, R::kPARAM, R::kSTATE}};
+    }
+    if (family == 6)
+    {
+        return {seq ? "WKV6Seq" : "WKV6", 6, seq, 6, {R::kTOKEN, R::kTOKEN, R::kTOKEN, R::kDECAY, R::kPARAM, R::kSTATE}};
+    }
+    return {seq ? "WKV7Seq" : "WKV7", 7, seq, 7,
+        {R::kTOKEN, R::kDECAY, R::kTOKEN, R::kTOKEN, R::kTOKEN, R::kTOKEN, R::kSTATE}};
+}
+
+//! Index of the per-token decay input, or -1 (WKV5).
+int decayIndex(HeadOp const& op)
+{
+    for (int i = 0; i < op.nbIn; ++i)
+    {
+        if (op.roles[i] == Role::kDECAY)
+        {
+            return i;
+        }
+    }
+    return -1;
+}
+
+//! Shapes of the inputs then the two outputs for batch B, tokens T (ignored by step ops), H heads of N.
+void headDims(HeadOp const& op, int64_t B, int64_t T, int64_t H, int64_t N, Dims* dims)
+{
+    Dims const act = op.seq ? makeDims({B, T, H, N}) : makeDims({B, H, N});
+    for (int i = 0; i < op.nbIn; ++i)
+    {
+        dims[i] = op.roles[i] == Role::kPARAM ? makeDims({H, N})
+            : op.roles[i] == Role::kSTATE     ? makeDims({B, H, N, N})
+                                              : act;
+    }
+    dims[op.nbIn] = act;
+    dims[op.nbIn + 1] = makeDims({B, H, N, N});
+}
+
+//! Descriptors: activations (and y) of `act`, the decay of `decay`, everything else float32.
+void headDescs(HeadOp const& op, Dims const* dims, DataType act, DataType decay, DynamicPluginTensorDesc* dyn,
+    PluginTensorDesc* desc)
+{
+    for (int i = 0; i < op.nbIn + 2; ++i)
+    {
+        PluginTensorDesc p{};
+        p.dims = dims[i];
+        p.type = i == op.nbIn ? act
+            : i > op.nbIn     ? DataType::kFLOAT
+                              : (op.roles[i] == Role::kTOKEN ? act
+                                      : op.roles[i] == Role::kDECAY ? decay
+                                                                    : DataType::kFLOAT);
+        p.format = TensorFormat::kLINEAR;
+        p.scale = -1.F;
+        if (desc)
+        {
+            desc[i] = p;
+        }
+        if (dyn)
+        {
+            dyn[i].desc = p;
+            dyn[i].min = dims[i];
+            dyn[i].max = dims[i];
+            dyn[i].opt = dims[i];
+        }
+    }
+}
+
+bool allFormats(IPluginV3OneBuild* build, DynamicPluginTensorDesc const* dyn, int nbIn)
+{
+    bool ok = true;
+    for (int pos = 0; pos < nbIn + 2; ++pos)
+    {
+        ok = ok && build->supportsFormatCombination(pos, dyn, nbIn, 2);
+    }
+    return ok;
+}
+
+void exerciseHead(int family, bool seq)
+{
+    HeadOp const op = headOp(family, seq);
+    int const nb = op.nbIn;
+    int const wIdx = decayIndex(op);
+    std::string const tag = std::string(op.name) + ": ";
+    auto msg = [&](char const* s) { return (tag + s); };
+    IPluginCreatorV3One* c = creator(op.name);
+    check(c != nullptr, msg("creator registered as rwkv::<name> version 1").c_str());
+    if (c == nullptr)
+    {
+        return;
+    }
+    PluginFieldCollection const* names = c->getFieldNames();
+    check(names != nullptr && names->nbFields == 0, msg("creator declares no fields").c_str());
+    PluginFieldCollection empty{};
+    IPluginV3* p = c->createPlugin("node", &empty, TensorRTPhase::kBUILD);
+    check(p != nullptr, msg("createPlugin(kBUILD)").c_str());
+    if (p == nullptr)
+    {
+        return;
+    }
+    auto* core = static_cast<IPluginV3OneCore*>(p->getCapabilityInterface(PluginCapabilityType::kCORE));
+    auto* build = static_cast<IPluginV3OneBuild*>(p->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    auto* rt = static_cast<IPluginV3OneRuntime*>(p->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    check(core && build && rt, msg("all three capabilities").c_str());
+    check(std::strcmp(core->getPluginName(), op.name) == 0 && std::strcmp(core->getPluginVersion(), "1") == 0
+            && std::strcmp(core->getPluginNamespace(), "rwkv") == 0,
+        msg("name/version/namespace").c_str());
+    check(std::strcmp(core->getInterfaceInfo().kind, "PLUGIN_V3ONE_CORE") == 0
+            && std::strcmp(build->getInterfaceInfo().kind, "PLUGIN_V3ONE_BUILD") == 0
+            && std::strcmp(rt->getInterfaceInfo().kind, "PLUGIN_V3ONE_RUNTIME") == 0,
+        msg("capability interface kinds").c_str());
+    check(build->getNbOutputs() == 2, msg("2 outputs").c_str());
+
+    // Output types.
+    DataType const f = DataType::kFLOAT, h = DataType::kHALF;
+    auto types = [&](DataType act, DataType decay, DataType* t) {
+        for (int i = 0; i < nb; ++i)
+        {
+            t[i] = op.roles[i] == Role::kTOKEN ? act : op.roles[i] == Role::kDECAY ? decay : f;
+        }
+    };
+    DataType in[7];
+    DataType out[2]{};
+    types(h, h, in);
+    check(build->getOutputDataTypes(out, 2, in, nb) == 0 && out[0] == h && out[1] == f,
+        msg("types: f16 activations -> f16 y, f32 state").c_str());
+    types(f, f, in);
+    check(build->getOutputDataTypes(out, 2, in, nb) == 0 && out[0] == f && out[1] == f,
+        msg("types: f32 activations -> f32 y").c_str());
+    if (wIdx >= 0)
+    {
+        types(h, f, in);
+        check(build->getOutputDataTypes(out, 2, in, nb) == 0 && out[0] == h,
+            msg("types: f16 activations with f32 decay w accepted").c_str());
+        types(f, h, in);
+        check(build->getOutputDataTypes(out, 2, in, nb) != 0, msg("types: f16 w with f32 activations rejected").c_str());
+    }
+    types(DataType::kBF16, DataType::kBF16, in);
+    check(build->getOutputDataTypes(out, 2, in, nb) != 0, msg("types: bf16 rejected").c_str());
+    types(h, h, in);
+    in[2] = f; // a token input (k or w/k) of another type than r
+    check(build->getOutputDataTypes(out, 2, in, nb) != 0, msg("types: mixed activation types rejected").c_str());
+    types(h, h, in);
+    in[nb - 1] = h;
+    check(build->getOutputDataTypes(out, 2, in, nb) != 0, msg("types: f16 state rejected").c_str());
+    if (family != 7)
+    {
+        types(h, h, in);
+        in[4] = h; // u
+        check(build->getOutputDataTypes(out, 2, in, nb) != 0, msg("types: f16 u rejected").c_str());
+    }
+    check(build->getOutputDataTypes(out, 2, in, nb - 1) != 0, msg("types: wrong input count rejected").c_str());
+
+    // Symbolic shapes: outputs reuse r's expressions.
+    static char tokens[4];
+    auto const* eB = reinterpret_cast<IDimensionExpr const*>(&tokens[0]);
+    auto const* eT = reinterpret_cast<IDimensionExpr const*>(&tokens[1]);
+    auto const* eH = reinterpret_cast<IDimensionExpr const*>(&tokens[2]);
+    auto const* eN = reinterpret_cast<IDimensionExpr const*>(&tokens[3]);
+    DimsExprs ins[7]{};
+    for (int i = 0; i < nb; ++i)
+    {
+        DimsExprs& e = ins[i];
+        if (op.roles[i] == Role::kPARAM)
+        {
+            e.nbDims = 2;
+            e.d[0] = eH;
+            e.d[1] = eN;
+        }
+        else if (op.roles[i] == Role::kSTATE)
+        {
+            e.nbDims = 4;
+            e.d[0] = eB;
+            e.d[1] = eH;
+            e.d[2] = e.d[3] = eN;
+        }
+        else
+        {
+            e.nbDims = seq ? 4 : 3;
+            e.d[0] = eB;
+            if (seq)
+            {
+                e.d[1] = eT;
+            }
+            e.d[e.nbDims - 2] = eH;
+            e.d[e.nbDims - 1] = eN;
+        }
+    }
+    DimsExprs outs[2]{};
+    NullExprBuilder eb;
+    int32_t rc = build->getOutputShapes(ins, nb, nullptr, 0, outs, 2, eb);
+    bool shapesOk = rc == 0 && outs[0].nbDims == ins[0].nbDims;
+    for (int j = 0; shapesOk && j < outs[0].nbDims; ++j)
+    {
+        shapesOk = outs[0].d[j] == ins[0].d[j];
+    }
+    shapesOk = shapesOk && outs[1].nbDims == 4 && outs[1].d[0] == eB && outs[1].d[1] == eH && outs[1].d[2] == eN
+        && outs[1].d[3] == eN;
+    check(shapesOk, msg("getOutputShapes: y = r's shape, state_out [B, H, N, N] from r").c_str());
+    ins[0].nbDims = seq ? 3 : 4;
+    check(build->getOutputShapes(ins, nb, nullptr, 0, outs, 2, eb) != 0,
+        msg("getOutputShapes: wrong rank of r rejected").c_str());
+
+    // Format/type combinations, queried in order as TensorRT does.
+    Dims dims[9];
+    headDims(op, -1, -1, 4, 64, dims); // dynamic batch and T at build time
+    DynamicPluginTensorDesc dyn[9];
+    headDescs(op, dims, h, h, dyn, nullptr);
+    check(allFormats(build, dyn, nb), msg("supportsFormatCombination: f16 activations + f32 rest, linear").c_str());
+    headDescs(op, dims, f, f, dyn, nullptr);
+    check(allFormats(build, dyn, nb), msg("supportsFormatCombination: all f32, linear").c_str());
+    if (wIdx >= 0)
+    {
+        headDescs(op, dims, h, f, dyn, nullptr);
+        check(allFormats(build, dyn, nb), msg("supportsFormatCombination: f16 activations, f32 w").c_str());
+        headDescs(op, dims, f, h, dyn, nullptr);
+        check(!build->supportsFormatCombination(wIdx, dyn, nb, 2),
+            msg("supportsFormatCombination: f16 w with f32 r rejected").c_str());
+    }
+    headDescs(op, dims, h, h, dyn, nullptr);
+    dyn[2].desc.type = f; // k (WKV5/6) or k (WKV7): a token input
+    check(!build->supportsFormatCombination(2, dyn, nb, 2),
+        msg("supportsFormatCombination: token input type != r rejected").c_str());
+    dyn[2].desc.type = h;
+    dyn[nb].desc.type = f;
+    check(!build->supportsFormatCombination(nb, dyn, nb, 2), msg("supportsFormatCombination: y type != r rejected").c_str());
+    dyn[nb].desc.type = h;
+    dyn[nb + 1].desc.type = h;
+    check(!build->supportsFormatCombination(nb + 1, dyn, nb, 2),
+        msg("supportsFormatCombination: f16 state_out rejected").c_str());
+    dyn[nb + 1].desc.type = f;
+    dyn[nb - 1].desc.type = h;
+    check(!build->supportsFormatCombination(nb - 1, dyn, nb, 2),
+        msg("supportsFormatCombination: f16 state rejected").c_str());
+    dyn[nb - 1].desc.type = f;
+    dyn[0].desc.type = DataType::kINT8;
+    check(!build->supportsFormatCombination(0, dyn, nb, 2), msg("supportsFormatCombination: int8 r rejected").c_str());
+    dyn[0].desc.type = h;
+    dyn[1].desc.format = TensorFormat::kCHW32;
+    check(!build->supportsFormatCombination(1, dyn, nb, 2), msg("supportsFormatCombination: non-linear rejected").c_str());
+    dyn[1].desc.format = TensorFormat::kLINEAR;
+    check(!build->supportsFormatCombination(nb + 2, dyn, nb, 2), msg("supportsFormatCombination: bad pos rejected").c_str());
+
+    check(build->configurePlugin(dyn, nb, dyn + nb, 2) == 0, msg("configurePlugin: dynamic B/T accepted").c_str());
+    dyn[nb - 1].desc.dims = makeDims({-1, 4, 32, 32});
+    check(build->configurePlugin(dyn, nb, dyn + nb, 2) != 0, msg("configurePlugin: state with wrong N rejected").c_str());
+    dyn[nb - 1].desc.dims = dims[nb - 1];
+    dyn[2].desc.dims = seq ? makeDims({-1, -1, 2, 64}) : makeDims({-1, 2, 64});
+    check(build->configurePlugin(dyn, nb, dyn + nb, 2) != 0, msg("configurePlugin: k with wrong H rejected").c_str());
+    dyn[2].desc.dims = dims[2];
+    if (family != 7)
+    {
+        dyn[4].desc.dims = makeDims({4 * 64});
+        check(build->configurePlugin(dyn, nb, dyn + nb, 2) != 0, msg("configurePlugin: u of rank 1 rejected").c_str());
+        dyn[4].desc.dims = dims[4];
+    }
+    Dims big[9];
+    headDims(op, -1, -1, 1, 2048, big);
+    DynamicPluginTensorDesc dynBig[9];
+    headDescs(op, big, h, h, dynBig, nullptr);
+    check(build->configurePlugin(dynBig, nb, dynBig + nb, 2) != 0, msg("configurePlugin: N = 2048 rejected").c_str());
+
+    // Runtime side.
+    Dims run[9];
+    headDims(op, 3, 5, 2, 64, run);
+    PluginTensorDesc desc[9];
+    headDescs(op, run, h, h, nullptr, desc);
+    check(rt->onShapeChange(desc, nb, desc + nb, 2) == 0, msg("onShapeChange: concrete shapes accepted").c_str());
+    desc[nb - 1].dims = makeDims({2, 2, 64, 64});
+    check(rt->onShapeChange(desc, nb, desc + nb, 2) != 0, msg("onShapeChange: state batch != r batch rejected").c_str());
+
+    // enqueue: validation before any CUDA call; an empty batch returns before launching.
+    void const* inPtrs[7] = {};
+    void* outPtrs[2] = {};
+    check(rt->enqueue(desc, desc + nb, inPtrs, outPtrs, nullptr, nullptr) != 0, msg("enqueue: bad shapes rejected").c_str());
+    Dims empty0[9];
+    headDims(op, 0, 5, 2, 64, empty0);
+    headDescs(op, empty0, h, h, nullptr, desc);
+    check(rt->enqueue(desc, desc + nb, inPtrs, outPtrs, nullptr, nullptr) == 0, msg("enqueue: B = 0 is a no-op").c_str());
+    desc[nb].type = f;
+    check(rt->enqueue(desc, desc + nb, inPtrs, outPtrs, nullptr, nullptr) != 0, msg("enqueue: y type != r rejected").c_str());
+    desc[nb].type = h;
+    desc[nb - 1].type = h;
+    check(rt->enqueue(desc, desc + nb, inPtrs, outPtrs, nullptr, nullptr) != 0, msg("enqueue: f16 state rejected").c_str());
+
+    // Serialization round trip.
+    PluginFieldCollection const* fields = rt->getFieldsToSerialize();
+    bool fieldsOk = fields != nullptr && fields->nbFields == 1 && std::strcmp(fields->fields[0].name, "format_version") == 0
+        && fields->fields[0].type == PluginFieldType::kINT32 && fields->fields[0].length == 1
+        && *static_cast<int32_t const*>(fields->fields[0].data) == 1;
+    check(fieldsOk, msg("getFieldsToSerialize: format_version = 1").c_str());
+    IPluginV3* restored = c->createPlugin("node", fields, TensorRTPhase::kRUNTIME);
+    bool restoredOk = restored != nullptr;
+    if (restored)
+    {
+        auto* rcore = static_cast<IPluginV3OneCore*>(restored->getCapabilityInterface(PluginCapabilityType::kCORE));
+        auto* rbuild = static_cast<IPluginV3OneBuild*>(restored->getCapabilityInterface(PluginCapabilityType::kBUILD));
+        types(h, h, in);
+        restoredOk = std::strcmp(rcore->getPluginName(), op.name) == 0 && rbuild->getOutputDataTypes(out, 2, in, nb) == 0;
+    }
+    check(restoredOk, msg("createPlugin(kRUNTIME) from serialized fields: same op").c_str());
+    delete restored;
+    int32_t future = 2;
+    PluginField ff("format_version", &future, PluginFieldType::kINT32, 1);
+    PluginFieldCollection fc{1, &ff};
+    IPluginV3* bad = c->createPlugin("node", &fc, TensorRTPhase::kRUNTIME);
+    check(bad == nullptr, msg("createPlugin(kRUNTIME): unknown format_version rejected").c_str());
+    delete bad;
+
+    IPluginV3* cl = p->clone();
+    check(cl != nullptr
+            && std::strcmp(static_cast<IPluginV3OneCore*>(cl->getCapabilityInterface(PluginCapabilityType::kCORE))
+                               ->getPluginName(),
+                   op.name)
+                == 0,
+        msg("clone").c_str());
+    if (cl)
+    {
+        PluginFieldCollection const* cf
+            = static_cast<IPluginV3OneRuntime*>(cl->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
+                  ->getFieldsToSerialize();
+        check(cf != fields && cf->fields[0].data != fields->fields[0].data, msg("clone owns its fields").c_str());
+    }
+    delete cl;
+    IPluginV3* attached = rt->attachToContext(nullptr);
+    check(attached != nullptr, msg("attachToContext").c_str());
+    delete attached;
+    delete p;
+}
+
+//! The op on the CPU with the lane functions of wkvHeadMath.cuh (generic path: in place, with the
+//! kernels' strides). Activations [B, T, H, N] as float (already rounded to their types).
+void headReference(HeadOp const& op, int64_t B, int64_t T, int64_t H, int64_t N, std::vector<float> const* in,
+    std::vector<float>& y, std::vector<float>& state)
+{
+    // in[] in the op's input order; the state is in[nbIn - 1], copied into `state` and updated.
+    state = in[op.nbIn - 1];
+    y.assign(static_cast<size_t>(B * T * H * N), 0.F);
+    for (int64_t b = 0; b < B; ++b)
+    {
+        for (int64_t hh = 0; hh < H; ++hh)
+        {
+            float* s = state.data() + (b * H + hh) * N * N;
+            for (int64_t t = 0; t < T; ++t)
+            {
+                int64_t const base = rwkv::head::actIndex(b, t, hh, 0, T, H, N);
+                auto tok = [&](int i) { return in[i].data() + base; };
+                auto par = [&](int i) { return in[i].data() + hh * N; };
+                std::vector<float> yt(N);
+                for (int64_t l = 0; l < N; ++l)
+                {
+                    if (op.family == 7)
+                    {
+                        yt[l] = rwkv::head::wkv7Lane<0>(static_cast<int32_t>(N), s + l * N, 1, tok(0), tok(1), tok(2),
+                            tok(4), tok(5), tok(3)[l]);
+                    }
+                    else
+                    {
+                        float const* w = op.family == 5 ? par(3) : tok(3);
+                        yt[l] = rwkv::head::wkv5Lane<0>(static_cast<int32_t>(N), s + l, N, tok(0), tok(1), w, par(4),
+                            tok(2)[l]);
+                    }
+                }
+                for (int64_t l = 0; l < N; ++l)
+                {
+                    y[base + l] = yt[l];
+                }
+            }
+        }
+    }
+}
+
+template <typename Act, typename WT>
+void enqueueHeadCase(int family, bool seq, int32_t B, int32_t T, int32_t H, int32_t N)
+{
+    HeadOp const op = headOp(family, seq);
+    int const nb = op.nbIn;
+    if (!seq)
+    {
+        T = 1;
+    }
+    DataType const act = sizeof(Act) == 2 ? DataType::kHALF : DataType::kFLOAT;
+    DataType const wType = sizeof(WT) == 2 ? DataType::kHALF : DataType::kFLOAT;
+    char what[200];
+    std::snprintf(what, sizeof(what), "%s %s%s B=%d T=%d H=%d N=%d: enqueue on the GPU matches the CPU build", op.name,
+        act == DataType::kHALF ? "f16" : "f32", (act == DataType::kHALF && wType == DataType::kFLOAT) ? " (f32 w)" : "",
+        B, T, H, N);
+    Lcg rng{static_cast<uint64_t>(family * 7919 + B * 131 + T * 17 + H * 5 + N)};
+    size_t const nAct = static_cast<size_t>(B) * T * H * N;
+    size_t const nState = static_cast<size_t>(B) * H * N * N;
+    size_t const nParam = static_cast<size_t>(H) * N;
+    // Host values, rounded to the element type each input has on the device.
+    std::vector<float> host[7];
+    for (int i = 0; i < nb; ++i)
+    {
+        Role const role = op.roles[i];
+        size_t const n = role == Role::kSTATE ? nState : role == Role::kPARAM ? nParam : nAct;
+        host[i].resize(n);
+        bool const isW = (family != 7 && i == 3) || (family == 7 && i == 1);
+        for (size_t e = 0; e < n; ++e)
+        {
+            float x = role == Role::kSTATE ? rng.next(-1.F, 1.F) : rng.next(-2.F, 2.F);
+            if (isW)
+            {
+                x = std::exp(-std::exp(rng.next(-6.F, 1.F)));
+            }
+            else if (family != 7 && i == 4)
+            {
+                x = rng.next(-1.F, 1.F); // u
+            }
+            if (role == Role::kTOKEN)
+            {
+                x = rwkv::head::load(toElem<Act>(x));
+            }
+            else if (role == Role::kDECAY)
+            {
+                x = rwkv::head::load(toElem<WT>(x));
+            }
+            host[i][e] = x;
+        }
+    }
+    if (family == 7) // a = -kk, b = kk * g with kk of unit norm per head: a stable state update
+    {
+        for (size_t base = 0; base < nAct; base += N)
+        {
+            float norm = 0.F;
+            for (int32_t n = 0; n < N; ++n)
+            {
+                norm += host[4][base + n] * host[4][base + n];
+            }
+            norm = std::sqrt(norm) + 1e-6F;
+            for (int32_t n = 0; n < N; ++n)
+            {
+                float const kk = host[4][base + n] / norm;
+                host[4][base + n] = rwkv::head::load(toElem<Act>(-kk));
+                host[5][base + n] = rwkv::head::load(toElem<Act>(kk * rng.next(0.F, 1.F)));
+            }
+        }
+    }
+    std::vector<float> yRef, sRef;
+    headReference(op, B, T, H, N, host, yRef, sRef);
+
+    // Device buffers in the plugin's input/output order.
+    void* dev[9] = {};
+    size_t bytes[9];
+    bool ok = true;
+    for (int i = 0; i < nb + 2 && ok; ++i)
+    {
+        Role const role = i < nb ? op.roles[i] : (i == nb ? Role::kTOKEN : Role::kSTATE);
+        size_t const elem = role == Role::kTOKEN ? sizeof(Act) : role == Role::kDECAY ? sizeof(WT) : 4;
+        size_t const n = role == Role::kSTATE ? nState : role == Role::kPARAM ? nParam : nAct;
+        bytes[i] = n * elem;
+        ok = cudaMalloc(&dev[i], bytes[i] ? bytes[i] : 1) == cudaSuccess;
+        if (ok && i < nb)
+        {
+            std::vector<unsigned char> raw(bytes[i]);
+            for (size_t e = 0; e < n; ++e)
+            {
+                if (elem == 2)
+                {
+                    reinterpret_cast<__half*>(raw.data())[e] = toElem<__half>(host[i][e]);
+                }
+                else
+                {
+                    reinterpret_cast<float*>(raw.data())[e] = host[i][e];
+                }
+            }
+            ok = cudaMemcpy(dev[i], raw.data(), bytes[i], cudaMemcpyHostToDevice) == cudaSuccess;
+        }
+    }
+    IPluginCreatorV3One* c = creator(op.name);
+    PluginFieldCollection empty{};
+    IPluginV3* p = (ok && c) ? c->createPlugin("node", &empty, TensorRTPhase::kBUILD) : nullptr;
+    ok = ok && p != nullptr;
+    if (ok)
+    {
+        auto* rt = static_cast<IPluginV3OneRuntime*>(p->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+        Dims dims[9];
+        headDims(op, B, T, H, N, dims);
+        PluginTensorDesc desc[9];
+        headDescs(op, dims, act, wType, nullptr, desc);
+        void const* in[7] = {};
+        for (int i = 0; i < nb; ++i)
+        {
+            in[i] = dev[i];
+        }
+        void* out[2] = {dev[nb], dev[nb + 1]};
+        ok = rt->onShapeChange(desc, nb, desc + nb, 2) == 0 && rt->enqueue(desc, desc + nb, in, out, nullptr, nullptr) == 0
+            && cudaDeviceSynchronize() == cudaSuccess;
+    }
+    std::vector<Act> yGot(nAct);
+    std::vector<float> sGot(nState);
+    ok = ok && cudaMemcpy(yGot.data(), dev[nb], bytes[nb], cudaMemcpyDeviceToHost) == cudaSuccess
+        && cudaMemcpy(sGot.data(), dev[nb + 1], bytes[nb + 1], cudaMemcpyDeviceToHost) == cudaSuccess;
+    // Errors relative to each tensor's largest magnitude (sums of large terms may cancel).
+    double worstY = 0, worstS = 0, maxY = 1, maxS = 1;
+    for (size_t i = 0; i < nAct; ++i)
+    {
+        maxY = std::fmax(maxY, std::fabs(yRef[i]));
+    }
+    for (size_t i = 0; i < nState; ++i)
+    {
+        maxS = std::fmax(maxS, std::fabs(sRef[i]));
+    }
+    for (size_t i = 0; ok && i < nAct; ++i)
+    {
+        double const want = rwkv::head::load(toElem<Act>(yRef[i]));
+        worstY = std::fmax(worstY, std::fabs(rwkv::head::load(yGot[i]) - want) / maxY);
+    }
+    for (size_t i = 0; ok && i < nState; ++i)
+    {
+        worstS = std::fmax(worstS, std::fabs(sGot[i] - sRef[i]) / maxS);
+    }
+    double const tolY = act == DataType::kHALF ? 2e-3 : 2e-5;
+    std::printf("     max scaled error: y %.2e, state %.2e\n", worstY, worstS);
+    check(ok && worstY <= tolY && worstS <= 2e-5, what);
+    delete p;
+    for (void* d : dev)
+    {
+        cudaFree(d);
+    }
+}
+
+void enqueueHeadCases()
+{
+    // N = 64 (register path, the usual head size), 8 and 48 (generic path), 128 (largest register path).
+    for (int family : {5, 6, 7})
+    {
+        enqueueHeadCase<float, float>(family, false, 3, 1, 4, 64);
+        enqueueHeadCase<__half, __half>(family, false, 2, 1, 8, 8);
+        enqueueHeadCase<float, float>(family, true, 2, 7, 2, 48);
+        enqueueHeadCase<__half, __half>(family, true, 2, 33, 2, 64);
+        enqueueHeadCase<float, float>(family, true, 1, 5, 1, 128);
+        if (family != 5)
+        {
+            enqueueHeadCase<__half, float>(family, true, 3, 16, 2, 64);
+        }
+    }
+}
+
 } // namespace
 
 int main(int argc, char** argv)
 {
+    int32_t const kNB = 8; // WKV4, WKV5, WKV6, WKV7 and their Seq forms
     if (argc < 3)
     {
         std::fprintf(stderr, "usage: %s <scenario> <plugin.so> [<copy.so>]\n", argv[0]);
@@ -443,31 +1012,31 @@ int main(int argc, char** argv)
     if (scenario == "loadlibrary")
     {
         check(reg->loadLibrary(lib) != nullptr, "loadLibrary succeeds");
-        check(mockCreatorCount() == 2 && mockCreatorCountFromLibraries() == 2,
-            "2 creators, registered by loadLibrary (the load-time registration stood aside)");
-        check(plainDlopen(lib) != nullptr && mockCreatorCount() == 2, "a later dlopen of the same file adds nothing");
+        check(mockCreatorCount() == kNB && mockCreatorCountFromLibraries() == kNB,
+            "8 creators, registered by loadLibrary (the load-time registration stood aside)");
+        check(plainDlopen(lib) != nullptr && mockCreatorCount() == kNB, "a later dlopen of the same file adds nothing");
     }
     else if (scenario == "dlopen-then-loadlibrary")
     {
-        check(plainDlopen(lib) != nullptr && mockCreatorCount() == 2, "dlopen registers 2 creators statically");
+        check(plainDlopen(lib) != nullptr && mockCreatorCount() == kNB, "dlopen registers 8 creators statically");
         check(mockCreatorCountFromLibraries() == 0, "... by registerCreator, not loadLibrary");
         check(reg->loadLibrary(lib) != nullptr, "a later loadLibrary still succeeds");
-        check(mockCreatorCount() == 2, "still 2 creators");
+        check(mockCreatorCount() == kNB, "still 8 creators");
     }
     else if (scenario == "two-copies" && copy)
     {
-        check(plainDlopen(lib) != nullptr && mockCreatorCount() == 2, "dlopen registers 2 creators");
-        check(plainDlopen(copy) != nullptr && mockCreatorCount() == 2, "dlopen of a second copy skips them");
+        check(plainDlopen(lib) != nullptr && mockCreatorCount() == kNB, "dlopen registers 8 creators");
+        check(plainDlopen(copy) != nullptr && mockCreatorCount() == kNB, "dlopen of a second copy skips them");
     }
     else if (scenario == "loadlibrary-then-copy" && copy)
     {
-        check(reg->loadLibrary(lib) != nullptr && mockCreatorCount() == 2, "loadLibrary registers 2 creators");
-        check(plainDlopen(copy) != nullptr && mockCreatorCount() == 2, "dlopen of a second copy skips them");
+        check(reg->loadLibrary(lib) != nullptr && mockCreatorCount() == kNB, "loadLibrary registers 8 creators");
+        check(plainDlopen(copy) != nullptr && mockCreatorCount() == kNB, "dlopen of a second copy skips them");
     }
     else if (scenario == "enqueue-without-gpu")
     {
         // Only meaningful where no CUDA device exists: the launch itself must fail cleanly.
-        check(plainDlopen(lib) != nullptr && mockCreatorCount() == 2, "dlopen registers 2 creators");
+        check(plainDlopen(lib) != nullptr && mockCreatorCount() == kNB, "dlopen registers 8 creators");
         IPluginCreatorV3One* c = creator("WKV4");
         PluginFieldCollection empty{};
         IPluginV3* p = c ? c->createPlugin("node", &empty, TensorRTPhase::kBUILD) : nullptr;
@@ -494,6 +1063,29 @@ int main(int argc, char** argv)
             check(mockErrorCount() == 1, "... through the TensorRT logger");
             delete p;
         }
+        // The same for an RWKV-7 sequence op (the launchers of wkvHeadKernel.h).
+        IPluginCreatorV3One* c7 = creator("WKV7Seq");
+        IPluginV3* p7 = c7 ? c7->createPlugin("node", &empty, TensorRTPhase::kBUILD) : nullptr;
+        check(p7 != nullptr, "createPlugin WKV7Seq");
+        if (p7)
+        {
+            auto* rt = static_cast<IPluginV3OneRuntime*>(p7->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+            HeadOp const op = headOp(7, true);
+            Dims run[9];
+            headDims(op, 1, 2, 1, 4, run);
+            PluginTensorDesc desc[9];
+            headDescs(op, run, DataType::kFLOAT, DataType::kFLOAT, nullptr, desc);
+            static float buf[9][32];
+            void const* in[7];
+            for (int i = 0; i < 7; ++i)
+            {
+                in[i] = buf[i];
+            }
+            void* out[2] = {buf[7], buf[8]};
+            check(rt->enqueue(desc, desc + 7, in, out, nullptr, nullptr) != 0, "WKV7Seq enqueue reports the failed launch");
+            check(mockErrorCount() == 2, "... through the TensorRT logger");
+            delete p7;
+        }
         return gFailures == 0 ? 0 : 1;
     }
     else if (scenario == "enqueue-gpu")
@@ -504,19 +1096,25 @@ int main(int argc, char** argv)
             std::printf("skip: no CUDA device\n");
             return 0;
         }
-        check(plainDlopen(lib) != nullptr && mockCreatorCount() == 2, "dlopen registers 2 creators");
+        check(plainDlopen(lib) != nullptr && mockCreatorCount() == kNB, "dlopen registers 8 creators");
         enqueueCase<float>("WKV4", false, 3, 1, 768, DataType::kFLOAT);
         enqueueCase<__half>("WKV4", false, 3, 1, 768, DataType::kHALF);
         enqueueCase<float>("WKV4Seq", true, 2, 7, 100, DataType::kFLOAT);
         enqueueCase<__half>("WKV4Seq", true, 8, 64, 64, DataType::kHALF);
+        enqueueHeadCases();
         return gFailures == 0 ? 0 : 1;
     }
     else if (scenario == "exercise")
     {
-        check(plainDlopen(lib) != nullptr && mockCreatorCount() == 2, "dlopen registers 2 creators");
+        check(plainDlopen(lib) != nullptr && mockCreatorCount() == kNB, "dlopen registers 8 creators");
         int32_t const errorsBefore = mockErrorCount();
         exercise("WKV4", false);
         exercise("WKV4Seq", true);
+        for (int family : {5, 6, 7})
+        {
+            exerciseHead(family, false);
+            exerciseHead(family, true);
+        }
         check(mockErrorCount() > errorsBefore, "rejections were reported through the TensorRT logger");
         std::printf("errors logged while exercising (expected, one per rejection): %d\n", mockErrorCount() - errorsBefore);
         return gFailures == 0 ? 0 : 1;

@@ -1,0 +1,105 @@
+/*
+ * TensorRT IPluginV3 for the matrix-state WKV operators of RWKV-5, 6 and 7: ONNX ops rwkv::WKV5,
+ * WKV5Seq, WKV6, WKV6Seq, WKV7 and WKV7Seq. One plugin class and one creator class; the creator
+ * instance (op family + step/sequence) decides which op it makes. Thin glue, built like
+ * wkv4/wkv4Plugin.h: validate, pick the types, call the launchers in wkvHeadKernel.h.
+ */
+#ifndef RWKV_WKVHEAD_PLUGIN_H
+#define RWKV_WKVHEAD_PLUGIN_H
+
+#include "NvInferRuntime.h"
+
+#include <cstdint>
+
+namespace rwkv
+{
+namespace trt
+{
+
+constexpr char const* kWKVHEAD_VERSION{"1"};
+
+//! The op family; each has a single-token op ([B, H, N] activations) and a Seq op ([B, T, H, N]).
+enum class WkvFamily : int32_t
+{
+    kWKV5 = 5, //!< inputs r, k, v, w [H, N], u [H, N], state; outputs y, state_out
+    kWKV6 = 6, //!< inputs r, k, v, w (per token), u [H, N], state; outputs y, state_out
+    kWKV7 = 7, //!< inputs r, w, k, v, a, b (all per token), state; outputs y, state_out
+};
+
+constexpr int32_t kWKVHEAD_MAX_INPUTS{7};
+constexpr int32_t kWKVHEAD_NB_OUTPUTS{2};
+
+class WkvHeadPlugin final : public nvinfer1::IPluginV3,
+                            public nvinfer1::IPluginV3OneCore,
+                            public nvinfer1::IPluginV3OneBuild,
+                            public nvinfer1::IPluginV3OneRuntime
+{
+public:
+    WkvHeadPlugin(WkvFamily family, bool seq) noexcept;
+    WkvHeadPlugin(WkvHeadPlugin const& other) noexcept;
+    WkvHeadPlugin& operator=(WkvHeadPlugin const&) = delete;
+    ~WkvHeadPlugin() override = default;
+
+    // IPluginV3
+    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
+    nvinfer1::IPluginV3* clone() noexcept override;
+
+    // IPluginV3OneCore
+    char const* getPluginName() const noexcept override;
+    char const* getPluginVersion() const noexcept override;
+    char const* getPluginNamespace() const noexcept override;
+
+    // IPluginV3OneBuild
+    int32_t getNbOutputs() const noexcept override;
+    int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
+        nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
+    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
+        int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
+        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
+    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
+        int32_t nbOutputs) noexcept override;
+    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
+
+    // IPluginV3OneRuntime
+    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
+        int32_t nbOutputs) noexcept override;
+    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
+        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
+    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
+    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
+
+    //! Version of what getFieldsToSerialize writes; createPlugin(kRUNTIME) rejects engines with another.
+    static constexpr int32_t kFORMAT_VERSION{1};
+
+private:
+    WkvFamily mFamily;
+    bool mSeq;
+    int32_t mFormatVersion{kFORMAT_VERSION};
+    nvinfer1::PluginField mSerialField;
+    nvinfer1::PluginFieldCollection mSerialFields{};
+};
+
+class WkvHeadPluginCreator final : public nvinfer1::IPluginCreatorV3One
+{
+public:
+    WkvHeadPluginCreator(WkvFamily family, bool seq) noexcept;
+    ~WkvHeadPluginCreator() override = default;
+
+    char const* getPluginName() const noexcept override;
+    char const* getPluginVersion() const noexcept override;
+    char const* getPluginNamespace() const noexcept override;
+    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
+    nvinfer1::IPluginV3* createPlugin(
+        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
+
+private:
+    WkvFamily mFamily;
+    bool mSeq;
+    nvinfer1::PluginFieldCollection mFieldNames{}; // none: plugin_version/plugin_namespace are the parser's
+};
+
+} // namespace trt
+} // namespace rwkv
+
+#endif // RWKV_WKVHEAD_PLUGIN_H
