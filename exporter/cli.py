@@ -182,9 +182,11 @@ def generate(model, prompt, max_tokens, temperature, top_p, top_k, presence_pena
 
 def _register_optional_commands():
     """Commands that live in their own modules (they import heavier things lazily)."""
+    from .engine import build_engine_command
     from .validate import validate_command
 
     main.add_command(validate_command)
+    main.add_command(build_engine_command)
 
 
 _register_optional_commands()

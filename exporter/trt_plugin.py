@@ -24,7 +24,7 @@ except ImportError:  # loaded by file path (plugins/tests/gpu_check.py) without 
 
 PLUGIN_NAMESPACE = "rwkv"
 PLUGIN_VERSION = "1"
-OP_TYPES = ("WKV4", "WKV4Seq")
+OP_TYPES = ("WKV4", "WKV4Seq", "WKV5", "WKV5Seq", "WKV6", "WKV6Seq", "WKV7", "WKV7Seq")
 LIBRARY_NAME = "librwkv_trt_plugins.so"
 KERNELS_LIBRARY_NAME = "librwkv_wkv4_kernels.so"
 HOST_LIBRARY_NAME = "librwkv_wkv4_host.so"

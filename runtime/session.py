@@ -206,7 +206,7 @@ class Session:
     """
 
     def __init__(self, path, providers=None, threads: int | None = None, session_options=None,
-                 prefill_chunk: int = 256, low_memory: bool = False, initial_state=None):
+                 prefill_chunk: int = 256, low_memory: bool = False, initial_state=None, cuda_graphs=None):
         path = Path(path)
         if not path.exists():
             raise RuntimeUserError(f"{path}: no such file")
@@ -214,7 +214,7 @@ class Session:
             from .trt_backend import TrtBackend, read_engine_manifest  # optional: tensorrt + cuda-python
 
             self.manifest, self._tokenizer_json = read_engine_manifest(path)
-            self.backend = TrtBackend(path, self.manifest)
+            self.backend = TrtBackend(path, self.manifest, cuda_graphs=cuda_graphs)
         else:
             self.manifest, self._tokenizer_json = _read_manifest_fast(path)
             self.backend = OrtBackend(path, self.manifest, providers, threads, session_options, low_memory)
@@ -227,7 +227,12 @@ class Session:
         # a learned starting state: embedded by the exporter, or given here (.npz path or arrays)
         self._initial: dict = {}
         if self.manifest.initial_state == "embedded":
-            self._initial = decode_state(_read_props(path).get(INITIAL_STATE_KEY, "")) if path.suffix == ".onnx" else {}
+            if path.suffix in (".engine", ".plan", ".trt"):
+                from .trt_backend import read_engine_initial_state
+
+                self._initial = read_engine_initial_state(path)
+            else:
+                self._initial = decode_state(_read_props(path).get(INITIAL_STATE_KEY, ""))
         if initial_state is not None:
             self.set_initial_state(initial_state)
 

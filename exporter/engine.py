@@ -1,0 +1,407 @@
+"""ONNX export -> TensorRT engine(s): ``rwkv-export build-engine``.
+
+The network is strongly typed (TensorRT 11 knows no other kind; on 10 we ask for it): every tensor's
+precision comes from the ONNX types the exporter wrote, and no fp16/int8 builder flags exist. TF32 is
+off unless asked for, so a float32 export computes in float32. Each engine gets one optimization
+profile (batch 1..max for the tokens and every state input; for the sequence graph also T 1..max-seq)
+and a JSON sidecar ``MODEL.engine.json`` carrying the manifest, the tokenizer JSON, a learned initial
+state and the plugin libraries used: the runtime needs neither the ONNX file nor onnx to run it.
+Files are staged in a temporary directory and moved into place only when every engine is built.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from rwkv_runtime.manifest import INITIAL_STATE_KEY, MANIFEST_KEY, TOKENIZER_KEY, Manifest
+from rwkv_runtime.trt_backend import (ENGINE_SUFFIXES, SIDECAR_FORMAT, SIDECAR_VERSION, import_tensorrt,
+                                      load_plugin_library, sidecar_path, trt_logger)
+
+from . import __version__
+from .errors import ExportError
+
+STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+
+
+class EngineBuildError(ExportError):
+    """TensorRT could not parse or build the model, or the build options are inconsistent."""
+
+
+@dataclass
+class EngineOptions:
+    max_batch: int = 8
+    opt_batch: int = 1
+    max_seq: int = 256  # the sequence graph's largest T (the runtime splits longer chunks)
+    opt_seq: int | None = None  # None: min(128, max_seq)
+    plugins: tuple = ()  # plugin libraries; empty: the built rwkv plugin when the model has plugin nodes
+    timing_cache: Path | None = None
+    workspace_mb: int | None = None
+    optimization_level: int | None = None  # TensorRT's builder_optimization_level (default 3)
+    tf32: bool = False
+    companions: bool = True  # also build the other graphs of the export (model.seq.onnx -> model.seq.engine)
+
+
+@dataclass
+class _Graph:
+    kind: str
+    onnx: Path
+    engine: Path
+    manifest: Manifest
+    tokenizer_json: str | None
+    initial_state: str | None
+    custom_ops: list  # [(op_type, version, namespace)] of non-standard nodes
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the export
+# ---------------------------------------------------------------------------------------------
+def _read_onnx(path: Path):
+    """Manifest, tokenizer JSON, initial state and custom nodes of an export (weights not loaded)."""
+    import onnx
+
+    if not path.is_file():
+        raise EngineBuildError(f"{path}: no such file")
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf DecodeError and friends
+        raise EngineBuildError(f"{path}: not an ONNX model ({type(e).__name__})") from None
+    props = {p.key: p.value for p in m.metadata_props}
+    if MANIFEST_KEY not in props:
+        raise EngineBuildError(f"{path}: an ONNX model without an rwkv manifest (not exported by rwkv-export)")
+    man = Manifest.from_json(props[MANIFEST_KEY])
+    ops = set()
+    for n in m.graph.node:
+        if n.domain in STANDARD_DOMAINS:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        dec = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in attrs.items()
+               if k in ("plugin_version", "plugin_namespace")}
+        ops.add((n.op_type, dec.get("plugin_version", "1"), dec.get("plugin_namespace", n.domain)))
+    return man, props.get(TOKENIZER_KEY), props.get(INITIAL_STATE_KEY), sorted(ops)
+
+
+def _companion_engine(out: Path, primary: str, kind: str) -> Path:
+    """Engine name of a companion graph, mirroring the exporter's model.onnx / model.seq.onnx."""
+    if primary == "step" and kind == "sequence":
+        return out.with_name(out.stem + ".seq" + out.suffix)
+    if primary == "sequence" and kind == "step":
+        stem = out.stem[:-4] if out.stem.endswith(".seq") else out.stem + ".step"
+        return out.with_name(stem + out.suffix)
+    return out.with_name(f"{out.stem}.{kind}{out.suffix}")
+
+
+def plan_graphs(model: Path, out: Path, companions: bool = True, echo=None) -> list:
+    """The graphs to build: MODEL itself, then the companions present beside it."""
+    man, tok, init, ops = _read_onnx(model)
+    if man.options.get("quantize"):
+        raise EngineBuildError(f"{model.name} is a weight-only {man.options['quantize']} export (onnxruntime "
+                               "MatMulNBits, for CPUs); TensorRT cannot build it: export without --quantize")
+    graphs = [_Graph(man.graph, model, out, man, tok, init, ops)]
+    if companions:
+        for kind, name in sorted(man.companions.items()):
+            if kind == man.graph:
+                continue
+            p = model.with_name(name)
+            if not p.is_file():
+                if echo:
+                    echo(f"note: the {kind} graph {name} is not beside {model.name}; building {man.graph} only")
+                continue
+            cman, ctok, cinit, cops = _read_onnx(p)
+            graphs.append(_Graph(cman.graph, p, _companion_engine(out, man.graph, kind), cman, ctok, cinit, cops))
+    names = {g.kind: g.engine.name for g in graphs}
+    for g in graphs:
+        g.manifest.companions = dict(names)
+    return graphs
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT pieces
+# ---------------------------------------------------------------------------------------------
+def _progress_monitor(trt, echo, max_depth: int = 1):
+    """TensorRT's IProgressMonitor (10.0+) printing phases down to ``max_depth``; None if absent."""
+    base = getattr(trt, "IProgressMonitor", None)
+    if base is None:
+        return None
+
+    class Monitor(base):
+        def __init__(self):
+            base.__init__(self)
+            self.depth: dict = {}
+            self.started: dict = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            try:
+                d = self.depth.get(parent_phase, -1) + 1 if parent_phase else 0
+                self.depth[phase_name], self.started[phase_name] = d, time.perf_counter()
+                if d <= max_depth:
+                    echo(f"{'  ' * (d + 1)}{phase_name}" + (f" ({num_steps} steps)" if num_steps > 1 else ""))
+            except Exception:  # noqa: BLE001 - never raise into TensorRT
+                pass
+
+        def step_complete(self, phase_name, step):
+            return True  # keep building (returning False cancels)
+
+        def phase_finish(self, phase_name):
+            try:
+                d = self.depth.pop(phase_name, 99)
+                t0 = self.started.pop(phase_name, None)
+                if d == 0 and t0 is not None:
+                    echo(f"  {phase_name}: done in {time.perf_counter() - t0:.1f} s")
+            except Exception:  # noqa: BLE001
+                pass
+
+    return Monitor()
+
+
+def _network_flags(trt) -> int:
+    # TensorRT 11: always strongly typed (the flag is deprecated and ignored); 10: ask for it
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    if flag is None or int(str(trt.__version__).split(".")[0]) >= 11:
+        return 0
+    return 1 << int(flag)
+
+
+def _profile_shapes(g: _Graph, opts: EngineOptions, name: str, shape: tuple):
+    """(min, opt, max) for one network input, from the manifest; checked against the parsed shape."""
+    man = g.manifest
+    opt_seq = opts.opt_seq or min(128, opts.max_seq)
+    if name == man.tokens_input:
+        if g.kind == "sequence":
+            want = [(1, 1), (opts.opt_batch, opt_seq), (opts.max_batch, opts.max_seq)]
+        else:
+            want = [(1,), (opts.opt_batch,), (opts.max_batch,)]
+    else:
+        spec = next((s for s in man.state if s.name == name), None)
+        if spec is None:
+            raise EngineBuildError(f"{g.onnx.name}: input {name!r} is neither the tokens nor a state tensor "
+                                   "of the manifest")
+        want = [spec.concrete_shape(b) for b in (1, opts.opt_batch, opts.max_batch)]
+    if len(shape) != len(want[0]) or any(d >= 0 and any(w[axis] != d for w in want) for axis, d in enumerate(shape)):
+        raise EngineBuildError(f"{g.onnx.name}: input {name} has shape {list(shape)} in the graph but the manifest "
+                               f"implies {list(want[2])} at batch {opts.max_batch} (the batch and T axes must be "
+                               "dynamic; re-export the model)")
+    return [tuple(w) for w in want]
+
+
+def _parse(trt, builder, log, g: _Graph):
+    network = builder.create_network(_network_flags(trt))
+    parser = trt.OnnxParser(network, log)
+    # parse_from_file: the parser resolves external data (model.onnx.data) relative to the file
+    if not parser.parse_from_file(str(g.onnx)):
+        errs = [str(parser.get_error(i)).strip() for i in range(parser.num_errors)]
+        first = errs[0].splitlines()[0][:300] if errs else log.last_error()
+        more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+        raise EngineBuildError(f"{g.onnx.name}: TensorRT's ONNX parser failed: {first}{more}")
+    return network, parser
+
+
+def _check_plugins(trt, g: _Graph, echo) -> bool:
+    """True when every custom node has a registered plugin creator; warn for the others (the parser
+    then builds the node from its ONNX function body, if the model has one)."""
+    if not g.custom_ops:
+        return False
+    reg = trt.get_plugin_registry()
+    missing = [(op, v, ns) for op, v, ns in g.custom_ops if reg.get_creator(op, v, ns) is None]
+    for op, v, ns in missing:
+        echo(f"warning: no TensorRT plugin registered for {ns}::{op} (version {v}): TensorRT builds it from the "
+             "node's ONNX function body; build plugins/ (see plugins/README.md) or pass --plugin LIB.so")
+    return len(missing) < len(g.custom_ops)
+
+
+def _default_plugin():
+    """The built rwkv plugin library (exporter/trt_plugin.py), if that module and the library exist."""
+    try:
+        from . import trt_plugin
+    except ImportError:
+        return None
+    return trt_plugin.find_plugin()
+
+
+# ---------------------------------------------------------------------------------------------
+# Build
+# ---------------------------------------------------------------------------------------------
+def _check_options(model: Path, out: Path, opts: EngineOptions):
+    if out.suffix not in ENGINE_SUFFIXES:
+        raise EngineBuildError(f"-o {out.name}: an engine file name must end in {', '.join(ENGINE_SUFFIXES)} "
+                               "(that is how Session recognises it)")
+    if not model.is_file():
+        raise EngineBuildError(f"{model}: no such file")
+    if not out.parent.is_dir():
+        raise EngineBuildError(f"output directory {out.parent} does not exist")
+    if opts.max_batch < 1 or not 1 <= opts.opt_batch <= opts.max_batch:
+        raise EngineBuildError(f"--opt-batch {opts.opt_batch} must be between 1 and --max-batch {opts.max_batch}")
+    if opts.max_seq < 1 or (opts.opt_seq is not None and not 1 <= opts.opt_seq <= opts.max_seq):
+        raise EngineBuildError(f"--opt-seq {opts.opt_seq} must be between 1 and --max-seq {opts.max_seq}")
+    for p in opts.plugins:
+        if not Path(p).is_file():
+            raise EngineBuildError(f"--plugin {p}: no such file")
+    if opts.timing_cache is not None and not Path(opts.timing_cache).parent.is_dir():
+        raise EngineBuildError(f"--timing-cache {opts.timing_cache}: its directory does not exist")
+
+
+def build_engine(model, out, options: EngineOptions | None = None, echo=None) -> list:
+    """Build MODEL.onnx (and its companions) into TensorRT engines + sidecars; returns the engine paths.
+
+    ``echo`` receives progress lines (None: silent)."""
+    opts = options or EngineOptions()
+    model, out = Path(model), Path(out)
+    say = echo or (lambda msg: None)
+    _check_options(model, out, opts)
+    trt = import_tensorrt()  # one line saying what to install, before any work
+    log = trt_logger(trt)
+    saved_echo, log.echo = log.echo, ((lambda m: say(m)) if echo else None)
+    try:
+        return _build(trt, log, model, out, opts, say, echo is not None)
+    finally:
+        log.echo = saved_echo
+
+
+def _build(trt, log, model: Path, out: Path, opts: EngineOptions, say, progress: bool) -> list:
+    graphs = plan_graphs(model, out, opts.companions, say)
+    builder = trt.Builder(log)  # first: its logger becomes TensorRT's global one, which plugins log through
+
+    # plugins before parsing: the parser looks custom nodes up in the registry
+    needs_plugins = any(g.custom_ops for g in graphs)
+    plugins = [Path(p) for p in opts.plugins]
+    if not plugins and needs_plugins:
+        found = _default_plugin()
+        if found is not None:
+            plugins = [found]
+    for p in plugins:
+        say(f"loading plugin library {p}")
+        load_plugin_library(trt, p, echo=say)
+    uses = [_check_plugins(trt, g, say) for g in graphs]
+    record = plugins if (opts.plugins or any(uses)) else []
+
+    cache = None
+    cache_path = Path(opts.timing_cache) if opts.timing_cache else None
+    built = []
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".rwkv-engine-") as tmp:
+        for g in graphs:
+            say(f"parsing {g.onnx.name} ({g.kind} graph, {g.manifest.precision}, wkv {g.manifest.wkv})")
+            network, parser = _parse(trt, builder, log, g)
+            config = builder.create_builder_config()
+            if opts.workspace_mb:
+                config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_mb) << 20)
+            if opts.optimization_level is not None:
+                config.builder_optimization_level = int(opts.optimization_level)
+            tf32 = getattr(getattr(trt, "BuilderFlag", None), "TF32", None)
+            if tf32 is not None and not opts.tf32:
+                config.clear_flag(tf32)  # float32 stays float32 (TF32 rounds MatMul inputs to 10 bits)
+            if cache_path is not None:
+                cache = _attach_timing_cache(config, cache, cache_path, log, say)
+            monitor = _progress_monitor(trt, say) if progress else None
+            if monitor is not None:
+                config.progress_monitor = monitor
+            profile = builder.create_optimization_profile()
+            shapes = {}
+            for i in range(network.num_inputs):
+                t = network.get_input(i)
+                mn, op, mx = _profile_shapes(g, opts, t.name, tuple(int(d) for d in t.shape))
+                profile.set_shape(t.name, mn, op, mx)
+                shapes[t.name] = [list(mn), list(op), list(mx)]
+            config.add_optimization_profile(profile)
+            seq = f", T 1..{opts.max_seq}" if g.kind == "sequence" else ""
+            say(f"building {g.engine.name}: batch 1..{opts.max_batch} (opt {opts.opt_batch}){seq}")
+            t0 = time.perf_counter()
+            serialized = builder.build_serialized_network(network, config)
+            if serialized is None:
+                raise EngineBuildError(f"TensorRT could not build {g.onnx.name}: {log.last_error()}")
+            staged = Path(tmp) / g.engine.name
+            with open(staged, "wb") as f:
+                f.write(serialized)
+            side = _sidecar(trt, g, opts, record, shapes)
+            sidecar_path(staged).write_text(json.dumps(side, indent=1, sort_keys=True), encoding="utf-8")
+            say(f"built {g.engine.name} in {time.perf_counter() - t0:.1f} s")
+            built.append((staged, g.engine))
+            del parser, network, config
+        cache_staged = None
+        if cache is not None:
+            cache_staged = Path(tmp) / "timing.cache"
+            cache_staged.write_bytes(bytes(memoryview(cache.serialize())))
+        # everything built: move into place, each sidecar before its engine
+        for staged, target in built:
+            os.replace(sidecar_path(staged), sidecar_path(target))
+            os.replace(staged, target)
+        if cache_staged is not None:
+            os.replace(cache_staged, cache_path)
+    return [target for _, target in built]
+
+
+def _attach_timing_cache(config, cache, path: Path, log, say):
+    """The timing cache: created from ``path`` on first use (an empty one if absent or if it came from
+    another device/TensorRT), then shared by the builds of every graph."""
+    if cache is None:
+        data = path.read_bytes() if path.is_file() else b""
+        cache = config.create_timing_cache(data)
+        if data and not config.set_timing_cache(cache, False):
+            say(f"warning: {path.name} was made on another device or TensorRT version; starting a new cache")
+            cache = config.create_timing_cache(b"")
+        elif data:
+            return cache
+    if not config.set_timing_cache(cache, False):
+        raise EngineBuildError(f"TensorRT refused the timing cache {path} ({log.last_error()})")
+    return cache
+
+
+def _sidecar(trt, g: _Graph, opts: EngineOptions, plugins: list, shapes: dict) -> dict:
+    return {
+        "format": SIDECAR_FORMAT,
+        "format_version": SIDECAR_VERSION,
+        "manifest": json.loads(g.manifest.to_json()),
+        "tokenizer_json": g.tokenizer_json,
+        "initial_state": g.initial_state,
+        "plugins": [{"name": Path(p).name, "path": str(Path(p).resolve())} for p in plugins],
+        "tensorrt_version": str(trt.__version__),
+        "profile": shapes,
+        "tf32": bool(opts.tf32),
+        "source_onnx": g.onnx.name,
+        "built_by": f"rwkv-export {__version__}",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+@click.command("build-engine")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Engine path (model.engine); a sequence companion goes beside it as model.seq.engine.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Largest batch size.")
+@click.option("--opt-batch", default=1, show_default=True, type=click.IntRange(1),
+              help="Batch size TensorRT tunes for.")
+@click.option("--max-seq", default=256, show_default=True, type=click.IntRange(1),
+              help="Sequence graph: most tokens per call (the runtime splits longer prompts).")
+@click.option("--opt-seq", default=None, type=click.IntRange(1), help="Sequence graph: T to tune for [min(128, max-seq)].")
+@click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path),
+              help="TensorRT plugin library to load (repeatable; default for plugin-mode exports: the built one).")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="TensorRT timing cache: read if present, written back after the build (faster rebuilds).")
+@click.option("--workspace", "workspace_mb", type=click.IntRange(1), default=None, help="Workspace limit in MB.")
+@click.option("--builder-optimization-level", "opt_level", type=click.IntRange(0, 5), default=None,
+              help="TensorRT builder optimization level (default 3; higher builds longer, may run faster).")
+@click.option("--tf32", is_flag=True, help="Allow TF32 MatMuls for float32 graphs (faster, ~1e-3 relative error).")
+@click.option("--companions/--no-companions", default=True, show_default=True,
+              help="Also build the export's other graph (model.seq.onnx) when it is beside MODEL.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def build_engine_command(model, out, max_batch, opt_batch, max_seq, opt_seq, plugins, timing_cache, workspace_mb,
+                         opt_level, tf32, companions, quiet):
+    """Build TensorRT engine(s) from an exported MODEL.onnx (strongly typed: precision from the ONNX)."""
+    from .cli import run_user_errors
+
+    opts = EngineOptions(max_batch=max_batch, opt_batch=opt_batch, max_seq=max_seq, opt_seq=opt_seq,
+                         plugins=tuple(plugins), timing_cache=timing_cache, workspace_mb=workspace_mb,
+                         optimization_level=opt_level, tf32=tf32, companions=companions)
+    echo = None if quiet else (lambda msg: click.echo(msg, err=True))
+    paths = run_user_errors(lambda: build_engine(model, out, opts, echo=echo))
+    for p in paths:
+        click.echo(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB) + {sidecar_path(p).name}")
+
+
+__all__ = ["build_engine", "build_engine_command", "EngineOptions", "EngineBuildError", "plan_graphs"]

@@ -1,0 +1,794 @@
+"""TensorRT: `rwkv-export build-engine` and the TensorRT backend of rwkv_runtime.
+
+Three kinds of test:
+- without TensorRT (always run): the one-line errors, the sidecar manifest;
+- against a stand-in for `tensorrt` and cuda-python (always run): the stand-in mirrors the documented
+  API that engine.py / trt_backend.py call, keeps "device" memory in host allocations, records CUDA
+  graph captures, and computes with onnxruntime on the ONNX file the engine was built from. It checks
+  our logic (profiles, sidecars, plugins, buffers, double buffering, graph capture), not TensorRT;
+- with TensorRT and a CUDA device (skipped otherwise): real engines against BlinkDL's logits.
+"""
+from __future__ import annotations
+
+import ctypes
+import enum
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import rwkv_runtime
+from rwkv_runtime import BackendUnavailable, RuntimeUserError
+from rwkv_runtime import trt_backend as tb
+from rwkv_runtime.manifest import Manifest, StateSpec, encode_state
+
+from .conftest import PROMPTS, ref_logits
+from .helpers import step_all
+
+NAME = "tiny-rwkv-4v0-660K"
+_REAL_IMPORT_CUDART = tb.import_cudart
+
+
+def _manifest(**kw) -> Manifest:
+    state = [StateSpec("state.0.x", "new_state.0.x", ["batch", 4], init=-1e30, layer=0)]
+    return Manifest(architecture="rwkv4", n_layer=1, n_embd=4, vocab_size=8, state=state,
+                    companions={"step": "m.engine"}, **kw)
+
+
+def _write_fake_engine(d: Path, manifest: Manifest, **extra) -> Path:
+    eng = d / "m.engine"
+    eng.write_bytes(b"not a real engine")
+    side = {"format": tb.SIDECAR_FORMAT, "format_version": tb.SIDECAR_VERSION,
+            "manifest": json.loads(manifest.to_json()), **extra}
+    tb.sidecar_path(eng).write_text(json.dumps(side))
+    return eng
+
+
+# ---------------------------------------------------------------------------------------------
+# Without TensorRT
+# ---------------------------------------------------------------------------------------------
+def test_build_engine_without_tensorrt_is_one_line(tmp_path, monkeypatch):
+    from rwkv_export.engine import build_engine_command
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    res = CliRunner().invoke(build_engine_command, [str(model), "-o", str(tmp_path / "m.engine")])
+    assert res.exit_code == 1
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: TensorRT is not installed: pip install tensorrt")
+    assert "[tensorrt]" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_build_engine_rejects_a_non_engine_suffix(tmp_path):
+    from rwkv_export.engine import build_engine_command
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    res = CliRunner().invoke(build_engine_command, [str(model), "-o", str(tmp_path / "m.bin")])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1 and ".engine" in res.output
+
+
+def test_session_on_engine_without_tensorrt_is_backend_unavailable(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    eng = _write_fake_engine(tmp_path, _manifest())
+    with pytest.raises(BackendUnavailable) as e:
+        rwkv_runtime.Session(eng)
+    msg = str(e.value)
+    assert "\n" not in msg and "pip install tensorrt" in msg
+
+
+def test_sidecar_manifest_round_trip(tmp_path):
+    man = _manifest(precision="fp16", tokenizer={"kind": "hf-json", "name": "tokenizer.json"})
+    init = {"state.0.x": np.arange(4, dtype=np.float32)[None]}
+    eng = _write_fake_engine(tmp_path, man, tokenizer_json='{"model": {}}', initial_state=encode_state(init))
+    got, tok = tb.read_engine_manifest(eng)
+    assert got.to_json() == man.to_json() and tok == '{"model": {}}'
+    np.testing.assert_array_equal(tb.read_engine_initial_state(eng)["state.0.x"], init["state.0.x"])
+
+
+def test_sidecar_errors_are_one_line(tmp_path):
+    eng = tmp_path / "m.engine"
+    eng.write_bytes(b"x")
+    with pytest.raises(RuntimeUserError, match="m.engine.json"):
+        tb.read_engine_manifest(eng)
+    tb.sidecar_path(eng).write_text("{nope")
+    with pytest.raises(RuntimeUserError, match="not valid JSON"):
+        tb.read_engine_manifest(eng)
+    tb.sidecar_path(eng).write_text(json.dumps({"format": tb.SIDECAR_FORMAT, "format_version": 99, "manifest": {}}))
+    with pytest.raises(RuntimeUserError, match="version 99"):
+        tb.read_engine_manifest(eng)
+
+
+def test_inspect_reads_the_engine_sidecar(tmp_path):
+    from rwkv_export.cli import main
+
+    eng = _write_fake_engine(tmp_path, _manifest())
+    res = CliRunner().invoke(main, ["inspect", str(eng)])
+    assert res.exit_code == 0, res.output
+    assert "rwkv4" in res.output and "state.0.x" in res.output
+
+
+# ---------------------------------------------------------------------------------------------
+# A stand-in for tensorrt + cuda-python
+# ---------------------------------------------------------------------------------------------
+class _Err(enum.IntEnum):
+    cudaSuccess = 0
+    cudaErrorInvalidValue = 1
+    cudaErrorMemoryAllocation = 2
+    cudaErrorNoDevice = 100
+    cudaErrorStreamCaptureUnsupported = 900
+    cudaErrorStreamCaptureInvalidated = 901
+
+
+class _Kind(enum.IntEnum):
+    cudaMemcpyHostToHost = 0
+    cudaMemcpyHostToDevice = 1
+    cudaMemcpyDeviceToHost = 2
+    cudaMemcpyDeviceToDevice = 3
+
+
+class _Mode(enum.IntEnum):
+    cudaStreamCaptureModeGlobal = 0
+    cudaStreamCaptureModeThreadLocal = 1
+
+
+class _Stream:
+    _next = 0x5000
+
+    def __init__(self):
+        _Stream._next += 16
+        self.handle = _Stream._next
+        self.capture = None  # list of recorded ops while capturing
+        self.invalid = False
+
+    def __int__(self):
+        return self.handle
+
+    def submit(self, op):
+        if self.capture is not None:
+            self.capture.append(op)
+        else:
+            op()
+
+
+class FakeCudart:
+    """cuda.bindings.runtime as trt_backend uses it: every call returns (cudaError_t, *results)."""
+
+    cudaError_t, cudaMemcpyKind, cudaStreamCaptureMode = _Err, _Kind, _Mode
+
+    def __init__(self, devices: int = 1):
+        self.devices = devices
+        self.dev, self.pinned, self.streams = {}, {}, {}
+        self.launches = self.instantiated = 0
+
+    def _ok(self, *vals):
+        return (_Err.cudaSuccess, *vals)
+
+    def cudaGetDeviceCount(self):
+        return self._ok(self.devices) if self.devices else (_Err.cudaErrorNoDevice, 0)
+
+    def cudaGetErrorName(self, err):
+        return self._ok(_Err(int(err)).name.encode())
+
+    def cudaGetLastError(self):
+        return self._ok()
+
+    def _alloc(self, table, n):
+        buf = ctypes.create_string_buffer(int(n))
+        table[ctypes.addressof(buf)] = buf
+        return self._ok(ctypes.addressof(buf))
+
+    def cudaMalloc(self, n):
+        return self._alloc(self.dev, n)
+
+    def cudaMallocHost(self, n):
+        return self._alloc(self.pinned, n)
+
+    def cudaFree(self, p):
+        return self._ok() if self.dev.pop(int(p), None) is not None else (_Err.cudaErrorInvalidValue,)
+
+    def cudaFreeHost(self, p):
+        return self._ok() if self.pinned.pop(int(p), None) is not None else (_Err.cudaErrorInvalidValue,)
+
+    @staticmethod
+    def _inside(table, p, n) -> bool:
+        return any(a <= p and p + n <= a + len(b) for a, b in table.items())
+
+    def is_device(self, p, n) -> bool:
+        return self._inside(self.dev, int(p), int(n))
+
+    def cudaStreamCreate(self):
+        s = _Stream()
+        self.streams[int(s)] = s
+        return self._ok(s)
+
+    def cudaStreamDestroy(self, s):
+        self.streams.pop(int(s), None)
+        return self._ok()
+
+    def cudaStreamSynchronize(self, s):
+        return (_Err.cudaErrorStreamCaptureUnsupported,) if s.capture is not None else self._ok()
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, s):
+        dev_side = {_Kind.cudaMemcpyHostToDevice: [dst], _Kind.cudaMemcpyDeviceToHost: [src],
+                    _Kind.cudaMemcpyDeviceToDevice: [dst, src]}.get(kind, [])
+        host_side = {_Kind.cudaMemcpyHostToDevice: src, _Kind.cudaMemcpyDeviceToHost: dst}.get(kind)
+        if not all(self.is_device(p, n) for p in dev_side):
+            return (_Err.cudaErrorInvalidValue,)
+        if s.capture is not None and host_side is not None and not self._inside(self.pinned, host_side, n):
+            s.invalid = True  # real CUDA: pageable memory cannot be captured
+            return (_Err.cudaErrorStreamCaptureInvalidated,)
+        s.submit(lambda: ctypes.memmove(int(dst), int(src), int(n)))
+        return self._ok()
+
+    def cudaStreamBeginCapture(self, s, mode):
+        s.capture, s.invalid = [], False
+        return self._ok()
+
+    def cudaStreamEndCapture(self, s):
+        ops, s.capture = s.capture, None
+        if s.invalid:
+            return (_Err.cudaErrorStreamCaptureInvalidated, None)
+        return self._ok(types.SimpleNamespace(ops=ops))
+
+    def cudaGraphInstantiateWithFlags(self, graph, flags):
+        self.instantiated += 1
+        return self._ok(types.SimpleNamespace(ops=list(graph.ops)))
+
+    def cudaGraphLaunch(self, gexec, s):
+        self.launches += 1
+        for op in gexec.ops:
+            s.submit(op)
+        return self._ok()
+
+    def cudaGraphDestroy(self, g):
+        return self._ok()
+
+    def cudaGraphExecDestroy(self, g):
+        return self._ok()
+
+
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+               "tensor(int32)": np.int32}
+
+
+def make_fake_trt(cudart: FakeCudart, capturable: bool = True, fail_build: str | None = None):
+    """A module with the parts of the tensorrt API that engine.py and trt_backend.py use."""
+    import onnx
+    import onnxruntime as ort
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.99.0"
+    trt.calls = {"networks": [], "configs": [], "loaded": [], "executions": 0}
+    registry_creators = set()
+
+    class ILogger:
+        class Severity(enum.IntEnum):
+            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+        def __init__(self):
+            pass
+
+    class IProgressMonitor:
+        def __init__(self):
+            pass
+
+    trt.ILogger, trt.IProgressMonitor = ILogger, IProgressMonitor
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+    trt.BuilderFlag = types.SimpleNamespace(TF32="tf32")
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
+    trt.nptype = lambda dt: np.dtype(dt).type
+
+    class Registry:
+        def load_library(self, path):
+            trt.calls["loaded"].append(path)
+            lines = Path(path).read_text().split()
+            if not lines or any(c in registry_creators for c in lines):
+                return None  # like TensorRT: fails if a plugin is already registered
+            registry_creators.update(lines)
+            return object()
+
+        def get_creator(self, op, version, namespace=""):
+            return object() if f"{namespace}::{op}:{version}" in registry_creators else None
+
+    registry = Registry()
+    trt.get_plugin_registry = lambda: registry
+
+    class Tensor:
+        def __init__(self, name, shape, dtype):
+            self.name, self.shape, self.dtype = name, shape, dtype
+
+    class Network:
+        def __init__(self, flags):
+            self.flags, self.inputs, self.path, self.custom = flags, [], None, []
+            trt.calls["networks"].append(self)
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network, self.logger, self.errors = network, logger, []
+
+        def parse_from_file(self, path):
+            try:
+                m = onnx.load(path, load_external_data=False)
+            except Exception as e:  # noqa: BLE001
+                self.errors.append(f"In node -1: MODEL_DESERIALIZE_FAILED: {e}")
+                return False
+            self.network.path = path
+            for i in m.graph.input:
+                dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim)
+                self.network.inputs.append(Tensor(i.name, dims, i.type.tensor_type.elem_type))
+            for n in m.graph.node:  # custom nodes: the plugin if registered, else the function body
+                attrs = {a.name: a.s.decode() for a in n.attribute if a.name.startswith("plugin_")}
+                key = f"{attrs.get('plugin_namespace', n.domain)}::{n.op_type}:{attrs.get('plugin_version', '1')}"
+                if n.domain not in ("", "ai.onnx") and key in registry_creators:
+                    self.network.custom.append(key)
+            return True
+
+        @property
+        def num_errors(self):
+            return len(self.errors)
+
+        def get_error(self, i):
+            return self.errors[i]
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, mn, opt, mx):
+            self.shapes[name] = [list(mn), list(opt), list(mx)]
+
+    class Cache:
+        def __init__(self, data):
+            self.data = bytes(data) or b"fresh"
+
+        def serialize(self):
+            return self.data + b"+"
+
+    class Config:
+        def __init__(self):
+            self.flags_cleared, self.profiles, self.cache, self.progress_monitor = [], [], None, None
+            self.pool, self.builder_optimization_level = {}, 3
+            trt.calls["configs"].append(self)
+
+        def set_memory_pool_limit(self, pool, size):
+            self.pool[pool] = size
+
+        def clear_flag(self, flag):
+            self.flags_cleared.append(flag)
+
+        def create_timing_cache(self, data):
+            return Cache(data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+            return True
+
+        def add_optimization_profile(self, p):
+            self.profiles.append(p)
+            return len(self.profiles) - 1
+
+    class Builder:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, flags=0):
+            return Network(flags)
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            if config.progress_monitor is not None:
+                config.progress_monitor.phase_start("Building engine", None, 2)
+                config.progress_monitor.step_complete("Building engine", 1)
+                config.progress_monitor.phase_finish("Building engine")
+            if fail_build and network.path.endswith(fail_build):
+                self.logger.log(ILogger.Severity.ERROR, "out of tactics (stand-in failure)")
+                return None
+            (prof,) = config.profiles
+            assert set(prof.shapes) == {t.name for t in network.inputs}
+            return json.dumps({"onnx": network.path, "profile": prof.shapes, "plugins": network.custom,
+                               "capturable": capturable}).encode()
+
+    trt.OnnxParser, trt.Builder = OnnxParser, Builder
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.shapes, self.addr = engine, {}, {}
+
+        def set_input_shape(self, name, shape):
+            mn, _, mx = self.engine.profile[name]
+            if len(shape) != len(mn) or any(not lo <= d <= hi for d, lo, hi in zip(shape, mn, mx)):
+                return False
+            self.shapes[name] = tuple(int(d) for d in shape)
+            return True
+
+        def _dims(self):
+            dims = {}
+            for i in self.engine.sess.get_inputs():
+                for sym, d in zip(i.shape, self.shapes.get(i.name, ())):
+                    if isinstance(sym, str):
+                        dims[sym] = d
+            return dims
+
+        def get_tensor_shape(self, name):
+            if name in self.engine.inputs:
+                return self.shapes.get(name, tuple(-1 for _ in self.engine.inputs[name][0]))
+            dims = self._dims()
+            return tuple(dims.get(d, -1) if isinstance(d, str) else d for d in self.engine.outputs[name][0])
+
+        def set_tensor_address(self, name, ptr):
+            if name not in self.engine.inputs and name not in self.engine.outputs:
+                return False
+            self.addr[name] = int(ptr)
+            return True
+
+        def execute_async_v3(self, stream_handle):
+            stream = cudart.streams[int(stream_handle)]
+            if stream.capture is not None and not self.engine.capturable:
+                stream.invalid = True
+                return False
+            eng = self.engine
+            # what a real enqueue bakes in: the addresses and shapes of this moment
+            ins = {n: (self.addr[n], self.shapes[n], eng.inputs[n][1]) for n in eng.inputs}
+            outs = {n: (self.addr[n], self.get_tensor_shape(n), eng.outputs[n][1]) for n in eng.outputs}
+
+            def run():
+                trt.calls["executions"] += 1
+                feed = {}
+                for n, (p, shape, dt) in ins.items():
+                    nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
+                    assert cudart.is_device(p, nbytes), f"{n} is not in device memory"
+                    feed[n] = np.frombuffer(ctypes.string_at(p, nbytes), dt).reshape(shape)
+                results = eng.sess.run(list(outs), feed)
+                for (n, (p, shape, dt)), r in zip(outs.items(), results):
+                    r = np.ascontiguousarray(r, dtype=dt)
+                    assert r.shape == tuple(shape) and cudart.is_device(p, r.nbytes), n
+                    ctypes.memmove(p, r.ctypes.data, r.nbytes)
+
+            stream.submit(run)
+            return True
+
+    class Engine:
+        def __init__(self, spec):
+            self.sess = ort.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
+            self.profile, self.capturable = spec["profile"], spec["capturable"]
+            self.inputs = {i.name: (i.shape, _ORT_DTYPES[i.type]) for i in self.sess.get_inputs()}
+            self.outputs = {o.name: (o.shape, _ORT_DTYPES[o.type]) for o in self.sess.get_outputs()}
+            self.names = list(self.inputs) + list(self.outputs)
+
+        @property
+        def num_io_tensors(self):
+            return len(self.names)
+
+        def get_tensor_name(self, i):
+            return self.names[i]
+
+        def get_tensor_mode(self, name):
+            return trt.TensorIOMode.INPUT if name in self.inputs else trt.TensorIOMode.OUTPUT
+
+        def get_tensor_dtype(self, name):
+            return (self.inputs.get(name) or self.outputs[name])[1]
+
+        def get_tensor_profile_shape(self, name, index):
+            assert index == 0
+            return self.profile[name]
+
+        def create_execution_context(self):
+            return Context(self)
+
+    class Runtime:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, data):
+            try:
+                spec = json.loads(bytes(data))
+            except ValueError:
+                self.logger.log(ILogger.Severity.ERROR, "the serialized engine is not a valid plan")
+                return None
+            missing = [p for p in spec["plugins"] if p not in registry_creators]
+            if missing:
+                self.logger.log(ILogger.Severity.ERROR, f"getPluginCreator could not find plugin {missing[0]}")
+                return None
+            return Engine(spec)
+
+    trt.Runtime = Runtime
+    return trt
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """Install the stand-in: returns a function (capturable=..., fail_build=...) -> (trt, cudart)."""
+    monkeypatch.setattr(tb, "_LOGGER", None)
+    monkeypatch.setattr(tb, "_LOADED_PLUGINS", {})
+    monkeypatch.delenv(tb.PLUGIN_ENV, raising=False)
+    monkeypatch.delenv(tb.GRAPHS_ENV, raising=False)
+
+    def install(**kw):
+        cudart = FakeCudart()
+        trt = make_fake_trt(cudart, **kw)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
+        return trt, cudart
+
+    return install
+
+
+def _build(tmp_path, onnx_path, *args):
+    from rwkv_export.engine import build_engine_command
+
+    out = tmp_path / "m.engine"
+    res = CliRunner().invoke(build_engine_command, [str(onnx_path), "-o", str(out), *args])
+    return res, out
+
+
+def test_build_engine_writes_engines_sidecars_and_profiles(tmp_path, fake, rwkv4_exports):
+    trt, _ = fake()
+    cache = tmp_path / "timing.cache"
+    res, out = _build(tmp_path, rwkv4_exports["plain"], "--max-batch", "4", "--opt-batch", "2", "--max-seq", "16",
+                      "--timing-cache", str(cache), "--workspace", "64")
+    assert res.exit_code == 0, res.output
+    seq = tmp_path / "m.seq.engine"
+    assert out.is_file() and seq.is_file() and cache.read_bytes() == b"fresh+"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rwkv-engine-")]
+    assert "Building engine" in res.output and f"wrote {out}" in res.output
+    side = json.loads(tb.sidecar_path(out).read_text())
+    assert side["profile"]["tokens"] == [[1], [2], [4]]
+    assert side["profile"]["state.0.wkv_pp"] == [[1, 128], [2, 128], [4, 128]]
+    assert side["plugins"] == [] and side["source_onnx"] == rwkv4_exports["plain"].name
+    sside = json.loads(tb.sidecar_path(seq).read_text())
+    assert sside["profile"]["tokens"] == [[1, 1], [2, 16], [4, 16]]
+    man, _ = tb.read_engine_manifest(out)
+    assert man.graph == "step" and man.companions == {"step": "m.engine", "sequence": "m.seq.engine"}
+    assert tb.read_engine_manifest(seq)[0].graph == "sequence"
+    # strongly typed on TensorRT 10, TF32 off, the cache shared by both builds
+    assert all(n.flags == 1 << 1 for n in trt.calls["networks"])
+    assert all(c.flags_cleared == ["tf32"] and c.pool == {"workspace": 64 << 20} for c in trt.calls["configs"])
+    assert trt.calls["configs"][0].cache is trt.calls["configs"][1].cache
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path, fake, rwkv4_exports):
+    fake(fail_build=".seq.onnx")
+    res, out = _build(tmp_path, rwkv4_exports["plain"], "-q")
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [
+        f"Error: TensorRT could not build {rwkv4_exports['plain'].name.replace('.onnx', '.seq.onnx')}: "
+        "out of tactics (stand-in failure)"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def _sessions(tmp_path, rwkv4_exports, wkv="plain", build_args=()):
+    res, out = _build(tmp_path, rwkv4_exports[wkv], "-q", *build_args)
+    assert res.exit_code == 0, res.output
+    return rwkv_runtime.Session(out), rwkv_runtime.Session(rwkv4_exports[wkv])
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_stand_in_engine_matches_onnxruntime(tmp_path, fake, rwkv4_exports, graphs):
+    _, cudart = fake()
+    eng, ref = _sessions(tmp_path, rwkv4_exports, build_args=("--max-seq", "5"))
+    eng.backend.cuda_graphs = graphs
+    tokens = list(PROMPTS["atom"])
+    a, sa = step_all(eng, tokens)
+    b, sb = step_all(ref, tokens)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert np.abs(a - ref_logits(NAME, "atom")).max() <= 1e-5
+    for k in sa.keys():
+        np.testing.assert_allclose(sa[k], sb[k], atol=1e-6)
+    # prefill: 34 tokens through a T <= 5 profile (split into chunks by the backend)
+    la, pa = eng.prefill(np.array([tokens]), chunk_size=256)
+    lb, _ = ref.prefill(np.array([tokens]))
+    np.testing.assert_allclose(la, lb, atol=1e-5)
+    # batch 3 (one batch size after another)
+    prompts = [b"abc", b"xyz", b"hel"]
+    s3e, s3r = eng.new_state(3), ref.new_state(3)
+    for j in range(3):
+        le, s3e = eng.step(np.array([p[j] for p in prompts]), s3e)
+        lr, s3r = ref.step(np.array([p[j] for p in prompts]), s3r)
+    np.testing.assert_allclose(le, lr, atol=1e-6)
+    if graphs:  # the step loop reached the two captured graphs (A->B, B->A) of batch 1
+        assert cudart.instantiated >= 2 and cudart.launches >= len(tokens) - 4
+    else:
+        assert cudart.launches == 0
+
+
+def test_double_buffering_never_overwrites_a_held_state(tmp_path, fake, rwkv4_exports):
+    _, cudart = fake()
+    eng, _ = _sessions(tmp_path, rwkv4_exports)
+    eng.backend.cuda_graphs = True
+    _, st = step_all(eng, b"The atom")
+    held = st.numpy()
+    snapshot = st.copy()
+    l1, a = eng.step(np.array([5]), st)
+    l2, b = eng.step(np.array([5]), st)  # the same state stepped twice
+    _, c = eng.step(np.array([7]), a)
+    _, d = eng.step(np.array([7]), b)
+    np.testing.assert_array_equal(l1, l2)
+    for k, v in held.items():
+        np.testing.assert_array_equal(st[k], v)  # untouched by four later steps
+        np.testing.assert_array_equal(snapshot[k], v)
+        np.testing.assert_array_equal(c[k], d[k])
+    # a long loop: the pool settles on two sets, the allocations stop growing
+    state = eng.new_state(1)
+    sizes = []
+    for i in range(40):
+        _, state = eng.step(np.array([i % 200]), state)
+        sizes.append(len(cudart.dev))
+    assert len(set(sizes[5:])) == 1
+
+
+def test_capture_failure_falls_back(tmp_path, fake, rwkv4_exports, capsys):
+    _, cudart = fake(capturable=False)
+    eng, ref = _sessions(tmp_path, rwkv4_exports)
+    eng.backend.cuda_graphs = True
+    a, _ = step_all(eng, PROMPTS["atom"])
+    b, _ = step_all(ref, PROMPTS["atom"])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert cudart.launches == 0 and "CUDA graph capture failed" in capsys.readouterr().err
+
+
+def test_batch_outside_the_profile_is_one_line(tmp_path, fake, rwkv4_exports):
+    fake()
+    eng, _ = _sessions(tmp_path, rwkv4_exports, build_args=("--max-batch", "2"))
+    with pytest.raises(RuntimeUserError, match=r"outside this engine's profile \(1..2\).*--max-batch 3"):
+        eng.step(np.array([1, 2, 3]))
+
+
+def test_plugin_library_is_recorded_and_loaded(tmp_path, fake, rwkv4_exports, monkeypatch):
+    trt, _ = fake()
+    lib = tmp_path / "plugins" / "librwkv_trt_plugins.so"
+    lib.parent.mkdir()
+    lib.write_text("rwkv::WKV4:1 rwkv::WKV4Seq:1")  # what the stand-in registry registers
+    res, out = _build(tmp_path, rwkv4_exports["plugin"], "-q", "--plugin", str(lib))
+    assert res.exit_code == 0, res.output
+    side = json.loads(tb.sidecar_path(out).read_text())
+    assert side["plugins"] == [{"name": lib.name, "path": str(lib.resolve())}]
+    # a fresh process: the engine loads the recorded library before deserializing
+    monkeypatch.setattr(tb, "_LOADED_PLUGINS", {})
+    trt2, _ = fake()
+    eng = rwkv_runtime.Session(out)
+    assert trt2.calls["loaded"] == [str(lib.resolve())]
+    logits, _ = step_all(eng, PROMPTS["in"])
+    assert np.abs(logits - ref_logits(NAME, "in")).max() <= 1e-5
+    # moved without its library: one line naming the variable to set
+    monkeypatch.setattr(tb, "_LOADED_PLUGINS", {})
+    fake()
+    lib.rename(tmp_path / "elsewhere.so")
+    with pytest.raises(RuntimeUserError, match=f"needs the TensorRT plugin library {lib.name}.*{tb.PLUGIN_ENV}"):
+        rwkv_runtime.Session(out)
+    monkeypatch.setenv(tb.PLUGIN_ENV, str(tmp_path / "elsewhere.so"))
+    rwkv_runtime.Session(out)
+
+
+def test_plugin_export_without_plugin_builds_function_bodies(tmp_path, fake, rwkv4_exports, monkeypatch):
+    import rwkv_export.engine as engine_mod
+
+    fake()
+    monkeypatch.setattr(engine_mod, "_default_plugin", lambda: None)
+    res, out = _build(tmp_path, rwkv4_exports["plugin"])
+    assert res.exit_code == 0, res.output
+    assert "no TensorRT plugin registered for rwkv::WKV4" in res.output
+    assert json.loads(tb.sidecar_path(out).read_text())["plugins"] == []
+
+
+def test_missing_cuda_python_or_no_device_is_backend_unavailable(tmp_path, fake, monkeypatch):
+    eng = _write_fake_engine(tmp_path, _manifest())
+    fake()
+    monkeypatch.setattr(tb, "import_cudart", _REAL_IMPORT_CUDART)
+    for mod in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, mod, None)
+    with pytest.raises(BackendUnavailable, match="needs cuda-python: pip install cuda-python"):
+        rwkv_runtime.Session(eng)
+    monkeypatch.setattr(tb, "import_cudart", lambda: FakeCudart(devices=0))
+    with pytest.raises(BackendUnavailable, match="no CUDA device for TensorRT"):
+        rwkv_runtime.Session(eng)
+
+
+def test_engine_not_built_from_this_manifest_is_one_line(tmp_path, fake, rwkv4_exports):
+    fake()
+    res, out = _build(tmp_path, rwkv4_exports["plain"], "-q")
+    side = json.loads(tb.sidecar_path(out).read_text())
+    side["manifest"]["state"][0]["name"] = "state.0.nope"
+    tb.sidecar_path(out).write_text(json.dumps(side))
+    with pytest.raises(RuntimeUserError, match="no tensor 'state.0.nope'"):
+        rwkv_runtime.Session(out)
+    out.write_bytes(b"garbage")
+    with pytest.raises(RuntimeUserError, match="could not deserialize"):
+        rwkv_runtime.Session(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real TensorRT on a CUDA device
+# ---------------------------------------------------------------------------------------------
+def _need_tensorrt_and_gpu():
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install tensorrt)")
+    try:
+        rt = tb.import_cudart()
+    except BackendUnavailable:
+        pytest.skip("cuda-python is not installed")
+    n, why = tb._Cuda(rt).device_count()
+    if n < 1:
+        pytest.skip(f"no CUDA device ({why or 'none'})")
+
+
+@pytest.fixture(scope="session")
+def rwkv4_engines(rwkv4_exports, tmp_path_factory):
+    """The RWKV-4 reference exports built with TensorRT (step + sequence), plain and plugin mode."""
+    _need_tensorrt_and_gpu()
+    from rwkv_export.engine import EngineOptions, build_engine
+    from rwkv_export.trt_plugin import find_plugin
+
+    d = tmp_path_factory.mktemp("trt")
+    out = {"plain": build_engine(rwkv4_exports["plain"], d / "plain.engine", EngineOptions(max_batch=4))[0]}
+    lib = find_plugin()
+    if lib is not None:
+        out["plugin"] = build_engine(rwkv4_exports["plugin"], d / "plugin.engine",
+                                     EngineOptions(max_batch=4, plugins=(lib,)))[0]
+    return out
+
+
+def _engine(engines, wkv):
+    if wkv not in engines:
+        pytest.skip("the rwkv TensorRT plugin library is not built (plugins/README.md)")
+    return engines[wkv]
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("wkv", ["plain", "plugin"])
+def test_engine_matches_blinkdl(rwkv4_engines, wkv, graphs, monkeypatch):
+    monkeypatch.setenv(tb.GRAPHS_ENV, "1" if graphs else "0")
+    s = rwkv_runtime.Session(_engine(rwkv4_engines, wkv))
+    assert s.backend.cuda_graphs is graphs
+    for prompt in PROMPTS:
+        logits, _ = step_all(s, PROMPTS[prompt])
+        err = np.abs(logits - ref_logits(NAME, prompt)).max(axis=1)
+        assert err.max() <= 1e-4, f"{prompt}: first bad step {int(np.argmax(err > 1e-4))}: {err.max():.2e}"
+    pl, _ = s.prefill(np.array([list(PROMPTS["atom"])]))
+    assert np.abs(pl[0] - ref_logits(NAME, "atom")[-1]).max() <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("wkv", ["plain", "plugin"])
+def test_engine_batch_3_matches_onnxruntime(rwkv4_engines, rwkv4_exports, wkv, graphs, monkeypatch):
+    monkeypatch.setenv(tb.GRAPHS_ENV, "1" if graphs else "0")
+    s = rwkv_runtime.Session(_engine(rwkv4_engines, wkv))
+    ref = rwkv_runtime.Session(rwkv4_exports[wkv])
+    prompts = [PROMPTS["atom"][:12], b"hello, world", PROMPTS["atom"][12:24]]
+    se, sr = s.new_state(3), ref.new_state(3)
+    for j in range(12):
+        toks = np.array([p[j] for p in prompts])
+        le, se = s.step(toks, se)
+        lr, sr = ref.step(toks, sr)
+        np.testing.assert_allclose(le, lr, atol=1e-4, err_msg=f"step {j}")
+    held = se.numpy()
+    _, a = s.step(np.array([1, 2, 3]), se)
+    _, b = s.step(np.array([1, 2, 3]), se)  # the held state is not overwritten by double buffering
+    for k, v in held.items():
+        np.testing.assert_array_equal(se[k], v)
+        np.testing.assert_array_equal(a[k], b[k])
+    pe, _ = s.prefill(np.array([list(p) for p in prompts]))
+    pr, _ = ref.prefill(np.array([list(p) for p in prompts]))
+    np.testing.assert_allclose(pe, pr, atol=1e-4)
