@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper
+from torch import nn
 
 from rwkv_runtime.manifest import BATCH, StateSpec
 
@@ -458,3 +459,75 @@ class Graph:
         if self.seq and not self.all_logits:
             x = self.last(x, g.fresh("x_last"))
         g.op("Identity", [self.linear("head", self.ln(x, "ln_out"))], "logits")
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference model's frame, shared by RWKV-5/6/7 (each module supplies its time mixing)
+# ---------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, i, cfg, time_mix, channel_mix):
+        super().__init__()
+        C = cfg["n_embd"]
+        if i == 0:
+            self.ln0 = nn.LayerNorm(C, eps=LN_EPS)
+        self.ln1 = nn.LayerNorm(C, eps=LN_EPS)
+        self.ln2 = nn.LayerNorm(C, eps=LN_EPS)
+        self.att = time_mix(i, cfg)
+        self.ffn = channel_mix(C, cfg["ffn_dim"])
+
+
+class HeadwiseModel(nn.Module):
+    """Embedding, blocks, head, the state and the two forms; a version module subclasses it and sets
+    ``time_mix``/``channel_mix`` (module factories) and ``spec`` (its module: config_from_weights,
+    state_layout, load_state_tuning). ``_run`` is RWKV-5/6's; RWKV-7 overrides it (v_first)."""
+
+    version = ""
+    spec = None
+    drop_keys: tuple = ()  # checkpoint keys the model ignores (RWKV-7's unused layer-0 v0/v1/v2)
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.cfg = dict(cfg)
+        C, V = cfg["n_embd"], cfg["vocab_size"]
+        self.emb = nn.Embedding(V, C)
+        self.blocks = nn.ModuleList(Block(i, cfg, self.time_mix, self.channel_mix) for i in range(cfg["n_layer"]))
+        self.ln_out = nn.LayerNorm(C, eps=LN_EPS)
+        self.head = nn.Linear(C, V, bias=False)
+        self.time_state = None  # {"state.N.wkv": [1,H,N,N]} when the checkpoint carries state tuning
+
+    @classmethod
+    def from_weights(cls, w: dict, cfg: dict | None = None):
+        cfg = cfg or cls.spec.config_from_weights(w)
+        m = load_module(cls(cfg), w, drop=cls.drop_keys)
+        if cfg.get("time_state"):
+            m.time_state = cls.spec.load_state_tuning(w, cfg)
+        return m
+
+    def new_state(self, batch_size: int = 1) -> dict:
+        """Zeros, or the checkpoint's learned initial WKV state (as BlinkDL's package does)."""
+        return initial_state(self.spec.state_layout(self.cfg), batch_size, self.time_state)
+
+    def _run(self, x, state: dict, parallel: bool):
+        x = self.blocks[0].ln0(x)
+        new = {}
+        for i, blk in enumerate(self.blocks):
+            s = lambda f: state[f"state.{i}.{f}"]  # noqa: E731
+            xx = blk.ln1(x)
+            out, new[f"state.{i}.wkv"] = blk.att(xx, shift(xx, s("att_shift")) if parallel else s("att_shift"),
+                                                 s("wkv"), parallel)
+            new[f"state.{i}.att_shift"] = xx[:, -1] if parallel else xx
+            x = x + out
+            xx = blk.ln2(x)
+            x = x + blk.ffn(xx, shift(xx, s("ffn_shift")) if parallel else s("ffn_shift"))
+            new[f"state.{i}.ffn_shift"] = xx[:, -1] if parallel else xx
+        return self.head(self.ln_out(x)), {k: new[k] for k in state}
+
+    @torch.no_grad()
+    def step(self, tokens, state: dict):
+        """tokens [B] -> logits [B,V], new state (keys as the inputs: ``state.{i}.{field}``)."""
+        return self._run(self.emb(tokens), state, parallel=False)
+
+    @torch.no_grad()
+    def sequence(self, tokens, state: dict):
+        """tokens [B,T] -> logits [B,T,V], state after the last token."""
+        return self._run(self.emb(tokens), state, parallel=True)

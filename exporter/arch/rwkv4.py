@@ -371,7 +371,7 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool,
     att.output/ffn.value weights divided by 2^(layer // n) and the residual halved after every n-th
     block, the official scheme that keeps those MatMuls' outputs inside float16's range.
     """
-    C, V, L = cfg["n_embd"], cfg["vocab_size"], cfg["n_layer"]
+    V, L = cfg["vocab_size"], cfg["n_layer"]
     batch = [BATCH, "T"] if seq else [BATCH]
     tokens = g.input("tokens", "int64", batch)
     for s in state_layout(cfg):

@@ -31,6 +31,8 @@ The group norm, gate and output projection stay outside the op.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -158,69 +160,13 @@ class ChannelMix(nn.Module):
         return torch.sigmoid(self.receptance(xx * mr + sx * (1 - mr))) * self.value(k)
 
 
-class Block(nn.Module):
-    def __init__(self, i, cfg):
-        super().__init__()
-        C = cfg["n_embd"]
-        if i == 0:
-            self.ln0 = nn.LayerNorm(C, eps=LN_EPS)
-        self.ln1 = nn.LayerNorm(C, eps=LN_EPS)
-        self.ln2 = nn.LayerNorm(C, eps=LN_EPS)
-        self.att = TimeMix(cfg)
-        self.ffn = ChannelMix(C, cfg["ffn_dim"])
-
-
-class Model(nn.Module):
+class Model(hw.HeadwiseModel):
     """RWKV-5 in PyTorch: ``step`` is the RNN form, ``sequence`` the chunked parallel form."""
 
     version = VERSION
-
-    def __init__(self, cfg: dict):
-        super().__init__()
-        self.cfg = dict(cfg)
-        C, V = cfg["n_embd"], cfg["vocab_size"]
-        self.emb = nn.Embedding(V, C)
-        self.blocks = nn.ModuleList(Block(i, cfg) for i in range(cfg["n_layer"]))
-        self.ln_out = nn.LayerNorm(C, eps=LN_EPS)
-        self.head = nn.Linear(C, V, bias=False)
-        self.time_state = None  # {"state.N.wkv": [1,H,N,N]} when the checkpoint carries state tuning
-
-    @classmethod
-    def from_weights(cls, w: dict, cfg: dict | None = None) -> "Model":
-        cfg = cfg or config_from_weights(w)
-        m = hw.load_module(cls(cfg), w)
-        if cfg.get("time_state"):
-            m.time_state = load_state_tuning(w, cfg)
-        return m
-
-    def new_state(self, batch_size: int = 1) -> dict:
-        """Zeros, or the checkpoint's learned initial WKV state (as BlinkDL's package does)."""
-        return hw.initial_state(state_layout(self.cfg), batch_size, self.time_state)
-
-    def _run(self, x, state: dict, parallel: bool):
-        x = self.blocks[0].ln0(x)
-        new = {}
-        for i, blk in enumerate(self.blocks):
-            s = lambda f: state[f"state.{i}.{f}"]  # noqa: E731
-            xx = blk.ln1(x)
-            out, new[f"state.{i}.wkv"] = blk.att(xx, hw.shift(xx, s("att_shift")) if parallel else s("att_shift"),
-                                                 s("wkv"), parallel)
-            new[f"state.{i}.att_shift"] = xx[:, -1] if parallel else xx
-            x = x + out
-            xx = blk.ln2(x)
-            x = x + blk.ffn(xx, hw.shift(xx, s("ffn_shift")) if parallel else s("ffn_shift"))
-            new[f"state.{i}.ffn_shift"] = xx[:, -1] if parallel else xx
-        return self.head(self.ln_out(x)), {k: new[k] for k in state}
-
-    @torch.no_grad()
-    def step(self, tokens, state: dict):
-        """tokens [B] -> logits [B,V], new state (keys as the inputs: ``state.{i}.{field}``)."""
-        return self._run(self.emb(tokens), state, parallel=False)
-
-    @torch.no_grad()
-    def sequence(self, tokens, state: dict):
-        """tokens [B,T] -> logits [B,T,V], state after the last token."""
-        return self._run(self.emb(tokens), state, parallel=True)
+    time_mix = staticmethod(lambda i, cfg: TimeMix(cfg))
+    channel_mix = staticmethod(lambda C, F_: ChannelMix(C, F_))
+    spec = sys.modules[__name__]
 
 
 # ---------------------------------------------------------------------------------------------
