@@ -26,11 +26,16 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -rs
 
-## bench: decode/prefill speed against BlinkDL's rwkv package on an RWKV-4-169M-shaped model
+## bench: decode/prefill speed and memory against BlinkDL's rwkv package, RWKV-4-169M-shaped model
 bench: $(BIN)/.installed
+	mkdir -p build
 	$(BIN)/python scripts/make_169m.py -o build/rwkv4-169m-random.pth
-	$(BIN)/rwkv-export export build/rwkv4-169m-random.pth -o build/rwkv4-169m.onnx --tokenizer none
-	$(BIN)/python scripts/bench_vs_blinkdl.py build/rwkv4-169m-random.pth build/rwkv4-169m.onnx --threads 2 --json build/bench.json
+	$(BIN)/rwkv-export export build/rwkv4-169m-random.pth -o build/rwkv4-169m.onnx --tokenizer none --external-data -q
+	$(BIN)/rwkv-export export build/rwkv4-169m-random.pth -o build/rwkv4-169m-int8.onnx --tokenizer none --external-data -q --quantize int8
+	$(BIN)/rwkv-export export build/rwkv4-169m-random.pth -o build/rwkv4-169m-int4.onnx --tokenizer none --external-data -q --quantize int4
+	$(BIN)/python scripts/bench_vs_blinkdl.py build/rwkv4-169m-random.pth build/rwkv4-169m.onnx \
+	    build/rwkv4-169m-int8.onnx build/rwkv4-169m-int4.onnx --low-memory --threads 2 --json build/bench.json
+	$(BIN)/rwkv-export bench build/rwkv4-169m.onnx --threads 2 --batch 1,4
 
 clean:
 	rm -rf build
