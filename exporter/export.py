@@ -96,6 +96,8 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
         else:
             rescale = 6 if (ck.version == "rwkv4" and opt.precision != "fp32") else 0
     graph_kwargs = {"dtype": PRECISIONS[opt.precision]}
+    if ck.version == "rwkv4":
+        graph_kwargs["step_gemm"] = not opt.quantize  # the MatMulNBits quantiser rewrites MatMul nodes
     if rescale:
         graph_kwargs["rescale_every"] = int(rescale)
     initial = _initial_state(mod, ck, cfg, opt)

@@ -361,13 +361,17 @@ def _fn_body(fg, body, k, v, w, u, aa, bb, pp):
 
 # -- whole graphs -------------------------------------------------------------------------------
 def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool, all_logits: bool = False,
-                dtype=np.float32, weight_fn=None, rescale_every: int = 0):
+                dtype=np.float32, weight_fn=None, rescale_every: int = 0, step_gemm: bool = True):
     """Step graph (tokens [B]) or sequence graph (tokens [B,T]); state in -> logits, state out.
 
     ``weight_fn(g, name, array)`` adds a matrix and returns a callable applying it (MatMul, or a
     quantised MatMul); by default float MatMul in ``dtype``. With a reduced ``dtype`` only the
     matrices and their MatMuls are in it (explicit Casts: a strongly typed graph); the residual
-    stream, layer norms, the WKV and the state stay float32. ``rescale_every`` (RWKV-4 in float16):
+    stream, layer norms, the WKV and the state stay float32. ``step_gemm``: the step graph's matrices
+    are stored [out, in] for ``Gemm(transB=1)``, measured ~9% faster than MatMul with [in, out] for
+    one token on onnxruntime's CPU provider (each output is one contiguous row's dot product); the
+    sequence graph keeps MatMul (3-D inputs), as do weight-only quantised exports (the quantiser
+    rewrites MatMul nodes). ``rescale_every`` (RWKV-4 in float16):
     att.output/ffn.value weights divided by 2^(layer // n) and the residual halved after every n-th
     block, the official scheme that keeps those MatMuls' outputs inside float16's range.
     """
@@ -387,6 +391,8 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool,
         array = W[name] if array is None else array
         if weight_fn is not None:
             return weight_fn(g, name, array, x)
+        if step_gemm and not seq:
+            return g.op("Gemm", [x, g.weight(name, np.ascontiguousarray(array.T).astype(dtype))], transB=1)
         return g.op("MatMul", [x, g.weight(name, array.astype(dtype))])
 
     def ln(x, pre):
