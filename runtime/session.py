@@ -102,6 +102,7 @@ class OrtBackend:
         self._user_options = session_options
         self.device = "cuda" if any("CUDA" in (p if isinstance(p, str) else p[0]) for p in self.providers) else "cpu"
         self._sessions: dict = {}
+        self._has: dict = {}
 
     def _options(self):
         so = self._user_options or self.ort.SessionOptions()
@@ -141,11 +142,13 @@ class OrtBackend:
         return p
 
     def has(self, kind: str) -> bool:
-        try:
-            self.graph_path(kind)
-            return True
-        except RuntimeUserError:
-            return False
+        if kind not in self._has:  # cached: asked on every step
+            try:
+                self.graph_path(kind)
+                self._has[kind] = True
+            except RuntimeUserError:
+                self._has[kind] = False
+        return self._has[kind]
 
     def from_numpy(self, arr: np.ndarray):
         # An ORT-owned copy: ``ortvalue_from_numpy`` on the CPU would alias the numpy buffer without
