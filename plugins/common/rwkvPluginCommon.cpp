@@ -232,5 +232,34 @@ bool calledFromTensorRT() noexcept
     return false;
 }
 
+bool engineFormatMatches(nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase,
+    int32_t expected, char const* opName) noexcept
+{
+    if (phase != nvinfer1::TensorRTPhase::kRUNTIME || fc == nullptr)
+    {
+        return true;
+    }
+    for (int32_t i = 0; i < fc->nbFields; ++i)
+    {
+        nvinfer1::PluginField const& f = fc->fields[i];
+        if (f.name == nullptr || std::strcmp(f.name, kFORMAT_VERSION_FIELD) != 0)
+        {
+            continue;
+        }
+        int32_t const version = (f.type == nvinfer1::PluginFieldType::kINT32 && f.length == 1 && f.data != nullptr)
+            ? *static_cast<int32_t const*>(f.data)
+            : -1;
+        if (version != expected)
+        {
+            log(nvinfer1::ILogger::Severity::kERROR,
+                "%s: the engine was built by an incompatible version of this plugin (format %d, expected %d); "
+                "rebuild the engine",
+                opName, version, expected);
+            return false;
+        }
+    }
+    return true;
+}
+
 } // namespace trt
 } // namespace rwkv

@@ -58,6 +58,15 @@ TensorRTLookup findTensorRT(TensorRTEntryPoints& out, bool allowLoad) noexcept;
 //! library), which registers our creators itself through getCreators().
 bool calledFromTensorRT() noexcept;
 
+//! The single field every plugin of this library writes into an engine (getFieldsToSerialize).
+constexpr char const* kFORMAT_VERSION_FIELD{"format_version"};
+
+//! In createPlugin(): false (and logs why) when `fc` comes from an engine whose format_version
+//! field differs from `expected`. Build-phase collections (phase != kRUNTIME) always pass: the
+//! ONNX parser passes only fields named by getFieldNames(), i.e. none.
+bool engineFormatMatches(nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase,
+    int32_t expected, char const* opName) noexcept;
+
 } // namespace trt
 } // namespace rwkv
 

@@ -42,7 +42,6 @@ enum Input : int32_t
 };
 
 char const* const kINPUT_NAMES[kWKV4_NB_INPUTS] = {"k", "v", "w", "u", "aa", "bb", "pp"};
-char const* const kFORMAT_VERSION_FIELD = "format_version";
 
 char const* opName(bool seq) noexcept
 {
@@ -422,29 +421,10 @@ PluginFieldCollection const* Wkv4PluginCreator::getFieldNames() noexcept
 IPluginV3* Wkv4PluginCreator::createPlugin(
     char const* /*name*/, PluginFieldCollection const* fc, TensorRTPhase phase) noexcept
 {
-    // Build phase: the ONNX parser passes only fields named by getFieldNames(), i.e. none.
     // Runtime phase: fc is what getFieldsToSerialize() wrote into the engine.
-    if (phase == TensorRTPhase::kRUNTIME && fc != nullptr)
+    if (!engineFormatMatches(fc, phase, Wkv4Plugin::kFORMAT_VERSION, opName(mSeq)))
     {
-        for (int32_t i = 0; i < fc->nbFields; ++i)
-        {
-            PluginField const& f = fc->fields[i];
-            if (f.name == nullptr || std::strcmp(f.name, kFORMAT_VERSION_FIELD) != 0)
-            {
-                continue;
-            }
-            int32_t const version = (f.type == PluginFieldType::kINT32 && f.length == 1 && f.data != nullptr)
-                ? *static_cast<int32_t const*>(f.data)
-                : -1;
-            if (version != Wkv4Plugin::kFORMAT_VERSION)
-            {
-                log(Severity::kERROR,
-                    "%s: the engine was built by an incompatible version of this plugin (format %d, expected %d); "
-                    "rebuild the engine",
-                    opName(mSeq), version, Wkv4Plugin::kFORMAT_VERSION);
-                return nullptr;
-            }
-        }
+        return nullptr;
     }
     auto* plugin = new (std::nothrow) Wkv4Plugin(mSeq);
     if (plugin == nullptr)

@@ -67,7 +67,6 @@ OpTable const& table(WkvFamily family) noexcept
     return kWKV7_TABLE;
 }
 
-char const* const kFORMAT_VERSION_FIELD = "format_version";
 
 char const* opName(WkvFamily family, bool seq) noexcept
 {
@@ -509,29 +508,10 @@ PluginFieldCollection const* WkvHeadPluginCreator::getFieldNames() noexcept
 IPluginV3* WkvHeadPluginCreator::createPlugin(
     char const* /*name*/, PluginFieldCollection const* fc, TensorRTPhase phase) noexcept
 {
-    // Build phase: the ONNX parser passes only fields named by getFieldNames(), i.e. none.
     // Runtime phase: fc is what getFieldsToSerialize() wrote into the engine.
-    if (phase == TensorRTPhase::kRUNTIME && fc != nullptr)
+    if (!engineFormatMatches(fc, phase, WkvHeadPlugin::kFORMAT_VERSION, opName(mFamily, mSeq)))
     {
-        for (int32_t i = 0; i < fc->nbFields; ++i)
-        {
-            PluginField const& f = fc->fields[i];
-            if (f.name == nullptr || std::strcmp(f.name, kFORMAT_VERSION_FIELD) != 0)
-            {
-                continue;
-            }
-            int32_t const version = (f.type == PluginFieldType::kINT32 && f.length == 1 && f.data != nullptr)
-                ? *static_cast<int32_t const*>(f.data)
-                : -1;
-            if (version != WkvHeadPlugin::kFORMAT_VERSION)
-            {
-                log(Severity::kERROR,
-                    "%s: the engine was built by an incompatible version of this plugin (format %d, expected %d); "
-                    "rebuild the engine",
-                    opName(mFamily, mSeq), version, WkvHeadPlugin::kFORMAT_VERSION);
-                return nullptr;
-            }
-        }
+        return nullptr;
     }
     auto* plugin = new (std::nothrow) WkvHeadPlugin(mFamily, mSeq);
     if (plugin == nullptr)
