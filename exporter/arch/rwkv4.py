@@ -350,13 +350,9 @@ def _wkv_node(g: GraphBuilder, seq: bool, plugin: bool, ins, outs):
         return
     if (CUSTOM_DOMAIN, op_type) not in g.functions:
         fn = make_function(op_type, ["k", "v", "w", "u", "aa", "bb", "pp"], ["y", "aa_out", "bb_out", "pp_out"],
-                           lambda fg, *a: _fn_body(fg, body, *a), attributes=["plugin_version", "plugin_namespace"])
+                           body, attributes=["plugin_version", "plugin_namespace"])
         g.add_function(fn)
     g.op(op_type, ins, outs, domain=CUSTOM_DOMAIN, plugin_version="1", plugin_namespace=CUSTOM_DOMAIN)
-
-
-def _fn_body(fg, body, k, v, w, u, aa, bb, pp):
-    return body(fg, k, v, w, u, aa, bb, pp)
 
 
 # -- whole graphs -------------------------------------------------------------------------------
