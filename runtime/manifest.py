@@ -57,6 +57,8 @@ class Manifest:
     companions: dict = field(default_factory=dict)  # other graphs of the same export, by kind
     source: dict = field(default_factory=dict)  # what was exported (checkpoint name, format)
     initial_state: str = ""  # "embedded" when INITIAL_STATE_KEY holds a learned starting state
+    # one id shared by every graph (and engine, and saved state) of one export: binds companions together
+    export_id: str = ""
     exporter_version: str = ""
     format_version: int = FORMAT_VERSION
 
