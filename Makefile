@@ -5,12 +5,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEFAULT_MODEL := exporter/default_model/tiny-rwkv4-pystdlib.pth
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml runtime/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch pinned: this version installs from a local CPU build here (others download several GB)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# two distributions from this repository: rwkv-runtime (runtime/, no torch) and rwkv-export (the rest)
+	$(BIN)/python -m pip install -q -e './runtime[cpu,serve]' -e '.[dev]'
 	touch $@
 
 venv: $(BIN)/.installed
