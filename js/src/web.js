@@ -1,0 +1,45 @@
+// Browser entry point: Session on onnxruntime-web (WASM, or WebGPU with the state kept on the GPU).
+import { RuntimeUserError } from "./errors.js";
+import { Session as BaseSession } from "./session.js";
+
+export * from "./common.js";
+
+function webIO(gpuState) {
+  const io = {
+    gpuState,
+    label: (u) => String(u).split("/").pop(),
+    resolve: (u, name) => new URL(name, new URL(u, globalThis.location?.href)).href,
+    async exists(u) {
+      const r = await fetch(u, { method: "HEAD" }).catch(() => null);
+      return !!r && r.ok;
+    },
+    async read(u) {
+      const r = await fetch(u).catch((e) => { throw new RuntimeUserError(`${u}: ${e.message}`); });
+      if (!r.ok) throw new RuntimeUserError(`${u}: HTTP ${r.status}`);
+      return new Uint8Array(await r.arrayBuffer());
+    },
+    async readText(u) { return new TextDecoder().decode(await io.read(u)); },
+    // the bytes we already fetched, plus the external-data files their initializers name (ORT fetches them)
+    modelArg: (u, bytes) => bytes,
+    extraOptions: (u, external) => (external.length ? { externalData: external.map((path) => ({ path, data: io.resolve(u, path) })) } : {}),
+  };
+  return io;
+}
+
+export class Session extends BaseSession {
+  /**
+   * Load an export with onnxruntime-web.
+   * @param {string} url the .onnx (companions and external data are fetched beside it)
+   * @param {import("./index.d.ts").SessionOptions} [options] backend: "wasm" (default) or "webgpu"
+   */
+  static async create(url, options = {}) {
+    const ort = options.ort ?? (await import("onnxruntime-web"));
+    const backend = options.backend ?? "wasm";
+    if (backend !== "wasm" && backend !== "webgpu") throw new RuntimeUserError(`backend must be "wasm" or "webgpu", not ${backend}`);
+    if (options.threads) ort.env.wasm.numThreads = options.threads; // global in onnxruntime-web
+    const so = { executionProviders: [backend], ...(options.sessionOptions ?? {}) };
+    const s = await BaseSession._create(ort, webIO(backend === "webgpu"), url, { ...options, sessionOptions: so });
+    s.backend = backend;
+    return s;
+  }
+}
