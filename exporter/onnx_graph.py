@@ -7,7 +7,9 @@ name and type under our control, and the PyTorch reference stays an independent 
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import os
 
 import numpy as np
 import onnx
@@ -25,11 +27,78 @@ def onnx_dtype(dt) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dt))
 
 
-class GraphBuilder:
-    """Collects nodes, initializers and graph I/O; ``op`` returns output names."""
+# Offsets of large tensors in the shared weights file are multiples of this: 64 KiB is the allocation
+# granularity on Windows and a multiple of every page size, so ONNX Runtime can memory-map each tensor.
+DATA_ALIGN = 65536
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the .onnx (as onnx's own default threshold)
 
-    def __init__(self, name: str):
+
+class WeightStore:
+    """One external-data file shared by every graph of an export, written tensor by tensor.
+
+    ``add`` appends a tensor's bytes at an aligned offset and returns a TensorProto that only
+    references them, so no graph ever holds its weights in memory. Content-addressed: a tensor
+    whose dtype and bytes were already written (the sequence graph repeats the step
+    graph's weights) points at the existing bytes, so the file holds each weight once.
+    """
+
+    def __init__(self, path, min_bytes: int = EXTERNAL_MIN_BYTES, align: int = DATA_ALIGN):
+        self.path = os.fspath(path)
+        self.location = os.path.basename(self.path)  # relative: the export folder can be moved
+        self.min_bytes, self.align = int(min_bytes), int(align)
+        self._f = open(self.path, "wb")  # plain open(): the file mode follows the umask
+        self._end = 0
+        self._seen: dict = {}  # (dtype, digest) -> (offset, length)
+
+    def add(self, name: str, arr: np.ndarray) -> onnx.TensorProto:
+        arr = np.ascontiguousarray(arr)
+        data = memoryview(arr.reshape(-1).view(np.uint8))
+        key = (arr.dtype.str, hashlib.blake2b(data, digest_size=20).digest())  # shape: per graph
+        if key not in self._seen:
+            # large tensors at the mmap granularity; small ones only at 64 bytes (ONNX Runtime copies
+            # those anyway, and page-aligning every vector would bloat the file of a tiny model)
+            align = self.align if len(data) >= self.align else 64
+            offset = -(-self._end // align) * align
+            if offset > self._end:
+                self._f.write(b"\0" * (offset - self._end))
+            self._f.write(data)
+            self._end = offset + len(data)
+            self._seen[key] = (offset, len(data))
+        offset, length = self._seen[key]
+        t = onnx.TensorProto(name=name, data_type=onnx_dtype(arr.dtype), dims=list(arr.shape),
+                             data_location=onnx.TensorProto.EXTERNAL)
+        for k, v in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        return t
+
+    def add_proto(self, t: onnx.TensorProto) -> onnx.TensorProto:
+        """Move an in-memory initializer (e.g. from onnxruntime's quantiser) into the file."""
+        if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") \
+                or len(t.raw_data) < self.min_bytes:
+            return t
+        return self.add(t.name, numpy_helper.to_array(t))
+
+    @property
+    def size(self) -> int:
+        return self._end
+
+    def close(self):
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+
+class GraphBuilder:
+    """Collects nodes, initializers and graph I/O; ``op`` returns output names.
+
+    With a ``store``, weights of ``store.min_bytes`` or more are written to it as they are added
+    and the graph keeps only references (streaming export); without one they stay in memory."""
+
+    def __init__(self, name: str, store: WeightStore | None = None):
         self.name = name
+        self.store = store
         self.nodes: list = []
         self.initializers: list = []
         self.inputs: list = []
@@ -46,12 +115,15 @@ class GraphBuilder:
     def weight(self, name: str, array, dtype=None) -> str:
         """Add an initializer (a model weight) and return its name."""
         # np.asarray keeps 0-d scalars 0-d (ascontiguousarray would make them [1])
-        arr = np.asarray(array if dtype is None else np.asarray(array).astype(dtype), order="C")
-        self.initializers.append(numpy_helper.from_array(arr, name))
+        arr = np.asarray(array if dtype is None else np.asarray(array).astype(dtype, copy=False), order="C")
+        if self.store is not None and arr.nbytes >= self.store.min_bytes:
+            self.initializers.append(self.store.add(name, arr))
+        else:
+            self.initializers.append(numpy_helper.from_array(arr, name))
         return name
 
     def weight_tensor(self, tensor: onnx.TensorProto) -> str:
-        self.initializers.append(tensor)
+        self.initializers.append(self.store.add_proto(tensor) if self.store is not None else tensor)
         return tensor.name
 
     def const(self, value, dtype=np.float32) -> str:
