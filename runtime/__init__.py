@@ -5,7 +5,10 @@ from .manifest import Manifest, StateSpec
 __version__ = "0.1.0"
 from .sampling import Sampler, SamplingParams
 from .batch import BatchGenerator, prefill_many
-from .session import Session, State, read_manifest
+from .artifact import Artifact, open_artifact, read_manifest
+from .backend import Backend
+from .state import State
+from .session import Generation, Session
 
-__all__ = ["Session", "State", "BatchGenerator", "prefill_many", "Manifest", "StateSpec", "SamplingParams", "Sampler", "read_manifest",
-           "RuntimeUserError", "BackendUnavailable"]
+__all__ = ["Session", "State", "Generation", "BatchGenerator", "prefill_many", "Manifest", "StateSpec", "SamplingParams",
+           "Sampler", "read_manifest", "open_artifact", "Artifact", "Backend", "RuntimeUserError", "BackendUnavailable"]

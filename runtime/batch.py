@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import RuntimeUserError
 from .sampling import Sampler, SamplingParams
-from .session import State
+from .state import State
 
 
 def prefill_many(session, prompts: list, state: State | None = None, chunk_size: int | None = None):
@@ -27,6 +27,10 @@ def prefill_many(session, prompts: list, state: State | None = None, chunk_size:
     while they all have tokens, then the rows with longer prompts continue on their own (a batch
     shrinking to the rows still active), and their states are scattered back.
     """
+    try:
+        prompts = [list(p) for p in prompts]
+    except TypeError:
+        raise RuntimeUserError("prefill_many needs a list of prompts, each a list of token ids") from None
     n = len(prompts)
     if n == 0:
         raise RuntimeUserError("prefill_many needs at least one prompt")
@@ -34,12 +38,15 @@ def prefill_many(session, prompts: list, state: State | None = None, chunk_size:
     if min(lengths) == 0:
         raise RuntimeUserError("every prompt needs at least one token")
     state = state if state is not None else session.new_state(n)
-    arrays = state.numpy()
+    if isinstance(state, State) and state.batch_size != n:
+        raise RuntimeUserError(f"state is for a batch of {state.batch_size}, but {n} prompts were given")
+    # numpy() copies: the rows are updated in this copy, never in the caller's state
+    arrays = state.numpy() if isinstance(state, State) else session.state_from_numpy(state).numpy()
     logits = np.zeros((n, session.vocab_size), np.float32)
     pos = 0
     for end in sorted(set(lengths)):
         rows = [i for i in range(n) if lengths[i] >= end]  # still active up to `end`
-        toks = np.array([prompts[i][pos:end] for i in rows], dtype=np.int64)
+        toks = [prompts[i][pos:end] for i in rows]
         sub = session.state_from_numpy({k: v[rows] for k, v in arrays.items()})
         lg, sub = session.prefill(toks, sub, chunk_size)
         for k, v in sub.numpy().items():
@@ -68,10 +75,13 @@ class BatchGenerator:
 
     def add(self, prompt, sampling: SamplingParams | None = None, state: State | None = None) -> int:
         """Prefill a new sequence and append its state row to the running batch; returns its id."""
+        sampler = Sampler(sampling or SamplingParams(), vocab_size=self.session.vocab_size)  # checked first
         ids = self.session.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RuntimeUserError("the prompt is empty")
         logits, st = self.session.prefill(np.asarray([ids]), state)
         seq_id = next(self._ids)
-        self.seqs[seq_id] = _Seq(Sampler(sampling or SamplingParams()), logits[0], [])
+        self.seqs[seq_id] = _Seq(sampler, logits[0], [])
         self.state = st if self.state is None else State.concat([self.state, st])
         self.order.append(seq_id)
         return seq_id

@@ -69,19 +69,10 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RuntimeUserError(f"the model's rwkv manifest is not valid JSON ({e})") from None
-        if not isinstance(d, dict) or d.get("format_version") != FORMAT_VERSION:
-            raise RuntimeUserError(
-                f"unsupported manifest format version {d.get('format_version') if isinstance(d, dict) else '?'}"
-                f" (this runtime reads version {FORMAT_VERSION}); re-export the model"
-            )
-        known = set(cls.__dataclass_fields__)
-        d = {k: v for k, v in d.items() if k in known}
-        d["state"] = [StateSpec(**s) for s in d.get("state", [])]
-        return cls(**d)
+        """Parse and validate (schema: see artifact.parse_manifest); a damaged manifest is a RuntimeUserError."""
+        from .artifact import parse_manifest
+
+        return parse_manifest(text, "manifest")
 
     # -- helpers -----------------------------------------------------------------------------
     @property
@@ -117,7 +108,14 @@ def encode_state(arrays: dict) -> str:
 
 
 def decode_state(text: str) -> dict:
+    """base64 text of an .npz -> arrays (no pickle); damaged text is a RuntimeUserError."""
+    import binascii
+    import zipfile
+
     import numpy as np
 
-    with np.load(io.BytesIO(base64.b64decode(text)), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(io.BytesIO(base64.b64decode(text, validate=True)), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (binascii.Error, ValueError, OSError, EOFError, zipfile.BadZipFile, TypeError) as e:
+        raise RuntimeUserError(f"the embedded state is damaged ({str(e)[:80]})") from None

@@ -1,11 +1,20 @@
 """Sampling with ChatRWKV's semantics (BlinkDL's PIPELINE): top-p cut on the probabilities, then
 top-k, then temperature applied to the probabilities; presence/frequency penalties on the logits with
-a decaying occurrence count; temperature 0 means greedy."""
+a decaying occurrence count; temperature 0 means greedy.
+
+Computed in log space (float64): the temperature divides log-probabilities, so any temperature > 0
+works (0.001 included) without overflow or "probabilities contain NaN". Parameters are checked when a
+``Sampler`` is made, logits on every call: NaN/inf, out-of-range values, negative seeds and token ids
+outside the vocabulary are a ``RuntimeUserError``.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .errors import RuntimeUserError
 
 
 @dataclass
@@ -21,25 +30,79 @@ class SamplingParams:
     stop: tuple = ()  # token ids that end generation
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def _number(name: str, v, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(float(v)):
+        raise RuntimeUserError(f"sampling: {name} must be a finite number, not {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise RuntimeUserError(f"sampling: {name} must be in [{lo}, {hi if hi is not None else 'inf'}], not {v!r}")
+    return float(v)
+
+
+def _ids(name: str, ids, vocab_size: int | None) -> frozenset:
+    if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
+        ids = (ids,)
+    try:
+        ids = list(ids)
+    except TypeError:
+        raise RuntimeUserError(f"sampling: {name} must be a list of token ids") from None
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise RuntimeUserError(f"sampling: {name} holds {t!r}, not a token id")
+        if t < 0 or (vocab_size is not None and t >= vocab_size):
+            raise RuntimeUserError(f"sampling: {name} id {t} is outside the vocabulary [0, {vocab_size})")
+    return frozenset(int(t) for t in ids)
+
+
+def check_params(p: SamplingParams, vocab_size: int | None = None) -> SamplingParams:
+    """Validate every field (one clear error); returns ``p``."""
+    if not isinstance(p, SamplingParams):
+        raise RuntimeUserError(f"sampling must be SamplingParams, not {type(p).__name__}")
+    _number("temperature", p.temperature, 0.0)
+    _number("top_p", p.top_p, 0.0, 1.0)
+    if isinstance(p.top_k, bool) or not isinstance(p.top_k, (int, np.integer)) or p.top_k < 0:
+        raise RuntimeUserError(f"sampling: top_k must be an integer >= 0, not {p.top_k!r}")
+    _number("presence_penalty", p.presence_penalty)
+    _number("frequency_penalty", p.frequency_penalty)
+    _number("penalty_decay", p.penalty_decay, 0.0, 1.0)
+    if p.seed is not None and (isinstance(p.seed, bool) or not isinstance(p.seed, (int, np.integer)) or p.seed < 0):
+        raise RuntimeUserError(f"sampling: seed must be an integer >= 0 (or None), not {p.seed!r}")
+    _ids("ban", p.ban, vocab_size)
+    _ids("stop", p.stop, vocab_size)
+    return p
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    m = np.max(x)
+    return x - (m + np.log(np.sum(np.exp(x - m))))
+
+
+def sample_logprobs(logp: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator) -> int:
+    """One token from log-probabilities (-inf = impossible), ChatRWKV's order: top-p, top-k, temperature."""
+    if temperature <= 0:
+        return int(np.argmax(logp))
+    probs = np.exp(logp)
+    order = np.argsort(-logp, kind="stable")
+    cum = np.cumsum(probs[order])
+    cutoff = logp[order[int(np.argmax(cum >= min(top_p, cum[-1])))]]
+    keep = logp >= cutoff
+    if 0 < top_k < len(logp):
+        keep[order[top_k:]] = False
+    scaled = np.where(keep, logp / temperature, -np.inf)  # probs ** (1/T), in log space
+    q = np.exp(scaled - np.max(scaled))
+    q /= q.sum()
+    return int(rng.choice(len(q), p=q))
 
 
 def sample_probs(probs: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator) -> int:
-    if temperature <= 0:
-        return int(np.argmax(probs))
-    probs = probs.astype(np.float64, copy=True)
-    order = np.argsort(probs)[::-1]
-    cum = np.cumsum(probs[order])
-    cutoff = probs[order[int(np.argmax(cum >= top_p))]]
-    probs[probs < cutoff] = 0.0
-    if 0 < top_k < len(probs):
-        probs[order[top_k:]] = 0.0
-    if temperature != 1.0:
-        probs = probs ** (1.0 / temperature)
-    probs /= probs.sum()
-    return int(rng.choice(len(probs), p=probs))
+    """One token from probabilities (kept for callers that have probabilities)."""
+    with np.errstate(divide="ignore"):
+        logp = np.log(np.asarray(probs, dtype=np.float64))
+    return sample_logprobs(logp - np.log(np.exp(logp).sum()), temperature, top_p, top_k, rng)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 @dataclass
@@ -47,19 +110,34 @@ class Sampler:
     """One sequence's sampler: its parameters, random generator and occurrence counts."""
 
     params: SamplingParams = field(default_factory=SamplingParams)
+    vocab_size: int | None = None
 
     def __post_init__(self):
+        check_params(self.params, self.vocab_size)
+        self.ban = _ids("ban", self.params.ban, self.vocab_size)
+        self.stop = _ids("stop", self.params.stop, self.vocab_size)
         self.rng = np.random.default_rng(self.params.seed)
         self.occurrence: dict[int, float] = {}
 
     def __call__(self, logits: np.ndarray) -> int:
         p = self.params
-        logits = np.asarray(logits, dtype=np.float32).copy()
-        for t in p.ban:
-            logits[t] = -np.inf
+        x = np.asarray(logits, dtype=np.float64)
+        if x.ndim != 1 or x.size == 0:
+            raise RuntimeUserError(f"sampling: logits must be one row [vocab], got shape {list(x.shape)}")
+        if not np.isfinite(x).all():
+            raise RuntimeUserError("sampling: the logits contain NaN or inf (a damaged model or state?)")
+        x = x.copy()
+        for t in self.ban:
+            if t >= x.size:
+                raise RuntimeUserError(f"sampling: ban id {t} is outside the vocabulary [0, {x.size})")
+            x[t] = -np.inf
+        if len(self.ban) >= x.size:
+            raise RuntimeUserError("sampling: every token is banned")
         for t, n in self.occurrence.items():
-            logits[t] -= p.presence_penalty + n * p.frequency_penalty
-        token = sample_probs(softmax(logits), p.temperature, p.top_p, p.top_k, self.rng)
+            x[t] -= p.presence_penalty + n * p.frequency_penalty
+        if not np.isfinite(np.max(x)) or np.isnan(x).any():
+            raise RuntimeUserError("sampling: the penalties overflowed the logits (use smaller penalties)")
+        token = sample_logprobs(_log_softmax(x), p.temperature, p.top_p, p.top_k, self.rng)
         for t in self.occurrence:
             self.occurrence[t] *= p.penalty_decay
         self.occurrence[token] = self.occurrence.get(token, 0.0) + 1.0

@@ -6,13 +6,32 @@ from __future__ import annotations
 from .errors import RuntimeUserError
 
 
+def _refuse_surrogates(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RuntimeUserError(f"the prompt is not valid Unicode text (a lone surrogate at character {e.start}); "
+                               "this tokenizer encodes only valid text") from None
+    return text
+
+
 class ByteTokenizer:
-    """Token id = byte value (the tiny byte-level models)."""
+    """Token id = byte value (the tiny byte-level models).
+
+    Text that is not valid UTF-8 is encoded losslessly where Python can represent it: bytes that came
+    in through ``surrogateescape`` (a non-UTF-8 command-line argument becomes U+DC80..U+DCFF) go back to
+    the original bytes. Any other lone surrogate (U+D800..U+DFFF from an API caller) has no byte form
+    and is refused with a ``RuntimeUserError``.
+    """
 
     kind = "bytes"
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        try:
+            return list(text.encode("utf-8", errors="surrogateescape"))
+        except UnicodeEncodeError as e:
+            raise RuntimeUserError(f"the prompt holds a lone surrogate at character {e.start} that is not an "
+                                   "escaped byte; give valid text or token ids") from None
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
@@ -31,7 +50,8 @@ class WorldTokenizer:
         self._tok = RWKVTokenizer()
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text))
+        """Valid Unicode text only (a lone surrogate is a RuntimeUserError)."""
+        return list(self._tok.encode(_refuse_surrogates(text)))
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])
@@ -45,17 +65,22 @@ class HFTokenizer:
     def __init__(self, json_text: str):
         from tokenizers import Tokenizer
 
-        self._tok = Tokenizer.from_str(json_text)
+        try:
+            self._tok = Tokenizer.from_str(json_text)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own Exception type
+            raise RuntimeUserError(f"the model's embedded tokenizer.json cannot be loaded ({str(e)[:100]})") from None
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+        """Valid Unicode text only (a lone surrogate is a RuntimeUserError)."""
+        return self._tok.encode(_refuse_surrogates(text)).ids
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])
 
 
 def make_tokenizer(spec: dict, embedded_json: str | None = None):
-    kind = (spec or {}).get("kind", "none")
+    """The tokenizer a manifest's ``tokenizer`` block names (kinds: bytes, world, hf-json)."""
+    kind = (spec or {}).get("kind", "none") if isinstance(spec, dict) else "none"
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "world":

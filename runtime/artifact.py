@@ -1,0 +1,516 @@
+"""The one reader of everything an exported artifact carries, and its validation.
+
+An artifact is an ONNX graph (``.onnx``: the manifest, tokenizer JSON and a learned initial state in its
+``metadata_props``) or a TensorRT engine (``.engine``/``.plan``/``.trt``: the same in a JSON sidecar
+``MODEL.engine.json``). Everything here is read without onnxruntime, onnx or TensorRT: the ONNX metadata
+is parsed straight from the protobuf bytes (ModelProto field 14), streaming the file and seeking past
+the graph, so a multi-GB model costs a few reads.
+
+What is checked where (docs/errors.md, "Runtime"):
+
+- ``parse_manifest``: the manifest JSON against its schema (types, required fields, state specs,
+  tokenizer block, companions as plain file names in the same folder);
+- ``Artifact.companion``: a companion graph exists, is of the kind asked for, and carries the same
+  ``export_id`` as the main graph;
+- ``check_graph_io``: the manifest against a loaded graph's actual inputs/outputs (names, ranks,
+  dtypes, vocab size), before the first run;
+- ``read_state_npz`` / ``decode_initial_state``: saved or embedded states (npz headers checked before any
+  data is read: names, dtypes, shapes, sizes, export id).
+
+Every failure is a ``RuntimeUserError`` with one line naming the user's file.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RuntimeUserError
+from .manifest import (BATCH, FORMAT_VERSION, INITIAL_STATE_KEY, MANIFEST_KEY, TOKENIZER_KEY, Manifest,
+                       StateSpec)
+
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # the one list: TensorRT engine files
+SIDECAR_FORMAT = "rwkv-trt-engine"
+SIDECAR_VERSION = 1
+STATE_DTYPES = {"float32": np.float32, "float16": np.float16}
+EXPORT_ID_KEY = "__rwkv_export_id__"  # the export a saved state belongs to (an .npz member)
+MAX_STATE_BATCH = 1 << 16  # a saved state claiming more rows than this is refused (a damaged header)
+GRAPH_KINDS = ("step", "sequence")
+_MAX_META_BYTES = 1 << 30  # one metadata entry (tokenizer JSON, initial state) larger than this is damage
+
+
+def is_engine(path) -> bool:
+    return Path(path).suffix in ENGINE_SUFFIXES
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX metadata straight from the protobuf wire format
+# ---------------------------------------------------------------------------------------------
+def _varint(f) -> int | None:
+    """A protobuf varint from a file; None at a clean end of file."""
+    shift, out = 0, 0
+    while True:
+        b = f.read(1)
+        if not b:
+            if shift == 0:
+                return None
+            raise ValueError("truncated varint")
+        out |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return out
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _entry(buf: bytes) -> tuple[str, str]:
+    """A StringStringEntryProto: key = field 1, value = field 2 (both length-delimited)."""
+    f, key, value = io.BytesIO(buf), "", ""
+    while (tag := _varint(f)) is not None:
+        num, wire = tag >> 3, tag & 7
+        if wire != 2:
+            raise ValueError("unexpected wire type in a metadata entry")
+        n = _varint(f)
+        data = f.read(n)
+        if n is None or len(data) != n:
+            raise ValueError("truncated metadata entry")
+        if num == 1:
+            key = data.decode("utf-8")
+        elif num == 2:
+            value = data.decode("utf-8")
+    return key, value
+
+
+def read_onnx_metadata(path) -> dict[str, str]:
+    """``metadata_props`` of an ONNX file as {key: value}, skipping every other field by length.
+
+    Needs neither onnx nor onnxruntime and never reads the graph or the weights.
+    """
+    path = Path(path)
+    props: dict[str, str] = {}
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            while (tag := _varint(f)) is not None:
+                num, wire = tag >> 3, tag & 7
+                if wire == 0:
+                    if _varint(f) is None:
+                        raise ValueError("truncated")
+                elif wire == 1:
+                    f.seek(8, 1)
+                elif wire == 5:
+                    f.seek(4, 1)
+                elif wire == 2:
+                    n = _varint(f)
+                    if n is None or f.tell() + n > size:
+                        raise ValueError("a field runs past the end of the file")
+                    if num == 14:  # metadata_props
+                        if n > _MAX_META_BYTES:
+                            raise ValueError("oversized metadata entry")
+                        k, v = _entry(f.read(n))
+                        props[k] = v
+                    else:  # the graph (7), opsets, functions, ...: skipped without reading
+                        f.seek(n, 1)
+                else:
+                    raise ValueError(f"wire type {wire}")
+                if f.tell() > size:
+                    raise ValueError("truncated")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RuntimeUserError(f"{path}: not an ONNX model ({e})") from None
+    except OSError as e:
+        raise RuntimeUserError(f"{path}: cannot read it ({e.strerror or e})") from None
+    return props
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest schema
+# ---------------------------------------------------------------------------------------------
+def _bad(where: str, what: str) -> RuntimeUserError:
+    return RuntimeUserError(f"{where}: damaged rwkv manifest: {what}; re-export the model")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and not (isinstance(v, float) and math.isnan(v))
+
+
+def plain_file_name(name) -> bool:
+    """A file name in the artifact's own folder: no separators, no '..', nothing absolute."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and ":" not in name and len(name) < 256)
+
+
+# field -> (check, description): every field the runtime relies on is typed here
+_FIELDS = {
+    "architecture": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "n_layer": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "n_embd": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "vocab_size": (lambda v: _is_int(v) and 1 <= v <= 1 << 24, "an integer in [1, 2^24]"),
+    "graph": (lambda v: v in GRAPH_KINDS, "'step' or 'sequence'"),
+    "precision": (lambda v: isinstance(v, str), "a string"),
+    "opset": (lambda v: _is_int(v), "an integer"),
+    "wkv": (lambda v: isinstance(v, str), "a string"),
+    "tokenizer": (lambda v: isinstance(v, dict) and isinstance(v.get("kind", "none"), str), "an object with a string 'kind'"),
+    "tokens_input": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "logits_output": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "state": (lambda v: isinstance(v, list), "a list"),
+    "dims": (lambda v: isinstance(v, dict), "an object"),
+    "options": (lambda v: isinstance(v, dict), "an object"),
+    "companions": (lambda v: isinstance(v, dict), "an object"),
+    "source": (lambda v: isinstance(v, dict), "an object"),
+    "initial_state": (lambda v: v in ("", "embedded"), "'' or 'embedded'"),
+    "export_id": (lambda v: isinstance(v, str) and len(v) <= 256, "a string"),
+    "exporter_version": (lambda v: isinstance(v, str), "a string"),
+}
+_REQUIRED = ("architecture", "n_layer", "n_embd", "vocab_size", "state", "format_version")
+
+
+def _state_spec(d, i: int, where: str) -> StateSpec:
+    if not isinstance(d, dict):
+        raise _bad(where, f"state[{i}] is not an object")
+    for k in ("name", "output"):
+        if not isinstance(d.get(k), str) or not d[k]:
+            raise _bad(where, f"state[{i}].{k} must be a non-empty string")
+    shape = d.get("shape")
+    if (not isinstance(shape, list) or not shape or shape[0] != BATCH or BATCH in shape[1:]
+            or not all(_is_int(x) and 1 <= x <= 1 << 24 for x in shape[1:])):
+        raise _bad(where, f"state[{i}].shape must be ['batch', positive ints...], not {str(shape)[:60]}")
+    dtype = d.get("dtype", "float32")
+    if dtype not in STATE_DTYPES:
+        raise _bad(where, f"state[{i}].dtype must be one of {sorted(STATE_DTYPES)}, not {str(dtype)[:30]}")
+    init = d.get("init", 0.0)
+    if not _is_num(init):
+        raise _bad(where, f"state[{i}].init must be a number")
+    layer, doc = d.get("layer", -1), d.get("doc", "")
+    if not _is_int(layer) or not isinstance(doc, str):
+        raise _bad(where, f"state[{i}].layer must be an integer and .doc a string")
+    return StateSpec(name=d["name"], output=d["output"], shape=list(shape), dtype=dtype, init=float(init),
+                     layer=layer, doc=doc)
+
+
+def parse_manifest(text, where: str = "model") -> Manifest:
+    """Manifest JSON -> a validated ``Manifest`` (unknown keys are ignored: newer exporters may add some)."""
+    if not isinstance(text, str):
+        raise _bad(where, "not text")
+    try:
+        d = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise _bad(where, f"not valid JSON ({str(e)[:80]})") from None
+    if not isinstance(d, dict):
+        raise _bad(where, "not a JSON object")
+    return manifest_from_dict(d, where)
+
+
+def manifest_from_dict(d: dict, where: str = "model") -> Manifest:
+    if d.get("format_version") != FORMAT_VERSION:
+        v = d.get("format_version")
+        raise RuntimeUserError(f"{where}: unsupported manifest format version {str(v)[:20]} (this runtime reads "
+                               f"version {FORMAT_VERSION}); re-export the model")
+    for k in _REQUIRED:
+        if k not in d:
+            raise _bad(where, f"missing field {k!r}")
+    known = {k: v for k, v in d.items() if k in Manifest.__dataclass_fields__}
+    for k, v in known.items():
+        if k in _FIELDS and not _FIELDS[k][0](v):
+            raise _bad(where, f"{k} must be {_FIELDS[k][1]}")
+    known["state"] = [_state_spec(s, i, where) for i, s in enumerate(known["state"])]
+    if not known["state"]:
+        raise _bad(where, "no state tensors")
+    names = [s.name for s in known["state"]] + [s.output for s in known["state"]]
+    io_names = [known.get("tokens_input", "tokens"), known.get("logits_output", "logits")]
+    if len(set(names + io_names)) != len(names) + 2:
+        raise _bad(where, "state, token and logits names must all be distinct")
+    for kind, name in known.get("companions", {}).items():
+        if kind not in GRAPH_KINDS:
+            raise _bad(where, f"unknown companion kind {str(kind)[:30]!r}")
+        if not plain_file_name(name):
+            raise _bad(where, f"companion {kind} must be a plain file name in the model's folder, not {str(name)[:60]!r}")
+    return Manifest(**known)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initial / saved states
+# ---------------------------------------------------------------------------------------------
+def _check_arrays(arrays: dict, specs: list, where: str, batch: int | None) -> dict:
+    """Names, dtypes (float32 accepted for float16 specs, converted), shapes; returns contiguous arrays."""
+    by_name = {s.name: s for s in specs}
+    for k in arrays:
+        if k not in by_name:
+            raise RuntimeUserError(f"{where}: names {str(k)[:60]!r}, which this model has no state tensor for")
+    out = {}
+    for k, a in arrays.items():
+        s = by_name[k]
+        a = np.asarray(a)
+        if a.dtype not in (np.dtype(np.float32), np.dtype(s.dtype)):
+            raise RuntimeUserError(f"{where}: state tensor {k} has dtype {a.dtype}, expected {s.dtype}")
+        if (a.ndim != len(s.shape) or a.ndim == 0 or tuple(a.shape) != s.concrete_shape(a.shape[0])
+                or (batch is not None and a.shape[0] != batch)):
+            raise RuntimeUserError(f"{where}: state tensor {k} has shape {list(a.shape)}, expected {s.shape}")
+        if np.isnan(a).any():
+            raise RuntimeUserError(f"{where}: state tensor {k} holds NaN")
+        out[k] = np.ascontiguousarray(a, dtype=STATE_DTYPES[s.dtype])
+    return out
+
+
+def _read_data(f, shape, dtype, fortran: bool, where: str) -> np.ndarray:
+    """The data after an .npy header: exactly prod(shape) items, else the file is truncated."""
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = f.read(n)
+    if len(raw) != n:
+        raise RuntimeUserError(f"{where}: truncated state file")
+    return np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C").copy()
+
+
+def read_state_npz(source, specs: list, where: str, export_id: str = "", batch: int | None = None,
+                   require_all: bool = True) -> dict:
+    """A saved state (.npz path or bytes) -> {name: array}, checked before any data is read.
+
+    Each member's .npy header (dtype, shape) is checked against the manifest and its stored size before
+    the data is loaded; pickled objects are never loaded. A state saved by another export (a different
+    non-empty export id) is refused; states without an id (older saves) are accepted.
+    """
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except FileNotFoundError:
+        raise RuntimeUserError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise RuntimeUserError(f"{where}: is a directory, not a state file") from None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise RuntimeUserError(f"{where}: not a saved state (.npz) ({str(e)[:80]})") from None
+    by_name = {s.name: s for s in specs}
+    arrays, saved_id = {}, ""
+    with zf:
+        try:
+            for info in zf.infolist():
+                name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                if name != EXPORT_ID_KEY and name not in by_name:
+                    raise RuntimeUserError(f"{where}: names {name[:60]!r}, which this model has no state tensor for")
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=10000)
+                    elif version == (2, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=10000)
+                    else:
+                        raise RuntimeUserError(f"{where}: member {name[:60]} has .npy version {version}")
+                    header_len = f.tell() if f.seekable() else None
+                    if dtype.hasobject:
+                        raise RuntimeUserError(f"{where}: member {name[:60]} holds Python objects (refused)")
+                    if name == EXPORT_ID_KEY:
+                        if dtype.kind != "U" or shape != () or dtype.itemsize > 4 * 256:
+                            raise RuntimeUserError(f"{where}: malformed export id")
+                        saved_id = str(_read_data(f, (), dtype, False, where))
+                        continue
+                    s = by_name[name]
+                    if len(shape) != len(s.shape) or not shape or not 1 <= shape[0] <= MAX_STATE_BATCH:
+                        raise RuntimeUserError(f"{where}: state tensor {name} has shape {list(shape)}, expected {s.shape}")
+                    if tuple(shape) != s.concrete_shape(shape[0]):
+                        raise RuntimeUserError(f"{where}: state tensor {name} has shape {list(shape)}, expected {s.shape}")
+                    if header_len is not None and info.file_size != header_len + int(np.prod(shape)) * dtype.itemsize:
+                        raise RuntimeUserError(f"{where}: state tensor {name} is truncated or oversized")
+                    arrays[name] = _read_data(f, shape, dtype, fortran, where)
+        except RuntimeUserError:
+            raise
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError, SyntaxError) as e:
+            raise RuntimeUserError(f"{where}: not a saved state (.npz) ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})") from None
+    if saved_id and export_id and saved_id != export_id:
+        raise RuntimeUserError(f"{where}: this state was saved from another export (id {saved_id[:16]}), not from "
+                               f"this model (id {export_id[:16]}); states only load into the model that made them")
+    if require_all:
+        missing = [s.name for s in specs if s.name not in arrays]
+        if missing:
+            raise RuntimeUserError(f"{where}: state is missing {len(missing)} tensor(s), e.g. {missing[0]}")
+    arrays = _check_arrays(arrays, specs, where, None)
+    rows = {a.shape[0] for a in arrays.values()}
+    if len(rows) > 1 or (batch is not None and rows and rows != {batch}):
+        raise RuntimeUserError(f"{where}: state tensors disagree on the batch size ({sorted(rows)})")
+    return arrays
+
+
+def decode_initial_state(text, specs: list, where: str) -> dict:
+    """The embedded learned initial state (base64 of an .npz) -> {name: array [1, ...]}."""
+    if not isinstance(text, str) or not text:
+        raise RuntimeUserError(f"{where}: the manifest says it embeds an initial state, but none is there; re-export")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RuntimeUserError(f"{where}: the embedded initial state is not valid base64; re-export") from None
+    arrays = read_state_npz(raw, specs, f"{where} (embedded initial state)", require_all=False)
+    for k, a in arrays.items():
+        if a.shape[0] != 1:
+            raise RuntimeUserError(f"{where}: embedded initial state {k} has batch {a.shape[0]}, expected 1")
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine sidecars (moved here from trt_backend.py: reading them needs no TensorRT)
+# ---------------------------------------------------------------------------------------------
+def sidecar_path(engine_path) -> Path:
+    """``model.engine`` -> ``model.engine.json``."""
+    p = Path(engine_path)
+    return p.with_name(p.name + ".json")
+
+
+def read_sidecar(engine_path) -> dict:
+    path = Path(engine_path)
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise RuntimeUserError(f"{path.name}: no {side.name} beside it (engines built by rwkv-export build-engine "
+                               "carry their manifest in that file; copy it with the engine or rebuild)")
+    try:
+        d = json.loads(side.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise RuntimeUserError(f"{side.name}: not valid JSON ({str(e)[:80]})") from None
+    except OSError as e:
+        raise RuntimeUserError(f"{side.name}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(d, dict) or d.get("format") != SIDECAR_FORMAT or not isinstance(d.get("manifest"), dict):
+        raise RuntimeUserError(f"{side.name}: not an rwkv-export engine sidecar")
+    if d.get("format_version") != SIDECAR_VERSION:
+        raise RuntimeUserError(f"{side.name}: sidecar format version {str(d.get('format_version'))[:20]} is not "
+                               f"supported (this runtime reads version {SIDECAR_VERSION}); rebuild the engine")
+    for k in ("tokenizer_json", "initial_state"):
+        if d.get(k) is not None and not isinstance(d[k], str):
+            raise RuntimeUserError(f"{side.name}: {k} must be a string")
+    return d
+
+
+def read_engine_manifest(engine_path) -> tuple[Manifest, str | None]:
+    """The manifest (and embedded tokenizer JSON) of an engine, from its sidecar. Needs no TensorRT."""
+    d = read_sidecar(engine_path)
+    return manifest_from_dict(d["manifest"], sidecar_path(engine_path).name), d.get("tokenizer_json")
+
+
+def read_engine_initial_state(engine_path) -> dict:
+    """A learned initial state recorded in the sidecar ({} if none)."""
+    d = read_sidecar(engine_path)
+    if not d.get("initial_state"):
+        return {}
+    man = manifest_from_dict(d["manifest"], sidecar_path(engine_path).name)
+    return decode_initial_state(d["initial_state"], man.state, sidecar_path(engine_path).name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The artifact
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Artifact:
+    """One exported graph (ONNX or engine) with its manifest, tokenizer and initial state."""
+
+    path: Path
+    manifest: Manifest
+    tokenizer_json: str | None = None
+    props: dict = field(default_factory=dict)  # ONNX metadata, or the engine sidecar
+
+    @property
+    def engine(self) -> bool:
+        return is_engine(self.path)
+
+    def initial_state(self) -> dict:
+        """The embedded learned initial state ({} when the export has none)."""
+        if self.manifest.initial_state != "embedded":
+            return {}
+        text = self.props.get("initial_state" if self.engine else INITIAL_STATE_KEY)
+        return decode_initial_state(text, self.manifest.state, self.path.name)
+
+    def companion_path(self, kind: str) -> Path | None:
+        """The file of the ``kind`` graph of this export (this file itself, a companion, or None)."""
+        if self.manifest.graph == kind:
+            return self.path
+        name = self.manifest.companions.get(kind)
+        if not name:
+            return None
+        p = self.path.with_name(name)
+        return p if p.is_file() else None
+
+    def companion(self, kind: str) -> "Artifact":
+        """The companion graph, checked to belong to this export (same export id, same state layout)."""
+        p = self.companion_path(kind)
+        if p is None:
+            raise RuntimeUserError(f"no {kind} graph for {self.path.name} (export it with --graphs step,sequence)")
+        if p == self.path:
+            return self
+        other = open_artifact(p)
+        m, o = self.manifest, other.manifest
+        if o.graph != kind:
+            raise RuntimeUserError(f"{p.name}: named as the {kind} graph of {self.path.name} but is a {o.graph} graph")
+        if (m.export_id or o.export_id) and m.export_id != o.export_id:
+            raise RuntimeUserError(f"{p.name} belongs to another export than {self.path.name} (export ids "
+                                   f"{o.export_id[:16] or 'none'} vs {m.export_id[:16] or 'none'}); re-export them together")
+        same = ([(s.name, s.output, list(s.shape), s.dtype) for s in m.state]
+                == [(s.name, s.output, list(s.shape), s.dtype) for s in o.state])
+        if not same or (m.vocab_size, m.n_layer, m.n_embd, m.architecture) != (o.vocab_size, o.n_layer, o.n_embd, o.architecture):
+            raise RuntimeUserError(f"{p.name} does not match {self.path.name} (different model or state layout)")
+        return other
+
+
+def open_artifact(path) -> Artifact:
+    """Read and validate an artifact's manifest (ONNX metadata or engine sidecar); loads no weights."""
+    path = Path(path)
+    if not path.exists():
+        raise RuntimeUserError(f"{path}: no such file")
+    if not path.is_file():
+        raise RuntimeUserError(f"{path}: is a directory, not a model file")
+    if is_engine(path):
+        side = read_sidecar(path)
+        man = manifest_from_dict(side["manifest"], sidecar_path(path).name)
+        return Artifact(path, man, side.get("tokenizer_json"), side)
+    props = read_onnx_metadata(path)
+    if MANIFEST_KEY not in props:
+        raise RuntimeUserError(f"{path}: no rwkv manifest in this ONNX model (was it exported by rwkv-export?)")
+    return Artifact(path, parse_manifest(props[MANIFEST_KEY], path.name), props.get(TOKENIZER_KEY), props)
+
+
+def read_manifest(path) -> tuple[Manifest, str | None]:
+    """The validated manifest and embedded tokenizer JSON of an artifact (ONNX or engine)."""
+    a = open_artifact(path)
+    return a.manifest, a.tokenizer_json
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest against the graph that was actually loaded
+# ---------------------------------------------------------------------------------------------
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
+
+
+def check_graph_io(manifest: Manifest, kind: str, inputs, outputs, where: str) -> None:
+    """Compare the manifest with a loaded graph's inputs/outputs (onnxruntime NodeArg-like: name, shape,
+    type). Raises a RuntimeUserError naming the first disagreement."""
+    ins = {a.name: a for a in inputs}
+    outs = {a.name: a for a in outputs}
+
+    def fail(what):
+        raise RuntimeUserError(f"{where}: the graph does not match its manifest ({what}); re-export the model")
+
+    tok = ins.get(manifest.tokens_input)
+    if tok is None:
+        fail(f"no input {manifest.tokens_input!r}")
+    if len(tok.shape) != (1 if kind == "step" else 2) or tok.type not in ("tensor(int64)", "tensor(int32)"):
+        fail(f"input {tok.name} is {tok.type} of rank {len(tok.shape)}")
+    lg = outs.get(manifest.logits_output)
+    if lg is None:
+        fail(f"no output {manifest.logits_output!r}")
+    if len(lg.shape) not in (2, 3) or (isinstance(lg.shape[-1], int) and lg.shape[-1] != manifest.vocab_size):
+        fail(f"output {lg.name} has shape {lg.shape}, vocab {manifest.vocab_size}")
+    for s in manifest.state:
+        for name, table in ((s.name, ins), (s.output, outs)):
+            a = table.get(name)
+            if a is None:
+                fail(f"no {'input' if table is ins else 'output'} {name!r}")
+            if len(a.shape) != len(s.shape) or a.type != _ORT_TYPES[s.dtype]:
+                fail(f"{name} is {a.type} of rank {len(a.shape)}, manifest says {s.dtype} {s.shape}")
+            for got, want in zip(a.shape[1:], s.shape[1:]):
+                if isinstance(got, int) and got != want:
+                    fail(f"{name} has shape {a.shape}, manifest says {s.shape}")
+    extra = set(ins) - {manifest.tokens_input} - {s.name for s in manifest.state}
+    if extra:
+        fail(f"inputs the manifest does not describe: {sorted(extra)[:3]}")

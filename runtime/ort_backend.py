@@ -1,0 +1,211 @@
+"""The onnxruntime backend: runs an export's step graph (and, on first use, its sequence graph).
+
+State values are ``OrtValue``s (on the GPU with the CUDA provider), bound with IOBinding so the state
+never goes through numpy on the hot path.
+
+The step loop binds its buffers once. Each (graph, batch size) has a small pool of *buffer sets*: state
+output OrtValues, a logits OrtValue and a token OrtValue, pre-allocated and bound to an IOBinding of
+their own. A step writes into a set no live ``State`` refers to (a set is free when only the pool holds
+its values: CPython's reference count tells), so the usual loop ``logits, st = s.step(t, st)``
+ping-pongs between two sets and rebinds nothing, while a state the caller still holds is never an
+output target (the step takes another set, or falls back to fresh outputs).
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .artifact import Artifact, check_graph_io
+from .errors import RuntimeUserError
+
+_SETS_PER_SHAPE = 3  # two for the ping-pong, one spare for a state the caller keeps
+
+
+def check_providers(ort, providers) -> list:
+    """The requested execution providers, each one this onnxruntime has; else one clear error."""
+    if providers is None:
+        return ["CPUExecutionProvider"]
+    if isinstance(providers, str):
+        providers = [providers]
+    available = ort.get_available_providers()
+    out = []
+    for p in providers:
+        name = p[0] if isinstance(p, (tuple, list)) and p else p
+        if not isinstance(name, str):
+            raise RuntimeUserError(f"execution provider must be a name like 'CPUExecutionProvider', not {name!r}")
+        if name not in available:
+            raise RuntimeUserError(f"this onnxruntime has no {name} (available: {', '.join(available)})")
+        out.append(tuple(p) if isinstance(p, list) else p)
+    if not out:
+        raise RuntimeUserError(f"no execution provider given (available: {', '.join(available)})")
+    return out
+
+
+class _BufferSet:
+    """Pre-allocated outputs of one graph at one batch size, bound once to their own IOBinding."""
+
+    def __init__(self, backend: "OrtBackend", sess, batch: int, specs: list):
+        ort, dev = backend.ort, backend.device
+        m = backend.manifest
+        self.tokens = ort.OrtValue.ortvalue_from_shape_and_type((batch,), np.int64, "cpu", 0)
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, m.vocab_size), np.float32, "cpu", 0)
+        self.values = {s.name: ort.OrtValue.ortvalue_from_shape_and_type(s.concrete_shape(batch), np.dtype(s.dtype), dev, 0)
+                       for s in specs}
+        self._probe = next(iter(self.values.values()))
+        self.io = sess.io_binding()
+        self.io.bind_ortvalue_input(m.tokens_input, self.tokens)
+        self.io.bind_ortvalue_output(m.logits_output, self.logits)
+        for s in specs:
+            self.io.bind_ortvalue_output(s.output, self.values[s.name])
+        self.bound_from = None  # the buffer set whose values are bound as this set's inputs
+        self.busy = False
+
+    def free(self) -> bool:
+        # references: self.values, getrefcount's argument, _probe; a State holding the set adds one more
+        return not self.busy and sys.getrefcount(self._probe) <= 3
+
+
+class OrtBackend:
+    """onnxruntime + IOBinding; see the module docstring. Implements ``backend.Backend``."""
+
+    def __init__(self, artifact: Artifact, providers=None, threads: int | None = None, session_options=None,
+                 low_memory: bool = False):
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.artifact = artifact
+        self.manifest = artifact.manifest
+        self.path = artifact.path
+        self.providers = check_providers(ort, providers)
+        self.threads = threads
+        self._user_options = session_options
+        # low_memory: one session (the sequence graph, also used for single steps with T=1) and no
+        # weight prepacking for float graphs
+        self.low_memory = bool(low_memory)
+        self.device = "cuda" if any("CUDA" in (p if isinstance(p, str) else p[0]) for p in self.providers) else "cpu"
+        self._sessions: dict = {}
+        self._has: dict = {}
+        self._sets: dict = {}
+        self._lock = threading.Lock()
+
+    def _options(self):
+        so = self._user_options or self.ort.SessionOptions()
+        if self._user_options is None:
+            so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if self.threads:
+                so.intra_op_num_threads = self.threads
+                so.inter_op_num_threads = 1
+            if self.low_memory and not self.manifest.options.get("quantize"):
+                # (MatMulNBits computes from its prepacked form: without it int8/int4 are ~40x slower)
+                so.add_session_config_entry("session.disable_prepacking", "1")
+        return so
+
+    def session(self, kind: str):
+        with self._lock:
+            if kind not in self._sessions:
+                self._sessions[kind] = self._load(kind)
+            return self._sessions[kind]
+
+    def _load(self, kind: str):
+        art = self.artifact.companion(kind)  # the export id and layout checked against the main graph
+        path = art.path
+        if self.manifest.precision == "bf16" and self.device == "cpu":
+            raise RuntimeUserError(f"{path.name} is a bfloat16 export: onnxruntime's CPU provider has no bfloat16 "
+                                   "MatMul; run it with TensorRT or onnxruntime's CUDA provider, or export fp32/fp16")
+        try:
+            sess = self.ort.InferenceSession(str(path), self._options(), providers=self.providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types (Fail, InvalidGraph, ...)
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            if "bfloat16" in msg.lower():
+                raise RuntimeUserError(f"{path.name}: this onnxruntime cannot run bfloat16 graphs "
+                                       f"on {self.providers[0]} ({msg})") from None
+            raise RuntimeUserError(f"{path.name}: onnxruntime could not load the model ({msg})") from None
+        check_graph_io(art.manifest, kind, sess.get_inputs(), sess.get_outputs(), path.name)
+        return sess
+
+    def graph_path(self, kind: str) -> Path:
+        p = self.artifact.companion_path(kind)
+        if p is None:
+            raise RuntimeUserError(f"no {kind} graph for {self.path.name} (export it with --graphs step,sequence)")
+        return p
+
+    def has(self, kind: str) -> bool:
+        if kind not in self._has:  # cached: asked on every step
+            self._has[kind] = self.artifact.companion_path(kind) is not None
+        return self._has[kind]
+
+    def from_numpy(self, arr: np.ndarray):
+        # An ORT-owned copy: ``ortvalue_from_numpy`` on the CPU would alias the numpy buffer
+        arr = np.ascontiguousarray(arr)
+        value = self.ort.OrtValue.ortvalue_from_shape_and_type(arr.shape, arr.dtype, self.device, 0)
+        value.update_inplace(arr)
+        return value
+
+    def to_numpy(self, value) -> np.ndarray:
+        return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+
+    # -- running ----------------------------------------------------------------------------------
+    def run(self, kind: str, tokens: np.ndarray, values: dict, specs: list):
+        if kind == "step" and (self.low_memory or not self.has("step")) and self.has("sequence"):
+            logits, new = self.run("sequence", tokens[:, None], values, specs)
+            return (logits[:, -1] if logits.ndim == 3 else logits), new
+        sess = self.session(kind)
+        if kind == "step":
+            bs = self._take_set(sess, tokens.shape[0], specs)
+            if bs is not None:
+                try:
+                    return self._run_set(sess, bs, tokens, values, specs)
+                finally:
+                    bs.busy = False
+        io = sess.io_binding()
+        io.bind_cpu_input(self.manifest.tokens_input, tokens)
+        for s in specs:
+            io.bind_ortvalue_input(s.name, values[s.name])
+        io.bind_output(self.manifest.logits_output, "cpu")  # logits go to the sampler on the host
+        for s in specs:
+            io.bind_output(s.output, self.device)  # fresh outputs: never a caller's state
+        self._execute(sess, io)
+        outs = io.get_outputs()
+        return np.array(outs[0].numpy(), copy=True), {s.name: o for s, o in zip(specs, outs[1:])}
+
+    def _take_set(self, sess, batch: int, specs: list):
+        with self._lock:
+            pool = self._sets.setdefault(batch, [])
+            for bs in pool:
+                if bs.free():
+                    bs.busy = True
+                    return bs
+            if len(pool) < _SETS_PER_SHAPE:
+                bs = _BufferSet(self, sess, batch, specs)
+                bs.busy = True
+                pool.append(bs)
+                return bs
+        return None  # every set is held by a caller's State: fresh outputs this time
+
+    def _run_set(self, sess, bs: _BufferSet, tokens, values, specs):
+        src = self._source_set(values, tokens.shape[0], specs)
+        if src is None or bs.bound_from is not src:
+            for s in specs:
+                bs.io.bind_ortvalue_input(s.name, values[s.name])
+            bs.bound_from = src  # a set, never its values: holding those would keep the set "in use"
+        bs.tokens.update_inplace(tokens)
+        self._execute(sess, bs.io)
+        return np.array(bs.logits.numpy(), copy=True), dict(bs.values)
+
+    def _source_set(self, values, batch: int, specs: list):
+        """The buffer set whose outputs ``values`` are (then its binding can stay), else None."""
+        first = values[specs[0].name]
+        for bs in self._sets.get(batch, ()):
+            if bs._probe is first:
+                return bs if all(values[s.name] is bs.values[s.name] for s in specs) else None
+        return None
+
+    def _execute(self, sess, io):
+        try:
+            sess.run_with_iobinding(io)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise RuntimeUserError(f"{self.path.name}: onnxruntime failed to run the graph ({msg})") from None
