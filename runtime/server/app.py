@@ -1,0 +1,130 @@
+"""The FastAPI routes (thin: validation by pydantic, work in serving.py / engine.py)."""
+from __future__ import annotations
+
+import contextlib
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from . import protocol
+from .engine import Engine, ServeError
+from .metrics import CONTENT_TYPE_LATEST
+from .serving import Serving, ServingConfig
+
+
+def _error(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
+    return JSONResponse(protocol.error_body(message, type_, param, code), status_code=status)
+
+
+class _Guard:
+    """ASGI middleware: counts requests by endpoint and status, and refuses oversized bodies (413)
+    from their Content-Length before they are read."""
+
+    def __init__(self, app, metrics, max_body: int):
+        self.app, self.metrics, self.max_body = app, metrics, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in _ENDPOINTS else "other"
+        status = {}
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length and length.isdigit() and int(length) > self.max_body:
+            resp = _error(413, f"the request body is larger than {self.max_body} bytes", "invalid_request_error",
+                          code="request_too_large")
+            await resp(scope, receive, send_counted)
+        else:
+            await self.app(scope, receive, send_counted)
+        self.metrics.requests.labels(path, str(status.get("code", 0))).inc()
+
+
+_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+
+
+def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 << 20,
+               drain_seconds: float = 10.0) -> FastAPI:
+    """An app serving one model. Its lifespan starts the engine thread and drains it at shutdown."""
+    serving = Serving(engine, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop(drain_seconds)
+
+    app = FastAPI(title="rwkv_runtime server", lifespan=lifespan)
+    app.state.engine, app.state.serving = engine, serving
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request, e: ServeError):
+        return _error(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        msg = f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}"
+        return _error(400, msg, "invalid_request_error", loc[0] if loc else None)
+
+    def _respond(result, stream: bool):
+        if stream:
+            return StreamingResponse(result, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        if result is None:  # the client went away; nobody reads this
+            return Response(status_code=499)
+        return JSONResponse(result)
+
+    @app.post("/v1/completions")
+    async def completions(body: protocol.CompletionRequest, request: Request):
+        return _respond(await serving.completions(body, request.is_disconnected), body.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: protocol.ChatCompletionRequest, request: Request):
+        return _respond(await serving.chat(body, request.is_disconnected), body.stream)
+
+    @app.get("/v1/models")
+    async def models():
+        return serving.models()
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        serving.check_model(name)
+        return serving.model_card()
+
+    @app.get("/health")
+    async def health():
+        if engine.draining:
+            return _error(503, "the server is shutting down", "service_unavailable")
+        return {"status": "ok", "model": config.model_name, "running": engine.active()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(_Guard, metrics=engine.metrics, max_body=max_body_bytes)
+    return app
+
+
+def json_log_formatter():
+    """Structured logs: one JSON object per line."""
+    import logging
+
+    class _Json(logging.Formatter):
+        def format(self, record):
+            msg = record.getMessage()
+            try:
+                body = json.loads(msg) if msg.startswith("{") else {"message": msg}
+            except ValueError:
+                body = {"message": msg}
+            return json.dumps({"ts": round(record.created, 3), "level": record.levelname.lower(),
+                               "logger": record.name, **body})
+
+    return _Json()

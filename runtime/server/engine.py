@@ -1,0 +1,398 @@
+"""The scheduler: one thread runs every active sequence of the server as one batch.
+
+Each iteration of the loop (1) admits queued requests while batch slots are free, (2) prefills at most
+``prefill_chunk`` prompt tokens (sequence graph; the prefix cache first supplies the longest cached
+prefix), and (3) runs ONE decode step for every running sequence with the step graph at batch size B.
+Sequences join the batch when their prompt is done and leave when they finish or their client goes
+away, always between steps, so a long prompt delays the running streams by at most one chunk.
+
+The HTTP side never touches the model: it submits a ``GenRequest`` and reads events (``Delta``,
+``Finished``, ``Failed``) from an asyncio queue that this thread fills with ``call_soon_threadsafe``.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rwkv_runtime import RuntimeUserError, Sampler, SamplingParams, State
+
+from . import statefile
+from .cache import PrefixCache
+from .metrics import Metrics
+
+log = logging.getLogger("rwkv_runtime.server")
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 32  # sequences decoded together (prefilling ones included)
+    max_queue: int = 256  # requests waiting for a slot before new ones get 429
+    prefill_chunk: int = 64  # prompt tokens prefilled per scheduler iteration
+    max_prompt_tokens: int = 8192  # longer prompts get 413
+    max_tokens: int = 4096  # ceiling on a request's max_tokens
+    request_timeout: float = 600.0  # seconds from arrival; then finish_reason "timeout"
+    cache_bytes: int = 256 << 20  # prefix-state cache budget (0: off)
+    cache_min_tokens: int = 16  # shorter prefixes are not worth an entry
+    max_state_bytes: int = 64 << 20  # imported conversation states larger than this are refused
+
+
+class ServeError(Exception):
+    """An error for the client, in OpenAI's shape (status, message, type, param, code)."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+@dataclass
+class GenRequest:
+    prompt: list  # token ids (after the imported state, if any)
+    sampling: SamplingParams
+    max_tokens: int
+    stop: tuple = ()  # strings; the text ends before the first one
+    stop_ids: frozenset = frozenset()  # token ids that end generation (not emitted)
+    state: dict | None = None  # imported state arrays (batch 1)
+    state_base: str = ""  # cache namespace of the imported state
+    state_tokens: int = 0  # tokens the imported state had seen
+    return_state: bool = False
+    request_id: str = ""
+
+
+@dataclass
+class Delta:
+    text: str
+    tokens: int = 1
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop", "length", "timeout"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    state: str | None = None
+
+
+@dataclass
+class Failed:
+    error: ServeError
+
+
+class Handle:
+    """The HTTP side's view of a submitted request."""
+
+    def __init__(self, req: GenRequest, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue | None = None,
+                 index: int = 0):
+        self.req = req
+        self.loop = loop
+        self.queue: asyncio.Queue = queue if queue is not None else asyncio.Queue()  # gets (index, event)
+        self.index = index
+        self.cancelled = False
+        self.arrival = time.perf_counter()
+
+    def cancel(self):
+        """The client is gone: the engine drops the sequence before its next step."""
+        self.cancelled = True
+
+    def _put(self, event):
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, event))
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+class _Seq:
+    __slots__ = ("h", "req", "todo", "done", "state", "logits", "sampler", "generated", "pending", "held",
+                 "cached", "t_last", "first")
+
+    def __init__(self, h: Handle):
+        self.h, self.req = h, h.req
+        self.sampler = Sampler(h.req.sampling)
+        self.generated: list = []
+        self.pending: list = []  # tokens whose text is an incomplete UTF-8 sequence so far
+        self.held = ""  # text that may be the start of a stop string
+        self.done = 0  # prompt tokens already in the state
+        self.cached = 0
+        self.state = None
+        self.logits = None
+        self.t_last = 0.0
+        self.first = True
+
+
+class Engine:
+    def __init__(self, session, config: EngineConfig | None = None, metrics: Metrics | None = None):
+        self.session = session
+        self.config = config or EngineConfig()
+        self.metrics = metrics or Metrics()
+        self.binding = statefile.model_binding(session.manifest)
+        self.cache = PrefixCache(self.config.cache_bytes, self.config.cache_min_tokens)
+        self._inbox: collections.deque = collections.deque()
+        self._waiting: collections.deque = collections.deque()
+        self._prefilling: list = []
+        self._running: list = []  # in state-row order
+        self._batch: State | None = None
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.draining = False
+        self._ids = itertools.count()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="rwkv-scheduler", daemon=True)
+            self._thread.start()
+
+    def begin_shutdown(self):
+        """New requests get 503 from now on; running ones carry on."""
+        self.draining = True
+
+    def active(self) -> int:
+        return len(self._inbox) + len(self._waiting) + len(self._prefilling) + len(self._running)
+
+    def stop(self, grace: float = 10.0):
+        """Drain: let in-flight requests finish for up to ``grace`` seconds, then cancel the rest."""
+        self.draining = True
+        end = time.monotonic() + grace
+        while self.active() and time.monotonic() < end:
+            time.sleep(0.02)
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # -- submitting (event-loop thread) ----------------------------------------------------------
+    def submit(self, req: GenRequest, queue: asyncio.Queue | None = None, index: int = 0) -> Handle:
+        if self.draining:
+            raise ServeError(503, "the server is shutting down", "service_unavailable")
+        if self._thread is None:
+            raise ServeError(503, "the engine is not running", "service_unavailable")
+        if not req.prompt:
+            raise ServeError(400, "the prompt is empty", param="prompt")
+        if len(req.prompt) > self.config.max_prompt_tokens:
+            raise ServeError(413, f"the prompt has {len(req.prompt)} tokens; this server accepts at most "
+                             f"{self.config.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
+        if len(self._inbox) + len(self._waiting) >= self.config.max_queue:
+            raise ServeError(429, f"the server is busy ({self.config.max_queue} requests queued); retry later",
+                             "rate_limit_error", code="queue_full")
+        req.request_id = req.request_id or f"req-{next(self._ids)}"
+        h = Handle(req, asyncio.get_running_loop(), queue, index)
+        self.metrics.prompt_tokens.inc(len(req.prompt))
+        self._inbox.append(h)
+        self._wake.set()
+        return h
+
+    # -- the loop (scheduler thread) -------------------------------------------------------------
+    def _loop(self):
+        while not self._stop:
+            try:
+                self._admit()
+                worked = False
+                if self._prefilling:
+                    self._prefill_some()
+                    worked = True
+                if self._running:
+                    self._decode_step()
+                    worked = True
+                self._gauges()
+                if not worked:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+            except Exception as e:  # noqa: BLE001 - never let one bad batch kill the server
+                log.exception("scheduler iteration failed")
+                self._fail_all(ServeError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+        self._fail_all(ServeError(503, "the server shut down before this request finished", "service_unavailable"))
+
+    def _gauges(self):
+        m = self.metrics
+        m.queued.set(len(self._inbox) + len(self._waiting))
+        m.prefilling.set(len(self._prefilling))
+        m.running.set(len(self._running))
+        m.cache_bytes.set(self.cache.bytes)
+        m.cache_entries.set(len(self.cache))
+
+    def _fail_all(self, err: ServeError):
+        seqs = [_Seq(h) for h in self._inbox] + list(self._waiting) + self._prefilling + self._running
+        self._inbox.clear()
+        self._waiting.clear()
+        self._prefilling, self._running, self._batch = [], [], None
+        for s in seqs:
+            s.h._put(Failed(err))
+
+    def _admit(self):
+        while self._inbox:
+            self._waiting.append(_Seq(self._inbox.popleft()))
+        now = time.perf_counter()
+        for s in [s for s in self._waiting if s.h.cancelled or now - s.h.arrival > self.config.request_timeout]:
+            self._waiting.remove(s)
+            if not s.h.cancelled:
+                s.h._put(Failed(ServeError(503, "timed out waiting for a batch slot", "timeout")))
+            self.metrics.finished.labels("cancelled" if s.h.cancelled else "timeout").inc()
+        self._prefilling = [s for s in self._prefilling if not self._dropped(s)]
+        while self._waiting and len(self._prefilling) + len(self._running) < self.config.max_batch:
+            s = self._waiting.popleft()
+            try:
+                self._start(s)
+            except RuntimeUserError as e:
+                s.h._put(Failed(ServeError(400, str(e))))
+
+    def _dropped(self, s: _Seq) -> bool:
+        if s.h.cancelled:
+            self.metrics.finished.labels("cancelled").inc()
+        return s.h.cancelled
+
+    def _start(self, s: _Seq):
+        req = s.req
+        entry = self.cache.lookup(req.state_base, req.prompt)
+        if entry is not None:
+            s.state = self.session.state_from_numpy(entry.arrays)
+            s.logits, s.done = entry.logits, entry.length
+            s.cached = entry.length
+            self.metrics.cache_hits.inc()
+            self.metrics.cached_tokens.inc(entry.length)
+        else:
+            s.state = self.session.state_from_numpy(req.state) if req.state is not None else self.session.new_state(1)
+            self.metrics.cache_misses.inc()
+        if s.done < len(req.prompt):
+            self._prefilling.append(s)
+        else:
+            self._join(s)
+
+    def _prefill_some(self):
+        """At most ``prefill_chunk`` prompt tokens this iteration, chunk ends aligned to multiples of the
+        chunk size (so cached boundaries are shared between prompts)."""
+        budget, c = self.config.prefill_chunk, self.config.prefill_chunk
+        for s in list(self._prefilling):
+            if budget <= 0:
+                break
+            prompt = s.req.prompt
+            end = min(len(prompt), (s.done // c + 1) * c, s.done + budget)
+            chunk = np.asarray([prompt[s.done:end]], dtype=np.int64)
+            try:
+                logits, s.state = self.session.prefill(chunk, s.state, chunk_size=c)
+            except RuntimeUserError as e:
+                self._prefilling.remove(s)
+                s.h._put(Failed(ServeError(400, str(e))))
+                continue
+            self.metrics.prefill_tokens.inc(end - s.done)
+            budget -= end - s.done
+            s.done, s.logits = end, logits[0]
+            if end % c == 0 or end == len(prompt):
+                self.cache.put(s.req.state_base, prompt[:end], s.state.numpy(), s.logits)
+            if end == len(prompt):
+                self._prefilling.remove(s)
+                self._join(s)
+
+    def _join(self, s: _Seq):
+        self._batch = s.state if self._batch is None else State.concat([self._batch, s.state])
+        s.state = None
+        self._running.append(s)
+
+    def _decode_step(self):
+        seqs = self._running
+        toks = np.array([s.sampler(s.logits) for s in seqs], dtype=np.int64)
+        keep, now = [], time.perf_counter()
+        for row, (s, tok) in enumerate(zip(seqs, toks)):
+            reason = "cancelled" if s.h.cancelled else self._accept(s, int(tok), now)
+            if reason is None:
+                keep.append(row)
+            else:
+                self._finish(s, row, int(tok), reason, now)
+        if len(keep) != len(seqs):
+            self._running = [seqs[r] for r in keep]
+            self._batch = self._batch.select(keep) if keep else None
+        if not keep:
+            return
+        self.metrics.batch_size.observe(len(keep))
+        self.metrics.steps.inc()
+        logits, self._batch = self.session.step(toks[keep], self._batch)
+        for s, lg in zip(self._running, logits):
+            s.logits = lg
+
+    def _accept(self, s: _Seq, tok: int, now: float) -> str | None:
+        """Take a sampled token: emit its text; the finish reason if the sequence ends here."""
+        m = self.metrics
+        if s.first:
+            m.ttft.observe(now - s.h.arrival)
+            s.first = False
+        else:
+            m.itl.observe(now - s.t_last)
+        s.t_last = now
+        if tok in s.req.stop_ids:
+            return "stop"
+        s.generated.append(tok)
+        m.generated_tokens.inc()
+        s.pending.append(tok)
+        piece = self.session.decode(s.pending)
+        if piece.endswith("\ufffd") and len(s.pending) < 8:  # wait for the rest of a UTF-8 character
+            piece = ""
+        else:
+            s.pending = []
+        text, stopped = self._apply_stops(s, piece)
+        if text:
+            s.h._put(Delta(text))
+        if stopped:
+            return "stop-text"
+        if len(s.generated) >= s.req.max_tokens:
+            return "length"
+        if now - s.h.arrival > self.config.request_timeout:
+            return "timeout"
+        return None
+
+    @staticmethod
+    def _apply_stops(s: _Seq, piece: str) -> tuple[str, bool]:
+        """Stop strings across token boundaries: hold back any tail that could begin a stop string."""
+        if not s.req.stop:
+            return piece, False
+        buf = s.held + piece
+        hits = [i for i in (buf.find(x) for x in s.req.stop) if i >= 0]
+        if hits:
+            s.held = ""
+            return buf[:min(hits)], True
+        hold = 0
+        for x in s.req.stop:
+            for k in range(min(len(x) - 1, len(buf)), hold, -1):
+                if buf.endswith(x[:k]):
+                    hold = k
+                    break
+        s.held = buf[len(buf) - hold:] if hold else ""
+        return buf[:len(buf) - hold], False
+
+    def _finish(self, s: _Seq, row: int, tok: int, reason: str, now: float):
+        m = self.metrics
+        m.finished.labels(reason.replace("stop-text", "stop")).inc()
+        if reason == "cancelled":
+            return
+        if reason == "stop-text":
+            reason = "stop"
+        else:  # flush what was held back: an incomplete character, the start of a stop string
+            text, stopped = self._apply_stops(s, self.session.decode(s.pending) if s.pending else "")
+            text += "" if stopped else s.held
+            if text:
+                s.h._put(Delta(text, 0))
+        appended = bool(s.generated) and tok not in s.req.stop_ids
+        fed = s.generated[:-1] if appended else s.generated
+        row_state = self._batch.select([row])
+        if fed:  # a conversation's next turn usually starts with this prompt + reply
+            self.cache.put(s.req.state_base, list(s.req.prompt) + fed, row_state.numpy(), s.logits)
+        blob = None
+        if s.req.return_state:
+            if appended:
+                _, row_state = self.session.step(np.array([s.generated[-1]], dtype=np.int64), row_state)
+            blob = statefile.encode(row_state.numpy(), self.binding,
+                                    s.req.state_tokens + len(s.req.prompt) + len(s.generated))
+        m.e2e.observe(now - s.h.arrival)
+        s.h._put(Finished(reason, len(s.req.prompt), len(s.generated), s.cached, blob))
+        log.info(json.dumps({"event": "request_done", "id": s.req.request_id, "finish_reason": reason,
+                             "prompt_tokens": len(s.req.prompt), "cached_tokens": s.cached,
+                             "completion_tokens": len(s.generated),
+                             "seconds": round(now - s.h.arrival, 4)}))

@@ -1,0 +1,117 @@
+"""OpenAI's request and response shapes (the subset this server implements), validated at the edge.
+
+Requests are pydantic models: a field of the wrong type or out of range is a 400 in OpenAI's error
+shape before anything reaches the engine. Unknown fields are ignored, as clients send many. Two fields
+are this server's own: ``state`` (resume from an exported conversation state) and ``return_state``
+(get the state after this reply back, in each choice's ``state``).
+"""
+from __future__ import annotations
+
+import time
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0: off (OpenAI has no top_k; vLLM and ai00 accept it)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    penalty_decay: float = Field(0.996, ge=0.0, le=1.0)  # RWKV's occurrence decay (ChatRWKV alpha_decay)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: Optional[dict] = None
+    logprobs: Optional[Union[bool, int]] = None
+    user: Optional[str] = None
+    state: Optional[str] = None  # base64 conversation state from a previous reply's ``state``
+    return_state: bool = False
+
+    def stops(self) -> tuple:
+        s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return tuple(x for x in s if x)
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_Request):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+    suffix: Optional[str] = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+# -- responses (plain dicts in OpenAI's JSON shape) -------------------------------------------------
+def error_body(message: str, type_: str, param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def usage(prompt: int, completion: int, cached: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def completion(rid: str, model: str, choices: list, use: dict, chat: bool) -> dict:
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": use, "system_fingerprint": None}
+
+
+def choice(index: int, text: str, finish: str, chat: bool, state: str | None) -> dict:
+    c = {"index": index, "finish_reason": finish, "logprobs": None}
+    if chat:
+        c["message"] = {"role": "assistant", "content": text}
+    else:
+        c["text"] = text
+    if state is not None:
+        c["state"] = state
+    return c
+
+
+def chunk(rid: str, model: str, created: int, chat: bool, index: int, text: str | None = None,
+          finish: str | None = None, role: bool = False, state: str | None = None, use: dict | None = None) -> dict:
+    choices = []
+    if use is None:
+        c = {"index": index, "finish_reason": finish, "logprobs": None}
+        if chat:
+            c["delta"] = ({"role": "assistant", "content": ""} if role else
+                          {"content": text} if text is not None else {})
+        else:
+            c["text"] = text or ""
+        if state is not None:
+            c["state"] = state
+        choices.append(c)
+    out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+           "model": model, "choices": choices}
+    if use is not None:
+        out["usage"] = use
+    return out

@@ -1,0 +1,114 @@
+"""Building and running a server: from a model path to a running uvicorn (foreground or a thread)."""
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rwkv_runtime import RuntimeUserError, Session
+
+from .app import create_app, json_log_formatter
+from .engine import Engine, EngineConfig
+from .serving import ChatTemplate, ServingConfig
+
+
+@dataclass
+class ServerOptions:
+    model: str
+    model_name: str | None = None  # default: the file name without .onnx
+    threads: int | None = None
+    providers: list | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    chat_template: str | None = None  # path to a JSON ChatTemplate
+    default_max_tokens: int = 256
+    stop_token_ids: tuple | None = None  # default: (0,) for World-tokenizer models, else none
+    drain_seconds: float = 10.0
+    max_body_bytes: int = 16 << 20
+
+
+def build_app(opts: ServerOptions):
+    """(FastAPI app, Engine) for ``opts``; the engine starts with the app's lifespan."""
+    path = Path(opts.model)
+    session = Session(path, providers=opts.providers, threads=opts.threads, prefill_chunk=opts.engine.prefill_chunk)
+    template = ChatTemplate()
+    if opts.chat_template:
+        try:
+            template = ChatTemplate.from_json(Path(opts.chat_template).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise RuntimeUserError(f"{opts.chat_template}: {e.strerror}") from None
+    stop_ids = opts.stop_token_ids
+    if stop_ids is None:
+        stop_ids = (0,) if session.manifest.tokenizer.get("kind") == "world" else ()
+    engine = Engine(session, opts.engine)
+    name = opts.model_name or (path.name[:-5] if path.name.endswith(".onnx") else path.name)
+    cfg = ServingConfig(name, template, opts.default_max_tokens, tuple(stop_ids))
+    return create_app(engine, cfg, opts.max_body_bytes, opts.drain_seconds), engine
+
+
+def setup_logging(level: str = "info"):
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(json_log_formatter())
+    lg = logging.getLogger("rwkv_runtime.server")
+    lg.handlers[:] = [h]
+    lg.setLevel(level.upper())
+    lg.propagate = False
+
+
+def _uvicorn_server(app, engine, log_level: str, drain_seconds: float, host="127.0.0.1", port=8000):
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGINT/SIGTERM: refuse new work (503) while draining
+            engine.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    cfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                         timeout_graceful_shutdown=drain_seconds, lifespan="on")
+    return _Server(cfg)
+
+
+def run(opts: ServerOptions, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
+    """Serve in the foreground until SIGINT/SIGTERM (then drain and exit)."""
+    setup_logging(log_level)
+    app, engine = build_app(opts)
+    _uvicorn_server(app, engine, log_level, opts.drain_seconds, host, port).run()
+
+
+class ServerThread:
+    """A server on 127.0.0.1 and an ephemeral port, in a background thread (tests, benchmarks).
+
+    >>> with ServerThread(app, engine) as srv: openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+    """
+
+    def __init__(self, app, engine, drain_seconds: float = 5.0, log_level: str = "warning"):
+        self.engine = engine
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = _uvicorn_server(app, engine, log_level, drain_seconds)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        for _ in range(1000):
+            if self.server.started:
+                return self
+            if not self.thread.is_alive():
+                break
+            threading.Event().wait(0.01)
+        self.stop()
+        raise RuntimeError("the test server did not start")
+
+    def stop(self, timeout: float = 30):
+        self.engine.begin_shutdown()
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,217 @@
+"""Turns validated OpenAI requests into engine requests, and engine events into OpenAI responses
+(one JSON body, or server-sent events ending with ``[DONE]``)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from rwkv_runtime import RuntimeUserError, SamplingParams
+
+from . import protocol, statefile
+from .engine import Delta, Engine, Failed, Finished, GenRequest, ServeError
+
+
+@dataclass
+class ChatTemplate:
+    """RWKV's chat format: ``User: ...\\n\\nAssistant: ...`` turns, the prompt ending in ``Assistant:``.
+    A turn's own blank lines are folded to one newline (a blank line is the turn separator)."""
+
+    system: str = "System"
+    user: str = "User"
+    assistant: str = "Assistant"
+    separator: str = "\n\n"
+    stop: tuple = ("\n\nUser:",)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ChatTemplate":
+        try:
+            d = json.loads(text)
+            t = cls(**{k: v for k, v in d.items() if k != "stop"}, stop=tuple(d.get("stop", cls.stop)))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise RuntimeUserError(f"chat template: expected a JSON object with keys system/user/assistant/"
+                                   f"separator/stop ({e})") from None
+        if not all(isinstance(getattr(t, k), str) for k in ("system", "user", "assistant", "separator")):
+            raise RuntimeUserError("chat template: system/user/assistant/separator must be strings")
+        return t
+
+    def render(self, messages) -> str:
+        names = {"system": self.system, "developer": self.system, "user": self.user, "assistant": self.assistant}
+        turns = []
+        for m in messages:
+            text = m.text().strip()
+            while "\n\n" in text:
+                text = text.replace("\n\n", "\n")
+            turns.append(f"{names[m.role]}: {text}")
+        return self.separator.join(turns + [f"{self.assistant}:"])
+
+
+@dataclass
+class ServingConfig:
+    model_name: str
+    template: ChatTemplate = field(default_factory=ChatTemplate)
+    default_max_tokens: int = 256  # chat requests without max_tokens
+    stop_token_ids: tuple = ()  # end-of-text token ids (e.g. 0 for World models)
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class Serving:
+    def __init__(self, engine: Engine, config: ServingConfig):
+        self.engine = engine
+        self.session = engine.session
+        self.config = config
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [self.model_card()]}
+
+    def model_card(self) -> dict:
+        m = self.session.manifest
+        return {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "rwkv-export",
+                "architecture": m.architecture, "export_id": self.engine.binding,
+                "max_prompt_tokens": self.engine.config.max_prompt_tokens}
+
+    def check_model(self, name: str):
+        if name != self.config.model_name:
+            raise ServeError(404, f"the model {name!r} does not exist (this server serves "
+                             f"{self.config.model_name!r})", param="model", code="model_not_found")
+
+    # -- request -> engine requests -------------------------------------------------------------
+    def _tokens(self, prompt) -> list:
+        if isinstance(prompt, str):
+            try:
+                return self.session.encode(prompt)
+            except (UnicodeError, ValueError) as e:
+                raise ServeError(400, f"the prompt cannot be tokenized ({e})", param="prompt") from None
+        bad = [t for t in prompt if not 0 <= t < self.session.vocab_size]
+        if bad:
+            raise ServeError(400, f"token id {bad[0]} is outside [0, {self.session.vocab_size})", param="prompt")
+        return list(prompt)
+
+    def _requests(self, req, prompts: list, max_tokens: int, stops: tuple) -> list:
+        if req.logprobs:
+            raise ServeError(400, "logprobs are not supported by this server", param="logprobs")
+        if max_tokens > self.engine.config.max_tokens:
+            raise ServeError(400, f"max_tokens is {max_tokens}; this server allows at most "
+                             f"{self.engine.config.max_tokens}", param="max_tokens")
+        arrays, base, seen = None, "", 0
+        if req.state is not None:
+            try:
+                arrays, meta = statefile.decode(req.state, self.engine.binding, self.engine.config.max_state_bytes)
+                st = self.session.state_from_numpy(arrays)
+            except RuntimeUserError as e:
+                raise ServeError(400, str(e), param="state") from None
+            if st.batch_size != 1:
+                raise ServeError(400, "state must hold one conversation (batch 1)", param="state")
+            base, seen = statefile.digest(req.state), int(meta.get("tokens", 0))
+        out = []
+        for p in prompts:
+            ids = self._tokens(p)
+            for j in range(req.n):
+                seed = None if req.seed is None else req.seed + j
+                sp = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                    presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                    penalty_decay=req.penalty_decay, seed=seed)
+                out.append(GenRequest(ids, sp, max_tokens, stops, frozenset(self.config.stop_token_ids), arrays,
+                                      base, seen, req.return_state))
+        return out
+
+    def _submit(self, gens: list):
+        queue: asyncio.Queue = asyncio.Queue()
+        handles = []
+        try:
+            for i, g in enumerate(gens):
+                handles.append(self.engine.submit(g, queue, i))
+        except ServeError:
+            for h in handles:
+                h.cancel()
+            raise
+        return queue, handles
+
+    async def completions(self, req: protocol.CompletionRequest, is_disconnected):
+        self.check_model(req.model)
+        p = req.prompt
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not prompts or any(len(x) == 0 for x in prompts):
+            raise ServeError(400, "the prompt is empty", param="prompt")
+        if req.suffix:
+            raise ServeError(400, "suffix is not supported by this server", param="suffix")
+        gens = self._requests(req, prompts, req.max_tokens or 16, req.stops())
+        echo = [(x if isinstance(x, str) else self.session.decode(x)) if req.echo else "" for x in prompts]
+        return await self._run(req, gens, False, [echo[i // req.n] for i in range(len(gens))], is_disconnected)
+
+    async def chat(self, req: protocol.ChatCompletionRequest, is_disconnected):
+        self.check_model(req.model)
+        text = self.config.template.render(req.messages)
+        max_tokens = req.max_completion_tokens or req.max_tokens or self.config.default_max_tokens
+        gens = self._requests(req, [text], max_tokens, tuple(dict.fromkeys(self.config.template.stop + req.stops())))
+        return await self._run(req, gens, True, [""] * len(gens), is_disconnected)
+
+    # -- engine events -> responses -------------------------------------------------------------
+    async def _run(self, req, gens: list, chat: bool, prefixes: list, is_disconnected):
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        for g in gens:
+            g.request_id = rid
+        queue, handles = self._submit(gens)
+        if req.stream:
+            return self._stream(rid, req, chat, queue, handles, prefixes)
+        texts = list(prefixes)
+        done: dict = {}
+        try:
+            while len(done) < len(handles):
+                try:
+                    i, ev = await asyncio.wait_for(queue.get(), 0.5)
+                except asyncio.TimeoutError:
+                    if await is_disconnected():
+                        return None
+                    continue
+                if isinstance(ev, Delta):
+                    texts[i] += ev.text
+                elif isinstance(ev, Finished):
+                    done[i] = ev
+                elif isinstance(ev, Failed):
+                    raise ev.error
+        finally:
+            for h in handles:
+                h.cancel()  # a no-op for finished sequences; frees the others at once
+        choices = [protocol.choice(i, texts[i], done[i].reason, chat, done[i].state) for i in range(len(handles))]
+        return protocol.completion(rid, self.config.model_name, choices, self._usage(req, done), chat)
+
+    @staticmethod
+    def _usage(req, done: dict) -> dict:
+        # n choices of one prompt share it: count each prompt once
+        prompt = sum(ev.prompt_tokens for i, ev in done.items() if i % req.n == 0)
+        cached = sum(ev.cached_tokens for i, ev in done.items() if i % req.n == 0)
+        return protocol.usage(prompt, sum(ev.completion_tokens for ev in done.values()), cached)
+
+    async def _stream(self, rid, req, chat, queue, handles, prefixes):
+        model, created = self.config.model_name, int(time.time())
+        done: dict = {}
+        try:
+            for i in range(len(handles)):
+                if chat:
+                    yield sse(protocol.chunk(rid, model, created, chat, i, role=True))
+                elif prefixes[i]:
+                    yield sse(protocol.chunk(rid, model, created, chat, i, prefixes[i]))
+            while len(done) < len(handles):
+                i, ev = await queue.get()
+                if isinstance(ev, Delta):
+                    yield sse(protocol.chunk(rid, model, created, chat, i, ev.text))
+                elif isinstance(ev, Finished):
+                    done[i] = ev
+                    yield sse(protocol.chunk(rid, model, created, chat, i, None, ev.reason, state=ev.state))
+                elif isinstance(ev, Failed):
+                    e = ev.error
+                    yield sse(protocol.error_body(e.message, e.type, e.param, e.code))
+                    break
+            else:
+                if req.include_usage():
+                    yield sse(protocol.chunk(rid, model, created, chat, 0, use=self._usage(req, done)))
+            yield "data: [DONE]\n\n"
+        finally:  # normal end, error, or the client went away (the task is cancelled)
+            for h in handles:
+                h.cancel()

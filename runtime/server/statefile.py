@@ -1,0 +1,80 @@
+"""Conversation states as portable text: what a client keeps to resume a conversation on any replica.
+
+A blob is base64 of a compressed ``.npz`` holding the state tensors (batch 1) plus one ``__meta__``
+entry (JSON bytes): format name, version, the model's export id and the number of tokens the state
+has seen. Loading never unpickles (``allow_pickle=False``) and checks the model binding, the size and
+every tensor against the manifest (``Session.state_from_numpy``).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import zipfile
+
+import numpy as np
+
+from rwkv_runtime import RuntimeUserError
+
+FORMAT = "rwkv-conversation-state"
+VERSION = 1
+META = "__meta__"
+
+
+def model_binding(manifest) -> str:
+    """The id a state is bound to: the export id, or (exports made before export ids existed) a digest
+    of the manifest, which at least tells apart models of different shapes or tokenizers."""
+    if getattr(manifest, "export_id", ""):
+        return manifest.export_id
+    return "manifest-" + hashlib.sha256(manifest.to_json().encode()).hexdigest()[:24]
+
+
+def encode(arrays: dict, binding: str, tokens_seen: int) -> str:
+    meta = json.dumps({"format": FORMAT, "version": VERSION, "export_id": binding, "tokens": int(tokens_seen)})
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k: np.asarray(v) for k, v in arrays.items()},
+                        **{META: np.frombuffer(meta.encode(), dtype=np.uint8)})
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode(text: str, binding: str, max_bytes: int) -> tuple[dict, dict]:
+    """(arrays, meta) from a blob; RuntimeUserError for anything that is not a state of this model."""
+    if not isinstance(text, str) or not text:
+        raise RuntimeUserError("state must be a non-empty base64 string")
+    if len(text) > max_bytes * 4 // 3 + 4:
+        raise RuntimeUserError(f"state is larger than this server accepts ({max_bytes} bytes)")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RuntimeUserError("state is not valid base64") from None
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            total = sum(z.zip.getinfo(n).file_size for n in z.zip.namelist())
+            if total > max_bytes:  # checked before inflating: a small zip may expand hugely
+                raise RuntimeUserError(f"state is larger than this server accepts ({max_bytes} bytes)")
+            arrays = {k: z[k] for k in z.files}
+    except RuntimeUserError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, AttributeError, KeyError):
+        raise RuntimeUserError("state is not a saved conversation state") from None
+    meta_arr = arrays.pop(META, None)
+    try:
+        meta = json.loads(bytes(meta_arr.astype(np.uint8)).decode()) if meta_arr is not None else None
+    except (ValueError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise RuntimeUserError("state is not a saved conversation state (no rwkv state header)")
+    if meta.get("version") != VERSION:
+        raise RuntimeUserError(f"state format version {meta.get('version')!r} is not supported "
+                               f"(this server reads version {VERSION})")
+    if meta.get("export_id") != binding:
+        raise RuntimeUserError("state belongs to another model export (export id differs); "
+                               "it can only be resumed on a server running the same export")
+    return arrays, meta
+
+
+def digest(text: str) -> str:
+    """Names an imported state in the prefix cache (prefixes after it are cached under this base)."""
+    return hashlib.blake2b(text.encode("ascii"), digest_size=16).hexdigest()
