@@ -1,0 +1,163 @@
+"""Run a real ``tritonserver`` from the ``nvidia-pytriton`` wheel on this machine (CPU is enough).
+
+The wheel bundles Triton's server binary (2.51), its shared libraries (``nvidia_pytriton.libs``) and the
+Python backend, with one backend stub per Python version. What this launcher sets up, and why:
+
+- a backend folder with ``libtriton_python.so`` and the stub built for *this* interpreter's version;
+- ``LD_LIBRARY_PATH`` += the wheel's libraries (the server links against them);
+- ``PATH`` starting with this interpreter's ``bin/``: the stub embeds libpython and finds its ``python3``
+  on PATH, so a virtualenv's ``pyvenv.cfg`` applies and the environment's site-packages (numpy,
+  rwkv_runtime) are importable inside ``model.py`` (pytriton's own launcher does the same);
+- HTTP and gRPC on 127.0.0.1 only, on free ports; metrics off; a lifetime bound after which it is killed.
+
+    python deploy_examples/triton/local_server.py REPO          # serve until Ctrl-C (prints the ports)
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+
+def _pytriton_dist() -> tuple[Path, Path]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")  # located, not imported: only its files are used
+    if spec is None or not spec.origin:
+        raise RuntimeError("no tritonserver: pip install nvidia-pytriton (it bundles the server binary)")
+    root = Path(spec.origin).resolve().parent
+    return root / "tritonserver", root.parent / "nvidia_pytriton.libs"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalTriton:
+    """``with LocalTriton(repo) as t: t.http_url ...`` — a tritonserver process with a bounded lifetime."""
+
+    def __init__(self, repo, start_timeout: float = 120.0, max_lifetime: float = 900.0, extra_args=(),
+                 python_env=None):
+        self.repo = Path(repo).resolve()
+        # the environment model.py runs in (its bin/ goes first on PATH); default: this interpreter's
+        self.python_env = Path(python_env or os.environ.get("RWKV_TRITON_PYTHON_ENV") or sys.prefix)
+        self.start_timeout, self.max_lifetime = start_timeout, max_lifetime
+        self.extra_args = list(extra_args)
+        self.proc = None
+        self._work = None
+
+    def _backends(self, dist: Path) -> Path:
+        ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = dist / "python_backend_stubs" / ver / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise RuntimeError(f"the pytriton wheel has no Python backend stub for Python {ver}")
+        py = Path(self._work) / "backends" / "python"
+        py.mkdir(parents=True)
+        for f in (dist / "backends" / "python").iterdir():
+            if f.is_file():
+                (py / f.name).symlink_to(f)
+        shutil.copy2(stub, py / "triton_python_backend_stub")
+        return py.parent
+
+    def __enter__(self) -> "LocalTriton":
+        dist, libs = _pytriton_dist()
+        self._work = tempfile.mkdtemp(prefix="rwkv-triton-")
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in (env.get("LD_LIBRARY_PATH"), str(libs)) if p)
+        env["PATH"] = f"{self.python_env / 'bin'}:{env.get('PATH', '')}"
+        self.http_port, self.grpc_port = _free_port(), _free_port()
+        cmd = [str(dist / "bin" / "tritonserver"), f"--model-repository={self.repo}",
+               f"--backend-directory={self._backends(dist)}", "--http-address=127.0.0.1",
+               f"--http-port={self.http_port}", "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+               "--allow-metrics=false", "--exit-timeout-secs=5", "--strict-readiness=true", *self.extra_args]
+        self.log_path = Path(self._work) / "tritonserver.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self._killer = threading.Timer(self.max_lifetime, self._stop)
+        self._killer.daemon = True
+        self._killer.start()
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log = self.log()
+                self._stop()
+                raise RuntimeError(f"tritonserver exited with status {self.proc.returncode}:\n{log[-3000:]}")
+            if self.ready():
+                return self
+            time.sleep(0.3)
+        log = self.log()
+        self._stop()
+        raise RuntimeError(f"tritonserver was not ready after {self.start_timeout:.0f} s:\n{log[-3000:]}")
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def __exit__(self, *exc):
+        self._killer.cancel()
+        self._stop()
+        self._log.close()
+        shutil.rmtree(self._work, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("repo", type=Path)
+    ap.add_argument("--lifetime", type=float, default=3600.0, help="seconds before the server is stopped")
+    a = ap.parse_args(argv)
+    if not a.repo.is_dir():
+        print(f"Error: {a.repo}: no such model repository", file=sys.stderr)
+        return 1
+    try:
+        with LocalTriton(a.repo, max_lifetime=a.lifetime) as t:
+            print(f"tritonserver ready: HTTP {t.http_url}  gRPC {t.grpc_url}  (Ctrl-C stops it)", flush=True)
+            while t.proc.poll() is None:
+                time.sleep(1)
+    except RuntimeError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

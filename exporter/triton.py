@@ -1,0 +1,274 @@
+"""An export -> a Triton Inference Server model repository (``rwkv-export triton``).
+
+Three backends:
+
+- ``onnxruntime`` / ``tensorrt``: the step graph (or an engine from ``build-engine``) served with the
+  sequence batcher's *implicit state*: Triton keeps every manifest state tensor of a sequence between
+  requests (``sequence_batching { state [...] }``), starting from ``initial_state`` (``zero_data``, or a
+  raw ``data_file`` for other fills such as RWKV-4's ``pp = -1e30`` and for learned initial states). The
+  graph needs no control inputs: Triton resets the state from ``initial_state`` at a sequence start.
+- ``python``: ``model.py`` (deploy_examples/triton/model.py) runs ``rwkv_runtime`` inside Triton's Python
+  backend, which has no implicit state: the model keeps each sequence's state itself, keyed by CORRID,
+  and steps the requests of different sequences that Triton hands it as one batch.
+
+The config is built as a ``ModelConfig`` protobuf message (tritonclient's ``model_config_pb2``), so an
+unknown field or enum cannot be written. The manifest travels as the config parameter ``rwkv.manifest``
+(clients read it with ``get_model_config``) and as ``rwkv_manifest.json`` beside ``config.pbtxt``.
+A repository is written into a temporary folder and renamed into place: a failure leaves nothing behind.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from rwkv_runtime.artifact import open_artifact
+from rwkv_runtime.manifest import BATCH
+
+from .errors import ExportError
+
+BACKENDS = ("onnxruntime", "tensorrt", "python")
+MANIFEST_PARAM = "rwkv.manifest"
+TOKENIZER_PARAM = "rwkv.tokenizer_json"
+MODEL_FILE_PARAM = "rwkv.model_file"  # python backend: the graph model.py opens (companions beside it)
+SIDECAR = "rwkv_manifest.json"
+DEFAULT_IDLE_S = 300.0  # a chat turn plus the user's reading and typing; Triton's own default is 1 s
+_TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
+_ONNX_ELEM = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
+TEMPLATE = Path(__file__).resolve().parents[1] / "deploy_examples" / "triton" / "model.py"
+
+
+def _pb():
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise ExportError("rwkv-export triton needs tritonclient: pip install 'rwkv-export[triton]'") from None
+    return model_config_pb2, text_format
+
+
+def _graph_dtypes(path: Path) -> dict:
+    """{input/output name: numpy dtype name} of an ONNX graph (no weights read)."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    return {v.name: _ONNX_ELEM.get(v.type.tensor_type.elem_type, "?") for v in list(g.input) + list(g.output)}
+
+
+def _external_files(path: Path) -> list:
+    """The external-data files an ONNX graph names (relative to its folder)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    names = set()
+    for t in m.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            names.update(e.value for e in t.external_data if e.key == "location")
+    for n in sorted(names):
+        if not (path.parent / n).is_file():
+            raise ExportError(f"{path.name}: its external data file {n} is missing")
+    return sorted(names)
+
+
+def _copy_graph(src: Path, dest_dir: Path, name: str | None = None) -> None:
+    """Copy an ONNX graph (renamed to ``name``) and its external data files (names kept: the graph
+    refers to them by name)."""
+    shutil.copy2(src, dest_dir / (name or src.name))
+    for n in _external_files(src):
+        if not (dest_dir / n).exists():
+            shutil.copy2(src.parent / n, dest_dir / n)
+
+
+def _initial_values(art) -> dict:
+    """{state name: array [1, ...]} for every state tensor that does not start at zero."""
+    learned = art.initial_state()
+    out = {}
+    for s in art.manifest.state:
+        shape = s.concrete_shape(1)
+        if s.name in learned:
+            a = np.zeros(shape, np.dtype(s.dtype))
+            a[...] = np.asarray(learned[s.name])[:1]
+            out[s.name] = a
+        elif s.init != 0.0:
+            out[s.name] = np.full(shape, s.init, np.dtype(s.dtype))
+    return out
+
+
+def _state_file(name: str) -> str:
+    return name.replace("/", "_")  # state names are dotted identifiers; keep them plain file names
+
+
+def build_config(art, backend: str, name: str, max_batch: int, idle_s: float, max_sequences: int,
+                 logits_dtype: str = "float32"):
+    """The ``ModelConfig`` message for an artifact (no files written)."""
+    pb, _ = _pb()
+    man = art.manifest
+    cfg = pb.ModelConfig(name=name, max_batch_size=max_batch)
+    if backend == "tensorrt":
+        cfg.platform = "tensorrt_plan"  # model.plan
+    else:
+        cfg.backend = backend
+    sb = cfg.sequence_batching
+    sb.max_sequence_idle_microseconds = int(idle_s * 1e6)
+    sb.oldest.max_candidate_sequences = max_sequences
+    sb.oldest.preferred_batch_size.append(max_batch)
+    sb.oldest.max_queue_delay_microseconds = 2000  # wait up to 2 ms for other sequences' next tokens
+    out = cfg.output.add(name=man.logits_output, data_type=_TRITON_DTYPES[logits_dtype])
+    out.dims.append(man.vocab_size)
+    tok = cfg.input.add(name=man.tokens_input, data_type="TYPE_INT64")
+    if backend == "python":
+        # a whole prompt per request (any length), one token per decode step; model.py reads the control
+        # inputs to find the sequence's state and to drop it at the end
+        tok.dims.append(-1)
+        tok.allow_ragged_batch = True  # requests of different lengths still reach one execute() call
+        for ctl, kind, dtype in (("START", "CONTROL_SEQUENCE_START", None), ("END", "CONTROL_SEQUENCE_END", None),
+                                 ("CORRID", "CONTROL_SEQUENCE_CORRID", "TYPE_UINT64")):
+            c = sb.control_input.add(name=ctl).control.add(kind=kind)
+            if dtype:
+                c.data_type = dtype
+            else:
+                c.int32_false_true.extend([0, 1])
+        cfg.instance_group.add(kind="KIND_CPU", count=1)
+        return cfg
+    # the graph's tokens are [batch]: each request is [1] and Triton's batch axis is the graph's
+    tok.dims.append(1)
+    tok.reshape.SetInParent()  # reshape { shape: [] }
+    fills = _initial_values(art)
+    for s in man.state:
+        if s.shape[0] != BATCH or BATCH in s.shape[1:]:
+            raise ExportError(f"state tensor {s.name} has shape {s.shape}: Triton needs the batch axis first")
+        st = sb.state.add(input_name=s.name, output_name=s.output, data_type=_TRITON_DTYPES[s.dtype])
+        st.dims.extend(int(d) for d in s.shape[1:])
+        init = st.initial_state.add()  # (a repeated field; one entry)
+        init.data_type = st.data_type
+        init.dims.extend(st.dims)
+        init.name = s.name
+        if s.name in fills:
+            init.data_file = _state_file(s.name)
+        else:
+            init.zero_data = True
+    kind = "KIND_GPU" if backend == "tensorrt" else "KIND_CPU"
+    cfg.instance_group.add(kind=kind, count=1)
+    return cfg
+
+
+def _set_params(cfg, art, extra: dict) -> None:
+    cfg.parameters[MANIFEST_PARAM].string_value = art.manifest.to_json()
+    if art.tokenizer_json:
+        cfg.parameters[TOKENIZER_PARAM].string_value = art.tokenizer_json
+    for k, v in extra.items():
+        cfg.parameters[k].string_value = str(v)
+
+
+def config_text(cfg) -> str:
+    _, tf = _pb()
+    return tf.MessageToString(cfg)
+
+
+def parse_config(text: str):
+    """Parse a config.pbtxt against Triton's schema (unknown fields/enums/oneof clashes raise)."""
+    pb, tf = _pb()
+    return tf.Parse(text, pb.ModelConfig())
+
+
+def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int = 8, name: str | None = None,
+                     idle_s: float = DEFAULT_IDLE_S, max_sequences: int | None = None, force: bool = False,
+                     plugins: tuple = ()) -> Path:
+    """Write ``repo/name/`` for ``model`` (an ONNX export or, for tensorrt, an engine); returns its folder."""
+    if backend not in BACKENDS:
+        raise ExportError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if not 1 <= int(max_batch) <= 1024:
+        raise ExportError(f"--max-batch must be in [1, 1024], not {max_batch}")
+    if not idle_s > 0:
+        raise ExportError(f"the idle timeout must be positive, not {idle_s}")
+    model, repo = Path(model), Path(repo)
+    art = open_artifact(model)
+    if backend == "tensorrt" and not art.engine:
+        raise ExportError(f"{model.name}: --backend tensorrt needs an engine from 'rwkv-export build-engine' "
+                          "(a .engine/.plan file with its .json sidecar)")
+    if backend != "tensorrt" and art.engine:
+        raise ExportError(f"{model.name} is a TensorRT engine: use --backend tensorrt")
+    if backend != "python":  # implicit state steps one token per request: the step graph
+        step = art.companion("step")
+        art = step
+    name = name or model.name.split(".")[0]
+    if not name or "/" in name or name.startswith("."):
+        raise ExportError(f"--name {name!r}: not a usable model name")
+    dest = repo / name
+    if dest.exists() and not force:
+        raise ExportError(f"{dest} already exists (pass --force to replace it)")
+    max_sequences = int(max_sequences or 4 * max_batch)
+    if max_sequences < max_batch:
+        raise ExportError(f"--max-sequences ({max_sequences}) must be at least --max-batch ({max_batch})")
+
+    logits_dtype = "float32"
+    if not art.engine:
+        logits_dtype = _graph_dtypes(art.path).get(art.manifest.logits_output, "float32")
+    cfg = build_config(art, backend, name, int(max_batch), float(idle_s), max_sequences, logits_dtype)
+    extra = {}
+
+    repo.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
+    try:
+        version = tmp / "1"
+        version.mkdir()
+        if backend == "onnxruntime":
+            _copy_graph(art.path, version, "model.onnx")
+        elif backend == "tensorrt":
+            shutil.copy2(art.path, version / "model.plan")
+            _copy_plugins(art, tmp, plugins, extra)
+        else:
+            if not TEMPLATE.is_file():
+                raise ExportError(f"the Python backend template {TEMPLATE} is missing (a source checkout has it)")
+            shutil.copy2(TEMPLATE, version / "model.py")
+            for kind in ("step", "sequence"):  # the runtime opens companions by their file names
+                p = art.companion_path(kind)
+                if p is not None:
+                    _copy_graph(p, version)
+            extra[MODEL_FILE_PARAM] = art.path.name
+        fills = _initial_values(art) if backend != "python" else {}
+        if fills:
+            (tmp / "initial_state").mkdir()
+            for k, a in fills.items():  # raw row-major bytes, batch axis dropped (Triton adds it)
+                np.ascontiguousarray(a[0]).tofile(tmp / "initial_state" / _state_file(k))
+        _set_params(cfg, art, extra)
+        text = config_text(cfg)
+        parse_config(text)  # belt and braces: what we write must read back
+        (tmp / "config.pbtxt").write_text(text, encoding="utf-8")
+        (tmp / SIDECAR).write_text(art.manifest.to_json(), encoding="utf-8")
+        if art.tokenizer_json:
+            (tmp / "tokenizer.json").write_text(art.tokenizer_json, encoding="utf-8")
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _copy_plugins(art, model_dir: Path, plugins: tuple, extra: dict) -> None:
+    """Engines with rwkv plugin nodes need the plugin library loaded by the server: copy it into
+    ``plugins/`` and record it (Triton loads it with --backend-config=tensorrt,plugins=... or LD_PRELOAD)."""
+    recorded = [p for p in (art.props.get("plugins") or []) if isinstance(p, dict) and p.get("name")]
+    found = [Path(p) for p in plugins]
+    if recorded and not found:
+        for rec in recorded:  # beside the engine, then where build-engine loaded it from
+            cands = [art.path.with_name(Path(rec["name"]).name)] + ([Path(rec["path"])] if rec.get("path") else [])
+            hit = next((c for c in cands if c.is_file()), None)
+            if hit is None:
+                raise ExportError(f"{art.path.name} needs the plugin library {rec['name']}: pass --plugin PATH")
+            found.append(hit)
+    for p in found:
+        if not p.is_file():
+            raise ExportError(f"--plugin {p}: no such file")
+    if found:
+        (model_dir / "plugins").mkdir()
+        for p in found:
+            shutil.copy2(p, model_dir / "plugins" / p.name)
+        extra["rwkv.plugins"] = ";".join(f"plugins/{p.name}" for p in found)
+
+
+__all__ = ["write_repository", "build_config", "parse_config", "config_text", "BACKENDS"]
