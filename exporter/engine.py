@@ -5,8 +5,15 @@ precision comes from the ONNX types the exporter wrote, and no fp16/int8 builder
 off unless asked for, so a float32 export computes in float32. Each engine gets one optimization
 profile (batch 1..max for the tokens and every state input; for the sequence graph also T 1..max-seq)
 and a JSON sidecar ``MODEL.engine.json`` carrying the manifest, the tokenizer JSON, a learned initial
-state and the plugin libraries used: the runtime needs neither the ONNX file nor onnx to run it.
-Files are staged in a temporary directory and moved into place only when every engine is built.
+state and the plugin libraries the built network really uses: the runtime needs neither the ONNX file
+nor onnx to run it. Files are staged in a temporary directory and moved into place only when every
+engine is built.
+
+Plugin-mode exports (``--wkv plugin``) need TensorRT >= 10.7: each ``rwkv::WKV*`` node is also a
+model-local ONNX function, and the ONNX parser of 10.0-10.6 prefers the function over a registered
+plugin (10.7 reversed that; 10.15+/11 take the plugin first when the node names a plugin_namespace).
+After parsing, the plugin layers of the network are counted, and only a network that contains some
+records plugin libraries in its sidecar.
 """
 from __future__ import annotations
 
@@ -27,6 +34,9 @@ from . import __version__
 from .errors import ExportError
 
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+# The first TensorRT whose ONNX parser prefers a registered plugin over a model-local function of the
+# same op type (CHANGELOG 10.7: "prioritizes using plugins over local functions").
+MIN_PLUGIN_TRT = (10, 7)
 
 
 class EngineBuildError(ExportError):
@@ -201,17 +211,45 @@ def _parse(trt, builder, log, g: _Graph):
     return network, parser
 
 
+def _trt_version(trt) -> tuple:
+    parts = []
+    for x in str(getattr(trt, "__version__", "0")).split(".")[:2]:
+        digits = "".join(ch for ch in x if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts + [0] * (2 - len(parts)))
+
+
+def _registered(trt) -> set:
+    """(name, version, namespace) of every creator in TensorRT's registry. Read from the creator list,
+    not probed with get_creator: a miss there logs "Cannot find plugin" as an error, which then reads
+    as the cause of any later, unrelated failure."""
+    reg = trt.get_plugin_registry()
+    out = set()
+    for c in getattr(reg, "all_creators", None) or []:
+        name = getattr(c, "name", None)
+        if name is not None:
+            out.add((str(name), str(getattr(c, "plugin_version", "1")), str(getattr(c, "plugin_namespace", ""))))
+    return out
+
+
 def _check_plugins(trt, g: _Graph, echo) -> bool:
     """True when every custom node has a registered plugin creator; warn for the others (the parser
     then builds the node from its ONNX function body, if the model has one)."""
     if not g.custom_ops:
         return False
-    reg = trt.get_plugin_registry()
-    missing = [(op, v, ns) for op, v, ns in g.custom_ops if reg.get_creator(op, v, ns) is None]
+    have = _registered(trt)
+    missing = [(op, v, ns) for op, v, ns in g.custom_ops if (op, v, ns) not in have]
     for op, v, ns in missing:
         echo(f"warning: no TensorRT plugin registered for {ns}::{op} (version {v}): TensorRT builds it from the "
              "node's ONNX function body; build plugins/ (see plugins/README.md) or pass --plugin LIB.so")
     return len(missing) < len(g.custom_ops)
+
+
+def _plugin_layers(trt, network) -> int:
+    """How many plugin layers the parsed network contains (IPluginV3 layers; V2 ones too)."""
+    lt = getattr(trt, "LayerType", None)
+    kinds = {k for k in (getattr(lt, "PLUGIN_V3", None), getattr(lt, "PLUGIN_V2", None)) if k is not None}
+    return sum(1 for i in range(network.num_layers) if network.get_layer(i).type in kinds)
 
 
 def _default_plugin():
@@ -269,15 +307,23 @@ def _build(trt, log, model: Path, out: Path, opts: EngineOptions, say, progress:
     # plugins before parsing: the parser looks custom nodes up in the registry
     needs_plugins = any(g.custom_ops for g in graphs)
     plugins = [Path(p) for p in opts.plugins]
-    if not plugins and needs_plugins:
+    version = _trt_version(trt)
+    if needs_plugins and version < MIN_PLUGIN_TRT:
+        why = (f"TensorRT {trt.__version__}'s ONNX parser builds the rwkv::WKV* nodes from their ONNX function "
+               f"bodies even when a plugin is registered (plugins win from TensorRT "
+               f"{'.'.join(map(str, MIN_PLUGIN_TRT))} on)")
+        if plugins:
+            raise EngineBuildError(f"{why}: upgrade TensorRT, or drop --plugin to build the function bodies")
+        say(f"note: {why}; building the function bodies, no plugin library needed")
+    elif not plugins and needs_plugins:
         found = _default_plugin()
         if found is not None:
             plugins = [found]
     for p in plugins:
         say(f"loading plugin library {p}")
         load_plugin_library(trt, p, echo=say)
-    uses = [_check_plugins(trt, g, say) for g in graphs]
-    record = plugins if (opts.plugins or any(uses)) else []
+    # which graphs must come out with plugin layers (their custom nodes all have a registered creator)
+    expects = {id(g): _check_plugins(trt, g, say) for g in graphs} if version >= MIN_PLUGIN_TRT else {}
 
     cache = None
     cache_path = Path(opts.timing_cache) if opts.timing_cache else None
@@ -286,6 +332,14 @@ def _build(trt, log, model: Path, out: Path, opts: EngineOptions, say, progress:
         for g in graphs:
             say(f"parsing {g.onnx.name} ({g.kind} graph, {g.manifest.precision}, wkv {g.manifest.wkv})")
             network, parser = _parse(trt, builder, log, g)
+            n_plugin = _plugin_layers(trt, network)
+            if expects.get(id(g)) and n_plugin == 0:
+                raise EngineBuildError(
+                    f"{g.onnx.name}: the rwkv plugins are registered but TensorRT {trt.__version__}'s ONNX parser "
+                    "built the network without any plugin layer (it used the nodes' ONNX function bodies); use "
+                    f"TensorRT >= {'.'.join(map(str, MIN_PLUGIN_TRT))}, or export with --wkv plain")
+            if n_plugin:
+                say(f"  {n_plugin} plugin layer(s) in the network")
             config = builder.create_builder_config()
             if opts.workspace_mb:
                 config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_mb) << 20)
@@ -316,7 +370,8 @@ def _build(trt, log, model: Path, out: Path, opts: EngineOptions, say, progress:
             staged = Path(tmp) / g.engine.name
             with open(staged, "wb") as f:
                 f.write(serialized)
-            side = _sidecar(trt, g, opts, record, shapes)
+            # only a network with plugin layers needs (and records) the plugin libraries
+            side = _sidecar(trt, g, opts, plugins if n_plugin else [], shapes, n_plugin)
             sidecar_path(staged).write_text(json.dumps(side, indent=1, sort_keys=True), encoding="utf-8")
             say(f"built {g.engine.name} in {time.perf_counter() - t0:.1f} s")
             built.append((staged, g.engine))
@@ -340,17 +395,22 @@ def _attach_timing_cache(config, cache, path: Path, log, say):
     if cache is None:
         data = path.read_bytes() if path.is_file() else b""
         cache = config.create_timing_cache(data)
+        if cache is None and data:  # corrupt, or not a timing cache at all (NVIDIA's samples check this too)
+            raise EngineBuildError(f"--timing-cache {path}: TensorRT cannot read this file as a timing cache "
+                                   f"({log.last_error('no message')}); delete it or pass another path")
         if data and not config.set_timing_cache(cache, False):
             say(f"warning: {path.name} was made on another device or TensorRT version; starting a new cache")
             cache = config.create_timing_cache(b"")
         elif data:
             return cache
+        if cache is None:
+            raise EngineBuildError(f"TensorRT could not create a timing cache ({log.last_error('no message')})")
     if not config.set_timing_cache(cache, False):
         raise EngineBuildError(f"TensorRT refused the timing cache {path} ({log.last_error()})")
     return cache
 
 
-def _sidecar(trt, g: _Graph, opts: EngineOptions, plugins: list, shapes: dict) -> dict:
+def _sidecar(trt, g: _Graph, opts: EngineOptions, plugins: list, shapes: dict, plugin_layers: int) -> dict:
     return {
         "format": SIDECAR_FORMAT,
         "format_version": SIDECAR_VERSION,
@@ -358,6 +418,7 @@ def _sidecar(trt, g: _Graph, opts: EngineOptions, plugins: list, shapes: dict) -
         "tokenizer_json": g.tokenizer_json,
         "initial_state": g.initial_state,
         "plugins": [{"name": Path(p).name, "path": str(Path(p).resolve())} for p in plugins],
+        "plugin_layers": int(plugin_layers),
         "tensorrt_version": str(trt.__version__),
         "profile": shapes,
         "tf32": bool(opts.tf32),

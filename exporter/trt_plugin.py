@@ -1,12 +1,16 @@
-"""Build and locate the TensorRT plugin library for the ``rwkv::WKV4`` / ``rwkv::WKV4Seq`` nodes.
+"""Build and locate the TensorRT plugin libraries for the ``rwkv::WKV4..WKV7`` (+ ``Seq``) nodes.
 
 The C++/CUDA sources live in ``plugins/`` at the repository root (see ``plugins/README.md``).
-This module only drives compilers; it imports neither torch nor tensorrt.
+This is the one module that drives compilers for them (tests and plugins/tests/gpu_check.py
+included); it imports neither torch nor tensorrt, and it can be loaded by file path.
 
-- :func:`build_plugin` -- cmake + make of ``librwkv_trt_plugins.so`` against a TensorRT SDK.
+- :func:`build_plugin` -- cmake of ``librwkv_trt_plugins.so`` (for loadLibrary) and
+  ``librwkv_trt_plugins_autoregister.so`` (for dlopen-only loaders) against TensorRT headers.
 - :func:`find_plugin` -- ``$RWKV_TRT_PLUGIN``, else ``plugins/build/librwkv_trt_plugins.so``.
-- :func:`compile_kernels_only` -- nvcc of the CUDA kernels alone (no TensorRT), for tests and CI.
+- :func:`compile_kernels` / :func:`compile_kernels_only` -- nvcc of the CUDA kernels alone (no TensorRT).
 - :func:`compile_host_reference` -- the same WKV math compiled for the CPU (tests).
+- :func:`compile_kernel_emulator` -- the RWKV-5/6/7 CUDA kernels compiled to run on the CPU (tests),
+  optionally under AddressSanitizer (:func:`asan_runtime`).
 """
 from __future__ import annotations
 
@@ -25,9 +29,16 @@ except ImportError:  # loaded by file path (plugins/tests/gpu_check.py) without 
 PLUGIN_NAMESPACE = "rwkv"
 PLUGIN_VERSION = "1"
 OP_TYPES = ("WKV4", "WKV4Seq", "WKV5", "WKV5Seq", "WKV6", "WKV6Seq", "WKV7", "WKV7Seq")
-LIBRARY_NAME = "librwkv_trt_plugins.so"
+LIBRARY_NAME = "librwkv_trt_plugins.so"  # for IPluginRegistry::loadLibrary (trtexec --dynamicPlugins)
+AUTOREGISTER_LIBRARY_NAME = "librwkv_trt_plugins_autoregister.so"  # for ctypes / Polygraphy --plugins
 KERNELS_LIBRARY_NAME = "librwkv_wkv4_kernels.so"
 HOST_LIBRARY_NAME = "librwkv_wkv4_host.so"
+# Per kernel family: source folder, kernel files, kernel library, CPU-build source and library.
+FAMILIES = {
+    "wkv4": ("wkv4", ("wkv4Kernel.cu",), KERNELS_LIBRARY_NAME, "wkv4Host.cpp", HOST_LIBRARY_NAME),
+    "wkvhead": ("wkvhead", ("wkv5Kernel.cu", "wkv6Kernel.cu", "wkv7Kernel.cu"), "librwkv_wkvhead_kernels.so",
+                "wkvHeadHost.cpp", "librwkv_wkvhead_host.so"),
+}
 ENV_VAR = "RWKV_TRT_PLUGIN"
 # SASS for each, plus PTX of the newest so later GPUs can JIT. CUDA 13 has no sm_70 or older.
 DEFAULT_CUDA_ARCHITECTURES = (80, 86, 89, 90)
@@ -162,7 +173,8 @@ def _run(cmd: Sequence, what: str, log: Optional[Path] = None, cwd: Optional[Pat
 
 # -- builds -------------------------------------------------------------------------------------
 def build_plugin(tensorrt_root, build_dir=None, cuda_architectures: Archs = None) -> Path:
-    """Configure and build ``librwkv_trt_plugins.so`` with CMake; returns its path.
+    """Configure and build ``librwkv_trt_plugins.so`` and, beside it,
+    ``librwkv_trt_plugins_autoregister.so`` with CMake; returns the first one's path.
 
     ``tensorrt_root`` is a TensorRT SDK root, or directly its include directory (only the headers
     are needed: the library is not linked against libnvinfer). ``build_dir`` defaults to
@@ -180,7 +192,7 @@ def build_plugin(tensorrt_root, build_dir=None, cuda_architectures: Archs = None
         raise PluginBuildError(f"{trt / 'include' / 'NvInfer.h'} not found: pass the root of a TensorRT SDK")
     cmake = shutil.which("cmake")
     if cmake is None:
-        raise PluginBuildError("cmake not found on PATH (needs CMake >= 3.18)")
+        raise PluginBuildError("cmake not found on PATH (needs CMake >= 3.21)")
     nvcc = find_nvcc()
     if nvcc is None:
         raise PluginBuildError("nvcc not found (set CUDACXX or CUDA_HOME, or put the CUDA toolkit on PATH)")
@@ -193,49 +205,104 @@ def build_plugin(tensorrt_root, build_dir=None, cuda_architectures: Archs = None
     if cuda_architectures is not None:
         cfg.append("-DCMAKE_CUDA_ARCHITECTURES=" + ";".join(_parse_archs(cuda_architectures)))
     _run(cfg, "cmake configure", log)
-    _run([cmake, "--build", build, "--target", "rwkv_trt_plugins", "-j", str(os.cpu_count() or 2)],
-         "plugin build", log)
+    _run([cmake, "--build", build, "--target", "rwkv_trt_plugins", "rwkv_trt_plugins_autoregister", "-j",
+          str(os.cpu_count() or 2)], "plugin build", log)
     out = build / LIBRARY_NAME
-    if not out.is_file():
-        raise PluginBuildError(f"build finished but {out} is missing (full log: {log})")
+    for lib in (out, build / AUTOREGISTER_LIBRARY_NAME):
+        if not lib.is_file():
+            raise PluginBuildError(f"build finished but {lib} is missing (full log: {log})")
     return out
 
 
-def compile_kernels_only(out_dir, cuda_architectures: Archs = None, nvcc: Optional[str] = None) -> Path:
-    """nvcc the WKV kernels into ``out_dir/librwkv_wkv4_kernels.so`` (no TensorRT); returns its path.
+def _compiler(cxx: Optional[str] = None) -> str:
+    cxx = cxx or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        raise PluginBuildError("no C++ compiler found (set CXX)")
+    return cxx
 
-    The library exports ``rwkvWkv4Forward`` (see ``plugins/wkv4/wkv4Kernel.h``). One architecture
-    (e.g. ``cuda_architectures=80``) compiles in seconds; the default list takes longer.
-    """
-    src = plugins_dir() / "wkv4"
+
+def _family(family: str):
+    if family not in FAMILIES:
+        raise PluginBuildError(f"unknown kernel family {family!r} (one of {', '.join(FAMILIES)})")
+    folder, kernels, kernels_lib, host_src, host_lib = FAMILIES[family]
+    return plugins_dir() / folder, kernels, kernels_lib, host_src, host_lib
+
+
+def compile_kernels(out_dir, family: str = "wkv4", cuda_architectures: Archs = None,
+                    nvcc: Optional[str] = None) -> Path:
+    """nvcc one family's CUDA kernels (no TensorRT) into a shared library in ``out_dir``; returns its
+    path. ``family``: "wkv4" (exports ``rwkvWkv4Forward``) or "wkvhead" (``rwkvWkv5/6/7Forward``; three
+    files compiled in parallel). One architecture (e.g. ``cuda_architectures=80``) takes seconds."""
+    src, kernels, lib_name, _, _ = _family(family)
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise PluginBuildError("nvcc not found (set CUDACXX or CUDA_HOME, or put the CUDA toolkit on PATH)")
     out_dir = Path(out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / KERNELS_LIBRARY_NAME
-    cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
-           *_gencode_flags(cuda_architectures), "-I", src, src / "wkv4Kernel.cu", "-o", out]
-    _run(cmd, "nvcc (WKV kernels)")
+    gencode = _gencode_flags(cuda_architectures)
+    base = [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", *gencode,
+            "-I", src]
+    objs = [out_dir / (k + ".o") for k in kernels]
+    procs = [subprocess.Popen([str(c) for c in base + ["-c", src / k, "-o", o]], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for k, o in zip(kernels, objs)]
+    for proc in procs:
+        text = proc.communicate()[0]
+        if proc.returncode != 0:
+            raise PluginBuildError(f"nvcc ({family} kernels) failed: {_first_error(text)}")
+    out = out_dir / lib_name
+    _run([nvcc, "-shared", *gencode, *objs, "-o", out], f"nvcc link ({family} kernels)")
     return out
 
 
-def compile_host_reference(out_dir, cxx: Optional[str] = None) -> Path:
-    """Compile ``plugins/wkv4/wkv4Host.cpp`` (the kernel's math, built for the CPU) into
-    ``out_dir/librwkv_wkv4_host.so``; returns its path. float16 support needs cuda_fp16.h (found
-    next to nvcc or in ``$CUDA_HOME``); without it the library handles float32 only
-    (``rwkvWkv4HasHalf()`` returns 0)."""
-    src = plugins_dir() / "wkv4"
-    cxx = cxx or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if cxx is None:
-        raise PluginBuildError("no C++ compiler found (set CXX)")
+def compile_kernels_only(out_dir, cuda_architectures: Archs = None, nvcc: Optional[str] = None) -> Path:
+    """The RWKV-4 kernels into ``out_dir/librwkv_wkv4_kernels.so`` (``compile_kernels(family="wkv4")``)."""
+    return compile_kernels(out_dir, "wkv4", cuda_architectures, nvcc)
+
+
+def compile_host_reference(out_dir, cxx: Optional[str] = None, family: str = "wkv4", warnings: bool = False) -> Path:
+    """Compile a family's kernel math for the CPU (``plugins/wkv4/wkv4Host.cpp`` or
+    ``plugins/wkvhead/wkvHeadHost.cpp``) into a shared library in ``out_dir``; returns its path.
+    float16 support needs cuda_fp16.h (found next to nvcc or in ``$CUDA_HOME``); without it the
+    library handles float32 only. ``warnings``: -Wall -Wextra -Werror."""
+    src, _, _, host_src, lib_name = _family(family)
     out_dir = Path(out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / HOST_LIBRARY_NAME
-    cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-I", src]
+    out = out_dir / lib_name
+    cmd = [_compiler(cxx), "-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-I", src]
+    if warnings:
+        cmd += ["-Wall", "-Wextra", "-Werror"]
     inc = cuda_include_dir()
     if inc is not None:
         cmd += ["-isystem", inc]
-    cmd += [src / "wkv4Host.cpp", "-o", out]
-    _run(cmd, "C++ compile (WKV host reference)")
+    _run(cmd + [src / host_src, "-o", out], f"C++ compile ({family} host build)")
     return out
+
+
+def compile_kernel_emulator(out_dir, cxx: Optional[str] = None, sanitize: bool = False) -> Path:
+    """``plugins/tests/wkvhead_emulator.cpp`` -> ``out_dir/librwkv_wkvhead_emulated[_asan].so``: the
+    RWKV-5/6/7 CUDA kernels and launchers run on the CPU. ``sanitize``: with AddressSanitizer and
+    UBSan (load it with LD_PRELOAD of :func:`asan_runtime`)."""
+    inc = cuda_include_dir()
+    if inc is None:
+        raise PluginBuildError("the kernel emulator needs the CUDA headers (cuda_fp16.h)")
+    src = plugins_dir()
+    out = Path(out_dir) / ("librwkv_wkvhead_emulated_asan.so" if sanitize else "librwkv_wkvhead_emulated.so")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # -O0 for the sanitized build: a third of the compile time, and the cases it runs are small
+    cmd = [_compiler(cxx), "-std=c++20", *(["-O0", "-g"] if sanitize else ["-O1"]), "-shared", "-fPIC",
+           "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror", "-isystem", inc, "-I", src / "wkvhead"]
+    if sanitize:
+        cmd += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+    _run(cmd + [src / "tests" / "wkvhead_emulator.cpp", "-o", out, "-lpthread"], "C++ compile (kernel emulator)")
+    return out
+
+
+def asan_runtime(cxx: Optional[str] = None) -> Optional[Path]:
+    """Path of the compiler's libasan.so (for LD_PRELOAD into python), or None."""
+    try:
+        cxx = _compiler(cxx)
+    except PluginBuildError:
+        return None
+    r = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True)
+    p = Path(r.stdout.strip())
+    return p if r.returncode == 0 and p.is_absolute() and p.exists() else None

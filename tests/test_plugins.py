@@ -34,6 +34,7 @@ import wkvhead_reference as href  # noqa: E402
 CASES = [(1, 1, 64), (3, 7, 768), (8, 64, 64), (2, 33, 100)]  # (B, T, C); C=100: not a multiple of a warp
 EXPORTED = {"getCreators", "setLoggerFinder", "rwkvTrtRegisterPlugins", "rwkvTrtPluginInfo", "rwkvWkv4Forward",
             "rwkvWkv5Forward", "rwkvWkv6Forward", "rwkvWkv7Forward"}
+DOCUMENTED_LOADERS = ("trtexec --dynamicPlugins", "load_library", "Polygraphy --plugins", "ctypes")
 REF_MODELS = REPO.parent / "shared" / "reference" / "models"
 
 
@@ -179,7 +180,8 @@ FAM_DTYPES = [(f, d) for f in href.OPS for d in HEAD_DTYPES if d != "f16-w32" or
 def head_host(tmp_path_factory):
     if not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
         pytest.skip("no C++ compiler")
-    lib = href.host_library(href.compile_host(tmp_path_factory.mktemp("wkvhead_host")))  # -Wall -Wextra -Werror
+    lib = href.host_library(tp.compile_host_reference(tmp_path_factory.mktemp("wkvhead_host"), family="wkvhead",
+                                                    warnings=True))
     if not lib.rwkvWkvHeadHasHalf():
         pytest.skip("cuda_fp16.h not found: the CPU build has no float16 path")
     return lib
@@ -355,11 +357,11 @@ def test_head_host_on_reference_model_nodes(head_host, head_model_exports, name)
 # -- RWKV-5/6/7: the CUDA kernels themselves, run on the CPU by an emulator ----------------------------
 @pytest.fixture(scope="session")
 def head_emulated(tmp_path_factory):
-    if href.cuda_include_dir() is None:
+    if tp.cuda_include_dir() is None:
         pytest.skip("CUDA headers not found (the emulator compiles the kernel sources with them)")
     if not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++")):
         pytest.skip("no C++ compiler")
-    return href.kernels_library(href.compile_emulator(tmp_path_factory.mktemp("wkvhead_emu")))
+    return href.kernels_library(tp.compile_kernel_emulator(tmp_path_factory.mktemp("wkvhead_emu")))
 
 
 @pytest.mark.parametrize("case", HEAD_CASES + [(2, 3, 1, 1), (1, 4, 1, 100)], ids=lambda c: "B{}T{}H{}N{}".format(*c))
@@ -419,10 +421,10 @@ def test_emulated_kernels_under_address_sanitizer(tmp_path):
     """The emulated kernels built with -fsanitize=address,undefined, loaded into a fresh python
     with libasan preloaded: no out-of-bounds access in global or shared memory (the shared buffer
     beyond the launch's size is poisoned), no undefined behaviour, over every path."""
-    asan = href.asan_runtime()
-    if asan is None or href.cuda_include_dir() is None:
+    asan = tp.asan_runtime()
+    if asan is None or tp.cuda_include_dir() is None:
         pytest.skip("libasan or the CUDA headers not found")
-    lib = href.compile_emulator(tmp_path, sanitize=True)
+    lib = tp.compile_kernel_emulator(tmp_path, sanitize=True)
     code = (
         "import sys, numpy as np\n"
         f"sys.path.insert(0, {str(PLUGIN_TESTS)!r})\n"
@@ -462,7 +464,7 @@ def test_nvcc_compiles_kernels(tmp_path):
 def test_nvcc_compiles_head_kernels(tmp_path):
     if tp.find_nvcc() is None:
         pytest.skip("nvcc not found")
-    lib = href.compile_kernels(tmp_path, arch=80)  # three files in parallel, one architecture
+    lib = tp.compile_kernels(tmp_path, "wkvhead", cuda_architectures=80)  # three files in parallel
     assert lib.is_file()
     if shutil.which("nm"):
         syms = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
@@ -499,14 +501,52 @@ def test_plugin_library_exports(trt_build):
     assert "getPluginRegistry" not in undefined  # looked up at run time, never linked
     assert "libnvinfer" not in subprocess.run(["ldd", str(trt_build["plugin"])], capture_output=True,
                                              text=True).stdout
+    # the autoregister companion: exports nothing, needs only the plugin library (found beside it)
+    auto = subprocess.run(["nm", "-D", "--defined-only", str(trt_build["autoregister"])], capture_output=True,
+                          text=True, check=True).stdout
+    assert not [ln for ln in auto.splitlines() if ln.split()[-1].startswith(("rwkv", "get", "set"))], auto
+    needed = subprocess.run(["readelf", "-d", str(trt_build["autoregister"])], capture_output=True, text=True).stdout
+    assert "[librwkv_trt_plugins.so]" in needed and "libnvinfer" not in needed and "$ORIGIN" in needed, needed
 
 
-@pytest.mark.parametrize("scenario", ["loadlibrary", "dlopen-then-loadlibrary", "two-copies",
+def test_plugins_readme_documents_each_loader():
+    text = (REPO / "plugins" / "README.md").read_text()
+    loading = text[text.index("## Loading"):]
+    loading = loading[:loading.find("\n## ", 3)] if "\n## " in loading[3:] else loading
+    for loader in DOCUMENTED_LOADERS:
+        assert loader in loading, loader
+    assert tp.LIBRARY_NAME in loading and tp.AUTOREGISTER_LIBRARY_NAME in loading
+    assert "10.7" in loading  # the minimum TensorRT version for plugin-mode exports
+
+
+@pytest.mark.parametrize("scenario", ["loadlibrary", "dlopen-registers-nothing", "autoregister",
+                                      "autoregister-then-loadlibrary", "loadlibrary-then-autoregister",
                                       "loadlibrary-then-copy", "exercise"])
 def test_plugin_against_mock_tensorrt(trt_build, scenario):
-    r = subprocess.run([str(trt_build["driver"]), scenario, str(trt_build["plugin"]), str(trt_build["copy"])],
+    second = trt_build["copy"] if scenario.endswith("copy") else trt_build["autoregister"]
+    r = subprocess.run([str(trt_build["driver"]), scenario, str(trt_build["plugin"]), str(second)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "FAIL" not in r.stdout, r.stdout + r.stderr
+    assert "ok  :" in r.stdout  # the scenario ran its checks
+    if scenario != "exercise":  # (exercise provokes rejections on purpose)
+        assert "Cannot find plugin" not in r.stderr, r.stderr  # registry probes never log misses
+
+
+def test_mock_registry_catches_registration_inside_loadlibrary(trt_build, tmp_path):
+    """The stand-in is strict where TensorRT is: a library that registers from its static initializer
+    while loadLibrary holds the registry lock is caught (real TensorRT would deadlock or fail)."""
+    src = tmp_path / "bad.cpp"
+    src.write_text('extern "C" int rwkvTrtRegisterPlugins();\n'
+                   'static int registered = rwkvTrtRegisterPlugins();\n'
+                   'extern "C" __attribute__((visibility("default"))) void* getCreators(int& n) { n = 0; return 0; }\n')
+    bad = tmp_path / "libbad.so"
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    subprocess.run([cxx, "-shared", "-fPIC", str(src), "-o", str(bad), str(trt_build["plugin"]),
+                    f"-Wl,-rpath,{trt_build['plugin'].parent}"], check=True, capture_output=True)
+    r = subprocess.run([str(trt_build["driver"]), "loadlibrary", str(bad)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0
+    assert "FAIL: IPluginRegistry::getAllCreators called from inside another registry call" in r.stdout, r.stdout
 
 
 def test_enqueue_reports_launch_failure_without_gpu(trt_build):
@@ -518,20 +558,19 @@ def test_enqueue_reports_launch_failure_without_gpu(trt_build):
     assert "kernel launch failed" in r.stderr
 
 
-@pytest.mark.parametrize("scenario", ["trt-first", "plugin-first", "autoload", "loadlibrary", "version-mismatch"])
+@pytest.mark.parametrize("scenario", ["trt-first", "plugin-first", "no-second-tensorrt", "loadlibrary",
+                                      "version-mismatch"])
 def test_plugin_loaded_with_ctypes(trt_build, scenario):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_TRT_PLUGIN")}
-    if scenario == "plugin-first":
-        env["RWKV_TRT_PLUGIN_NO_AUTOLOAD"] = "1"
-    if scenario == "autoload":
+    if scenario == "no-second-tensorrt":  # a TensorRT is findable by soname, but none is loaded
         env["LD_LIBRARY_PATH"] = str(trt_build["mock"].parent)
     if scenario == "version-mismatch":
         env["MOCK_TRT_VERSION"] = str((trt_build["major"] - 1) * 10000 + 800)
     r = subprocess.run([sys.executable, str(PLUGIN_TESTS / "mock_ctypes_scenarios.py"), scenario,
-                        str(trt_build["mock"]), str(trt_build["plugin"])],
+                        str(trt_build["mock"]), str(trt_build["plugin"]), str(trt_build["autoregister"])],
                        capture_output=True, text=True, env=env, timeout=60)
-    assert r.returncode == 0 and "FAIL" not in r.stdout, r.stdout + r.stderr
-    if scenario == "plugin-first":
+    assert r.returncode == 0 and "FAIL" not in r.stdout and "ok  :" in r.stdout, r.stdout + r.stderr
+    if scenario in ("plugin-first", "no-second-tensorrt"):
         assert "were not registered" in r.stderr
     elif scenario == "version-mismatch":
         assert "rebuild the plugin library" in r.stderr
@@ -582,7 +621,7 @@ def head_gpu(tmp_path_factory):
         pytest.skip(reason)
     if tp.find_nvcc() is None:
         pytest.skip("nvcc not found")
-    lib = href.compile_kernels(tmp_path_factory.mktemp("wkvhead_gpu"), arch=backend.arch())
+    lib = tp.compile_kernels(tmp_path_factory.mktemp("wkvhead_gpu"), "wkvhead", cuda_architectures=backend.arch())
     return backend, href.kernels_library(lib)
 
 

@@ -258,14 +258,24 @@ _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tens
                "tensor(int32)": np.int32}
 
 
-def make_fake_trt(cudart: FakeCudart, capturable: bool = True, fail_build: str | None = None):
-    """A module with the parts of the tensorrt API that engine.py and trt_backend.py use."""
+def make_fake_trt(cudart: FakeCudart, capturable: bool = True, fail_build: str | None = None,
+                  version: str = "10.99.0", parser: str | None = None):
+    """A module with the parts of the tensorrt API that engine.py and trt_backend.py use.
+
+    ``parser``: whose precedence the ONNX parser follows for a custom node that is also a model-local
+    function: "10.1" (onnx-tensorrt 10.0-10.6: built-in importer, then the local function, then the
+    plugin registry) or "11" (10.15+/11: with a plugin_namespace attribute and a registered creator the
+    plugin first, else the function, else the plugin); default: what ``version`` does (10.7-10.14
+    prefer plugins too, as "11" does for our nodes, which all carry plugin_namespace)."""
     import onnx
     import onnxruntime as ort
 
     trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.99.0"
-    trt.calls = {"networks": [], "configs": [], "loaded": [], "executions": 0}
+    trt.__version__ = version
+    if parser is None:
+        major, minor = (int(x) for x in version.split(".")[:2])
+        parser = "10.1" if (major, minor) < (10, 7) else "11"
+    trt.calls = {"networks": [], "configs": [], "loaded": [], "executions": 0, "creator_misses": 0}
     registry_creators = set()
 
     class ILogger:
@@ -285,6 +295,8 @@ def make_fake_trt(cudart: FakeCudart, capturable: bool = True, fail_build: str |
     trt.BuilderFlag = types.SimpleNamespace(TF32="tf32")
     trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
     trt.nptype = lambda dt: np.dtype(dt).type
+    trt.LayerType = types.SimpleNamespace(PLUGIN_V3="PLUGIN_V3", PLUGIN_V2="PLUGIN_V2", ELEMENTWISE="ELEMENTWISE",
+                                          UNARY="UNARY", MATRIX_MULTIPLY="MATRIX_MULTIPLY")
 
     class Registry:
         def load_library(self, path):
@@ -296,7 +308,19 @@ def make_fake_trt(cudart: FakeCudart, capturable: bool = True, fail_build: str |
             return object()
 
         def get_creator(self, op, version, namespace=""):
-            return object() if f"{namespace}::{op}:{version}" in registry_creators else None
+            if f"{namespace}::{op}:{version}" in registry_creators:
+                return object()
+            trt.calls["creator_misses"] += 1  # real TensorRT logs "Cannot find plugin" as an error here
+            return None
+
+        @property
+        def all_creators(self):
+            out = []
+            for key in sorted(registry_creators):
+                ns, rest = key.split("::", 1)
+                name, ver = rest.rsplit(":", 1)
+                out.append(types.SimpleNamespace(name=name, plugin_version=ver, plugin_namespace=ns))
+            return out
 
     registry = Registry()
     trt.get_plugin_registry = lambda: registry
@@ -307,12 +331,19 @@ def make_fake_trt(cudart: FakeCudart, capturable: bool = True, fail_build: str |
 
     class Network:
         def __init__(self, flags):
-            self.flags, self.inputs, self.path, self.custom = flags, [], None, []
+            self.flags, self.inputs, self.path, self.custom, self.layers = flags, [], None, [], []
             trt.calls["networks"].append(self)
 
         @property
         def num_inputs(self):
             return len(self.inputs)
+
+        @property
+        def num_layers(self):
+            return len(self.layers)
+
+        def get_layer(self, i):
+            return self.layers[i]
 
         def get_input(self, i):
             return self.inputs[i]
@@ -331,11 +362,28 @@ def make_fake_trt(cudart: FakeCudart, capturable: bool = True, fail_build: str |
             for i in m.graph.input:
                 dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim)
                 self.network.inputs.append(Tensor(i.name, dims, i.type.tensor_type.elem_type))
-            for n in m.graph.node:  # custom nodes: the plugin if registered, else the function body
+            local = {(f.domain, f.name): f for f in m.functions}
+            for n in m.graph.node:
+                if n.domain in ("", "ai.onnx"):
+                    self.network.layers.append(types.SimpleNamespace(type=trt.LayerType.ELEMENTWISE, name=n.name))
+                    continue
                 attrs = {a.name: a.s.decode() for a in n.attribute if a.name.startswith("plugin_")}
                 key = f"{attrs.get('plugin_namespace', n.domain)}::{n.op_type}:{attrs.get('plugin_version', '1')}"
-                if n.domain not in ("", "ai.onnx") and key in registry_creators:
+                has_plugin = key in registry_creators
+                fn = local.get((n.domain, n.op_type))
+                if parser == "10.1":  # ModelImporter.cpp (10.1): a local function wins, the registry is not asked
+                    use_plugin = fn is None and has_plugin
+                else:  # 10.15+/11: plugin_namespace + a registered creator -> the plugin first
+                    use_plugin = has_plugin and ("plugin_namespace" in attrs or fn is None)
+                if use_plugin:
                     self.network.custom.append(key)
+                    self.network.layers.append(types.SimpleNamespace(type=trt.LayerType.PLUGIN_V3, name=n.name))
+                elif fn is not None:  # the function body, inlined as ordinary layers
+                    self.network.layers += [types.SimpleNamespace(type=trt.LayerType.UNARY, name=f"{n.name}/{b.name}")
+                                            for b in fn.node]
+                else:
+                    self.errors.append(f"In node {n.name}: No importer registered for op: {n.op_type}")
+                    return False
             return True
 
         @property
@@ -372,7 +420,7 @@ def make_fake_trt(cudart: FakeCudart, capturable: bool = True, fail_build: str |
             self.flags_cleared.append(flag)
 
         def create_timing_cache(self, data):
-            return Cache(data)
+            return None if bytes(data).startswith(b"corrupt") else Cache(data)
 
         def set_timing_cache(self, cache, ignore_mismatch):
             self.cache = cache
@@ -662,6 +710,8 @@ def test_plugin_library_is_recorded_and_loaded(tmp_path, fake, rwkv4_exports, mo
     assert res.exit_code == 0, res.output
     side = json.loads(tb.sidecar_path(out).read_text())
     assert side["plugins"] == [{"name": lib.name, "path": str(lib.resolve())}]
+    assert side["plugin_layers"] == _custom_nodes(rwkv4_exports["plugin"]) > 0  # each rwkv::WKV4 node: a plugin
+    assert trt.calls["creator_misses"] == 0  # the registry was read, never probed with get_creator
     # a fresh process: the engine loads the recorded library before deserializing
     monkeypatch.setattr(tb, "_LOADED_PLUGINS", {})
     trt2, _ = fake()
@@ -688,6 +738,87 @@ def test_plugin_export_without_plugin_builds_function_bodies(tmp_path, fake, rwk
     assert res.exit_code == 0, res.output
     assert "no TensorRT plugin registered for rwkv::WKV4" in res.output
     assert json.loads(tb.sidecar_path(out).read_text())["plugins"] == []
+
+
+def _fake_plugin_library(tmp_path) -> Path:
+    lib = tmp_path / "plugins" / "librwkv_trt_plugins.so"
+    lib.parent.mkdir(exist_ok=True)
+    lib.write_text("rwkv::WKV4:1 rwkv::WKV4Seq:1")  # what the stand-in registry registers
+    return lib
+
+
+def test_parser_10_1_precedence_is_refused_with_the_version(tmp_path, fake, rwkv4_exports):
+    """TensorRT 10.0-10.6 build the function bodies even with the plugin loaded: an explicit --plugin is
+    refused with the version and what to do; without it the build uses the bodies and needs no library."""
+    trt, _ = fake(version="10.6.0")
+    lib = _fake_plugin_library(tmp_path)
+    res, out = _build(tmp_path, rwkv4_exports["plugin"], "-q", "--plugin", str(lib))
+    assert res.exit_code == 1
+    (line,) = res.output.strip().splitlines()
+    assert line.startswith("Error: TensorRT 10.6.0's ONNX parser builds the rwkv::WKV* nodes from their ONNX "
+                           "function bodies") and "10.7" in line and "drop --plugin" in line
+    assert not out.exists() and trt.calls["loaded"] == []
+    res, out = _build(tmp_path, rwkv4_exports["plugin"])
+    assert res.exit_code == 0, res.output
+    assert "building the function bodies, no plugin library needed" in res.output
+    side = json.loads(tb.sidecar_path(out).read_text())
+    assert side["plugins"] == [] and side["plugin_layers"] == 0 and trt.calls["loaded"] == []
+
+
+def test_network_without_plugin_layers_is_an_error_naming_the_version(tmp_path, fake, rwkv4_exports):
+    """A parser that keeps the function bodies although the plugin is registered (10.1-style precedence
+    behind a newer version number): the count of plugin layers catches it; nothing is written."""
+    fake(version="10.8.0", parser="10.1")
+    lib = _fake_plugin_library(tmp_path)
+    res, out = _build(tmp_path, rwkv4_exports["plugin"], "-q", "--plugin", str(lib))
+    assert res.exit_code == 1
+    (line,) = res.output.strip().splitlines()
+    assert "TensorRT 10.8.0's ONNX parser built the network without any plugin layer" in line
+    assert "--wkv plain" in line and "10.7" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plugins"]
+
+
+def _custom_nodes(path) -> int:
+    import onnx
+
+    return sum(n.domain == "rwkv" for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+@pytest.mark.parametrize("parser,plugins_win", [("10.1", False), ("11", True)])
+def test_stand_in_parser_precedence(tmp_path, fake, rwkv4_exports, parser, plugins_win):
+    """The stand-in follows each version's rule for a node that is both a plugin and a local function."""
+    from rwkv_export.engine import _plugin_layers
+
+    trt, _ = fake(parser=parser)
+    lib = _fake_plugin_library(tmp_path)
+    trt.get_plugin_registry().load_library(str(lib))
+    network = trt.Builder(None).create_network()
+    assert trt.OnnxParser(network, None).parse_from_file(str(rwkv4_exports["plugin"]))
+    layers = _custom_nodes(rwkv4_exports["plugin"]) if plugins_win else 0
+    assert _plugin_layers(trt, network) == layers == len(network.custom)
+
+
+def test_sidecar_never_lists_a_plugin_the_network_does_not_contain(tmp_path, fake, rwkv4_exports):
+    fake()
+    lib = _fake_plugin_library(tmp_path)
+    res, out = _build(tmp_path, rwkv4_exports["plain"], "-q", "--plugin", str(lib))  # nothing to use it
+    assert res.exit_code == 0, res.output
+    for eng in (out, tmp_path / "m.seq.engine"):
+        side = json.loads(tb.sidecar_path(eng).read_text())
+        assert side["plugins"] == [] and side["plugin_layers"] == 0
+    lib.unlink()  # so the runtime must not need it
+    rwkv_runtime.Session(out)
+
+
+def test_unreadable_timing_cache_is_one_line(tmp_path, fake, rwkv4_exports):
+    fake()
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"corrupt bytes")
+    res, out = _build(tmp_path, rwkv4_exports["plain"], "-q", "--timing-cache", str(cache))
+    assert res.exit_code == 1
+    (line,) = res.output.strip().splitlines()
+    assert line.startswith(f"Error: --timing-cache {cache}: TensorRT cannot read this file as a timing cache")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["timing.cache"]
 
 
 def test_missing_cuda_python_or_no_device_is_backend_unavailable(tmp_path, fake, monkeypatch):

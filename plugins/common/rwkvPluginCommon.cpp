@@ -5,9 +5,6 @@
 #include <cstdio>
 #include <cstring>
 
-#include <dlfcn.h>
-#include <unwind.h>
-
 namespace rwkv
 {
 namespace trt
@@ -16,6 +13,9 @@ namespace
 {
 
 std::atomic<nvinfer1::ILoggerFinder*> gLoggerFinder{nullptr};
+
+// The last error logged on this thread, for recordLastError() (plugin calls are per-thread).
+thread_local char tLastError[1024] = "";
 
 char const* severityName(nvinfer1::ILogger::Severity s) noexcept
 {
@@ -28,113 +28,6 @@ char const* severityName(nvinfer1::ILogger::Severity s) noexcept
     case nvinfer1::ILogger::Severity::kVERBOSE: return "VERBOSE";
     }
     return "LOG";
-}
-
-#define RWKV_STR2(x) #x
-#define RWKV_STR(x) RWKV_STR2(x)
-// Sonames of the TensorRT libraries that own a plugin registry, for the major version of the headers.
-char const* const kNVINFER_SONAMES[] = {
-    "libnvinfer.so." RWKV_STR(NV_TENSORRT_MAJOR),
-    "libnvinfer_lean.so." RWKV_STR(NV_TENSORRT_MAJOR),
-};
-
-template <typename Fn>
-Fn lookup(void* handle, char const* name) noexcept
-{
-    return reinterpret_cast<Fn>(dlsym(handle, name));
-}
-
-bool fill(void* handle, TensorRTEntryPoints& out) noexcept
-{
-    TensorRTEntryPoints ep;
-    ep.getPluginRegistry = lookup<decltype(ep.getPluginRegistry)>(handle, "getPluginRegistry");
-    ep.getLogger = lookup<decltype(ep.getLogger)>(handle, "getLogger");
-    ep.getInferLibVersion = lookup<decltype(ep.getInferLibVersion)>(handle, "getInferLibVersion");
-    if (ep.getPluginRegistry == nullptr)
-    {
-        return false;
-    }
-    out = ep;
-    return true;
-}
-
-void reportWrongVersion(char const* loaded) noexcept
-{
-    std::fprintf(stderr,
-        "[rwkv-trt-plugins] ERROR: built against TensorRT %d.%d headers, but TensorRT %s is loaded; rebuild the "
-        "plugin library against the TensorRT in use (plugins not registered)\n",
-        NV_TENSORRT_MAJOR, NV_TENSORRT_MINOR, loaded);
-}
-
-bool versionMatches(TensorRTEntryPoints const& ep) noexcept
-{
-    if (ep.getInferLibVersion == nullptr)
-    {
-        return true; // cannot tell; the lean runtime may not export it
-    }
-    int32_t const v = ep.getInferLibVersion();
-    if (v / 10000 != NV_TENSORRT_MAJOR)
-    {
-        char loaded[32];
-        std::snprintf(loaded, sizeof(loaded), "%d.%d.%d", v / 10000, (v / 100) % 100, v % 100);
-        reportWrongVersion(loaded);
-        return false;
-    }
-    return true;
-}
-
-//! Is a libnvinfer of another major version loaded? Then loading ours would put two TensorRTs in
-//! one process, and registering into the one nobody uses would help no one.
-bool otherMajorLoaded() noexcept
-{
-    for (int32_t major = 8; major <= 20; ++major)
-    {
-        if (major == NV_TENSORRT_MAJOR)
-        {
-            continue;
-        }
-        char soname[32];
-        std::snprintf(soname, sizeof(soname), "libnvinfer.so.%d", major);
-        if (void* h = dlopen(soname, RTLD_LAZY | RTLD_NOLOAD))
-        {
-            dlclose(h);
-            std::snprintf(soname, sizeof(soname), "%d.x", major);
-            reportWrongVersion(soname);
-            return true;
-        }
-    }
-    return false;
-}
-
-struct StackWalk
-{
-    static constexpr int kMAX{96};
-    uintptr_t ips[kMAX];
-    int n{0};
-};
-
-_Unwind_Reason_Code collectFrame(_Unwind_Context* ctx, void* arg)
-{
-    auto* walk = static_cast<StackWalk*>(arg);
-    if (walk->n >= StackWalk::kMAX)
-    {
-        return _URC_END_OF_STACK;
-    }
-    uintptr_t const ip = _Unwind_GetIP(ctx);
-    if (ip != 0)
-    {
-        walk->ips[walk->n++] = ip;
-    }
-    return _URC_NO_REASON;
-}
-
-bool isTensorRTLibrary(char const* path) noexcept
-{
-    char const* slash = std::strrchr(path, '/');
-    char const* base = slash ? slash + 1 : path;
-    // libnvinfer.so.N, libnvinfer_lean.so.N, libnvinfer_dispatch.so.N; not the standard plugin
-    // library (it never loads plugin libraries) and never ourselves.
-    return std::strncmp(base, "libnvinfer", 10) == 0 && std::strncmp(base, "libnvinfer_plugin", 17) != 0;
 }
 
 } // namespace
@@ -151,6 +44,10 @@ void log(nvinfer1::ILogger::Severity severity, char const* fmt, ...) noexcept
     va_start(args, fmt);
     std::vsnprintf(msg, sizeof(msg), fmt, args);
     va_end(args);
+    if (severity <= nvinfer1::ILogger::Severity::kERROR)
+    {
+        std::memcpy(tLastError, msg, sizeof(msg));
+    }
 
     nvinfer1::ILogger* logger{nullptr};
     if (nvinfer1::ILoggerFinder* finder = gLoggerFinder.load())
@@ -160,7 +57,7 @@ void log(nvinfer1::ILogger::Severity severity, char const* fmt, ...) noexcept
     if (logger == nullptr)
     {
         TensorRTEntryPoints ep;
-        if (findTensorRT(ep, /*allowLoad=*/false) == TensorRTLookup::kFOUND && ep.getLogger != nullptr)
+        if (findTensorRT(ep) == TensorRTLookup::kFOUND && ep.getLogger != nullptr)
         {
             logger = ep.getLogger();
         }
@@ -176,60 +73,27 @@ void log(nvinfer1::ILogger::Severity severity, char const* fmt, ...) noexcept
     }
 }
 
-TensorRTLookup findTensorRT(TensorRTEntryPoints& out, bool allowLoad) noexcept
+int32_t recordLastError(nvinfer1::IErrorRecorder* recorder, nvinfer1::ErrorCode code) noexcept
 {
-    bool found = fill(RTLD_DEFAULT, out); // linked into the executable, or loaded RTLD_GLOBAL
-    for (char const* soname : kNVINFER_SONAMES)
+    if (recorder != nullptr)
     {
-        if (found)
-        {
-            break;
-        }
-        // RTLD_NOLOAD: only a library that is already loaded (e.g. RTLD_LOCAL by Python's tensorrt
-        // package) is returned; matching by soname finds it whatever path it was loaded from.
-        if (void* h = dlopen(soname, RTLD_LAZY | RTLD_NOLOAD))
-        {
-            found = fill(h, out);
-            dlclose(h); // drops only the reference NOLOAD added
-        }
+        recorder->reportError(code, tLastError[0] != '\0' ? tLastError : "rwkv plugin failure");
     }
-    if (found)
-    {
-        return versionMatches(out) ? TensorRTLookup::kFOUND : TensorRTLookup::kWRONG_VERSION;
-    }
-    if (otherMajorLoaded())
-    {
-        return TensorRTLookup::kWRONG_VERSION;
-    }
-    if (allowLoad)
-    {
-        // Exactly what a DT_NEEDED entry would do; the handle is kept for the process lifetime.
-        if (void* h = dlopen(kNVINFER_SONAMES[0], RTLD_LAZY | RTLD_LOCAL))
-        {
-            if (fill(h, out))
-            {
-                return versionMatches(out) ? TensorRTLookup::kFOUND : TensorRTLookup::kWRONG_VERSION;
-            }
-        }
-    }
-    return TensorRTLookup::kNOT_LOADED;
+    return -1;
 }
 
-bool calledFromTensorRT() noexcept
+void formatDims(nvinfer1::Dims const& d, char* buf, size_t size) noexcept
 {
-    StackWalk walk;
-    _Unwind_Backtrace(collectFrame, &walk);
-    for (int i = 0; i < walk.n; ++i)
+    size_t used = static_cast<size_t>(std::snprintf(buf, size, "["));
+    for (int32_t i = 0; i < d.nbDims && used < size; ++i)
     {
-        Dl_info info{};
-        // ip - 1: the return address may already belong to the next function.
-        if (dladdr(reinterpret_cast<void*>(walk.ips[i] - 1), &info) != 0 && info.dli_fname != nullptr
-            && isTensorRTLibrary(info.dli_fname))
-        {
-            return true;
-        }
+        used += static_cast<size_t>(
+            std::snprintf(buf + used, size - used, i ? ", %lld" : "%lld", static_cast<long long>(d.d[i])));
     }
-    return false;
+    if (used < size)
+    {
+        std::snprintf(buf + used, size - used, "]");
+    }
 }
 
 bool engineFormatMatches(nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase,

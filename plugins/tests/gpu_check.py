@@ -240,7 +240,7 @@ def main(argv=None):
     rng = np.random.default_rng(2024)
 
     if args.emulate:
-        lib = href.kernels_library(href.compile_emulator(out_dir))
+        lib = href.kernels_library(load_trt_plugin_module().compile_kernel_emulator(out_dir))
         print("device: none; WKV5/6/7 kernels emulated on the CPU (wkvhead_emulator.cpp)")
         failed = head_section(lib, href.HostBackend(), rng, timings=False)
         print(f"\n{'ALL PASSED' if failed == 0 else f'{failed} FAILED'} (emulated)")
@@ -255,7 +255,7 @@ def main(argv=None):
     print(f"device: {backend.device_name()} (sm_{backend.arch()}), buffers via {backend.name}")
     t0 = time.perf_counter()
     lib_path = args.lib or tp.compile_kernels_only(out_dir, cuda_architectures=arch)
-    head_path = args.head_lib or href.compile_kernels(out_dir, arch=arch)
+    head_path = args.head_lib or tp.compile_kernels(out_dir, "wkvhead", cuda_architectures=arch)
     if not (args.lib and args.head_lib):
         print(f"compiled kernels for sm_{arch} in {time.perf_counter() - t0:.1f} s")
     lib = ref.kernels_library(lib_path)

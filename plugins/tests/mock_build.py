@@ -36,7 +36,7 @@ def cudart_static(cuda_include):
 
 
 def build_harness(tp, include, out_dir, cuda_architectures=80) -> dict:
-    """tp: the rwkv_export.trt_plugin module. Returns paths: plugin, copy, mock, driver; and major."""
+    """tp: the rwkv_export.trt_plugin module. Returns paths: plugin, autoregister, copy, mock, driver; and major."""
     include = Path(include)
     if not (include / "NvInfer.h").is_file():
         raise HarnessUnavailable(f"no NvInfer.h in {include}")
@@ -51,6 +51,7 @@ def build_harness(tp, include, out_dir, cuda_architectures=80) -> dict:
         raise HarnessUnavailable("CUDA headers or libcudart_static.a not found")
     out = Path(out_dir)
     plugin = tp.build_plugin(include, build_dir=out / "build", cuda_architectures=cuda_architectures)
+    autoregister = plugin.with_name(tp.AUTOREGISTER_LIBRARY_NAME)
     copy = out / "copy" / "librwkv_trt_plugins_copy.so"  # a second copy of the file: separate statics
     copy.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(plugin, copy)
@@ -69,4 +70,5 @@ def build_harness(tp, include, out_dir, cuda_architectures=80) -> dict:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"compile failed: {' '.join(cmd)}\n{r.stdout}{r.stderr}")
-    return {"plugin": plugin, "copy": copy, "mock": mock, "driver": mock_dir / "mock_trt_check", "major": major}
+    return {"plugin": plugin, "autoregister": autoregister, "copy": copy, "mock": mock,
+            "driver": mock_dir / "mock_trt_check", "major": major}

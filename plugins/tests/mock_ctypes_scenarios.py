@@ -1,14 +1,15 @@
-"""Loads librwkv_trt_plugins.so from Python with ctypes -- the way Polygraphy's --plugins does --
+"""Loads the rwkv plugin libraries from Python with ctypes -- the way Polygraphy's --plugins does --
 next to mock_nvinfer.cpp's stand-in libnvinfer. Run in a fresh process per scenario:
 
-    python mock_ctypes_scenarios.py <scenario> <mock libnvinfer.so.N> <plugin .so>
+    python mock_ctypes_scenarios.py <scenario> <mock libnvinfer.so.N> <plugin .so> <autoregister .so>
 
 Scenarios:
-  trt-first          mock loaded (RTLD_LOCAL, by path, like the tensorrt wheel), then the plugin
-  plugin-first       plugin before any TensorRT, autoload off: warning, then rwkvTrtRegisterPlugins()
-  autoload           plugin before any TensorRT, libnvinfer.so.N findable by soname (LD_LIBRARY_PATH)
-  loadlibrary        registry.loadLibrary(plugin) called from Python (like registry.load_library)
-  version-mismatch   mock reports another major version (MOCK_TRT_VERSION): nothing registered
+  trt-first           mock loaded (RTLD_LOCAL, by path, like the tensorrt wheel), then the autoregister library
+  plugin-first        autoregister library before any TensorRT: warning, then rwkvTrtRegisterPlugins()
+  no-second-tensorrt  as plugin-first with libnvinfer.so.N findable by soname: the plugin must not load it
+  loadlibrary         registry.loadLibrary(plugin) from Python (like registry.load_library); a later
+                      ctypes load of the plain library adds nothing
+  version-mismatch    mock reports another major version (MOCK_TRT_VERSION): nothing registered
 Prints one line per check; exit status 1 on failure.
 """
 import ctypes
@@ -39,29 +40,35 @@ NB = 8  # WKV4, WKV5, WKV6, WKV7 and their Seq forms
 OPS = (b"WKV4", b"WKV4Seq", b"WKV5", b"WKV5Seq", b"WKV6", b"WKV6Seq", b"WKV7", b"WKV7Seq")
 
 
-def main(scenario, mock_path, plugin_path):
+def loaded(soname_prefix):
+    """Paths of the loaded shared objects whose file name starts with soname_prefix."""
+    with open("/proc/self/maps") as f:
+        return {ln.split()[-1] for ln in f if ln.rstrip().split("/")[-1].startswith(soname_prefix)}
+
+
+def main(scenario, mock_path, plugin_path, autoregister_path):
     if scenario == "trt-first":
         m = load_mock(mock_path)
-        p = ctypes.CDLL(plugin_path)
+        ctypes.CDLL(autoregister_path)
         check(m.mockCreatorCount() == NB,
-              f"plugin found the already-loaded TensorRT by soname and registered {NB} creators")
+              f"autoregister library found the already-loaded TensorRT by soname and registered {NB} creators")
         check(all(m.mockHasCreator(op, b"1", b"rwkv") == 1 for op in OPS),
               "rwkv::WKV4/5/6/7 and their Seq forms, version 1")
+        p = ctypes.CDLL(plugin_path)
         p.rwkvTrtRegisterPlugins.restype = ctypes.c_int32
         check(p.rwkvTrtRegisterPlugins() == NB and m.mockCreatorCount() == NB, "rwkvTrtRegisterPlugins() is idempotent")
-        check(m.mockErrorCount() == 0, "no errors logged")
-    elif scenario == "plugin-first":
-        p = ctypes.CDLL(plugin_path)  # the test checks stderr for the warning
+        check(m.mockErrorCount() == 0, "no errors logged (no 'Cannot find plugin' from probing the registry)")
+    elif scenario in ("plugin-first", "no-second-tensorrt"):
+        ctypes.CDLL(autoregister_path)  # the test checks stderr for the warning
+        p = ctypes.CDLL(plugin_path)  # the same library the autoregister one depends on
         p.rwkvTrtRegisterPlugins.restype = ctypes.c_int32
+        check(not loaded("libnvinfer"), "no TensorRT was loaded by the plugin libraries")
         check(p.rwkvTrtRegisterPlugins() == -1, "rwkvTrtRegisterPlugins() returns -1 while no TensorRT is loaded")
         m = load_mock(mock_path)
         check(m.mockCreatorCount() == 0, "nothing registered before TensorRT was loaded")
         check(p.rwkvTrtRegisterPlugins() == NB and m.mockCreatorCount() == NB,
               "rwkvTrtRegisterPlugins() registers all once TensorRT is loaded")
-    elif scenario == "autoload":
-        ctypes.CDLL(plugin_path)
-        m = load_mock(mock_path)  # same file as the one the plugin dlopened by soname: same library
-        check(m.mockCreatorCount() == NB, f"plugin dlopened libnvinfer by soname and registered {NB} creators")
+        check(len(loaded("libnvinfer")) == 1, "exactly one TensorRT in the process")
     elif scenario == "loadlibrary":
         m = load_mock(mock_path)
         check(bool(m.mockLoadLibrary(plugin_path.encode())), "loadLibrary succeeds")
@@ -70,7 +77,7 @@ def main(scenario, mock_path, plugin_path):
         check(m.mockCreatorCount() == NB and m.mockErrorCount() == 0, "a later ctypes load adds nothing, no errors")
     elif scenario == "version-mismatch":
         m = load_mock(mock_path)
-        ctypes.CDLL(plugin_path)  # the test checks stderr for the explanation
+        ctypes.CDLL(autoregister_path)  # the test checks stderr for the explanation
         check(m.mockCreatorCount() == 0, "nothing registered into a TensorRT of another major version")
     else:
         print(f"unknown scenario {scenario}", file=sys.stderr)
@@ -79,4 +86,4 @@ def main(scenario, mock_path, plugin_path):
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:4]))
+    sys.exit(main(*sys.argv[1:5]))

@@ -2,10 +2,15 @@
  * A stand-in for libnvinfer.so.<major>, for testing librwkv_trt_plugins.so on machines without
  * TensorRT. It implements only what the plugin library touches when it is loaded -- the global
  * plugin registry, the global logger, the library version -- following the documented contract
- * (NvInferRuntimeCommon.h): registerCreator() fails for a creator that is already registered;
- * loadLibrary() dlopens the file, calls setLoggerFinder() and getCreators(), and fails if any
- * returned creator is already registered. It is a model of that contract, not of TensorRT's
- * internals (locking, parent registries, error recorders are not modelled).
+ * (NvInferRuntimeCommon.h) and the messages real TensorRT logs: registerCreator() fails for a
+ * creator that is already registered; loadLibrary() dlopens the file, calls setLoggerFinder() and
+ * getCreators(), and fails with TensorRT's "Cannot register the library as plugin creator of ...
+ * exists already." if any returned creator is already registered; getCreator() logs "Cannot find
+ * plugin" as an error on a miss. The registry lock is a plain (non-recursive) mutex like
+ * TensorRT's: a plugin library that calls back into the registry while loadLibrary holds it (e.g.
+ * registering from a static initializer) is caught and the process aborts with a FAIL line,
+ * where real TensorRT would deadlock or fail. It is a model of that contract, not of TensorRT's
+ * internals (parent registries and error recorders are not modelled).
  *
  * Build (the soname must be the real one, the plugin looks TensorRT up by it):
  *   g++ -std=c++17 -shared -fPIC -DTENSORRT_BUILD_LIB -I<trt>/include -I<cuda>/include \
@@ -58,6 +63,34 @@ public:
 
 MockLoggerFinder gLoggerFinder;
 
+// One registry call at a time per thread; a nested call is the re-entrance real TensorRT does not allow.
+thread_local bool tInRegistry = false;
+
+class RegistryCall
+{
+public:
+    RegistryCall(std::mutex& m, char const* what)
+    {
+        if (tInRegistry)
+        {
+            std::printf("FAIL: IPluginRegistry::%s called from inside another registry call (real TensorRT would "
+                        "deadlock on its registry lock)\n",
+                what);
+            std::fflush(stdout);
+            std::abort();
+        }
+        tInRegistry = true;
+        mLock = std::unique_lock<std::mutex>(m);
+    }
+    ~RegistryCall()
+    {
+        tInRegistry = false;
+    }
+
+private:
+    std::unique_lock<std::mutex> mLock;
+};
+
 bool creatorKey(IPluginCreatorInterface& c, std::string& key)
 {
     // Only V3 creators are modelled.
@@ -75,11 +108,14 @@ class MockRegistry : public IPluginRegistry
 public:
     bool registerCreator(IPluginCreatorInterface& creator, AsciiChar const* const /*ns*/) noexcept override
     {
-        std::lock_guard<std::recursive_mutex> lock(mMutex);
+        RegistryCall call(mMutex, "registerCreator");
         std::string key;
         if (!creatorKey(creator, key) || find(key) >= 0)
         {
-            gLogger.log(ILogger::Severity::kERROR, ("registerCreator: plugin creator " + key + " exists already").c_str());
+            gLogger.log(ILogger::Severity::kERROR,
+                ("IPluginRegistry::registerCreator: Error Code 4: API Usage Error (Plugin creator " + key
+                    + " exists already.)")
+                    .c_str());
             return false;
         }
         add(key, &creator, nullptr);
@@ -89,14 +125,28 @@ public:
     IPluginCreatorInterface* getCreator(AsciiChar const* const name, AsciiChar const* const version,
         AsciiChar const* const ns) noexcept override
     {
-        std::lock_guard<std::recursive_mutex> lock(mMutex);
+        RegistryCall call(mMutex, "getCreator");
+        IPluginCreatorInterface* c = peek(name, version, ns);
+        if (c == nullptr)
+        {
+            gLogger.log(ILogger::Severity::kERROR,
+                (std::string("IPluginRegistry::getCreator: Error Code 4: API Usage Error (Cannot find plugin: ") + name
+                    + ", version: " + version + ", namespace:" + (ns ? ns : "") + ".)")
+                    .c_str());
+        }
+        return c;
+    }
+
+    //! getCreator without the error log (test helper).
+    IPluginCreatorInterface* peek(AsciiChar const* name, AsciiChar const* version, AsciiChar const* ns) const
+    {
         int i = find(std::string(ns ? ns : "") + "::" + name + " version " + version);
         return i < 0 ? nullptr : mEntries[i].creator;
     }
 
     PluginLibraryHandle loadLibrary(AsciiChar const* path) noexcept override
     {
-        std::lock_guard<std::recursive_mutex> lock(mMutex);
+        RegistryCall call(mMutex, "loadLibrary");
         void* h = dlopen(path, RTLD_LAZY | RTLD_LOCAL);
         if (h == nullptr)
         {
@@ -123,8 +173,14 @@ public:
             std::string key;
             if (!creatorKey(*list[i], key) || find(key) >= 0)
             {
+                std::string const name
+                    = std::strcmp(list[i]->getInterfaceInfo().kind, "PLUGIN CREATOR_V3ONE") == 0
+                    ? static_cast<IPluginCreatorV3One*>(list[i])->getPluginName()
+                    : key;
                 gLogger.log(ILogger::Severity::kERROR,
-                    ("loadLibrary: Cannot register the library as plugin creator of " + key + " exists already.")
+                    ("IPluginRegistry::loadLibrary: Error Code 4: API Usage Error (Cannot register the library as "
+                     "plugin creator of "
+                        + name + " exists already.)")
                         .c_str());
                 return nullptr;
             }
@@ -139,7 +195,7 @@ public:
 
     void deregisterLibrary(PluginLibraryHandle handle) noexcept override
     {
-        std::lock_guard<std::recursive_mutex> lock(mMutex);
+        RegistryCall call(mMutex, "deregisterLibrary");
         for (size_t i = mEntries.size(); i-- > 0;)
         {
             if (mEntries[i].library == handle)
@@ -152,13 +208,19 @@ public:
 
     IPluginCreatorInterface* const* getAllCreators(int32_t* const n) const noexcept override
     {
+        if (tInRegistry)
+        {
+            std::printf("FAIL: IPluginRegistry::getAllCreators called from inside another registry call\n");
+            std::fflush(stdout);
+            std::abort();
+        }
         *n = static_cast<int32_t>(mFlat.size());
         return mFlat.empty() ? nullptr : mFlat.data();
     }
 
     bool deregisterCreator(IPluginCreatorInterface const& creator) noexcept override
     {
-        std::lock_guard<std::recursive_mutex> lock(mMutex);
+        RegistryCall call(mMutex, "deregisterCreator");
         for (size_t i = 0; i < mEntries.size(); ++i)
         {
             if (mEntries[i].creator == &creator)
@@ -267,7 +329,7 @@ private:
         }
     }
 
-    std::recursive_mutex mMutex;
+    std::mutex mMutex;
     std::vector<Entry> mEntries;
     std::vector<IPluginCreatorInterface*> mFlat;
     IErrorRecorder* mRecorder{nullptr};
@@ -312,7 +374,7 @@ MOCK_API int32_t mockCreatorCountFromLibraries()
 
 MOCK_API int32_t mockHasCreator(char const* name, char const* version, char const* ns)
 {
-    return gRegistry.getCreator(name, version, ns) != nullptr;
+    return gRegistry.peek(name, version, ns) != nullptr;
 }
 
 MOCK_API void* mockLoadLibrary(char const* path)

@@ -1,9 +1,10 @@
 /*
  * Drives librwkv_trt_plugins.so the way TensorRT would, against mock_nvinfer.cpp (linked in as
  * libnvinfer.so.<major>, like trtexec links the real one). Usage:
- *   mock_trt_check <scenario> <plugin.so> [<copy of plugin.so>]
- * Scenarios: loadlibrary | dlopen-then-loadlibrary | two-copies | loadlibrary-then-copy | exercise |
- *            enqueue-without-gpu | enqueue-gpu
+ *   mock_trt_check <scenario> <plugin.so> [<autoregister.so | copy of plugin.so>]
+ * Scenarios: loadlibrary | dlopen-registers-nothing | autoregister | autoregister-then-loadlibrary |
+ *            loadlibrary-then-autoregister | loadlibrary-then-copy | exercise | enqueue-without-gpu |
+ *            enqueue-gpu
  * Prints one line per check; exits non-zero if any failed.
  * exercise drives every creator (WKV4, WKV5, WKV6, WKV7 and their Seq forms) through the TensorRT
  * interfaces: types, symbolic shapes, formats, validation, serialization, clone.
@@ -31,6 +32,7 @@ using namespace nvinfer1;
 extern "C" int32_t mockCreatorCount();
 extern "C" int32_t mockErrorCount();
 extern "C" int32_t mockCreatorCountFromLibraries();
+extern "C" char const* mockLastError();
 
 namespace
 {
@@ -55,6 +57,76 @@ void* plainDlopen(char const* path)
     }
     return h;
 }
+
+bool loadLibrary(char const* path)
+{
+    return getPluginRegistry()->loadLibrary(path) != nullptr;
+}
+
+//! An application's error recorder, as an execution context hands it to attachToContext().
+class CountingRecorder : public IErrorRecorder
+{
+public:
+    int32_t getNbErrors() const noexcept override
+    {
+        return static_cast<int32_t>(mDescs.size());
+    }
+    ErrorCode getErrorCode(int32_t i) const noexcept override
+    {
+        return mCodes[static_cast<size_t>(i)];
+    }
+    ErrorDesc getErrorDesc(int32_t i) const noexcept override
+    {
+        return mDescs[static_cast<size_t>(i)].c_str();
+    }
+    bool hasOverflowed() const noexcept override
+    {
+        return false;
+    }
+    void clear() noexcept override
+    {
+        mDescs.clear();
+        mCodes.clear();
+    }
+    bool reportError(ErrorCode code, ErrorDesc desc) noexcept override
+    {
+        mCodes.push_back(code);
+        mDescs.emplace_back(desc ? desc : "");
+        return true;
+    }
+    RefCount incRefCount() noexcept override
+    {
+        return 1;
+    }
+    RefCount decRefCount() noexcept override
+    {
+        return 1;
+    }
+
+private:
+    std::vector<ErrorCode> mCodes;
+    std::vector<std::string> mDescs;
+};
+
+class ResourceContext : public IPluginResourceContext
+{
+public:
+    explicit ResourceContext(IErrorRecorder* r)
+        : mRecorder(r)
+    {
+    }
+    IGpuAllocator* getGpuAllocator() const noexcept override
+    {
+        return nullptr;
+    }
+    IErrorRecorder* getErrorRecorder() const noexcept override
+    {
+        return mRecorder;
+    }
+
+private:
+    IErrorRecorder* mRecorder;
+};
 
 IPluginCreatorV3One* creator(char const* name)
 {
@@ -154,6 +226,8 @@ void exercise(char const* name, bool seq)
             && std::strcmp(build->getInterfaceInfo().kind, "PLUGIN_V3ONE_BUILD") == 0
             && std::strcmp(rt->getInterfaceInfo().kind, "PLUGIN_V3ONE_RUNTIME") == 0,
         msg("capability interface kinds").c_str());
+    check(build->getTimingCacheID() != nullptr && build->getTimingCacheID()[0] == '\0',
+        msg("timing cache id \"\" (no attributes; nullptr would keep it out of the timing cache)").c_str());
     check(build->getNbOutputs() == 4, msg("4 outputs").c_str());
 
     // Output types.
@@ -1011,32 +1085,47 @@ int main(int argc, char** argv)
 
     if (scenario == "loadlibrary")
     {
-        check(reg->loadLibrary(lib) != nullptr, "loadLibrary succeeds");
-        check(mockCreatorCount() == kNB && mockCreatorCountFromLibraries() == kNB,
-            "8 creators, registered by loadLibrary (the load-time registration stood aside)");
+        check(loadLibrary(lib), "loadLibrary succeeds");
+        check(mockCreatorCount() == kNB && mockCreatorCountFromLibraries() == kNB, "8 creators, from getCreators()");
         check(plainDlopen(lib) != nullptr && mockCreatorCount() == kNB, "a later dlopen of the same file adds nothing");
     }
-    else if (scenario == "dlopen-then-loadlibrary")
+    else if (scenario == "dlopen-registers-nothing")
     {
-        check(plainDlopen(lib) != nullptr && mockCreatorCount() == kNB, "dlopen registers 8 creators statically");
-        check(mockCreatorCountFromLibraries() == 0, "... by registerCreator, not loadLibrary");
-        check(reg->loadLibrary(lib) != nullptr, "a later loadLibrary still succeeds");
-        check(mockCreatorCount() == kNB, "still 8 creators");
+        check(plainDlopen(lib) != nullptr && mockCreatorCount() == 0, "a plain dlopen registers nothing (no static "
+                                                                        "registration in the loadLibrary library)");
+        check(loadLibrary(lib) && mockCreatorCountFromLibraries() == kNB, "a later loadLibrary registers all 8");
     }
-    else if (scenario == "two-copies" && copy)
+    else if (scenario == "autoregister" && copy)
     {
-        check(plainDlopen(lib) != nullptr && mockCreatorCount() == kNB, "dlopen registers 8 creators");
-        check(plainDlopen(copy) != nullptr && mockCreatorCount() == kNB, "dlopen of a second copy skips them");
+        check(plainDlopen(copy) != nullptr && mockCreatorCount() == kNB, "dlopen of the autoregister library "
+                                                                         "registers 8 creators");
+        check(mockCreatorCountFromLibraries() == 0, "... by registerCreator, not loadLibrary");
+    }
+    else if (scenario == "autoregister-then-loadlibrary" && copy)
+    {
+        // Documented as unsupported (one loading path per process); it must fail the way TensorRT does.
+        check(plainDlopen(copy) != nullptr && mockCreatorCount() == kNB, "autoregister library registers 8");
+        check(!loadLibrary(lib), "a later loadLibrary fails, as in TensorRT");
+        check(std::strstr(mockLastError(), "Cannot register the library as plugin creator of") != nullptr,
+            "... with TensorRT's error");
+        check(mockCreatorCount() == kNB, "the registered creators stay usable");
+        return gFailures == 0 ? 0 : 1;
+    }
+    else if (scenario == "loadlibrary-then-autoregister" && copy)
+    {
+        check(loadLibrary(lib) && mockCreatorCount() == kNB, "loadLibrary registers 8 creators");
+        check(plainDlopen(copy) != nullptr && mockCreatorCount() == kNB, "the autoregister library finds them "
+                                                                         "registered and adds nothing");
     }
     else if (scenario == "loadlibrary-then-copy" && copy)
     {
-        check(reg->loadLibrary(lib) != nullptr && mockCreatorCount() == kNB, "loadLibrary registers 8 creators");
-        check(plainDlopen(copy) != nullptr && mockCreatorCount() == kNB, "dlopen of a second copy skips them");
+        check(loadLibrary(lib) && mockCreatorCount() == kNB, "loadLibrary registers 8 creators");
+        check(plainDlopen(copy) != nullptr && mockCreatorCount() == kNB, "dlopen of a second copy adds nothing");
     }
     else if (scenario == "enqueue-without-gpu")
     {
         // Only meaningful where no CUDA device exists: the launch itself must fail cleanly.
-        check(plainDlopen(lib) != nullptr && mockCreatorCount() == kNB, "dlopen registers 8 creators");
+        check(loadLibrary(lib) && mockCreatorCount() == kNB, "loadLibrary registers 8 creators");
         IPluginCreatorV3One* c = creator("WKV4");
         PluginFieldCollection empty{};
         IPluginV3* p = c ? c->createPlugin("node", &empty, TensorRTPhase::kBUILD) : nullptr;
@@ -1061,6 +1150,20 @@ int main(int argc, char** argv)
             }
             check(rt->enqueue(desc, desc + 7, in, out, nullptr, nullptr) != 0, "enqueue reports the failed launch");
             check(mockErrorCount() == 1, "... through the TensorRT logger");
+            // As inside an execution context: the clone from attachToContext reports to its error recorder too.
+            CountingRecorder recorder;
+            ResourceContext context(&recorder);
+            IPluginV3* attached = rt->attachToContext(&context);
+            auto* art = attached
+                ? static_cast<IPluginV3OneRuntime*>(attached->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
+                : nullptr;
+            check(art != nullptr && art->enqueue(desc, desc + 7, in, out, nullptr, nullptr) != 0,
+                "attached clone: enqueue fails");
+            check(recorder.getNbErrors() == 1 && recorder.getErrorCode(0) == ErrorCode::kFAILED_EXECUTION
+                    && std::strstr(recorder.getErrorDesc(0), "kernel launch failed") != nullptr,
+                "... and the context's error recorder got the message");
+            check(mockErrorCount() == 2, "... and the logger too");
+            delete attached;
             delete p;
         }
         // The same for an RWKV-7 sequence op (the launchers of wkvHeadKernel.h).
@@ -1083,7 +1186,7 @@ int main(int argc, char** argv)
             }
             void* out[2] = {buf[7], buf[8]};
             check(rt->enqueue(desc, desc + 7, in, out, nullptr, nullptr) != 0, "WKV7Seq enqueue reports the failed launch");
-            check(mockErrorCount() == 2, "... through the TensorRT logger");
+            check(mockErrorCount() == 3, "... through the TensorRT logger");
             delete p7;
         }
         return gFailures == 0 ? 0 : 1;
@@ -1096,7 +1199,7 @@ int main(int argc, char** argv)
             std::printf("skip: no CUDA device\n");
             return 0;
         }
-        check(plainDlopen(lib) != nullptr && mockCreatorCount() == kNB, "dlopen registers 8 creators");
+        check(loadLibrary(lib) && mockCreatorCount() == kNB, "loadLibrary registers 8 creators");
         enqueueCase<float>("WKV4", false, 3, 1, 768, DataType::kFLOAT);
         enqueueCase<__half>("WKV4", false, 3, 1, 768, DataType::kHALF);
         enqueueCase<float>("WKV4Seq", true, 2, 7, 100, DataType::kFLOAT);
@@ -1106,7 +1209,7 @@ int main(int argc, char** argv)
     }
     else if (scenario == "exercise")
     {
-        check(plainDlopen(lib) != nullptr && mockCreatorCount() == kNB, "dlopen registers 8 creators");
+        check(loadLibrary(lib) && mockCreatorCount() == kNB, "loadLibrary registers 8 creators");
         int32_t const errorsBefore = mockErrorCount();
         exercise("WKV4", false);
         exercise("WKV4Seq", true);

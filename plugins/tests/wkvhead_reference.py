@@ -1,7 +1,7 @@
 """numpy reference of the RWKV-5/6/7 WKV operators (rwkv::WKV5/WKV6/WKV7 and their Seq forms),
 realistic random inputs, ctypes wrappers of the CPU build (wkvHeadHost.cpp) and of the CUDA
-launchers (wkvHeadKernel.h), the compilers that build them, and a runner for the exporter's own
-ONNX function bodies (onnxruntime). Shared by tests/test_plugins.py and plugins/tests/gpu_check.py.
+launchers (wkvHeadKernel.h), and a runner for the exporter's own ONNX function bodies
+(onnxruntime); the libraries are compiled by rwkv_export.trt_plugin (the one compiler driver). Shared by tests/test_plugins.py and plugins/tests/gpu_check.py.
 No torch and no TensorRT, except ``run_function_body`` (imports rwkv_export, hence torch).
 
 Conventions: every activation is [B, T, H, N] here (the single-step ops are T = 1; ``step_shapes``
@@ -11,9 +11,6 @@ formulas are those of exporter/arch/headwise.py (see plugins/wkvhead/wkvHeadMath
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +18,6 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "wkvhead"
-KERNEL_SOURCES = ("wkv5Kernel.cu", "wkv6Kernel.cu", "wkv7Kernel.cu")
-KERNELS_LIBRARY_NAME = "librwkv_wkvhead_kernels.so"
-HOST_LIBRARY_NAME = "librwkv_wkvhead_host.so"
 F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
 DTYPE_CODE = {F32: 0, F16: 1}
 REGISTER_SIZES = (16, 32, 64, 128)  # head sizes with a register-resident kernel; others: generic path
@@ -161,120 +155,6 @@ TOL_F64 = 2e-4  # float32 vs exact math, T <= 512 with these input ranges (a san
 def within(errs, act_dtype):
     return (errs["y_vs_f32"] <= TOL_Y[np.dtype(act_dtype)] and errs["state_vs_f32"] <= TOL_STATE
             and errs["vs_f64"] <= TOL_F64)
-
-
-# -- compilers --------------------------------------------------------------------------------------
-def _find_nvcc():
-    for c in (os.environ.get("CUDACXX"), *(str(Path(os.environ[v]) / "bin" / "nvcc")
-                                           for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)),
-              shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
-        if c and Path(c).is_file() and os.access(c, os.X_OK):
-            return c
-    return None
-
-
-def cuda_include_dir(nvcc=None):
-    cands = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
-    nvcc = nvcc or _find_nvcc()
-    if nvcc:
-        cands.append(Path(nvcc).resolve().parent.parent / "include")
-        try:  # nvcc may be a wrapper script exec'ing the real one
-            import re
-
-            m = re.search(r"(/\S+)/bin/nvcc", Path(nvcc).read_text(errors="ignore")[:4096])
-            if m:
-                cands.append(Path(m.group(1)) / "include")
-        except (OSError, UnicodeDecodeError):
-            pass
-    cands.append(Path("/usr/local/cuda/include"))
-    return next((c for c in cands if (c / "cuda_fp16.h").is_file()), None)
-
-
-def _run(cmd, what):
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{what} failed: {' '.join(map(str, cmd))}\n{r.stdout}{r.stderr}")
-    return r.stdout + r.stderr
-
-
-def compile_host(out_dir, cxx=None, warnings=True) -> Path:
-    """g++ plugins/wkvhead/wkvHeadHost.cpp -> out_dir/librwkv_wkvhead_host.so (float16 when
-    cuda_fp16.h is found). With `warnings`, -Wall -Wextra -Werror."""
-    cxx = cxx or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX)")
-    out = Path(out_dir) / HOST_LIBRARY_NAME
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-I", SRC]
-    if warnings:
-        cmd += ["-Wall", "-Wextra", "-Werror"]
-    inc = cuda_include_dir()
-    if inc is not None:
-        cmd += ["-isystem", inc]
-    _run(cmd + [SRC / "wkvHeadHost.cpp", "-o", out], "C++ compile (WKV5/6/7 host build)")
-    return out
-
-
-def compile_kernels(out_dir, arch=80, nvcc=None, jobs=3) -> Path:
-    """nvcc the three kernel files for one architecture (SASS + PTX) into
-    out_dir/librwkv_wkvhead_kernels.so (no TensorRT); the objects compile in parallel."""
-    nvcc = nvcc or _find_nvcc()
-    if nvcc is None:
-        raise RuntimeError("nvcc not found")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    arch = str(arch).removeprefix("sm_")
-    gencode = [f"-gencode=arch=compute_{arch},code=sm_{arch}", f"-gencode=arch=compute_{arch},code=compute_{arch}"]
-    base = [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", *gencode,
-            "-I", SRC]
-    objs, procs = [], []
-    for src in KERNEL_SOURCES:
-        obj = out_dir / (src + ".o")
-        objs.append(obj)
-        procs.append(subprocess.Popen([str(c) for c in base + ["-c", SRC / src, "-o", obj]],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        if len(procs) >= jobs:
-            _wait(procs.pop(0))
-    for p in procs:
-        _wait(p)
-    out = out_dir / KERNELS_LIBRARY_NAME
-    _run([nvcc, "-shared", *gencode, *objs, "-o", out], "nvcc link (WKV5/6/7 kernels)")
-    return out
-
-
-def compile_emulator(out_dir, cxx=None, sanitize=False) -> Path:
-    """g++ plugins/tests/wkvhead_emulator.cpp -> out_dir/librwkv_wkvhead_emulated.so: the CUDA
-    kernels and launchers run on the CPU (see the file's comment). `sanitize`: with
-    AddressSanitizer and UBSan (load it with LD_PRELOAD of libasan, see asan_runtime())."""
-    cxx = cxx or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    inc = cuda_include_dir()
-    if cxx is None or inc is None:
-        raise RuntimeError("the kernel emulator needs a C++20 compiler and the CUDA headers")
-    out = Path(out_dir) / ("librwkv_wkvhead_emulated_asan.so" if sanitize else "librwkv_wkvhead_emulated.so")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # -O0 for the sanitized build: a third of the compile time, and the cases it runs are small
-    cmd = [cxx, "-std=c++20", *(["-O0", "-g"] if sanitize else ["-O1"]), "-shared", "-fPIC", "-fvisibility=hidden",
-           "-Wall", "-Wextra", "-Werror", "-isystem", inc, "-I", SRC]
-    if sanitize:
-        cmd += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
-    _run(cmd + [HERE / "wkvhead_emulator.cpp", "-o", out, "-lpthread"], "C++ compile (kernel emulator)")
-    return out
-
-
-def asan_runtime(cxx=None):
-    """Path of the compiler's libasan.so (for LD_PRELOAD into python), or None."""
-    cxx = cxx or os.environ.get("CXX") or shutil.which("g++")
-    if cxx is None:
-        return None
-    r = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True)
-    p = Path(r.stdout.strip())
-    return p if r.returncode == 0 and p.is_absolute() and p.exists() else None
-
-
-def _wait(p):
-    text = p.communicate()[0]
-    if p.returncode != 0:
-        raise RuntimeError(f"nvcc failed: {' '.join(p.args)}\n{text}")
 
 
 # -- ctypes -----------------------------------------------------------------------------------------

@@ -53,30 +53,7 @@ int32_t kvRank(bool seq) noexcept
     return seq ? 3 : 2;
 }
 
-bool isElementType(DataType t) noexcept
-{
-    return t == DataType::kFLOAT || t == DataType::kHALF;
-}
 
-void formatDims(Dims const& d, char* buf, size_t size) noexcept
-{
-    size_t used = static_cast<size_t>(std::snprintf(buf, size, "["));
-    for (int32_t i = 0; i < d.nbDims && used < size; ++i)
-    {
-        used += static_cast<size_t>(std::snprintf(
-            buf + used, size - used, i ? ", %lld" : "%lld", static_cast<long long>(d.d[i])));
-    }
-    if (used < size)
-    {
-        std::snprintf(buf + used, size - used, "]");
-    }
-}
-
-// -1 is a dimension unknown at build time; it agrees with anything.
-bool agree(int64_t a, int64_t b) noexcept
-{
-    return a < 0 || b < 0 || a == b;
-}
 
 //! Checks the seven input shapes against the op contract; logs the first problem. With
 //! concrete=true (runtime) also requires known sizes that fit the launcher's int32 arguments.
@@ -169,52 +146,14 @@ Wkv4Plugin::Wkv4Plugin(bool seq) noexcept
 {
 }
 
-// The serialization fields point into the object itself, so they are rebuilt, never copied.
-Wkv4Plugin::Wkv4Plugin(Wkv4Plugin const& other) noexcept
-    : mSeq(other.mSeq)
-    , mFormatVersion(other.mFormatVersion)
-{
-}
-
-char const* Wkv4Plugin::name() const noexcept
-{
-    return opName(mSeq);
-}
-
-IPluginCapability* Wkv4Plugin::getCapabilityInterface(PluginCapabilityType type) noexcept
-{
-    switch (type)
-    {
-    case PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
-    case PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
-    case PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
-}
-
-IPluginV3* Wkv4Plugin::clone() noexcept
-{
-    auto* copy = new (std::nothrow) Wkv4Plugin(*this);
-    if (copy == nullptr)
-    {
-        log(Severity::kERROR, "%s: out of host memory in clone()", name());
-    }
-    return copy;
-}
-
 char const* Wkv4Plugin::getPluginName() const noexcept
 {
-    return name();
+    return opName(mSeq);
 }
 
 char const* Wkv4Plugin::getPluginVersion() const noexcept
 {
     return kWKV4_VERSION;
-}
-
-char const* Wkv4Plugin::getPluginNamespace() const noexcept
-{
-    return kPLUGIN_NAMESPACE;
 }
 
 int32_t Wkv4Plugin::getNbOutputs() const noexcept
@@ -230,18 +169,18 @@ int32_t Wkv4Plugin::getOutputDataTypes(
     {
         return -1;
     }
-    if (!isElementType(inputTypes[kK]) || inputTypes[kV] != inputTypes[kK])
+    if (!isFloatOrHalf(inputTypes[kK]) || inputTypes[kV] != inputTypes[kK])
     {
         log(Severity::kERROR,
             "%s: k and v must both be float32 or both float16 (got types %d and %d); cast them in the ONNX model",
-            name(), static_cast<int32_t>(inputTypes[kK]), static_cast<int32_t>(inputTypes[kV]));
+            getPluginName(), static_cast<int32_t>(inputTypes[kK]), static_cast<int32_t>(inputTypes[kV]));
         return -1;
     }
     for (int32_t i = kW; i < kWKV4_NB_INPUTS; ++i)
     {
         if (inputTypes[i] != DataType::kFLOAT)
         {
-            log(Severity::kERROR, "%s: input '%s' must be float32 (got type %d)", name(), kINPUT_NAMES[i],
+            log(Severity::kERROR, "%s: input '%s' must be float32 (got type %d)", getPluginName(), kINPUT_NAMES[i],
                 static_cast<int32_t>(inputTypes[i]));
             return -1;
         }
@@ -263,7 +202,7 @@ int32_t Wkv4Plugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, D
     int32_t const rank = kvRank(mSeq);
     if (inputs[kK].nbDims != rank)
     {
-        log(Severity::kERROR, "%s: input 'k' must have rank %d, got %d", name(), rank, inputs[kK].nbDims);
+        log(Severity::kERROR, "%s: input 'k' must have rank %d, got %d", getPluginName(), rank, inputs[kK].nbDims);
         return -1;
     }
     // Symbolic: y has k's (possibly dynamic) shape; the state is [B, C] taken from k, so a dynamic
@@ -294,7 +233,7 @@ bool Wkv4Plugin::supportsFormatCombination(
     }
     if (pos == kK)
     {
-        return isElementType(desc.type);
+        return isFloatOrHalf(desc.type);
     }
     if (pos == kV || pos == nbInputs) // v and y: the type chosen for k
     {
@@ -323,14 +262,14 @@ int32_t Wkv4Plugin::onShapeChange(
 {
     if (!checkCounts(mSeq, nbInputs, nbOutputs, "onShapeChange") || in == nullptr || out == nullptr)
     {
-        return -1;
+        return fail();
     }
     Dims const* dims[kWKV4_NB_INPUTS];
     for (int32_t i = 0; i < kWKV4_NB_INPUTS; ++i)
     {
         dims[i] = &in[i].dims;
     }
-    return checkInputShapes(mSeq, dims, /*concrete=*/true) ? 0 : -1;
+    return checkInputShapes(mSeq, dims, /*concrete=*/true) ? 0 : fail(nvinfer1::ErrorCode::kINVALID_ARGUMENT);
 }
 
 int32_t Wkv4Plugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
@@ -338,8 +277,8 @@ int32_t Wkv4Plugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc 
 {
     if (inputDesc == nullptr || outputDesc == nullptr || inputs == nullptr || outputs == nullptr)
     {
-        log(Severity::kERROR, "%s::enqueue: null descriptor or buffer array", name());
-        return -1;
+        log(Severity::kERROR, "%s::enqueue: null descriptor or buffer array", getPluginName());
+        return fail();
     }
     // Re-checked here (a few comparisons) because a wrong size would mean out-of-bounds accesses.
     Dims const* dims[kWKV4_NB_INPUTS];
@@ -349,13 +288,13 @@ int32_t Wkv4Plugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc 
     }
     if (!checkInputShapes(mSeq, dims, /*concrete=*/true))
     {
-        return -1;
+        return fail();
     }
     DataType const type = inputDesc[kK].type;
-    if (!isElementType(type) || inputDesc[kV].type != type || outputDesc[0].type != type)
+    if (!isFloatOrHalf(type) || inputDesc[kV].type != type || outputDesc[0].type != type)
     {
-        log(Severity::kERROR, "%s::enqueue: k, v and y must share one type, float32 or float16", name());
-        return -1;
+        log(Severity::kERROR, "%s::enqueue: k, v and y must share one type, float32 or float16", getPluginName());
+        return fail();
     }
     Dims const& k = inputDesc[kK].dims;
     int32_t const rank = kvRank(mSeq);
@@ -371,67 +310,25 @@ int32_t Wkv4Plugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc 
         static_cast<float*>(outputs[2]), static_cast<float*>(outputs[3]));
     if (status != cudaSuccess)
     {
-        log(Severity::kERROR, "%s::enqueue: kernel launch failed (B=%d, T=%d, C=%d): %s", name(), B, T, C,
+        log(Severity::kERROR, "%s::enqueue: kernel launch failed (B=%d, T=%d, C=%d): %s", getPluginName(), B, T, C,
             cudaGetErrorString(status));
+        fail();
         return static_cast<int32_t>(status);
     }
     return 0;
 }
 
-IPluginV3* Wkv4Plugin::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept
-{
-    return clone(); // no per-context resources
-}
-
-PluginFieldCollection const* Wkv4Plugin::getFieldsToSerialize() noexcept
-{
-    mSerialField = PluginField(kFORMAT_VERSION_FIELD, &mFormatVersion, PluginFieldType::kINT32, 1);
-    mSerialFields.nbFields = 1;
-    mSerialFields.fields = &mSerialField;
-    return &mSerialFields;
-}
-
 // ---- Wkv4PluginCreator --------------------------------------------------------------------------
 
 Wkv4PluginCreator::Wkv4PluginCreator(bool seq) noexcept
-    : mSeq(seq)
+    : PluginCreatorBase(opName(seq), kWKV4_VERSION)
+    , mSeq(seq)
 {
 }
 
-char const* Wkv4PluginCreator::getPluginName() const noexcept
+IPluginV3* Wkv4PluginCreator::make() noexcept
 {
-    return opName(mSeq);
-}
-
-char const* Wkv4PluginCreator::getPluginVersion() const noexcept
-{
-    return kWKV4_VERSION;
-}
-
-char const* Wkv4PluginCreator::getPluginNamespace() const noexcept
-{
-    return kPLUGIN_NAMESPACE;
-}
-
-PluginFieldCollection const* Wkv4PluginCreator::getFieldNames() noexcept
-{
-    return &mFieldNames;
-}
-
-IPluginV3* Wkv4PluginCreator::createPlugin(
-    char const* /*name*/, PluginFieldCollection const* fc, TensorRTPhase phase) noexcept
-{
-    // Runtime phase: fc is what getFieldsToSerialize() wrote into the engine.
-    if (!engineFormatMatches(fc, phase, Wkv4Plugin::kFORMAT_VERSION, opName(mSeq)))
-    {
-        return nullptr;
-    }
-    auto* plugin = new (std::nothrow) Wkv4Plugin(mSeq);
-    if (plugin == nullptr)
-    {
-        log(Severity::kERROR, "%s: out of host memory in createPlugin()", opName(mSeq));
-    }
-    return plugin;
+    return new (std::nothrow) Wkv4Plugin(mSeq);
 }
 
 } // namespace trt

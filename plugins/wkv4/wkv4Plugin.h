@@ -7,7 +7,7 @@
 #ifndef RWKV_WKV4_PLUGIN_H
 #define RWKV_WKV4_PLUGIN_H
 
-#include "NvInferRuntime.h"
+#include "common/rwkvPluginBase.h"
 
 #include <cstdint>
 
@@ -24,25 +24,14 @@ constexpr char const* kWKV4_VERSION{"1"};
 constexpr int32_t kWKV4_NB_INPUTS{7};
 constexpr int32_t kWKV4_NB_OUTPUTS{4};
 
-class Wkv4Plugin final : public nvinfer1::IPluginV3,
-                         public nvinfer1::IPluginV3OneCore,
-                         public nvinfer1::IPluginV3OneBuild,
-                         public nvinfer1::IPluginV3OneRuntime
+class Wkv4Plugin final : public PluginV3Base<Wkv4Plugin>
 {
 public:
     explicit Wkv4Plugin(bool seq) noexcept;
-    Wkv4Plugin(Wkv4Plugin const& other) noexcept;
-    Wkv4Plugin& operator=(Wkv4Plugin const&) = delete;
-    ~Wkv4Plugin() override = default;
-
-    // IPluginV3
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-    nvinfer1::IPluginV3* clone() noexcept override;
 
     // IPluginV3OneCore
     char const* getPluginName() const noexcept override;
     char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
 
     // IPluginV3OneBuild
     int32_t getNbOutputs() const noexcept override;
@@ -61,37 +50,19 @@ public:
         int32_t nbOutputs) noexcept override;
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
-    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
-
-    //! Version of what getFieldsToSerialize writes; createPlugin(kRUNTIME) rejects engines with another.
-    static constexpr int32_t kFORMAT_VERSION{1};
 
 private:
-    char const* name() const noexcept;
-
     bool mSeq;
-    int32_t mFormatVersion{kFORMAT_VERSION};
-    nvinfer1::PluginField mSerialField;
-    nvinfer1::PluginFieldCollection mSerialFields{};
 };
 
-class Wkv4PluginCreator final : public nvinfer1::IPluginCreatorV3One
+class Wkv4PluginCreator final : public PluginCreatorBase
 {
 public:
     explicit Wkv4PluginCreator(bool seq) noexcept;
-    ~Wkv4PluginCreator() override = default;
-
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
-    nvinfer1::IPluginV3* createPlugin(
-        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
 
 private:
+    nvinfer1::IPluginV3* make() noexcept override;
     bool mSeq;
-    nvinfer1::PluginFieldCollection mFieldNames{}; // none: plugin_version/plugin_namespace are the parser's
 };
 
 } // namespace trt

@@ -78,10 +78,6 @@ int32_t actRank(bool seq) noexcept
     return seq ? 4 : 3;
 }
 
-bool isActType(DataType t) noexcept
-{
-    return t == DataType::kFLOAT || t == DataType::kHALF;
-}
 
 //! Whether an input of `role` may have type `t` when r has type `act`.
 bool typeAllowed(Role role, DataType t, DataType act) noexcept
@@ -108,25 +104,6 @@ char const* roleTypeText(Role role) noexcept
     return "float32";
 }
 
-void formatDims(Dims const& d, char* buf, size_t size) noexcept
-{
-    size_t used = static_cast<size_t>(std::snprintf(buf, size, "["));
-    for (int32_t i = 0; i < d.nbDims && used < size; ++i)
-    {
-        used += static_cast<size_t>(std::snprintf(
-            buf + used, size - used, i ? ", %lld" : "%lld", static_cast<long long>(d.d[i])));
-    }
-    if (used < size)
-    {
-        std::snprintf(buf + used, size - used, "]");
-    }
-}
-
-// -1 is a dimension unknown at build time; it agrees with anything.
-bool agree(int64_t a, int64_t b) noexcept
-{
-    return a < 0 || b < 0 || a == b;
-}
 
 //! Checks the input shapes against the op contract; logs the first problem. With concrete=true
 //! (runtime) also requires known sizes that fit the launchers' int32 arguments.
@@ -223,7 +200,7 @@ bool checkInputTypes(WkvFamily family, bool seq, DataType const* types) noexcept
 {
     OpTable const& op = table(family);
     DataType const act = types[0];
-    if (!isActType(act))
+    if (!isFloatOrHalf(act))
     {
         log(Severity::kERROR, "%s: input 'r' must be float32 or float16 (got type %d); cast it in the ONNX model",
             opName(family, seq), static_cast<int32_t>(act));
@@ -257,35 +234,6 @@ WkvHeadPlugin::WkvHeadPlugin(WkvFamily family, bool seq) noexcept
 {
 }
 
-// The serialization fields point into the object itself, so they are rebuilt, never copied.
-WkvHeadPlugin::WkvHeadPlugin(WkvHeadPlugin const& other) noexcept
-    : mFamily(other.mFamily)
-    , mSeq(other.mSeq)
-    , mFormatVersion(other.mFormatVersion)
-{
-}
-
-IPluginCapability* WkvHeadPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept
-{
-    switch (type)
-    {
-    case PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
-    case PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
-    case PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
-    }
-    return nullptr;
-}
-
-IPluginV3* WkvHeadPlugin::clone() noexcept
-{
-    auto* copy = new (std::nothrow) WkvHeadPlugin(*this);
-    if (copy == nullptr)
-    {
-        log(Severity::kERROR, "%s: out of host memory in clone()", getPluginName());
-    }
-    return copy;
-}
-
 char const* WkvHeadPlugin::getPluginName() const noexcept
 {
     return opName(mFamily, mSeq);
@@ -294,11 +242,6 @@ char const* WkvHeadPlugin::getPluginName() const noexcept
 char const* WkvHeadPlugin::getPluginVersion() const noexcept
 {
     return kWKVHEAD_VERSION;
-}
-
-char const* WkvHeadPlugin::getPluginNamespace() const noexcept
-{
-    return kPLUGIN_NAMESPACE;
 }
 
 int32_t WkvHeadPlugin::getNbOutputs() const noexcept
@@ -362,7 +305,7 @@ bool WkvHeadPlugin::supportsFormatCombination(
     }
     if (pos == 0)
     {
-        return isActType(desc.type);
+        return isFloatOrHalf(desc.type);
     }
     DataType const act = inOut[0].desc.type;
     if (pos < nbInputs)
@@ -392,14 +335,14 @@ int32_t WkvHeadPlugin::onShapeChange(
 {
     if (!checkCounts(mFamily, mSeq, nbInputs, nbOutputs, "onShapeChange") || in == nullptr || out == nullptr)
     {
-        return -1;
+        return fail();
     }
     Dims const* dims[kWKVHEAD_MAX_INPUTS];
     for (int32_t i = 0; i < nbInputs; ++i)
     {
         dims[i] = &in[i].dims;
     }
-    return checkInputShapes(mFamily, mSeq, dims, /*concrete=*/true) ? 0 : -1;
+    return checkInputShapes(mFamily, mSeq, dims, /*concrete=*/true) ? 0 : fail(nvinfer1::ErrorCode::kINVALID_ARGUMENT);
 }
 
 int32_t WkvHeadPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
@@ -409,7 +352,7 @@ int32_t WkvHeadPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDe
     if (inputDesc == nullptr || outputDesc == nullptr || inputs == nullptr || outputs == nullptr)
     {
         log(Severity::kERROR, "%s::enqueue: null descriptor or buffer array", name);
-        return -1;
+        return fail();
     }
     // Re-checked here (a few comparisons) because a wrong size or type would mean out-of-bounds accesses.
     OpTable const& op = table(mFamily);
@@ -422,12 +365,12 @@ int32_t WkvHeadPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDe
     }
     if (!checkInputShapes(mFamily, mSeq, dims, /*concrete=*/true) || !checkInputTypes(mFamily, mSeq, types))
     {
-        return -1;
+        return fail();
     }
     if (outputDesc[0].type != types[0] || outputDesc[1].type != DataType::kFLOAT)
     {
         log(Severity::kERROR, "%s::enqueue: y must have the type of r, and state_out must be float32", name);
-        return -1;
+        return fail();
     }
     Dims const& r = inputDesc[0].dims;
     int32_t const rank = actRank(mSeq);
@@ -459,66 +402,24 @@ int32_t WkvHeadPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDe
     {
         log(Severity::kERROR, "%s::enqueue: kernel launch failed (B=%d, T=%d, H=%d, N=%d): %s", name, B, T, H, N,
             cudaGetErrorString(status));
+        fail();
         return static_cast<int32_t>(status);
     }
     return 0;
 }
 
-IPluginV3* WkvHeadPlugin::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept
-{
-    return clone(); // no per-context resources
-}
-
-PluginFieldCollection const* WkvHeadPlugin::getFieldsToSerialize() noexcept
-{
-    mSerialField = PluginField(kFORMAT_VERSION_FIELD, &mFormatVersion, PluginFieldType::kINT32, 1);
-    mSerialFields.nbFields = 1;
-    mSerialFields.fields = &mSerialField;
-    return &mSerialFields;
-}
-
 // ---- WkvHeadPluginCreator -----------------------------------------------------------------------
 
 WkvHeadPluginCreator::WkvHeadPluginCreator(WkvFamily family, bool seq) noexcept
-    : mFamily(family)
+    : PluginCreatorBase(opName(family, seq), kWKVHEAD_VERSION)
+    , mFamily(family)
     , mSeq(seq)
 {
 }
 
-char const* WkvHeadPluginCreator::getPluginName() const noexcept
+IPluginV3* WkvHeadPluginCreator::make() noexcept
 {
-    return opName(mFamily, mSeq);
-}
-
-char const* WkvHeadPluginCreator::getPluginVersion() const noexcept
-{
-    return kWKVHEAD_VERSION;
-}
-
-char const* WkvHeadPluginCreator::getPluginNamespace() const noexcept
-{
-    return kPLUGIN_NAMESPACE;
-}
-
-PluginFieldCollection const* WkvHeadPluginCreator::getFieldNames() noexcept
-{
-    return &mFieldNames;
-}
-
-IPluginV3* WkvHeadPluginCreator::createPlugin(
-    char const* /*name*/, PluginFieldCollection const* fc, TensorRTPhase phase) noexcept
-{
-    // Runtime phase: fc is what getFieldsToSerialize() wrote into the engine.
-    if (!engineFormatMatches(fc, phase, WkvHeadPlugin::kFORMAT_VERSION, opName(mFamily, mSeq)))
-    {
-        return nullptr;
-    }
-    auto* plugin = new (std::nothrow) WkvHeadPlugin(mFamily, mSeq);
-    if (plugin == nullptr)
-    {
-        log(Severity::kERROR, "%s: out of host memory in createPlugin()", opName(mFamily, mSeq));
-    }
-    return plugin;
+    return new (std::nothrow) WkvHeadPlugin(mFamily, mSeq);
 }
 
 } // namespace trt

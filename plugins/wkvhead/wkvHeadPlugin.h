@@ -7,7 +7,7 @@
 #ifndef RWKV_WKVHEAD_PLUGIN_H
 #define RWKV_WKVHEAD_PLUGIN_H
 
-#include "NvInferRuntime.h"
+#include "common/rwkvPluginBase.h"
 
 #include <cstdint>
 
@@ -29,25 +29,14 @@ enum class WkvFamily : int32_t
 constexpr int32_t kWKVHEAD_MAX_INPUTS{7};
 constexpr int32_t kWKVHEAD_NB_OUTPUTS{2};
 
-class WkvHeadPlugin final : public nvinfer1::IPluginV3,
-                            public nvinfer1::IPluginV3OneCore,
-                            public nvinfer1::IPluginV3OneBuild,
-                            public nvinfer1::IPluginV3OneRuntime
+class WkvHeadPlugin final : public PluginV3Base<WkvHeadPlugin>
 {
 public:
     WkvHeadPlugin(WkvFamily family, bool seq) noexcept;
-    WkvHeadPlugin(WkvHeadPlugin const& other) noexcept;
-    WkvHeadPlugin& operator=(WkvHeadPlugin const&) = delete;
-    ~WkvHeadPlugin() override = default;
-
-    // IPluginV3
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-    nvinfer1::IPluginV3* clone() noexcept override;
 
     // IPluginV3OneCore
     char const* getPluginName() const noexcept override;
     char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
 
     // IPluginV3OneBuild
     int32_t getNbOutputs() const noexcept override;
@@ -66,37 +55,21 @@ public:
         int32_t nbOutputs) noexcept override;
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
-    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
-
-    //! Version of what getFieldsToSerialize writes; createPlugin(kRUNTIME) rejects engines with another.
-    static constexpr int32_t kFORMAT_VERSION{1};
 
 private:
     WkvFamily mFamily;
     bool mSeq;
-    int32_t mFormatVersion{kFORMAT_VERSION};
-    nvinfer1::PluginField mSerialField;
-    nvinfer1::PluginFieldCollection mSerialFields{};
 };
 
-class WkvHeadPluginCreator final : public nvinfer1::IPluginCreatorV3One
+class WkvHeadPluginCreator final : public PluginCreatorBase
 {
 public:
     WkvHeadPluginCreator(WkvFamily family, bool seq) noexcept;
-    ~WkvHeadPluginCreator() override = default;
-
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
-    nvinfer1::IPluginV3* createPlugin(
-        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
 
 private:
+    nvinfer1::IPluginV3* make() noexcept override;
     WkvFamily mFamily;
     bool mSeq;
-    nvinfer1::PluginFieldCollection mFieldNames{}; // none: plugin_version/plugin_namespace are the parser's
 };
 
 } // namespace trt
