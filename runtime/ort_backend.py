@@ -47,11 +47,14 @@ def check_providers(ort, providers) -> list:
 class _BufferSet:
     """Pre-allocated outputs of one graph at one batch size, bound once to their own IOBinding."""
 
-    def __init__(self, backend: "OrtBackend", sess, batch: int, specs: list):
+    def __init__(self, backend: "OrtBackend", sess, kind: str, batch: int, specs: list):
         ort, dev = backend.ort, backend.device
         m = backend.manifest
-        self.tokens = ort.OrtValue.ortvalue_from_shape_and_type((batch,), np.int64, "cpu", 0)
-        self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, m.vocab_size), np.float32, "cpu", 0)
+        seq = kind == "sequence"  # a decode step through the sequence graph: T = 1
+        rank = next(len(o.shape) for o in sess.get_outputs() if o.name == m.logits_output)
+        self.tokens = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1) if seq else (batch,), np.int64, "cpu", 0)
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, m.vocab_size) if rank == 3 else
+                                                                (batch, m.vocab_size), np.float32, "cpu", 0)
         self.values = {s.name: ort.OrtValue.ortvalue_from_shape_and_type(s.concrete_shape(batch), np.dtype(s.dtype), dev, 0)
                        for s in specs}
         self._probe = next(iter(self.values.values()))
@@ -72,7 +75,7 @@ class OrtBackend:
     """onnxruntime + IOBinding; see the module docstring. Implements ``backend.Backend``."""
 
     def __init__(self, artifact: Artifact, providers=None, threads: int | None = None, session_options=None,
-                 low_memory: bool = False):
+                 low_memory: bool = False, decode_graph: str = "auto"):
         import onnxruntime as ort
 
         self.ort = ort
@@ -82,9 +85,23 @@ class OrtBackend:
         self.providers = check_providers(ort, providers)
         self.threads = threads
         self._user_options = session_options
-        # low_memory: one session (the sequence graph, also used for single steps with T=1) and no
-        # weight prepacking for float graphs
+        # low_memory: also no weight prepacking for float graphs (smaller, slower)
         self.low_memory = bool(low_memory)
+        if decode_graph not in ("auto", "step", "sequence"):
+            raise RuntimeUserError(f"decode_graph must be 'auto', 'step' or 'sequence', not {decode_graph!r}")
+        # Which graph decodes. "auto": the sequence graph (T = 1) when the export has one, so that one
+        # onnxruntime session -- one copy of the (prepacked) weights -- serves decode and prefill
+        # (onnxruntime's Python API cannot share prepacked weights between two sessions). Measured no
+        # slower than the step graph on CPU (scripts/bench_memory.py); "step" keeps a second session.
+        has_seq = artifact.companion_path("sequence") is not None
+        has_step = artifact.companion_path("step") is not None
+        if decode_graph == "sequence" and not has_seq:
+            raise RuntimeUserError(f"{self.path.name}: decode_graph='sequence' but the export has no sequence graph")
+        if decode_graph == "step" and not has_step:
+            raise RuntimeUserError(f"{self.path.name}: decode_graph='step' but the export has no step graph")
+        self.decode_kind = "step" if (decode_graph == "step" or not has_seq) else "sequence"
+        if low_memory and has_seq:
+            self.decode_kind = "sequence"
         self.device = "cuda" if any("CUDA" in (p if isinstance(p, str) else p[0]) for p in self.providers) else "cpu"
         self._sessions: dict = {}
         self._has: dict = {}
@@ -149,17 +166,21 @@ class OrtBackend:
 
     # -- running ----------------------------------------------------------------------------------
     def run(self, kind: str, tokens: np.ndarray, values: dict, specs: list):
-        if kind == "step" and (self.low_memory or not self.has("step")) and self.has("sequence"):
-            logits, new = self.run("sequence", tokens[:, None], values, specs)
-            return (logits[:, -1] if logits.ndim == 3 else logits), new
-        sess = self.session(kind)
-        if kind == "step":
-            bs = self._take_set(sess, tokens.shape[0], specs)
+        if kind == "step":  # one token per row: through the pre-bound buffer sets
+            kind = self.decode_kind
+            sess = self.session(kind)
+            bs = self._take_set(sess, kind, tokens.shape[0], specs)
             if bs is not None:
                 try:
-                    return self._run_set(sess, bs, tokens, values, specs)
+                    logits, new = self._run_set(sess, bs, tokens, values, specs)
                 finally:
                     bs.busy = False
+            else:
+                logits, new = self._run_fresh(sess, tokens[:, None] if kind == "sequence" else tokens, values, specs)
+            return (logits[:, -1] if logits.ndim == 3 else logits), new
+        return self._run_fresh(self.session(kind), tokens, values, specs)
+
+    def _run_fresh(self, sess, tokens, values, specs):
         io = sess.io_binding()
         io.bind_cpu_input(self.manifest.tokens_input, tokens)
         for s in specs:
@@ -171,7 +192,7 @@ class OrtBackend:
         outs = io.get_outputs()
         return np.array(outs[0].numpy(), copy=True), {s.name: o for s, o in zip(specs, outs[1:])}
 
-    def _take_set(self, sess, batch: int, specs: list):
+    def _take_set(self, sess, kind: str, batch: int, specs: list):
         with self._lock:
             pool = self._sets.setdefault(batch, [])
             for bs in pool:
@@ -179,7 +200,7 @@ class OrtBackend:
                     bs.busy = True
                     return bs
             if len(pool) < _SETS_PER_SHAPE:
-                bs = _BufferSet(self, sess, batch, specs)
+                bs = _BufferSet(self, sess, kind, batch, specs)
                 bs.busy = True
                 pool.append(bs)
                 return bs
@@ -191,7 +212,7 @@ class OrtBackend:
             for s in specs:
                 bs.io.bind_ortvalue_input(s.name, values[s.name])
             bs.bound_from = src  # a set, never its values: holding those would keep the set "in use"
-        bs.tokens.update_inplace(tokens)
+        bs.tokens.update_inplace(tokens.reshape(bs.tokens.shape()))
         self._execute(sess, bs.io)
         return np.array(bs.logits.numpy(), copy=True), dict(bs.values)
 

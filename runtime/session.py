@@ -30,12 +30,17 @@ class Session:
     >>> state = s.new_state(batch_size=1)
     >>> logits, state = s.step(np.array([tok]), state)
 
+    Memory: by default one onnxruntime session, the export's sequence graph, serves both decode (T = 1)
+    and prefill, so the weights are held once; ``decode_graph="step"`` decodes with the step graph in a
+    second session (a second copy of the weights). ``low_memory=True`` also turns off weight prepacking.
+
     Inputs are checked here (tokens, states, sizes); the backend (``backend.Backend``) only runs graphs.
     No call writes into a state the caller holds: every call returns a new ``State``.
     """
 
     def __init__(self, path, providers=None, threads: int | None = None, session_options=None,
-                 prefill_chunk: int = 256, low_memory: bool = False, initial_state=None, cuda_graphs=None):
+                 prefill_chunk: int = 256, low_memory: bool = False, initial_state=None, cuda_graphs=None,
+                 decode_graph: str = "auto"):
         self.artifact = open_artifact(path)  # the manifest validated; no weights read yet
         self.path = path = self.artifact.path
         self.manifest = self.artifact.manifest
@@ -49,9 +54,8 @@ class Session:
         else:
             from .ort_backend import OrtBackend
 
-            self.backend = OrtBackend(self.artifact, providers, threads, session_options, low_memory)
-            first = "sequence" if (low_memory or not self.backend.has("step")) else "step"
-            self.backend.session(first)  # fail early on bad files (and check the graph against the manifest)
+            self.backend = OrtBackend(self.artifact, providers, threads, session_options, low_memory, decode_graph)
+            self.backend.session(self.backend.decode_kind)  # fail early on bad files; graph checked against manifest
         self.prefill_chunk = int(prefill_chunk)
         self._tokenizer = None
         self._specs: list[StateSpec] = self.manifest.state

@@ -1,0 +1,101 @@
+"""Peak memory and speed of a Session, one fresh process per measurement (issue 11 item 9).
+
+For each model and session mode, a child process: imports the runtime (baseline RSS), opens a Session,
+decodes (peak RSS after decode), prefills (peak RSS after prefill too), and times both. Weights = the
+bytes of the step graph's file plus its external data. Prints a table; --json writes the rows.
+
+    python scripts/bench_memory.py build/r169-f32.onnx build/r169-int8.onnx --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+import rwkv_runtime
+from rwkv_runtime.bench import peak_rss_mb
+
+def rss_now():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+path, mode, threads, steps, plen = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+base = rss_now()
+kw = {"threads": threads}
+if mode == "low_memory":
+    kw["low_memory"] = True
+elif mode != "default":
+    kw["memory"] = mode
+t0 = time.perf_counter()
+s = rwkv_runtime.Session(path, **kw)
+load_s = time.perf_counter() - t0
+rng = np.random.default_rng(0)
+ids = rng.integers(0, s.vocab_size, size=steps + 4)
+st = s.new_state(1)
+for t in ids[:4]:
+    _, st = s.step(np.array([t]), st)
+t0 = time.perf_counter()
+for t in ids[4:]:
+    _, st = s.step(np.array([t]), st)
+dec = steps / (time.perf_counter() - t0)
+peak_dec = peak_rss_mb()
+p = rng.integers(0, s.vocab_size, size=(1, plen))
+s.prefill(p[:, :8])
+t0 = time.perf_counter()
+s.prefill(p)
+pre = plen / (time.perf_counter() - t0)
+print(json.dumps({"base_mb": base, "load_s": load_s, "decode_tps": dec, "peak_decode_mb": peak_dec,
+                  "prefill_tps": pre, "peak_prefill_mb": peak_rss_mb()}))
+"""
+
+
+def weights_mb(path: Path) -> float:
+    data = [p for p in path.parent.glob(path.name + "*.data")] or [p for p in path.parent.glob("*.data")
+                                                                   if p.name.startswith(path.stem)]
+    return (path.stat().st_size + sum(p.stat().st_size for p in data[:1])) / 2**20
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", type=Path)
+    ap.add_argument("--modes", default="default", help="comma-separated: default, low_memory, or a Session "
+                    "memory= value")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prefill", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (medians are reported)")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads; python {platform.python_version()}")
+    rows = []
+    for r in range(a.rounds):
+        for m in a.models:
+            for mode in a.modes.split(","):
+                out = subprocess.run([sys.executable, "-c", CHILD, str(m), mode, str(a.threads), str(a.steps),
+                                      str(a.prefill)], capture_output=True, text=True, timeout=900)
+                if out.returncode:
+                    print(f"{m.name} {mode}: failed: {out.stderr.strip().splitlines()[-1:]}")
+                    continue
+                d = json.loads(out.stdout.strip().splitlines()[-1])
+                d.update(model=m.name, mode=mode, round=r, weights_mb=weights_mb(m))
+                rows.append(d)
+    print(f"{'model':<16}{'mode':<14}{'weights MB':>11}{'base MB':>9}{'peak dec MB':>12}{'x w':>6}"
+          f"{'peak pre MB':>12}{'x w':>6}{'dec tok/s':>10}{'pre tok/s':>10}")
+    for d in rows:
+        w = d["weights_mb"]
+        print(f"{d['model']:<16}{d['mode']:<14}{w:>11.0f}{d['base_mb']:>9.0f}{d['peak_decode_mb']:>12.0f}"
+              f"{(d['peak_decode_mb'] - d['base_mb']) / w:>6.2f}{d['peak_prefill_mb']:>12.0f}"
+              f"{(d['peak_prefill_mb'] - d['base_mb']) / w:>6.2f}{d['decode_tps']:>10.1f}{d['prefill_tps']:>10.1f}")
+    print("x w = (peak RSS - RSS after importing the runtime) / weights")
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
