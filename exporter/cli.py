@@ -187,6 +187,7 @@ def _register_optional_commands():
 
     main.add_command(validate_command)
     main.add_command(build_engine_command)
+    main.add_command(__import__("rwkv_export.triton_cli", fromlist=["x"]).triton_command)
 
 
 _register_optional_commands()

@@ -5,12 +5,16 @@ Python backend, with one backend stub per Python version. What this launcher set
 
 - a backend folder with ``libtriton_python.so`` and the stub built for *this* interpreter's version;
 - ``LD_LIBRARY_PATH`` += the wheel's libraries (the server links against them);
-- ``PATH`` starting with this interpreter's ``bin/``: the stub embeds libpython and finds its ``python3``
-  on PATH, so a virtualenv's ``pyvenv.cfg`` applies and the environment's site-packages (numpy,
-  rwkv_runtime) are importable inside ``model.py`` (pytriton's own launcher does the same);
+- ``PATH`` starting with the model environment's ``bin/``: the stub embeds libpython and finds its
+  ``python3`` on PATH, so that virtualenv's ``pyvenv.cfg`` applies and its site-packages (numpy,
+  rwkv_runtime) are importable inside ``model.py`` (pytriton's own launcher does the same). That env needs
+  numpy<2 (this stub returns empty outputs with numpy 2) and the Python minor version of a bundled stub:
+  ``make_stub_env.sh`` builds one (default ``build/triton-env``; ``RWKV_TRITON_PYTHON_ENV`` or
+  ``python_env=`` choose another);
 - HTTP and gRPC on 127.0.0.1 only, on free ports; metrics off; a lifetime bound after which it is killed.
 
-    python deploy_examples/triton/local_server.py REPO          # serve until Ctrl-C (prints the ports)
+    deploy_examples/triton/make_stub_env.sh                       # once: build/triton-env
+    python deploy_examples/triton/local_server.py REPO            # serve until Ctrl-C (prints the ports)
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+
+DEFAULT_ENV = Path(__file__).resolve().parents[2] / "build" / "triton-env"
 
 
 def _pytriton_dist() -> tuple[Path, Path]:
@@ -49,14 +56,30 @@ class LocalTriton:
                  python_env=None):
         self.repo = Path(repo).resolve()
         # the environment model.py runs in (its bin/ goes first on PATH); default: this interpreter's
-        self.python_env = Path(python_env or os.environ.get("RWKV_TRITON_PYTHON_ENV") or sys.prefix)
+        self.python_env = Path(python_env or os.environ.get("RWKV_TRITON_PYTHON_ENV") or DEFAULT_ENV)
         self.start_timeout, self.max_lifetime = start_timeout, max_lifetime
         self.extra_args = list(extra_args)
         self.proc = None
         self._work = None
 
+    def _probe_env(self) -> str:
+        """The env's Python version (it picks the stub); refuses numpy 2, which this stub cannot read."""
+        py = self.python_env / "bin" / "python3"
+        if not py.exists():
+            raise RuntimeError(f"{self.python_env}: no bin/python3 (not a Python environment)")
+        code = "import sys, numpy; print('%d.%d' % sys.version_info[:2], numpy.__version__)"
+        r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"{py}: cannot import numpy ({r.stderr.strip().splitlines()[-1:]})")
+        ver, np_ver = r.stdout.split()
+        if int(np_ver.split(".")[0]) >= 2:
+            # the stub in nvidia-pytriton 0.7 (Triton 2.51) returns EMPTY output tensors with numpy 2
+            raise RuntimeError(f"{self.python_env} has numpy {np_ver}: Triton 2.51's Python backend stub needs "
+                               "numpy<2 (run deploy_examples/triton/make_stub_env.sh)")
+        return ver
+
     def _backends(self, dist: Path) -> Path:
-        ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+        ver = self._probe_env()
         stub = dist / "python_backend_stubs" / ver / "triton_python_backend_stub"
         if not stub.is_file():
             raise RuntimeError(f"the pytriton wheel has no Python backend stub for Python {ver}")
@@ -71,12 +94,17 @@ class LocalTriton:
     def __enter__(self) -> "LocalTriton":
         dist, libs = _pytriton_dist()
         self._work = tempfile.mkdtemp(prefix="rwkv-triton-")
+        try:
+            backends = self._backends(dist)
+        except BaseException:
+            shutil.rmtree(self._work, ignore_errors=True)
+            raise
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = ":".join(p for p in (env.get("LD_LIBRARY_PATH"), str(libs)) if p)
         env["PATH"] = f"{self.python_env / 'bin'}:{env.get('PATH', '')}"
         self.http_port, self.grpc_port = _free_port(), _free_port()
         cmd = [str(dist / "bin" / "tritonserver"), f"--model-repository={self.repo}",
-               f"--backend-directory={self._backends(dist)}", "--http-address=127.0.0.1",
+               f"--backend-directory={backends}", "--http-address=127.0.0.1",
                f"--http-port={self.http_port}", "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
                "--allow-metrics=false", "--exit-timeout-secs=5", "--strict-readiness=true", *self.extra_args]
         self.log_path = Path(self._work) / "tritonserver.log"
@@ -141,13 +169,14 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("repo", type=Path)
+    ap.add_argument("--python-env", type=Path, default=None, help="env model.py runs in (numpy<2, rwkv_runtime)")
     ap.add_argument("--lifetime", type=float, default=3600.0, help="seconds before the server is stopped")
     a = ap.parse_args(argv)
     if not a.repo.is_dir():
         print(f"Error: {a.repo}: no such model repository", file=sys.stderr)
         return 1
     try:
-        with LocalTriton(a.repo, max_lifetime=a.lifetime) as t:
+        with LocalTriton(a.repo, max_lifetime=a.lifetime, python_env=a.python_env) as t:
             print(f"tritonserver ready: HTTP {t.http_url}  gRPC {t.grpc_url}  (Ctrl-C stops it)", flush=True)
             while t.proc.poll() is None:
                 time.sleep(1)
