@@ -36,30 +36,23 @@ class Checkpoint:
     format: str  # "blinkdl-pth" | "safetensors" | "huggingface"
     hf_config: dict = field(default_factory=dict)
     tokenizer_file: Path | None = None  # a tokenizer.json found beside an HF checkpoint
+    input_files: list = field(default_factory=list)  # every file read: an export must never replace one
 
 
-def detect_version(keys) -> str:
-    """Recognise the architecture from BlinkDL key names (see docs/architecture.md)."""
-    keys = set(keys)
-    if any(k.endswith("att.k_k") or k.endswith("att.r_k") for k in keys):
-        return "rwkv7"
-    if any(k.endswith("att.time_maa_x") for k in keys):
-        return "rwkv6"
-    if any(k.endswith("att.ln_x.weight") for k in keys):
-        return "rwkv5"  # refined to "rwkv5.2" by the shape of time_decay, below
-    if "emb.weight" in keys and any(k.endswith("att.time_first") for k in keys):
-        return "rwkv4"
-    raise CheckpointError(
-        "not an RWKV checkpoint: no emb.weight / blocks.N.att.* keys found "
-        f"(first keys: {', '.join(sorted(keys)[:5]) or 'none'})"
-    )
+def _read_error(path: Path, e: OSError) -> CheckpointError:
+    if isinstance(e, IsADirectoryError):
+        return CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    return CheckpointError(f"{path}: cannot read ({e.strerror or type(e).__name__})")
 
 
 def _torch_load(path: Path) -> dict:
     import torch
 
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise _read_error(path, e) from None
     # zip-format checkpoints (torch >= 1.6) are memory-mapped; legacy pickle files load whole
     mmap = magic.startswith(b"PK")
     if not mmap and magic[:1] != b"\x80":
@@ -90,7 +83,12 @@ def _safetensors_load(path: Path) -> dict:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise _read_error(path, e) from None
+    try:
+        return load_file(str(path))  # memory-mapped by safetensors
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({str(e)[:160]})") from None
 
@@ -114,41 +112,89 @@ def load_checkpoint(path) -> Checkpoint:
         cfg = path / "config.json"
         if not cfg.is_file():
             raise CheckpointError(f"{path}: a directory without config.json is not a Hugging Face checkpoint")
-        try:
-            hf_config = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg}: invalid JSON ({e})") from None
+        hf_config = _read_hf_config(cfg)
         if hf_config.get("model_type") not in (None, "rwkv"):
             raise CheckpointError(
                 f"{path}: Hugging Face model_type {hf_config.get('model_type')!r} is not RWKV-4 ('rwkv')"
             )
+        inputs = [cfg]
         if (path / "model.safetensors").is_file():
             raw = _safetensors_load(path / "model.safetensors")
+            inputs.append(path / "model.safetensors")
         elif (path / "pytorch_model.bin").is_file():
             raw = _torch_load(path / "pytorch_model.bin")
+            inputs.append(path / "pytorch_model.bin")
         else:
             raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin (sharded checkpoints: merge first)")
         raw = _from_hf(raw)
         fmt = "huggingface"
         if (path / "tokenizer.json").is_file():
             tokenizer_file = path / "tokenizer.json"
+            inputs.append(tokenizer_file)
     elif path.suffix == ".safetensors":
         raw, fmt = _safetensors_load(path), "safetensors"
+        inputs = [path]
     else:
         if path.stat().st_size == 0:
             raise CheckpointError(f"{path}: empty file")
         raw, fmt = _torch_load(path), "blinkdl-pth"
+        inputs = [path]
 
     import torch
 
     weights = {}
     for k, v in raw.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{path}: a key that is not a string ({type(k).__name__} {str(k)[:40]!r})")
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{path}: entry {k!r} is not a tensor")
-        weights[k] = v.float() if v.is_floating_point() else v
-    version = detect_version(weights)
-    if version == "rwkv5":
-        td = [v for k, v in weights.items() if k.endswith("att.time_decay")]
-        if td and td[0].dim() == 2 and td[0].shape[-1] > 1:
-            version = "rwkv5.2"
-    return Checkpoint(weights, version, path, fmt, hf_config, tokenizer_file)
+        if k.startswith("blocks.") and not _BLOCK_KEY.match(k):
+            raise CheckpointError(f"{path}: key {k[:80]!r} does not name a layer (expected blocks.<N>.<name>)")
+        if not v.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {k!r} is {str(v.dtype).replace('torch.', '')}; "
+                                  "RWKV weights are floating point")
+        # float32 tensors stay views into the memory-mapped file; others are converted here
+        weights[k] = v.float()
+    from . import arch  # each version's ArchSpec recognises its own keys
+
+    return Checkpoint(weights, arch.detect(weights), path, fmt, hf_config, tokenizer_file, inputs)
+
+
+_BLOCK_KEY = re.compile(r"^blocks\.(0|[1-9][0-9]{0,5})\.[A-Za-z_]")
+# config.json fields that must be numbers when present (transformers' RwkvConfig)
+_HF_NUMERIC = ("vocab_size", "context_length", "hidden_size", "num_hidden_layers", "attention_hidden_size",
+               "intermediate_size", "layer_norm_epsilon", "rescale_every", "head_size", "bos_token_id",
+               "eos_token_id")
+
+
+def _read_hf_config(cfg: Path) -> dict:
+    try:
+        text = cfg.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{cfg}: not UTF-8 text") from None
+    except OSError as e:
+        raise _read_error(cfg, e) from None
+    try:
+        d = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{cfg}: invalid JSON ({str(e)[:100]})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{cfg}: expected a JSON object, found {type(d).__name__ if d is not None else 'null'}")
+    for k in _HF_NUMERIC:
+        v = d.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf")):
+            raise CheckpointError(f"{cfg}: {k} must be a number, not {json.dumps(v)[:40]}")
+    mt = d.get("model_type")
+    if mt is not None and not isinstance(mt, str):
+        raise CheckpointError(f"{cfg}: model_type must be a string")
+    return d
+
+
+def check_finite(ck: Checkpoint) -> None:
+    """Refuse NaN/inf weights, naming the first tensor holding one (one pass over the mapped file)."""
+    import torch
+
+    for k, v in ck.weights.items():
+        if not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{ck.path}: tensor {k!r} holds NaN or infinite values "
+                                  "(pass --allow-nonfinite to export it anyway)")

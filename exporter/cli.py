@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,19 +14,36 @@ from rwkv_runtime.errors import RuntimeUserError
 from . import __version__
 
 
+class Interrupted(click.ClickException):
+    exit_code = 130  # the shell's code for SIGINT
+
+
 def user_errors(fn):
-    """Turn the project's user errors (and a few OS ones) into one clean line + exit status 1."""
+    """Turn the project's user errors (and OS ones) into one clean line + exit status 1.
+
+    Anything else is a bug: still one line (no traceback; RWKV_EXPORT_DEBUG=1 shows it), exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
         except RuntimeUserError as e:
             raise click.ClickException(str(e)) from None
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-            raise click.ClickException(f"{e.filename}: {e.strerror}") from None
+        except OSError as e:
+            where = e.filename if e.filename is not None else "I/O"
+            raise click.ClickException(f"{where}: {e.strerror or type(e).__name__}") from None
         except KeyboardInterrupt:
-            raise click.Abort() from None
+            raise Interrupted("interrupted") from None
+        except (MemoryError, RecursionError) as e:
+            raise click.ClickException(f"out of memory or nesting too deep ({type(e).__name__})") from None
+        except Exception as e:  # EOFError included: click would print a bare "Aborted!" for it
+            if os.environ.get("RWKV_EXPORT_DEBUG"):
+                raise
+            msg = str(e).splitlines()[0][:200] if str(e) else ""
+            raise click.ClickException(f"internal error ({type(e).__name__}: {msg}); "
+                                       "please report it (RWKV_EXPORT_DEBUG=1 shows the traceback)") from None
 
     return wrapper
 
@@ -80,16 +98,18 @@ def main():
 @click.option("--tokenizer", default=None, help="bytes | world | none | path/to/tokenizer.json (default: from the model).")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights in a .data file beside the model (default: only above 2 GB).")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Export weights that hold NaN or inf (refused by default, naming the tensor).")
 @click.option("-q", "--quiet", is_flag=True)
 @user_errors
 def export_cmd(checkpoint, out, graphs, wkv, precision, quantize, rescale_every, all_logits, state_tuning, tokenizer,
-               external_data, quiet):
+               external_data, allow_nonfinite, quiet):
     """Export CHECKPOINT (BlinkDL .pth, .safetensors, or a Hugging Face RWKV directory) to ONNX."""
     from .export import ExportOptions, export
 
     opts = ExportOptions(graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()), wkv=wkv,
                          precision=precision, quantize=quantize, rescale_every=rescale_every, all_logits=all_logits,
-                         tokenizer=tokenizer, external_data=external_data,
+                         tokenizer=tokenizer, external_data=external_data, allow_nonfinite=allow_nonfinite,
                          state_tuning=str(state_tuning) if state_tuning else None)
     bar = _Bar(2 + 2 * len(opts.graphs), "export", quiet)
     try:
@@ -98,6 +118,9 @@ def export_cmd(checkpoint, out, graphs, wkv, precision, quantize, rescale_every,
         bar.close()
     for p in paths:
         click.echo(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
+    data = paths[0].with_name(paths[0].name + ".data")
+    if data.is_file():
+        click.echo(f"wrote {data} ({data.stat().st_size / 1e6:.1f} MB, the weights of every graph above)")
     if (quantize or precision == "fp16") and "step" in opts.graphs:
         from .quality import compare_to_reference
 
@@ -187,6 +210,7 @@ def _register_optional_commands():
 
     main.add_command(validate_command)
     main.add_command(build_engine_command)
+    main.add_command(__import__("rwkv_export.serve_cli", fromlist=["x"]).serve_command)
     main.add_command(__import__("rwkv_export.triton_cli", fromlist=["x"]).triton_command)
 
 

@@ -1,10 +1,17 @@
 """Checkpoint -> ONNX: the step graph (one token) and the sequence graph (a prompt), each carrying
-the manifest in its metadata. Files are written atomically: a failed export leaves nothing behind."""
+the manifest in its metadata.
+
+Streaming: the checkpoint is memory-mapped, each weight is converted and written to the export's one
+weights file (``onnx_graph.WeightStore``) as the graph builder asks for it, and both graphs point into
+that file, so the weights are neither held in memory nor stored twice. The set of files is replaced
+all-or-nothing (``staging``)."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-import tempfile
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import ml_dtypes
@@ -14,9 +21,11 @@ import onnx
 from rwkv_runtime.manifest import INITIAL_STATE_KEY, MANIFEST_KEY, TOKENIZER_KEY, Manifest, encode_state
 
 from . import __version__, arch
-from .checkpoint import Checkpoint, load_checkpoint
-from .errors import ExportError
-from .onnx_graph import OPSET, GraphBuilder
+from .arch.graph import GraphOptions
+from .checkpoint import Checkpoint, check_finite, load_checkpoint
+from .errors import CheckpointError, ExportError
+from .onnx_graph import OPSET, GraphBuilder, WeightStore
+from .staging import Staging, Terminated
 
 TWO_GB = 2**31 - 1
 GRAPHS = ("step", "sequence")
@@ -35,7 +44,7 @@ class ExportOptions:
     all_logits: bool = False  # sequence graph: logits for every position instead of the last
     tokenizer: str | None = None  # "bytes" | "world" | path to a tokenizer.json | None (= from the model)
     external_data: bool | None = None  # None: only when the model is over 2 GB
-    extra: dict = field(default_factory=dict)
+    allow_nonfinite: bool = False  # export weights holding NaN/inf instead of refusing the checkpoint
 
 
 def sequence_path(step_path: Path) -> Path:
@@ -64,7 +73,10 @@ def _tokenizer(opt: ExportOptions, ck: Checkpoint, default: dict) -> tuple[dict,
 
 
 def export(checkpoint, out, options: ExportOptions | None = None, progress=None) -> list[Path]:
-    """Export ``checkpoint`` to ``out`` (step graph) and its sequence companion. Returns the paths."""
+    """Export ``checkpoint`` to ``out`` (step graph) and its sequence companion. Returns the paths.
+
+    All-or-nothing: the graphs and the shared weights file are staged beside ``out`` and moved into
+    place together (``staging.Staging``); on any failure the previous files are left as they were."""
     opt = options or ExportOptions()
     out = Path(out)
     if opt.wkv not in ("plain", "plugin"):
@@ -78,99 +90,207 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
     bad = [g for g in opt.graphs if g not in GRAPHS]
     if bad or not opt.graphs:
         raise ExportError(f"--graphs must name some of {', '.join(GRAPHS)} (got {', '.join(opt.graphs) or 'none'})")
-    if not out.parent.exists():
-        raise ExportError(f"output directory {out.parent} does not exist")
+    paths = {"step": out, "sequence": sequence_path(out) if "step" in opt.graphs else out}
+    data_path = out.with_name(out.name + ".data")  # the one weights file of the export, when external
+    # the set this export replaces: its graphs, the shared weights file, and per-graph weights files
+    # of older exports (their data would otherwise outlive the graphs naming them)
+    targets = [paths[k] for k in opt.graphs]
+    replaced = [data_path] + [p.with_name(p.name + ".data") for p in targets if p != out]
+    _check_output_paths(out, targets + replaced)
     tick = progress or (lambda msg: None)
 
     tick("loading checkpoint")
     ck = load_checkpoint(checkpoint)
-    mod = arch.get(ck.version)
-    cfg = mod.config_from_weights(ck.weights, ck.hf_config)
-    tok, tok_json = _tokenizer(opt, ck, mod.default_tokenizer(cfg))
+    _check_not_inputs(ck, opt, targets + replaced)
+    if not opt.allow_nonfinite:
+        check_finite(ck)
+    spec = arch.get(ck.version)
+    with _inconsistent(ck):
+        cfg = spec.config_from_weights(ck.weights, ck.hf_config)
+    if int(cfg.get("vocab_size", 0)) < 1:
+        raise CheckpointError(f"{ck.path}: empty vocabulary (emb.weight has no rows)")
+    tok, tok_json = _tokenizer(opt, ck, spec.default_tokenizer(cfg))
     tick("preparing weights")
-    W = mod.export_weights(ck.weights, cfg)
+    with _inconsistent(ck):
+        W = spec.export_weights(ck.weights, cfg)  # views into the memory-mapped checkpoint where possible
     rescale = opt.rescale_every
     if rescale is None:
         if ck.format == "huggingface" and "rescale_every" in cfg:
             rescale = cfg["rescale_every"]  # what transformers computes, in every precision
         else:
-            rescale = 6 if (ck.version == "rwkv4" and opt.precision != "fp32") else 0
-    graph_kwargs = {"dtype": PRECISIONS[opt.precision]}
-    if ck.version == "rwkv4":
-        graph_kwargs["step_gemm"] = not opt.quantize  # the MatMulNBits quantiser rewrites MatMul nodes
-    if rescale:
-        graph_kwargs["rescale_every"] = int(rescale)
-    initial = _initial_state(mod, ck, cfg, opt)
-    paths = {"step": out, "sequence": sequence_path(out) if "step" in opt.graphs else out}
-    written = []
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".rwkv-export-") as tmp:
-        staged = []
-        for kind in opt.graphs:
-            tick(f"building {kind} graph")
-            g = GraphBuilder(f"{ck.version}_{kind}")
-            mod.build_graph(g, W, cfg, seq=kind == "sequence", plugin=opt.wkv == "plugin",
-                            all_logits=opt.all_logits, **graph_kwargs)
-            man = Manifest(
-                architecture=ck.version, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
-                vocab_size=cfg["vocab_size"], graph=kind, precision=opt.precision, opset=OPSET, wkv=opt.wkv,
-                tokenizer=tok, state=mod.state_layout(cfg), dims={k: v for k, v in cfg.items()},
-                options={"all_logits": bool(opt.all_logits and kind == "sequence"), "rescale_every": int(rescale),
-                         "quantize": opt.quantize, **({"quant_block": opt.quant_block} if opt.quantize else {}),
-                         **opt.extra},
-                companions={k: paths[k].name for k in opt.graphs},
-                source={"checkpoint": ck.path.name, "format": ck.format}, exporter_version=__version__,
-                initial_state="embedded" if initial else "")
-            meta = {MANIFEST_KEY: man.to_json()}
-            if tok_json is not None:
-                meta[TOKENIZER_KEY] = tok_json
-            if initial:
-                meta[INITIAL_STATE_KEY] = encode_state(initial)
-            model = g.model(doc=f"RWKV {ck.version} {kind} graph exported by rwkv-export {__version__}", metadata=meta)
-            if opt.quantize:
-                tick(f"quantizing {kind} graph ({opt.quantize})")
-                model = quantize_weights(model, 8 if opt.quantize == "int8" else 4, opt.quant_block)
-            target = paths[kind]
-            tmp_path = Path(tmp) / target.name
-            tick(f"writing {target.name}")
-            _save(model, tmp_path, opt.external_data)
-            staged.append((tmp_path, target))
-        # everything built and checked: move into place (data files before the models naming them)
-        for tmp_path, target in staged:
-            data = tmp_path.with_name(tmp_path.name + ".data")
-            if data.exists():
-                os.replace(data, target.with_name(target.name + ".data"))
-            os.replace(tmp_path, target)
-            written.append(target)
-    return written
+            rescale = spec.half_rescale_every if opt.precision != "fp32" else 0
+    initial = _initial_state(spec, ck, cfg, opt)
+    external = opt.external_data
+    if external is None:
+        itemsize = np.dtype(PRECISIONS[opt.precision]).itemsize
+        external = sum(t.numel() for t in ck.weights.values()) * itemsize > TWO_GB - 64 * 2**20
+    # A random id, not a content hash: hashing would read every weight once more, and two exports of
+    # the same checkpoint with different options must not pass for companions of each other.
+    export_id = uuid.uuid4().hex
+    try:
+        with Staging(out) as st:
+            store = st.closing(WeightStore(st.path(data_path.name))) if external else None
+            for kind in opt.graphs:
+                tick(f"building {kind} graph")
+                # quantising needs the float weights in memory; they go to the store afterwards
+                g = GraphBuilder(f"{ck.version}_{kind}", store=None if opt.quantize else store)
+                with _inconsistent(ck):
+                    # no Gemm when quantising: the MatMulNBits quantiser rewrites MatMul nodes only
+                    spec.build_graph(g, W, cfg, GraphOptions(
+                        seq=kind == "sequence", plugin=opt.wkv == "plugin", all_logits=opt.all_logits,
+                        dtype=PRECISIONS[opt.precision], rescale_every=int(rescale), gemm=not opt.quantize))
+                man = Manifest(
+                    architecture=ck.version, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
+                    vocab_size=cfg["vocab_size"], graph=kind, precision=opt.precision, opset=OPSET, wkv=opt.wkv,
+                    tokenizer=tok, state=spec.state_layout(cfg), dims={k: v for k, v in cfg.items()},
+                    options={"all_logits": bool(opt.all_logits and kind == "sequence"),
+                             "rescale_every": int(rescale), "quantize": opt.quantize,
+                             **({"quant_block": opt.quant_block} if opt.quantize else {}),
+                             "weights_file": data_path.name if external else None},
+                    companions={k: paths[k].name for k in opt.graphs},
+                    source={"checkpoint": ck.path.name, "format": ck.format}, exporter_version=__version__,
+                    initial_state="embedded" if initial else "", export_id=export_id)
+                meta = {MANIFEST_KEY: man.to_json()}
+                if tok_json is not None:
+                    meta[TOKENIZER_KEY] = tok_json
+                if initial:
+                    meta[INITIAL_STATE_KEY] = encode_state(initial)
+                model = g.model(doc=f"RWKV {ck.version} {kind} graph exported by rwkv-export {__version__}",
+                                metadata=meta)
+                del g
+                if opt.quantize:
+                    tick(f"quantizing {kind} graph ({opt.quantize})")
+                    model = quantize_weights(model, 8 if opt.quantize == "int8" else 4, opt.quant_block)
+                    if store is not None:
+                        _to_store(model, store)
+                tick(f"writing {paths[kind].name}")
+                if not external:
+                    _check(model)
+                onnx.save_model(model, str(st.path(paths[kind].name)))
+                del model
+            if store is not None:
+                store.close()
+                for kind in opt.graphs:  # every graph checked (with its weights file) before any move
+                    _check(st.path(paths[kind].name))
+            # commit order: the weights first, the step graph (what users open) last
+            moves = [(data_path.name if external else None, data_path)]
+            moves += [(None, p) for p in replaced[1:]]
+            moves += [(paths[k].name, paths[k]) for k in sorted(opt.graphs, key=lambda k: k == "step")]
+            st.commit(moves)
+    except OSError as e:
+        raise ExportError(_os_message(e, out)) from None
+    except Terminated as e:
+        raise ExportError(f"interrupted (SIGTERM); {out} and its companions were "
+                          + ("already replaced" if e.committed else "left unchanged")) from None
+    return [paths[k] for k in opt.graphs]
 
 
-def _initial_state(mod, ck: Checkpoint, cfg: dict, opt: ExportOptions) -> dict:
+def _check(model_or_path):
+    try:
+        onnx.checker.check_model(model_or_path if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path),
+                                 full_check=False)
+    except onnx.checker.ValidationError as e:  # an exporter bug, but never a traceback
+        raise ExportError(f"the exported graph failed onnx's checker ({str(e).splitlines()[0][:200]})") from None
+
+
+def _to_store(model: onnx.ModelProto, store: WeightStore) -> None:
+    """Move a quantised model's large initializers into the shared weights file."""
+    inits = list(model.graph.initializer)
+    del model.graph.initializer[:]
+    for t in inits:
+        model.graph.initializer.append(store.add_proto(t))
+
+
+def _os_message(e: OSError, out: Path) -> str:
+    """One line naming the user's path (never the staging folder's)."""
+    where = out if e.errno in (errno.EISDIR, errno.ENOTDIR) else out.parent
+    if e.errno == errno.ENOSPC:
+        what = "no space left on device"
+    elif e.errno == getattr(errno, "EDQUOT", errno.ENOSPC):
+        what = "disk quota exceeded"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        what = f"cannot write here ({e.strerror or 'permission denied'})"
+    else:
+        what = e.strerror or type(e).__name__
+    return f"{where}: {what}; {out} and its companions were left unchanged"
+
+
+def _check_output_paths(out: Path, paths: list) -> None:
+    if not out.parent.exists():
+        raise ExportError(f"output directory {out.parent} does not exist")
+    if not out.parent.is_dir():
+        raise ExportError(f"{out.parent}: not a directory")
+    for p in paths:
+        if p.is_dir():
+            what = "the output" if p == out else "an output of this export"
+            raise ExportError(f"{p}: is a directory ({what}); remove it or choose another --output")
+
+
+def _check_not_inputs(ck: Checkpoint, opt: ExportOptions, outputs: list) -> None:
+    """Refuse an output path that is one of the export's inputs (it would be replaced)."""
+    inputs = list(ck.input_files)
+    for extra in (opt.state_tuning, opt.tokenizer):
+        if extra and extra not in ("bytes", "world", "none") and Path(extra).is_file():
+            inputs.append(Path(extra))
+    for o in outputs:
+        for i in inputs:
+            try:
+                same = o.exists() and os.path.samefile(o, i)
+            except OSError:
+                same = False
+            if same or os.path.abspath(o) == os.path.abspath(i):
+                raise ExportError(f"{o}: is an input of this export ({i.name}); choose another --output")
+
+
+@contextlib.contextmanager
+def _inconsistent(ck: Checkpoint):
+    """Tensors of the wrong shape or rank that the version module did not check by name end as
+    torch/numpy errors deep in its code: report them as one line about the checkpoint."""
+    try:
+        yield
+    except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as e:
+        if isinstance(e, ExportError):
+            raise
+        msg = str(e).splitlines()[0][:160] if str(e) else ""
+        raise CheckpointError(f"{ck.path}: inconsistent {ck.version} checkpoint ({type(e).__name__}: {msg})") from None
+
+
+def _initial_state(spec, ck: Checkpoint, cfg: dict, opt: ExportOptions) -> dict:
     """A learned initial state: from --state-tuning, or time_state tensors merged into the checkpoint."""
     merged = any(k.endswith("att.time_state") for k in ck.weights)
     if opt.state_tuning is None and not merged:
         return {}
-    if not hasattr(mod, "load_state_tuning"):
-        raise ExportError(f"{ck.version.replace('rwkv', 'RWKV-')} has no learned initial state (state tuning "
-                          "applies to RWKV-5/6/7)")
+    if spec.load_state_tuning is None:
+        raise ExportError(f"{spec.name} has no learned initial state (state tuning applies to RWKV-5/6/7)")
     if opt.state_tuning is not None and not Path(opt.state_tuning).is_file():
         raise ExportError(f"--state-tuning {opt.state_tuning}: no such file")
-    return mod.load_state_tuning(opt.state_tuning if opt.state_tuning is not None else ck.weights, cfg)
+    return spec.load_state_tuning(opt.state_tuning if opt.state_tuning is not None else ck.weights, cfg)
 
 
 def state_tuning_to_npz(checkpoint, tuning, out) -> Path:
     """Convert a state-tuning .pth into an .npz the runtime loads (``Session(initial_state=...)``)."""
     ck = load_checkpoint(checkpoint)
-    mod = arch.get(ck.version)
-    cfg = mod.config_from_weights(ck.weights, ck.hf_config)
-    if not hasattr(mod, "load_state_tuning"):
-        raise ExportError(f"{ck.version.replace('rwkv', 'RWKV-')} has no learned initial state")
+    spec = arch.get(ck.version)
+    cfg = spec.config_from_weights(ck.weights, ck.hf_config)
+    if spec.load_state_tuning is None:
+        raise ExportError(f"{spec.name} has no learned initial state")
     if not Path(tuning).is_file():
         raise ExportError(f"{tuning}: no such file")
-    arrays = mod.load_state_tuning(tuning, cfg)
+    arrays = spec.load_state_tuning(tuning, cfg)
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out)
+    if out.is_dir():
+        raise ExportError(f"{out}: is a directory")
+    for i in (ck.path, Path(tuning)):
+        if os.path.abspath(out) == os.path.abspath(i) or (out.exists() and os.path.samefile(out, i)):
+            raise ExportError(f"{out}: is an input ({i.name}); choose another --output")
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise ExportError(f"{out}: cannot write ({e.strerror or type(e).__name__})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -193,21 +313,14 @@ def quantize_weights(model: onnx.ModelProto, bits: int, block: int) -> onnx.Mode
     return out
 
 
-def _save(model: onnx.ModelProto, path: Path, external: bool | None):
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if external is None:
-        external = size > TWO_GB - 64 * 2**20
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-        onnx.checker.check_model(str(path), full_check=False)
-    else:
-        onnx.checker.check_model(model, full_check=False)
-        onnx.save_model(model, str(path))
-
-
 def load_manifest(path) -> Manifest:
-    """Read the manifest of an exported model without loading its weights."""
+    """Read the manifest of an exported model without loading its weights (the runtime's reader)."""
+    try:
+        from rwkv_runtime.artifact import read_manifest
+    except ImportError:  # an older runtime without the artifact reader
+        read_manifest = None
+    if read_manifest is not None:
+        return read_manifest(path)[0]
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: no such file")
@@ -224,9 +337,8 @@ def load_manifest(path) -> Manifest:
 def reference_model(checkpoint):
     """The PyTorch reference for a checkpoint (used by validate and the tests)."""
     ck = load_checkpoint(checkpoint)
-    mod = arch.get(ck.version)
-    cfg = mod.config_from_weights(ck.weights, ck.hf_config)
-    return mod.Model.from_weights(ck.weights, cfg)
+    spec = arch.get(ck.version)
+    return spec.Model.from_weights(ck.weights, spec.config_from_weights(ck.weights, ck.hf_config))
 
 
 __all__ = ["export", "ExportOptions", "load_manifest", "reference_model", "sequence_path"]

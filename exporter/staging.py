@@ -3,8 +3,8 @@
 Files are written into a temporary folder beside the outputs (same filesystem, so moves are renames);
 ``commit`` then moves each into place, first moving any old file it replaces into the folder's
 ``old/``. If anything fails before the commit ends, every move is undone, so the folder holds
-exactly the old set or exactly the new set. While committing, SIGINT and SIGTERM are held back
-(POSIX), so an interrupt cannot land between two renames.
+exactly the old set or exactly the new set. While committing, SIGINT and SIGTERM are deferred until
+the commit ends, so an interrupt cannot land between two renames.
 
 Only SIGKILL (or a power cut) can stop a commit halfway. For that the folder holds a journal while
 committing; the next export to the same output finds the folder (``recover``), sees the journal and
@@ -34,7 +34,12 @@ _HELD = (signal.SIGINT, signal.SIGTERM)
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived while staging (a BaseException, like KeyboardInterrupt, so cleanup runs)."""
+    """SIGTERM arrived (a BaseException, like KeyboardInterrupt, so cleanup runs). ``committed``: it
+    came during the commit, which was completed first."""
+
+    def __init__(self, committed: bool = False):
+        super().__init__()
+        self.committed = committed
 
 
 def _prefix(out: Path) -> str:
@@ -126,14 +131,20 @@ class Staging:
     def commit(self, moves: list) -> None:
         """``moves``: (staged file name or None, target path); None removes the old target. The
         targets are replaced in the order given (put the file that names the others last)."""
-        mask = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-        if mask:
-            signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+        if threading.current_thread() is not threading.main_thread():
+            return self._commit(moves)
+        # Defer SIGINT/SIGTERM until the set is complete (or rolled back). Python runs signal handlers
+        # in the main thread whichever thread the kernel picked, so swapping the handlers is enough
+        # (a signal mask would not be: torch's and onnxruntime's threads would still take it).
+        pending = []
+        old = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in _HELD}
         try:
             self._commit(moves)
         finally:
-            if mask:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
+            for s, h in old.items():
+                signal.signal(s, h)
+        if pending:  # the set is complete: now honour the signal
+            raise KeyboardInterrupt() if pending[0] == signal.SIGINT else Terminated(committed=True)
 
     def _commit(self, moves: list) -> None:
         entries = [[i, staged, str(target)] for i, (staged, target) in enumerate(moves)]
