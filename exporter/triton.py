@@ -209,6 +209,7 @@ def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int =
     cfg = build_config(art, backend, name, int(max_batch), float(idle_s), max_sequences, logits_dtype)
     extra = {}
 
+    created = not repo.exists()
     repo.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
     try:
@@ -245,6 +246,8 @@ def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int =
         tmp.rename(dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not any(repo.iterdir()):
+            repo.rmdir()
         raise
     return dest
 

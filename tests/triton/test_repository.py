@@ -1,0 +1,177 @@
+"""`rwkv-export triton` writes repositories whose config.pbtxt parses against Triton's own schema
+(tritonclient's model_config_pb2) and whose state blocks agree with the exported graph itself."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+import rwkv_runtime
+from rwkv_export.cli import main
+from rwkv_export.triton import write_repository
+
+
+def parse(model_dir: Path):
+    """The repository's config read by protobuf's text parser (unknown fields/enums/oneofs raise)."""
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def graph_io(path: Path) -> dict:
+    """{name: (elem_type, dims)} of the ONNX graph's inputs and outputs, from the graph itself."""
+    g = onnx.load(str(path), load_external_data=False).graph
+    return {v.name: (v.type.tensor_type.elem_type, [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim])
+            for v in list(g.input) + list(g.output)}
+
+
+def check_implicit_state(model_dir: Path, graph: Path, expect_start: dict):
+    """Every state input/output pair of the graph is one `state` entry with the graph's dims minus batch,
+    and its initial_state holds `expect_start[name]` (a data file) or zeros."""
+    cfg = parse(model_dir)
+    io = graph_io(graph)
+    states = {s.input_name: s for s in cfg.sequence_batching.state}
+    graph_states = sorted(n for n in io if n.startswith("state."))
+    assert sorted(states) == graph_states and graph_states
+    for name, s in states.items():
+        elem, dims = io[name]
+        assert dims[0] == "batch" and list(s.dims) == dims[1:]
+        assert s.output_name in io and io[s.output_name][1][1:] == dims[1:]
+        assert s.data_type == model_config_pb2.TYPE_FP32 and elem == onnx.TensorProto.FLOAT
+        (init,) = s.initial_state
+        assert list(init.dims) == list(s.dims) and init.data_type == s.data_type
+        if name in expect_start:
+            assert init.WhichOneof("state_data") == "data_file"
+            raw = np.fromfile(model_dir / "initial_state" / init.data_file, dtype=np.float32)
+            assert raw.size == int(np.prod(s.dims))  # exactly the bytes Triton expects, no more
+            np.testing.assert_array_equal(raw, expect_start[name].reshape(-1))
+        else:
+            assert init.WhichOneof("state_data") == "zero_data" and init.zero_data
+    return cfg
+
+
+def nonzero_start(step_graph: Path) -> dict:
+    """What the runtime itself starts a sequence from, for the tensors that are not all zeros."""
+    st = rwkv_runtime.Session(step_graph).new_state(1).numpy()
+    return {k: v[0] for k, v in st.items() if np.any(v != 0)}
+
+
+def test_rwkv4_onnxruntime(triton_exports, tmp_path):
+    g = triton_exports["rwkv4"]
+    d = write_repository(g, tmp_path, "onnxruntime", max_batch=4, name="tiny4")
+    start = nonzero_start(g)
+    assert sorted(start) == [f"state.{i}.wkv_pp" for i in range(4)] and all((v == -1e30).all() for v in start.values())
+    cfg = check_implicit_state(d, g, start)
+    assert cfg.backend == "onnxruntime" and cfg.max_batch_size == 4
+    (tok,) = cfg.input
+    assert (tok.name, list(tok.dims), tok.data_type) == ("tokens", [1], model_config_pb2.TYPE_INT64)
+    assert tok.HasField("reshape") and list(tok.reshape.shape) == []  # [1] per request -> the graph's [batch]
+    (out,) = cfg.output
+    assert (out.name, list(out.dims)) == ("logits", [256])
+    sb = cfg.sequence_batching
+    assert sb.WhichOneof("strategy_choice") == "oldest" and sb.max_sequence_idle_microseconds == 300_000_000
+    assert not sb.control_input  # Triton resets the state from initial_state: the graph needs no controls
+    # the manifest travels: as a parameter and as a sidecar, both the model's own
+    man = json.loads(cfg.parameters["rwkv.manifest"].string_value)
+    assert man == json.loads((d / "rwkv_manifest.json").read_text())
+    assert man["state"] == json.loads(rwkv_runtime.Session(g).manifest.to_json())["state"]
+    assert (d / "1" / "model.onnx").read_bytes() == g.read_bytes()
+
+
+def test_rwkv7_head_states(triton_exports, tmp_path):
+    g = triton_exports["rwkv7"]
+    d = write_repository(g, tmp_path, "onnxruntime", max_batch=2)
+    cfg = check_implicit_state(d, g, {})
+    wkv = [s for s in cfg.sequence_batching.state if s.input_name.endswith(".wkv")]
+    assert len(wkv) == 12 and all(list(s.dims) == [1, 64, 64] for s in wkv)  # [H, N, N]
+    assert not (d / "initial_state").exists()
+
+
+def test_state_tuned_start_becomes_data_files(triton_exports, tmp_path):
+    g = triton_exports["tuned6"]
+    d = write_repository(g, tmp_path, "onnxruntime", max_batch=2, name="tuned")
+    start = nonzero_start(g)  # the learned wkv states (the runtime's own reading of the export)
+    assert sorted(start) == sorted(f"state.{i}.wkv" for i in range(12))
+    check_implicit_state(d, g, start)
+
+
+def test_python_backend(triton_exports, tmp_path):
+    g = triton_exports["rwkv4"]
+    d = write_repository(g, tmp_path, "python", max_batch=4, name="py4")
+    cfg = parse(d)
+    assert cfg.backend == "python" and not cfg.sequence_batching.state  # model.py keeps the state
+    controls = {c.name: c.control[0].kind for c in cfg.sequence_batching.control_input}
+    K = model_config_pb2.ModelSequenceBatching.Control
+    assert controls == {"START": K.CONTROL_SEQUENCE_START, "END": K.CONTROL_SEQUENCE_END,
+                        "CORRID": K.CONTROL_SEQUENCE_CORRID}
+    (tok,) = cfg.input
+    assert list(tok.dims) == [-1] and tok.allow_ragged_batch
+    files = sorted(p.name for p in (d / "1").iterdir())
+    assert files == ["model.py", "tiny4.onnx", "tiny4.seq.onnx"]  # companions keep their names
+    assert cfg.parameters["rwkv.model_file"].string_value == "tiny4.onnx"
+
+
+def test_tensorrt_engine_with_plugin(triton_exports, tmp_path):
+    """A stand-in engine (no TensorRT here): bytes + the sidecar build-engine writes; schema-validated only."""
+    g = triton_exports["rwkv4"]
+    eng = tmp_path / "tiny4.engine"
+    eng.write_bytes(b"not a real plan")
+    plugin = tmp_path / "librwkv_trt_plugins.so"
+    plugin.write_bytes(b"\x7fELF")
+    man = rwkv_runtime.Session(g).manifest
+    (tmp_path / "tiny4.engine.json").write_text(json.dumps(
+        {"format": "rwkv-trt-engine", "format_version": 1, "manifest": json.loads(man.to_json()),
+         "plugins": [{"name": plugin.name, "path": str(plugin)}]}))
+    d = write_repository(eng, tmp_path / "repo", "tensorrt", max_batch=8)
+    cfg = check_implicit_state(d, g, nonzero_start(g))
+    assert cfg.platform == "tensorrt_plan" and (d / "1" / "model.plan").read_bytes() == eng.read_bytes()
+    assert (d / "plugins" / plugin.name).is_file()
+    assert cfg.parameters["rwkv.plugins"].string_value == f"plugins/{plugin.name}"
+    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+
+
+def test_the_schema_check_can_fail(triton_exports, tmp_path):
+    d = write_repository(triton_exports["rwkv4"], tmp_path, "onnxruntime")
+    text = (d / "config.pbtxt").read_text()
+    for broken in (text.replace("zero_data: true", "zero_data: true\n      data_file: \"x\"", 1),  # oneof
+                   text.replace("KIND_CPU", "KIND_TPU"), text.replace("max_batch_size", "max_batch")):
+        with pytest.raises(text_format.ParseError):
+            text_format.Parse(broken, model_config_pb2.ModelConfig())
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli(triton_exports, tmp_path):
+    g = triton_exports["rwkv7"]
+    r = run_cli("triton", g, "-o", tmp_path, "--max-batch", 3, "--name", "m7", "--idle-timeout", 30)
+    assert r.exit_code == 0, r.output
+    cfg = parse(tmp_path / "m7")
+    assert cfg.max_batch_size == 3 and cfg.sequence_batching.max_sequence_idle_microseconds == 30_000_000
+    assert cfg.sequence_batching.oldest.max_candidate_sequences == 12
+
+
+@pytest.mark.parametrize("args, expect", [
+    (("--name", "m7"), "already exists (pass --force"),
+    (("--backend", "tensorrt"), "needs an engine from 'rwkv-export build-engine'"),
+    (("--max-batch", 4, "--max-sequences", 2), "must be at least --max-batch"),
+    (("--name", ".hidden"), "not a usable model name"),
+])
+def test_cli_errors_are_one_line_and_leave_nothing(triton_exports, tmp_path, args, expect):
+    assert run_cli("triton", triton_exports["rwkv7"], "-o", tmp_path, "--name", "m7").exit_code == 0
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    r = run_cli("triton", triton_exports["rwkv7"], "-o", tmp_path, *args)
+    assert r.exit_code == 1 and expect in r.output
+    assert r.output.startswith("Error: ") and r.output.count("\n") == 1 and "Traceback" not in r.output
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_cli_missing_model(tmp_path):
+    r = run_cli("triton", tmp_path / "none.onnx", "-o", tmp_path / "repo")
+    assert r.exit_code == 1 and r.output == f"Error: {tmp_path / 'none.onnx'}: no such file\n"
+    assert not (tmp_path / "repo").exists()
