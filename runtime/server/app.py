@@ -49,10 +49,13 @@ class _Guard:
 _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
 
 
+SESSION_HEADER = "x-session-id"  # the header Ray Serve's consistent-hash router routes by
+
+
 def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 << 20,
-               drain_seconds: float = 10.0) -> FastAPI:
+               drain_seconds: float = 10.0, session_store=None) -> FastAPI:
     """An app serving one model. Its lifespan starts the engine thread and drains it at shutdown."""
-    serving = Serving(engine, config)
+    serving = Serving(engine, config, session_store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -84,11 +87,13 @@ def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 <
 
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, request: Request):
-        return _respond(await serving.completions(body, request.is_disconnected), body.stream)
+        sid = request.headers.get(SESSION_HEADER)
+        return _respond(await serving.completions(body, request.is_disconnected, sid), body.stream)
 
     @app.post("/v1/chat/completions")
     async def chat(body: protocol.ChatCompletionRequest, request: Request):
-        return _respond(await serving.chat(body, request.is_disconnected), body.stream)
+        sid = request.headers.get(SESSION_HEADER)
+        return _respond(await serving.chat(body, request.is_disconnected, sid), body.stream)
 
     @app.get("/v1/models")
     async def models():

@@ -62,8 +62,17 @@ class PrefixCache:
             self.misses += 1
             return None
 
-    def put(self, base: str, tokens: list, arrays: dict, logits: np.ndarray) -> None:
-        if self.max_bytes <= 0 or len(tokens) < self.min_tokens:
+    def peek_length(self, base: str, tokens: list) -> int:
+        """The length of the longest cached prefix (0: none), without counting a hit or a miss."""
+        with self._lock:
+            for n in sorted(self._lengths.get(base, {}), reverse=True):
+                if n <= len(tokens) and prefix_key(base, tokens[:n]) in self._entries:
+                    return n
+        return 0
+
+    def put(self, base: str, tokens: list, arrays: dict, logits: np.ndarray, force: bool = False) -> None:
+        """Keep the state after ``tokens`` (``force``: even if shorter than ``min_tokens``)."""
+        if self.max_bytes <= 0 or (len(tokens) < self.min_tokens and not force) or not tokens:
             return
         key = prefix_key(base, tokens)
         nbytes = sum(a.nbytes for a in arrays.values()) + logits.nbytes

@@ -64,6 +64,7 @@ class GenRequest:
     state_tokens: int = 0  # tokens the imported state had seen
     return_state: bool = False
     request_id: str = ""
+    session_id: str | None = None  # a conversation id (x-session-id): finished states go to ``on_finish``
 
 
 @dataclass
@@ -144,6 +145,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.draining = False
         self._ids = itertools.count()
+        # on_finish(session_id, tokens, arrays, logits): called (scheduler thread) with the state after a
+        # finished conversation turn, e.g. to keep it where another replica can find it
+        self.on_finish = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self):
@@ -383,7 +387,13 @@ class Engine:
         fed = s.generated[:-1] if appended else s.generated
         row_state = self._batch.select([row])
         if fed:  # a conversation's next turn usually starts with this prompt + reply
-            self.cache.put(s.req.state_base, list(s.req.prompt) + fed, row_state.numpy(), s.logits)
+            arrays = row_state.numpy()
+            self.cache.put(s.req.state_base, list(s.req.prompt) + fed, arrays, s.logits)
+            if self.on_finish is not None and s.req.session_id and not s.req.state_base:
+                try:
+                    self.on_finish(s.req.session_id, list(s.req.prompt) + fed, arrays, s.logits)
+                except Exception:  # noqa: BLE001 - a store that is down must not fail the request
+                    log.exception("on_finish hook failed")
         blob = None
         if s.req.return_state:
             if appended:

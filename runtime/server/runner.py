@@ -29,8 +29,9 @@ class ServerOptions:
     max_body_bytes: int = 16 << 20
 
 
-def build_app(opts: ServerOptions):
-    """(FastAPI app, Engine) for ``opts``; the engine starts with the app's lifespan."""
+def build_app(opts: ServerOptions, session_store=None):
+    """(FastAPI app, Engine) for ``opts``; the engine starts with the app's lifespan. ``session_store``:
+    see ``Serving`` (the Ray Serve app passes one)."""
     path = Path(opts.model)
     session = Session(path, providers=opts.providers, threads=opts.threads, prefill_chunk=opts.engine.prefill_chunk)
     template = ChatTemplate()
@@ -45,7 +46,7 @@ def build_app(opts: ServerOptions):
     engine = Engine(session, opts.engine)
     name = opts.model_name or (path.name[:-5] if path.name.endswith(".onnx") else path.name)
     cfg = ServingConfig(name, template, opts.default_max_tokens, tuple(stop_ids))
-    return create_app(engine, cfg, opts.max_body_bytes, opts.drain_seconds), engine
+    return create_app(engine, cfg, opts.max_body_bytes, opts.drain_seconds, session_store), engine
 
 
 def setup_logging(level: str = "info"):

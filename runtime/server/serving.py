@@ -8,6 +8,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from rwkv_runtime import RuntimeUserError, SamplingParams
 
 from . import protocol, statefile
@@ -37,6 +39,12 @@ class ChatTemplate:
             raise RuntimeUserError("chat template: system/user/assistant/separator must be strings")
         return t
 
+    def render_dicts(self, messages: list) -> str:
+        """``render`` for plain ``{"role", "content"}`` dicts."""
+        from .protocol import ChatMessage
+
+        return self.render([ChatMessage(**m) for m in messages])
+
     def render(self, messages) -> str:
         names = {"system": self.system, "developer": self.system, "user": self.user, "assistant": self.assistant}
         turns = []
@@ -61,10 +69,13 @@ def sse(obj) -> str:
 
 
 class Serving:
-    def __init__(self, engine: Engine, config: ServingConfig):
+    def __init__(self, engine: Engine, config: ServingConfig, session_store=None):
         self.engine = engine
         self.session = engine.session
         self.config = config
+        # optional: ``await session_store(session_id) -> (tokens, blob, logits) | None``, the last state of
+        # a conversation kept elsewhere (another replica served its earlier turns): seeds the prefix cache
+        self.session_store = session_store
 
     def models(self) -> dict:
         return {"object": "list", "data": [self.model_card()]}
@@ -132,7 +143,24 @@ class Serving:
             raise
         return queue, handles
 
-    async def completions(self, req: protocol.CompletionRequest, is_disconnected):
+    async def _restore(self, session_id: str | None, prompt: list):
+        """Before a conversation's turn: if this replica has no cached state for a long prefix of it, but
+        the session store has one (the replica that served it is gone), put that into the cache."""
+        if not (self.session_store and session_id):
+            return
+        hit = self.engine.cache.peek_length("", prompt)
+        found = await self.session_store(session_id)
+        if not found:
+            return
+        tokens, blob, logits = found
+        if hit < len(tokens) <= len(prompt) and list(prompt[:len(tokens)]) == list(tokens):
+            try:
+                arrays, _ = statefile.decode(blob, self.engine.binding, self.engine.config.max_state_bytes)
+            except RuntimeUserError:
+                return  # another export's state: just prefill
+            self.engine.cache.put("", list(tokens), arrays, np.asarray(logits, np.float32), force=True)
+
+    async def completions(self, req: protocol.CompletionRequest, is_disconnected, session_id=None):
         self.check_model(req.model)
         p = req.prompt
         prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
@@ -141,14 +169,21 @@ class Serving:
         if req.suffix:
             raise ServeError(400, "suffix is not supported by this server", param="suffix")
         gens = self._requests(req, prompts, req.max_tokens or 16, req.stops())
+        await self._with_session(gens, session_id)
         echo = [(x if isinstance(x, str) else self.session.decode(x)) if req.echo else "" for x in prompts]
         return await self._run(req, gens, False, [echo[i // req.n] for i in range(len(gens))], is_disconnected)
 
-    async def chat(self, req: protocol.ChatCompletionRequest, is_disconnected):
+    async def _with_session(self, gens: list, session_id):
+        if session_id and len(gens) == 1 and not gens[0].state_base:
+            gens[0].session_id = session_id
+            await self._restore(session_id, gens[0].prompt)
+
+    async def chat(self, req: protocol.ChatCompletionRequest, is_disconnected, session_id=None):
         self.check_model(req.model)
         text = self.config.template.render(req.messages)
         max_tokens = req.max_completion_tokens or req.max_tokens or self.config.default_max_tokens
         gens = self._requests(req, [text], max_tokens, tuple(dict.fromkeys(self.config.template.stop + req.stops())))
+        await self._with_session(gens, session_id)
         return await self._run(req, gens, True, [""] * len(gens), is_disconnected)
 
     # -- engine events -> responses -------------------------------------------------------------
