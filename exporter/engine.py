@@ -27,8 +27,8 @@ from pathlib import Path
 import click
 
 from rwkv_runtime.manifest import INITIAL_STATE_KEY, MANIFEST_KEY, TOKENIZER_KEY, Manifest
-from rwkv_runtime.trt_backend import (ENGINE_SUFFIXES, SIDECAR_FORMAT, SIDECAR_VERSION, import_tensorrt,
-                                      load_plugin_library, sidecar_path, trt_logger)
+from rwkv_runtime.artifact import ENGINE_SUFFIXES, SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
+from rwkv_runtime.tensorrt.loader import import_tensorrt, load_plugin_library, trt_logger
 
 from . import __version__
 from .errors import ExportError
