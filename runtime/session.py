@@ -48,7 +48,7 @@ class Session:
         if int(prefill_chunk) < 1:
             raise RuntimeUserError(f"prefill_chunk must be >= 1, not {prefill_chunk}")
         if is_engine(path):
-            from .trt_backend import TrtBackend  # optional: tensorrt + cuda-python
+            from .trt_backend import TrtBackend  # optional: tensorrt + cuda.core
 
             self.backend: Backend = TrtBackend(path, self.manifest, cuda_graphs=cuda_graphs)
         else:
