@@ -438,6 +438,8 @@ class Artifact:
         if p is None:
             raise RuntimeUserError(f"no {kind} graph for {self.path.name} (export it with --graphs step,sequence)")
         if p == self.path:
+            if self.manifest.graph != kind:
+                raise RuntimeUserError(f"{p.name}: named as its own {kind} graph but is a {self.manifest.graph} graph")
             return self
         other = open_artifact(p)
         m, o = self.manifest, other.manifest

@@ -65,10 +65,30 @@ class _BufferSet:
             self.io.bind_ortvalue_output(s.output, self.values[s.name])
         self.bound_from = None  # the buffer set whose values are bound as this set's inputs
         self.busy = False
+        # References to our values that are not a caller's: ours, and the IOBinding's (onnxruntime's Python
+        # wrapper keeps the OrtValues it binds); measured, not assumed, so another onnxruntime version
+        # that keeps more or fewer cannot make a held state look free.
+        self.base_refs = sys.getrefcount(self._probe)
+        self.extra_refs = 0  # held by other sets' bindings (our values bound as their inputs)
+        self.input_refs = None  # (source set, refs this binding holds on it)
 
     def free(self) -> bool:
-        # references: self.values, getrefcount's argument, _probe; a State holding the set adds one more
-        return not self.busy and sys.getrefcount(self._probe) <= 3
+        # a live State holding these values adds references beyond the measured ones
+        return not self.busy and sys.getrefcount(self._probe) <= self.base_refs + self.extra_refs
+
+    def bind_inputs(self, values: dict, specs: list, src: "_BufferSet | None"):
+        if self.input_refs is not None:  # our binding lets go of the previous source's values
+            old, n = self.input_refs
+            old.extra_refs -= n
+            self.input_refs = None
+        before = sys.getrefcount(src._probe) if src is not None else 0
+        for s in specs:
+            self.io.bind_ortvalue_input(s.name, values[s.name])
+        if src is not None:
+            n = sys.getrefcount(src._probe) - before
+            src.extra_refs += n
+            self.input_refs = (src, n)
+        self.bound_from = src  # a set, never its values: holding those would keep the set "in use"
 
 
 class OrtBackend:
@@ -209,9 +229,7 @@ class OrtBackend:
     def _run_set(self, sess, bs: _BufferSet, tokens, values, specs):
         src = self._source_set(values, tokens.shape[0], specs)
         if src is None or bs.bound_from is not src:
-            for s in specs:
-                bs.io.bind_ortvalue_input(s.name, values[s.name])
-            bs.bound_from = src  # a set, never its values: holding those would keep the set "in use"
+            bs.bind_inputs(values, specs, src)
         bs.tokens.update_inplace(tokens.reshape(bs.tokens.shape()))
         self._execute(sess, bs.io)
         return np.array(bs.logits.numpy(), copy=True), dict(bs.values)

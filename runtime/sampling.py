@@ -87,8 +87,10 @@ def sample_logprobs(logp: np.ndarray, temperature: float, top_p: float, top_k: i
     keep = logp >= cutoff
     if 0 < top_k < len(logp):
         keep[order[top_k:]] = False
-    scaled = np.where(keep, logp / temperature, -np.inf)  # probs ** (1/T), in log space
-    q = np.exp(scaled - np.max(scaled))
+    best = np.max(logp[keep])
+    with np.errstate(over="ignore"):  # (logp - best) / T -> -inf for a tiny T: probability 0, as it should be
+        scaled = np.where(keep, (logp - best) / temperature, -np.inf)  # probs ** (1/T), in log space
+    q = np.exp(scaled)  # the best kept token has scaled = 0, so q.sum() >= 1
     q /= q.sum()
     return int(rng.choice(len(q), p=q))
 

@@ -1,0 +1,91 @@
+"""Sampling: sound at every temperature, parameters and logits checked, ChatRWKV's semantics kept."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rwkv_runtime import RuntimeUserError, Sampler, SamplingParams
+
+
+def test_tiny_temperature_works_and_is_nearly_greedy():
+    """temperature 0.001 crashed with 'Probabilities contain NaN' when done in probability space."""
+    logits = np.array([1.0, 3.0, 2.9, -5.0], np.float32)
+    s = Sampler(SamplingParams(temperature=0.001, top_p=1.0, seed=0))
+    assert {s(logits) for _ in range(50)} == {1}
+    s = Sampler(SamplingParams(temperature=1e-30, top_p=1.0, seed=0))
+    assert s(logits) == 1
+
+
+def test_temperature_zero_is_greedy_even_with_top_p_zero():
+    logits = np.array([0.0, 0.5, 4.0], np.float32)
+    assert Sampler(SamplingParams(temperature=0.0, top_p=0.0))(logits) == 2
+    assert Sampler(SamplingParams(temperature=1.0, top_p=0.0, seed=1))(logits) == 2  # top-p 0 keeps the best
+
+
+def test_temperature_follows_chatrwkv_probs_power():
+    """ChatRWKV: probs ** (1/T) renormalised; at T=0.5 with probs (0.6, 0.4): 0.36/0.52 ~ 0.692."""
+    logits = np.log(np.array([0.6, 0.4]))
+    s = Sampler(SamplingParams(temperature=0.5, top_p=1.0, seed=3))
+    n = 4000
+    freq0 = sum(s(logits) == 0 for _ in range(n)) / n
+    assert abs(freq0 - 0.36 / 0.52) < 0.03
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_logits_are_a_clear_error(bad):
+    logits = np.zeros(5, np.float32)
+    logits[2] = bad
+    with pytest.raises(RuntimeUserError, match="NaN or inf"):
+        Sampler(SamplingParams(seed=0))(logits)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=float("nan")), dict(temperature=-1.0), dict(temperature=float("inf")),
+                                dict(top_p=1.5), dict(top_p=float("nan")), dict(top_k=-1), dict(top_k=1.5),
+                                dict(seed=-1), dict(seed=1.5), dict(presence_penalty=float("inf")),
+                                dict(penalty_decay=2.0), dict(ban=(-1,)), dict(stop=("a",)), dict(ban=5.5)])
+def test_bad_parameters_are_a_clear_error(kw):
+    with pytest.raises(RuntimeUserError, match="sampling"):
+        Sampler(SamplingParams(**kw))
+
+
+def test_ban_and_stop_ids_checked_against_the_vocabulary(tiny_session):
+    with pytest.raises(RuntimeUserError, match="outside the vocabulary"):
+        list(tiny_session.generate([1, 2], 3, ban=(tiny_session.vocab_size,)))
+    with pytest.raises(RuntimeUserError, match="outside the vocabulary"):
+        list(tiny_session.generate([1, 2], 3, stop=(10**9,)))
+    with pytest.raises(RuntimeUserError, match="vocabulary"):
+        Sampler(SamplingParams(ban=(7,)))(np.zeros(5))
+
+
+def test_banned_tokens_never_come_out():
+    s = Sampler(SamplingParams(temperature=2.0, top_p=1.0, seed=0, ban=(0, 1)))
+    logits = np.array([10.0, 10.0, 0.0, 0.0], np.float32)
+    assert {s(logits) for _ in range(100)} <= {2, 3}
+    with pytest.raises(RuntimeUserError, match="every token"):
+        Sampler(SamplingParams(ban=(0, 1)))(np.zeros(2))
+
+
+finite_or_not = st.floats(allow_nan=True, allow_infinity=True, width=64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(temperature=finite_or_not | st.floats(0, 1e-3), top_p=finite_or_not | st.floats(0, 1),
+       top_k=st.integers(-3, 12), presence=finite_or_not, frequency=finite_or_not,
+       seed=st.none() | st.integers(-5, 2**63), ban=st.lists(st.integers(-2, 12), max_size=4),
+       logits=st.lists(st.floats(-1e30, 1e30).map(lambda x: float(np.float32(x))), min_size=1, max_size=10))
+def test_generated_parameters_give_a_token_or_a_clear_error(temperature, top_p, top_k, presence, frequency, seed, ban,
+                                                           logits):
+    v = len(logits)
+    try:
+        s = Sampler(SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence,
+                                   frequency_penalty=frequency, seed=seed, ban=tuple(ban)), vocab_size=v)
+        toks = [s(np.asarray(logits, np.float32)) for _ in range(3)]
+    except RuntimeUserError as e:
+        assert "\n" not in str(e)
+        return
+    assert all(0 <= t < v and t not in ban for t in toks)
+    assert math.isfinite(temperature) and temperature >= 0
