@@ -117,9 +117,8 @@ class LocalTriton:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                log = self.log()
                 self._stop()
-                raise RuntimeError(f"tritonserver exited with status {self.proc.returncode}:\n{log[-3000:]}")
+                raise RuntimeError(f"tritonserver exited with status {self.proc.returncode}:\n{self.errors()}")
             if self.ready():
                 return self
             time.sleep(0.3)
@@ -141,6 +140,12 @@ class LocalTriton:
                 return r.status == 200
         except OSError:
             return False
+
+    def errors(self) -> str:
+        """The server's error lines (model load failures first), without the CPU-only machine's CUDA noise."""
+        lines = self.log().splitlines()
+        errs = [ln for ln in lines if ln.startswith("E") and "CudaDriverHelper" not in ln]
+        return "\n".join(errs + lines[-1:])[-4000:]
 
     def log(self) -> str:
         try:
