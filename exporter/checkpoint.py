@@ -184,6 +184,11 @@ def _read_hf_config(cfg: Path) -> dict:
         v = d.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf")):
             raise CheckpointError(f"{cfg}: {k} must be a number, not {json.dumps(v)[:40]}")
+    eps, every = d.get("layer_norm_epsilon"), d.get("rescale_every")
+    if eps is not None and not 0 < eps < 1:
+        raise CheckpointError(f"{cfg}: layer_norm_epsilon must be in (0, 1), not {eps!r}")
+    if every is not None and (every < 0 or every != int(every) or every > 1 << 20):
+        raise CheckpointError(f"{cfg}: rescale_every must be a whole number >= 0, not {every!r}")
     mt = d.get("model_type")
     if mt is not None and not isinstance(mt, str):
         raise CheckpointError(f"{cfg}: model_type must be a string")
