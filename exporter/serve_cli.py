@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .cli import user_errors
+from rwkv_runtime.errors import RuntimeUserError
 
 
 @click.command("serve")
@@ -33,7 +33,6 @@ from .cli import user_errors
               help="On SIGTERM: time in-flight streams get to finish.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-@user_errors
 def serve_command(model, host, port, model_name, threads, max_batch, max_queue, prefill_chunk, max_prompt_tokens,
                   max_tokens, default_max_tokens, request_timeout, cache_mb, chat_template, stop_tokens,
                   drain_seconds, log_level):
@@ -54,4 +53,7 @@ def serve_command(model, host, port, model_name, threads, max_batch, max_queue, 
                        cache_bytes=int(cache_mb * 2**20))
     opts = ServerOptions(str(model), model_name, threads, None, eng, str(chat_template) if chat_template else None,
                          default_max_tokens, tuple(stop_tokens) or None, drain_seconds)
-    run(opts, host, port, log_level)
+    try:
+        run(opts, host, port, log_level)
+    except RuntimeUserError as e:  # (the CLI's user_errors, without importing cli.py: it imports us)
+        raise click.ClickException(str(e)) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 
@@ -16,9 +17,14 @@ from rwkv_runtime import SamplingParams, Session
 from .conftest import client, metric
 
 
+@functools.lru_cache(maxsize=4)
+def _session(model) -> Session:
+    return Session(model)
+
+
 def solo(model, prompt, n, state=None, **sampling):
     """Text pieces Session.generate yields for ``prompt`` alone (greedy unless told otherwise)."""
-    s = Session(model)
+    s = _session(model)
     sampling.setdefault("temperature", 0.0)
     return list(s.generate(prompt, n, SamplingParams(**sampling), state=state))
 
