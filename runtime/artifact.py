@@ -186,11 +186,11 @@ def _state_spec(d, i: int, where: str) -> StateSpec:
             or not all(_is_int(x) and 1 <= x <= 1 << 24 for x in shape[1:])):
         raise _bad(where, f"state[{i}].shape must be ['batch', positive ints...], not {str(shape)[:60]}")
     dtype = d.get("dtype", "float32")
-    if dtype not in STATE_DTYPES:
+    if not isinstance(dtype, str) or dtype not in STATE_DTYPES:
         raise _bad(where, f"state[{i}].dtype must be one of {sorted(STATE_DTYPES)}, not {str(dtype)[:30]}")
     init = d.get("init", 0.0)
-    if not _is_num(init):
-        raise _bad(where, f"state[{i}].init must be a number")
+    if not _is_num(init) or not math.isfinite(init):
+        raise _bad(where, f"state[{i}].init must be a finite number")
     layer, doc = d.get("layer", -1), d.get("doc", "")
     if not _is_int(layer) or not isinstance(doc, str):
         raise _bad(where, f"state[{i}].layer must be an integer and .doc a string")
