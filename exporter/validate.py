@@ -141,15 +141,15 @@ def load_reference(checkpoint, manifest):
     from .checkpoint import load_checkpoint
 
     ck = load_checkpoint(checkpoint)
-    mod = arch.get(ck.version)
-    cfg = mod.config_from_weights(ck.weights, ck.hf_config)
+    spec = arch.get(ck.version)
+    cfg = spec.config_from_weights(ck.weights, ck.hf_config)
     got = (ck.version, cfg["n_layer"], cfg["n_embd"], cfg["vocab_size"])
     want = (manifest.architecture, manifest.n_layer, manifest.n_embd, manifest.vocab_size)
     if got != want:
         raise ValidationError(f"--reference {Path(checkpoint).name} is {got[0]} with {got[1]} layers, n_embd {got[2]}, "
                               f"vocab {got[3]}; the model is {want[0]} with {want[1]}, {want[2]}, {want[3]}: "
                               "not its checkpoint")
-    return mod.Model.from_weights(ck.weights, cfg)
+    return spec.Model.from_weights(ck.weights, cfg)
 
 
 def reference_runner(model, manifest):

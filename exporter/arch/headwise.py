@@ -9,9 +9,10 @@ inference code, which differs between versions (documented in each module and in
 Training code and state-tuning files store ``time_state`` as [H, N(value), N(key)] for every version
 (RWKV-LM / RWKV-PEFT kernels), hence the transpose in ``load_state_tuning`` for 5/6 only.
 
-Here: the torch WKV steps (the reference), a chunked parallel form for 5/6, the output group norm,
-the ONNX bodies of the WKV ops, the custom-op wrapper, a Scan helper, and the graph plumbing (I/O,
-token shift, linear layers, head) that every version uses in the same way as rwkv4.build_graph.
+Here: the state layout and state tuning, the torch WKV steps (the reference), a chunked parallel
+form for 5/6, the output group norm, the ONNX bodies of the WKV ops and their table (``WKV_OPS``),
+a Scan helper, and the reference model's frame. The graph plumbing every version shares (RWKV-4
+too) is in graph.py, the key checks in keys.py.
 """
 from __future__ import annotations
 
@@ -21,80 +22,26 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from onnx import TensorProto, helper
+from onnx import helper
 from torch import nn
 
 from rwkv_runtime.manifest import BATCH, StateSpec
 
 from ..errors import CheckpointError
-from ..onnx_graph import CUSTOM_DOMAIN, GraphBuilder, make_function
+from ..onnx_graph import GraphBuilder
+from . import graph
+from .graph import F32, GN_EPS, LN_EPS
 
-LN_EPS = 1e-5
-GN_EPS = 64e-5  # BlinkDL's ln_x eps: 1e-5 after dividing by head_size_divisor 8, i.e. 1e-5 * 8**2
 STATE_FIELDS = ("att_shift", "wkv", "ffn_shift")
-F32 = TensorProto.FLOAT
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint validation helpers
+# State tuning keys
 # ---------------------------------------------------------------------------------------------
-def _list(keys, n=6):
-    keys = list(keys)
-    return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")
-
-
-def check_keys(w: dict, expected: dict, pretty: str, ignored=(), flexible=()):
-    """Every expected key present with its shape, up to size-1 axes ([1,1,C] == [C]; ``flexible``
-    keys: any shape of the same element count), nothing else except ``ignored`` keys. One-line
-    CheckpointErrors."""
-    missing = [k for k in expected if k not in w]
-    if missing:
-        raise CheckpointError(f"missing keys for {pretty}: {_list(missing)}")
-    unknown = [k for k in w if k not in expected and k not in ignored]
-    if unknown:
-        raise CheckpointError(f"unknown keys for {pretty}: {_list(unknown)}")
-    for k, shape in expected.items():
-        got = tuple(w[k].shape)
-        same = [d for d in got if d != 1] == [d for d in shape if d != 1]
-        if not same and not (k.endswith(flexible) and int(np.prod(got)) == int(np.prod(shape))):
-            raise CheckpointError(f"inconsistent shape for {k}: {list(got)}, expected {list(shape)}")
-
-
-def layer_count(w: dict) -> int:
-    layers = sorted({int(k.split(".")[1]) for k in w if k.startswith("blocks.") and k.split(".")[1].isdigit()})
-    if not layers or layers != list(range(len(layers))):
-        raise CheckpointError(f"blocks are not numbered 0..N-1 (found {layers[:8]})")
-    return len(layers)
-
-
-def embedding_size(w: dict) -> tuple:
-    if "emb.weight" not in w or w["emb.weight"].dim() != 2:
-        raise CheckpointError("missing or malformed emb.weight (expected [vocab, n_embd])")
-    V, C = w["emb.weight"].shape
-    return int(V), int(C)
-
-
-def need(w: dict, key: str, ndim: int | None = None):
-    if key not in w:
-        raise CheckpointError(f"missing key {key}")
-    if ndim is not None and w[key].dim() != ndim:
-        raise CheckpointError(f"inconsistent shape for {key}: {list(w[key].shape)} (expected {ndim} dimensions)")
-    return w[key]
-
-
 def time_state_keys(cfg: dict) -> dict:
     """State tuning merged into a checkpoint: an optional learned initial WKV state per layer."""
     H, N = cfg["n_head"], cfg["head_size"]
     return {f"blocks.{i}.att.time_state": (H, N, N) for i in range(cfg["n_layer"])}
-
-
-def default_tokenizer(cfg: dict) -> dict:
-    V = cfg["vocab_size"]
-    if V <= 256:
-        return {"kind": "bytes"}
-    if V in (65536, 65529, 65525):
-        return {"kind": "world"}
-    return {"kind": "none"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,129 +283,9 @@ WKV_OPS = {  # op type -> (formal inputs, standard-op body)
 
 
 def wkv_node(g: GraphBuilder, op_type: str, plugin: bool, ins, outs):
-    """The WKV of one layer: standard ops inline (plain), or one ``rwkv::<op_type>`` node (plugin)
-    backed by a model-local function with the same standard-op body (ONNX Runtime inlines it)."""
+    """The WKV of one layer (``WKV_OPS[op_type]``), inline or as a custom node: ``graph.wkv_node``."""
     formal, body = WKV_OPS[op_type]
-    if not plugin:
-        for r, o in zip(body(g, *ins), outs):
-            g.op("Identity", [r], o)
-        return
-    if (CUSTOM_DOMAIN, op_type) not in g.functions:
-        # make_function renames the producers of the returned values but not their other readers
-        # (WKV7's y reads the new state): return fresh Identity copies
-        def fn_body(fg, *a):
-            return [fg.op("Identity", [r]) for r in body(fg, *a)]
-
-        g.add_function(make_function(op_type, formal, ["y", "state_out"], fn_body,
-                                     attributes=["plugin_version", "plugin_namespace"]))
-    g.op(op_type, ins, outs, domain=CUSTOM_DOMAIN, plugin_version="1", plugin_namespace=CUSTOM_DOMAIN)
-
-
-# ---------------------------------------------------------------------------------------------
-# ONNX: graph plumbing shared by the versions (same conventions as rwkv4.build_graph)
-# ---------------------------------------------------------------------------------------------
-class Graph:
-    """Declares the I/O and offers the per-token building blocks; ``x`` tensors are [B,C] (step)
-    or [B,T,C] (sequence). With a reduced ``dtype`` (float16, bfloat16) only the embedding table,
-    the large matrices and their MatMuls are in it, behind explicit Casts; the residual stream, norms,
-    LoRA matrices, the WKV and the state stay float32. ``rescale_every`` n: BlinkDL's float16 scheme
-    (att.output/ffn.value divided by 2^(layer // n), residual halved after every n-th block)."""
-
-    def __init__(self, g: GraphBuilder, W: dict, cfg: dict, specs, *, seq: bool, all_logits: bool,
-                 dtype, weight_fn, rescale_every: int = 0):
-        self.g, self.W, self.cfg, self.seq, self.all_logits = g, W, cfg, seq, all_logits
-        self.lo, self.weight_fn, self.rescale_every = np.dtype(dtype), weight_fn, int(rescale_every or 0)
-        self.lo_onnx = helper.np_dtype_to_tensor_dtype(self.lo)
-        self._added: dict = {}
-        V = cfg["vocab_size"]
-        self.tokens = g.input("tokens", "int64", [BATCH, "T"] if seq else [BATCH])
-        for s in specs:
-            g.input(s.name, "float32", s.shape)
-        g.output("logits", "float32", ([BATCH, "T", V] if all_logits else [BATCH, V]) if seq else [BATCH, V])
-        for s in specs:
-            g.output(s.output, "float32", s.shape)
-
-    def vec(self, name, dtype=np.float32, array=None):
-        """An initializer (float32 unless told: vectors, small LoRA matrices), added once."""
-        if name not in self._added:
-            arr = self.W[name] if array is None else array
-            self._added[name] = self.g.weight(name, np.asarray(arr).astype(dtype))
-        return self._added[name]
-
-    def cast(self, x, to):
-        if self.lo == np.float32:
-            return x
-        return self.g.op("Cast", [x], to=F32 if to == "f32" else self.lo_onnx)
-
-    def linear(self, name, x, layer: int | None = None):
-        """x @ W[name] ([in, out]) in the graph's precision; float32 in and out. ``layer``: a matrix
-        whose output feeds the residual stream, scaled down there when rescaling."""
-        array = self.W[name]
-        if layer is not None and self.rescale_every:
-            array = array / np.float32(2 ** (layer // self.rescale_every))
-        x = self.cast(x, "lo")
-        if self.weight_fn is not None:
-            y = self.weight_fn(self.g, name, array, x)
-        else:
-            y = self.g.op("MatMul", [x, self.vec(name, self.lo, array)])
-        return self.cast(y, "f32")
-
-    def rescale(self, x, layer: int):
-        """After block ``layer``: halve the residual stream every ``rescale_every`` blocks."""
-        if self.rescale_every and (layer + 1) % self.rescale_every == 0:
-            return self.g.op("Mul", [x, self.g.const(0.5)])
-        return x
-
-    def mm(self, x, name):
-        """x @ W[name] in float32 (LoRA matrices: BlinkDL keeps them out of quantisation)."""
-        return self.g.op("MatMul", [x, self.vec(name)])
-
-    def ln(self, x, pre):
-        return self.g.op("LayerNormalization", [x, self.vec(pre + ".weight"), self.vec(pre + ".bias")],
-                         axis=-1, epsilon=LN_EPS)
-
-    def shift(self, xx, prev):
-        """The previous token's input for every position: prev (step) or [prev, xx_0..xx_{T-2}]."""
-        g = self.g
-        if not self.seq:
-            return prev
-        head = g.op("Unsqueeze", [prev, g.const([1], np.int64)])
-        body = g.op("Slice", [xx, g.const([0], np.int64), g.const([-1], np.int64), g.const([1], np.int64)])
-        return g.op("Concat", [head, body], axis=1)
-
-    def last(self, xx, out):
-        g = self.g
-        if not self.seq:
-            return g.op("Identity", [xx], out)
-        lastx = g.op("Slice", [xx, g.const([-1], np.int64), g.const([2**62], np.int64), g.const([1], np.int64)])
-        return g.op("Squeeze", [lastx, g.const([1], np.int64)], out)
-
-    def heads(self, x):
-        """[B,(T),C] -> [B,(T),H,N]."""
-        H, N = self.cfg["n_head"], self.cfg["head_size"]
-        return self.g.op("Reshape", [x, self.g.const([0, 0, H, N] if self.seq else [0, H, N], np.int64)])
-
-    def flat(self, x):
-        """[B,(T),H,N] -> [B,(T),C]."""
-        return self.g.op("Reshape", [x, self.g.const([0, 0, self.cfg["n_embd"]] if self.seq else
-                                                     [0, self.cfg["n_embd"]], np.int64)])
-
-    def group_norm(self, y, pre):
-        """ln_x on the WKV output in head form [B,(T),H,N] -> [B,(T),C]. LayerNormalization over the
-        head size is the group norm; its affine weights are per channel ([H,N]), applied after."""
-        g, N = self.g, self.cfg["head_size"]
-        yn = g.op("LayerNormalization", [y, g.const(np.ones(N, np.float32))], axis=-1, epsilon=GN_EPS)
-        yn = g.op("Add", [g.op("Mul", [yn, self.vec(pre + ".weight")]), self.vec(pre + ".bias")])
-        return self.flat(yn)
-
-    def embed(self):
-        return self.cast(self.g.op("Gather", [self.vec("emb", self.lo), self.tokens], axis=0), "f32")
-
-    def head(self, x):
-        g = self.g
-        if self.seq and not self.all_logits:
-            x = self.last(x, g.fresh("x_last"))
-        g.op("Identity", [self.linear("head", self.ln(x, "ln_out"))], "logits")
+    graph.wkv_node(g, op_type, formal, ["y", "state_out"], body, plugin, ins, outs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,11 +305,12 @@ class Block(nn.Module):
 
 class HeadwiseModel(nn.Module):
     """Embedding, blocks, head, the state and the two forms; a version module subclasses it and sets
-    ``time_mix``/``channel_mix`` (module factories) and ``spec`` (its module: config_from_weights,
-    state_layout, load_state_tuning). ``_run`` is RWKV-5/6's; RWKV-7 overrides it (v_first)."""
+    ``time_mix``/``channel_mix`` (module factories) and ``config_from_weights``, ``state_layout``,
+    ``load_state_tuning`` (its module's functions, as staticmethods). ``_run`` is RWKV-5/6's;
+    RWKV-7 overrides it (v_first)."""
 
     version = ""
-    spec = None
+    config_from_weights = state_layout = load_state_tuning = None
     drop_keys: tuple = ()  # checkpoint keys the model ignores (RWKV-7's unused layer-0 v0/v1/v2)
 
     def __init__(self, cfg: dict):
@@ -497,15 +325,15 @@ class HeadwiseModel(nn.Module):
 
     @classmethod
     def from_weights(cls, w: dict, cfg: dict | None = None):
-        cfg = cfg or cls.spec.config_from_weights(w)
+        cfg = cfg or cls.config_from_weights(w)
         m = load_module(cls(cfg), w, drop=cls.drop_keys)
         if cfg.get("time_state"):
-            m.time_state = cls.spec.load_state_tuning(w, cfg)
+            m.time_state = cls.load_state_tuning(w, cfg)
         return m
 
     def new_state(self, batch_size: int = 1) -> dict:
         """Zeros, or the checkpoint's learned initial WKV state (as BlinkDL's package does)."""
-        return initial_state(self.spec.state_layout(self.cfg), batch_size, self.time_state)
+        return initial_state(self.state_layout(self.cfg), batch_size, self.time_state)
 
     def _run(self, x, state: dict, parallel: bool):
         x = self.blocks[0].ln0(x)

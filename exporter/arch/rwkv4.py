@@ -16,17 +16,16 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from onnx import TensorProto
 from torch import nn
 
 from rwkv_runtime.manifest import BATCH, StateSpec
 
-from ..errors import CheckpointError
-from ..onnx_graph import CUSTOM_DOMAIN, GraphBuilder, make_function, onnx_dtype
+from ..onnx_graph import GraphBuilder
+from . import ArchSpec, keys
+from .graph import LN_EPS, Graph, GraphOptions, wkv_node
 
 VERSION = "rwkv4"
 PP_INIT = -1e30
-LN_EPS = 1e-5
 STATE_FIELDS = ("att_shift", "wkv_aa", "wkv_bb", "wkv_pp", "ffn_shift")
 
 
@@ -34,16 +33,9 @@ STATE_FIELDS = ("att_shift", "wkv_aa", "wkv_bb", "wkv_pp", "ffn_shift")
 # Sizes and checkpoint validation
 # ---------------------------------------------------------------------------------------------
 def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
-    if "emb.weight" not in w or w["emb.weight"].dim() != 2:
-        raise CheckpointError("missing or malformed emb.weight (expected [vocab, n_embd])")
-    V, C = w["emb.weight"].shape
-    layers = sorted({int(k.split(".")[1]) for k in w if k.startswith("blocks.")})
-    if not layers or layers != list(range(len(layers))):
-        raise CheckpointError(f"blocks are not numbered 0..N-1 (found {layers[:8]})")
-    L = len(layers)
-    fk = w.get("blocks.0.ffn.key.weight")
-    if fk is None:
-        raise CheckpointError("missing key blocks.0.ffn.key.weight")
+    V, C = keys.embedding_size(w)
+    L = keys.layer_count(w)
+    fk = keys.need(w, "blocks.0.ffn.key.weight", 2)
     ak = w.get("blocks.0.att.key.weight")
     # Hugging Face configs may set attention_hidden_size != hidden_size; BlinkDL checkpoints never do
     A = int(ak.shape[0]) if ak is not None and ak.dim() == 2 else int(C)
@@ -52,17 +44,7 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
            "ln_eps": float(hf.get("layer_norm_epsilon", LN_EPS)),
            # transformers halves the residual every `rescale_every` blocks at inference (all precisions)
            "rescale_every": int(hf.get("rescale_every", 6) or 0) if hf else 0}
-    expected = expected_shapes(cfg)
-    missing = [k for k in expected if k not in w]
-    if missing:
-        raise CheckpointError(f"missing keys for RWKV-4: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
-    unknown = [k for k in w if k not in expected]
-    if unknown:
-        raise CheckpointError(f"unknown keys for RWKV-4: {', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''}")
-    for k, shape in expected.items():
-        got = tuple(w[k].shape)
-        if got != shape and not (k.endswith(("time_decay", "time_first")) and math.prod(got) == math.prod(shape)):
-            raise CheckpointError(f"inconsistent shape for {k}: {list(got)}, expected {list(shape)}")
+    keys.check_keys(w, expected_shapes(cfg), "RWKV-4", flexible=("time_decay", "time_first"))
     return cfg
 
 
@@ -293,7 +275,11 @@ def export_weights(w: dict, cfg: dict) -> dict:
     return out
 
 
-# -- the WKV op: standard-op bodies and the custom node ----------------------------------------
+# -- the WKV op: standard-op bodies (also the bodies of the custom rwkv::WKV4 / WKV4Seq nodes) --
+WKV4_INPUTS = ("k", "v", "w", "u", "aa", "bb", "pp")
+WKV4_OUTPUTS = ("y", "aa_out", "bb_out", "pp_out")
+
+
 def wkv4_step_ops(g: GraphBuilder, k, v, w, u, aa, bb, pp):
     """Standard ONNX ops for one WKV step; returns (y, aa', bb', pp')."""
     ww = g.op("Add", [u, k])
@@ -308,7 +294,7 @@ def wkv4_step_ops(g: GraphBuilder, k, v, w, u, aa, bb, pp):
     e2 = g.op("Exp", [g.op("Sub", [k, p2])])
     aa2 = g.op("Add", [g.op("Mul", [e1, aa]), g.op("Mul", [e2, v])])
     bb2 = g.op("Add", [g.op("Mul", [e1, bb]), e2])
-    return y, aa2, bb2, g.op("Identity", [p2])
+    return y, aa2, bb2, p2
 
 
 def wkv4_seq_ops(g: GraphBuilder, k, v, w, u, aa, bb, pp):
@@ -340,132 +326,51 @@ def wkv4_seq_ops(g: GraphBuilder, k, v, w, u, aa, bb, pp):
     return y, aa2, bb2, pp2
 
 
-def _wkv_node(g: GraphBuilder, seq: bool, plugin: bool, ins, outs):
-    op_type = "WKV4Seq" if seq else "WKV4"
-    body = wkv4_seq_ops if seq else wkv4_step_ops
-    if not plugin:
-        res = body(g, *ins)
-        for r, o in zip(res, outs):
-            g.op("Identity", [r], o)
-        return
-    if (CUSTOM_DOMAIN, op_type) not in g.functions:
-        fn = make_function(op_type, ["k", "v", "w", "u", "aa", "bb", "pp"], ["y", "aa_out", "bb_out", "pp_out"],
-                           body, attributes=["plugin_version", "plugin_namespace"])
-        g.add_function(fn)
-    g.op(op_type, ins, outs, domain=CUSTOM_DOMAIN, plugin_version="1", plugin_namespace=CUSTOM_DOMAIN)
-
-
 # -- whole graphs -------------------------------------------------------------------------------
-def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool, all_logits: bool = False,
-                dtype=np.float32, weight_fn=None, rescale_every: int = 0, step_gemm: bool = True):
+def build_graph(g: GraphBuilder, W: dict, cfg: dict, opts: GraphOptions):
     """Step graph (tokens [B]) or sequence graph (tokens [B,T]); state in -> logits, state out.
+    Matrices, precision and float16 rescaling as ``graph.Graph`` does them for every version."""
+    G = Graph(g, W, cfg, state_layout(cfg), opts)
+    seq = opts.seq
 
-    ``weight_fn(g, name, array)`` adds a matrix and returns a callable applying it (MatMul, or a
-    quantised MatMul); by default float MatMul in ``dtype``. With a reduced ``dtype`` only the
-    matrices and their MatMuls are in it (explicit Casts: a strongly typed graph); the residual
-    stream, layer norms, the WKV and the state stay float32. ``step_gemm``: the step graph's matrices
-    are stored [out, in] for ``Gemm(transB=1)``, measured ~9% faster than MatMul with [in, out] for
-    one token on onnxruntime's CPU provider (each output is one contiguous row's dot product); the
-    sequence graph keeps MatMul (3-D inputs), as do weight-only quantised exports (the quantiser
-    rewrites MatMul nodes). ``rescale_every`` (RWKV-4 in float16):
-    att.output/ffn.value weights divided by 2^(layer // n) and the residual halved after every n-th
-    block, the official scheme that keeps those MatMuls' outputs inside float16's range.
-    """
-    V, L = cfg["vocab_size"], cfg["n_layer"]
-    batch = [BATCH, "T"] if seq else [BATCH]
-    tokens = g.input("tokens", "int64", batch)
-    for s in state_layout(cfg):
-        g.input(s.name, "float32", s.shape)
-    g.output("logits", "float32", ([BATCH, "T", V] if all_logits else [BATCH, V]) if seq else [BATCH, V])
-    for s in state_layout(cfg):
-        g.output(s.output, "float32", s.shape)
+    def mix(sx, d, name):  # sx + (xx - sx) * time_mix: BlinkDL's RWKV-4 form
+        return g.op("Add", [sx, g.op("Mul", [d, G.vec(name)])])
 
-    def vec(name):
-        return g.weight(name, W[name])
-
-    def linear(name, x, array=None):
-        array = W[name] if array is None else array
-        if weight_fn is not None:
-            return weight_fn(g, name, array, x)
-        if step_gemm and not seq:
-            return g.op("Gemm", [x, g.weight(name, np.ascontiguousarray(array.T).astype(dtype))], transB=1)
-        return g.op("MatMul", [x, g.weight(name, array.astype(dtype))])
-
-    def ln(x, pre):
-        return g.op("LayerNormalization", [x, vec(pre + ".weight"), vec(pre + ".bias")], axis=-1,
-                    epsilon=cfg.get("ln_eps", LN_EPS))
-
-    def shift(xx, prev):
-        if not seq:
-            return prev
-        head = g.op("Unsqueeze", [prev, g.const([1], np.int64)])
-        body = g.op("Slice", [xx, g.const([0], np.int64), g.const([-1], np.int64), g.const([1], np.int64)])
-        return g.op("Concat", [head, body], axis=1)
-
-    def last(xx, out):
-        if not seq:
-            return g.op("Identity", [xx], out)
-        lastx = g.op("Slice", [xx, g.const([-1], np.int64), g.const([2**62], np.int64), g.const([1], np.int64)])
-        return g.op("Squeeze", [lastx, g.const([1], np.int64)], out)
-
-    lo = np.dtype(dtype)
-    lo_onnx = onnx_dtype(lo)
-
-    def cast(x, to):
-        if lo == np.float32:
-            return x
-        return g.op("Cast", [x], to=TensorProto.FLOAT if to == "f32" else lo_onnx)
-
-    def scaled(name, i):
-        # the official float16 rescaling: these two outputs feed the residual stream
-        return W[name] / (2 ** (i // rescale_every)) if rescale_every else W[name]
-
-    x = cast(g.op("Gather", [g.weight("emb", W["emb"].astype(lo)), tokens], axis=0), "f32")
-    for i in range(L):
+    x = G.embed()
+    for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
         st = lambda f: f"state.{i}.{f}"  # noqa: E731
         # time mixing
-        xx = ln(x, b + "ln1")
-        sx = shift(xx, st("att_shift"))
-        last(xx, f"new_state.{i}.att_shift")
+        xx = G.ln(x, b + "ln1")
+        sx = G.shift(xx, st("att_shift"))
+        G.last(xx, f"new_state.{i}.att_shift")
         d = g.op("Sub", [xx, sx])
-        mixed = {m: g.op("Add", [sx, g.op("Mul", [d, vec(b + "att.time_mix_" + m)])]) for m in "kvr"}
-        k = cast(linear(b + "att.key", cast(mixed["k"], "lo")), "f32")
-        v = cast(linear(b + "att.value", cast(mixed["v"], "lo")), "f32")
-        r = g.op("Sigmoid", [cast(linear(b + "att.receptance", cast(mixed["r"], "lo")), "f32")])
+        k, v, r = (G.linear(b + "att." + n, mix(sx, d, b + "att.time_mix_" + n[0]))
+                   for n in ("key", "value", "receptance"))
         y = g.fresh("wkv")
-        _wkv_node(g, seq, plugin, [k, v, vec(b + "att.w"), vec(b + "att.u"),
-                                   st("wkv_aa"), st("wkv_bb"), st("wkv_pp")],
-                  [y, f"new_state.{i}.wkv_aa", f"new_state.{i}.wkv_bb", f"new_state.{i}.wkv_pp"])
-        x = g.op("Add", [x, cast(linear(b + "att.output", cast(g.op("Mul", [r, y]), "lo"),
-                                        scaled(b + "att.output", i)), "f32")])
+        op, body = ("WKV4Seq", wkv4_seq_ops) if seq else ("WKV4", wkv4_step_ops)
+        wkv_node(g, op, WKV4_INPUTS, WKV4_OUTPUTS, body, opts.plugin,
+                 [k, v, G.vec(b + "att.w"), G.vec(b + "att.u"), st("wkv_aa"), st("wkv_bb"), st("wkv_pp")],
+                 [y, f"new_state.{i}.wkv_aa", f"new_state.{i}.wkv_bb", f"new_state.{i}.wkv_pp"])
+        x = g.op("Add", [x, G.linear(b + "att.output", g.op("Mul", [g.op("Sigmoid", [r]), y]), layer=i)])
         # channel mixing
-        xx = ln(x, b + "ln2")
-        sx = shift(xx, st("ffn_shift"))
-        last(xx, f"new_state.{i}.ffn_shift")
+        xx = G.ln(x, b + "ln2")
+        sx = G.shift(xx, st("ffn_shift"))
+        G.last(xx, f"new_state.{i}.ffn_shift")
         d = g.op("Sub", [xx, sx])
-        xk = g.op("Add", [sx, g.op("Mul", [d, vec(b + "ffn.time_mix_k")])])
-        xr = g.op("Add", [sx, g.op("Mul", [d, vec(b + "ffn.time_mix_r")])])
-        kk = g.op("Relu", [linear(b + "ffn.key", cast(xk, "lo"))])
-        kk = g.op("Mul", [kk, kk])
-        kv = cast(linear(b + "ffn.value", kk, scaled(b + "ffn.value", i)), "f32")
-        r = g.op("Sigmoid", [cast(linear(b + "ffn.receptance", cast(xr, "lo")), "f32")])
-        x = g.op("Add", [x, g.op("Mul", [r, kv])])
-        if rescale_every and (i + 1) % rescale_every == 0:
-            x = g.op("Mul", [x, g.const(0.5)])
-    if seq and not all_logits:
-        x = last(x, g.fresh("x_last"))
-    x = ln(x, "ln_out")
-    logits = linear("head", cast(x, "lo"))
-    g.op("Identity", [cast(logits, "f32")], "logits")
+        kv = G.linear(b + "ffn.value", G.relu_sq(G.linear(b + "ffn.key", mix(sx, d, b + "ffn.time_mix_k"))),
+                      layer=i)
+        rr = g.op("Sigmoid", [G.linear(b + "ffn.receptance", mix(sx, d, b + "ffn.time_mix_r"))])
+        x = G.rescale(g.op("Add", [x, g.op("Mul", [rr, kv])]), i)
+    G.head(x)
 
 
-def default_tokenizer(cfg: dict) -> dict:
-    V = cfg["vocab_size"]
-    if V <= 256:
-        return {"kind": "bytes"}
-    if V in (65536, 65529, 65525):
-        return {"kind": "world"}
-    if V in (50277, 50304):
-        return {"kind": "hf-json", "name": "20B_tokenizer"}
-    return {"kind": "none"}
+def detect(w: dict) -> str | None:
+    """emb.weight with att.time_first (and none of the later versions' keys, tried first)."""
+    return VERSION if "emb.weight" in w and any(k.endswith("att.time_first") for k in w) else None
+
+
+SPEC = ArchSpec(name="RWKV-4", versions=(VERSION,), detect=detect,
+                config_from_weights=config_from_weights, export_weights=export_weights,
+                state_layout=state_layout, Model=Model, build_graph=build_graph,
+                default_tokenizer=keys.default_tokenizer, half_rescale_every=6)

@@ -31,8 +31,6 @@ The group norm, gate and output projection stay outside the op.
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,11 +38,11 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..onnx_graph import GraphBuilder
+from . import ArchSpec, keys
 from . import headwise as hw
-from .headwise import LN_EPS, default_tokenizer  # noqa: F401  (part of the module interface)
+from .graph import LN_EPS, Graph, GraphOptions
 
 VERSION = "rwkv5"
-VERSIONS = ("rwkv5", "rwkv5.2")
 WKV_DOC = "WKV state S[b,h,i,j]: i over keys, j over values (BlinkDL's RWKV-5 layout)"
 
 
@@ -52,20 +50,20 @@ WKV_DOC = "WKV state S[b,h,i,j]: i over keys, j over values (BlinkDL's RWKV-5 la
 # Sizes and checkpoint validation
 # ---------------------------------------------------------------------------------------------
 def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
-    V, C = hw.embedding_size(w)
-    L = hw.layer_count(w)
-    td = hw.need(w, "blocks.0.att.time_decay")
+    V, C = keys.embedding_size(w)
+    L = keys.layer_count(w)
+    td = keys.need(w, "blocks.0.att.time_decay")
     H = int(td.shape[0])
     if H <= 0 or C % H:
         raise CheckpointError(f"blocks.0.att.time_decay: {H} heads do not divide n_embd {C}")
     N = C // H
     bonus = "time_faaaa" if "blocks.0.att.time_faaaa" in w else "time_first"
-    F_ = int(hw.need(w, "blocks.0.ffn.key.weight", 2).shape[0])
+    F_ = int(keys.need(w, "blocks.0.ffn.key.weight", 2).shape[0])
     cfg = {"n_layer": L, "n_embd": C, "vocab_size": V, "ffn_dim": F_,
            "n_head": H, "head_size": N, "gate": "blocks.0.att.gate.weight" in w,
            "per_channel_decay": td.numel() == H * N and N > 1, "bonus": bonus,
            "time_state": "blocks.0.att.time_state" in w}
-    hw.check_keys(w, expected_shapes(cfg), "RWKV-5", flexible=("time_decay", "time_first", "time_faaaa"))
+    keys.check_keys(w, expected_shapes(cfg), "RWKV-5", flexible=("time_decay", "time_first", "time_faaaa"))
     return cfg
 
 
@@ -166,7 +164,9 @@ class Model(hw.HeadwiseModel):
     version = VERSION
     time_mix = staticmethod(lambda i, cfg: TimeMix(cfg))
     channel_mix = staticmethod(lambda C, F_: ChannelMix(C, F_))
-    spec = sys.modules[__name__]
+    config_from_weights = staticmethod(config_from_weights)
+    state_layout = staticmethod(state_layout)
+    load_state_tuning = staticmethod(load_state_tuning)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,15 +202,11 @@ def export_weights(w: dict, cfg: dict) -> dict:
     return out
 
 
-def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool, all_logits: bool = False,
-                dtype=np.float32, weight_fn=None, rescale_every: int = 0):
+def build_graph(g: GraphBuilder, W: dict, cfg: dict, opts: GraphOptions):
     """Step graph (tokens [B]) or sequence graph (tokens [B,T]); state in -> logits, state out.
-
-    ``weight_fn(g, name, array, x)`` applies a matrix (MatMul, or a quantised MatMul); by default
-    float MatMul in ``dtype`` (see ``headwise.Graph`` for reduced precision and ``rescale_every``).
-    """
-    G = hw.Graph(g, W, cfg, state_layout(cfg), seq=seq, all_logits=all_logits, dtype=dtype, weight_fn=weight_fn,
-                 rescale_every=rescale_every)
+    Matrices, precision and rescaling as ``graph.Graph`` does them for every version."""
+    G = Graph(g, W, cfg, state_layout(cfg), opts)
+    seq = opts.seq
     x = G.embed()
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
@@ -226,7 +222,7 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool,
         r, k, v = (G.heads(G.linear(b + "att." + n, mix(xx, sx, "att.time_mix_" + m)))
                    for n, m in (("receptance", "r"), ("key", "k"), ("value", "v")))
         y = g.fresh("wkv")
-        hw.wkv_node(g, "WKV5Seq" if seq else "WKV5", plugin,
+        hw.wkv_node(g, "WKV5Seq" if seq else "WKV5", opts.plugin,
                     [r, k, v, G.vec(b + "att.w"), G.vec(b + "att.u"), st("wkv")], [y, f"new_state.{i}.wkv"])
         out = G.group_norm(y, b + "att.ln_x")
         if cfg["gate"]:
@@ -237,9 +233,22 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool,
         xx = G.ln(x, b + "ln2")
         sx = G.shift(xx, st("ffn_shift"))
         G.last(xx, f"new_state.{i}.ffn_shift")
-        kk = g.op("Relu", [G.linear(b + "ffn.key", mix(xx, sx, "ffn.time_mix_k"))])
-        kv = G.linear(b + "ffn.value", g.op("Mul", [kk, kk]), layer=i)
+        kk = G.relu_sq(G.linear(b + "ffn.key", mix(xx, sx, "ffn.time_mix_k")))
+        kv = G.linear(b + "ffn.value", kk, layer=i)
         rr = g.op("Sigmoid", [G.linear(b + "ffn.receptance", mix(xx, sx, "ffn.time_mix_r"))])
         x = G.rescale(g.op("Add", [x, g.op("Mul", [rr, kv])]), i)
     G.head(x)
 
+
+def detect(w: dict) -> str | None:
+    """att.ln_x marks RWKV-5 (6 and 7 are tried first); a 2-D time_decay [H,N] marks 5.2."""
+    if not any(k.endswith("att.ln_x.weight") for k in w):
+        return None
+    td = [v for k, v in w.items() if k.endswith("att.time_decay")]
+    return "rwkv5.2" if td and td[0].dim() == 2 and td[0].shape[-1] > 1 else "rwkv5"
+
+
+SPEC = ArchSpec(name="RWKV-5", versions=(VERSION, "rwkv5.2"), detect=detect,
+                config_from_weights=config_from_weights, export_weights=export_weights,
+                state_layout=state_layout, Model=Model, build_graph=build_graph,
+                default_tokenizer=keys.default_tokenizer, load_state_tuning=load_state_tuning)

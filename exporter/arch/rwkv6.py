@@ -30,8 +30,6 @@ The data-dependent decay, group norm, gate and output projection stay outside th
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,8 +37,9 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..onnx_graph import GraphBuilder
+from . import ArchSpec, keys
 from . import headwise as hw
-from .headwise import LN_EPS, default_tokenizer  # noqa: F401  (part of the module interface)
+from .graph import LN_EPS, Graph, GraphOptions
 
 VERSION = "rwkv6"
 WKV_DOC = "WKV state S[b,h,i,j]: i over keys, j over values (BlinkDL's RWKV-6 layout)"
@@ -51,20 +50,20 @@ MAA = "wkvrg"  # the five data-dependent token-shift mixes, in time_maa_w2's ord
 # Sizes and checkpoint validation
 # ---------------------------------------------------------------------------------------------
 def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
-    V, C = hw.embedding_size(w)
-    L = hw.layer_count(w)
-    u = hw.need(w, "blocks.0.att.time_faaaa", 2)
+    V, C = keys.embedding_size(w)
+    L = keys.layer_count(w)
+    u = keys.need(w, "blocks.0.att.time_faaaa", 2)
     H, N = (int(d) for d in u.shape)
     if H * N != C:
         raise CheckpointError(f"inconsistent shape for blocks.0.att.time_faaaa: {[H, N]} "
                               f"(heads x head size != n_embd {C})")
-    w2 = hw.need(w, "blocks.0.att.time_maa_w2", 3)
-    F_ = int(hw.need(w, "blocks.0.ffn.key.weight", 2).shape[0])
+    w2 = keys.need(w, "blocks.0.att.time_maa_w2", 3)
+    F_ = int(keys.need(w, "blocks.0.ffn.key.weight", 2).shape[0])
     cfg = {"n_layer": L, "n_embd": C, "vocab_size": V, "ffn_dim": F_,
            "n_head": H, "head_size": N, "dim_maa": int(w2.shape[1]),
-           "dim_decay": int(hw.need(w, "blocks.0.att.time_decay_w1", 2).shape[1]),
+           "dim_decay": int(keys.need(w, "blocks.0.att.time_decay_w1", 2).shape[1]),
            "time_state": "blocks.0.att.time_state" in w}
-    hw.check_keys(w, expected_shapes(cfg), "RWKV-6", flexible=("time_decay",))
+    keys.check_keys(w, expected_shapes(cfg), "RWKV-6", flexible=("time_decay",))
     return cfg
 
 
@@ -159,7 +158,9 @@ class Model(hw.HeadwiseModel):
     version = VERSION
     time_mix = staticmethod(lambda i, cfg: TimeMix(cfg))
     channel_mix = staticmethod(lambda C, F_: ChannelMix(C, F_))
-    spec = sys.modules[__name__]
+    config_from_weights = staticmethod(config_from_weights)
+    state_layout = staticmethod(state_layout)
+    load_state_tuning = staticmethod(load_state_tuning)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,16 +191,12 @@ def export_weights(w: dict, cfg: dict) -> dict:
     return out
 
 
-def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool, all_logits: bool = False,
-                dtype=np.float32, weight_fn=None, rescale_every: int = 0):
+def build_graph(g: GraphBuilder, W: dict, cfg: dict, opts: GraphOptions):
     """Step graph (tokens [B]) or sequence graph (tokens [B,T]); state in -> logits, state out.
-
-    ``weight_fn(g, name, array, x)`` applies a matrix (MatMul, or a quantised MatMul); by default
-    float MatMul in ``dtype`` (see ``headwise.Graph`` for reduced precision and ``rescale_every``).
-    The LoRA matrices stay float32 MatMuls.
-    """
-    G = hw.Graph(g, W, cfg, state_layout(cfg), seq=seq, all_logits=all_logits, dtype=dtype, weight_fn=weight_fn,
-                 rescale_every=rescale_every)
+    Matrices, precision and rescaling as ``graph.Graph`` does them for every version. The LoRA
+    matrices stay float32 MatMuls."""
+    G = Graph(g, W, cfg, state_layout(cfg), opts)
+    seq = opts.seq
     D = cfg["dim_maa"]
     x = G.embed()
     for i in range(cfg["n_layer"]):
@@ -227,7 +224,7 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool,
                            G.mm(g.op("Tanh", [G.mm(mixed["w"], b + "att.time_decay_w1")]), b + "att.time_decay_w2")])
         w = G.heads(g.op("Exp", [g.op("Neg", [g.op("Exp", [dec])])]))
         y = g.fresh("wkv")
-        hw.wkv_node(g, "WKV6Seq" if seq else "WKV6", plugin,
+        hw.wkv_node(g, "WKV6Seq" if seq else "WKV6", opts.plugin,
                     [r, k, v, w, G.vec(b + "att.u"), st("wkv")], [y, f"new_state.{i}.wkv"])
         out = G.group_norm(y, b + "att.ln_x")
         gate = G.linear(b + "att.gate", mixed["g"])
@@ -237,8 +234,19 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool,
         xx = G.ln(x, b + "ln2")
         dx = g.op("Sub", [G.shift(xx, st("ffn_shift")), xx])
         G.last(xx, f"new_state.{i}.ffn_shift")
-        kk = g.op("Relu", [G.linear(b + "ffn.key", lerp(xx, dx, G.vec(b + "ffn.time_maa_k")))])
-        kv = G.linear(b + "ffn.value", g.op("Mul", [kk, kk]), layer=i)
+        kk = G.relu_sq(G.linear(b + "ffn.key", lerp(xx, dx, G.vec(b + "ffn.time_maa_k"))))
+        kv = G.linear(b + "ffn.value", kk, layer=i)
         rr = g.op("Sigmoid", [G.linear(b + "ffn.receptance", lerp(xx, dx, G.vec(b + "ffn.time_maa_r")))])
         x = G.rescale(g.op("Add", [x, g.op("Mul", [rr, kv])]), i)
     G.head(x)
+
+
+def detect(w: dict) -> str | None:
+    """The data-dependent token shift (att.time_maa_x) marks RWKV-6."""
+    return VERSION if any(k.endswith("att.time_maa_x") for k in w) else None
+
+
+SPEC = ArchSpec(name="RWKV-6", versions=(VERSION,), detect=detect,
+                config_from_weights=config_from_weights, export_weights=export_weights,
+                state_layout=state_layout, Model=Model, build_graph=build_graph,
+                default_tokenizer=keys.default_tokenizer, load_state_tuning=load_state_tuning)

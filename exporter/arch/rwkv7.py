@@ -37,8 +37,6 @@ The group norm, the r_k bonus term, gate and output projection stay outside the 
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -46,8 +44,9 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..onnx_graph import GraphBuilder
+from . import ArchSpec, keys
 from . import headwise as hw
-from .headwise import LN_EPS, default_tokenizer  # noqa: F401  (part of the module interface)
+from .graph import LN_EPS, Graph, GraphOptions
 
 VERSION = "rwkv7"
 WKV_DOC = "WKV state S[b,h,i,j]: i over values, j over keys (BlinkDL's RWKV-7 layout)"
@@ -60,20 +59,20 @@ UNUSED_LAYER0 = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")  # off
 # Sizes and checkpoint validation
 # ---------------------------------------------------------------------------------------------
 def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
-    V, C = hw.embedding_size(w)
-    L = hw.layer_count(w)
-    rk = hw.need(w, "blocks.0.att.r_k", 2)
+    V, C = keys.embedding_size(w)
+    L = keys.layer_count(w)
+    rk = keys.need(w, "blocks.0.att.r_k", 2)
     H, N = (int(d) for d in rk.shape)
     if H * N != C:
         raise CheckpointError(f"inconsistent shape for blocks.0.att.r_k: {[H, N]} (heads x head size != n_embd {C})")
-    dv = int(hw.need(w, "blocks.1.att.v1", 2).shape[1]) if L > 1 else (
+    dv = int(keys.need(w, "blocks.1.att.v1", 2).shape[1]) if L > 1 else (
         int(w["blocks.0.att.v1"].shape[1]) if "blocks.0.att.v1" in w else 0)
-    F_ = int(hw.need(w, "blocks.0.ffn.key.weight", 2).shape[0])
+    F_ = int(keys.need(w, "blocks.0.ffn.key.weight", 2).shape[0])
     cfg = {"n_layer": L, "n_embd": C, "vocab_size": V, "ffn_dim": F_,
-           "n_head": H, "head_size": N, "dim_w": int(hw.need(w, "blocks.0.att.w1", 2).shape[1]),
-           "dim_a": int(hw.need(w, "blocks.0.att.a1", 2).shape[1]), "dim_v": dv,
-           "dim_g": int(hw.need(w, "blocks.0.att.g1", 2).shape[1]), "time_state": "blocks.0.att.time_state" in w}
-    hw.check_keys(w, expected_shapes(cfg), "RWKV-7", ignored=UNUSED_LAYER0)
+           "n_head": H, "head_size": N, "dim_w": int(keys.need(w, "blocks.0.att.w1", 2).shape[1]),
+           "dim_a": int(keys.need(w, "blocks.0.att.a1", 2).shape[1]), "dim_v": dv,
+           "dim_g": int(keys.need(w, "blocks.0.att.g1", 2).shape[1]), "time_state": "blocks.0.att.time_state" in w}
+    keys.check_keys(w, expected_shapes(cfg), "RWKV-7", ignored=UNUSED_LAYER0)
     return cfg
 
 
@@ -178,7 +177,9 @@ class Model(hw.HeadwiseModel):
     version = VERSION
     time_mix = staticmethod(lambda i, cfg: TimeMix(i, cfg))
     channel_mix = staticmethod(lambda C, F_: ChannelMix(C, F_))
-    spec = sys.modules[__name__]
+    config_from_weights = staticmethod(config_from_weights)
+    state_layout = staticmethod(state_layout)
+    load_state_tuning = staticmethod(load_state_tuning)
     drop_keys = UNUSED_LAYER0
 
     def _run(self, x, state: dict, parallel: bool):
@@ -225,16 +226,12 @@ def export_weights(w: dict, cfg: dict) -> dict:
     return out
 
 
-def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool, all_logits: bool = False,
-                dtype=np.float32, weight_fn=None, rescale_every: int = 0):
+def build_graph(g: GraphBuilder, W: dict, cfg: dict, opts: GraphOptions):
     """Step graph (tokens [B]) or sequence graph (tokens [B,T]); state in -> logits, state out.
-
-    ``weight_fn(g, name, array, x)`` applies a matrix (MatMul, or a quantised MatMul); by default
-    float MatMul in ``dtype`` (see ``headwise.Graph`` for reduced precision and ``rescale_every``).
-    The LoRA matrices stay float32 MatMuls.
-    """
-    G = hw.Graph(g, W, cfg, state_layout(cfg), seq=seq, all_logits=all_logits, dtype=dtype, weight_fn=weight_fn,
-                 rescale_every=rescale_every)
+    Matrices, precision and rescaling as ``graph.Graph`` does them for every version. The LoRA
+    matrices stay float32 MatMuls."""
+    G = Graph(g, W, cfg, state_layout(cfg), opts)
+    seq = opts.seq
     ax = g.const([-1], np.int64)
     x = G.embed()
     v_first = None
@@ -269,7 +266,7 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool,
         w = g.op("Exp", [g.op("Mul", [g.const(-W_SCALE), g.op("Sigmoid", [g.op("Add", [G.vec(b + "att.w0"), w])])])])
         rh, kh, vh = G.heads(r), G.heads(k), G.heads(v)
         y = g.fresh("wkv")
-        hw.wkv_node(g, "WKV7Seq" if seq else "WKV7", plugin,
+        hw.wkv_node(g, "WKV7Seq" if seq else "WKV7", opts.plugin,
                     [rh, G.heads(w), kh, vh, g.op("Neg", [kk]), g.op("Mul", [kk, G.heads(a)]), st("wkv")],
                     [y, f"new_state.{i}.wkv"])
         out = G.group_norm(y, b + "att.ln_x")
@@ -280,6 +277,17 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, *, seq: bool, plugin: bool,
         xx = G.ln(x, b + "ln2")
         dx = g.op("Sub", [G.shift(xx, st("ffn_shift")), xx])
         G.last(xx, f"new_state.{i}.ffn_shift")
-        kk2 = g.op("Relu", [G.linear(b + "ffn.key", g.op("Add", [xx, g.op("Mul", [dx, G.vec(b + "ffn.x_k")])]))])
-        x = G.rescale(g.op("Add", [x, G.linear(b + "ffn.value", g.op("Mul", [kk2, kk2]), layer=i)]), i)
+        kk2 = G.relu_sq(G.linear(b + "ffn.key", g.op("Add", [xx, g.op("Mul", [dx, G.vec(b + "ffn.x_k")])])))
+        x = G.rescale(g.op("Add", [x, G.linear(b + "ffn.value", kk2, layer=i)]), i)
     G.head(x)
+
+
+def detect(w: dict) -> str | None:
+    """att.k_k / att.r_k mark RWKV-7."""
+    return VERSION if any(k.endswith(("att.k_k", "att.r_k")) for k in w) else None
+
+
+SPEC = ArchSpec(name="RWKV-7", versions=(VERSION,), detect=detect,
+                config_from_weights=config_from_weights, export_weights=export_weights,
+                state_layout=state_layout, Model=Model, build_graph=build_graph,
+                default_tokenizer=keys.default_tokenizer, load_state_tuning=load_state_tuning)

@@ -1,0 +1,180 @@
+"""The graph plumbing every RWKV version shares: graph I/O from the state layout, the precision
+policy, the matrix products (Gemm or MatMul), layer norms, token shift, the head, and the WKV node.
+
+Precision policy (one rule for every version; docs/architecture.md): with a reduced ``dtype``
+(float16, bfloat16) only the embedding table, the large matrices and their MatMul/Gemm run in it,
+behind explicit Casts (a strongly typed graph). Everything elementwise -- the residual stream, the
+layer/group norms, token shift, relu(key)^2, the gates, the LoRA matrices, the WKV and the state --
+stays float32. ``rescale_every`` n: BlinkDL's float16 scheme (att.output/ffn.value divided by
+2^(layer // n), the residual halved after every n-th block) keeps those products inside float16.
+
+Matrix products: the step graph (one token, x [B,C]) stores each large matrix [out, in] and uses
+``Gemm(transB=1)``: each output is one contiguous row's dot product, measured faster than MatMul
+with [in, out] on onnxruntime's CPU provider for RWKV-4 (docs/benchmarks.md has the v5/6/7 figures).
+The sequence graph (x [B,T,C]) and weight-only quantised exports (onnxruntime's MatMulNBits
+quantiser rewrites MatMul nodes only) use MatMul with [in, out].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from rwkv_runtime.manifest import BATCH
+
+from ..onnx_graph import CUSTOM_DOMAIN, GraphBuilder, make_function
+
+LN_EPS = 1e-5
+GN_EPS = 64e-5  # BlinkDL's ln_x eps: 1e-5 after dividing by head_size_divisor 8, i.e. 1e-5 * 8**2
+F32 = TensorProto.FLOAT
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    """What to build. ``gemm``: Gemm(transB) for the step graph's large matrices (off when the
+    graph will be weight-only quantised)."""
+    seq: bool = False
+    plugin: bool = False
+    all_logits: bool = False
+    dtype: type = np.float32
+    rescale_every: int = 0
+    gemm: bool = True
+
+
+class Graph:
+    """Declares the I/O and offers the per-token building blocks; ``x`` tensors are [B,C] (step)
+    or [B,T,C] (sequence). Weights come from ``W`` (a version's ``export_weights``: vectors flat,
+    matrices [in, out])."""
+
+    def __init__(self, g: GraphBuilder, W: dict, cfg: dict, specs, opts: GraphOptions):
+        self.g, self.W, self.cfg, self.opts = g, W, cfg, opts
+        self.seq, self.all_logits = opts.seq, opts.all_logits
+        self.lo = np.dtype(opts.dtype)
+        self.lo_onnx = helper.np_dtype_to_tensor_dtype(self.lo)
+        self.rescale_every = int(opts.rescale_every or 0)
+        self.gemm = opts.gemm  # both graphs: the same [out, in] arrays, stored once in a shared weights file
+        self.eps = cfg.get("ln_eps", LN_EPS)
+        self._added: dict = {}
+        V = cfg["vocab_size"]
+        self.tokens = g.input("tokens", "int64", [BATCH, "T"] if self.seq else [BATCH])
+        for s in specs:
+            g.input(s.name, "float32", s.shape)
+        g.output("logits", "float32",
+                 ([BATCH, "T", V] if self.all_logits else [BATCH, V]) if self.seq else [BATCH, V])
+        for s in specs:
+            g.output(s.output, "float32", s.shape)
+
+    def vec(self, name, dtype=np.float32, array=None):
+        """An initializer (float32 unless told: vectors, small LoRA matrices), added once."""
+        if name not in self._added:
+            arr = self.W[name] if array is None else array
+            self._added[name] = self.g.weight(name, np.asarray(arr).astype(dtype))
+        return self._added[name]
+
+    def cast(self, x, to):
+        if self.lo == np.float32:
+            return x
+        return self.g.op("Cast", [x], to=F32 if to == "f32" else self.lo_onnx)
+
+    def linear(self, name, x, layer: int | None = None):
+        """x @ W[name] in the graph's precision; float32 in and out. ``layer``: a matrix whose
+        output feeds the residual stream, scaled down there when rescaling."""
+        array = self.W[name]
+        if layer is not None and self.rescale_every:
+            array = array / np.float32(2 ** (layer // self.rescale_every))
+        x = self.cast(x, "lo")
+        if self.gemm:
+            w = self.vec(name, self.lo, np.ascontiguousarray(array.T))
+            if not self.seq:
+                y = self.g.op("Gemm", [x, w], transB=1)
+            else:  # Gemm is 2-D: [..., in] -> [N, in] -> [N, out] -> [..., out]
+                g = self.g
+                flat = g.op("Gemm", [g.op("Reshape", [x, g.const([-1, array.shape[0]], np.int64)]), w], transB=1)
+                lead = g.op("Shape", [x], end=-1)
+                y = g.op("Reshape", [flat, g.op("Concat", [lead, g.const([array.shape[1]], np.int64)], axis=0)])
+        else:
+            y = self.g.op("MatMul", [x, self.vec(name, self.lo, array)])
+        return self.cast(y, "f32")
+
+    def rescale(self, x, layer: int):
+        """After block ``layer``: halve the residual stream every ``rescale_every`` blocks."""
+        if self.rescale_every and (layer + 1) % self.rescale_every == 0:
+            return self.g.op("Mul", [x, self.g.const(0.5)])
+        return x
+
+    def mm(self, x, name):
+        """x @ W[name] in float32 (LoRA matrices: BlinkDL keeps them out of quantisation)."""
+        return self.g.op("MatMul", [x, self.vec(name)])
+
+    def ln(self, x, pre):
+        return self.g.op("LayerNormalization", [x, self.vec(pre + ".weight"), self.vec(pre + ".bias")],
+                         axis=-1, epsilon=self.eps)
+
+    def shift(self, xx, prev):
+        """The previous token's input for every position: prev (step) or [prev, xx_0..xx_{T-2}]."""
+        g = self.g
+        if not self.seq:
+            return prev
+        head = g.op("Unsqueeze", [prev, g.const([1], np.int64)])
+        body = g.op("Slice", [xx, g.const([0], np.int64), g.const([-1], np.int64), g.const([1], np.int64)])
+        return g.op("Concat", [head, body], axis=1)
+
+    def last(self, xx, out):
+        """The last position of ``xx`` under the name ``out`` (a state output)."""
+        g = self.g
+        if not self.seq:
+            return g.op("Identity", [xx], out)
+        lastx = g.op("Slice", [xx, g.const([-1], np.int64), g.const([2**62], np.int64), g.const([1], np.int64)])
+        return g.op("Squeeze", [lastx, g.const([1], np.int64)], out)
+
+    def relu_sq(self, x):
+        """relu(x)^2, the channel mix's activation (float32, as every elementwise op)."""
+        r = self.g.op("Relu", [x])
+        return self.g.op("Mul", [r, r])
+
+    def heads(self, x):
+        """[B,(T),C] -> [B,(T),H,N]."""
+        H, N = self.cfg["n_head"], self.cfg["head_size"]
+        return self.g.op("Reshape", [x, self.g.const([0, 0, H, N] if self.seq else [0, H, N], np.int64)])
+
+    def flat(self, x):
+        """[B,(T),H,N] -> [B,(T),C]."""
+        C = self.cfg["n_embd"]
+        return self.g.op("Reshape", [x, self.g.const([0, 0, C] if self.seq else [0, C], np.int64)])
+
+    def group_norm(self, y, pre):
+        """ln_x on the WKV output in head form [B,(T),H,N] -> [B,(T),C]. LayerNormalization over the
+        head size is the group norm; its affine weights are per channel ([H,N]), applied after."""
+        g, N = self.g, self.cfg["head_size"]
+        yn = g.op("LayerNormalization", [y, g.const(np.ones(N, np.float32))], axis=-1, epsilon=GN_EPS)
+        yn = g.op("Add", [g.op("Mul", [yn, self.vec(pre + ".weight")]), self.vec(pre + ".bias")])
+        return self.flat(yn)
+
+    def embed(self):
+        return self.cast(self.g.op("Gather", [self.vec("emb", self.lo), self.tokens], axis=0), "f32")
+
+    def head(self, x):
+        g = self.g
+        if self.seq and not self.all_logits:
+            x = self.last(x, g.fresh("x_last"))
+        g.op("Identity", [self.linear("head", self.ln(x, "ln_out"))], "logits")
+
+
+def wkv_node(g: GraphBuilder, op_type: str, formal_inputs, formal_outputs, body, plugin: bool, ins, outs):
+    """The WKV of one layer: ``body(g, *ins)``'s standard ops inline (plain), or one
+    ``rwkv::<op_type>`` node (plugin) backed by a model-local function with the same body (ONNX
+    Runtime inlines it; TensorRT's parser prefers a registered plugin of that op type)."""
+    if not plugin:
+        for r, o in zip(body(g, *ins), outs):
+            g.op("Identity", [r], o)
+        return
+    if (CUSTOM_DOMAIN, op_type) not in g.functions:
+        # make_function renames the producers of the returned values but not their other readers
+        # (WKV7's y reads the new state): return fresh Identity copies
+        def fn_body(fg, *a):
+            return [fg.op("Identity", [r]) for r in body(fg, *a)]
+
+        g.add_function(make_function(op_type, list(formal_inputs), list(formal_outputs), fn_body,
+                                     attributes=["plugin_version", "plugin_namespace"]))
+    g.op(op_type, ins, outs, domain=CUSTOM_DOMAIN, plugin_version="1", plugin_namespace=CUSTOM_DOMAIN)
