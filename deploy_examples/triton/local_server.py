@@ -18,6 +18,7 @@ Python backend, with one backend stub per Python version. What this launcher set
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -33,13 +34,19 @@ from pathlib import Path
 DEFAULT_ENV = Path(__file__).resolve().parents[2] / "build" / "triton-env"
 
 
-def _pytriton_dist() -> tuple[Path, Path]:
-    import importlib.util
-
-    spec = importlib.util.find_spec("pytriton")  # located, not imported: only its files are used
-    if spec is None or not spec.origin:
-        raise RuntimeError("no tritonserver: pip install nvidia-pytriton (it bundles the server binary)")
-    root = Path(spec.origin).resolve().parent
+def _pytriton_dist(python_env: Path) -> tuple[Path, Path]:
+    """The server files of the nvidia-pytriton wheel: in the model env (make_stub_env.sh puts it there),
+    else in this interpreter's environment. Located, never imported (its package imports much more)."""
+    code = "import importlib.util as u; s = u.find_spec('pytriton'); print(s.origin if s else '')"
+    r = subprocess.run([str(python_env / "bin" / "python3"), "-c", code], capture_output=True, text=True, timeout=60)
+    origin = r.stdout.strip() if r.returncode == 0 else ""
+    if not origin:
+        spec = importlib.util.find_spec("pytriton")
+        origin = spec.origin if spec else ""
+    if not origin:
+        raise RuntimeError(f"no tritonserver: the nvidia-pytriton wheel is in neither {python_env} nor this "
+                           "environment (deploy_examples/triton/make_stub_env.sh installs it)")
+    root = Path(origin).resolve().parent
     return root / "tritonserver", root.parent / "nvidia_pytriton.libs"
 
 
@@ -92,7 +99,9 @@ class LocalTriton:
         return py.parent
 
     def __enter__(self) -> "LocalTriton":
-        dist, libs = _pytriton_dist()
+        if not (self.python_env / "bin" / "python3").exists():
+            raise RuntimeError(f"{self.python_env}: no bin/python3 (run deploy_examples/triton/make_stub_env.sh)")
+        dist, libs = _pytriton_dist(self.python_env)
         self._work = tempfile.mkdtemp(prefix="rwkv-triton-")
         try:
             backends = self._backends(dist)
