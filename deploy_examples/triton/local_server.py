@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -48,6 +49,16 @@ def _pytriton_dist(python_env: Path) -> tuple[Path, Path]:
                            "environment (deploy_examples/triton/make_stub_env.sh installs it)")
     root = Path(origin).resolve().parent
     return root / "tritonserver", root.parent / "nvidia_pytriton.libs"
+
+
+def _die_with_parent():
+    """In the child before exec: Linux sends it SIGTERM when the launcher dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _free_port() -> int:
@@ -119,7 +130,7 @@ class LocalTriton:
         self.log_path = Path(self._work) / "tritonserver.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         self._killer = threading.Timer(self.max_lifetime, self._stop)
         self._killer.daemon = True
         self._killer.start()
@@ -189,6 +200,7 @@ def main(argv=None) -> int:
     if not a.repo.is_dir():
         print(f"Error: {a.repo}: no such model repository", file=sys.stderr)
         return 1
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too (via __exit__)
     try:
         with LocalTriton(a.repo, max_lifetime=a.lifetime, python_env=a.python_env) as t:
             print(f"tritonserver ready: HTTP {t.http_url}  gRPC {t.grpc_url}  (Ctrl-C stops it)", flush=True)

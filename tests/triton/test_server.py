@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ NEW = 24
 def test_python_backend_concurrent_sequences_match_session(triton_exports, tmp_path):
     g = triton_exports["rwkv4"]
     write_repository(g, tmp_path / "repo", "python", max_batch=4, name="tiny4")
+    write_repository(g, tmp_path / "repo", "python", max_batch=4, name="idle1", idle_s=1.0)  # Triton's default
     s = rwkv_runtime.Session(g)
     greedy = rwkv_runtime.SamplingParams(temperature=0)
     want = [list(s.generate_tokens(s.encode(p), NEW, greedy)) for p in PROMPTS]
@@ -68,6 +70,13 @@ def test_python_backend_concurrent_sequences_match_session(triton_exports, tmp_p
         # END closed the sequence: continuing it is refused (by Triton's batcher), not a silent fresh start
         with pytest.raises(Exception, match="must specify the START flag"):
             m.feed([65], 1000, start=False)
+        # with Triton's default idle time (1 s) a conversation whose user pauses for 2 s is gone
+        short = TritonRWKV(t.http_url, "idle1")
+        short.feed(short.tokenizer.encode("Hello"), 7, start=True)
+        short.feed([65], 7, start=False)  # within the idle time: fine
+        time.sleep(2.5)
+        with pytest.raises(Exception, match="must specify the START flag"):
+            short.feed([66], 7, start=False)
 
 
 STUB = '''
