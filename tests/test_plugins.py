@@ -34,7 +34,7 @@ import wkvhead_reference as href  # noqa: E402
 CASES = [(1, 1, 64), (3, 7, 768), (8, 64, 64), (2, 33, 100)]  # (B, T, C); C=100: not a multiple of a warp
 EXPORTED = {"getCreators", "setLoggerFinder", "rwkvTrtRegisterPlugins", "rwkvTrtPluginInfo", "rwkvWkv4Forward",
             "rwkvWkv5Forward", "rwkvWkv6Forward", "rwkvWkv7Forward"}
-DOCUMENTED_LOADERS = ("trtexec --dynamicPlugins", "load_library", "Polygraphy --plugins", "ctypes")
+DOCUMENTED_LOADERS = ("trtexec --dynamicPlugins", "load_library", "Polygraphy `--plugins", "ctypes.CDLL", "--staticPlugins")
 REF_MODELS = REPO.parent / "shared" / "reference" / "models"
 
 
@@ -579,15 +579,20 @@ def test_plugin_loaded_with_ctypes(trt_build, scenario):
 
 
 # -- the CUDA kernels on a GPU --------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def gpu(tmp_path_factory):
+def _gpu_kernels(tmp_path_factory, family: str, wrap):
+    """(CUDA buffer backend, the family's kernels compiled for this GPU); skips without a GPU or nvcc."""
     backend, reason = ref.cuda_backend()
     if backend is None:
         pytest.skip(reason)
     if tp.find_nvcc() is None:
         pytest.skip("nvcc not found")
-    lib = tp.compile_kernels_only(tmp_path_factory.mktemp("wkv4_gpu"), cuda_architectures=backend.arch())
-    return backend, ref.kernels_library(lib)
+    lib = tp.compile_kernels(tmp_path_factory.mktemp(f"{family}_gpu"), family, cuda_architectures=backend.arch())
+    return backend, wrap(lib)
+
+
+@pytest.fixture(scope="module")
+def gpu(tmp_path_factory):
+    return _gpu_kernels(tmp_path_factory, "wkv4", ref.kernels_library)
 
 
 @pytest.mark.gpu
@@ -616,13 +621,7 @@ def test_plugin_enqueue_on_gpu(trt_build):
 
 @pytest.fixture(scope="module")
 def head_gpu(tmp_path_factory):
-    backend, reason = ref.cuda_backend()
-    if backend is None:
-        pytest.skip(reason)
-    if tp.find_nvcc() is None:
-        pytest.skip("nvcc not found")
-    lib = tp.compile_kernels(tmp_path_factory.mktemp("wkvhead_gpu"), "wkvhead", cuda_architectures=backend.arch())
-    return backend, href.kernels_library(lib)
+    return _gpu_kernels(tmp_path_factory, "wkvhead", href.kernels_library)
 
 
 @pytest.mark.gpu
@@ -635,3 +634,23 @@ def test_head_kernels_on_gpu_match_numpy(head_gpu, fam, dkey, case):
     ins = href.random_case(rng, fam, *case, act, wd)
     errs = href.compare(fam, href.run_device(lib, backend, fam, ins), ins)
     assert href.within(errs, act), errs
+
+
+# -- the slow lane --------------------------------------------------------------------------------
+# Every test that needs a library compiled for it (g++, nvcc, CMake: seconds to a minute on two cores)
+# is `slow`; the rest run in the fast lane (-m "not slow").
+_COMPILED_FIXTURES = {"host_lib", "head_host", "head_emulated", "head_model_exports", "trt_build", "gpu", "head_gpu"}
+_COMPILING_TESTS = {"test_emulated_kernels_under_address_sanitizer", "test_nvcc_compiles_kernels",
+                    "test_nvcc_compiles_head_kernels"}
+
+
+def _mark_compiling_tests_slow():
+    import inspect
+
+    for name, fn in list(globals().items()):
+        if name.startswith("test_") and callable(fn) and (
+                name in _COMPILING_TESTS or _COMPILED_FIXTURES & set(inspect.signature(fn).parameters)):
+            globals()[name] = pytest.mark.slow(fn)
+
+
+_mark_compiling_tests_slow()

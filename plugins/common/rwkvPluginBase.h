@@ -17,6 +17,54 @@ namespace rwkv
 namespace trt
 {
 
+// The TensorRT names the op files use.
+using nvinfer1::DataType;
+using nvinfer1::Dims;
+using nvinfer1::DimsExprs;
+using nvinfer1::DynamicPluginTensorDesc;
+using nvinfer1::IPluginCapability;
+using nvinfer1::IPluginV3;
+using nvinfer1::PluginCapabilityType;
+using nvinfer1::PluginField;
+using nvinfer1::PluginFieldCollection;
+using nvinfer1::PluginFieldType;
+using nvinfer1::PluginTensorDesc;
+using nvinfer1::TensorFormat;
+using nvinfer1::TensorRTPhase;
+using Severity = nvinfer1::ILogger::Severity;
+
+//! The methods each op defines (its shape and type rules, enqueue); everything else of IPluginV3
+//! comes from PluginV3Base. Put in the op class's public section.
+#define RWKV_PLUGIN_OP_METHODS                                                                                     \
+    int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,                                 \
+        nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;                          \
+    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs,                                   \
+        nvinfer1::DimsExprs const* shapeInputs, int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs,               \
+        int32_t nbOutputs, nvinfer1::IExprBuilder& exprBuilder) noexcept override;                                 \
+    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs, \
+        int32_t nbOutputs) noexcept override;                                                                      \
+    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,                         \
+        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;                        \
+    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,                                  \
+        nvinfer1::PluginTensorDesc const* out, int32_t nbOutputs) noexcept override;                               \
+    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,     \
+        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override
+
+//! Name, version and namespace, for a plugin and its creator alike.
+#define RWKV_PLUGIN_IDENTITY(NAME, VERSION)                                                                        \
+    char const* getPluginName() const noexcept override                                                            \
+    {                                                                                                              \
+        return NAME;                                                                                               \
+    }                                                                                                              \
+    char const* getPluginVersion() const noexcept override                                                         \
+    {                                                                                                              \
+        return VERSION;                                                                                            \
+    }                                                                                                              \
+    char const* getPluginNamespace() const noexcept override                                                       \
+    {                                                                                                              \
+        return kPLUGIN_NAMESPACE;                                                                                  \
+    }
+
 //! Version of what getFieldsToSerialize writes; createPlugin(kRUNTIME) rejects engines with another.
 constexpr int32_t kENGINE_FORMAT_VERSION{1};
 
@@ -48,9 +96,10 @@ public:
         return copy;
     }
 
-    char const* getPluginNamespace() const noexcept override
+    RWKV_PLUGIN_IDENTITY(mName, mVersion)
+    int32_t getNbOutputs() const noexcept override
     {
-        return kPLUGIN_NAMESPACE;
+        return mNbOutputs;
     }
 
     //! The ops have no attributes, so one timing entry per op and shape is right. (The default,
@@ -81,10 +130,19 @@ public:
     }
 
 protected:
-    PluginV3Base() noexcept = default;
+    //! name and version: static strings (the op's ONNX op_type and plugin_version).
+    PluginV3Base(char const* name, char const* version, int32_t nbOutputs) noexcept
+        : mName(name)
+        , mVersion(version)
+        , mNbOutputs(nbOutputs)
+    {
+    }
     // The serialization fields point into the object itself, so they are rebuilt, never copied.
     PluginV3Base(PluginV3Base const& other) noexcept
-        : mRecorder(other.mRecorder)
+        : mName(other.mName)
+        , mVersion(other.mVersion)
+        , mNbOutputs(other.mNbOutputs)
+        , mRecorder(other.mRecorder)
     {
     }
     PluginV3Base& operator=(PluginV3Base const&) = delete;
@@ -96,6 +154,9 @@ protected:
     }
 
 private:
+    char const* mName;
+    char const* mVersion;
+    int32_t mNbOutputs;
     nvinfer1::IErrorRecorder* mRecorder{nullptr};
     int32_t mFormatVersion{kENGINE_FORMAT_VERSION};
     nvinfer1::PluginField mSerialField;
@@ -111,18 +172,7 @@ public:
     {
     }
 
-    char const* getPluginName() const noexcept override
-    {
-        return mName;
-    }
-    char const* getPluginVersion() const noexcept override
-    {
-        return mVersion;
-    }
-    char const* getPluginNamespace() const noexcept override
-    {
-        return kPLUGIN_NAMESPACE;
-    }
+    RWKV_PLUGIN_IDENTITY(mName, mVersion)
     nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override
     {
         return &mFieldNames; // none: plugin_version/plugin_namespace are the parser's

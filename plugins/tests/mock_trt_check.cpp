@@ -170,32 +170,57 @@ void inputDims(bool seq, int64_t B, int64_t T, int64_t C, Dims* dims)
     dims[4] = dims[5] = dims[6] = makeDims({B, C});
 }
 
+//! Tensor i as TensorRT describes it: linear, fixed shape (min = opt = max), into dyn and/or desc.
+void putDesc(int i, Dims const& d, DataType t, DynamicPluginTensorDesc* dyn, PluginTensorDesc* desc)
+{
+    PluginTensorDesc p{};
+    p.dims = d;
+    p.type = t;
+    p.format = TensorFormat::kLINEAR;
+    p.scale = -1.F;
+    if (desc)
+    {
+        desc[i] = p;
+    }
+    if (dyn)
+    {
+        dyn[i].desc = p;
+        dyn[i].min = dyn[i].opt = dyn[i].max = d;
+    }
+}
+
 void fillDescs(Dims const* in, DataType elem, DynamicPluginTensorDesc* dyn, PluginTensorDesc* desc)
 {
     for (int i = 0; i < 11; ++i)
     {
         Dims const d = i < 7 ? in[i] : (i == 7 ? in[0] : in[4]);
-        DataType const t = (i == 0 || i == 1 || i == 7) ? elem : DataType::kFLOAT;
-        PluginTensorDesc p{};
-        p.dims = d;
-        p.type = t;
-        p.format = TensorFormat::kLINEAR;
-        p.scale = -1.F;
-        if (desc)
-        {
-            desc[i] = p;
-        }
-        if (dyn)
-        {
-            dyn[i].desc = p;
-            dyn[i].min = d;
-            dyn[i].max = d;
-            dyn[i].opt = d;
-        }
+        putDesc(i, d, (i == 0 || i == 1 || i == 7) ? elem : DataType::kFLOAT, dyn, desc);
     }
 }
 
-void exercise(char const* name, bool seq)
+//! A plugin of the op `name` and its runtime capability (nullptr if the creator is missing).
+IPluginV3* runtimePlugin(char const* name, IPluginV3OneRuntime*& rt)
+{
+    IPluginCreatorV3One* c = creator(name);
+    PluginFieldCollection empty{};
+    IPluginV3* p = c ? c->createPlugin("node", &empty, TensorRTPhase::kBUILD) : nullptr;
+    rt = p ? static_cast<IPluginV3OneRuntime*>(p->getCapabilityInterface(PluginCapabilityType::kRUNTIME)) : nullptr;
+    return p;
+}
+
+//! A build-phase plugin of the op `name` with its three capabilities.
+struct Made
+{
+    IPluginCreatorV3One* creator{nullptr};
+    IPluginV3* plugin{nullptr};
+    IPluginV3OneBuild* build{nullptr};
+    IPluginV3OneRuntime* runtime{nullptr};
+};
+
+//! What every op's exercise starts with: the creator is registered and declares no fields; the
+//! build-phase plugin has the three capabilities of the right kinds, its name/version/namespace,
+//! and the timing-cache id "" (no attributes; nullptr would keep its timings out of the cache).
+bool makeBuildPlugin(char const* name, Made& m)
 {
     std::string const tag = std::string(name) + ": ";
     auto msg = [&](char const* s) { return (tag + s); };
@@ -203,22 +228,26 @@ void exercise(char const* name, bool seq)
     check(c != nullptr, msg("creator registered as rwkv::<name> version 1").c_str());
     if (c == nullptr)
     {
-        return;
+        return false;
     }
     PluginFieldCollection const* names = c->getFieldNames();
     check(names != nullptr && names->nbFields == 0, msg("creator declares no fields").c_str());
-
     PluginFieldCollection empty{};
     IPluginV3* p = c->createPlugin("node", &empty, TensorRTPhase::kBUILD);
     check(p != nullptr, msg("createPlugin(kBUILD)").c_str());
     if (p == nullptr)
     {
-        return;
+        return false;
     }
     auto* core = static_cast<IPluginV3OneCore*>(p->getCapabilityInterface(PluginCapabilityType::kCORE));
     auto* build = static_cast<IPluginV3OneBuild*>(p->getCapabilityInterface(PluginCapabilityType::kBUILD));
     auto* rt = static_cast<IPluginV3OneRuntime*>(p->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
     check(core && build && rt, msg("all three capabilities").c_str());
+    if (!(core && build && rt))
+    {
+        delete p;
+        return false;
+    }
     check(std::strcmp(core->getPluginName(), name) == 0 && std::strcmp(core->getPluginVersion(), "1") == 0
             && std::strcmp(core->getPluginNamespace(), "rwkv") == 0,
         msg("name/version/namespace").c_str());
@@ -227,7 +256,68 @@ void exercise(char const* name, bool seq)
             && std::strcmp(rt->getInterfaceInfo().kind, "PLUGIN_V3ONE_RUNTIME") == 0,
         msg("capability interface kinds").c_str());
     check(build->getTimingCacheID() != nullptr && build->getTimingCacheID()[0] == '\0',
-        msg("timing cache id \"\" (no attributes; nullptr would keep it out of the timing cache)").c_str());
+        msg("timing cache id \"\"").c_str());
+    m.creator = c;
+    m.plugin = p;
+    m.build = build;
+    m.runtime = rt;
+    return true;
+}
+
+//! What every op's exercise ends with, then deletes the plugin: the serialized fields, the runtime
+//! plugin made from them, an unknown engine format rejected, clone (owning its fields), attachToContext.
+void finishChecks(char const* name, Made& m)
+{
+    std::string const tag = std::string(name) + ": ";
+    auto msg = [&](char const* s) { return (tag + s); };
+    auto nameOf = [](IPluginV3* q) {
+        return static_cast<IPluginV3OneCore*>(q->getCapabilityInterface(PluginCapabilityType::kCORE))->getPluginName();
+    };
+    PluginFieldCollection const* fields = m.runtime->getFieldsToSerialize();
+    bool fieldsOk = fields != nullptr && fields->nbFields == 1 && std::strcmp(fields->fields[0].name, "format_version") == 0
+        && fields->fields[0].type == PluginFieldType::kINT32 && fields->fields[0].length == 1
+        && *static_cast<int32_t const*>(fields->fields[0].data) == 1;
+    check(fieldsOk, msg("getFieldsToSerialize: format_version = 1").c_str());
+    IPluginV3* restored = m.creator->createPlugin("node", fields, TensorRTPhase::kRUNTIME);
+    check(restored != nullptr && std::strcmp(nameOf(restored), name) == 0,
+        msg("createPlugin(kRUNTIME) from serialized fields: same op").c_str());
+    delete restored;
+    int32_t future = 2;
+    PluginField ff("format_version", &future, PluginFieldType::kINT32, 1);
+    PluginFieldCollection fc{1, &ff};
+    IPluginV3* bad = m.creator->createPlugin("node", &fc, TensorRTPhase::kRUNTIME);
+    check(bad == nullptr, msg("createPlugin(kRUNTIME): unknown format_version rejected").c_str());
+    delete bad;
+
+    IPluginV3* cl = m.plugin->clone();
+    check(cl != nullptr && std::strcmp(nameOf(cl), name) == 0, msg("clone").c_str());
+    if (cl)
+    {
+        // The clone's serialization fields must point into the clone, not the original.
+        PluginFieldCollection const* cf
+            = static_cast<IPluginV3OneRuntime*>(cl->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
+                  ->getFieldsToSerialize();
+        check(cf != fields && cf->fields[0].data != fields->fields[0].data, msg("clone owns its fields").c_str());
+    }
+    delete cl;
+    IPluginV3* attached = m.runtime->attachToContext(nullptr);
+    check(attached != nullptr, msg("attachToContext").c_str());
+    delete attached;
+    delete m.plugin;
+    m.plugin = nullptr;
+}
+
+void exercise(char const* name, bool seq)
+{
+    std::string const tag = std::string(name) + ": ";
+    auto msg = [&](char const* s) { return (tag + s); };
+    Made m;
+    if (!makeBuildPlugin(name, m))
+    {
+        return;
+    }
+    IPluginV3OneBuild* build = m.build;
+    IPluginV3OneRuntime* rt = m.runtime;
     check(build->getNbOutputs() == 4, msg("4 outputs").c_str());
 
     // Output types.
@@ -346,42 +436,7 @@ void exercise(char const* name, bool seq)
     desc[7].type = f;
     check(rt->enqueue(desc, desc + 7, inPtrs, outPtrs, nullptr, nullptr) != 0, msg("enqueue: y type != k rejected").c_str());
 
-    // Serialization round trip.
-    PluginFieldCollection const* fields = rt->getFieldsToSerialize();
-    bool fieldsOk = fields != nullptr && fields->nbFields == 1 && std::strcmp(fields->fields[0].name, "format_version") == 0
-        && fields->fields[0].type == PluginFieldType::kINT32 && fields->fields[0].length == 1
-        && *static_cast<int32_t const*>(fields->fields[0].data) == 1;
-    check(fieldsOk, msg("getFieldsToSerialize: format_version = 1").c_str());
-    IPluginV3* restored = c->createPlugin("node", fields, TensorRTPhase::kRUNTIME);
-    check(restored != nullptr, msg("createPlugin(kRUNTIME) from serialized fields").c_str());
-    delete restored;
-    int32_t future = 2;
-    PluginField ff("format_version", &future, PluginFieldType::kINT32, 1);
-    PluginFieldCollection fc{1, &ff};
-    IPluginV3* bad = c->createPlugin("node", &fc, TensorRTPhase::kRUNTIME);
-    check(bad == nullptr, msg("createPlugin(kRUNTIME): unknown format_version rejected").c_str());
-    delete bad;
-
-    IPluginV3* cl = p->clone();
-    check(cl != nullptr
-            && std::strcmp(static_cast<IPluginV3OneCore*>(cl->getCapabilityInterface(PluginCapabilityType::kCORE))
-                               ->getPluginName(),
-                   name)
-                == 0,
-        msg("clone").c_str());
-    if (cl)
-    {
-        // The clone's serialization fields must point into the clone, not the original.
-        PluginFieldCollection const* cf
-            = static_cast<IPluginV3OneRuntime*>(cl->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
-                  ->getFieldsToSerialize();
-        check(cf != fields && cf->fields[0].data != fields->fields[0].data, msg("clone owns its fields").c_str());
-    }
-    delete cl;
-    IPluginV3* attached = rt->attachToContext(nullptr);
-    check(attached != nullptr, msg("attachToContext").c_str());
-    delete attached;
-    delete p;
+    finishChecks(name, m);
 }
 
 // Deterministic pseudo-random numbers in [lo, hi).
@@ -399,7 +454,7 @@ template <typename Elem>
 Elem toElem(float x)
 {
     Elem e;
-    rwkv::wkv4Store(x, &e);
+    rwkv::store(x, &e);
     return e;
 }
 
@@ -461,13 +516,11 @@ void enqueueCase(char const* name, bool seq, int32_t B, int32_t T, int32_t C, Da
             ok = cudaMemcpy(dev[i], host[i], bytes[i], cudaMemcpyHostToDevice) == cudaSuccess;
         }
     }
-    IPluginCreatorV3One* c = creator(name);
-    PluginFieldCollection empty{};
-    IPluginV3* p = (ok && c) ? c->createPlugin("node", &empty, TensorRTPhase::kBUILD) : nullptr;
+    IPluginV3OneRuntime* rt = nullptr;
+    IPluginV3* p = ok ? runtimePlugin(name, rt) : nullptr;
     ok = ok && p != nullptr;
     if (ok)
     {
-        auto* rt = static_cast<IPluginV3OneRuntime*>(p->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
         Dims dims[7];
         inputDims(seq, B, T, C, dims);
         PluginTensorDesc desc[11];
@@ -487,7 +540,7 @@ void enqueueCase(char const* name, bool seq, int32_t B, int32_t T, int32_t C, Da
     auto rel = [](double got, double want) { return std::fabs(got - want) / std::fmax(1.0, std::fabs(want)); };
     for (size_t i = 0; ok && i < nSeq; ++i)
     {
-        worstY = std::fmax(worstY, rel(rwkv::wkv4Load(yGot[i]), rwkv::wkv4Load(yRef[i])));
+        worstY = std::fmax(worstY, rel(rwkv::load(yGot[i]), rwkv::load(yRef[i])));
     }
     for (size_t i = 0; ok && i < nState; ++i)
     {
@@ -573,26 +626,12 @@ void headDescs(HeadOp const& op, Dims const* dims, DataType act, DataType decay,
 {
     for (int i = 0; i < op.nbIn + 2; ++i)
     {
-        PluginTensorDesc p{};
-        p.dims = dims[i];
-        p.type = i == op.nbIn ? act
-            : i > op.nbIn     ? DataType::kFLOAT
-                              : (op.roles[i] == Role::kTOKEN ? act
-                                      : op.roles[i] == Role::kDECAY ? decay
-                                                                    : DataType::kFLOAT);
-        p.format = TensorFormat::kLINEAR;
-        p.scale = -1.F;
-        if (desc)
-        {
-            desc[i] = p;
-        }
-        if (dyn)
-        {
-            dyn[i].desc = p;
-            dyn[i].min = dims[i];
-            dyn[i].max = dims[i];
-            dyn[i].opt = dims[i];
-        }
+        DataType const t = i == op.nbIn ? act
+            : i > op.nbIn               ? DataType::kFLOAT
+            : op.roles[i] == Role::kTOKEN ? act
+            : op.roles[i] == Role::kDECAY ? decay
+                                          : DataType::kFLOAT;
+        putDesc(i, dims[i], t, dyn, desc);
     }
 }
 
@@ -613,32 +652,13 @@ void exerciseHead(int family, bool seq)
     int const wIdx = decayIndex(op);
     std::string const tag = std::string(op.name) + ": ";
     auto msg = [&](char const* s) { return (tag + s); };
-    IPluginCreatorV3One* c = creator(op.name);
-    check(c != nullptr, msg("creator registered as rwkv::<name> version 1").c_str());
-    if (c == nullptr)
+    Made m;
+    if (!makeBuildPlugin(op.name, m))
     {
         return;
     }
-    PluginFieldCollection const* names = c->getFieldNames();
-    check(names != nullptr && names->nbFields == 0, msg("creator declares no fields").c_str());
-    PluginFieldCollection empty{};
-    IPluginV3* p = c->createPlugin("node", &empty, TensorRTPhase::kBUILD);
-    check(p != nullptr, msg("createPlugin(kBUILD)").c_str());
-    if (p == nullptr)
-    {
-        return;
-    }
-    auto* core = static_cast<IPluginV3OneCore*>(p->getCapabilityInterface(PluginCapabilityType::kCORE));
-    auto* build = static_cast<IPluginV3OneBuild*>(p->getCapabilityInterface(PluginCapabilityType::kBUILD));
-    auto* rt = static_cast<IPluginV3OneRuntime*>(p->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
-    check(core && build && rt, msg("all three capabilities").c_str());
-    check(std::strcmp(core->getPluginName(), op.name) == 0 && std::strcmp(core->getPluginVersion(), "1") == 0
-            && std::strcmp(core->getPluginNamespace(), "rwkv") == 0,
-        msg("name/version/namespace").c_str());
-    check(std::strcmp(core->getInterfaceInfo().kind, "PLUGIN_V3ONE_CORE") == 0
-            && std::strcmp(build->getInterfaceInfo().kind, "PLUGIN_V3ONE_BUILD") == 0
-            && std::strcmp(rt->getInterfaceInfo().kind, "PLUGIN_V3ONE_RUNTIME") == 0,
-        msg("capability interface kinds").c_str());
+    IPluginV3OneBuild* build = m.build;
+    IPluginV3OneRuntime* rt = m.runtime;
     check(build->getNbOutputs() == 2, msg("2 outputs").c_str());
 
     // Output types.
@@ -813,49 +833,7 @@ void exerciseHead(int family, bool seq)
     desc[nb - 1].type = h;
     check(rt->enqueue(desc, desc + nb, inPtrs, outPtrs, nullptr, nullptr) != 0, msg("enqueue: f16 state rejected").c_str());
 
-    // Serialization round trip.
-    PluginFieldCollection const* fields = rt->getFieldsToSerialize();
-    bool fieldsOk = fields != nullptr && fields->nbFields == 1 && std::strcmp(fields->fields[0].name, "format_version") == 0
-        && fields->fields[0].type == PluginFieldType::kINT32 && fields->fields[0].length == 1
-        && *static_cast<int32_t const*>(fields->fields[0].data) == 1;
-    check(fieldsOk, msg("getFieldsToSerialize: format_version = 1").c_str());
-    IPluginV3* restored = c->createPlugin("node", fields, TensorRTPhase::kRUNTIME);
-    bool restoredOk = restored != nullptr;
-    if (restored)
-    {
-        auto* rcore = static_cast<IPluginV3OneCore*>(restored->getCapabilityInterface(PluginCapabilityType::kCORE));
-        auto* rbuild = static_cast<IPluginV3OneBuild*>(restored->getCapabilityInterface(PluginCapabilityType::kBUILD));
-        types(h, h, in);
-        restoredOk = std::strcmp(rcore->getPluginName(), op.name) == 0 && rbuild->getOutputDataTypes(out, 2, in, nb) == 0;
-    }
-    check(restoredOk, msg("createPlugin(kRUNTIME) from serialized fields: same op").c_str());
-    delete restored;
-    int32_t future = 2;
-    PluginField ff("format_version", &future, PluginFieldType::kINT32, 1);
-    PluginFieldCollection fc{1, &ff};
-    IPluginV3* bad = c->createPlugin("node", &fc, TensorRTPhase::kRUNTIME);
-    check(bad == nullptr, msg("createPlugin(kRUNTIME): unknown format_version rejected").c_str());
-    delete bad;
-
-    IPluginV3* cl = p->clone();
-    check(cl != nullptr
-            && std::strcmp(static_cast<IPluginV3OneCore*>(cl->getCapabilityInterface(PluginCapabilityType::kCORE))
-                               ->getPluginName(),
-                   op.name)
-                == 0,
-        msg("clone").c_str());
-    if (cl)
-    {
-        PluginFieldCollection const* cf
-            = static_cast<IPluginV3OneRuntime*>(cl->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
-                  ->getFieldsToSerialize();
-        check(cf != fields && cf->fields[0].data != fields->fields[0].data, msg("clone owns its fields").c_str());
-    }
-    delete cl;
-    IPluginV3* attached = rt->attachToContext(nullptr);
-    check(attached != nullptr, msg("attachToContext").c_str());
-    delete attached;
-    delete p;
+    finishChecks(op.name, m);
 }
 
 //! The op on the CPU with the lane functions of wkvHeadMath.cuh (generic path: in place, with the
@@ -998,13 +976,11 @@ void enqueueHeadCase(int family, bool seq, int32_t B, int32_t T, int32_t H, int3
             ok = cudaMemcpy(dev[i], raw.data(), bytes[i], cudaMemcpyHostToDevice) == cudaSuccess;
         }
     }
-    IPluginCreatorV3One* c = creator(op.name);
-    PluginFieldCollection empty{};
-    IPluginV3* p = (ok && c) ? c->createPlugin("node", &empty, TensorRTPhase::kBUILD) : nullptr;
+    IPluginV3OneRuntime* rt = nullptr;
+    IPluginV3* p = ok ? runtimePlugin(op.name, rt) : nullptr;
     ok = ok && p != nullptr;
     if (ok)
     {
-        auto* rt = static_cast<IPluginV3OneRuntime*>(p->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
         Dims dims[9];
         headDims(op, B, T, H, N, dims);
         PluginTensorDesc desc[9];
@@ -1081,7 +1057,6 @@ int main(int argc, char** argv)
     std::string const scenario = argv[1];
     char const* lib = argv[2];
     char const* copy = argc > 3 ? argv[3] : nullptr;
-    IPluginRegistry* reg = getPluginRegistry();
 
     if (scenario == "loadlibrary")
     {

@@ -53,7 +53,7 @@ extern "C" cudaError_t rwkvWkv4Forward(cudaStream_t stream, int32_t B, int32_t T
     void const* k, void const* v, float const* w, float const* u, float const* aa, float const* bb, float const* pp,
     void* y, float* aaOut, float* bbOut, float* ppOut)
 {
-    if (B < 0 || T < 0 || C < 0 || (dtype != RWKV_WKV4_FLOAT32 && dtype != RWKV_WKV4_FLOAT16))
+    if (B < 0 || T < 0 || C < 0 || (dtype != RWKV_DTYPE_FLOAT32 && dtype != RWKV_DTYPE_FLOAT16))
     {
         return cudaErrorInvalidValue;
     }
@@ -67,7 +67,7 @@ extern "C" cudaError_t rwkvWkv4Forward(cudaStream_t stream, int32_t B, int32_t T
     {
         return cudaErrorInvalidValue;
     }
-    if (dtype == RWKV_WKV4_FLOAT16)
+    if (dtype == RWKV_DTYPE_FLOAT16)
     {
         return launch<__half>(stream, B, T, C, k, v, w, u, aa, bb, pp, y, aaOut, bbOut, ppOut);
     }

@@ -8,22 +8,12 @@
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
-#if defined(_WIN32)
-#define RWKV_WKV4_API
-#else
-#define RWKV_WKV4_API __attribute__((visibility("default")))
-#endif
+#include "../common/rwkvKernelApi.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-//! Element type of k, v and y. State, w and u are always float32.
-enum RwkvWkv4DType
-{
-    RWKV_WKV4_FLOAT32 = 0,
-    RWKV_WKV4_FLOAT16 = 1
-};
 
 //! Runs T tokens of the WKV recurrence for every (b, c) on `stream` (one thread per (b, c)).
 //! k, v, y: [B, T, C] of `dtype` (the single-step op passes T = 1 with [B, C] buffers);
@@ -31,7 +21,7 @@ enum RwkvWkv4DType
 //! Outputs may alias their inputs (aaOut == aa, y == k, ...). T = 0 copies the state through.
 //! Returns cudaErrorInvalidValue for bad sizes, dtype or null pointers, else cudaGetLastError()
 //! after the launch (asynchronous: kernel faults surface at the next synchronisation).
-RWKV_WKV4_API cudaError_t rwkvWkv4Forward(cudaStream_t stream, int32_t B, int32_t T, int32_t C, int32_t dtype,
+RWKV_KERNEL_API cudaError_t rwkvWkv4Forward(cudaStream_t stream, int32_t B, int32_t T, int32_t C, int32_t dtype,
     void const* k, void const* v, float const* w, float const* u, float const* aa, float const* bb,
     float const* pp, void* y, float* aaOut, float* bbOut, float* ppOut);
 

@@ -15,51 +15,12 @@
 #include <math.h>
 #include <stdint.h>
 
-#if defined(__CUDACC__)
-#define RWKV_HD __host__ __device__ __forceinline__
-#else
-#define RWKV_HD inline
-#endif
+#include "../common/rwkvElement.cuh"
 
-// float16 k/v/y need cuda_fp16.h; its conversions are __host__ __device__, so a plain C++ compiler
-// with the CUDA include directory gets the same rounding as the GPU. Without it: float32 only.
-#if defined(__CUDACC__)
-#include <cuda_fp16.h>
-#define RWKV_WKV4_HAS_HALF 1
-#elif defined(__has_include)
-#if __has_include(<cuda_fp16.h>)
-#include <cuda_fp16.h>
-#define RWKV_WKV4_HAS_HALF 1
-#endif
-#endif
-#ifndef RWKV_WKV4_HAS_HALF
-#define RWKV_WKV4_HAS_HALF 0
-#endif
+#define RWKV_WKV4_HAS_HALF RWKV_HAS_HALF
 
 namespace rwkv
 {
-
-RWKV_HD float wkv4Load(float x)
-{
-    return x;
-}
-
-RWKV_HD void wkv4Store(float x, float* dst)
-{
-    *dst = x;
-}
-
-#if RWKV_WKV4_HAS_HALF
-RWKV_HD float wkv4Load(__half x)
-{
-    return __half2float(x);
-}
-
-RWKV_HD void wkv4Store(float x, __half* dst)
-{
-    *dst = __float2half_rn(x);
-}
-#endif
 
 //! One token for one channel: returns y, updates (aa, bb, pp) in place.
 RWKV_HD float wkv4Step(float k, float v, float w, float u, float& aa, float& bb, float& pp)
@@ -98,8 +59,8 @@ RWKV_HD void wkv4Channel(int64_t b, int64_t c, int64_t steps, int64_t channels, 
     int64_t idx = b * steps * channels + c;
     for (int64_t t = 0; t < steps; ++t, idx += channels)
     {
-        float const yt = wkv4Step(wkv4Load(k[idx]), wkv4Load(v[idx]), wc, uc, aa, bb, pp);
-        wkv4Store(yt, &y[idx]);
+        float const yt = wkv4Step(load(k[idx]), load(v[idx]), wc, uc, aa, bb, pp);
+        store(yt, &y[idx]);
     }
     aaOut[s] = aa;
     bbOut[s] = bb;

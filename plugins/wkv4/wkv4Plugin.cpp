@@ -1,27 +1,10 @@
 #include "wkv4Plugin.h"
 
-#include "common/rwkvPluginCommon.h"
 #include "wkv4Kernel.h"
 
 #include <climits>
 #include <cstdio>
 #include <cstring>
-#include <new>
-
-using nvinfer1::DataType;
-using nvinfer1::Dims;
-using nvinfer1::DimsExprs;
-using nvinfer1::DynamicPluginTensorDesc;
-using nvinfer1::IPluginCapability;
-using nvinfer1::IPluginV3;
-using nvinfer1::PluginCapabilityType;
-using nvinfer1::PluginField;
-using nvinfer1::PluginFieldCollection;
-using nvinfer1::PluginFieldType;
-using nvinfer1::PluginTensorDesc;
-using nvinfer1::TensorFormat;
-using nvinfer1::TensorRTPhase;
-using Severity = nvinfer1::ILogger::Severity;
 
 namespace rwkv
 {
@@ -142,23 +125,9 @@ bool checkCounts(bool seq, int32_t nbInputs, int32_t nbOutputs, char const* wher
 // ---- Wkv4Plugin ---------------------------------------------------------------------------------
 
 Wkv4Plugin::Wkv4Plugin(bool seq) noexcept
-    : mSeq(seq)
+    : PluginV3Base(opName(seq), kWKV4_VERSION, kWKV4_NB_OUTPUTS)
+    , mSeq(seq)
 {
-}
-
-char const* Wkv4Plugin::getPluginName() const noexcept
-{
-    return opName(mSeq);
-}
-
-char const* Wkv4Plugin::getPluginVersion() const noexcept
-{
-    return kWKV4_VERSION;
-}
-
-int32_t Wkv4Plugin::getNbOutputs() const noexcept
-{
-    return kWKV4_NB_OUTPUTS;
 }
 
 int32_t Wkv4Plugin::getOutputDataTypes(
@@ -301,7 +270,7 @@ int32_t Wkv4Plugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc 
     auto const B = static_cast<int32_t>(k.d[0]);
     auto const T = mSeq ? static_cast<int32_t>(k.d[1]) : 1;
     auto const C = static_cast<int32_t>(k.d[rank - 1]);
-    int32_t const dtype = type == DataType::kHALF ? RWKV_WKV4_FLOAT16 : RWKV_WKV4_FLOAT32;
+    int32_t const dtype = type == DataType::kHALF ? RWKV_DTYPE_FLOAT16 : RWKV_DTYPE_FLOAT32;
 
     cudaError_t const status = rwkvWkv4Forward(stream, B, T, C, dtype, inputs[kK], inputs[kV],
         static_cast<float const*>(inputs[kW]), static_cast<float const*>(inputs[kU]),

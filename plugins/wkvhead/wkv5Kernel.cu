@@ -8,7 +8,7 @@ extern "C" cudaError_t rwkvWkv5Forward(cudaStream_t stream, int32_t B, int32_t T
     float* stateOut)
 {
     using namespace rwkv::head;
-    if (!validCall(B, T, H, N, dtype, RWKV_WKVHEAD_FLOAT32))
+    if (!validCall(B, T, H, N, dtype, RWKV_DTYPE_FLOAT32))
     {
         return cudaErrorInvalidValue;
     }
@@ -20,7 +20,7 @@ extern "C" cudaError_t rwkvWkv5Forward(cudaStream_t stream, int32_t B, int32_t T
     {
         return cudaErrorInvalidValue;
     }
-    if (dtype == RWKV_WKVHEAD_FLOAT16)
+    if (dtype == RWKV_DTYPE_FLOAT16)
     {
         return launchWkv56<__half, float, false>(stream, B, T, H, N, r, k, v, w, u, state, y, stateOut);
     }

@@ -20,11 +20,11 @@ extern "C" cudaError_t rwkvWkv6Forward(cudaStream_t stream, int32_t B, int32_t T
     {
         return cudaErrorInvalidValue;
     }
-    if (dtype == RWKV_WKVHEAD_FLOAT32)
+    if (dtype == RWKV_DTYPE_FLOAT32)
     {
         return launchWkv56<float, float, true>(stream, B, T, H, N, r, k, v, w, u, state, y, stateOut);
     }
-    if (wDtype == RWKV_WKVHEAD_FLOAT16)
+    if (wDtype == RWKV_DTYPE_FLOAT16)
     {
         return launchWkv56<__half, __half, true>(stream, B, T, H, N, r, k, v, w, u, state, y, stateOut);
     }

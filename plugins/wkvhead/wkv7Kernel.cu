@@ -20,11 +20,11 @@ extern "C" cudaError_t rwkvWkv7Forward(cudaStream_t stream, int32_t B, int32_t T
     {
         return cudaErrorInvalidValue;
     }
-    if (dtype == RWKV_WKVHEAD_FLOAT32)
+    if (dtype == RWKV_DTYPE_FLOAT32)
     {
         return launchWkv7<float, float>(stream, B, T, H, N, r, w, k, v, a, b, state, y, stateOut);
     }
-    if (wDtype == RWKV_WKVHEAD_FLOAT16)
+    if (wDtype == RWKV_DTYPE_FLOAT16)
     {
         return launchWkv7<__half, __half>(stream, B, T, H, N, r, w, k, v, a, b, state, y, stateOut);
     }

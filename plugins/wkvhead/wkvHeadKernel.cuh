@@ -47,8 +47,8 @@ inline bool validCall(int32_t B, int32_t T, int32_t H, int32_t N, int32_t dtype,
 {
     bool const sizesOk = B >= 0 && T >= 0 && H >= 0 && N >= 0 && N <= kMAX_HEAD_SIZE
         && static_cast<int64_t>(B) * H <= INT32_MAX;
-    bool const typesOk = (dtype == RWKV_WKVHEAD_FLOAT32 || dtype == RWKV_WKVHEAD_FLOAT16)
-        && (wDtype == dtype || wDtype == RWKV_WKVHEAD_FLOAT32);
+    bool const typesOk = (dtype == RWKV_DTYPE_FLOAT32 || dtype == RWKV_DTYPE_FLOAT16)
+        && (wDtype == dtype || wDtype == RWKV_DTYPE_FLOAT32);
     return sizesOk && typesOk;
 }
 

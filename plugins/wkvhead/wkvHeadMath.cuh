@@ -25,11 +25,10 @@
 #include <math.h>
 #include <stdint.h>
 
-#if defined(__CUDACC__)
-#define RWKV_WKVH_HD __host__ __device__ __forceinline__
-#else
-#define RWKV_WKVH_HD inline
-#endif
+#include "../common/rwkvElement.cuh"
+
+#define RWKV_WKVH_HD RWKV_HD
+#define RWKV_WKVHEAD_HAS_HALF RWKV_HAS_HALF
 
 // Full unrolling in device code, where a head size known at compile time keeps the state line in
 // registers; a no-op for the host compilers (no "unknown pragma" warnings).
@@ -37,21 +36,6 @@
 #define RWKV_WKVH_UNROLL _Pragma("unroll")
 #else
 #define RWKV_WKVH_UNROLL
-#endif
-
-// float16 activations need cuda_fp16.h; its conversions are __host__ __device__, so a plain C++
-// compiler with the CUDA include directory gets the same rounding as the GPU. Without it: float32 only.
-#if defined(__CUDACC__)
-#include <cuda_fp16.h>
-#define RWKV_WKVHEAD_HAS_HALF 1
-#elif defined(__has_include)
-#if __has_include(<cuda_fp16.h>)
-#include <cuda_fp16.h>
-#define RWKV_WKVHEAD_HAS_HALF 1
-#endif
-#endif
-#ifndef RWKV_WKVHEAD_HAS_HALF
-#define RWKV_WKVHEAD_HAS_HALF 0
 #endif
 
 namespace rwkv
@@ -62,27 +46,8 @@ namespace head
 //! Largest head size: one CUDA thread per value index, and a block holds at most 1024 threads.
 constexpr int32_t kMAX_HEAD_SIZE = 1024;
 
-RWKV_WKVH_HD float load(float x)
-{
-    return x;
-}
-
-RWKV_WKVH_HD void store(float x, float* dst)
-{
-    *dst = x;
-}
-
-#if RWKV_WKVHEAD_HAS_HALF
-RWKV_WKVH_HD float load(__half x)
-{
-    return __half2float(x);
-}
-
-RWKV_WKVH_HD void store(float x, __half* dst)
-{
-    *dst = __float2half_rn(x);
-}
-#endif
+using ::rwkv::load;
+using ::rwkv::store;
 
 //! Element (b, t, h, n) of a row-major [B, T, H, N] activation (the single-step ops are T = 1).
 RWKV_WKVH_HD int64_t actIndex(int64_t b, int64_t t, int64_t h, int64_t n, int64_t T, int64_t H, int64_t N)

@@ -1,27 +1,10 @@
 #include "wkvHeadPlugin.h"
 
-#include "common/rwkvPluginCommon.h"
 #include "wkvHeadKernel.h"
 
 #include <climits>
 #include <cstdio>
 #include <cstring>
-#include <new>
-
-using nvinfer1::DataType;
-using nvinfer1::Dims;
-using nvinfer1::DimsExprs;
-using nvinfer1::DynamicPluginTensorDesc;
-using nvinfer1::IPluginCapability;
-using nvinfer1::IPluginV3;
-using nvinfer1::PluginCapabilityType;
-using nvinfer1::PluginField;
-using nvinfer1::PluginFieldCollection;
-using nvinfer1::PluginFieldType;
-using nvinfer1::PluginTensorDesc;
-using nvinfer1::TensorFormat;
-using nvinfer1::TensorRTPhase;
-using Severity = nvinfer1::ILogger::Severity;
 
 namespace rwkv
 {
@@ -221,7 +204,7 @@ bool checkInputTypes(WkvFamily family, bool seq, DataType const* types) noexcept
 
 int32_t dtypeCode(DataType t) noexcept
 {
-    return t == DataType::kHALF ? RWKV_WKVHEAD_FLOAT16 : RWKV_WKVHEAD_FLOAT32;
+    return t == DataType::kHALF ? RWKV_DTYPE_FLOAT16 : RWKV_DTYPE_FLOAT32;
 }
 
 } // namespace
@@ -229,24 +212,10 @@ int32_t dtypeCode(DataType t) noexcept
 // ---- WkvHeadPlugin ------------------------------------------------------------------------------
 
 WkvHeadPlugin::WkvHeadPlugin(WkvFamily family, bool seq) noexcept
-    : mFamily(family)
+    : PluginV3Base(opName(family, seq), kWKVHEAD_VERSION, kWKVHEAD_NB_OUTPUTS)
+    , mFamily(family)
     , mSeq(seq)
 {
-}
-
-char const* WkvHeadPlugin::getPluginName() const noexcept
-{
-    return opName(mFamily, mSeq);
-}
-
-char const* WkvHeadPlugin::getPluginVersion() const noexcept
-{
-    return kWKVHEAD_VERSION;
-}
-
-int32_t WkvHeadPlugin::getNbOutputs() const noexcept
-{
-    return kWKVHEAD_NB_OUTPUTS;
 }
 
 int32_t WkvHeadPlugin::getOutputDataTypes(
