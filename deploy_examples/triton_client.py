@@ -54,8 +54,9 @@ class TritonRWKV:
         t = self.tc.InferInput(self.manifest.tokens_input, [1, len(tokens)], "INT64")
         t.set_data_from_numpy(np.asarray([tokens], dtype=np.int64))
         out = [self.tc.InferRequestedOutput(self.manifest.logits_output)]
+        # the id as a header too: a load balancer in front of several servers hashes it (docs/triton.md)
         r = self.client.infer(self.model, [t], outputs=out, sequence_id=sequence_id, sequence_start=start,
-                              sequence_end=end)
+                              sequence_end=end, headers={"x-sequence-id": str(sequence_id)})
         return r.as_numpy(self.manifest.logits_output)[0]
 
     def feed(self, tokens, sequence_id, start: bool, end: bool = False) -> np.ndarray:

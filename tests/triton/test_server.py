@@ -151,3 +151,74 @@ def test_broken_state_config_is_rejected_by_triton(triton_exports, tmp_path, dam
     with pytest.raises(RuntimeError, match=message):
         with LocalTriton(tmp_path / "repo", python_env=ENV, max_lifetime=120):
             pass
+
+
+class _HashProxy:
+    """A minimal HTTP load balancer (127.0.0.1): routes by a hash of the x-sequence-id header, as
+    docs/triton.md's scale-out section describes; requests without it go to the first server."""
+
+    def __init__(self, backends: list):
+        import http.client
+        import zlib
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.hits = {b: set() for b in backends}
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # tritonclient keeps connections alive
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                sid = self.headers.get("x-sequence-id")
+                backend = backends[zlib.crc32(sid.encode()) % len(backends)] if sid else backends[0]
+                if sid:
+                    proxy.hits[backend].add(sid)
+                conn = http.client.HTTPConnection(backend, timeout=60)
+                keep = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body, keep)
+                r = conn.getresponse()
+                data = r.read()
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("content-length", "connection", "transfer-encoding"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = _forward
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_scale_out_behind_a_hashing_balancer(triton_exports, tmp_path):
+    """Two servers, one balancer hashing the correlation id: every conversation is served whole by one server."""
+    g = triton_exports["rwkv4"]
+    write_repository(g, tmp_path / "repo", "python", max_batch=4, name="tiny4")
+    s = rwkv_runtime.Session(g)
+    greedy = rwkv_runtime.SamplingParams(temperature=0)
+    ids = [11, 12, 13, 14, 15, 16]
+    want = [list(s.generate_tokens(s.encode(PROMPTS[i % 4]), 8, greedy)) for i in range(len(ids))]
+    with LocalTriton(tmp_path / "repo", python_env=ENV, max_lifetime=300) as a, \
+            LocalTriton(tmp_path / "repo", python_env=ENV, max_lifetime=300) as b:
+        lb = _HashProxy([a.http_url, b.http_url])
+        try:
+            m = TritonRWKV(lb.url, "tiny4")
+            got = [list(m.generate_tokens(m.tokenizer.encode(PROMPTS[i % 4]), sid, 8, greedy))
+                   for i, sid in enumerate(ids)]
+        finally:
+            lb.close()
+    assert got == want
+    assert all(lb.hits.values())  # both servers served conversations (and each one whole: else START errors)
