@@ -17,7 +17,9 @@ from rwkv_runtime.errors import RuntimeUserError
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1), help="Sequences decoded together.")
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(1), help="Queued requests before 429.")
 @click.option("--prefill-chunk", default=64, show_default=True, type=click.IntRange(1),
-              help="Prompt tokens prefilled per scheduler step (interleaved with decoding).")
+              help="Prompt chunk length (prefix states are cached at chunk ends).")
+@click.option("--prefill-budget", default=256, show_default=True, type=click.IntRange(1),
+              help="Prompt tokens prefilled between two decode steps (interleaved with decoding).")
 @click.option("--max-prompt-tokens", default=8192, show_default=True, type=click.IntRange(1), help="Longer: 413.")
 @click.option("--max-tokens", default=4096, show_default=True, type=click.IntRange(1), help="Ceiling on max_tokens.")
 @click.option("--default-max-tokens", default=256, show_default=True, type=click.IntRange(1),
@@ -33,7 +35,8 @@ from rwkv_runtime.errors import RuntimeUserError
               help="On SIGTERM: time in-flight streams get to finish.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def serve_command(model, host, port, model_name, threads, max_batch, max_queue, prefill_chunk, max_prompt_tokens,
+def serve_command(model, host, port, model_name, threads, max_batch, max_queue, prefill_chunk, prefill_budget,
+                  max_prompt_tokens,
                   max_tokens, default_max_tokens, request_timeout, cache_mb, chat_template, stop_tokens,
                   drain_seconds, log_level):
     """Serve MODEL over an OpenAI-compatible HTTP API (continuous batching, prefix-state cache).
@@ -49,6 +52,7 @@ def serve_command(model, host, port, model_name, threads, max_batch, max_queue, 
     if not Path(model).is_file():
         raise click.ClickException(f"{model}: no such file")
     eng = EngineConfig(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                       prefill_budget=prefill_budget,
                        max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, request_timeout=request_timeout,
                        cache_bytes=int(cache_mb * 2**20))
     opts = ServerOptions(str(model), model_name, threads, None, eng, str(chat_template) if chat_template else None,

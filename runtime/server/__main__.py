@@ -20,7 +20,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests before 429")
-    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk, help="prompt tokens per scheduler step")
+    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
+                   help="prompt chunk length (prefix states are cached at chunk ends)")
+    p.add_argument("--prefill-budget", type=int, default=d.prefill_budget,
+                   help="prompt tokens prefilled between two decode steps")
     p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longer prompts get 413")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="ceiling on max_tokens")
     p.add_argument("--default-max-tokens", type=int, default=256, help="chat requests without max_tokens")
@@ -35,13 +38,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def options_from(a) -> ServerOptions:
-    for name in ("max_batch", "max_queue", "prefill_chunk", "max_prompt_tokens", "max_tokens", "default_max_tokens"):
+    for name in ("max_batch", "max_queue", "prefill_chunk", "prefill_budget", "max_prompt_tokens", "max_tokens",
+                 "default_max_tokens"):
         if getattr(a, name) < 1:
             raise RuntimeUserError(f"--{name.replace('_', '-')} must be >= 1")
     if a.cache_mb < 0 or a.request_timeout <= 0 or a.drain_seconds < 0:
         raise RuntimeUserError("--cache-mb, --request-timeout and --drain-seconds must not be negative")
     eng = EngineConfig(max_batch=a.max_batch, max_queue=a.max_queue, prefill_chunk=a.prefill_chunk,
-                       max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens,
+                       prefill_budget=a.prefill_budget, max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens,
                        request_timeout=a.request_timeout, cache_bytes=int(a.cache_mb * 2**20))
     return ServerOptions(a.model, a.model_name, a.threads, None, eng, a.chat_template, a.default_max_tokens,
                          tuple(a.stop_token) if a.stop_token else None, a.drain_seconds)

@@ -35,7 +35,8 @@ log = logging.getLogger("rwkv_runtime.server")
 class EngineConfig:
     max_batch: int = 32  # sequences decoded together (prefilling ones included)
     max_queue: int = 256  # requests waiting for a slot before new ones get 429
-    prefill_chunk: int = 64  # prompt tokens prefilled per scheduler iteration
+    prefill_chunk: int = 64  # prompt chunk length (chunk ends are where prefix states get cached)
+    prefill_budget: int = 256  # prompt tokens prefilled per scheduler iteration (between decode steps)
     max_prompt_tokens: int = 8192  # longer prompts get 413
     max_tokens: int = 4096  # ceiling on a request's max_tokens
     request_timeout: float = 600.0  # seconds from arrival; then finish_reason "timeout"
@@ -111,12 +112,14 @@ class Handle:
 
 
 class _Seq:
-    __slots__ = ("h", "req", "todo", "done", "state", "logits", "sampler", "generated", "pending", "held",
-                 "cached", "t_last", "first")
+    __slots__ = ("h", "req", "done", "state", "logits", "sampler", "generated", "pending", "held",
+                 "cached", "t_last", "first", "greedy")
 
     def __init__(self, h: Handle):
         self.h, self.req = h, h.req
         self.sampler = Sampler(h.req.sampling)
+        p = h.req.sampling
+        self.greedy = p.temperature == 0 and not p.presence_penalty and not p.frequency_penalty and not p.ban
         self.generated: list = []
         self.pending: list = []  # tokens whose text is an incomplete UTF-8 sequence so far
         self.held = ""  # text that may be the start of a stop string
@@ -140,6 +143,7 @@ class Engine:
         self._prefilling: list = []
         self._running: list = []  # in state-row order
         self._batch: State | None = None
+        self._rows: dict | None = None
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -225,16 +229,20 @@ class Engine:
         m.cache_entries.set(len(self.cache))
 
     def _fail_all(self, err: ServeError):
-        seqs = [_Seq(h) for h in self._inbox] + list(self._waiting) + self._prefilling + self._running
+        handles = list(self._inbox) + [s.h for s in list(self._waiting) + self._prefilling + self._running]
         self._inbox.clear()
         self._waiting.clear()
         self._prefilling, self._running, self._batch = [], [], None
-        for s in seqs:
-            s.h._put(Failed(err))
+        for h in handles:
+            h._put(Failed(err))
 
     def _admit(self):
         while self._inbox:
-            self._waiting.append(_Seq(self._inbox.popleft()))
+            h = self._inbox.popleft()
+            try:
+                self._waiting.append(_Seq(h))
+            except RuntimeUserError as e:  # (serving checks the sampling parameters first)
+                h._put(Failed(ServeError(400, str(e))))
         now = time.perf_counter()
         for s in [s for s in self._waiting if s.h.cancelled or now - s.h.arrival > self.config.request_timeout]:
             self._waiting.remove(s)
@@ -248,6 +256,9 @@ class Engine:
                 self._start(s)
             except RuntimeUserError as e:
                 s.h._put(Failed(ServeError(400, str(e))))
+            except Exception as e:  # noqa: BLE001 - fail this request, not the server
+                log.exception("starting a request failed")
+                s.h._put(Failed(ServeError(500, f"internal error: {type(e).__name__}: {e}", "server_error")))
 
     def _dropped(self, s: _Seq) -> bool:
         if s.h.cancelled:
@@ -269,42 +280,57 @@ class Engine:
         if s.done < len(req.prompt):
             self._prefilling.append(s)
         else:
-            self._join(s)
+            self._join([s])
 
     def _prefill_some(self):
-        """At most ``prefill_chunk`` prompt tokens this iteration, chunk ends aligned to multiples of the
-        chunk size (so cached boundaries are shared between prompts)."""
-        budget, c = self.config.prefill_chunk, self.config.prefill_chunk
-        for s in list(self._prefilling):
+        """At most ``prefill_budget`` prompt tokens this iteration, in chunks that end on multiples of
+        ``prefill_chunk`` (so cached boundaries are shared between prompts); chunks of the same length
+        from several prompts run as one batch."""
+        c, budget = self.config.prefill_chunk, self.config.prefill_budget
+        groups: dict = {}
+        for s in self._prefilling:
             if budget <= 0:
                 break
-            prompt = s.req.prompt
-            end = min(len(prompt), (s.done // c + 1) * c, s.done + budget)
-            chunk = np.asarray([prompt[s.done:end]], dtype=np.int64)
-            try:
-                logits, s.state = self.session.prefill(chunk, s.state, chunk_size=c)
-            except RuntimeUserError as e:
-                self._prefilling.remove(s)
-                s.h._put(Failed(ServeError(400, str(e))))
-                continue
-            self.metrics.prefill_tokens.inc(end - s.done)
+            end = min(len(s.req.prompt), (s.done // c + 1) * c, s.done + budget)
+            groups.setdefault(end - s.done, []).append(s)
             budget -= end - s.done
-            s.done, s.logits = end, logits[0]
-            if end % c == 0 or end == len(prompt):
-                self.cache.put(s.req.state_base, prompt[:end], s.state.numpy(), s.logits)
-            if end == len(prompt):
-                self._prefilling.remove(s)
-                self._join(s)
+        joined = []
+        for n, group in groups.items():
+            toks = np.array([s.req.prompt[s.done:s.done + n] for s in group], dtype=np.int64)
+            try:
+                st = group[0].state if len(group) == 1 else State.concat([s.state for s in group])
+                logits, st = self.session.prefill(toks, st, chunk_size=c)
+            except RuntimeUserError as e:
+                for s in group:
+                    self._prefilling.remove(s)
+                    s.h._put(Failed(ServeError(400, str(e))))
+                continue
+            self.metrics.prefill_tokens.inc(n * len(group))
+            arrays = st.numpy()
+            for i, s in enumerate(group):
+                row = {k: v[i:i + 1] for k, v in arrays.items()}
+                s.state = st if len(group) == 1 else self.session.state_from_numpy(row)
+                s.done, s.logits = s.done + n, logits[i]
+                if s.done % c == 0 or s.done == len(s.req.prompt):
+                    self.cache.put(s.req.state_base, s.req.prompt[:s.done], row, s.logits)
+                if s.done == len(s.req.prompt):
+                    self._prefilling.remove(s)
+                    joined.append(s)
+        if joined:
+            self._join(joined)
 
-    def _join(self, s: _Seq):
-        self._batch = s.state if self._batch is None else State.concat([self._batch, s.state])
-        s.state = None
-        self._running.append(s)
+    def _join(self, seqs: list):
+        parts = ([self._batch] if self._batch is not None else []) + [s.state for s in seqs]
+        self._batch = parts[0] if len(parts) == 1 else State.concat(parts)
+        for s in seqs:
+            s.state = None
+        self._running.extend(seqs)
 
     def _decode_step(self):
         seqs = self._running
-        toks = np.array([s.sampler(s.logits) for s in seqs], dtype=np.int64)
-        keep, now = [], time.perf_counter()
+        # greedy without penalties is the argmax of the logits (what Sampler computes, minus its softmax)
+        toks = np.array([int(np.argmax(s.logits)) if s.greedy else s.sampler(s.logits) for s in seqs], dtype=np.int64)
+        keep, now, self._rows = [], time.perf_counter(), None
         for row, (s, tok) in enumerate(zip(seqs, toks)):
             reason = "cancelled" if s.h.cancelled else self._accept(s, int(tok), now)
             if reason is None:
@@ -322,6 +348,12 @@ class Engine:
         for s, lg in zip(self._running, logits):
             s.logits = lg
 
+    def _row(self, row: int) -> dict:
+        """One sequence's state arrays (the batch is copied out once per step, however many finish)."""
+        if self._rows is None:
+            self._rows = self._batch.numpy()
+        return {k: v[row:row + 1] for k, v in self._rows.items()}
+
     def _accept(self, s: _Seq, tok: int, now: float) -> str | None:
         """Take a sampled token: emit its text; the finish reason if the sequence ends here."""
         m = self.metrics
@@ -337,7 +369,7 @@ class Engine:
         m.generated_tokens.inc()
         s.pending.append(tok)
         piece = self.session.decode(s.pending)
-        if piece.endswith("\ufffd") and len(s.pending) < 8:  # wait for the rest of a UTF-8 character
+        if "\ufffd" in piece and len(s.pending) < 8:  # wait for the rest of a UTF-8 character
             piece = ""
         else:
             s.pending = []
@@ -385,9 +417,8 @@ class Engine:
                 s.h._put(Delta(text, 0))
         appended = bool(s.generated) and tok not in s.req.stop_ids
         fed = s.generated[:-1] if appended else s.generated
-        row_state = self._batch.select([row])
+        arrays = self._row(row)
         if fed:  # a conversation's next turn usually starts with this prompt + reply
-            arrays = row_state.numpy()
             self.cache.put(s.req.state_base, list(s.req.prompt) + fed, arrays, s.logits)
             if self.on_finish is not None and s.req.session_id and not s.req.state_base:
                 try:
@@ -396,9 +427,10 @@ class Engine:
                     log.exception("on_finish hook failed")
         blob = None
         if s.req.return_state:
-            if appended:
-                _, row_state = self.session.step(np.array([s.generated[-1]], dtype=np.int64), row_state)
-            blob = statefile.encode(row_state.numpy(), self.binding,
+            if appended:  # the last token is part of the reply: feed it
+                _, st = self.session.step(np.array([s.generated[-1]], dtype=np.int64), self.session.state_from_numpy(arrays))
+                arrays = st.numpy()
+            blob = statefile.encode(arrays, self.binding,
                                     s.req.state_tokens + len(s.req.prompt) + len(s.generated))
         m.e2e.observe(now - s.h.arrival)
         s.h._put(Finished(reason, len(s.req.prompt), len(s.generated), s.cached, blob))

@@ -34,6 +34,10 @@ def build_app(opts: ServerOptions, session_store=None):
     see ``Serving`` (the Ray Serve app passes one)."""
     path = Path(opts.model)
     session = Session(path, providers=opts.providers, threads=opts.threads, prefill_chunk=opts.engine.prefill_chunk)
+    try:
+        session.tokenizer  # noqa: B018 - loads it: text in, text out
+    except RuntimeUserError as e:
+        raise RuntimeUserError(f"serving needs a model with a tokenizer: {e}") from None
     template = ChatTemplate()
     if opts.chat_template:
         try:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rwkv_runtime import RuntimeUserError, SamplingParams
+from rwkv_runtime import RuntimeUserError, Sampler, SamplingParams
 
 from . import protocol, statefile
 from .engine import Delta, Engine, Failed, Finished, GenRequest, ServeError
@@ -127,6 +127,10 @@ class Serving:
                 sp = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                     penalty_decay=req.penalty_decay, seed=seed)
+                try:
+                    Sampler(sp, self.session.vocab_size)  # checks the parameters: a clear 400, here
+                except RuntimeUserError as e:
+                    raise ServeError(400, str(e)) from None
                 out.append(GenRequest(ids, sp, max_tokens, stops, frozenset(self.config.stop_token_ids), arrays,
                                       base, seen, req.return_state))
         return out

@@ -48,6 +48,8 @@ def test_greedy_equals_session_generate(which, request, make_server):
     assert pieces == want
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 40 and chunks[-1].usage.prompt_tokens == n_prompt
+    # the whole prompt came from the prefix cache this time (the state after it was kept), same tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == n_prompt
 
 
 def test_seeded_sampling_and_n(default_model, make_server):
