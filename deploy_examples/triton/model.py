@@ -37,7 +37,7 @@ class TritonPythonModel:
         threads = int(params.get("rwkv.threads") or 0) or None
         self.session = Session(path, threads=threads)
         man = self.session.manifest
-        self.tokens_name, self.logits_name = man.tokens_input, man.logits_output
+        self.tokens_name, self.logits_name, self.vocab = man.tokens_input, man.logits_output, man.vocab_size
         # protobuf's JSON writes uint64 as a string
         idle_us = float(cfg.get("sequence_batching", {}).get("max_sequence_idle_microseconds") or 1e6)
         self.idle_s = idle_us / 1e6
@@ -61,6 +61,9 @@ class TritonPythonModel:
                 start, end = bool(_scalar(r, "START")), bool(_scalar(r, "END"))
                 if toks.size == 0:
                     raise RuntimeUserError("tokens is empty")
+                if toks.min() < 0 or toks.max() >= self.vocab:  # checked here: one bad request must not fail a batch
+                    bad = int(toks[(toks < 0) | (toks >= self.vocab)][0])
+                    raise RuntimeUserError(f"token id {bad} is outside [0, {self.vocab})")
                 if start:
                     state = self.session.new_state(1)
                 elif corrid in self.states:

@@ -70,6 +70,9 @@ def test_python_backend_concurrent_sequences_match_session(triton_exports, tmp_p
         # END closed the sequence: continuing it is refused (by Triton's batcher), not a silent fresh start
         with pytest.raises(Exception, match="must specify the START flag"):
             m.feed([65], 1000, start=False)
+        # a bad request is refused alone, with the runtime's message
+        with pytest.raises(Exception, match=r"token id 999 is outside \[0, 256\)"):
+            m.feed([65, 999], 5, start=True, end=True)
         # with Triton's default idle time (1 s) a conversation whose user pauses for 2 s is gone
         short = TritonRWKV(t.http_url, "idle1")
         short.feed(short.tokenizer.encode("Hello"), 7, start=True)
