@@ -33,7 +33,7 @@ export class Session extends BaseSession {
     const ort = options.ort ?? (await import("onnxruntime-node"));
     const so = { ...(options.sessionOptions ?? {}) };
     if (options.threads) { so.intraOpNumThreads = options.threads; so.interOpNumThreads = 1; }
-    return BaseSession._create(ort, nodeIO, path, { ...options, sessionOptions: so });
+    return this._create(ort, nodeIO, path, { ...options, sessionOptions: so });
   }
 
   /** Write a state as .npz (atomically: a temporary file renamed into place). */

@@ -23,7 +23,11 @@ function crc32(bytes) {
 
 /** One array as .npy bytes (format 1.0, C order, little endian). */
 export function toNpy({ dtype, shape, data }) {
-  const descr = DESCR[dtype];
+  if (dtype === "str") { // a 0-d numpy unicode scalar ('<U n': UTF-32 little endian), e.g. the export id
+    const cps = Array.from(String(data), (c) => c.codePointAt(0));
+    return toNpy({ dtype: `<U${Math.max(1, cps.length)}`, shape: [], data: Uint32Array.from(cps.length ? cps : [0]) });
+  }
+  const descr = dtype.startsWith("<U") ? dtype : DESCR[dtype];
   if (!descr) throw new RuntimeUserError(`cannot save dtype ${dtype}`);
   const shp = shape.length === 1 ? `(${shape[0]},)` : `(${shape.join(", ")})`;
   let header = `{'descr': '${descr}', 'fortran_order': False, 'shape': ${shp}, }`;
@@ -51,13 +55,21 @@ export function fromNpy(bytes, name = "array") {
   const descr = /'descr':\s*'([^']+)'/.exec(header)?.[1];
   const fortran = /'fortran_order':\s*True/.test(header);
   const shapeText = /'shape':\s*\(([^)]*)\)/.exec(header)?.[1];
+  const shape = (shapeText ?? "").split(",").map((s) => s.trim()).filter(Boolean).map(Number);
+  const off = start + hlen;
+  const unicode = /^<U(\d+)$/.exec(descr ?? "");
+  if (unicode && shape.length === 0) { // a numpy unicode scalar: UTF-32 code points, NUL-padded
+    const n = Number(unicode[1]);
+    if (bytes.length - off < 4 * n) throw new RuntimeUserError(`${name}: truncated array`);
+    const cps = [];
+    for (let i = 0; i < n; i++) { const c = dv.getUint32(off + 4 * i, true); if (c) cps.push(c); }
+    return { dtype: "str", shape: [], data: String.fromCodePoint(...cps) };
+  }
   const Arr = ARRAYS[descr];
   if (!Arr || fortran || shapeText === undefined) {
     throw new RuntimeUserError(`${name}: unsupported array (${descr}${fortran ? ", Fortran order" : ""})`);
   }
-  const shape = shapeText.split(",").map((s) => s.trim()).filter(Boolean).map(Number);
   const count = shape.reduce((a, b) => a * b, 1);
-  const off = start + hlen;
   if (bytes.length - off < count * Arr.BYTES_PER_ELEMENT) throw new RuntimeUserError(`${name}: truncated array`);
   const data = new Arr(count); // a copy: aligned, independent of the file's buffer
   new Uint8Array(data.buffer).set(bytes.subarray(off, off + count * Arr.BYTES_PER_ELEMENT));

@@ -14,6 +14,7 @@ import { scanModel } from "./onnx-meta.js";
 import { Sampler } from "./sampling.js";
 import { StreamDecoder, makeTokenizer } from "./tokenizers.js";
 
+export const EXPORT_ID_KEY = "__rwkv_export_id__"; // the export a saved state belongs to (as Python's)
 const size = (shape) => shape.reduce((a, b) => a * b, 1);
 const ARRAY = { float32: Float32Array, float16: Uint16Array };
 
@@ -59,8 +60,10 @@ export class State {
   /** An independent copy (to branch a conversation). */
   async clone() { return this.session.stateFromArrays(await this.toArrays()); }
 
-  /** .npz bytes: the same format as Python's State.save (numpy.load / Session.load_state read it). */
-  async save() { return saveNpz(await this.toArrays()); }
+  /** .npz bytes: the same format as Python's State.save (the state tensors and the export id). */
+  async save() {
+    return saveNpz({ ...(await this.toArrays()), [EXPORT_ID_KEY]: { dtype: "str", shape: [], data: this.session.manifest.export_id } });
+  }
 
   /** Free GPU buffers now (CPU buffers are garbage-collected). */
   dispose() {
@@ -76,7 +79,7 @@ export class Session {
    * @param {any} ort the onnxruntime module @param {object} io how files are read on this platform
    */
   static async _create(ort, io, source, options = {}) {
-    const s = new Session();
+    const s = new this(); // the subclass (node.js / web.js) it was called on
     s.ort = ort;
     s.io = io;
     s.source = source;
@@ -200,8 +203,22 @@ export class Session {
 
   /** A state from .npz bytes (e.g. written by Python's State.save), or a path/URL to them. */
   async loadState(input) {
+    const where = typeof input === "string" ? input : "state";
     const bytes = typeof input === "string" ? await this.io.read(input) : input;
-    return this.stateFromArrays(await loadNpz(bytes));
+    const arrays = await loadNpz(bytes);
+    const saved = arrays[EXPORT_ID_KEY]?.data ?? "";
+    delete arrays[EXPORT_ID_KEY];
+    const mine = this.manifest.export_id;
+    if (saved && mine && saved !== mine) {
+      throw new RuntimeUserError(`${where}: this state was saved from another export (id ${saved.slice(0, 16)}), not from ` +
+        `this model (id ${mine.slice(0, 16)}); states only load into the model that made them`);
+    }
+    const known = new Set(this.manifest.state.map((st) => st.name));
+    for (const k of Object.keys(arrays)) {
+      if (!known.has(k)) throw new RuntimeUserError(`${where}: names ${k.slice(0, 60)}, which this model has no state tensor for`);
+      if (arrays[k].dtype === "float32" && arrays[k].data.some(Number.isNaN)) throw new RuntimeUserError(`${where}: state tensor ${k} holds NaN`);
+    }
+    return this.stateFromArrays(arrays);
   }
 
   // -- running ----------------------------------------------------------------------------------
@@ -227,7 +244,16 @@ export class Session {
     }
     const out = await (fetches ? sess.run(feeds, fetches) : sess.run(feeds));
     const next = {};
-    for (const s of m.state) next[s.name] = out[s.output];
+    for (const s of m.state) {
+      const back = state._back?.[s.name], got = out[s.output];
+      if (!back || got === back) { next[s.name] = got; continue; }
+      // pre-allocated outputs: ORT writes into them (onnxruntime-node also hands back a copy); checked
+      // once per graph, and copied in if a backend ever returned the values elsewhere instead
+      this._writesFetches ??= {};
+      this._writesFetches[kind] ??= got.data.every((v, i) => Object.is(v, back.data[i]));
+      if (!this._writesFetches[kind]) back.data.set(got.data);
+      next[s.name] = back;
+    }
     if (!state._back) {
       // WebGPU: the new state is the outputs' GPU buffers; free the ones just consumed
       for (const s of m.state) if (state.values[s.name].location === "gpu-buffer") state.values[s.name].dispose();
@@ -302,13 +328,13 @@ export class Session {
    */
   async *generateTokens(promptTokens, params = {}) {
     if (!promptTokens.length) throw new RuntimeUserError("the prompt is empty");
-    const sampler = new Sampler(params);
+    const sampler = new Sampler(params, this.vocabSize);
     const max = params.maxNewTokens ?? 100;
     let { logits, state } = await this.prefill(promptTokens, params.state);
     this.lastState = state;
     for (let i = 0; i < max; i++) {
       const tok = sampler.sample(logits[0]);
-      if (sampler.params.stop.includes(tok)) return;
+      if (sampler.stop.has(tok)) return;
       yield tok;
       ({ logits, state } = await this.step([tok], state));
       this.lastState = state;

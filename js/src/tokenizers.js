@@ -124,7 +124,7 @@ export class HFTokenizer {
   }
 
   encode(text) { return this.tok.encode(text, { add_special_tokens: true }).ids.map(Number); }
-  decode(ids) { return this.tok.decode(ids.map(Number), { skip_special_tokens: true }); }
+  decode(ids) { return this.tok.decode(ids.map(Number), { skip_special_tokens: true, clean_up_tokenization_spaces: false }); }
 }
 
 /**

@@ -38,7 +38,7 @@ export class Session extends BaseSession {
     if (backend !== "wasm" && backend !== "webgpu") throw new RuntimeUserError(`backend must be "wasm" or "webgpu", not ${backend}`);
     if (options.threads) ort.env.wasm.numThreads = options.threads; // global in onnxruntime-web
     const so = { executionProviders: [backend], ...(options.sessionOptions ?? {}) };
-    const s = await BaseSession._create(ort, webIO(backend === "webgpu"), url, { ...options, sessionOptions: so });
+    const s = await this._create(ort, webIO(backend === "webgpu"), url, { ...options, sessionOptions: so });
     s.backend = backend;
     return s;
   }

@@ -1,0 +1,74 @@
+// Unit tests that need no model: .npz round trips, the protobuf metadata scan, manifest checks,
+// numpy's random generator, the World vocabulary parser. Run: node --test test/
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { loadNpz, saveNpz } from "../src/npz.js";
+import { scanModel } from "../src/onnx-meta.js";
+import { parseManifest, checkCompanion } from "../src/manifest.js";
+import { NumpyRandom } from "../src/random.js";
+import { parsePyLiteral } from "../src/tokenizers.js";
+import { RuntimeUserError } from "../src/errors.js";
+
+test("npz: saveNpz -> loadNpz round trip keeps names, dtypes, shapes and values", async () => {
+  const a = { dtype: "float32", shape: [2, 3], data: Float32Array.from([1, -2, 3.5, -1e30, 0, 7]) };
+  const b = { dtype: "int64", shape: [4], data: BigInt64Array.from([1n, 2n, -3n, 4n]) };
+  const back = await loadNpz(saveNpz({ "state.0.x": a, ids: b }));
+  assert.deepEqual(Object.keys(back).sort(), ["ids", "state.0.x"]);
+  assert.deepEqual(back["state.0.x"].shape, [2, 3]);
+  assert.deepEqual(Array.from(back["state.0.x"].data), Array.from(a.data));
+  assert.deepEqual(Array.from(back.ids.data), [1n, 2n, -3n, 4n]);
+});
+
+test("npz: garbage is a RuntimeUserError, not a crash", async () => {
+  await assert.rejects(loadNpz(new Uint8Array(100)), RuntimeUserError);
+});
+
+function protoModel(entries) {
+  // a hand-built ModelProto: ir_version = 1 (varint), then metadata_props entries (field 14)
+  const enc = new TextEncoder();
+  const ld = (field, bytes) => [field * 8 + 2, bytes.length, ...bytes];
+  const out = [8, 9];
+  for (const [k, v] of entries) out.push(...ld(14, [...ld(1, enc.encode(k)), ...ld(2, enc.encode(v))]));
+  return Uint8Array.from(out);
+}
+
+test("onnx-meta: metadata_props are read from the bytes; truncation is an error", () => {
+  const bytes = protoModel([["a", "1"], ["rwkv.manifest", "{}"]]);
+  assert.deepEqual(scanModel(bytes).metadata, { a: "1", "rwkv.manifest": "{}" });
+  assert.throws(() => scanModel(bytes.subarray(0, bytes.length - 2)), /not an ONNX model/);
+});
+
+const good = () => ({ format_version: 1, architecture: "rwkv4", n_layer: 1, n_embd: 4, vocab_size: 8, export_id: "abc",
+  state: [{ name: "s", output: "s_out", shape: ["batch", 4], dtype: "float32", init: 0 }] });
+
+test("manifest: format version, shapes and dtypes are checked", () => {
+  assert.equal(parseManifest(JSON.stringify(good())).architecture, "rwkv4");
+  assert.throws(() => parseManifest(JSON.stringify({ ...good(), format_version: 2 })), /format version 2/);
+  assert.throws(() => parseManifest("{"), /not valid JSON/);
+  const bad = good(); bad.state[0].shape = [4, "batch"];
+  assert.throws(() => parseManifest(JSON.stringify(bad)), /shape must be/);
+  const bad2 = good(); bad2.state[0].dtype = "int8";
+  assert.throws(() => parseManifest(JSON.stringify(bad2)), /dtype int8/);
+});
+
+test("manifest: a companion of another export is refused", () => {
+  const a = parseManifest(JSON.stringify(good()));
+  const b = parseManifest(JSON.stringify({ ...good(), export_id: "other" }));
+  assert.throws(() => checkCompanion(a, b, "m.seq.onnx"), /another export/);
+  const c = parseManifest(JSON.stringify(good())); c.state[0].shape = ["batch", 5];
+  assert.throws(() => checkCompanion(a, c, "m.seq.onnx"), /state tensors differ/);
+  checkCompanion(a, parseManifest(JSON.stringify(good())), "m.seq.onnx");
+});
+
+test("python literals of the World vocabulary", () => {
+  assert.deepEqual(Array.from(parsePyLiteral("'\\x00'")), [0]);
+  assert.deepEqual(Array.from(parsePyLiteral("b'\\x80'")), [0x80]);
+  assert.deepEqual(Array.from(parsePyLiteral("'é'")), [0xc3, 0xa9]);
+  assert.deepEqual(Array.from(parsePyLiteral("\"'\"")), [39]);
+  assert.deepEqual(Array.from(parsePyLiteral("'\\u00e9\\n'")), [0xc3, 0xa9, 10]);
+});
+
+test("numpy PCG64: a known first draw of default_rng(42)", () => {
+  // numpy: np.random.default_rng(42).random() == 0.7739560485559633 (its documented doctest value)
+  assert.equal(new NumpyRandom(42).random(), 0.7739560485559633);
+});
