@@ -1,0 +1,131 @@
+"""``rwkv-export mobile MODEL -o DIR``: ONNX Runtime (ORT) format models for mobile apps.
+
+Each graph of the export (step, and the sequence companion if present) is converted with
+``onnxruntime.tools.convert_onnx_models_to_ort`` (functions inlined, external data folded in: each
+``.ort`` is self-contained). DIR also gets ``required_operators.config`` (for a reduced-operator ONNX
+Runtime build) and ``MODEL.manifest.json``: the manifest with companions renamed to the ``.ort`` files
+(apps read it instead of parsing flatbuffers; the ``.ort`` keeps the metadata too, checked here).
+Optimisation level "extended": no hardware-specific layouts, so a file converted on x86 runs on ARM.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from rwkv_runtime.artifact import open_artifact
+from rwkv_runtime.manifest import MANIFEST_KEY
+
+from .errors import ExportError
+
+ORT_FORMAT_LIMIT = 2**31 - 1  # flatbuffers: one .ort file must stay under 2 GB
+
+
+def _convert(src: Path, out_dir: Path) -> Path:
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    old = os.environ.get("ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL")
+    os.environ["ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"] = "extended"
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            convert_onnx_models_to_ort(src, output_dir=out_dir, optimization_styles=[OptimizationStyle.Fixed])
+    except Exception as e:  # onnxruntime raises its own types (Fail, InvalidGraph, RuntimeError)
+        raise ExportError(f"{src.name}: conversion to ORT format failed ({str(e).splitlines()[0][:200]})") from None
+    finally:
+        if old is None:
+            os.environ.pop("ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL", None)
+        else:
+            os.environ["ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"] = old
+    found = sorted(out_dir.glob("*.ort"))
+    if len(found) != 1:
+        raise ExportError(f"{src.name}: the ORT converter wrote {len(found)} .ort files, expected 1")
+    return found[0]
+
+
+def ort_metadata(path: Path) -> dict:
+    """The custom metadata of an .ort model, as onnxruntime reads it."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return dict(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map)
+
+
+def write_mobile(model, out) -> list[Path]:
+    """Convert ``model`` (an exported .onnx) and its companions into the new folder ``out``."""
+    model, out = Path(model), Path(out)
+    art = open_artifact(model)
+    if art.engine:
+        raise ExportError(f"{model.name}: a TensorRT engine cannot be converted; pass the .onnx export")
+    if art.manifest.precision == "bf16":
+        raise ExportError(f"{model.name} is a bfloat16 export: ONNX Runtime Mobile has no bfloat16 kernels; export fp32 or fp16")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out}: exists and is not an empty folder; choose another -o")
+    if not out.parent.is_dir():
+        raise ExportError(f"{out.parent}: no such folder")
+    graphs = {}
+    for kind in ("step", "sequence"):
+        p = art.companion_path(kind)
+        if p is not None:
+            art.companion(kind)  # same export (export id, state layout)
+            graphs[kind] = p
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        names = {}
+        for kind, src in graphs.items():
+            work = tmp / f".convert-{kind}"
+            work.mkdir()
+            # convert from a folder holding only this graph (and its external data), so the tool's
+            # directory scan cannot pick up the other graph
+            staged = work / "in"
+            staged.mkdir()
+            from .web import external_files
+
+            for f in [src.name, *external_files(src)]:
+                os.symlink(src.with_name(f).resolve(), staged / f)
+            ort_file = _convert(staged / src.name, work / "out")
+            if ort_file.stat().st_size > ORT_FORMAT_LIMIT:
+                raise ExportError(f"{ort_file.name}: over the ORT format's 2 GB limit; export a smaller or quantized model")
+            if MANIFEST_KEY not in ort_metadata(ort_file):
+                raise ExportError(f"{ort_file.name}: the ORT format dropped the model's metadata (rwkv manifest)")
+            names[kind] = ort_file.name
+            os.replace(ort_file, tmp / ort_file.name)
+            configs = sorted((work / "out").glob("*.config"))
+            if configs:
+                os.replace(configs[0], tmp / f"{kind}.required_operators.config")
+            shutil.rmtree(work)
+        # one config for both graphs: the union of their operators (the format's lines are "domain;opset;ops")
+        _merge_configs(sorted(tmp.glob("*.required_operators.config")), tmp / "required_operators.config")
+        man = json.loads(art.manifest.to_json())
+        man["companions"] = names
+        main_name = names[art.manifest.graph]
+        (tmp / (Path(main_name).stem + ".manifest.json")).write_text(json.dumps(man, indent=1, sort_keys=True))
+        if art.tokenizer_json:
+            (tmp / "tokenizer.json").write_text(art.tokenizer_json, encoding="utf-8")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sorted(p for p in out.iterdir() if p.is_file())
+
+
+def _merge_configs(parts: list, target: Path) -> None:
+    ops: dict = {}
+    for p in parts:
+        for line in p.read_text().splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            domain, opset, names = line.split(";", 2)
+            ops.setdefault((domain, opset), set()).update(n for n in names.split(",") if n)
+        p.unlink()
+    lines = ["# operators the graphs of this export use (for a reduced-operator ONNX Runtime build)"]
+    lines += [f"{d};{o};{','.join(sorted(n))}" for (d, o), n in sorted(ops.items())]
+    target.write_text("\n".join(lines) + "\n")
