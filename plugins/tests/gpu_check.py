@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""One-shot GPU check of the RWKV-4/5/6/7 WKV kernels (no TensorRT needed).
+"""The one GPU check: the RWKV-4/5/6/7 WKV kernels, the TensorRT plugin's enqueue(), and the CUDA side
+of rwkv_runtime's TensorRT backend (cuda.core) -- none of it needs TensorRT itself.
 
 On a machine with a CUDA GPU, nvcc, numpy and torch or CuPy:
 
@@ -17,7 +18,13 @@ WKV5/6/7: each op (step: T=1; Seq: T in 1, 7, 64) for float32, float16 and (WKV6
 float32 decay w, B in 1, 3, 8, head size 64 (4 heads); plus head sizes 8, 16, 32, 48, 128 (the
 generic and the other register paths), a long sequence, T = 0, outputs aliasing inputs and a
 misaligned state (scalar state loads), against numpy (float32 mirror and float64).
+cuda.core (when `cuda-core` + `cuda-bindings` are installed): the TensorRT backend's memory module on
+the real device, no stand-in -- host <-> device copies through pinned and pageable memory at odd sizes
+and offsets, the state-set pool alternating between two addresses in a step loop and never handing
+out a held set, and a CUDA graph captured with cuda.core's GraphBuilder (pinned copy in, device copy,
+pinned copy out) replayed with new data.
 Prints tables and exits 1 if anything fails (2 if it cannot run at all).
+With TensorRT and a GPU, also run: pytest tests/test_tensorrt.py -rs (real engines vs BlinkDL's logits).
 """
 from __future__ import annotations
 
@@ -225,6 +232,93 @@ def head_section(lib, backend, rng, timings):
     return sum(not r[7] for r in rows)
 
 
+def cuda_core_section(rng) -> int:
+    """The TensorRT backend's CUDA side (rwkv_runtime/tensorrt/memory.py) on the real device."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from rwkv_runtime.errors import BackendUnavailable
+        from rwkv_runtime.tensorrt import loader, memory
+    except ImportError as e:
+        print(f"\n(cuda.core check skipped: rwkv_runtime not importable: {e})")
+        return 0
+    try:
+        cc = loader.import_cuda_core()
+        cuda = memory.Cuda(cc)
+    except BackendUnavailable as e:
+        print(f"\n(cuda.core check skipped: {e})")
+        return 0
+    print("\ncuda.core (rwkv_runtime.tensorrt.memory) on the device:")
+    failed = 0
+
+    def check(ok, what):
+        nonlocal failed
+        print(f"{'ok  ' if ok else 'FAIL'}: {what}")
+        failed += not ok
+
+    # copies: pageable and pinned host memory, odd sizes, offsets inside a device buffer
+    for n in (1, 7, 4096 + 3, 1 << 20):
+        a = rng.standard_normal(n).astype(np.float32)
+        dev = cuda.allocate(a.nbytes + 256)
+        cuda.copy(int(dev.handle) + 256, a.ctypes.data, a.nbytes)
+        back = np.empty_like(a)
+        cuda.copy(back.ctypes.data, int(dev.handle) + 256, a.nbytes)
+        cuda.sync()
+        pin = memory.Pinned(cuda, a.nbytes)
+        pin.view(a.shape, a.dtype)[:] = a * 2
+        cuda.copy(int(dev.handle), int(pin.buf.handle), a.nbytes)
+        cuda.copy(back.ctypes.data, int(dev.handle), a.nbytes)
+        cuda.sync()
+        check(np.array_equal(back, a * 2), f"copy round trip, {n} float32 (pageable and pinned, offset 256)")
+        pin.close()
+        dev.close(cuda.stream)
+
+    # the state-set pool: a step loop alternates two addresses; a held set is never handed out
+    pool = memory.Pool(cuda, keep=4)
+    held, addrs = pool.take(1000), []
+    prev = pool.take(1000)
+    for _ in range(10):
+        nxt = pool.take(1000)
+        addrs.append(nxt.ptr)
+        prev = nxt  # the old set goes back as its last reference goes
+    check(len(set(addrs[2:])) == 2, f"step loop alternates between two sets ({len(set(addrs))} addresses seen)")
+    check(held.ptr not in addrs, "a held set is never handed out again")
+    del prev, held
+    pool.close()
+
+    # a CUDA graph captured through cuda.core's GraphBuilder, replayed with new input
+    n = 257
+    pin_in, pin_out = memory.Pinned(cuda, 4 * n), memory.Pinned(cuda, 4 * n)
+    d1, d2 = cuda.allocate(4 * n), cuda.allocate(4 * n)
+    graph = None
+    try:
+        gb = cuda.stream.create_graph_builder()
+        gb.begin_building("thread_local")
+        cuda.copy(int(d1.handle), int(pin_in.buf.handle), 4 * n, gb.stream)
+        cuda.copy(int(d2.handle), int(d1.handle), 4 * n, gb.stream)
+        cuda.copy(int(pin_out.buf.handle), int(d2.handle), 4 * n, gb.stream)
+        gb.end_building()
+        graph = gb.complete()
+        ok = True
+        for rep in range(3):
+            x = rng.standard_normal(n).astype(np.float32)
+            pin_in.view((n,), np.float32)[:] = x
+            graph.launch(cuda.stream)
+            cuda.sync()
+            ok = ok and np.array_equal(pin_out.view((n,), np.float32), x)
+        check(ok, "GraphBuilder capture (pinned in, device copy, pinned out) replays with new data, 3 launches")
+    except Exception as e:  # noqa: BLE001 - report, do not crash the whole check
+        check(False, f"GraphBuilder capture: {type(e).__name__}: {e}")
+    finally:
+        if graph is not None:
+            graph.close()
+        for b in (d1, d2):
+            b.close(cuda.stream)
+        pin_in.close()
+        pin_out.close()
+    cuda.close()
+    return failed
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lib", type=Path, help="prebuilt librwkv_wkv4_kernels.so (default: compile now)")
@@ -296,6 +390,8 @@ def main(argv=None):
             failed += 1
     else:
         print("\n(plugin enqueue() check skipped: set TENSORRT_INCLUDE_DIR or --trt-include)")
+
+    failed += cuda_core_section(rng)
 
     print(f"\n{'ALL PASSED' if failed == 0 else f'{failed} FAILED'}")
     return 1 if failed else 0
