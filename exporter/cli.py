@@ -84,7 +84,7 @@ def main():
 @click.option("--graphs", default="step,sequence", show_default=True,
               help="Which graphs to write: step, sequence or both (comma-separated).")
 @click.option("--wkv", type=click.Choice(["plain", "plugin"]), default="plain", show_default=True,
-              help="plain: WKV as standard ONNX ops; plugin: one rwkv::WKV* node per layer (TensorRT plugin; "
+              help="plain: WKV as standard ONNX ops; plugin: one rwkv::WKV* node per layer (TensorRT >= 10.7 plugin; "
                    "ONNX Runtime runs its function body).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Weights and MatMuls; the state, WKV and normalisations stay float32 (explicit casts).")
