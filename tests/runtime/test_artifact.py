@@ -195,6 +195,7 @@ def _mutate(d: dict, data) -> dict:
     return d
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_damaged_manifests_never_raise_anything_else(tiny, data):
