@@ -155,10 +155,12 @@ class Graph:
         return self.cast(self.g.op("Gather", [self.vec("emb", self.lo), self.tokens], axis=0), "f32")
 
     def head(self, x):
+        """ln_out and the head: the last thing every build_graph writes (it also tidies the graph)."""
         g = self.g
         if self.seq and not self.all_logits:
             x = self.last(x, g.fresh("x_last"))
         g.op("Identity", [self.linear("head", self.ln(x, "ln_out"))], "logits")
+        elide_identities(g)
 
 
 def wkv_node(g: GraphBuilder, op_type: str, formal_inputs, formal_outputs, body, plugin: bool, ins, outs):
@@ -178,3 +180,31 @@ def wkv_node(g: GraphBuilder, op_type: str, formal_inputs, formal_outputs, body,
         g.add_function(make_function(op_type, list(formal_inputs), list(formal_outputs), fn_body,
                                      attributes=["plugin_version", "plugin_namespace"]))
     g.op(op_type, ins, outs, domain=CUSTOM_DOMAIN, plugin_version="1", plugin_namespace=CUSTOM_DOMAIN)
+
+
+def elide_identities(g: GraphBuilder):
+    """Let the node producing a value write it under its graph-output name, dropping the Identity
+    that copied it there (``last``, ``wkv_node``, the logits): ONNX Runtime keeps such copies, and
+    each node costs a fixed few microseconds per token on CPU. Values read inside a subgraph (Scan
+    bodies) and graph inputs keep their names."""
+    outputs = {o.name for o in g.outputs}
+    produced = {o for n in g.nodes for o in n.output}
+    in_subgraphs = set()
+    for n in g.nodes:
+        for a in n.attribute:
+            if a.type == a.GRAPH:
+                in_subgraphs |= {i for sub in a.g.node for i in sub.input}
+    rename, keep = {}, []
+    for n in g.nodes:
+        src = n.input[0] if n.op_type == "Identity" else None
+        if (src and n.output[0] in outputs and src in produced and src not in outputs and src not in rename
+                and src not in in_subgraphs):
+            rename[src] = n.output[0]
+        else:
+            keep.append(n)
+    for n in keep:
+        for i, name in enumerate(n.input):
+            n.input[i] = rename.get(name, name)
+        for i, name in enumerate(n.output):
+            n.output[i] = rename.get(name, name)
+    g.nodes[:] = keep

@@ -281,20 +281,25 @@ WKV4_OUTPUTS = ("y", "aa_out", "bb_out", "pp_out")
 
 
 def wkv4_step_ops(g: GraphBuilder, k, v, w, u, aa, bb, pp):
-    """Standard ONNX ops for one WKV step; returns (y, aa', bb', pp')."""
-    ww = g.op("Add", [u, k])
-    p = g.op("Max", [pp, ww])
-    e1 = g.op("Exp", [g.op("Sub", [pp, p])])
-    e2 = g.op("Exp", [g.op("Sub", [ww, p])])
-    y = g.op("Div", [g.op("Add", [g.op("Mul", [e1, aa]), g.op("Mul", [e2, v])]),
-                     g.op("Add", [g.op("Mul", [e1, bb]), e2])])
-    ww = g.op("Add", [w, pp])
-    p2 = g.op("Max", [ww, k])
-    e1 = g.op("Exp", [g.op("Sub", [ww, p2])])
-    e2 = g.op("Exp", [g.op("Sub", [k, p2])])
-    aa2 = g.op("Add", [g.op("Mul", [e1, aa]), g.op("Mul", [e2, v])])
-    bb2 = g.op("Add", [g.op("Mul", [e1, bb]), e2])
-    return y, aa2, bb2, p2
+    """Standard ONNX ops for one WKV step; returns (y, aa', bb', pp').
+
+    ``wkv4_step``'s two exponent pairs run at once, stacked on a leading axis of 2 ([2,B,C]):
+    row 0 is the output's (pp against u + k), row 1 the state update's (w + pp against k). Same
+    arithmetic, 18 nodes instead of 23 (the per-token cost of a node is fixed on CPU); the stacked
+    [0, w] and [u, 0] depend only on weights and are constant-folded by ONNX Runtime."""
+    rows = lambda first, second: g.const(np.array([first, second], np.float32).reshape(2, 1, 1))  # noqa: E731
+    a = g.op("Add", [pp, g.op("Mul", [w, rows(0.0, 1.0)])])  # [pp, w + pp]
+    b = g.op("Add", [k, g.op("Mul", [u, rows(1.0, 0.0)])])  # [u + k, k]
+    p = g.op("Max", [a, b])
+    e1 = g.op("Exp", [g.op("Sub", [a, p])])
+    e2 = g.op("Exp", [g.op("Sub", [b, p])])
+    num = g.op("Add", [g.op("Mul", [e1, aa]), g.op("Mul", [e2, v])])  # [y numerator, aa']
+    den = g.op("Add", [g.op("Mul", [e1, bb]), e2])  # [y denominator, bb']
+
+    def row(x, i):
+        return g.op("Gather", [x, g.const(i, np.int64)], axis=0)
+
+    return g.op("Div", [row(num, 0), row(den, 0)]), row(num, 1), row(den, 1), row(p, 1)
 
 
 def wkv4_seq_ops(g: GraphBuilder, k, v, w, u, aa, bb, pp):
