@@ -134,6 +134,34 @@ def test_tensorrt_engine_with_plugin(triton_exports, tmp_path):
     assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
 
 
+def stand_in_engine(graph: Path, where: Path) -> Path:
+    """An engine file (not a real plan: no TensorRT here) with the sidecar build-engine writes."""
+    eng = where / (graph.stem + ".engine")
+    eng.write_bytes(b"not a real plan")
+    man = rwkv_runtime.Session(graph).manifest
+    side = {"format": "rwkv-trt-engine", "format_version": 1, "manifest": json.loads(man.to_json())}
+    props = {p.key: p.value for p in onnx.load(str(graph), load_external_data=False).metadata_props}
+    if "rwkv.initial_state" in props:
+        side["initial_state"] = props["rwkv.initial_state"]
+    if "rwkv.tokenizer_json" in props:
+        side["tokenizer_json"] = props["rwkv.tokenizer_json"]
+    (where / (eng.name + ".json")).write_text(json.dumps(side))
+    return eng
+
+
+@pytest.mark.parametrize("key", ["rwkv4", "rwkv7", "tuned6"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt", "python"])
+def test_every_config_parses(triton_exports, tmp_path, key, backend):
+    g = triton_exports[key]
+    model = stand_in_engine(g, tmp_path) if backend == "tensorrt" else g
+    d = write_repository(model, tmp_path / "repo", backend, max_batch=4)
+    cfg = parse(d)
+    if backend == "python":
+        assert cfg.backend == "python" and (d / "1" / "model.py").is_file()
+    else:
+        check_implicit_state(d, g, nonzero_start(g))  # learned start states come through engines too
+
+
 def test_the_schema_check_can_fail(triton_exports, tmp_path):
     d = write_repository(triton_exports["rwkv4"], tmp_path, "onnxruntime")
     text = (d / "config.pbtxt").read_text()

@@ -39,6 +39,13 @@ def test_python_backend_concurrent_sequences_match_session(triton_exports, tmp_p
     g = triton_exports["rwkv4"]
     write_repository(g, tmp_path / "repo", "python", max_batch=4, name="tiny4")
     write_repository(g, tmp_path / "repo", "python", max_batch=4, name="idle1", idle_s=1.0)  # Triton's default
+    write_repository(triton_exports["tuned6"], tmp_path / "repo", "python", max_batch=4, name="tuned6")
+    tuned = rwkv_runtime.Session(triton_exports["tuned6"])
+    prompt = np.array([tuned.encode(PROMPTS[2])])
+    want_tuned = tuned.prefill(prompt)[0][0]
+    zeros = tuned.state_from_numpy({k: np.zeros_like(v) for k, v in tuned.new_state(1).numpy().items()})
+    untuned = tuned.prefill(prompt, zeros)[0][0]
+    assert np.abs(want_tuned - untuned).max() > 1e-2  # the learned state matters for this prompt
     s = rwkv_runtime.Session(g)
     greedy = rwkv_runtime.SamplingParams(temperature=0)
     want = [list(s.generate_tokens(s.encode(p), NEW, greedy)) for p in PROMPTS]
@@ -70,6 +77,9 @@ def test_python_backend_concurrent_sequences_match_session(triton_exports, tmp_p
         # END closed the sequence: continuing it is refused (by Triton's batcher), not a silent fresh start
         with pytest.raises(Exception, match="must specify the START flag"):
             m.feed([65], 1000, start=False)
+        # a state-tuned export starts every sequence from its learned state
+        mt = TritonRWKV(t.grpc_url, "tuned6", "grpc")
+        np.testing.assert_allclose(mt.feed(prompt[0], 9, start=True, end=True), want_tuned, atol=1e-5)
         # a bad request is refused alone, with the runtime's message
         with pytest.raises(Exception, match=r"token id 999 is outside \[0, 256\)"):
             m.feed([65, 999], 5, start=True, end=True)
