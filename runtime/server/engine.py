@@ -105,10 +105,37 @@ class Handle:
         self.cancelled = True
 
     def _put(self, event):
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, event))
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancelled = True
+        _OUTBOX.items.append((self, event))
+
+
+class _Outbox(threading.local):
+    """Events produced by one scheduler iteration, handed to the event loop(s) in one call per loop
+    (one wake-up per step instead of one per token per stream)."""
+
+    def __init__(self):
+        self.items: list = []
+
+    def flush(self):
+        if not self.items:
+            return
+        by_loop: dict = {}
+        for h, ev in self.items:
+            by_loop.setdefault(h.loop, []).append((h, ev))
+        self.items = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                for h, _ in items:
+                    h.cancelled = True
+
+
+def _deliver(items):
+    for h, ev in items:
+        h.queue.put_nowait((h.index, ev))
+
+
+_OUTBOX = _Outbox()  # per thread: only the scheduler thread fills it
 
 
 class _Seq:
@@ -212,13 +239,16 @@ class Engine:
                     self._decode_step()
                     worked = True
                 self._gauges()
+                _OUTBOX.flush()
                 if not worked:
                     self._wake.wait(0.05)
                     self._wake.clear()
             except Exception as e:  # noqa: BLE001 - never let one bad batch kill the server
                 log.exception("scheduler iteration failed")
                 self._fail_all(ServeError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+                _OUTBOX.flush()
         self._fail_all(ServeError(503, "the server shut down before this request finished", "service_unavailable"))
+        _OUTBOX.flush()
 
     def _gauges(self):
         m = self.metrics
