@@ -203,3 +203,24 @@ def test_cli_missing_model(tmp_path):
     r = run_cli("triton", tmp_path / "none.onnx", "-o", tmp_path / "repo")
     assert r.exit_code == 1 and r.output == f"Error: {tmp_path / 'none.onnx'}: no such file\n"
     assert not (tmp_path / "repo").exists()
+
+
+def test_external_data_fp16_and_sequence_graph_input(rwkv4_ref, tmp_path):
+    """A graph with external weights travels with its data file (onnxruntime loads it from the repository);
+    the logits dtype is the graph's; given the sequence graph, the step companion is served."""
+    import onnxruntime as ort
+
+    from rwkv_export.export import ExportOptions, export
+
+    step, seq = export(rwkv4_ref, tmp_path / "ext.onnx", ExportOptions(precision="fp16", external_data=True))
+    assert (tmp_path / "ext.onnx.data").is_file()
+    d = write_repository(seq, tmp_path / "repo", "onnxruntime", name="ext")
+    assert sorted(p.name for p in (d / "1").iterdir()) == ["ext.onnx.data", "model.onnx"]
+    assert graph_io(d / "1" / "model.onnx")["tokens"][1] == ["batch"]  # the step graph, not [batch, T]
+    sess = ort.InferenceSession(str(d / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    out = {o.name: o.type for o in sess.get_outputs()}
+    want = {"tensor(float)": model_config_pb2.TYPE_FP32, "tensor(float16)": model_config_pb2.TYPE_FP16}
+    assert parse(d).output[0].data_type == want[out["logits"]]
+    check_implicit_state(d, step, nonzero_start(step))
+    p = write_repository(step, tmp_path / "repo", "python", name="extpy")
+    assert sorted(x.name for x in (p / "1").iterdir()) == ["ext.onnx", "ext.onnx.data", "ext.seq.onnx", "model.py"]
