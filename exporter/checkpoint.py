@@ -195,11 +195,17 @@ def _read_hf_config(cfg: Path) -> dict:
     return d
 
 
-def check_finite(ck: Checkpoint) -> None:
-    """Refuse NaN/inf weights, naming the first tensor holding one (one pass over the mapped file)."""
+def check_finite(ck: Checkpoint, release=None, every: int = 256 * 2**20) -> None:
+    """Refuse NaN/inf weights, naming the first tensor holding one (one pass over the mapped file;
+    ``release()`` is called after every ``every`` bytes read, to drop the pages read so far)."""
     import torch
 
+    read = 0
     for k, v in ck.weights.items():
+        read += v.numel() * v.element_size()
+        if release is not None and read >= every:
+            release()
+            read = 0
         if not bool(torch.isfinite(v).all()):
             raise CheckpointError(f"{ck.path}: tensor {k!r} holds NaN or infinite values "
                                   "(pass --allow-nonfinite to export it anyway)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,8 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
     ck = load_checkpoint(checkpoint)
     _check_not_inputs(ck, opt, targets + replaced)
     if not opt.allow_nonfinite:
-        check_finite(ck)
+        check_finite(ck, release=lambda: release_mapped(ck.input_files), every=RELEASE_EVERY)
+    release_mapped(ck.input_files)
     spec = arch.get(ck.version)
     with _inconsistent(ck):
         cfg = spec.config_from_weights(ck.weights, ck.hf_config)
@@ -130,6 +132,8 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
     try:
         with Staging(out) as st:
             store = st.closing(WeightStore(st.path(data_path.name))) if external else None
+            if store is not None:
+                store.after_write = _every(RELEASE_EVERY, lambda: release_mapped(ck.input_files))
             for kind in opt.graphs:
                 tick(f"building {kind} graph")
                 # quantising needs the float weights in memory; they go to the store afterwards
@@ -191,6 +195,57 @@ def _check(model_or_path):
                                  full_check=False)
     except onnx.checker.ValidationError as e:  # an exporter bug, but never a traceback
         raise ExportError(f"the exported graph failed onnx's checker ({str(e).splitlines()[0][:200]})") from None
+
+
+RELEASE_EVERY = 32 * 2**20  # bytes converted between two releases of the checkpoint's mapped pages
+
+
+def _every(nbytes: int, fn):
+    """A callback for ``WeightStore.after_write``: ``fn()`` after every ``nbytes`` processed."""
+    done = [0]
+
+    def after(store):
+        if store.processed - done[0] >= nbytes:
+            done[0] = store.processed
+            fn()
+    return after
+
+
+def release_mapped(files) -> None:
+    """Drop the resident pages of the memory-mapped checkpoint (Linux; elsewhere a no-op).
+
+    Reading a mapped checkpoint leaves every page it touched resident, so the whole file would count
+    in the export's memory. torch maps it private and file-backed; as long as nothing wrote to it
+    (no private dirty pages, checked first), MADV_DONTNEED only drops pages, and a later read maps
+    them in again from the file (page cache). Only mappings of ``files`` are touched."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        names = {os.path.realpath(f) for f in files}
+        ranges, current = [], None
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(maxsplit=5)
+                if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's first line
+                    path = head[5].strip() if len(head) == 6 else ""
+                    current = None
+                    if path in names and head[1].endswith("p"):
+                        lo, hi = (int(x, 16) for x in head[0].split("-"))
+                        current = [lo, hi]
+                elif current is not None and head[0] == "Private_Dirty:":
+                    if int(head[1]) == 0:  # never written: dropping its pages cannot lose data
+                        ranges.append(current)
+                    current = None
+        if not ranges:
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        for lo, hi in ranges:
+            libc.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
+    except (OSError, ValueError, AttributeError, IndexError):
+        pass  # only a memory optimisation
 
 
 def _to_store(model: onnx.ModelProto, store: WeightStore) -> None:

@@ -49,6 +49,8 @@ class WeightStore:
         self._f = open(self.path, "wb")  # plain open(): the file mode follows the umask
         self._end = 0
         self._seen: dict = {}  # (dtype, digest) -> (offset, length)
+        self.processed = 0  # bytes passed to ``add``, stored or found already stored
+        self.after_write = None  # called with the store after each ``add`` (export: release memory)
 
     def add(self, name: str, arr: np.ndarray) -> onnx.TensorProto:
         arr = np.ascontiguousarray(arr)
@@ -64,6 +66,9 @@ class WeightStore:
             self._f.write(data)
             self._end = offset + len(data)
             self._seen[key] = (offset, len(data))
+        self.processed += len(data)
+        if self.after_write is not None:
+            self.after_write(self)
         offset, length = self._seen[key]
         t = onnx.TensorProto(name=name, data_type=onnx_dtype(arr.dtype), dims=list(arr.shape),
                              data_location=onnx.TensorProto.EXTERNAL)
