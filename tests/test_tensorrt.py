@@ -819,6 +819,16 @@ def test_sidecar_never_lists_a_plugin_the_network_does_not_contain(tmp_path, fak
     rwkv_runtime.Session(out)
 
 
+def test_autoregister_library_given_to_load_library_is_one_line(tmp_path, fake, rwkv4_exports):
+    trt, _ = fake()
+    lib = tmp_path / "librwkv_trt_plugins_autoregister.so"
+    lib.write_text("rwkv::WKV4:1 rwkv::WKV4Seq:1")
+    res, out = _build(tmp_path, rwkv4_exports["plugin"], "-q", "--plugin", str(lib))
+    assert res.exit_code == 1 and trt.calls["loaded"] == []
+    (line,) = res.output.strip().splitlines()
+    assert "is for loaders that only dlopen" in line and "librwkv_trt_plugins.so" in line
+
+
 def test_unreadable_timing_cache_is_one_line(tmp_path, fake, rwkv4_exports):
     fake()
     cache = tmp_path / "timing.cache"

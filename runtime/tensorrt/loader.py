@@ -18,6 +18,7 @@ GRAPHS_ENV = "RWKV_TRT_CUDA_GRAPHS"
 VERBOSE_ENV = "RWKV_TRT_VERBOSE"
 MIN_TRT_MAJOR = 10
 RWKV_PLUGIN_LIBRARY = "librwkv_trt_plugins.so"  # the loadLibrary library of plugins/ (see plugins/README.md)
+RWKV_AUTOREGISTER_LIBRARY = "librwkv_trt_plugins_autoregister.so"  # for ctypes loaders only: no getCreators
 TRT_INSTALL_HINT = ("pip install tensorrt (NVIDIA's wheels; the install downloads the libraries from "
                     "pypi.nvidia.com) or pip install 'rwkv-runtime[tensorrt]'")
 CUDA_INSTALL_HINT = "pip install cuda-core cuda-bindings (or the [tensorrt] extra)"
@@ -110,6 +111,9 @@ def load_plugin_library(trt, path, echo=None) -> bool:
     p = Path(path).expanduser()
     if not p.is_file():
         raise TensorRTError(f"plugin library {p} does not exist")
+    if p.name == RWKV_AUTOREGISTER_LIBRARY:  # TensorRT would only say "SymbolAddress for getCreators ..."
+        raise TensorRTError(f"{p.name} is for loaders that only dlopen (ctypes, Polygraphy --plugins); "
+                            f"TensorRT's load_library needs {RWKV_PLUGIN_LIBRARY} from the same directory")
     key = str(p.resolve())
     if key in _LOADED_PLUGINS:
         return True
