@@ -34,6 +34,7 @@ MANIFEST_PARAM = "rwkv.manifest"
 TOKENIZER_PARAM = "rwkv.tokenizer_json"
 MODEL_FILE_PARAM = "rwkv.model_file"  # python backend: the graph model.py opens (companions beside it)
 SIDECAR = "rwkv_manifest.json"
+MAX_IDLE_S = 1e7  # ~4 months: more is a typo (Triton's field is microseconds in a uint64)
 DEFAULT_IDLE_S = 300.0  # a chat turn plus the user's reading and typing; Triton's own default is 1 s
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 _ONNX_ELEM = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
@@ -181,9 +182,11 @@ def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int =
         raise ExportError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if not 1 <= int(max_batch) <= 1024:
         raise ExportError(f"--max-batch must be in [1, 1024], not {max_batch}")
-    if not idle_s > 0:
-        raise ExportError(f"the idle timeout must be positive, not {idle_s}")
+    if not 0 < idle_s <= MAX_IDLE_S:
+        raise ExportError(f"the idle timeout must be in (0, {MAX_IDLE_S:.0f}] seconds, not {idle_s}")
     model, repo = Path(model), Path(repo)
+    if repo.exists() and not repo.is_dir():
+        raise ExportError(f"{repo}: exists and is not a folder (the model repository is a folder)")
     art = open_artifact(model)
     if backend == "tensorrt" and not art.engine:
         raise ExportError(f"{model.name}: --backend tensorrt needs an engine from 'rwkv-export build-engine' "

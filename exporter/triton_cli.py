@@ -16,7 +16,7 @@ import click
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024),
               help="Sequences stepped together in one execution (max_batch_size).")
 @click.option("--name", default=None, help="Model name in the repository (default: the file name's stem).")
-@click.option("--idle-timeout", "idle_s", default=300.0, show_default=True, type=click.FloatRange(0.001),
+@click.option("--idle-timeout", "idle_s", default=300.0, show_default=True, type=click.FloatRange(0.001, 1e7),
               help="Seconds a sequence may sit idle before Triton drops its state (Triton's default is 1 s).")
 @click.option("--max-sequences", default=None, type=click.IntRange(1),
               help="Sequences open at once (oldest strategy's max_candidate_sequences; default 4 x --max-batch).")

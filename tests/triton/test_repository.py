@@ -199,6 +199,12 @@ def test_cli_errors_are_one_line_and_leave_nothing(triton_exports, tmp_path, arg
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+def test_cli_repository_is_a_file(triton_exports, tmp_path):
+    (tmp_path / "repo").write_text("x")
+    r = run_cli("triton", triton_exports["rwkv7"], "-o", tmp_path / "repo")
+    assert r.exit_code == 1 and r.output == f"Error: {tmp_path / 'repo'}: exists and is not a folder (the model repository is a folder)\n"
+
+
 def test_cli_missing_model(tmp_path):
     r = run_cli("triton", tmp_path / "none.onnx", "-o", tmp_path / "repo")
     assert r.exit_code == 1 and r.output == f"Error: {tmp_path / 'none.onnx'}: no such file\n"
