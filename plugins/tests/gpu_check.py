@@ -24,7 +24,8 @@ and offsets, the state-set pool alternating between two addresses in a step loop
 out a held set, and a CUDA graph captured with cuda.core's GraphBuilder (pinned copy in, device copy,
 pinned copy out) replayed with new data.
 Prints tables and exits 1 if anything fails (2 if it cannot run at all).
-With TensorRT and a GPU, also run: pytest tests/test_tensorrt.py -rs (real engines vs BlinkDL's logits).
+With TensorRT installed: tests/test_tensorrt.py's real-engine tests (plain and plugin mode, CUDA graphs on
+and off, against BlinkDL's logits and onnxruntime); set TENSORRT_INCLUDE_DIR so the plugin is built too.
 """
 from __future__ import annotations
 
@@ -319,6 +320,20 @@ def cuda_core_section(rng) -> int:
     return failed
 
 
+def real_tensorrt_section(plugin=None) -> int:
+    """With TensorRT installed: the real engines (plain and plugin mode, with and without CUDA graphs)
+    against BlinkDL's logits and onnxruntime -- tests/test_tensorrt.py's device tests."""
+    if importlib.util.find_spec("tensorrt") is None:
+        print("\n(real TensorRT engines skipped: tensorrt is not installed)")
+        return 0
+    print("\nreal TensorRT engines (pytest tests/test_tensorrt.py -k 'blinkdl or batch_3'):")
+    r = subprocess.run([sys.executable, "-m", "pytest", str(REPO / "tests" / "test_tensorrt.py"), "-q", "-rs",
+                        "-p", "no:cacheprovider", "-k", "blinkdl or batch_3"], cwd=REPO, capture_output=True,
+                       text=True, timeout=900, env={**os.environ, **({"RWKV_TRT_PLUGIN": str(plugin)} if plugin else {})})
+    print((r.stdout + r.stderr)[-3000:])
+    return 0 if r.returncode == 0 else 1
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lib", type=Path, help="prebuilt librwkv_wkv4_kernels.so (default: compile now)")
@@ -372,6 +387,7 @@ def main(argv=None):
     failed += head_section(hlib, backend, rng, timings=True)
 
     # Optional: the TensorRT plugin's enqueue() on the GPU, through the stand-in libnvinfer.
+    plugin_lib = None
     env_include = os.environ.get("TENSORRT_INCLUDE_DIR")
     include = args.trt_include or (Path(env_include) if env_include else None)
     if include is not None:
@@ -380,6 +396,7 @@ def main(argv=None):
         print(f"\nplugin enqueue() check with TensorRT headers {include}:")
         try:
             h = mock_build.build_harness(tp, include, out_dir / "trt", cuda_architectures=arch)
+            plugin_lib = h["plugin"]
             r = subprocess.run([str(h["driver"]), "enqueue-gpu", str(h["plugin"])], capture_output=True, text=True,
                                timeout=300)
             print(r.stdout + r.stderr)
@@ -392,6 +409,7 @@ def main(argv=None):
         print("\n(plugin enqueue() check skipped: set TENSORRT_INCLUDE_DIR or --trt-include)")
 
     failed += cuda_core_section(rng)
+    failed += real_tensorrt_section(plugin_lib)
 
     print(f"\n{'ALL PASSED' if failed == 0 else f'{failed} FAILED'}")
     return 1 if failed else 0
