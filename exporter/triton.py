@@ -102,7 +102,7 @@ def _state_file(name: str) -> str:
 
 
 def build_config(art, backend: str, name: str, max_batch: int, idle_s: float, max_sequences: int,
-                 logits_dtype: str = "float32"):
+                 logits_dtype: str = "float32", tokens_dtype: str = "int64"):
     """The ``ModelConfig`` message for an artifact (no files written)."""
     pb, _ = _pb()
     man = art.manifest
@@ -118,7 +118,7 @@ def build_config(art, backend: str, name: str, max_batch: int, idle_s: float, ma
     sb.oldest.max_queue_delay_microseconds = 2000  # wait up to 2 ms for other sequences' next tokens
     out = cfg.output.add(name=man.logits_output, data_type=_TRITON_DTYPES[logits_dtype])
     out.dims.append(man.vocab_size)
-    tok = cfg.input.add(name=man.tokens_input, data_type="TYPE_INT64")
+    tok = cfg.input.add(name=man.tokens_input, data_type=_TRITON_DTYPES[tokens_dtype])
     if backend == "python":
         # a whole prompt per request (any length), one token per decode step; model.py reads the control
         # inputs to find the sequence's state and to drop it at the end
@@ -206,10 +206,16 @@ def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int =
     if max_sequences < max_batch:
         raise ExportError(f"--max-sequences ({max_sequences}) must be at least --max-batch ({max_batch})")
 
-    logits_dtype = "float32"
+    logits_dtype, tokens_dtype = "float32", "int64"  # engines: what build-engine keeps from the ONNX graph
     if not art.engine:
-        logits_dtype = _graph_dtypes(art.path).get(art.manifest.logits_output, "float32")
-    cfg = build_config(art, backend, name, int(max_batch), float(idle_s), max_sequences, logits_dtype)
+        io = _graph_dtypes(art.path)
+        logits_dtype, tokens_dtype = io.get(art.manifest.logits_output, "?"), io.get(art.manifest.tokens_input, "?")
+        if logits_dtype not in ("float32", "float16") or tokens_dtype not in ("int64", "int32"):
+            raise ExportError(f"{art.path.name}: logits {logits_dtype} / tokens {tokens_dtype} are not types this "
+                              "command knows how to serve; re-export the model")
+    if backend == "python":  # model.py converts: clients send INT64, it answers FP32
+        logits_dtype, tokens_dtype = "float32", "int64"
+    cfg = build_config(art, backend, name, int(max_batch), float(idle_s), max_sequences, logits_dtype, tokens_dtype)
     extra = {}
 
     created = not repo.exists()
