@@ -233,7 +233,10 @@ class Engine:
                 self._admit()
                 worked = False
                 if self._prefilling:
-                    self._prefill_some()
+                    waiting = bool(self._running)  # (sequences that join in this prefill waited for nothing)
+                    n = self._prefill_some()
+                    if waiting:  # what the running streams waited for before their next token
+                        self.metrics.prefill_stall.observe(n)
                     worked = True
                 if self._running:
                     self._decode_step()
@@ -324,7 +327,7 @@ class Engine:
             end = min(len(s.req.prompt), (s.done // c + 1) * c, s.done + budget)
             groups.setdefault(end - s.done, []).append(s)
             budget -= end - s.done
-        joined = []
+        joined, total = [], 0
         for n, group in groups.items():
             toks = np.array([s.req.prompt[s.done:s.done + n] for s in group], dtype=np.int64)
             try:
@@ -336,6 +339,7 @@ class Engine:
                     s.h._put(Failed(ServeError(400, str(e))))
                 continue
             self.metrics.prefill_tokens.inc(n * len(group))
+            total += n * len(group)
             arrays = st.numpy()
             for i, s in enumerate(group):
                 row = {k: v[i:i + 1] for k, v in arrays.items()}
@@ -348,6 +352,7 @@ class Engine:
                     joined.append(s)
         if joined:
             self._join(joined)
+        return total
 
     def _join(self, seqs: list):
         parts = ([self._batch] if self._batch is not None else []) + [s.state for s in seqs]

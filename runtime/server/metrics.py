@@ -30,6 +30,9 @@ class Metrics:
         self.steps = Counter("rwkv_decode_steps", "Batched decode steps run", registry=r)
         self.batch_size = Histogram("rwkv_batch_size", "Sequences per decode step", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.prefill_stall = Histogram("rwkv_prefill_tokens_between_steps", "Prompt tokens prefilled between two "
+                                       "decode steps of running sequences", registry=r,
+                                       buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192))
         self.ttft = Histogram("rwkv_time_to_first_token_seconds", "Request arrival to its first token",
                               registry=r, buckets=_LATENCY)
         self.itl = Histogram("rwkv_inter_token_seconds", "Time between a sequence's tokens", registry=r,

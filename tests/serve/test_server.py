@@ -252,3 +252,24 @@ def test_models_health_metrics(default_model, make_server):
     assert metric(srv, "rwkv_requests_total", 'endpoint="/v1/completions",status="200"') == 1
     assert metric(srv, "rwkv_generation_tokens_total") == 3
     assert metric(srv, "rwkv_time_to_first_token_seconds_count") == 1
+
+
+def test_long_prompt_is_prefilled_between_decode_steps(default_model, make_server):
+    """A 1024-token prompt arriving while a stream runs is prefilled 32 tokens per scheduler iteration,
+    each followed by a decode step of the running stream (from the metrics' counts, not timed)."""
+    srv = make_server(default_model, model_name="m", prefill_chunk=32, prefill_budget=32, max_tokens=1000000)
+    c = client(srv)
+    running = c.completions.create(model="m", prompt="Hi", max_tokens=1000000, temperature=0, stream=True)
+    it = iter(running)
+    next(it)
+    steps = metric(srv, "rwkv_decode_steps_total")
+    r = c.completions.create(model="m", prompt="abcdefgh" * 128, max_tokens=1, temperature=0)
+    assert r.usage.prompt_tokens == 1024
+    assert metric(srv, "rwkv_decode_steps_total") - steps >= 1024 // 32
+    # never more than one chunk between two of the running stream's steps
+    stalls = metric(srv, "rwkv_prefill_tokens_between_steps_count")
+    assert stalls >= 1024 // 32
+    assert metric(srv, "rwkv_prefill_tokens_between_steps_bucket", 'le="32.0"') == stalls
+    assert metric(srv, "rwkv_prefill_tokens_between_steps_sum") == 1024
+    running.close()
+    _wait(lambda: metric(srv, "rwkv_running_sequences") == 0)
