@@ -273,3 +273,11 @@ def test_long_prompt_is_prefilled_between_decode_steps(default_model, make_serve
     assert metric(srv, "rwkv_prefill_tokens_between_steps_sum") == 1024
     running.close()
     _wait(lambda: metric(srv, "rwkv_running_sequences") == 0)
+
+
+def test_request_timeout_ends_a_generation(default_model, make_server):
+    srv = make_server(default_model, model_name="m", request_timeout=0.5, max_tokens=10**7)
+    r = client(srv).completions.create(model="m", prompt="Hi", max_tokens=10**7, temperature=0)
+    assert r.choices[0].finish_reason == "timeout"
+    assert 0 < r.usage.completion_tokens < 10**7
+    assert metric(srv, "rwkv_sequences_finished_total", 'reason="timeout"') == 1
