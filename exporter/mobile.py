@@ -30,6 +30,9 @@ def _convert(src: Path, out_dir: Path) -> Path:
 
     old = os.environ.get("ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL")
     os.environ["ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"] = "extended"
+    import logging
+
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # it logs every config it writes
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
@@ -94,8 +97,8 @@ def write_mobile(model, out) -> list[Path]:
                 raise ExportError(f"{ort_file.name}: over the ORT format's 2 GB limit; export a smaller or quantized model")
             if MANIFEST_KEY not in ort_metadata(ort_file):
                 raise ExportError(f"{ort_file.name}: the ORT format dropped the model's metadata (rwkv manifest)")
-            names[kind] = ort_file.name
-            os.replace(ort_file, tmp / ort_file.name)
+            names[kind] = src.stem + ".ort"  # the tool appends the optimisation level; drop it
+            os.replace(ort_file, tmp / names[kind])
             configs = sorted((work / "out").glob("*.config"))
             if configs:
                 os.replace(configs[0], tmp / f"{kind}.required_operators.config")

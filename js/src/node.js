@@ -8,6 +8,7 @@ export * from "./common.js";
 
 const nodeIO = {
   gpuState: false,
+  preallocate: true, // onnxruntime-node writes outputs into pre-allocated tensors
   label: (p) => basename(p),
   resolve: (p, name) => join(dirname(p), name),
   exists: (p) => access(p).then(() => true, () => false),

@@ -4,9 +4,11 @@
 // from the manifest read out of the model bytes (onnx-meta.js); nothing is hard-coded.
 //
 // State lives where the backend computes: on WebGPU the state outputs stay GPU buffers that are fed
-// back as the next inputs (the previous ones are disposed); on CPU backends (WASM, Node) each State
-// owns two pre-allocated buffer sets and a step writes the outputs into the spare set. Either way a
-// step *consumes* the state passed in: using it again is an error (clone() it first to branch).
+// back as the next inputs (the previous ones are disposed). On Node each State owns two pre-allocated
+// buffer sets and a step has ORT write the outputs into the spare set. onnxruntime-web's WASM backend
+// (1.30) ignores pre-allocated CPU outputs (it returns them unwritten: checked in js/test), and copies
+// every output out of the WASM heap anyway, so there the outputs it returns become the next state.
+// Either way a step *consumes* the state passed in: using it again is an error (clone() it to branch).
 import { RuntimeUserError } from "./errors.js";
 import { INITIAL_STATE_KEY, MANIFEST_KEY, TOKENIZER_KEY, checkCompanion, concreteShape, parseManifest } from "./manifest.js";
 import { loadNpz, saveNpz } from "./npz.js";
@@ -177,7 +179,7 @@ export class Session {
         d.fill(s.dtype === "float16" ? halfBits(s.init) : s.init);
       }
     }
-    return new State(this, batch, front, this.io.gpuState ? null : this._cpuSet(batch));
+    return new State(this, batch, front, this.io.preallocate ? this._cpuSet(batch) : null);
   }
 
   /** A state from plain arrays (checked against the manifest: names, dtypes, shapes). */
@@ -195,7 +197,7 @@ export class Session {
       }
       front[s.name] = new this.ort.Tensor(s.dtype, new ARRAY[s.dtype](a.data), want);
     }
-    return new State(this, batch, front, this.io.gpuState ? null : this._cpuSet(batch));
+    return new State(this, batch, front, this.io.preallocate ? this._cpuSet(batch) : null);
   }
 
   /** .npz bytes of a state (Python's Session.load_state reads them). */

@@ -7,6 +7,7 @@ export * from "./common.js";
 function webIO(gpuState) {
   const io = {
     gpuState,
+    preallocate: false, // see session.js: WASM ignores pre-allocated CPU outputs; WebGPU keeps GPU buffers
     label: (u) => String(u).split("/").pop(),
     resolve: (u, name) => new URL(name, new URL(u, globalThis.location?.href)).href,
     async exists(u) {

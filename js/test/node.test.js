@@ -132,3 +132,24 @@ test("HF tokenizer.json (20B): ids and decoded text equal the Python `tokenizers
   assert.deepEqual(tok.encode(text), cases.hf.ids);
   assert.equal(tok.decode(cases.hf.ids), cases.hf.decoded);
 });
+
+test("fact: onnxruntime-web (WASM, in Node) returns pre-allocated CPU outputs unwritten — why web.js does not pass them", opts, async () => {
+  // If this starts failing, ORT Web writes into `fetches` and the WASM path could reuse buffers too.
+  const ortw = await import("onnxruntime-web");
+  ortw.env.wasm.numThreads = 1;
+  const c = cases.models[0];
+  const s = await ortw.InferenceSession.create(await readFile(c.model));
+  const feeds = { tokens: new ortw.Tensor("int64", BigInt64Array.from([65n]), [1]) };
+  const meta = (await Session.create(c.model)).manifest;
+  const fetches = { logits: null };
+  for (const st of meta.state) {
+    const shape = st.shape.map((d) => (d === "batch" ? 1 : d)), n = shape.reduce((a, b) => a * b, 1);
+    feeds[st.name] = new ortw.Tensor("float32", new Float32Array(n).fill(st.init), shape);
+    fetches[st.output] = new ortw.Tensor("float32", new Float32Array(n), shape);
+  }
+  const out = await s.run(feeds, fetches);
+  const fresh = await s.run(feeds);
+  const o = meta.state[0].output;
+  assert.ok(fresh[o].data.some((v) => v !== 0), "the state output is non-zero");
+  assert.ok(out[o].data.every((v) => v === 0), "the pre-allocated output stayed unwritten");
+});
