@@ -12,8 +12,6 @@ from ..conftest import REPO, ref_model
 sys.path.insert(0, str(REPO / "deploy_examples"))  # triton_client
 sys.path.insert(0, str(REPO / "deploy_examples" / "triton"))  # local_server
 
-pytest.importorskip("tritonclient.grpc", reason="tritonclient not installed (pip install 'rwkv-export[triton]')")
-
 
 @pytest.fixture(scope="session")
 def triton_exports(tmp_path_factory) -> dict:

@@ -9,12 +9,14 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
-import rwkv_runtime
-from rwkv_export.cli import main
-from rwkv_export.triton import write_repository
+pytest.importorskip("tritonclient.grpc", reason="tritonclient not installed (pip install 'rwkv-export[triton]')")
+from google.protobuf import text_format  # noqa: E402
+from tritonclient.grpc import model_config_pb2  # noqa: E402
+
+import rwkv_runtime  # noqa: E402
+from rwkv_export.cli import main  # noqa: E402
+from rwkv_export.triton import write_repository  # noqa: E402
 
 
 def parse(model_dir: Path):

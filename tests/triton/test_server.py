@@ -22,6 +22,7 @@ from rwkv_export.triton import write_repository
 from ..conftest import REPO
 
 pytestmark = pytest.mark.slow
+pytest.importorskip("tritonclient.grpc", reason="tritonclient not installed (pip install 'rwkv-export[triton]')")
 
 ENV = Path(os.environ.get("RWKV_TRITON_PYTHON_ENV") or REPO / "build" / "triton-env")
 if not (ENV / "bin" / "python3").exists():
