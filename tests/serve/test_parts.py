@@ -9,15 +9,20 @@ import subprocess
 import sys
 import zipfile
 
-import numpy as np
 import pytest
 
-from rwkv_runtime import RuntimeUserError, Session
-from rwkv_runtime.server import ChatTemplate
-from rwkv_runtime.server import statefile
-from rwkv_runtime.server.cache import PrefixCache
+from .conftest import need_serve_deps
 
-from .conftest import REPO
+need_serve_deps()
+
+import numpy as np  # noqa: E402 - after the skip check
+
+from rwkv_runtime import RuntimeUserError, Session  # noqa: E402 - after the skip check
+from rwkv_runtime.server import ChatTemplate  # noqa: E402 - after the skip check
+from rwkv_runtime.server import statefile  # noqa: E402 - after the skip check
+from rwkv_runtime.server.cache import PrefixCache  # noqa: E402 - after the skip check
+
+from .conftest import REPO  # noqa: E402 - after the skip check
 
 
 def _arrays(v: float, n: int = 100) -> dict:

@@ -6,13 +6,18 @@ from __future__ import annotations
 import socket
 import time
 
-import httpx
 import pytest
 
-from rwkv_runtime import SamplingParams, Session
-from rwkv_runtime.server import ChatTemplate
+from .conftest import need_serve_deps
 
-from .conftest import REPO
+need_serve_deps()
+
+import httpx  # noqa: E402 - after the skip check
+
+from rwkv_runtime import SamplingParams, Session  # noqa: E402 - after the skip check
+from rwkv_runtime.server import ChatTemplate  # noqa: E402 - after the skip check
+
+from .conftest import REPO  # noqa: E402 - after the skip check
 
 pytestmark = pytest.mark.slow
 

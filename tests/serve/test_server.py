@@ -7,14 +7,19 @@ import functools
 import threading
 import time
 
-import httpx
-import numpy as np
-import openai
 import pytest
 
-from rwkv_runtime import SamplingParams, Session
+from .conftest import need_serve_deps
 
-from .conftest import client, metric
+need_serve_deps()
+
+import httpx  # noqa: E402 - after the skip check
+import numpy as np  # noqa: E402 - after the skip check
+import openai  # noqa: E402 - after the skip check
+
+from rwkv_runtime import SamplingParams, Session  # noqa: E402 - after the skip check
+
+from .conftest import client, metric  # noqa: E402 - after the skip check
 
 
 @functools.lru_cache(maxsize=4)
