@@ -55,6 +55,7 @@ class TritonPythonModel:
         replies = [None] * len(requests)
         steps = []  # (request index, corrid, token, state, end): run together as one batch
         for i, r in enumerate(requests):
+            corrid, end = None, False
             try:
                 toks = pb_utils.get_input_tensor_by_name(r, self.tokens_name).as_numpy().reshape(-1)
                 corrid = _scalar(r, "CORRID")
@@ -77,6 +78,8 @@ class TritonPythonModel:
                 logits, state = self.session.prefill(toks.astype(np.int64)[None], state)
                 replies[i] = self._finish(corrid, logits, state, end, now)
             except RuntimeUserError as e:
+                if end:  # Triton closes the sequence anyway: do not keep its state
+                    self.states.pop(corrid, None)
                 replies[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
         if steps:
             try:
@@ -86,7 +89,9 @@ class TritonPythonModel:
                     st = new.select([j]) if len(steps) > 1 else new
                     replies[i] = self._finish(corrid, logits[j:j + 1], st, end, now)
             except RuntimeUserError as e:
-                for i, *_ in steps:
+                for i, corrid, _, _, end in steps:
+                    if end:
+                        self.states.pop(corrid, None)
                     replies[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
         return replies
 
