@@ -134,17 +134,22 @@ class LocalTriton:
         self._killer = threading.Timer(self.max_lifetime, self._stop)
         self._killer.daemon = True
         self._killer.start()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.__exit__(None, None, None)  # stop it and remove the work folder (its log is in the message)
+            raise
+        return self
+
+    def _wait_ready(self):
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                self._stop()
                 raise RuntimeError(f"tritonserver exited with status {self.proc.returncode}:\n{self.errors()}")
             if self.ready():
-                return self
+                return
             time.sleep(0.3)
-        log = self.log()
-        self._stop()
-        raise RuntimeError(f"tritonserver was not ready after {self.start_timeout:.0f} s:\n{log[-3000:]}")
+        raise RuntimeError(f"tritonserver was not ready after {self.start_timeout:.0f} s:\n{self.errors()}")
 
     @property
     def http_url(self) -> str:
