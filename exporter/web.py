@@ -100,7 +100,7 @@ def write_web_bundle(model, out, js_dir: Path | None = None) -> list[Path]:
         for f in graphs + [model.with_name(d) for d in data]:
             shutil.copy2(f, tmp / f.name)
         (tmp / "rwkv-runtime").mkdir()
-        for f in sorted(src.glob("*.js")) + sorted(src.glob("*.d.ts")):
+        for f in [p for p in sorted(src.glob("*.js")) if p.name != "node.js"] + sorted(src.glob("*.d.ts")):
             shutil.copy2(f, tmp / "rwkv-runtime" / f.name)
         (tmp / "ort").mkdir()
         for f in ORT_FILES:

@@ -130,7 +130,7 @@ def test_demo_page_streams_text(site, tmp_path):
     """The demo page loads the default model's bundle, continues a typed prompt, shows speed and backend."""
     root, url = site
     shot = tmp_path / "demo.png"
-    prompt = "def main():"
+    prompt = "class Queue:\n    def "  # the default model was trained on Python's standard library
     [r] = run_browser([{"url": f"{url}demo/index.html?backend=wasm&threads=2", "type": prompt, "screenshot": str(shot),
                         "wait": f"window.demo.error || (window.demo.last && window.demo.last.prompt === {json.dumps(prompt)} && window.demo.last)",
                         "evaluate": "({backend: document.getElementById('backend').textContent, "
