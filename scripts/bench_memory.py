@@ -58,9 +58,9 @@ print(json.dumps({"base_mb": base, "load_s": load_s, "loaded_mb": loaded, "end_m
 
 
 def weights_mb(path: Path) -> float:
-    data = [p for p in path.parent.glob(path.name + "*.data")] or [p for p in path.parent.glob("*.data")
-                                                                   if p.name.startswith(path.stem)]
-    return (path.stat().st_size + sum(p.stat().st_size for p in data[:1])) / 2**20
+    """The step graph's file plus its external data (the exporter names it MODEL.onnx.data)."""
+    data = path.with_name(path.name + ".data")
+    return (path.stat().st_size + (data.stat().st_size if data.is_file() else 0)) / 2**20
 
 
 def main():
