@@ -70,7 +70,14 @@ class _Bar:
         self.bar.close()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Every command, including those registered from other modules, gets the one-line treatment."""
+
+    def invoke(self, ctx):
+        return user_errors(super().invoke)(ctx)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rwkv-export")
 def main():
     """RWKV checkpoints to ONNX / TensorRT, validated, and run without torch."""

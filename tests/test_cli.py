@@ -95,3 +95,24 @@ def test_runtime_errors_are_one_line(rwkv4_exports, tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"\x00\x01garbage")
     res = run_cli("inspect", tmp_path / "bad.onnx")
     _one_clean_line(res)
+
+
+@pytest.mark.parametrize("exc, expect, code", [
+    (ZeroDivisionError("division by zero"), "internal error (ZeroDivisionError", 1),
+    (EOFError("Ran out of input"), "internal error (EOFError", 1),
+    (OSError(30, "Read-only file system", "/x/m.onnx"), "/x/m.onnx: Read-only file system", 1),
+    (KeyboardInterrupt(), "interrupted", 130),
+])
+def test_unexpected_errors_are_one_line_never_aborted(rwkv4_ref, tmp_path, monkeypatch, exc, expect, code):
+    """Every command is wrapped (also those registered from other modules): a bug or an OS error is one
+    line, never a traceback or click's bare "Aborted!"."""
+    import rwkv_export.export as ex
+
+    def boom(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(ex, "export", boom)
+    res = CliRunner().invoke(main, ["export", str(rwkv4_ref), "-o", str(tmp_path / "m.onnx"), "-q"])
+    assert res.exit_code == code and isinstance(res.exception, SystemExit), res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expect in lines[0] and "Aborted" not in res.output
