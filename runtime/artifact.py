@@ -14,8 +14,8 @@ What is checked where (docs/errors.md, "Runtime"):
   ``export_id`` as the main graph;
 - ``check_graph_io``: the manifest against a loaded graph's actual inputs/outputs (names, ranks,
   dtypes, vocab size), before the first run;
-- ``read_state_npz`` / ``decode_initial_state``: saved or embedded states (npz headers checked before any
-  data is read: names, dtypes, shapes, sizes, export id).
+- ``decode_initial_state`` (and ``state.read_state_npz`` for saved states): npz headers checked before any
+  data is read: names, dtypes, shapes, sizes, export id.
 
 Every failure is a ``RuntimeUserError`` with one line naming the user's file.
 """
@@ -26,22 +26,17 @@ import binascii
 import io
 import json
 import math
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from .errors import RuntimeUserError
 from .manifest import (BATCH, FORMAT_VERSION, INITIAL_STATE_KEY, MANIFEST_KEY, TOKENIZER_KEY, Manifest,
                        StateSpec)
+from .state import EXPORT_ID_KEY, MAX_STATE_BATCH, STATE_DTYPES, check_state_arrays, read_state_npz  # noqa: F401
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # the one list: TensorRT engine files
 SIDECAR_FORMAT = "rwkv-trt-engine"
 SIDECAR_VERSION = 1
-STATE_DTYPES = {"float32": np.float32, "float16": np.float16}
-EXPORT_ID_KEY = "__rwkv_export_id__"  # the export a saved state belongs to (an .npz member)
-MAX_STATE_BATCH = 1 << 16  # a saved state claiming more rows than this is refused (a damaged header)
 GRAPH_KINDS = ("step", "sequence")
 _MAX_META_BYTES = 1 << 30  # one metadata entry (tokenizer JSON, initial state) larger than this is damage
 
@@ -239,104 +234,8 @@ def manifest_from_dict(d: dict, where: str = "model") -> Manifest:
 
 
 # ---------------------------------------------------------------------------------------------
-# Initial / saved states
+# The embedded initial state (saved states are read by state.read_state_npz, the same checks)
 # ---------------------------------------------------------------------------------------------
-def _check_arrays(arrays: dict, specs: list, where: str, batch: int | None) -> dict:
-    """Names, dtypes (float32 accepted for float16 specs, converted), shapes; returns contiguous arrays."""
-    by_name = {s.name: s for s in specs}
-    for k in arrays:
-        if k not in by_name:
-            raise RuntimeUserError(f"{where}: names {str(k)[:60]!r}, which this model has no state tensor for")
-    out = {}
-    for k, a in arrays.items():
-        s = by_name[k]
-        a = np.asarray(a)
-        if a.dtype not in (np.dtype(np.float32), np.dtype(s.dtype)):
-            raise RuntimeUserError(f"{where}: state tensor {k} has dtype {a.dtype}, expected {s.dtype}")
-        if (a.ndim != len(s.shape) or a.ndim == 0 or tuple(a.shape) != s.concrete_shape(a.shape[0])
-                or (batch is not None and a.shape[0] != batch)):
-            raise RuntimeUserError(f"{where}: state tensor {k} has shape {list(a.shape)}, expected {s.shape}")
-        if np.isnan(a).any():
-            raise RuntimeUserError(f"{where}: state tensor {k} holds NaN")
-        out[k] = np.ascontiguousarray(a, dtype=STATE_DTYPES[s.dtype])
-    return out
-
-
-def _read_data(f, shape, dtype, fortran: bool, where: str) -> np.ndarray:
-    """The data after an .npy header: exactly prod(shape) items, else the file is truncated."""
-    n = int(np.prod(shape)) * dtype.itemsize
-    raw = f.read(n)
-    if len(raw) != n:
-        raise RuntimeUserError(f"{where}: truncated state file")
-    return np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C").copy()
-
-
-def read_state_npz(source, specs: list, where: str, export_id: str = "", batch: int | None = None,
-                   require_all: bool = True) -> dict:
-    """A saved state (.npz path or bytes) -> {name: array}, checked before any data is read.
-
-    Each member's .npy header (dtype, shape) is checked against the manifest and its stored size before
-    the data is loaded; pickled objects are never loaded. A state saved by another export (a different
-    non-empty export id) is refused; states without an id (older saves) are accepted.
-    """
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except FileNotFoundError:
-        raise RuntimeUserError(f"{where}: no such file") from None
-    except IsADirectoryError:
-        raise RuntimeUserError(f"{where}: is a directory, not a state file") from None
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise RuntimeUserError(f"{where}: not a saved state (.npz) ({str(e)[:80]})") from None
-    by_name = {s.name: s for s in specs}
-    arrays, saved_id = {}, ""
-    with zf:
-        try:
-            for info in zf.infolist():
-                name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-                if name != EXPORT_ID_KEY and name not in by_name:
-                    raise RuntimeUserError(f"{where}: names {name[:60]!r}, which this model has no state tensor for")
-                with zf.open(info) as f:
-                    version = np.lib.format.read_magic(f)
-                    if version == (1, 0):
-                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=10000)
-                    elif version == (2, 0):
-                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=10000)
-                    else:
-                        raise RuntimeUserError(f"{where}: member {name[:60]} has .npy version {version}")
-                    header_len = f.tell() if f.seekable() else None
-                    if dtype.hasobject:
-                        raise RuntimeUserError(f"{where}: member {name[:60]} holds Python objects (refused)")
-                    if name == EXPORT_ID_KEY:
-                        if dtype.kind != "U" or shape != () or dtype.itemsize > 4 * 256:
-                            raise RuntimeUserError(f"{where}: malformed export id")
-                        saved_id = str(_read_data(f, (), dtype, False, where))
-                        continue
-                    s = by_name[name]
-                    if len(shape) != len(s.shape) or not shape or not 1 <= shape[0] <= MAX_STATE_BATCH:
-                        raise RuntimeUserError(f"{where}: state tensor {name} has shape {list(shape)}, expected {s.shape}")
-                    if tuple(shape) != s.concrete_shape(shape[0]):
-                        raise RuntimeUserError(f"{where}: state tensor {name} has shape {list(shape)}, expected {s.shape}")
-                    if header_len is not None and info.file_size != header_len + int(np.prod(shape)) * dtype.itemsize:
-                        raise RuntimeUserError(f"{where}: state tensor {name} is truncated or oversized")
-                    arrays[name] = _read_data(f, shape, dtype, fortran, where)
-        except RuntimeUserError:
-            raise
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError, SyntaxError) as e:
-            raise RuntimeUserError(f"{where}: not a saved state (.npz) ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})") from None
-    if saved_id and export_id and saved_id != export_id:
-        raise RuntimeUserError(f"{where}: this state was saved from another export (id {saved_id[:16]}), not from "
-                               f"this model (id {export_id[:16]}); states only load into the model that made them")
-    if require_all:
-        missing = [s.name for s in specs if s.name not in arrays]
-        if missing:
-            raise RuntimeUserError(f"{where}: state is missing {len(missing)} tensor(s), e.g. {missing[0]}")
-    arrays = _check_arrays(arrays, specs, where, None)
-    rows = {a.shape[0] for a in arrays.values()}
-    if len(rows) > 1 or (batch is not None and rows and rows != {batch}):
-        raise RuntimeUserError(f"{where}: state tensors disagree on the batch size ({sorted(rows)})")
-    return arrays
-
-
 def decode_initial_state(text, specs: list, where: str) -> dict:
     """The embedded learned initial state (base64 of an .npz) -> {name: array [1, ...]}."""
     if not isinstance(text, str) or not text:

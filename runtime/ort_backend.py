@@ -96,8 +96,9 @@ class OrtBackend:
 
     def __init__(self, artifact: Artifact, providers=None, threads: int | None = None, session_options=None,
                  low_memory: bool = False, decode_graph: str = "auto"):
-        import onnxruntime as ort
+        from ._ort import import_onnxruntime  # one clear line when onnxruntime is missing or doubly installed
 
+        ort = import_onnxruntime()
         self.ort = ort
         self.artifact = artifact
         self.manifest = artifact.manifest

@@ -12,12 +12,12 @@ from typing import Iterator
 
 import numpy as np
 
-from .artifact import EXPORT_ID_KEY, STATE_DTYPES, _check_arrays, is_engine, open_artifact, read_manifest, read_state_npz
+from .artifact import is_engine, open_artifact, read_manifest  # noqa: F401 - read_manifest: its old public home
 from .backend import Backend
 from .errors import RuntimeUserError
 from .manifest import StateSpec
 from .sampling import Sampler, SamplingParams
-from .state import State
+from .state import EXPORT_ID_KEY, STATE_DTYPES, State, check_state_arrays, read_state_npz
 from .tokenizers import StreamDecoder, make_tokenizer
 
 __all__ = ["Session", "State", "Generation", "read_manifest"]
@@ -100,7 +100,7 @@ class Session:
         """Make ``new_state`` start from ``initial`` (an .npz path or {name: array}, batch 1 or any
         leading axis of 1), e.g. a state-tuned state from ``rwkv-export convert-state``."""
         if isinstance(initial, dict):
-            arrays = _check_arrays({k: np.asarray(v) for k, v in initial.items()}, self._specs, "initial state", None)
+            arrays = check_state_arrays({k: np.asarray(v) for k, v in initial.items()}, self._specs, "initial state", None)
         else:
             p = Path(initial)
             arrays = read_state_npz(p, self._specs, str(p), self.export_id, require_all=False)
