@@ -135,7 +135,9 @@ export class Session {
       throw new RuntimeUserError(`${label}: onnxruntime could not load the model (${String(e.message ?? e).split("\n")[0].slice(0, 200)})`);
     }
     const missing = [manifest.tokens_input, ...manifest.state.map((st) => st.name)].filter((n) => !session.inputNames.includes(n));
-    if (missing.length) throw new RuntimeUserError(`${label}: the graph has no input ${missing[0]} named by its manifest`);
+    if (missing.length) throw new RuntimeUserError(`${label}: the graph has no input ${missing[0]} named by its manifest; re-export the model`);
+    const absent = [manifest.logits_output, ...manifest.state.map((st) => st.output)].filter((n) => !session.outputNames.includes(n));
+    if (absent.length) throw new RuntimeUserError(`${label}: the graph has no output ${absent[0]} named by its manifest; re-export the model`);
     return { manifest, metadata: info.metadata, session };
   }
 
