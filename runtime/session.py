@@ -33,6 +33,7 @@ class Session:
     Memory: by default one onnxruntime session, the export's sequence graph, serves both decode (T = 1)
     and prefill, so the weights are held once; ``decode_graph="step"`` decodes with the step graph in a
     second session (a second copy of the weights). ``low_memory=True`` also turns off weight prepacking.
+    ``plugin``: the TensorRT plugin library for an engine that needs one (else found from the sidecar/env).
 
     Inputs are checked here (tokens, states, sizes); the backend (``backend.Backend``) only runs graphs.
     No call writes into a state the caller holds: every call returns a new ``State``.
@@ -40,22 +41,25 @@ class Session:
 
     def __init__(self, path, providers=None, threads: int | None = None, session_options=None,
                  prefill_chunk: int = 256, low_memory: bool = False, initial_state=None, cuda_graphs=None,
-                 decode_graph: str = "auto"):
+                 decode_graph: str = "auto", plugin=None):
         self.artifact = open_artifact(path)  # the manifest validated; no weights read yet
         self.path = path = self.artifact.path
         self.manifest = self.artifact.manifest
         self._tokenizer_json = self.artifact.tokenizer_json
-        if int(prefill_chunk) < 1:
+        if not isinstance(prefill_chunk, (int, np.integer)) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
             raise RuntimeUserError(f"prefill_chunk must be >= 1, not {prefill_chunk}")
         if is_engine(path):
             from .trt_backend import TrtBackend  # optional: tensorrt + cuda.core
 
-            self.backend: Backend = TrtBackend(path, self.manifest, cuda_graphs=cuda_graphs)
+            self.backend: Backend = TrtBackend(path, self.manifest, cuda_graphs=cuda_graphs, plugin=plugin)
         else:
             from .ort_backend import OrtBackend
 
             self.backend = OrtBackend(self.artifact, providers, threads, session_options, low_memory, decode_graph)
             self.backend.session(self.backend.decode_kind)  # fail early on bad files; graph checked against manifest
+        for kind in ("step", "sequence"):  # companions bound to this export (same id), checked up front
+            if self.artifact.companion_path(kind) is not None:
+                self.artifact.companion(kind)
         self.prefill_chunk = int(prefill_chunk)
         self._tokenizer = None
         self._specs: list[StateSpec] = self.manifest.state
