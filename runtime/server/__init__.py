@@ -4,7 +4,8 @@ cache (``pip install rwkv-runtime[serve]``: FastAPI, uvicorn, prometheus-client;
     python -m rwkv_runtime.server model.onnx --port 8000
 
 Layout (as vLLM's entrypoints): ``protocol`` (request models), ``serving`` (requests -> engine calls ->
-responses), ``app`` (routes only), ``engine`` (the scheduler thread), ``cache`` (prefix states),
+responses), ``app`` (routes only), ``engine`` (the scheduler thread), ``events`` (what passes between
+the two), ``cache`` (prefix states),
 ``statefile`` (portable conversation states), ``metrics`` (Prometheus), ``runner`` (uvicorn).
 """
 from .engine import Engine, EngineConfig, GenRequest, ServeError
