@@ -257,22 +257,29 @@ def trt_engine_loader(target: Target, libs: list, chunk: int):
     built from the ONNX file (batch 1; a sequence graph takes 1..chunk tokens per call)."""
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import (CreateConfig, EngineFromBytes, EngineFromNetwork, LoadPlugins,
-                                        NetworkFromOnnxPath, Profile)
+                                        NetworkFromOnnxPath)
 
     if target.is_engine:
         loader = EngineFromBytes(BytesFromPath(str(target.path)))
     else:
-        man = target.manifest
-        tok_min, tok_opt = ([1, 1], [1, chunk]) if man.graph == "sequence" else ([1], [1])
-        profile = Profile().add(man.tokens_input, tok_min, tok_opt, tok_opt)
-        for s in man.state:
-            shape = list(s.concrete_shape(1))
-            profile.add(s.name, shape, shape, shape)
         # TensorRT 11 builds strongly typed networks only: precision comes from the ONNX types
         # (no fp16=True: that builder flag is gone)
         loader = EngineFromNetwork(NetworkFromOnnxPath(str(target.path), strongly_typed=True),
-                                   config=CreateConfig(profiles=[profile]))
+                                   config=CreateConfig(profiles=[trt_profile(target.manifest, chunk)]))
     return LoadPlugins(plugins=list(libs), obj=loader)
+
+
+def trt_profile(man, chunk: int):
+    """The optimisation profile of a graph: batch 1, the state at its shapes, and 1..chunk tokens per
+    call for a sequence graph (Polygraphy's ``Profile``)."""
+    from polygraphy.backend.trt import Profile
+
+    tok_min, tok_opt = ([1, 1], [1, chunk]) if man.graph == "sequence" else ([1], [1])
+    profile = Profile().add(man.tokens_input, tok_min, tok_opt, tok_opt)
+    for s in man.state:
+        shape = list(s.concrete_shape(1))
+        profile.add(s.name, shape, shape, shape)
+    return profile
 
 
 # ---------------------------------------------------------------------------------------------

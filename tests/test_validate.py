@@ -149,18 +149,21 @@ def test_user_errors_are_one_line(rwkv4_exports, tmp_path):
 
 
 def test_tensorrt_loaders_are_polygraphy_documented_ones(rwkv4_exports):
-    """Without TensorRT this still checks how the (lazy) Polygraphy loaders are put together."""
-    from rwkv_export.validate import load_target, trt_engine_loader
+    """Without TensorRT this still checks how the (lazy) Polygraphy loaders are put together, through
+    their public interface, and the optimisation profile they are given."""
+    from rwkv_export.validate import load_target, trt_engine_loader, trt_profile
 
-    loader = trt_engine_loader(load_target(rwkv4_exports["plugin"], "sequence"), ["/opt/lib.so"], 6)
+    target = load_target(rwkv4_exports["plugin"], "sequence")
+    loader = trt_engine_loader(target, ["/opt/lib.so"], 6)
     assert type(loader).__name__ == "LoadPlugins" and loader.plugins == ["/opt/lib.so"]
-    build = loader.obj
-    assert type(build).__name__ == "EngineFromNetwork"
-    assert build._network.strongly_typed and build._network.path == str(seq(rwkv4_exports["plugin"]))
-    profile = build._config.profiles[0]
+    assert type(loader.obj).__name__ == "EngineFromNetwork"
+    profile = trt_profile(target.manifest, 6)
     assert (list(profile["tokens"].min), list(profile["tokens"].opt), list(profile["tokens"].max)) == \
         ([1, 1], [1, 6], [1, 6])
     assert list(profile["state.3.wkv_pp"].max) == [1, 128]
+    step = trt_profile(load_target(rwkv4_exports["plugin"], "step").manifest, 6)
+    assert list(step["tokens"].min) == list(step["tokens"].max) == [1]
+    assert set(step) == {"tokens"} | {s.name for s in target.manifest.state}
 
 
 def test_an_engine_takes_its_manifest_from_its_sidecar(rwkv4_exports, tmp_path):
