@@ -79,7 +79,10 @@ def run(opts: ServerOptions, host: str = "127.0.0.1", port: int = 8000, log_leve
     """Serve in the foreground until SIGINT/SIGTERM (then drain and exit)."""
     setup_logging(log_level)
     app, engine = build_app(opts)
-    _uvicorn_server(app, engine, log_level, opts.drain_seconds, host, port).run()
+    try:
+        _uvicorn_server(app, engine, log_level, opts.drain_seconds, host, port).run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: that is a clean exit
+        pass
 
 
 class ServerThread:
