@@ -26,6 +26,7 @@ from .arch.graph import GraphOptions
 from .checkpoint import Checkpoint, check_finite, load_checkpoint
 from .errors import CheckpointError, ExportError
 from .onnx_graph import OPSET, GraphBuilder, WeightStore
+from .quantize import PendingStore, Quantizer, quantize_into
 from .staging import Staging, Terminated
 
 TWO_GB = 2**31 - 1
@@ -134,10 +135,15 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
             store = st.closing(WeightStore(st.path(data_path.name))) if external else None
             if store is not None:
                 store.after_write = _every(RELEASE_EVERY, lambda: release_mapped(ck.input_files))
+            quantizer = None
+            if opt.quantize:
+                quantizer = Quantizer(8 if opt.quantize == "int8" else 4, opt.quant_block)
+                quantizer.after_write = _every(RELEASE_EVERY, lambda: release_mapped(ck.input_files))
             for kind in opt.graphs:
                 tick(f"building {kind} graph")
-                # quantising needs the float weights in memory; they go to the store afterwards
-                g = GraphBuilder(f"{ck.version}_{kind}", store=None if opt.quantize else store)
+                # quantising: the graph holds references to the float weights until quantize_into
+                pending = PendingStore() if opt.quantize else None
+                g = GraphBuilder(f"{ck.version}_{kind}", store=pending if opt.quantize else store)
                 with _inconsistent(ck):
                     # no Gemm when quantising: the MatMulNBits quantiser rewrites MatMul nodes only
                     spec.build_graph(g, W, cfg, GraphOptions(
@@ -164,9 +170,8 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
                 del g
                 if opt.quantize:
                     tick(f"quantizing {kind} graph ({opt.quantize})")
-                    model = quantize_weights(model, 8 if opt.quantize == "int8" else 4, opt.quant_block)
-                    if store is not None:
-                        _to_store(model, store)
+                    quantize_into(model, pending, store, quantizer)
+                    del pending
                 tick(f"writing {paths[kind].name}")
                 if not external:
                     _check(model)
@@ -246,14 +251,6 @@ def release_mapped(files) -> None:
             libc.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
     except (OSError, ValueError, AttributeError, IndexError):
         pass  # only a memory optimisation
-
-
-def _to_store(model: onnx.ModelProto, store: WeightStore) -> None:
-    """Move a quantised model's large initializers into the shared weights file."""
-    inits = list(model.graph.initializer)
-    del model.graph.initializer[:]
-    for t in inits:
-        model.graph.initializer.append(store.add_proto(t))
 
 
 def _os_message(e: OSError, out: Path) -> str:
@@ -346,25 +343,6 @@ def state_tuning_to_npz(checkpoint, tuning, out) -> Path:
         raise ExportError(f"{out}: cannot write ({e.strerror or type(e).__name__})") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return out
-
-
-def quantize_weights(model: onnx.ModelProto, bits: int, block: int) -> onnx.ModelProto:
-    """Weight-only block quantisation of every MatMul with a constant weight (onnxruntime's
-    MatMulNBits). accuracy_level=4 lets onnxruntime compute in int8, which is what makes it fast on
-    CPUs (measured: several times faster than without)."""
-    import logging
-
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    mnq.logger.setLevel(logging.WARNING)  # it logs every node at INFO
-
-    meta = {p.key: p.value for p in model.metadata_props}
-    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=4)
-    q.process()
-    out = q.model.model
-    onnx.helper.set_model_props(out, meta)
     return out
 
 

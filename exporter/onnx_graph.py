@@ -120,10 +120,11 @@ class GraphBuilder:
     def weight(self, name: str, array, dtype=None) -> str:
         """Add an initializer (a model weight) and return its name."""
         # np.asarray keeps 0-d scalars 0-d (ascontiguousarray would make them [1])
-        arr = np.asarray(array if dtype is None else np.asarray(array).astype(dtype, copy=False), order="C")
+        arr = np.asarray(array if dtype is None else np.asarray(array).astype(dtype, copy=False))
         if self.store is not None and arr.nbytes >= self.store.min_bytes:
-            self.initializers.append(self.store.add(name, arr))
+            self.initializers.append(self.store.add(name, arr))  # a view stays a view until written
         else:
+            arr = np.asarray(arr, order="C")
             self.initializers.append(numpy_helper.from_array(arr, name))
         return name
 

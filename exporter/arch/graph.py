@@ -69,7 +69,7 @@ class Graph:
         """An initializer (float32 unless told: vectors, small LoRA matrices), added once."""
         if name not in self._added:
             arr = self.W[name] if array is None else array
-            self._added[name] = self.g.weight(name, np.asarray(arr).astype(dtype))
+            self._added[name] = self.g.weight(name, np.asarray(arr).astype(dtype, copy=False))
         return self._added[name]
 
     def cast(self, x, to):

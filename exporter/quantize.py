@@ -1,0 +1,116 @@
+"""Weight-only int8/int4 quantisation (onnxruntime's MatMulNBits), one matrix at a time.
+
+onnxruntime's ``MatMulNBitsQuantizer`` needs the whole float model in memory. Here the graph is built
+against a ``PendingStore`` that only keeps references to the weights (views into the memory-mapped
+checkpoint); ``quantize_into`` then walks the graph's MatMul nodes, quantises each constant matrix
+with onnxruntime's own block quantiser (``DefaultWeightOnlyQuantizer.qbits_block_quant``: the same
+C++ kernels, so the same bytes as the whole-model quantiser), and writes the packed weights and every
+other initializer straight into the export's ``WeightStore``. Matrices shared by the step and the
+sequence graph are quantised once.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+PENDING = "<pending>"
+MS_DOMAIN = "com.microsoft"
+
+
+class PendingStore:
+    """A stand-in for ``WeightStore``: remembers each array and returns a placeholder tensor."""
+
+    def __init__(self, min_bytes: int = 1024):
+        self.min_bytes = min_bytes
+        self.arrays: list = []
+        self.after_write = None
+
+    def add(self, name: str, arr: np.ndarray) -> onnx.TensorProto:
+        self.arrays.append(arr)
+        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=list(arr.shape),
+                             data_location=onnx.TensorProto.EXTERNAL)
+        for k, v in (("location", PENDING), ("offset", str(len(self.arrays) - 1))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        return t
+
+    def add_proto(self, t: onnx.TensorProto) -> onnx.TensorProto:
+        return t
+
+    def array(self, t: onnx.TensorProto):
+        """The array behind a placeholder, or None for an ordinary initializer."""
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            return None
+        info = {e.key: e.value for e in t.external_data}
+        return self.arrays[int(info["offset"])] if info.get("location") == PENDING else None
+
+
+class Quantizer:
+    """Quantises matrices into a store; remembers what it did so a second graph reuses it."""
+
+    def __init__(self, bits: int, block: int, accuracy_level: int = 4):
+        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                     DefaultWeightOnlyQuantizer)
+
+        self.bits, self.block, self.accuracy_level = bits, block, accuracy_level
+        cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=accuracy_level,
+                                           bits=bits)
+        self._q = DefaultWeightOnlyQuantizer(cfg)
+        self._done: dict = {}  # id of the source array -> (packed, scales)
+        self.processed = 0  # float bytes read so far
+        self.after_write = None  # called with the quantiser after each matrix (export: release memory)
+
+    def quantize(self, arr: np.ndarray):
+        key = id(arr)
+        if key not in self._done:
+            w = np.ascontiguousarray(arr, dtype=np.float32)
+            packed, scales, _ = self._q.qbits_block_quant(w)  # symmetric: no zero points
+            self._done[key] = (packed, scales, arr)  # arr kept so its id stays unique
+            self.processed += w.nbytes
+            if self.after_write is not None:
+                self.after_write(self)
+        return self._done[key][:2]
+
+
+def quantize_into(model: onnx.ModelProto, pending: PendingStore, store, quantizer: Quantizer) -> None:
+    """Replace every MatMul with a constant float32 [K, N] weight by MatMulNBits, and move every
+    pending initializer into ``store`` (a ``WeightStore``, or None to keep them inside the model)."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    quantized, new_nodes, new_inits = set(), [], []
+    for node in g.node:
+        t = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        arr = pending.array(t) if t is not None else None
+        if arr is None or arr.ndim != 2 or arr.dtype != np.float32:
+            new_nodes.append(node)
+            continue
+        K, N = arr.shape
+        packed, scales = quantizer.quantize(arr)
+        qname, sname = f"{t.name}_Q{quantizer.bits}", f"{t.name}_scales"
+        if qname not in quantized:
+            for name, a in ((qname, packed), (sname, scales)):
+                new_inits.append(_tensor(store, name, a))
+            quantized.add(qname)
+        new_nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0], qname, sname], list(node.output), name=f"{node.name}_Q{quantizer.bits}",
+            domain=MS_DOMAIN, K=K, N=N, bits=quantizer.bits, block_size=quantizer.block,
+            accuracy_level=quantizer.accuracy_level))
+    used = {i for n in new_nodes for i in n.input}
+    for t in g.initializer:
+        if t.name not in used:
+            continue  # a float matrix that was quantised
+        arr = pending.array(t)
+        new_inits.append(t if arr is None else _tensor(store, t.name, arr))
+    del g.node[:]
+    g.node.extend(new_nodes)
+    del g.initializer[:]
+    g.initializer.extend(new_inits)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def _tensor(store, name: str, arr: np.ndarray) -> onnx.TensorProto:
+    if store is not None and arr.nbytes >= store.min_bytes:
+        return store.add(name, arr)
+    return numpy_helper.from_array(np.ascontiguousarray(arr), name)
