@@ -18,18 +18,19 @@ function maxDiff(a, b) {
 }
 
 for (const c of cases?.models ?? [{ name: "model" }]) {
-  test(`${c.name}: per-step logits equal the Python runtime's within 1e-5 (and BlinkDL's within 5e-5)`, opts, async () => {
+  test(`${c.name}: per-step logits equal the Python runtime's within 1e-5 (and BlinkDL's within 5e-5 where known)`, opts, async () => {
     const s = await Session.create(c.model);
     assert.deepEqual(s.graphs.sort(), ["sequence", "step"]);
     let state = s.newState(1), worst = 0, worstRef = 0;
     for (let i = 0; i < c.prompt.length; i++) {
       const r = await s.step([c.prompt[i]], state);
       worst = Math.max(worst, maxDiff(r.logits[0], c.step_logits[i]));
-      worstRef = Math.max(worstRef, maxDiff(r.logits[0], c.blinkdl_logits[i]));
+      if (c.blinkdl_logits) worstRef = Math.max(worstRef, maxDiff(r.logits[0], c.blinkdl_logits[i]));
       state = r.state;
     }
     assert.ok(worst <= 1e-5, `max |JS - Python| = ${worst}`);
-    assert.ok(worstRef <= 5e-5, `max |JS - BlinkDL| = ${worstRef}`);
+    if (c.blinkdl_logits) assert.ok(worstRef <= 5e-5, `max |JS - BlinkDL| = ${worstRef}`);
+    else assert.equal(s.manifest.initial_state, "embedded"); // the state-tuned export: its learned start state
   });
 
   test(`${c.name}: prefill (sequence graph, any chunking) equals stepping`, opts, async () => {

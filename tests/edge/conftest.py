@@ -57,7 +57,24 @@ def mixed_script_text(n_chars: int = 120_000, seed: int = 0) -> str:
     return "".join(out)
 
 
-def _python_case(name: str, path: Path, d: Path) -> dict:
+def _state_tuned_v6(d: Path) -> Path:
+    """The tiny RWKV-6 exported with a (made-up, well-scaled) state-tuning file: an embedded initial state."""
+    import torch
+
+    from rwkv_export.arch import rwkv6
+    from rwkv_export.checkpoint import load_checkpoint
+    from rwkv_export.export import ExportOptions, export
+
+    path = ref_model("tiny-rwkv-6v0-1m")
+    cfg = rwkv6.config_from_weights(load_checkpoint(path).weights)
+    g = torch.Generator().manual_seed(0)
+    ts = {f"blocks.{i}.att.time_state": torch.randn(cfg["n_head"], cfg["head_size"], cfg["head_size"], generator=g) * 0.3
+          for i in range(cfg["n_layer"])}
+    torch.save(ts, d / "tuned6.pth")
+    return export(path, d / "tiny-rwkv-6v0-1m-tuned.onnx", ExportOptions(state_tuning=str(d / "tuned6.pth")))[0]
+
+
+def _python_case(name: str, path: Path, d: Path, blinkdl: bool = True) -> dict:
     from rwkv_runtime import SamplingParams, Session
 
     from tests.helpers import step_all
@@ -73,7 +90,7 @@ def _python_case(name: str, path: Path, d: Path) -> dict:
     return {
         "name": name, "model": str(path), "prompt": tokens,
         "step_logits": step_logits.tolist(), "prefill_logits": prefill_logits[0].tolist(),
-        "blinkdl_logits": ref_logits(name, "atom").tolist(),
+        "blinkdl_logits": ref_logits(name, "atom").tolist() if blinkdl else None,
         "state_file": str(d / f"{name}.state.npz"), "after_state_token": ord(" "), "after_state_logits": after[0].tolist(),
         "greedy": greedy, "sampled": [{"params": p, "tokens": t} for p, t in zip(SAMPLING, sampled)],
     }
@@ -91,6 +108,8 @@ def edge_fixtures(tmp_path_factory) -> Path:
     for key, name in MODELS.items():
         paths = export(ref_model(name), d / f"{name}.onnx", ExportOptions())
         cases.append(_python_case(name, paths[0], d))
+    # RWKV-6 with a learned initial state embedded in the export (no BlinkDL logits for it)
+    cases.append(_python_case("tiny-rwkv-6v0-1m-tuned", _state_tuned_v6(d), d, blinkdl=False))
     # tokenizers: the World vocabulary (BlinkDL's package ships it) and the 20B tokenizer.json
     import rwkv
     from pyrwkv_tokenizer import RWKVTokenizer

@@ -25,7 +25,7 @@ def test_node_suite_passes(node_run):
     assert node_run.returncode == 0 and counts_ok(out), failures(out)
 
 
-@pytest.mark.parametrize("name", list(MODELS.values()))
+@pytest.mark.parametrize("name", [*MODELS.values(), "tiny-rwkv-6v0-1m-tuned"])
 def test_state_saved_by_js_loads_in_python(node_run, edge_fixtures, name):
     """JS's State.save bytes are an .npz numpy reads and the Python runtime continues from."""
     from rwkv_runtime import Session

@@ -1,6 +1,6 @@
 // Drive Debian's chromium (headless, no browser download) through playwright-core: open pages of a
-// served folder and print what they report, as JSON. Used by tests/edge/test_browser.py and bench.
-//   node test/browser-run.mjs CONFIG.json   (config: {chromium, jobs: [{url, webgpu, wait, screenshot, type}]})
+// served folder and print what they report, as JSON. Used by tests/edge/test_browser.py and scripts/bench_edge.py.
+//   node browser/run.mjs CONFIG.json   (config: {chromium, jobs: [{url, webgpu, wait, screenshot, type}]})
 import { readFileSync } from "node:fs";
 import { chromium } from "playwright-core";
 
