@@ -24,8 +24,25 @@ demo: $(BIN)/.installed
 	$(BIN)/rwkv-export generate build/default.onnx --prompt 'def main(' -n 200 --temperature 0.8 --top-p 0.9 --seed 0
 
 ## test: the test suite (GPU/TensorRT tests skip with a reason where those are missing)
-test: $(BIN)/.installed
+# The real-tritonserver tests and the Node/browser tests need a few things beside .venv; each is set up
+# here when the registries allow, and its tests skip with a one-line reason when it could not be.
+test: $(BIN)/.installed build/triton-env/.ready js/node_modules/.package-lock.json
 	$(BIN)/python -m pytest -q -rs
+
+## test-fast: the fast lane for local work (no subprocess-, server- or compile-heavy tests)
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -rs -m "not slow"
+
+# Triton's Python-backend stub environment (numpy<2, rwkv-runtime, the tritonserver binary from nvidia-pytriton)
+build/triton-env/.ready: runtime/pyproject.toml deploy_examples/triton/make_stub_env.sh
+	@mkdir -p build
+	PYTHON=$(PYTHON) sh deploy_examples/triton/make_stub_env.sh build/triton-env && touch $@ \
+	    || echo "warning: no Triton stub environment (tests/triton server tests will skip)"
+
+# the JS runtime's npm dependencies (onnxruntime-node without its CUDA download)
+js/node_modules/.package-lock.json: js/package-lock.json
+	cd js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error \
+	    || echo "warning: npm ci failed in js/ (tests/edge will skip)"
 
 ## bench: decode/prefill speed and memory against BlinkDL's rwkv package, RWKV-4-169M-shaped model
 bench: $(BIN)/.installed
@@ -41,4 +58,4 @@ bench: $(BIN)/.installed
 clean:
 	rm -rf build
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-fast bench clean
