@@ -96,7 +96,12 @@ def quantize_into(model: onnx.ModelProto, pending: PendingStore, store, quantize
             "MatMulNBits", [node.input[0], qname, sname], list(node.output), name=f"{node.name}_Q{quantizer.bits}",
             domain=MS_DOMAIN, K=K, N=N, bits=quantizer.bits, block_size=quantizer.block,
             accuracy_level=quantizer.accuracy_level))
-    used = {i for n in new_nodes for i in n.input}
+    used = set()
+    for n in new_nodes:  # Scan bodies read outer-scope initializers (RWKV-4's w, u) by name too
+        used.update(n.input)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                used.update(i for sub in a.g.node for i in sub.input)
     for t in g.initializer:
         if t.name not in used:
             continue  # a float matrix that was quantised
