@@ -334,6 +334,7 @@ export class Session {
     if (!promptTokens.length) throw new RuntimeUserError("the prompt is empty");
     const sampler = new Sampler(params, this.vocabSize);
     const max = params.maxNewTokens ?? 100;
+    if (!Number.isInteger(max) || max < 0) throw new RuntimeUserError(`maxNewTokens must be an integer >= 0, not ${max}`);
     let { logits, state } = await this.prefill(promptTokens, params.state);
     this.lastState = state;
     for (let i = 0; i < max; i++) {

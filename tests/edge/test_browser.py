@@ -113,6 +113,7 @@ def test_wasm_matches_python(checks, job, threads):
         assert m["reloadMaxDiff"] <= WASM_TOL, m
         assert m["greedyEqual"], m
         assert m["stateLocation"] == "cpu"
+        print(f"WASM {threads} thread(s) {m['name']}: max |JS - Python| step {m['stepMaxDiff']:.2e}, prefill {m['prefillMaxDiff']:.2e}")
 
 
 def test_webgpu_matches_python_with_state_on_gpu(checks):
@@ -124,6 +125,7 @@ def test_webgpu_matches_python_with_state_on_gpu(checks):
         assert m["prefillMaxDiff"] <= WEBGPU_TOL, m
         assert m["reloadMaxDiff"] <= WEBGPU_TOL, m
         assert m["greedyEqual"], m
+        print(f"WebGPU {m['name']}: max |JS - Python| step {m['stepMaxDiff']:.2e}, prefill {m['prefillMaxDiff']:.2e}")
 
 
 def test_demo_page_streams_text(site, tmp_path):
