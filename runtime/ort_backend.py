@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from .artifact import Artifact, check_graph_io
 from .errors import RuntimeUserError
 
 _SETS_PER_SHAPE = 3  # two for the ping-pong, one spare for a state the caller keeps
+_BATCH_SIZES_KEPT = 4  # buffer sets kept for this many batch sizes (a server's batch size varies)
 
 
 def check_providers(ort, providers) -> list:
@@ -126,7 +128,7 @@ class OrtBackend:
         self.device = "cuda" if any("CUDA" in (p if isinstance(p, str) else p[0]) for p in self.providers) else "cpu"
         self._sessions: dict = {}
         self._has: dict = {}
-        self._sets: dict = {}
+        self._sets: OrderedDict = OrderedDict()  # batch size -> [_BufferSet], most recently used last
         self._lock = threading.Lock()
 
     def _options(self):
@@ -216,6 +218,11 @@ class OrtBackend:
     def _take_set(self, sess, kind: str, batch: int, specs: list):
         with self._lock:
             pool = self._sets.setdefault(batch, [])
+            self._sets.move_to_end(batch)
+            if len(self._sets) > _BATCH_SIZES_KEPT:
+                # forget the least recently used batch size: a State still holding one of its sets keeps its
+                # OrtValues alive, and a forgotten set is never written again (sets only bind their own size)
+                self._sets.popitem(last=False)
             for bs in pool:
                 if bs.free():
                     bs.busy = True

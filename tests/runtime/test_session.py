@@ -136,3 +136,20 @@ def test_backend_protocol_and_no_exporter_import(rwkv4_exports, tiny_session):
 def test_misuse_is_one_clear_error(tiny_session, call):
     with pytest.raises(RuntimeUserError):
         call(tiny_session)
+
+
+def test_buffer_sets_are_kept_for_a_few_batch_sizes_only(rwkv4_exports):
+    from rwkv_runtime.ort_backend import _BATCH_SIZES_KEPT
+
+    s = Session(rwkv4_exports["plain"])
+    kept, snaps = {}, {}
+    for b in range(1, 9):
+        logits, kept[b] = s.step(np.arange(b) % s.vocab_size)
+        snaps[b] = kept[b].numpy()
+        ref, _ = Session(rwkv4_exports["plain"]).step(np.arange(b) % s.vocab_size)
+        np.testing.assert_allclose(logits, ref, atol=1e-6)
+    assert len(s.backend._sets) <= _BATCH_SIZES_KEPT
+    for b, st_ in kept.items():  # states still held are intact after their sets were forgotten
+        _, again = s.step(np.zeros(b, np.int64), s.new_state(b))  # more traffic at every size
+        for k, v in snaps[b].items():
+            np.testing.assert_array_equal(st_[k], v)
