@@ -1,6 +1,7 @@
 """The FastAPI routes (thin: validation by pydantic, work in serving.py / engine.py)."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 
@@ -61,7 +62,8 @@ def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 <
     async def lifespan(app):
         engine.start()
         yield
-        engine.stop(drain_seconds)
+        # (in a thread: the event loop must keep delivering the last events of draining streams)
+        await asyncio.to_thread(engine.stop, drain_seconds)
 
     app = FastAPI(title="rwkv_runtime server", lifespan=lifespan)
     app.state.engine, app.state.serving = engine, serving
