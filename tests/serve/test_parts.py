@@ -167,3 +167,33 @@ def test_sigterm_drains_in_flight_streams_then_exits(default_model):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_stop_strings_match_a_plain_search_however_the_text_is_split():
+    """The engine's hold-back of text that may begin a stop string, against str.find on the whole text,
+    for generated texts, splits into pieces (tokens) and stop lists."""
+    from types import SimpleNamespace
+
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    from rwkv_runtime.server.engine import Engine
+
+    @hypothesis.settings(max_examples=300, deadline=None)
+    @hypothesis.given(st.lists(st.text("ab\n", max_size=4), max_size=12),
+                      st.lists(st.text("ab\n", min_size=1, max_size=4), min_size=1, max_size=3))
+    def check(pieces, stops):
+        seq = SimpleNamespace(held="", req=SimpleNamespace(stop=tuple(stops)))
+        out, stopped = "", False
+        for p in pieces:
+            text, stopped = Engine._apply_stops(seq, p)
+            out += text
+            if stopped:
+                break
+        if not stopped:
+            out += seq.held  # released at the end
+        full = "".join(pieces)
+        hits = [i for i in (full.find(s) for s in stops) if i >= 0]
+        assert stopped == bool(hits)
+        assert out == (full[:min(hits)] if hits else full)
+
+    check()
