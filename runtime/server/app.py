@@ -8,6 +8,7 @@ import json
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol
 from .engine import Engine, ServeError
@@ -71,6 +72,10 @@ def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 <
     @app.exception_handler(ServeError)
     async def _serve_error(request, e: ServeError):
         return _error(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):  # unknown path, wrong method: same shape
+        return _error(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):

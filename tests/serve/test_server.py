@@ -122,6 +122,10 @@ def test_error_statuses(default_model, make_server):
     assert e.value.status_code == 413 and e.value.body["code"] == "context_length_exceeded"
     r = httpx.post(srv.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(srv.url + "/v1/nothing-here", json={})
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "robot", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     # 429: one slot busy with a long stream, one request queued, the next one refused
     busy = c.completions.create(model="m", prompt="a", max_tokens=100000, temperature=0, stream=True)
     next(iter(busy))
