@@ -1,10 +1,17 @@
-"""Decode and prefill speed of an rwkv-export ONNX model against BlinkDL's `rwkv` package, same run.
+"""Decode and prefill speed of rwkv-export ONNX models as fractions of the machine's ceiling, next to
+BlinkDL's `rwkv` package and (given a build) rwkv.cpp, all in one run.
 
-    python scripts/bench_vs_blinkdl.py CHECKPOINT.pth MODEL.onnx [MODEL2.onnx ...] [--threads 2] [--json out.json]
+    python scripts/bench_vs_blinkdl.py CHECKPOINT.pth MODEL.onnx [MODEL2.onnx ...] [--threads 2]
+        [--rounds 3] [--batches 1,4,16,32] [--rwkvcpp PATH] [--json out.json]
 
-Each side runs in its own process (so memory and thread pools do not interfere) with the same
-thread count; BlinkDL's package uses strategy "cpu fp32", one token per forward() for decode and
-one forward() of the whole prompt for prefill (its sequence mode).
+Every measurement runs in its own process (memory and thread pools do not interfere) with the same
+thread count, and the contenders are interleaved: round 1 measures each once, then round 2, ...; the
+table shows medians with min-max. The ceiling of each model is one onnxruntime op reading as many
+weight bytes as one decode step of it (scripts/bench_ceiling.py); "of ceiling" is the model's median
+decode over the ceiling's median. BlinkDL's package: strategy "cpu fp32", one token per forward() for
+decode, one forward() of the whole prompt for prefill. rwkv.cpp (``--rwkvcpp`` = its source tree,
+built as docs/benchmarks.md says): the checkpoint converted to FP32, Q8_0 and Q4_0, decode one token
+per rwkv_eval, prefill in chunks of ``--chunk`` tokens (its sequence mode).
 """
 from __future__ import annotations
 
@@ -15,6 +22,11 @@ import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
 
 BLINKDL = textwrap.dedent("""
     import os, sys, time, json
@@ -33,12 +45,12 @@ BLINKDL = textwrap.dedent("""
     t0 = time.perf_counter()
     for t in ids[4:4 + n]:
         _, st = m.forward([t], st)
-    dec = n / (time.perf_counter() - t0)
-    L = int(sys.argv[4]); best = 1e9
-    m.forward(ids[:8], None)
-    for _ in range(2):
-        t0 = time.perf_counter(); m.forward(ids[:L], None); best = min(best, time.perf_counter() - t0)
-    print(json.dumps({"decode_tps": dec, "prefill_tps": L / best}))
+    res = {"decode_tps": n / (time.perf_counter() - t0)}
+    L = int(sys.argv[4])
+    if L:
+        m.forward(ids[:8], None)
+        t0 = time.perf_counter(); m.forward(ids[:L], None); res["prefill_tps"] = L / (time.perf_counter() - t0)
+    print(json.dumps(res))
 """)
 
 OURS = textwrap.dedent("""
@@ -47,56 +59,170 @@ OURS = textwrap.dedent("""
     from rwkv_runtime.bench import decode_tps, prefill_tps, peak_rss_mb
     s = rwkv_runtime.Session(sys.argv[1], threads=int(sys.argv[2]), low_memory=sys.argv[5] == "1")
     n, L = int(sys.argv[3]), int(sys.argv[4])
-    res = {"decode_tps": decode_tps(s, 1, n)}
-    res["step_tps_for_prefill_ratio"] = res["decode_tps"]
+    res = {"decode_tps": {b: decode_tps(s, int(b), n) for b in sys.argv[6].split(",")}}
     if L and s.backend.has("sequence"):
-        res["prefill_tps"] = prefill_tps(s, L)
+        res["prefill_tps"] = prefill_tps(s, L, repeats=1)
     res["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(res))
 """)
 
+CEILING = textwrap.dedent("""
+    import sys, json
+    sys.path.insert(0, sys.argv[3])
+    import bench_ceiling as bc
+    print(json.dumps(bc.ceiling_tps(bc.step_weight_bytes(sys.argv[1]), int(sys.argv[2]))))
+""")
 
-def run(code: str, *args) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args[1]))
+RWKVCPP = textwrap.dedent("""
+    import sys, time, json
+    import numpy as np
+    sys.path.insert(0, sys.argv[1] + "/python")
+    from rwkv_cpp import rwkv_cpp_model, rwkv_cpp_shared_library
+    lib = rwkv_cpp_shared_library.RWKVSharedLibrary(sys.argv[5])
+    m = rwkv_cpp_model.RWKVModel(lib, sys.argv[2], thread_count=int(sys.argv[3]))
+    ids = np.random.default_rng(0).integers(0, m.n_vocab, 600).tolist()
+    st_a, st_b = None, None
+    logits, st_a = m.eval(ids[0], None, use_numpy=True)
+    st_b = st_a.copy()
+    for t in ids[1:4]:
+        m.eval(t, st_a, st_b, logits); st_a, st_b = st_b, st_a
+    n = int(sys.argv[4])
+    t0 = time.perf_counter()
+    for t in ids[4:4 + n]:
+        m.eval(t, st_a, st_b, logits); st_a, st_b = st_b, st_a
+    res = {"decode_tps": n / (time.perf_counter() - t0)}
+    L, chunk = int(sys.argv[6]), int(sys.argv[7])
+    if L:
+        m.eval_sequence_in_chunks(ids[:chunk], None, chunk_size=chunk, use_numpy=True)
+        t0 = time.perf_counter()
+        m.eval_sequence_in_chunks(ids[:L], None, chunk_size=chunk, use_numpy=True)
+        res["prefill_tps"] = L / (time.perf_counter() - t0)
+    print(json.dumps(res))
+""")
+
+
+def run(code: str, *args, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"benchmark process failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def rwkvcpp_models(root: Path, checkpoint: str, build: Path) -> tuple[Path, dict]:
+    """rwkv.cpp's library and the checkpoint in its formats (converted once, kept in ``build``)."""
+    lib = next((p for p in (root / "build" / "librwkv.so", root / "librwkv.so", root / "build" / "bin" / "librwkv.so")
+                if p.is_file()), None)
+    if lib is None:
+        raise SystemExit(f"--rwkvcpp {root}: no librwkv.so under build/ (see docs/benchmarks.md for the build)")
+    stem = Path(checkpoint).stem
+    files = {f: build / f"{stem}.rwkvcpp-{f}.bin" for f in ("FP32", "Q8_0", "Q4_0")}
+    if not files["FP32"].is_file():
+        subprocess.run([sys.executable, str(root / "python" / "convert_pytorch_to_ggml.py"), checkpoint,
+                        str(files["FP32"]), "FP32"], check=True, capture_output=True)
+    for f in ("Q8_0", "Q4_0"):
+        if not files[f].is_file():
+            code = ("import sys; sys.path.insert(0, sys.argv[1] + '/python'); from rwkv_cpp import rwkv_cpp_shared_library as l;"
+                    "l.RWKVSharedLibrary(sys.argv[2]).rwkv_quantize_model_file(sys.argv[3], sys.argv[4], sys.argv[5])")
+            subprocess.run([sys.executable, "-c", code, str(root), str(lib), str(files["FP32"]), str(files[f]), f],
+                           check=True, capture_output=True)
+    return lib, files
+
+
+def stats(xs) -> tuple:
+    xs = sorted(xs)
+    return float(np.median(xs)), xs[0], xs[-1]
+
+
+def fmt(xs, width=20) -> str:
+    if not xs:
+        return f"{'-':>{width}}"
+    m, lo, hi = stats(xs)
+    return f"{m:>7.1f} ({lo:.1f}-{hi:.1f})".rjust(width)
+
+
+def machine() -> str:
+    try:
+        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.platform()
+    return f"{model}, {os.cpu_count()} logical CPUs, {platform.machine()}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
-    ap.add_argument("models", nargs="+", help="exported step graphs (fp32, int8, ...) to measure")
-    ap.add_argument("--low-memory", action="store_true", help="also measure each model with low_memory=True")
+    ap.add_argument("models", nargs="+", help="exported step graphs (fp32, int8, int4, ...); the first is batched")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prefill", type=int, default=512)
-    ap.add_argument("--json", dest="json_out")
+    ap.add_argument("--chunk", type=int, default=64, help="rwkv.cpp's sequence-mode chunk size")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batches", default="1,4,16,32", help="batch sizes measured for the first model")
+    ap.add_argument("--low-memory", action="store_true", help="also measure each model with low_memory=True")
+    ap.add_argument("--rwkvcpp", type=Path, help="an rwkv.cpp source tree with build/librwkv.so")
     ap.add_argument("--skip-blinkdl", action="store_true")
+    ap.add_argument("--json", dest="json_out")
     a = ap.parse_args()
-    peer = None if a.skip_blinkdl else run(BLINKDL, a.checkpoint, a.threads, a.tokens, a.prefill)
-    ours = {}
-    for m in a.models:
+    T = a.threads
+    cpp = rwkvcpp_models(a.rwkvcpp, a.checkpoint, Path(a.models[0]).parent) if a.rwkvcpp else None
+
+    contenders = {}  # label -> (code, args)
+    for m in dict.fromkeys(a.models):
+        contenders[f"ceiling {Path(m).name}"] = (CEILING, (m, T, HERE))
+    if not a.skip_blinkdl:
+        contenders["BlinkDL rwkv (cpu fp32)"] = (BLINKDL, (a.checkpoint, T, a.tokens, a.prefill))
+    if cpp:
+        lib, files = cpp
+        for f, p in files.items():
+            contenders[f"rwkv.cpp {f}"] = (RWKVCPP, (a.rwkvcpp, p, T, a.tokens, lib, a.prefill, a.chunk))
+    for i, m in enumerate(a.models):
         for low in ([False, True] if a.low_memory else [False]):
-            label = os.path.basename(m) + (" (low-memory)" if low else "")
-            ours[label] = run(OURS, m, a.threads, a.tokens, a.prefill, "1" if low else "0")
-    machine = f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}"
-    print(f"machine: {machine}; threads {a.threads}")
-    p_dec = peer["decode_tps"] if peer else float("nan")
-    p_pre = peer["prefill_tps"] if peer else float("nan")
-    print(f"{'':34}{'decode tok/s':>13}{'vs BlinkDL':>11}{'prefill tok/s':>15}{'vs BlinkDL':>11}{'RSS MB':>8}")
-    if peer:
-        print(f"{'BlinkDL rwkv (cpu fp32)':<34}{p_dec:>13.1f}{1.0:>11.2f}{p_pre:>15.1f}{1.0:>11.2f}{'':>8}")
-    for label, r in ours.items():
-        pre = r.get("prefill_tps", float("nan"))
-        print(f"{label:<34}{r['decode_tps']:>13.1f}{r['decode_tps'] / p_dec:>11.2f}{pre:>15.1f}{pre / p_pre:>11.2f}"
-              f"{r['peak_rss_mb']:>8.0f}")
-        if "prefill_tps" in r:
-            print(f"{'':34}prefill / stepping the same tokens: {pre / r['decode_tps']:.1f}x")
+            label = Path(m).name + (" (low-memory)" if low else "")
+            batches = a.batches if i == 0 and not low else "1"
+            contenders[label] = (OURS, (m, T, a.tokens, a.prefill, "1" if low else "0", batches))
+
+    runs = {k: [] for k in contenders}
+    for r in range(a.rounds):
+        for label, (code, args) in contenders.items():
+            print(f"round {r + 1}/{a.rounds}: {label}", file=sys.stderr, flush=True)
+            runs[label].append(run(code, *args, threads=T))
+
+    def dec(label, batch="1"):
+        out = []
+        for x in runs[label]:
+            d = x.get("ceiling", x.get("decode_tps"))
+            out.append(d[batch] if isinstance(d, dict) else d)
+        return out
+
+    print(f"machine: {machine()}; {T} threads; {a.rounds} interleaved rounds, median (min-max)")
+    blink = dec("BlinkDL rwkv (cpu fp32)") if not a.skip_blinkdl else []
+    b_med = stats(blink)[0] if blink else float("nan")
+    print(f"{'':34}{'decode tok/s':>20}{'of ceiling':>11}{'ceiling tok/s':>20}{'vs BlinkDL*':>12}{'prefill tok/s':>20}")
+    if blink:
+        pre = [x["prefill_tps"] for x in runs["BlinkDL rwkv (cpu fp32)"] if "prefill_tps" in x]
+        print(f"{'BlinkDL rwkv (cpu fp32)':<34}{fmt(blink)}{'':>11}{'':>20}{1.0:>12.2f}{fmt(pre)}")
+    if cpp:
+        for f in cpp[1]:
+            label = f"rwkv.cpp {f}"
+            pre = [x["prefill_tps"] for x in runs[label] if "prefill_tps" in x]
+            print(f"{label:<34}{fmt(dec(label))}{'':>11}{'':>20}{stats(dec(label))[0] / b_med:>12.2f}{fmt(pre)}")
+    for i, m in enumerate(a.models):
+        ceil = dec(f"ceiling {Path(m).name}")
+        for label in [k for k in contenders if k.startswith(Path(m).name)]:
+            d = dec(label)
+            pre = [x["prefill_tps"] for x in runs[label] if "prefill_tps" in x]
+            print(f"{label:<34}{fmt(d)}{stats(d)[0] / stats(ceil)[0]:>11.2f}{fmt(ceil)}{stats(d)[0] / b_med:>12.2f}{fmt(pre)}")
+            if i == 0 and label == Path(m).name:
+                for b in a.batches.split(",")[1:]:
+                    db = dec(label, b)
+                    print(f"{'  batch ' + b + ' (aggregate)':<34}{fmt(db)}{'':>11}{'':>20}{'':>12}"
+                          f"   {stats(db)[0] / stats(d)[0]:.1f}x batch 1")
+    print("* ratios to BlinkDL's package depend on the machine (memory bandwidth against compute); "
+          "the fractions of the ceiling are what carries over")
     if a.json_out:
         with open(a.json_out, "w") as f:
-            json.dump({"machine": machine, "threads": a.threads, "ours": ours, "blinkdl": peer}, f, indent=1)
+            json.dump({"machine": machine(), "threads": T, "rounds": a.rounds, "runs": runs}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""The decode ceiling of an exported model: one onnxruntime op reading as many weight bytes as one
+decode step does, at the model's precision.
+
+    python scripts/bench_ceiling.py MODEL.onnx [MODEL2.onnx ...] [--threads 2] [--rounds 3]
+
+Decoding one token reads every large matrix once (and one row of the embedding), so on a CPU it is
+bound by memory bandwidth: no graph can step faster than a single op streaming the same bytes. The
+ceiling of a model is the fastest of:
+  - ``Gemm(transB=1)`` float32, x [1, K] times W [N, K] with N*K*4 = the step's weight bytes;
+  - for int8/int4 models, ``MatMulNBits`` (the op the quantised graph uses: same bits, block size
+    and accuracy level) over as many packed bytes, scales included.
+Each is reported as "tok/s": calls per second. ``ceiling_tps`` is imported by bench_vs_blinkdl.py,
+which prints every decode figure as a fraction of it.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+MATRIX_OPS = {"Gemm": 1, "MatMul": 1, "MatMulNBits": 1}  # op -> index of its weight input
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    n = int(np.prod(t.dims)) if t.dims else 1
+    return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+def step_weight_bytes(path) -> dict:
+    """Bytes one decode step reads from the weights of a step graph (matrices in full, one row of
+    each Gather table), and the quantisation it uses: {"bytes", "bits", "block", "accuracy_level", "K"}."""
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    total, info = 0, {"bits": 32, "block": 0, "accuracy_level": 0}
+    ks = []
+    for node in m.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            info.update(bits=attrs["bits"], block=attrs["block_size"], accuracy_level=attrs.get("accuracy_level", 0))
+            ks.append(attrs["K"])
+            total += sum(_nbytes(inits[n]) for n in node.input[1:] if n in inits)
+        elif node.op_type in ("Gemm", "MatMul") and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+            t = inits[node.input[1]]
+            total += _nbytes(t)
+            ks.append(t.dims[1] if node.op_type == "Gemm" else t.dims[0])
+        elif node.op_type == "Gather" and node.input[0] in inits:
+            t = inits[node.input[0]]
+            total += _nbytes(t) // max(1, t.dims[0])
+    info["bytes"] = total
+    info["K"] = int(np.median(ks)) if ks else 768
+    return info
+
+
+def _gemm_model(K: int, nbytes: int) -> onnx.ModelProto:
+    N = max(1, nbytes // (4 * K))
+    w = helper.make_tensor("W", TensorProto.FLOAT, [N, K],
+                           np.random.default_rng(0).standard_normal((N, K), np.float32).tobytes(), raw=True)
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], "ceiling_gemm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def _nbits_model(K: int, nbytes: int, bits: int, block: int, accuracy_level: int) -> onnx.ModelProto:
+    blocks = K // block
+    per_row = blocks * (block * bits // 8) + blocks * 4  # packed weights + float32 scales
+    N = max(1, nbytes // per_row)
+    rng = np.random.default_rng(0)
+    b = rng.integers(0, 256, (N, blocks, block * bits // 8), dtype=np.uint8)
+    s = (rng.random(N * blocks, dtype=np.float32) * 0.01).astype(np.float32)
+    inits = [helper.make_tensor("B", TensorProto.UINT8, b.shape, b.tobytes(), raw=True),
+             helper.make_tensor("S", TensorProto.FLOAT, s.shape, s.tobytes(), raw=True)]
+    node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=K, N=N, bits=bits,
+                            block_size=block, accuracy_level=accuracy_level)
+    g = helper.make_graph([node], "ceiling_nbits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=9)
+
+
+def _calls_per_s(model: onnx.ModelProto, K: int, threads: int, seconds: float = 1.5) -> float:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = {"x": np.random.default_rng(1).standard_normal((1, K), np.float32)}
+    for _ in range(3):
+        s.run(None, x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        s.run(None, x)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def ceiling_tps(info: dict, threads: int = 2) -> dict:
+    """{"gemm_fp32": tok/s, ["matmulnbits": tok/s], "ceiling": the faster, "gbps": bytes/s of it}."""
+    K, nbytes = info["K"], info["bytes"]
+    res = {"gemm_fp32": _calls_per_s(_gemm_model(K, nbytes), K, threads)}
+    if info["bits"] in (4, 8):
+        res["matmulnbits"] = _calls_per_s(
+            _nbits_model(K, nbytes, info["bits"], info["block"], info["accuracy_level"]), K, threads)
+    res["ceiling"] = max(res.values())
+    res["gbps"] = res["ceiling"] * nbytes / 1e9
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    infos = {m: step_weight_bytes(m) for m in a.models}
+    runs = {m: [] for m in a.models}
+    for _ in range(a.rounds):  # interleaved: a slow moment of the machine hits every model alike
+        for m in a.models:
+            runs[m].append(ceiling_tps(infos[m], a.threads))
+    for m in a.models:
+        c = sorted(r["ceiling"] for r in runs[m])
+        parts = ", ".join(f"{k} {np.median([r[k] for r in runs[m]]):.1f}" for k in runs[m][0] if k not in ("ceiling", "gbps"))
+        print(f"{m}: {infos[m]['bytes'] / 1e6:.0f} MB/token ({infos[m]['bits']}-bit); ceiling {np.median(c):.1f} tok/s "
+              f"({c[0]:.1f}-{c[-1]:.1f}; {np.median([r['gbps'] for r in runs[m]]):.1f} GB/s) [{parts}]")
+
+
+if __name__ == "__main__":
+    main()
