@@ -233,6 +233,7 @@ def test_graph_structure_and_manifest(exports, name):
     assert not [x for x in plain.graph.node if x.domain == "rwkv"] and not plain.functions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opts,tol", [({"precision": "fp16"}, 0.05), ({"quantize": "int8"}, 0.5)])
 @pytest.mark.parametrize("name", list(REFERENCE))
 def test_reduced_precision_exports_stay_close(tmp_path, name, opts, tol):
@@ -399,6 +400,7 @@ def random_models(tmp_path_factory):
     return models, tuned, truth, d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["5.0", "5.1", "5.2", "6", "7"])
 def test_random_odd_shapes_match_blinkdl_package(random_models, variant):
     models, _, truth, d = random_models
@@ -422,6 +424,7 @@ def test_random_odd_shapes_match_blinkdl_package(random_models, variant):
     assert np.abs(last[0] - expect[-1]).max() <= RANDOM_TOL, "onnx sequence (plain)"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["5.2", "6", "7"])
 def test_state_tuning_matches_blinkdl_package(random_models, variant):
     models, tuned, truth, d = random_models

@@ -42,6 +42,7 @@ class RefEvalSession:
         return res[0].astype(np.float32), {s.name: r for s, r in zip(self.man.state, res[1:])}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_reduced_precision_greedy_agrees_with_fp32(tmp_path, name, precision):
@@ -61,6 +62,7 @@ def test_reduced_precision_greedy_agrees_with_fp32(tmp_path, name, precision):
     assert agree >= 0.98
 
 
+@pytest.mark.slow
 def test_fp16_rwkv4_long_rollout_stays_finite(tmp_path):
     """20,000 tokens of float16 RWKV-4 (residual rescaling on): no NaN or inf anywhere."""
     path = ref_model("tiny-rwkv-4v0-660K")
@@ -93,6 +95,7 @@ def test_official_rescaling_barely_changes_fp32_results(tmp_path):
     assert np.abs(la - lb).max() <= 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits, limit", [("int8", 0.01), ("int4", 0.05)])
 @pytest.mark.parametrize("name", ["tiny-rwkv-4v0-660K", "tiny-rwkv-6v0-1m"])
 def test_quantized_cross_entropy_cost(tmp_path, bits, limit, name):

@@ -67,6 +67,7 @@ def test_validate_passes_on_good_exports(rwkv4_exports, rwkv4_ref, graph, wkv):
     assert res.output.rstrip().splitlines()[-1].startswith("PASS:")
 
 
+@pytest.mark.slow
 def test_validate_fails_on_a_corrupted_export_naming_the_first_bad_step(rwkv4_ref, bad_model):
     res = validate(bad_model, "--reference", rwkv4_ref, "--steps", STEPS, "--prompt", "import os\n")
     assert res.exit_code == 1, res.output
@@ -83,6 +84,7 @@ def test_validate_fails_on_a_corrupted_export_naming_the_first_bad_step(rwkv4_re
     assert re.search(r"wkv_aa \(x4\).*\s1$", res.output, re.M)  # the group that broke, and when
 
 
+@pytest.mark.slow
 def test_polygraphy_alone_repeats_the_check(rwkv4_exports, rwkv4_ref, bad_model, tmp_path):
     from polygraphy.comparator import RunResults
     from polygraphy.json import load_json
