@@ -122,7 +122,8 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
             rescale = cfg["rescale_every"]  # what transformers computes, in every precision
         else:
             rescale = spec.half_rescale_every if opt.precision != "fp32" else 0
-    initial = _initial_state(spec, ck, cfg, opt)
+    with _inconsistent(ck, opt.state_tuning):
+        initial = _initial_state(spec, ck, cfg, opt)
     external = opt.external_data
     if external is None:
         itemsize = np.dtype(PRECISIONS[opt.precision]).itemsize
@@ -295,7 +296,7 @@ def _check_not_inputs(ck: Checkpoint, opt: ExportOptions, outputs: list) -> None
 
 
 @contextlib.contextmanager
-def _inconsistent(ck: Checkpoint):
+def _inconsistent(ck: Checkpoint, other=None):
     """Tensors of the wrong shape or rank that the version module did not check by name end as
     torch/numpy errors deep in its code: report them as one line about the checkpoint."""
     try:
@@ -304,7 +305,8 @@ def _inconsistent(ck: Checkpoint):
         if isinstance(e, ExportError):
             raise
         msg = str(e).splitlines()[0][:160] if str(e) else ""
-        raise CheckpointError(f"{ck.path}: inconsistent {ck.version} checkpoint ({type(e).__name__}: {msg})") from None
+        what = f"{other}: a state-tuning file inconsistent with" if other else f"{ck.path}: inconsistent"
+        raise CheckpointError(f"{what} {ck.version} checkpoint ({type(e).__name__}: {msg})") from None
 
 
 def _initial_state(spec, ck: Checkpoint, cfg: dict, opt: ExportOptions) -> dict:

@@ -57,20 +57,22 @@ class Quantizer:
         cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=accuracy_level,
                                            bits=bits)
         self._q = DefaultWeightOnlyQuantizer(cfg)
-        self._done: dict = {}  # id of the source array -> (packed, scales)
+        self._done: dict = {}  # id of the source array -> (its packed and scales tensors, the array)
         self.processed = 0  # float bytes read so far
         self.after_write = None  # called with the quantiser after each matrix (export: release memory)
 
-    def quantize(self, arr: np.ndarray):
+    def tensors(self, arr: np.ndarray, qname: str, sname: str, store) -> tuple:
+        """The packed weight and scales of ``arr`` as initializers (in ``store`` when given). A matrix
+        already quantised (the other graph's) reuses the stored tensors: only references are kept."""
         key = id(arr)
         if key not in self._done:
             w = np.ascontiguousarray(arr, dtype=np.float32)
             packed, scales, _ = self._q.qbits_block_quant(w)  # symmetric: no zero points
-            self._done[key] = (packed, scales, arr)  # arr kept so its id stays unique
+            self._done[key] = ((_tensor(store, qname, packed), _tensor(store, sname, scales)), arr)
             self.processed += w.nbytes
             if self.after_write is not None:
                 self.after_write(self)
-        return self._done[key][:2]
+        return self._done[key][0]
 
 
 def quantize_into(model: onnx.ModelProto, pending: PendingStore, store, quantizer: Quantizer) -> None:
@@ -86,11 +88,12 @@ def quantize_into(model: onnx.ModelProto, pending: PendingStore, store, quantize
             new_nodes.append(node)
             continue
         K, N = arr.shape
-        packed, scales = quantizer.quantize(arr)
         qname, sname = f"{t.name}_Q{quantizer.bits}", f"{t.name}_scales"
         if qname not in quantized:
-            for name, a in ((qname, packed), (sname, scales)):
-                new_inits.append(_tensor(store, name, a))
+            for t_, name in zip(quantizer.tensors(arr, qname, sname, store), (qname, sname)):
+                t_ = onnx.TensorProto.FromString(t_.SerializeToString()) if t_.name != name else t_
+                t_.name = name  # a matrix reused under another name: same bytes, its own initializer
+                new_inits.append(t_)
             quantized.add(qname)
         new_nodes.append(helper.make_node(
             "MatMulNBits", [node.input[0], qname, sname], list(node.output), name=f"{node.name}_Q{quantizer.bits}",

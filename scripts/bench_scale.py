@@ -71,20 +71,29 @@ def random_rwkv7(path: Path, n_layer: int, n_embd: int, ffn: int, vocab: int, lo
     return path
 
 
-_EXPORT = r"""
-import json, resource, sys, time
+# Peak RSS is VmHWM (this process's own high-water mark): ru_maxrss would carry the parent's peak over
+# fork + exec, and the parent may have held a whole checkpoint.
+_HWM = r"""
+def hwm_mb():
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024
+"""
+
+_EXPORT = _HWM + r"""
+import json, sys, time
 from rwkv_export.export import ExportOptions, export
 import onnx, onnxruntime, torch  # imported before the baseline: the export's own memory is what counts
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+base = hwm_mb()
 t0 = time.perf_counter()
 opts = ExportOptions(**json.loads(sys.argv[3]))
 paths = export(sys.argv[1], sys.argv[2], opts)
 print(json.dumps({"export_s": time.perf_counter() - t0, "export_baseline_rss_mb": base,
-                  "export_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "export_peak_rss_mb": hwm_mb()}))
 """
 
-_SESSION = r"""
-import json, resource, sys, time
+_SESSION = _HWM + r"""
+import json, sys, time
 import numpy as np
 t0 = time.perf_counter()
 from rwkv_runtime import Session
@@ -94,7 +103,7 @@ s = Session(sys.argv[1], threads=int(sys.argv[2]))
 out = {"load_s": time.perf_counter() - t1}
 out["decode_tps"] = decode_tps(s, 1, int(sys.argv[3]))
 out["prefill_tps"] = prefill_tps(s, int(sys.argv[4]), repeats=1)
-out["session_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+out["session_peak_rss_mb"] = hwm_mb()
 print(json.dumps(out))
 """
 
@@ -126,8 +135,8 @@ def run_shape(name: str, precisions, d: Path, threads: int, steps: int, plen: in
     d.mkdir(parents=True, exist_ok=True)
     ck = d / f"rwkv7-{name}.pth"
     t0 = time.perf_counter()
-    if not ck.exists():
-        random_rwkv7(ck, **shape)
+    if not ck.exists():  # in a child: this process stays small (its children start from its size)
+        subprocess.run([sys.executable, __file__, "--generate", name, str(ck)], check=True)
     gen_s = time.perf_counter() - t0
     rows = []
     for prec in precisions:
@@ -163,6 +172,9 @@ def run_shape(name: str, precisions, d: Path, threads: int, steps: int, plen: in
 
 
 def main():
+    if sys.argv[1:2] == ["--generate"]:
+        random_rwkv7(Path(sys.argv[3]), **SHAPES[sys.argv[2]])
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="0.4b", help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--precisions", default="fp32", help="comma-separated: fp32, fp16, int8, int4")

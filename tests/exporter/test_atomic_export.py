@@ -22,7 +22,7 @@ from rwkv_export import staging
 from rwkv_export.errors import ExportError
 from rwkv_export.export import ExportOptions, export
 
-from .conftest import NEW, OLD, assert_old_or_new, check_runs_as, snapshot
+from .conftest import NEW, assert_old_or_new, check_runs_as, snapshot
 
 OPTS = ExportOptions(external_data=True)
 
@@ -290,3 +290,13 @@ def test_cli_sigterm_is_one_line(folder, old_and_new):
     assert p.returncode == 1 and err.strip().startswith("Error:") and len(err.strip().splitlines()) == 1, err
     assert "unchanged" in err
     assert assert_old_or_new(d, old, out) == "old"
+
+
+def test_older_layout_and_inline_exports_leave_no_stale_weights(folder, old_and_new):
+    """An older export's per-graph weights file (OUT.seq.onnx.data) and an external weights file that a
+    new inline export no longer needs are part of the replaced set: removed with the old graphs."""
+    d, out, _ = folder
+    (d / "m.seq.onnx.data").write_bytes(b"old layout")
+    export(old_and_new[1], out, ExportOptions(external_data=False))
+    assert sorted(p.name for p in d.iterdir()) == ["m.onnx", "m.seq.onnx"]
+    check_runs_as(out, NEW)

@@ -190,9 +190,9 @@ def test_generated_damaged_checkpoints(sd, data):
         np.testing.assert_allclose(np.asarray(logits).reshape(-1), truth, atol=1e-3, rtol=1e-3)
 
 
-_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=True)
-                     | st.text(max_size=8), lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c,
-                                                                                                  max_size=3), max_leaves=6)
+_LEAF = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=True) | st.text(max_size=8)
+_JSON = st.recursive(_LEAF, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+                     max_leaves=6)
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +232,16 @@ def test_generated_hf_configs(hf_model, top, fields, raw):
 
         logits, _ = Session(tmp / "m.onnx").prefill([1, 2, 3])
         assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_damaged_state_tuning_file_is_one_line(tmp_path):
+    ck = ref_model("tiny-rwkv-7v0-834K")
+    for name, content in (("odd.pth", {"blocks.0.att.time_state": torch.zeros(3, 5)}),
+                          ("none.pth", {"foo": torch.zeros(2)}),
+                          ("layer.pth", {"blocks.99.att.time_state": torch.zeros(1, 64, 64)})):
+        torch.save(content, tmp_path / name)
+        code, out = cli("export", ck, "-o", tmp_path / "m.onnx", "-q", "--state-tuning", tmp_path / name)
+        one_error(code, out)
+    (tmp_path / "junk.pth").write_bytes(b"\x80junk")
+    one_error(*cli("export", ck, "-o", tmp_path / "m.onnx", "-q", "--state-tuning", tmp_path / "junk.pth"))
+    assert not (tmp_path / "m.onnx").exists()
