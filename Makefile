@@ -11,7 +11,7 @@ $(BIN)/.installed: pyproject.toml runtime/pyproject.toml
 	# torch pinned: this version installs from a local CPU build here (others download several GB)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	# two distributions from this repository: rwkv-runtime (runtime/, no torch) and rwkv-export (the rest)
-	$(BIN)/python -m pip install -q -e './runtime[cpu,serve]' -e '.[dev]'
+	$(BIN)/python -m pip install -q -e './runtime[cpu,serve,ray]' -e '.[dev]'
 	touch $@
 
 venv: $(BIN)/.installed
