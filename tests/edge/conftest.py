@@ -74,7 +74,7 @@ def _state_tuned_v6(d: Path) -> Path:
     return export(path, d / "tiny-rwkv-6v0-1m-tuned.onnx", ExportOptions(state_tuning=str(d / "tuned6.pth")))[0]
 
 
-def _python_case(name: str, path: Path, d: Path, blinkdl: bool = True) -> dict:
+def _python_case(name: str, path: Path, d: Path, blinkdl: bool = True, ref: str | None = None) -> dict:
     from rwkv_runtime import SamplingParams, Session
 
     from tests.helpers import step_all
@@ -90,7 +90,7 @@ def _python_case(name: str, path: Path, d: Path, blinkdl: bool = True) -> dict:
     return {
         "name": name, "model": str(path), "prompt": tokens,
         "step_logits": step_logits.tolist(), "prefill_logits": prefill_logits[0].tolist(),
-        "blinkdl_logits": ref_logits(name, "atom").tolist() if blinkdl else None,
+        "blinkdl_logits": ref_logits(ref or name, "atom").tolist() if blinkdl else None,
         "state_file": str(d / f"{name}.state.npz"), "after_state_token": ord(" "), "after_state_logits": after[0].tolist(),
         "greedy": greedy, "sampled": [{"params": p, "tokens": t} for p, t in zip(SAMPLING, sampled)],
     }
@@ -108,6 +108,11 @@ def edge_fixtures(tmp_path_factory) -> Path:
     for key, name in MODELS.items():
         paths = export(ref_model(name), d / f"{name}.onnx", ExportOptions())
         cases.append(_python_case(name, paths[0], d))
+    # RWKV-4 with its weights in an external-data file (Node: ORT finds it by path; web: externalData)
+    ext = d / "ext"
+    ext.mkdir()
+    p = export(ref_model(MODELS["v4"]), ext / "tiny4-ext.onnx", ExportOptions(external_data=True))[0]
+    cases.append(_python_case("tiny4-ext", p, d, ref=MODELS["v4"]))
     # RWKV-6 with a learned initial state embedded in the export (no BlinkDL logits for it)
     cases.append(_python_case("tiny-rwkv-6v0-1m-tuned", _state_tuned_v6(d), d, blinkdl=False))
     # tokenizers: the World vocabulary (BlinkDL's package ships it) and the 20B tokenizer.json

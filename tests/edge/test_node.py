@@ -25,13 +25,13 @@ def test_node_suite_passes(node_run):
     assert node_run.returncode == 0 and counts_ok(out), failures(out)
 
 
-@pytest.mark.parametrize("name", [*MODELS.values(), "tiny-rwkv-6v0-1m-tuned"])
+@pytest.mark.parametrize("name", [*MODELS.values(), "tiny4-ext", "tiny-rwkv-6v0-1m-tuned"])
 def test_state_saved_by_js_loads_in_python(node_run, edge_fixtures, name):
     """JS's State.save bytes are an .npz numpy reads and the Python runtime continues from."""
     from rwkv_runtime import Session
 
     assert node_run.returncode == 0
-    s = Session(edge_fixtures / f"{name}.onnx")
+    s = Session(next(edge_fixtures.rglob(f"{name}.onnx")))
     js_state = s.load_state(edge_fixtures / f"{name}.js-state.npz")
     _, py_state = s.prefill(np.array([list(b"Describe the structure of an atom.")]))
     for k in py_state.keys():
