@@ -154,3 +154,12 @@ test("fact: onnxruntime-web (WASM, in Node) returns pre-allocated CPU outputs un
   assert.ok(fresh[o].data.some((v) => v !== 0), "the state output is non-zero");
   assert.ok(out[o].data.every((v) => v === 0), "the pre-allocated output stayed unwritten");
 });
+
+test("a tokenizer.json embedded in the model is used through makeTokenizer (as Session does)", { skip: !cases?.hf && (opts.skip || "no 20B_tokenizer.json") }, async () => {
+  const { makeTokenizer } = await import("../src/tokenizers.js");
+  const tok = await makeTokenizer({ kind: "hf-json" }, { embeddedJSON: await readFile(cases.hf.json, "utf8") });
+  assert.deepEqual(tok.encode(await readFile(cases.hf.text, "utf8")), cases.hf.ids);
+  await assert.rejects(makeTokenizer({ kind: "hf-json" }, {}), /does not embed it/);
+  await assert.rejects(makeTokenizer({ kind: "world" }, {}), /worldVocab/);
+  await assert.rejects(makeTokenizer({ kind: "none" }, {}), /no tokenizer/);
+});

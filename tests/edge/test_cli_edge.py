@@ -96,3 +96,23 @@ def test_errors_are_one_line_and_leave_nothing(v7_export, tmp_path, cmd):
     r = runner.invoke(main, [cmd, str(v7_export), "-o", str(tmp_path / "no" / "such" / "dir")])
     assert r.exit_code == 1 and r.output.startswith("Error: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # no temporary folder left behind
+
+
+@pytest.mark.slow
+def test_mobile_folds_external_data_into_the_ort_file(tmp_path):
+    """An export with its weights in an external-data file becomes a self-contained .ort."""
+    from rwkv_export.export import ExportOptions, export
+
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx_path = export(ref_model("tiny-rwkv-4v0-660K"), src / "t4.onnx", ExportOptions(external_data=True, graphs=("step",)))[0]
+    from rwkv_export.web import external_files
+
+    assert external_files(onnx_path), "the export should use external data"
+    out = tmp_path / "mobile"
+    r = CliRunner().invoke(main, ["mobile", str(onnx_path), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["required_operators.config", "t4.manifest.json", "t4.ort"]
+    man = json.loads((out / "t4.manifest.json").read_text())
+    got = _ort_steps(out / "t4.ort", man, PROMPT)
+    assert np.abs(got - ref_logits("tiny-rwkv-4v0-660K", "atom")).max() <= 5e-5
