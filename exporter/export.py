@@ -116,6 +116,7 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
     tick("preparing weights")
     with _inconsistent(ck):
         W = spec.export_weights(ck.weights, cfg)  # views into the memory-mapped checkpoint where possible
+    release_mapped(ck.input_files)  # the pages export_weights read (the embedding, folded with ln0)
     rescale = opt.rescale_every
     if rescale is None:
         if ck.format == "huggingface" and "rescale_every" in cfg:
@@ -210,8 +211,8 @@ def _every(nbytes: int, fn):
     """A callback for ``WeightStore.after_write``: ``fn()`` after every ``nbytes`` processed."""
     done = [0]
 
-    def after(store):
-        if store.processed - done[0] >= nbytes:
+    def after(store, force: bool = False):
+        if force or store.processed - done[0] >= nbytes:
             done[0] = store.processed
             fn()
     return after

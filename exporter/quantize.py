@@ -66,6 +66,8 @@ class Quantizer:
         already quantised (the other graph's) reuses the stored tensors: only references are kept."""
         key = id(arr)
         if key not in self._done:
+            if self.after_write is not None and arr.nbytes > 64 * 2**20:
+                self.after_write(self, force=True)  # a large matrix: start from no resident pages
             w = np.ascontiguousarray(arr, dtype=np.float32)
             packed, scales, _ = self._q.qbits_block_quant(w)  # symmetric: no zero points
             self._done[key] = ((_tensor(store, qname, packed), _tensor(store, sname, scales)), arr)
