@@ -48,13 +48,34 @@ class WorldTokenizer:
         except ImportError:  # pragma: no cover - it is a dependency
             raise RuntimeUserError("the World tokenizer needs `pip install pyrwkv-tokenizer`") from None
         self._tok = RWKVTokenizer()
+        self._bytes = None  # id -> bytes, read from the vocabulary file on first decode
 
     def encode(self, text: str) -> list[int]:
         """Valid Unicode text only (a lone surrogate is a RuntimeUserError)."""
         return list(self._tok.encode(_refuse_surrogates(text)))
 
     def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids])
+        # Decoded from the vocabulary's bytes rather than pyrwkv-tokenizer's decode, which panics (a
+        # BaseException) on a token that ends inside a multi-byte character; streaming needs those pieces.
+        table = self._byte_table()
+        try:
+            data = b"".join(table[int(i)] for i in ids)
+        except (IndexError, KeyError):
+            raise RuntimeUserError(f"token ids outside the World vocabulary (0..{len(table) - 1})") from None
+        return data.decode("utf-8", errors="replace")
+
+    def _byte_table(self) -> dict:
+        if self._bytes is None:
+            import ast
+
+            table = {0: b""}  # id 0 is the end-of-text token: no text
+            with open(self._tok.vocab_filepath, encoding="utf-8") as f:
+                for line in f:  # "<id> <python str or bytes literal> <byte length>"
+                    idx, rest = line.split(" ", 1)
+                    lit = ast.literal_eval(rest[:rest.rindex(" ")])  # literals only: never runs code
+                    table[int(idx)] = lit if isinstance(lit, bytes) else lit.encode("utf-8")
+            self._bytes = table
+        return self._bytes
 
 
 class HFTokenizer:
