@@ -7,7 +7,7 @@ Three backends:
   requests (``sequence_batching { state [...] }``), starting from ``initial_state`` (``zero_data``, or a
   raw ``data_file`` for other fills such as RWKV-4's ``pp = -1e30`` and for learned initial states). The
   graph needs no control inputs: Triton resets the state from ``initial_state`` at a sequence start.
-- ``python``: ``model.py`` (deploy_examples/triton/model.py) runs ``rwkv_runtime`` inside Triton's Python
+- ``python``: ``model.py`` (rwkv_runtime/triton_python_model.py) runs ``rwkv_runtime`` inside Triton's Python
   backend, which has no implicit state: the model keeps each sequence's state itself, keyed by CORRID,
   and steps the requests of different sequences that Triton hands it as one batch.
 
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+import rwkv_runtime as _rwkv_runtime
 from rwkv_runtime.artifact import open_artifact
 from rwkv_runtime.manifest import BATCH
 
@@ -38,7 +39,8 @@ MAX_IDLE_S = 1e7  # ~4 months: more is a typo (Triton's field is microseconds in
 DEFAULT_IDLE_S = 300.0  # a chat turn plus the user's reading and typing; Triton's own default is 1 s
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 _ONNX_ELEM = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
-TEMPLATE = Path(__file__).resolve().parents[1] / "deploy_examples" / "triton" / "model.py"
+# the Python-backend model ships with rwkv-runtime (it runs rwkv_runtime inside Triton; no torch there)
+TEMPLATE = Path(_rwkv_runtime.__file__).with_name("triton_python_model.py")
 
 
 def _pb():

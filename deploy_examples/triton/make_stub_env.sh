@@ -1,6 +1,6 @@
 #!/bin/sh
 # A local Triton for CPU machines: the tritonserver binary (from the nvidia-pytriton wheel: Triton 2.51 with
-# its Python backend) and the Python environment its backend stub runs deploy_examples/triton/model.py in.
+# its Python backend) and the Python environment its backend stub runs rwkv_runtime/triton_python_model.py in.
 # The stub embeds libpython of one minor version (3.8-3.13: build this env with such a python) and returns
 # EMPTY output tensors with numpy 2, so this env pins numpy<2 and holds only what rwkv_runtime needs (no
 # torch). pytriton goes in without its dependencies: only its server files are used (local_server.py).

@@ -1,0 +1,107 @@
+"""Triton Python backend model: an rwkv-export model run by rwkv_runtime (the CPU deployment path).
+
+``rwkv-export triton MODEL --backend python`` copies this file to ``REPO/NAME/1/model.py`` beside the
+exported graphs. Triton's Python backend has no implicit state, so this model keeps each sequence's
+recurrent state itself, keyed by the CORRID control input:
+
+- a request carries ``tokens`` [1, T]: the prompt (any length, prefilled at once) or one new token;
+- START starts a fresh state (the manifest's initial state, learned or not); END drops it after the reply;
+- the sequence batcher (``oldest`` strategy) hands ``execute`` requests of different sequences together:
+  their one-token steps run as ONE batched ``Session.step``;
+- the reply is ``logits`` [1, vocab] of the last position; the client samples (same as with the
+  onnxruntime/TensorRT backends, where Triton keeps the state).
+
+States of sequences Triton reaped for idleness (no END ever arrives) are dropped after the same idle time.
+The stub's interpreter must be able to import ``rwkv_runtime``: see docs/triton.md ("Python backend").
+"""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _scalar(request, name, default=0):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return default if t is None else t.as_numpy().reshape(-1)[0].item()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from rwkv_runtime import Session
+
+        cfg = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+        path = Path(args["model_repository"]) / args["model_version"] / params["rwkv.model_file"]
+        threads = int(params.get("rwkv.threads") or 0) or None
+        self.session = Session(path, threads=threads)
+        man = self.session.manifest
+        self.tokens_name, self.logits_name, self.vocab = man.tokens_input, man.logits_output, man.vocab_size
+        # protobuf's JSON writes uint64 as a string
+        idle_us = float(cfg.get("sequence_batching", {}).get("max_sequence_idle_microseconds") or 1e6)
+        self.idle_s = idle_us / 1e6
+        self.states = {}  # corrid -> [State (batch 1), last use (monotonic s)]
+
+    def _reap(self, now):
+        for k in [k for k, (_, t) in self.states.items() if now - t > self.idle_s]:
+            del self.states[k]
+
+    def execute(self, requests):
+        from rwkv_runtime import RuntimeUserError, State
+
+        now = time.monotonic()
+        self._reap(now)
+        replies = [None] * len(requests)
+        steps = []  # (request index, corrid, token, state, end): run together as one batch
+        for i, r in enumerate(requests):
+            corrid, end = None, False
+            try:
+                toks = pb_utils.get_input_tensor_by_name(r, self.tokens_name).as_numpy().reshape(-1)
+                corrid = _scalar(r, "CORRID")
+                start, end = bool(_scalar(r, "START")), bool(_scalar(r, "END"))
+                if toks.size == 0:
+                    raise RuntimeUserError("tokens is empty")
+                if toks.min() < 0 or toks.max() >= self.vocab:  # checked here: one bad request must not fail a batch
+                    bad = int(toks[(toks < 0) | (toks >= self.vocab)][0])
+                    raise RuntimeUserError(f"token id {bad} is outside [0, {self.vocab})")
+                if start:
+                    state = self.session.new_state(1)
+                elif corrid in self.states:
+                    state = self.states[corrid][0]
+                else:
+                    raise RuntimeUserError(f"sequence {corrid} has no state here: start it with sequence_start "
+                                           "(or it was idle longer than max_sequence_idle_microseconds)")
+                if toks.size == 1:
+                    steps.append((i, corrid, toks.astype(np.int64), state, end))
+                    continue
+                logits, state = self.session.prefill(toks.astype(np.int64)[None], state)
+                replies[i] = self._finish(corrid, logits, state, end, now)
+            except RuntimeUserError as e:
+                if end:  # Triton closes the sequence anyway: do not keep its state
+                    self.states.pop(corrid, None)
+                replies[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+        if steps:
+            try:
+                joined = State.concat([s for _, _, _, s, _ in steps]) if len(steps) > 1 else steps[0][3]
+                logits, new = self.session.step(np.concatenate([t for _, _, t, _, _ in steps]), joined)
+                for j, (i, corrid, _, _, end) in enumerate(steps):
+                    st = new.select([j]) if len(steps) > 1 else new
+                    replies[i] = self._finish(corrid, logits[j:j + 1], st, end, now)
+            except RuntimeUserError as e:
+                for i, corrid, _, _, end in steps:
+                    if end:
+                        self.states.pop(corrid, None)
+                    replies[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+        return replies
+
+    def _finish(self, corrid, logits, state, end, now):
+        if end:
+            self.states.pop(corrid, None)
+        else:
+            self.states[corrid] = [state, now]
+        out = pb_utils.Tensor(self.logits_name, np.ascontiguousarray(logits, dtype=np.float32))
+        return pb_utils.InferenceResponse(output_tensors=[out])
+
+    def finalize(self):
+        self.states.clear()
