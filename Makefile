@@ -55,7 +55,13 @@ bench: $(BIN)/.installed
 	    build/rwkv4-169m-int8.onnx build/rwkv4-169m-int4.onnx --low-memory --threads 2 --json build/bench.json
 	$(BIN)/rwkv-export bench build/rwkv4-169m.onnx --threads 2 --batch 1,4
 
+## bench-scale: billion-parameter RWKV-7 shapes (export/load memory, disk, decode vs ceiling); heavy, not in CI
+bench-scale: $(BIN)/.installed
+	mkdir -p build
+	$(BIN)/python scripts/bench_scale.py --shapes 0.4b,1.5b --precisions fp32 --dir build/scale --json build/bench-scale.json
+	$(BIN)/python scripts/bench_scale.py --shapes 0.4b --precisions fp16,int8 --dir build/scale --json build/bench-scale-low.json
+
 clean:
 	rm -rf build
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench bench-scale clean
