@@ -208,3 +208,18 @@ def elide_identities(g: GraphBuilder):
         for i, name in enumerate(n.output):
             n.output[i] = rename.get(name, name)
     g.nodes[:] = keep
+
+
+def embedding_and_head(w: dict, cfg: dict) -> dict:
+    """The weights every version's graph reads alike, as ``export_weights`` returns them: the
+    embedding with ln0 folded in (one LayerNorm less per token), ln_out, and the head [in, out]."""
+    import torch.nn.functional as F
+
+    def np32(t):
+        return np.ascontiguousarray(t.detach().float().cpu().numpy())
+
+    C = cfg["n_embd"]
+    emb = F.layer_norm(w["emb.weight"].float(), (C,), w["blocks.0.ln0.weight"].float(),
+                       w["blocks.0.ln0.bias"].float(), eps=cfg.get("ln_eps", LN_EPS))
+    return {"emb": np32(emb), "ln_out.weight": np32(w["ln_out.weight"]), "ln_out.bias": np32(w["ln_out.bias"]),
+            "head": np32(w["head.weight"]).T}

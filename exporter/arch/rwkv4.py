@@ -15,14 +15,13 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rwkv_runtime.manifest import BATCH, StateSpec
 
 from ..onnx_graph import GraphBuilder
 from . import ArchSpec, keys
-from .graph import LN_EPS, Graph, GraphOptions, wkv_node
+from .graph import LN_EPS, Graph, GraphOptions, embedding_and_head, wkv_node
 
 VERSION = "rwkv4"
 PP_INIT = -1e30
@@ -258,10 +257,7 @@ def export_weights(w: dict, cfg: dict) -> dict:
     """Weights in the form the graph uses: ln0 folded into the embedding, w = -exp(time_decay)
     computed once in float32, mixing vectors flattened, matrices transposed to [in, out]."""
     C, A = cfg["n_embd"], cfg.get("dim_att", cfg["n_embd"])
-    emb = F.layer_norm(w["emb.weight"].float(), (C,), w["blocks.0.ln0.weight"].float(),
-                       w["blocks.0.ln0.bias"].float(), eps=cfg.get("ln_eps", LN_EPS))
-    out = {"emb": _np(emb), "ln_out.weight": _np(w["ln_out.weight"]), "ln_out.bias": _np(w["ln_out.bias"]),
-           "head": _np(w["head.weight"]).T}
+    out = embedding_and_head(w, cfg)
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
         for n in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"):

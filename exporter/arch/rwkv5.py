@@ -31,7 +31,6 @@ The group norm, gate and output projection stay outside the op.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,7 +39,7 @@ from ..errors import CheckpointError
 from ..onnx_graph import GraphBuilder
 from . import ArchSpec, keys
 from . import headwise as hw
-from .graph import LN_EPS, Graph, GraphOptions
+from .graph import Graph, GraphOptions, embedding_and_head
 
 VERSION = "rwkv5"
 WKV_DOC = "WKV state S[b,h,i,j]: i over keys, j over values (BlinkDL's RWKV-5 layout)"
@@ -177,10 +176,7 @@ def export_weights(w: dict, cfg: dict) -> dict:
     u computed once in float32 as [H,N], mixing vectors flat (with 1 - mix, BlinkDL's form), ln_x
     as [H,N], matrices transposed to [in, out]."""
     C, H, N = cfg["n_embd"], cfg["n_head"], cfg["head_size"]
-    emb = F.layer_norm(w["emb.weight"].float(), (C,), w["blocks.0.ln0.weight"].float(),
-                       w["blocks.0.ln0.bias"].float(), eps=LN_EPS)
-    out = {"emb": hw.np32(emb), "ln_out.weight": hw.np32(w["ln_out.weight"]),
-           "ln_out.bias": hw.np32(w["ln_out.bias"]), "head": hw.np32(w["head.weight"]).T}
+    out = embedding_and_head(w, cfg)
     hd = (H, N) if cfg["per_channel_decay"] else (H, 1)
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."

@@ -39,7 +39,7 @@ from ..errors import CheckpointError
 from ..onnx_graph import GraphBuilder
 from . import ArchSpec, keys
 from . import headwise as hw
-from .graph import LN_EPS, Graph, GraphOptions
+from .graph import Graph, GraphOptions, embedding_and_head
 
 VERSION = "rwkv6"
 WKV_DOC = "WKV state S[b,h,i,j]: i over keys, j over values (BlinkDL's RWKV-6 layout)"
@@ -171,10 +171,7 @@ def export_weights(w: dict, cfg: dict) -> dict:
     time_decay flat, ln_x as [H,N], LoRA matrices as they are ([in, out]; time_maa_w2 [5,D,C]),
     the other matrices transposed to [in, out]."""
     C, H, N = cfg["n_embd"], cfg["n_head"], cfg["head_size"]
-    emb = F.layer_norm(w["emb.weight"].float(), (C,), w["blocks.0.ln0.weight"].float(),
-                       w["blocks.0.ln0.bias"].float(), eps=LN_EPS)
-    out = {"emb": hw.np32(emb), "ln_out.weight": hw.np32(w["ln_out.weight"]),
-           "ln_out.bias": hw.np32(w["ln_out.bias"]), "head": hw.np32(w["head.weight"]).T}
+    out = embedding_and_head(w, cfg)
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
         for n in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "att.time_maa_w1", "att.time_maa_w2",

@@ -46,7 +46,7 @@ from ..errors import CheckpointError
 from ..onnx_graph import GraphBuilder
 from . import ArchSpec, keys
 from . import headwise as hw
-from .graph import LN_EPS, Graph, GraphOptions
+from .graph import Graph, GraphOptions, embedding_and_head
 
 VERSION = "rwkv7"
 WKV_DOC = "WKV state S[b,h,i,j]: i over values, j over keys (BlinkDL's RWKV-7 layout)"
@@ -206,10 +206,7 @@ def export_weights(w: dict, cfg: dict) -> dict:
     as [H,N], LoRA matrices as they are ([in, out]), the other matrices transposed to [in, out].
     Layer 0's unused v0/v1/v2 are dropped."""
     C, H, N = cfg["n_embd"], cfg["n_head"], cfg["head_size"]
-    emb = F.layer_norm(w["emb.weight"].float(), (C,), w["blocks.0.ln0.weight"].float(),
-                       w["blocks.0.ln0.bias"].float(), eps=LN_EPS)
-    out = {"emb": hw.np32(emb), "ln_out.weight": hw.np32(w["ln_out.weight"]),
-           "ln_out.bias": hw.np32(w["ln_out.bias"]), "head": hw.np32(w["head.weight"]).T}
+    out = embedding_and_head(w, cfg)
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
         lora = ["w", "a", "g"] + (["v"] if i > 0 else [])
