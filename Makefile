@@ -44,7 +44,8 @@ js/node_modules/.package-lock.json: js/package-lock.json
 	cd js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error \
 	    || echo "warning: npm ci failed in js/ (tests/edge will skip)"
 
-## bench: decode/prefill speed and memory against BlinkDL's rwkv package, RWKV-4-169M-shaped model
+## bench: decode/prefill speed as a fraction of the same-run ceiling, next to BlinkDL's rwkv (and rwkv.cpp: RWKVCPP=path),
+##        and session memory; RWKV-4-169M-shaped model
 bench: $(BIN)/.installed
 	mkdir -p build
 	$(BIN)/python scripts/make_169m.py -o build/rwkv4-169m-random.pth
@@ -52,8 +53,9 @@ bench: $(BIN)/.installed
 	$(BIN)/rwkv-export export build/rwkv4-169m-random.pth -o build/rwkv4-169m-int8.onnx --tokenizer none --external-data -q --quantize int8
 	$(BIN)/rwkv-export export build/rwkv4-169m-random.pth -o build/rwkv4-169m-int4.onnx --tokenizer none --external-data -q --quantize int4
 	$(BIN)/python scripts/bench_vs_blinkdl.py build/rwkv4-169m-random.pth build/rwkv4-169m.onnx \
-	    build/rwkv4-169m-int8.onnx build/rwkv4-169m-int4.onnx --low-memory --threads 2 --json build/bench.json
-	$(BIN)/rwkv-export bench build/rwkv4-169m.onnx --threads 2 --batch 1,4
+	    build/rwkv4-169m-int8.onnx build/rwkv4-169m-int4.onnx --threads 2 --rounds 3 --batches 1,4,16,32 \
+	    $(if $(RWKVCPP),--rwkvcpp $(RWKVCPP)) --json build/bench.json
+	$(BIN)/python scripts/bench_memory.py build/rwkv4-169m.onnx build/rwkv4-169m-int8.onnx build/rwkv4-169m-int4.onnx
 
 ## bench-scale: billion-parameter RWKV-7 shapes (export/load memory, disk, decode vs ceiling); heavy, not in CI
 bench-scale: $(BIN)/.installed
