@@ -24,7 +24,7 @@ and offsets, the state-set pool alternating between two addresses in a step loop
 out a held set, and a CUDA graph captured with cuda.core's GraphBuilder (pinned copy in, device copy,
 pinned copy out) replayed with new data.
 Prints tables and exits 1 if anything fails (2 if it cannot run at all).
-With TensorRT installed: tests/test_tensorrt.py's real-engine tests (plain and plugin mode, CUDA graphs on
+With TensorRT installed: tests/tensorrt/test_tensorrt.py's real-engine tests (plain and plugin mode, CUDA graphs on
 and off, against BlinkDL's logits and onnxruntime); set TENSORRT_INCLUDE_DIR so the plugin is built too.
 """
 from __future__ import annotations
@@ -322,12 +322,12 @@ def cuda_core_section(rng) -> int:
 
 def real_tensorrt_section(plugin=None) -> int:
     """With TensorRT installed: the real engines (plain and plugin mode, with and without CUDA graphs)
-    against BlinkDL's logits and onnxruntime -- tests/test_tensorrt.py's device tests."""
+    against BlinkDL's logits and onnxruntime -- tests/tensorrt/test_tensorrt.py's device tests."""
     if importlib.util.find_spec("tensorrt") is None:
         print("\n(real TensorRT engines skipped: tensorrt is not installed)")
         return 0
-    print("\nreal TensorRT engines (pytest tests/test_tensorrt.py -k 'blinkdl or batch_3'):")
-    r = subprocess.run([sys.executable, "-m", "pytest", str(REPO / "tests" / "test_tensorrt.py"), "-q", "-rs",
+    print("\nreal TensorRT engines (pytest tests/tensorrt/test_tensorrt.py -k 'blinkdl or batch_3'):")
+    r = subprocess.run([sys.executable, "-m", "pytest", str(REPO / "tests" / "tensorrt" / "test_tensorrt.py"), "-q", "-rs",
                         "-p", "no:cacheprovider", "-k", "blinkdl or batch_3"], cwd=REPO, capture_output=True,
                        text=True, timeout=900, env={**os.environ, **({"RWKV_TRT_PLUGIN": str(plugin)} if plugin else {})})
     print((r.stdout + r.stderr)[-3000:])

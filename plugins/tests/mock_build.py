@@ -1,6 +1,6 @@
 """Builds the TensorRT-free test harness: librwkv_trt_plugins.so (CMake), the stand-in
 libnvinfer.so.<major> (mock_nvinfer.cpp) and the C++ driver (mock_trt_check.cpp). Used by
-tests/test_plugins.py and gpu_check.py. Needs TensorRT headers, nvcc, cmake and a C++ compiler."""
+tests/tensorrt/test_plugins.py and gpu_check.py. Needs TensorRT headers, nvcc, cmake and a C++ compiler."""
 from __future__ import annotations
 
 import os

@@ -1,5 +1,5 @@
 """numpy reference of the RWKV-4 WKV operator and realistic random inputs; shared by
-tests/test_plugins.py and plugins/tests/gpu_check.py (no torch, no TensorRT)."""
+tests/tensorrt/test_plugins.py and plugins/tests/gpu_check.py (no torch, no TensorRT)."""
 from __future__ import annotations
 
 import ctypes

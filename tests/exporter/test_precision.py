@@ -8,8 +8,8 @@ import rwkv_runtime
 from rwkv_export.export import ExportOptions, export, load_manifest
 from rwkv_export.quality import compare_to_reference
 
-from .conftest import ref_model
-from .helpers import step_all
+from ..conftest import ref_model
+from ..helpers import step_all
 
 MODELS = ["tiny-rwkv-4v0-660K", "tiny-rwkv-5v2-730K", "tiny-rwkv-6v0-1m", "tiny-rwkv-7v0-834K"]
 PROMPT = b"The structure of an atom is"
@@ -84,7 +84,7 @@ def test_fp16_rwkv4_long_rollout_stays_finite(tmp_path):
 def test_official_rescaling_barely_changes_fp32_results(tmp_path):
     """Halving every 6 layers is exact except through LayerNorm's eps (the official scheme has the
     same property): in float32 the logits move by far less than float16's own rounding."""
-    from .helpers import random_rwkv4
+    from ..helpers import random_rwkv4
 
     path = random_rwkv4(tmp_path / "r.pth", n_embd=64, n_layer=12, ffn=128, vocab=100, seed=1)
     a = rwkv_runtime.Session(export(path, tmp_path / "a.onnx", ExportOptions(graphs=("step",)))[0])

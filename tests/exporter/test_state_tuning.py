@@ -8,8 +8,8 @@ from rwkv_export.checkpoint import load_checkpoint
 from rwkv_export.export import ExportOptions, export, state_tuning_to_npz
 from rwkv_export.arch import rwkv6
 
-from .conftest import ref_model
-from .helpers import step_all
+from ..conftest import ref_model
+from ..helpers import step_all
 
 PROMPT = b"Describe"
 

@@ -8,8 +8,8 @@ import pytest
 import rwkv_runtime
 from rwkv_export.export import ExportOptions, export, load_manifest
 
-from .conftest import PROMPTS, ref_logits
-from .helpers import blinkdl_logits, random_rwkv4, step_all
+from ..conftest import PROMPTS, ref_logits
+from ..helpers import blinkdl_logits, random_rwkv4, step_all
 
 NAME = "tiny-rwkv-4v0-660K"
 

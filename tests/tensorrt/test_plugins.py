@@ -24,7 +24,7 @@ import pytest
 
 from rwkv_export import trt_plugin as tp
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PLUGIN_TESTS = REPO / "plugins" / "tests"
 sys.path.insert(0, str(PLUGIN_TESTS))
 import mock_build  # noqa: E402

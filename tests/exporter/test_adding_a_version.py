@@ -1,4 +1,4 @@
-"""docs/adding-a-version.md, followed: a version written as one module (tests/toy_version.py) and one
+"""docs/adding-a-version.md, followed: a version written as one module (tests/exporter/toy_version.py) and one
 registry entry exports, runs in ONNX Runtime and matches its own reference, with no other file touched."""
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import torch
 from rwkv_export import arch
 from rwkv_export.checkpoint import load_checkpoint
 from rwkv_export.export import ExportOptions, export, load_manifest, sequence_path
-from tests import toy_version
+from tests.exporter import toy_version
 
 
 @pytest.fixture
 def toy_registered(monkeypatch):
-    monkeypatch.setattr(arch, "REGISTRY", ("tests.toy_version",) + arch.REGISTRY)
+    monkeypatch.setattr(arch, "REGISTRY", ("tests.exporter.toy_version",) + arch.REGISTRY)
 
 
 def _run_steps(path, tokens):

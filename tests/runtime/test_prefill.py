@@ -5,7 +5,7 @@ import pytest
 import rwkv_runtime
 from rwkv_runtime import BatchGenerator, SamplingParams
 
-from .helpers import step_all
+from ..helpers import step_all
 
 RNG = np.random.default_rng(1234)
 TOKENS = RNG.integers(0, 256, size=512).tolist()

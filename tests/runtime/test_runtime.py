@@ -10,8 +10,8 @@ import rwkv_runtime
 from rwkv_runtime import RuntimeUserError, SamplingParams
 from rwkv_runtime.sampling import Sampler, sample_probs
 
-from .conftest import PROMPTS, ref_logits
-from .helpers import step_all
+from ..conftest import PROMPTS, ref_logits
+from ..helpers import step_all
 
 NAME = "tiny-rwkv-4v0-660K"
 
@@ -154,7 +154,7 @@ def test_world_tokenizer_vector():
 
 
 def test_hf_tokenizer_json_travels_in_the_model(rwkv4_ref, tmp_path):
-    from .conftest import SHARED
+    from ..conftest import SHARED
 
     tok = SHARED / "reference" / "tokenizers" / "20B_tokenizer.json"
     if not tok.is_file():

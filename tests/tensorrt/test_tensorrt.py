@@ -29,8 +29,8 @@ from rwkv_runtime import trt_backend as tb
 from rwkv_runtime.tensorrt import loader as trt_loader
 from rwkv_runtime.manifest import Manifest, StateSpec, encode_state
 
-from .conftest import PROMPTS, ref_logits
-from .helpers import step_all
+from ..conftest import PROMPTS, ref_logits
+from ..helpers import step_all
 
 NAME = "tiny-rwkv-4v0-660K"
 _REAL_IMPORT_CUDA_CORE = trt_loader.import_cuda_core

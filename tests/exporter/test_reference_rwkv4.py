@@ -6,8 +6,8 @@ import torch
 from rwkv_export.arch import rwkv4
 from rwkv_export.checkpoint import load_checkpoint
 
-from .conftest import PROMPTS, ref_logits
-from .helpers import blinkdl_logits, random_rwkv4
+from ..conftest import PROMPTS, ref_logits
+from ..helpers import blinkdl_logits, random_rwkv4
 
 
 @pytest.fixture(scope="module")

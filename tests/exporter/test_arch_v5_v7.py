@@ -19,9 +19,8 @@ from rwkv_export.checkpoint import load_checkpoint
 from rwkv_export.errors import CheckpointError
 from rwkv_export.export import ExportOptions, export, load_manifest, sequence_path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REF = SHARED / "reference" / "models"
-PROMPTS = {"in": b'"in', "atom": b"Describe the structure of an atom."}
+from ..conftest import PROMPTS, REF, ref_logits
+from ..conftest import ref_model as ref_path
 REFERENCE = {  # reference model -> (version detected from its keys, the ArchSpec's name)
     "tiny-rwkv-5v1-730K": ("rwkv5", "RWKV-5"),
     "tiny-rwkv-5v2-730K": ("rwkv5.2", "RWKV-5"),
@@ -43,17 +42,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def ref_path(name: str) -> Path:
-    p = REF / f"{name}.pth"
-    if not p.is_file():
-        pytest.skip(f"reference model {p} not available (../shared/reference is absent)")
-    return p
-
-
-def ref_logits(name: str, prompt: str) -> np.ndarray:
-    return np.load(REF / f"{name}.blinkdl-logits-{prompt}.npy")
 
 
 def module(version: str):

@@ -1,5 +1,5 @@
 """A test-only RWKV "version", written by following docs/adding-a-version.md: one module and one
-registry entry (tests/test_adding_a_version.py puts ``tests.toy_version`` into ``arch.REGISTRY``).
+registry entry (tests/exporter/test_adding_a_version.py puts ``tests.exporter.toy_version`` into ``arch.REGISTRY``).
 
 The toy is RWKV without time mixing: per block only the channel mix (token shift, relu^2 key,
 sigmoid receptance), so it has a recurrent state (``ffn_shift``) but no WKV op. Keys: emb.weight,

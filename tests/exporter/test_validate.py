@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from rwkv_export.cli import main
 
 POLYGRAPHY = str(Path(sys.executable).with_name("polygraphy"))
-DATA_LOADER = Path(__file__).resolve().parents[1] / "deploy_examples" / "polygraphy_data_loader.py"
+DATA_LOADER = Path(__file__).resolve().parents[2] / "deploy_examples" / "polygraphy_data_loader.py"
 STEPS = "16"
 
 
@@ -135,7 +135,7 @@ def test_data_loader_script_gives_polygraphy_real_states(rwkv4_exports, tmp_path
 
 
 def test_user_errors_are_one_line(rwkv4_exports, tmp_path):
-    from .conftest import ref_model
+    from ..conftest import ref_model
 
     rwkv6 = ref_model("tiny-rwkv-6v0-1m")
     res = validate(rwkv4_exports["plain"], "--reference", rwkv6)
