@@ -249,7 +249,6 @@ class Session:
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise RuntimeUserError(f"max_new_tokens must be an integer >= 0, not {max_new_tokens!r}")
         logits, st = self.prefill(np.asarray([ids]), state)
-        self.last_state = st
         if holder is not None:
             holder.state = st
         for _ in range(int(max_new_tokens)):
@@ -258,7 +257,6 @@ class Session:
                 return
             yield tok
             logits, st = self.step(np.array([tok]), st)
-            self.last_state = st
             if holder is not None:
                 holder.state = st
 
