@@ -454,7 +454,7 @@ def _sidecar(trt, g: _Graph, opts: EngineOptions, plugins: list, shapes: dict, p
 def build_engine_command(model, out, max_batch, opt_batch, max_seq, opt_seq, plugins, timing_cache, workspace_mb,
                          opt_level, tf32, companions, quiet):
     """Build TensorRT engine(s) from an exported MODEL.onnx (strongly typed: precision from the ONNX)."""
-    from .cli import run_user_errors
+    from .errors import run_user_errors
 
     opts = EngineOptions(max_batch=max_batch, opt_batch=opt_batch, max_seq=max_seq, opt_seq=opt_seq,
                          plugins=tuple(plugins), timing_cache=timing_cache, workspace_mb=workspace_mb,

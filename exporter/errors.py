@@ -1,4 +1,14 @@
-"""Errors a user can cause while exporting; the CLI prints them as one line and exits non-zero."""
+"""Errors a user can cause while exporting, and the one wrapper that turns them into one CLI line.
+
+Every command module (cli.py, validate.py, engine.py, triton_cli.py, ...) takes ``user_errors`` from here,
+so no command module imports another."""
+from __future__ import annotations
+
+import functools
+import os
+
+import click
+
 from rwkv_runtime.errors import RuntimeUserError
 
 
@@ -12,3 +22,42 @@ class CheckpointError(ExportError):
 
 class UnsupportedArchitecture(ExportError):
     """The checkpoint is recognised, but its RWKV version is not supported by this exporter yet."""
+
+
+class Interrupted(click.ClickException):
+    exit_code = 130  # the shell's code for SIGINT
+
+
+def user_errors(fn):
+    """Turn the project's user errors (and OS ones) into one clean line + exit status 1.
+
+    Anything else is a bug: still one line (no traceback; RWKV_EXPORT_DEBUG=1 shows it), exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except RuntimeUserError as e:
+            raise click.ClickException(str(e)) from None
+        except OSError as e:
+            where = e.filename if e.filename is not None else "I/O"
+            raise click.ClickException(f"{where}: {e.strerror or type(e).__name__}") from None
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted") from None
+        except (MemoryError, RecursionError) as e:
+            raise click.ClickException(f"out of memory or nesting too deep ({type(e).__name__})") from None
+        except Exception as e:  # EOFError included: click would print a bare "Aborted!" for it
+            if os.environ.get("RWKV_EXPORT_DEBUG"):
+                raise
+            msg = str(e).splitlines()[0][:200] if str(e) else ""
+            raise click.ClickException(f"internal error ({type(e).__name__}: {msg}); "
+                                       "please report it (RWKV_EXPORT_DEBUG=1 shows the traceback)") from None
+
+    return wrapper
+
+
+def run_user_errors(fn):
+    """Call ``fn()`` with the same one-line treatment of user errors as the decorated commands."""
+    return user_errors(fn)()

@@ -728,7 +728,7 @@ def validate_command(model, reference, backend, graph, steps, prompt, tokens, at
 
     Exits 1 when the export is wrong, naming the first step that broke tolerance.
     """
-    from .cli import user_errors
+    from .errors import user_errors
 
     run = user_errors(lambda: validate(model, reference, backend, graph, steps, prompt, tokens, atol, rtol, chunk,
                                        save_inputs, save_outputs, plugins, onnx_path, echo=click.echo))
