@@ -26,7 +26,7 @@ from pathlib import Path
 
 import click
 
-from rwkv_runtime.manifest import INITIAL_STATE_KEY, MANIFEST_KEY, TOKENIZER_KEY, Manifest
+from rwkv_runtime.manifest import INITIAL_STATE_KEY, Manifest
 from rwkv_runtime.artifact import ENGINE_SUFFIXES, SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
 from rwkv_runtime.tensorrt.loader import import_tensorrt, load_plugin_library, trt_logger
 
@@ -74,17 +74,16 @@ class _Graph:
 def _read_onnx(path: Path):
     """Manifest, tokenizer JSON, initial state and custom nodes of an export (weights not loaded)."""
     import onnx
+    from rwkv_runtime.artifact import open_artifact
 
     if not path.is_file():
         raise EngineBuildError(f"{path}: no such file")
+    art = open_artifact(path)  # the one artifact reader: the manifest validated against its schema
     try:
-        m = onnx.load(str(path), load_external_data=False)
+        m = onnx.load(str(path), load_external_data=False)  # the nodes, for the custom ops
     except Exception as e:  # noqa: BLE001 - protobuf DecodeError and friends
         raise EngineBuildError(f"{path}: not an ONNX model ({type(e).__name__})") from None
-    props = {p.key: p.value for p in m.metadata_props}
-    if MANIFEST_KEY not in props:
-        raise EngineBuildError(f"{path}: an ONNX model without an rwkv manifest (not exported by rwkv-export)")
-    man = Manifest.from_json(props[MANIFEST_KEY])
+    man, props = art.manifest, art.props
     ops = set()
     for n in m.graph.node:
         if n.domain in STANDARD_DOMAINS:
@@ -93,7 +92,7 @@ def _read_onnx(path: Path):
         dec = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in attrs.items()
                if k in ("plugin_version", "plugin_namespace")}
         ops.add((n.op_type, dec.get("plugin_version", "1"), dec.get("plugin_namespace", n.domain)))
-    return man, props.get(TOKENIZER_KEY), props.get(INITIAL_STATE_KEY), sorted(ops)
+    return man, art.tokenizer_json, props.get(INITIAL_STATE_KEY), sorted(ops)
 
 
 def _companion_engine(out: Path, primary: str, kind: str) -> Path:

@@ -350,24 +350,10 @@ def state_tuning_to_npz(checkpoint, tuning, out) -> Path:
 
 
 def load_manifest(path) -> Manifest:
-    """Read the manifest of an exported model without loading its weights (the runtime's reader)."""
-    try:
-        from rwkv_runtime.artifact import read_manifest
-    except ImportError:  # an older runtime without the artifact reader
-        read_manifest = None
-    if read_manifest is not None:
-        return read_manifest(path)[0]
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: no such file")
-    try:
-        m = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf DecodeError and friends
-        raise ExportError(f"{path}: not an ONNX model ({type(e).__name__})") from None
-    props = {p.key: p.value for p in m.metadata_props}
-    if MANIFEST_KEY not in props:
-        raise ExportError(f"{path}: an ONNX model without an rwkv manifest (not exported by rwkv-export)")
-    return Manifest.from_json(props[MANIFEST_KEY])
+    """Read the manifest of an exported model without loading its weights (the runtime's one reader)."""
+    from rwkv_runtime.artifact import read_manifest
+
+    return read_manifest(path)[0]
 
 
 def reference_model(checkpoint):

@@ -70,13 +70,6 @@ class Target:
         return self.path.suffix in ENGINE_SUFFIXES
 
 
-def _metadata(onnx_path: Path) -> dict:
-    import onnx
-
-    m = onnx.load(str(onnx_path), load_external_data=False)
-    return {p.key: p.value for p in m.metadata_props}
-
-
 def load_target(model, graph: str | None = None, onnx_path=None) -> Target:
     """Resolve MODEL (+ ``--graph``, + ``--onnx`` for engines) and read its manifest."""
     path = Path(model)
@@ -96,12 +89,10 @@ def load_target(model, graph: str | None = None, onnx_path=None) -> Target:
 
 
 def _read_onnx(path: Path, _onnx_path=None) -> Target:
-    from rwkv_runtime.manifest import INITIAL_STATE_KEY, decode_state
-    from rwkv_runtime.session import read_manifest
+    from rwkv_runtime.artifact import open_artifact
 
-    manifest, tok = read_manifest(path)
-    initial = decode_state(_metadata(path).get(INITIAL_STATE_KEY, "")) if manifest.initial_state == "embedded" else {}
-    return Target(path, path, manifest, tok, initial)
+    art = open_artifact(path)  # the runtime's one reader: manifest, tokenizer, initial state, validated
+    return Target(path, path, art.manifest, art.tokenizer_json, art.initial_state())
 
 
 def _read_engine(path: Path, onnx_path=None) -> Target:
@@ -109,15 +100,12 @@ def _read_engine(path: Path, onnx_path=None) -> Target:
     ``build-engine`` writes (with the plugin libraries it was built with), or from ``--onnx``, the
     ONNX file it was built from (default: beside it)."""
     if onnx_path is None:
-        try:
-            from rwkv_runtime.trt_backend import (read_engine_initial_state, read_engine_manifest, read_sidecar,
-                                                  sidecar_path)
-        except ImportError:  # a runtime without engine support
-            sidecar_path = None
-        if sidecar_path is not None and sidecar_path(path).is_file():
-            manifest, tok = read_engine_manifest(path)
-            recorded = [str(p.get("path")) for p in read_sidecar(path).get("plugins", []) if isinstance(p, dict)]
-            return Target(path, sidecar_path(path), manifest, tok, read_engine_initial_state(path),
+        from rwkv_runtime.artifact import open_artifact, sidecar_path
+
+        if sidecar_path(path).is_file():
+            art = open_artifact(path)  # the runtime's one reader (the sidecar, validated)
+            recorded = [str(p.get("path")) for p in art.props.get("plugins", []) if isinstance(p, dict)]
+            return Target(path, sidecar_path(path), art.manifest, art.tokenizer_json, art.initial_state(),
                           [p for p in recorded if Path(p).is_file()])
     src = Path(onnx_path) if onnx_path else path.with_suffix(".onnx")
     if not src.is_file():

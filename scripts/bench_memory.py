@@ -56,6 +56,43 @@ print(json.dumps({"base_mb": base, "load_s": load_s, "loaded_mb": loaded, "end_m
                   "prefill_tps": pre, "peak_prefill_mb": peak_rss_mb()}))
 """
 
+# rwkv.cpp on the same checkpoint, measured the same way (its Python wrapper over librwkv.so): the
+# peer for "weights held once" (issue 11 item 9); given with --rwkvcpp ROOT --rwkvcpp-model FILE
+CHILD_RWKVCPP = r"""
+import json, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1] + "/python")
+from rwkv_cpp import rwkv_cpp_model, rwkv_cpp_shared_library
+from rwkv_runtime.bench import peak_rss_mb
+
+def rss_now():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+root, lib_path, path, threads, steps, plen = sys.argv[1:4] + [int(x) for x in sys.argv[4:7]]
+lib = rwkv_cpp_shared_library.RWKVSharedLibrary(lib_path)
+base = rss_now()
+t0 = time.perf_counter()
+m = rwkv_cpp_model.RWKVModel(lib, path, thread_count=threads)
+load_s = time.perf_counter() - t0
+loaded = rss_now()
+ids = np.random.default_rng(0).integers(0, m.n_vocab, size=max(steps + 4, plen)).tolist()
+logits, st_a = m.eval(ids[0], None, use_numpy=True)
+st_b = st_a.copy()  # two state buffers, ping-pong (as rwkv.cpp's own examples)
+for i, t in enumerate(ids[1:4 + steps], start=1):
+    if i == 4:  # three warm-up tokens, then the timed ones
+        t0 = time.perf_counter()
+    m.eval(t, st_a, st_b, logits, use_numpy=True)
+    st_a, st_b = st_b, st_a
+dec = steps / (time.perf_counter() - t0)
+peak_dec = peak_rss_mb()
+t0 = time.perf_counter()
+m.eval_sequence_in_chunks(ids[:plen], None, chunk_size=min(plen, 128), use_numpy=True)
+pre = plen / (time.perf_counter() - t0)
+print(json.dumps({"base_mb": base, "load_s": load_s, "loaded_mb": loaded, "end_mb": rss_now(), "decode_tps": dec,
+                  "peak_decode_mb": peak_dec, "prefill_tps": pre, "peak_prefill_mb": peak_rss_mb()}))
+"""
+
 
 def weights_mb(path: Path) -> float:
     """The step graph's file plus its external data (the exporter names it MODEL.onnx.data)."""
@@ -73,6 +110,9 @@ def main():
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (medians are reported)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--rwkvcpp", type=Path, help="an rwkv.cpp checkout with build/librwkv.so (docs/benchmarks.md)")
+    ap.add_argument("--rwkvcpp-model", type=Path, action="append", default=[],
+                    help="an rwkv.cpp model file (FP32/Q8_0/Q4_0 of the same checkpoint); repeatable")
     a = ap.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads; python {platform.python_version()}")
     rows = []
@@ -87,6 +127,16 @@ def main():
                 d = json.loads(out.stdout.strip().splitlines()[-1])
                 d.update(model=m.name, mode=mode, round=r, weights_mb=weights_mb(m))
                 rows.append(d)
+        for m in a.rwkvcpp_model if a.rwkvcpp else []:
+            out = subprocess.run([sys.executable, "-c", CHILD_RWKVCPP, str(a.rwkvcpp), str(a.rwkvcpp / "build" / "librwkv.so"),
+                                  str(m), str(a.threads), str(a.steps), str(a.prefill)],
+                                 capture_output=True, text=True, timeout=900)
+            if out.returncode:
+                print(f"{m.name} rwkv.cpp: failed: {out.stderr.strip().splitlines()[-1:]}")
+                continue
+            d = json.loads(out.stdout.strip().splitlines()[-1])
+            d.update(model=m.name[-24:], mode="rwkv.cpp", round=r, weights_mb=m.stat().st_size / 2**20)
+            rows.append(d)
     print(f"{'model':<16}{'mode':<12}{'weights MB':>11}{'base MB':>9}{'loaded x w':>11}{'peak dec MB':>12}{'x w':>6}"
           f"{'peak pre MB':>12}{'x w':>6}{'end x w':>8}{'dec tok/s':>10}{'pre tok/s':>10}")
     for d in rows:
