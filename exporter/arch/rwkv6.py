@@ -30,6 +30,8 @@ The data-dependent decay, group norm, gate and output projection stay outside th
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -88,14 +90,9 @@ def expected_shapes(cfg: dict) -> dict:
     return s
 
 
-def state_layout(cfg: dict) -> list:
-    return hw.state_layout(cfg, WKV_DOC)
-
-
-def load_state_tuning(path_or_dict, cfg: dict) -> dict:
-    """State tuning: ``blocks.N.att.time_state`` ([H, N(value), N(key)] as trained; BlinkDL's package
-    transposes it) -> {"state.N.wkv": [1,H,N,N]} in this module's key-major layout."""
-    return hw.load_state_tuning(path_or_dict, cfg, transpose=True)
+# the shared head-wise state layout and time_state loader, in this version's WKV index order
+state_layout = functools.partial(hw.state_layout, wkv_doc=WKV_DOC)
+load_state_tuning = functools.partial(hw.load_state_tuning, transpose=True)
 
 
 # ---------------------------------------------------------------------------------------------

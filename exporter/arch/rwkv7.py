@@ -37,6 +37,8 @@ The group norm, the r_k bonus term, gate and output projection stay outside the 
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -99,14 +101,9 @@ def expected_shapes(cfg: dict) -> dict:
     return s
 
 
-def state_layout(cfg: dict) -> list:
-    return hw.state_layout(cfg, WKV_DOC)
-
-
-def load_state_tuning(path_or_dict, cfg: dict) -> dict:
-    """State tuning: ``blocks.N.att.time_state`` ([H, N(value), N(key)], the training kernels'
-    layout, which is already this module's) -> {"state.N.wkv": [1,H,N,N]}."""
-    return hw.load_state_tuning(path_or_dict, cfg, transpose=False)
+# the shared head-wise state layout and time_state loader, in this version's WKV index order
+state_layout = functools.partial(hw.state_layout, wkv_doc=WKV_DOC)
+load_state_tuning = functools.partial(hw.load_state_tuning, transpose=False)
 
 
 # ---------------------------------------------------------------------------------------------
