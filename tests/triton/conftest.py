@@ -1,16 +1,28 @@
 """Exports shared by the Triton tests: RWKV-4 (pp = -1e30), RWKV-7 ([H, N, N] states), a state-tuned RWKV-6."""
 from __future__ import annotations
 
+import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from ..conftest import REPO, ref_model
 
-sys.path.insert(0, str(REPO / "deploy_examples"))  # triton_client
-sys.path.insert(0, str(REPO / "deploy_examples" / "triton"))  # local_server
+
+
+def _load_example(name: str, path):
+    """Import a deploy_examples script by path. (Putting deploy_examples/ on sys.path would make its
+    triton/ folder importable as `triton`, which torch and transformers then take for OpenAI's Triton.)"""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_load_example("triton_client", REPO / "deploy_examples" / "triton_client.py")
+_load_example("local_server", REPO / "deploy_examples" / "triton" / "local_server.py")
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ if not (ENV / "bin" / "python3").exists():
     pytest.skip(f"no local Triton env at {ENV} (tritonserver + stub env): run deploy_examples/triton/make_stub_env.sh",
                 allow_module_level=True)
 
-from local_server import LocalTriton  # noqa: E402  (deploy_examples/triton, put on sys.path by conftest)
+from local_server import LocalTriton  # noqa: E402  (loaded by path in conftest)
 from triton_client import TritonRWKV  # noqa: E402
 
 PROMPTS = ["The ", "Hello world, this is", "In the beginning", "Once upon a time there was a"]
