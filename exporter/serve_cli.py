@@ -33,12 +33,14 @@ from rwkv_runtime.errors import RuntimeUserError
               help="End-of-text token id (repeatable; default 0 for World-tokenizer models).")
 @click.option("--drain-seconds", default=10.0, show_default=True, type=click.FloatRange(0),
               help="On SIGTERM: time in-flight streams get to finish.")
+@click.option("--decode-graph", default="auto", show_default=True, type=click.Choice(["auto", "step"]),
+              help="auto: one onnxruntime session (weights once); step: the step graph decodes (two copies, faster).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def serve_command(model, host, port, model_name, threads, max_batch, max_queue, prefill_chunk, prefill_budget,
                   max_prompt_tokens,
                   max_tokens, default_max_tokens, request_timeout, cache_mb, chat_template, stop_tokens,
-                  drain_seconds, log_level):
+                  drain_seconds, decode_graph, log_level):
     """Serve MODEL over an OpenAI-compatible HTTP API (continuous batching, prefix-state cache).
 
     Needs the serve extra (pip install "rwkv-export[serve]"). Endpoints: /v1/completions,
@@ -56,7 +58,7 @@ def serve_command(model, host, port, model_name, threads, max_batch, max_queue, 
                        max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, request_timeout=request_timeout,
                        cache_bytes=int(cache_mb * 2**20))
     opts = ServerOptions(str(model), model_name, threads, None, eng, str(chat_template) if chat_template else None,
-                         default_max_tokens, tuple(stop_tokens) or None, drain_seconds)
+                         default_max_tokens, tuple(stop_tokens) or None, drain_seconds, decode_graph=decode_graph)
     try:
         run(opts, host, port, log_level)
     except RuntimeUserError as e:  # (the CLI's user_errors, without importing cli.py: it imports us)

@@ -36,11 +36,11 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPUs visible"
 
 
-def ceiling(model: str, levels: list, steps: int, threads) -> dict:
+def ceiling(model: str, levels: list, steps: int, threads, decode_graph: str = "auto") -> dict:
     """Raw batched decode tokens/s with the runtime alone (no HTTP, no scheduler)."""
     from rwkv_runtime import Session
 
-    s = Session(model, threads=threads)
+    s = Session(model, threads=threads, decode_graph=decode_graph)
     out = {}
     for n in levels:
         st = s.new_state(n)
@@ -99,6 +99,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime threads (server and ceiling)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--timeout", type=float, default=900, help="give up after this many seconds in all")
+    ap.add_argument("--decode-graph", default="auto", choices=["auto", "step"], help="the server's --decode-graph")
     a = ap.parse_args()
     levels = [int(x) for x in a.streams.split(",")]
     deadline = time.monotonic() + a.timeout
@@ -107,7 +108,7 @@ def main():
 
     vocab = Session(a.model).vocab_size
     print(f"machine: {machine()}", flush=True)
-    ceil = ceiling(a.model, levels, max(8, a.tokens // 4), a.threads)
+    ceil = ceiling(a.model, levels, max(8, a.tokens // 4), a.threads, a.decode_graph)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -115,6 +116,7 @@ def main():
            "--max-batch", str(max(levels)), "--log-level", "warning", "--cache-mb", "0"]
     if a.threads:
         cmd += ["--threads", str(a.threads)]
+    cmd += ["--decode-graph", a.decode_graph]
     server = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     rows = []

@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-token", type=int, action="append", default=None,
                    help="end-of-text token id (repeatable; default 0 for World-tokenizer models)")
     p.add_argument("--drain-seconds", type=float, default=10.0, help="graceful shutdown: time to finish streams")
+    p.add_argument("--decode-graph", default="auto", choices=["auto", "step"],
+                   help="auto: one onnxruntime session, weights once; step: the step graph decodes (2 copies, faster)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -48,7 +50,7 @@ def options_from(a) -> ServerOptions:
                        prefill_budget=a.prefill_budget, max_prompt_tokens=a.max_prompt_tokens, max_tokens=a.max_tokens,
                        request_timeout=a.request_timeout, cache_bytes=int(a.cache_mb * 2**20))
     return ServerOptions(a.model, a.model_name, a.threads, None, eng, a.chat_template, a.default_max_tokens,
-                         tuple(a.stop_token) if a.stop_token else None, a.drain_seconds)
+                         tuple(a.stop_token) if a.stop_token else None, a.drain_seconds, decode_graph=a.decode_graph)
 
 
 def main(argv=None):

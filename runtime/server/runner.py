@@ -27,13 +27,17 @@ class ServerOptions:
     stop_token_ids: tuple | None = None  # default: (0,) for World-tokenizer models, else none
     drain_seconds: float = 10.0
     max_body_bytes: int = 16 << 20
+    # "auto": one onnxruntime session, weights held once; "step": the step graph decodes in a second
+    # session (a second copy of the weights, faster batched decode: docs/benchmarks.md, Serving)
+    decode_graph: str = "auto"
 
 
 def build_app(opts: ServerOptions, session_store=None):
     """(FastAPI app, Engine) for ``opts``; the engine starts with the app's lifespan. ``session_store``:
     see ``Serving`` (the Ray Serve app passes one)."""
     path = Path(opts.model)
-    session = Session(path, providers=opts.providers, threads=opts.threads, prefill_chunk=opts.engine.prefill_chunk)
+    session = Session(path, providers=opts.providers, threads=opts.threads, prefill_chunk=opts.engine.prefill_chunk,
+                      decode_graph=opts.decode_graph)
     try:
         session.tokenizer  # noqa: B018 - loads it: text in, text out
     except RuntimeUserError as e:
