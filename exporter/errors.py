@@ -28,6 +28,12 @@ class Interrupted(click.ClickException):
     exit_code = 130  # the shell's code for SIGINT
 
 
+def one_line(msg: str) -> str:
+    """The message with every non-printable character escaped (a key or path from a damaged file can hold
+    newlines or other line separators), so an error is always exactly one line."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in msg)
+
+
 def user_errors(fn):
     """Turn the project's user errors (and OS ones) into one clean line + exit status 1.
 
@@ -37,13 +43,16 @@ def user_errors(fn):
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
+        except click.ClickException as e:  # raised by a command itself: same one-line rule
+            e.message = one_line(str(e.message))
+            raise
+        except (click.exceptions.Exit, click.Abort):
             raise
         except RuntimeUserError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(one_line(str(e))) from None
         except OSError as e:
             where = e.filename if e.filename is not None else "I/O"
-            raise click.ClickException(f"{where}: {e.strerror or type(e).__name__}") from None
+            raise click.ClickException(one_line(f"{where}: {e.strerror or type(e).__name__}")) from None
         except KeyboardInterrupt:
             raise Interrupted("interrupted") from None
         except (MemoryError, RecursionError) as e:
@@ -52,8 +61,8 @@ def user_errors(fn):
             if os.environ.get("RWKV_EXPORT_DEBUG"):
                 raise
             msg = str(e).splitlines()[0][:200] if str(e) else ""
-            raise click.ClickException(f"internal error ({type(e).__name__}: {msg}); "
-                                       "please report it (RWKV_EXPORT_DEBUG=1 shows the traceback)") from None
+            raise click.ClickException(one_line(f"internal error ({type(e).__name__}: {msg}); "
+                                       "please report it (RWKV_EXPORT_DEBUG=1 shows the traceback)")) from None
 
     return wrapper
 

@@ -12,6 +12,17 @@ import pytest
 os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 
+# Property-based tests (hypothesis) run a fixed, reproducible set of examples by default, so CI cannot
+# pass or fail by luck; HYPOTHESIS_PROFILE=explore draws fresh examples on every run (local bug hunting).
+try:
+    from hypothesis import settings as _hsettings
+
+    _hsettings.register_profile("ci", derandomize=True, print_blob=True)
+    _hsettings.register_profile("explore", derandomize=False)
+    _hsettings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is a dev dependency; its tests skip without it
+    pass
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REF = SHARED / "reference" / "models"
