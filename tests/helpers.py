@@ -56,3 +56,20 @@ def step_all(session, tokens, state=None):
         logits, state = session.step(np.array([t]), state)
         out.append(logits[0])
     return np.stack(out), state
+
+
+def random_state_tuning(checkpoint: Path, out: Path, seed: int = 0, scale: float = 0.3) -> dict:
+    """A made-up but well-scaled state-tuning file (``blocks.N.att.time_state`` [H, N, N]) for a head-wise
+    checkpoint, saved to ``out``; returns the tensors."""
+    import torch
+
+    from rwkv_export import arch
+    from rwkv_export.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    cfg = arch.get(ck.version).config_from_weights(ck.weights)
+    g = torch.Generator().manual_seed(seed)
+    ts = {f"blocks.{i}.att.time_state": torch.randn(cfg["n_head"], cfg["head_size"], cfg["head_size"], generator=g) * scale
+          for i in range(cfg["n_layer"])}
+    torch.save(ts, out)
+    return ts

@@ -59,18 +59,12 @@ def mixed_script_text(n_chars: int = 120_000, seed: int = 0) -> str:
 
 def _state_tuned_v6(d: Path) -> Path:
     """The tiny RWKV-6 exported with a (made-up, well-scaled) state-tuning file: an embedded initial state."""
-    import torch
-
-    from rwkv_export.arch import rwkv6
-    from rwkv_export.checkpoint import load_checkpoint
     from rwkv_export.export import ExportOptions, export
 
+    from tests.helpers import random_state_tuning
+
     path = ref_model("tiny-rwkv-6v0-1m")
-    cfg = rwkv6.config_from_weights(load_checkpoint(path).weights)
-    g = torch.Generator().manual_seed(0)
-    ts = {f"blocks.{i}.att.time_state": torch.randn(cfg["n_head"], cfg["head_size"], cfg["head_size"], generator=g) * 0.3
-          for i in range(cfg["n_layer"])}
-    torch.save(ts, d / "tuned6.pth")
+    random_state_tuning(path, d / "tuned6.pth", seed=0)
     return export(path, d / "tiny-rwkv-6v0-1m-tuned.onnx", ExportOptions(state_tuning=str(d / "tuned6.pth")))[0]
 
 

@@ -9,7 +9,7 @@ from rwkv_export.export import ExportOptions, export, state_tuning_to_npz
 from rwkv_export.arch import rwkv6
 
 from ..conftest import ref_model
-from ..helpers import step_all
+from ..helpers import random_state_tuning, step_all
 
 PROMPT = b"Describe"
 
@@ -18,13 +18,8 @@ PROMPT = b"Describe"
 def tuned(tmp_path_factory):
     """The tiny RWKV-6 and a (made-up but well-scaled) state-tuning file for it."""
     path = ref_model("tiny-rwkv-6v0-1m")
-    ck = load_checkpoint(path)
-    cfg = rwkv6.config_from_weights(ck.weights)
-    g = torch.Generator().manual_seed(0)
-    ts = {f"blocks.{i}.att.time_state": torch.randn(cfg["n_head"], cfg["head_size"], cfg["head_size"], generator=g) * 0.3
-          for i in range(cfg["n_layer"])}
     d = tmp_path_factory.mktemp("tuning")
-    torch.save(ts, d / "tuned.pth")
+    ts = random_state_tuning(path, d / "tuned.pth", seed=0)
     merged = {**{k: v for k, v in torch.load(path, weights_only=True).items()}, **ts}
     torch.save(merged, d / "merged.pth")
     return path, d / "tuned.pth", d / "merged.pth", d
