@@ -56,6 +56,7 @@ class Graph:
         self.gemm = opts.gemm  # both graphs: the same [out, in] arrays, stored once in a shared weights file
         self.eps = cfg.get("ln_eps", LN_EPS)
         self._added: dict = {}
+        self._shapes: dict = {}
         V = cfg["vocab_size"]
         self.tokens = g.input("tokens", "int64", [BATCH, "T"] if self.seq else [BATCH])
         for s in specs:
@@ -77,25 +78,34 @@ class Graph:
             return x
         return self.g.op("Cast", [x], to=F32 if to == "f32" else self.lo_onnx)
 
-    def linear(self, name, x, layer: int | None = None):
+    def linear(self, name, x, layer: int | None = None, rows: bool = False):
         """x @ W[name] in the graph's precision; float32 in and out. ``layer``: a matrix whose
-        output feeds the residual stream, scaled down there when rescaling."""
+        output feeds the residual stream, scaled down there when rescaling. ``rows``: x is [B, in]
+        in the sequence graph too (the head reading only the last position)."""
         array = self.W[name]
         if layer is not None and self.rescale_every:
             array = array / np.float32(2 ** (layer // self.rescale_every))
         x = self.cast(x, "lo")
         if self.gemm:
             w = self.vec(name, self.lo, np.ascontiguousarray(array.T))
-            if not self.seq:
+            if not self.seq or rows:
                 y = self.g.op("Gemm", [x, w], transB=1)
-            else:  # Gemm is 2-D: [..., in] -> [N, in] -> [N, out] -> [..., out]
+            else:  # Gemm is 2-D: [B, T, in] -> [B*T, in] -> [B*T, out] -> [B, T, out]
                 g = self.g
                 flat = g.op("Gemm", [g.op("Reshape", [x, g.const([-1, array.shape[0]], np.int64)]), w], transB=1)
-                lead = g.op("Shape", [x], end=-1)
-                y = g.op("Reshape", [flat, g.op("Concat", [lead, g.const([array.shape[1]], np.int64)], axis=0)])
+                y = g.op("Reshape", [flat, self._bt_shape(array.shape[1])])
         else:
             y = self.g.op("MatMul", [x, self.vec(name, self.lo, array)])
         return self.cast(y, "f32")
+
+    def _bt_shape(self, n: int):
+        """The shape [B, T, n] as a tensor, built once per n from the tokens' shape: each node costs
+        a fixed few microseconds per call on CPU, so the sequence graph's matrix products share it."""
+        if "bt" not in self._shapes:
+            self._shapes["bt"] = self.g.op("Shape", [self.tokens])
+        if n not in self._shapes:
+            self._shapes[n] = self.g.op("Concat", [self._shapes["bt"], self.g.const([n], np.int64)], axis=0)
+        return self._shapes[n]
 
     def rescale(self, x, layer: int):
         """After block ``layer``: halve the residual stream every ``rescale_every`` blocks."""
@@ -157,9 +167,10 @@ class Graph:
     def head(self, x):
         """ln_out and the head: the last thing every build_graph writes (it also tidies the graph)."""
         g = self.g
-        if self.seq and not self.all_logits:
+        last = self.seq and not self.all_logits
+        if last:
             x = self.last(x, g.fresh("x_last"))
-        g.op("Identity", [self.linear("head", self.ln(x, "ln_out"))], "logits")
+        g.op("Identity", [self.linear("head", self.ln(x, "ln_out"), rows=last)], "logits")
         elide_identities(g)
 
 
