@@ -42,6 +42,10 @@ def step_weight_bytes(path) -> dict:
             info.update(bits=attrs["bits"], block=attrs["block_size"], accuracy_level=attrs.get("accuracy_level", 0))
             ks.append(attrs["K"])
             total += sum(_nbytes(inits[n]) for n in node.input[1:] if n in inits)
+        elif node.op_type == "DynamicQuantizeMatMul" and node.input[1] in inits:  # int8 [K, N] + scales
+            info.update(bits=8, dynamic=True)
+            ks.append(inits[node.input[1]].dims[0])
+            total += sum(_nbytes(inits[n]) for n in node.input[1:] if n in inits)
         elif node.op_type in ("Gemm", "MatMul") and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
             t = inits[node.input[1]]
             total += _nbytes(t)
@@ -101,7 +105,7 @@ def ceiling_tps(info: dict, threads: int = 2) -> dict:
     """{"gemm_fp32": tok/s, ["matmulnbits": tok/s], "ceiling": the faster, "gbps": bytes/s of it}."""
     K, nbytes = info["K"], info["bytes"]
     res = {"gemm_fp32": _calls_per_s(_gemm_model(K, nbytes), K, threads)}
-    if info["bits"] in (4, 8):
+    if info["bits"] in (4, 8) and not info.get("dynamic"):
         res["matmulnbits"] = _calls_per_s(
             _nbits_model(K, nbytes, info["bits"], info["block"], info["accuracy_level"]), K, threads)
     res["ceiling"] = max(res.values())
