@@ -53,9 +53,17 @@ bench: $(BIN)/.installed
 	$(BIN)/rwkv-export export build/rwkv4-169m-random.pth -o build/rwkv4-169m-int8.onnx --tokenizer none --external-data -q --quantize int8
 	$(BIN)/rwkv-export export build/rwkv4-169m-random.pth -o build/rwkv4-169m-int4.onnx --tokenizer none --external-data -q --quantize int4
 	$(BIN)/python scripts/bench_vs_blinkdl.py build/rwkv4-169m-random.pth build/rwkv4-169m.onnx \
-	    build/rwkv4-169m-int8.onnx build/rwkv4-169m-int4.onnx --threads 2 --rounds 3 --batches 1,4,16,32 \
+	    build/rwkv4-169m-int8.onnx build/rwkv4-169m-int4.onnx --threads 2 --rounds 3 --batches 1,4,16,32 --step-graph \
 	    $(if $(RWKVCPP),--rwkvcpp $(RWKVCPP)) --json build/bench.json
 	$(BIN)/python scripts/bench_memory.py build/rwkv4-169m.onnx build/rwkv4-169m-int8.onnx build/rwkv4-169m-int4.onnx
+
+## bench-quant: weight formats for CPU side by side (speed at batch 1 and 32, cross-entropy cost); not in CI
+bench-quant: $(BIN)/.installed
+	mkdir -p build
+	$(BIN)/python scripts/make_169m.py -o build/rwkv4-169m-random.pth
+	$(BIN)/rwkv-export export build/rwkv4-169m-random.pth -o build/rwkv4-169m.onnx --tokenizer none --external-data -q
+	$(BIN)/python scripts/bench_quant_variants.py --speed build/rwkv4-169m.onnx --rounds 3 --work build/quant-variants \
+	    --json build/bench-quant.json
 
 ## bench-scale: billion-parameter RWKV-7 shapes (export/load memory, disk, decode vs ceiling); heavy, not in CI
 bench-scale: $(BIN)/.installed
@@ -66,4 +74,4 @@ bench-scale: $(BIN)/.installed
 clean:
 	rm -rf build
 
-.PHONY: venv demo test test-fast bench bench-scale clean
+.PHONY: venv demo test test-fast bench bench-quant bench-scale clean

@@ -101,6 +101,32 @@ def _calls_per_s(model: onnx.ModelProto, K: int, threads: int, seconds: float = 
     return n / (time.perf_counter() - t0)
 
 
+def batched_ceiling_tps(info: dict, batches, threads: int = 2, seconds: float = 1.5) -> dict:
+    """{batch: tok/s} of the float32 ``Gemm`` over the step's weight bytes with ``batch`` rows of x: one
+    read of the weights serves the whole batch, so as the batch grows the op turns from memory-bound to
+    compute-bound; its batch-N over batch-1 ratio is the most any batched decode can gain on the machine."""
+    import onnxruntime as ort
+
+    K = info["K"]
+    m = _gemm_model(K, info["bytes"])
+    for io in (m.graph.input[0], m.graph.output[0]):
+        io.type.tensor_type.shape.dim[0].dim_param = "batch"
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    out = {}
+    for b in batches:
+        x = {"x": np.random.default_rng(1).standard_normal((int(b), K), np.float32)}
+        for _ in range(2):
+            s.run(None, x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            s.run(None, x)
+            n += 1
+        out[str(b)] = int(b) * n / (time.perf_counter() - t0)
+    return out
+
+
 def ceiling_tps(info: dict, threads: int = 2) -> dict:
     """{"gemm_fp32": tok/s, ["matmulnbits": tok/s], "ceiling": the faster, "gbps": bytes/s of it}."""
     K, nbytes = info["K"], info["bytes"]

@@ -159,26 +159,10 @@ SPEED = textwrap.dedent("""
 """)
 
 CEILING = textwrap.dedent("""
-    import sys, json, time
-    import numpy as np, onnxruntime as ort
+    import sys, json
     sys.path.insert(0, sys.argv[3])
     import bench_ceiling as bc
-    info = bc.step_weight_bytes(sys.argv[1])
-    m = bc._gemm_model(info["K"], info["bytes"])
-    for io in (m.graph.input[0], m.graph.output[0]):
-        io.type.tensor_type.shape.dim[0].dim_param = "B"
-    so = ort.SessionOptions(); so.intra_op_num_threads = int(sys.argv[2])
-    s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    out = {}
-    for b in sys.argv[4].split(","):
-        x = {"x": np.ones((int(b), info["K"]), np.float32)}
-        for _ in range(2):
-            s.run(None, x)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 1.5:
-            s.run(None, x); n += 1
-        out[b] = int(b) * n / (time.perf_counter() - t0)
-    print(json.dumps(out))
+    print(json.dumps(bc.batched_ceiling_tps(bc.step_weight_bytes(sys.argv[1]), sys.argv[4].split(","), int(sys.argv[2]))))
 """)
 
 

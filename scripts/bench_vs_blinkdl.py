@@ -57,7 +57,8 @@ OURS = textwrap.dedent("""
     import sys, json
     import rwkv_runtime
     from rwkv_runtime.bench import decode_tps, prefill_tps, peak_rss_mb
-    s = rwkv_runtime.Session(sys.argv[1], threads=int(sys.argv[2]), low_memory=sys.argv[5] == "1")
+    s = rwkv_runtime.Session(sys.argv[1], threads=int(sys.argv[2]), low_memory=sys.argv[5] == "1",
+                             decode_graph=sys.argv[7])
     n, L = int(sys.argv[3]), int(sys.argv[4])
     res = {"decode_tps": {b: decode_tps(s, int(b), n) for b in sys.argv[6].split(",")}}
     if L and s.backend.has("sequence"):
@@ -70,7 +71,11 @@ CEILING = textwrap.dedent("""
     import sys, json
     sys.path.insert(0, sys.argv[3])
     import bench_ceiling as bc
-    print(json.dumps(bc.ceiling_tps(bc.step_weight_bytes(sys.argv[1]), int(sys.argv[2]))))
+    info = bc.step_weight_bytes(sys.argv[1])
+    res = bc.ceiling_tps(info, int(sys.argv[2]))
+    if len(sys.argv) > 4:  # the batched ceilings of the model whose batched decode is measured
+        res["batched"] = bc.batched_ceiling_tps(info, sys.argv[4].split(","), int(sys.argv[2]))
+    print(json.dumps(res))
 """)
 
 RWKVCPP = textwrap.dedent("""
@@ -162,14 +167,16 @@ def main():
     ap.add_argument("--low-memory", action="store_true", help="also measure each model with low_memory=True")
     ap.add_argument("--rwkvcpp", type=Path, help="an rwkv.cpp source tree with build/librwkv.so")
     ap.add_argument("--skip-blinkdl", action="store_true")
+    ap.add_argument("--step-graph", action="store_true",
+                    help="also measure the first model with decode_graph='step' (two sessions, a second weights copy)")
     ap.add_argument("--json", dest="json_out")
     a = ap.parse_args()
     T = a.threads
     cpp = rwkvcpp_models(a.rwkvcpp, a.checkpoint, Path(a.models[0]).parent) if a.rwkvcpp else None
 
     contenders = {}  # label -> (code, args)
-    for m in dict.fromkeys(a.models):
-        contenders[f"ceiling {Path(m).name}"] = (CEILING, (m, T, HERE))
+    for i, m in enumerate(dict.fromkeys(a.models)):
+        contenders[f"ceiling {Path(m).name}"] = (CEILING, (m, T, HERE) + ((a.batches,) if i == 0 else ()))
     if not a.skip_blinkdl:
         contenders["BlinkDL rwkv (cpu fp32)"] = (BLINKDL, (a.checkpoint, T, a.tokens, a.prefill))
     if cpp:
@@ -180,7 +187,10 @@ def main():
         for low in ([False, True] if a.low_memory else [False]):
             label = Path(m).name + (" (low-memory)" if low else "")
             batches = a.batches if i == 0 and not low else "1"
-            contenders[label] = (OURS, (m, T, a.tokens, a.prefill, "1" if low else "0", batches))
+            contenders[label] = (OURS, (m, T, a.tokens, a.prefill, "1" if low else "0", batches, "auto"))
+        if i == 0 and a.step_graph:  # the two-session layout: faster decode, a second copy of the weights
+            contenders[Path(m).name + " (decode_graph=step)"] = (
+                OURS, (m, T, a.tokens, a.prefill, "0", a.batches, "step"))
 
     runs = {k: [] for k in contenders}
     for r in range(a.rounds):
@@ -213,11 +223,13 @@ def main():
             d = dec(label)
             pre = [x["prefill_tps"] for x in runs[label] if "prefill_tps" in x]
             print(f"{label:<34}{fmt(d)}{stats(d)[0] / stats(ceil)[0]:>11.2f}{fmt(ceil)}{stats(d)[0] / b_med:>12.2f}{fmt(pre)}")
-            if i == 0 and label == Path(m).name:
+            if i == 0 and not label.endswith("(low-memory)"):
+                bc = [x["batched"] for x in runs[f"ceiling {Path(m).name}"]]
                 for b in a.batches.split(",")[1:]:
-                    db = dec(label, b)
-                    print(f"{'  batch ' + b + ' (aggregate)':<34}{fmt(db)}{'':>11}{'':>20}{'':>12}"
-                          f"   {stats(db)[0] / stats(d)[0]:.1f}x batch 1")
+                    db, cb = dec(label, b), [x[b] for x in bc]
+                    print(f"{'  batch ' + b + ' (aggregate)':<34}{fmt(db)}{stats(db)[0] / stats(cb)[0]:>11.2f}{fmt(cb)}"
+                          f"{'':>12}   {stats(db)[0] / stats(d)[0]:.1f}x batch 1 (the ceiling op: "
+                          f"{stats(cb)[0] / stats([x['1'] for x in bc])[0]:.1f}x its batch 1)")
     print("* ratios to BlinkDL's package depend on the machine (memory bandwidth against compute); "
           "the fractions of the ceiling are what carries over")
     if a.json_out:
