@@ -55,6 +55,9 @@ def main():
               help="Weights and MatMuls; the state, WKV and normalisations stay float32 (explicit casts).")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
               help="Weight-only block quantisation (onnxruntime MatMulNBits, for CPUs); prints its accuracy cost.")
+@click.option("--quant-block", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
+              help="Block size of --quantize along each row (larger: smaller and faster, less accurate; "
+                   "docs/benchmarks.md compares them).")
 @click.option("--rescale-every", type=click.IntRange(0), default=None,
               help="RWKV-4 float16 residual rescaling interval (default 6 for fp16/bf16, 0 = off).")
 @click.option("--all-logits", is_flag=True, help="Sequence graph returns logits for every position.")
@@ -67,13 +70,14 @@ def main():
               help="Export weights that hold NaN or inf (refused by default, naming the tensor).")
 @click.option("-q", "--quiet", is_flag=True)
 @user_errors
-def export_cmd(checkpoint, out, graphs, wkv, precision, quantize, rescale_every, all_logits, state_tuning, tokenizer,
+def export_cmd(checkpoint, out, graphs, wkv, precision, quantize, quant_block, rescale_every, all_logits, state_tuning, tokenizer,
                external_data, allow_nonfinite, quiet):
     """Export CHECKPOINT (BlinkDL .pth, .safetensors, or a Hugging Face RWKV directory) to ONNX."""
     from .export import ExportOptions, export
 
     opts = ExportOptions(graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()), wkv=wkv,
-                         precision=precision, quantize=quantize, rescale_every=rescale_every, all_logits=all_logits,
+                         precision=precision, quantize=quantize, quant_block=int(quant_block),
+                         rescale_every=rescale_every, all_logits=all_logits,
                          tokenizer=tokenizer, external_data=external_data, allow_nonfinite=allow_nonfinite,
                          state_tuning=str(state_tuning) if state_tuning else None)
     bar = _Bar(2 + 2 * len(opts.graphs), "export", quiet)
