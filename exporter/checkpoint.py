@@ -3,7 +3,8 @@
 Formats: BlinkDL ``.pth`` (the official layout, ``blocks.N.att.time_decay`` ...), ``.safetensors`` in
 the same layout, and Hugging Face ``RwkvForCausalLM`` directories (config.json + model.safetensors or
 pytorch_model.bin). Every path goes through ``torch.load(weights_only=True)`` or safetensors, so a
-checkpoint can never execute code. All tensors come back in BlinkDL naming, as float32.
+checkpoint can never execute code. All tensors come back in BlinkDL naming, as float32 (the export
+keeps large bf16/fp16 matrices in their own dtype: ``load_checkpoint(stream=True)``).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ _HF_RENAMES = [
 
 @dataclass
 class Checkpoint:
-    weights: dict  # BlinkDL name -> float32 torch.Tensor
+    weights: dict  # BlinkDL name -> float32 torch.Tensor (with stream: large matrices in their own dtype)
     version: str  # "rwkv4" | "rwkv5" | "rwkv5.2" | "rwkv6" | "rwkv7"
     path: Path
     format: str  # "blinkdl-pth" | "safetensors" | "huggingface"
@@ -78,9 +79,22 @@ def _torch_load(path: Path) -> dict:
     return obj
 
 
+# safetensors dtypes read straight from the memory-mapped file: numpy dtype, then the torch view of it
+_ST_DTYPES = {"F64": ("float64", None), "F32": ("float32", None), "F16": ("float16", None),
+              "BF16": ("int16", "bfloat16"), "I64": ("int64", None), "I32": ("int32", None),
+              "I16": ("int16", None), "I8": ("int8", None), "U8": ("uint8", None), "BOOL": ("bool", None)}
+
+
 def _safetensors_load(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Every tensor of a .safetensors file as a view into one private memory mapping of it (as
+    ``torch.load(mmap=True)`` gives for a .pth): nothing is read until it is used, and the pages read
+    can be dropped again (``export.release_mapped``). safetensors' own ``safe_open`` validates the
+    header first; a dtype numpy cannot view (or a misaligned tensor) is read by safetensors instead."""
+    import struct
+
+    import numpy as np
+    import torch
+    from safetensors import SafetensorError, safe_open
 
     try:
         with open(path, "rb"):
@@ -88,8 +102,28 @@ def _safetensors_load(path: Path) -> dict:
     except OSError as e:
         raise _read_error(path, e) from None
     try:
-        return load_file(str(path))  # memory-mapped by safetensors
-    except (SafetensorError, OSError, ValueError) as e:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            with open(path, "rb") as fh:  # the offsets (safe_open checked them against the file)
+                n = struct.unpack("<Q", fh.read(8))[0]
+                header = json.loads(fh.read(n))
+            start = 8 + n
+            mm = None
+            if path.stat().st_size > start:
+                mm = np.memmap(path, dtype=np.uint8, mode="c")  # private, never written
+            out = {}
+            for k in keys:
+                info = header[k]
+                np_dt, view = _ST_DTYPES.get(info["dtype"], (None, None))
+                b, e = (start + int(x) for x in info["data_offsets"])
+                if mm is None or np_dt is None or b % np.dtype(np_dt).itemsize:
+                    out[k] = f.get_tensor(k)
+                    continue
+                arr = mm[b:e].view(np_dt).reshape([int(d) for d in info["shape"]])
+                t = torch.from_numpy(arr)
+                out[k] = t.view(getattr(torch, view)) if view else t
+            return out
+    except (SafetensorError, OSError, ValueError, KeyError, struct.error) as e:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({str(e)[:160]})") from None
 
 
@@ -102,7 +136,15 @@ def _from_hf(state: dict) -> dict:
     return out
 
 
-def load_checkpoint(path) -> Checkpoint:
+# With ``stream``, non-float32 matrices of at least this many elements (1 MB as float32) are kept as
+# they are in the checkpoint (views into its mapping); the export converts each when it writes it.
+STREAM_MIN_ELEMENTS = 2**18
+
+
+def load_checkpoint(path, stream: bool = False) -> Checkpoint:
+    """Load (memory-map) a checkpoint. Tensors come back float32, except with ``stream`` (the export):
+    then large bf16/fp16/fp64 matrices stay in their own dtype, views into the mapped file, and
+    ``matrix_in_out`` converts each lazily, so the model is never held in float32 as a whole."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -153,11 +195,29 @@ def load_checkpoint(path) -> Checkpoint:
         if not v.is_floating_point():
             raise CheckpointError(f"{path}: tensor {k!r} is {str(v.dtype).replace('torch.', '')}; "
                                   "RWKV weights are floating point")
-        # float32 tensors stay views into the memory-mapped file; others are converted here
-        weights[k] = v.float()
+        # float32 tensors stay views into the memory-mapped file; others are converted here, except
+        # (streaming) large matrices, which stay views until the export converts them one by one
+        if stream and v.dtype != torch.float32 and v.ndim == 2 and v.numel() >= STREAM_MIN_ELEMENTS:
+            weights[k] = v
+        else:
+            weights[k] = v.float()
     from . import arch  # each version's ArchSpec recognises its own keys
 
     return Checkpoint(weights, arch.detect(weights), path, fmt, hf_config, tokenizer_file, inputs)
+
+
+def matrix_in_out(t):
+    """A checkpoint matrix [out, in] as the graphs read it, float32 [in, out]: a float32 tensor as a
+    transposed view into the checkpoint, any other dtype as a ``LazyArray`` converted when written."""
+    import numpy as np
+    import torch
+
+    t = t.detach()
+    if t.dtype == torch.float32 or t.ndim != 2:
+        return np.ascontiguousarray(t.float().cpu().numpy()).T
+    from .onnx_graph import LazyArray
+
+    return LazyArray.of(t).T
 
 
 _BLOCK_KEY = re.compile(r"^blocks\.(0|[1-9][0-9]{0,5})\.[A-Za-z_]")

@@ -102,7 +102,7 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
     tick = progress or (lambda msg: None)
 
     tick("loading checkpoint")
-    ck = load_checkpoint(checkpoint)
+    ck = load_checkpoint(checkpoint, stream=True)  # large bf16/fp16 matrices: converted when written
     _check_not_inputs(ck, opt, targets + replaced)
     if not opt.allow_nonfinite:
         check_finite(ck, release=lambda: release_mapped(ck.input_files), every=RELEASE_EVERY)
@@ -223,8 +223,10 @@ def release_mapped(files) -> None:
 
     Reading a mapped checkpoint leaves every page it touched resident, so the whole file would count
     in the export's memory. torch maps it private and file-backed; as long as nothing wrote to it
-    (no private dirty pages, checked first), MADV_DONTNEED only drops pages, and a later read maps
-    them in again from the file (page cache). Only mappings of ``files`` are touched."""
+    (no anonymous pages, i.e. no copy-on-write copies, checked first), MADV_DONTNEED only drops pages,
+    and a later read maps them in again from the file (page cache). Only mappings of ``files`` are
+    touched. (Not ``Private_Dirty``: that also counts page-cache pages not yet written back, so a
+    checkpoint written moments before the export would never be released.)"""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -241,7 +243,7 @@ def release_mapped(files) -> None:
                     if path in names and head[1].endswith("p"):
                         lo, hi = (int(x, 16) for x in head[0].split("-"))
                         current = [lo, hi]
-                elif current is not None and head[0] == "Private_Dirty:":
+                elif current is not None and head[0] == "Anonymous:":
                     if int(head[1]) == 0:  # never written: dropping its pages cannot lose data
                         ranges.append(current)
                     current = None

@@ -31,6 +31,109 @@ def onnx_dtype(dt) -> int:
 # granularity on Windows and a multiple of every page size, so ONNX Runtime can memory-map each tensor.
 DATA_ALIGN = 65536
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the .onnx (as onnx's own default threshold)
+CHUNK_BYTES = 16 * 2**20  # a LazyArray is computed this many float32 bytes of rows at a time
+
+
+class LazyArray:
+    """A float32 matrix computed only when it is written: a bf16/fp16 checkpoint matrix converted,
+    or the embedding with ln0 folded in. ``rows(i, j)`` returns rows i:j of the source matrix as
+    float32; ``.T`` and ``/ scalar`` stay lazy. ``np.asarray`` (or ``materialize``) computes the whole
+    array, a chunk of rows at a time into one allocation, so nothing but the result is ever full size;
+    ``columns`` computes a slab. The export drops the result once its bytes are in the weights file."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, rows, shape, transposed: bool = False, divisor=None):
+        self._rows, self._base = rows, tuple(int(n) for n in shape)  # the source's [rows, cols]
+        self._transposed, self._divisor = transposed, divisor
+
+    @classmethod
+    def of(cls, tensor):
+        """A torch tensor (any float dtype; a view into a memory-mapped checkpoint) as float32, lazily."""
+        t = tensor.detach()
+        if t.ndim != 2:
+            raise ValueError(f"LazyArray: a 2-D tensor expected, not {tuple(t.shape)}")
+        return cls(lambda i, j: t[i:j].float().numpy(), t.shape)
+
+    @property
+    def shape(self):
+        return self._base[::-1] if self._transposed else self._base
+
+    ndim = 2
+
+    @property
+    def size(self) -> int:
+        return self._base[0] * self._base[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * 4
+
+    @property
+    def T(self) -> "LazyArray":
+        return LazyArray(self._rows, self._base, not self._transposed, self._divisor)
+
+    def __truediv__(self, d) -> "LazyArray":
+        d = np.float32(d)
+        return LazyArray(self._rows, self._base, self._transposed, d if self._divisor is None else self._divisor * d)
+
+    def _chunk(self, i: int, j: int, dtype):
+        part = np.asarray(self._rows(i, j), dtype=np.float32)
+        if self._divisor is not None:
+            part = part / self._divisor  # float32 / float32: as dividing the whole matrix would
+        return part.astype(dtype, copy=False)
+
+    def materialize(self, dtype=np.float32) -> np.ndarray:
+        """The array (C order, in ``dtype``: converted from float32 chunk by chunk)."""
+        n, k = self._base
+        out = np.empty(self.shape, dtype=dtype)
+        step = max(1, CHUNK_BYTES // max(1, 4 * k))
+        for i in range(0, n, step):
+            j = min(n, i + step)
+            if self._transposed:
+                out[:, i:j] = self._chunk(i, j, dtype).T
+            else:
+                out[i:j] = self._chunk(i, j, dtype)
+        return out
+
+    def columns(self, j0: int, j1: int) -> np.ndarray:
+        """Columns j0:j1 as a C-order float32 array (of a transposed source: only those rows read)."""
+        if self._transposed:
+            return np.ascontiguousarray(self._chunk(j0, j1, np.float32).T)
+        return np.ascontiguousarray(self.materialize()[:, j0:j1])
+
+    def __array__(self, dtype=None, copy=None):
+        return self.materialize(np.float32 if dtype is None else dtype)
+
+    def __repr__(self):
+        return f"LazyArray(shape={self.shape}, float32)"
+
+
+_libc = []
+
+
+def release_freed() -> None:
+    """Hand freed heap memory back to the system (glibc's ``malloc_trim``; elsewhere a no-op).
+
+    Converting a matrix allocates and frees buffers of a few MB to a few tens of MB; glibc raises its
+    mmap threshold after the first such free, so later ones come from the heap and their pages stay
+    resident after ``free``: without this, a bf16 export's RSS grew by about half the model."""
+    if not _libc:
+        try:
+            import ctypes
+
+            _libc.append(ctypes.CDLL(None).malloc_trim)
+        except (OSError, AttributeError):
+            _libc.append(None)
+    if _libc[0] is not None:
+        _libc[0](0)
+
+
+def columns(arr, j0: int, j1: int) -> np.ndarray:
+    """Columns j0:j1 of a matrix (an ndarray, a view into a checkpoint, or a LazyArray) as C-order float32."""
+    if isinstance(arr, LazyArray):
+        return arr.columns(j0, j1)
+    return np.ascontiguousarray(arr[:, j0:j1], dtype=np.float32)
 
 
 class WeightStore:
@@ -53,6 +156,10 @@ class WeightStore:
         self.after_write = None  # called with the store after each ``add`` (export: release memory)
 
     def add(self, name: str, arr: np.ndarray) -> onnx.TensorProto:
+        if isinstance(arr, LazyArray):  # computed now, written, dropped
+            t = self.add(name, arr.materialize())
+            release_freed()
+            return t
         arr = np.ascontiguousarray(arr)
         data = memoryview(arr.reshape(-1).view(np.uint8))
         key = (arr.dtype.str, hashlib.blake2b(data, digest_size=20).digest())  # shape: per graph
@@ -118,7 +225,18 @@ class GraphBuilder:
         return f"{hint}_{next(self._ids)}"
 
     def weight(self, name: str, array, dtype=None) -> str:
-        """Add an initializer (a model weight) and return its name."""
+        """Add an initializer (a model weight) and return its name. A ``LazyArray`` is computed only
+        here, when it is written (then dropped); a store that keeps references (``PendingStore``) keeps
+        the LazyArray itself."""
+        if isinstance(array, LazyArray):
+            if dtype is None or np.dtype(dtype) == np.float32:
+                if self.store is not None and array.nbytes >= self.store.min_bytes:
+                    self.initializers.append(self.store.add(name, array))
+                    return name
+                arr = array.materialize()
+            else:
+                arr = array.materialize(dtype)
+            array, dtype = arr, None
         # np.asarray keeps 0-d scalars 0-d (ascontiguousarray would make them [1])
         arr = np.asarray(array if dtype is None else np.asarray(array).astype(dtype, copy=False))
         if self.store is not None and arr.nbytes >= self.store.min_bytes:

@@ -14,12 +14,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .onnx_graph import columns, release_freed
+
 PENDING = "<pending>"
+SLAB_BYTES = 16 * 2**20  # float32 bytes of columns quantised at a time
 MS_DOMAIN = "com.microsoft"
 
 
 class PendingStore:
-    """A stand-in for ``WeightStore``: remembers each array and returns a placeholder tensor."""
+    """A stand-in for ``WeightStore``: remembers each array (a view, or a ``LazyArray`` still to be
+    computed: kept as it is) and returns a placeholder tensor."""
 
     def __init__(self, min_bytes: int = 1024):
         self.min_bytes = min_bytes
@@ -61,20 +65,38 @@ class Quantizer:
         self.processed = 0  # float bytes read so far
         self.after_write = None  # called with the quantiser after each matrix (export: release memory)
 
-    def tensors(self, arr: np.ndarray, qname: str, sname: str, store) -> tuple:
+    def tensors(self, arr, qname: str, sname: str, store) -> tuple:
         """The packed weight and scales of ``arr`` as initializers (in ``store`` when given). A matrix
         already quantised (the other graph's) reuses the stored tensors: only references are kept."""
         key = id(arr)
         if key not in self._done:
             if self.after_write is not None and arr.nbytes > 64 * 2**20:
                 self.after_write(self, force=True)  # a large matrix: start from no resident pages
-            w = np.ascontiguousarray(arr, dtype=np.float32)
-            packed, scales, _ = self._q.qbits_block_quant(w)  # symmetric: no zero points
+            packed, scales = self.quantize(arr)
             self._done[key] = ((_tensor(store, qname, packed), _tensor(store, sname, scales)), arr)
-            self.processed += w.nbytes
+            self.processed += arr.nbytes
             if self.after_write is not None:
                 self.after_write(self)
         return self._done[key][0]
+
+    def quantize(self, arr, slab_bytes: int = SLAB_BYTES) -> tuple:
+        """(packed [N, blocks, blob], scales [N, blocks]) of a float32 [K, N] matrix (an ndarray, a view
+        into the checkpoint, or a ``LazyArray``), in slabs of columns: MatMulNBits' blocks run along K
+        within one output column, so columns n0:n1 quantise to exactly rows n0:n1 of both results.
+        Only a slab's contiguous float32 copy is ever made, never the whole matrix's."""
+        K, N = arr.shape
+        step = max(1, slab_bytes // max(1, 4 * K))
+        packed = scales = None
+        for n0 in range(0, N, step):
+            n1 = min(N, n0 + step)
+            p, s, _ = self._q.qbits_block_quant(columns(arr, n0, n1))  # symmetric: no zero points
+            if packed is None:
+                packed = np.empty((N,) + p.shape[1:], p.dtype)
+                scales = np.empty((N,) + s.shape[1:], s.dtype)
+            packed[n0:n1], scales[n0:n1] = p, s
+            del p, s
+        release_freed()  # the slabs' buffers (see onnx_graph.release_freed)
+        return packed, scales
 
 
 def quantize_into(model: onnx.ModelProto, pending: PendingStore, store, quantizer: Quantizer) -> None:

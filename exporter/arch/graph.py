@@ -23,7 +23,7 @@ from onnx import TensorProto, helper
 
 from rwkv_runtime.manifest import BATCH
 
-from ..onnx_graph import CUSTOM_DOMAIN, GraphBuilder, make_function
+from ..onnx_graph import CUSTOM_DOMAIN, GraphBuilder, LazyArray, make_function
 
 LN_EPS = 1e-5
 GN_EPS = 64e-5  # BlinkDL's ln_x eps: 1e-5 after dividing by head_size_divisor 8, i.e. 1e-5 * 8**2
@@ -70,7 +70,10 @@ class Graph:
         """An initializer (float32 unless told: vectors, small LoRA matrices), added once."""
         if name not in self._added:
             arr = self.W[name] if array is None else array
-            self._added[name] = self.g.weight(name, np.asarray(arr).astype(dtype, copy=False))
+            if isinstance(arr, LazyArray):  # computed when written (GraphBuilder.weight), not here
+                self._added[name] = self.g.weight(name, arr, dtype)
+            else:
+                self._added[name] = self.g.weight(name, np.asarray(arr).astype(dtype, copy=False))
         return self._added[name]
 
     def cast(self, x, to):
@@ -87,7 +90,8 @@ class Graph:
             array = array / np.float32(2 ** (layer // self.rescale_every))
         x = self.cast(x, "lo")
         if self.gemm:
-            w = self.vec(name, self.lo, np.ascontiguousarray(array.T))
+            # a LazyArray's .T is the checkpoint's own [out, in] layout: nothing to transpose
+            w = self.vec(name, self.lo, array.T if isinstance(array, LazyArray) else np.ascontiguousarray(array.T))
             if not self.seq or rows:
                 y = self.g.op("Gemm", [x, w], transB=1)
             else:  # Gemm is 2-D: [B, T, in] -> [B*T, in] -> [B*T, out] -> [B, T, out]
@@ -223,14 +227,31 @@ def elide_identities(g: GraphBuilder):
 
 def embedding_and_head(w: dict, cfg: dict) -> dict:
     """The weights every version's graph reads alike, as ``export_weights`` returns them: the
-    embedding with ln0 folded in (one LayerNorm less per token), ln_out, and the head [in, out]."""
+    embedding with ln0 folded in (one LayerNorm less per token), ln_out, and the head [in, out].
+
+    The folded embedding is a ``LazyArray``: computed (a chunk of rows at a time) only when it is
+    written, so the export never holds a float32 [vocab, C] table; the same for a head that is not
+    float32 in the checkpoint (bf16/fp16), while a float32 head stays a view into the checkpoint."""
     import torch.nn.functional as F
+
+    from ..checkpoint import matrix_in_out
 
     def np32(t):
         return np.ascontiguousarray(t.detach().float().cpu().numpy())
 
     C = cfg["n_embd"]
-    emb = F.layer_norm(w["emb.weight"].float(), (C,), w["blocks.0.ln0.weight"].float(),
-                       w["blocks.0.ln0.bias"].float(), eps=cfg.get("ln_eps", LN_EPS))
-    return {"emb": np32(emb), "ln_out.weight": np32(w["ln_out.weight"]), "ln_out.bias": np32(w["ln_out.bias"]),
-            "head": np32(w["head.weight"]).T}
+    emb_w = w["emb.weight"]
+    ln_w, ln_b = w["blocks.0.ln0.weight"].float(), w["blocks.0.ln0.bias"].float()
+    eps = cfg.get("ln_eps", LN_EPS)
+    # checked here: the table is computed later, possibly outside the export's shape-error handling
+    if emb_w.ndim != 2 or emb_w.shape[1] != C:
+        raise ValueError(f"emb.weight has shape {tuple(emb_w.shape)}, expected [vocab, {C}]")
+    for n, t in (("weight", ln_w), ("bias", ln_b)):
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"blocks.0.ln0.{n} has shape {tuple(t.shape)}, expected [{C}]")
+
+    def emb_rows(i, j):  # F.layer_norm works row by row: chunks give the bytes the whole table would
+        return F.layer_norm(emb_w[i:j].detach().float(), (C,), ln_w, ln_b, eps=eps).numpy()
+
+    return {"emb": LazyArray(emb_rows, emb_w.shape), "ln_out.weight": np32(w["ln_out.weight"]),
+            "ln_out.bias": np32(w["ln_out.bias"]), "head": matrix_in_out(w["head.weight"])}

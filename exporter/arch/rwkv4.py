@@ -257,6 +257,8 @@ def export_weights(w: dict, cfg: dict) -> dict:
     """Weights in the form the graph uses: ln0 folded into the embedding, w = -exp(time_decay)
     computed once in float32, mixing vectors flattened, matrices transposed to [in, out]."""
     C, A = cfg["n_embd"], cfg.get("dim_att", cfg["n_embd"])
+    from ..checkpoint import matrix_in_out
+
     out = embedding_and_head(w, cfg)
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
@@ -267,7 +269,7 @@ def export_weights(w: dict, cfg: dict) -> dict:
         for n in ("att.time_mix_k", "att.time_mix_v", "att.time_mix_r", "ffn.time_mix_k", "ffn.time_mix_r"):
             out[b + n] = _np(w[b + n].reshape(C))
         for n in ("att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.receptance", "ffn.value"):
-            out[b + n] = _np(w[b + n + ".weight"]).T
+            out[b + n] = matrix_in_out(w[b + n + ".weight"])  # bf16/fp16: converted when written
     return out
 
 

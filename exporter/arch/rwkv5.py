@@ -173,6 +173,8 @@ def export_weights(w: dict, cfg: dict) -> dict:
     u computed once in float32 as [H,N], mixing vectors flat (with 1 - mix, BlinkDL's form), ln_x
     as [H,N], matrices transposed to [in, out]."""
     C, H, N = cfg["n_embd"], cfg["n_head"], cfg["head_size"]
+    from ..checkpoint import matrix_in_out
+
     out = embedding_and_head(w, cfg)
     hd = (H, N) if cfg["per_channel_decay"] else (H, 1)
     for i in range(cfg["n_layer"]):
@@ -191,7 +193,7 @@ def export_weights(w: dict, cfg: dict) -> dict:
             out[b + n], out[b + n + ".1m"] = hw.np32(m), hw.np32(1 - m)
         mats = ["att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.receptance", "ffn.value"]
         for n in mats + (["att.gate"] if cfg["gate"] else []):
-            out[b + n] = hw.np32(w[b + n + ".weight"]).T
+            out[b + n] = matrix_in_out(w[b + n + ".weight"])  # bf16/fp16: converted when written
     return out
 
 

@@ -168,6 +168,8 @@ def export_weights(w: dict, cfg: dict) -> dict:
     time_decay flat, ln_x as [H,N], LoRA matrices as they are ([in, out]; time_maa_w2 [5,D,C]),
     the other matrices transposed to [in, out]."""
     C, H, N = cfg["n_embd"], cfg["n_head"], cfg["head_size"]
+    from ..checkpoint import matrix_in_out
+
     out = embedding_and_head(w, cfg)
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
@@ -181,7 +183,7 @@ def export_weights(w: dict, cfg: dict) -> dict:
         out[b + "att.ln_x.bias"] = hw.np32(w[b + "att.ln_x.bias"]).reshape(H, N)
         for n in ("att.key", "att.value", "att.receptance", "att.gate", "att.output",
                   "ffn.key", "ffn.receptance", "ffn.value"):
-            out[b + n] = hw.np32(w[b + n + ".weight"]).T
+            out[b + n] = matrix_in_out(w[b + n + ".weight"])  # bf16/fp16: converted when written
     return out
 
 

@@ -203,6 +203,8 @@ def export_weights(w: dict, cfg: dict) -> dict:
     as [H,N], LoRA matrices as they are ([in, out]), the other matrices transposed to [in, out].
     Layer 0's unused v0/v1/v2 are dropped."""
     C, H, N = cfg["n_embd"], cfg["n_head"], cfg["head_size"]
+    from ..checkpoint import matrix_in_out
+
     out = embedding_and_head(w, cfg)
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
@@ -216,7 +218,7 @@ def export_weights(w: dict, cfg: dict) -> dict:
         for n in ("att.r_k", "att.ln_x.weight", "att.ln_x.bias"):
             out[b + n] = hw.np32(w[b + n]).reshape(H, N)
         for n in ("att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.value"):
-            out[b + n] = hw.np32(w[b + n + ".weight"]).T
+            out[b + n] = matrix_in_out(w[b + n + ".weight"])  # bf16/fp16: converted when written
     return out
 
 
