@@ -35,17 +35,17 @@ CHUNK_BYTES = 16 * 2**20  # a LazyArray is computed this many float32 bytes of r
 
 
 class LazyArray:
-    """A float32 matrix computed only when it is written: a bf16/fp16 checkpoint matrix converted,
+    """A matrix computed only when it is written: a bf16/fp16 checkpoint matrix converted to float32,
     or the embedding with ln0 folded in. ``rows(i, j)`` returns rows i:j of the source matrix as
-    float32; ``.T`` and ``/ scalar`` stay lazy. ``np.asarray`` (or ``materialize``) computes the whole
-    array, a chunk of rows at a time into one allocation, so nothing but the result is ever full size;
-    ``columns`` computes a slab. The export drops the result once its bytes are in the weights file."""
+    float32; ``.T``, ``/ scalar`` and ``astype`` stay lazy. ``chunks`` yields the result in C order a
+    few MB at a time (``WeightStore.add`` writes it so, never holding it whole); ``np.asarray`` /
+    ``materialize`` computes it whole into one allocation; ``columns`` computes a slab of columns."""
 
-    dtype = np.dtype(np.float32)
+    ndim = 2
 
-    def __init__(self, rows, shape, transposed: bool = False, divisor=None):
+    def __init__(self, rows, shape, transposed: bool = False, divisor=None, dtype=np.float32):
         self._rows, self._base = rows, tuple(int(n) for n in shape)  # the source's [rows, cols]
-        self._transposed, self._divisor = transposed, divisor
+        self._transposed, self._divisor, self.dtype = transposed, divisor, np.dtype(dtype)
 
     @classmethod
     def of(cls, tensor):
@@ -55,11 +55,14 @@ class LazyArray:
             raise ValueError(f"LazyArray: a 2-D tensor expected, not {tuple(t.shape)}")
         return cls(lambda i, j: t[i:j].float().numpy(), t.shape)
 
+    def _like(self, **kw) -> "LazyArray":
+        a = dict(transposed=self._transposed, divisor=self._divisor, dtype=self.dtype)
+        a.update(kw)
+        return LazyArray(self._rows, self._base, **a)
+
     @property
     def shape(self):
         return self._base[::-1] if self._transposed else self._base
-
-    ndim = 2
 
     @property
     def size(self) -> int:
@@ -67,46 +70,74 @@ class LazyArray:
 
     @property
     def nbytes(self) -> int:
-        return self.size * 4
+        return self.size * self.dtype.itemsize
+
+    @property
+    def key(self) -> tuple:
+        """Identifies what this computes (the same source, layout, scale and dtype)."""
+        return (id(self._rows), self._transposed, None if self._divisor is None else float(self._divisor),
+                self.dtype.str)
 
     @property
     def T(self) -> "LazyArray":
-        return LazyArray(self._rows, self._base, not self._transposed, self._divisor)
+        return self._like(transposed=not self._transposed)
 
     def __truediv__(self, d) -> "LazyArray":
+        if self.dtype != np.float32:
+            return NotImplemented
         d = np.float32(d)
-        return LazyArray(self._rows, self._base, self._transposed, d if self._divisor is None else self._divisor * d)
+        return self._like(divisor=d if self._divisor is None else self._divisor * d)
 
-    def _chunk(self, i: int, j: int, dtype):
+    def astype(self, dtype, copy: bool = True) -> "LazyArray":
+        """float32 -> ``dtype`` after the float32 computation (as ``array.astype`` would be)."""
+        if self.dtype != np.float32:
+            raise ValueError("LazyArray.astype: converts from float32 only")
+        return self._like(dtype=dtype)
+
+    def _chunk(self, i: int, j: int) -> np.ndarray:
+        """Rows i:j of the source, computed, scaled and converted (not transposed)."""
         part = np.asarray(self._rows(i, j), dtype=np.float32)
         if self._divisor is not None:
             part = part / self._divisor  # float32 / float32: as dividing the whole matrix would
-        return part.astype(dtype, copy=False)
+        return part.astype(self.dtype, copy=False)
 
-    def materialize(self, dtype=np.float32) -> np.ndarray:
-        """The array (C order, in ``dtype``: converted from float32 chunk by chunk)."""
-        n, k = self._base
-        out = np.empty(self.shape, dtype=dtype)
-        step = max(1, CHUNK_BYTES // max(1, 4 * k))
+    def _step(self) -> int:
+        return max(1, CHUNK_BYTES // max(1, 4 * self._base[1]))
+
+    def chunks(self):
+        """The result in C order, a chunk of rows at a time (a transposed one: whole, once)."""
+        if self._transposed:
+            yield self.materialize()
+            return
+        n, step = self._base[0], self._step()
+        for i in range(0, n, step):
+            yield self._chunk(i, min(n, i + step))
+
+    def materialize(self) -> np.ndarray:
+        """The whole array (C order), filled a chunk of rows at a time into one allocation."""
+        n = self._base[0]
+        out = np.empty(self.shape, dtype=self.dtype)
+        step = self._step()
         for i in range(0, n, step):
             j = min(n, i + step)
             if self._transposed:
-                out[:, i:j] = self._chunk(i, j, dtype).T
+                out[:, i:j] = self._chunk(i, j).T
             else:
-                out[i:j] = self._chunk(i, j, dtype)
+                out[i:j] = self._chunk(i, j)
         return out
 
     def columns(self, j0: int, j1: int) -> np.ndarray:
-        """Columns j0:j1 as a C-order float32 array (of a transposed source: only those rows read)."""
+        """Columns j0:j1 as a C-order array (of a transposed source: only those source rows read)."""
         if self._transposed:
-            return np.ascontiguousarray(self._chunk(j0, j1, np.float32).T)
+            return np.ascontiguousarray(self._chunk(j0, j1).T)
         return np.ascontiguousarray(self.materialize()[:, j0:j1])
 
     def __array__(self, dtype=None, copy=None):
-        return self.materialize(np.float32 if dtype is None else dtype)
+        out = self.materialize()
+        return out if dtype is None else out.astype(dtype, copy=False)
 
     def __repr__(self):
-        return f"LazyArray(shape={self.shape}, float32)"
+        return f"LazyArray(shape={self.shape}, {self.dtype})"
 
 
 _libc = []
@@ -152,30 +183,25 @@ class WeightStore:
         self._f = open(self.path, "wb")  # plain open(): the file mode follows the umask
         self._end = 0
         self._seen: dict = {}  # (dtype, digest) -> (offset, length)
+        self._lazy: dict = {}  # LazyArray.key -> its (dtype, digest) key
         self.processed = 0  # bytes passed to ``add``, stored or found already stored
         self.after_write = None  # called with the store after each ``add`` (export: release memory)
 
     def add(self, name: str, arr: np.ndarray) -> onnx.TensorProto:
-        if isinstance(arr, LazyArray):  # computed now, written, dropped
-            t = self.add(name, arr.materialize())
-            release_freed()
-            return t
-        arr = np.ascontiguousarray(arr)
-        data = memoryview(arr.reshape(-1).view(np.uint8))
-        key = (arr.dtype.str, hashlib.blake2b(data, digest_size=20).digest())  # shape: per graph
-        if key not in self._seen:
-            # large tensors at the mmap granularity; small ones only at 64 bytes (ONNX Runtime copies
-            # those anyway, and page-aligning every vector would bloat the file of a tiny model)
-            align = self.align if len(data) >= self.align else 64
-            offset = -(-self._end // align) * align
-            if offset > self._end:
-                self._f.write(b"\0" * (offset - self._end))
-            self._f.write(data)
-            self._end = offset + len(data)
-            self._seen[key] = (offset, len(data))
-        self.processed += len(data)
-        if self.after_write is not None:
-            self.after_write(self)
+        if isinstance(arr, LazyArray):
+            key = self._add_lazy(arr)
+        else:
+            arr = np.ascontiguousarray(arr)
+            data = memoryview(arr.reshape(-1).view(np.uint8))
+            key = (arr.dtype.str, hashlib.blake2b(data, digest_size=20).digest())  # shape: per graph
+            if key not in self._seen:
+                offset = self._pad(len(data))
+                self._f.write(data)
+                self._end = offset + len(data)
+                self._seen[key] = (offset, len(data))
+            self.processed += len(data)
+            if self.after_write is not None:
+                self.after_write(self)
         offset, length = self._seen[key]
         t = onnx.TensorProto(name=name, data_type=onnx_dtype(arr.dtype), dims=list(arr.shape),
                              data_location=onnx.TensorProto.EXTERNAL)
@@ -183,6 +209,45 @@ class WeightStore:
             e = t.external_data.add()
             e.key, e.value = k, v
         return t
+
+    def _pad(self, nbytes: int) -> int:
+        """Pad the file to the next offset for a tensor of ``nbytes``; returns that offset. Large
+        tensors at the mmap granularity; small ones only at 64 bytes (ONNX Runtime copies those
+        anyway, and page-aligning every vector would bloat the file of a tiny model)."""
+        align = self.align if nbytes >= self.align else 64
+        offset = -(-self._end // align) * align
+        if offset > self._end:
+            self._f.write(b"\0" * (offset - self._end))
+        return offset
+
+    def _add_lazy(self, arr: LazyArray) -> tuple:
+        """Compute and write a LazyArray chunk by chunk (hashing as it goes), never whole in memory.
+        One computed before (the other graph's) is not computed again; one whose bytes turn out to
+        be stored already is cut off the file again."""
+        if arr.key in self._lazy:
+            self.processed += arr.nbytes
+            return self._lazy[arr.key][0]
+        start = self._end
+        offset = self._pad(arr.nbytes)
+        h = hashlib.blake2b(digest_size=20)
+        for chunk in arr.chunks():
+            data = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+            h.update(data)
+            self._f.write(data)
+            self.processed += len(data)
+            del chunk, data
+            if self.after_write is not None:
+                self.after_write(self)  # the export: drop the checkpoint pages read so far
+        key = (arr.dtype.str, h.digest())
+        if key in self._seen:
+            self._f.seek(start)
+            self._f.truncate()
+        else:
+            self._seen[key] = (offset, arr.nbytes)
+            self._end = offset + arr.nbytes
+        self._lazy[arr.key] = (key, arr._rows)  # the function kept: its id stays this array's
+        release_freed()
+        return key
 
     def add_proto(self, t: onnx.TensorProto) -> onnx.TensorProto:
         """Move an in-memory initializer (e.g. from onnxruntime's quantiser) into the file."""
@@ -229,14 +294,12 @@ class GraphBuilder:
         here, when it is written (then dropped); a store that keeps references (``PendingStore``) keeps
         the LazyArray itself."""
         if isinstance(array, LazyArray):
-            if dtype is None or np.dtype(dtype) == np.float32:
-                if self.store is not None and array.nbytes >= self.store.min_bytes:
-                    self.initializers.append(self.store.add(name, array))
-                    return name
-                arr = array.materialize()
-            else:
-                arr = array.materialize(dtype)
-            array, dtype = arr, None
+            if dtype is not None and np.dtype(dtype) != array.dtype:
+                array = array.astype(dtype)
+            if self.store is not None and array.nbytes >= self.store.min_bytes:
+                self.initializers.append(self.store.add(name, array))
+                return name
+            array, dtype = array.materialize(), None
         # np.asarray keeps 0-d scalars 0-d (ascontiguousarray would make them [1])
         arr = np.asarray(array if dtype is None else np.asarray(array).astype(dtype, copy=False))
         if self.store is not None and arr.nbytes >= self.store.min_bytes:

@@ -74,9 +74,6 @@ class Quantizer:
                 self.after_write(self, force=True)  # a large matrix: start from no resident pages
             packed, scales = self.quantize(arr)
             self._done[key] = ((_tensor(store, qname, packed), _tensor(store, sname, scales)), arr)
-            self.processed += arr.nbytes
-            if self.after_write is not None:
-                self.after_write(self)
         return self._done[key][0]
 
     def quantize(self, arr, slab_bytes: int = SLAB_BYTES) -> tuple:
@@ -95,6 +92,9 @@ class Quantizer:
                 scales = np.empty((N,) + s.shape[1:], s.dtype)
             packed[n0:n1], scales[n0:n1] = p, s
             del p, s
+            self.processed += (n1 - n0) * K * 4
+            if self.after_write is not None:
+                self.after_write(self)  # the export: drop the checkpoint pages read so far
         release_freed()  # the slabs' buffers (see onnx_graph.release_freed)
         return packed, scales
 

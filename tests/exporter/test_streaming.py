@@ -58,9 +58,44 @@ def test_lazy_array_computes_what_the_eager_conversion_does():
     assert m.flags.c_contiguous and np.array_equal(m, eager.T)
     assert np.array_equal(np.asarray(lazy.T / 4.0), eager.T / np.float32(4.0))
     for dt in (np.float16, ml_dtypes.bfloat16):
-        assert lazy.materialize(dt).tobytes() == eager.astype(dt).tobytes()
-        assert lazy.T.materialize(dt).tobytes() == np.ascontiguousarray(eager.T).astype(dt).tobytes()
+        assert lazy.astype(dt).materialize().tobytes() == eager.astype(dt).tobytes()
+        assert lazy.astype(dt).dtype == dt and lazy.astype(dt).nbytes == eager.size * 2
+        assert lazy.T.astype(dt).materialize().tobytes() == np.ascontiguousarray(eager.T).astype(dt).tobytes()
+        assert b"".join(c.tobytes() for c in lazy.astype(dt).chunks()) == eager.astype(dt).tobytes()
+    assert b"".join(c.tobytes() for c in lazy.chunks()) == eager.tobytes()
     assert np.array_equal(lazy.T.columns(5, 17), eager.T[:, 5:17])
+
+
+def test_weight_store_writes_a_lazy_array_in_chunks_and_once(tmp_path):
+    """Streamed into the file chunk by chunk: the same offsets and bytes as writing the array itself;
+    the other graph's request for the same LazyArray, or a LazyArray whose bytes are already stored,
+    points at the stored bytes."""
+    import onnx
+    from rwkv_export.onnx_graph import CHUNK_BYTES, LazyArray, WeightStore
+
+    t = torch.randn(CHUNK_BYTES // (4 * 64) + 77, 64).to(torch.float16)
+    eager = t.float().numpy()
+    st = WeightStore(tmp_path / "w.data")
+    calls = []
+    st.after_write = lambda s: calls.append(s.processed)
+    small = st.add("v", np.arange(10, dtype=np.float32))
+    a = st.add("a", LazyArray.of(t))
+    assert len(calls) >= 3  # after every chunk (the export releases checkpoint pages there)
+    b = st.add("b", LazyArray.of(t).T.T)  # another object, the same computation: not recomputed
+    c = st.add("c", LazyArray.of(t))  # another source, the same bytes: written, then cut off again
+    end = st.size
+    d = st.add("d", eager)  # the plain array: the same bytes again
+    e = st.add("e", LazyArray.of(t) / 2)
+    st.close()
+    info = {x.name: {e.key: e.value for e in x.external_data} for x in (small, a, b, c, d, e)}
+    assert info["a"]["offset"] == info["b"]["offset"] == info["c"]["offset"] == info["d"]["offset"]
+    assert int(info["a"]["offset"]) % 65536 == 0 and end == int(info["a"]["offset"]) + eager.nbytes
+    assert a.data_type == onnx.TensorProto.FLOAT and list(a.dims) == list(eager.shape)
+    raw = (tmp_path / "w.data").read_bytes()
+    off = int(info["a"]["offset"])
+    assert raw[off:off + eager.nbytes] == eager.tobytes()
+    off = int(info["e"]["offset"])
+    assert off >= end and raw[off:] == (eager / np.float32(2)).tobytes()
 
 
 # -- tiny models of every version, every large-matrix path forced lazy (in process) ------------------
