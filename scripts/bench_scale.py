@@ -8,17 +8,29 @@ Heavy: the 0.4B shape needs ~2 GB of disk per precision and a few minutes; 1.5B 
 Not part of CI (`make bench-scale`).
 
     python scripts/bench_scale.py --shapes 0.4b --precisions fp32 --dir /tmp/scale [--json out.json]
+
+--sources exports the same weights from other checkpoint forms (bf16 .pth, fp32/bf16 .safetensors,
+converted from the generated fp32 .pth); --compare-ref REV also runs the exporter of git revision REV
+(a temporary worktree, imported through a shim folder on PYTHONPATH, same venv) on the same checkpoint
+in the same run, e.g. the exporter before the streaming export:
+
+    python scripts/bench_scale.py --shapes 0.4b --precisions fp32 --export-only --compare-ref 2ddd500
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ("fp32.pth", "bf16.pth", "fp32.safetensors", "bf16.safetensors")
 
 # n_layer, n_embd, ffn, vocab, LoRA dims (w, a, v, g): the published RWKV-7 "Goose" shapes
 SHAPES = {
@@ -108,11 +120,55 @@ print(json.dumps(out))
 """
 
 
-def _child(code: str, *args) -> dict:
-    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+def _child(code: str, *args, env=None) -> dict:
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(f"child failed ({r.returncode}): {r.stderr.strip().splitlines()[-1:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def convert(src: Path, dst: Path) -> Path:
+    """The fp32 .pth ``src`` as ``dst`` (named like SOURCES: dtype and format), the same values."""
+    import torch
+
+    dtype = torch.bfloat16 if "bf16" in dst.name else torch.float32
+    w = {k: v.to(dtype).contiguous() for k, v in torch.load(src, weights_only=True, mmap=True).items()}
+    if dst.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(w, str(dst))
+    else:
+        torch.save(w, dst)
+    return dst
+
+
+class RefExporter:
+    """The exporter of an older git revision, for the same-run comparison: a worktree of ``rev`` in a
+    temporary folder and a shim folder whose rwkv_export / rwkv_runtime point into it (pyproject maps
+    them from exporter/ and runtime/), first on PYTHONPATH so they win over the editable install."""
+
+    def __init__(self, rev: str):
+        self.rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-scale-ref-"))
+        self.tree = self.tmp / "tree"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(self.tree), self.rev],
+                       check=True, capture_output=True)
+        shim = self.tmp / "shim"
+        shim.mkdir()
+        (shim / "rwkv_export").symlink_to(self.tree / "exporter")
+        (shim / "rwkv_runtime").symlink_to(self.tree / "runtime")
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(shim)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        check = subprocess.run([sys.executable, "-c", "import rwkv_export; print(rwkv_export.__file__)"],
+                               env=self.env, capture_output=True, text=True)
+        if not check.stdout.strip().startswith(str(shim)):
+            raise SystemExit(f"--compare-ref: rwkv_export did not resolve to {shim} ({check.stdout.strip()})")
+
+    def close(self):
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(self.tree)],
+                       capture_output=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def machine() -> str:
@@ -127,49 +183,76 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB RAM"
 
 
-def run_shape(name: str, precisions, d: Path, threads: int, steps: int, plen: int, keep: bool) -> list:
+def _export_row(ck: Path, out: Path, opts: dict, env=None) -> dict:
+    """One export in a fresh process: time, peak RSS, files (the folder is emptied first)."""
+    shutil.rmtree(out.parent, ignore_errors=True)
+    out.parent.mkdir(parents=True)
+    row = _child(_EXPORT, ck, out, json.dumps(opts), env=env)
+    files = {p.name: p.stat().st_size for p in out.parent.iterdir()}
+    row["files"] = files
+    row["disk_mb"] = sum(files.values()) / 2**20
+    # the weights written: the shared file (or, an older exporter, every graph's own data file)
+    row["weights_mb"] = sum(n for f, n in files.items() if f.endswith(".data")) / 2**20
+    row["export_rss_over_weights"] = row["export_peak_rss_mb"] / max(row["weights_mb"], 1e-9)
+    row["export_delta_over_weights"] = ((row["export_peak_rss_mb"] - row["export_baseline_rss_mb"])
+                                        / max(row["weights_mb"], 1e-9))
+    return row
+
+
+def run_shape(name: str, precisions, d: Path, threads: int, steps: int, plen: int, keep: bool,
+              sources=("fp32.pth",), session: bool = True, ref: RefExporter | None = None) -> list:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_ceiling import ceiling_tps, step_weight_bytes
 
-    shape = SHAPES[name]
     d.mkdir(parents=True, exist_ok=True)
     ck = d / f"rwkv7-{name}.pth"
     t0 = time.perf_counter()
+    made = []
     if not ck.exists():  # in a child: this process stays small (its children start from its size)
         subprocess.run([sys.executable, __file__, "--generate", name, str(ck)], check=True)
+        made.append(ck)
     gen_s = time.perf_counter() - t0
+    cks = {}
+    for src in sources:
+        cks[src] = ck if src == "fp32.pth" else d / f"rwkv7-{name}-{src}"
+        if not cks[src].exists():
+            subprocess.run([sys.executable, __file__, "--convert", str(ck), str(cks[src])], check=True)
+            made.append(cks[src])
+    os.sync()  # the checkpoints on disk, as a user's are: no export pays for writing them back
     rows = []
-    for prec in precisions:
-        out = d / f"r7-{name}-{prec}" / "m.onnx"
-        out.parent.mkdir(exist_ok=True)
-        opts = {"external_data": True}
-        if prec in ("int8", "int4"):
-            opts["quantize"] = prec
-        else:
-            opts["precision"] = prec
-        row = {"shape": name, "precision": prec, "checkpoint_mb": ck.stat().st_size / 2**20, "generate_s": gen_s}
-        row.update(_child(_EXPORT, ck, out, json.dumps(opts)))
-        files = {p.name: p.stat().st_size for p in out.parent.iterdir()}
-        row["files"] = files
-        row["disk_mb"] = sum(files.values()) / 2**20
-        row["weights_mb"] = files.get("m.onnx.data", 0) / 2**20
-        row["export_rss_over_weights"] = row["export_peak_rss_mb"] / max(row["weights_mb"], 1e-9)
-        row["export_delta_over_weights"] = ((row["export_peak_rss_mb"] - row["export_baseline_rss_mb"])
-                                            / max(row["weights_mb"], 1e-9))
-        row.update(_child(_SESSION, out, threads, steps, plen))
-        row["session_rss_over_weights"] = row["session_peak_rss_mb"] / max(row["weights_mb"], 1e-9)
-        info = step_weight_bytes(out)
-        # the ceiling op is built in memory (protobuf: < 2 GB): measure 1 GiB, scale to the step's bytes
-        capped = dict(info, bytes=min(info["bytes"], 2**30))
-        ceil = ceiling_tps(capped, threads)
-        row["ceiling_tps"] = ceil["ceiling"] * capped["bytes"] / info["bytes"]
-        row["decode_vs_ceiling"] = row["decode_tps"] / row["ceiling_tps"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if not keep:
-            shutil.rmtree(out.parent)
+    for src in sources:
+        for prec in precisions:
+            out = d / f"r7-{name}-{prec}" / "m.onnx"
+            opts = {"external_data": True}
+            if prec in ("int8", "int4"):
+                opts["quantize"] = prec
+            else:
+                opts["precision"] = prec
+            row = {"shape": name, "precision": prec, "source": src, "exporter": "this",
+                   "checkpoint_mb": cks[src].stat().st_size / 2**20, "generate_s": gen_s}
+            row.update(_export_row(cks[src], out, opts))
+            if session:
+                row.update(_child(_SESSION, out, threads, steps, plen))
+                row["session_rss_over_weights"] = row["session_peak_rss_mb"] / max(row["weights_mb"], 1e-9)
+                info = step_weight_bytes(out)
+                # the ceiling op is built in memory (protobuf: < 2 GB): measure 1 GiB, scale to the step's bytes
+                capped = dict(info, bytes=min(info["bytes"], 2**30))
+                ceil = ceiling_tps(capped, threads)
+                row["ceiling_tps"] = ceil["ceiling"] * capped["bytes"] / info["bytes"]
+                row["decode_vs_ceiling"] = row["decode_tps"] / row["ceiling_tps"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if ref is not None:  # the older exporter, same checkpoint, right after
+                rrow = {"shape": name, "precision": prec, "source": src, "exporter": ref.rev,
+                        "checkpoint_mb": row["checkpoint_mb"], "generate_s": gen_s}
+                rrow.update(_export_row(cks[src], out, opts, env=ref.env))
+                rows.append(rrow)
+                print(json.dumps(rrow), flush=True)
+            if not keep:
+                shutil.rmtree(out.parent)
     if not keep:
-        ck.unlink()
+        for f in made:
+            f.unlink()
     return rows
 
 
@@ -177,9 +260,17 @@ def main():
     if sys.argv[1:2] == ["--generate"]:
         random_rwkv7(Path(sys.argv[3]), **SHAPES[sys.argv[2]])
         return
+    if sys.argv[1:2] == ["--convert"]:
+        convert(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="0.4b", help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--precisions", default="fp32", help="comma-separated: fp32, fp16, int8, int4")
+    ap.add_argument("--sources", default="fp32.pth",
+                    help=f"comma-separated checkpoint forms exported, of {', '.join(SOURCES)}")
+    ap.add_argument("--export-only", action="store_true", help="no session, decode or prefill measurements")
+    ap.add_argument("--compare-ref", metavar="REV",
+                    help="also run the exporter of git revision REV on the same checkpoints (export only)")
     ap.add_argument("--dir", default="build/scale", type=Path)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8, help="decode steps timed")
@@ -187,18 +278,29 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and exports")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     a = ap.parse_args()
+    sources = [x.strip() for x in a.sources.split(",")]
+    bad = [x for x in sources if x not in SOURCES]
+    if bad:
+        ap.error(f"--sources: {', '.join(bad)} not among {', '.join(SOURCES)}")
     print(f"machine: {machine()}", flush=True)
+    ref = RefExporter(a.compare_ref) if a.compare_ref else None
     rows = []
-    for name in a.shapes.split(","):
-        rows += run_shape(name.strip(), [p.strip() for p in a.precisions.split(",")], a.dir, a.threads, a.steps,
-                          a.prefill, a.keep)
-    print(f"\n{'shape':<6}{'prec':<6}{'export s':>9}{'exp RSS GB':>11}{'x wts':>6}{'disk GB':>8}{'load s':>7}"
-          f"{'run RSS GB':>11}{'x wts':>6}{'dec tok/s':>10}{'ceiling':>8}{'pre tok/s':>10}")
+    try:
+        for name in a.shapes.split(","):
+            rows += run_shape(name.strip(), [p.strip() for p in a.precisions.split(",")], a.dir, a.threads,
+                              a.steps, a.prefill, a.keep, sources, not a.export_only, ref)
+    finally:
+        if ref is not None:
+            ref.close()
+    print(f"\n{'shape':<6}{'prec':<6}{'source':<17}{'exporter':<9}{'export s':>9}{'exp RSS GB':>11}{'x wts':>6}"
+          f"{'disk GB':>8}{'load s':>7}{'run RSS GB':>11}{'x wts':>6}{'dec tok/s':>10}{'ceiling':>8}{'pre tok/s':>10}")
     for r in rows:
-        print(f"{r['shape']:<6}{r['precision']:<6}{r['export_s']:>9.1f}{r['export_peak_rss_mb'] / 1024:>11.2f}"
-              f"{r['export_rss_over_weights']:>6.2f}{r['disk_mb'] / 1024:>8.2f}{r['load_s']:>7.1f}"
-              f"{r['session_peak_rss_mb'] / 1024:>11.2f}{r['session_rss_over_weights']:>6.2f}{r['decode_tps']:>10.2f}"
-              f"{r['ceiling_tps']:>8.2f}{r['prefill_tps']:>10.1f}")
+        line = (f"{r['shape']:<6}{r['precision']:<6}{r['source']:<17}{r['exporter']:<9}{r['export_s']:>9.1f}"
+                f"{r['export_peak_rss_mb'] / 1024:>11.2f}{r['export_rss_over_weights']:>6.2f}{r['disk_mb'] / 1024:>8.2f}")
+        if "load_s" in r:
+            line += (f"{r['load_s']:>7.1f}{r['session_peak_rss_mb'] / 1024:>11.2f}{r['session_rss_over_weights']:>6.2f}"
+                     f"{r['decode_tps']:>10.2f}{r['ceiling_tps']:>8.2f}{r['prefill_tps']:>10.1f}")
+        print(line)
     if a.json:
         a.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
 
