@@ -296,7 +296,8 @@ def main():
           f"{'disk GB':>8}{'load s':>7}{'run RSS GB':>11}{'x wts':>6}{'dec tok/s':>10}{'ceiling':>8}{'pre tok/s':>10}")
     for r in rows:
         line = (f"{r['shape']:<6}{r['precision']:<6}{r['source']:<17}{r['exporter']:<9}{r['export_s']:>9.1f}"
-                f"{r['export_peak_rss_mb'] / 1024:>11.2f}{r['export_rss_over_weights']:>6.2f}{r['disk_mb'] / 1024:>8.2f}")
+                f"{r['export_peak_rss_mb'] / 1024:>11.2f}{r['export_rss_over_weights']:>6.2f}"
+                f"{r['disk_mb'] / 1024:>8.2f}")
         if "load_s" in r:
             line += (f"{r['load_s']:>7.1f}{r['session_peak_rss_mb'] / 1024:>11.2f}{r['session_rss_over_weights']:>6.2f}"
                      f"{r['decode_tps']:>10.2f}{r['ceiling_tps']:>8.2f}{r['prefill_tps']:>10.1f}")
