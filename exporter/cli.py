@@ -53,8 +53,9 @@ def main():
                    "ONNX Runtime runs its function body).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Weights and MatMuls; the state, WKV and normalisations stay float32 (explicit casts).")
-@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
-              help="Weight-only block quantisation (onnxruntime MatMulNBits, for CPUs); prints its accuracy cost.")
+@click.option("--quantize", type=click.Choice(["int8", "int4", "int8-dynamic"]), default=None,
+              help="For CPUs; prints its accuracy cost. int8/int4: weight-only blocks (onnxruntime MatMulNBits); "
+                   "int8-dynamic: int8 weights and activations (DynamicQuantizeMatMul), fastest for batches.")
 @click.option("--quant-block", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
               help="Block size of --quantize along each row (larger: smaller and faster, less accurate; "
                    "docs/benchmarks.md compares them).")

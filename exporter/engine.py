@@ -109,8 +109,8 @@ def plan_graphs(model: Path, out: Path, companions: bool = True, echo=None) -> l
     """The graphs to build: MODEL itself, then the companions present beside it."""
     man, tok, init, ops = _read_onnx(model)
     if man.options.get("quantize"):
-        raise EngineBuildError(f"{model.name} is a weight-only {man.options['quantize']} export (onnxruntime "
-                               "MatMulNBits, for CPUs); TensorRT cannot build it: export without --quantize")
+        raise EngineBuildError(f"{model.name} is a {man.options['quantize']} export (onnxruntime's CPU "
+                               "quantised ops); TensorRT cannot build it: export without --quantize")
     graphs = [_Graph(man.graph, model, out, man, tok, init, ops)]
     if companions:
         for kind, name in sorted(man.companions.items()):

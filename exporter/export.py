@@ -26,12 +26,14 @@ from .arch.graph import GraphOptions
 from .checkpoint import Checkpoint, check_finite, load_checkpoint
 from .errors import CheckpointError, ExportError
 from .onnx_graph import OPSET, GraphBuilder, WeightStore
-from .quantize import PendingStore, Quantizer, quantize_into
+from .quantize import DynamicInt8Quantizer, PendingStore, Quantizer, quantize_into
 from .staging import Staging, Terminated
 
 TWO_GB = 2**31 - 1
 GRAPHS = ("step", "sequence")
 PRECISIONS = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
+QUANTIZE = ("int8", "int4", "int8-dynamic")
+QUANT_BLOCKS = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 
 
 @dataclass
@@ -39,7 +41,8 @@ class ExportOptions:
     graphs: tuple = GRAPHS
     wkv: str = "plain"  # "plain" | "plugin"
     precision: str = "fp32"  # weights and MatMuls: fp32 | fp16 | bf16 (state, WKV, norms stay fp32)
-    quantize: str | None = None  # None | "int8" | "int4": weight-only MatMulNBits (onnxruntime CPU)
+    # None | "int8" | "int4": weight-only MatMulNBits | "int8-dynamic": DynamicQuantizeMatMul (onnxruntime CPU)
+    quantize: str | None = None
     rescale_every: int | None = None  # RWKV-4 fp16/bf16 residual rescaling; None = 6 there, else 0
     quant_block: int = 32
     state_tuning: str | None = None  # a state-tuning file (blocks.N.att.time_state) baked in as the start state
@@ -85,8 +88,10 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
         raise ExportError(f"--wkv must be 'plain' or 'plugin', not {opt.wkv!r}")
     if opt.precision not in PRECISIONS:
         raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, not {opt.precision!r}")
-    if opt.quantize not in (None, "int8", "int4"):
-        raise ExportError(f"--quantize must be int8 or int4, not {opt.quantize!r}")
+    if opt.quantize not in (None, *QUANTIZE):
+        raise ExportError(f"--quantize must be one of {', '.join(QUANTIZE)}, not {opt.quantize!r}")
+    if opt.quantize in ("int8", "int4") and opt.quant_block not in QUANT_BLOCKS:
+        raise ExportError(f"--quant-block must be one of {', '.join(map(str, QUANT_BLOCKS))}, not {opt.quant_block!r}")
     if opt.quantize and opt.precision != "fp32":
         raise ExportError("--quantize applies to fp32 exports (weight-only int8/int4 for ONNX Runtime on CPU)")
     bad = [g for g in opt.graphs if g not in GRAPHS]
@@ -139,7 +144,8 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
                 store.after_write = _every(RELEASE_EVERY, lambda: release_mapped(ck.input_files))
             quantizer = None
             if opt.quantize:
-                quantizer = Quantizer(8 if opt.quantize == "int8" else 4, opt.quant_block)
+                quantizer = (DynamicInt8Quantizer() if opt.quantize == "int8-dynamic"
+                             else Quantizer(8 if opt.quantize == "int8" else 4, opt.quant_block))
                 quantizer.after_write = _every(RELEASE_EVERY, lambda: release_mapped(ck.input_files))
             for kind in opt.graphs:
                 tick(f"building {kind} graph")
@@ -157,7 +163,7 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
                     tokenizer=tok, state=spec.state_layout(cfg), dims={k: v for k, v in cfg.items()},
                     options={"all_logits": bool(opt.all_logits and kind == "sequence"),
                              "rescale_every": int(rescale), "quantize": opt.quantize,
-                             **({"quant_block": opt.quant_block} if opt.quantize else {}),
+                             **({"quant_block": opt.quant_block} if opt.quantize in ("int8", "int4") else {}),
                              "weights_file": data_path.name if external else None},
                     companions={k: paths[k].name for k in opt.graphs},
                     source={"checkpoint": ck.path.name, "format": ck.format}, exporter_version=__version__,

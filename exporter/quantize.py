@@ -99,8 +99,54 @@ class Quantizer:
         return packed, scales
 
 
+    def node(self, x: str, qname: str, sname: str, outputs, name: str, K: int, N: int):
+        return helper.make_node("MatMulNBits", [x, qname, sname], list(outputs), name=f"{name}_Q{self.bits}",
+                                domain=MS_DOMAIN, K=K, N=N, bits=self.bits, block_size=self.block,
+                                accuracy_level=self.accuracy_level)
+
+
+class DynamicInt8Quantizer(Quantizer):
+    """``--quantize int8-dynamic``: int8 weights with one symmetric scale per output column, run by
+    onnxruntime's ``DynamicQuantizeMatMul``, which quantises the activations at run time (one scale for
+    the whole [rows, K] input) and multiplies in integers (MLAS's int8 GEMM, VNNI where the CPU has it).
+    Measured (docs/benchmarks.md): as fast as MatMulNBits int8 for one sequence and about twice as fast
+    for a batch of 32, at the same accuracy. The price: the activation scale spans the batch, so a
+    sequence's logits move slightly with what else is in its batch."""
+
+    def __init__(self):
+        self.bits, self.block, self.accuracy_level = 8, 0, 0
+        self._done = {}
+        self.processed = 0
+        self.after_write = None
+
+    def quantize(self, arr, slab_bytes: int = SLAB_BYTES) -> tuple:
+        """(int8 [K, N], float32 scales [N]) of a float32 [K, N] matrix, in slabs of columns (each
+        column's scale depends on that column only, so slabs give the same bytes as one pass)."""
+        K, N = arr.shape
+        step = max(1, slab_bytes // max(1, 4 * K))
+        q = np.empty((K, N), np.int8)
+        scales = np.empty(N, np.float32)
+        for n0 in range(0, N, step):
+            n1 = min(N, n0 + step)
+            c = columns(arr, n0, n1)
+            s = np.abs(c).max(axis=0) / np.float32(127)
+            s[s == 0] = 1  # an all-zero column: any scale gives zeros
+            q[:, n0:n1] = np.clip(np.rint(c / s), -127, 127)
+            scales[n0:n1] = s
+            del c
+            self.processed += (n1 - n0) * K * 4
+            if self.after_write is not None:
+                self.after_write(self)
+        release_freed()
+        return q, scales
+
+    def node(self, x: str, qname: str, sname: str, outputs, name: str, K: int, N: int):
+        return helper.make_node("DynamicQuantizeMatMul", [x, qname, sname], list(outputs), name=f"{name}_Q8d",
+                                domain=MS_DOMAIN)
+
+
 def quantize_into(model: onnx.ModelProto, pending: PendingStore, store, quantizer: Quantizer) -> None:
-    """Replace every MatMul with a constant float32 [K, N] weight by MatMulNBits, and move every
+    """Replace every MatMul with a constant float32 [K, N] weight by the quantiser's op, and move every
     pending initializer into ``store`` (a ``WeightStore``, or None to keep them inside the model)."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
@@ -119,10 +165,7 @@ def quantize_into(model: onnx.ModelProto, pending: PendingStore, store, quantize
                 t_.name = name  # a matrix reused under another name: same bytes, its own initializer
                 new_inits.append(t_)
             quantized.add(qname)
-        new_nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], qname, sname], list(node.output), name=f"{node.name}_Q{quantizer.bits}",
-            domain=MS_DOMAIN, K=K, N=N, bits=quantizer.bits, block_size=quantizer.block,
-            accuracy_level=quantizer.accuracy_level))
+        new_nodes.append(quantizer.node(node.input[0], qname, sname, node.output, node.name, K, N))
     used = set()
     for n in new_nodes:  # Scan bodies read outer-scope initializers (RWKV-4's w, u) by name too
         used.update(n.input)

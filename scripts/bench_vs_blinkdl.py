@@ -163,7 +163,7 @@ def main():
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=64, help="rwkv.cpp's sequence-mode chunk size")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batches", default="1,4,16,32", help="batch sizes measured for the first model")
+    ap.add_argument("--batches", default="1,4,16,32", help="batch sizes measured (the first model's against its ceiling)")
     ap.add_argument("--low-memory", action="store_true", help="also measure each model with low_memory=True")
     ap.add_argument("--rwkvcpp", type=Path, help="an rwkv.cpp source tree with build/librwkv.so")
     ap.add_argument("--skip-blinkdl", action="store_true")
@@ -186,7 +186,7 @@ def main():
     for i, m in enumerate(a.models):
         for low in ([False, True] if a.low_memory else [False]):
             label = Path(m).name + (" (low-memory)" if low else "")
-            batches = a.batches if i == 0 and not low else "1"
+            batches = a.batches if not low else "1"
             contenders[label] = (OURS, (m, T, a.tokens, a.prefill, "1" if low else "0", batches, "auto"))
         if i == 0 and a.step_graph:  # the two-session layout: faster decode, a second copy of the weights
             contenders[Path(m).name + " (decode_graph=step)"] = (
@@ -223,13 +223,20 @@ def main():
             d = dec(label)
             pre = [x["prefill_tps"] for x in runs[label] if "prefill_tps" in x]
             print(f"{label:<34}{fmt(d)}{stats(d)[0] / stats(ceil)[0]:>11.2f}{fmt(ceil)}{stats(d)[0] / b_med:>12.2f}{fmt(pre)}")
-            if i == 0 and not label.endswith("(low-memory)"):
-                bc = [x["batched"] for x in runs[f"ceiling {Path(m).name}"]]
-                for b in a.batches.split(",")[1:]:
-                    db, cb = dec(label, b), [x[b] for x in bc]
+            if label.endswith("(low-memory)"):
+                continue
+            first = a.models[0]
+            bc = [x["batched"] for x in runs[f"ceiling {Path(first).name}"]]
+            for b in a.batches.split(",")[1:]:
+                db, cb = dec(label, b), [x[b] for x in bc]
+                if i == 0:  # the float32 model: against the Gemm op at batch b over its bytes
                     print(f"{'  batch ' + b + ' (aggregate)':<34}{fmt(db)}{stats(db)[0] / stats(cb)[0]:>11.2f}{fmt(cb)}"
                           f"{'':>12}   {stats(db)[0] / stats(d)[0]:.1f}x batch 1 (the ceiling op: "
                           f"{stats(cb)[0] / stats([x['1'] for x in bc])[0]:.1f}x its batch 1)")
+                else:
+                    print(f"{'  batch ' + b + ' (aggregate)':<34}{fmt(db)}{'':>11}{'':>20}{'':>12}"
+                          f"   {stats(db)[0] / stats(d)[0]:.1f}x batch 1, "
+                          f"{stats(db)[0] / stats(dec(Path(first).name))[0]:.1f}x {Path(first).name} batch 1")
     print("* ratios to BlinkDL's package depend on the machine (memory bandwidth against compute); "
           "the fractions of the ceiling are what carries over")
     if a.json_out:
