@@ -63,6 +63,25 @@ OURS = textwrap.dedent("""
     res = {"decode_tps": {b: decode_tps(s, int(b), n) for b in sys.argv[6].split(",")}}
     if L and s.backend.has("sequence"):
         res["prefill_tps"] = prefill_tps(s, L, repeats=1)
+    if len(sys.argv) > 8:  # paired: the ceiling op and decode alternating in this process, same memory state
+        import time
+        import numpy as np
+        import onnxruntime as ort
+        sys.path.insert(0, sys.argv[8])
+        import bench_ceiling as bc
+        info = bc.step_weight_bytes(sys.argv[1])
+        so = ort.SessionOptions(); so.intra_op_num_threads = int(sys.argv[2])
+        c = ort.InferenceSession(bc._gemm_model(info["K"], info["bytes"]).SerializeToString(), so,
+                                 providers=["CPUExecutionProvider"])
+        x = {"x": np.ones((1, info["K"]), np.float32)}
+        pairs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(16):
+                c.run(None, x)
+            ceil = 16 / (time.perf_counter() - t0)
+            pairs.append(decode_tps(s, 1, 16, warmup=1) / ceil)
+        res["paired_fraction"] = sorted(pairs)[len(pairs) // 2]
     res["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(res))
 """)
@@ -187,10 +206,10 @@ def main():
         for low in ([False, True] if a.low_memory else [False]):
             label = Path(m).name + (" (low-memory)" if low else "")
             batches = a.batches if not low else "1"
-            contenders[label] = (OURS, (m, T, a.tokens, a.prefill, "1" if low else "0", batches, "auto"))
+            contenders[label] = (OURS, (m, T, a.tokens, a.prefill, "1" if low else "0", batches, "auto", HERE))
         if i == 0 and a.step_graph:  # the two-session layout: faster decode, a second copy of the weights
             contenders[Path(m).name + " (decode_graph=step)"] = (
-                OURS, (m, T, a.tokens, a.prefill, "0", a.batches, "step"))
+                OURS, (m, T, a.tokens, a.prefill, "0", a.batches, "step", HERE))
 
     runs = {k: [] for k in contenders}
     for r in range(a.rounds):
@@ -208,7 +227,8 @@ def main():
     print(f"machine: {machine()}; {T} threads; {a.rounds} interleaved rounds, median (min-max)")
     blink = dec("BlinkDL rwkv (cpu fp32)") if not a.skip_blinkdl else []
     b_med = stats(blink)[0] if blink else float("nan")
-    print(f"{'':34}{'decode tok/s':>20}{'of ceiling':>11}{'ceiling tok/s':>20}{'vs BlinkDL*':>12}{'prefill tok/s':>20}")
+    print(f"{'':34}{'decode tok/s':>20}{'of ceiling':>11}{'ceiling tok/s':>20}{'vs BlinkDL*':>12}{'prefill tok/s':>20}"
+          f"{'paired**':>10}")
     if blink:
         pre = [x["prefill_tps"] for x in runs["BlinkDL rwkv (cpu fp32)"] if "prefill_tps" in x]
         print(f"{'BlinkDL rwkv (cpu fp32)':<34}{fmt(blink)}{'':>11}{'':>20}{1.0:>12.2f}{fmt(pre)}")
@@ -222,7 +242,10 @@ def main():
         for label in [k for k in contenders if k.startswith(Path(m).name)]:
             d = dec(label)
             pre = [x["prefill_tps"] for x in runs[label] if "prefill_tps" in x]
-            print(f"{label:<34}{fmt(d)}{stats(d)[0] / stats(ceil)[0]:>11.2f}{fmt(ceil)}{stats(d)[0] / b_med:>12.2f}{fmt(pre)}")
+            paired = [x["paired_fraction"] for x in runs[label] if "paired_fraction" in x]
+            pf = f"{stats(paired)[0]:.2f} ({stats(paired)[1]:.2f}-{stats(paired)[2]:.2f})" if paired else ""
+            print(f"{label:<34}{fmt(d)}{stats(d)[0] / stats(ceil)[0]:>11.2f}{fmt(ceil)}{stats(d)[0] / b_med:>12.2f}"
+                  f"{fmt(pre)}  {pf}")
             if label.endswith("(low-memory)"):
                 continue
             first = a.models[0]
@@ -239,6 +262,8 @@ def main():
                           f"{stats(db)[0] / stats(dec(Path(first).name))[0]:.1f}x {Path(first).name} batch 1")
     print("* ratios to BlinkDL's package depend on the machine (memory bandwidth against compute); "
           "the fractions of the ceiling are what carries over")
+    print("** paired: batch-1 decode over the ceiling op timed alternately in the model's own process (5 pairs of "
+          "16 steps; median of the rounds' medians, min-max): both see the same memory state at the same moment")
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump({"machine": machine(), "threads": T, "rounds": a.rounds, "runs": runs}, f, indent=1)
