@@ -11,7 +11,7 @@ weight bytes as one decode step of it (scripts/bench_ceiling.py); "of ceiling" i
 decode over the ceiling's median. BlinkDL's package: strategy "cpu fp32", one token per forward() for
 decode, one forward() of the whole prompt for prefill. rwkv.cpp (``--rwkvcpp`` = its source tree,
 built as docs/benchmarks.md says): the checkpoint converted to FP32, Q8_0 and Q4_0, decode one token
-per rwkv_eval, prefill in chunks of ``--chunk`` tokens (its sequence mode).
+per rwkv_eval, prefill in chunks of ``--chunk`` tokens (its sequence mode; ours in the same chunks).
 """
 from __future__ import annotations
 
@@ -62,12 +62,12 @@ OURS = textwrap.dedent("""
     n, L = int(sys.argv[3]), int(sys.argv[4])
     res = {"decode_tps": {b: decode_tps(s, int(b), n) for b in sys.argv[6].split(",")}}
     if L and s.backend.has("sequence"):
-        res["prefill_tps"] = prefill_tps(s, L, repeats=1)
-    if len(sys.argv) > 8:  # paired: the ceiling op and decode alternating in this process, same memory state
+        res["prefill_tps"] = prefill_tps(s, L, repeats=1, chunk_size=int(sys.argv[8]))
+    if len(sys.argv) > 9:  # paired: the ceiling op and decode alternating in this process, same memory state
         import time
         import numpy as np
         import onnxruntime as ort
-        sys.path.insert(0, sys.argv[8])
+        sys.path.insert(0, sys.argv[9])
         import bench_ceiling as bc
         info = bc.step_weight_bytes(sys.argv[1])
         so = ort.SessionOptions(); so.intra_op_num_threads = int(sys.argv[2])
@@ -180,7 +180,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prefill", type=int, default=512)
-    ap.add_argument("--chunk", type=int, default=64, help="rwkv.cpp's sequence-mode chunk size")
+    ap.add_argument("--chunk", type=int, default=64, help="prefill chunk size (ours and rwkv.cpp's sequence mode)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", default="1,4,16,32", help="batch sizes measured (the first model's against its ceiling)")
     ap.add_argument("--low-memory", action="store_true", help="also measure each model with low_memory=True")
@@ -206,10 +206,10 @@ def main():
         for low in ([False, True] if a.low_memory else [False]):
             label = Path(m).name + (" (low-memory)" if low else "")
             batches = a.batches if not low else "1"
-            contenders[label] = (OURS, (m, T, a.tokens, a.prefill, "1" if low else "0", batches, "auto", HERE))
+            contenders[label] = (OURS, (m, T, a.tokens, a.prefill, "1" if low else "0", batches, "auto", a.chunk, HERE))
         if i == 0 and a.step_graph:  # the two-session layout: faster decode, a second copy of the weights
             contenders[Path(m).name + " (decode_graph=step)"] = (
-                OURS, (m, T, a.tokens, a.prefill, "0", a.batches, "step", HERE))
+                OURS, (m, T, a.tokens, a.prefill, "0", a.batches, "step", a.chunk, HERE))
 
     runs = {k: [] for k in contenders}
     for r in range(a.rounds):
