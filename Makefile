@@ -55,7 +55,7 @@ bench: $(BIN)/.installed
 	$(BIN)/rwkv-export export build/rwkv4-169m-random.pth -o build/rwkv4-169m-int4-b128.onnx --tokenizer none --external-data -q --quantize int4 --quant-block 128
 	$(BIN)/rwkv-export export build/rwkv4-169m-random.pth -o build/rwkv4-169m-int8d.onnx --tokenizer none --external-data -q --quantize int8-dynamic
 	$(BIN)/python scripts/bench_vs_blinkdl.py build/rwkv4-169m-random.pth build/rwkv4-169m.onnx \
-	    build/rwkv4-169m-int8.onnx build/rwkv4-169m-int4.onnx build/rwkv4-169m-int4-b128.onnx build/rwkv4-169m-int8d.onnx --threads 2 --rounds 3 --batches 1,4,16,32 --step-graph --chunk 256 \
+	    build/rwkv4-169m-int8.onnx build/rwkv4-169m-int4.onnx build/rwkv4-169m-int4-b128.onnx build/rwkv4-169m-int8d.onnx --threads 2 --rounds 3 --batches 1,4,16,32 --step-graph --chunk 128 \
 	    $(if $(RWKVCPP),--rwkvcpp $(RWKVCPP)) --json build/bench.json
 	$(BIN)/python scripts/bench_memory.py build/rwkv4-169m.onnx build/rwkv4-169m-int8.onnx build/rwkv4-169m-int4.onnx \
 	    build/rwkv4-169m-int8d.onnx
