@@ -93,7 +93,7 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
     if opt.quantize in ("int8", "int4") and opt.quant_block not in QUANT_BLOCKS:
         raise ExportError(f"--quant-block must be one of {', '.join(map(str, QUANT_BLOCKS))}, not {opt.quant_block!r}")
     if opt.quantize and opt.precision != "fp32":
-        raise ExportError("--quantize applies to fp32 exports (weight-only int8/int4 for ONNX Runtime on CPU)")
+        raise ExportError("--quantize applies to fp32 exports (its int8/int4 formats are for ONNX Runtime on CPU)")
     bad = [g for g in opt.graphs if g not in GRAPHS]
     if bad or not opt.graphs:
         raise ExportError(f"--graphs must name some of {', '.join(GRAPHS)} (got {', '.join(opt.graphs) or 'none'})")
