@@ -85,46 +85,40 @@ def _nbits_model(K: int, nbytes: int, bits: int, block: int, accuracy_level: int
                              ir_version=9)
 
 
-def _calls_per_s(model: onnx.ModelProto, K: int, threads: int, seconds: float = 1.5) -> float:
+def _session(model: onnx.ModelProto, threads: int):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    x = {"x": np.random.default_rng(1).standard_normal((1, K), np.float32)}
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _rate(session, rows: int, K: int, seconds: float) -> float:
+    """Calls per second of ``session`` on x [rows, K], after a short warm-up."""
+    x = {"x": np.random.default_rng(1).standard_normal((rows, K), np.float32)}
     for _ in range(3):
-        s.run(None, x)
+        session.run(None, x)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        s.run(None, x)
+        session.run(None, x)
         n += 1
     return n / (time.perf_counter() - t0)
+
+
+def _calls_per_s(model: onnx.ModelProto, K: int, threads: int, seconds: float = 1.5) -> float:
+    return _rate(_session(model, threads), 1, K, seconds)
 
 
 def batched_ceiling_tps(info: dict, batches, threads: int = 2, seconds: float = 1.5) -> dict:
     """{batch: tok/s} of the float32 ``Gemm`` over the step's weight bytes with ``batch`` rows of x: one
     read of the weights serves the whole batch, so as the batch grows the op turns from memory-bound to
     compute-bound; its batch-N over batch-1 ratio is the most any batched decode can gain on the machine."""
-    import onnxruntime as ort
-
     K = info["K"]
     m = _gemm_model(K, info["bytes"])
     for io in (m.graph.input[0], m.graph.output[0]):
         io.type.tensor_type.shape.dim[0].dim_param = "batch"
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    out = {}
-    for b in batches:
-        x = {"x": np.random.default_rng(1).standard_normal((int(b), K), np.float32)}
-        for _ in range(2):
-            s.run(None, x)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            s.run(None, x)
-            n += 1
-        out[str(b)] = int(b) * n / (time.perf_counter() - t0)
-    return out
+    s = _session(m, threads)
+    return {str(b): int(b) * _rate(s, int(b), K, seconds) for b in batches}
 
 
 def ceiling_tps(info: dict, threads: int = 2) -> dict:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -34,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_vs_blinkdl import run  # noqa: E402  (one subprocess runner for the benchmarks)
 REPO = HERE.parent
 REFERENCE = REPO.parent / "shared" / "reference" / "models"
 CHECKPOINTS = {
@@ -62,13 +62,12 @@ def _parse(variant: str) -> dict:
     return v
 
 
-def _nbits(w_nk: np.ndarray, bits: int, block: int, acc: int):
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+def quantizer(v: dict):
+    """The product's own quantiser for a variant (exporter/quantize.py): the bench measures what
+    ``--quantize`` writes, not a copy of it."""
+    from rwkv_export.quantize import DynamicInt8Quantizer, Quantizer
 
-    q = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True,
-                                                                accuracy_level=acc, bits=bits))
-    packed, scales, _ = q.qbits_block_quant(np.ascontiguousarray(w_nk.T))  # it takes [K, N]
-    return packed, scales
+    return DynamicInt8Quantizer() if v["kind"] == "dq8" else Quantizer(v["bits"], v["block"], v["acc"])
 
 
 def rewrite(model, variant: str, cache: dict):
@@ -80,6 +79,7 @@ def rewrite(model, variant: str, cache: dict):
     v = _parse(variant)
     if v["kind"] == "fp32":
         return model
+    q = quantizer(v)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     keep_inits, nodes, added = [], [], set()
@@ -91,26 +91,14 @@ def rewrite(model, variant: str, cache: dict):
             nodes.append(node)
             continue
         N, K = t.dims
+        qname, sname = t.name + "_q", t.name + "_s"
         if t.name not in cache:
-            w = numpy_helper.to_array(t)
-            if v["kind"] == "nbits":
-                packed, scales = _nbits(w, v["bits"], v["block"], v["acc"])
-                cache[t.name] = [numpy_helper.from_array(packed, t.name + "_q"),
-                                 numpy_helper.from_array(scales, t.name + "_s")]
-            else:  # dq8: symmetric int8 per output column
-                s = np.maximum(np.abs(w).max(axis=1), 1e-12).astype(np.float32) / 127.0
-                q = np.clip(np.rint(w / s[:, None]), -127, 127).astype(np.int8)
-                cache[t.name] = [numpy_helper.from_array(np.ascontiguousarray(q.T), t.name + "_q"),
-                                 numpy_helper.from_array(s, t.name + "_s")]
+            packed, scales = q.quantize(numpy_helper.to_array(t).T)  # the quantisers take [K, N]
+            cache[t.name] = [numpy_helper.from_array(packed, qname), numpy_helper.from_array(scales, sname)]
         if t.name not in added:
             keep_inits += cache[t.name]
             added.add(t.name)
-        ins = [node.input[0], t.name + "_q", t.name + "_s"]
-        if v["kind"] == "nbits":
-            nodes.append(helper.make_node("MatMulNBits", ins, list(node.output), name=node.name, domain=MS, K=K, N=N,
-                                          bits=v["bits"], block_size=v["block"], accuracy_level=v["acc"]))
-        else:
-            nodes.append(helper.make_node("DynamicQuantizeMatMul", ins, list(node.output), name=node.name, domain=MS))
+        nodes.append(q.node(node.input[0], qname, sname, node.output, node.name, K, N))
     used = {i for n in nodes for i in n.input} | {i for n in nodes for a in n.attribute if a.type == a.GRAPH
                                                   for sub in a.g.node for i in sub.input}
     keep_inits = [t for t in g.initializer if t.name in used] + keep_inits
@@ -166,14 +154,6 @@ CEILING = textwrap.dedent("""
 """)
 
 
-def _run(code: str, *args, threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise SystemExit(f"benchmark process failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 def accuracy(names: list, variants: list, work: Path) -> dict:
     """{model: {variant: compare_to_reference(...)}} on the held-out text."""
     from rwkv_export.export import ExportOptions, export
@@ -226,11 +206,10 @@ def main():
             for v in runs:
                 print(f"round {r + 1}/{a.rounds}: {v}", file=sys.stderr, flush=True)
                 if v == "ceiling":
-                    runs[v].append(_run(CEILING, a.speed, a.threads, HERE, a.batches, threads=a.threads))
+                    runs[v].append(run(CEILING, a.speed, a.threads, HERE, a.batches, threads=a.threads))
                 else:
-                    runs[v].append(_run(SPEED, paths[v], a.threads, a.tokens, a.batches, threads=a.threads))
+                    runs[v].append(run(SPEED, paths[v], a.threads, a.tokens, a.batches, threads=a.threads))
         result["speed"] = runs
-        sys.path.insert(0, str(HERE))
         from bench_ceiling import step_weight_bytes
 
         step_bytes = {v: step_weight_bytes(p)["bytes"] for v, p in paths.items()}
