@@ -11,6 +11,12 @@ ceiling of a model is the fastest of:
     and accuracy level) over as many packed bytes, scales included.
 Each is reported as "tok/s": calls per second. ``ceiling_tps`` is imported by bench_vs_blinkdl.py,
 which prints every decode figure as a fraction of it.
+
+A second, model-specific bound: the model's **matrix products alone** (``products_model``): every
+weight-matrix node of the step graph, with its real weights and attributes, run one after another with
+nothing else in the graph. No graph built from those separate products can step faster on onnxruntime,
+so decode over it is the cost of everything else (elementwise nodes, the runtime's step loop), and it
+over the single-op ceiling is the cost of splitting the bytes into many small products.
 """
 from __future__ import annotations
 
@@ -56,6 +62,94 @@ def step_weight_bytes(path) -> dict:
     info["bytes"] = total
     info["K"] = int(np.median(ks)) if ks else 768
     return info
+
+
+def _weight_k(node, inits) -> tuple[int, int] | None:
+    """(K, N) of a matrix-product node whose weight is an initializer; None for any other node."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "MatMulNBits":
+        return attrs["K"], attrs["N"]
+    if len(node.input) < 2 or node.input[1] not in inits:
+        return None
+    dims = list(inits[node.input[1]].dims)
+    if node.op_type == "Gemm" and len(dims) == 2:
+        return (dims[1], dims[0]) if attrs.get("transB", 0) else (dims[0], dims[1])
+    if node.op_type in ("MatMul", "DynamicQuantizeMatMul") and len(dims) == 2:
+        return dims[0], dims[1]
+    return None
+
+
+def products_model(path) -> onnx.ModelProto:
+    """The step graph's weight-matrix products alone, in graph order, with their real weights: one input
+    x_K [batch, K] per inner size K feeds every product of that size; each product is a graph output."""
+    m = onnx.load(str(path))  # with its external data: the real weights
+    inits = {t.name: t for t in m.graph.initializer}
+    nodes, used, inputs, outputs = [], set(), {}, []
+    for i, node in enumerate(m.graph.node):
+        kn = _weight_k(node, inits)
+        if kn is None:
+            continue
+        K, N = kn
+        if K not in inputs:
+            inputs[K] = helper.make_tensor_value_info(f"x_{K}", TensorProto.FLOAT, ["batch", K])
+        extra = [n for n in node.input[1:] if n]
+        if any(n not in inits for n in extra):  # a product of two activations: not a weight read
+            continue
+        used.update(extra)
+        out = f"y_{i}"
+        nodes.append(helper.make_node(node.op_type, [f"x_{K}"] + list(node.input[1:]), [out], domain=node.domain,
+                                      **{a.name: helper.get_attribute_value(a) for a in node.attribute}))
+        outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", N]))
+    g = helper.make_graph(nodes, "matrix_products", list(inputs.values()), outputs,
+                          [t for t in m.graph.initializer if t.name in used])
+    return helper.make_model(g, opset_imports=list(m.opset_import), ir_version=m.ir_version)
+
+
+class ProductsRunner:
+    """Runs ``products_model`` with pre-bound inputs and outputs (no per-call allocation), ``rows`` rows."""
+
+    def __init__(self, path, threads: int | None = 2, session_options=None):
+        import onnxruntime as ort
+
+        so = session_options or ort.SessionOptions()
+        if session_options is None:
+            so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(products_model(path).SerializeToString(), so,
+                                            providers=["CPUExecutionProvider"])
+        self._ort, self._io = ort, {}
+
+    def bound(self, rows: int):
+        if rows not in self._io:
+            ort, s = self._ort, self.session
+            io = s.io_binding()
+            feeds = {}
+            for x in s.get_inputs():
+                feeds[x.name] = ort.OrtValue.ortvalue_from_numpy(
+                    np.full((rows, x.shape[1]), 0.01, np.float32))
+                io.bind_ortvalue_input(x.name, feeds[x.name])
+            outs = [ort.OrtValue.ortvalue_from_shape_and_type((rows, y.shape[1]), np.float32)
+                    for y in s.get_outputs()]
+            for y, v in zip(s.get_outputs(), outs):
+                io.bind_ortvalue_output(y.name, v)
+            self._io[rows] = (io, feeds, outs)  # the values live as long as their binding
+        return self._io[rows][0]
+
+    def run(self, rows: int = 1):
+        self.session.run_with_iobinding(self.bound(rows))
+
+
+def products_tps(path, batches=("1",), threads: int = 2, seconds: float = 1.5) -> dict:
+    """{batch: tok/s} of the model's matrix products alone (``ProductsRunner``) with ``batch`` rows."""
+    r = ProductsRunner(path, threads)
+    out = {}
+    for b in batches:
+        r.run(int(b))
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            r.run(int(b))
+            n += 1
+        out[str(b)] = int(b) * n / (time.perf_counter() - t0)
+    return out
 
 
 def _gemm_model(K: int, nbytes: int) -> onnx.ModelProto:

@@ -63,7 +63,8 @@ OURS = textwrap.dedent("""
     res = {"decode_tps": {b: decode_tps(s, int(b), n) for b in sys.argv[6].split(",")}}
     if L and s.backend.has("sequence"):
         res["prefill_tps"] = prefill_tps(s, L, repeats=1, chunk_size=int(sys.argv[8]))
-    if len(sys.argv) > 9:  # paired: the ceiling op and decode alternating in this process, same memory state
+    res["peak_rss_mb"] = peak_rss_mb()  # before the paired ops below add their own weights
+    if len(sys.argv) > 9:  # paired: the bounds and decode alternating in this process, same memory state
         import time
         import numpy as np
         import onnxruntime as ort
@@ -74,15 +75,21 @@ OURS = textwrap.dedent("""
         c = ort.InferenceSession(bc._gemm_model(info["K"], info["bytes"]).SerializeToString(), so,
                                  providers=["CPUExecutionProvider"])
         x = {"x": np.ones((1, info["K"]), np.float32)}
-        pairs = []
-        for _ in range(5):
+        prod = bc.ProductsRunner(sys.argv[1], int(sys.argv[2]))
+        def rate(f):
+            f()
             t0 = time.perf_counter()
             for _ in range(16):
-                c.run(None, x)
-            ceil = 16 / (time.perf_counter() - t0)
-            pairs.append(decode_tps(s, 1, 16, warmup=1) / ceil)
+                f()
+            return 16 / (time.perf_counter() - t0)
+        pairs, pprod = [], []
+        for _ in range(5):
+            ceil, products = rate(lambda: c.run(None, x)), rate(prod.run)
+            d = decode_tps(s, 1, 16, warmup=1)
+            pairs.append(d / ceil)
+            pprod.append(d / products)
         res["paired_fraction"] = sorted(pairs)[len(pairs) // 2]
-    res["peak_rss_mb"] = peak_rss_mb()
+        res["paired_products_fraction"] = sorted(pprod)[len(pprod) // 2]
     print(json.dumps(res))
 """)
 
@@ -92,8 +99,10 @@ CEILING = textwrap.dedent("""
     import bench_ceiling as bc
     info = bc.step_weight_bytes(sys.argv[1])
     res = bc.ceiling_tps(info, int(sys.argv[2]))
-    if len(sys.argv) > 4:  # the batched ceilings of the model whose batched decode is measured
-        res["batched"] = bc.batched_ceiling_tps(info, sys.argv[4].split(","), int(sys.argv[2]))
+    batches = sys.argv[4].split(",") if len(sys.argv) > 4 else ["1"]
+    if len(sys.argv) > 5 and sys.argv[5] == "1":  # the float32 model: the Gemm op's batched ceilings
+        res["batched"] = bc.batched_ceiling_tps(info, batches, int(sys.argv[2]))
+    res["products"] = bc.products_tps(sys.argv[1], batches, int(sys.argv[2]))
     print(json.dumps(res))
 """)
 
@@ -195,7 +204,7 @@ def main():
 
     contenders = {}  # label -> (code, args)
     for i, m in enumerate(dict.fromkeys(a.models)):
-        contenders[f"ceiling {Path(m).name}"] = (CEILING, (m, T, HERE) + ((a.batches,) if i == 0 else ()))
+        contenders[f"ceiling {Path(m).name}"] = (CEILING, (m, T, HERE, a.batches, "1" if i == 0 else "0"))
     if not a.skip_blinkdl:
         contenders["BlinkDL rwkv (cpu fp32)"] = (BLINKDL, (a.checkpoint, T, a.tokens, a.prefill))
     if cpp:
@@ -239,6 +248,8 @@ def main():
             print(f"{label:<34}{fmt(dec(label))}{'':>11}{'':>20}{stats(dec(label))[0] / b_med:>12.2f}{fmt(pre)}")
     for i, m in enumerate(a.models):
         ceil = dec(f"ceiling {Path(m).name}")
+        prods = [x["products"] for x in runs[f"ceiling {Path(m).name}"]]
+        p1 = stats([x["1"] for x in prods])[0]
         for label in [k for k in contenders if k.startswith(Path(m).name)]:
             d = dec(label)
             pre = [x["prefill_tps"] for x in runs[label] if "prefill_tps" in x]
@@ -248,22 +259,35 @@ def main():
                   f"{fmt(pre)}  {pf}")
             if label.endswith("(low-memory)"):
                 continue
+            pp = [x["paired_products_fraction"] for x in runs[label] if "paired_products_fraction" in x]
+            if label == Path(m).name:  # the bound of separate matrix products, once per model
+                print(f"{'  its matrix products alone***':<34}{fmt([x['1'] for x in prods])}"
+                      f"{p1 / stats(ceil)[0]:>11.2f}")
+            if pp:
+                print(f"{'    decode over them':<34}{stats(d)[0] / p1:>20.2f}{'':>11}{'':>20}{'':>12}{'':>20}  "
+                      f"{stats(pp)[0]:.2f} ({stats(pp)[1]:.2f}-{stats(pp)[2]:.2f})")
             first = a.models[0]
             bc = [x["batched"] for x in runs[f"ceiling {Path(first).name}"]]
             for b in a.batches.split(",")[1:]:
-                db, cb = dec(label, b), [x[b] for x in bc]
+                db, pb = dec(label, b), [x[b] for x in prods]
+                bound = f"; its products alone {stats(pb)[0]:.0f} tok/s (decode {stats(db)[0] / stats(pb)[0]:.2f} of them, " \
+                        f"at most {stats(pb)[0] / stats(d)[0]:.1f}x this batch 1)"
                 if i == 0:  # the float32 model: against the Gemm op at batch b over its bytes
+                    cb = [x[b] for x in bc]
                     print(f"{'  batch ' + b + ' (aggregate)':<34}{fmt(db)}{stats(db)[0] / stats(cb)[0]:>11.2f}{fmt(cb)}"
                           f"{'':>12}   {stats(db)[0] / stats(d)[0]:.1f}x batch 1 (the ceiling op: "
-                          f"{stats(cb)[0] / stats([x['1'] for x in bc])[0]:.1f}x its batch 1)")
+                          f"{stats(cb)[0] / stats([x['1'] for x in bc])[0]:.1f}x its batch 1){bound}")
                 else:
                     print(f"{'  batch ' + b + ' (aggregate)':<34}{fmt(db)}{'':>11}{'':>20}{'':>12}"
                           f"   {stats(db)[0] / stats(d)[0]:.1f}x batch 1, "
-                          f"{stats(db)[0] / stats(dec(Path(first).name))[0]:.1f}x {Path(first).name} batch 1")
+                          f"{stats(db)[0] / stats(dec(Path(first).name))[0]:.1f}x {Path(first).name} batch 1{bound}")
     print("* ratios to BlinkDL's package depend on the machine (memory bandwidth against compute); "
           "the fractions of the ceiling are what carries over")
     print("** paired: batch-1 decode over the ceiling op timed alternately in the model's own process (5 pairs of "
           "16 steps; median of the rounds' medians, min-max): both see the same memory state at the same moment")
+    print("*** the step graph's weight-matrix products with their real weights and nothing else, one after another "
+          "(scripts/bench_ceiling.py products_model): no graph of separate products runs faster on onnxruntime, so "
+          "\"decode over them\" is the cost of everything else, and they over the ceiling the cost of many small products")
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump({"machine": machine(), "threads": T, "rounds": a.rounds, "runs": runs}, f, indent=1)

@@ -1,0 +1,80 @@
+"""The bounds `make bench` divides by are what they claim: the ceiling op reads the step's weight bytes,
+and the "matrix products alone" graph holds every weight product of the step graph, with its real
+weights, and computes what those products compute."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from tests.conftest import REPO, ref_model
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def _bench_ceiling():
+    spec = importlib.util.spec_from_file_location("bench_ceiling", REPO / "scripts" / "bench_ceiling.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    from rwkv_export.export import ExportOptions, export
+
+    d = tmp_path_factory.mktemp("bounds")
+    out = {}
+    for name, ver in (("v4", "tiny-rwkv-4v0-660K"), ("v7", "tiny-rwkv-7v0-834K")):
+        out[name] = export(ref_model(ver), d / f"{name}.onnx", ExportOptions())[0]
+    out["v7-int4"] = export(ref_model("tiny-rwkv-7v0-834K"), d / "v7-int4.onnx", ExportOptions(quantize="int4"))[0]
+    return out
+
+
+@pytest.mark.parametrize("name", ["v4", "v7"])
+def test_products_alone_are_the_step_graphs_weight_products(exports, name):
+    bc = _bench_ceiling()
+    path = exports[name]
+    m = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    weight_nodes = [n for n in m.graph.node if n.op_type in ("Gemm", "MatMul") and n.input[1] in inits
+                    and inits[n.input[1]].ndim == 2]
+    assert weight_nodes, "the step graph has weight products"
+    pm = bc.products_model(path)
+    assert [n.input[1] for n in pm.graph.node] == [n.input[1] for n in weight_nodes]
+    # the same bytes: the products read what a decode step reads, less one row of each Gather table
+    p_inits = {t.name: numpy_helper.to_array(t) for t in pm.graph.initializer}
+    for n in weight_nodes:
+        np.testing.assert_array_equal(p_inits[n.input[1]], inits[n.input[1]])
+    gathers = sum(inits[n.input[0]].nbytes // inits[n.input[0]].shape[0] for n in m.graph.node
+                  if n.op_type == "Gather" and n.input[0] in inits)
+    assert sum(a.nbytes for a in p_inits.values()) == bc.step_weight_bytes(path)["bytes"] - gathers
+    # and it computes those products: each output is x times the weight (as numpy computes it)
+    s = ort.InferenceSession(pm.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {x.name: rng.standard_normal((3, x.shape[1]), np.float32) for x in s.get_inputs()}
+    outs = s.run(None, feeds)
+    for node, y in zip(pm.graph.node, outs):
+        w = p_inits[node.input[1]]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        want = feeds[node.input[0]] @ (w.T if attrs.get("transB", 0) else w)
+        if len(node.input) > 2 and node.input[2]:
+            want = want + p_inits[node.input[2]]
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+
+
+def test_products_alone_of_a_quantised_export_run_at_every_batch(exports):
+    bc = _bench_ceiling()
+    path = exports["v7-int4"]
+    m = onnx.load(str(path), load_external_data=False)
+    n_nbits = sum(n.op_type == "MatMulNBits" for n in m.graph.node)
+    pm = bc.products_model(path)
+    assert n_nbits and sum(n.op_type == "MatMulNBits" for n in pm.graph.node) == n_nbits
+    r = bc.ProductsRunner(path, threads=1)
+    for rows in (1, 4):
+        r.run(rows)  # pre-bound outputs of [rows, N]: a wrong N or K fails in onnxruntime
+    rates = bc.products_tps(path, ("1", "2"), threads=1, seconds=0.05)
+    assert set(rates) == {"1", "2"} and all(v > 0 for v in rates.values())
