@@ -81,7 +81,8 @@ def _weight_k(node, inits) -> tuple[int, int] | None:
 
 def products_model(path) -> onnx.ModelProto:
     """The step graph's weight-matrix products alone, in graph order, with their real weights: one input
-    x_K [batch, K] per inner size K feeds every product of that size; each product is a graph output."""
+    [batch, K] per inner size K (and float type) feeds every product of that size; each product is a
+    graph output."""
     m = onnx.load(str(path))  # with its external data: the real weights
     inits = {t.name: t for t in m.graph.initializer}
     nodes, used, inputs, outputs = [], set(), {}, []
@@ -90,19 +91,26 @@ def products_model(path) -> onnx.ModelProto:
         if kn is None:
             continue
         K, N = kn
-        if K not in inputs:
-            inputs[K] = helper.make_tensor_value_info(f"x_{K}", TensorProto.FLOAT, ["batch", K])
         extra = [n for n in node.input[1:] if n]
         if any(n not in inits for n in extra):  # a product of two activations: not a weight read
             continue
+        # activations in the weights' float type (an fp16 export's Gemm); quantised ops take float32
+        dtype = inits[node.input[1]].data_type if node.op_type in ("Gemm", "MatMul") else TensorProto.FLOAT
+        key = (K, dtype)
+        if key not in inputs:
+            inputs[key] = helper.make_tensor_value_info(f"x_{K}_{dtype}", dtype, ["batch", K])
         used.update(extra)
         out = f"y_{i}"
-        nodes.append(helper.make_node(node.op_type, [f"x_{K}"] + list(node.input[1:]), [out], domain=node.domain,
+        nodes.append(helper.make_node(node.op_type, [inputs[key].name] + list(node.input[1:]), [out],
+                                      domain=node.domain,
                                       **{a.name: helper.get_attribute_value(a) for a in node.attribute}))
-        outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", N]))
+        outputs.append(helper.make_tensor_value_info(out, dtype, ["batch", N]))
     g = helper.make_graph(nodes, "matrix_products", list(inputs.values()), outputs,
                           [t for t in m.graph.initializer if t.name in used])
     return helper.make_model(g, opset_imports=list(m.opset_import), ir_version=m.ir_version)
+
+
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class ProductsRunner:
@@ -125,9 +133,9 @@ class ProductsRunner:
             feeds = {}
             for x in s.get_inputs():
                 feeds[x.name] = ort.OrtValue.ortvalue_from_numpy(
-                    np.full((rows, x.shape[1]), 0.01, np.float32))
+                    np.full((rows, x.shape[1]), 0.01, _NP[x.type]))
                 io.bind_ortvalue_input(x.name, feeds[x.name])
-            outs = [ort.OrtValue.ortvalue_from_shape_and_type((rows, y.shape[1]), np.float32)
+            outs = [ort.OrtValue.ortvalue_from_shape_and_type((rows, y.shape[1]), _NP[y.type])
                     for y in s.get_outputs()]
             for y, v in zip(s.get_outputs(), outs):
                 io.bind_ortvalue_output(y.name, v)

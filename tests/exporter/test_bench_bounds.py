@@ -31,10 +31,12 @@ def exports(tmp_path_factory):
     for name, ver in (("v4", "tiny-rwkv-4v0-660K"), ("v7", "tiny-rwkv-7v0-834K")):
         out[name] = export(ref_model(ver), d / f"{name}.onnx", ExportOptions())[0]
     out["v7-int4"] = export(ref_model("tiny-rwkv-7v0-834K"), d / "v7-int4.onnx", ExportOptions(quantize="int4"))[0]
+    out["v4-fp16"] = export(ref_model("tiny-rwkv-4v0-660K"), d / "v4-fp16.onnx",
+                            ExportOptions(graphs=("step",), precision="fp16"))[0]
     return out
 
 
-@pytest.mark.parametrize("name", ["v4", "v7"])
+@pytest.mark.parametrize("name", ["v4", "v7", "v4-fp16"])
 def test_products_alone_are_the_step_graphs_weight_products(exports, name):
     bc = _bench_ceiling()
     path = exports[name]
@@ -55,15 +57,20 @@ def test_products_alone_are_the_step_graphs_weight_products(exports, name):
     # and it computes those products: each output is x times the weight (as numpy computes it)
     s = ort.InferenceSession(pm.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    feeds = {x.name: rng.standard_normal((3, x.shape[1]), np.float32) for x in s.get_inputs()}
+    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    feeds = {x.name: rng.standard_normal((3, x.shape[1])).astype(dtype[x.type]) for x in s.get_inputs()}
     outs = s.run(None, feeds)
+    fp16 = name.endswith("fp16")
     for node, y in zip(pm.graph.node, outs):
         w = p_inits[node.input[1]]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        want = feeds[node.input[0]] @ (w.T if attrs.get("transB", 0) else w)
+        x = feeds[node.input[0]].astype(np.float32)
+        want = x @ (w.T if attrs.get("transB", 0) else w).astype(np.float32)
         if len(node.input) > 2 and node.input[2]:
-            want = want + p_inits[node.input[2]]
-        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+            want = want + p_inits[node.input[2]].astype(np.float32)
+        assert y.dtype == (np.float16 if fp16 else np.float32)
+        tol = 2e-2 * max(1.0, float(np.abs(want).max())) if fp16 else 1e-5
+        np.testing.assert_allclose(y.astype(np.float32), want, rtol=1e-2 if fp16 else 1e-4, atol=tol)
 
 
 def test_products_alone_of_a_quantised_export_run_at_every_batch(exports):
