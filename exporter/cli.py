@@ -56,8 +56,9 @@ def main():
 @click.option("--quantize", type=click.Choice(["int8", "int4", "int8-dynamic"]), default=None,
               help="For CPUs; prints its accuracy cost. int8/int4: weight-only blocks (onnxruntime MatMulNBits); "
                    "int8-dynamic: int8 weights and activations (DynamicQuantizeMatMul), fastest for batches.")
-@click.option("--quant-block", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
-              help="Block size of --quantize along each row (larger: smaller and faster, less accurate; "
+@click.option("--quant-block", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+              help="Block size of --quantize int8/int4 along each row [default: 128 for int8, 32 for int4] "
+                   "(larger: smaller and faster, less accurate; "
                    "docs/benchmarks.md compares them).")
 @click.option("--rescale-every", type=click.IntRange(0), default=None,
               help="RWKV-4 float16 residual rescaling interval (default 6 for fp16/bf16, 0 = off).")
@@ -77,7 +78,7 @@ def export_cmd(checkpoint, out, graphs, wkv, precision, quantize, quant_block, r
     from .export import ExportOptions, export
 
     opts = ExportOptions(graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()), wkv=wkv,
-                         precision=precision, quantize=quantize, quant_block=int(quant_block),
+                         precision=precision, quantize=quantize, quant_block=int(quant_block) if quant_block else None,
                          rescale_every=rescale_every, all_logits=all_logits,
                          tokenizer=tokenizer, external_data=external_data, allow_nonfinite=allow_nonfinite,
                          state_tuning=str(state_tuning) if state_tuning else None)

@@ -65,6 +65,25 @@ def test_cli_quant_block_reaches_the_graph_and_the_manifest(tmp_path):
     assert r.exit_code != 0 and "48" in r.output
 
 
+@pytest.mark.parametrize("fmt, block", [("int8", 128), ("int4", 32)])
+def test_cli_default_block_is_the_formats_measured_best(tmp_path, fmt, block):
+    """Without --quant-block, int8 uses block 128 and int4 block 32 (docs/benchmarks.md measures why),
+    in the graph and in the manifest."""
+    from click.testing import CliRunner
+
+    from rwkv_export.cli import main
+    from rwkv_runtime.artifact import read_manifest
+
+    out = tmp_path / "q.onnx"
+    r = CliRunner().invoke(main, ["export", str(ref_model("tiny-rwkv-4v0-660K")), "-o", str(out), "-q",
+                                  "--quantize", fmt, "--graphs", "step"])
+    assert r.exit_code == 0, r.output
+    blocks = {helper.get_attribute_value(a) for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "block_size"}
+    assert blocks == {block}
+    assert read_manifest(out)[0].options["quant_block"] == block
+
+
 @pytest.mark.parametrize("name", ["tiny-rwkv-4v0-660K", "tiny-rwkv-6v0-1m", "tiny-rwkv-7v0-834K"])
 def test_int8_dynamic_against_the_reference(tmp_path, name):
     """--quantize int8-dynamic: every large matrix becomes DynamicQuantizeMatMul with int8 [K, N] weights
