@@ -168,7 +168,7 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
                     tokenizer=tok, state=spec.state_layout(cfg), dims={k: v for k, v in cfg.items()},
                     options={"all_logits": bool(opt.all_logits and kind == "sequence"),
                              "rescale_every": int(rescale), "quantize": opt.quantize,
-                             **({"quant_block": block} if opt.quantize in ("int8", "int4") else {}),
+                             **({"quant_block": block} if block is not None else {}),
                              "weights_file": data_path.name if external else None},
                     companions={k: paths[k].name for k in opt.graphs},
                     source={"checkpoint": ck.path.name, "format": ck.format}, exporter_version=__version__,

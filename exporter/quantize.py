@@ -98,7 +98,6 @@ class Quantizer:
         release_freed()  # the slabs' buffers (see onnx_graph.release_freed)
         return packed, scales
 
-
     def node(self, x: str, qname: str, sname: str, outputs, name: str, K: int, N: int):
         return helper.make_node("MatMulNBits", [x, qname, sname], list(outputs), name=f"{name}_Q{self.bits}",
                                 domain=MS_DOMAIN, K=K, N=N, bits=self.bits, block_size=self.block,

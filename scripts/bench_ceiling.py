@@ -116,14 +116,10 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 class ProductsRunner:
     """Runs ``products_model`` with pre-bound inputs and outputs (no per-call allocation), ``rows`` rows."""
 
-    def __init__(self, path, threads: int | None = 2, session_options=None):
+    def __init__(self, path, threads: int = 2):
         import onnxruntime as ort
 
-        so = session_options or ort.SessionOptions()
-        if session_options is None:
-            so.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(products_model(path).SerializeToString(), so,
-                                            providers=["CPUExecutionProvider"])
+        self.session = _session(products_model(path), threads)
         self._ort, self._io = ort, {}
 
     def bound(self, rows: int):
@@ -149,15 +145,7 @@ class ProductsRunner:
 def products_tps(path, batches=("1",), threads: int = 2, seconds: float = 1.5) -> dict:
     """{batch: tok/s} of the model's matrix products alone (``ProductsRunner``) with ``batch`` rows."""
     r = ProductsRunner(path, threads)
-    out = {}
-    for b in batches:
-        r.run(int(b))
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            r.run(int(b))
-            n += 1
-        out[str(b)] = int(b) * n / (time.perf_counter() - t0)
-    return out
+    return {str(b): int(b) * _calls_per_second(lambda: r.run(int(b)), seconds) for b in batches}
 
 
 def _gemm_model(K: int, nbytes: int) -> onnx.ModelProto:
@@ -195,16 +183,21 @@ def _session(model: onnx.ModelProto, threads: int):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _rate(session, rows: int, K: int, seconds: float) -> float:
-    """Calls per second of ``session`` on x [rows, K], after a short warm-up."""
-    x = {"x": np.random.default_rng(1).standard_normal((rows, K), np.float32)}
-    for _ in range(3):
-        session.run(None, x)
+def _calls_per_second(call, seconds: float, warmup: int = 3) -> float:
+    """How often ``call()`` runs per second over ``seconds``, after ``warmup`` calls."""
+    for _ in range(warmup):
+        call()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        session.run(None, x)
+        call()
         n += 1
     return n / (time.perf_counter() - t0)
+
+
+def _rate(session, rows: int, K: int, seconds: float) -> float:
+    """Calls per second of ``session`` on x [rows, K]."""
+    x = {"x": np.random.default_rng(1).standard_normal((rows, K), np.float32)}
+    return _calls_per_second(lambda: session.run(None, x), seconds)
 
 
 def _calls_per_s(model: onnx.ModelProto, K: int, threads: int, seconds: float = 1.5) -> float:
