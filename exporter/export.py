@@ -94,7 +94,9 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
         raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, not {opt.precision!r}")
     if opt.quantize not in (None, *QUANTIZE):
         raise ExportError(f"--quantize must be one of {', '.join(QUANTIZE)}, not {opt.quantize!r}")
-    if opt.quantize in ("int8", "int4") and opt.quant_block is not None and opt.quant_block not in QUANT_BLOCKS:
+    if opt.quant_block is not None and opt.quantize not in DEFAULT_QUANT_BLOCK:
+        raise ExportError("--quant-block applies to --quantize int8 or int4 (int8-dynamic has one scale per column)")
+    if opt.quant_block is not None and opt.quant_block not in QUANT_BLOCKS:
         raise ExportError(f"--quant-block must be one of {', '.join(map(str, QUANT_BLOCKS))}, not {opt.quant_block!r}")
     block = opt.quant_block if opt.quant_block is not None else DEFAULT_QUANT_BLOCK.get(opt.quantize)
     if opt.quantize and opt.precision != "fp32":

@@ -63,6 +63,12 @@ def test_cli_quant_block_reaches_the_graph_and_the_manifest(tmp_path):
     r = CliRunner().invoke(main, ["export", str(ref_model("tiny-rwkv-4v0-660K")), "-o", str(out), "-q",
                                   "--quantize", "int4", "--quant-block", "48"])
     assert r.exit_code != 0 and "48" in r.output
+    before = out.read_bytes()
+    for extra in (["--quantize", "int8-dynamic"], []):  # a block size that nothing would use: refused
+        r = CliRunner().invoke(main, ["export", str(ref_model("tiny-rwkv-4v0-660K")), "-o", str(out), "-q",
+                                      "--quant-block", "64", *extra])
+        assert r.exit_code == 1 and "--quant-block applies to --quantize int8 or int4" in r.output, r.output
+        assert out.read_bytes() == before  # the earlier export is untouched
 
 
 @pytest.mark.parametrize("fmt, block", [("int8", 128), ("int4", 32)])
