@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,9 @@ def _torch_load(path: Path) -> dict:
     if not mmap and magic[:1] != b"\x80":
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # e.g. torch's multi-line "Detected pickle protocol 4": the Error line says it
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
@@ -68,15 +71,27 @@ def _torch_load(path: Path) -> dict:
             raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({msg[:120]})") from None
         raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({msg[:160]})") from None
     except Exception as e:  # pickle.UnpicklingError (weights_only refusal) and friends
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
-            f"{path}: refused to load: not a plain tensor checkpoint ({type(e).__name__}: {msg[:160]})"
+            f"{path}: refused to load: not a plain tensor checkpoint (torch's weights-only loader, which never runs "
+            f"code from the file, cannot read it: {_refusal_reason(e)})"
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(hasattr(v, "dtype") for v in obj.values()):
         raise CheckpointError(f"{path}: not a checkpoint (expected a dict of tensors)")
     return obj
+
+
+def _refusal_reason(e: Exception) -> str:
+    """The line of torch's weights-only refusal that says what was refused (its first lines are boilerplate
+    about torch 2.6 and weights_only=False, advice this tool never follows)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    detail = [ln for ln in lines if not ln.startswith(boiler)]
+    text = (detail or lines or [type(e).__name__])[0]
+    if text.startswith("WeightsUnpickler error:"):
+        text = text[len("WeightsUnpickler error:"):].strip() or text
+    return text[:160]
 
 
 # safetensors dtypes read straight from the memory-mapped file: numpy dtype, then the torch view of it

@@ -164,11 +164,12 @@ def generate(model, prompt, max_tokens, temperature, top_p, top_k, presence_pena
     s = Session(model, providers=list(providers) or None, threads=threads, low_memory=low_memory)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, seed=seed)
+    gen = s.generate(prompt, max_tokens, params)  # every input checked here: no echoed prompt before an Error line
     click.echo(prompt, nl=False)
-    for piece in s.generate(prompt, max_tokens, params):
+    for piece in gen:
         click.echo(piece, nl=False)
     click.echo()
-    st = s.stats
+    st = gen.stats
     dec = st["new_tokens"] / st["decode_s"] if st["decode_s"] > 0 else float("nan")
     click.echo(f"[{st['prompt_tokens']} prompt tokens in {st['prefill_s'] * 1e3:.1f} ms, "
                f"{st['new_tokens']} new tokens at {dec:.1f} tokens/s]", err=True)
@@ -210,6 +211,8 @@ def bench(model, threads, batches, tokens, prefill_len, providers, low_memory, a
         bs = tuple(int(b) for b in batches.split(",") if b.strip())
     except ValueError:
         raise click.ClickException(f"--batch must be integers separated by commas, not {batches!r}") from None
+    if not bs:  # else nothing would be measured, silently
+        raise click.ClickException("--batch needs at least one batch size (e.g. 1,4)")
     s = Session(model, providers=list(providers) or None, threads=threads, low_memory=low_memory)
     if prefill_len and not s.backend.has("sequence"):
         prefill_len = 0

@@ -121,6 +121,9 @@ def plan_graphs(model: Path, out: Path, companions: bool = True, echo=None) -> l
                 if echo:
                     echo(f"note: the {kind} graph {name} is not beside {model.name}; building {man.graph} only")
                 continue
+            from rwkv_runtime.artifact import open_artifact
+
+            open_artifact(model).companion(kind)  # of this export (same id and layout): refused before building
             cman, ctok, cinit, cops = _read_onnx(p)
             graphs.append(_Graph(cman.graph, p, _companion_engine(out, man.graph, kind), cman, ctok, cinit, cops))
     names = {g.kind: g.engine.name for g in graphs}
@@ -280,6 +283,16 @@ def _check_options(model: Path, out: Path, opts: EngineOptions):
             raise EngineBuildError(f"--plugin {p}: no such file")
     if opts.timing_cache is not None and not Path(opts.timing_cache).parent.is_dir():
         raise EngineBuildError(f"--timing-cache {opts.timing_cache}: its directory does not exist")
+    if opts.timing_cache is not None:
+        # the cache is written after the engines: naming an output (or the model) would replace that file
+        cache = Path(opts.timing_cache)
+        taken = [out, sidecar_path(out), model, *(_companion_engine(out, g, k) for g in ("step", "sequence")
+                                                  for k in ("step", "sequence") if g != k)]
+        taken += [sidecar_path(t) for t in taken[3:]]
+        for t in taken:
+            if os.path.abspath(cache) == os.path.abspath(t) or (cache.exists() and t.exists() and os.path.samefile(cache, t)):
+                raise EngineBuildError(f"--timing-cache {cache}: is {t.name}, an input or output of this build; "
+                                       "choose another file")
 
 
 def build_engine(model, out, options: EngineOptions | None = None, echo=None) -> list:

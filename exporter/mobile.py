@@ -71,6 +71,7 @@ def write_mobile(model, out) -> list[Path]:
         raise ExportError(f"{out}: exists and is not an empty folder; choose another -o")
     if not out.parent.is_dir():
         raise ExportError(f"{out.parent}: no such folder")
+    art.initial_state()  # a manifest that promises an embedded initial state has one (as the runtime checks)
     graphs = {}
     for kind in ("step", "sequence"):
         p = art.companion_path(kind)
@@ -78,7 +79,10 @@ def write_mobile(model, out) -> list[Path]:
             art.companion(kind)  # same export (export id, state layout)
             graphs[kind] = p
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    except OSError as e:  # name the user's folder, not the temporary one
+        raise ExportError(f"{out}: cannot write there ({e.strerror or type(e).__name__})") from None
     try:
         names = {}
         for kind, src in graphs.items():
@@ -114,6 +118,10 @@ def write_mobile(model, out) -> list[Path]:
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+    except OSError as e:  # (disk full, ...): one line naming the user's folder, never the temporary one
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = out if e.filename is None or str(e.filename).startswith(str(tmp)) else e.filename
+        raise ExportError(f"{where}: {e.strerror or type(e).__name__}; {out} was not written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

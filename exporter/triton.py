@@ -211,6 +211,13 @@ def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int =
     logits_dtype, tokens_dtype = "float32", "int64"  # engines: what build-engine keeps from the ONNX graph
     if not art.engine:
         io = _graph_dtypes(art.path)
+        # Triton binds the config's names to the graph: a manifest naming tensors the graph lacks would only
+        # fail when the server loads the model
+        missing = [n for n in [art.manifest.tokens_input, art.manifest.logits_output]
+                   + [x for st in art.manifest.state for x in (st.name, st.output)] if n not in io]
+        if missing:
+            raise ExportError(f"{art.path.name}: the graph does not match its manifest (no tensor {missing[0]!r}); "
+                              "re-export the model")
         logits_dtype, tokens_dtype = io.get(art.manifest.logits_output, "?"), io.get(art.manifest.tokens_input, "?")
         if logits_dtype not in ("float32", "float16") or tokens_dtype not in ("int64", "int32"):
             raise ExportError(f"{art.path.name}: logits {logits_dtype} / tokens {tokens_dtype} are not types this "
@@ -236,9 +243,8 @@ def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int =
                 raise ExportError(f"the Python backend template {TEMPLATE} is missing (a source checkout has it)")
             shutil.copy2(TEMPLATE, version / "model.py")
             for kind in ("step", "sequence"):  # the runtime opens companions by their file names
-                p = art.companion_path(kind)
-                if p is not None:
-                    _copy_graph(p, version)
+                if art.companion_path(kind) is not None:  # checked to be of this export (id, layout)
+                    _copy_graph(art.companion(kind).path, version)
             extra[MODEL_FILE_PARAM] = art.path.name
         fills = _initial_values(art) if backend != "python" else {}
         if fills:

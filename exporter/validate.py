@@ -24,7 +24,9 @@ and the share of the tolerance used (the largest ``min(abs/atol, rel/rtol)``: ab
 from __future__ import annotations
 
 import math
+import os
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -555,6 +557,8 @@ def validate(model, reference, backend: str = "onnxruntime", graph: str | None =
         raise ValidationError(f"--chunk must be at least 1, not {chunk}")
     target = load_target(model, graph, onnx_path)
     man = target.manifest
+    _check_save_paths({"--save-inputs": save_inputs, "--save-outputs": save_outputs},
+                      _input_files(model, target, reference, onnx_path, plugins))
     if target.is_engine:
         backend = "tensorrt"
     if backend == "tensorrt":
@@ -601,11 +605,12 @@ def validate(model, reference, backend: str = "onnxruntime", graph: str | None =
             fr_ok, fr_rows = compare((FREE_RUNNING_RUNNER, fr_outs), results[1], target, atol, rtol,
                                      outputs=[man.logits_output])
             if save_inputs:
-                save_json(roll.feeds, str(save_inputs), description="rwkv-export validate: rollout feeds")
+                _save_atomically(save_inputs, lambda dest: save_json(roll.feeds, dest,
+                                                                     description="rwkv-export validate: rollout feeds"))
             if save_outputs:
                 only_ref = RunResults()
                 only_ref.append(results[1])  # the reference's outputs alone, as polygraphy --load-outputs reads them
-                only_ref.save(str(save_outputs))
+                _save_atomically(save_outputs, only_ref.save)
         except PolygraphyException as e:
             raise ValidationError(f"Polygraphy: {(str(e).strip().splitlines() or ['failed'])[0][:200]}") from None
     # free-running state drift, for information (the verdict is on the logits)
@@ -654,6 +659,59 @@ def validate(model, reference, backend: str = "onnxruntime", graph: str | None =
         first = min(step for step in (tf_bad, fr_bad) if step is not None)
         say(f"FAIL: the export differs from the reference; first bad step: {first} ({', '.join(parts)})")
     return Report(passed, tf_bad, fr_bad, out)
+
+
+def _input_files(model, target: Target, reference, onnx_path, plugins) -> list:
+    """Every file validate reads: MODEL, its companions and weights file, the engine's sidecar and ONNX
+    source, the reference (a Hugging Face folder: its files) and plugin libraries."""
+    files = [Path(model), target.path, target.manifest_from, Path(reference), *map(Path, plugins)]
+    if onnx_path:
+        files.append(Path(onnx_path))
+    files.append(target.path.with_name(target.path.name + ".json"))
+    man = target.manifest
+    names = list(man.companions.values()) + [man.options.get("weights_file")]
+    files += [target.manifest_from.with_name(n) for n in names if isinstance(n, str) and n]
+    if Path(reference).is_dir():
+        files += [f for f in Path(reference).iterdir() if f.is_file()]
+    return files
+
+
+def _check_save_paths(outputs: dict, inputs: list) -> None:
+    """Before any work: each --save-* file can be written, and is none of the files validate reads (writing
+    it would destroy the model or the reference) nor the other --save-* file."""
+    seen = {}
+    for opt, out in outputs.items():
+        if not out:
+            continue
+        out = Path(out)
+        if out.is_dir():
+            raise ValidationError(f"{opt} {out}: is a directory; give a file name")
+        if not out.parent.is_dir():
+            raise ValidationError(f"{opt} {out}: the folder {out.parent} does not exist")
+        for other in list(inputs) + list(seen):
+            try:
+                same = out.exists() and other.exists() and os.path.samefile(out, other)
+            except OSError:
+                same = False
+            if same or os.path.abspath(out) == os.path.abspath(other):
+                what = f"also {seen[other]}" if other in seen else f"a file this check reads ({other.name})"
+                raise ValidationError(f"{opt} {out}: is {what}; choose another file")
+        seen[out] = opt
+
+
+def _save_atomically(dest, write) -> None:
+    """``write(path)`` into a temporary file beside ``dest``, then renamed over it: a failed write (disk
+    full, Ctrl-C) leaves ``dest`` as it was and no partial file."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise ValidationError(f"{dest}: cannot write it ({e.strerror or type(e).__name__}); "
+                              "an existing file was left unchanged") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _short(names: list, n: int = 4) -> list:

@@ -73,6 +73,13 @@ def write_web_bundle(model, out, js_dir: Path | None = None) -> list[Path]:
     man = art.manifest
     if man.precision == "bf16":
         raise ExportError(f"{model.name} is a bfloat16 export: ONNX Runtime Web has no bfloat16 kernels; export fp32 or fp16")
+    kind = man.tokenizer.get("kind", "none")
+    # what the runtime would refuse, refused before writing a bundle that cannot run in the page
+    art.initial_state()
+    if kind not in ("bytes", "world", "hf-json", "none"):
+        raise ExportError(f"{model.name}: tokenizer kind {kind[:40]!r} is not one the web runtime knows; re-export it")
+    if kind == "hf-json" and not art.tokenizer_json:
+        raise ExportError(f"{model.name}: the manifest names a tokenizer.json but the model does not embed it; re-export it")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: exists and is not an empty folder; choose another -o")
     if not out.parent.is_dir():
@@ -93,9 +100,11 @@ def write_web_bundle(model, out, js_dir: Path | None = None) -> list[Path]:
             raise ExportError(f"{f.name} is {f.stat().st_size / 2**30:.1f} GiB: over the browser's 2 GiB ArrayBuffer "
                               "limit; export a smaller or quantized model")
 
-    kind = man.tokenizer.get("kind", "none")
     vocab = world_vocab() if kind == "world" else None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    except OSError as e:  # name the user's folder, not the temporary one
+        raise ExportError(f"{out}: cannot write there ({e.strerror or type(e).__name__})") from None
     try:
         for f in graphs + [model.with_name(d) for d in data]:
             shutil.copy2(f, tmp / f.name)
@@ -123,6 +132,10 @@ def write_web_bundle(model, out, js_dir: Path | None = None) -> list[Path]:
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
+    except OSError as e:  # (disk full, ...): one line naming the user's folder, never the temporary one
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = out if e.filename is None or str(e.filename).startswith(str(tmp)) else e.filename
+        raise ExportError(f"{where}: {e.strerror or type(e).__name__}; {out} was not written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

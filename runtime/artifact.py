@@ -26,6 +26,7 @@ import binascii
 import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -356,10 +357,18 @@ class Artifact:
 
 def open_artifact(path) -> Artifact:
     """Read and validate an artifact's manifest (ONNX metadata or engine sidecar); loads no weights."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise RuntimeUserError(f"a model path must be a str or Path, not {type(path).__name__}")
     path = Path(path)
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except (OSError, ValueError) as e:  # a name too long, a NUL in it, ...
+        raise RuntimeUserError(f"{str(path)[:200]}: cannot open it ({getattr(e, 'strerror', None) or e})") from None
+    if not exists:
         raise RuntimeUserError(f"{path}: no such file")
-    if not path.is_file():
+    if not is_file:
+        if not path.is_dir():  # a device or a FIFO: never read
+            raise RuntimeUserError(f"{path}: not a regular file; give the model's .onnx or .engine file")
         raise RuntimeUserError(f"{path}: is a directory, not a model file")
     if is_engine(path):
         side = read_sidecar(path)

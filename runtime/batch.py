@@ -37,11 +37,14 @@ def prefill_many(session, prompts: list, state: State | None = None, chunk_size:
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise RuntimeUserError("every prompt needs at least one token")
-    state = state if state is not None else session.new_state(n)
+    if state is not None and not isinstance(state, (State, dict)):
+        raise RuntimeUserError(f"state must be a State (from new_state) or a dict of arrays, not {type(state).__name__}")
     if isinstance(state, State) and state.batch_size != n:
         raise RuntimeUserError(f"state is for a batch of {state.batch_size}, but {n} prompts were given")
+    # checked like every other call's state (export id, batch size, ...), before numpy() drops the export id
+    state = session._coerce_state(state, n)
     # numpy() copies: the rows are updated in this copy, never in the caller's state
-    arrays = state.numpy() if isinstance(state, State) else session.state_from_numpy(state).numpy()
+    arrays = state.numpy()
     logits = np.zeros((n, session.vocab_size), np.float32)
     pos = 0
     for end in sorted(set(lengths)):
@@ -76,7 +79,10 @@ class BatchGenerator:
     def add(self, prompt, sampling: SamplingParams | None = None, state: State | None = None) -> int:
         """Prefill a new sequence and append its state row to the running batch; returns its id."""
         sampler = Sampler(sampling or SamplingParams(), vocab_size=self.session.vocab_size)  # checked first
-        ids = self.session.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        try:
+            ids = list(self.session._prompt_ids(prompt))
+        except TypeError:
+            raise RuntimeUserError("the prompt must be text or a list of token ids") from None
         if not ids:
             raise RuntimeUserError("the prompt is empty")
         logits, st = self.session.prefill(np.asarray([ids]), state)
@@ -88,7 +94,7 @@ class BatchGenerator:
 
     def remove(self, seq_id: int) -> list:
         """Drop a sequence from the batch; returns the tokens it generated."""
-        if seq_id not in self.seqs:
+        if not isinstance(seq_id, (int, np.integer)) or seq_id not in self.seqs:
             raise RuntimeUserError(f"no sequence {seq_id} in this batch")
         row = self.order.index(seq_id)
         keep = [i for i in range(len(self.order)) if i != row]

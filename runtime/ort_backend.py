@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import Artifact, check_graph_io
+from .artifact import Artifact, check_graph_io, plain_file_name
 from .errors import RuntimeUserError
 
 _SETS_PER_SHAPE = 3  # two for the ping-pong, one spare for a state the caller keeps
@@ -32,6 +32,8 @@ def check_providers(ort, providers) -> list:
         return ["CPUExecutionProvider"]
     if isinstance(providers, str):
         providers = [providers]
+    if not isinstance(providers, (list, tuple)):
+        raise RuntimeUserError(f"providers must be a list of execution provider names, not {type(providers).__name__}")
     available = ort.get_available_providers()
     out = []
     for p in providers:
@@ -107,6 +109,9 @@ class OrtBackend:
         self.path = artifact.path
         self.providers = check_providers(ort, providers)
         self.threads = threads
+        if session_options is not None and not isinstance(session_options, ort.SessionOptions):
+            # onnxruntime's own TypeError would be reported as the model failing to load
+            raise RuntimeUserError(f"session_options must be an onnxruntime.SessionOptions, not {type(session_options).__name__}")
         self._user_options = session_options
         # low_memory: also no weight prepacking for float graphs (smaller, slower)
         self.low_memory = bool(low_memory)
@@ -155,6 +160,11 @@ class OrtBackend:
         if self.manifest.precision == "bf16" and self.device == "cpu":
             raise RuntimeUserError(f"{path.name} is a bfloat16 export: onnxruntime's CPU provider has no bfloat16 "
                                    "MatMul; run it with TensorRT or onnxruntime's CUDA provider, or export fp32/fp16")
+        weights = art.manifest.options.get("weights_file")
+        if isinstance(weights, str) and plain_file_name(weights) and not path.with_name(weights).is_file():
+            # onnxruntime's own message for this is cut off before the file name
+            raise RuntimeUserError(f"{path.name}: its weights file {weights} is missing; it must stay beside the "
+                                   "graph under that name (copy or move the export's files together)")
         try:
             sess = self.ort.InferenceSession(str(path), self._options(), providers=self.providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types (Fail, InvalidGraph, ...)
@@ -162,6 +172,10 @@ class OrtBackend:
             if "bfloat16" in msg.lower():
                 raise RuntimeUserError(f"{path.name}: this onnxruntime cannot run bfloat16 graphs "
                                        f"on {self.providers[0]} ({msg})") from None
+            if "GetExtDataFromTensorProto" in msg or "External data path" in msg:
+                what = "missing" if "does not exist" in msg else "truncated or damaged"
+                raise RuntimeUserError(f"{path.name}: its weights file {weights or '(.onnx.data)'} is {what}; copy the "
+                                       f"export's files again or re-export ({msg})") from None
             raise RuntimeUserError(f"{path.name}: onnxruntime could not load the model ({msg})") from None
         check_graph_io(art.manifest, kind, sess.get_inputs(), sess.get_outputs(), path.name)
         return sess

@@ -73,7 +73,8 @@ def check_params(p: SamplingParams, vocab_size: int | None = None) -> SamplingPa
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     m = np.max(x)
-    return x - (m + np.log(np.sum(np.exp(x - m))))
+    with np.errstate(over="ignore"):  # -1e308 - 1e308 -> -inf: probability 0, as it should be
+        return x - (m + np.log(np.sum(np.exp(x - m))))
 
 
 def sample_logprobs(logp: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator) -> int:
@@ -123,9 +124,19 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         p = self.params
-        x = np.asarray(logits, dtype=np.float64)
+        try:
+            x = np.asarray(logits)
+        except ValueError:  # ragged
+            x = np.asarray([], dtype=object)
+        if x.dtype.kind not in "biuf":  # strings, objects, complex numbers: not logits (never silently cast)
+            raise RuntimeUserError(f"sampling: logits must be real numbers, not {x.dtype}")
+        x = x.astype(np.float64)
         if x.ndim != 1 or x.size == 0:
             raise RuntimeUserError(f"sampling: logits must be one row [vocab], got shape {list(x.shape)}")
+        if self.vocab_size is not None and x.size != self.vocab_size:
+            raise RuntimeUserError(f"sampling: {x.size} logits for a vocabulary of {self.vocab_size}")
+        if any(t >= x.size for t in self.occurrence):  # a row shorter than earlier ones (no vocab_size given)
+            raise RuntimeUserError(f"sampling: {x.size} logits, fewer than this sampler's earlier rows")
         if not np.isfinite(x).all():
             raise RuntimeUserError("sampling: the logits contain NaN or inf (a damaged model or state?)")
         x = x.copy()

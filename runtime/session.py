@@ -6,6 +6,7 @@ numpy on the hot path; ``State.numpy()`` is there when you want to look at it.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +18,7 @@ from .backend import Backend
 from .errors import RuntimeUserError
 from .manifest import StateSpec
 from .sampling import Sampler, SamplingParams
-from .state import EXPORT_ID_KEY, STATE_DTYPES, State, check_state_arrays, read_state_npz
+from .state import EXPORT_ID_KEY, MAX_STATE_BATCH, STATE_DTYPES, State, check_state_arrays, read_state_npz
 from .tokenizers import StreamDecoder, make_tokenizer
 
 __all__ = ["Session", "State", "Generation", "read_manifest"]
@@ -48,6 +49,9 @@ class Session:
         self._tokenizer_json = self.artifact.tokenizer_json
         if not isinstance(prefill_chunk, (int, np.integer)) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
             raise RuntimeUserError(f"prefill_chunk must be >= 1, not {prefill_chunk}")
+        # onnxruntime's own error for a bad thread count blames the model file ("could not load the model")
+        if threads is not None and (not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or threads < 0):
+            raise RuntimeUserError(f"threads must be an integer >= 1 (or None/0: onnxruntime's default), not {threads!r}")
         if is_engine(path):
             from .trt_backend import TrtBackend  # optional: tensorrt + cuda.core
 
@@ -86,14 +90,38 @@ class Session:
             raise RuntimeUserError(f"a prompt must be text (str) or a list of token ids, not {type(text).__name__}")
         return self.tokenizer.encode(text)
 
+    def _prompt_ids(self, prompt):
+        """A prompt to run: text encoded (checked to fit the model), or the caller's token ids as given."""
+        if not isinstance(prompt, str):
+            return prompt
+        ids = self.encode(prompt)
+        # an export whose tokenizer is larger than the model's vocabulary (e.g. --tokenizer world on a
+        # byte-level model): say so, not as an anonymous bad token id at the first step
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise RuntimeUserError(f"the model's tokenizer ({self.manifest.tokenizer.get('kind', 'none')}) encoded the "
+                                   f"prompt to token id {bad}, outside the model's vocabulary [0, {self.vocab_size}): "
+                                   "the export's tokenizer does not fit this model; re-export with the right --tokenizer")
+        return ids
+
     def decode(self, ids) -> str:
-        return self.tokenizer.decode(ids)
+        """Token ids (integers >= 0; the tokenizer checks its own range) -> text."""
+        try:
+            t = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids))  # any iterable of ids, as before
+        except (TypeError, ValueError):  # not iterable; ragged
+            t = np.asarray([None], dtype=object)
+        if t.ndim != 1 or (t.size and t.dtype.kind not in "iu"):
+            raise RuntimeUserError(f"decode needs a list of integer token ids, not {str(ids)[:40]!r}")
+        if t.size and (t.min() < 0 or t.max() >= 1 << 32):
+            raise RuntimeUserError(f"token id {int(t.min() if t.min() < 0 else t.max())} is not a token id")
+        return self.tokenizer.decode([int(i) for i in t])
 
     # -- state --------------------------------------------------------------------------------
     def new_state(self, batch_size: int = 1) -> State:
         """A fresh state: zeros, except where the manifest says otherwise (RWKV-4's pp = -1e30)."""
-        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or int(batch_size) < 1:
-            raise RuntimeUserError(f"batch_size must be an integer >= 1, not {batch_size!r}")
+        if (not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)
+                or not 1 <= int(batch_size) <= MAX_STATE_BATCH):  # (the bound of saved states too)
+            raise RuntimeUserError(f"batch_size must be an integer in [1, {MAX_STATE_BATCH}], not {batch_size!r}")
         arrays = {s.name: np.full(s.concrete_shape(int(batch_size)), s.init, dtype=STATE_DTYPES[s.dtype])
                   for s in self._specs}
         for k, v in self._initial.items():
@@ -103,8 +131,13 @@ class Session:
     def set_initial_state(self, initial) -> None:
         """Make ``new_state`` start from ``initial`` (an .npz path or {name: array}, batch 1 or any
         leading axis of 1), e.g. a state-tuned state from ``rwkv-export convert-state``."""
+        if isinstance(initial, State):
+            initial = self._coerce_state(initial, initial.batch_size).numpy()
         if isinstance(initial, dict):
             arrays = check_state_arrays({k: np.asarray(v) for k, v in initial.items()}, self._specs, "initial state", None)
+        elif not isinstance(initial, (str, os.PathLike)):
+            raise RuntimeUserError(f"an initial state must be an .npz path, a dict of arrays or a State, "
+                                   f"not {type(initial).__name__}")
         else:
             p = Path(initial)
             arrays = read_state_npz(p, self._specs, str(p), self.export_id, require_all=False)
@@ -148,6 +181,8 @@ class Session:
 
     def load_state(self, path) -> State:
         """A state saved by ``State.save`` (checked: file, names, shapes, sizes, the export it came from)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise RuntimeUserError(f"a state file must be a path (str or Path), not {type(path).__name__}")
         path = Path(path)
         return self.state_from_numpy(read_state_npz(path, self._specs, str(path), self.export_id))
 
@@ -277,7 +312,7 @@ class Session:
                 raise RuntimeUserError(f"unknown sampling setting ({e})") from None
         elif sampling_kwargs:
             raise RuntimeUserError("give sampling settings either as SamplingParams or as keywords, not both")
-        ids = self.encode(prompt) if isinstance(prompt, str) else prompt
+        ids = self._prompt_ids(prompt)
         gen = Generation(self, ids, max_new_tokens, sampling, state)
         self.stats = gen.stats
         return gen
@@ -296,6 +331,10 @@ class Generation:
             raise RuntimeUserError("the prompt must be text or a list of token ids") from None
         if not ids:
             raise RuntimeUserError("the prompt is empty")
+        # checked now, not at the first next(): a bad token id, or a model without a tokenizer to decode
+        # with, is an error of the call (the CLI prints nothing before it)
+        session._tokens([ids], 2)
+        _ = session.tokenizer  # made (or refused) now
         self.stats = {"prompt_tokens": len(ids), "new_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0}
         self._it = self._run(ids, max_new_tokens, sampling, state)
 
@@ -319,6 +358,8 @@ class Generation:
             if piece:
                 yield piece
             stats["decode_s"] = time.perf_counter() - t0
+        if first:  # no token came (max_new_tokens 0, or a stop token first): the time was all prefill
+            stats["prefill_s"] = time.perf_counter() - t0
         tail = dec.flush()
         if tail:
             yield tail

@@ -58,6 +58,8 @@ class State:
         failure (disk full, permission, an exception, Ctrl-C) the temporary file is removed and ``path``
         keeps its old content.
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise RuntimeUserError(f"State.save needs a file path (str or Path), not {type(path).__name__}")
         path = Path(path)
         if path.is_dir():
             raise RuntimeUserError(f"{path}: is a directory")
@@ -77,13 +79,19 @@ class State:
                 os.unlink(tmp)
             except OSError:
                 pass
-            if isinstance(e, OSError):
-                raise RuntimeUserError(f"{path}: cannot write the state ({e.strerror or e})") from None
+            if isinstance(e, (OSError, ValueError)):  # ValueError: a NUL in the name
+                raise RuntimeUserError(f"{path}: cannot write the state ({getattr(e, 'strerror', None) or e})") from None
             raise
 
     def select(self, rows) -> "State":
         """The states of some sequences of the batch (gather along the batch axis)."""
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        try:
+            arr = np.asarray(rows)
+        except ValueError:  # ragged
+            arr = np.asarray([None], dtype=object)
+        if arr.size and arr.dtype.kind not in "iu":  # never truncate 0.5 to row 0, nor parse '1'
+            raise RuntimeUserError(f"State.select needs integer row indices, not {str(rows)[:40]}")
+        rows = arr.astype(np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= self.batch_size):
             raise RuntimeUserError(f"batch rows {rows.tolist()} out of range for a batch of {self.batch_size}")
         if not rows.size:
@@ -95,8 +103,15 @@ class State:
     @staticmethod
     def concat(states: list) -> "State":
         """Join the states of several batches into one batch (sequences joining a running batch)."""
+        try:
+            states = list(states)
+        except TypeError:
+            raise RuntimeUserError("State.concat needs a list of States") from None
         if not states:
             raise RuntimeUserError("State.concat needs at least one state")
+        bad = next((s for s in states if not isinstance(s, State)), None)
+        if bad is not None:
+            raise RuntimeUserError(f"State.concat joins States, not {type(bad).__name__}")
         first = states[0]
         if any(s.export_id != first.export_id or s.keys() != first.keys() for s in states):
             raise RuntimeUserError("State.concat: the states belong to different models")

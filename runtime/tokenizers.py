@@ -34,7 +34,11 @@ class ByteTokenizer:
                                    "escaped byte; give valid text or token ids") from None
 
     def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        try:
+            data = bytes(int(i) for i in ids)
+        except ValueError:  # bytes(): "bytes must be in range(0, 256)"
+            raise RuntimeUserError("token ids outside the byte vocabulary (0..255)") from None
+        return data.decode("utf-8", errors="replace")
 
 
 class WorldTokenizer:
@@ -110,7 +114,11 @@ def make_tokenizer(spec: dict, embedded_json: str | None = None):
         if not embedded_json:
             raise RuntimeUserError("the model names a tokenizer.json but does not embed it; re-export with --tokenizer")
         return HFTokenizer(embedded_json)
-    raise RuntimeUserError("the model has no tokenizer; pass token ids, or re-export with --tokenizer")
+    if kind != "none":  # a newer exporter, or a damaged manifest
+        raise RuntimeUserError(f"the model's tokenizer kind {str(kind)[:40]!r} is not one this runtime knows "
+                               "(bytes, world, hf-json); upgrade rwkv-runtime or re-export with --tokenizer")
+    raise RuntimeUserError("the model has no tokenizer (it was exported with --tokenizer none): give token ids "
+                           "to generate_tokens/step/prefill, or re-export with --tokenizer")
 
 
 class StreamDecoder:

@@ -22,7 +22,8 @@ def _error(status: int, message: str, type_: str, param=None, code=None) -> JSON
 
 class _Guard:
     """ASGI middleware: counts requests by endpoint and status, and refuses oversized bodies (413)
-    from their Content-Length before they are read."""
+    from their Content-Length before they are read, or (a body sent chunked, without a Content-Length)
+    as soon as what arrived passes the limit."""
 
     def __init__(self, app, metrics, max_body: int):
         self.app, self.metrics, self.max_body = app, metrics, max_body
@@ -38,14 +39,47 @@ class _Guard:
                 status["code"] = message["status"]
             await send(message)
 
+        too_large = _error(413, f"the request body is larger than {self.max_body} bytes", "invalid_request_error",
+                           code="request_too_large")
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length and length.isdigit() and int(length) > self.max_body:
-            resp = _error(413, f"the request body is larger than {self.max_body} bytes", "invalid_request_error",
-                          code="request_too_large")
-            await resp(scope, receive, send_counted)
+            await too_large(scope, receive, send_counted)
+        elif length is None and scope.get("method") not in ("GET", "HEAD"):
+            # no Content-Length (Transfer-Encoding: chunked): the limit must hold all the same, so read
+            # the body here, at most max_body bytes of it, and hand it on to the app in one piece
+            first = await self._read_bounded(receive)
+            if first is None:
+                await too_large(scope, receive, send_counted)
+            else:
+                await self.app(scope, _replay(first, receive), send_counted)
         else:
             await self.app(scope, receive, send_counted)
         self.metrics.requests.labels(path, str(status.get("code", 0))).inc()
+
+    async def _read_bounded(self, receive):
+        """The whole body as one ``http.request`` message (or the disconnect that cut it short); None
+        once more than ``max_body`` bytes arrived."""
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return message
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.max_body:
+                return None
+            if not message.get("more_body", False):
+                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+
+
+def _replay(first: dict, receive):
+    """An ASGI ``receive`` that returns ``first``, then whatever the connection sends (a disconnect)."""
+    pending = [first]
+
+    async def replay():
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}

@@ -270,12 +270,33 @@ class Engine:
             s.state = None
         self._running.extend(seqs)
 
+    def _sample(self, s: _Seq):
+        """The next token of ``s``, or a ServeError for it alone (the rest of the batch carries on)."""
+        try:
+            # greedy without penalties is the argmax of the logits (what Sampler computes, minus its
+            # softmax); argmax picks a NaN or +inf if there is one, so checking that one logit catches
+            # the damaged rows the Sampler refuses (instead of emitting token 0 after token 0)
+            if s.greedy:
+                t = int(np.argmax(s.logits))
+                if not np.isfinite(s.logits[t]):
+                    raise RuntimeUserError("sampling: the logits contain NaN or inf (a damaged model or state?)")
+                return t
+            return s.sampler(s.logits)
+        except RuntimeUserError as e:  # e.g. NaN/inf logits
+            if s.req.state is not None:  # most likely from the state the client sent
+                return ServeError(400, f"{e} (from the imported state)", param="state")
+            return ServeError(500, f"internal error: {e}", "server_error")
+
     def _decode_step(self):
         seqs = self._running
-        # greedy without penalties is the argmax of the logits (what Sampler computes, minus its softmax)
-        toks = np.array([int(np.argmax(s.logits)) if s.greedy else s.sampler(s.logits) for s in seqs], dtype=np.int64)
+        picked = [self._sample(s) for s in seqs]
+        toks = np.array([t if isinstance(t, int) else 0 for t in picked], dtype=np.int64)
         keep, now, self._rows = [], time.perf_counter(), None
         for row, (s, tok) in enumerate(zip(seqs, toks)):
+            if isinstance(picked[row], ServeError):
+                self.metrics.finished.labels("error").inc()
+                s.h._put(Failed(picked[row]))
+                continue
             reason = "cancelled" if s.h.cancelled else self._accept(s, int(tok), now)
             if reason is None:
                 keep.append(row)

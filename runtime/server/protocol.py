@@ -1,7 +1,9 @@
 """OpenAI's request and response shapes (the subset this server implements), validated at the edge.
 
 Requests are pydantic models: a field of the wrong type or out of range is a 400 in OpenAI's error
-shape before anything reaches the engine. Unknown fields are ignored, as clients send many. Two fields
+shape before anything reaches the engine. Unknown fields are ignored, as clients send many; OpenAI
+fields that would change the result and that this server cannot honour (``logprobs``, ``suffix``,
+``logit_bias``, ``best_of``, ``response_format``, ``tools``) are refused unless set to their "off" value. Two fields
 are this server's own: ``state`` (resume from an exported conversation state) and ``return_state``
 (get the state after this reply back, in each choice's ``state``).
 """
@@ -10,11 +12,16 @@ from __future__ import annotations
 import time
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Every stop string is searched for after every token in the scheduler thread, which all requests
+# share: an unbounded list (100 000 strings: ~0.1 s a token) would stall every stream of the server.
+MAX_STOPS = 64
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN/Infinity (which Python's JSON parser accepts) are refused as what they are, not as "out of range"
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -33,6 +40,16 @@ class _Request(BaseModel):
     user: Optional[str] = None
     state: Optional[str] = None  # base64 conversation state from a previous reply's ``state``
     return_state: bool = False
+    # OpenAI fields this server cannot honour: accepted in their "off" form (clients send defaults),
+    # refused otherwise (Serving.check_unsupported), rather than silently ignored
+    logit_bias: Optional[dict] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, v):
+        if isinstance(v, list) and len(v) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, not {len(v)}")
+        return v
 
     def stops(self) -> tuple:
         s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -46,6 +63,7 @@ class CompletionRequest(_Request):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
     suffix: Optional[str] = None
+    best_of: Optional[int] = Field(None, ge=1)
 
 
 class TextPart(BaseModel):
@@ -69,6 +87,9 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    response_format: Optional[dict] = None
+    tools: Optional[list] = None
+    tool_choice: Union[str, dict, None] = None
 
 
 # -- responses (plain dicts in OpenAI's JSON shape) -------------------------------------------------

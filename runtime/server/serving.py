@@ -103,9 +103,32 @@ class Serving:
             raise ServeError(400, f"token id {bad[0]} is outside [0, {self.session.vocab_size})", param="prompt")
         return list(prompt)
 
-    def _requests(self, req, prompts: list, max_tokens: int, stops: tuple) -> list:
+    @staticmethod
+    def _check_supported(req):
+        """400 for a field that would change the result and that this server cannot honour."""
         if req.logprobs:
             raise ServeError(400, "logprobs are not supported by this server", param="logprobs")
+        if req.logit_bias:
+            raise ServeError(400, "logit_bias is not supported by this server", param="logit_bias")
+        best_of = getattr(req, "best_of", None)
+        if best_of is not None and best_of != req.n:  # (ranking needs log-probabilities)
+            raise ServeError(400, "best_of is not supported by this server (leave it out, or equal to n)",
+                             param="best_of")
+        fmt = getattr(req, "response_format", None)
+        if fmt and fmt.get("type", "text") != "text":
+            raise ServeError(400, f"response_format {fmt.get('type')!r} is not supported by this server "
+                             "(only 'text')", param="response_format")
+        if getattr(req, "tools", None) and getattr(req, "tool_choice", None) != "none":
+            raise ServeError(400, "tools (function calling) are not supported by this server", param="tools")
+
+    def _requests(self, req, prompts: list, max_tokens: int, stops: tuple) -> list:
+        self._check_supported(req)
+        # a request's choices wait in the queue together: more than it holds can never be accepted (a 429
+        # that no retry cures), and checked before tokenizing, which a huge prompt list would make slow
+        if len(prompts) * req.n > self.engine.config.max_queue:
+            raise ServeError(400, f"the request asks for {len(prompts) * req.n} completions ({len(prompts)} "
+                             f"prompt(s) x n={req.n}); this server accepts at most {self.engine.config.max_queue} "
+                             "per request", param="n" if len(prompts) == 1 else "prompt")
         if max_tokens > self.engine.config.max_tokens:
             raise ServeError(400, f"max_tokens is {max_tokens}; this server allows at most "
                              f"{self.engine.config.max_tokens}", param="max_tokens")
@@ -172,10 +195,14 @@ class Serving:
             raise ServeError(400, "the prompt is empty", param="prompt")
         if req.suffix:
             raise ServeError(400, "suffix is not supported by this server", param="suffix")
-        gens = self._requests(req, prompts, req.max_tokens or 16, req.stops())
+        gens = self._requests(req, prompts, req.max_tokens or self._default_max(16), req.stops())
         await self._with_session(gens, session_id)
         echo = [(x if isinstance(x, str) else self.session.decode(x)) if req.echo else "" for x in prompts]
         return await self._run(req, gens, False, [echo[i // req.n] for i in range(len(gens))], is_disconnected)
+
+    def _default_max(self, default: int) -> int:
+        # a default above the server's --max-tokens would refuse every request that leaves max_tokens out
+        return min(default, self.engine.config.max_tokens)
 
     async def _with_session(self, gens: list, session_id):
         if session_id and len(gens) == 1 and not gens[0].state_base:
@@ -185,7 +212,7 @@ class Serving:
     async def chat(self, req: protocol.ChatCompletionRequest, is_disconnected, session_id=None):
         self.check_model(req.model)
         text = self.config.template.render(req.messages)
-        max_tokens = req.max_completion_tokens or req.max_tokens or self.config.default_max_tokens
+        max_tokens = req.max_completion_tokens or req.max_tokens or self._default_max(self.config.default_max_tokens)
         gens = self._requests(req, [text], max_tokens, tuple(dict.fromkeys(self.config.template.stop + req.stops())))
         await self._with_session(gens, session_id)
         return await self._run(req, gens, True, [""] * len(gens), is_disconnected)
@@ -200,13 +227,19 @@ class Serving:
             return self._stream(rid, req, chat, queue, handles, prefixes)
         texts = list(prefixes)
         done: dict = {}
+        loop = asyncio.get_running_loop()
+        check_at = loop.time() + 0.5
         try:
             while len(done) < len(handles):
-                try:
-                    i, ev = await asyncio.wait_for(queue.get(), 0.5)
-                except asyncio.TimeoutError:
+                # every 0.5 s whether events flow or not: a client that went away while tokens keep
+                # coming would otherwise hold its batch slots until max_tokens
+                if loop.time() >= check_at:
                     if await is_disconnected():
                         return None
+                    check_at = loop.time() + 0.5
+                try:
+                    i, ev = await asyncio.wait_for(queue.get(), max(0.01, check_at - loop.time()))
+                except asyncio.TimeoutError:
                     continue
                 if isinstance(ev, Delta):
                     texts[i] += ev.text

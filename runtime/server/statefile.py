@@ -72,6 +72,10 @@ def decode(text: str, binding: str, max_bytes: int) -> tuple[dict, dict]:
     if meta.get("export_id") != binding:
         raise RuntimeUserError("state belongs to another model export (export id differs); "
                                "it can only be resumed on a server running the same export")
+    # a state the model made is finite; NaN/inf would make NaN logits (garbage text, a failed sampler)
+    for k, v in arrays.items():
+        if v.dtype.kind in "fc" and not np.isfinite(v).all():
+            raise RuntimeUserError(f"state holds NaN or infinite values (in {k!r}): it is damaged")
     return arrays, meta
 
 
