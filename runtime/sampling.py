@@ -135,7 +135,8 @@ class Sampler:
             raise RuntimeUserError(f"sampling: logits must be one row [vocab], got shape {list(x.shape)}")
         if self.vocab_size is not None and x.size != self.vocab_size:
             raise RuntimeUserError(f"sampling: {x.size} logits for a vocabulary of {self.vocab_size}")
-        if any(t >= x.size for t in self.occurrence):  # a row shorter than earlier ones (no vocab_size given)
+        # a row shorter than earlier ones (only possible without vocab_size; max() is O(distinct tokens seen))
+        if self.vocab_size is None and self.occurrence and max(self.occurrence) >= x.size:
             raise RuntimeUserError(f"sampling: {x.size} logits, fewer than this sampler's earlier rows")
         if not np.isfinite(x).all():
             raise RuntimeUserError("sampling: the logits contain NaN or inf (a damaged model or state?)")
