@@ -74,20 +74,38 @@ class TritonRWKV:
     def generate_tokens(self, prompt_tokens, sequence_id, max_new_tokens: int = 50, sampling=None,
                         start: bool = True, keep_open: bool = False) -> Iterator[int]:
         """Prefill, then sample and feed back; yields token ids (as ``Session.generate_tokens`` does)."""
-        from rwkv_runtime import Sampler, SamplingParams
+        from rwkv_runtime import RuntimeUserError, Sampler, SamplingParams
 
         sampler = Sampler(sampling or SamplingParams())
         n = int(max_new_tokens)
-        logits = self.feed(prompt_tokens, sequence_id, start, end=(n == 0 and not keep_open))
-        for i in range(n):
-            tok = sampler(logits)
-            last = i == n - 1 or tok in sampler.params.stop
-            if tok in sampler.params.stop:
-                if not keep_open:  # end the sequence (its state is freed) with the stop token
-                    self.feed([tok], sequence_id, False, end=True)
-                return
-            yield tok
-            logits = self.feed([tok], sequence_id, False, end=last and not keep_open)
+        if n < 0:  # (range(n) would be empty and the sequence never ended: it would hold a slot until reaped)
+            raise RuntimeUserError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
+        prompt_tokens = [int(x) for x in prompt_tokens]
+        if not prompt_tokens:
+            raise ValueError("no tokens to feed")
+        closed = False  # whether this call has ended the sequence on the server
+        try:
+            logits = self.feed(prompt_tokens, sequence_id, start, end=(n == 0 and not keep_open))
+            closed = n == 0 and not keep_open
+            for i in range(n):
+                tok = sampler(logits)
+                if tok in sampler.params.stop:
+                    if not keep_open:  # end the sequence (its state is freed) with the stop token
+                        self.feed([tok], sequence_id, False, end=True)
+                        closed = True
+                    return
+                yield tok
+                last = i == n - 1
+                logits = self.feed([tok], sequence_id, False, end=last and not keep_open)
+                closed = last and not keep_open
+        finally:
+            # stopped early (the caller's break or close, a refused request, an error): end the sequence now,
+            # else it holds one of the server's max_candidate_sequences slots until the idle timeout (300 s)
+            if not closed and not keep_open:
+                try:
+                    self.feed([0], sequence_id, False, end=True)  # any valid id: the reply is dropped
+                except Exception:  # noqa: BLE001 - the server may be why we stopped; it reaps the sequence then
+                    pass
 
     def generate(self, prompt: str, sequence_id, max_new_tokens: int = 50, sampling=None, **kw) -> Iterator[str]:
         """Stream text pieces (multi-byte characters are held back until complete)."""

@@ -36,6 +36,9 @@ TOKENIZER_PARAM = "rwkv.tokenizer_json"
 MODEL_FILE_PARAM = "rwkv.model_file"  # python backend: the graph model.py opens (companions beside it)
 SIDECAR = "rwkv_manifest.json"
 MAX_IDLE_S = 1e7  # ~4 months: more is a typo (Triton's field is microseconds in a uint64)
+MIN_IDLE_S = 1e-3  # 0 microseconds would not mean "no wait": Triton reads 0 as unset (its 1 s default)
+MAX_SEQUENCES = 2**31 - 1  # max_candidate_sequences is an int32 in Triton's schema
+DEFAULT_MAX_BATCH = 8
 DEFAULT_IDLE_S = 300.0  # a chat turn plus the user's reading and typing; Triton's own default is 1 s
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 _ONNX_ELEM = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
@@ -152,7 +155,9 @@ def build_config(art, backend: str, name: str, max_batch: int, idle_s: float, ma
             init.data_file = _state_file(s.name)
         else:
             init.zero_data = True
-    kind = "KIND_GPU" if backend == "tensorrt" else "KIND_CPU"
+    # bfloat16 MatMuls run on GPUs only (onnxruntime's CPU provider has none): on KIND_CPU Triton's
+    # onnxruntime backend could not load a bf16 export
+    kind = "KIND_GPU" if backend == "tensorrt" or man.precision == "bf16" else "KIND_CPU"
     cfg.instance_group.add(kind=kind, count=1)
     return cfg
 
@@ -176,16 +181,19 @@ def parse_config(text: str):
     return tf.Parse(text, pb.ModelConfig())
 
 
-def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int = 8, name: str | None = None,
+def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int | None = None, name: str | None = None,
                      idle_s: float = DEFAULT_IDLE_S, max_sequences: int | None = None, force: bool = False,
                      plugins: tuple = ()) -> Path:
-    """Write ``repo/name/`` for ``model`` (an ONNX export or, for tensorrt, an engine); returns its folder."""
+    """Write ``repo/name/`` for ``model`` (an ONNX export or, for tensorrt, an engine); returns its folder.
+    ``max_batch`` None: 8, or an engine's own maximum batch where that is smaller."""
     if backend not in BACKENDS:
         raise ExportError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    if not 1 <= int(max_batch) <= 1024:
+    if max_batch is not None and not 1 <= int(max_batch) <= 1024:
         raise ExportError(f"--max-batch must be in [1, 1024], not {max_batch}")
-    if not 0 < idle_s <= MAX_IDLE_S:
-        raise ExportError(f"the idle timeout must be in (0, {MAX_IDLE_S:.0f}] seconds, not {idle_s}")
+    if not MIN_IDLE_S <= idle_s <= MAX_IDLE_S:
+        raise ExportError(f"the idle timeout must be in [{MIN_IDLE_S}, {MAX_IDLE_S:.0f}] seconds, not {idle_s}")
+    if max_sequences is not None and not 1 <= int(max_sequences) <= MAX_SEQUENCES:
+        raise ExportError(f"--max-sequences must be in [1, {MAX_SEQUENCES}], not {max_sequences}")
     model, repo = Path(model), Path(repo)
     if repo.exists() and not repo.is_dir():
         raise ExportError(f"{repo}: exists and is not a folder (the model repository is a folder)")
@@ -195,11 +203,24 @@ def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int =
                           "(a .engine/.plan file with its .json sidecar)")
     if backend != "tensorrt" and art.engine:
         raise ExportError(f"{model.name} is a TensorRT engine: use --backend tensorrt")
+    if backend == "python" and art.manifest.precision == "bf16":
+        raise ExportError(f"{model.name} is a bfloat16 export: the Python backend runs rwkv_runtime on onnxruntime's "
+                          "CPU provider, which has no bfloat16 MatMul; use --backend onnxruntime (a GPU instance) "
+                          "or tensorrt, or export fp32/fp16")
     if backend != "python":  # implicit state steps one token per request: the step graph
         step = art.companion("step")
         art = step
+    engine_max = _engine_max_batch(art) if art.engine else None
+    if max_batch is None:
+        max_batch = min(DEFAULT_MAX_BATCH, engine_max or DEFAULT_MAX_BATCH)
+    elif engine_max is not None and int(max_batch) > engine_max:
+        # Triton's TensorRT backend refuses it at load ("configuration specified max-batch N but TensorRT
+        # engine only supports max-batch M")
+        raise ExportError(f"--max-batch {max_batch} is larger than the engine's maximum batch {engine_max} "
+                          f"(rwkv-export build-engine --max-batch): pass --max-batch {engine_max} or less, or "
+                          "rebuild the engine")
     name = name or model.name.split(".")[0]
-    if not name or "/" in name or name.startswith("."):
+    if not name or "/" in name or name.startswith(".") or not name.isprintable():
         raise ExportError(f"--name {name!r}: not a usable model name")
     dest = repo / name
     if dest.exists() and not force:
@@ -267,6 +288,14 @@ def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int =
             repo.rmdir()
         raise
     return dest
+
+
+def _engine_max_batch(art) -> int | None:
+    """The largest batch of an engine's optimization profile (its sidecar's ``profile``), if recorded."""
+    try:
+        return int(art.props["profile"][art.manifest.tokens_input][2][0])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
 
 
 def _copy_plugins(art, model_dir: Path, plugins: tuple, extra: dict) -> None:

@@ -13,12 +13,13 @@ import click
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "python"]), default="onnxruntime",
               show_default=True, help="onnxruntime/tensorrt: Triton keeps the state (implicit state); "
                                       "python: rwkv_runtime inside Triton's Python backend (CPU).")
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024),
-              help="Sequences stepped together in one execution (max_batch_size).")
+@click.option("--max-batch", default=None, type=click.IntRange(1, 1024),
+              help="Sequences stepped together in one execution (max_batch_size) [default: 8; an engine: at "
+                   "most its own maximum batch].")
 @click.option("--name", default=None, help="Model name in the repository (default: the file name's stem).")
 @click.option("--idle-timeout", "idle_s", default=300.0, show_default=True, type=click.FloatRange(0.001, 1e7),
               help="Seconds a sequence may sit idle before Triton drops its state (Triton's default is 1 s).")
-@click.option("--max-sequences", default=None, type=click.IntRange(1),
+@click.option("--max-sequences", default=None, type=click.IntRange(1, 2**31 - 1),
               help="Sequences open at once (oldest strategy's max_candidate_sequences; default 4 x --max-batch).")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path),
               help="tensorrt: the plugin library to ship with the engine (default: the one build-engine used).")

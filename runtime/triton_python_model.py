@@ -27,6 +27,20 @@ def _scalar(request, name, default=0):
     return default if t is None else t.as_numpy().reshape(-1)[0].item()
 
 
+def _error(message, bad_request=True):
+    """An error reply. A client's mistake is INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT), not the
+    default INTERNAL (500); stubs older than the error codes (Triton < 23.12) take the message only."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if bad_request else "INTERNAL", None)
+    err = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(error=err)
+
+
+def _internal(e):
+    """One line for an unexpected exception (Triton would otherwise fail the whole batch with it)."""
+    msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return _error(f"internal error ({type(e).__name__}{': ' + msg if msg else ''})", bad_request=False)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         from rwkv_runtime import Session
@@ -43,23 +57,31 @@ class TritonPythonModel:
         self.idle_s = idle_us / 1e6
         self.states = {}  # corrid -> [State (batch 1), last use (monotonic s)]
 
-    def _reap(self, now):
-        for k in [k for k, (_, t) in self.states.items() if now - t > self.idle_s]:
+    def _reap(self, now, keep=()):
+        # Triton is the authority on idleness (a sequence with a request queued is not idle, however long
+        # it waited): never drop the state of a sequence that has a request in this batch
+        for k in [k for k, (_, t) in self.states.items() if now - t > self.idle_s and k not in keep]:
             del self.states[k]
 
     def execute(self, requests):
         from rwkv_runtime import RuntimeUserError, State
 
         now = time.monotonic()
-        self._reap(now)
-        replies = [None] * len(requests)
-        steps = []  # (request index, corrid, token, state, end): run together as one batch
-        for i, r in enumerate(requests):
-            corrid, end = None, False
+        keep = set()
+        for r in requests:
             try:
-                toks = pb_utils.get_input_tensor_by_name(r, self.tokens_name).as_numpy().reshape(-1)
+                keep.add(_scalar(r, "CORRID"))
+            except Exception:  # noqa: BLE001 - reported with that request below
+                pass
+        self._reap(now, keep)
+        replies = [None] * len(requests)
+        steps = []  # (request index, corrid, token, state, end, start): run together as one batch
+        for i, r in enumerate(requests):
+            corrid, start, end = None, False, False
+            try:
                 corrid = _scalar(r, "CORRID")
                 start, end = bool(_scalar(r, "START")), bool(_scalar(r, "END"))
+                toks = pb_utils.get_input_tensor_by_name(r, self.tokens_name).as_numpy().reshape(-1)
                 if toks.size == 0:
                     raise RuntimeUserError("tokens is empty")
                 if toks.min() < 0 or toks.max() >= self.vocab:  # checked here: one bad request must not fail a batch
@@ -73,33 +95,35 @@ class TritonPythonModel:
                     raise RuntimeUserError(f"sequence {corrid} has no state here: start it with sequence_start "
                                            "(or it was idle longer than max_sequence_idle_microseconds)")
                 if toks.size == 1:
-                    steps.append((i, corrid, toks.astype(np.int64), state, end))
+                    steps.append((i, corrid, toks.astype(np.int64), state, end, start))
                     continue
                 logits, state = self.session.prefill(toks.astype(np.int64)[None], state)
-                replies[i] = self._finish(corrid, logits, state, end, now)
-            except RuntimeUserError as e:
-                if end:  # Triton closes the sequence anyway: do not keep its state
+                replies[i] = self._finish(corrid, logits, state, end)
+            except Exception as e:  # noqa: BLE001 - one bad request fails alone, as one line
+                # END: Triton closes the sequence anyway. START: Triton has started a new sequence under
+                # this id, so an older state kept for it must not be continued by the next request.
+                if end or start:
                     self.states.pop(corrid, None)
-                replies[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+                replies[i] = _error(str(e)) if isinstance(e, RuntimeUserError) else _internal(e)
         if steps:
             try:
-                joined = State.concat([s for _, _, _, s, _ in steps]) if len(steps) > 1 else steps[0][3]
-                logits, new = self.session.step(np.concatenate([t for _, _, t, _, _ in steps]), joined)
-                for j, (i, corrid, _, _, end) in enumerate(steps):
+                joined = State.concat([x[3] for x in steps]) if len(steps) > 1 else steps[0][3]
+                logits, new = self.session.step(np.concatenate([x[2] for x in steps]), joined)
+                for j, (i, corrid, _, _, end, _) in enumerate(steps):
                     st = new.select([j]) if len(steps) > 1 else new
-                    replies[i] = self._finish(corrid, logits[j:j + 1], st, end, now)
-            except RuntimeUserError as e:
-                for i, corrid, _, _, end in steps:
-                    if end:
+                    replies[i] = self._finish(corrid, logits[j:j + 1], st, end)
+            except Exception as e:  # noqa: BLE001
+                for i, corrid, _, _, end, start in steps:
+                    if end or start:
                         self.states.pop(corrid, None)
-                    replies[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+                    replies[i] = _error(str(e)) if isinstance(e, RuntimeUserError) else _internal(e)
         return replies
 
-    def _finish(self, corrid, logits, state, end, now):
+    def _finish(self, corrid, logits, state, end):
         if end:
             self.states.pop(corrid, None)
-        else:
-            self.states[corrid] = [state, now]
+        else:  # idle from when this request finished (a long prefill is not idle time)
+            self.states[corrid] = [state, time.monotonic()]
         out = pb_utils.Tensor(self.logits_name, np.ascontiguousarray(logits, dtype=np.float32))
         return pb_utils.InferenceResponse(output_tensors=[out])
 

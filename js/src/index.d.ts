@@ -47,6 +47,8 @@ export declare class State {
   dispose(): void;
 }
 
+export interface GenerationStats { promptTokens: number; newTokens: number; prefillMs: number; decodeMs: number; tokensPerSecond: number }
+
 export interface StepResult { logits: Float32Array[]; state: State }
 
 export declare class Session {
@@ -54,7 +56,7 @@ export declare class Session {
   readonly manifest: Manifest;
   readonly vocabSize: number;
   readonly graphs: string[];
-  stats: { promptTokens: number; newTokens: number; prefillMs: number; decodeMs: number; tokensPerSecond: number };
+  stats: GenerationStats;
   newState(batch?: number): State;
   stateFromArrays(arrays: Record<string, NamedArray>): State;
   saveState(state: State): Promise<Uint8Array>;
@@ -62,11 +64,12 @@ export declare class Session {
   saveStateFile(state: State, path: string): Promise<void>;
   loadState(input: Uint8Array | string): Promise<State>;
   /** one token per sequence; consumes `state` */
-  step(tokens: number[] | number, state?: State): Promise<StepResult>;
+  step(tokens: (number | bigint)[] | number | bigint, state?: State): Promise<StepResult>;
   /** prompts of one length; consumes `state` */
   prefill(tokens: number[] | number[][], state?: State, chunkSize?: number): Promise<StepResult>;
   generateTokens(promptTokens: number[], params?: GenerateParams): AsyncGenerator<number>;
-  generate(prompt: string | number[], params?: GenerateParams): AsyncGenerator<string>;
+  /** Each call has its own statistics (`.stats`); `session.stats` is the last started call's. */
+  generate(prompt: string | number[], params?: GenerateParams): AsyncGenerator<string> & { stats: GenerationStats };
   encode(text: string): Promise<number[]>;
   decode(ids: number[]): Promise<string>;
   release(): Promise<void>;

@@ -1,8 +1,9 @@
 // Node.js entry point: Session on onnxruntime-node, reading files from disk.
-import { access, readFile, writeFile, rename } from "node:fs/promises";
+import { access, readFile, writeFile, rename, unlink } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { RuntimeUserError } from "./errors.js";
-import { Session as BaseSession } from "./session.js";
+import { Session as BaseSession, checkThreads } from "./session.js";
 
 export * from "./common.js";
 
@@ -31,6 +32,9 @@ export class Session extends BaseSession {
    * @param {import("./index.d.ts").SessionOptions} [options]
    */
   static async create(path, options = {}) {
+    options ??= {};
+    if (path instanceof URL && path.protocol === "file:") path = fileURLToPath(path);
+    checkThreads(options.threads);
     const ort = options.ort ?? (await import("onnxruntime-node"));
     const so = { ...(options.sessionOptions ?? {}) };
     if (options.threads) { so.intraOpNumThreads = options.threads; so.interOpNumThreads = 1; }
@@ -39,8 +43,17 @@ export class Session extends BaseSession {
 
   /** Write a state as .npz (atomically: a temporary file renamed into place). */
   async saveStateFile(state, path) {
-    const tmp = `${path}.tmp`;
-    await writeFile(tmp, await state.save());
-    await rename(tmp, path);
+    if (typeof path !== "string" || !path) throw new RuntimeUserError(`a state file must be a path string, not ${typeof path}`);
+    const bytes = await state.save();
+    // a name of its own (two saves to one path never share a temporary file), removed on any failure
+    const tmp = `${path}.${process.pid}.${Math.random().toString(36).slice(2, 10)}.tmp`;
+    try {
+      await writeFile(tmp, bytes);
+      await rename(tmp, path);
+    } catch (e) {
+      await unlink(tmp).catch(() => {});
+      const why = { ENOENT: "no such folder", EISDIR: "is a directory", EACCES: "permission denied", ENOSPC: "no space left on device" }[e.code];
+      throw new RuntimeUserError(`${path}: cannot write the state (${why ?? e.message})`);
+    }
   }
 }

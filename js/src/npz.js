@@ -56,13 +56,18 @@ export function fromNpy(bytes, name = "array") {
   const fortran = /'fortran_order':\s*True/.test(header);
   const shapeText = /'shape':\s*\(([^)]*)\)/.exec(header)?.[1];
   const shape = (shapeText ?? "").split(",").map((s) => s.trim()).filter(Boolean).map(Number);
+  if (!shape.every((d) => Number.isSafeInteger(d) && d >= 0)) throw new RuntimeUserError(`${name}: malformed .npy header`);
   const off = start + hlen;
   const unicode = /^<U(\d+)$/.exec(descr ?? "");
   if (unicode && shape.length === 0) { // a numpy unicode scalar: UTF-32 code points, NUL-padded
     const n = Number(unicode[1]);
-    if (bytes.length - off < 4 * n) throw new RuntimeUserError(`${name}: truncated array`);
+    if (bytes.length - off !== 4 * n || n > 256) throw new RuntimeUserError(`${name}: malformed string (truncated or oversized)`);
     const cps = [];
-    for (let i = 0; i < n; i++) { const c = dv.getUint32(off + 4 * i, true); if (c) cps.push(c); }
+    for (let i = 0; i < n; i++) {
+      const c = dv.getUint32(off + 4 * i, true);
+      if (c > 0x10ffff) throw new RuntimeUserError(`${name}: malformed string`);
+      if (c) cps.push(c);
+    }
     return { dtype: "str", shape: [], data: String.fromCodePoint(...cps) };
   }
   const Arr = ARRAYS[descr];
@@ -70,7 +75,8 @@ export function fromNpy(bytes, name = "array") {
     throw new RuntimeUserError(`${name}: unsupported array (${descr}${fortran ? ", Fortran order" : ""})`);
   }
   const count = shape.reduce((a, b) => a * b, 1);
-  if (bytes.length - off < count * Arr.BYTES_PER_ELEMENT) throw new RuntimeUserError(`${name}: truncated array`);
+  // exactly the header's size, as Python's reader: a truncated or oversized member is damage
+  if (bytes.length - off !== count * Arr.BYTES_PER_ELEMENT) throw new RuntimeUserError(`${name}: truncated or oversized array`);
   const data = new Arr(count); // a copy: aligned, independent of the file's buffer
   new Uint8Array(data.buffer).set(bytes.subarray(off, off + count * Arr.BYTES_PER_ELEMENT));
   return { dtype: DTYPE_OF[descr], shape, data };
@@ -119,12 +125,23 @@ async function inflateRaw(bytes) {
 }
 
 /**
- * Read an .npz (stored or deflated, zip64 as numpy writes it).
+ * Read an .npz (stored or deflated, zip64 as numpy writes it). Damage (truncation, bit flips: each
+ * member's CRC-32 is checked, as Python's zipfile does) is a RuntimeUserError naming `where`.
  * @param {Uint8Array|ArrayBuffer} input
+ * @param {string} [where] the file, for messages
  * @returns {Promise<Record<string, {dtype: string, shape: number[], data: ArrayBufferView}>>}
  */
-export async function loadNpz(input) {
-  const bytes = input instanceof Uint8Array ? input : new Uint8Array(input);
+export async function loadNpz(input, where = "state") {
+  try {
+    return await readZip(input instanceof Uint8Array ? input : new Uint8Array(input ?? 0));
+  } catch (e) {
+    if (e instanceof RuntimeUserError) throw new RuntimeUserError(`${where}: ${e.message}`);
+    // offsets or sizes of a damaged directory past the end (RangeError), a corrupt deflate stream, ...
+    throw new RuntimeUserError(`${where}: not a saved state (.npz) (${String(e?.message ?? e).split("\n")[0].slice(0, 80)})`);
+  }
+}
+
+async function readZip(bytes) {
   const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   let eocd = -1;
   for (let i = bytes.length - 22; i >= Math.max(0, bytes.length - 22 - 65535); i--) {
@@ -136,7 +153,7 @@ export async function loadNpz(input) {
   const out = {};
   for (let n = 0; n < count; n++) {
     if (dv.getUint32(p, true) !== 0x02014b50) throw new RuntimeUserError("not a saved state (.npz): bad zip directory");
-    const method = dv.getUint16(p + 10, true);
+    const method = dv.getUint16(p + 10, true), crc = dv.getUint32(p + 16, true);
     let csize = dv.getUint32(p + 20, true), usize = dv.getUint32(p + 24, true), loff = dv.getUint32(p + 42, true);
     const nlen = dv.getUint16(p + 28, true), xlen = dv.getUint16(p + 30, true), clen = dv.getUint16(p + 32, true);
     const name = new TextDecoder().decode(bytes.subarray(p + 46, p + 46 + nlen));
@@ -152,11 +169,17 @@ export async function loadNpz(input) {
       }
       x += 4 + sz;
     }
-    const data = loff + 30 + dv.getUint16(loff + 26, true) + dv.getUint16(loff + 28, true);
+    if (dv.getUint32(loff, true) !== 0x04034b50) throw new RuntimeUserError(`${name}: bad zip entry`);
+    const lname = dv.getUint16(loff + 26, true);
+    const local = new TextDecoder().decode(bytes.subarray(loff + 30, loff + 30 + lname));
+    if (local !== name) throw new RuntimeUserError(`${name}: its name in the zip directory and in its header differ`); // as Python's zipfile
+    const data = loff + 30 + lname + dv.getUint16(loff + 28, true);
+    if (data + csize > bytes.length) throw new RuntimeUserError(`${name}: truncated in the .npz`);
     let body = bytes.subarray(data, data + csize);
     if (method === 8) body = await inflateRaw(body);
     else if (method !== 0) throw new RuntimeUserError(`${name}: unsupported zip compression ${method}`);
     if (body.length !== usize) throw new RuntimeUserError(`${name}: truncated in the .npz`);
+    if (crc32(body) !== crc) throw new RuntimeUserError(`${name}: damaged (CRC-32 mismatch)`);
     out[name.replace(/\.npy$/, "")] = fromNpy(body, name);
     p += 46 + nlen + xlen + clen;
   }

@@ -3,7 +3,8 @@
 // A ModelProto is a protobuf message; we walk its fields and skip every payload we do not need,
 // so even a model with gigabytes of weights is scanned without decoding them.
 
-const utf8 = new TextDecoder("utf-8");
+// fatal: a damaged entry is refused (as the Python reader does), not read with replacement characters
+const utf8 = new TextDecoder("utf-8", { fatal: true });
 
 // ModelProto: graph = 7, metadata_props = 14. StringStringEntryProto: key = 1, value = 2.
 // GraphProto: initializer = 5. TensorProto: external_data = 13, data_location = 14 (EXTERNAL = 1).
@@ -77,7 +78,7 @@ export function scanModel(bytes) {
       }
     }
   } catch (e) {
-    throw new Error(`not an ONNX model (${e.message})`);
+    throw new Error(`not an ONNX model (${e instanceof TypeError ? "a metadata entry is not UTF-8" : e.message})`);
   }
   return { metadata, externalData: [...external] };
 }

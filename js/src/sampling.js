@@ -111,6 +111,13 @@ export class Sampler {
   /** @param {Partial<import("./index.d.ts").SamplingParams>} params @param {number|null} vocabSize */
   constructor(params = {}, vocabSize = null) {
     const known = Object.keys(DEFAULT_SAMPLING);
+    params ??= {};
+    if (typeof params !== "object") throw new RuntimeUserError(`sampling: settings must be an object, not ${typeof params}`);
+    // an unknown key (topP, max_new_tokens, ...) would silently sample with the default instead
+    const unknown = Object.keys(params).filter((k) => !known.includes(k));
+    if (unknown.length) {
+      throw new RuntimeUserError(`sampling: unknown setting ${unknown[0]} (known: ${known.join(", ")}; generate also takes maxNewTokens, state)`);
+    }
     this.params = { ...DEFAULT_SAMPLING };
     for (const k of known) if (params[k] !== undefined) this.params[k] = params[k];
     checkParams(this.params, vocabSize);

@@ -10,15 +10,37 @@
 // every output out of the WASM heap anyway, so there the outputs it returns become the next state.
 // Either way a step *consumes* the state passed in: using it again is an error (clone() it to branch).
 import { RuntimeUserError } from "./errors.js";
-import { INITIAL_STATE_KEY, MANIFEST_KEY, TOKENIZER_KEY, checkCompanion, concreteShape, parseManifest } from "./manifest.js";
+import { INITIAL_STATE_KEY, MANIFEST_KEY, TOKENIZER_KEY, checkCompanion, concreteShape, parseManifest, plainFileName } from "./manifest.js";
 import { loadNpz, saveNpz } from "./npz.js";
 import { scanModel } from "./onnx-meta.js";
 import { Sampler } from "./sampling.js";
 import { StreamDecoder, makeTokenizer } from "./tokenizers.js";
 
 export const EXPORT_ID_KEY = "__rwkv_export_id__"; // the export a saved state belongs to (as Python's)
+export const MAX_BATCH = 1 << 16; // as Python's MAX_STATE_BATCH: more rows than this is a mistake (or damage)
 const size = (shape) => shape.reduce((a, b) => a * b, 1);
 const ARRAY = { float32: Float32Array, float16: Uint16Array };
+const GEN_KEYS = new Set(["maxNewTokens", "state"]); // generate's own settings besides the sampler's
+const short = (e) => String(e?.message ?? e).split("\n")[0].slice(0, 200);
+
+/** A thread count option: an integer >= 0 (0/undefined: onnxruntime's default), checked here because
+ *  onnxruntime's own error blames the model file. */
+export function checkThreads(threads) {
+  if (threads !== undefined && threads !== null && !(Number.isInteger(threads) && threads >= 0)) {
+    throw new RuntimeUserError(`threads must be an integer >= 1 (or 0: onnxruntime's default), not ${String(threads).slice(0, 40)}`);
+  }
+}
+
+/** A token id: an integer (number or bigint); never a string, boolean or null that Number() would coerce. */
+function tokenId(t, vocab) {
+  const ok = typeof t === "bigint" || (typeof t === "number" && Number.isInteger(t));
+  if (!ok) {
+    const what = Array.isArray(t) ? "an array (step takes one id per batch row; prefill takes rows of ids)" : typeof t === "string" ? JSON.stringify(t.slice(0, 20)) : String(t).slice(0, 40);
+    throw new RuntimeUserError(`token ids must be integers, not ${what}`);
+  }
+  if (t < 0 || t >= vocab) throw new RuntimeUserError(`token id ${t} is outside [0, ${vocab})`);
+  return BigInt(t);
+}
 
 /** float -> IEEE half bits (for a float16 state's fill value). */
 function halfBits(x) {
@@ -81,35 +103,64 @@ export class Session {
    * @param {any} ort the onnxruntime module @param {object} io how files are read on this platform
    */
   static async _create(ort, io, source, options = {}) {
+    if (typeof source !== "string" || !source) {
+      throw new RuntimeUserError(`a model must be given as a path or URL string, not ${source === null ? "null" : typeof source}`);
+    }
+    options ??= {};
     const s = new this(); // the subclass (node.js / web.js) it was called on
     s.ort = ort;
     s.io = io;
     s.source = source;
     s.options = options;
     s.prefillChunk = options.prefillChunk ?? 256;
+    if (!(Number.isInteger(s.prefillChunk) && s.prefillChunk >= 1)) {
+      throw new RuntimeUserError(`prefillChunk must be an integer >= 1, not ${String(options.prefillChunk).slice(0, 40)}`);
+    }
     s.device = io.gpuState ? "webgpu" : "cpu";
     const main = await s._loadGraph(source, null);
     s.manifest = main.manifest;
     s.metadata = main.metadata;
     s.sessions = { [s.manifest.graph]: main.session };
+    s.labels = { [s.manifest.graph]: main.label };
+    s.tokenTypes = { [s.manifest.graph]: main.tokenType };
     const wanted = options.graphs ?? ["step", "sequence"];
     for (const [kind, name] of Object.entries(s.manifest.companions)) {
       if (kind === s.manifest.graph || !wanted.includes(kind)) continue;
-      const src = io.resolve(source, name);
+      const src = io.resolve(source, name); // a plain file name beside the model (parseManifest checked it)
       if (!(await io.exists(src))) continue; // a missing sequence graph: prefill steps instead
-      const g = await s._loadGraph(src, name);
-      checkCompanion(s.manifest, g.manifest, name);
+      const g = await s._loadGraph(src, name, kind);
+      checkCompanion(s.manifest, g.manifest, name, kind);
       s.sessions[kind] = g.session;
+      s.labels[kind] = name;
+      s.tokenTypes[kind] = g.tokenType;
     }
     s.initial = {};
-    if (s.manifest.initial_state === "embedded") {
-      const b64 = s.metadata[INITIAL_STATE_KEY] ?? "";
-      s.initial = await loadNpz(Uint8Array.from(atob(b64), (c) => c.charCodeAt(0)));
-    }
+    if (s.manifest.initial_state === "embedded") s.initial = await s._initialState(main.label);
     return s;
   }
 
-  async _loadGraph(src, name) {
+  /** The export's learned initial state (base64 of an .npz in the metadata), checked as Python's
+   *  decode_initial_state: names, dtypes, shapes [1, ...], no NaN. */
+  async _initialState(label) {
+    const where = `${label} (embedded initial state)`;
+    const b64 = this.metadata[INITIAL_STATE_KEY];
+    if (typeof b64 !== "string" || !b64) {
+      throw new RuntimeUserError(`${label}: the manifest says it embeds an initial state, but none is there; re-export`);
+    }
+    let raw;
+    try {
+      raw = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    } catch {
+      throw new RuntimeUserError(`${label}: the embedded initial state is not valid base64; re-export`);
+    }
+    const arrays = await loadNpz(raw, where);
+    delete arrays[EXPORT_ID_KEY];
+    this._checkArrays(arrays, where, { requireAll: false, batch: 1, nan: true });
+    for (const [k, a] of Object.entries(arrays)) arrays[k] = { ...a, data: this._asDtype(a, k) };
+    return arrays;
+  }
+
+  async _loadGraph(src, name, kind = null) {
     const label = name ?? this.io.label(src);
     const bytes = await this.io.read(src);
     let info;
@@ -122,6 +173,18 @@ export class Session {
       throw new RuntimeUserError(`${label}: no rwkv manifest in this ONNX model (was it exported by rwkv-export?)`);
     }
     const manifest = parseManifest(info.metadata[MANIFEST_KEY], label);
+    if (kind && manifest.graph !== kind) {
+      throw new RuntimeUserError(`${label}: named as the ${kind} graph of this export but is a ${manifest.graph} graph; re-export the model`);
+    }
+    // the weights file(s) its initializers name: beside the graph, under a plain name (onnxruntime's own
+    // message for a missing one is cut off before the file name; a "../x" or URL would read elsewhere)
+    for (const w of info.externalData) {
+      if (!plainFileName(w)) throw new RuntimeUserError(`${label}: names a weights file ${JSON.stringify(w.slice(0, 60))} outside the model's folder; re-export the model`);
+      if (!(await this.io.exists(this.io.resolve(src, w)))) {
+        throw new RuntimeUserError(`${label}: its weights file ${w} is missing; it must stay beside the graph under that name ` +
+          "(copy or move the export's files together)");
+      }
+    }
     const so = { graphOptimizationLevel: "all", ...(this.options.sessionOptions ?? {}) };
     if (this.io.gpuState) {
       // state outputs stay on the GPU; logits (the one output the sampler reads) come to the CPU
@@ -132,13 +195,15 @@ export class Session {
       const extra = this.io.extraOptions ? this.io.extraOptions(src, info.externalData) : {};
       session = await this.ort.InferenceSession.create(this.io.modelArg(src, bytes), { ...so, ...extra });
     } catch (e) {
-      throw new RuntimeUserError(`${label}: onnxruntime could not load the model (${String(e.message ?? e).split("\n")[0].slice(0, 200)})`);
+      const msg = short(e);
+      if (info.externalData.length && /GetExtDataFromTensorProto|External data|external data/.test(msg)) {
+        throw new RuntimeUserError(`${label}: its weights file ${info.externalData.join(", ")} is truncated or damaged; copy the ` +
+          `export's files again or re-export (${msg})`);
+      }
+      throw new RuntimeUserError(`${label}: onnxruntime could not load the model (${msg})`);
     }
-    const missing = [manifest.tokens_input, ...manifest.state.map((st) => st.name)].filter((n) => !session.inputNames.includes(n));
-    if (missing.length) throw new RuntimeUserError(`${label}: the graph has no input ${missing[0]} named by its manifest; re-export the model`);
-    const absent = [manifest.logits_output, ...manifest.state.map((st) => st.output)].filter((n) => !session.outputNames.includes(n));
-    if (absent.length) throw new RuntimeUserError(`${label}: the graph has no output ${absent[0]} named by its manifest; re-export the model`);
-    return { manifest, metadata: info.metadata, session };
+    const tokenType = checkGraphIO(manifest, session, label);
+    return { manifest, metadata: info.metadata, session, label, tokenType };
   }
 
   get vocabSize() { return this.manifest.vocab_size; }
@@ -153,8 +218,29 @@ export class Session {
     });
     return this._tokenizer;
   }
-  async encode(text) { return (await this.tokenizer()).encode(text); }
-  async decode(ids) { return (await this.tokenizer()).decode(ids); }
+  async encode(text) { return this._encodeWith(await this.tokenizer(), text); }
+  async decode(ids) {
+    if (!Array.isArray(ids) || !ids.every((t) => (typeof t === "number" && Number.isInteger(t) && t >= 0) || (typeof t === "bigint" && t >= 0n))) {
+      throw new RuntimeUserError(`decode needs an array of integer token ids >= 0, not ${String(ids).slice(0, 40)}`);
+    }
+    return (await this.tokenizer()).decode(ids);
+  }
+
+  /** Text -> ids, checked: valid Unicode (a lone surrogate would silently become U+FFFD, where the
+   *  Python runtime refuses it), and ids inside the model's vocabulary (a wrong --tokenizer). */
+  _encodeWith(tok, text) {
+    if (typeof text !== "string") throw new RuntimeUserError(`text to encode must be a string, not ${text === null ? "null" : typeof text}`);
+    if (/[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/.test(text)) {
+      throw new RuntimeUserError("the text holds a lone UTF-16 surrogate (not valid Unicode); pass well-formed text");
+    }
+    const ids = tok.encode(text);
+    const bad = ids.find((i) => !(i >= 0 && i < this.vocabSize));
+    if (bad !== undefined) {
+      throw new RuntimeUserError(`the model's tokenizer (${this.manifest.tokenizer.kind ?? "none"}) encoded the text to token id ${bad}, ` +
+        `outside the model's vocabulary [0, ${this.vocabSize}): the export's tokenizer does not fit this model; re-export with the right --tokenizer`);
+    }
+    return ids;
+  }
 
   // -- state ------------------------------------------------------------------------------------
   _cpuSet(batch) {
@@ -169,7 +255,9 @@ export class Session {
   /** A fresh state for `batch` sequences: the manifest's fill values (RWKV-4's pp = -1e30), or
    *  the export's learned initial state broadcast over the batch. */
   newState(batch = 1) {
-    if (!Number.isInteger(batch) || batch < 1) throw new RuntimeUserError(`batch must be a positive integer, not ${batch}`);
+    if (!Number.isInteger(batch) || batch < 1 || batch > MAX_BATCH) {
+      throw new RuntimeUserError(`batch must be an integer in [1, ${MAX_BATCH}], not ${String(batch).slice(0, 40)}`);
+    }
     const front = this._cpuSet(batch);
     for (const s of this.manifest.state) {
       const d = front[s.name].data;
@@ -184,22 +272,77 @@ export class Session {
     return new State(this, batch, front, this.io.preallocate ? this._cpuSet(batch) : null);
   }
 
-  /** A state from plain arrays (checked against the manifest: names, dtypes, shapes). */
-  stateFromArrays(arrays) {
-    let batch = null;
+  /**
+   * Check {name: {dtype, shape, data}} against the manifest (as Python's check_state_arrays): known
+   * names, dtypes, shapes with one batch in [1, MAX_BATCH], data of the shape's length, optionally
+   * no NaN. Returns the batch.
+   */
+  _checkArrays(arrays, where, { requireAll = true, batch = null, nan = false } = {}) {
+    const pre = where ? `${where}: ` : "";
+    if (!arrays || typeof arrays !== "object") throw new RuntimeUserError(`${pre}a state must be an object of arrays by name, not ${arrays === null ? "null" : typeof arrays}`);
+    const specs = new Map(this.manifest.state.map((s) => [s.name, s]));
+    for (const k of Object.keys(arrays)) {
+      if (!specs.has(k)) throw new RuntimeUserError(`${pre}names ${JSON.stringify(k.slice(0, 60))}, which this model has no state tensor for`);
+    }
+    if (requireAll) {
+      const missing = this.manifest.state.filter((s) => !(s.name in arrays));
+      if (missing.length) throw new RuntimeUserError(`${pre}state is missing ${missing.length} tensor(s), e.g. ${missing[0].name}`);
+    }
+    for (const [k, a] of Object.entries(arrays)) {
+      const s = specs.get(k);
+      if (!a || typeof a !== "object") throw new RuntimeUserError(`${pre}state tensor ${k} must be {dtype, shape, data}`);
+      if (a.dtype !== s.dtype) {
+        throw new RuntimeUserError(`${pre}state tensor ${k} has dtype ${String(a.dtype).slice(0, 30)}, expected ${s.dtype}`);
+      }
+      const shape = Array.isArray(a.shape) ? a.shape : [];
+      const b = shape[0];
+      if (!(Number.isInteger(b) && b >= 1 && b <= MAX_BATCH) || (batch !== null && b !== batch)) {
+        throw new RuntimeUserError(`${pre}state tensor ${k} has shape [${shape}], expected [${concreteShape(s, batch ?? "batch")}]` +
+          (batch !== null ? ` (batch ${batch})` : ""));
+      }
+      batch = b;
+      const want = concreteShape(s, b);
+      if (shape.length !== want.length || shape.some((d, i) => d !== want[i])) {
+        throw new RuntimeUserError(`${pre}state tensor ${k} has shape [${shape}], expected [${want}] (batch ${b})`);
+      }
+      if (!a.data || typeof a.data.length !== "number" || a.data.length !== size(want)) {
+        throw new RuntimeUserError(`${pre}state tensor ${k} has ${a.data?.length ?? "no"} values, its shape [${want}] needs ${size(want)}`);
+      }
+      if (nan && a.dtype === "float32" && Array.prototype.some.call(a.data, Number.isNaN)) {
+        throw new RuntimeUserError(`${pre}state tensor ${k} holds NaN`);
+      }
+    }
+    return batch;
+  }
+
+  /** An array's data as a typed array of the state's dtype: a copy, the state never aliases the caller's. */
+  _asDtype(a, name) {
+    return new ARRAY[this.manifest.state.find((st) => st.name === name).dtype](a.data);
+  }
+
+  /** A state from plain arrays {name: {dtype, shape, data}} (checked against the manifest: names,
+   *  dtypes, shapes, sizes; an export id member, as toArrays/loadNpz give, must be this model's). */
+  stateFromArrays(arrays, where = "") {
+    if (arrays && typeof arrays === "object" && EXPORT_ID_KEY in arrays) {
+      const { [EXPORT_ID_KEY]: id, ...rest } = arrays;
+      this._checkExportId(id?.data ?? id, where || "state");
+      arrays = rest;
+    }
+    const batch = this._checkArrays(arrays, where);
     const front = {};
     for (const s of this.manifest.state) {
-      const a = arrays[s.name];
-      if (!a) throw new RuntimeUserError(`state is missing tensor ${s.name}`);
-      if (a.dtype !== s.dtype) throw new RuntimeUserError(`state tensor ${s.name} has dtype ${a.dtype}, expected ${s.dtype}`);
-      batch ??= a.shape[0];
-      const want = concreteShape(s, batch);
-      if (a.shape.length !== want.length || a.shape.some((d, i) => d !== want[i])) {
-        throw new RuntimeUserError(`state tensor ${s.name} has shape [${a.shape}], expected [${want}] (batch ${batch})`);
-      }
-      front[s.name] = new this.ort.Tensor(s.dtype, new ARRAY[s.dtype](a.data), want);
+      front[s.name] = new this.ort.Tensor(s.dtype, this._asDtype(arrays[s.name], s.name), concreteShape(s, batch));
     }
     return new State(this, batch, front, this.io.preallocate ? this._cpuSet(batch) : null);
+  }
+
+  _checkExportId(saved, where) {
+    if (typeof saved !== "string") throw new RuntimeUserError(`${where}: malformed export id`);
+    const mine = this.manifest.export_id;
+    if (saved && mine && saved !== mine) {
+      throw new RuntimeUserError(`${where}: this state was saved from another export (id ${saved.slice(0, 16)}), not from ` +
+        `this model (id ${mine.slice(0, 16)}); states only load into the model that made them`);
+    }
   }
 
   /** .npz bytes of a state (Python's Session.load_state reads them). */
@@ -209,44 +352,53 @@ export class Session {
   async loadState(input) {
     const where = typeof input === "string" ? input : "state";
     const bytes = typeof input === "string" ? await this.io.read(input) : input;
-    const arrays = await loadNpz(bytes);
-    const saved = arrays[EXPORT_ID_KEY]?.data ?? "";
-    delete arrays[EXPORT_ID_KEY];
-    const mine = this.manifest.export_id;
-    if (saved && mine && saved !== mine) {
-      throw new RuntimeUserError(`${where}: this state was saved from another export (id ${saved.slice(0, 16)}), not from ` +
-        `this model (id ${mine.slice(0, 16)}); states only load into the model that made them`);
+    if (!(bytes instanceof Uint8Array || bytes instanceof ArrayBuffer)) {
+      throw new RuntimeUserError(`loadState needs .npz bytes (Uint8Array / ArrayBuffer) or a path/URL string, not ${bytes === null ? "null" : typeof bytes}`);
     }
-    const known = new Set(this.manifest.state.map((st) => st.name));
-    for (const k of Object.keys(arrays)) {
-      if (!known.has(k)) throw new RuntimeUserError(`${where}: names ${k.slice(0, 60)}, which this model has no state tensor for`);
-      if (arrays[k].dtype === "float32" && arrays[k].data.some(Number.isNaN)) throw new RuntimeUserError(`${where}: state tensor ${k} holds NaN`);
+    const arrays = await loadNpz(bytes, where);
+    if (EXPORT_ID_KEY in arrays) {
+      const id = arrays[EXPORT_ID_KEY];
+      if (id.dtype !== "str") throw new RuntimeUserError(`${where}: malformed export id`);
+      this._checkExportId(id.data, where);
+      delete arrays[EXPORT_ID_KEY];
     }
-    return this.stateFromArrays(arrays);
+    this._checkArrays(arrays, where, { nan: true });
+    return this.stateFromArrays(arrays, where);
   }
 
   // -- running ----------------------------------------------------------------------------------
+  /** Rows of token ids (checked: integers inside the vocabulary) -> flat BigInt64Array. */
   _tokens(rows) {
-    const flat = rows.flat();
-    for (const t of flat) {
-      if (!Number.isInteger(Number(t)) || t < 0 || t >= this.vocabSize) {
-        throw new RuntimeUserError(`token id ${t} is outside [0, ${this.vocabSize})`);
-      }
-    }
-    return BigInt64Array.from(flat, (t) => BigInt(t));
+    const flat = [];
+    for (const row of rows) for (const t of row) flat.push(tokenId(t, this.vocabSize));
+    return BigInt64Array.from(flat);
   }
 
   async _run(kind, tokenData, dims, state) {
     const m = this.manifest;
     const sess = this.sessions[kind];
-    const feeds = { [m.tokens_input]: new this.ort.Tensor("int64", tokenData, dims) };
+    if (!sess) {
+      state._live = true; // not run: the state passed in stays usable
+      throw new RuntimeUserError("this session was released; create a new one");
+    }
+    const tokens = this.tokenTypes?.[kind] === "int32" ? Int32Array.from(tokenData, Number) : tokenData;
+    const feeds = { [m.tokens_input]: new this.ort.Tensor(this.tokenTypes?.[kind] ?? "int64", tokens, dims) };
     for (const s of m.state) feeds[s.name] = state.values[s.name];
     let fetches;
     if (state._back) {
       fetches = { [m.logits_output]: null };
       for (const s of m.state) fetches[s.output] = state._back[s.name];
     }
-    const out = await (fetches ? sess.run(feeds, fetches) : sess.run(feeds));
+    let out;
+    try {
+      const run = () => (fetches ? sess.run(feeds, fetches) : sess.run(feeds));
+      out = await (this.io.exclusive ? this.io.exclusive(run) : run());
+    } catch (e) {
+      // the inputs are intact (outputs go to the spare set; GPU inputs are freed only after a run), so
+      // the state passed in stays usable; the error names the graph, in one line
+      state._live = true;
+      throw new RuntimeUserError(`${this.labels?.[kind] ?? kind}: onnxruntime could not run the graph (${short(e)})`);
+    }
     const next = {};
     for (const s of m.state) {
       const back = state._back?.[s.name], got = out[s.output];
@@ -280,10 +432,10 @@ export class Session {
    */
   async step(tokens, state) {
     tokens = Array.isArray(tokens) ? tokens : [tokens];
+    const data = this._tokens([tokens]); // checked before the state is consumed: a bad id keeps it usable
     state ??= this.newState(tokens.length);
     this._check(state, tokens.length);
     state._take();
-    const data = this._tokens(tokens);
     const r = this.sessions.step
       ? await this._run("step", data, [tokens.length], state)
       : await this._run("sequence", data, [tokens.length, 1], state);
@@ -297,14 +449,16 @@ export class Session {
    * @param {number} [chunkSize]
    */
   async prefill(tokens, state, chunkSize) {
+    if (!Array.isArray(tokens)) throw new RuntimeUserError("prefill needs token ids: an array of ids, or of rows of ids");
     const rows = Array.isArray(tokens[0]) ? tokens : [tokens];
+    if (!rows.every(Array.isArray)) throw new RuntimeUserError("prefill needs rows of token ids (arrays), all of one length");
     const T = rows[0].length;
     if (T === 0 || rows.some((r) => r.length !== T)) throw new RuntimeUserError("prefill needs non-empty prompts of one length");
+    const chunk = chunkSize ?? this.prefillChunk;
+    if (!(Number.isInteger(chunk) && chunk >= 1)) throw new RuntimeUserError(`chunkSize must be an integer >= 1, not ${String(chunk).slice(0, 40)}`);
+    this._tokens(rows);
     state ??= this.newState(rows.length);
     this._check(state, rows.length);
-    const chunk = chunkSize ?? this.prefillChunk;
-    if (!(chunk >= 1)) throw new RuntimeUserError(`chunkSize must be >= 1, not ${chunk}`);
-    this._tokens(rows);
     let r = { state };
     if (this.sessions.sequence) {
       for (let s = 0; s < T; s += chunk) {
@@ -331,8 +485,12 @@ export class Session {
    * @param {number[]} promptTokens @param {object} [params] sampling + maxNewTokens + state
    */
   async *generateTokens(promptTokens, params = {}) {
+    if (!Array.isArray(promptTokens)) throw new RuntimeUserError("the prompt must be text or an array of token ids");
     if (!promptTokens.length) throw new RuntimeUserError("the prompt is empty");
-    const sampler = new Sampler(params, this.vocabSize);
+    params ??= {};
+    const sampling = {};
+    for (const [k, v] of Object.entries(params)) if (!GEN_KEYS.has(k)) sampling[k] = v;
+    const sampler = new Sampler(sampling, this.vocabSize);
     const max = params.maxNewTokens ?? 100;
     if (!Number.isInteger(max) || max < 0) throw new RuntimeUserError(`maxNewTokens must be an integer >= 0, not ${max}`);
     let { logits, state } = await this.prefill(promptTokens, params.state);
@@ -351,21 +509,33 @@ export class Session {
    * Python's SamplingParams (temperature, top_p, top_k, presence_penalty, frequency_penalty,
    * penalty_decay, seed, ban, stop) plus maxNewTokens and state. Figures in session.stats.
    */
-  async *generate(prompt, params = {}) {
+  generate(prompt, params = {}) {
+    // each call has its own statistics (it.stats), so concurrent calls never mix them; session.stats
+    // is the last started call's, as Python's Session.stats
+    const stats = { promptTokens: 0, newTokens: 0, prefillMs: 0, decodeMs: 0, tokensPerSecond: 0 };
+    const it = this._generate(prompt, params, stats);
+    it.stats = stats;
+    this.stats = stats;
+    return it;
+  }
+
+  async *_generate(prompt, params, stats) {
+    if (typeof prompt !== "string" && !Array.isArray(prompt)) throw new RuntimeUserError("the prompt must be text or an array of token ids");
     const tok = await this.tokenizer().catch((e) => { if (typeof prompt === "string") throw e; return null; });
-    const ids = typeof prompt === "string" ? tok.encode(prompt) : [...prompt];
+    const ids = typeof prompt === "string" ? this._encodeWith(tok, prompt) : [...prompt];
     const dec = tok ? new StreamDecoder(tok) : null;
-    this.stats = { promptTokens: ids.length, newTokens: 0, prefillMs: 0, decodeMs: 0, tokensPerSecond: 0 };
+    stats.promptTokens = ids.length;
     let t0 = performance.now(), first = true;
     for await (const t of this.generateTokens(ids, params)) {
       const now = performance.now();
-      if (first) { this.stats.prefillMs = now - t0; t0 = now; first = false; }
-      this.stats.newTokens++;
+      if (first) { stats.prefillMs = now - t0; t0 = now; first = false; }
+      stats.newTokens++;
       const piece = dec ? dec.push(t) : `${t} `;
       if (piece) yield piece;
-      this.stats.decodeMs = performance.now() - t0;
-      this.stats.tokensPerSecond = this.stats.newTokens / (this.stats.decodeMs / 1000 || Infinity);
+      stats.decodeMs = performance.now() - t0;
+      stats.tokensPerSecond = stats.newTokens / (stats.decodeMs / 1000 || Infinity);
     }
+    if (first) stats.prefillMs = performance.now() - t0; // no token came: the time was all prefill
     const tail = dec ? dec.flush() : "";
     if (tail) yield tail;
   }
@@ -375,4 +545,51 @@ export class Session {
     for (const s of Object.values(this.sessions)) await s.release();
     this.sessions = {};
   }
+}
+
+/**
+ * The manifest against the loaded graph (as Python's check_graph_io), before the first run: the token
+ * input (rank 1 for a step graph, 2 for a sequence graph; an integer type), the logits output with the
+ * manifest's vocabulary, every state input/output with the manifest's rank, dtype and fixed sizes, and
+ * no input the manifest does not describe. A tampered manifest would otherwise run: a wrong vocab_size
+ * silently slices the logits row, a wrong state shape fails deep inside onnxruntime at the first step.
+ * Returns the token input's type ("int64" or "int32").
+ */
+function checkGraphIO(manifest, session, label) {
+  const fail = (what) => { throw new RuntimeUserError(`${label}: the graph does not match its manifest (${what}); re-export the model`); };
+  const ins = new Set(session.inputNames), outs = new Set(session.outputNames);
+  for (const n of [manifest.tokens_input, ...manifest.state.map((s) => s.name)]) if (!ins.has(n)) fail(`no input ${n}`);
+  for (const n of [manifest.logits_output, ...manifest.state.map((s) => s.output)]) if (!outs.has(n)) fail(`no output ${n}`);
+  const extra = [...ins].filter((n) => n !== manifest.tokens_input && !manifest.state.some((s) => s.name === n));
+  if (extra.length) fail(`inputs the manifest does not describe: ${extra.slice(0, 3).join(", ")}`);
+  const meta = (list, name) => (Array.isArray(list) ? list.find((x) => x?.name === name) : undefined);
+  // onnxruntime-common >= 1.21 describes inputs and outputs (type; shape: sizes or symbolic names, []
+  // when the graph does not say, a negative size when unknown): only what is described is compared
+  if (!Array.isArray(session.inputMetadata) || !Array.isArray(session.outputMetadata)) return "int64";
+  const known = (d) => typeof d === "number" && d >= 0;
+  const tok = meta(session.inputMetadata, manifest.tokens_input);
+  const rank = manifest.graph === "step" ? 1 : 2;
+  if (tok?.shape?.length && (tok.shape.length !== rank || !["int64", "int32"].includes(tok.type))) {
+    fail(`input ${tok.name} is ${tok.type} of rank ${tok.shape.length}, a ${manifest.graph} graph takes integer tokens of rank ${rank}`);
+  }
+  const lg = meta(session.outputMetadata, manifest.logits_output);
+  if (lg?.shape?.length) {
+    const last = lg.shape[lg.shape.length - 1];
+    if (![2, 3].includes(lg.shape.length) || (known(last) && last !== manifest.vocab_size)) {
+      fail(`output ${lg.name} has shape [${lg.shape}], the manifest says vocabulary ${manifest.vocab_size}`);
+    }
+  }
+  for (const s of manifest.state) {
+    for (const [name, list] of [[s.name, session.inputMetadata], [s.output, session.outputMetadata]]) {
+      const a = meta(list, name);
+      if (!a?.shape?.length) continue;
+      if (a.shape.length !== s.shape.length || a.type !== s.dtype) {
+        fail(`${name} is ${a.type} of rank ${a.shape.length}, the manifest says ${s.dtype} [${s.shape}]`);
+      }
+      a.shape.slice(1).forEach((d, i) => {
+        if (known(d) && d !== s.shape[i + 1]) fail(`${name} has shape [${a.shape}], the manifest says [${s.shape}]`);
+      });
+    }
+  }
+  return tok?.type === "int32" ? "int32" : "int64";
 }

@@ -9,7 +9,15 @@ const decoder = () => new TextDecoder("utf-8"); // replacement characters for ba
 export class ByteTokenizer {
   kind = "bytes";
   encode(text) { return Array.from(utf8.encode(text)); }
-  decode(ids) { return decoder().decode(Uint8Array.from(ids, Number)); }
+  decode(ids) {
+    // Uint8Array.from would wrap 300 to 44 silently: an id outside 0..255 is an error (as in Python)
+    const bytes = Uint8Array.from(ids, (t) => {
+      const n = Number(t);
+      if (!Number.isInteger(n) || n < 0 || n > 255) throw new RuntimeUserError(`token id ${t} is outside the byte vocabulary (0..255)`);
+      return n;
+    });
+    return decoder().decode(bytes);
+  }
 }
 
 /** Parse one Python literal as the World vocabulary writes it: '...', "...", b'...' -> bytes. */
@@ -60,9 +68,15 @@ export class WorldTokenizer {
       if (!line.trim()) continue;
       const a = line.indexOf(" "), b = line.lastIndexOf(" ");
       const id = Number(line.slice(0, a));
-      const bytes = parsePyLiteral(line.slice(a + 1, b));
+      let bytes;
+      try {
+        if (a < 1 || b <= a || !Number.isInteger(id) || id < 0) throw new Error("expected: id literal length");
+        bytes = parsePyLiteral(line.slice(a + 1, b));
+      } catch (e) { // a wrong file given as worldVocab: one line naming the line, not a parser exception
+        throw new RuntimeUserError(`World vocabulary line ${n + 1}: ${e.message.slice(0, 80)} (is worldVocab rwkv_vocab_v20230424.txt?)`);
+      }
       if (bytes.length !== Number(line.slice(b + 1))) {
-        throw new RuntimeUserError(`World vocabulary line ${n + 1}: length ${bytes.length} != ${line.slice(b + 1)}`);
+        throw new RuntimeUserError(`World vocabulary line ${n + 1}: length ${bytes.length} != ${line.slice(b + 1, b + 20)}`);
       }
       this.idToBytes[id] = bytes;
       let node = this.root;
@@ -120,7 +134,11 @@ export class HFTokenizer {
   /** @param {string} jsonText */
   static async fromJSON(jsonText) {
     const { Tokenizer } = await import("@huggingface/tokenizers");
-    return new HFTokenizer(new Tokenizer(JSON.parse(jsonText), {}));
+    try {
+      return new HFTokenizer(new Tokenizer(JSON.parse(jsonText), {}));
+    } catch (e) { // as Python: an embedded tokenizer.json that does not load is refused, in one line
+      throw new RuntimeUserError(`the tokenizer.json does not load (${String(e?.message ?? e).split("\n")[0].slice(0, 120)}); re-export with a valid --tokenizer`);
+    }
   }
 
   encode(text) { return this.tok.encode(text, { add_special_tokens: true }).ids.map(Number); }
@@ -143,6 +161,7 @@ export async function makeTokenizer(spec, { embeddedJSON = null, worldVocab = nu
     if (!embeddedJSON) throw new RuntimeUserError("the model names a tokenizer.json but does not embed it; re-export with --tokenizer");
     return HFTokenizer.fromJSON(embeddedJSON);
   }
+  if (kind !== "none") throw new RuntimeUserError(`tokenizer kind ${JSON.stringify(kind).slice(0, 40)} is not supported here (bytes, world, hf-json)`);
   throw new RuntimeUserError("the model has no tokenizer; pass token ids, or re-export with --tokenizer");
 }
 
