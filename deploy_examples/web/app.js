@@ -42,14 +42,15 @@ async function run(session) {
   if (!prompt) return;
   let text = "";
   const t = { temperature: Number($("temp").value), top_p: 0.85, maxNewTokens: Number($("max").value) || 64 };
-  for await (const piece of session.generate(prompt, t)) {
+  const gen = session.generate(prompt, t); // gen.stats: this run's figures (a run the user's typing started may overlap)
+  for await (const piece of gen) {
     if (mine !== generation) return; // the user typed again: this run is stale
     text += piece;
     out.lastChild.textContent = text;
-    $("speed").textContent = `${session.stats.tokensPerSecond.toFixed(1)} tokens/s`;
+    $("speed").textContent = `${gen.stats.tokensPerSecond.toFixed(1)} tokens/s`;
   }
   demo.runs++;
-  demo.last = { prompt, text, stats: { ...session.stats } };
+  demo.last = { prompt, text, stats: { ...gen.stats } };
 }
 
 demo.ready = load().then((session) => {
