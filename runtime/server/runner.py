@@ -1,6 +1,7 @@
 """Building and running a server: from a model path to a running uvicorn (foreground or a thread)."""
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import sys
@@ -82,11 +83,31 @@ def _uvicorn_server(app, engine, log_level: str, drain_seconds: float, host="127
 def run(opts: ServerOptions, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
     """Serve in the foreground until SIGINT/SIGTERM (then drain and exit)."""
     setup_logging(log_level)
-    app, engine = build_app(opts)
+    sock = _listen(host, port)  # before the model loads: a taken port is one line at once, not uvicorn's exit 3
     try:
-        _uvicorn_server(app, engine, log_level, opts.drain_seconds, host, port).run()
+        app, engine = build_app(opts)
+        _uvicorn_server(app, engine, log_level, opts.drain_seconds, host, port).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: that is a clean exit
         pass
+    finally:
+        sock.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), or a RuntimeUserError naming the address and why."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as e:  # socket.gaierror: an unknown host name
+        raise RuntimeUserError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses the port
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        hint = "; choose another --port" if e.errno == errno.EADDRINUSE else ""
+        raise RuntimeUserError(f"cannot listen on {host}:{port} ({e.strerror or e}){hint}") from None
+    return sock
 
 
 class ServerThread:
