@@ -178,7 +178,8 @@ def fmt(xs, width=20) -> str:
     if not xs:
         return f"{'-':>{width}}"
     m, lo, hi = stats(xs)
-    return f"{m:>7.1f} ({lo:.1f}-{hi:.1f})".rjust(width)
+    # (a leading space keeps columns apart when a wide figure, e.g. a tiny model's, overflows the width)
+    return " " + f"{m:>7.1f} ({lo:.1f}-{hi:.1f})".rjust(width - 1)
 
 
 def machine() -> str:
