@@ -75,6 +75,13 @@ def _uvicorn_server(app, engine, log_level: str, drain_seconds: float, host="127
             engine.begin_shutdown()
             super().handle_exit(sig, frame)
 
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if sockets and self.started:  # uvicorn names the address only for sockets it bound itself
+                h, p = sockets[0].getsockname()[:2]
+                logging.getLogger("uvicorn.error").info(
+                    "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", f"[{h}]" if ":" in h else h, p)
+
     cfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                          timeout_graceful_shutdown=drain_seconds, lifespan="on")
     return _Server(cfg)
@@ -103,6 +110,7 @@ def _listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses the port
         sock.bind(addr)
+        sock.listen(2048)  # (uvicorn's backlog) connections made before uvicorn starts wait, not fail
     except OSError as e:
         sock.close()
         hint = "; choose another --port" if e.errno == errno.EADDRINUSE else ""
