@@ -5,7 +5,7 @@ cache (``pip install rwkv-runtime[serve]``: FastAPI, uvicorn, prometheus-client;
 
 Layout (as vLLM's entrypoints): ``protocol`` (request models), ``serving`` (requests -> engine calls ->
 responses), ``app`` (routes only), ``engine`` (the scheduler thread), ``events`` (what passes between
-the two), ``cache`` (prefix states),
+the two), ``logprobs`` (per-token log-probabilities), ``cache`` (prefix states),
 ``statefile`` (portable conversation states), ``metrics`` (Prometheus), ``runner`` (uvicorn).
 """
 from .engine import Engine, EngineConfig, GenRequest, ServeError

@@ -28,6 +28,7 @@ from rwkv_runtime import RuntimeUserError, Sampler, State
 from . import statefile
 from .cache import PrefixCache
 from .events import _OUTBOX, Delta, Failed, Finished, GenRequest, Handle, ServeError  # noqa: F401 - re-exported
+from .logprobs import token_logprob
 from .metrics import Metrics
 
 log = logging.getLogger("rwkv_runtime.server")
@@ -49,7 +50,7 @@ class EngineConfig:
 
 class _Seq:
     __slots__ = ("h", "req", "done", "state", "logits", "sampler", "generated", "pending", "held",
-                 "cached", "t_last", "first", "greedy")
+                 "cached", "t_last", "first", "greedy", "lp_wait", "decoded", "sent")
 
     def __init__(self, h: Handle):
         self.h, self.req = h, h.req
@@ -59,6 +60,10 @@ class _Seq:
         self.generated: list = []
         self.pending: list = []  # tokens whose text is an incomplete UTF-8 sequence so far
         self.held = ""  # text that may be the start of a stop string
+        # logprobs: the TokenLogprobs not yet reported (None: not asked for); characters of the generated
+        # text decoded so far and delivered so far (their difference is ``held``)
+        self.lp_wait = None if h.req.logprobs is None else []
+        self.decoded = self.sent = 0
         self.done = 0  # prompt tokens already in the state
         self.cached = 0
         self.state = None
@@ -332,15 +337,17 @@ class Engine:
             return "stop"
         s.generated.append(tok)
         m.generated_tokens.inc()
+        if s.lp_wait is not None:  # only the sequences that asked pay for a log-softmax
+            s.lp_wait.append(token_logprob(s.logits, tok, s.req.logprobs))
         s.pending.append(tok)
         piece = self.session.decode(s.pending)
         if "\ufffd" in piece and len(s.pending) < 8:  # wait for the rest of a UTF-8 character
             piece = ""
         else:
             s.pending = []
+            self._decoded(s, piece)
         text, stopped = self._apply_stops(s, piece)
-        if text:
-            s.h._put(Delta(text))
+        self._emit(s, text, stopped)
         if stopped:
             return "stop-text"
         if len(s.generated) >= s.req.max_tokens:
@@ -348,6 +355,33 @@ class Engine:
         if now - s.h.arrival > self.config.request_timeout:
             return "timeout"
         return None
+
+    @staticmethod
+    def _decoded(s: _Seq, piece: str):
+        """The tokens waiting for their text (a multi-byte character's pieces) produced ``piece``."""
+        if s.lp_wait is None:
+            return
+        for e in reversed(s.lp_wait):
+            if e.end is not None:
+                break
+            e.start, e.end = s.decoded, s.decoded + len(piece)
+        s.decoded += len(piece)
+
+    @staticmethod
+    def _emit(s: _Seq, text: str, stopped: bool, tokens: int = 1):
+        """Deliver ``text`` with the log-probabilities of the tokens whose text it completes; on a stop
+        string, of every token that produced some delivered text (the rest are never reported)."""
+        lps = None
+        if s.lp_wait is not None:
+            s.sent += len(text)
+            n = 0
+            for e in s.lp_wait:  # in order: start and end never decrease
+                if e.end is None or not (e.start < s.sent if stopped else e.end <= s.sent):
+                    break
+                n += 1
+            lps, s.lp_wait = s.lp_wait[:n], [] if stopped else s.lp_wait[n:]
+        if text or lps:
+            s.h._put(Delta(text, tokens, lps or None))
 
     @staticmethod
     def _apply_stops(s: _Seq, piece: str) -> tuple[str, bool]:
@@ -376,10 +410,11 @@ class Engine:
         if reason == "stop-text":
             reason = "stop"
         else:  # flush what was held back: an incomplete character, the start of a stop string
-            text, stopped = self._apply_stops(s, self.session.decode(s.pending) if s.pending else "")
+            piece = self.session.decode(s.pending) if s.pending else ""
+            self._decoded(s, piece)
+            text, stopped = self._apply_stops(s, piece)
             text += "" if stopped else s.held
-            if text:
-                s.h._put(Delta(text, 0))
+            self._emit(s, text, stopped, 0)
         appended = bool(s.generated) and tok not in s.req.stop_ids
         fed = s.generated[:-1] if appended else s.generated
         arrays = self._row(row)

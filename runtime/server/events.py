@@ -33,6 +33,7 @@ class GenRequest:
     state_base: str = ""  # cache namespace of the imported state
     state_tokens: int = 0  # tokens the imported state had seen
     return_state: bool = False
+    logprobs: int | None = None  # report each token's log-probability with this many alternatives (None: off)
     request_id: str = ""
     session_id: str | None = None  # a conversation id (x-session-id): finished states go to ``on_finish``
 
@@ -41,6 +42,7 @@ class GenRequest:
 class Delta:
     text: str
     tokens: int = 1
+    logprobs: list | None = None  # TokenLogprob of the tokens this text completes (requests that asked)
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 Requests are pydantic models: a field of the wrong type or out of range is a 400 in OpenAI's error
 shape before anything reaches the engine. Unknown fields are ignored, as clients send many; OpenAI
-fields that would change the result and that this server cannot honour (``logprobs``, ``suffix``,
-``logit_bias``, ``best_of``, ``response_format``, ``tools``) are refused unless set to their "off" value. Two fields
+fields that would change the result and that this server cannot honour (``suffix``, ``logit_bias``,
+``best_of``, ``response_format``, ``tools``) are refused unless set to their "off" value. Two fields
 are this server's own: ``state`` (resume from an exported conversation state) and ``return_state``
 (get the state after this reply back, in each choice's ``state``).
 """
@@ -36,7 +36,6 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: Optional[dict] = None
-    logprobs: Optional[Union[bool, int]] = None
     user: Optional[str] = None
     state: Optional[str] = None  # base64 conversation state from a previous reply's ``state``
     return_state: bool = False
@@ -62,8 +61,18 @@ class _Request(BaseModel):
 class CompletionRequest(_Request):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=5)  # alternatives per token (OpenAI's legacy limit)
     suffix: Optional[str] = None
     best_of: Optional[int] = Field(None, ge=1)
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _number_of_logprobs(cls, v):
+        if isinstance(v, bool):  # (pydantic would read true as 1)
+            if v:
+                raise ValueError("logprobs is the number of alternatives per token here (0-5), not true")
+            return None  # false: the "off" value some clients send
+        return v
 
 
 class TextPart(BaseModel):
@@ -87,6 +96,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     response_format: Optional[dict] = None
     tools: Optional[list] = None
     tool_choice: Union[str, dict, None] = None
@@ -107,8 +118,34 @@ def completion(rid: str, model: str, choices: list, use: dict, chat: bool) -> di
             "model": model, "choices": choices, "usage": use, "system_fingerprint": None}
 
 
-def choice(index: int, text: str, finish: str, chat: bool, state: str | None) -> dict:
-    c = {"index": index, "finish_reason": finish, "logprobs": None}
+def _logprob(x: float) -> float:
+    return max(x, -9999.0)  # a -inf logit: JSON has no -inf (vLLM's floor)
+
+
+def completion_logprobs(entries: list, texts) -> dict:
+    """The legacy shape; ``texts(id) -> (str, bytes)``. ``top_logprobs`` also holds the chosen token (so
+    up to k + 1 entries, as OpenAI); tokens of equal text share a key, the most likely one's."""
+    tops = []
+    for e in entries:
+        top: dict = {}
+        for t, lp in (*e.top, (e.token, e.logprob)):
+            top.setdefault(texts(t)[0], _logprob(lp))
+        tops.append(top)
+    return {"tokens": [texts(e.token)[0] for e in entries], "token_logprobs": [_logprob(e.logprob) for e in entries],
+            "top_logprobs": tops, "text_offset": [e.start for e in entries]}
+
+
+def chat_logprobs(entries: list, texts) -> dict:
+    def item(t, lp):
+        text, raw = texts(t)
+        return {"token": text, "logprob": _logprob(lp), "bytes": list(raw)}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
+def choice(index: int, text: str, finish: str, chat: bool, state: str | None, logprobs: dict | None = None) -> dict:
+    c = {"index": index, "finish_reason": finish, "logprobs": logprobs}
     if chat:
         c["message"] = {"role": "assistant", "content": text}
     else:
@@ -119,10 +156,11 @@ def choice(index: int, text: str, finish: str, chat: bool, state: str | None) ->
 
 
 def chunk(rid: str, model: str, created: int, chat: bool, index: int, text: str | None = None,
-          finish: str | None = None, role: bool = False, state: str | None = None, use: dict | None = None) -> dict:
+          finish: str | None = None, role: bool = False, state: str | None = None, use: dict | None = None,
+          logprobs: dict | None = None) -> dict:
     choices = []
     if use is None:
-        c = {"index": index, "finish_reason": finish, "logprobs": None}
+        c = {"index": index, "finish_reason": finish, "logprobs": logprobs}
         if chat:
             c["delta"] = ({"role": "assistant", "content": ""} if role else
                           {"content": text} if text is not None else {})

@@ -14,6 +14,7 @@ from rwkv_runtime import RuntimeUserError, Sampler, SamplingParams
 
 from . import protocol, statefile
 from .engine import Delta, Engine, Failed, Finished, GenRequest, ServeError
+from .logprobs import TokenTexts
 
 
 @dataclass
@@ -76,6 +77,12 @@ class Serving:
         # optional: ``await session_store(session_id) -> (tokens, blob, logits) | None``, the last state of
         # a conversation kept elsewhere (another replica served its earlier turns): seeds the prefix cache
         self.session_store = session_store
+        self._token_texts = None  # made on the first request for logprobs
+
+    def _logprobs(self, entries: list, chat: bool) -> dict:
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.session.tokenizer)
+        return (protocol.chat_logprobs if chat else protocol.completion_logprobs)(entries, self._token_texts)
 
     def models(self) -> dict:
         return {"object": "list", "data": [self.model_card()]}
@@ -106,12 +113,10 @@ class Serving:
     @staticmethod
     def _check_supported(req):
         """400 for a field that would change the result and that this server cannot honour."""
-        if req.logprobs:
-            raise ServeError(400, "logprobs are not supported by this server", param="logprobs")
         if req.logit_bias:
             raise ServeError(400, "logit_bias is not supported by this server", param="logit_bias")
         best_of = getattr(req, "best_of", None)
-        if best_of is not None and best_of != req.n:  # (ranking needs log-probabilities)
+        if best_of is not None and best_of != req.n:  # (extra candidates, ranked: not implemented)
             raise ServeError(400, "best_of is not supported by this server (leave it out, or equal to n)",
                              param="best_of")
         fmt = getattr(req, "response_format", None)
@@ -121,8 +126,22 @@ class Serving:
         if getattr(req, "tools", None) and getattr(req, "tool_choice", None) != "none":
             raise ServeError(400, "tools (function calling) are not supported by this server", param="tools")
 
+    @staticmethod
+    def _top_logprobs(req) -> int | None:
+        """The alternatives each token's log-probability comes with; None: no logprobs asked for."""
+        if isinstance(req, protocol.ChatCompletionRequest):
+            if req.top_logprobs and not req.logprobs:
+                raise ServeError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            return (req.top_logprobs or 0) if req.logprobs else None
+        # the prompt's own log-probabilities need a logits row per prompt token; chunked prefill gives one
+        if req.logprobs is not None and req.echo:
+            raise ServeError(400, "echo with logprobs is not supported by this server (prompt tokens have no "
+                             "log-probabilities here)", param="echo")
+        return req.logprobs
+
     def _requests(self, req, prompts: list, max_tokens: int, stops: tuple) -> list:
         self._check_supported(req)
+        top_logprobs = self._top_logprobs(req)
         # a request's choices wait in the queue together: more than it holds can never be accepted (a 429
         # that no retry cures), and checked before tokenizing, which a huge prompt list would make slow
         if len(prompts) * req.n > self.engine.config.max_queue:
@@ -155,7 +174,7 @@ class Serving:
                 except RuntimeUserError as e:
                     raise ServeError(400, str(e)) from None
                 out.append(GenRequest(ids, sp, max_tokens, stops, frozenset(self.config.stop_token_ids), arrays,
-                                      base, seen, req.return_state))
+                                      base, seen, req.return_state, top_logprobs))
         return out
 
     def _submit(self, gens: list):
@@ -226,6 +245,7 @@ class Serving:
         if req.stream:
             return self._stream(rid, req, chat, queue, handles, prefixes)
         texts = list(prefixes)
+        entries: list = [[] for _ in handles]  # TokenLogprobs (requests that asked)
         done: dict = {}
         loop = asyncio.get_running_loop()
         check_at = loop.time() + 0.5
@@ -243,6 +263,7 @@ class Serving:
                     continue
                 if isinstance(ev, Delta):
                     texts[i] += ev.text
+                    entries[i] += ev.logprobs or ()
                 elif isinstance(ev, Finished):
                     done[i] = ev
                 elif isinstance(ev, Failed):
@@ -250,7 +271,9 @@ class Serving:
         finally:
             for h in handles:
                 h.cancel()  # a no-op for finished sequences; frees the others at once
-        choices = [protocol.choice(i, texts[i], done[i].reason, chat, done[i].state) for i in range(len(handles))]
+        wants = handles[0].req.logprobs is not None
+        choices = [protocol.choice(i, texts[i], done[i].reason, chat, done[i].state,
+                                   self._logprobs(entries[i], chat) if wants else None) for i in range(len(handles))]
         return protocol.completion(rid, self.config.model_name, choices, self._usage(req, done), chat)
 
     @staticmethod
@@ -262,6 +285,7 @@ class Serving:
 
     async def _stream(self, rid, req, chat, queue, handles, prefixes):
         model, created = self.config.model_name, int(time.time())
+        wants = handles[0].req.logprobs is not None
         done: dict = {}
         try:
             for i in range(len(handles)):
@@ -271,8 +295,9 @@ class Serving:
                     yield sse(protocol.chunk(rid, model, created, chat, i, prefixes[i]))
             while len(done) < len(handles):
                 i, ev = await queue.get()
-                if isinstance(ev, Delta):
-                    yield sse(protocol.chunk(rid, model, created, chat, i, ev.text))
+                if isinstance(ev, Delta):  # (text whose tokens are not complete yet: no logprobs, [])
+                    lps = self._logprobs(ev.logprobs or [], chat) if wants else None
+                    yield sse(protocol.chunk(rid, model, created, chat, i, ev.text, logprobs=lps))
                 elif isinstance(ev, Finished):
                     done[i] = ev
                     yield sse(protocol.chunk(rid, model, created, chat, i, None, ev.reason, state=ev.state))
