@@ -1,6 +1,7 @@
 """Sampling with ChatRWKV's semantics (BlinkDL's PIPELINE): top-p cut on the probabilities, then
 top-k, then temperature applied to the probabilities; presence/frequency penalties on the logits with
-a decaying occurrence count; temperature 0 means greedy.
+a decaying occurrence count; temperature 0 means greedy. ``logit_bias`` (OpenAI's) is added to the
+logits first, as are the penalties, so greedy decoding sees it too.
 
 Computed in log space (float64): the temperature divides log-probabilities, so any temperature > 0
 works (0.001 included) without overflow or "probabilities contain NaN". Parameters are checked when a
@@ -28,6 +29,7 @@ class SamplingParams:
     seed: int | None = None
     ban: tuple = ()  # token ids never sampled
     stop: tuple = ()  # token ids that end generation
+    logit_bias: dict | None = None  # token id -> a finite value added to its logit before sampling
 
 
 def _number(name: str, v, lo: float | None = None, hi: float | None = None) -> float:
@@ -53,6 +55,15 @@ def _ids(name: str, ids, vocab_size: int | None) -> frozenset:
     return frozenset(int(t) for t in ids)
 
 
+def _bias(bias, vocab_size: int | None) -> dict:
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict):
+        raise RuntimeUserError(f"sampling: logit_bias must be a dict {{token id: value}}, not {type(bias).__name__}")
+    _ids("logit_bias", bias.keys(), vocab_size)  # (ints only: a JSON key "42" is the server's to convert)
+    return {int(t): _number(f"logit_bias[{t}]", v) for t, v in bias.items()}
+
+
 def check_params(p: SamplingParams, vocab_size: int | None = None) -> SamplingParams:
     """Validate every field (one clear error); returns ``p``."""
     if not isinstance(p, SamplingParams):
@@ -68,6 +79,7 @@ def check_params(p: SamplingParams, vocab_size: int | None = None) -> SamplingPa
         raise RuntimeUserError(f"sampling: seed must be an integer >= 0 (or None), not {p.seed!r}")
     _ids("ban", p.ban, vocab_size)
     _ids("stop", p.stop, vocab_size)
+    _bias(p.logit_bias, vocab_size)
     return p
 
 
@@ -119,6 +131,9 @@ class Sampler:
         check_params(self.params, self.vocab_size)
         self.ban = _ids("ban", self.params.ban, self.vocab_size)
         self.stop = _ids("stop", self.params.stop, self.vocab_size)
+        bias = _bias(self.params.logit_bias, self.vocab_size)
+        self.bias_ids = np.fromiter(bias.keys(), np.int64, len(bias))
+        self.bias_values = np.fromiter(bias.values(), np.float64, len(bias))
         self.rng = np.random.default_rng(self.params.seed)
         self.occurrence: dict[int, float] = {}
 
@@ -147,10 +162,15 @@ class Sampler:
             x[t] = -np.inf
         if len(self.ban) >= x.size:
             raise RuntimeUserError("sampling: every token is banned")
+        if self.bias_ids.size:
+            if self.bias_ids.max() >= x.size:
+                raise RuntimeUserError(f"sampling: logit_bias id {self.bias_ids.max()} is outside the vocabulary "
+                                       f"[0, {x.size})")
+            x[self.bias_ids] += self.bias_values  # (a banned token stays -inf)
         for t, n in self.occurrence.items():
             x[t] -= p.presence_penalty + n * p.frequency_penalty
         if not np.isfinite(np.max(x)) or np.isnan(x).any():
-            raise RuntimeUserError("sampling: the penalties overflowed the logits (use smaller penalties)")
+            raise RuntimeUserError("sampling: the penalties or logit_bias overflowed the logits (use smaller values)")
         token = sample_logprobs(_log_softmax(x), p.temperature, p.top_p, p.top_k, self.rng)
         for t in self.occurrence:
             self.occurrence[t] *= p.penalty_decay

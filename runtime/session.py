@@ -300,7 +300,8 @@ class Session:
         """Stream text: returns a ``Generation``, an iterator of decoded text pieces with its own ``stats``.
 
         ``prompt`` is text (or a list of token ids); sampling settings as ``SamplingParams`` or keywords
-        (temperature, top_p, top_k, presence_penalty, frequency_penalty, penalty_decay, seed, ban, stop).
+        (temperature, top_p, top_k, presence_penalty, frequency_penalty, penalty_decay, seed, ban, stop,
+        logit_bias).
         Text is encoded by the model's tokenizer (see tokenizers.py for text that is not valid UTF-8).
         Each call has its own statistics (``gen.stats``), so concurrent calls never mix them;
         ``Session.stats`` is the last started call's, for compatibility.

@@ -14,6 +14,8 @@ export interface Manifest {
 export interface SamplingParams {
   temperature: number; top_p: number; top_k: number; presence_penalty: number; frequency_penalty: number;
   penalty_decay: number; seed: number | bigint | null; ban: number[]; stop: number[];
+  /** token id (JSON's string key or a number) -> value added to its logit before sampling */
+  logit_bias: Record<string, number> | Map<number, number> | null;
 }
 export interface GenerateParams extends Partial<SamplingParams> { maxNewTokens?: number; state?: State }
 

@@ -1,6 +1,7 @@
 // Sampling with the Python runtime's semantics (runtime/sampling.py, ChatRWKV's PIPELINE), computed
 // the same way: in log space, float64. Penalties on the logits with decaying occurrence counts;
 // log-softmax; top-p cut, top-k, temperature dividing the log-probabilities; temperature 0 = greedy.
+// logit_bias (OpenAI's) is added to the logits first, as the penalties are.
 // Sums use numpy's pairwise summation and the random generator is numpy's (random.js), so a seeded
 // sampler picks the same tokens as Python's for the same logits (limits: docs/edge.md).
 import { RuntimeUserError } from "./errors.js";
@@ -9,7 +10,7 @@ import { NumpyRandom } from "./random.js";
 /** @type {import("./index.d.ts").SamplingParams} */
 export const DEFAULT_SAMPLING = Object.freeze({
   temperature: 1.0, top_p: 0.85, top_k: 0, presence_penalty: 0, frequency_penalty: 0, penalty_decay: 0.996,
-  seed: null, ban: [], stop: [],
+  seed: null, ban: [], stop: [], logit_bias: null,
 });
 
 /** numpy's pairwise summation (what np.sum does on a contiguous float64 array). */
@@ -90,6 +91,18 @@ function ids(name, list, vocab) {
   return new Set(arr);
 }
 
+/** logit_bias -> Map(token id -> value): an object (JSON's string keys, "42") or a Map of ids. */
+function biasMap(bias, vocab) {
+  if (bias === null || bias === undefined) return new Map();
+  if (typeof bias !== "object" || Array.isArray(bias)) {
+    throw new RuntimeUserError(`sampling: logit_bias must be an object {token id: value}, not ${Array.isArray(bias) ? "an array" : typeof bias}`);
+  }
+  const entries = bias instanceof Map ? [...bias] : Object.entries(bias).map(([k, v]) => [/^\d+$/.test(k) ? Number(k) : k, v]);
+  ids("logit_bias", entries.map(([t]) => t), vocab);
+  for (const [t, v] of entries) number(`logit_bias[${t}]`, v);
+  return new Map(entries);
+}
+
 /** Check sampling parameters (as Python's check_params): one clear RuntimeUserError. */
 export function checkParams(p, vocabSize = null) {
   number("temperature", p.temperature, 0);
@@ -103,6 +116,7 @@ export function checkParams(p, vocabSize = null) {
   if (!seedOk) throw new RuntimeUserError(`sampling: seed must be an integer >= 0 (or null), not ${p.seed}`);
   ids("ban", p.ban, vocabSize);
   ids("stop", p.stop, vocabSize);
+  biasMap(p.logit_bias, vocabSize);
   return p;
 }
 
@@ -123,6 +137,7 @@ export class Sampler {
     checkParams(this.params, vocabSize);
     this.ban = ids("ban", this.params.ban, vocabSize);
     this.stop = ids("stop", this.params.stop, vocabSize);
+    this.bias = biasMap(this.params.logit_bias, vocabSize);
     this.rng = new NumpyRandom(this.params.seed);
     /** @type {Map<number, number>} */
     this.occurrence = new Map();
@@ -141,8 +156,12 @@ export class Sampler {
       x[t] = -Infinity;
     }
     if (this.ban.size >= x.length) throw new RuntimeUserError("sampling: every token is banned");
+    for (const [t, v] of this.bias) {
+      if (t >= x.length) throw new RuntimeUserError(`sampling: logit_bias id ${t} is outside the vocabulary [0, ${x.length})`);
+      x[t] += v; // (a banned token stays -inf)
+    }
     for (const [t, n] of this.occurrence) x[t] -= p.presence_penalty + n * p.frequency_penalty;
-    if (!Number.isFinite(maxOf(x)) || x.some(Number.isNaN)) throw new RuntimeUserError("sampling: the penalties overflowed the logits (use smaller penalties)");
+    if (!Number.isFinite(maxOf(x)) || x.some(Number.isNaN)) throw new RuntimeUserError("sampling: the penalties or logit_bias overflowed the logits (use smaller values)");
     const token = sampleLogprobs(logSoftmax(x), p.temperature, p.top_p, p.top_k, this.rng);
     for (const [t, n] of this.occurrence) this.occurrence.set(t, n * p.penalty_decay);
     this.occurrence.set(token, (this.occurrence.get(token) ?? 0) + 1);

@@ -150,6 +150,16 @@ test("sampler: unknown settings are refused (topP, max_new_tokens would silently
   }
 });
 
+test("sampler: logit_bias is checked as Python checks it, and added to the logits", () => {
+  for (const bias of [{ abc: 1 }, { "-1": 1 }, { 8: 1 }, { 2: NaN }, { 2: "1" }, [[2, 1]], new Map([[1.5, 1]])]) {
+    assert.throws(() => new Sampler({ logit_bias: bias }, 8), userError(/logit_bias/), String(bias));
+  }
+  const logits = [5, 1, 0];
+  assert.equal(new Sampler({ temperature: 0, logit_bias: { 1: 4.5 } }, 3).sample(logits), 1);
+  assert.equal(new Sampler({ temperature: 0, logit_bias: new Map([[2, 6]]) }, 3).sample(logits), 2);
+  assert.equal(new Sampler({ temperature: 0, logit_bias: { 1: 100 }, ban: [1] }, 3).sample(logits), 0);
+});
+
 // -- on the default model --------------------------------------------------------------------------
 test("greedy and seeded generation equal the Python runtime's token for token (default model, 200 tokens)", withModel, async () => {
   for (const file of ["m.onnx", "ext/m.onnx"]) {

@@ -56,7 +56,8 @@ class _Seq:
         self.h, self.req = h, h.req
         self.sampler = Sampler(h.req.sampling)
         p = h.req.sampling
-        self.greedy = p.temperature == 0 and not p.presence_penalty and not p.frequency_penalty and not p.ban
+        self.greedy = (p.temperature == 0 and not p.presence_penalty and not p.frequency_penalty and not p.ban
+                       and not p.logit_bias)
         self.generated: list = []
         self.pending: list = []  # tokens whose text is an incomplete UTF-8 sequence so far
         self.held = ""  # text that may be the start of a stop string

@@ -2,8 +2,8 @@
 
 Requests are pydantic models: a field of the wrong type or out of range is a 400 in OpenAI's error
 shape before anything reaches the engine. Unknown fields are ignored, as clients send many; OpenAI
-fields that would change the result and that this server cannot honour (``suffix``, ``logit_bias``,
-``best_of``, ``response_format``, ``tools``) are refused unless set to their "off" value. Two fields
+fields that would change the result and that this server cannot honour (``suffix``, ``best_of``,
+``response_format``, ``tools``) are refused unless set to their "off" value. Two fields
 are this server's own: ``state`` (resume from an exported conversation state) and ``return_state``
 (get the state after this reply back, in each choice's ``state``).
 """

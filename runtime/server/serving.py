@@ -113,8 +113,6 @@ class Serving:
     @staticmethod
     def _check_supported(req):
         """400 for a field that would change the result and that this server cannot honour."""
-        if req.logit_bias:
-            raise ServeError(400, "logit_bias is not supported by this server", param="logit_bias")
         best_of = getattr(req, "best_of", None)
         if best_of is not None and best_of != req.n:  # (extra candidates, ranked: not implemented)
             raise ServeError(400, "best_of is not supported by this server (leave it out, or equal to n)",
@@ -139,9 +137,30 @@ class Serving:
                              "log-probabilities here)", param="echo")
         return req.logprobs
 
+    def _logit_bias(self, req) -> dict | None:
+        """OpenAI's ``logit_bias``: JSON object keys are strings; token ids in the vocabulary, values in
+        [-100, 100] (OpenAI's range: -100 in effect bans a token, 100 forces it)."""
+        if not req.logit_bias:
+            return None
+        out = {}
+        for k, v in req.logit_bias.items():
+            try:
+                t = int(k)
+            except ValueError:
+                raise ServeError(400, f"logit_bias keys are token ids, not {k!r}", param="logit_bias") from None
+            if not 0 <= t < self.session.vocab_size:
+                raise ServeError(400, f"logit_bias: token id {t} is outside the vocabulary [0, "
+                                 f"{self.session.vocab_size})", param="logit_bias")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                raise ServeError(400, f"logit_bias values are numbers in [-100, 100], not {v!r} (token {t})",
+                                 param="logit_bias")
+            out[t] = float(v)
+        return out
+
     def _requests(self, req, prompts: list, max_tokens: int, stops: tuple) -> list:
         self._check_supported(req)
         top_logprobs = self._top_logprobs(req)
+        logit_bias = self._logit_bias(req)
         # a request's choices wait in the queue together: more than it holds can never be accepted (a 429
         # that no retry cures), and checked before tokenizing, which a huge prompt list would make slow
         if len(prompts) * req.n > self.engine.config.max_queue:
@@ -168,7 +187,7 @@ class Serving:
                 seed = None if req.seed is None else req.seed + j
                 sp = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                                    penalty_decay=req.penalty_decay, seed=seed)
+                                    penalty_decay=req.penalty_decay, seed=seed, logit_bias=logit_bias)
                 try:
                     Sampler(sp, self.session.vocab_size)  # checks the parameters: a clear 400, here
                 except RuntimeUserError as e:

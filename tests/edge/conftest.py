@@ -24,6 +24,8 @@ SAMPLING = [  # seeded sampling settings both runtimes must agree on token for t
     {"temperature": 1.0, "top_p": 0.85, "top_k": 0, "seed": 7},
     {"temperature": 0.7, "top_p": 0.95, "top_k": 20, "presence_penalty": 0.4, "frequency_penalty": 0.3, "seed": 123},
     {"temperature": 1.3, "top_p": 1.0, "top_k": 5, "penalty_decay": 0.9, "frequency_penalty": 1.0, "seed": 2**40 + 5},
+    # (JSON turns the int keys into strings: the JavaScript side reads {"101": 2.5, ...})
+    {"temperature": 0.9, "top_p": 0.9, "logit_bias": {101: 2.5, 32: -1.5, 10: -100.0, 116: 0.75}, "seed": 99},
 ]
 
 
