@@ -403,6 +403,16 @@ class Engine:
         s.held = buf[len(buf) - hold:] if hold else ""
         return buf[:len(buf) - hold], False
 
+    def _flush(self, s: _Seq) -> bool:
+        """At the end (not on a stop string): deliver what was held back, an incomplete character or
+        the start of a stop string; True if that completed a stop string (the text ends before it)."""
+        piece = self.session.decode(s.pending) if s.pending else ""
+        self._decoded(s, piece)
+        text, stopped = self._apply_stops(s, piece)
+        text += "" if stopped else s.held
+        self._emit(s, text, stopped, 0)
+        return stopped
+
     def _finish(self, s: _Seq, row: int, tok: int, reason: str, now: float):
         m = self.metrics
         m.finished.labels(reason.replace("stop-text", "stop")).inc()
@@ -410,12 +420,8 @@ class Engine:
             return
         if reason == "stop-text":
             reason = "stop"
-        else:  # flush what was held back: an incomplete character, the start of a stop string
-            piece = self.session.decode(s.pending) if s.pending else ""
-            self._decoded(s, piece)
-            text, stopped = self._apply_stops(s, piece)
-            text += "" if stopped else s.held
-            self._emit(s, text, stopped, 0)
+        elif self._flush(s):  # the held-back text completed a stop string after all
+            reason = "stop"
         appended = bool(s.generated) and tok not in s.req.stop_ids
         fed = s.generated[:-1] if appended else s.generated
         arrays = self._row(row)

@@ -8,6 +8,8 @@ import functools
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from .conftest import need_serve_deps
 
@@ -246,3 +248,82 @@ def test_token_bytes_of_partial_characters(kind):
     assert any(s == "\ufffd" for s, _ in pieces)  # some token is part of a character
     assert b"".join(b for _, b in pieces) == text.encode()
     assert all(b == s.encode() for s, b in pieces if "\ufffd" not in s)
+
+
+PIECES = [b"a", b"b", b"\n", b"ab", b"b\n", b"\nU", b"\xc3", b"\xa9", b"\xe2\x82", b"\xac", b"\xe2", b"\x82\xac",
+          b"\xc3\xa9a", b"\xff"]
+
+
+def _run_engine(tokens, stop, logprobs):
+    """Feed ``tokens`` (ids into PIECES) through the engine's accept path, then its end-of-reply flush
+    unless a stop string ended it: (events, number of tokens accepted, stopped)."""
+    session = SimpleNamespace(manifest=SimpleNamespace(export_id="fake"),
+                              decode=lambda ids: b"".join(PIECES[i] for i in ids).decode("utf-8", "replace"))
+    engine = Engine(session)
+    loop = asyncio.new_event_loop()
+    try:
+        s = _Seq(Handle(GenRequest([0], SamplingParams(temperature=0), len(tokens), stop=stop, logprobs=logprobs), loop))
+        s.logits = np.linspace(0, 1, len(PIECES), dtype=np.float32)
+        n, stopped = 0, False
+        for t in tokens:
+            n += 1
+            if engine._accept(s, t, 0.0) == "stop-text":
+                stopped = True
+                break
+        if not stopped:
+            stopped = engine._flush(s)
+        events, _OUTBOX.items = [ev for _, ev in _OUTBOX.items], []
+    finally:
+        loop.close()
+    return events, n, stopped
+
+
+@settings(max_examples=300, deadline=None)
+@given(tokens=st.lists(st.integers(0, len(PIECES) - 1), min_size=1, max_size=24),
+       stop=st.lists(st.text(alphabet="ab\nUé€", min_size=1, max_size=4), max_size=3).map(tuple))
+def test_logprobs_alignment_holds_for_any_tokens_and_stop_strings(tokens, stop):
+    """Asking for logprobs never changes the text; a token is never reported ahead of its text; the
+    reported tokens' spans tile the delivered text from 0 (the pieces of one character share one span)
+    and reach its end; at the end every accepted token is reported, on a stop string exactly those
+    whose text starts before the delivered text ends."""
+    plain, n0, _ = _run_engine(tokens, stop, None)
+    events, n, stopped = _run_engine(tokens, stop, 3)
+    assert n == n0 and [e.text for e in events if e.text] == [e.text for e in plain]
+    delivered, reported = "", []
+    for i, ev in enumerate(events):
+        delivered += ev.text
+        last = i == len(events) - 1  # (a stop string ends the reply: only the last event can be cut)
+        for e in ev.logprobs or ():
+            assert e.start < len(delivered) and (e.end <= len(delivered) or (stopped and last))
+            reported.append(e)
+    assert [e.token for e in reported] == tokens[:len(reported)]
+    at = 0
+    for a, b in zip([None] + reported, reported):
+        assert b.start == at or (a is not None and (b.start, b.end) == (a.start, a.end))
+        at = b.end
+    assert all(e.start < len(delivered) for e in reported) if stopped else len(reported) == n
+    if delivered:  # the next, unreported token would start at or after the delivered text's end
+        assert reported and reported[-1].end >= len(delivered)
+    top = [len(PIECES) - 1, len(PIECES) - 2, len(PIECES) - 3]  # (the fake logits rise with the id)
+    assert all([t for t, _ in e.top] == top for e in reported)
+
+
+def test_a_stop_string_completed_by_the_final_flush_is_a_stop():
+    """b"\\xc3" then b"\\n": the first token's text waits for the rest of a character; the reply hits
+    max_tokens, the flush decodes "\\ufffd\\n" and finds the stop string "\\n" in it: the text ends before
+    it and finish_reason is "stop" (it was "length")."""
+    session = SimpleNamespace(manifest=SimpleNamespace(export_id="fake"),
+                              decode=lambda ids: b"".join(PIECES[i] for i in ids).decode("utf-8", "replace"))
+    engine = Engine(session)
+    engine._rows = {"x": np.zeros((1, 1), np.float32)}  # (the finished row's state, as _finish copies it)
+    loop = asyncio.new_event_loop()
+    try:
+        s = _Seq(Handle(GenRequest([0], SamplingParams(temperature=0), 2, stop=("\n",), logprobs=0), loop))
+        s.logits = np.zeros(len(PIECES), np.float32)
+        assert [engine._accept(s, t, 0.0) for t in (6, 2)] == [None, "length"]
+        engine._finish(s, 0, 2, "length", 0.0)
+        events, _OUTBOX.items = [ev for _, ev in _OUTBOX.items], []
+    finally:
+        loop.close()
+    assert [ev.text for ev in events[:-1]] == ["\ufffd"] and events[-1].reason == "stop"
+    assert [e.token for e in events[0].logprobs] == [6, 2]  # one character's pieces: reported together
