@@ -136,6 +136,14 @@ def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 <
         sid = request.headers.get(SESSION_HEADER)
         return _respond(await serving.chat(body, request.is_disconnected, sid), body.stream)
 
+    @app.post("/tokenize")
+    async def tokenize(body: protocol.TokenizeRequest):
+        return serving.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: protocol.DetokenizeRequest):
+        return serving.detokenize(body)
+
     @app.get("/v1/models")
     async def models():
         return serving.models()

@@ -103,6 +103,23 @@ class ChatCompletionRequest(_Request):
     tool_choice: Union[str, dict, None] = None
 
 
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize`` (vLLM's shape): a ``prompt`` as the completions endpoint tokenizes it, or chat
+    ``messages`` as the chat endpoint renders them (the prompt the model would see)."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1)
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    tokens: list[int]
+
+
 # -- responses (plain dicts in OpenAI's JSON shape) -------------------------------------------------
 def error_body(message: str, type_: str, param=None, code=None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

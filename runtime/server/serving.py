@@ -255,6 +255,24 @@ class Serving:
         await self._with_session(gens, session_id)
         return await self._run(req, gens, True, [""] * len(gens), is_disconnected)
 
+    # -- the tokenizer alone (to find the ids for logit_bias, to count a prompt) ---------------------
+    def tokenize(self, req: protocol.TokenizeRequest) -> dict:
+        if req.model is not None:
+            self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ServeError(400, "give either prompt or messages", param="prompt")
+        text = req.prompt if req.messages is None else self.config.template.render(req.messages)
+        ids = self._tokens(text)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.config.max_prompt_tokens}
+
+    def detokenize(self, req: protocol.DetokenizeRequest) -> dict:
+        if req.model is not None:
+            self.check_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < self.session.vocab_size]
+        if bad:
+            raise ServeError(400, f"token id {bad[0]} is outside [0, {self.session.vocab_size})", param="tokens")
+        return {"prompt": self.session.decode(req.tokens)}
+
     # -- engine events -> responses -------------------------------------------------------------
     async def _run(self, req, gens: list, chat: bool, prefixes: list, is_disconnected):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
