@@ -2,8 +2,8 @@
 
 Requests are pydantic models: a field of the wrong type or out of range is a 400 in OpenAI's error
 shape before anything reaches the engine. Unknown fields are ignored, as clients send many; OpenAI
-fields that would change the result and that this server cannot honour (``suffix``, ``best_of``,
-``response_format``, ``tools``) are refused unless set to their "off" value. Two fields
+fields that would change the result and that this server cannot honour (``suffix``, ``response_format``,
+``tools``) are refused unless set to their "off" value. Two fields
 are this server's own: ``state`` (resume from an exported conversation state) and ``return_state``
 (get the state after this reply back, in each choice's ``state``).
 """
@@ -63,7 +63,7 @@ class CompletionRequest(_Request):
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=5)  # alternatives per token (OpenAI's legacy limit)
     suffix: Optional[str] = None
-    best_of: Optional[int] = Field(None, ge=1)
+    best_of: Optional[int] = Field(None, ge=1, le=20)  # (OpenAI's limit)
 
     @field_validator("logprobs", mode="before")
     @classmethod

@@ -114,8 +114,10 @@ class Serving:
     def _check_supported(req):
         """400 for a field that would change the result and that this server cannot honour."""
         best_of = getattr(req, "best_of", None)
-        if best_of is not None and best_of != req.n:  # (extra candidates, ranked: not implemented)
-            raise ServeError(400, "best_of is not supported by this server (leave it out, or equal to n)",
+        if best_of is not None and best_of < req.n:
+            raise ServeError(400, f"best_of ({best_of}) must be at least n ({req.n})", param="best_of")
+        if best_of is not None and best_of > req.n and req.stream:
+            raise ServeError(400, "best_of above n cannot be streamed (the best are known at the end)",
                              param="best_of")
         fmt = getattr(req, "response_format", None)
         if fmt and fmt.get("type", "text") != "text":
@@ -157,16 +159,25 @@ class Serving:
             out[t] = float(v)
         return out
 
+    @staticmethod
+    def _candidates(req) -> int:
+        """Sequences generated per prompt: ``n``, or ``best_of`` of which the ``n`` best are returned."""
+        return max(req.n, getattr(req, "best_of", None) or 0)
+
     def _requests(self, req, prompts: list, max_tokens: int, stops: tuple) -> list:
         self._check_supported(req)
         top_logprobs = self._top_logprobs(req)
+        if top_logprobs is None and self._candidates(req) > req.n:
+            top_logprobs = 0  # ranking needs each token's log-probability (not returned unless asked)
         logit_bias = self._logit_bias(req)
         # a request's choices wait in the queue together: more than it holds can never be accepted (a 429
         # that no retry cures), and checked before tokenizing, which a huge prompt list would make slow
-        if len(prompts) * req.n > self.engine.config.max_queue:
-            raise ServeError(400, f"the request asks for {len(prompts) * req.n} completions ({len(prompts)} "
-                             f"prompt(s) x n={req.n}); this server accepts at most {self.engine.config.max_queue} "
-                             "per request", param="n" if len(prompts) == 1 else "prompt")
+        k = self._candidates(req)
+        if len(prompts) * k > self.engine.config.max_queue:
+            raise ServeError(400, f"the request asks for {len(prompts) * k} completions ({len(prompts)} "
+                             f"prompt(s) x {'best_of' if k > req.n else 'n'}={k}); this server accepts at most "
+                             f"{self.engine.config.max_queue} per request",
+                             param=("best_of" if k > req.n else "n") if len(prompts) == 1 else "prompt")
         if max_tokens > self.engine.config.max_tokens:
             raise ServeError(400, f"max_tokens is {max_tokens}; this server allows at most "
                              f"{self.engine.config.max_tokens}", param="max_tokens")
@@ -183,7 +194,7 @@ class Serving:
         out = []
         for p in prompts:
             ids = self._tokens(p)
-            for j in range(req.n):
+            for j in range(k):
                 seed = None if req.seed is None else req.seed + j
                 sp = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
@@ -236,7 +247,8 @@ class Serving:
         gens = self._requests(req, prompts, req.max_tokens or self._default_max(16), req.stops())
         await self._with_session(gens, session_id)
         echo = [(x if isinstance(x, str) else self.session.decode(x)) if req.echo else "" for x in prompts]
-        return await self._run(req, gens, False, [echo[i // req.n] for i in range(len(gens))], is_disconnected)
+        k = self._candidates(req)
+        return await self._run(req, gens, False, [echo[i // k] for i in range(len(gens))], is_disconnected)
 
     def _default_max(self, default: int) -> int:
         # a default above the server's --max-tokens would refuse every request that leaves max_tokens out
@@ -308,16 +320,32 @@ class Serving:
         finally:
             for h in handles:
                 h.cancel()  # a no-op for finished sequences; frees the others at once
-        wants = handles[0].req.logprobs is not None
-        choices = [protocol.choice(i, texts[i], done[i].reason, chat, done[i].state,
-                                   self._logprobs(entries[i], chat) if wants else None) for i in range(len(handles))]
+        wants = self._top_logprobs(req) is not None  # (best_of computes them to rank, returns them if asked)
+        k = self._candidates(req)
+        picked = range(len(handles)) if k == req.n else self._best(entries, req.n, k)
+        choices = [protocol.choice(c, texts[i], done[i].reason, chat, done[i].state,
+                                   self._logprobs(entries[i], chat) if wants else None) for c, i in enumerate(picked)]
         return protocol.completion(rid, self.config.model_name, choices, self._usage(req, done), chat)
+
+    @staticmethod
+    def _best(entries: list, n: int, k: int) -> list:
+        """best_of: of each prompt's ``k`` candidates, the ``n`` with the highest mean log-probability
+        per token (OpenAI's rule; a candidate with no tokens ranks last), best first."""
+        def score(i):
+            lps = [e.logprob for e in entries[i]]
+            return sum(lps) / len(lps) if lps else float("-inf")
+
+        out = []
+        for p in range(0, len(entries), k):
+            out += sorted(range(p, p + k), key=lambda i: (-score(i), i))[:n]
+        return out
 
     @staticmethod
     def _usage(req, done: dict) -> dict:
         # n choices of one prompt share it: count each prompt once
-        prompt = sum(ev.prompt_tokens for i, ev in done.items() if i % req.n == 0)
-        cached = sum(ev.cached_tokens for i, ev in done.items() if i % req.n == 0)
+        k = Serving._candidates(req)
+        prompt = sum(ev.prompt_tokens for i, ev in done.items() if i % k == 0)
+        cached = sum(ev.cached_tokens for i, ev in done.items() if i % k == 0)
         return protocol.usage(prompt, sum(ev.completion_tokens for ev in done.values()), cached)
 
     async def _stream(self, rid, req, chat, queue, handles, prefixes):

@@ -327,3 +327,23 @@ def test_a_stop_string_completed_by_the_final_flush_is_a_stop():
         loop.close()
     assert [ev.text for ev in events[:-1]] == ["\ufffd"] and events[-1].reason == "stop"
     assert [e.token for e in events[0].logprobs] == [6, 2]  # one character's pieces: reported together
+
+
+def test_best_of_returns_the_candidates_with_the_best_mean_logprob(default_model, make_server):
+    """best_of=5, n=2: candidate j is the sample with seed + j; the two returned are those whose tokens
+    have the highest mean log-probability (OpenAI's rule), best first; usage counts all five."""
+    srv = make_server(default_model, model_name="m")
+    c = client(srv)
+    sampling = dict(temperature=1.5, top_p=1.0, seed=3)
+    cands = [truth(default_model, "The quick brown fox", 8, 1, **{**sampling, "seed": 3 + j}) for j in range(5)]
+    means = [np.mean([w[0] for w in want]) for _, want in cands]
+    order = sorted(range(5), key=lambda j: (-means[j], j))[:2]
+    assert order != [0, 1]  # (this seed makes the ranking matter)
+    kw = dict(model="m", prompt="The quick brown fox", max_tokens=8, best_of=5, n=2, **sampling)
+    r = c.completions.create(**kw)
+    assert [ch.text for ch in r.choices] == [text_of(_session(default_model), cands[j][0]) for j in order]
+    assert [ch.index for ch in r.choices] == [0, 1] and all(ch.logprobs is None for ch in r.choices)
+    assert r.usage.completion_tokens == 5 * 8
+    r = c.completions.create(logprobs=1, **kw)  # and with the log-probabilities returned
+    for ch, j in zip(r.choices, order):
+        check_completion(default_model, ch.logprobs, *cands[j])

@@ -159,12 +159,13 @@ def test_stop_lists_are_bounded(default_model, make_server):
 
 
 def test_fields_the_server_cannot_honour_are_refused(default_model, make_server):
-    """best_of, response_format and tools changed nothing yet got a 200 (logit_bias too, before it was
-    supported: tests/serve/test_logit_bias.py); NaN was reported
+    """response_format and tools changed nothing yet got a 200 (logit_bias and best_of too, before they
+    were supported); NaN was reported
     as 'should be less than or equal to 2'."""
     srv = make_server(default_model, model_name="m")
     c = client(srv)
-    refused = [(c.completions.create, {"prompt": "Hi", "best_of": 3}, "best_of"),
+    refused = [(c.completions.create, {"prompt": "Hi", "best_of": 1, "n": 2}, "best_of"),  # (best_of: see test_logprobs)
+               (c.completions.create, {"prompt": "Hi", "best_of": 3, "stream": True}, "best_of"),
                (c.chat.completions.create, {"messages": [{"role": "user", "content": "Hi"}],
                                             "response_format": {"type": "json_object"}}, "response_format"),
                (c.chat.completions.create, {"messages": [{"role": "user", "content": "Hi"}],
