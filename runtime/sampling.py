@@ -134,6 +134,7 @@ class Sampler:
         bias = _bias(self.params.logit_bias, self.vocab_size)
         self.bias_ids = np.fromiter(bias.keys(), np.int64, len(bias))
         self.bias_values = np.fromiter(bias.values(), np.float64, len(bias))
+        self._bias_bound = max(bias, default=-1)  # checked against rows only without vocab_size
         self.rng = np.random.default_rng(self.params.seed)
         self.occurrence: dict[int, float] = {}
 
@@ -163,8 +164,8 @@ class Sampler:
         if len(self.ban) >= x.size:
             raise RuntimeUserError("sampling: every token is banned")
         if self.bias_ids.size:
-            if self.bias_ids.max() >= x.size:
-                raise RuntimeUserError(f"sampling: logit_bias id {self.bias_ids.max()} is outside the vocabulary "
+            if self._bias_bound >= x.size:
+                raise RuntimeUserError(f"sampling: logit_bias id {self._bias_bound} is outside the vocabulary "
                                        f"[0, {x.size})")
             x[self.bias_ids] += self.bias_values  # (a banned token stays -inf)
         for t, n in self.occurrence.items():

@@ -3,6 +3,8 @@ which ships the vocabulary), and Hugging Face ``tokenizer.json`` files (e.g. the
 Pile models) embedded in the model."""
 from __future__ import annotations
 
+import functools
+
 from .errors import RuntimeUserError
 
 
@@ -40,6 +42,10 @@ class ByteTokenizer:
             raise RuntimeUserError("token ids outside the byte vocabulary (0..255)") from None
         return data.decode("utf-8", errors="replace")
 
+    def token_bytes(self, tid: int) -> bytes | None:
+        """One token's own bytes (a piece of a multi-byte character decodes to U+FFFD; these do not)."""
+        return bytes([tid]) if 0 <= tid < 256 else None
+
 
 class WorldTokenizer:
     """The RWKV World vocabulary (65536 tokens), used by RWKV-4-World and all RWKV-5/6/7 models."""
@@ -67,6 +73,9 @@ class WorldTokenizer:
         except (IndexError, KeyError):
             raise RuntimeUserError(f"token ids outside the World vocabulary (0..{len(table) - 1})") from None
         return data.decode("utf-8", errors="replace")
+
+    def token_bytes(self, tid: int) -> bytes | None:
+        return self._byte_table().get(tid)
 
     def _byte_table(self) -> dict:
         if self._bytes is None:
@@ -101,6 +110,23 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])
+
+    def token_bytes(self, tid: int) -> bytes | None:
+        """A byte-level BPE token's bytes (GPT-2's alphabet mapped back); None for other vocabularies."""
+        from tokenizers import decoders
+
+        if not isinstance(self._tok.decoder, decoders.ByteLevel):
+            return None
+        piece, unbyte = self._tok.id_to_token(tid) or "", _byte_level_alphabet()
+        return bytes(unbyte[c] for c in piece) if piece and all(c in unbyte for c in piece) else None
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict:
+    """GPT-2's byte-level alphabet, reversed: a byte-level BPE token's characters -> its bytes."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{chr(b): b for b in keep}, **{chr(256 + i): b for i, b in enumerate(moved)}}
 
 
 def make_tokenizer(spec: dict, embedded_json: str | None = None):

@@ -33,43 +33,19 @@ def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
     return TokenLogprob(int(token), float(lp[token]), top)
 
 
-# GPT-2's byte-level alphabet, reversed: a byte-level BPE token's characters -> its bytes
-def _byte_level_alphabet() -> dict:
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    moved = [b for b in range(256) if b not in keep]
-    return {**{chr(b): b for b in keep}, **{chr(256 + i): b for i, b in enumerate(moved)}}
-
-
 class TokenTexts:
     """Token id -> (text, bytes) as reported: the text is the tokenizer's decoding of that token alone
-    (U+FFFD for a piece of a multi-byte character); the bytes are the token's own bytes where the text
-    alone cannot give them."""
+    (U+FFFD for a piece of a multi-byte character); the bytes are the token's own bytes where the
+    tokenizer knows them (``token_bytes``), else the UTF-8 of the text."""
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self._known: dict = {}  # at most the vocabulary
-        self._unbyte = None
 
     def __call__(self, tid: int) -> tuple:
         got = self._known.get(tid)
         if got is None:
             text = self.tok.decode([tid])
-            raw = self._raw_bytes(tid) if "\ufffd" in text else None
+            raw = self.tok.token_bytes(tid) if "\ufffd" in text else None
             got = self._known[tid] = (text, raw if raw is not None else text.encode("utf-8"))
         return got
-
-    def _raw_bytes(self, tid: int) -> bytes | None:
-        kind = getattr(self.tok, "kind", "")
-        if kind == "bytes":
-            return bytes([tid])
-        if kind == "world":
-            return self.tok._byte_table().get(tid)
-        if kind == "hf-json":
-            from tokenizers import decoders
-
-            if isinstance(self.tok._tok.decoder, decoders.ByteLevel):
-                self._unbyte = self._unbyte or _byte_level_alphabet()
-                piece = self.tok._tok.id_to_token(tid) or ""
-                if piece and all(c in self._unbyte for c in piece):
-                    return bytes(self._unbyte[c] for c in piece)
-        return None  # (then the UTF-8 of the text, U+FFFD included)

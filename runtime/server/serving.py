@@ -105,10 +105,13 @@ class Serving:
                 return self.session.encode(prompt)
             except (UnicodeError, ValueError) as e:
                 raise ServeError(400, f"the prompt cannot be tokenized ({e})", param="prompt") from None
-        bad = [t for t in prompt if not 0 <= t < self.session.vocab_size]
+        return self._check_ids(prompt, "prompt")
+
+    def _check_ids(self, ids, param: str) -> list:
+        bad = [t for t in ids if not 0 <= t < self.session.vocab_size]
         if bad:
-            raise ServeError(400, f"token id {bad[0]} is outside [0, {self.session.vocab_size})", param="prompt")
-        return list(prompt)
+            raise ServeError(400, f"token id {bad[0]} is outside [0, {self.session.vocab_size})", param=param)
+        return list(ids)
 
     @staticmethod
     def _check_supported(req):
@@ -147,12 +150,9 @@ class Serving:
         out = {}
         for k, v in req.logit_bias.items():
             try:
-                t = int(k)
+                (t,) = self._check_ids([int(k)], "logit_bias")
             except ValueError:
                 raise ServeError(400, f"logit_bias keys are token ids, not {k!r}", param="logit_bias") from None
-            if not 0 <= t < self.session.vocab_size:
-                raise ServeError(400, f"logit_bias: token id {t} is outside the vocabulary [0, "
-                                 f"{self.session.vocab_size})", param="logit_bias")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
                 raise ServeError(400, f"logit_bias values are numbers in [-100, 100], not {v!r} (token {t})",
                                  param="logit_bias")
@@ -280,10 +280,7 @@ class Serving:
     def detokenize(self, req: protocol.DetokenizeRequest) -> dict:
         if req.model is not None:
             self.check_model(req.model)
-        bad = [t for t in req.tokens if not 0 <= t < self.session.vocab_size]
-        if bad:
-            raise ServeError(400, f"token id {bad[0]} is outside [0, {self.session.vocab_size})", param="tokens")
-        return {"prompt": self.session.decode(req.tokens)}
+        return {"prompt": self.session.decode(self._check_ids(req.tokens, "tokens"))}
 
     # -- engine events -> responses -------------------------------------------------------------
     async def _run(self, req, gens: list, chat: bool, prefixes: list, is_disconnected):
@@ -350,7 +347,7 @@ class Serving:
 
     async def _stream(self, rid, req, chat, queue, handles, prefixes):
         model, created = self.config.model_name, int(time.time())
-        wants = handles[0].req.logprobs is not None
+        wants = self._top_logprobs(req) is not None
         done: dict = {}
         try:
             for i in range(len(handles)):
