@@ -114,6 +114,11 @@ def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 <
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":  # (its loc is a character position, not a field)
+            at = first.get("loc", ("body", None))[-1]
+            detail = (first.get("ctx") or {}).get("error", "")
+            return _error(400, f"the body is not valid JSON ({detail or 'decode error'} at character {at})",
+                          "invalid_request_error")
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         msg = f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}"
         return _error(400, msg, "invalid_request_error", loc[0] if loc else None)

@@ -182,3 +182,12 @@ def test_fields_the_server_cannot_honour_are_refused(default_model, make_server)
     r = httpx.post(srv.url + "/v1/completions", content=b'{"model": "m", "prompt": "Hi", "temperature": NaN}',
                    headers={"content-type": "application/json"}, timeout=30)
     assert "finite" in _is_error(r, 400, "temperature")["message"]
+
+
+def test_a_body_that_is_not_json_names_no_field(default_model, make_server):
+    """'{not json' was reported as "1: JSON decode error" with param "1" (the character position)."""
+    srv = make_server(default_model, model_name="m")
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize"):
+        r = httpx.post(srv.url + path, content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
+        err = _is_error(r, 400)
+        assert err["param"] is None and err["message"].startswith("the body is not valid JSON ("), err
