@@ -1,12 +1,15 @@
 """``TrtBackend``: runs a TensorRT engine (and its sequence companion) for ``Session``; implements
 ``rwkv_runtime.backend.Backend``. See docs/tensorrt.md and the package docstring for the buffer rules.
 
-Not thread-safe: use one Session per thread.
+Callable from any thread: every entry point (``run``, ``from_numpy``, ``to_numpy``, ``close``) makes
+the CUDA context current on the calling thread (``Cuda.bind``) and holds one lock, so calls from
+several threads are serialised rather than interleaved on the one stream.
 """
 from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ class TrtBackend:
 
     def __init__(self, path, manifest: Manifest, cuda_graphs: bool | None = None, pool_keep: int | None = None,
                  plugin=None):
+        self._lock = threading.RLock()
         self.path = Path(path)
         self.manifest = manifest
         self.device = "cuda"
@@ -77,10 +81,12 @@ class TrtBackend:
     # -- values ---------------------------------------------------------------------------------
     def from_numpy(self, arr) -> DeviceTensor:
         arr = np.ascontiguousarray(arr)
-        t = DeviceTensor(self.pool.take(arr.nbytes), 0, arr.shape, arr.dtype)
-        if arr.nbytes:
-            self.cuda.copy(t.ptr, arr.ctypes.data, arr.nbytes)
-            self.cuda.sync()  # arr may be freed as soon as we return
+        with self._lock:
+            self.cuda.bind()
+            t = DeviceTensor(self.pool.take(arr.nbytes), 0, arr.shape, arr.dtype)
+            if arr.nbytes:
+                self.cuda.copy(t.ptr, arr.ctypes.data, arr.nbytes)
+                self.cuda.sync()  # arr may be freed as soon as we return
         return t
 
     def to_numpy(self, value) -> np.ndarray:
@@ -88,8 +94,10 @@ class TrtBackend:
             return np.asarray(value)
         out = np.empty(value.shape, value.dtype)
         if out.nbytes:
-            self.cuda.copy(out.ctypes.data, value.ptr, out.nbytes)
-            self.cuda.sync()
+            with self._lock:
+                self.cuda.bind()
+                self.cuda.copy(out.ctypes.data, value.ptr, out.nbytes)
+                self.cuda.sync()
         return out
 
     def _layout(self, specs, B: int):
@@ -108,8 +116,13 @@ class TrtBackend:
     # -- running --------------------------------------------------------------------------------
     def run(self, kind: str, tokens: np.ndarray, values: dict, specs: list):
         """tokens [B] (step) or [B, T] (sequence) -> (logits float32 on the host, new state values)."""
+        with self._lock:
+            self.cuda.bind()
+            return self._run(kind, tokens, values, specs)
+
+    def _run(self, kind: str, tokens: np.ndarray, values: dict, specs: list):
         if kind == "step" and not self.has("step") and self.has("sequence"):
-            logits, new = self.run("sequence", tokens[:, None], values, specs)
+            logits, new = self._run("sequence", tokens[:, None], values, specs)
             return (logits[:, -1] if logits.ndim == 3 else logits), new
         r = self._runner(kind)
         tokens = np.ascontiguousarray(tokens)
@@ -225,6 +238,10 @@ class TrtBackend:
     def close(self):
         """Free the engines, contexts, graphs and cached buffers (live states free theirs when dropped).
         Safe on a half-constructed backend and when called twice."""
+        with getattr(self, "_lock", None) or threading.RLock():
+            self._close()
+
+    def _close(self):
         cuda = getattr(self, "cuda", None)
         if cuda is None:
             return

@@ -10,6 +10,7 @@ same two addresses -- which is what lets a captured CUDA graph be launched again
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import numpy as np
 
@@ -24,18 +25,31 @@ def _why(e: Exception) -> str:
 
 
 class Cuda:
-    """The device, its stream and the two memory resources the backend uses."""
+    """The device, its stream and the two memory resources the backend uses.
+
+    The current CUDA context is a per-thread setting (cuda.core's ``Device.set_current`` binds the
+    device's primary context to the calling thread only), and a Session may be created on one thread
+    and stepped on another (the server creates it on the main thread and steps on its scheduler
+    thread). So every entry point calls ``bind()``, which makes the context current on the calling
+    thread the first time that thread comes through."""
 
     def __init__(self, cc, device_id: int = 0):
         self.cc = cc
+        self._bound = threading.local()
         try:
             self.device = cc.Device(device_id)
-            self.device.set_current()
+            self.bind()
             self.stream = self.device.create_stream()
         except Exception as e:  # noqa: BLE001 - no driver, no device, or a broken install
             raise BackendUnavailable(f"no CUDA device for TensorRT ({_why(e)})") from None
         self.pinned = cc.LegacyPinnedMemoryResource()
         self.handle = int(self.stream.handle)  # what TensorRT's execute_async_v3 takes
+
+    def bind(self):
+        """Make the device's context current on the calling thread (once per thread)."""
+        if not getattr(self._bound, "done", False):
+            self.device.set_current()
+            self._bound.done = True
 
     def call(self, what: str, fn, *args, **kw):
         """A cuda.core call with its failure turned into one line."""
@@ -48,6 +62,7 @@ class Cuda:
 
     def allocate(self, nbytes: int):
         """A device Buffer; on failure the cached free sets go back first (see Pool.trim)."""
+        self.bind()
         return self.call(f"allocating {nbytes} bytes on the GPU", self.device.allocate, max(int(nbytes), 1),
                          stream=self.stream)
 
@@ -57,15 +72,18 @@ class Cuda:
         so the wrappers never free anything."""
         if nbytes <= 0:
             return
+        self.bind()
         wrap = self.cc.Buffer.from_handle
         self.call("copy", wrap(int(dst), int(nbytes)).copy_from, wrap(int(src), int(nbytes)),
                   stream=stream or self.stream)
 
     def sync(self):
+        self.bind()
         self.call("stream synchronization", self.stream.sync)
 
     def close(self):
         try:
+            self.bind()
             self.stream.sync()
             self.stream.close()
         except Exception:  # noqa: BLE001 - teardown
@@ -120,37 +138,45 @@ class Pool:
         self.closed = False
         self.hold = False  # while capturing a CUDA graph: nothing is freed (not allowed during capture)
         self._deferred: list = []
+        self._lock = threading.RLock()  # a Lease may be dropped (and given back) on any thread
 
     def take(self, nbytes: int) -> Lease:
         nbytes = max(int(nbytes), 1)
-        lst = self.free.get(nbytes)
-        if lst:
-            buf = lst.pop()
-        else:
+        with self._lock:
+            lst = self.free.get(nbytes)
+            buf = lst.pop() if lst else None
+        if buf is None:
             try:
                 buf = self.cuda.allocate(nbytes)
             except TensorRTError:  # out of memory: give the cached sets back and try once more
                 self.trim()
                 buf = self.cuda.allocate(nbytes)
-        self.live += 1
+        with self._lock:
+            self.live += 1
         return Lease(buf, nbytes, self)
 
     def give_back(self, buf, nbytes: int):
-        self.live -= 1
-        lst = self.free.setdefault(nbytes, [])
-        if not self.closed and len(lst) < self.keep:
-            lst.append(buf)
-        elif self.hold:
-            self._deferred.append(buf)
-        else:
-            buf.close(self.cuda.stream)
+        # may run on any thread: the one that drops a state's last reference
+        with self._lock:
+            self.live -= 1
+            lst = self.free.setdefault(nbytes, [])
+            if not self.closed and len(lst) < self.keep:
+                lst.append(buf)
+                return
+            if self.hold:
+                self._deferred.append(buf)
+                return
+        self.cuda.bind()
+        buf.close(self.cuda.stream)
 
     def release_deferred(self):
         self.hold = False
+        self.cuda.bind()
         while self._deferred:
             self._deferred.pop().close(self.cuda.stream)
 
     def trim(self):
+        self.cuda.bind()
         for lst in self.free.values():
             while lst:
                 lst.pop().close(self.cuda.stream)
