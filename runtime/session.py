@@ -267,6 +267,21 @@ class Session:
 
         return prefill_many(self, prompts, state, chunk_size)
 
+    # -- scoring (log-probabilities of given tokens; runtime/scoring.py) --------------------------------
+    def score(self, tokens, state=None, start: int = 1, logits=None, top_k: int = 0, chunk_size: int | None = None):
+        """Log-probabilities of the tokens themselves: tokens [batch, T] -> ``scoring.Scores``.
+
+        Position ``j >= start`` gets log_softmax (float64) of the logits after ``tokens[:, :j]`` at
+        ``tokens[:, j]``, whether it is the argmax, and the ``top_k`` most likely tokens; ``tokens[:, :start]``
+        are only prefilled. ``start=0`` scores the first token too, from ``logits`` (the logits that
+        predict it, e.g. a previous call's ``Scores.logits``), so a long text can be scored piece by piece.
+        Memory stays bounded (see scoring.py): all-logits sequence graph in chunks, else one step a token.
+        ``Scores.state``/``.logits`` continue after the last token.
+        """
+        from .scoring import score
+
+        return score(self, tokens, state, start, logits, top_k, chunk_size)
+
     def generate_tokens(self, prompt_tokens, max_new_tokens: int = 100, sampling: SamplingParams | None = None,
                         state=None) -> Iterator[int]:
         """Prefill the prompt, then sample and step; yields token ids as they are produced."""
