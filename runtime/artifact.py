@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RuntimeUserError
+from .onnx_metadata import MAX_META_BYTES as _MAX_META_BYTES  # noqa: F401
+from .onnx_metadata import read_onnx, read_onnx_metadata  # noqa: F401 - read_onnx_metadata: its old home
 from .manifest import (BATCH, FORMAT_VERSION, INITIAL_STATE_KEY, MANIFEST_KEY, TOKENIZER_KEY, Manifest,
                        StateSpec)
 from .state import EXPORT_ID_KEY, MAX_STATE_BATCH, STATE_DTYPES, check_state_arrays, read_state_npz  # noqa: F401
@@ -39,7 +41,6 @@ ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # the one list: TensorRT engine 
 SIDECAR_FORMAT = "rwkv-trt-engine"
 SIDECAR_VERSION = 1
 GRAPH_KINDS = ("step", "sequence")
-_MAX_META_BYTES = 1 << 30  # one metadata entry (tokenizer JSON, initial state) larger than this is damage
 
 
 def is_engine(path) -> bool:
@@ -47,82 +48,53 @@ def is_engine(path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# ONNX metadata straight from the protobuf wire format
+# Paths read from a file: confined to the model's folder
 # ---------------------------------------------------------------------------------------------
-def _varint(f) -> int | None:
-    """A protobuf varint from a file; None at a clean end of file."""
-    shift, out = 0, 0
-    while True:
-        b = f.read(1)
-        if not b:
-            if shift == 0:
-                return None
-            raise ValueError("truncated varint")
-        out |= (b[0] & 0x7F) << shift
-        if not b[0] & 0x80:
-            return out
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
+_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-def _entry(buf: bytes) -> tuple[str, str]:
-    """A StringStringEntryProto: key = field 1, value = field 2 (both length-delimited)."""
-    f, key, value = io.BytesIO(buf), "", ""
-    while (tag := _varint(f)) is not None:
-        num, wire = tag >> 3, tag & 7
-        if wire != 2:
-            raise ValueError("unexpected wire type in a metadata entry")
-        n = _varint(f)
-        data = f.read(n)
-        if n is None or len(data) != n:
-            raise ValueError("truncated metadata entry")
-        if num == 1:
-            key = data.decode("utf-8")
-        elif num == 2:
-            value = data.decode("utf-8")
-    return key, value
+def model_roots(model_path) -> tuple[str, ...]:
+    """The folders a model's files may live in: the folder holding the model as named, and the folder of
+    its real file when the model itself is a link (a Hugging Face cache: snapshots/REV/m.onnx and
+    m.onnx.data both link into blobs/). Real paths, symlinks resolved."""
+    p = Path(model_path)
+    return tuple(dict.fromkeys((os.path.realpath(p.parent), os.path.dirname(os.path.realpath(p)))))
 
 
-def read_onnx_metadata(path) -> dict[str, str]:
-    """``metadata_props`` of an ONNX file as {key: value}, skipping every other field by length.
+def _outside(model_path: Path, full: Path) -> str | None:
+    """None when ``full``'s real path lies inside one of the model's folders (never the folder itself)."""
+    real = os.path.realpath(full)
+    if any(real.startswith(r.rstrip(os.sep) + os.sep) for r in model_roots(model_path)):
+        return None
+    return f"resolves to {real[:160]}, a link out of the folder"
 
-    Needs neither onnx nor onnxruntime and never reads the graph or the weights.
-    """
-    path = Path(path)
-    props: dict[str, str] = {}
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            while (tag := _varint(f)) is not None:
-                num, wire = tag >> 3, tag & 7
-                if wire == 0:
-                    if _varint(f) is None:
-                        raise ValueError("truncated")
-                elif wire == 1:
-                    f.seek(8, 1)
-                elif wire == 5:
-                    f.seek(4, 1)
-                elif wire == 2:
-                    n = _varint(f)
-                    if n is None or f.tell() + n > size:
-                        raise ValueError("a field runs past the end of the file")
-                    if num == 14:  # metadata_props
-                        if n > _MAX_META_BYTES:
-                            raise ValueError("oversized metadata entry")
-                        k, v = _entry(f.read(n))
-                        props[k] = v
-                    else:  # the graph (7), opsets, functions, ...: skipped without reading
-                        f.seek(n, 1)
-                else:
-                    raise ValueError(f"wire type {wire}")
-                if f.tell() > size:
-                    raise ValueError("truncated")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RuntimeUserError(f"{path}: not an ONNX model ({e})") from None
-    except OSError as e:
-        raise RuntimeUserError(f"{path}: cannot read it ({e.strerror or e})") from None
-    return props
+
+def confined_path(model_path, rel, what: str) -> Path:
+    """``rel`` -- a path read from the model's own files (an external-data location, a companion, a
+    weights file, a plugin library name) -- as a path beside the model, or one ``RuntimeUserError``.
+
+    The rule (the JS runtime applies the same): ``rel`` is a non-empty string of at most 4096 characters
+    without NUL; relative (no leading ``/`` or ``\\``, no drive letter ``X:``); no ``\\`` or ``:`` at all
+    (a separator or a drive on one system, a file name on another); no ``..`` component; and its real
+    path (symlinks resolved, whether or not it exists yet) lies inside one of ``model_roots``."""
+    model_path = Path(model_path)
+    shown = str(rel)[:100]
+    why = None
+    if not isinstance(rel, str) or not rel or len(rel) > 4096 or "\0" in rel:
+        why = "not a usable file name"
+    elif rel.startswith(("/", "\\")) or _DRIVE.match(rel):
+        why = "an absolute path"
+    elif "\\" in rel or ":" in rel:
+        why = "holds '\\' or ':'"
+    elif ".." in rel.split("/"):
+        why = "climbs out with '..'"
+    if why is None:
+        full = model_path.parent / rel
+        why = _outside(model_path, full)
+        if why is None:
+            return full
+    raise RuntimeUserError(f"{model_path.name}: {what} {shown!r} is outside the model's folder ({why}); refusing to "
+                           "read it (an export keeps its files together in one folder; re-export or copy them there)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +239,8 @@ def read_sidecar(engine_path) -> dict:
     if not side.is_file():
         raise RuntimeUserError(f"{path.name}: no {side.name} beside it (engines built by rwkv-export build-engine "
                                "carry their manifest in that file; copy it with the engine or rebuild)")
+    if (why := _outside(path, side)) is not None:  # named by us, but a link may point anywhere
+        raise RuntimeUserError(f"{side.name}: the engine sidecar {why}; refusing to read it (keep it beside the engine)")
     try:
         d = json.loads(side.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
@@ -281,6 +255,15 @@ def read_sidecar(engine_path) -> dict:
     for k in ("tokenizer_json", "initial_state"):
         if d.get(k) is not None and not isinstance(d[k], str):
             raise RuntimeUserError(f"{side.name}: {k} must be a string")
+    plugins = d.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, dict) and isinstance(p.get("name"), str)
+                                                and isinstance(p.get("path", ""), str) for p in plugins):
+        raise RuntimeUserError(f"{side.name}: plugins must be a list of {{name, path}} strings")
+    for p in plugins:  # a library is only ever looked up beside the engine under its plain name
+        if not plain_file_name(p["name"]):
+            raise RuntimeUserError(f"{side.name}: plugin library {p['name'][:100]!r} is not a plain file name beside "
+                                   "the engine; rebuild the engine")
+        confined_path(path, p["name"], "plugin library")
     return d
 
 
@@ -310,6 +293,12 @@ class Artifact:
     manifest: Manifest
     tokenizer_json: str | None = None
     props: dict = field(default_factory=dict)  # ONNX metadata, or the engine sidecar
+    # the external-data locations the ONNX file names, each checked by ``confined_path`` (engines: none)
+    external_data: tuple = ()
+
+    def data_files(self) -> list:
+        """The external-data files of this graph, as paths beside it (checked to stay in its folder)."""
+        return [self.path.parent / loc for loc in self.external_data]
 
     @property
     def engine(self) -> bool:
@@ -373,11 +362,27 @@ def open_artifact(path) -> Artifact:
     if is_engine(path):
         side = read_sidecar(path)
         man = manifest_from_dict(side["manifest"], sidecar_path(path).name)
+        _confine_manifest_paths(path, man)
         return Artifact(path, man, side.get("tokenizer_json"), side)
-    props = read_onnx_metadata(path)
+    # the metadata and every external-data location, from the file's bytes: checked here, before any
+    # caller hands the file to onnxruntime, TensorRT's parser or onnx (which would open those files)
+    props, locations = read_onnx(path)
+    for loc in locations:
+        confined_path(path, loc, "external data file")
     if MANIFEST_KEY not in props:
         raise RuntimeUserError(f"{path}: no rwkv manifest in this ONNX model (was it exported by rwkv-export?)")
-    return Artifact(path, parse_manifest(props[MANIFEST_KEY], path.name), props.get(TOKENIZER_KEY), props)
+    man = parse_manifest(props[MANIFEST_KEY], path.name)
+    _confine_manifest_paths(path, man)
+    return Artifact(path, man, props.get(TOKENIZER_KEY), props, tuple(locations))
+
+
+def _confine_manifest_paths(path: Path, man: Manifest) -> None:
+    """The files a manifest names (companions, the weights file) stay in the model's folder, links included."""
+    for kind, name in man.companions.items():
+        confined_path(path, name, f"companion {kind} graph")
+    weights = man.options.get("weights_file")
+    if weights is not None:
+        confined_path(path, weights, "weights file")
 
 
 def read_manifest(path) -> tuple[Manifest, str | None]:

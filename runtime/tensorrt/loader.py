@@ -131,7 +131,15 @@ def load_plugin_library(trt, path, echo=None) -> bool:
 def plugin_candidates(engine_path: Path, sidecar: dict, plugin=None) -> list:
     """The plugin libraries an engine needs, located: for each library the sidecar records, the first
     that exists of ``plugin`` (a path the caller passes), ``$RWKV_TRT_PLUGIN``, the file of that name
-    beside the engine, the path it was built with. A one-line error names what to do otherwise."""
+    beside the engine. A one-line error names what to do otherwise.
+
+    Loading a library runs its code, so a path read from the sidecar is confined to the engine's folder
+    (``artifact.confined_path``, links included): the recorded name is looked up beside the engine, and
+    the ``path`` build-engine recorded is followed only where it resolves inside that folder (a
+    ``plugins/`` folder beside the engine); anywhere else it is not loaded."""
+    from ..artifact import _outside, confined_path
+
+    engine_path = Path(engine_path)
     given = str(plugin) if plugin else os.environ.get(PLUGIN_ENV, "").strip()
     origin = "plugin=" if plugin else f"{PLUGIN_ENV}="
     recorded = [p for p in sidecar.get("plugins") or [] if isinstance(p, dict) and p.get("name")]
@@ -141,15 +149,18 @@ def plugin_candidates(engine_path: Path, sidecar: dict, plugin=None) -> list:
         cands = []
         if given and (Path(given).name == name or len(recorded) == 1):
             cands.append(Path(given).expanduser())
-        cands.append(engine_path.with_name(Path(name).name))
-        if rec.get("path"):
+        cands.append(confined_path(engine_path, name, "plugin library"))
+        far = bool(rec.get("path")) and _outside(engine_path, Path(str(rec["path"]))) is not None
+        if rec.get("path") and not far:
             cands.append(Path(str(rec["path"])))
         found = next((c for c in cands if c.is_file()), None)
         if found is None:
             if given and cands[0] == Path(given).expanduser():
                 raise TensorRTError(f"{origin}{given} does not exist")
-            raise TensorRTError(f"{engine_path.name} needs the TensorRT plugin library {name}: put it beside the "
-                                f"engine or set {PLUGIN_ENV}=/path/to/{name}")
+            built = (f" (built with {str(rec['path'])[:160]}, outside the engine's folder: not loaded from there)"
+                     if far else "")
+            raise TensorRTError(f"{engine_path.name} needs the TensorRT plugin library {name}{built}: copy it beside "
+                                f"the engine, or pass it (plugin=..., --plugin) or set {PLUGIN_ENV}=/path/to/{name}")
         out.append(found)
     if given and not recorded:  # an engine that needs none: a given library is still loaded (custom plugins)
         p = Path(given).expanduser()
