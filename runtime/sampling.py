@@ -138,7 +138,16 @@ class Sampler:
         self.rng = np.random.default_rng(self.params.seed)
         self.occurrence: dict[int, float] = {}
 
-    def __call__(self, logits: np.ndarray) -> int:
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits: the token is the argmax of the raw logits."""
+        p = self.params
+        return (p.temperature == 0 and not p.presence_penalty and not p.frequency_penalty and not self.ban
+                and not self.bias_ids.size)
+
+    def __call__(self, logits: np.ndarray, mask: np.ndarray | None = None) -> int:
+        """The next token from one row of logits. ``mask`` (bool [vocab], True = allowed; None: all) is
+        the per-row constraint hook (e.g. a grammar): disallowed tokens get probability 0, greedy included."""
         p = self.params
         try:
             x = np.asarray(logits)
@@ -163,6 +172,14 @@ class Sampler:
             x[t] = -np.inf
         if len(self.ban) >= x.size:
             raise RuntimeUserError("sampling: every token is banned")
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.dtype != np.bool_ or mask.shape != x.shape:
+                raise RuntimeUserError(f"sampling: a token mask must be bool [{x.size}], not {mask.dtype} "
+                                       f"{list(mask.shape)}")
+            x[~mask] = -np.inf
+            if not np.isfinite(x).any():
+                raise RuntimeUserError("sampling: the token mask and ban allow no token")
         if self.bias_ids.size:
             if self._bias_bound >= x.size:
                 raise RuntimeUserError(f"sampling: logit_bias id {self._bias_bound} is outside the vocabulary "

@@ -16,10 +16,11 @@ import numpy as np
 from .artifact import is_engine, open_artifact, read_manifest  # noqa: F401 - read_manifest: its old public home
 from .backend import Backend
 from .errors import RuntimeUserError
+from .generation import Batch, Row, TextStream
 from .manifest import StateSpec
 from .sampling import Sampler, SamplingParams
 from .state import EXPORT_ID_KEY, MAX_STATE_BATCH, STATE_DTYPES, State, check_state_arrays, read_state_npz
-from .tokenizers import StreamDecoder, make_tokenizer
+from .tokenizers import make_tokenizer
 
 __all__ = ["Session", "State", "Generation", "read_manifest"]
 
@@ -285,10 +286,14 @@ class Session:
     def generate_tokens(self, prompt_tokens, max_new_tokens: int = 100, sampling: SamplingParams | None = None,
                         state=None) -> Iterator[int]:
         """Prefill the prompt, then sample and step; yields token ids as they are produced."""
-        gen = self._token_loop(prompt_tokens, max_new_tokens, sampling, state, None)
-        return gen
+        for out in self._one_row(prompt_tokens, max_new_tokens, sampling, state, None, text=False):
+            if out.appended:
+                yield out.token
 
-    def _token_loop(self, prompt_tokens, max_new_tokens, sampling, state, holder):
+    def _one_row(self, prompt_tokens, max_new_tokens, sampling, state, holder, text: bool):
+        """One sequence as a batch of one on the generation core: yields each step's ``Out`` (before the
+        model runs the token, so a consumer sees it at once); ``holder.state``: the state after the last
+        token run (the prompt, then each generated token; not a stop token)."""
         sampler = Sampler(sampling or SamplingParams(), vocab_size=self.vocab_size)
         try:
             ids = list(prompt_tokens)
@@ -301,14 +306,22 @@ class Session:
         logits, st = self.prefill(np.asarray([ids]), state)
         if holder is not None:
             holder.state = st
-        for _ in range(int(max_new_tokens)):
-            tok = sampler(logits[0])
-            if tok in sampler.stop:
-                return
-            yield tok
-            logits, st = self.step(np.array([tok]), st)
+        if not max_new_tokens:
+            return
+        row = Row(sampler, max_new_tokens=int(max_new_tokens), text=TextStream(self.tokenizer) if text else None,
+                  feed_last=True, keep_state=True)
+        batch = Batch(self, log_failures=False)  # (the error is raised to the caller)
+        batch.add(row, st, logits)
+        while batch.rows:
+            (out,) = batch.sample()
+            if out.error is not None:
+                raise out.error
+            yield out
+            failed = batch.advance()
+            if failed:
+                raise failed[0].error
             if holder is not None:
-                holder.state = st
+                holder.state = batch.state if batch.rows else row.final
 
     def generate(self, prompt, max_new_tokens: int = 100, sampling: SamplingParams | None = None, state=None,
                  **sampling_kwargs) -> "Generation":
@@ -362,20 +375,15 @@ class Generation:
 
     def _run(self, ids, max_new_tokens, sampling, state):
         s, stats = self.session, self.stats
-        dec = StreamDecoder(s.tokenizer)
         t0 = time.perf_counter()
         first = True
-        for tok in s._token_loop(ids, max_new_tokens, sampling, state, self):
+        for out in s._one_row(ids, max_new_tokens, sampling, state, self, text=True):
             now = time.perf_counter()
-            if first:
+            if first and out.appended:
                 stats["prefill_s"], t0, first = now - t0, now, False
-            stats["new_tokens"] += 1
-            piece = dec.push(tok)
-            if piece:
-                yield piece
+            stats["new_tokens"] += out.appended
+            if out.text:
+                yield out.text
             stats["decode_s"] = time.perf_counter() - t0
         if first:  # no token came (max_new_tokens 0, or a stop token first): the time was all prefill
             stats["prefill_s"] = time.perf_counter() - t0
-        tail = dec.flush()
-        if tail:
-            yield tail
