@@ -311,8 +311,9 @@ class ConstraintState:
         np.putmask(x, ~ok, -np.inf)
         return x
 
-    def advance(self, token: int) -> None:
-        """Take the sampled token (one the mask allowed); sets ``finished`` when the output is complete."""
+    def advance(self, token: int) -> bool:
+        """Take the sampled token (one the mask allowed); True (and ``finished``) when the output is
+        complete (the generation core's ``Constraint`` hook: the row then ends with finish reason stop)."""
         token = int(token)
         if self.finished:
             raise RuntimeUserError("constraint: the constrained output is already complete")
@@ -327,6 +328,7 @@ class ConstraintState:
             self.finished = True
         elif self._m.is_accepting() and not self.allowed().any():
             self.finished = True  # complete, and only the (virtual) end-of-text token could follow
+        return self.finished
 
     @property
     def accepting(self) -> bool:

@@ -453,6 +453,20 @@ def prefill_rows(session, chunks: list, states: list, chunk_size: int | None = N
         return [e]
 
 
+def _start_constraint(row: Row, session) -> None:
+    """A row whose SamplingParams carry a constraint gets its own matcher (compiled for the model's
+    tokenizer, cached); the vocabulary's end-of-text token, allowed only once the output is complete,
+    ends the row without being part of it."""
+    from .constraints import CompiledConstraint, compile_constraint
+
+    c = row.sampler.params.constraint
+    if not isinstance(c, CompiledConstraint):
+        c = compile_constraint(c, session.tokenizer, session.vocab_size)
+    row.constraint = c.start()
+    if c.vocab.eos is not None:
+        row.stop_ids = row.stop_ids | {c.vocab.eos}
+
+
 # -- the batch ----------------------------------------------------------------------------------------
 class Batch:
     """Rows decoded together: one State whose batch rows are ``rows``, in order.
@@ -489,6 +503,8 @@ class Batch:
             raise RuntimeError("rows join between steps: call advance() after sample() first")
         for r, lg in zip(rows, logits):
             r.logits = lg
+            if r.constraint is None and getattr(r.sampler.params, "constraint", None) is not None:
+                _start_constraint(r, self.session)  # SamplingParams.constraint: this row's own matcher
         self.state = state if self.state is None else State.concat([self.state, state])
         self.rows.extend(rows)
 
@@ -524,6 +540,10 @@ class Batch:
             raise RuntimeError("sample() twice without advance()")
         now = time.perf_counter() if now is None else now
         outs, toks, leave = [], [], []
+        if sum(r.constraint is not None for r in self.rows) > 1:  # all rows' masks at once (engine threads)
+            from .constraints import prepare_masks
+
+            prepare_masks([r.constraint for r in self.rows if hasattr(r.constraint, "_bits")])
         for i, row in enumerate(self.rows):
             try:
                 out = row.accept(row.pick(), now)

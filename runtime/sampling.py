@@ -30,6 +30,9 @@ class SamplingParams:
     ban: tuple = ()  # token ids never sampled
     stop: tuple = ()  # token ids that end generation
     logit_bias: dict | None = None  # token id -> a finite value added to its logit before sampling
+    # constrained decoding (constraints.py): a ConstraintSpec (json_schema(...), regex(...), ...) or a
+    # CompiledConstraint; the output then matches it, and the sequence stops when it is complete
+    constraint: object = None
 
 
 def _number(name: str, v, lo: float | None = None, hi: float | None = None) -> float:
@@ -80,6 +83,15 @@ def check_params(p: SamplingParams, vocab_size: int | None = None) -> SamplingPa
     _ids("ban", p.ban, vocab_size)
     _ids("stop", p.stop, vocab_size)
     _bias(p.logit_bias, vocab_size)
+    if p.constraint is not None:
+        from .constraints import CompiledConstraint, check_spec
+
+        if isinstance(p.constraint, CompiledConstraint):
+            if vocab_size is not None and p.constraint.vocab_size != vocab_size:
+                raise RuntimeUserError(f"sampling: the constraint was compiled for a vocabulary of "
+                                       f"{p.constraint.vocab_size}, not {vocab_size}")
+        else:
+            check_spec(p.constraint)
     return p
 
 
