@@ -18,14 +18,16 @@ A repository is written into a temporary folder and renamed into place: a failur
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 import rwkv_runtime as _rwkv_runtime
-from rwkv_runtime.artifact import open_artifact
+from rwkv_runtime.artifact import confined_path, open_artifact, outside_reason
+from rwkv_runtime.safe_write import SafeWrite
 from rwkv_runtime.manifest import BATCH
 
 from .errors import ExportError
@@ -35,6 +37,8 @@ MANIFEST_PARAM = "rwkv.manifest"
 TOKENIZER_PARAM = "rwkv.tokenizer_json"
 MODEL_FILE_PARAM = "rwkv.model_file"  # python backend: the graph model.py opens (companions beside it)
 SIDECAR = "rwkv_manifest.json"
+# written into every model folder this command writes: --force replaces only folders that hold it
+MARKER = ".rwkv-export-triton"
 MAX_IDLE_S = 1e7  # ~4 months: more is a typo (Triton's field is microseconds in a uint64)
 MIN_IDLE_S = 1e-3  # 0 microseconds would not mean "no wait": Triton reads 0 as unset (its 1 s default)
 MAX_SEQUENCES = 2**31 - 1  # max_candidate_sequences is an int32 in Triton's schema
@@ -63,28 +67,17 @@ def _graph_dtypes(path: Path) -> dict:
     return {v.name: _ONNX_ELEM.get(v.type.tensor_type.elem_type, "?") for v in list(g.input) + list(g.output)}
 
 
-def _external_files(path: Path) -> list:
-    """The external-data files an ONNX graph names (relative to its folder)."""
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    names = set()
-    for t in m.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            names.update(e.value for e in t.external_data if e.key == "location")
-    for n in sorted(names):
-        if not (path.parent / n).is_file():
-            raise ExportError(f"{path.name}: its external data file {n} is missing")
-    return sorted(names)
-
-
-def _copy_graph(src: Path, dest_dir: Path, name: str | None = None) -> None:
-    """Copy an ONNX graph (renamed to ``name``) and its external data files (names kept: the graph
-    refers to them by name)."""
-    shutil.copy2(src, dest_dir / (name or src.name))
-    for n in _external_files(src):
-        if not (dest_dir / n).exists():
-            shutil.copy2(src.parent / n, dest_dir / n)
+def _data_files(art, folder: str) -> list:
+    """[(source, path in the model folder)] of an ONNX graph's external-data files, under their own names
+    (the graph refers to them by name). The locations come from ``Artifact.external_data``, each confined
+    to the graph's folder when the artifact was opened: no file outside it is read, and (no '..', nothing
+    absolute) nothing is written outside ``folder``."""
+    out = []
+    for loc, src in zip(art.external_data, art.data_files()):
+        if not src.is_file():
+            raise ExportError(f"{art.path.name}: its external data file {loc} is missing")
+        out.append((src, f"{folder}/{loc}"))
+    return out
 
 
 def _initial_values(art) -> dict:
@@ -220,10 +213,10 @@ def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int |
                           f"(rwkv-export build-engine --max-batch): pass --max-batch {engine_max} or less, or "
                           "rebuild the engine")
     name = name or model.name.split(".")[0]
-    if not name or "/" in name or name.startswith(".") or not name.isprintable():
+    if not name or "/" in name or "\\" in name or name.startswith(".") or not name.isprintable():
         raise ExportError(f"--name {name!r}: not a usable model name")
     dest = repo / name
-    if dest.exists() and not force:
+    if os.path.lexists(dest) and not force and not dest.is_symlink():
         raise ExportError(f"{dest} already exists (pass --force to replace it)")
     max_sequences = int(max_sequences or 4 * max_batch)
     if max_sequences < max_batch:
@@ -248,46 +241,106 @@ def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int |
     cfg = build_config(art, backend, name, int(max_batch), float(idle_s), max_sequences, logits_dtype, tokens_dtype)
     extra = {}
 
+    # every file copied, (source, path in the model folder), decided before anything is written
+    files = []
+    if backend == "onnxruntime":
+        files += [(art.path, "1/model.onnx")] + _data_files(art, "1")
+    elif backend == "tensorrt":
+        files.append((art.path, "1/model.plan"))
+        libs = _plugin_libraries(art, plugins)
+        files += [(p, f"plugins/{p.name}") for p in libs]
+        if libs:
+            extra["rwkv.plugins"] = ";".join(f"plugins/{p.name}" for p in libs)
+    else:
+        if not TEMPLATE.is_file():
+            raise ExportError(f"the Python backend template {TEMPLATE} is missing (a source checkout has it)")
+        files.append((TEMPLATE, "1/model.py"))
+        for kind in ("step", "sequence"):  # the runtime opens companions by their file names
+            if art.companion_path(kind) is not None:
+                comp = art.companion(kind)  # checked to be of this export (id, layout), its paths confined
+                files += [(comp.path, f"1/{comp.path.name}")] + _data_files(comp, "1")
+        extra[MODEL_FILE_PARAM] = art.path.name
+    files = list({d: (src, d) for src, d in files}.values())  # a weights file shared by both graphs: once
+    fills = _initial_values(art) if backend != "python" else {}
+    _set_params(cfg, art, extra)
+    text = config_text(cfg)
+    parse_config(text)  # belt and braces: what we write must read back
+    inputs = [src for src, _ in files]
+    _check_destination(dest, inputs, force)
+
     created = not repo.exists()
-    repo.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
     try:
-        version = tmp / "1"
-        version.mkdir()
-        if backend == "onnxruntime":
-            _copy_graph(art.path, version, "model.onnx")
-        elif backend == "tensorrt":
-            shutil.copy2(art.path, version / "model.plan")
-            _copy_plugins(art, tmp, plugins, extra)
-        else:
-            if not TEMPLATE.is_file():
-                raise ExportError(f"the Python backend template {TEMPLATE} is missing (a source checkout has it)")
-            shutil.copy2(TEMPLATE, version / "model.py")
-            for kind in ("step", "sequence"):  # the runtime opens companions by their file names
-                if art.companion_path(kind) is not None:  # checked to be of this export (id, layout)
-                    _copy_graph(art.companion(kind).path, version)
-            extra[MODEL_FILE_PARAM] = art.path.name
-        fills = _initial_values(art) if backend != "python" else {}
+        repo.mkdir(parents=True, exist_ok=True)
+        _write_model_folder(dest, name, files, fills, text, art, inputs)
+    except OSError as e:  # disk full, permissions, ...: one line naming the user's folder
+        raise ExportError(f"{dest}: {e.strerror or type(e).__name__}; nothing was written"
+                          + (" (the old model folder is unchanged)" if os.path.lexists(dest) else "")) from None
+    finally:
+        if created and repo.is_dir() and not any(repo.iterdir()):
+            repo.rmdir()
+    return dest
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def _check_destination(dest: Path, inputs: list, force: bool) -> None:
+    """What may stand at REPO/NAME: nothing; or, with --force, a model folder this command wrote (it holds
+    MARKER) and that holds none of this command's inputs. Never a link (it would be written through)."""
+    if dest.is_symlink():
+        raise ExportError(f"{dest}: is a symbolic link; rwkv-export triton neither writes through nor replaces "
+                          "a link: remove it or choose another --name")
+    if not os.path.lexists(dest):
+        return
+    if not force:
+        raise ExportError(f"{dest} already exists (pass --force to replace it)")
+    held = next((i for i in inputs if _inside(i, dest)), None)
+    if held is not None:
+        raise ExportError(f"{dest}: holds {held.name}, an input of this command; --force never deletes a folder "
+                          "holding an input: write the repository elsewhere (-o) or choose another --name")
+    if not dest.is_dir():
+        raise ExportError(f"{dest}: exists and is not a model folder; --force only replaces model folders "
+                          "rwkv-export triton wrote: remove it yourself or choose another --name")
+    marker = dest / MARKER
+    if any(dest.iterdir()) and (marker.is_symlink() or not marker.is_file()):
+        raise ExportError(f"{dest}: was not written by rwkv-export triton (no {MARKER} in it); --force only "
+                          "replaces model folders this command wrote: remove it yourself or choose another --name")
+
+
+def _write_model_folder(dest: Path, name: str, files: list, fills: dict, text: str, art, inputs: list) -> None:
+    """Stage the model folder beside ``dest`` (rwkv_runtime.safe_write) and move it into place; an old
+    folder (checked by _check_destination) is moved aside first and back if the commit fails."""
+    with SafeWrite(dest, inputs=inputs, allowed=[name]) as sw:
+        tmp = sw.path("model")
+        tmp.mkdir()
+        (tmp / "1").mkdir()
+        for src, rel in files:  # rel: plain names and "1/"/"plugins/" (+ confined external-data locations)
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target)
         if fills:
             (tmp / "initial_state").mkdir()
             for k, a in fills.items():  # raw row-major bytes, batch axis dropped (Triton adds it)
                 np.ascontiguousarray(a[0]).tofile(tmp / "initial_state" / _state_file(k))
-        _set_params(cfg, art, extra)
-        text = config_text(cfg)
-        parse_config(text)  # belt and braces: what we write must read back
         (tmp / "config.pbtxt").write_text(text, encoding="utf-8")
         (tmp / SIDECAR).write_text(art.manifest.to_json(), encoding="utf-8")
         if art.tokenizer_json:
             (tmp / "tokenizer.json").write_text(art.tokenizer_json, encoding="utf-8")
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created and not any(repo.iterdir()):
-            repo.rmdir()
-        raise
-    return dest
+        (tmp / MARKER).write_text(json.dumps({"written_by": "rwkv-export triton", "model": art.path.name,
+                                              "export_id": art.manifest.export_id}) + "\n", encoding="utf-8")
+        old = sw.path("replaced")
+        moved = False
+        if os.path.lexists(dest):
+            os.replace(dest, old)
+            moved = True
+        try:
+            sw.commit([("model", dest)])
+        except BaseException:
+            if moved and not os.path.lexists(dest):
+                os.replace(old, dest)
+            raise
 
 
 def _engine_max_batch(art) -> int | None:
@@ -298,26 +351,29 @@ def _engine_max_batch(art) -> int | None:
         return None
 
 
-def _copy_plugins(art, model_dir: Path, plugins: tuple, extra: dict) -> None:
-    """Engines with rwkv plugin nodes need the plugin library loaded by the server: copy it into
-    ``plugins/`` and record it (Triton loads it with --backend-config=tensorrt,plugins=... or LD_PRELOAD)."""
+def _plugin_libraries(art, plugins: tuple) -> list:
+    """The plugin libraries to ship with an engine that has rwkv plugin nodes (Triton loads them with
+    --backend-config=tensorrt,plugins=... or LD_PRELOAD): the ones the user passes, else those its sidecar
+    records, looked up beside the engine (confined to its folder, links included) or where build-engine
+    loaded them when that lies inside the engine's folder -- never a path elsewhere that a file names."""
     recorded = [p for p in (art.props.get("plugins") or []) if isinstance(p, dict) and p.get("name")]
     found = [Path(p) for p in plugins]
     if recorded and not found:
-        for rec in recorded:  # beside the engine, then where build-engine loaded it from
-            cands = [art.path.with_name(Path(rec["name"]).name)] + ([Path(rec["path"])] if rec.get("path") else [])
+        for rec in recorded:
+            cands = [confined_path(art.path, rec["name"], "plugin library")]
+            if rec.get("path") and outside_reason(art.path, Path(str(rec["path"]))) is None:
+                cands.append(Path(str(rec["path"])))
             hit = next((c for c in cands if c.is_file()), None)
             if hit is None:
-                raise ExportError(f"{art.path.name} needs the plugin library {rec['name']}: pass --plugin PATH")
+                raise ExportError(f"{art.path.name} needs the plugin library {rec['name']}: copy it beside the engine "
+                                  "or pass --plugin PATH")
             found.append(hit)
     for p in found:
         if not p.is_file():
             raise ExportError(f"--plugin {p}: no such file")
-    if found:
-        (model_dir / "plugins").mkdir()
-        for p in found:
-            shutil.copy2(p, model_dir / "plugins" / p.name)
-        extra["rwkv.plugins"] = ";".join(f"plugins/{p.name}" for p in found)
+    if len({p.name for p in found}) != len(found):
+        raise ExportError("two plugin libraries with one file name: they would overwrite each other in plugins/")
+    return found
 
 
 __all__ = ["write_repository", "build_config", "parse_config", "config_text", "BACKENDS"]

@@ -23,7 +23,8 @@ import click
               help="Sequences open at once (oldest strategy's max_candidate_sequences; default 4 x --max-batch).")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path),
               help="tensorrt: the plugin library to ship with the engine (default: the one build-engine used).")
-@click.option("--force", is_flag=True, help="Replace REPO/NAME if it exists.")
+@click.option("--force", is_flag=True, help="Replace REPO/NAME if it exists and this command wrote it (it holds "
+              ".rwkv-export-triton); never a folder holding an input, never a link.")
 def triton_command(model, repo, backend, max_batch, name, idle_s, max_sequences, plugins, force):
     """Write a Triton model repository serving exported MODEL (an .onnx export or, for tensorrt, an engine).
 

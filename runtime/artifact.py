@@ -61,7 +61,7 @@ def model_roots(model_path) -> tuple[str, ...]:
     return tuple(dict.fromkeys((os.path.realpath(p.parent), os.path.dirname(os.path.realpath(p)))))
 
 
-def _outside(model_path: Path, full: Path) -> str | None:
+def outside_reason(model_path: Path, full: Path) -> str | None:
     """None when ``full``'s real path lies inside one of the model's folders (never the folder itself)."""
     real = os.path.realpath(full)
     if any(real.startswith(r.rstrip(os.sep) + os.sep) for r in model_roots(model_path)):
@@ -90,7 +90,7 @@ def confined_path(model_path, rel, what: str) -> Path:
         why = "climbs out with '..'"
     if why is None:
         full = model_path.parent / rel
-        why = _outside(model_path, full)
+        why = outside_reason(model_path, full)
         if why is None:
             return full
     raise RuntimeUserError(f"{model_path.name}: {what} {shown!r} is outside the model's folder ({why}); refusing to "
@@ -239,7 +239,7 @@ def read_sidecar(engine_path) -> dict:
     if not side.is_file():
         raise RuntimeUserError(f"{path.name}: no {side.name} beside it (engines built by rwkv-export build-engine "
                                "carry their manifest in that file; copy it with the engine or rebuild)")
-    if (why := _outside(path, side)) is not None:  # named by us, but a link may point anywhere
+    if (why := outside_reason(path, side)) is not None:  # named by us, but a link may point anywhere
         raise RuntimeUserError(f"{side.name}: the engine sidecar {why}; refusing to read it (keep it beside the engine)")
     try:
         d = json.loads(side.read_text(encoding="utf-8"))

@@ -137,7 +137,7 @@ def plugin_candidates(engine_path: Path, sidecar: dict, plugin=None) -> list:
     (``artifact.confined_path``, links included): the recorded name is looked up beside the engine, and
     the ``path`` build-engine recorded is followed only where it resolves inside that folder (a
     ``plugins/`` folder beside the engine); anywhere else it is not loaded."""
-    from ..artifact import _outside, confined_path
+    from ..artifact import outside_reason, confined_path
 
     engine_path = Path(engine_path)
     given = str(plugin) if plugin else os.environ.get(PLUGIN_ENV, "").strip()
@@ -150,7 +150,7 @@ def plugin_candidates(engine_path: Path, sidecar: dict, plugin=None) -> list:
         if given and (Path(given).name == name or len(recorded) == 1):
             cands.append(Path(given).expanduser())
         cands.append(confined_path(engine_path, name, "plugin library"))
-        far = bool(rec.get("path")) and _outside(engine_path, Path(str(rec["path"]))) is not None
+        far = bool(rec.get("path")) and outside_reason(engine_path, Path(str(rec["path"]))) is not None
         if rec.get("path") and not far:
             cands.append(Path(str(rec["path"])))
         found = next((c for c in cands if c.is_file()), None)

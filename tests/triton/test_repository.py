@@ -66,7 +66,9 @@ def test_rwkv4_onnxruntime(triton_exports, tmp_path):
     g = triton_exports["rwkv4"]
     d = write_repository(g, tmp_path, "onnxruntime", max_batch=4, name="tiny4")
     start = nonzero_start(g)
-    assert sorted(start) == [f"state.{i}.wkv_pp" for i in range(4)] and all((v == -1e30).all() for v in start.values())
+    n_layer = rwkv_runtime.read_manifest(g)[0].n_layer
+    assert sorted(start) == [f"state.{i}.wkv_pp" for i in range(n_layer)]
+    assert all((v == -1e30).all() for v in start.values())
     cfg = check_implicit_state(d, g, start)
     assert cfg.backend == "onnxruntime" and cfg.max_batch_size == 4
     (tok,) = cfg.input
@@ -89,7 +91,10 @@ def test_rwkv7_head_states(triton_exports, tmp_path):
     d = write_repository(g, tmp_path, "onnxruntime", max_batch=2)
     cfg = check_implicit_state(d, g, {})
     wkv = [s for s in cfg.sequence_batching.state if s.input_name.endswith(".wkv")]
-    assert len(wkv) == 12 and all(list(s.dims) == [1, 64, 64] for s in wkv)  # [H, N, N]
+    man = rwkv_runtime.read_manifest(g)[0]
+    # [H, N, N] with H * N = n_embd
+    assert len(wkv) == man.n_layer and all(len(s.dims) == 3 and s.dims[1] == s.dims[2]
+                                           and s.dims[0] * s.dims[1] == man.n_embd for s in wkv)
     assert not (d / "initial_state").exists()
 
 
@@ -97,7 +102,7 @@ def test_state_tuned_start_becomes_data_files(triton_exports, tmp_path):
     g = triton_exports["tuned6"]
     d = write_repository(g, tmp_path, "onnxruntime", max_batch=2, name="tuned")
     start = nonzero_start(g)  # the learned wkv states (the runtime's own reading of the export)
-    assert sorted(start) == sorted(f"state.{i}.wkv" for i in range(12))
+    assert sorted(start) == sorted(f"state.{i}.wkv" for i in range(rwkv_runtime.read_manifest(g)[0].n_layer))
     check_implicit_state(d, g, start)
 
 
@@ -232,3 +237,146 @@ def test_external_data_fp16_and_sequence_graph_input(rwkv4_ref, tmp_path):
     check_implicit_state(d, step, nonzero_start(step))
     p = write_repository(step, tmp_path / "repo", "python", name="extpy")
     assert sorted(x.name for x in (p / "1").iterdir()) == ["ext.onnx", "ext.onnx.data", "ext.seq.onnx", "model.py"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Confinement: no file outside the model's folder is read, nothing is written outside the repository,
+# and --force replaces only a model folder this command wrote (regressions of issue #24)
+# ---------------------------------------------------------------------------------------------
+def relocate(graph: Path, location: str) -> None:
+    """Point every external-data reference of ``graph`` at ``location`` (what a crafted file would say)."""
+    m = onnx.load(str(graph), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(m, str(graph))
+
+
+def tree(root: Path) -> list:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.fixture
+def ext_export(rwkv4_ref, tmp_path):
+    """A step-only export with external weights in root/a/b/c/models/ (a deep folder, so '..' can climb)."""
+    from rwkv_export.export import ExportOptions, export
+
+    models = tmp_path / "a" / "b" / "c" / "models"
+    models.mkdir(parents=True)
+    (step,) = export(rwkv4_ref, models / "ext.onnx", ExportOptions(graphs=("step",), external_data=True))
+    return step
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_external_data_outside_the_model_folder_is_refused(ext_export, tmp_path, how):
+    """Was: the file a location names was copied into the repository from anywhere (a '..' or absolute
+    location, or a link beside the model), and a '..' location was also written outside the repository."""
+    data = ext_export.with_name("ext.onnx.data")
+    secret = tmp_path / "secret.bin"  # a file outside the model's folder, shaped like the weights
+    secret.write_bytes(data.read_bytes())
+    if how == "dotdot":  # models/../../../../secret.bin; from REPO/.tmp/1/ the same climb lands in root/r1/
+        relocate(ext_export, "../../../../secret.bin")
+    elif how == "absolute":
+        relocate(ext_export, str(secret))
+    else:
+        data.unlink()
+        data.symlink_to(secret)
+    repo = tmp_path / "r1" / "r2" / "repo"
+    repo.mkdir(parents=True)
+    r = run_cli("triton", ext_export, "-o", repo, "--name", "m")
+    assert r.exit_code == 1 and r.output.startswith("Error: ext.onnx: external data file ")
+    assert "outside the model's folder" in r.output and r.output.count("\n") == 1
+    assert tree(tmp_path / "r1") == ["r2", "r2/repo"]  # nothing read into it, nothing written beside it
+
+
+def test_external_data_in_a_subfolder_travels(ext_export, tmp_path):
+    """A location inside the folder (a subfolder) is fine: copied under the same relative path."""
+    data = ext_export.with_name("ext.onnx.data")
+    (data.parent / "w").mkdir()
+    data.rename(data.parent / "w" / "weights.bin")
+    relocate(ext_export, "w/weights.bin")
+    d = write_repository(ext_export, tmp_path / "repo", "onnxruntime", name="m")
+    assert (d / "1" / "w" / "weights.bin").read_bytes() == (data.parent / "w" / "weights.bin").read_bytes()
+    import onnxruntime as ort
+
+    ort.InferenceSession(str(d / "1" / "model.onnx"), providers=["CPUExecutionProvider"])  # it loads from there
+
+
+def test_force_never_deletes_the_folder_holding_the_model(triton_exports, tmp_path):
+    """Was: `triton tiny/tiny.onnx -o . --force` (name = the file's stem) deleted tiny/ with the model and
+    everything else kept there."""
+    import shutil
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    model = folder / "tiny.onnx"
+    shutil.copyfile(triton_exports["rwkv7"], model)
+    (folder / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    r = run_cli("triton", model, "-o", tmp_path, "--force")
+    assert r.exit_code == 1 and r.output.count("\n") == 1
+    assert r.output.startswith(f"Error: {folder}: holds tiny.onnx, an input of this command; --force never deletes")
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+    assert tree(tmp_path) == ["tiny", "tiny/notes.txt", "tiny/tiny.onnx"]
+
+
+def test_force_replaces_only_folders_this_command_wrote(triton_exports, tmp_path):
+    g = triton_exports["rwkv7"]
+    theirs = tmp_path / "m7"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("not a model")
+    r = run_cli("triton", g, "-o", tmp_path, "--name", "m7", "--force")
+    assert r.exit_code == 1 and "was not written by rwkv-export triton" in r.output and r.output.count("\n") == 1
+    assert tree(theirs) == ["keep.txt"]
+    # a folder it wrote (the marker) is replaced, and the new one is complete
+    (theirs / "keep.txt").unlink()
+    theirs.rmdir()
+    assert run_cli("triton", g, "-o", tmp_path, "--name", "m7", "--max-batch", 2).exit_code == 0
+    marker = json.loads((theirs / ".rwkv-export-triton").read_text())
+    assert marker["written_by"] == "rwkv-export triton" and marker["model"] == g.name
+    r = run_cli("triton", g, "-o", tmp_path, "--name", "m7", "--max-batch", 3, "--force")
+    assert r.exit_code == 0, r.output
+    assert parse(theirs).max_batch_size == 3 and (theirs / "1" / "model.onnx").read_bytes() == g.read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_symlinked_model_folder_is_one_clear_line(triton_exports, tmp_path, force):
+    """Was: `--force` onto a link printed only `Error: ... OSError`."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("x")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "m7").symlink_to(elsewhere)
+    r = run_cli("triton", triton_exports["rwkv7"], "-o", repo, "--name", "m7", *(["--force"] if force else []))
+    assert r.exit_code == 1 and r.output == (f"Error: {repo / 'm7'}: is a symbolic link; rwkv-export triton neither "
+                                             "writes through nor replaces a link: remove it or choose another --name\n")
+    assert (repo / "m7").is_symlink() and tree(elsewhere) == ["keep.txt"]
+
+
+def test_engine_plugin_recorded_outside_its_folder_is_not_copied(triton_exports, tmp_path):
+    """A sidecar's recorded plugin path is read only inside the engine's folder: a library elsewhere is not
+    copied into the repository (and the error says how to pass it)."""
+    g = triton_exports["rwkv4"]
+    where = tmp_path / "engine"
+    where.mkdir()
+    eng = stand_in_engine(g, where)
+    outside = tmp_path / "librwkv_trt_plugins.so"
+    outside.write_bytes(b"\x7fELF outside")
+    side = json.loads(eng.with_name(eng.name + ".json").read_text())
+    side["plugins"] = [{"name": outside.name, "path": str(outside)}]
+    eng.with_name(eng.name + ".json").write_text(json.dumps(side))
+    r = run_cli("triton", eng, "-o", tmp_path / "repo", "--backend", "tensorrt")
+    assert r.exit_code == 1 and "needs the plugin library librwkv_trt_plugins.so" in r.output
+    assert not (tmp_path / "repo").exists()
+    # the same name as a link beside the engine, pointing out: refused as a path outside the folder
+    (where / outside.name).symlink_to(outside)
+    r = run_cli("triton", eng, "-o", tmp_path / "repo", "--backend", "tensorrt")
+    assert r.exit_code == 1 and "plugin library 'librwkv_trt_plugins.so' is outside the model's folder" in r.output
+    # beside the engine, a real file: shipped
+    (where / outside.name).unlink()
+    (where / outside.name).write_bytes(b"\x7fELF beside")
+    d = write_repository(eng, tmp_path / "repo", "tensorrt")
+    assert (d / "plugins" / outside.name).read_bytes() == b"\x7fELF beside"
