@@ -2,7 +2,7 @@
 import { access, readFile, writeFile, rename, unlink } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { RuntimeUserError } from "./errors.js";
+import { RuntimeUserError, importPeer } from "./errors.js";
 import { Session as BaseSession, checkThreads } from "./session.js";
 
 export * from "./common.js";
@@ -35,7 +35,7 @@ export class Session extends BaseSession {
     options ??= {};
     if (path instanceof URL && path.protocol === "file:") path = fileURLToPath(path);
     checkThreads(options.threads);
-    const ort = options.ort ?? (await import("onnxruntime-node"));
+    const ort = options.ort ?? (await importPeer("onnxruntime-node", () => import("onnxruntime-node")));
     const so = { ...(options.sessionOptions ?? {}) };
     if (options.threads) { so.intraOpNumThreads = options.threads; so.interOpNumThreads = 1; }
     return this._create(ort, nodeIO, path, { ...options, sessionOptions: so });

@@ -1,14 +1,15 @@
 // Session: an exported RWKV model run with ONNX Runtime for JavaScript (onnxruntime-node, or
 // onnxruntime-web on WASM / WebGPU). The same API shape as the Python runtime (runtime/session.py):
-// create, newState, step, prefill, generate, saveState/loadState. Everything about the model comes
-// from the manifest read out of the model bytes (onnx-meta.js); nothing is hard-coded.
+// create, newState, step, prefill, prefillMany, generate, saveState/loadState, setInitialState.
+// Everything about the model comes from the manifest read out of the model bytes (onnx-meta.js).
 //
-// State lives where the backend computes: on WebGPU the state outputs stay GPU buffers that are fed
-// back as the next inputs (the previous ones are disposed). On Node each State owns two pre-allocated
-// buffer sets and a step has ORT write the outputs into the spare set. onnxruntime-web's WASM backend
-// (1.30) ignores pre-allocated CPU outputs (it returns them unwritten: checked in js/test), and copies
-// every output out of the WASM heap anyway, so there the outputs it returns become the next state.
-// Either way a step *consumes* the state passed in: using it again is an error (clone() it to branch).
+// The state rule is Python's: a state passed in is read, never written or consumed, and every call
+// returns a new state (keep any state to branch from it again). Inside one call (the chunks of a
+// prefill, the steps of a generate) the intermediate states belong to the call, so they are recycled:
+// on Node two pre-allocated buffer sets are written in turn (ORT writes the outputs into the spare
+// set); on WebGPU the state outputs stay GPU buffers fed back as the next inputs, and the consumed
+// intermediate ones are freed. onnxruntime-web's WASM backend (1.30) ignores pre-allocated CPU outputs
+// (it returns them unwritten: checked in js/test), so there the outputs it returns become the state.
 import { RuntimeUserError } from "./errors.js";
 import { INITIAL_STATE_KEY, MANIFEST_KEY, TOKENIZER_KEY, checkCompanion, concreteShape, parseManifest, plainFileName } from "./manifest.js";
 import { loadNpz, saveNpz } from "./npz.js";
@@ -22,6 +23,27 @@ const size = (shape) => shape.reduce((a, b) => a * b, 1);
 const ARRAY = { float32: Float32Array, float16: Uint16Array };
 const GEN_KEYS = new Set(["maxNewTokens", "state"]); // generate's own settings besides the sampler's
 const short = (e) => String(e?.message ?? e).split("\n")[0].slice(0, 200);
+export const NO_TOKENIZER = "the model has no tokenizer (it was exported with --tokenizer none): give token ids to " +
+  "generateTokens/step/prefill, or re-export with --tokenizer";
+
+/** Rows `rows` of every array (batch n) -> arrays of batch rows.length. */
+function pickRows(arrays, rows, n) {
+  const out = {};
+  for (const [k, a] of Object.entries(arrays)) {
+    const per = a.data.length / n, data = new a.data.constructor(per * rows.length);
+    rows.forEach((r, j) => data.set(a.data.subarray(r * per, (r + 1) * per), j * per));
+    out[k] = { dtype: a.dtype, shape: [rows.length, ...a.shape.slice(1)], data };
+  }
+  return out;
+}
+
+/** The inverse of pickRows: `part`'s rows written back into `arrays` at `rows`. */
+function putRows(arrays, part, rows, n) {
+  for (const [k, a] of Object.entries(arrays)) {
+    const per = a.data.length / n;
+    rows.forEach((r, j) => a.data.set(part[k].data.subarray(j * per, (j + 1) * per), r * per));
+  }
+}
 
 /** A thread count option: an integer >= 0 (0/undefined: onnxruntime's default), checked here because
  *  onnxruntime's own error blames the model file. */
@@ -51,27 +73,24 @@ function halfBits(x) {
   return sign | (exp << 10) | (mant >>> 13);
 }
 
-/** The recurrent state of a batch. Created by Session.newState / loadState; consumed by step. */
+/** The recurrent state of a batch. Made by Session.newState / loadState / stateFromArrays and returned
+ *  by every step / prefill / generate; never changed by a call it is passed to. */
 export class State {
-  constructor(session, batch, front, back) {
+  constructor(session, batch, values) {
     this.session = session;
     this.batch = batch;
     /** @type {Record<string, any>} ort Tensors by state input name */
-    this.values = front;
-    this._back = back; // CPU backends: the spare buffer set the next step writes into
+    this.values = values;
     this._live = true;
   }
 
-  _take() {
-    if (!this._live) {
-      throw new RuntimeUserError("this state was already advanced by a step (or disposed); clone() it before stepping to keep it");
-    }
-    this._live = false;
+  _check() {
+    if (!this._live) throw new RuntimeUserError("this state was disposed; keep (or clone()) a state you still need");
   }
 
-  /** The state as plain arrays {name: {dtype, shape, data}} (downloads GPU buffers). */
+  /** The state as plain arrays {name: {dtype, shape, data}} (copies; downloads GPU buffers). */
   async toArrays() {
-    if (!this._live) throw new RuntimeUserError("this state was already advanced by a step (or disposed)");
+    this._check();
     const out = {};
     for (const s of this.session.manifest.state) {
       const t = this.values[s.name];
@@ -81,7 +100,7 @@ export class State {
     return out;
   }
 
-  /** An independent copy (to branch a conversation). */
+  /** An independent copy. (Calls never write the state passed in, so branching needs no copy.) */
   async clone() { return this.session.stateFromArrays(await this.toArrays()); }
 
   /** .npz bytes: the same format as Python's State.save (the state tensors and the export id). */
@@ -89,11 +108,51 @@ export class State {
     return saveNpz({ ...(await this.toArrays()), [EXPORT_ID_KEY]: { dtype: "str", shape: [], data: this.session.manifest.export_id } });
   }
 
-  /** Free GPU buffers now (CPU buffers are garbage-collected). */
+  /** Free its GPU buffers now (WebGPU: needed, ORT does not free them on garbage collection; CPU
+   *  states are garbage-collected and this only marks them unusable). */
   dispose() {
     if (!this._live) return;
     this._live = false;
     for (const t of Object.values(this.values)) if (t.location === "gpu-buffer") t.dispose();
+  }
+}
+
+/**
+ * One call's run of graphs over a state it must not write: the first run reads the caller's state;
+ * later runs read the call's own intermediate states, which are recycled (Node: two buffer sets
+ * written in turn; WebGPU: a consumed intermediate state's GPU buffers are freed). finish() hands
+ * the last state over to the caller as a new State.
+ */
+class Chain {
+  constructor(session, start) {
+    this.s = session;
+    this.start = start.values;
+    this.cur = start.values;
+    this.batch = start.batch;
+    this.spare = null; // Node: the buffer set the next run writes into
+  }
+
+  async run(kind, tokenData, dims) {
+    const s = this.s;
+    const into = s.io.preallocate ? (this.spare ?? s._cpuSet(this.batch)) : null;
+    const { logits, values } = await s._run(kind, tokenData, dims, this.cur, into);
+    if (this.cur !== this.start) {
+      if (s.io.preallocate) this.spare = this.cur;
+      else for (const t of Object.values(this.cur)) if (t.location === "gpu-buffer") t.dispose();
+    } else if (s.io.preallocate) {
+      this.spare = null;
+    }
+    this.cur = values;
+    return logits;
+  }
+
+  /** The last state, as the caller's new State (null when nothing ran). */
+  finish() {
+    if (this.cur === this.start) return null;
+    const st = new State(this.s, this.batch, this.cur);
+    this.cur = this.start; // the chain keeps nothing of it
+    this.spare = null;
+    return st;
   }
 }
 
@@ -136,7 +195,41 @@ export class Session {
     }
     s.initial = {};
     if (s.manifest.initial_state === "embedded") s.initial = await s._initialState(main.label);
+    s._exportInitial = s.initial;
+    if (options.initialState !== undefined && options.initialState !== null) await s.setInitialState(options.initialState);
     return s;
+  }
+
+  /**
+   * Make newState start from `initial` (as Python's set_initial_state): .npz bytes, a path/URL to
+   * them, an object of arrays {name: {dtype, shape, data}} or a State, of batch 1 (a tensor left out
+   * keeps its usual start). null goes back to the export's own start state. Checked as a saved state
+   * is (names, dtypes, shapes, no NaN, the export id).
+   */
+  async setInitialState(initial) {
+    if (initial === null || initial === undefined) { this.initial = this._exportInitial; return; }
+    let where = "initial state", arrays;
+    if (initial instanceof State) {
+      if (initial.session !== this) throw new RuntimeUserError("an initial State must come from this session");
+      arrays = await initial.toArrays();
+    } else if (typeof initial === "string" || initial instanceof Uint8Array || initial instanceof ArrayBuffer) {
+      if (typeof initial === "string") where = initial;
+      arrays = await loadNpz(typeof initial === "string" ? await this.io.read(initial) : initial, where);
+      if (EXPORT_ID_KEY in arrays && arrays[EXPORT_ID_KEY].dtype !== "str") throw new RuntimeUserError(`${where}: malformed export id`);
+    } else if (initial && typeof initial === "object") {
+      arrays = { ...initial };
+    } else {
+      throw new RuntimeUserError(`an initial state must be .npz bytes, a path/URL, an object of arrays or a State, not ${typeof initial}`);
+    }
+    if (EXPORT_ID_KEY in arrays) {
+      const id = arrays[EXPORT_ID_KEY];
+      this._checkExportId(id?.data ?? id, where);
+      delete arrays[EXPORT_ID_KEY];
+    }
+    this._checkArrays(arrays, where, { requireAll: false, batch: 1, nan: true });
+    const init = {};
+    for (const [k, a] of Object.entries(arrays)) init[k] = { ...a, data: this._asDtype(a, k) };
+    this.initial = init;
   }
 
   /** The export's learned initial state (base64 of an .npz in the metadata), checked as Python's
@@ -269,7 +362,7 @@ export class Session {
         d.fill(s.dtype === "float16" ? halfBits(s.init) : s.init);
       }
     }
-    return new State(this, batch, front, this.io.preallocate ? this._cpuSet(batch) : null);
+    return new State(this, batch, front);
   }
 
   /**
@@ -333,7 +426,7 @@ export class Session {
     for (const s of this.manifest.state) {
       front[s.name] = new this.ort.Tensor(s.dtype, this._asDtype(arrays[s.name], s.name), concreteShape(s, batch));
     }
-    return new State(this, batch, front, this.io.preallocate ? this._cpuSet(batch) : null);
+    return new State(this, batch, front);
   }
 
   _checkExportId(saved, where) {
@@ -374,34 +467,34 @@ export class Session {
     return BigInt64Array.from(flat);
   }
 
-  async _run(kind, tokenData, dims, state) {
+  /**
+   * One run of a graph: reads the state tensors `values` (never writes them); the new state goes
+   * into the tensor set `into` when given (Node: pre-allocated outputs), else into ORT's outputs.
+   * @returns {Promise<{logits: any, values: Record<string, any>}>}
+   */
+  async _run(kind, tokenData, dims, values, into = null) {
     const m = this.manifest;
     const sess = this.sessions[kind];
-    if (!sess) {
-      state._live = true; // not run: the state passed in stays usable
-      throw new RuntimeUserError("this session was released; create a new one");
-    }
+    if (!sess) throw new RuntimeUserError("this session was released; create a new one");
     const tokens = this.tokenTypes?.[kind] === "int32" ? Int32Array.from(tokenData, Number) : tokenData;
     const feeds = { [m.tokens_input]: new this.ort.Tensor(this.tokenTypes?.[kind] ?? "int64", tokens, dims) };
-    for (const s of m.state) feeds[s.name] = state.values[s.name];
-    let fetches;
-    if (state._back) {
+    for (const s of m.state) feeds[s.name] = values[s.name];
+    let fetches = null;
+    if (into) {
       fetches = { [m.logits_output]: null };
-      for (const s of m.state) fetches[s.output] = state._back[s.name];
+      for (const s of m.state) fetches[s.output] = into[s.name];
     }
     let out;
     try {
       const run = () => (fetches ? sess.run(feeds, fetches) : sess.run(feeds));
       out = await (this.io.exclusive ? this.io.exclusive(run) : run());
     } catch (e) {
-      // the inputs are intact (outputs go to the spare set; GPU inputs are freed only after a run), so
-      // the state passed in stays usable; the error names the graph, in one line
-      state._live = true;
+      // the inputs are intact (a run never writes them): the error names the graph, in one line
       throw new RuntimeUserError(`${this.labels?.[kind] ?? kind}: onnxruntime could not run the graph (${short(e)})`);
     }
     const next = {};
     for (const s of m.state) {
-      const back = state._back?.[s.name], got = out[s.output];
+      const back = into?.[s.name], got = out[s.output];
       if (!back || got === back) { next[s.name] = got; continue; }
       // pre-allocated outputs: ORT writes into them (onnxruntime-node also hands back a copy); checked
       // once per graph, and copied in if a backend ever returned the values elsewhere instead
@@ -410,12 +503,7 @@ export class Session {
       if (!this._writesFetches[kind]) back.data.set(got.data);
       next[s.name] = back;
     }
-    if (!state._back) {
-      // WebGPU: the new state is the outputs' GPU buffers; free the ones just consumed
-      for (const s of m.state) if (state.values[s.name].location === "gpu-buffer") state.values[s.name].dispose();
-    }
-    const logits = out[m.logits_output];
-    return { logits, state: new State(this, state.batch, next, state._back ? state.values : null) };
+    return { logits: out[m.logits_output], values: next };
   }
 
   _rows(logits, batch) {
@@ -424,119 +512,210 @@ export class Session {
     return Array.from({ length: batch }, (_, b) => data.subarray(b * per + per - v, b * per + per));
   }
 
+  /** One token per row on a chain: the step graph, else the sequence graph with T = 1. */
+  _stepOn(chain, data, batch) {
+    return this.sessions.step ? chain.run("step", data, [batch]) : chain.run("sequence", data, [batch, 1]);
+  }
+
+  /** Rows of one length on a chain: the sequence graph in chunks, else token by token. */
+  async _prefillOn(chain, rows, chunk) {
+    const T = rows[0].length;
+    let logits;
+    if (this.sessions.sequence) {
+      for (let s = 0; s < T; s += chunk) {
+        const part = rows.map((row) => row.slice(s, s + chunk));
+        logits = await chain.run("sequence", this._tokens(part), [rows.length, part[0].length]);
+      }
+    } else {
+      for (let j = 0; j < T; j++) logits = await this._stepOn(chain, this._tokens([rows.map((row) => row[j])]), rows.length);
+    }
+    return logits;
+  }
+
   /**
    * One token per sequence.
    * @param {number[]} tokens one id per batch row
-   * @param {State} [state] consumed; default a fresh state
-   * @returns {Promise<{logits: Float32Array[], state: State}>} logits: one row per sequence
+   * @param {State} [state] read, never written (default: a fresh state)
+   * @returns {Promise<{logits: Float32Array[], state: State}>} logits: one row per sequence; a new state
    */
   async step(tokens, state) {
     tokens = Array.isArray(tokens) ? tokens : [tokens];
-    const data = this._tokens([tokens]); // checked before the state is consumed: a bad id keeps it usable
+    const data = this._tokens([tokens]);
     state ??= this.newState(tokens.length);
     this._check(state, tokens.length);
-    state._take();
-    const r = this.sessions.step
-      ? await this._run("step", data, [tokens.length], state)
-      : await this._run("sequence", data, [tokens.length, 1], state);
-    return { logits: this._rows(r.logits, tokens.length), state: r.state };
+    const chain = new Chain(this, state);
+    const logits = await this._stepOn(chain, data, tokens.length);
+    return { logits: this._rows(logits, tokens.length), state: chain.finish() };
   }
 
   /**
    * A prompt per sequence (all of one length), through the sequence graph in chunks; without one
-   * it steps token by token. Returns the logits after the last token.
-   * @param {number[]|number[][]} tokens @param {State} [state] consumed
+   * it steps token by token. Returns the logits after the last token and a new state.
+   * @param {number[]|number[][]} tokens @param {State} [state] read, never written
    * @param {number} [chunkSize]
    */
   async prefill(tokens, state, chunkSize) {
+    const rows = this._promptRows(tokens);
+    const chunk = this._chunk(chunkSize);
+    this._tokens(rows);
+    state ??= this.newState(rows.length);
+    this._check(state, rows.length);
+    const chain = new Chain(this, state);
+    const logits = await this._prefillOn(chain, rows, chunk);
+    return { logits: this._rows(logits, rows.length), state: chain.finish() };
+  }
+
+  _promptRows(tokens) {
     if (!Array.isArray(tokens)) throw new RuntimeUserError("prefill needs token ids: an array of ids, or of rows of ids");
     const rows = Array.isArray(tokens[0]) ? tokens : [tokens];
     if (!rows.every(Array.isArray)) throw new RuntimeUserError("prefill needs rows of token ids (arrays), all of one length");
     const T = rows[0].length;
-    if (T === 0 || rows.some((r) => r.length !== T)) throw new RuntimeUserError("prefill needs non-empty prompts of one length");
+    if (T === 0 || rows.some((r) => r.length !== T)) {
+      throw new RuntimeUserError("prefill needs non-empty prompts of one length (prefillMany takes prompts of different lengths)");
+    }
+    return rows;
+  }
+
+  _chunk(chunkSize) {
     const chunk = chunkSize ?? this.prefillChunk;
     if (!(Number.isInteger(chunk) && chunk >= 1)) throw new RuntimeUserError(`chunkSize must be an integer >= 1, not ${String(chunk).slice(0, 40)}`);
-    this._tokens(rows);
-    state ??= this.newState(rows.length);
-    this._check(state, rows.length);
-    let r = { state };
-    if (this.sessions.sequence) {
-      for (let s = 0; s < T; s += chunk) {
-        const part = rows.map((row) => row.slice(s, s + chunk));
-        r.state._take();
-        r = await this._run("sequence", this._tokens(part), [rows.length, part[0].length], r.state);
-      }
-      return { logits: this._rows(r.logits, rows.length), state: r.state };
+    return chunk;
+  }
+
+  /**
+   * Prompts of different lengths as one batch (as Python's prefill_many): RWKV has no attention mask,
+   * so padding would corrupt the state; instead all rows advance together while they all have tokens,
+   * then the rows with longer prompts go on as a smaller batch, and their states are put back.
+   * @param {number[][]} prompts @param {State} [state] batch = prompts.length; read, never written
+   * @returns {Promise<{logits: Float32Array[], state: State}>} each prompt's last logits; a new state
+   */
+  async prefillMany(prompts, state, chunkSize) {
+    if (!Array.isArray(prompts) || !prompts.every(Array.isArray)) {
+      throw new RuntimeUserError("prefillMany needs an array of prompts, each an array of token ids");
     }
-    let out;
-    for (let j = 0; j < T; j++) out = await this.step(rows.map((row) => row[j]), (out ?? r).state);
-    return out;
+    const n = prompts.length;
+    if (n === 0) throw new RuntimeUserError("prefillMany needs at least one prompt");
+    const lengths = prompts.map((p) => p.length);
+    if (Math.min(...lengths) === 0) throw new RuntimeUserError("every prompt needs at least one token");
+    this._chunk(chunkSize);
+    for (const p of prompts) this._tokens([p]);
+    state ??= this.newState(n);
+    if (state instanceof State && state.batch !== n) {
+      throw new RuntimeUserError(`state is for a batch of ${state.batch}, but ${n} prompts were given`);
+    }
+    this._check(state, n);
+    const arrays = await state.toArrays(); // copies: rows are updated here, never in the caller's state
+    const logits = Array.from({ length: n }, () => new Float32Array(this.vocabSize));
+    let pos = 0;
+    for (const end of [...new Set(lengths)].sort((a, b) => a - b)) {
+      const rows = lengths.flatMap((len, i) => (len >= end ? [i] : [])); // still active up to `end`
+      const sub = this.stateFromArrays(pickRows(arrays, rows, n));
+      const r = await this.prefill(rows.map((i) => prompts[i].slice(pos, end)), sub, chunkSize);
+      putRows(arrays, await r.state.toArrays(), rows, n);
+      rows.forEach((i, j) => logits[i].set(r.logits[j]));
+      sub.dispose();
+      r.state.dispose();
+      pos = end;
+    }
+    return { logits, state: this.stateFromArrays(arrays) };
   }
 
   _check(state, batch) {
     if (!(state instanceof State) || state.session !== this) {
-      throw new RuntimeUserError("state must come from this session (newState, loadState or stateFromArrays)");
+      throw new RuntimeUserError("state must come from this session (newState, loadState, stateFromArrays or a call's result)");
     }
+    state._check();
     if (state.batch !== batch) throw new RuntimeUserError(`state is for a batch of ${state.batch}, but ${batch} token row(s) were given`);
   }
 
+  /** generate's settings, checked: a Sampler and maxNewTokens. */
+  _settings(params) {
+    const sampling = {};
+    for (const [k, v] of Object.entries(params ?? {})) if (!GEN_KEYS.has(k)) sampling[k] = v;
+    const sampler = new Sampler(sampling, this.vocabSize);
+    const max = params?.maxNewTokens ?? 100;
+    if (!Number.isInteger(max) || max < 0) throw new RuntimeUserError(`maxNewTokens must be an integer >= 0, not ${max}`);
+    return { sampler, max };
+  }
+
   /**
-   * Prefill the prompt, then sample and step: yields token ids as they are produced.
+   * Prefill the prompt, then sample and step: yields token ids as they are produced. The iterator's
+   * `state` is the state after the last token fed to the model, set once it ends (finished, broken
+   * out of, or failed; null before). `params.state` (batch 1) is read, never written.
    * @param {number[]} promptTokens @param {object} [params] sampling + maxNewTokens + state
    */
-  async *generateTokens(promptTokens, params = {}) {
+  generateTokens(promptTokens, params = {}) {
+    const it = this._tokenLoop(promptTokens, params ?? {}, (st) => { it.state = st; });
+    it.state = null;
+    return it;
+  }
+
+  async *_tokenLoop(promptTokens, params, done) {
     if (!Array.isArray(promptTokens)) throw new RuntimeUserError("the prompt must be text or an array of token ids");
     if (!promptTokens.length) throw new RuntimeUserError("the prompt is empty");
-    params ??= {};
-    const sampling = {};
-    for (const [k, v] of Object.entries(params)) if (!GEN_KEYS.has(k)) sampling[k] = v;
-    const sampler = new Sampler(sampling, this.vocabSize);
-    const max = params.maxNewTokens ?? 100;
-    if (!Number.isInteger(max) || max < 0) throw new RuntimeUserError(`maxNewTokens must be an integer >= 0, not ${max}`);
-    let { logits, state } = await this.prefill(promptTokens, params.state);
-    this.lastState = state;
-    for (let i = 0; i < max; i++) {
-      const tok = sampler.sample(logits[0]);
-      if (sampler.stop.has(tok)) return;
-      yield tok;
-      ({ logits, state } = await this.step([tok], state));
-      this.lastState = state;
+    const { sampler, max } = this._settings(params);
+    this._tokens([promptTokens]);
+    const start = params.state ?? this.newState(1);
+    this._check(start, 1);
+    const chain = new Chain(this, start);
+    try {
+      let row = this._rows(await this._prefillOn(chain, [promptTokens], this.prefillChunk), 1)[0];
+      for (let i = 0; i < max; i++) {
+        const tok = sampler.sample(row);
+        if (sampler.stop.has(tok)) return;
+        yield tok;
+        row = this._rows(await this._stepOn(chain, BigInt64Array.of(BigInt(tok)), 1), 1)[0];
+      }
+    } finally {
+      const st = chain.finish();
+      if (st) {
+        this.lastState = st; // (deprecated: shared by the session; use the iterator's own .state)
+        done(st);
+      }
     }
   }
 
   /**
    * Stream text: an async iterator of decoded pieces. `prompt` is text or token ids; params as
    * Python's SamplingParams (temperature, top_p, top_k, presence_penalty, frequency_penalty,
-   * penalty_decay, seed, ban, stop) plus maxNewTokens and state. Figures in session.stats.
+   * penalty_decay, seed, ban, stop, logit_bias) plus maxNewTokens and state. The iterator carries
+   * this call's `stats` and, once it ends, its own `state` (continue a conversation from it).
+   * The prompt, the settings and the model's tokenizer are checked now, as Python's generate does.
    */
   generate(prompt, params = {}) {
-    // each call has its own statistics (it.stats), so concurrent calls never mix them; session.stats
-    // is the last started call's, as Python's Session.stats
+    params ??= {};
+    if (typeof prompt !== "string" && !Array.isArray(prompt)) throw new RuntimeUserError("the prompt must be text or an array of token ids");
+    if (prompt.length === 0) throw new RuntimeUserError("the prompt is empty");
+    if ((this.manifest.tokenizer?.kind ?? "none") === "none") throw new RuntimeUserError(NO_TOKENIZER);
+    this._settings(params);
+    if (Array.isArray(prompt)) this._tokens([prompt]);
+    // each call has its own statistics (it.stats) and state (it.state), so concurrent calls never mix
+    // them; session.stats is the last started call's, as Python's Session.stats
     const stats = { promptTokens: 0, newTokens: 0, prefillMs: 0, decodeMs: 0, tokensPerSecond: 0 };
-    const it = this._generate(prompt, params, stats);
+    const it = this._generate(prompt, params, stats, (st) => { it.state = st; });
     it.stats = stats;
+    it.state = null;
     this.stats = stats;
     return it;
   }
 
-  async *_generate(prompt, params, stats) {
-    if (typeof prompt !== "string" && !Array.isArray(prompt)) throw new RuntimeUserError("the prompt must be text or an array of token ids");
-    const tok = await this.tokenizer().catch((e) => { if (typeof prompt === "string") throw e; return null; });
+  async *_generate(prompt, params, stats, done) {
+    const tok = await this.tokenizer();
     const ids = typeof prompt === "string" ? this._encodeWith(tok, prompt) : [...prompt];
-    const dec = tok ? new StreamDecoder(tok) : null;
+    const dec = new StreamDecoder(tok);
     stats.promptTokens = ids.length;
     let t0 = performance.now(), first = true;
-    for await (const t of this.generateTokens(ids, params)) {
+    for await (const t of this._tokenLoop(ids, params, done)) {
       const now = performance.now();
       if (first) { stats.prefillMs = now - t0; t0 = now; first = false; }
       stats.newTokens++;
-      const piece = dec ? dec.push(t) : `${t} `;
+      const piece = dec.push(t);
       if (piece) yield piece;
       stats.decodeMs = performance.now() - t0;
       stats.tokensPerSecond = stats.newTokens / (stats.decodeMs / 1000 || Infinity);
     }
     if (first) stats.prefillMs = performance.now() - t0; // no token came: the time was all prefill
-    const tail = dec ? dec.flush() : "";
+    const tail = dec.flush();
     if (tail) yield tail;
   }
 

@@ -162,7 +162,8 @@ export async function makeTokenizer(spec, { embeddedJSON = null, worldVocab = nu
     return HFTokenizer.fromJSON(embeddedJSON);
   }
   if (kind !== "none") throw new RuntimeUserError(`tokenizer kind ${JSON.stringify(kind).slice(0, 40)} is not supported here (bytes, world, hf-json)`);
-  throw new RuntimeUserError("the model has no tokenizer; pass token ids, or re-export with --tokenizer");
+  throw new RuntimeUserError("the model has no tokenizer (it was exported with --tokenizer none): give token ids to " +
+    "generateTokens/step/prefill, or re-export with --tokenizer");
 }
 
 /** Token ids -> text pieces, holding back incomplete UTF-8 sequences (as Python's StreamDecoder). */

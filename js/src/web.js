@@ -1,5 +1,5 @@
 // Browser entry point: Session on onnxruntime-web (WASM, or WebGPU with the state kept on the GPU).
-import { RuntimeUserError } from "./errors.js";
+import { RuntimeUserError, importPeer } from "./errors.js";
 import { Session as BaseSession, checkThreads } from "./session.js";
 
 export * from "./common.js";
@@ -15,15 +15,28 @@ function exclusive(fn) {
   return turn;
 }
 
+const short = (e) => String(e?.cause?.message ?? e?.message ?? e).split("\n")[0].slice(0, 200);
+
 function webIO(gpuState) {
   const io = {
     gpuState,
     preallocate: false, // see session.js: WASM ignores pre-allocated CPU outputs; WebGPU keeps GPU buffers
     label: (u) => String(u).split("/").pop(),
-    resolve: (u, name) => new URL(name, new URL(u, globalThis.location?.href)).href,
+    resolve(u, name) {
+      // name is a plain file name (checked as Python's plain_file_name); as a URL it must still land in
+      // the model's own folder: URL parsing reads "%2e%2e" as "..", and "?" / "#" would change the request
+      const base = new URL(u, globalThis.location?.href), url = new URL(name, base), dir = new URL("./", base).href;
+      if (/[?#%]/.test(name) || url.origin !== base.origin || !url.href.startsWith(dir) || url.href.slice(dir.length).includes("/")) {
+        throw new RuntimeUserError(`${io.label(u)}: names a file ${JSON.stringify(String(name).slice(0, 60))} outside the model's folder; re-export the model`);
+      }
+      return url.href;
+    },
     async exists(u) {
-      const r = await fetch(u, { method: "HEAD" }).catch(() => null);
-      return !!r && r.ok;
+      // a network error is not "absent" (that would silently drop the sequence graph): tried again
+      // once (a kept-alive connection the server has just closed fails the first try), then an error
+      const head = () => fetch(u, { method: "HEAD" });
+      const r = await head().catch(() => head()).catch((e) => { throw new RuntimeUserError(`${u}: ${short(e)}`); });
+      return r.ok;
     },
     async read(u) {
       const r = await fetch(u).catch((e) => { throw new RuntimeUserError(`${u}: ${e.message}`); });
@@ -49,10 +62,12 @@ export class Session extends BaseSession {
     options ??= {};
     if (url instanceof URL) url = url.href;
     checkThreads(options.threads);
-    const ort = options.ort ?? (await import("onnxruntime-web"));
+    const ort = options.ort ?? (await importPeer("onnxruntime-web", () => import("onnxruntime-web")));
     const backend = options.backend ?? "wasm";
     if (backend !== "wasm" && backend !== "webgpu") throw new RuntimeUserError(`backend must be "wasm" or "webgpu", not ${backend}`);
     if (options.threads) ort.env.wasm.numThreads = options.threads; // global in onnxruntime-web
+    // where ORT Web's .wasm / .mjs files are served (bundlers do not copy them; see README "Bundlers")
+    if (options.wasmPaths) ort.env.wasm.wasmPaths = options.wasmPaths;
     const so = { executionProviders: [backend], ...(options.sessionOptions ?? {}) };
     const s = await this._create(ort, webIO(backend === "webgpu"), url, { ...options, sessionOptions: so });
     s.backend = backend;
