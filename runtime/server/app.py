@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 
 from fastapi import FastAPI, Request
@@ -16,17 +17,25 @@ from .metrics import CONTENT_TYPE_LATEST
 from .serving import Serving, ServingConfig
 
 
-def _error(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
-    return JSONResponse(protocol.error_body(message, type_, param, code), status_code=status)
+def _error(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
+    return JSONResponse(protocol.error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+class _Inflight:
+    """Requests being answered (streams until their last byte): what a drain waits for."""
+    n = 0
 
 
 class _Guard:
-    """ASGI middleware: counts requests by endpoint and status, and refuses oversized bodies (413)
-    from their Content-Length before they are read, or (a body sent chunked, without a Content-Length)
-    as soon as what arrived passes the limit."""
+    """ASGI middleware: counts requests by endpoint and status; refuses, before reading the body, a
+    request without the API key (401, when one is set), any request while the server drains (503) and
+    oversized bodies (413) from their Content-Length, or (a body sent chunked, without a
+    Content-Length) as soon as what arrived passes the limit. /health and /metrics are never refused."""
 
-    def __init__(self, app, metrics, max_body: int):
+    def __init__(self, app, metrics, max_body: int, engine, inflight: _Inflight, api_key: str | None = None):
         self.app, self.metrics, self.max_body = app, metrics, max_body
+        self.engine, self.inflight = engine, inflight
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -39,9 +48,32 @@ class _Guard:
                 status["code"] = message["status"]
             await send(message)
 
+        self.inflight.n += 1
+        try:
+            await self._guarded(scope, receive, send_counted)
+        finally:
+            self.inflight.n -= 1
+            self.metrics.requests.labels(path, str(status.get("code", 0))).inc()
+
+    def _authorized(self, headers: dict) -> bool:
+        # constant time: how much of a guess matched must not show in how long the answer takes
+        return hmac.compare_digest(headers.get(b"authorization", b""), self.expected)
+
+    async def _guarded(self, scope, receive, send_counted):
+        headers = dict(scope.get("headers") or [])
+        if scope["path"] not in _OPEN:
+            if self.expected is not None and not self._authorized(headers):
+                given = b"authorization" in headers
+                msg = ("Incorrect API key provided" if given else
+                       "You didn't provide an API key. Send it as the header 'Authorization: Bearer KEY'")
+                return await _error(401, msg, "invalid_request_error", code="invalid_api_key",
+                                    headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_counted)
+            if self.engine.draining:
+                return await _error(503, "the server is shutting down", "service_unavailable")(
+                    scope, receive, send_counted)
         too_large = _error(413, f"the request body is larger than {self.max_body} bytes", "invalid_request_error",
                            code="request_too_large")
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        length = headers.get(b"content-length")
         if length and length.isdigit() and int(length) > self.max_body:
             await too_large(scope, receive, send_counted)
         elif length is None and scope.get("method") not in ("GET", "HEAD"):
@@ -54,7 +86,6 @@ class _Guard:
                 await self.app(scope, _replay(first, receive), send_counted)
         else:
             await self.app(scope, receive, send_counted)
-        self.metrics.requests.labels(path, str(status.get("code", 0))).inc()
 
     async def _read_bounded(self, receive):
         """The whole body as one ``http.request`` message (or the disconnect that cut it short); None
@@ -82,15 +113,18 @@ def _replay(first: dict, receive):
     return replay
 
 
-_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
+              "/metrics"}
+_OPEN = {"/health", "/metrics"}  # no API key, and answered while draining (/health says 503 itself)
 
 
 SESSION_HEADER = "x-session-id"  # the header Ray Serve's consistent-hash router routes by
 
 
 def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 << 20,
-               drain_seconds: float = 10.0, session_store=None) -> FastAPI:
-    """An app serving one model. Its lifespan starts the engine thread and drains it at shutdown."""
+               drain_seconds: float = 10.0, session_store=None, api_key: str | None = None) -> FastAPI:
+    """An app serving one model. Its lifespan starts the engine thread and drains it at shutdown.
+    ``api_key``: required as ``Authorization: Bearer KEY`` on every endpoint but /health and /metrics."""
     serving = Serving(engine, config, session_store)
 
     @contextlib.asynccontextmanager
@@ -101,7 +135,7 @@ def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 <
         await asyncio.to_thread(engine.stop, drain_seconds)
 
     app = FastAPI(title="rwkv_runtime server", lifespan=lifespan)
-    app.state.engine, app.state.serving = engine, serving
+    app.state.engine, app.state.serving, app.state.inflight = engine, serving, _Inflight()
 
     @app.exception_handler(ServeError)
     async def _serve_error(request, e: ServeError):
@@ -168,7 +202,8 @@ def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 <
     async def metrics():
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(_Guard, metrics=engine.metrics, max_body=max_body_bytes)
+    app.add_middleware(_Guard, metrics=engine.metrics, max_body=max_body_bytes, engine=engine,
+                       inflight=app.state.inflight, api_key=api_key)
     return app
 
 
@@ -183,7 +218,11 @@ def json_log_formatter():
                 body = json.loads(msg) if msg.startswith("{") else {"message": msg}
             except ValueError:
                 body = {"message": msg}
-            return json.dumps({"ts": round(record.created, 3), "level": record.levelname.lower(),
-                               "logger": record.name, **body})
+            out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name, **body}
+            if record.exc_info:  # (log.exception): the stack is what the log is for
+                out["exc_info"] = self.formatException(record.exc_info)
+            if record.stack_info:
+                out["stack_info"] = self.formatStack(record.stack_info)
+            return json.dumps(out)
 
     return _Json()

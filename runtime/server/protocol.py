@@ -1,9 +1,11 @@
 """OpenAI's request and response shapes (the subset this server implements), validated at the edge.
 
-Requests are pydantic models: a field of the wrong type or out of range is a 400 in OpenAI's error
-shape before anything reaches the engine. Unknown fields are ignored, as clients send many; OpenAI
-fields that would change the result and that this server cannot honour (``suffix``, ``response_format``,
-``tools``) are refused unless set to their "off" value. Two fields
+Requests are pydantic models in strict mode: a field of the wrong type (``"max_tokens": "4"``, ``true``
+for a number, ``"yes"`` for a boolean; an integer is accepted for a float) or out of range is a 400 in
+OpenAI's error shape, naming the field, before anything reaches the engine. Unknown fields are ignored, as clients send many; OpenAI
+fields that would change the result and that this server cannot honour (``suffix``) are refused unless
+set to their "off" value; ``response_format``, ``tools`` and vLLM's structured-output fields are
+honoured by constrained decoding (structured.py). Two fields
 are this server's own: ``state`` (resume from an exported conversation state) and ``return_state``
 (get the state after this reply back, in each choice's ``state``).
 """
@@ -15,13 +17,18 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Every stop string is searched for after every token in the scheduler thread, which all requests
-# share: an unbounded list (100 000 strings: ~0.1 s a token) would stall every stream of the server.
+# share: an unbounded list (100 000 strings: ~0.1 s a token), or one huge string, would stall every
+# stream of the server. Bounded in number and in total length (characters).
 MAX_STOPS = 64
+MAX_STOP_CHARS = 1024
+
+# strict: no coercion ("4" -> 4, true -> 1, "yes" -> True); unknown fields ignored, as clients send many
+_STRICT = ConfigDict(extra="ignore", strict=True)
 
 
 class _Request(BaseModel):
     # NaN/Infinity (which Python's JSON parser accepts) are refused as what they are, not as "out of range"
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(**_STRICT, allow_inf_nan=False)
 
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -42,12 +49,23 @@ class _Request(BaseModel):
     # OpenAI fields this server cannot honour: accepted in their "off" form (clients send defaults),
     # refused otherwise (Serving.check_unsupported), rather than silently ignored
     logit_bias: Optional[dict] = None
+    # structured output (server/structured.py): OpenAI's response_format, vLLM's structured_outputs and
+    # its older guided_* fields; at most one per request
+    response_format: Optional[dict] = None
+    structured_outputs: Optional[dict] = None
+    guided_json: Union[dict, str, None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
 
     @field_validator("stop")
     @classmethod
     def _few_stops(cls, v):
         if isinstance(v, list) and len(v) > MAX_STOPS:
             raise ValueError(f"at most {MAX_STOPS} stop strings, not {len(v)}")
+        total = len(v) if isinstance(v, str) else sum(map(len, v or ()))
+        if total > MAX_STOP_CHARS:
+            raise ValueError(f"the stop strings have {total} characters in all; at most {MAX_STOP_CHARS}")
         return v
 
     def stops(self) -> tuple:
@@ -76,13 +94,13 @@ class CompletionRequest(_Request):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     type: Literal["text"] = "text"
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
@@ -106,7 +124,7 @@ class ChatCompletionRequest(_Request):
 class TokenizeRequest(BaseModel):
     """``POST /tokenize`` (vLLM's shape): a ``prompt`` as the completions endpoint tokenizes it, or chat
     ``messages`` as the chat endpoint renders them (the prompt the model would see)."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     model: Optional[str] = None
     prompt: Optional[str] = None
@@ -114,7 +132,7 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     model: Optional[str] = None
     tokens: list[int]

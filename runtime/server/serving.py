@@ -12,7 +12,7 @@ import numpy as np
 
 from rwkv_runtime import RuntimeUserError, Sampler, SamplingParams
 
-from . import protocol, statefile
+from . import protocol, statefile, structured
 from .engine import Delta, Engine, Failed, Finished, GenRequest, ServeError
 from .logprobs import TokenTexts
 
@@ -20,7 +20,12 @@ from .logprobs import TokenTexts
 @dataclass
 class ChatTemplate:
     """RWKV's chat format: ``User: ...\\n\\nAssistant: ...`` turns, the prompt ending in ``Assistant:``.
-    A turn's own blank lines are folded to one newline (a blank line is the turn separator)."""
+
+    System and user turns are stripped and their blank lines folded to one newline (a blank line is
+    the turn separator: a message must not be able to fake a turn). Assistant turns are history the
+    model wrote after ``Assistant:``: rendered byte for byte as sent, so that the rendered history is
+    the text the model saw and produced (and its tokens hit the prefix cache); one space is added only
+    to a reply that starts with neither a space nor a newline (hand-written history)."""
 
     system: str = "System"
     user: str = "User"
@@ -46,15 +51,24 @@ class ChatTemplate:
 
         return self.render([ChatMessage(**m) for m in messages])
 
-    def render(self, messages) -> str:
+    def render(self, messages, continuation: bool = False) -> str:
+        """The prompt for ``messages``. ``continuation``: they continue a conversation whose state the
+        request carries (after an assistant reply), so the render starts with the separator:
+        ``render(h) == render(h[:k]) + h[k].content + render(h[k + 1:], continuation=True)`` for an
+        assistant turn ``h[k]``."""
         names = {"system": self.system, "developer": self.system, "user": self.user, "assistant": self.assistant}
         turns = []
         for m in messages:
-            text = m.text().strip()
+            text = m.text()
+            if m.role == "assistant":
+                turns.append(f"{self.assistant}:" + (text if text[:1] in ("", " ", "\n") else " " + text))
+                continue
+            text = text.strip()
             while "\n\n" in text:
                 text = text.replace("\n\n", "\n")
             turns.append(f"{names[m.role]}: {text}")
-        return self.separator.join(turns + [f"{self.assistant}:"])
+        out = self.separator.join(turns + [f"{self.assistant}:"])
+        return self.separator + out if continuation else out
 
 
 @dataclass
@@ -122,12 +136,6 @@ class Serving:
         if best_of is not None and best_of > req.n and req.stream:
             raise ServeError(400, "best_of above n cannot be streamed (the best are known at the end)",
                              param="best_of")
-        fmt = getattr(req, "response_format", None)
-        if fmt and fmt.get("type", "text") != "text":
-            raise ServeError(400, f"response_format {fmt.get('type')!r} is not supported by this server "
-                             "(only 'text')", param="response_format")
-        if getattr(req, "tools", None) and getattr(req, "tool_choice", None) != "none":
-            raise ServeError(400, "tools (function calling) are not supported by this server", param="tools")
 
     @staticmethod
     def _top_logprobs(req) -> int | None:
@@ -170,6 +178,9 @@ class Serving:
         if top_logprobs is None and self._candidates(req) > req.n:
             top_logprobs = 0  # ranking needs each token's log-probability (not returned unless asked)
         logit_bias = self._logit_bias(req)
+        # response_format / tools / vLLM's structured outputs: compiled once here (a 400 naming the field)
+        constraint = structured.compile_for(structured.plan(req, isinstance(req, protocol.ChatCompletionRequest)),
+                                            self.session)
         # a request's choices wait in the queue together: more than it holds can never be accepted (a 429
         # that no retry cures), and checked before tokenizing, which a huge prompt list would make slow
         k = self._candidates(req)
@@ -185,12 +196,11 @@ class Serving:
         if req.state is not None:
             try:
                 arrays, meta = statefile.decode(req.state, self.engine.binding, self.engine.config.max_state_bytes)
-                st = self.session.state_from_numpy(arrays)
+                statefile.check_batch_one(arrays)
+                self.session.state_from_numpy(arrays)  # (names, dtypes and shapes against the manifest)
             except RuntimeUserError as e:
                 raise ServeError(400, str(e), param="state") from None
-            if st.batch_size != 1:
-                raise ServeError(400, "state must hold one conversation (batch 1)", param="state")
-            base, seen = statefile.digest(req.state), int(meta.get("tokens", 0))
+            base, seen = statefile.digest(req.state), meta.get("tokens", 0)
         out = []
         for p in prompts:
             ids = self._tokens(p)
@@ -198,7 +208,8 @@ class Serving:
                 seed = None if req.seed is None else req.seed + j
                 sp = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                                    penalty_decay=req.penalty_decay, seed=seed, logit_bias=logit_bias)
+                                    penalty_decay=req.penalty_decay, seed=seed, logit_bias=logit_bias,
+                                    constraint=constraint)
                 try:
                     Sampler(sp, self.session.vocab_size)  # checks the parameters: a clear 400, here
                 except RuntimeUserError as e:
@@ -261,7 +272,11 @@ class Serving:
 
     async def chat(self, req: protocol.ChatCompletionRequest, is_disconnected, session_id=None):
         self.check_model(req.model)
-        text = self.config.template.render(req.messages)
+        messages = req.messages
+        tools_text = structured.tools_system_text(structured.plan(req, True))
+        if tools_text and req.state is None:  # the tools, described to the model in a system turn
+            messages = [protocol.ChatMessage(role="system", content=tools_text), *messages]
+        text = self.config.template.render(messages, continuation=req.state is not None)
         max_tokens = req.max_completion_tokens or req.max_tokens or self._default_max(self.config.default_max_tokens)
         gens = self._requests(req, [text], max_tokens, tuple(dict.fromkeys(self.config.template.stop + req.stops())))
         await self._with_session(gens, session_id)
@@ -288,8 +303,9 @@ class Serving:
         for g in gens:
             g.request_id = rid
         queue, handles = self._submit(gens)
+        plan = structured.plan(req, chat) if chat else structured.Plan()
         if req.stream:
-            return self._stream(rid, req, chat, queue, handles, prefixes)
+            return structured.shape_stream(plan, self._stream(rid, req, chat, queue, handles, prefixes))
         texts = list(prefixes)
         entries: list = [[] for _ in handles]  # TokenLogprobs (requests that asked)
         done: dict = {}
@@ -322,7 +338,8 @@ class Serving:
         picked = range(len(handles)) if k == req.n else self._best(entries, req.n, k)
         choices = [protocol.choice(c, texts[i], done[i].reason, chat, done[i].state,
                                    self._logprobs(entries[i], chat) if wants else None) for c, i in enumerate(picked)]
-        return protocol.completion(rid, self.config.model_name, choices, self._usage(req, done), chat)
+        return structured.shape_response(
+            plan, protocol.completion(rid, self.config.model_name, choices, self._usage(req, done), chat))
 
     @staticmethod
     def _best(entries: list, n: int, k: int) -> list:

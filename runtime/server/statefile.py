@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import io
 import json
+import math
 import zipfile
 
 import numpy as np
@@ -54,6 +55,8 @@ def decode(text: str, binding: str, max_bytes: int) -> tuple[dict, dict]:
             total = sum(z.zip.getinfo(n).file_size for n in z.zip.namelist())
             if total > max_bytes:  # checked before inflating: a small zip may expand hugely
                 raise RuntimeUserError(f"state is larger than this server accepts ({max_bytes} bytes)")
+            for name in z.zip.namelist():
+                _check_declared_size(z.zip, name)
             arrays = {k: z[k] for k in z.files}
     except RuntimeUserError:
         raise
@@ -69,6 +72,9 @@ def decode(text: str, binding: str, max_bytes: int) -> tuple[dict, dict]:
     if meta.get("version") != VERSION:
         raise RuntimeUserError(f"state format version {meta.get('version')!r} is not supported "
                                f"(this server reads version {VERSION})")
+    tokens = meta.get("tokens", 0)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise RuntimeUserError(f"state header: tokens must be a whole number >= 0, not {tokens!r}")
     if meta.get("export_id") != binding:
         raise RuntimeUserError("state belongs to another model export (export id differs); "
                                "it can only be resumed on a server running the same export")
@@ -77,6 +83,31 @@ def decode(text: str, binding: str, max_bytes: int) -> tuple[dict, dict]:
         if v.dtype.kind in "fc" and not np.isfinite(v).all():
             raise RuntimeUserError(f"state holds NaN or infinite values (in {k!r}): it is damaged")
     return arrays, meta
+
+
+def _check_declared_size(zf: zipfile.ZipFile, name: str):
+    """An ``.npy`` member whose header declares more data than the member holds is damaged; refused
+    before numpy allocates what the header says (a 100-byte member may declare 2**40 elements)."""
+    if not name.endswith(".npy"):
+        return
+    with zf.open(name) as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        header = f.tell()
+    size = math.prod(shape) * dtype.itemsize
+    if size > zf.getinfo(name).file_size - header:
+        raise RuntimeUserError(f"state is not a saved conversation state ({name[:-4][:60]!r} declares "
+                               f"{math.prod(shape)} elements, more than it holds)")
+
+
+def check_batch_one(arrays: dict):
+    """A conversation state has batch 1; naming the tensor that does not (Session.state_from_numpy takes
+    the first tensor's batch as the truth and blames the next one)."""
+    for k, v in arrays.items():
+        if v.ndim == 0 or v.shape[0] != 1:
+            raise RuntimeUserError(f"state must hold one conversation (batch 1): tensor {k[:60]!r} has shape "
+                                   f"{list(v.shape)}")
 
 
 def digest(text: str) -> str:
