@@ -7,7 +7,8 @@ recurrent state itself, keyed by the CORRID control input:
 - a request carries ``tokens`` [1, T]: the prompt (any length, prefilled at once) or one new token;
 - START starts a fresh state (the manifest's initial state, learned or not); END drops it after the reply;
 - the sequence batcher (``oldest`` strategy) hands ``execute`` requests of different sequences together:
-  their one-token steps run as ONE batched ``Session.step``;
+  their one-token steps run as ONE batched step (``rwkv_runtime.generation.step_rows``: if that batch
+  fails, it is retried sequence by sequence, so one sequence's failure fails its request alone);
 - the reply is ``logits`` [1, vocab] of the last position; the client samples (same as with the
   onnxruntime/TensorRT backends, where Triton keeps the state).
 
@@ -15,11 +16,14 @@ States of sequences Triton reaped for idleness (no END ever arrives) are dropped
 The stub's interpreter must be able to import ``rwkv_runtime``: see docs/triton.md ("Python backend").
 """
 import json
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+log = logging.getLogger("rwkv_runtime.triton")
 
 
 def _scalar(request, name, default=0):
@@ -64,7 +68,8 @@ class TritonPythonModel:
             del self.states[k]
 
     def execute(self, requests):
-        from rwkv_runtime import RuntimeUserError, State
+        from rwkv_runtime import RuntimeUserError
+        from rwkv_runtime.generation import step_rows
 
         now = time.monotonic()
         keep = set()
@@ -104,20 +109,26 @@ class TritonPythonModel:
                 # this id, so an older state kept for it must not be continued by the next request.
                 if end or start:
                     self.states.pop(corrid, None)
-                replies[i] = _error(str(e)) if isinstance(e, RuntimeUserError) else _internal(e)
-        if steps:
-            try:
-                joined = State.concat([x[3] for x in steps]) if len(steps) > 1 else steps[0][3]
-                logits, new = self.session.step(np.concatenate([x[2] for x in steps]), joined)
-                for j, (i, corrid, _, _, end, _) in enumerate(steps):
-                    st = new.select([j]) if len(steps) > 1 else new
-                    replies[i] = self._finish(corrid, logits[j:j + 1], st, end)
-            except Exception as e:  # noqa: BLE001
-                for i, corrid, _, _, end, start in steps:
+                replies[i] = self._failed(e)
+        if steps:  # one batched step (the generation core's): a sequence whose own step fails fails alone
+            results = step_rows(self.session, np.concatenate([x[2] for x in steps]), [x[3] for x in steps])
+            for (i, corrid, _, _, end, start), res in zip(steps, results):
+                if isinstance(res, BaseException):
                     if end or start:
                         self.states.pop(corrid, None)
-                    replies[i] = _error(str(e)) if isinstance(e, RuntimeUserError) else _internal(e)
+                    replies[i] = self._failed(res)
+                else:
+                    replies[i] = self._finish(corrid, res[0][None], res[1], end)
         return replies
+
+    @staticmethod
+    def _failed(e):
+        from rwkv_runtime import RuntimeUserError
+
+        if isinstance(e, RuntimeUserError):
+            return _error(str(e))
+        log.error("request failed", exc_info=e)  # the traceback stays in Triton's log; the client gets one line
+        return _internal(e)
 
     def _finish(self, corrid, logits, state, end):
         if end:

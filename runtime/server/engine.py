@@ -7,6 +7,12 @@ sequence with the step graph at batch size B. Sequences join the batch when thei
 leave when they finish or their client goes away, always between steps, so a long prompt delays the
 running streams by at most one budget of prefill per token.
 
+The sequences themselves (sampling, detokenizing, stop strings, logprobs, the decode step, per-row
+failure) are the generation core's (rwkv_runtime/generation.py, shared with ``Session.generate``):
+this module only schedules admission, prefill and events around it. A failure in one sequence
+(sampler, tokenizer, its part of a model step or prefill) fails that request alone (logged with its
+traceback); the others carry on.
+
 The HTTP side never touches the model: it submits a ``GenRequest`` and reads events (``Delta``,
 ``Finished``, ``Failed``) from an asyncio queue (events.py).
 """
@@ -24,11 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from rwkv_runtime import RuntimeUserError, Sampler, State
+from rwkv_runtime.generation import Batch, Out, Row, TextStream, prefill_rows
 
 from . import statefile
 from .cache import PrefixCache
 from .events import _OUTBOX, Delta, Failed, Finished, GenRequest, Handle, ServeError  # noqa: F401 - re-exported
-from .logprobs import token_logprob
 from .metrics import Metrics
 
 log = logging.getLogger("rwkv_runtime.server")
@@ -49,25 +55,19 @@ class EngineConfig:
 
 
 class _Seq:
-    __slots__ = ("h", "req", "done", "state", "logits", "sampler", "generated", "pending", "held",
-                 "cached", "t_last", "first", "greedy", "lp_wait", "decoded", "sent")
+    """A request's scheduling record: its prompt's progress (prefill), then its core ``Row``."""
 
-    def __init__(self, h: Handle):
+    __slots__ = ("h", "req", "row", "done", "state", "logits", "cached", "t_last", "first")
+
+    def __init__(self, h: Handle, tokenizer, timeout: float):
         self.h, self.req = h, h.req
-        self.sampler = Sampler(h.req.sampling)
-        p = h.req.sampling
-        self.greedy = (p.temperature == 0 and not p.presence_penalty and not p.frequency_penalty and not p.ban
-                       and not p.logit_bias)
-        self.generated: list = []
-        self.pending: list = []  # tokens whose text is an incomplete UTF-8 sequence so far
-        self.held = ""  # text that may be the start of a stop string
-        # logprobs: the TokenLogprobs not yet reported (None: not asked for); characters of the generated
-        # text decoded so far and delivered so far (their difference is ``held``)
-        self.lp_wait = None if h.req.logprobs is None else []
-        self.decoded = self.sent = 0
+        req = h.req
+        self.row = Row(Sampler(req.sampling), max_new_tokens=req.max_tokens, stop_ids=req.stop_ids,
+                       text=TextStream(tokenizer, req.stop, req.logprobs is not None), logprobs=req.logprobs,
+                       deadline=h.arrival + timeout, keep_state=True, key=self)
         self.done = 0  # prompt tokens already in the state
         self.cached = 0
-        self.state = None
+        self.state = None  # while prefilling: the state after the first ``done`` tokens
         self.logits = None
         self.t_last = 0.0
         self.first = True
@@ -83,9 +83,7 @@ class Engine:
         self._inbox: collections.deque = collections.deque()
         self._waiting: collections.deque = collections.deque()
         self._prefilling: list = []
-        self._running: list = []  # in state-row order
-        self._batch: State | None = None
-        self._rows: dict | None = None
+        self._core = Batch(session)  # the running sequences: rows of one batch (generation core)
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -106,7 +104,7 @@ class Engine:
         self.draining = True
 
     def active(self) -> int:
-        return len(self._inbox) + len(self._waiting) + len(self._prefilling) + len(self._running)
+        return len(self._inbox) + len(self._waiting) + len(self._prefilling) + len(self._core)
 
     def stop(self, grace: float = 10.0):
         """Drain: let in-flight requests finish for up to ``grace`` seconds, then cancel the rest."""
@@ -148,12 +146,12 @@ class Engine:
                 self._admit()
                 worked = False
                 if self._prefilling:
-                    waiting = bool(self._running)  # (sequences that join in this prefill waited for nothing)
+                    waiting = bool(self._core.rows)  # (sequences that join in this prefill waited for nothing)
                     n = self._prefill_some()
                     if waiting:  # what the running streams waited for before their next token
                         self.metrics.prefill_stall.observe(n)
                     worked = True
-                if self._running:
+                if self._core.rows:
                     self._decode_step()
                     worked = True
                 self._gauges()
@@ -172,15 +170,16 @@ class Engine:
         m = self.metrics
         m.queued.set(len(self._inbox) + len(self._waiting))
         m.prefilling.set(len(self._prefilling))
-        m.running.set(len(self._running))
+        m.running.set(len(self._core))
         m.cache_bytes.set(self.cache.bytes)
         m.cache_entries.set(len(self.cache))
 
     def _fail_all(self, err: ServeError):
-        handles = list(self._inbox) + [s.h for s in list(self._waiting) + self._prefilling + self._running]
+        running = [r.key for r in self._core.rows]
+        handles = list(self._inbox) + [s.h for s in list(self._waiting) + self._prefilling + running]
         self._inbox.clear()
         self._waiting.clear()
-        self._prefilling, self._running, self._batch = [], [], None
+        self._prefilling, self._core = [], Batch(self.session)
         for h in handles:
             h._put(Failed(err))
 
@@ -188,9 +187,12 @@ class Engine:
         while self._inbox:
             h = self._inbox.popleft()
             try:
-                self._waiting.append(_Seq(h))
+                self._waiting.append(_Seq(h, self.session.tokenizer, self.config.request_timeout))
             except RuntimeUserError as e:  # (serving checks the sampling parameters first)
                 h._put(Failed(ServeError(400, str(e))))
+            except Exception as e:  # noqa: BLE001 - fail this request, not the server
+                log.exception("admitting a request failed")
+                h._put(Failed(ServeError(500, f"internal error: {type(e).__name__}: {e}", "server_error")))
         now = time.perf_counter()
         for s in [s for s in self._waiting if s.h.cancelled or now - s.h.arrival > self.config.request_timeout]:
             self._waiting.remove(s)
@@ -198,7 +200,7 @@ class Engine:
                 s.h._put(Failed(ServeError(503, "timed out waiting for a batch slot", "timeout")))
             self.metrics.finished.labels("cancelled" if s.h.cancelled else "timeout").inc()
         self._prefilling = [s for s in self._prefilling if not self._dropped(s)]
-        while self._waiting and len(self._prefilling) + len(self._running) < self.config.max_batch:
+        while self._waiting and len(self._prefilling) + len(self._core) < self.config.max_batch:
             s = self._waiting.popleft()
             try:
                 self._start(s)
@@ -232,216 +234,117 @@ class Engine:
 
     def _prefill_some(self):
         """At most ``prefill_budget`` prompt tokens this iteration, in chunks that end on multiples of
-        ``prefill_chunk`` (so cached boundaries are shared between prompts); chunks of the same length
-        from several prompts run as one batch."""
+        ``prefill_chunk`` (so cached boundaries are shared between prompts), all run as one batch
+        (``prefill_many``: rows of different lengths advance together while they all have tokens). A
+        prompt whose prefill fails fails alone."""
         c, budget = self.config.prefill_chunk, self.config.prefill_budget
-        groups: dict = {}
+        group = []
         for s in self._prefilling:
             if budget <= 0:
                 break
             end = min(len(s.req.prompt), (s.done // c + 1) * c, s.done + budget)
-            groups.setdefault(end - s.done, []).append(s)
+            group.append((s, end - s.done))
             budget -= end - s.done
+        if not group:
+            return 0
+        results = prefill_rows(self.session, [s.req.prompt[s.done:s.done + n] for s, n in group],
+                               [s.state for s, _ in group], c)
         joined, total = [], 0
-        for n, group in groups.items():
-            toks = np.array([s.req.prompt[s.done:s.done + n] for s in group], dtype=np.int64)
-            try:
-                st = group[0].state if len(group) == 1 else State.concat([s.state for s in group])
-                logits, st = self.session.prefill(toks, st, chunk_size=c)
-            except RuntimeUserError as e:
-                for s in group:
-                    self._prefilling.remove(s)
-                    s.h._put(Failed(ServeError(400, str(e))))
+        for (s, n), res in zip(group, results):
+            if isinstance(res, BaseException):
+                self._prefilling.remove(s)
+                self.metrics.finished.labels("error").inc()
+                s.h._put(Failed(self._error(s, res, "the prefill")))
                 continue
-            self.metrics.prefill_tokens.inc(n * len(group))
-            total += n * len(group)
-            arrays = st.numpy()
-            for i, s in enumerate(group):
-                row = {k: v[i:i + 1] for k, v in arrays.items()}
-                s.state = st if len(group) == 1 else self.session.state_from_numpy(row)
-                s.done, s.logits = s.done + n, logits[i]
-                if s.done % c == 0 or s.done == len(s.req.prompt):
-                    self.cache.put(s.req.state_base, s.req.prompt[:s.done], row, s.logits)
-                if s.done == len(s.req.prompt):
-                    self._prefilling.remove(s)
-                    joined.append(s)
+            self.metrics.prefill_tokens.inc(n)
+            total += n
+            s.logits, s.state = res
+            s.done += n
+            if s.done % c == 0 or s.done == len(s.req.prompt):
+                self.cache.put(s.req.state_base, s.req.prompt[:s.done], s.state.numpy(), s.logits)
+            if s.done == len(s.req.prompt):
+                self._prefilling.remove(s)
+                joined.append(s)
         if joined:
             self._join(joined)
         return total
 
     def _join(self, seqs: list):
-        parts = ([self._batch] if self._batch is not None else []) + [s.state for s in seqs]
-        self._batch = parts[0] if len(parts) == 1 else State.concat(parts)
+        st = seqs[0].state if len(seqs) == 1 else State.concat([s.state for s in seqs])
+        self._core.add([s.row for s in seqs], st, np.stack([s.logits for s in seqs]))
         for s in seqs:
-            s.state = None
-        self._running.extend(seqs)
+            s.state = s.logits = None
 
-    def _sample(self, s: _Seq):
-        """The next token of ``s``, or a ServeError for it alone (the rest of the batch carries on)."""
-        try:
-            # greedy without penalties is the argmax of the logits (what Sampler computes, minus its
-            # softmax); argmax picks a NaN or +inf if there is one, so checking that one logit catches
-            # the damaged rows the Sampler refuses (instead of emitting token 0 after token 0)
-            if s.greedy:
-                t = int(np.argmax(s.logits))
-                if not np.isfinite(s.logits[t]):
-                    raise RuntimeUserError("sampling: the logits contain NaN or inf (a damaged model or state?)")
-                return t
-            return s.sampler(s.logits)
-        except RuntimeUserError as e:  # e.g. NaN/inf logits
+    @staticmethod
+    def _error(s: _Seq, e: BaseException, where: str) -> ServeError:
+        """A sequence's own failure, for its client (logged with its traceback where it happened)."""
+        if isinstance(e, RuntimeUserError):
             if s.req.state is not None:  # most likely from the state the client sent
                 return ServeError(400, f"{e} (from the imported state)", param="state")
+            if where == "the prefill":  # (the prompt's tokens are the client's)
+                return ServeError(400, str(e))
             return ServeError(500, f"internal error: {e}", "server_error")
+        return ServeError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
     def _decode_step(self):
-        seqs = self._running
-        picked = [self._sample(s) for s in seqs]
-        toks = np.array([t if isinstance(t, int) else 0 for t in picked], dtype=np.int64)
-        keep, now, self._rows = [], time.perf_counter(), None
-        for row, (s, tok) in enumerate(zip(seqs, toks)):
-            if isinstance(picked[row], ServeError):
-                self.metrics.finished.labels("error").inc()
-                s.h._put(Failed(picked[row]))
-                continue
-            reason = "cancelled" if s.h.cancelled else self._accept(s, int(tok), now)
-            if reason is None:
-                keep.append(row)
-            else:
-                self._finish(s, row, int(tok), reason, now)
-        if len(keep) != len(seqs):
-            self._running = [seqs[r] for r in keep]
-            self._batch = self._batch.select(keep) if keep else None
-        if not keep:
+        core, m = self._core, self.metrics
+        for row in [r for r in core.rows if r.key.h.cancelled]:  # the client went away: drop before the step
+            core.remove(row)
+            m.finished.labels("cancelled").inc()
+        if not core.rows:
             return
-        self.metrics.batch_size.observe(len(keep))
-        self.metrics.steps.inc()
-        logits, self._batch = self.session.step(toks[keep], self._batch)
-        for s, lg in zip(self._running, logits):
-            s.logits = lg
+        now = time.perf_counter()
+        for out in core.sample(now):
+            self._event(out, now)
+        if core.rows:
+            m.batch_size.observe(len(core.rows))
+            m.steps.inc()
+        for out in core.advance():  # (only the rows whose own model step failed)
+            self._event(out, now)
 
-    def _row(self, row: int) -> dict:
-        """One sequence's state arrays (the batch is copied out once per step, however many finish)."""
-        if self._rows is None:
-            self._rows = self._batch.numpy()
-        return {k: v[row:row + 1] for k, v in self._rows.items()}
-
-    def _accept(self, s: _Seq, tok: int, now: float) -> str | None:
-        """Take a sampled token: emit its text; the finish reason if the sequence ends here."""
-        m = self.metrics
+    def _event(self, out: Out, now: float):
+        """One row's step as events for its client: its text (with logprobs), its end."""
+        s, m = out.row.key, self.metrics
+        if out.error is not None:
+            m.finished.labels("error").inc()
+            s.h._put(Failed(self._error(s, out.error, "decoding")))
+            return
         if s.first:
             m.ttft.observe(now - s.h.arrival)
             s.first = False
         else:
             m.itl.observe(now - s.t_last)
         s.t_last = now
-        if tok in s.req.stop_ids:
-            return "stop"
-        s.generated.append(tok)
-        m.generated_tokens.inc()
-        if s.lp_wait is not None:  # only the sequences that asked pay for a log-softmax
-            s.lp_wait.append(token_logprob(s.logits, tok, s.req.logprobs))
-        s.pending.append(tok)
-        piece = self.session.decode(s.pending)
-        if "\ufffd" in piece and len(s.pending) < 8:  # wait for the rest of a UTF-8 character
-            piece = ""
-        else:
-            s.pending = []
-            self._decoded(s, piece)
-        text, stopped = self._apply_stops(s, piece)
-        self._emit(s, text, stopped)
-        if stopped:
-            return "stop-text"
-        if len(s.generated) >= s.req.max_tokens:
-            return "length"
-        if now - s.h.arrival > self.config.request_timeout:
-            return "timeout"
-        return None
+        if out.appended:
+            m.generated_tokens.inc()
+        if out.text or out.logprobs:
+            s.h._put(Delta(out.text, int(out.appended), out.logprobs or None))
+        if out.reason is not None:
+            self._finish(s, out, now)
 
-    @staticmethod
-    def _decoded(s: _Seq, piece: str):
-        """The tokens waiting for their text (a multi-byte character's pieces) produced ``piece``."""
-        if s.lp_wait is None:
-            return
-        for e in reversed(s.lp_wait):
-            if e.end is not None:
-                break
-            e.start, e.end = s.decoded, s.decoded + len(piece)
-        s.decoded += len(piece)
-
-    @staticmethod
-    def _emit(s: _Seq, text: str, stopped: bool, tokens: int = 1):
-        """Deliver ``text`` with the log-probabilities of the tokens whose text it completes; on a stop
-        string, of every token that produced some delivered text (the rest are never reported)."""
-        lps = None
-        if s.lp_wait is not None:
-            s.sent += len(text)
-            n = 0
-            for e in s.lp_wait:  # in order: start and end never decrease
-                if e.end is None or not (e.start < s.sent if stopped else e.end <= s.sent):
-                    break
-                n += 1
-            lps, s.lp_wait = s.lp_wait[:n], [] if stopped else s.lp_wait[n:]
-        if text or lps:
-            s.h._put(Delta(text, tokens, lps or None))
-
-    @staticmethod
-    def _apply_stops(s: _Seq, piece: str) -> tuple[str, bool]:
-        """Stop strings across token boundaries: hold back any tail that could begin a stop string."""
-        if not s.req.stop:
-            return piece, False
-        buf = s.held + piece
-        hits = [i for i in (buf.find(x) for x in s.req.stop) if i >= 0]
-        if hits:
-            s.held = ""
-            return buf[:min(hits)], True
-        hold = 0
-        for x in s.req.stop:
-            for k in range(min(len(x) - 1, len(buf)), hold, -1):
-                if buf.endswith(x[:k]):
-                    hold = k
-                    break
-        s.held = buf[len(buf) - hold:] if hold else ""
-        return buf[:len(buf) - hold], False
-
-    def _flush(self, s: _Seq) -> bool:
-        """At the end (not on a stop string): deliver what was held back, an incomplete character or
-        the start of a stop string; True if that completed a stop string (the text ends before it)."""
-        piece = self.session.decode(s.pending) if s.pending else ""
-        self._decoded(s, piece)
-        text, stopped = self._apply_stops(s, piece)
-        text += "" if stopped else s.held
-        self._emit(s, text, stopped, 0)
-        return stopped
-
-    def _finish(self, s: _Seq, row: int, tok: int, reason: str, now: float):
-        m = self.metrics
-        m.finished.labels(reason.replace("stop-text", "stop")).inc()
-        if reason == "cancelled":
-            return
-        if reason == "stop-text":
-            reason = "stop"
-        elif self._flush(s):  # the held-back text completed a stop string after all
-            reason = "stop"
-        appended = bool(s.generated) and tok not in s.req.stop_ids
-        fed = s.generated[:-1] if appended else s.generated
-        arrays = self._row(row)
+    def _finish(self, s: _Seq, out: Out, now: float):
+        """The row left the batch with the state before its last token (``row.final``)."""
+        m, row, reason = self.metrics, s.row, out.reason
+        m.finished.labels(reason).inc()
+        fed = row.tokens[:-1] if out.appended else row.tokens
+        arrays = row.final_arrays()
         if fed:  # a conversation's next turn usually starts with this prompt + reply
-            self.cache.put(s.req.state_base, list(s.req.prompt) + fed, arrays, s.logits)
+            self.cache.put(s.req.state_base, list(s.req.prompt) + fed, arrays, row.logits)
             if self.on_finish is not None and s.req.session_id and not s.req.state_base:
                 try:
-                    self.on_finish(s.req.session_id, list(s.req.prompt) + fed, arrays, s.logits)
+                    self.on_finish(s.req.session_id, list(s.req.prompt) + fed, arrays, row.logits)
                 except Exception:  # noqa: BLE001 - a store that is down must not fail the request
                     log.exception("on_finish hook failed")
         blob = None
         if s.req.return_state:
-            if appended:  # the last token is part of the reply: feed it
-                _, st = self.session.step(np.array([s.generated[-1]], dtype=np.int64), self.session.state_from_numpy(arrays))
+            if out.appended:  # the last token is part of the reply: feed it
+                _, st = self.session.step(np.array([row.tokens[-1]], dtype=np.int64), self.session.state_from_numpy(arrays))
                 arrays = st.numpy()
             blob = statefile.encode(arrays, self.binding,
-                                    s.req.state_tokens + len(s.req.prompt) + len(s.generated))
+                                    s.req.state_tokens + len(s.req.prompt) + len(row.tokens))
         m.e2e.observe(now - s.h.arrival)
-        s.h._put(Finished(reason, len(s.req.prompt), len(s.generated), s.cached, blob))
+        s.h._put(Finished(reason, len(s.req.prompt), len(row.tokens), s.cached, blob))
         log.info(json.dumps({"event": "request_done", "id": s.req.request_id, "finish_reason": reason,
                              "prompt_tokens": len(s.req.prompt), "cached_tokens": s.cached,
-                             "completion_tokens": len(s.generated),
+                             "completion_tokens": len(row.tokens),
                              "seconds": round(now - s.h.arrival, 4)}))

@@ -21,7 +21,7 @@ import openai  # noqa: E402 - after the skip check
 from rwkv_runtime import SamplingParams, Session  # noqa: E402 - after the skip check
 from rwkv_runtime.server import GenRequest  # noqa: E402 - after the skip check
 from rwkv_runtime.server.engine import Engine, _Seq  # noqa: E402 - after the skip check
-from rwkv_runtime.server.events import _OUTBOX, Handle  # noqa: E402 - after the skip check
+from rwkv_runtime.server.events import _OUTBOX, Delta, Handle  # noqa: E402 - after the skip check
 from rwkv_runtime.tokenizers import StreamDecoder  # noqa: E402 - after the skip check
 
 from .conftest import client  # noqa: E402 - after the skip check
@@ -203,24 +203,32 @@ def test_logprobs_refusals_and_off_values(default_model, make_server):
     assert r.choices[0].logprobs is None
 
 
+def _accept(engine, s, t):
+    """One sampled token through the sequence's generation-core row, then the engine's events for it (a
+    finishing row's state, which the core's batch would provide, faked): the finish reason or None."""
+    s.row.final = {"x": np.zeros((1, 1), np.float32)}
+    out = s.row.accept(t, 0.0)
+    engine._event(out, 0.0)
+    return out.reason
+
+
 def test_logprobs_follow_delivered_text():
-    """The engine's alignment rule, with tokens of several characters (which the byte-level test models
+    """The engine's alignment rule (the generation core's TextStream), with tokens of several characters (which the byte-level test models
     lack) and a multi-byte character split over two tokens: a token is reported with the text that
     completes it; at a stop string, every token that produced delivered text is, the rest never."""
     vocab = {1: b"ab", 2: b"c\n", 3: b"\nUs", 4: b"er: x", 5: b"\xc3", 6: b"\xa9"}
-    session = SimpleNamespace(manifest=SimpleNamespace(export_id="fake"),
-                              decode=lambda ids: b"".join(vocab[i] for i in ids).decode("utf-8", "replace"))
-    engine = Engine(session)
+    tok = SimpleNamespace(decode=lambda ids: b"".join(vocab[i] for i in ids).decode("utf-8", "replace"))
+    engine = Engine(SimpleNamespace(manifest=SimpleNamespace(export_id="fake")))
     loop = asyncio.new_event_loop()
     try:
         req = GenRequest([1], SamplingParams(temperature=0), 10, stop=("\n\nUser:",), logprobs=1)
-        s = _Seq(Handle(req, loop))
-        s.logits = np.zeros(8, np.float32)
-        reasons = [engine._accept(s, t, 0.0) for t in (1, 5, 6, 2, 3, 4)]  # "ab" "é" "c\n" | "\nUs" "er: x"
-        events, _OUTBOX.items = [ev for _, ev in _OUTBOX.items], []
+        s = _Seq(Handle(req, loop), tok, 600.0)
+        s.row.logits = np.zeros(8, np.float32)
+        reasons = [_accept(engine, s, t) for t in (1, 5, 6, 2, 3, 4)]  # "ab" "é" "c\n" | "\nUs" "er: x"
+        events, _OUTBOX.items = [ev for _, ev in _OUTBOX.items if isinstance(ev, Delta)], []
     finally:
         loop.close()
-    assert reasons == [None] * 5 + ["stop-text"]
+    assert reasons == [None] * 5 + ["stop"]
     got = [(ev.text, [(e.token, e.start) for e in ev.logprobs or ()]) for ev in events]
     assert got == [("ab", [(1, 0)]), ("é", [(5, 2), (6, 2)]), ("c", []), ("", [(2, 3)])]
     assert all(e.logprob == pytest.approx(-np.log(8)) and e.top == ((0, e.logprob),)
@@ -255,24 +263,23 @@ PIECES = [b"a", b"b", b"\n", b"ab", b"b\n", b"\nU", b"\xc3", b"\xa9", b"\xe2\x82
 
 
 def _run_engine(tokens, stop, logprobs):
-    """Feed ``tokens`` (ids into PIECES) through the engine's accept path, then its end-of-reply flush
-    unless a stop string ended it: (events, number of tokens accepted, stopped)."""
-    session = SimpleNamespace(manifest=SimpleNamespace(export_id="fake"),
-                              decode=lambda ids: b"".join(PIECES[i] for i in ids).decode("utf-8", "replace"))
-    engine = Engine(session)
+    """Feed ``tokens`` (ids into PIECES) through the generation core's row and the engine's events, the
+    end-of-reply flush included (max_tokens is their number): (text events, tokens accepted, stopped)."""
+    tok = SimpleNamespace(decode=lambda ids: b"".join(PIECES[i] for i in ids).decode("utf-8", "replace"))
+    engine = Engine(SimpleNamespace(manifest=SimpleNamespace(export_id="fake")))
     loop = asyncio.new_event_loop()
     try:
-        s = _Seq(Handle(GenRequest([0], SamplingParams(temperature=0), len(tokens), stop=stop, logprobs=logprobs), loop))
-        s.logits = np.linspace(0, 1, len(PIECES), dtype=np.float32)
+        s = _Seq(Handle(GenRequest([0], SamplingParams(temperature=0), len(tokens), stop=stop, logprobs=logprobs),
+                        loop), tok, 600.0)
+        s.row.logits = np.linspace(0, 1, len(PIECES), dtype=np.float32)
         n, stopped = 0, False
         for t in tokens:
             n += 1
-            if engine._accept(s, t, 0.0) == "stop-text":
-                stopped = True
+            reason = _accept(engine, s, t)
+            if reason is not None:
+                stopped = reason == "stop"
                 break
-        if not stopped:
-            stopped = engine._flush(s)
-        events, _OUTBOX.items = [ev for _, ev in _OUTBOX.items], []
+        events, _OUTBOX.items = [ev for _, ev in _OUTBOX.items if isinstance(ev, Delta)], []
     finally:
         loop.close()
     return events, n, stopped
@@ -312,16 +319,13 @@ def test_a_stop_string_completed_by_the_final_flush_is_a_stop():
     """b"\\xc3" then b"\\n": the first token's text waits for the rest of a character; the reply hits
     max_tokens, the flush decodes "\\ufffd\\n" and finds the stop string "\\n" in it: the text ends before
     it and finish_reason is "stop" (it was "length")."""
-    session = SimpleNamespace(manifest=SimpleNamespace(export_id="fake"),
-                              decode=lambda ids: b"".join(PIECES[i] for i in ids).decode("utf-8", "replace"))
-    engine = Engine(session)
-    engine._rows = {"x": np.zeros((1, 1), np.float32)}  # (the finished row's state, as _finish copies it)
+    tok = SimpleNamespace(decode=lambda ids: b"".join(PIECES[i] for i in ids).decode("utf-8", "replace"))
+    engine = Engine(SimpleNamespace(manifest=SimpleNamespace(export_id="fake")))
     loop = asyncio.new_event_loop()
     try:
-        s = _Seq(Handle(GenRequest([0], SamplingParams(temperature=0), 2, stop=("\n",), logprobs=0), loop))
-        s.logits = np.zeros(len(PIECES), np.float32)
-        assert [engine._accept(s, t, 0.0) for t in (6, 2)] == [None, "length"]
-        engine._finish(s, 0, 2, "length", 0.0)
+        s = _Seq(Handle(GenRequest([0], SamplingParams(temperature=0), 2, stop=("\n",), logprobs=0), loop), tok, 600.0)
+        s.row.logits = np.zeros(len(PIECES), np.float32)
+        assert [_accept(engine, s, t) for t in (6, 2)] == [None, "stop"]  # (length, then the flush's stop)
         events, _OUTBOX.items = [ev for _, ev in _OUTBOX.items], []
     finally:
         loop.close()

@@ -170,28 +170,26 @@ def test_sigterm_drains_in_flight_streams_then_exits(default_model):
 
 
 def test_stop_strings_match_a_plain_search_however_the_text_is_split():
-    """The engine's hold-back of text that may begin a stop string, against str.find on the text generated so
-    far after each piece (generation stops at the piece that completes a stop string), for generated texts,
-    splits into pieces (tokens) and stop lists."""
-    from types import SimpleNamespace
-
+    """The generation core's hold-back of text that may begin a stop string (``StopMatcher``, which the
+    engine's rows use), against str.find on the text generated so far after each piece (generation stops at
+    the piece that completes a stop string), for generated texts, splits into pieces (tokens) and stop lists."""
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
-    from rwkv_runtime.server.engine import Engine
+    from rwkv_runtime.generation import StopMatcher
 
-    @hypothesis.settings(max_examples=300, deadline=None)
+    @hypothesis.settings(max_examples=600, deadline=None)
     @hypothesis.given(st.lists(st.text("ab\n", max_size=4), max_size=12),
-                      st.lists(st.text("ab\n", min_size=1, max_size=4), min_size=1, max_size=3))
+                      st.lists(st.text("ab\n", min_size=1, max_size=6), min_size=1, max_size=3))
     def check(pieces, stops):
-        seq = SimpleNamespace(held="", req=SimpleNamespace(stop=tuple(stops)))
+        matcher = StopMatcher(stops)
         out, stopped = "", False
         for p in pieces:
-            text, stopped = Engine._apply_stops(seq, p)
+            text, stopped = matcher.push(p)
             out += text
             if stopped:
                 break
         if not stopped:
-            out += seq.held  # released at the end
+            out += matcher.release()  # released at the end
         # the truth: generation stops after the first piece whose arrival completes a stop string; the
         # text ends where the earliest-starting stop string in the text so far begins
         full, expect, hit = "", None, False
