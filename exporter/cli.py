@@ -185,6 +185,7 @@ def _register_optional_commands():
     main.add_command(__import__("rwkv_export.serve_cli", fromlist=["x"]).serve_command)
     main.add_command(__import__("rwkv_export.triton_cli", fromlist=["x"]).triton_command)
     __import__("rwkv_export.edge_cli", fromlist=["x"]).register(main)
+    main.add_command(__import__("rwkv_export.eval_cli", fromlist=["x"]).eval_command)
 
 
 _register_optional_commands()
