@@ -101,6 +101,10 @@ def main():
     ap.add_argument("--timeout", type=float, default=900, help="give up after this many seconds in all")
     ap.add_argument("--decode-graph", default="auto", choices=["auto", "step"], help="the server's --decode-graph")
     a = ap.parse_args()
+    # the server runs from the repository root: a path relative to where this was started must survive that
+    a.model = str(Path(a.model).resolve())
+    if not Path(a.model).is_file():
+        raise SystemExit(f"Error: {a.model}: no such file")
     levels = [int(x) for x in a.streams.split(",")]
     deadline = time.monotonic() + a.timeout
 
@@ -117,7 +121,7 @@ def main():
     if a.threads:
         cmd += ["--threads", str(a.threads)]
     cmd += ["--decode-graph", a.decode_graph]
-    server = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(cmd, cwd=REPO)  # its stderr is ours: why it failed to start, if it does
     url = f"http://127.0.0.1:{port}"
     rows = []
     try:
