@@ -242,3 +242,181 @@ def test_engine_sidecar_damage(tmp_path, rwkv4_exports):
 def test_copy_export_helper_keeps_companions(rwkv4_exports, tmp_path):
     p = copy_export(rwkv4_exports["plain"], tmp_path / "c")
     assert p.with_name("tiny4-plain.seq.onnx").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths read from a file stay in the model's folder (issue #24): external-data locations, companions,
+# the weights file, engine sidecars and their plugin libraries
+# ---------------------------------------------------------------------------------------------
+def _external_model(tmp_path):
+    """A hand-built ONNX model naming external data in every place a TensorProto can sit: an initializer,
+    a sparse initializer, a Constant node's attribute, an initializer of a subgraph (If branch) and a
+    Constant inside a model-local function. Returns (path, the locations it names)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def ext(name, loc):
+        t = helper.make_tensor(name, TensorProto.FLOAT, [1], [0.0])
+        t.ClearField("float_data")
+        t.data_location = TensorProto.EXTERNAL
+        t.external_data.add(key="location", value=loc)
+        t.external_data.add(key="offset", value="0")
+        return t
+
+    branch = helper.make_graph([helper.make_node("Identity", ["bi"], ["bo"])], "branch", [],
+                               [helper.make_tensor_value_info("bo", TensorProto.FLOAT, [1])], [ext("bi", "sub.bin")])
+    sparse = helper.make_sparse_tensor(ext("sv", "sparse.bin"), helper.make_tensor("si", TensorProto.INT64, [1], [0]), [4])
+    fn = helper.make_function("local", "F", ["x"], ["y"],
+                              [helper.make_node("Constant", [], ["c"], value=ext("fc", "func.bin")),
+                               helper.make_node("Add", ["x", "c"], ["y"])], [helper.make_opsetid("", 18)])
+    nodes = [helper.make_node("Constant", [], ["k"], value=ext("kc", "const.bin")),
+             helper.make_node("If", ["cond"], ["z"], then_branch=branch, else_branch=branch),
+             helper.make_node("F", ["w"], ["out"], domain="local")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])],
+                          [ext("w", "init.bin")], sparse_initializer=[sparse])
+    m = helper.make_model(g, functions=[fn], opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("local", 1)])
+    path = tmp_path / "x.onnx"
+    onnx.save(m, str(path))
+    return path, {"init.bin", "sparse.bin", "const.bin", "sub.bin", "func.bin"}
+
+
+def test_every_external_data_location_is_found_without_onnx(tmp_path, monkeypatch):
+    from rwkv_runtime.onnx_metadata import external_data_locations
+
+    path, want = _external_model(tmp_path)
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert set(external_data_locations(path)) == want
+
+
+@pytest.fixture(scope="module")
+def ext_export(rwkv4_ref, tmp_path_factory):
+    """The golden RWKV-4 exported with its weights in a separate file (step + sequence graphs)."""
+    from rwkv_export.export import ExportOptions, export
+
+    return export(rwkv4_ref, tmp_path_factory.mktemp("ext") / "e.onnx", ExportOptions(external_data=True))[0]
+
+
+def _relocate(graph, location):
+    import onnx
+
+    m = onnx.load(str(graph), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(m, str(graph))
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "backslash", "drive", "folder-itself"])
+def test_external_data_outside_the_folder_is_refused_before_onnxruntime_loads(ext_export, tmp_path, monkeypatch, how):
+    import onnxruntime
+
+    m = copy_export(ext_export, tmp_path / "m")
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(m.with_name("e.onnx.data").read_bytes())
+    if how == "symlink":
+        m.with_name("e.onnx.data").unlink()
+        m.with_name("e.onnx.data").symlink_to(secret)
+    else:
+        loc = {"dotdot": "../secret.bin", "absolute": str(secret), "backslash": "..\\secret.bin",
+               "drive": "C:secret.bin", "folder-itself": "."}[how]
+        for g in (m, m.with_name("e.seq.onnx")):
+            _relocate(g, loc)
+    loaded = []
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda *a, **k: loaded.append(a))
+    with pytest.raises(RuntimeUserError, match=r"^e\.onnx: external data file .* is outside the model's folder") as e:
+        Session(m).step(np.array([1]), None)
+    assert "\n" not in str(e.value) and not loaded
+
+
+def test_external_data_in_a_subfolder_or_behind_links_of_a_cache_is_accepted(ext_export, tmp_path):
+    """Links that stay inside the folder are fine, and so is a Hugging Face-style cache: the model and its
+    data are links into one blobs/ folder (the model's real folder)."""
+    want = Session(ext_export).step(np.array([5]), None)[0]
+    m = copy_export(ext_export, tmp_path / "sub")
+    (m.parent / "w").mkdir()
+    m.with_name("e.onnx.data").rename(m.parent / "w" / "weights")
+    for g in (m, m.with_name("e.seq.onnx")):
+        _relocate(g, "w/weights")
+        d = manifest_dict(g)
+        d["options"]["weights_file"] = "w/weights"
+        write_manifest(g, d)
+    np.testing.assert_array_equal(Session(m).step(np.array([5]), None)[0], want)
+    blobs, snap = tmp_path / "cache" / "blobs", tmp_path / "cache" / "snapshots" / "rev"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in ext_export.parent.iterdir():
+        (blobs / ("blob-" + f.name)).write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(blobs / ("blob-" + f.name))
+    np.testing.assert_array_equal(Session(snap / ext_export.name).step(np.array([5]), None)[0], want)
+
+
+def test_a_companion_linked_out_of_the_folder_is_refused(tiny, tmp_path):
+    seq = tiny.with_name(manifest_dict(tiny)["companions"]["sequence"])
+    outside = tmp_path / "elsewhere.onnx"
+    seq.rename(outside)
+    seq.symlink_to(outside)
+    with pytest.raises(RuntimeUserError, match="companion sequence graph .* is outside the model's folder .*resolves to"):
+        open_artifact(tiny)
+
+
+def test_a_weights_file_named_outside_the_folder_is_refused(tiny):
+    d = manifest_dict(tiny)
+    d.setdefault("options", {})["weights_file"] = "../w.data"
+    write_manifest(tiny, d)
+    with pytest.raises(RuntimeUserError, match="weights file '../w.data' is outside the model's folder"):
+        open_artifact(tiny)
+
+
+def _engine(tiny, where, plugins=None):
+    where.mkdir(exist_ok=True)
+    eng = where / "m.engine"
+    eng.write_bytes(b"plan")
+    side = {"format": "rwkv-trt-engine", "format_version": 1, "manifest": manifest_dict(tiny)}
+    side["manifest"]["companions"] = {}
+    if plugins is not None:
+        side["plugins"] = plugins
+    (where / "m.engine.json").write_text(json.dumps(side))
+    return eng
+
+
+@pytest.mark.parametrize("name, message", [
+    ("../lib.so", "not a plain file name"),
+    ("/abs/lib.so", "not a plain file name"),
+    ("link.so", "plugin library 'link.so' is outside the model's folder"),
+])
+def test_sidecar_plugin_names_stay_beside_the_engine(tiny, tmp_path, name, message):
+    (tmp_path / "lib.so").write_bytes(b"")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "link.so").symlink_to(tmp_path / "lib.so")
+    eng = _engine(tiny, tmp_path / "e", [{"name": name, "path": str(tmp_path / "lib.so")}])
+    with pytest.raises(RuntimeUserError, match=message):
+        open_artifact(eng)
+    eng = _engine(tiny, tmp_path / "e", [{"name": "lib.so", "path": str(tmp_path / "lib.so")}])
+    assert open_artifact(eng).props["plugins"][0]["name"] == "lib.so"  # a plain name is fine
+
+
+def test_a_sidecar_linked_out_of_the_folder_is_refused(tiny, tmp_path):
+    eng = _engine(tiny, tmp_path / "out")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "m.engine").write_bytes(b"plan")
+    (tmp_path / "e" / "m.engine.json").symlink_to(tmp_path / "out" / "m.engine.json")
+    assert open_artifact(eng).engine
+    with pytest.raises(RuntimeUserError, match="m.engine.json: the engine sidecar resolves to .*, a link out of the folder"):
+        open_artifact(tmp_path / "e" / "m.engine")
+
+
+def test_recorded_plugin_path_is_followed_only_inside_the_engine_folder(tmp_path, monkeypatch):
+    from rwkv_runtime.tensorrt import loader
+
+    monkeypatch.delenv(loader.PLUGIN_ENV, raising=False)
+    eng = tmp_path / "e" / "m.engine"
+    (tmp_path / "e" / "plugins").mkdir(parents=True)
+    inside = tmp_path / "e" / "plugins" / "lib.so"
+    inside.write_bytes(b"")
+    assert loader.plugin_candidates(eng, {"plugins": [{"name": "lib.so", "path": str(inside)}]}) == [inside]
+    outside = tmp_path / "lib.so"
+    outside.write_bytes(b"")
+    with pytest.raises(RuntimeUserError, match="outside the engine's folder: not loaded from there"):
+        loader.plugin_candidates(eng, {"plugins": [{"name": "lib.so", "path": str(outside)}]})
