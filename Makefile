@@ -59,6 +59,11 @@ bench: $(BIN)/.installed
 	    $(if $(RWKVCPP),--rwkvcpp $(RWKVCPP)) --json build/bench.json
 	$(BIN)/python scripts/bench_memory.py build/rwkv4-169m.onnx build/rwkv4-169m-int8.onnx build/rwkv4-169m-int4.onnx \
 	    build/rwkv4-169m-int8d.onnx
+	# constrained decoding: a JSON schema on every row vs none, batch 1 and 32 (World vocabulary: RWKV-7 0.1B shape)
+	$(BIN)/python scripts/make_169m.py --version 7 -o build/rwkv7-169m-random.pth
+	$(BIN)/rwkv-export export build/rwkv7-169m-random.pth -o build/rwkv7-169m-world.onnx --tokenizer world --external-data -q
+	$(BIN)/python scripts/bench_constraints.py build/rwkv7-169m-world.onnx --batches 1,32 --threads 2 --rounds 3 \
+	    --json build/bench-constraints.json
 
 ## bench-quant: weight formats for CPU side by side (speed at batch 1 and 32, cross-entropy cost); not in CI
 bench-quant: $(BIN)/.installed

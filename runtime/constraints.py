@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import threading
 from dataclasses import dataclass
 
@@ -339,13 +340,21 @@ class ConstraintState:
 _EXECUTOR = None
 
 
+# The engine's thread pool pays off only with cores to spare: on a small machine its threads fight
+# onnxruntime's (which spin for a while after each run): 4 rows took 16 ms a step on 2 cores, against
+# about 0.1 ms one row after another. Below this many CPUs (or rows) the masks are computed in turn.
+PARALLEL_MIN_CPUS = 8
+PARALLEL_MIN_ROWS = 8
+
+
 def prepare_masks(states) -> None:
-    """Compute the next masks of many rows at once (the engine's threads), so each row's ``allowed()``
-    is a lookup; rows already computed, finished or None are skipped."""
+    """Compute the next masks of many rows at once (the engine's threads, on a machine with
+    ``PARALLEL_MIN_CPUS`` or more), so each row's ``allowed()`` is a lookup; rows already computed,
+    finished or None are skipped."""
     global _EXECUTOR
     todo = [s for s in states if s is not None and s._bits is None and not s.finished]
-    if len(todo) < 2:
-        return
+    if len(todo) < PARALLEL_MIN_ROWS or (os.cpu_count() or 1) < PARALLEL_MIN_CPUS:
+        return  # (each row computes its own mask when asked)
     llg = _engine()
     if _EXECUTOR is None:
         _EXECUTOR = llg.LLExecutor()

@@ -149,12 +149,15 @@ def test_apply_masks_logits_and_refuses_wrong_size():
         st.advance(ord("z"))
 
 
-def test_prepare_masks_equals_each_rows_own(world):
+def test_prepare_masks_equals_each_rows_own(world, monkeypatch):
+    monkeypatch.setattr(C, "PARALLEL_MIN_CPUS", 1)  # the engine's thread pool on any machine
+    monkeypatch.setattr(C, "PARALLEL_MIN_ROWS", 2)
     specs = [C.json_schema(SCHEMAS[0]), C.regex("[0-9]{3}"), C.choice(["left", "right"]), C.json_object()]
     rows = [C.compile_constraint(s, world, 65536).start() for s in specs]
     solo = [C.compile_constraint(s, world, 65536).start() for s in specs]
     for step in range(3):
         C.prepare_masks(rows + [None])
+        assert all(r._bits is not None for r in rows if not r.finished)  # computed by the pool
         for r, s in zip(rows, solo):
             np.testing.assert_array_equal(r.allowed(), s.allowed())
         for r, s in zip(rows, solo):  # both advance by the same (first allowed) token
