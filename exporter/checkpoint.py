@@ -79,7 +79,81 @@ def _torch_load(path: Path) -> dict:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(hasattr(v, "dtype") for v in obj.values()):
         raise CheckpointError(f"{path}: not a checkpoint (expected a dict of tensors)")
+    if mmap:
+        _check_zip_records(path, obj)
     return obj
+
+
+def _check_zip_records(path: Path, tensors: dict) -> None:
+    """A memory-mapped load trusts the archive's layout: each tensor is a slice of the file at its
+    record's offset, as long as its storage says, whatever the record's own size (a record shorter than
+    declared would be read from the next record's bytes; torch's non-mapped loader refuses it). So:
+    every record is read once through ``zipfile`` (its local header, stored size and CRC-32 checked, by
+    explicit reads, never through the mapping), and each tensor's storage must lie exactly on one
+    record of its size."""
+    import struct
+
+    import torch
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            offsets = {}
+            with open(path, "rb") as fh:
+                for info in z.infolist():
+                    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                        raise CheckpointError(f"{path}: record {info.filename!r} is compressed; not a PyTorch "
+                                              "checkpoint archive")
+                    fh.seek(info.header_offset)
+                    head = fh.read(30)
+                    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+                        raise zipfile.BadZipFile(f"bad local header of {info.filename!r}")
+                    n_name, n_extra = struct.unpack("<HH", head[26:30])
+                    offsets[info.header_offset + 30 + n_name + n_extra] = info
+                    with z.open(info) as f:  # zipfile checks the CRC-32 at the end of each record
+                        while f.read(1 << 22):
+                            pass
+    except (zipfile.BadZipFile, OSError, EOFError, struct.error, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({msg[:120]})") from None
+    storages = {}
+    for v in tensors.values():
+        if isinstance(v, torch.Tensor):
+            st = v.untyped_storage()
+            if st.nbytes():
+                storages[st.data_ptr()] = st.nbytes()
+    if not storages:
+        return
+    data = {o: i for o, i in offsets.items() if re.search(r"/data/[0-9]+$", i.filename)}
+    base = _mapping_base(path, next(iter(storages)))
+    if base is None:  # no /proc/self/maps: the one base that puts every storage on a data record's first byte
+        bases = None
+        for ptr in storages:
+            cand = {ptr - o for o in data}
+            bases = cand if bases is None else bases & cand
+        if not bases or len(bases) != 1:
+            raise CheckpointError(f"{path}: corrupt checkpoint (its tensors do not lie on the archive's records)")
+        base = bases.pop()
+    for ptr, nbytes in storages.items():
+        info = data.get(ptr - base)
+        if info is None:
+            raise CheckpointError(f"{path}: corrupt checkpoint (a tensor's data does not start at a record of the archive)")
+        if info.file_size != nbytes:
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint (record {info.filename!r} holds "
+                                  f"{info.file_size} bytes, its tensor needs {nbytes})")
+
+
+def _mapping_base(path: Path, ptr: int) -> int | None:
+    """The address at which the file's offset 0 is mapped, from the mapping holding ``ptr`` (Linux)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                head = line.split(maxsplit=5)
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                if lo <= ptr < hi:
+                    return lo - int(head[2], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _refusal_reason(e: Exception) -> str:
@@ -268,6 +342,39 @@ def _read_hf_config(cfg: Path) -> dict:
     if mt is not None and not isinstance(mt, str):
         raise CheckpointError(f"{cfg}: model_type must be a string")
     return d
+
+
+def read_state_tuning(path) -> dict:
+    """The ``blocks.N.att.time_state`` tensors of a state-tuning file (.pth or .safetensors), checked:
+    string keys, real floating-point tensors (complex ones would lose their imaginary part), finite."""
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such file")
+    raw = _safetensors_load(p) if p.suffix == ".safetensors" else _torch_load(p)
+    out = {}
+    for k, v in raw.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{p}: a key that is not a string ({type(k).__name__} {str(k)[:40]!r})")
+        if not k.endswith("att.time_state"):
+            continue
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            what = str(v.dtype).replace("torch.", "") if isinstance(v, torch.Tensor) else type(v).__name__
+            raise CheckpointError(f"{p}: {k!r} is {what}; a learned state is real floating point")
+        check_state_finite(v, f"{p}: {k!r}")
+        out[k] = v
+    return out
+
+
+def check_state_finite(v, what: str) -> None:
+    """A learned initial state with NaN/inf would make every output NaN (and the runtime refuses it)."""
+    import numpy as np
+    import torch
+
+    ok = bool(torch.isfinite(v).all()) if isinstance(v, torch.Tensor) else bool(np.isfinite(v).all())
+    if not ok:
+        raise CheckpointError(f"{what} holds NaN or infinite values; a learned initial state must be finite")
 
 
 def check_finite(ck: Checkpoint, release=None, every: int = 256 * 2**20) -> None:

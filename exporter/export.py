@@ -23,7 +23,7 @@ from rwkv_runtime.manifest import INITIAL_STATE_KEY, MANIFEST_KEY, TOKENIZER_KEY
 
 from . import __version__, arch
 from .arch.graph import GraphOptions
-from .checkpoint import Checkpoint, check_finite, load_checkpoint
+from .checkpoint import Checkpoint, check_finite, check_state_finite, load_checkpoint, read_state_tuning
 from .errors import CheckpointError, ExportError
 from .onnx_graph import OPSET, GraphBuilder, WeightStore
 from .quantize import DynamicInt8Quantizer, PendingStore, Quantizer, quantize_into
@@ -61,12 +61,15 @@ def sequence_path(step_path: Path) -> Path:
     return step_path.with_name(step_path.stem + ".seq" + step_path.suffix)
 
 
-def _tokenizer(opt: ExportOptions, ck: Checkpoint, default: dict) -> tuple[dict, str | None]:
+def _tokenizer(opt: ExportOptions, ck: Checkpoint, default: dict, vocab_size: int) -> tuple[dict, str | None]:
     choice = opt.tokenizer
     if choice is None and ck.tokenizer_file is not None:
         choice = str(ck.tokenizer_file)
     if choice is None:
         return default, None
+    if choice == "bytes" and int(vocab_size) != 256:
+        raise ExportError(f"--tokenizer bytes needs a 256-token vocabulary; this model has {vocab_size} tokens "
+                          "(use world, a tokenizer.json or none)")
     if choice in ("bytes", "world", "none"):
         return {"kind": choice}, None
     p = Path(choice)
@@ -104,6 +107,9 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
     bad = [g for g in opt.graphs if g not in GRAPHS]
     if bad or not opt.graphs:
         raise ExportError(f"--graphs must name some of {', '.join(GRAPHS)} (got {', '.join(opt.graphs) or 'none'})")
+    twice = sorted({g for g in opt.graphs if list(opt.graphs).count(g) > 1})
+    if twice:
+        raise ExportError(f"--graphs names {', '.join(twice)} more than once (got {','.join(opt.graphs)})")
     paths = {"step": out, "sequence": sequence_path(out) if "step" in opt.graphs else out}
     data_path = out.with_name(out.name + ".data")  # the one weights file of the export, when external
     # the set this export replaces: its graphs, the shared weights file, and per-graph weights files
@@ -124,7 +130,7 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
         cfg = spec.config_from_weights(ck.weights, ck.hf_config)
     if int(cfg.get("vocab_size", 0)) < 1:
         raise CheckpointError(f"{ck.path}: empty vocabulary (emb.weight has no rows)")
-    tok, tok_json = _tokenizer(opt, ck, spec.default_tokenizer(cfg))
+    tok, tok_json = _tokenizer(opt, ck, spec.default_tokenizer(cfg), cfg["vocab_size"])
     tick("preparing weights")
     with _inconsistent(ck):
         W = spec.export_weights(ck.weights, cfg)  # views into the memory-mapped checkpoint where possible
@@ -144,8 +150,9 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
     # A random id, not a content hash: hashing would read every weight once more, and two exports of
     # the same checkpoint with different options must not pass for companions of each other.
     export_id = uuid.uuid4().hex
+    allowed = {p.name for p in (out, sequence_path(out))} | {p.name + ".data" for p in (out, sequence_path(out))}
     try:
-        with Staging(out) as st:
+        with Staging(out, inputs=_input_files(ck, opt), allowed=allowed) as st:
             store = st.closing(WeightStore(st.path(data_path.name))) if external else None
             if store is not None:
                 store.after_write = _every(RELEASE_EVERY, lambda: release_mapped(ck.input_files))
@@ -295,19 +302,25 @@ def _check_output_paths(out: Path, paths: list) -> None:
             raise ExportError(f"{p}: is a directory ({what}); remove it or choose another --output")
 
 
-def _check_not_inputs(ck: Checkpoint, opt: ExportOptions, outputs: list) -> None:
-    """Refuse an output path that is one of the export's inputs (it would be replaced)."""
+def _input_files(ck: Checkpoint, opt: ExportOptions) -> list:
+    """Every file the export reads (the checkpoint's files, the state-tuning and tokenizer files)."""
     inputs = list(ck.input_files)
     for extra in (opt.state_tuning, opt.tokenizer):
         if extra and extra not in ("bytes", "world", "none") and Path(extra).is_file():
             inputs.append(Path(extra))
+    return inputs
+
+
+def _check_not_inputs(ck: Checkpoint, opt: ExportOptions, outputs: list) -> None:
+    """Refuse an output path that is one of the export's inputs (it would be replaced)."""
+    inputs = _input_files(ck, opt)
     for o in outputs:
         for i in inputs:
             try:
                 same = o.exists() and os.path.samefile(o, i)
             except OSError:
                 same = False
-            if same or os.path.abspath(o) == os.path.abspath(i):
+            if same or os.path.realpath(o) == os.path.realpath(i):
                 raise ExportError(f"{o}: is an input of this export ({i.name}); choose another --output")
 
 
@@ -334,11 +347,29 @@ def _initial_state(spec, ck: Checkpoint, cfg: dict, opt: ExportOptions) -> dict:
         raise ExportError(f"{spec.name} has no learned initial state (state tuning applies to RWKV-5/6/7)")
     if opt.state_tuning is not None and not Path(opt.state_tuning).is_file():
         raise ExportError(f"--state-tuning {opt.state_tuning}: no such file")
-    return spec.load_state_tuning(opt.state_tuning if opt.state_tuning is not None else ck.weights, cfg)
+    src = read_state_tuning(opt.state_tuning) if opt.state_tuning is not None else ck.weights
+    return _finite_state(spec.load_state_tuning(src, cfg), opt.state_tuning or ck.path)
+
+
+def _finite_state(arrays: dict, where) -> dict:
+    for k, v in arrays.items():
+        check_state_finite(v, f"{where}: the learned state ({k})")
+    return arrays
 
 
 def state_tuning_to_npz(checkpoint, tuning, out) -> Path:
-    """Convert a state-tuning .pth into an .npz the runtime loads (``Session(initial_state=...)``)."""
+    """Convert a state-tuning .pth into an .npz the runtime loads (``Session(initial_state=...)``).
+
+    Written with ``safe_write.write_file``: all or nothing, never over the checkpoint or the tuning file."""
+    import io
+
+    from rwkv_runtime.safe_write import write_file
+
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"{out}: is a directory")
+    if not out.parent.is_dir():
+        raise ExportError(f"output directory {out.parent} does not exist")
     ck = load_checkpoint(checkpoint)
     spec = arch.get(ck.version)
     cfg = spec.config_from_weights(ck.weights, ck.hf_config)
@@ -346,22 +377,28 @@ def state_tuning_to_npz(checkpoint, tuning, out) -> Path:
         raise ExportError(f"{spec.name} has no learned initial state")
     if not Path(tuning).is_file():
         raise ExportError(f"{tuning}: no such file")
-    arrays = spec.load_state_tuning(tuning, cfg)
-    out = Path(out)
-    if out.is_dir():
-        raise ExportError(f"{out}: is a directory")
-    for i in (ck.path, Path(tuning)):
-        if os.path.abspath(out) == os.path.abspath(i) or (out.exists() and os.path.samefile(out, i)):
+    inputs = [*ck.input_files, Path(tuning)]
+    for i in inputs:
+        if _same_file(out, i):
             raise ExportError(f"{out}: is an input ({i.name}); choose another --output")
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp.npz")
+    with _inconsistent(ck, tuning):
+        arrays = _finite_state(spec.load_state_tuning(read_state_tuning(tuning), cfg), tuning)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # small (one state): built in memory, so the write is one step
     try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, out)
+        write_file(out, lambda p: p.write_bytes(buf.getvalue()), inputs=inputs)
     except OSError as e:
-        raise ExportError(f"{out}: cannot write ({e.strerror or type(e).__name__})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        raise ExportError(f"{out}: cannot write ({e.strerror or type(e).__name__}); it was left unchanged") from None
     return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and os.path.samefile(a, b):
+            return True
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def load_manifest(path) -> Manifest:

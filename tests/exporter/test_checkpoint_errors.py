@@ -20,7 +20,7 @@ from rwkv_export.cli import main
 from ..conftest import ref_model
 from ..helpers import blinkdl_logits
 
-NAME = "tiny-rwkv-4v0-660K"
+NAME = "golden-rwkv4"
 TOKENS = list(b'"in')
 
 
@@ -63,9 +63,9 @@ def test_named_checkpoint_cases(sd, tmp_path, change, expect):
 
 def test_nonfinite_weights_refused_unless_allowed(sd, tmp_path):
     d = dict(sd)
-    d["blocks.2.att.value.weight"] = d["blocks.2.att.value.weight"].clone()
-    d["blocks.2.att.value.weight"][3, 4] = float("nan")
-    assert "'blocks.2.att.value.weight' holds NaN" in one_error(*export_dict(d, tmp_path))
+    d["blocks.1.att.value.weight"] = d["blocks.1.att.value.weight"].clone()
+    d["blocks.1.att.value.weight"][3, 4] = float("nan")
+    assert "'blocks.1.att.value.weight' holds NaN" in one_error(*export_dict(d, tmp_path))
     code, out = export_dict(d, tmp_path, "--allow-nonfinite")
     assert code == 0 and (tmp_path / "m.onnx").is_file(), out
 
@@ -103,7 +103,7 @@ def test_malformed_embedded_initial_state_is_one_line(tmp_path):
     from rwkv_export.export import export
     from rwkv_runtime.manifest import INITIAL_STATE_KEY
 
-    out = export(ref_model("tiny-rwkv-7v0-834K"), tmp_path / "m.onnx")[0]
+    out = export(ref_model("golden-rwkv7"), tmp_path / "m.onnx")[0]
     m = onnx.load(str(out))
     props = {p.key: p.value for p in m.metadata_props}
     man = json.loads(props["rwkv.manifest"])
@@ -235,7 +235,7 @@ def test_generated_hf_configs(hf_model, top, fields, raw):
 
 
 def test_damaged_state_tuning_file_is_one_line(tmp_path):
-    ck = ref_model("tiny-rwkv-7v0-834K")
+    ck = ref_model("golden-rwkv7")
     for name, content in (("odd.pth", {"blocks.0.att.time_state": torch.zeros(3, 5)}),
                           ("none.pth", {"foo": torch.zeros(2)}),
                           ("layer.pth", {"blocks.99.att.time_state": torch.zeros(1, 64, 64)})):
