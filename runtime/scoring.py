@@ -29,6 +29,7 @@ class Scores:
     greedy: np.ndarray  # bool: tokens[:, j] is the argmax of its logits (the first maximum, as numpy/torch argmax)
     top_ids: np.ndarray  # int64: the top_k most likely tokens, most likely first (ties: lower id first)
     top_logprobs: np.ndarray  # float64: their log-probabilities
+    rank: np.ndarray  # int64: 1 + the number of tokens more likely than tokens[:, j] (vLLM's rank; 0 unscored)
     logits: np.ndarray  # float32 [batch, vocab]: the logits after the last token (predicting the next one)
     state: object  # State after the last token
     start: int
@@ -67,6 +68,7 @@ class _Recorder:
         self.greedy = np.zeros((B, T), bool)
         self.top_ids = np.full((B, T, k), -1, np.int64)
         self.top_logprobs = np.full((B, T, k), np.nan)
+        self.rank = np.zeros((B, T), np.int64)
         self.start = start
 
     def add(self, j0: int, logits: np.ndarray):
@@ -79,7 +81,9 @@ class _Recorder:
         tgt = self.tokens[:, j0:j0 + n].reshape(-1)
         lp = log_softmax(lg)
         rows = np.arange(B * n)
-        self.logprobs[:, j0:j0 + n] = lp[rows, tgt].reshape(B, n)
+        mine = lp[rows, tgt]
+        self.logprobs[:, j0:j0 + n] = mine.reshape(B, n)
+        self.rank[:, j0:j0 + n] = ((lp > mine[:, None]).sum(-1) + 1).reshape(B, n)
         self.greedy[:, j0:j0 + n] = (np.argmax(lg, -1) == tgt).reshape(B, n)
         if self.k:
             ids, vals = top_k(lp, self.k)
@@ -137,5 +141,5 @@ def score(session, tokens, state=None, start: int = 1, logits=None, top_k: int =
         for j in range(pos, T):
             logits, values = session.backend.run("step", np.ascontiguousarray(t[:, j]), values, session._specs)
             rec.add(j + 1, logits[:, None])
-    return Scores(rec.logprobs, rec.greedy, rec.top_ids, rec.top_logprobs, np.asarray(logits, np.float32),
+    return Scores(rec.logprobs, rec.greedy, rec.top_ids, rec.top_logprobs, rec.rank, np.asarray(logits, np.float32),
                   session._state(values, st.batch_size), int(start))

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import protocol
+from . import prompt_scoring, protocol
 from .engine import Engine, ServeError
 from .metrics import CONTENT_TYPE_LATEST
 from .serving import Serving, ServingConfig
@@ -182,6 +182,8 @@ def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 <
     @app.post("/detokenize")
     async def detokenize(body: protocol.DetokenizeRequest):
         return serving.detokenize(body)
+
+    prompt_scoring.add_routes(app, serving)  # GET /tokenizer_info (lm-evaluation-harness's remote tokenizer)
 
     @app.get("/v1/models")
     async def models():

@@ -80,6 +80,8 @@ class CompletionRequest(_Request):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=5)  # alternatives per token (OpenAI's legacy limit)
+    max_tokens: Optional[int] = Field(None, ge=0)  # 0: the prompt alone (echo, its logprobs): prompt_scoring.py
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=20)  # vLLM's: the prompt tokens' logprobs, k alternatives
     suffix: Optional[str] = None
     best_of: Optional[int] = Field(None, ge=1, le=20)  # (OpenAI's limit)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from rwkv_runtime import RuntimeUserError, Sampler, SamplingParams
 
-from . import protocol, statefile, structured
+from . import prompt_scoring, protocol, statefile, structured
 from .engine import Delta, Engine, Failed, Finished, GenRequest, ServeError
 from .logprobs import TokenTexts
 
@@ -144,10 +144,6 @@ class Serving:
             if req.top_logprobs and not req.logprobs:
                 raise ServeError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
             return (req.top_logprobs or 0) if req.logprobs else None
-        # the prompt's own log-probabilities need a logits row per prompt token; chunked prefill gives one
-        if req.logprobs is not None and req.echo:
-            raise ServeError(400, "echo with logprobs is not supported by this server (prompt tokens have no "
-                             "log-probabilities here)", param="echo")
         return req.logprobs
 
     def _logit_bias(self, req) -> dict | None:
@@ -255,6 +251,8 @@ class Serving:
             raise ServeError(400, "the prompt is empty", param="prompt")
         if req.suffix:
             raise ServeError(400, "suffix is not supported by this server", param="suffix")
+        if prompt_scoring.wanted(req):  # the prompt's own log-probabilities (echo + logprobs), or max_tokens 0
+            return await prompt_scoring.completions(self, req, prompts, is_disconnected, session_id)
         gens = self._requests(req, prompts, req.max_tokens or self._default_max(16), req.stops())
         await self._with_session(gens, session_id)
         echo = [(x if isinstance(x, str) else self.session.decode(x)) if req.echo else "" for x in prompts]
