@@ -75,6 +75,83 @@ def main():
 def export_cmd(checkpoint, out, graphs, wkv, precision, quantize, quant_block, rescale_every, all_logits, state_tuning, tokenizer,
                external_data, allow_nonfinite, quiet):
     """Export CHECKPOINT (BlinkDL .pth, .safetensors, or a Hugging Face RWKV directory) to ONNX."""
+    _isolated(lambda: _export(checkpoint, out, graphs, wkv, precision, quantize, quant_block, rescale_every, all_logits,
+                              state_tuning, tokenizer, external_data, allow_nonfinite, quiet), checkpoint, out)
+
+
+def _isolated(body, checkpoint: Path, out: Path) -> None:
+    """Run ``body`` in a forked child when stdout/stderr are real files (POSIX).
+
+    The export memory-maps the checkpoint; if another program truncates the file meanwhile, the next
+    read of a page past the new end is a SIGBUS, which no Python code can catch. In a child, that (or
+    any other fatal signal) costs only the child: this process then rolls back or removes what it
+    left beside OUT (``safe_write.recover``) and prints one Error line. SIGTERM is passed on to the
+    child (it ends as usual: one line, the old files kept); Ctrl-C reaches the child from the terminal."""
+    import os
+    import signal
+
+    def real_fd(stream) -> bool:
+        try:
+            stream.fileno()
+            return True
+        except (AttributeError, OSError, ValueError):  # click's CliRunner, pytest's capture
+            return False
+
+    if not hasattr(os, "fork") or os.environ.get("RWKV_EXPORT_NO_FORK") or not (real_fd(sys.stdout)
+                                                                           and real_fd(sys.stderr)):
+        return body()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: the whole command, with the usual one-line errors; never returns
+        code = 1
+        try:
+            user_errors(body)()
+            code = 0
+        except click.ClickException as e:
+            e.show()
+            code = e.exit_code
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+        except BaseException:  # noqa: BLE001 - anything else already printed by user_errors' rules
+            code = 1
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    old = {s: signal.signal(s, (lambda signum, frame: os.kill(pid, signum)) if s != signal.SIGINT else signal.SIG_IGN)
+           for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if os.WIFEXITED(status):
+        if os.WEXITSTATUS(status):
+            raise click.exceptions.Exit(os.WEXITSTATUS(status))
+        return
+    sig = os.WTERMSIG(status)
+    from rwkv_runtime.safe_write import recover
+
+    from .export import sequence_path
+
+    names = [p.name for p in (out, sequence_path(out))]
+    recover(out, allowed=names + [n + ".data" for n in names])
+    name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+    why = (f"{checkpoint} changed or was truncated while it was being read" if sig == signal.SIGBUS
+           else "out of memory or killed" if sig == signal.SIGKILL else "a crash")
+    raise click.ClickException(f"the export died of {name} ({why}); {out} and its companions were left unchanged")
+
+
+def _export(checkpoint, out, graphs, wkv, precision, quantize, quant_block, rescale_every, all_logits, state_tuning,
+            tokenizer, external_data, allow_nonfinite, quiet):
     from .export import ExportOptions, export
 
     opts = ExportOptions(graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()), wkv=wkv,
