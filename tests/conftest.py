@@ -1,5 +1,6 @@
-"""Shared fixtures: the reference models in ../shared (skipped with a reason where absent) and
-session-scoped exports so each test file does not re-export."""
+"""Shared fixtures: the golden models in tests/golden (always present), the optional ../shared lane
+(`@pytest.mark.shared`, skipped with a reason where absent) and session-scoped exports so each test file
+does not re-export."""
 from __future__ import annotations
 
 import os
@@ -24,30 +25,69 @@ except ImportError:  # hypothesis is a dev dependency; its tests skip without it
     pass
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-REF = SHARED / "reference" / "models"
+# The golden models every fast test uses: tiny random-weight checkpoints of each architecture with BlinkDL's
+# logits, made by tests/golden/make_golden.py and committed (a clone has everything the fast tests need).
+GOLDEN = REPO / "tests" / "golden"
+REF = GOLDEN  # the folder of reference checkpoints and their BlinkDL logits
+# ../shared (beside the checkout, in CI only): the trained tiny models, rwkv.cpp's logits and the 20B
+# tokenizer, for the optional `shared` lane. RWKV_SHARED_DIR overrides it (a missing folder simulates a clone).
+SHARED = Path(os.environ.get("RWKV_SHARED_DIR") or REPO.parent / "shared")
+SHARED_MODELS = SHARED / "reference" / "models"
 PROMPTS = {"in": b'"in', "atom": b"Describe the structure of an atom."}
+# golden model per architecture (the names the tests use)
+GOLDEN_MODELS = {"rwkv4": "golden-rwkv4", "rwkv5": "golden-rwkv5", "rwkv5.2": "golden-rwkv5.2",
+                 "rwkv6": "golden-rwkv6", "rwkv7": "golden-rwkv7"}
 
 
 def ref_model(name: str) -> Path:
-    p = REF / f"{name}.pth"
-    if not p.is_file():
-        pytest.skip(f"reference model {p} not available (../shared/reference is absent)")
+    """A golden checkpoint (tests/golden/NAME.pth); never skipped: it is part of the repository."""
+    p = GOLDEN / f"{name}.pth"
+    assert p.is_file(), f"golden model {p} is missing (python tests/golden/make_golden.py makes it)"
     return p
 
 
 def ref_logits(name: str, prompt: str) -> np.ndarray:
-    return np.load(REF / f"{name}.blinkdl-logits-{prompt}.npy")
+    """BlinkDL's logits [T, 256] for a golden model after each token of PROMPTS[prompt]."""
+    return np.load(GOLDEN / f"{name}.blinkdl-logits-{prompt}.npy")
+
+
+def shared_missing() -> str | None:
+    """Why the shared lane cannot run here, or None."""
+    if not SHARED_MODELS.is_dir():
+        return f"needs {SHARED}/reference (absent; set RWKV_SHARED_DIR to use a copy elsewhere)"
+    return None
+
+
+def shared_file(rel: str) -> Path:
+    """A file under ../shared/reference, or a one-line skip where it is absent."""
+    p = SHARED / "reference" / rel
+    if not p.is_file():
+        pytest.skip(f"{p} is not available (../shared/reference is absent; see RWKV_SHARED_DIR)")
+    return p
+
+
+def shared_model(name: str) -> Path:
+    """A trained tiny model from ../shared/reference/models (shared lane), or a one-line skip."""
+    return shared_file(f"models/{name}.pth")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `shared` skip with one line where ../shared is absent."""
+    why = shared_missing()
+    if why:
+        for item in items:
+            if item.get_closest_marker("shared"):
+                item.add_marker(pytest.mark.skip(reason=why))
 
 
 @pytest.fixture(scope="session")
 def rwkv4_ref() -> Path:
-    return ref_model("tiny-rwkv-4v0-660K")
+    return ref_model("golden-rwkv4")
 
 
 @pytest.fixture(scope="session")
 def rwkv4_exports(rwkv4_ref, tmp_path_factory) -> dict:
-    """The RWKV-4 reference model exported in plain and plugin mode (step + sequence graphs)."""
+    """The RWKV-4 golden model exported in plain and plugin mode (step + sequence graphs)."""
     from rwkv_export.export import ExportOptions, export
 
     out = {}

@@ -18,7 +18,7 @@ from tests.conftest import REF, SHARED, ref_logits, ref_model
 
 REPO = Path(__file__).resolve().parents[2]
 JS = REPO / "js"
-MODELS = {"v4": "tiny-rwkv-4v0-660K", "v7": "tiny-rwkv-7v0-834K"}
+MODELS = {"v4": "golden-rwkv4", "v7": "golden-rwkv7"}
 PROMPT = b"Describe the structure of an atom."
 SAMPLING = [  # seeded sampling settings both runtimes must agree on token for token
     {"temperature": 1.0, "top_p": 0.85, "top_k": 0, "seed": 7},
@@ -65,9 +65,9 @@ def _state_tuned_v6(d: Path) -> Path:
 
     from tests.helpers import random_state_tuning
 
-    path = ref_model("tiny-rwkv-6v0-1m")
+    path = ref_model("golden-rwkv6")
     random_state_tuning(path, d / "tuned6.pth", seed=0)
-    return export(path, d / "tiny-rwkv-6v0-1m-tuned.onnx", ExportOptions(state_tuning=str(d / "tuned6.pth")))[0]
+    return export(path, d / "golden-rwkv6-tuned.onnx", ExportOptions(state_tuning=str(d / "tuned6.pth")))[0]
 
 
 def _python_case(name: str, path: Path, d: Path, blinkdl: bool = True, ref: str | None = None) -> dict:
@@ -110,7 +110,7 @@ def edge_fixtures(tmp_path_factory) -> Path:
     p = export(ref_model(MODELS["v4"]), ext / "tiny4-ext.onnx", ExportOptions(external_data=True))[0]
     cases.append(_python_case("tiny4-ext", p, d, ref=MODELS["v4"]))
     # RWKV-6 with a learned initial state embedded in the export (no BlinkDL logits for it)
-    cases.append(_python_case("tiny-rwkv-6v0-1m-tuned", _state_tuned_v6(d), d, blinkdl=False))
+    cases.append(_python_case("golden-rwkv6-tuned", _state_tuned_v6(d), d, blinkdl=False))
     # tokenizers: the World vocabulary (BlinkDL's package ships it) and the 20B tokenizer.json
     import rwkv
     from pyrwkv_tokenizer import RWKVTokenizer

@@ -19,7 +19,7 @@ def v7_export(tmp_path_factory):
     from rwkv_export.export import ExportOptions, export
 
     d = tmp_path_factory.mktemp("edge-cli")
-    return export(ref_model("tiny-rwkv-7v0-834K"), d / "tiny7.onnx", ExportOptions())[0]
+    return export(ref_model("golden-rwkv7"), d / "tiny7.onnx", ExportOptions())[0]
 
 
 def _ort_steps(path, manifest, tokens):
@@ -58,7 +58,7 @@ def test_mobile_ort_files_match_the_onnx_export(v7_export, tmp_path):
     got = _ort_steps(out / "tiny7.ort", man, PROMPT)
     want = _ort_steps(v7_export, man, PROMPT)
     assert np.abs(got - want).max() <= 1e-5
-    assert np.abs(got - ref_logits("tiny-rwkv-7v0-834K", "atom")).max() <= 5e-5  # and BlinkDL's logits
+    assert np.abs(got - ref_logits("golden-rwkv7", "atom")).max() <= 5e-5  # and BlinkDL's logits
     # the sequence .ort: the whole prompt at once gives the last step's logits
     import onnxruntime as ort
 
@@ -109,7 +109,7 @@ def test_mobile_folds_external_data_into_the_ort_file(tmp_path):
 
     src = tmp_path / "src"
     src.mkdir()
-    onnx_path = export(ref_model("tiny-rwkv-4v0-660K"), src / "t4.onnx", ExportOptions(external_data=True, graphs=("step",)))[0]
+    onnx_path = export(ref_model("golden-rwkv4"), src / "t4.onnx", ExportOptions(external_data=True, graphs=("step",)))[0]
     from rwkv_export.web import external_files
 
     assert external_files(onnx_path), "the export should use external data"
@@ -119,4 +119,4 @@ def test_mobile_folds_external_data_into_the_ort_file(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["required_operators.config", "t4.manifest.json", "t4.ort"]
     man = json.loads((out / "t4.manifest.json").read_text())
     got = _ort_steps(out / "t4.ort", man, PROMPT)
-    assert np.abs(got - ref_logits("tiny-rwkv-4v0-660K", "atom")).max() <= 5e-5
+    assert np.abs(got - ref_logits("golden-rwkv4", "atom")).max() <= 5e-5

@@ -10,7 +10,7 @@ import pytest
 
 from ..conftest import REF, ref_logits, ref_model
 
-OLD, NEW = "tiny-rwkv-7v0-834K", "tiny-rwkv-6v0-1m"  # two models with different logits
+OLD, NEW = "golden-rwkv7", "golden-rwkv6"  # two models with different logits
 
 
 def snapshot(d: Path) -> dict:

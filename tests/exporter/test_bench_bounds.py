@@ -28,10 +28,10 @@ def exports(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("bounds")
     out = {}
-    for name, ver in (("v4", "tiny-rwkv-4v0-660K"), ("v7", "tiny-rwkv-7v0-834K")):
+    for name, ver in (("v4", "golden-rwkv4"), ("v7", "golden-rwkv7")):
         out[name] = export(ref_model(ver), d / f"{name}.onnx", ExportOptions())[0]
-    out["v7-int4"] = export(ref_model("tiny-rwkv-7v0-834K"), d / "v7-int4.onnx", ExportOptions(quantize="int4"))[0]
-    out["v4-fp16"] = export(ref_model("tiny-rwkv-4v0-660K"), d / "v4-fp16.onnx",
+    out["v7-int4"] = export(ref_model("golden-rwkv7"), d / "v7-int4.onnx", ExportOptions(quantize="int4"))[0]
+    out["v4-fp16"] = export(ref_model("golden-rwkv4"), d / "v4-fp16.onnx",
                             ExportOptions(graphs=("step",), precision="fp16"))[0]
     return out
 

@@ -63,7 +63,7 @@ def test_truncated_and_inconsistent_checkpoints(rwkv4_ref, tmp_path):
     bad["blocks.1.att.key.weight"] = torch.zeros(128, 64)
     torch.save(bad, tmp_path / "shape.pth")
     assert "inconsistent shape" in _one_clean_line(run_cli("export", tmp_path / "shape.pth", "-o", tmp_path / "o.onnx", "-q"))
-    missing = {k: v for k, v in sd.items() if k != "blocks.2.ffn.value.weight"}
+    missing = {k: v for k, v in sd.items() if k != "blocks.1.ffn.value.weight"}
     torch.save(missing, tmp_path / "missing.pth")
     assert "missing keys" in _one_clean_line(run_cli("export", tmp_path / "missing.pth", "-o", tmp_path / "o.onnx", "-q"))
     extra = {**sd, "blocks.0.att.something": torch.zeros(3)}

@@ -11,7 +11,7 @@ from rwkv_export.export import ExportOptions, export, load_manifest
 from ..conftest import PROMPTS, ref_logits
 from ..helpers import blinkdl_logits, random_rwkv4, step_all
 
-NAME = "tiny-rwkv-4v0-660K"
+NAME = "golden-rwkv4"
 
 
 @pytest.mark.parametrize("wkv", ["plain", "plugin"])
@@ -37,7 +37,7 @@ def test_sequence_graph_matches_steps(rwkv4_exports, wkv):
 def test_plugin_export_uses_custom_nodes_with_function_bodies(rwkv4_exports):
     m = onnx.load(str(rwkv4_exports["plugin"]))
     wkv = [n for n in m.graph.node if n.domain == "rwkv"]
-    assert len(wkv) == 4 and {n.op_type for n in wkv} == {"WKV4"}
+    assert len(wkv) == 2 and {n.op_type for n in wkv} == {"WKV4"}
     assert {a.name for a in wkv[0].attribute} == {"plugin_version", "plugin_namespace"}
     assert {(f.domain, f.name) for f in m.functions} == {("rwkv", "WKV4")}
     seq = onnx.load(str(rwkv4_exports["plugin"]).replace(".onnx", ".seq.onnx"))
@@ -50,10 +50,10 @@ def test_manifest_describes_the_model(rwkv4_exports):
     path = rwkv4_exports["plain"]
     onnx.checker.check_model(str(path), full_check=True)
     man = load_manifest(path)
-    assert (man.architecture, man.n_layer, man.n_embd, man.vocab_size) == ("rwkv4", 4, 128, 256)
+    assert (man.architecture, man.n_layer, man.n_embd, man.vocab_size) == ("rwkv4", 2, 64, 256)
     assert man.graph == "step" and man.tokenizer == {"kind": "bytes"} and man.precision == "fp32"
     assert man.companions == {"step": path.name, "sequence": path.name.replace(".onnx", ".seq.onnx")}
-    assert len(man.state) == 20
+    assert len(man.state) == 10  # 5 per layer
     pp = [s for s in man.state if s.name.endswith("wkv_pp")]
     assert pp and all(s.init == -1e30 for s in pp)
     m = onnx.load(str(path))

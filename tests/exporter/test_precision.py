@@ -11,7 +11,7 @@ from rwkv_export.quality import compare_to_reference
 from ..conftest import ref_model
 from ..helpers import step_all
 
-MODELS = ["tiny-rwkv-4v0-660K", "tiny-rwkv-5v2-730K", "tiny-rwkv-6v0-1m", "tiny-rwkv-7v0-834K"]
+MODELS = ["golden-rwkv4", "golden-rwkv5.2", "golden-rwkv6", "golden-rwkv7"]
 PROMPT = b"The structure of an atom is"
 
 
@@ -65,7 +65,7 @@ def test_reduced_precision_greedy_agrees_with_fp32(tmp_path, name, precision):
 @pytest.mark.slow
 def test_fp16_rwkv4_long_rollout_stays_finite(tmp_path):
     """20,000 tokens of float16 RWKV-4 (residual rescaling on): no NaN or inf anywhere."""
-    path = ref_model("tiny-rwkv-4v0-660K")
+    path = ref_model("golden-rwkv4")
     p = export(path, tmp_path / "m.onnx", ExportOptions(precision="fp16", all_logits=True))[0]
     s = rwkv_runtime.Session(p)
     assert s.manifest.options["rescale_every"] == 6
@@ -97,7 +97,7 @@ def test_official_rescaling_barely_changes_fp32_results(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bits, limit", [("int8", 0.01), ("int4", 0.05)])
-@pytest.mark.parametrize("name", ["tiny-rwkv-4v0-660K", "tiny-rwkv-6v0-1m"])
+@pytest.mark.parametrize("name", ["golden-rwkv4", "golden-rwkv6"])
 def test_quantized_cross_entropy_cost(tmp_path, bits, limit, name):
     path = ref_model(name)
     p = export(path, tmp_path / "q.onnx", ExportOptions(graphs=("step",), quantize=bits))[0]
@@ -108,7 +108,7 @@ def test_quantized_cross_entropy_cost(tmp_path, bits, limit, name):
 
 
 def test_bf16_on_onnxruntime_cpu_is_a_clear_error(tmp_path):
-    path = ref_model("tiny-rwkv-4v0-660K")
+    path = ref_model("golden-rwkv4")
     p = export(path, tmp_path / "bf.onnx", ExportOptions(graphs=("step",), precision="bf16"))[0]
     with pytest.raises(rwkv_runtime.RuntimeUserError, match="bfloat16"):
         rwkv_runtime.Session(p)

@@ -28,7 +28,7 @@ def test_streamed_quantisation_equals_onnxruntimes_quantizer(tmp_path, bits, blo
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     mnq.logger.setLevel(logging.WARNING)
-    ck = load_checkpoint(ref_model("tiny-rwkv-7v0-834K"))
+    ck = load_checkpoint(ref_model("golden-rwkv7"))
     spec = arch.get(ck.version)
     cfg = spec.config_from_weights(ck.weights, ck.hf_config)
     g = GraphBuilder("rwkv7_step")
@@ -41,7 +41,7 @@ def test_streamed_quantisation_equals_onnxruntimes_quantizer(tmp_path, bits, blo
     assert _nodes(got) == _nodes(want)
     wi = {t.name: numpy_helper.to_array(t) for t in want.graph.initializer}
     gi = {t.name: numpy_helper.to_array(t) for t in got.graph.initializer}
-    assert set(wi) == set(gi) and sum(n == "MatMulNBits" for n, *_ in _nodes(got)) > 100
+    assert set(wi) == set(gi) and sum(n == "MatMulNBits" for n, *_ in _nodes(got)) > 20  # 2 layers x 13 + head
     for k in wi:
         np.testing.assert_array_equal(gi[k], wi[k], err_msg=k)
 
@@ -53,19 +53,19 @@ def test_cli_quant_block_reaches_the_graph_and_the_manifest(tmp_path):
     from rwkv_runtime.artifact import read_manifest
 
     out = tmp_path / "q.onnx"
-    r = CliRunner().invoke(main, ["export", str(ref_model("tiny-rwkv-4v0-660K")), "-o", str(out), "-q",
+    r = CliRunner().invoke(main, ["export", str(ref_model("golden-rwkv4")), "-o", str(out), "-q",
                                   "--quantize", "int4", "--quant-block", "64", "--graphs", "step"])
     assert r.exit_code == 0, r.output
     blocks = {helper.get_attribute_value(a) for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"
               for a in n.attribute if a.name == "block_size"}
     assert blocks == {64}
     assert read_manifest(out)[0].options["quant_block"] == 64
-    r = CliRunner().invoke(main, ["export", str(ref_model("tiny-rwkv-4v0-660K")), "-o", str(out), "-q",
+    r = CliRunner().invoke(main, ["export", str(ref_model("golden-rwkv4")), "-o", str(out), "-q",
                                   "--quantize", "int4", "--quant-block", "48"])
     assert r.exit_code != 0 and "48" in r.output
     before = out.read_bytes()
     for extra in (["--quantize", "int8-dynamic"], []):  # a block size that nothing would use: refused
-        r = CliRunner().invoke(main, ["export", str(ref_model("tiny-rwkv-4v0-660K")), "-o", str(out), "-q",
+        r = CliRunner().invoke(main, ["export", str(ref_model("golden-rwkv4")), "-o", str(out), "-q",
                                       "--quant-block", "64", *extra])
         assert r.exit_code == 1 and "--quant-block applies to --quantize int8 or int4" in r.output, r.output
         assert out.read_bytes() == before  # the earlier export is untouched
@@ -81,7 +81,7 @@ def test_cli_default_block_is_the_formats_measured_best(tmp_path, fmt, block):
     from rwkv_runtime.artifact import read_manifest
 
     out = tmp_path / "q.onnx"
-    r = CliRunner().invoke(main, ["export", str(ref_model("tiny-rwkv-4v0-660K")), "-o", str(out), "-q",
+    r = CliRunner().invoke(main, ["export", str(ref_model("golden-rwkv4")), "-o", str(out), "-q",
                                   "--quantize", fmt, "--graphs", "step"])
     assert r.exit_code == 0, r.output
     blocks = {helper.get_attribute_value(a) for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"
@@ -90,7 +90,7 @@ def test_cli_default_block_is_the_formats_measured_best(tmp_path, fmt, block):
     assert read_manifest(out)[0].options["quant_block"] == block
 
 
-@pytest.mark.parametrize("name", ["tiny-rwkv-4v0-660K", "tiny-rwkv-6v0-1m", "tiny-rwkv-7v0-834K"])
+@pytest.mark.parametrize("name", ["golden-rwkv4", "golden-rwkv6", "golden-rwkv7"])
 def test_int8_dynamic_against_the_reference(tmp_path, name):
     """--quantize int8-dynamic: every large matrix becomes DynamicQuantizeMatMul with int8 [K, N] weights
     within half a step of the float weights (one scale per output column), and the model's cross-entropy
@@ -117,7 +117,7 @@ def test_int8_dynamic_batch_mates_move_logits_only_slightly(tmp_path):
     alone, but only at the int8 rounding level (the documented price of int8-dynamic)."""
     import rwkv_runtime
 
-    out = export(ref_model("tiny-rwkv-7v0-834K"), tmp_path / "d.onnx", ExportOptions(quantize="int8-dynamic"))[0]
+    out = export(ref_model("golden-rwkv7"), tmp_path / "d.onnx", ExportOptions(quantize="int8-dynamic"))[0]
     s = rwkv_runtime.Session(out)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, s.vocab_size, (16, 8))
@@ -128,7 +128,7 @@ def test_int8_dynamic_batch_mates_move_logits_only_slightly(tmp_path):
         lb, batch = s.step(t, batch)
         worst = max(worst, float(np.abs(la[0] - lb[0]).max() / np.abs(la[0]).max()))
         assert la[0].argmax() == lb[0].argmax()
-    assert worst < 0.05
+    assert worst < 0.08  # relative to the largest logit (~6 on the golden model; the trained one's ~20 gave < 0.05)
 
 
 def test_int8_dynamic_slabs_give_the_one_pass_bytes():

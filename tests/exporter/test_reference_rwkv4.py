@@ -22,7 +22,7 @@ def test_step_form_matches_blinkdl_logits(model, prompt):
         for t in PROMPTS[prompt]:
             logits, st = model.step(torch.tensor([t]), st)
             out.append(logits[0].numpy())
-    assert np.abs(np.stack(out) - ref_logits("tiny-rwkv-4v0-660K", prompt)).max() <= 1e-5
+    assert np.abs(np.stack(out) - ref_logits("golden-rwkv4", prompt)).max() <= 1e-5
 
 
 def test_sequence_form_equals_step_form(model):

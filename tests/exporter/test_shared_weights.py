@@ -130,7 +130,7 @@ def test_mode_and_companion_files_of_a_small_export(tmp_path):
 
     from ..conftest import ref_model
 
-    out = export(ref_model("tiny-rwkv-7v0-834K"), tmp_path / "m.onnx", ExportOptions(external_data=True))[0]
+    out = export(ref_model("golden-rwkv7"), tmp_path / "m.onnx", ExportOptions(external_data=True))[0]
     man = load_manifest(out)
     assert man.options["weights_file"] == "m.onnx.data"
     assert man.export_id and man.export_id == load_manifest(tmp_path / "m.seq.onnx").export_id

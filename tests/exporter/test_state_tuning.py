@@ -17,7 +17,7 @@ PROMPT = b"Describe"
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     """The tiny RWKV-6 and a (made-up but well-scaled) state-tuning file for it."""
-    path = ref_model("tiny-rwkv-6v0-1m")
+    path = ref_model("golden-rwkv6")
     d = tmp_path_factory.mktemp("tuning")
     ts = random_state_tuning(path, d / "tuned.pth", seed=0)
     merged = {**{k: v for k, v in torch.load(path, weights_only=True).items()}, **ts}

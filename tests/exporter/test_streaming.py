@@ -100,11 +100,11 @@ def test_weight_store_writes_a_lazy_array_in_chunks_and_once(tmp_path):
 
 # -- tiny models of every version, every large-matrix path forced lazy (in process) ------------------
 @pytest.mark.parametrize("name,opts", [
-    ("tiny-rwkv-4v0-660K", {"precision": "fp16"}),  # RWKV-4 fp16: the matrices rescaled (divided)
-    ("tiny-rwkv-5v2-730K", {"precision": "bf16"}),
-    ("tiny-rwkv-6v0-1m", {"quantize": "int8"}),
-    ("tiny-rwkv-7v0-834K", {}),
-    ("tiny-rwkv-7v0-834K", {"quantize": "int4"}),
+    ("golden-rwkv4", {"precision": "fp16"}),  # RWKV-4 fp16: the matrices rescaled (divided)
+    ("golden-rwkv5.2", {"precision": "bf16"}),
+    ("golden-rwkv6", {"quantize": "int8"}),
+    ("golden-rwkv7", {}),
+    ("golden-rwkv7", {"quantize": "int4"}),
 ])
 def test_bf16_checkpoint_exports_the_bytes_of_its_float32_conversion(tmp_path, monkeypatch, name, opts):
     from rwkv_export import checkpoint
@@ -139,7 +139,7 @@ def test_stream_leaves_the_reference_path_float32(tmp_path, monkeypatch):
 
     from ..conftest import ref_model
 
-    torch.save({k: v.half() for k, v in torch.load(ref_model("tiny-rwkv-7v0-834K"), weights_only=True).items()},
+    torch.save({k: v.half() for k, v in torch.load(ref_model("golden-rwkv7"), weights_only=True).items()},
                tmp_path / "h.pth")
     monkeypatch.setattr(checkpoint, "STREAM_MIN_ELEMENTS", 1)
     assert {v.dtype for v in checkpoint.load_checkpoint(tmp_path / "h.pth").weights.values()} == {torch.float32}

@@ -13,7 +13,7 @@ from rwkv_runtime.sampling import Sampler, sample_probs
 from ..conftest import PROMPTS, ref_logits
 from ..helpers import step_all
 
-NAME = "tiny-rwkv-4v0-660K"
+NAME = "golden-rwkv4"
 
 
 def test_runtime_runs_with_torch_and_onnx_blocked(rwkv4_exports):

@@ -17,7 +17,7 @@ def need_serve_deps():
     pytest.importorskip("openai", reason="the official openai client (dev extra) is not installed")
 
 REPO = Path(__file__).resolve().parents[2]
-V7 = REPO.parent / "shared" / "reference" / "models" / "tiny-rwkv-7v0-834K.pth"
+V7 = REPO / "tests" / "golden" / "golden-rwkv7.pth"  # the golden RWKV-7 (in the repository)
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +31,6 @@ def default_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def v7_model(tmp_path_factory) -> Path:
-    if not V7.is_file():
-        pytest.skip(f"reference model {V7} not available (../shared/reference is absent)")
     from rwkv_export.export import ExportOptions, export
 
     out = tmp_path_factory.mktemp("serve-v7") / "v7.onnx"

@@ -35,7 +35,7 @@ CASES = [(1, 1, 64), (3, 7, 768), (8, 64, 64), (2, 33, 100)]  # (B, T, C); C=100
 EXPORTED = {"getCreators", "setLoggerFinder", "rwkvTrtRegisterPlugins", "rwkvTrtPluginInfo", "rwkvWkv4Forward",
             "rwkvWkv5Forward", "rwkvWkv6Forward", "rwkvWkv7Forward"}
 DOCUMENTED_LOADERS = ("trtexec --dynamicPlugins", "load_library", "Polygraphy `--plugins", "ctypes.CDLL", "--staticPlugins")
-REF_MODELS = REPO.parent / "shared" / "reference" / "models"
+REF_MODELS = REPO / "tests" / "golden"  # the golden models (in the repository)
 
 
 # -- the Python module ----------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def head_model_exports(tmp_path_factory, ort_available):
 
     out = {}
     d = tmp_path_factory.mktemp("wkvhead_models")
-    for name in ("tiny-rwkv-5v1-730K", "tiny-rwkv-5v2-730K", "tiny-rwkv-6v0-1m", "tiny-rwkv-7v0-834K"):
+    for name in ("golden-rwkv5", "golden-rwkv5.2", "golden-rwkv6", "golden-rwkv7"):
         p = REF_MODELS / f"{name}.pth"
         if p.is_file():
             out[name] = export(p, d / f"{name}.onnx", ExportOptions(wkv="plugin"))
@@ -328,7 +328,7 @@ def _model_feeds(model_path, B, T, rng):
     return feeds
 
 
-@pytest.mark.parametrize("name", ["tiny-rwkv-5v1-730K", "tiny-rwkv-5v2-730K", "tiny-rwkv-6v0-1m", "tiny-rwkv-7v0-834K"])
+@pytest.mark.parametrize("name", ["golden-rwkv5", "golden-rwkv5.2", "golden-rwkv6", "golden-rwkv7"])
 def test_head_host_on_reference_model_nodes(head_host, head_model_exports, name):
     """The first and last rwkv::WKV* node of each exported reference model (step and sequence
     graphs): their real inputs (trained decays, bonuses, the model's own r/k/v/a/b) and outputs,
@@ -343,7 +343,7 @@ def test_head_host_on_reference_model_nodes(head_host, head_model_exports, name)
         for node_index in (0, -1):
             op, ins, (y, s) = href.capture_node_io(path, feeds, node_index)
             fam = href.family(op)
-            assert fam == "WKV" + name.split("-")[2][0] and op.endswith("Seq") == seq  # e.g. 5v1 -> WKV5
+            assert fam == "WKV" + name.split("rwkv")[1][0] and op.endswith("Seq") == seq  # e.g. 5v1 -> WKV5
             ins4 = {n: (a[:, None] if not seq and n in href.OPS[fam].token else a) for n, a in ins.items()}
             got_y, got_s = href.run_host(head_host, fam, ins4)
             got_y = got_y if seq else got_y[:, 0]

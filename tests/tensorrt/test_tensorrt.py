@@ -32,7 +32,7 @@ from rwkv_runtime.manifest import Manifest, StateSpec, encode_state
 from ..conftest import PROMPTS, ref_logits
 from ..helpers import step_all
 
-NAME = "tiny-rwkv-4v0-660K"
+NAME = "golden-rwkv4"
 _REAL_IMPORT_CUDA_CORE = trt_loader.import_cuda_core
 
 

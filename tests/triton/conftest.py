@@ -31,9 +31,9 @@ def triton_exports(tmp_path_factory) -> dict:
     from rwkv_export.export import ExportOptions, export
 
     d = tmp_path_factory.mktemp("triton-exports")
-    out = {"rwkv4": export(ref_model("tiny-rwkv-4v0-660K"), d / "tiny4.onnx")[0],
-           "rwkv7": export(ref_model("tiny-rwkv-7v0-834K"), d / "tiny7.onnx", ExportOptions(graphs=("step",)))[0]}
-    base = ref_model("tiny-rwkv-6v0-1m")
+    out = {"rwkv4": export(ref_model("golden-rwkv4"), d / "tiny4.onnx")[0],
+           "rwkv7": export(ref_model("golden-rwkv7"), d / "tiny7.onnx", ExportOptions(graphs=("step",)))[0]}
+    base = ref_model("golden-rwkv6")
     random_state_tuning(base, d / "tuning.pth", seed=1)
     out["tuned6"] = export(base, d / "tuned6.onnx",
                            ExportOptions(graphs=("step",), state_tuning=str(d / "tuning.pth")))[0]
