@@ -22,11 +22,14 @@ def _run(fn, *a):
 @click.command("web")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="New folder for the bundle.")
-def web_command(model, out):
+@click.option("--ort-web", "ort_web", type=click.Path(path_type=Path), default=None,
+              help="Folder with ONNX Runtime Web 1.30's files: its dist folder, the onnxruntime-web package or the "
+                   "node_modules holding it (`npm install onnxruntime-web@1.30.0`). Default: a checkout's js/node_modules.")
+def web_command(model, out, ort_web):
     """Write a static web bundle for an exported MODEL (.onnx): demo page, JS runtime, ONNX Runtime Web."""
     from .web import write_web_bundle
 
-    files = _run(write_web_bundle, model, out)
+    files = _run(write_web_bundle, model, out, None, ort_web)
     size = sum(f.stat().st_size for f in files)
     click.echo(f"wrote {out} ({len(files)} files, {size / 1e6:.1f} MB); serve it with: python {out / 'serve.py'}")
 

@@ -1,30 +1,40 @@
 """``rwkv-export web MODEL -o DIR``: a static web bundle that runs an export in the browser.
 
-DIR gets the model's graphs (and their external-data files), the JavaScript runtime (js/src), ONNX
-Runtime Web's module and WASM binaries, the tokenizer's files, the demo page (deploy_examples/web) and a
-``bundle.json`` the page reads. Serve it with ``python DIR/serve.py`` (COOP/COEP headers, loopback only).
-The bundle is written to a temporary folder beside DIR and renamed into place: nothing half-written.
+DIR gets the model's graphs (and their external-data files), the JavaScript runtime, ONNX Runtime
+Web's module and WASM binaries, the tokenizer's files, the demo page and a ``bundle.json`` the page
+reads. Serve it with ``python DIR/serve.py`` (COOP/COEP headers, loopback only).
+
+The runtime and the demo page ship inside this package (``rwkv_export/web_assets``: a copy of js/src
+and deploy_examples/web made by scripts/sync_web_assets.py, checked equal by tests/edge), so the
+command works from an installed rwkv-export. ONNX Runtime Web is not ours to ship: its files come from
+``--ort-web DIR`` (a folder from ``npm install onnxruntime-web@1.30.0``), or, in a checkout, from
+js/node_modules. The bundle is staged and committed through rwkv_runtime.safe_write: nothing
+half-written, an existing folder is only ever an empty one.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from rwkv_runtime.artifact import open_artifact
+from rwkv_runtime.safe_write import SafeWrite
 
 from .errors import ExportError
 
 REPO = Path(__file__).resolve().parents[1]
-JS_DIR = REPO / "js"
-DEMO_DIR = REPO / "deploy_examples" / "web"
+JS_DIR = REPO / "js"  # a checkout's js/ (its node_modules is the fallback for ORT Web)
+ASSETS = Path(__file__).resolve().parent / "web_assets"
+RUNTIME_DIR = ASSETS / "rwkv-runtime"  # js/src without node.js
+DEMO_DIR = ASSETS / "demo"
 DEMO_FILES = ("index.html", "app.js", "serve.py")
+ORT_WEB_VERSION = "1.30.0"
 # onnxruntime-web 1.30: the WebGPU-capable module (it also runs WASM) and the binaries it may load
 ORT_FILES = ("ort.webgpu.min.mjs", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm",
              "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")
+HF_MODULE = Path("@huggingface") / "tokenizers" / "dist" / "tokenizers.min.mjs"
 BROWSER_LIMIT = 2**31 - 1  # Chrome's ArrayBuffer limit: one model file must fit
+NPM_STEP = f"`npm install onnxruntime-web@{ORT_WEB_VERSION}` in a folder, then --ort-web FOLDER/node_modules"
 
 
 def external_files(model: Path) -> list[str]:
@@ -53,19 +63,41 @@ def world_vocab() -> Path:
     raise ExportError("the World tokenizer's vocabulary (rwkv_vocab_v20230424.txt) was not found: `pip install rwkv`")
 
 
-def _js_sources(js_dir: Path) -> tuple[Path, Path]:
-    src, ort = js_dir / "src", js_dir / "node_modules" / "onnxruntime-web" / "dist"
-    if not (src / "web.js").is_file():
-        raise ExportError(f"{js_dir}: the JavaScript runtime (js/src) is not there; run from a checkout of rwkv-export")
-    missing = [f for f in ORT_FILES if not (ort / f).is_file()]
-    if missing:
-        raise ExportError(f"{ort}: onnxruntime-web is not installed ({missing[0]} missing); run "
-                          f"`ONNXRUNTIME_NODE_INSTALL=skip npm ci` in {js_dir}")
-    return src, ort
+def find_ort_web(ort_web=None, js_dir: Path | None = None) -> Path:
+    """The folder holding ORT Web's files: ``ort_web`` itself, its ``dist``, or its
+    ``onnxruntime-web/dist`` (so a dist folder, the package folder or a node_modules folder all work);
+    without it, a checkout's js/node_modules."""
+    if ort_web is not None:
+        base = Path(ort_web)
+        if not base.is_dir():
+            raise ExportError(f"--ort-web {base}: no such folder")
+        for d in (base, base / "dist", base / "onnxruntime-web" / "dist"):
+            if (d / ORT_FILES[0]).is_file():
+                missing = [f for f in ORT_FILES if not (d / f).is_file()]
+                if missing:
+                    raise ExportError(f"--ort-web {base}: {missing[0]} is missing from {d} (onnxruntime-web "
+                                      f"{ORT_WEB_VERSION} ships it); {NPM_STEP}")
+                return d
+        raise ExportError(f"--ort-web {base}: no ONNX Runtime Web files there ({ORT_FILES[0]}); {NPM_STEP}")
+    d = Path(js_dir or JS_DIR) / "node_modules" / "onnxruntime-web" / "dist"
+    if all((d / f).is_file() for f in ORT_FILES):
+        return d
+    raise ExportError(f"ONNX Runtime Web's files are needed (they are not part of rwkv-export): {NPM_STEP}")
 
 
-def write_web_bundle(model, out, js_dir: Path | None = None) -> list[Path]:
-    """Write the bundle for ``model`` (an exported .onnx) into the new folder ``out``; returns its files."""
+def _hf_module(ort: Path, js_dir: Path | None) -> Path:
+    """@huggingface/tokenizers' browser module, from the node_modules that ORT Web came from (or js/)."""
+    roots = [p for p in ort.parents if p.name == "node_modules"][:1] + [Path(js_dir or JS_DIR) / "node_modules"]
+    for r in roots:
+        if (r / HF_MODULE).is_file():
+            return r / HF_MODULE
+    raise ExportError("this model's tokenizer.json needs @huggingface/tokenizers in the browser: `npm install "
+                      "@huggingface/tokenizers` beside onnxruntime-web, and pass that node_modules as --ort-web")
+
+
+def write_web_bundle(model, out, js_dir: Path | None = None, ort_web=None) -> list[Path]:
+    """Write the bundle for ``model`` (an exported .onnx) into the new folder ``out``; returns its files.
+    ``ort_web``: a folder with ONNX Runtime Web's files (see find_ort_web); ``js_dir``: a checkout's js/."""
     model, out = Path(model), Path(out)
     art = open_artifact(model)
     if art.engine:
@@ -78,19 +110,25 @@ def write_web_bundle(model, out, js_dir: Path | None = None) -> list[Path]:
     art.initial_state()
     if kind not in ("bytes", "world", "hf-json", "none"):
         raise ExportError(f"{model.name}: tokenizer kind {kind[:40]!r} is not one the web runtime knows; re-export it")
+    if kind == "none":  # the demo page generates text; the runtime refuses that as Python does
+        raise ExportError(f"{model.name} was exported with --tokenizer none: the demo page needs a tokenizer to "
+                          "turn text into tokens; re-export with --tokenizer")
     if kind == "hf-json" and not art.tokenizer_json:
         raise ExportError(f"{model.name}: the manifest names a tokenizer.json but the model does not embed it; re-export it")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: exists and is not an empty folder; choose another -o")
     if not out.parent.is_dir():
         raise ExportError(f"{out.parent}: no such folder")
-    src, ort = _js_sources(Path(js_dir) if js_dir else JS_DIR)
+    if not (RUNTIME_DIR / "web.js").is_file() or not all((DEMO_DIR / f).is_file() for f in DEMO_FILES):
+        raise ExportError(f"{ASSETS}: the web runtime's files are missing from this rwkv-export install; reinstall it")
+    ort = find_ort_web(ort_web, js_dir)
+    tok_module = _hf_module(ort, js_dir) if kind == "hf-json" else None
 
     graphs = [model]
-    for kind in ("step", "sequence"):
-        p = art.companion_path(kind)
+    for g in ("step", "sequence"):
+        p = art.companion_path(g)
         if p is not None and p != model:
-            art.companion(kind)  # checks it belongs to this export
+            art.companion(g)  # checks it belongs to this export
             graphs.append(p)
     data = sorted({d for g in graphs for d in external_files(g)})
     for f in graphs + [model.with_name(d) for d in data]:
@@ -102,41 +140,32 @@ def write_web_bundle(model, out, js_dir: Path | None = None) -> list[Path]:
 
     vocab = world_vocab() if kind == "world" else None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    except OSError as e:  # name the user's folder, not the temporary one
-        raise ExportError(f"{out}: cannot write there ({e.strerror or type(e).__name__})") from None
-    try:
-        for f in graphs + [model.with_name(d) for d in data]:
-            shutil.copy2(f, tmp / f.name)
-        (tmp / "rwkv-runtime").mkdir()
-        for f in [p for p in sorted(src.glob("*.js")) if p.name != "node.js"] + sorted(src.glob("*.d.ts")):
-            shutil.copy2(f, tmp / "rwkv-runtime" / f.name)
-        (tmp / "ort").mkdir()
-        for f in ORT_FILES:
-            shutil.copy2(ort / f, tmp / "ort" / f)
-        tok_module = Path(js_dir or JS_DIR) / "node_modules" / "@huggingface" / "tokenizers" / "dist" / "tokenizers.min.mjs"
-        if kind == "hf-json":
-            if not tok_module.is_file():
-                raise ExportError(f"{tok_module}: missing; run `npm ci` in js/")
-            (tmp / "vendor").mkdir()
-            shutil.copy2(tok_module, tmp / "vendor" / "tokenizers.min.mjs")
-        if vocab is not None:
-            shutil.copy2(vocab, tmp / vocab.name)
-        for f in DEMO_FILES:
-            shutil.copy2(DEMO_DIR / f, tmp / f)
-        (tmp / "bundle.json").write_text(json.dumps({
-            "model": model.name, "graphs": [g.name for g in graphs], "external_data": data,
-            "architecture": man.architecture, "tokenizer": kind, "world_vocab": vocab.name if vocab else None,
-            "export_id": man.export_id, "ort": "ort/ort.webgpu.min.mjs",
-        }, indent=1))
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except OSError as e:  # (disk full, ...): one line naming the user's folder, never the temporary one
-        shutil.rmtree(tmp, ignore_errors=True)
-        where = out if e.filename is None or str(e.filename).startswith(str(tmp)) else e.filename
+        with SafeWrite(out, inputs=graphs + [model.with_name(d) for d in data]) as sw:
+            tmp = sw.path("bundle")
+            tmp.mkdir()
+            for f in graphs + [model.with_name(d) for d in data]:
+                shutil.copy2(f, tmp / f.name)
+            (tmp / "rwkv-runtime").mkdir()
+            for f in sorted(RUNTIME_DIR.iterdir()):
+                if f.is_file():
+                    shutil.copy2(f, tmp / "rwkv-runtime" / f.name)
+            (tmp / "ort").mkdir()
+            for f in ORT_FILES:
+                shutil.copy2(ort / f, tmp / "ort" / f)
+            if tok_module is not None:
+                (tmp / "vendor").mkdir()
+                shutil.copy2(tok_module, tmp / "vendor" / "tokenizers.min.mjs")
+            if vocab is not None:
+                shutil.copy2(vocab, tmp / vocab.name)
+            for f in DEMO_FILES:
+                shutil.copy2(DEMO_DIR / f, tmp / f)
+            (tmp / "bundle.json").write_text(json.dumps({
+                "model": model.name, "graphs": [g.name for g in graphs], "external_data": data,
+                "architecture": man.architecture, "tokenizer": kind, "world_vocab": vocab.name if vocab else None,
+                "export_id": man.export_id, "ort": "ort/ort.webgpu.min.mjs",
+            }, indent=1))
+            sw.commit([("bundle", out)])
+    except OSError as e:  # (disk full, ...): one line naming the user's folder, never the staging one
+        where = out if e.filename is None or ".rwkv-export-" in str(e.filename) else e.filename
         raise ExportError(f"{where}: {e.strerror or type(e).__name__}; {out} was not written") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sorted(p for p in out.rglob("*") if p.is_file())

@@ -53,7 +53,24 @@ async function run(session) {
   demo.last = { prompt, text, stats: { ...gen.stats } };
 }
 
-demo.ready = load().then((session) => {
+// The first ~200 WASM steps run at about half speed (the browser is still compiling ONNX Runtime's
+// WASM to optimised code), so the page runs them before it shows any speed: at most WARMUP_STEPS
+// greedy steps or WARMUP_MS, whichever ends first (?warmup=0 skips it).
+const WARMUP_STEPS = Number(params.get("warmup") ?? 200), WARMUP_MS = 8000;
+async function warmUp(session) {
+  if (!WARMUP_STEPS) return;
+  $("speed").textContent = "warming up…";
+  const t0 = performance.now();
+  let steps = 0;
+  const it = session.generateTokens([0], { temperature: 0, maxNewTokens: WARMUP_STEPS });
+  for await (const _ of it) if (++steps >= WARMUP_STEPS || performance.now() - t0 > WARMUP_MS) break;
+  it.state?.dispose(); // (WebGPU: its GPU buffers)
+  demo.warmup = { steps, ms: performance.now() - t0 };
+  $("speed").textContent = "–";
+}
+
+demo.ready = load().then(async (session) => {
+  await warmUp(session);
   demo.session = session;
   let timer;
   const kick = () => { clearTimeout(timer); timer = setTimeout(() => run(session).catch(fail), 250); };

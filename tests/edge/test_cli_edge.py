@@ -120,3 +120,91 @@ def test_mobile_folds_external_data_into_the_ort_file(tmp_path):
     man = json.loads((out / "t4.manifest.json").read_text())
     got = _ort_steps(out / "t4.ort", man, PROMPT)
     assert np.abs(got - ref_logits("golden-rwkv4", "atom")).max() <= 5e-5
+
+
+def test_web_assets_equal_the_sources():
+    """exporter/web_assets (what the rwkv_export wheel ships for `rwkv-export web`) is js/src (less node.js)
+    and deploy_examples/web, byte for byte: scripts/sync_web_assets.py --check."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "sync_web_assets.py"), "--check"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def _fake_ort_web(folder):
+    """A folder laid out as `npm install onnxruntime-web` leaves it (node_modules/onnxruntime-web/dist)."""
+    from rwkv_export.web import ORT_FILES
+
+    dist = folder / "node_modules" / "onnxruntime-web" / "dist"
+    dist.mkdir(parents=True)
+    for f in ORT_FILES:
+        (dist / f).write_bytes(b"// " + f.encode())
+    return folder / "node_modules"
+
+
+def test_web_works_without_a_checkout_given_ort_web(v7_export, tmp_path, monkeypatch):
+    """No js/ (as from an installed rwkv-export): one line naming the npm step and --ort-web; with --ort-web
+    (a node_modules, a package folder or a dist folder) the bundle has the shipped runtime and ORT Web's files."""
+    import rwkv_export.web as web
+
+    monkeypatch.setattr(web, "JS_DIR", tmp_path / "no-checkout" / "js")
+    runner = CliRunner()
+    r = runner.invoke(main, ["web", str(v7_export), "-o", str(tmp_path / "a")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output  # was: "run from a checkout of rwkv-export"
+    assert "npm install onnxruntime-web@1.30.0" in r.output and "--ort-web" in r.output
+    assert not (tmp_path / "a").exists()
+    nm = _fake_ort_web(tmp_path / "deps")
+    for i, arg in enumerate([nm, nm / "onnxruntime-web", nm / "onnxruntime-web" / "dist"]):
+        out = tmp_path / f"site{i}"
+        r = runner.invoke(main, ["web", str(v7_export), "-o", str(out), "--ort-web", str(arg)])
+        assert r.exit_code == 0, r.output
+        assert (out / "ort" / "ort.webgpu.min.mjs").read_bytes() == b"// ort.webgpu.min.mjs"
+        for f in (web.RUNTIME_DIR).iterdir():
+            assert (out / "rwkv-runtime" / f.name).read_bytes() == f.read_bytes()
+        assert not (out / "rwkv-runtime" / "node.js").exists()
+        assert (out / "app.js").read_bytes() == (web.DEMO_DIR / "app.js").read_bytes()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for bad, why in [(tmp_path / "nope", "no such folder"), (empty, "no ONNX Runtime Web files there")]:
+        r = runner.invoke(main, ["web", str(v7_export), "-o", str(tmp_path / "b"), "--ort-web", str(bad)])
+        assert r.exit_code == 1 and why in r.output and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_web_refuses_a_model_without_tokenizer(tmp_path):
+    """--tokenizer none: the demo page cannot turn text into tokens (the runtime refuses generate, as Python)."""
+    from rwkv_export.export import ExportOptions, export
+
+    m = export(ref_model("golden-rwkv4"), tmp_path / "n.onnx", ExportOptions(tokenizer="none", graphs=("step",)))[0]
+    r = CliRunner().invoke(main, ["web", str(m), "-o", str(tmp_path / "site"), "--ort-web", str(_fake_ort_web(tmp_path / "d"))])
+    assert r.exit_code == 1 and "--tokenizer none" in r.output and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "site").exists()
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_web_runtime(tmp_path):
+    """The rwkv_export wheel carries web_assets (the runtime and the demo page), so `rwkv-export web`
+    works from an installed package."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from .conftest import REPO
+
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+                        str(REPO)], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0 and "No module named" in r.stderr:
+        pytest.skip(f"cannot build a wheel here: {r.stderr.strip().splitlines()[-1][:120]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    [whl] = tmp_path.glob("rwkv_export-*.whl")
+    names = set(zipfile.ZipFile(whl).namelist())
+    from rwkv_export.web import DEMO_FILES, RUNTIME_DIR
+
+    for f in RUNTIME_DIR.iterdir():
+        assert f"rwkv_export/web_assets/rwkv-runtime/{f.name}" in names
+    for f in DEMO_FILES:
+        assert f"rwkv_export/web_assets/demo/{f}" in names
