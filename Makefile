@@ -44,6 +44,10 @@ js/node_modules/.package-lock.json: js/package-lock.json
 	cd js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error \
 	    || echo "warning: npm ci failed in js/ (tests/edge will skip)"
 
+## web-assets: refresh exporter/web_assets (the copy of js/src + the demo page that `rwkv-export web` ships)
+web-assets:
+	python3 scripts/sync_web_assets.py
+
 ## bench: decode/prefill speed as a fraction of the same-run ceiling, next to BlinkDL's rwkv (and rwkv.cpp: RWKVCPP=path),
 ##        and session memory; RWKV-4-169M-shaped model
 bench: $(BIN)/.installed
@@ -82,4 +86,4 @@ bench-scale: $(BIN)/.installed
 clean:
 	rm -rf build
 
-.PHONY: venv demo test test-fast bench bench-quant bench-scale clean
+.PHONY: venv demo test test-fast bench bench-quant bench-scale clean web-assets
