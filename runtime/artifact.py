@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,14 +32,14 @@ from pathlib import Path
 from .errors import RuntimeUserError
 from .onnx_metadata import MAX_META_BYTES as _MAX_META_BYTES  # noqa: F401
 from .onnx_metadata import read_onnx, read_onnx_metadata  # noqa: F401 - read_onnx_metadata: its old home
-from .manifest import (BATCH, FORMAT_VERSION, INITIAL_STATE_KEY, MANIFEST_KEY, TOKENIZER_KEY, Manifest,
-                       StateSpec)
+from .manifest import (BATCH, FIELDS_BY_NAME, FORMAT_VERSION, GRAPH_KINDS, INITIAL_STATE_KEY,  # noqa: F401
+                       MANIFEST_FIELDS, MANIFEST_KEY, PLAIN_FILE_PATTERN, REQUIRED_FIELDS, STATE_FIELDS,
+                       TOKENIZER_KEY, Manifest, StateSpec, check_value)
 from .state import EXPORT_ID_KEY, MAX_STATE_BATCH, STATE_DTYPES, check_state_arrays, read_state_npz  # noqa: F401
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # the one list: TensorRT engine files
 SIDECAR_FORMAT = "rwkv-trt-engine"
 SIDECAR_VERSION = 1
-GRAPH_KINDS = ("step", "sequence")
 
 
 def is_engine(path) -> bool:
@@ -104,66 +103,35 @@ def _bad(where: str, what: str) -> RuntimeUserError:
     return RuntimeUserError(f"{where}: damaged rwkv manifest: {what}; re-export the model")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and not (isinstance(v, float) and math.isnan(v))
-
-
 def plain_file_name(name) -> bool:
     """A file name in the artifact's own folder: no separators, no '..', nothing absolute."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and "\0" not in name and ":" not in name and len(name) < 256)
+    return isinstance(name, str) and re.search(PLAIN_FILE_PATTERN, name) is not None
 
 
-# field -> (check, description): every field the runtime relies on is typed here
-_FIELDS = {
-    "architecture": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "n_layer": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "n_embd": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "vocab_size": (lambda v: _is_int(v) and 1 <= v <= 1 << 24, "an integer in [1, 2^24]"),
-    "graph": (lambda v: v in GRAPH_KINDS, "'step' or 'sequence'"),
-    "precision": (lambda v: isinstance(v, str), "a string"),
-    "opset": (lambda v: _is_int(v), "an integer"),
-    "wkv": (lambda v: isinstance(v, str), "a string"),
-    "tokenizer": (lambda v: isinstance(v, dict) and isinstance(v.get("kind", "none"), str), "an object with a string 'kind'"),
-    "tokens_input": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "logits_output": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "state": (lambda v: isinstance(v, list), "a list"),
-    "dims": (lambda v: isinstance(v, dict), "an object"),
-    "options": (lambda v: isinstance(v, dict), "an object"),
-    "companions": (lambda v: isinstance(v, dict), "an object"),
-    "source": (lambda v: isinstance(v, dict), "an object"),
-    "initial_state": (lambda v: v in ("", "embedded"), "'' or 'embedded'"),
-    "export_id": (lambda v: isinstance(v, str) and len(v) <= 256, "a string"),
-    "exporter_version": (lambda v: isinstance(v, str), "a string"),
-}
-_REQUIRED = ("architecture", "n_layer", "n_embd", "vocab_size", "state", "format_version")
+def _typed(v, schema: dict):
+    """A value that passed its schema, as Python holds it: integral floats (JSON's 4.0) become ints."""
+    if schema.get("type") == "integer" and isinstance(v, float):
+        return int(v)
+    if schema.get("type") == "number" and not isinstance(v, bool):
+        return float(v)
+    if schema.get("type") == "array" and "prefixItems" in schema:  # a state shape: 'batch', then ints
+        return [v[0]] + [int(x) for x in v[1:]]
+    return v
 
 
 def _state_spec(d, i: int, where: str) -> StateSpec:
     if not isinstance(d, dict):
         raise _bad(where, f"state[{i}] is not an object")
-    for k in ("name", "output"):
-        if not isinstance(d.get(k), str) or not d[k]:
-            raise _bad(where, f"state[{i}].{k} must be a non-empty string")
-    shape = d.get("shape")
-    if (not isinstance(shape, list) or not shape or shape[0] != BATCH or BATCH in shape[1:]
-            or not all(_is_int(x) and 1 <= x <= 1 << 24 for x in shape[1:])):
-        raise _bad(where, f"state[{i}].shape must be ['batch', positive ints...], not {str(shape)[:60]}")
-    dtype = d.get("dtype", "float32")
-    if not isinstance(dtype, str) or dtype not in STATE_DTYPES:
-        raise _bad(where, f"state[{i}].dtype must be one of {sorted(STATE_DTYPES)}, not {str(dtype)[:30]}")
-    init = d.get("init", 0.0)
-    if not _is_num(init) or not math.isfinite(init):
-        raise _bad(where, f"state[{i}].init must be a finite number")
-    layer, doc = d.get("layer", -1), d.get("doc", "")
-    if not _is_int(layer) or not isinstance(doc, str):
-        raise _bad(where, f"state[{i}].layer must be an integer and .doc a string")
-    return StateSpec(name=d["name"], output=d["output"], shape=list(shape), dtype=dtype, init=float(init),
-                     layer=layer, doc=doc)
+    kw = {}
+    for f in STATE_FIELDS:  # the one declaration: runtime/manifest.py
+        if f.name not in d:
+            if f.required:
+                raise _bad(where, f"state[{i}].{f.name} must be {f.what}")
+            continue
+        if not check_value(d[f.name], f.schema):
+            raise _bad(where, f"state[{i}].{f.name} must be {f.what}, not {str(d[f.name])[:60]}")
+        kw[f.name] = _typed(d[f.name], f.schema)
+    return StateSpec(**kw)
 
 
 def parse_manifest(text, where: str = "model") -> Manifest:
@@ -180,29 +148,28 @@ def parse_manifest(text, where: str = "model") -> Manifest:
 
 
 def manifest_from_dict(d: dict, where: str = "model") -> Manifest:
-    if d.get("format_version") != FORMAT_VERSION:
+    """A manifest dict checked field by field against ``manifest.MANIFEST_FIELDS`` (the schema), plus the
+    rules no schema keyword states (distinct names); paths it names are confined by ``open_artifact``."""
+    if not check_value(d.get("format_version"), FIELDS_BY_NAME["format_version"].schema):
         v = d.get("format_version")
         raise RuntimeUserError(f"{where}: unsupported manifest format version {str(v)[:20]} (this runtime reads "
                                f"version {FORMAT_VERSION}); re-export the model")
-    for k in _REQUIRED:
+    for k in REQUIRED_FIELDS:
         if k not in d:
             raise _bad(where, f"missing field {k!r}")
-    known = {k: v for k, v in d.items() if k in Manifest.__dataclass_fields__}
-    for k, v in known.items():
-        if k in _FIELDS and not _FIELDS[k][0](v):
-            raise _bad(where, f"{k} must be {_FIELDS[k][1]}")
+    known = {}
+    for f in MANIFEST_FIELDS:
+        if f.name not in d:
+            continue
+        if not check_value(d[f.name], {**f.schema, "items": {}} if f.name == "state" else f.schema):
+            raise _bad(where, f"{f.name} must be {f.what}")
+        known[f.name] = _typed(d[f.name], f.schema)
+    known["format_version"] = FORMAT_VERSION
     known["state"] = [_state_spec(s, i, where) for i, s in enumerate(known["state"])]
-    if not known["state"]:
-        raise _bad(where, "no state tensors")
     names = [s.name for s in known["state"]] + [s.output for s in known["state"]]
     io_names = [known.get("tokens_input", "tokens"), known.get("logits_output", "logits")]
     if len(set(names + io_names)) != len(names) + 2:
         raise _bad(where, "state, token and logits names must all be distinct")
-    for kind, name in known.get("companions", {}).items():
-        if kind not in GRAPH_KINDS:
-            raise _bad(where, f"unknown companion kind {str(kind)[:30]!r}")
-        if not plain_file_name(name):
-            raise _bad(where, f"companion {kind} must be a plain file name in the model's folder, not {str(name)[:60]!r}")
     return Manifest(**known)
 
 
