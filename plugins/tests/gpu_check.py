@@ -488,6 +488,12 @@ def theoretical_bandwidth():
         return None
 
 
+# bandwidth-bound shapes: (B, T, C, dtype) for WKV4; (B, T, H, N, dtype) for WKV5/6/7 (state 32 MiB per way)
+WKV4_BANDWIDTH_CASES = ((256, 1, 4096, np.float32), (64, 256, 2048, np.float16))
+HEAD_BANDWIDTH_CASES = ((64, 1, 32, 64, np.float16), (8, 256, 32, 64, np.float16), (64, 1, 32, 64, np.float32))
+BANDWIDTH_REPS = 30
+
+
 def bandwidth_check(report, lib, hlib, backend, rng):
     ceiling = copy_ceiling(backend)
     peak = theoretical_bandwidth()
@@ -495,7 +501,7 @@ def bandwidth_check(report, lib, hlib, backend, rng):
                + (f"; theoretical HBM {peak:.0f} GB/s" if peak else "; theoretical HBM: unknown (needs CuPy)"))
     rows = []
 
-    def timed(fn, reps=30):
+    def timed(fn, reps=BANDWIDTH_REPS):
         fn()
         backend.synchronize()
         t0 = time.perf_counter()
@@ -504,7 +510,7 @@ def bandwidth_check(report, lib, hlib, backend, rng):
         backend.synchronize()
         return (time.perf_counter() - t0) / reps
 
-    for B, T, C, dt in ((256, 1, 4096, np.float32), (64, 256, 2048, np.float16)):
+    for B, T, C, dt in WKV4_BANDWIDTH_CASES:
         k, v, w, u, state = ref.random_case(rng, B, T, C, dt, warmup=0)
         ins = [backend.to_device(a) for a in (k, v, w, u, *state)]
         y = backend.empty(k.shape, k.dtype)
@@ -515,7 +521,7 @@ def bandwidth_check(report, lib, hlib, backend, rng):
                                                 *(p for _, p in outs)))
         rows.append(("WKV4" + ("Seq" if T > 1 else ""), np.dtype(dt).name, B, T, f"C={C}", nbytes, sec))
     for fam in href.OPS:
-        for B, T, H, N, dt in ((64, 1, 32, 64, np.float16), (8, 256, 32, 64, np.float16), (64, 1, 32, 64, np.float32)):
+        for B, T, H, N, dt in HEAD_BANDWIDTH_CASES:
             ins = href.random_case(rng, fam, B, T, H, N, dt, warmup=0)
             dev = [backend.to_device(ins[n]) for n in href.OPS[fam].inputs]
             yb = backend.empty(ins["r"].shape, dt)
