@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,11 +80,16 @@ def load_target(model, graph: str | None = None, onnx_path=None) -> Target:
     target = read(path, onnx_path)
     man = target.manifest
     if graph and graph != man.graph:
-        companion = man.companions.get(graph)
-        other = path.with_name(companion) if companion else None
-        if other is None or not other.is_file() or (onnx_path and read is _read_engine):
+        from rwkv_runtime.artifact import open_artifact, sidecar_path
+
+        # the companion through the runtime's one reader (confined to the folder, of this export)
+        own = read is _read_onnx or target.manifest_from == sidecar_path(path)  # not a manifest from --onnx
+        art = open_artifact(path) if own else None
+        other = art.companion_path(graph) if art is not None else None
+        if other is None:
             raise ValidationError(f"{path.name} is a {man.graph} graph and its {graph} graph is not beside it "
                                   f"(give that file as MODEL{'' if read is _read_onnx else ', with its --onnx'})")
+        art.companion(graph)  # same export id and state layout
         target = read(other, None)
     return target
 
@@ -102,13 +106,19 @@ def _read_engine(path: Path, onnx_path=None) -> Target:
     ``build-engine`` writes (with the plugin libraries it was built with), or from ``--onnx``, the
     ONNX file it was built from (default: beside it)."""
     if onnx_path is None:
-        from rwkv_runtime.artifact import open_artifact, sidecar_path
+        from rwkv_runtime.artifact import open_artifact, outside_reason, sidecar_path
 
         if sidecar_path(path).is_file():
             art = open_artifact(path)  # the runtime's one reader (the sidecar, validated)
-            recorded = [str(p.get("path")) for p in art.props.get("plugins", []) if isinstance(p, dict)]
-            return Target(path, sidecar_path(path), art.manifest, art.tokenizer_json, art.initial_state(),
-                          [p for p in recorded if Path(p).is_file()])
+            # a recorded library is loaded (its code runs) only from inside the engine's folder: beside it
+            # under its name, or where build-engine loaded it when that lies inside the folder
+            found = []
+            for rec in art.props.get("plugins", []):
+                cands = [path.with_name(rec["name"])] + ([Path(rec["path"])] if rec.get("path") else [])
+                hit = next((c for c in cands if c.is_file() and outside_reason(path, c) is None), None)
+                if hit is not None:
+                    found.append(str(hit))
+            return Target(path, sidecar_path(path), art.manifest, art.tokenizer_json, art.initial_state(), found)
     src = Path(onnx_path) if onnx_path else path.with_suffix(".onnx")
     if not src.is_file():
         raise ValidationError(f"{path.name} is a TensorRT engine with no {path.name}.json sidecar: pass --onnx with the "
@@ -237,6 +247,13 @@ def _trt_runner(target: Target, plugins, chunk: int):
     for lib in libs:
         if not Path(lib).is_file():
             raise ValidationError(f"--plugin {lib}: no such file")
+    # Registered here, TensorRT already imported: Polygraphy's LoadPlugins only dlopens, which registers
+    # nothing for librwkv_trt_plugins.so (docs/validation.md); its dlopen afterwards is then a no-op.
+    import tensorrt
+
+    from .polygraphy_run import register_plugins
+
+    register_plugins(tensorrt, libs)
     # build once (plugins loaded first); the runner reuses the engine for both checks
     engine = trt_engine_loader(target, libs, chunk)()
     return TrtRunner(engine, name=f"trt-{target.path.name}")
@@ -557,8 +574,8 @@ def validate(model, reference, backend: str = "onnxruntime", graph: str | None =
         raise ValidationError(f"--chunk must be at least 1, not {chunk}")
     target = load_target(model, graph, onnx_path)
     man = target.manifest
-    _check_save_paths({"--save-inputs": save_inputs, "--save-outputs": save_outputs},
-                      _input_files(model, target, reference, onnx_path, plugins))
+    read = _input_files(model, target, reference, onnx_path, plugins)
+    _check_save_paths({"--save-inputs": save_inputs, "--save-outputs": save_outputs}, read)
     if target.is_engine:
         backend = "tensorrt"
     if backend == "tensorrt":
@@ -571,7 +588,9 @@ def validate(model, reference, backend: str = "onnxruntime", graph: str | None =
     ids = prompt_ids(target, prompt, tokens)
     ref = load_reference(reference, man)
     seq = man.graph == "sequence"
-    roll = make_rollout(ref, target, ids, max(steps, len(ids)), chunk)
+    # a sequence graph is compared once per call (its logits at the call's last token): --steps counts
+    # calls there, so that `--steps 4` checks 4 steps on either graph (it used to be 4 tokens: one call)
+    roll = make_rollout(ref, target, ids, max(steps * chunk if seq else steps, len(ids)), chunk)
 
     out = []
 
@@ -606,11 +625,12 @@ def validate(model, reference, backend: str = "onnxruntime", graph: str | None =
                                      outputs=[man.logits_output])
             if save_inputs:
                 _save_atomically(save_inputs, lambda dest: save_json(roll.feeds, dest,
-                                                                     description="rwkv-export validate: rollout feeds"))
+                                                                     description="rwkv-export validate: rollout feeds"),
+                                 read)
             if save_outputs:
                 only_ref = RunResults()
                 only_ref.append(results[1])  # the reference's outputs alone, as polygraphy --load-outputs reads them
-                _save_atomically(save_outputs, only_ref.save)
+                _save_atomically(save_outputs, only_ref.save, read)
         except PolygraphyException as e:
             raise ValidationError(f"Polygraphy: {(str(e).strip().splitlines() or ['failed'])[0][:200]}") from None
     # free-running state drift, for information (the verdict is on the logits)
@@ -650,7 +670,8 @@ def validate(model, reference, backend: str = "onnxruntime", graph: str | None =
     passed = tf_ok and fr_ok and tf_bad is None and fr_bad is None
     say("")
     if passed:
-        say(f"PASS: {len(tf_rows)} teacher-forced and {len(fr_rows)} free-running steps within tolerance")
+        calls = f" (calls of the sequence graph, {chunk} tokens each)" if seq else ""
+        say(f"PASS: {len(tf_rows)} teacher-forced and {len(fr_rows)} free-running steps{calls} within tolerance")
     elif tf_bad is None and fr_bad is None:
         say("FAIL: Polygraphy's comparison failed, though no single step did")
     else:
@@ -693,25 +714,23 @@ def _check_save_paths(outputs: dict, inputs: list) -> None:
                 same = out.exists() and other.exists() and os.path.samefile(out, other)
             except OSError:
                 same = False
-            if same or os.path.abspath(out) == os.path.abspath(other):
+            if same or os.path.realpath(out) == os.path.realpath(other):
                 what = f"also {seen[other]}" if other in seen else f"a file this check reads ({other.name})"
                 raise ValidationError(f"{opt} {out}: is {what}; choose another file")
         seen[out] = opt
 
 
-def _save_atomically(dest, write) -> None:
-    """``write(path)`` into a temporary file beside ``dest``, then renamed over it: a failed write (disk
-    full, Ctrl-C) leaves ``dest`` as it was and no partial file."""
+def _save_atomically(dest, write, inputs=()) -> None:
+    """``write(path)`` through ``safe_write.write_file``: staged beside ``dest``, then renamed over it; a
+    failed write (disk full, Ctrl-C) leaves ``dest`` as it was and no partial file; never over an input."""
+    from rwkv_runtime.safe_write import write_file
+
     dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        write(str(tmp))
-        os.replace(tmp, dest)
+        write_file(dest, lambda p: write(str(p)), inputs=inputs)
     except OSError as e:
         raise ValidationError(f"{dest}: cannot write it ({e.strerror or type(e).__name__}); "
                               "an existing file was left unchanged") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _short(names: list, n: int = 4) -> list:
@@ -724,14 +743,16 @@ def polygraphy_command(target: Target, backend: str, save_inputs, save_outputs, 
     tail = f"--load-inputs {save_inputs} --load-outputs {save_outputs} --atol {atol:g} --rtol {rtol:g}"
     if backend == "onnxruntime":
         return f"polygraphy run {target.path} --onnxrt {tail}"
-    cmd = f"polygraphy run {target.path} --trt"
-    if target.is_engine:
-        cmd = f"polygraphy run {target.path} --model-type engine --trt"
     libs = list(plugins) or list(target.plugins)
     if not libs and target.manifest.wkv == "plugin":
         from .trt_plugin import find_plugin
 
         libs = [find_plugin() or "librwkv_trt_plugins.so"]
+    # with plugins, Polygraphy through our wrapper: it imports TensorRT before the libraries load
+    prog = "python -m rwkv_export.polygraphy_run run" if libs else "polygraphy run"
+    cmd = f"{prog} {target.path} --trt" + ("" if target.is_engine else " --strongly-typed")
+    if target.is_engine:
+        cmd = f"{prog} {target.path} --model-type engine --trt"
     if libs:
         cmd += " --plugins " + " ".join(str(p) for p in libs)
     if target.manifest.graph == "sequence" and not target.is_engine:
@@ -750,7 +771,8 @@ def polygraphy_command(target: Target, backend: str, save_inputs, save_outputs, 
 @click.option("--graph", type=click.Choice(["step", "sequence"]), default=None,
               help="Which graph of the export to check (default: the one MODEL is; the other is found beside it).")
 @click.option("--steps", default=DEFAULT_STEPS, show_default=True, type=click.IntRange(1),
-              help="Tokens in the rollout (the prompt, then the reference's greedy continuation).")
+              help="Steps checked: tokens of the rollout for a step graph, calls of --chunk tokens for a sequence "
+                   "graph (the rollout: the prompt, then the reference's greedy continuation).")
 @click.option("--prompt", default=None, help="Start of the rollout, encoded with the model's tokenizer "
               "(default: the start token 0).")
 @click.option("--tokens", default=None, help="Start of the rollout as token ids (1,2,3), instead of --prompt.")
