@@ -300,7 +300,8 @@ class Row:
         return self.sampler(self.logits, mask)
 
     def accept(self, token: int, now: float) -> "Out":
-        """Take a sampled token: its text (stop strings, logprobs); sets ``reason`` if the row ends here."""
+        """Take a sampled token: its text (stop strings, logprobs); sets ``reason`` (also on the Out) if
+        the row ends here, and then delivers what was held back (``TextStream.finish``)."""
         out = Out(self, token)
         if token in self.stop_ids:
             self.reason = "stop"
@@ -312,7 +313,7 @@ class Row:
             entry = token_logprob(self.logits, token, self.logprobs) if self.logprobs is not None else None
             out.text, out.logprobs, stopped = self.text.push(token, entry)
         if stopped:
-            self.reason = "stop"
+            self.reason = out.reason = "stop"
             return out
         if self.constraint is not None and self.constraint.advance(token):
             self.reason = "stop"
@@ -330,6 +331,7 @@ class Row:
                 out.logprobs = (out.logprobs or []) + lps
             if stopped:  # the held-back text completed a stop string after all
                 self.reason = "stop"
+        out.reason = self.reason
         return out
 
 
@@ -515,11 +517,11 @@ class Batch:
         i = self.rows.index(row)
         self._drop([i])
 
-    def _drop(self, idx: list, new_state: State | None = None) -> None:
+    def _drop(self, idx: list) -> None:
         """Rows idx leave; those with keep_state get their state (one copy of the batch for them all)."""
         if not idx:
             return
-        st = self.state if new_state is None else new_state
+        st = self.state
         wanted = [i for i in idx if self.rows[i].keep_state]
         if wanted:
             if len(self.rows) == 1:
@@ -555,7 +557,6 @@ class Batch:
             outs.append(out)
             toks.append(out.token)
             if row.reason is not None:
-                out.reason = row.reason
                 if row.feed_last and out.appended:
                     self._leaving.append(row)
                 else:
@@ -587,7 +588,10 @@ class Batch:
                 self._drop([0])
                 return failed
             log.exception("a model step of %d rows failed as a batch; retrying row by row", len(self.rows))
-            results = step_rows(self.session, toks, [self.state.select([i]) for i in range(len(self.rows))])
+            arrays = self.state.numpy()  # (one copy of the batch, then a batch-1 state per row)
+            rows = [self.session.state_from_numpy({k: v[i:i + 1] for k, v in arrays.items()})
+                    for i in range(len(self.rows))]
+            results = [step_rows(self.session, toks[i:i + 1], [rows[i]])[0] for i in range(len(rows))]
             bad = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
             for i in bad:
                 failed.append(_failed(self.rows[i], results[i], "a model step", self.log_failures))

@@ -209,3 +209,31 @@ def test_generate_is_a_batch_of_one_that_matches_stepping(tiny_session):
     assert text == s.decode(toks) and gen.stats["new_tokens"] == 6
     for k, v in st.numpy().items():
         np.testing.assert_allclose(gen.state.numpy()[k], v, atol=1e-6)
+
+
+def test_a_tokenizer_that_raises_for_one_row_ends_that_row(tiny_session, caplog):
+    """Detokenizing is per row too: a tokenizer failing on one row's third token ends that row with the
+    error; the other row's text is what generate gives alone."""
+    s = tiny_session
+
+    class Breaks:
+        calls = 0
+
+        def decode(self, ids):
+            Breaks.calls += 1
+            if Breaks.calls == 3:
+                raise KeyError("injected tokenizer failure")
+            return s.tokenizer.decode(ids)
+
+    want = "".join(s.generate(PROMPTS[0], 8, temperature=0))
+    b = Batch(s)
+    rows = [Row(Sampler(SamplingParams(temperature=0)), max_new_tokens=8, text=TextStream(t))
+            for t in (s.tokenizer, Breaks())]
+    for r, p in zip(rows, PROMPTS):
+        logits, st = s.prefill([p])
+        b.add(r, st, logits)
+    text = ""
+    while b.rows:
+        text += "".join(o.text for o in b.step() if o.row is rows[0])
+    assert text == want and rows[0].reason == "length"
+    assert isinstance(rows[1].error, KeyError) and len(rows[1].tokens) == 3 and "Traceback" in caplog.text
