@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import click
 
 from rwkv_runtime.manifest import INITIAL_STATE_KEY, Manifest
+from rwkv_runtime.safe_write import SafeWrite, write_file
 from rwkv_runtime.artifact import ENGINE_SUFFIXES, SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
 from rwkv_runtime.tensorrt.loader import import_tensorrt, load_plugin_library, trt_logger
 
@@ -235,8 +235,8 @@ def _registered(trt) -> set:
 
 
 def _check_plugins(trt, g: _Graph, echo) -> bool:
-    """True when every custom node has a registered plugin creator; warn for the others (the parser
-    then builds the node from its ONNX function body, if the model has one)."""
+    """True when any custom node has a registered plugin creator (so plugin layers are expected); warn
+    for each one that has none (the parser then builds it from its ONNX function body, if it has one)."""
     if not g.custom_ops:
         return False
     have = _registered(trt)
@@ -334,13 +334,17 @@ def _build(trt, log, model: Path, out: Path, opts: EngineOptions, say, progress:
     for p in plugins:
         say(f"loading plugin library {p}")
         load_plugin_library(trt, p, echo=say)
-    # which graphs must come out with plugin layers (their custom nodes all have a registered creator)
+    # which graphs must come out with plugin layers (any of their custom nodes has a registered creator)
     expects = {id(g): _check_plugins(trt, g, say) for g in graphs} if version >= MIN_PLUGIN_TRT else {}
 
     cache = None
     cache_path = Path(opts.timing_cache) if opts.timing_cache else None
     built = []
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".rwkv-engine-") as tmp:
+    # every file the build reads: no engine, sidecar or cache may replace one (safe_write refuses)
+    inputs = [g.onnx for g in graphs] + [Path(p) for p in plugins]
+    inputs += [g.onnx.parent / n for g in graphs for n in (g.manifest.options.get("weights_file"),) if n]
+    with SafeWrite(out, inputs=inputs) as sw:
+        tmp = sw.dir
         for g in graphs:
             say(f"parsing {g.onnx.name} ({g.kind} graph, {g.manifest.precision}, wkv {g.manifest.wkv})")
             network, parser = _parse(trt, builder, log, g)
@@ -388,16 +392,14 @@ def _build(trt, log, model: Path, out: Path, opts: EngineOptions, say, progress:
             say(f"built {g.engine.name} in {time.perf_counter() - t0:.1f} s")
             built.append((staged, g.engine))
             del parser, network, config
-        cache_staged = None
-        if cache is not None:
-            cache_staged = Path(tmp) / "timing.cache"
-            cache_staged.write_bytes(bytes(memoryview(cache.serialize())))
-        # everything built: move into place, each sidecar before its engine
+        # everything built: one all-or-nothing commit, each sidecar before its engine
+        moves = []
         for staged, target in built:
-            os.replace(sidecar_path(staged), sidecar_path(target))
-            os.replace(staged, target)
-        if cache_staged is not None:
-            os.replace(cache_staged, cache_path)
+            moves += [(sidecar_path(staged).name, sidecar_path(target)), (staged.name, target)]
+        sw.commit(moves)
+    if cache is not None:  # its own folder may differ: a second atomic write, after the engines
+        data = bytes(memoryview(cache.serialize()))
+        write_file(cache_path, lambda p: p.write_bytes(data), inputs=inputs)
     return [target for _, target in built]
 
 

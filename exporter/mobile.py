@@ -14,11 +14,11 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from rwkv_runtime.artifact import open_artifact
 from rwkv_runtime.manifest import MANIFEST_KEY
+from rwkv_runtime.safe_write import PREFIX, SafeWrite
 
 from .errors import ExportError
 
@@ -79,53 +79,62 @@ def write_mobile(model, out) -> list[Path]:
             art.companion(kind)  # same export (export id, state layout)
             graphs[kind] = p
 
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    except OSError as e:  # name the user's folder, not the temporary one
-        raise ExportError(f"{out}: cannot write there ({e.strerror or type(e).__name__})") from None
-    try:
-        names = {}
-        for kind, src in graphs.items():
-            work = tmp / f".convert-{kind}"
-            work.mkdir()
-            # convert from a folder holding only this graph (and its external data), so the tool's
-            # directory scan cannot pick up the other graph
-            staged = work / "in"
-            staged.mkdir()
-            from .web import external_files
+    from .web import external_files
 
-            for f in [src.name, *external_files(src)]:
-                os.symlink(src.with_name(f).resolve(), staged / f)
-            ort_file = _convert(staged / src.name, work / "out")
-            if ort_file.stat().st_size > ORT_FORMAT_LIMIT:
-                raise ExportError(f"{ort_file.name}: over the ORT format's 2 GB limit; export a smaller or quantized model")
-            if MANIFEST_KEY not in ort_metadata(ort_file):
-                raise ExportError(f"{ort_file.name}: the ORT format dropped the model's metadata (rwkv manifest)")
-            names[kind] = src.stem + ".ort"  # the tool appends the optimisation level; drop it
-            os.replace(ort_file, tmp / names[kind])
-            configs = sorted((work / "out").glob("*.config"))
-            if configs:
-                os.replace(configs[0], tmp / f"{kind}.required_operators.config")
-            shutil.rmtree(work)
-        # one config for both graphs: the union of their operators (the format's lines are "domain;opset;ops")
-        _merge_configs(sorted(tmp.glob("*.required_operators.config")), tmp / "required_operators.config")
-        man = json.loads(art.manifest.to_json())
-        man["companions"] = names
-        main_name = names[art.manifest.graph]
-        (tmp / (Path(main_name).stem + ".manifest.json")).write_text(json.dumps(man, indent=1, sort_keys=True))
-        if art.tokenizer_json:
-            (tmp / "tokenizer.json").write_text(art.tokenizer_json, encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except OSError as e:  # (disk full, ...): one line naming the user's folder, never the temporary one
-        shutil.rmtree(tmp, ignore_errors=True)
-        where = out if e.filename is None or str(e.filename).startswith(str(tmp)) else e.filename
+    inputs = []
+    for src in graphs.values():
+        inputs.append(src)
+        for f in external_files(src):
+            # an external-data location is a plain name in the model's folder: never a path elsewhere
+            if not _plain_name(f):
+                raise ExportError(f"{src}: its weights are stored at {f!r}, not a file in the model's folder; "
+                                  "refused (re-export the model)")
+            if not src.with_name(f).is_file():
+                raise ExportError(f"{src}: its weights file {src.with_name(f)} is missing")
+            inputs.append(src.with_name(f))
+    try:
+        with SafeWrite(out, inputs=inputs) as sw:
+            tmp = sw.path(out.name)
+            tmp.mkdir()
+            names = {}
+            for kind, src in graphs.items():
+                work = sw.path(f".convert-{kind}")
+                work.mkdir()
+                # convert from a folder holding only this graph (and its external data), so the tool's
+                # directory scan cannot pick up the other graph
+                staged = work / "in"
+                staged.mkdir()
+                for f in [src.name, *external_files(src)]:
+                    os.symlink(src.with_name(f).resolve(), staged / f)
+                ort_file = _convert(staged / src.name, work / "out")
+                if ort_file.stat().st_size > ORT_FORMAT_LIMIT:
+                    raise ExportError(f"{ort_file.name}: over the ORT format's 2 GB limit; export a smaller or quantized model")
+                if MANIFEST_KEY not in ort_metadata(ort_file):
+                    raise ExportError(f"{ort_file.name}: the ORT format dropped the model's metadata (rwkv manifest)")
+                names[kind] = src.stem + ".ort"  # the tool appends the optimisation level; drop it
+                os.replace(ort_file, tmp / names[kind])
+                configs = sorted((work / "out").glob("*.config"))
+                if configs:
+                    os.replace(configs[0], tmp / f"{kind}.required_operators.config")
+                shutil.rmtree(work)
+            # one config for both graphs: the union of their operators (the format's lines are "domain;opset;ops")
+            _merge_configs(sorted(tmp.glob("*.required_operators.config")), tmp / "required_operators.config")
+            man = json.loads(art.manifest.to_json())
+            man["companions"] = names
+            main_name = names[art.manifest.graph]
+            (tmp / (Path(main_name).stem + ".manifest.json")).write_text(json.dumps(man, indent=1, sort_keys=True))
+            if art.tokenizer_json:
+                (tmp / "tokenizer.json").write_text(art.tokenizer_json, encoding="utf-8")
+            sw.commit([(out.name, out)])  # the new folder replaces the absent (or empty) one in one rename
+    except OSError as e:  # (disk full, ...): one line naming the user's folder, never the staging one
+        inside = e.filename is None or PREFIX in str(e.filename)
+        where = out if inside else e.filename
         raise ExportError(f"{where}: {e.strerror or type(e).__name__}; {out} was not written") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sorted(p for p in out.iterdir() if p.is_file())
+
+
+def _plain_name(f: str) -> bool:
+    return bool(f) and f not in (".", "..") and "/" not in f and "\\" not in f and ":" not in f and "\0" not in f
 
 
 def _merge_configs(parts: list, target: Path) -> None:

@@ -88,7 +88,11 @@ class UnsafeOutput(RuntimeUserError):
 
 
 class OutputIsInput(UnsafeOutput):
-    """A target names a file (or a folder holding a file) the writer reads."""
+    """A target names a file (or a folder holding a file) the writer reads (``.output``, ``.input``)."""
+
+    def __init__(self, msg: str, output=None, input=None):
+        super().__init__(msg)
+        self.output, self.input = output, input
 
 
 def _prefix(out: Path) -> str:
@@ -128,7 +132,7 @@ def check_not_inputs(outputs, inputs) -> None:
         o = Path(o)
         for i in inputs:
             if _same(o, i) or (os.path.isdir(o) and _inside(i, o)):
-                raise OutputIsInput(f"{o}: is an input ({i.name}); choose another output path")
+                raise OutputIsInput(f"{o}: is an input ({i.name}); choose another output path", o, i)
 
 
 def staging_folders(out) -> list:

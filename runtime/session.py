@@ -188,7 +188,23 @@ class Session:
         return self.state_from_numpy(read_state_npz(path, self._specs, str(path), self.export_id))
 
     def save_state(self, state: State, path) -> None:
-        state.save(path)
+        """``state.save(path)``, refusing a path that is one of this model's files (its graphs, their
+        weights files, an engine's sidecar): a state never replaces the model it belongs to."""
+        state.save(path, inputs=self._model_files())
+
+    def _model_files(self) -> list:
+        from .artifact import is_engine, sidecar_path
+
+        graphs = [self.path] + [p for k in ("step", "sequence") for p in (self.artifact.companion_path(k),) if p]
+        files = list(graphs)
+        weights = self.manifest.options.get("weights_file")
+        if isinstance(weights, str) and weights:
+            files.append(self.path.with_name(weights))
+        for g in graphs:
+            files.append(g.with_name(g.name + ".data"))  # an older export's per-graph weights file
+            if is_engine(g):
+                files.append(sidecar_path(g))
+        return files
 
     def _coerce_state(self, state, batch: int) -> State:
         if state is None:

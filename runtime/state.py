@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -51,37 +50,43 @@ class State:
         return State({k: self._backend.from_numpy(v) for k, v in self.numpy().items()}, self.specs,
                      self.batch_size, self._backend, self.export_id)
 
-    def save(self, path) -> None:
+    def save(self, path, inputs=()) -> None:
         """Write the state to an ``.npz`` (plain arrays and the export id; loading it never runs code).
 
-        Atomic: written to a temporary file in the same folder, then renamed over ``path``; on any
-        failure (disk full, permission, an exception, Ctrl-C) the temporary file is removed and ``path``
-        keeps its old content.
+        All or nothing (``rwkv_runtime.safe_write``): staged in a private folder beside ``path``, then
+        renamed over it; on any failure (disk full, permission, an exception, Ctrl-C) ``path`` keeps its
+        old content and nothing is left behind. ``inputs``: files that must never be replaced (the
+        model's own files: ``Session.save_state`` passes them), compared as the same file (links too).
         """
+        from .safe_write import OutputIsInput, write_file
+
         if not isinstance(path, (str, os.PathLike)):
             raise RuntimeUserError(f"State.save needs a file path (str or Path), not {type(path).__name__}")
         path = Path(path)
-        if path.is_dir():
-            raise RuntimeUserError(f"{path}: is a directory")
+        try:
+            if path.is_dir():
+                raise RuntimeUserError(f"{path}: is a directory")
+            if not (path.parent if str(path.parent) else Path(".")).is_dir():
+                raise RuntimeUserError(f"{path}: cannot write the state (the folder {path.parent} does not exist)")
+        except (OSError, ValueError) as e:  # a NUL in the name, a name too long
+            if isinstance(e, RuntimeUserError):
+                raise
+            raise RuntimeUserError(f"{str(path)[:200]}: cannot write the state ({getattr(e, 'strerror', None) or e})") from None
         arrays = self.numpy()
         arrays[EXPORT_ID_KEY] = np.array(self.export_id)
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".npz.tmp", dir=path.parent if str(path.parent) else ".")
-        except OSError as e:
-            raise RuntimeUserError(f"{path}: cannot write there ({e.strerror or e})") from None
-        try:
-            with os.fdopen(fd, "wb") as f:
+
+        def write(p):
+            with open(p, "wb") as f:
                 np.savez(f, **arrays)
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
-        except BaseException as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if isinstance(e, (OSError, ValueError)):  # ValueError: a NUL in the name
-                raise RuntimeUserError(f"{path}: cannot write the state ({getattr(e, 'strerror', None) or e})") from None
-            raise
+
+        try:
+            write_file(path, write, inputs=inputs)
+        except OutputIsInput as e:
+            raise RuntimeUserError(f"{path}: is one of the model's files ({e.input.name}); a state would replace "
+                                   "it: choose another path") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+            raise RuntimeUserError(f"{path}: cannot write the state ({getattr(e, 'strerror', None) or e}); "
+                                   "an existing file was left unchanged") from None
 
     def select(self, rows) -> "State":
         """The states of some sequences of the batch (gather along the batch axis)."""
