@@ -102,13 +102,12 @@ def cli_options() -> list[CliOption]:
 
 def _check(o: CliOption, v):
     fl, name = o.flag, o.flag_name
-    shown = f"{v:g}" if isinstance(v, float) else v
     if fl.choices is not None and v not in fl.choices:
         raise RuntimeUserError(f"{name} must be one of {', '.join(map(str, fl.choices))}, not {v!r}")
     if fl.min is not None and (v < fl.min or (fl.min_open and v == fl.min)):
-        raise RuntimeUserError(f"{name} must be {'>' if fl.min_open else '>='} {fl.min:g}, not {shown}")
+        raise RuntimeUserError(f"{name} must be {'>' if fl.min_open else '>='} {fl.min:g}")
     if fl.max is not None and v > fl.max:
-        raise RuntimeUserError(f"{name} must be <= {fl.max:g}, not {shown}")
+        raise RuntimeUserError(f"{name} must be <= {fl.max:g}")
 
 
 def from_cli(model: str, values: dict):
