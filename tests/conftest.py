@@ -71,6 +71,29 @@ def shared_model(name: str) -> Path:
     return shared_file(f"models/{name}.pth")
 
 
+def hf_tokenizer_json(path: Path) -> Path:
+    """The 20B tokenizer.json from ../shared where present, else a small byte-level BPE tokenizer.json that
+    Hugging Face's `tokenizers` trains here (deterministic: fixed text, one thread's merges order), so the
+    tokenizer.json paths run on a clone too. Written to ``path``; returns it."""
+    src = SHARED / "reference" / "tokenizers" / "20B_tokenizer.json"
+    if src.is_file():
+        path.write_bytes(src.read_bytes())
+        return path
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = ["Describe the structure of an atom. Hello world! The quick brown fox jumps over the lazy dog.",
+            "def main():\n    import os\n    return os.getcwd()  # naive caf\u00e9, \u00fcber, na\u00efve",
+            "In the beginning the model read bytes; then it read words, and the words were tokens."] * 20
+    tok.train_from_iterator(text, trainer)
+    tok.save(str(path))
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `shared` skip with one line where ../shared is absent."""
     why = shared_missing()

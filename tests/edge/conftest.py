@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REF, SHARED, ref_logits, ref_model
+from tests.conftest import REF, hf_tokenizer_json, ref_logits, ref_model
 
 REPO = Path(__file__).resolve().parents[2]
 JS = REPO / "js"
@@ -120,14 +120,13 @@ def edge_fixtures(tmp_path_factory) -> Path:
     text = mixed_script_text()
     (d / "mixed.txt").write_text(text, encoding="utf-8")
     world = {"vocab": str(d / vocab.name), "text": str(d / "mixed.txt"), "ids": RWKVTokenizer().encode(text)}
-    hf = None
-    hf_json = SHARED / "reference" / "tokenizers" / "20B_tokenizer.json"
-    if hf_json.is_file():
-        from tokenizers import Tokenizer
+    # a tokenizer.json: the 20B one where ../shared is, else a small byte-level BPE trained here
+    from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_file(str(hf_json))
-        ids = tok.encode(text).ids
-        hf = {"json": str(hf_json), "text": str(d / "mixed.txt"), "ids": ids, "decoded": tok.decode(ids)}
+    hf_json = hf_tokenizer_json(d / "tokenizer.json")
+    tok = Tokenizer.from_file(str(hf_json))
+    ids = tok.encode(text).ids
+    hf = {"json": str(hf_json), "text": str(d / "mixed.txt"), "ids": ids, "decoded": tok.decode(ids)}
     # the sampler alone, on fixed logits: the reference logits, rows in turn, many seeds
     logits = np.load(REF / f"{MODELS['v4']}.blinkdl-logits-atom.npy")
     sampler_cases = []

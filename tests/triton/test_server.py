@@ -157,8 +157,8 @@ def test_broken_state_config_is_rejected_by_triton(triton_exports, tmp_path, dam
         f.unlink()
     elif damage == "short":
         f.write_bytes(f.read_bytes()[:-4])
-    else:  # the initial_state of state.0.wkv_pp disagrees with its state entry: FP16 for FP32, [64] for [128]
-        old, new = {"dtype": ("data_type: TYPE_FP32", "data_type: TYPE_FP16"), "dims": ("dims: 128", "dims: 64")}[damage]
+    else:  # the initial_state of state.0.wkv_pp disagrees with its state entry: FP16 for FP32, [32] for [64]
+        old, new = {"dtype": ("data_type: TYPE_FP32", "data_type: TYPE_FP16"), "dims": ("dims: 64", "dims: 32")}[damage]
         text = (d / "config.pbtxt").read_text()
         j = text.rindex(old, 0, text.index('data_file: "state.0.wkv_pp"'))
         (d / "config.pbtxt").write_text(text[:j] + new + text[j + len(old):])
