@@ -23,6 +23,7 @@ import collections
 import itertools
 import json
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -270,8 +271,19 @@ class Engine:
         return total
 
     def _join(self, seqs: list):
-        st = seqs[0].state if len(seqs) == 1 else State.concat([s.state for s in seqs])
-        self._core.add([s.row for s in seqs], st, np.stack([s.logits for s in seqs]))
+        try:
+            st = seqs[0].state if len(seqs) == 1 else State.concat([s.state for s in seqs])
+            self._core.add([s.row for s in seqs], st, np.stack([s.logits for s in seqs]))
+        except Exception:  # noqa: BLE001 - e.g. one row's constraint cannot start: that request alone fails
+            if len(seqs) == 1:
+                s = seqs[0]
+                log.exception("a request could not join the batch")
+                self.metrics.finished.labels("error").inc()
+                s.h._put(Failed(self._error(s, sys.exc_info()[1], "the prefill")))
+            else:
+                for s in seqs:
+                    self._join([s])
+            return
         for s in seqs:
             s.state = s.logits = None
 
