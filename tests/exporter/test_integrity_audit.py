@@ -249,3 +249,16 @@ def test_mobile_failure_at_the_commit_leaves_nothing(tmp_path, monkeypatch):
     msg = one_error(invoke("mobile", d / "m.onnx", "-o", target))
     assert "was not written" in msg and "rwkv-export-" not in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+# -- validate ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_validate_steps_on_a_sequence_only_export_checks_that_many_steps(tmp_path):
+    """`--steps 4` on a sequence-only export checked one call (4 tokens < --chunk 8) and printed PASS."""
+    ck = ref_model("golden-rwkv7")
+    out = export(ck, tmp_path / "m.onnx", ExportOptions(graphs=("sequence",)))[0]
+    res = invoke("validate", out, "--reference", ck, "--steps", "4")
+    assert res.exit_code == 0, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("PASS: 4 teacher-forced and 4 free-running steps"), last
+    assert "calls of the sequence graph, 8 tokens each" in last
