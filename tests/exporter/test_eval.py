@@ -96,6 +96,7 @@ def test_lambada_equals_blinkdl(export_path, data, blinkdl):
         assert out[who]["accuracy"] == pytest.approx(acc, abs=1e-12), who
 
 
+@pytest.mark.slow
 def test_lambada_batch_and_limit(export_path, data, blinkdl):
     """Batching (rows of different lengths together) changes nothing; --limit takes the first N."""
     one = run_eval(export_path, "--data", data / "lambada.jsonl", "--batch", "1")
@@ -123,6 +124,7 @@ def test_perplexity_equals_blinkdl(export_path, data, blinkdl):
     assert res["export"]["accuracy"] is None
 
 
+@pytest.mark.slow
 def test_text_output_and_cost_line(tmp_path, data):
     """A quantised export prints its cost against the reference in one line."""
     from rwkv_export.export import ExportOptions, export
@@ -163,13 +165,28 @@ def test_missing_data_and_bad_pad(export_path, tmp_path):
     assert r.exit_code == 2
 
 
-def test_score_matches_stepping(export_path):
-    """Session.score (the runtime method behind eval and the server) equals log_softmax of Session.step."""
-    from rwkv_runtime import Session
+@pytest.fixture(scope="module")
+def all_logits_path(tmp_path_factory):
+    from rwkv_export.export import ExportOptions, export
 
-    s = Session(export_path)
+    return export(CKPT, tmp_path_factory.mktemp("eval-all") / "a.onnx", ExportOptions(all_logits=True))[0]
+
+
+@pytest.mark.parametrize("which", ["plain", "all-logits"])
+def test_score_matches_stepping(export_path, all_logits_path, which):
+    """Session.score (the runtime method behind eval and the server) equals log_softmax of Session.step,
+    through the all-logits sequence graph in chunks or stepping; and scored in two pieces (start=0 with
+    the first piece's logits and state) it is the same."""
+    from rwkv_runtime import Session
+    from rwkv_runtime.scoring import has_all_logits
+
+    s = Session(all_logits_path if which == "all-logits" else export_path)
+    assert has_all_logits(s) == (which == "all-logits")
     toks = np.array([list(b"import os\nimport sys\n"), list(b"def f(x):\n    return x\n")[:21]])
-    sc = s.score(toks, start=1, top_k=3)
+    sc = s.score(toks, start=1, top_k=3, chunk_size=4)
+    a = s.score(toks[:, :9], start=1)
+    b = s.score(toks[:, 9:], a.state, start=0, logits=a.logits)
+    np.testing.assert_allclose(np.concatenate([a.logprobs[:, 1:], b.logprobs], 1), sc.logprobs[:, 1:], atol=1e-5)
     for b in range(2):
         st, ref = None, []
         for t in toks[b]:
@@ -184,3 +201,17 @@ def test_score_matches_stepping(export_path):
         assert (sc.greedy[b, 1:] == (L[:-1].argmax(1) == toks[b, 1:])).all()
         np.testing.assert_array_equal(sc.top_ids[b, 1:, 0], L[:-1].argmax(1))
         np.testing.assert_allclose(sc.logits[b], L[-1], atol=2e-5)
+
+
+def test_score_refuses_bad_arguments(export_path):
+    from rwkv_runtime import RuntimeUserError, Session
+
+    s = Session(export_path)
+    toks = np.array([list(b"abc")])
+    for kw, msg in [(dict(start=4), "past the end"), (dict(start=0), "needs the logits"),
+                    (dict(start=0, logits=np.zeros((1, 5))), "logits must have shape"),
+                    (dict(top_k=-1), "top_k"), (dict(start=1.5), "start"), (dict(chunk_size=0), "chunk_size")]:
+        with pytest.raises(RuntimeUserError, match=msg):
+            s.score(toks, **kw)
+    sc = s.score(toks, start=3)  # nothing to score: only the state and logits after the tokens
+    assert np.isnan(sc.logprobs).all() and sc.total().shape == (1,)
