@@ -3,8 +3,8 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFile, writeFile } from "node:fs/promises";
-import { join } from "node:path";
-import { Session, Sampler, NumpyRandom, WorldTokenizer, HFTokenizer, loadNpz, RuntimeUserError } from "../src/node.js";
+import { dirname, join } from "node:path";
+import { Session, Sampler, NumpyRandom, WorldTokenizer, HFTokenizer, loadNpz, RuntimeUserError, scanModel } from "../src/node.js";
 
 const dir = process.env.RWKV_EDGE_FIXTURES;
 const cases = dir ? JSON.parse(await readFile(join(dir, "cases.json"), "utf8")) : null;
@@ -167,7 +167,9 @@ test("fact: onnxruntime-web (WASM, in Node) returns pre-allocated CPU outputs un
   const ortw = await import("onnxruntime-web");
   ortw.env.wasm.numThreads = 1;
   const c = cases.models[0];
-  const s = await ortw.InferenceSession.create(await readFile(c.model));
+  const bytes = await readFile(c.model);
+  const externalData = await Promise.all(scanModel(bytes).externalData.map(async (path) => ({ path, data: await readFile(join(dirname(c.model), path)) })));
+  const s = await ortw.InferenceSession.create(bytes, externalData.length ? { externalData } : {});
   const feeds = { tokens: new ortw.Tensor("int64", BigInt64Array.from([65n]), [1]) };
   const meta = (await Session.create(c.model)).manifest;
   const fetches = { logits: null };

@@ -32,9 +32,10 @@ def audit_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("js-audit")
     (d / "ext").mkdir()
     (d / "other").mkdir()
-    export(DEFAULT_MODEL, d / "m.onnx", ExportOptions())
+    # self-contained graphs (the tests tamper with and copy single .onnx files); ext/: external data
+    export(DEFAULT_MODEL, d / "m.onnx", ExportOptions(external_data=False))
     export(DEFAULT_MODEL, d / "ext" / "m.onnx", ExportOptions(external_data=True))
-    export(DEFAULT_MODEL, d / "other" / "m.onnx", ExportOptions())  # same checkpoint, another export id
+    export(DEFAULT_MODEL, d / "other" / "m.onnx", ExportOptions(external_data=False))  # same checkpoint, another export id
     s = Session(d / "m.onnx")
     gens = [{"params": p, "tokens": list(s.generate_tokens(PROMPT, 200, SamplingParams(**p)))} for p in GENERATIONS]
     (d / "audit.json").write_text(json.dumps({"dir": str(d), "other": str(d / "other"), "prompt": PROMPT,

@@ -164,7 +164,7 @@ def test_packed_package_bundles_and_runs_in_browser(tarball, model, tmp_path):
         if f.suffix in (".wasm", ".mjs"):
             shutil.copy(f, dist / "ort" / f.name)
     (dist / "index.html").write_text('<!doctype html><meta charset="utf-8"><script type="module" src="app.js"></script>')
-    for f in model.parent.glob("m*.onnx"):
+    for f in model.parent.glob("m*.onnx*"):  # the graphs and their shared weights file (m.onnx.data)
         shutil.copy(f, dist / f.name)
     shutil.copy(REPO / "deploy_examples" / "web" / "serve.py", dist / "serve.py")
     (dist / "runtime").mkdir()  # Server runs root/runtime/serve.py

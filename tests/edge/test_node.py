@@ -54,7 +54,7 @@ def node_run(edge_fixtures):
     if why:
         pytest.skip(why)
     _api_case(edge_fixtures)
-    return run_node_tests(edge_fixtures, ["test/units.test.js", "test/node.test.js", "test/api.test.js"])
+    return run_node_tests(edge_fixtures, ["test/units.test.js", "test/node.test.js", "test/api.test.js", "test/conformance.test.js"])
 
 
 def test_node_suite_passes(node_run):

@@ -384,7 +384,7 @@ export class Session {
     for (const [k, a] of Object.entries(arrays)) {
       const s = specs.get(k);
       if (!a || typeof a !== "object") throw new RuntimeUserError(`${pre}state tensor ${k} must be {dtype, shape, data}`);
-      if (a.dtype !== s.dtype) {
+      if (a.dtype !== s.dtype && !(a.dtype === "float32" && s.dtype === "float16")) { // (float32 is converted, as Python's)
         throw new RuntimeUserError(`${pre}state tensor ${k} has dtype ${String(a.dtype).slice(0, 30)}, expected ${s.dtype}`);
       }
       const shape = Array.isArray(a.shape) ? a.shape : [];
@@ -410,7 +410,9 @@ export class Session {
 
   /** An array's data as a typed array of the state's dtype: a copy, the state never aliases the caller's. */
   _asDtype(a, name) {
-    return new ARRAY[this.manifest.state.find((st) => st.name === name).dtype](a.data);
+    const dtype = this.manifest.state.find((st) => st.name === name).dtype;
+    if (dtype === "float16" && a.dtype === "float32") return Uint16Array.from(a.data, halfBits);
+    return new ARRAY[dtype](a.data);
   }
 
   /** A state from plain arrays {name: {dtype, shape, data}} (checked against the manifest: names,
