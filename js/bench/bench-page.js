@@ -10,6 +10,7 @@ try {
   const t0 = performance.now();
   for (let i = 0; i < n; i++) {
     const r = await s.step([tok], state);
+    state.dispose(); // a step never frees the state passed in (WebGPU: its GPU buffers)
     state = r.state;
     const l = r.logits[0];
     let best = 0;

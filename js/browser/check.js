@@ -20,6 +20,7 @@ async function checkModel(c) {
   for (let i = 0; i < c.prompt.length; i++) {
     const out = await s.step([c.prompt[i]], state);
     worst = Math.max(worst, maxDiff(out.logits[0], c.step_logits[i]));
+    state.dispose(); // a step never frees the state passed in (WebGPU: its GPU buffers)
     state = out.state;
   }
   r.stepMaxDiff = worst;
