@@ -224,9 +224,9 @@ class TextStream:
         self.decoded += len(piece)
 
     def _deliver(self, text: str, stopped: bool):
+        self.sent += len(text)  # (also read without logprobs: a returned state's tail starts here)
         if self.lp_wait is None:
             return None
-        self.sent += len(text)
         out = []
         w = self.lp_wait
         while w and w[0].end is not None and (w[0].start < self.sent if stopped else w[0].end <= self.sent):

@@ -352,8 +352,16 @@ class Engine:
             if out.appended:  # the last token is part of the reply: feed it
                 _, st = self.session.step(np.array([row.tokens[-1]], dtype=np.int64), self.session.state_from_numpy(arrays))
                 arrays = st.numpy()
+            # what the state read beyond the delivered reply (a stop string and what followed it in the
+            # same tokens): recorded, so the next turn's render does not feed it a second time
+            tail = ""
+            if row.text is not None and reason == "stop" and row.tokens:
+                try:
+                    tail = self.session.decode(row.tokens)[row.text.sent:]
+                except Exception:  # noqa: BLE001 - a tokenizer without text: no tail
+                    tail = ""
             blob = statefile.encode(arrays, self.binding,
-                                    s.req.state_tokens + len(s.req.prompt) + len(row.tokens))
+                                    s.req.state_tokens + len(s.req.prompt) + len(row.tokens), tail)
         m.e2e.observe(now - s.h.arrival)
         s.h._put(Finished(reason, len(s.req.prompt), len(row.tokens), s.cached, blob))
         log.info(json.dumps({"event": "request_done", "id": s.req.request_id, "finish_reason": reason,

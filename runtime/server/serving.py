@@ -168,7 +168,10 @@ class Serving:
         """Sequences generated per prompt: ``n``, or ``best_of`` of which the ``n`` best are returned."""
         return max(req.n, getattr(req, "best_of", None) or 0)
 
-    def _requests(self, req, prompts: list, max_tokens: int, stops: tuple) -> list:
+    def _requests(self, req, prompts: list, max_tokens: int, stops: tuple, after_tail: bool = False) -> list:
+        """``after_tail``: the prompts continue the conversation of ``req.state``; a prompt that starts with
+        the text that state already read after its reply (its header's ``tail``, e.g. the turn separator
+        and ``User:`` that stopped the reply) is fed from there on."""
         self._check_supported(req)
         top_logprobs = self._top_logprobs(req)
         if top_logprobs is None and self._candidates(req) > req.n:
@@ -197,6 +200,9 @@ class Serving:
             except RuntimeUserError as e:
                 raise ServeError(400, str(e), param="state") from None
             base, seen = statefile.digest(req.state), meta.get("tokens", 0)
+            tail = meta.get("tail", "")
+            if after_tail and tail:
+                prompts = [p[len(tail):] if p.startswith(tail) else p for p in prompts]
         out = []
         for p in prompts:
             ids = self._tokens(p)
@@ -276,7 +282,8 @@ class Serving:
             messages = [protocol.ChatMessage(role="system", content=tools_text), *messages]
         text = self.config.template.render(messages, continuation=req.state is not None)
         max_tokens = req.max_completion_tokens or req.max_tokens or self._default_max(self.config.default_max_tokens)
-        gens = self._requests(req, [text], max_tokens, tuple(dict.fromkeys(self.config.template.stop + req.stops())))
+        gens = self._requests(req, [text], max_tokens, tuple(dict.fromkeys(self.config.template.stop + req.stops())),
+                              after_tail=True)
         await self._with_session(gens, session_id)
         return await self._run(req, gens, True, [""] * len(gens), is_disconnected)
 

@@ -32,8 +32,13 @@ def model_binding(manifest) -> str:
     return "manifest-" + hashlib.sha256(manifest.to_json().encode()).hexdigest()[:24]
 
 
-def encode(arrays: dict, binding: str, tokens_seen: int) -> str:
-    meta = json.dumps({"format": FORMAT, "version": VERSION, "export_id": binding, "tokens": int(tokens_seen)})
+def encode(arrays: dict, binding: str, tokens_seen: int, tail: str = "") -> str:
+    """``tail``: text the state has read after the reply it was returned with (the stop string that ended
+    the reply, and anything after it in the same tokens): the next turn's render starts after it."""
+    d = {"format": FORMAT, "version": VERSION, "export_id": binding, "tokens": int(tokens_seen)}
+    if tail:
+        d["tail"] = tail
+    meta = json.dumps(d)
     buf = io.BytesIO()
     np.savez_compressed(buf, **{k: np.asarray(v) for k, v in arrays.items()},
                         **{META: np.frombuffer(meta.encode(), dtype=np.uint8)})
@@ -75,6 +80,8 @@ def decode(text: str, binding: str, max_bytes: int) -> tuple[dict, dict]:
     tokens = meta.get("tokens", 0)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
         raise RuntimeUserError(f"state header: tokens must be a whole number >= 0, not {tokens!r}")
+    if not isinstance(meta.get("tail", ""), str):
+        raise RuntimeUserError(f"state header: tail must be a string, not {type(meta['tail']).__name__}")
     if meta.get("export_id") != binding:
         raise RuntimeUserError("state belongs to another model export (export id differs); "
                                "it can only be resumed on a server running the same export")
