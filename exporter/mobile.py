@@ -129,7 +129,7 @@ def write_mobile(model, out) -> list[Path]:
     except OSError as e:  # (disk full, ...): one line naming the user's folder, never the staging one
         inside = e.filename is None or PREFIX in str(e.filename)
         where = out if inside else e.filename
-        raise ExportError(f"{where}: {e.strerror or type(e).__name__}; {out} was not written") from None
+        raise ExportError(f"{where}: cannot write there ({e.strerror or type(e).__name__}); {out} was not written") from None
     return sorted(p for p in out.iterdir() if p.is_file())
 
 
