@@ -29,9 +29,51 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed build/triton-env/.ready js/node_modules/.package-lock.json
 	$(BIN)/python -m pytest -q -rs
 
-## test-fast: the fast lane for local work (no subprocess-, server- or compile-heavy tests)
+## test-fast: the fast lane for local work (no subprocess-, server- or compile-heavy tests); needs nothing
+##            outside the checkout (tests/golden holds the models; `shared` tests skip without ../shared)
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -rs -m "not slow"
+
+## test-slow: the slow tests except the edge (browser/Node) and kernel lanes below
+test-slow: $(BIN)/.installed build/triton-env/.ready
+	$(BIN)/python -m pytest -q -rs -m slow --ignore=tests/edge --ignore=tests/tensorrt/test_plugins.py
+
+## test-edge: the JavaScript runtime on Node.js and in a browser (tests/edge's slow tests; fast ones are in test-fast)
+test-edge: $(BIN)/.installed js/node_modules/.package-lock.json
+	$(BIN)/python -m pytest -q -rs -m slow tests/edge
+
+## test-kernels: plugins/ built by its own CMake with RWKV_KERNELS_ONLY (kernels + CPU twins, no TensorRT;
+##               needs nvcc), then the compiling plugin tests (CPU build, emulator, ASan, nvcc)
+KERNEL_ARCHS ?= 80
+test-kernels: $(BIN)/.installed
+	@mkdir -p build; if command -v $${CUDACXX:-nvcc} >/dev/null 2>&1 && command -v cmake >/dev/null 2>&1; then \
+	    cmake -S plugins -B build/kernels -DRWKV_KERNELS_ONLY=ON -DCMAKE_CUDA_ARCHITECTURES=$(KERNEL_ARCHS) \
+	        -DCMAKE_BUILD_TYPE=Release >build/kernels.log 2>&1 \
+	    && cmake --build build/kernels -j2 >>build/kernels.log 2>&1 \
+	    && echo "plugins/ kernels built with CMake (RWKV_KERNELS_ONLY) in build/kernels" \
+	    || { tail -30 build/kernels.log; exit 1; }; \
+	else echo "warning: nvcc or cmake not found: the CMake kernel build is skipped"; fi
+	$(BIN)/python -m pytest -q -rs -m slow tests/tensorrt/test_plugins.py
+
+## test-shared: the optional lane of tests that need ../shared/reference (RWKV_SHARED_DIR=... elsewhere)
+test-shared: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -rs -m shared
+
+## lint: ruff (pyproject.toml [tool.ruff]) and clang-format for plugins/ (.clang-format); checks only
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/clang-format --dry-run -Werror $$(git ls-files 'plugins/*.cpp' 'plugins/*.h' 'plugins/*.cu' 'plugins/*.cuh')
+
+## ci: every lane (lint, fast, slow, edge, kernels), each run even when an earlier one failed; .ci/run calls it
+CI_LANES := lint test-fast test-slow test-edge test-kernels
+ci: $(BIN)/.installed
+	@mkdir -p build; failed=; for lane in $(CI_LANES); do \
+	    echo "=== make $$lane"; start=$$(date +%s); \
+	    $(MAKE) --no-print-directory $$lane || failed="$$failed $$lane"; \
+	    echo "=== make $$lane: $$(( $$(date +%s) - start )) s"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "CI failed:$$failed"; exit 1; fi; echo "CI passed: $(CI_LANES)"
 
 # Triton's Python-backend stub environment (numpy<2, rwkv-runtime, the tritonserver binary from nvidia-pytriton)
 build/triton-env/.ready: runtime/pyproject.toml deploy_examples/triton/make_stub_env.sh
@@ -86,4 +128,4 @@ bench-scale: $(BIN)/.installed
 clean:
 	rm -rf build
 
-.PHONY: venv demo test test-fast bench bench-quant bench-scale clean web-assets
+.PHONY: venv demo test test-fast test-slow test-edge test-kernels test-shared lint ci bench bench-quant bench-scale clean web-assets
