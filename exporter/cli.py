@@ -67,7 +67,8 @@ def main():
               help="A state-tuning file (blocks.N.att.time_state, RWKV-5/6/7): baked in as the starting state.")
 @click.option("--tokenizer", default=None, help="bytes | world | none | path/to/tokenizer.json (default: from the model).")
 @click.option("--external-data/--no-external-data", default=None,
-              help="Store weights in a .data file beside the model (default: only above 2 GB).")
+              help="Store weights in one .data file beside the model, shared by its graphs (default: when exporting "
+                   "step and sequence graphs, or above 2 GB; --no-external-data embeds them in each graph).")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Export weights that hold NaN or inf (refused by default, naming the tensor).")
 @click.option("-q", "--quiet", is_flag=True)

@@ -52,7 +52,7 @@ class ExportOptions:
     state_tuning: str | None = None  # a state-tuning file (blocks.N.att.time_state) baked in as the start state
     all_logits: bool = False  # sequence graph: logits for every position instead of the last
     tokenizer: str | None = None  # "bytes" | "world" | path to a tokenizer.json | None (= from the model)
-    external_data: bool | None = None  # None: only when the model is over 2 GB
+    external_data: bool | None = None  # None: when exporting two graphs (one shared file) or over 2 GB
     allow_nonfinite: bool = False  # export weights holding NaN/inf instead of refusing the checkpoint
 
 
@@ -145,8 +145,11 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
         initial = _initial_state(spec, ck, cfg, opt)
     external = opt.external_data
     if external is None:
+        # two graphs: one weights file both point into (each graph embedding every weight doubled the
+        # disk, issue #30); one graph: self-contained unless protobuf's 2 GB limit forbids it
         itemsize = np.dtype(PRECISIONS[opt.precision]).itemsize
-        external = sum(t.numel() for t in ck.weights.values()) * itemsize > TWO_GB - 64 * 2**20
+        external = (len(opt.graphs) > 1
+                    or sum(t.numel() for t in ck.weights.values()) * itemsize > TWO_GB - 64 * 2**20)
     # A random id, not a content hash: hashing would read every weight once more, and two exports of
     # the same checkpoint with different options must not pass for companions of each other.
     export_id = uuid.uuid4().hex

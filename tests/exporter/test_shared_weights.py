@@ -136,3 +136,32 @@ def test_mode_and_companion_files_of_a_small_export(tmp_path):
     assert man.export_id and man.export_id == load_manifest(tmp_path / "m.seq.onnx").export_id
     assert len(set(_external(out)) & set(_external(tmp_path / "m.seq.onnx"))) == len(_external(out))
     assert os.stat(tmp_path / "m.onnx.data").st_mode & 0o777 == os.stat(out).st_mode & 0o777
+
+
+def test_two_graphs_share_one_weights_file_by_default(tmp_path):
+    """Issue #30: below 2 GB too, the default export (step + sequence) writes each weight once, in one
+    file both graphs point into; a single graph, or --no-external-data, stays self-contained."""
+    from rwkv_export.export import ExportOptions, export, load_manifest
+
+    from ..conftest import ref_model
+
+    ck = ref_model("golden-rwkv7")
+
+    def folder(name):
+        (tmp_path / name).mkdir()
+        return tmp_path / name / "m.onnx"
+
+    out = export(ck, folder("d"), ExportOptions())[0]
+    d = out.parent
+    assert sorted(p.name for p in d.iterdir()) == ["m.onnx", "m.onnx.data", "m.seq.onnx"]
+    assert load_manifest(out).options["weights_file"] == "m.onnx.data"
+    step, seq = _external(out), _external(d / "m.seq.onnx")
+    assert step and set(step) == set(seq)
+    assert all(step[k]["offset"] == seq[k]["offset"] for k in step)  # the same bytes, not copies
+    # the graphs themselves hold no large weights: the data file holds them once
+    inline = export(ck, folder("i"), ExportOptions(external_data=False))[0]
+    size = lambda p: p.stat().st_size  # noqa: E731
+    together = size(out) + size(d / "m.seq.onnx") + size(d / "m.onnx.data")
+    assert together < 0.7 * (size(inline) + size(inline.with_name("m.seq.onnx")))
+    one = export(ck, folder("s"), ExportOptions(graphs=("step",)))[0]
+    assert sorted(p.name for p in one.parent.iterdir()) == ["m.onnx"]
