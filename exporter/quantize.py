@@ -1,4 +1,6 @@
-"""Weight-only int8/int4 quantisation (onnxruntime's MatMulNBits), one matrix at a time.
+"""Weight-only int8/int4 quantisation (onnxruntime's MatMulNBits), one matrix at a time; the
+embedding table too (onnxruntime's GatherBlockQuantized: the same blocks along each row, dequantised
+as rows are read), which float32 made the largest tensor of a quantised small model (issue #30).
 
 onnxruntime's ``MatMulNBitsQuantizer`` needs the whole float model in memory. Here the graph is built
 against a ``PendingStore`` that only keeps references to the weights (views into the memory-mapped
@@ -61,20 +63,46 @@ class Quantizer:
         cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=accuracy_level,
                                            bits=bits)
         self._q = DefaultWeightOnlyQuantizer(cfg)
-        self._done: dict = {}  # id of the source array -> (its packed and scales tensors, the array)
+        self._done: dict = {}  # (id of the source array, rows) -> (its packed and scales tensors, the array)
+        self._row_quantizers: dict = {}
         self.processed = 0  # float bytes read so far
         self.after_write = None  # called with the quantiser after each matrix (export: release memory)
 
-    def tensors(self, arr, qname: str, sname: str, store) -> tuple:
+    def tensors(self, arr, qname: str, sname: str, store, rows: bool = False) -> tuple:
         """The packed weight and scales of ``arr`` as initializers (in ``store`` when given). A matrix
-        already quantised (the other graph's) reuses the stored tensors: only references are kept."""
-        key = id(arr)
+        already quantised (the other graph's) reuses the stored tensors: only references are kept.
+        ``rows``: quantise each row of ``arr`` in blocks along it (a table read by rows: the embedding),
+        packed [rows, cols * bits / 8] and scales [rows, cols / block], GatherBlockQuantized's layout."""
+        key = (id(arr), rows)
         if key not in self._done:
             if self.after_write is not None and arr.nbytes > 64 * 2**20:
                 self.after_write(self, force=True)  # a large matrix: start from no resident pages
-            packed, scales = self.quantize(arr)
+            # a row of [V, C] is a column of its transpose: the same blocks MatMulNBits would use
+            packed, scales = self.quantize(arr.T if rows else arr)
+            if rows:
+                packed, scales = packed.reshape(arr.shape[0], -1), scales.reshape(arr.shape[0], -1)
             self._done[key] = ((_tensor(store, qname, packed), _tensor(store, sname, scales)), arr)
         return self._done[key][0]
+
+    def row_quantizer(self, cols: int) -> "Quantizer | None":
+        """The quantiser for a table read by rows with ``cols`` columns (the embedding): this one when its
+        block divides ``cols`` (GatherBlockQuantized has no padded blocks), else one with the largest
+        power-of-two block from 16 that does; None when none does."""
+        if cols % self.block == 0:
+            return self
+        block = next((b for b in (256, 128, 64, 32, 16) if b < self.block and cols % b == 0), None)
+        if block is None:
+            return None
+        if block not in self._row_quantizers:
+            q = Quantizer(self.bits, block, self.accuracy_level)
+            q.after_write, q._done = self.after_write, self._done  # one cache: each table quantised once
+            self._row_quantizers[block] = q
+        return self._row_quantizers[block]
+
+    def gather_node(self, indices: str, qname: str, sname: str, outputs, name: str):
+        """Rows of a table quantised by ``tensors(rows=True)``, dequantised to float32 as they are read."""
+        return helper.make_node("GatherBlockQuantized", [qname, indices, sname], list(outputs), name=f"{name}_Q{self.bits}",
+                                domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=self.block, bits=self.bits)
 
     def quantize(self, arr, slab_bytes: int = SLAB_BYTES) -> tuple:
         """(packed [N, blocks, blob], scales [N, blocks]) of a float32 [K, N] matrix (an ndarray, a view
@@ -117,6 +145,16 @@ class DynamicInt8Quantizer(Quantizer):
         self._done = {}
         self.processed = 0
         self.after_write = None
+        self._rows = None
+
+    def row_quantizer(self, cols: int):
+        """The embedding: 8-bit blocks of 32 (GGUF Q8_0's block; or the largest that divides ``cols``),
+        read by GatherBlockQuantized (DynamicQuantizeMatMul has no gather form). Blocks of 32, not 128:
+        this format's accuracy is per column, and the finer blocks cost 0.09 bytes a weight."""
+        if self._rows is None:
+            self._rows = Quantizer(8, 32)
+            self._rows.after_write = self.after_write
+        return self._rows.row_quantizer(cols)
 
     def quantize(self, arr, slab_bytes: int = SLAB_BYTES) -> tuple:
         """(int8 [K, N], float32 scales [N]) of a float32 [K, N] matrix, in slabs of columns (each
@@ -151,6 +189,18 @@ def quantize_into(model: onnx.ModelProto, pending: PendingStore, store, quantize
     inits = {t.name: t for t in g.initializer}
     quantized, new_nodes, new_inits = set(), [], []
     for node in g.node:
+        if node.op_type == "Gather" and _gather_axis(node) == 0:
+            t = inits.get(node.input[0])
+            arr = pending.array(t) if t is not None else None
+            rq = quantizer.row_quantizer(arr.shape[1]) if (arr is not None and arr.ndim == 2
+                                                            and arr.dtype == np.float32) else None
+            if rq is not None:  # the embedding: quantised like the matrices (llama.cpp's GGUF does too)
+                qname, sname = f"{t.name}_G{rq.bits}", f"{t.name}_gscales"
+                if qname not in quantized:
+                    new_inits.extend(rq.tensors(arr, qname, sname, store, rows=True))
+                    quantized.add(qname)
+                new_nodes.append(rq.gather_node(node.input[1], qname, sname, node.output, node.name))
+                continue
         t = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         arr = pending.array(t) if t is not None else None
         if arr is None or arr.ndim != 2 or arr.dtype != np.float32:
@@ -182,6 +232,10 @@ def quantize_into(model: onnx.ModelProto, pending: PendingStore, store, quantize
     g.initializer.extend(new_inits)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def _gather_axis(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 0)
 
 
 def _tensor(store, name: str, arr: np.ndarray) -> onnx.TensorProto:
