@@ -136,7 +136,8 @@ def _check_zip_records(path: Path, tensors: dict) -> None:
     for ptr, nbytes in storages.items():
         info = data.get(ptr - base)
         if info is None:
-            raise CheckpointError(f"{path}: corrupt checkpoint (a tensor's data does not start at a record of the archive)")
+            raise CheckpointError(f"{path}: corrupt checkpoint (a tensor's data does not start at a record "
+                                  "of the archive)")
         if info.file_size != nbytes:
             raise CheckpointError(f"{path}: truncated or corrupt checkpoint (record {info.filename!r} holds "
                                   f"{info.file_size} bytes, its tensor needs {nbytes})")

@@ -108,7 +108,8 @@ def write_mobile(model, out) -> list[Path]:
                     os.symlink(src.with_name(f).resolve(), staged / f)
                 ort_file = _convert(staged / src.name, work / "out")
                 if ort_file.stat().st_size > ORT_FORMAT_LIMIT:
-                    raise ExportError(f"{ort_file.name}: over the ORT format's 2 GB limit; export a smaller or quantized model")
+                    raise ExportError(f"{ort_file.name}: over the ORT format's 2 GB limit; export a smaller or "
+                                      "quantized model")
                 if MANIFEST_KEY not in ort_metadata(ort_file):
                     raise ExportError(f"{ort_file.name}: the ORT format dropped the model's metadata (rwkv manifest)")
                 names[kind] = src.stem + ".ort"  # the tool appends the optimisation level; drop it
@@ -129,7 +130,8 @@ def write_mobile(model, out) -> list[Path]:
     except OSError as e:  # (disk full, ...): one line naming the user's folder, never the staging one
         inside = e.filename is None or PREFIX in str(e.filename)
         where = out if inside else e.filename
-        raise ExportError(f"{where}: cannot write there ({e.strerror or type(e).__name__}); {out} was not written") from None
+        why = e.strerror or type(e).__name__
+        raise ExportError(f"{where}: cannot write there ({why}); {out} was not written") from None
     return sorted(p for p in out.iterdir() if p.is_file())
 
 

@@ -210,7 +210,8 @@ def test_tokenizer_bytes_needs_a_256_token_vocabulary(tmp_path):
 
 
 def test_graphs_named_twice(tmp_path):
-    msg = one_error(invoke("export", ref_model("golden-rwkv7"), "-o", tmp_path / "m.onnx", "-q", "--graphs", "step,step"))
+    msg = one_error(invoke("export", ref_model("golden-rwkv7"), "-o", tmp_path / "m.onnx", "-q",
+                           "--graphs", "step,step"))
     assert "--graphs names step more than once" in msg and str(tmp_path) not in msg
     assert list(tmp_path.iterdir()) == []
 
