@@ -316,7 +316,7 @@ class SafeWrite:
         self._open.append(f)
         return f
 
-    def __enter__(self) -> "SafeWrite":
+    def __enter__(self) -> SafeWrite:
         check_not_inputs([self.out], self.inputs)
         recover(self.out, self.allowed)
         self.dir = Path(tempfile.mkdtemp(dir=self.out.parent if str(self.out.parent) else ".",
