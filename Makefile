@@ -30,13 +30,13 @@ test: $(BIN)/.installed build/triton-env/.ready js/node_modules/.package-lock.js
 	$(BIN)/python -m pytest -q -rs
 
 ## test-fast: the fast lane for local work (no subprocess-, server- or compile-heavy tests); needs nothing
-##            outside the checkout (tests/golden holds the models; `shared` tests skip without ../shared)
+##            outside the checkout (tests/golden holds the models; `shared` tests are their own lane)
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -rs -m "not slow"
+	$(BIN)/python -m pytest -q -rs -m "not slow and not shared"
 
-## test-slow: the slow tests except the edge (browser/Node) and kernel lanes below
+## test-slow: the slow tests (not `shared`) except the edge (browser/Node) and kernel lanes below
 test-slow: $(BIN)/.installed build/triton-env/.ready
-	$(BIN)/python -m pytest -q -rs -m slow --ignore=tests/edge --ignore=tests/tensorrt/test_plugins.py
+	$(BIN)/python -m pytest -q -rs -m "slow and not shared" --ignore=tests/edge --ignore=tests/tensorrt/test_plugins.py
 
 ## test-edge: the JavaScript runtime on Node.js and in a browser (tests/edge's slow tests; fast ones are in test-fast)
 test-edge: $(BIN)/.installed js/node_modules/.package-lock.json
@@ -65,8 +65,8 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/clang-format --dry-run -Werror $$(git ls-files 'plugins/*.cpp' 'plugins/*.h' 'plugins/*.cu' 'plugins/*.cuh')
 
-## ci: every lane (lint, fast, slow, edge, kernels), each run even when an earlier one failed; .ci/run calls it
-CI_LANES := lint test-fast test-slow test-edge test-kernels
+## ci: every lane (lint, fast, slow, edge, kernels, shared), each run even when an earlier one failed; .ci/run calls it
+CI_LANES := lint test-fast test-slow test-edge test-kernels test-shared
 ci: $(BIN)/.installed
 	@mkdir -p build; failed=; for lane in $(CI_LANES); do \
 	    echo "=== make $$lane"; start=$$(date +%s); \
