@@ -71,13 +71,19 @@ def main():
                    "step and sequence graphs, or above 2 GB; --no-external-data embeds them in each graph).")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Export weights that hold NaN or inf (refused by default, naming the tensor).")
+@click.option("--lora", type=click.Path(path_type=Path), default=None,
+              help="A LoRA adapter (.pth/.safetensors, <weight>.lora_A/.lora_B as RWKV-PEFT writes them) merged "
+                   "into the weights: W + B@A * alpha/rank.")
+@click.option("--lora-alpha", type=float, default=None,
+              help="The adapter's lora_alpha (its training setting) [default: the rank, i.e. scale 1].")
 @click.option("-q", "--quiet", is_flag=True)
 @user_errors
 def export_cmd(checkpoint, out, graphs, wkv, precision, quantize, quant_block, rescale_every, all_logits, state_tuning, tokenizer,
-               external_data, allow_nonfinite, quiet):
+               external_data, allow_nonfinite, lora, lora_alpha, quiet):
     """Export CHECKPOINT (BlinkDL .pth, .safetensors, or a Hugging Face RWKV directory) to ONNX."""
     _isolated(lambda: _export(checkpoint, out, graphs, wkv, precision, quantize, quant_block, rescale_every, all_logits,
-                              state_tuning, tokenizer, external_data, allow_nonfinite, quiet), checkpoint, out)
+                              state_tuning, tokenizer, external_data, allow_nonfinite, quiet, lora, lora_alpha),
+              checkpoint, out)
 
 
 def _isolated(body, checkpoint: Path, out: Path) -> None:
@@ -152,14 +158,15 @@ def _isolated(body, checkpoint: Path, out: Path) -> None:
 
 
 def _export(checkpoint, out, graphs, wkv, precision, quantize, quant_block, rescale_every, all_logits, state_tuning,
-            tokenizer, external_data, allow_nonfinite, quiet):
+            tokenizer, external_data, allow_nonfinite, quiet, lora=None, lora_alpha=None):
     from .export import ExportOptions, export
 
     opts = ExportOptions(graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()), wkv=wkv,
                          precision=precision, quantize=quantize, quant_block=int(quant_block) if quant_block else None,
                          rescale_every=rescale_every, all_logits=all_logits,
                          tokenizer=tokenizer, external_data=external_data, allow_nonfinite=allow_nonfinite,
-                         state_tuning=str(state_tuning) if state_tuning else None)
+                         state_tuning=str(state_tuning) if state_tuning else None,
+                         lora=str(lora) if lora else None, lora_alpha=lora_alpha)
     bar = _Bar(2 + 2 * len(opts.graphs), "export", quiet)
     try:
         paths = export(checkpoint, out, opts, progress=bar)
@@ -170,10 +177,17 @@ def _export(checkpoint, out, graphs, wkv, precision, quantize, quant_block, resc
     data = paths[0].with_name(paths[0].name + ".data")
     if data.is_file():
         click.echo(f"wrote {data} ({data.stat().st_size / 1e6:.1f} MB, the weights of every graph above)")
+    if lora:
+        click.echo(f"merged LoRA {lora} (alpha {'= rank, scale 1' if lora_alpha is None else f'{lora_alpha:g}'})")
     if (quantize or precision == "fp16") and "step" in opts.graphs:
         from .quality import compare_to_reference
 
-        q = compare_to_reference(paths[0], checkpoint)
+        ref = checkpoint
+        if lora:  # the reference is the merged model
+            from .checkpoint import load_checkpoint
+
+            ref = load_checkpoint(checkpoint, lora=lora, lora_alpha=lora_alpha)
+        q = compare_to_reference(paths[0], ref)
         click.echo(f"accuracy vs the float32 reference on {q['tokens']} held-out tokens: cross-entropy "
                    f"{q['ce_model']:.4f} vs {q['ce_reference']:.4f} nats/token ({q['ce_change'] * 100:+.2f}%), "
                    f"max logit error {q['max_abs_logit_error']:.3g}, argmax agreement {q['argmax_agreement'] * 100:.1f}%")
@@ -255,14 +269,14 @@ def generate(model, prompt, max_tokens, temperature, top_p, top_k, presence_pena
 
 def _register_optional_commands():
     """Commands that live in their own modules (they import heavier things lazily)."""
-    from .engine import build_engine_command
+    from .targets.tensorrt.engine import build_engine_command
     from .validate import validate_command
 
     main.add_command(validate_command)
     main.add_command(build_engine_command)
-    main.add_command(__import__("rwkv_export.serve_cli", fromlist=["x"]).serve_command)
-    main.add_command(__import__("rwkv_export.triton_cli", fromlist=["x"]).triton_command)
-    __import__("rwkv_export.edge_cli", fromlist=["x"]).register(main)
+    main.add_command(__import__("rwkv_export.targets.serve_cli", fromlist=["x"]).serve_command)
+    main.add_command(__import__("rwkv_export.targets.triton_cli", fromlist=["x"]).triton_command)
+    __import__("rwkv_export.targets.edge_cli", fromlist=["x"]).register(main)
     main.add_command(__import__("rwkv_export.eval_cli", fromlist=["x"]).eval_command)
 
 

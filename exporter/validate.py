@@ -237,7 +237,7 @@ def _trt_runner(target: Target, plugins, chunk: int):
 
     libs = [str(p) for p in plugins] or list(target.plugins)
     if not libs and target.manifest.wkv == "plugin":
-        from .trt_plugin import find_plugin
+        from .targets.tensorrt.plugin import find_plugin
 
         found = find_plugin()
         if found is None:
@@ -251,7 +251,7 @@ def _trt_runner(target: Target, plugins, chunk: int):
     # nothing for librwkv_trt_plugins.so (docs/validation.md); its dlopen afterwards is then a no-op.
     import tensorrt
 
-    from .polygraphy_run import register_plugins
+    from .targets.tensorrt.polygraphy_run import register_plugins
 
     register_plugins(tensorrt, libs)
     # build once (plugins loaded first); the runner reuses the engine for both checks
@@ -745,11 +745,11 @@ def polygraphy_command(target: Target, backend: str, save_inputs, save_outputs, 
         return f"polygraphy run {target.path} --onnxrt {tail}"
     libs = list(plugins) or list(target.plugins)
     if not libs and target.manifest.wkv == "plugin":
-        from .trt_plugin import find_plugin
+        from .targets.tensorrt.plugin import find_plugin
 
         libs = [find_plugin() or "librwkv_trt_plugins.so"]
     # with plugins, Polygraphy through our wrapper: it imports TensorRT before the libraries load
-    prog = "python -m rwkv_export.polygraphy_run run" if libs else "polygraphy run"
+    prog = "python -m rwkv_export.targets.tensorrt.polygraphy_run run" if libs else "polygraphy run"
     cmd = f"{prog} {target.path} --trt" + ("" if target.is_engine else " --strongly-typed")
     if target.is_engine:
         cmd = f"{prog} {target.path} --model-type engine --trt"

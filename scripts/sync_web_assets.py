@@ -1,5 +1,5 @@
 """Copy the browser runtime (js/src, without the Node entry) and the demo page (deploy_examples/web)
-into exporter/web_assets, the copy `rwkv-export web` ships inside the rwkv_export package.
+into exporter/targets/web_assets, the copy `rwkv-export web` ships inside the rwkv_export package.
 
     python scripts/sync_web_assets.py          # write the copy
     python scripts/sync_web_assets.py --check  # exit 1 naming the first difference (tests/edge runs this)
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO / "exporter" / "web_assets"
+ASSETS = REPO / "exporter" / "targets" / "web_assets"
 NODE_ONLY = {"node.js"}
 
 

@@ -62,13 +62,14 @@ import wkvhead_reference as href  # noqa: E402
 
 
 def load_trt_plugin_module():
-    """rwkv_export.trt_plugin, installed or straight from the checkout."""
+    """rwkv_export.targets.tensorrt.plugin, installed or straight from the checkout."""
     try:
-        from rwkv_export import trt_plugin
+        from rwkv_export.targets.tensorrt import plugin as trt_plugin
 
         return trt_plugin
     except ImportError:
-        spec = importlib.util.spec_from_file_location("trt_plugin", REPO / "exporter" / "trt_plugin.py")
+        spec = importlib.util.spec_from_file_location(
+            "trt_plugin", REPO / "exporter" / "targets" / "tensorrt" / "plugin.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         return mod

@@ -36,7 +36,7 @@ def cudart_static(cuda_include):
 
 
 def build_harness(tp, include, out_dir, cuda_architectures=80) -> dict:
-    """tp: the rwkv_export.trt_plugin module. Returns paths: plugin, autoregister, copy, mock, driver; and major."""
+    """tp: the rwkv_export.targets.tensorrt.plugin module. Returns paths: plugin, autoregister, copy, mock, driver; and major."""
     include = Path(include)
     if not (include / "NvInfer.h").is_file():
         raise HarnessUnavailable(f"no NvInfer.h in {include}")

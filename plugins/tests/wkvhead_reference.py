@@ -1,7 +1,7 @@
 """numpy reference of the RWKV-5/6/7 WKV operators (rwkv::WKV5/WKV6/WKV7 and their Seq forms),
 realistic random inputs, ctypes wrappers of the CPU build (wkvHeadHost.cpp) and of the CUDA
 launchers (wkvHeadKernel.h), and a runner for the exporter's own ONNX function bodies
-(onnxruntime); the libraries are compiled by rwkv_export.trt_plugin (the one compiler driver). Shared by tests/tensorrt/test_plugins.py and plugins/tests/gpu_check.py.
+(onnxruntime); the libraries are compiled by rwkv_export.targets.tensorrt.plugin (the one compiler driver). Shared by tests/tensorrt/test_plugins.py and plugins/tests/gpu_check.py.
 No torch and no TensorRT, except ``run_function_body`` (imports rwkv_export, hence torch).
 
 Conventions: every activation is [B, T, H, N] here (the single-step ops are T = 1; ``step_shapes``

@@ -56,7 +56,7 @@ def site(edge_fixtures, tmp_path_factory):
     if why:
         pytest.skip(why)
     from rwkv_export.export import ExportOptions, export
-    from rwkv_export.web import write_web_bundle
+    from rwkv_export.targets.web import write_web_bundle
 
     root = tmp_path_factory.mktemp("site")
     # v4, v7 and v4 with external data (not the state-tuned v6: WebGPU on SwiftShader is slow)
@@ -68,7 +68,7 @@ def site(edge_fixtures, tmp_path_factory):
             write_web_bundle(c["model"], root / sub)  # the runtime + ORT Web the check page imports
         else:  # other models: just their graphs beside it
             (root / sub).mkdir()
-            from rwkv_export.web import external_files
+            from rwkv_export.targets.web import external_files
 
             for f in [Path(c["model"]), *Path(c["model"]).parent.glob(Path(c["model"]).stem + ".seq.onnx")]:
                 for name in [f.name, *external_files(f)]:

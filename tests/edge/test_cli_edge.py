@@ -48,7 +48,7 @@ def test_mobile_ort_files_match_the_onnx_export(v7_export, tmp_path):
     man = json.loads((out / "tiny7.manifest.json").read_text())
     assert man["companions"] == {"step": "tiny7.ort", "sequence": "tiny7.seq.ort"}
     # the ORT format keeps the metadata: the same manifest (companions aside) as the ONNX export
-    from rwkv_export.mobile import ort_metadata
+    from rwkv_export.targets.mobile import ort_metadata
     from rwkv_runtime.manifest import MANIFEST_KEY
 
     inner = json.loads(ort_metadata(out / "tiny7.ort")[MANIFEST_KEY])
@@ -110,7 +110,7 @@ def test_mobile_folds_external_data_into_the_ort_file(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     onnx_path = export(ref_model("golden-rwkv4"), src / "t4.onnx", ExportOptions(external_data=True, graphs=("step",)))[0]
-    from rwkv_export.web import external_files
+    from rwkv_export.targets.web import external_files
 
     assert external_files(onnx_path), "the export should use external data"
     out = tmp_path / "mobile"
@@ -123,7 +123,7 @@ def test_mobile_folds_external_data_into_the_ort_file(tmp_path):
 
 
 def test_web_assets_equal_the_sources():
-    """exporter/web_assets (what the rwkv_export wheel ships for `rwkv-export web`) is js/src (less node.js)
+    """exporter/targets/web_assets (what the rwkv_export wheel ships for `rwkv-export web`) is js/src (less node.js)
     and deploy_examples/web, byte for byte: scripts/sync_web_assets.py --check."""
     import subprocess
     import sys
@@ -137,7 +137,7 @@ def test_web_assets_equal_the_sources():
 
 def _fake_ort_web(folder):
     """A folder laid out as `npm install onnxruntime-web` leaves it (node_modules/onnxruntime-web/dist)."""
-    from rwkv_export.web import ORT_FILES
+    from rwkv_export.targets.web import ORT_FILES
 
     dist = folder / "node_modules" / "onnxruntime-web" / "dist"
     dist.mkdir(parents=True)
@@ -149,7 +149,7 @@ def _fake_ort_web(folder):
 def test_web_works_without_a_checkout_given_ort_web(v7_export, tmp_path, monkeypatch):
     """No js/ (as from an installed rwkv-export): one line naming the npm step and --ort-web; with --ort-web
     (a node_modules, a package folder or a dist folder) the bundle has the shipped runtime and ORT Web's files."""
-    import rwkv_export.web as web
+    import rwkv_export.targets.web as web
 
     monkeypatch.setattr(web, "JS_DIR", tmp_path / "no-checkout" / "js")
     runner = CliRunner()
@@ -202,9 +202,9 @@ def test_wheel_ships_the_web_runtime(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     [whl] = tmp_path.glob("rwkv_export-*.whl")
     names = set(zipfile.ZipFile(whl).namelist())
-    from rwkv_export.web import DEMO_FILES, RUNTIME_DIR
+    from rwkv_export.targets.web import DEMO_FILES, RUNTIME_DIR
 
     for f in RUNTIME_DIR.iterdir():
-        assert f"rwkv_export/web_assets/rwkv-runtime/{f.name}" in names
+        assert f"rwkv_export/targets/web_assets/rwkv-runtime/{f.name}" in names
     for f in DEMO_FILES:
-        assert f"rwkv_export/web_assets/demo/{f}" in names
+        assert f"rwkv_export/targets/web_assets/demo/{f}" in names

@@ -194,7 +194,7 @@ def test_triton_python_backend_refuses_a_companion_of_another_export(mixed, tmp_
 
 def test_build_engine_refuses_a_companion_of_another_export(mixed, tmp_path):
     """Checked before building (with TensorRT this was found only when the engines were loaded)."""
-    from rwkv_export.engine import plan_graphs
+    from rwkv_export.targets.tensorrt.engine import plan_graphs
     from rwkv_runtime import RuntimeUserError
 
     with pytest.raises(RuntimeUserError, match="belongs to another export"):

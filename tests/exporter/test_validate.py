@@ -190,7 +190,7 @@ def test_tensorrt_backend(rwkv4_exports, rwkv4_ref):
         res = validate(rwkv4_exports["plugin"], "--reference", rwkv4_ref, "--backend", "tensorrt")
         assert res.exit_code == 1 and res.output.count("\n") == 1 and "pip install tensorrt" in res.output
         pytest.skip("TensorRT is not installed (only its one-line error was checked)")
-    from rwkv_export.trt_plugin import find_plugin
+    from rwkv_export.targets.tensorrt.plugin import find_plugin
 
     if find_plugin() is None:
         pytest.skip("the TensorRT plugin library is not built (plugins/build/librwkv_trt_plugins.so)")

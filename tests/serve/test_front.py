@@ -67,7 +67,7 @@ def test_api_key_is_required_as_a_bearer_token(default_model):
 def test_api_key_from_the_environment_and_both_clis(monkeypatch):
     from click.testing import CliRunner  # noqa: F401 - click is there (the CLI parses)
 
-    from rwkv_export.serve_cli import serve_command
+    from rwkv_export.targets.serve_cli import serve_command
     from rwkv_runtime.server.__main__ import options_from, parser
 
     monkeypatch.delenv("RWKV_API_KEY", raising=False)
@@ -346,7 +346,7 @@ OLD_FLAGS = ["--host", "--port", "--model-name", "--threads", "--max-batch", "--
 
 
 def test_both_clis_are_generated_from_the_options(monkeypatch):
-    from rwkv_export.serve_cli import serve_command
+    from rwkv_export.targets.serve_cli import serve_command
     from rwkv_runtime.server import EngineConfig, ServerOptions
     from rwkv_runtime.server.__main__ import options_from, parser
     from rwkv_runtime.server.options import ENGINE_FLAGS, cli_options, from_cli

@@ -1,4 +1,4 @@
-"""The TensorRT plugin part (plugins/, rwkv_export.trt_plugin), tested without TensorRT:
+"""The TensorRT plugin part (plugins/, rwkv_export.targets.tensorrt.plugin), tested without TensorRT:
 
 - the WKV math the CUDA kernel runs, compiled for the CPU, against numpy;
 - RWKV-5/6/7 (plugins/wkvhead): the CPU build against numpy, against the exporter's own ONNX
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rwkv_export import trt_plugin as tp
+from rwkv_export.targets.tensorrt import plugin as tp
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN_TESTS = REPO / "plugins" / "tests"
@@ -47,7 +47,7 @@ def test_module_imports_without_torch_or_tensorrt():
         "        if name.split('.')[0] in ('torch', 'tensorrt'):\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import rwkv_export.trt_plugin as tp\n"
+        "import rwkv_export.targets.tensorrt.plugin as tp\n"
         "assert tp.OP_TYPES[:2] == ('WKV4', 'WKV4Seq') and 'WKV7Seq' in tp.OP_TYPES\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -3,7 +3,7 @@
 Our plugin libraries register into the TensorRT already loaded in the process, so TensorRT must be
 imported before the library is opened. Polygraphy's own loader chain opens `--plugins` libraries first
 (first test: documents why `polygraphy run --plugins` alone registers nothing); the wrapper
-`python -m rwkv_export.polygraphy_run` imports TensorRT first (second test)."""
+`python -m rwkv_export.targets.tensorrt.polygraphy_run` imports TensorRT first (second test)."""
 from __future__ import annotations
 
 import ctypes
@@ -84,7 +84,7 @@ def test_polygraphy_opens_plugin_libraries_before_it_imports_tensorrt(events, tm
 
 
 def test_the_wrapper_imports_tensorrt_before_any_plugin_library(events, tmp_path, monkeypatch):
-    from rwkv_export import polygraphy_run
+    from rwkv_export.targets.tensorrt import polygraphy_run
 
     monkeypatch.setattr(polygraphy_run, "load_plugin_library",
                         lambda trt, p, echo=None: trt.get_plugin_registry().load_library(str(p)))
@@ -105,7 +105,7 @@ def test_the_wrapper_imports_tensorrt_before_any_plugin_library(events, tmp_path
 
 
 def test_the_wrapper_names_a_missing_library_in_one_line(events, tmp_path, capsys):
-    from rwkv_export import polygraphy_run
+    from rwkv_export.targets.tensorrt import polygraphy_run
 
     assert polygraphy_run.main(["run", "m.onnx", "--trt", "--plugins", str(tmp_path / "nope.so")]) == 1
     err = capsys.readouterr().err
@@ -113,6 +113,6 @@ def test_the_wrapper_names_a_missing_library_in_one_line(events, tmp_path, capsy
 
 
 def test_plugins_argument_forms():
-    from rwkv_export.polygraphy_run import plugin_paths
+    from rwkv_export.targets.tensorrt.polygraphy_run import plugin_paths
 
     assert plugin_paths(["run", "m", "--plugins", "a.so", "b.so", "--trt", "--plugins=c.so"]) == ["a.so", "b.so", "c.so"]

@@ -53,7 +53,7 @@ def _write_fake_engine(d: Path, manifest: Manifest, **extra) -> Path:
 # Without TensorRT
 # ---------------------------------------------------------------------------------------------
 def test_build_engine_without_tensorrt_is_one_line(tmp_path, monkeypatch):
-    from rwkv_export.engine import build_engine_command
+    from rwkv_export.targets.tensorrt.engine import build_engine_command
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
     model = tmp_path / "m.onnx"
@@ -67,7 +67,7 @@ def test_build_engine_without_tensorrt_is_one_line(tmp_path, monkeypatch):
 
 
 def test_build_engine_rejects_a_non_engine_suffix(tmp_path):
-    from rwkv_export.engine import build_engine_command
+    from rwkv_export.targets.tensorrt.engine import build_engine_command
 
     model = tmp_path / "m.onnx"
     model.write_bytes(b"x")
@@ -137,7 +137,7 @@ def fake(monkeypatch):
 
 
 def _build(tmp_path, onnx_path, *args):
-    from rwkv_export.engine import build_engine_command
+    from rwkv_export.targets.tensorrt.engine import build_engine_command
 
     out = tmp_path / "m.engine"
     res = CliRunner().invoke(build_engine_command, [str(onnx_path), "-o", str(out), *args])
@@ -285,7 +285,7 @@ def test_plugin_library_is_recorded_and_loaded(tmp_path, fake, rwkv4_exports, mo
 
 
 def test_plugin_export_without_plugin_builds_function_bodies(tmp_path, fake, rwkv4_exports, monkeypatch):
-    import rwkv_export.engine as engine_mod
+    import rwkv_export.targets.tensorrt.engine as engine_mod
 
     fake()
     monkeypatch.setattr(engine_mod, "_default_plugin", lambda: None)
@@ -342,7 +342,7 @@ def _custom_nodes(path) -> int:
 @pytest.mark.parametrize("parser,plugins_win", [("10.1", False), ("11", True)])
 def test_stand_in_parser_precedence(tmp_path, fake, rwkv4_exports, parser, plugins_win):
     """The stand-in follows each version's rule for a node that is both a plugin and a local function."""
-    from rwkv_export.engine import _plugin_layers
+    from rwkv_export.targets.tensorrt.engine import _plugin_layers
 
     trt, _ = fake(parser=parser)
     lib = _fake_plugin_library(tmp_path)
@@ -489,8 +489,8 @@ def _need_tensorrt_and_gpu():
 def rwkv4_engines(rwkv4_exports, tmp_path_factory):
     """The RWKV-4 reference exports built with TensorRT (step + sequence), plain and plugin mode."""
     _need_tensorrt_and_gpu()
-    from rwkv_export.engine import EngineOptions, build_engine
-    from rwkv_export.trt_plugin import find_plugin
+    from rwkv_export.targets.tensorrt.engine import EngineOptions, build_engine
+    from rwkv_export.targets.tensorrt.plugin import find_plugin
 
     d = tmp_path_factory.mktemp("trt")
     out = {"plain": build_engine(rwkv4_exports["plain"], d / "plain.engine", EngineOptions(max_batch=4))[0]}

@@ -12,7 +12,7 @@ import rwkv_runtime
 
 from .test_triton_audit import INTERNAL, load_model, logits, pb_utils, req  # noqa: F401 - pb_utils: a fixture
 
-from rwkv_export.triton import write_repository  # noqa: E402 - after the skip in test_triton_audit
+from rwkv_export.targets.triton import write_repository  # noqa: E402 - after the skip in test_triton_audit
 
 
 def test_a_failing_step_fails_its_request_alone(triton_exports, tmp_path, pb_utils, monkeypatch, caplog):  # noqa: F811

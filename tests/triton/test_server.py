@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import rwkv_runtime
-from rwkv_export.triton import write_repository
+from rwkv_export.targets.triton import write_repository
 
 from ..conftest import REPO
 

@@ -21,7 +21,7 @@ from tritonclient.grpc import model_config_pb2  # noqa: E402
 import rwkv_runtime  # noqa: E402
 from rwkv_export.cli import main  # noqa: E402
 from rwkv_export.errors import ExportError  # noqa: E402
-from rwkv_export.triton import write_repository  # noqa: E402
+from rwkv_export.targets.triton import write_repository  # noqa: E402
 
 from .test_repository import stand_in_engine  # noqa: E402
 

@@ -30,7 +30,7 @@ def triton_command(model, repo, backend, max_batch, name, idle_s, max_sequences,
 
     Each conversation is one Triton sequence (correlation id); see docs/triton.md.
     """
-    from .errors import run_user_errors
+    from ..errors import run_user_errors
     from .triton import write_repository
 
     dest = run_user_errors(lambda: write_repository(model, repo, backend, max_batch, name, idle_s, max_sequences,

@@ -7,7 +7,7 @@ import click
 
 from rwkv_runtime.errors import RuntimeUserError
 
-from .errors import ExportError
+from ..errors import ExportError
 
 
 def _run(fn, *a):

@@ -20,7 +20,7 @@ from rwkv_runtime.artifact import open_artifact
 from rwkv_runtime.manifest import MANIFEST_KEY
 from rwkv_runtime.safe_write import PREFIX, SafeWrite
 
-from .errors import ExportError
+from ..errors import ExportError
 
 ORT_FORMAT_LIMIT = 2**31 - 1  # flatbuffers: one .ort file must stay under 2 GB
 

@@ -30,7 +30,7 @@ from rwkv_runtime.artifact import confined_path, open_artifact, outside_reason
 from rwkv_runtime.safe_write import SafeWrite
 from rwkv_runtime.manifest import BATCH
 
-from .errors import ExportError
+from ..errors import ExportError
 
 BACKENDS = ("onnxruntime", "tensorrt", "python")
 MANIFEST_PARAM = "rwkv.manifest"

@@ -20,9 +20,9 @@ from pathlib import Path
 from rwkv_runtime.artifact import open_artifact
 from rwkv_runtime.safe_write import SafeWrite
 
-from .errors import ExportError
+from ..errors import ExportError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 JS_DIR = REPO / "js"  # a checkout's js/ (its node_modules is the fallback for ORT Web)
 ASSETS = Path(__file__).resolve().parent / "web_assets"
 RUNTIME_DIR = ASSETS / "rwkv-runtime"  # js/src without node.js

@@ -60,8 +60,9 @@ class PluginNotFound(PluginError):
 
 # -- locations ----------------------------------------------------------------------------------
 def repo_root() -> Path:
-    """The checkout this module belongs to (``exporter/`` is installed as ``rwkv_export``)."""
-    return Path(__file__).resolve().parent.parent
+    """The checkout this module belongs to (``exporter/targets/tensorrt/plugin.py`` is
+    ``rwkv_export.targets.tensorrt.plugin``)."""
+    return Path(__file__).resolve().parents[3]
 
 
 def plugins_dir() -> Path:

@@ -30,8 +30,8 @@ from rwkv_runtime.safe_write import SafeWrite, write_file
 from rwkv_runtime.artifact import ENGINE_SUFFIXES, SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
 from rwkv_runtime.tensorrt.loader import import_tensorrt, load_plugin_library, trt_logger
 
-from . import __version__
-from .errors import ExportError
+from ... import __version__
+from ...errors import ExportError
 
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 # The first TensorRT whose ONNX parser prefers a registered plugin over a model-local function of the
@@ -255,9 +255,9 @@ def _plugin_layers(trt, network) -> int:
 
 
 def _default_plugin():
-    """The built rwkv plugin library (exporter/trt_plugin.py), if that module and the library exist."""
+    """The built rwkv plugin library (targets/tensorrt/plugin.py), if that module and the library exist."""
     try:
-        from . import trt_plugin
+        from . import plugin as trt_plugin
     except ImportError:
         return None
     return trt_plugin.find_plugin()
@@ -468,7 +468,7 @@ def _sidecar(trt, g: _Graph, opts: EngineOptions, plugins: list, shapes: dict, p
 def build_engine_command(model, out, max_batch, opt_batch, max_seq, opt_seq, plugins, timing_cache, workspace_mb,
                          opt_level, tf32, companions, quiet):
     """Build TensorRT engine(s) from an exported MODEL.onnx (strongly typed: precision from the ONNX)."""
-    from .errors import run_user_errors
+    from ...errors import run_user_errors
 
     opts = EngineOptions(max_batch=max_batch, opt_batch=opt_batch, max_seq=max_seq, opt_seq=opt_seq,
                          plugins=tuple(plugins), timing_cache=timing_cache, workspace_mb=workspace_mb,
