@@ -57,22 +57,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
+import build_helpers  # noqa: E402
 import wkv4_reference as ref  # noqa: E402
 import wkvhead_reference as href  # noqa: E402
-
-
-def load_trt_plugin_module():
-    """rwkv_export.targets.tensorrt.plugin, installed or straight from the checkout."""
-    try:
-        from rwkv_export.targets.tensorrt import plugin as trt_plugin
-
-        return trt_plugin
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "trt_plugin", REPO / "exporter" / "targets" / "tensorrt" / "plugin.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
 
 
 def time_call(fn, reps=50):
@@ -602,10 +589,10 @@ def main(argv=None):
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="rwkv_gpu_check_"))
     rng = np.random.default_rng(2024)
     t_start = time.perf_counter()
-    tp = load_trt_plugin_module()
+    tp = build_helpers.tp  # the shipped compiler driver, installed or from the checkout
 
     if args.emulate:
-        lib = href.kernels_library(tp.compile_kernel_emulator(out_dir))
+        lib = href.kernels_library(build_helpers.compile_kernel_emulator(out_dir))
         print("device: none; WKV5/6/7 kernels emulated on the CPU (wkvhead_emulator.cpp)")
         failed = head_section(lib, href.HostBackend(), rng, timings=False)
         print(f"\n{'ALL PASSED' if failed == 0 else f'{failed} FAILED'} (emulated)")

@@ -27,6 +27,7 @@ from rwkv_export.targets.tensorrt import plugin as tp
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN_TESTS = REPO / "plugins" / "tests"
 sys.path.insert(0, str(PLUGIN_TESTS))
+import build_helpers  # noqa: E402
 import mock_build  # noqa: E402
 import wkv4_reference as ref  # noqa: E402
 import wkvhead_reference as href  # noqa: E402
@@ -95,7 +96,7 @@ def test_build_plugin_reports_missing_headers(tmp_path):
 def host_lib(tmp_path_factory):
     if not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
         pytest.skip("no C++ compiler")
-    return ref.host_library(tp.compile_host_reference(tmp_path_factory.mktemp("wkv4_host")))
+    return ref.host_library(build_helpers.compile_host_reference(tmp_path_factory.mktemp("wkv4_host")))
 
 
 @pytest.mark.parametrize("B,T,C", CASES)
@@ -180,7 +181,7 @@ FAM_DTYPES = [(f, d) for f in href.OPS for d in HEAD_DTYPES if d != "f16-w32" or
 def head_host(tmp_path_factory):
     if not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
         pytest.skip("no C++ compiler")
-    lib = href.host_library(tp.compile_host_reference(tmp_path_factory.mktemp("wkvhead_host"), family="wkvhead",
+    lib = href.host_library(build_helpers.compile_host_reference(tmp_path_factory.mktemp("wkvhead_host"), family="wkvhead",
                                                     warnings=True))
     if not lib.rwkvWkvHeadHasHalf():
         pytest.skip("cuda_fp16.h not found: the CPU build has no float16 path")
@@ -361,7 +362,7 @@ def head_emulated(tmp_path_factory):
         pytest.skip("CUDA headers not found (the emulator compiles the kernel sources with them)")
     if not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++")):
         pytest.skip("no C++ compiler")
-    return href.kernels_library(tp.compile_kernel_emulator(tmp_path_factory.mktemp("wkvhead_emu")))
+    return href.kernels_library(build_helpers.compile_kernel_emulator(tmp_path_factory.mktemp("wkvhead_emu")))
 
 
 @pytest.mark.parametrize("case", HEAD_CASES + [(2, 3, 1, 1), (1, 4, 1, 100)], ids=lambda c: "B{}T{}H{}N{}".format(*c))
@@ -421,10 +422,10 @@ def test_emulated_kernels_under_address_sanitizer(tmp_path):
     """The emulated kernels built with -fsanitize=address,undefined, loaded into a fresh python
     with libasan preloaded: no out-of-bounds access in global or shared memory (the shared buffer
     beyond the launch's size is poisoned), no undefined behaviour, over every path."""
-    asan = tp.asan_runtime()
+    asan = build_helpers.asan_runtime()
     if asan is None or tp.cuda_include_dir() is None:
         pytest.skip("libasan or the CUDA headers not found")
-    lib = tp.compile_kernel_emulator(tmp_path, sanitize=True)
+    lib = build_helpers.compile_kernel_emulator(tmp_path, sanitize=True)
     code = (
         "import sys, numpy as np\n"
         f"sys.path.insert(0, {str(PLUGIN_TESTS)!r})\n"

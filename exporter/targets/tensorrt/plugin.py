@@ -1,16 +1,14 @@
 """Build and locate the TensorRT plugin libraries for the ``rwkv::WKV4..WKV7`` (+ ``Seq``) nodes.
 
 The C++/CUDA sources live in ``plugins/`` at the repository root (see ``plugins/README.md``).
-This is the one module that drives compilers for them (tests and plugins/tests/gpu_check.py
-included); it imports neither torch nor tensorrt, and it can be loaded by file path.
+The compiler driver the package ships; the test-only builds (the CPU reference, the kernel emulator,
+AddressSanitizer) live in plugins/tests/build_helpers.py on top of it. It imports neither torch nor
+tensorrt, and it can be loaded by file path.
 
 - :func:`build_plugin` -- cmake of ``librwkv_trt_plugins.so`` (for loadLibrary) and
   ``librwkv_trt_plugins_autoregister.so`` (for dlopen-only loaders) against TensorRT headers.
 - :func:`find_plugin` -- ``$RWKV_TRT_PLUGIN``, else ``plugins/build/librwkv_trt_plugins.so``.
 - :func:`compile_kernels` / :func:`compile_kernels_only` -- nvcc of the CUDA kernels alone (no TensorRT).
-- :func:`compile_host_reference` -- the same WKV math compiled for the CPU (tests).
-- :func:`compile_kernel_emulator` -- the RWKV-5/6/7 CUDA kernels compiled to run on the CPU (tests),
-  optionally under AddressSanitizer (:func:`asan_runtime`).
 """
 from __future__ import annotations
 
@@ -18,8 +16,8 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
 
 try:
     from rwkv_runtime.errors import RuntimeUserError as _UserError
@@ -43,7 +41,7 @@ ENV_VAR = "RWKV_TRT_PLUGIN"
 # SASS for each, plus PTX of the newest so later GPUs can JIT. CUDA 13 has no sm_70 or older.
 DEFAULT_CUDA_ARCHITECTURES = (80, 86, 89, 90)
 
-Archs = Union[None, int, str, Iterable[Union[int, str]]]
+Archs = None | int | str | Iterable[int | str]
 
 
 class PluginError(_UserError):
@@ -77,7 +75,7 @@ def default_plugin_path() -> Path:
     return repo_root() / "plugins" / "build" / LIBRARY_NAME
 
 
-def find_plugin() -> Optional[Path]:
+def find_plugin() -> Path | None:
     """Path of ``librwkv_trt_plugins.so``: ``$RWKV_TRT_PLUGIN`` if set, else the default build
     directory ``plugins/build/``; None if neither exists. A set but wrong ``$RWKV_TRT_PLUGIN`` raises
     :class:`PluginNotFound` rather than silently falling back to another library."""
@@ -91,7 +89,7 @@ def find_plugin() -> Optional[Path]:
     return p if p.is_file() else None
 
 
-def find_nvcc() -> Optional[str]:
+def find_nvcc() -> str | None:
     """nvcc from ``$CUDACXX``, ``$CUDA_HOME``/``$CUDA_PATH``, ``PATH`` or /usr/local/cuda."""
     cands = [os.environ.get("CUDACXX")]
     cands += [str(Path(os.environ[v]) / "bin" / "nvcc") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
@@ -102,7 +100,7 @@ def find_nvcc() -> Optional[str]:
     return None
 
 
-def cuda_include_dir(nvcc: Optional[str] = None) -> Optional[Path]:
+def cuda_include_dir(nvcc: str | None = None) -> Path | None:
     """A CUDA include directory with cuda_fp16.h, or None."""
     cands = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
     nvcc = nvcc or find_nvcc()
@@ -156,7 +154,7 @@ def _first_error(output: str) -> str:
     return lines[-1][:400] if lines else "no output"
 
 
-def _run(cmd: Sequence, what: str, log: Optional[Path] = None, cwd: Optional[Path] = None) -> str:
+def _run(cmd: Sequence, what: str, log: Path | None = None, cwd: Path | None = None) -> str:
     cmd = [str(c) for c in cmd]
     try:
         proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -179,7 +177,8 @@ def build_plugin(tensorrt_root, build_dir=None, cuda_architectures: Archs = None
 
     ``tensorrt_root`` is a TensorRT SDK root, or directly its include directory (only the headers
     are needed: the library is not linked against libnvinfer). ``build_dir`` defaults to
-    ``plugins/build`` (where :func:`find_plugin` looks). ``cuda_architectures`` e.g. ``"80;86;89;90"`` (the default) or ``[90]``.
+    ``plugins/build`` (where :func:`find_plugin` looks). ``cuda_architectures`` e.g. ``"80;86;89;90"``
+    (the default) or ``[90]``.
     Raises :class:`PluginBuildError` with one line on any failure; the full log is kept in
     ``<build_dir>/rwkv-plugin-build.log``.
     """
@@ -215,13 +214,6 @@ def build_plugin(tensorrt_root, build_dir=None, cuda_architectures: Archs = None
     return out
 
 
-def _compiler(cxx: Optional[str] = None) -> str:
-    cxx = cxx or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if cxx is None:
-        raise PluginBuildError("no C++ compiler found (set CXX)")
-    return cxx
-
-
 def _family(family: str):
     if family not in FAMILIES:
         raise PluginBuildError(f"unknown kernel family {family!r} (one of {', '.join(FAMILIES)})")
@@ -230,7 +222,7 @@ def _family(family: str):
 
 
 def compile_kernels(out_dir, family: str = "wkv4", cuda_architectures: Archs = None,
-                    nvcc: Optional[str] = None) -> Path:
+                    nvcc: str | None = None) -> Path:
     """nvcc one family's CUDA kernels (no TensorRT) into a shared library in ``out_dir``; returns its
     path. ``family``: "wkv4" (exports ``rwkvWkv4Forward``) or "wkvhead" (``rwkvWkv5/6/7Forward``; three
     files compiled in parallel). One architecture (e.g. ``cuda_architectures=80``) takes seconds."""
@@ -255,55 +247,6 @@ def compile_kernels(out_dir, family: str = "wkv4", cuda_architectures: Archs = N
     return out
 
 
-def compile_kernels_only(out_dir, cuda_architectures: Archs = None, nvcc: Optional[str] = None) -> Path:
+def compile_kernels_only(out_dir, cuda_architectures: Archs = None, nvcc: str | None = None) -> Path:
     """The RWKV-4 kernels into ``out_dir/librwkv_wkv4_kernels.so`` (``compile_kernels(family="wkv4")``)."""
     return compile_kernels(out_dir, "wkv4", cuda_architectures, nvcc)
-
-
-def compile_host_reference(out_dir, cxx: Optional[str] = None, family: str = "wkv4", warnings: bool = False) -> Path:
-    """Compile a family's kernel math for the CPU (``plugins/wkv4/wkv4Host.cpp`` or
-    ``plugins/wkvhead/wkvHeadHost.cpp``) into a shared library in ``out_dir``; returns its path.
-    float16 support needs cuda_fp16.h (found next to nvcc or in ``$CUDA_HOME``); without it the
-    library handles float32 only. ``warnings``: -Wall -Wextra -Werror."""
-    src, _, _, host_src, lib_name = _family(family)
-    out_dir = Path(out_dir).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / lib_name
-    cmd = [_compiler(cxx), "-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-I", src]
-    if warnings:
-        cmd += ["-Wall", "-Wextra", "-Werror"]
-    inc = cuda_include_dir()
-    if inc is not None:
-        cmd += ["-isystem", inc]
-    _run(cmd + [src / host_src, "-o", out], f"C++ compile ({family} host build)")
-    return out
-
-
-def compile_kernel_emulator(out_dir, cxx: Optional[str] = None, sanitize: bool = False) -> Path:
-    """``plugins/tests/wkvhead_emulator.cpp`` -> ``out_dir/librwkv_wkvhead_emulated[_asan].so``: the
-    RWKV-5/6/7 CUDA kernels and launchers run on the CPU. ``sanitize``: with AddressSanitizer and
-    UBSan (load it with LD_PRELOAD of :func:`asan_runtime`)."""
-    inc = cuda_include_dir()
-    if inc is None:
-        raise PluginBuildError("the kernel emulator needs the CUDA headers (cuda_fp16.h)")
-    src = plugins_dir()
-    out = Path(out_dir) / ("librwkv_wkvhead_emulated_asan.so" if sanitize else "librwkv_wkvhead_emulated.so")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # -O0 for the sanitized build: a third of the compile time, and the cases it runs are small
-    cmd = [_compiler(cxx), "-std=c++20", *(["-O0", "-g"] if sanitize else ["-O1"]), "-shared", "-fPIC",
-           "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror", "-isystem", inc, "-I", src / "wkvhead"]
-    if sanitize:
-        cmd += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
-    _run(cmd + [src / "tests" / "wkvhead_emulator.cpp", "-o", out, "-lpthread"], "C++ compile (kernel emulator)")
-    return out
-
-
-def asan_runtime(cxx: Optional[str] = None) -> Optional[Path]:
-    """Path of the compiler's libasan.so (for LD_PRELOAD into python), or None."""
-    try:
-        cxx = _compiler(cxx)
-    except PluginBuildError:
-        return None
-    r = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True)
-    p = Path(r.stdout.strip())
-    return p if r.returncode == 0 and p.is_absolute() and p.exists() else None
