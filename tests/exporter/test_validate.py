@@ -50,7 +50,10 @@ def polygraphy_replay(model: Path, inputs: Path, outputs: Path):
 
 @pytest.fixture(scope="module")
 def bad_model(rwkv4_exports, tmp_path_factory):
-    return corrupt(rwkv4_exports["plain"], tmp_path_factory.mktemp("bad") / "bad.onnx")
+    # one element of layer 0's bonus u: from a fresh state (aa = bb = 0) the first step's WKV is v whatever u
+    # is, so step 0 passes and step 1 fails, on any weights (a value-matrix element shows at step 0 unless
+    # that channel's time_mix_v is ~0, as in the trained model this test once used)
+    return corrupt(rwkv4_exports["plain"], tmp_path_factory.mktemp("bad") / "bad.onnx", name="blocks.0.att.u")
 
 
 @pytest.mark.parametrize("wkv", ["plain", "plugin"])
@@ -81,7 +84,7 @@ def test_validate_fails_on_a_corrupted_export_naming_the_first_bad_step(rwkv4_re
     table = res.output.split("1. teacher-forced")[1].split("per output group")[0]
     rows = [ln.split() for ln in table.splitlines() if re.match(r"^\s+\d+\s", ln)]
     assert [int(r[0]) for r in rows if r[-1] == "FAIL"][0] == first == 1
-    assert re.search(r"wkv_aa \(x4\).*\s1$", res.output, re.M)  # the group that broke, and when
+    assert re.search(r"wkv_aa \(x2\).*\s1$", res.output, re.M)  # the group that broke, and when
 
 
 @pytest.mark.slow
