@@ -39,6 +39,7 @@ class Checkpoint:
     hf_config: dict = field(default_factory=dict)
     tokenizer_file: Path | None = None  # a tokenizer.json found beside an HF checkpoint
     input_files: list = field(default_factory=list)  # every file read: an export must never replace one
+    lora: object = None  # lora.Merge: the adapter merged in (``load_checkpoint(lora=...)``), or None
 
 
 def _read_error(path: Path, e: OSError) -> CheckpointError:
@@ -231,10 +232,11 @@ def _from_hf(state: dict) -> dict:
 STREAM_MIN_ELEMENTS = 2**18
 
 
-def load_checkpoint(path, stream: bool = False) -> Checkpoint:
+def load_checkpoint(path, stream: bool = False, lora=None, lora_alpha: float | None = None) -> Checkpoint:
     """Load (memory-map) a checkpoint. Tensors come back float32, except with ``stream`` (the export):
     then large bf16/fp16/fp64 matrices stay in their own dtype, views into the mapped file, and
-    ``matrix_in_out`` converts each lazily, so the model is never held in float32 as a whole."""
+    ``matrix_in_out`` converts each lazily, so the model is never held in float32 as a whole.
+    ``lora``: an adapter merged in (exporter/lora.py; with ``stream``, layer matrices row by row as written)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -291,9 +293,17 @@ def load_checkpoint(path, stream: bool = False) -> Checkpoint:
             weights[k] = v
         else:
             weights[k] = v.float()
+    merge = None
+    if lora is not None:
+        from . import lora as _lora
+
+        merge = _lora.apply(weights, lora, lora_alpha, lazy=stream)
+        inputs.append(Path(lora))
+    elif lora_alpha is not None:
+        raise CheckpointError("--lora-alpha applies to --lora (no adapter given)")
     from . import arch  # each version's ArchSpec recognises its own keys
 
-    return Checkpoint(weights, arch.detect(weights), path, fmt, hf_config, tokenizer_file, inputs)
+    return Checkpoint(weights, arch.detect(weights), path, fmt, hf_config, tokenizer_file, inputs, merge)
 
 
 def matrix_in_out(t):
@@ -302,10 +312,15 @@ def matrix_in_out(t):
     import numpy as np
     import torch
 
+    from .lora import merged_rows, pending_of
+    from .onnx_graph import LazyArray
+
+    rec = pending_of(t)
+    if rec is not None:  # a LoRA pair merged into each chunk of rows as it is written
+        return LazyArray(merged_rows(t.detach(), rec), t.shape).T
     t = t.detach()
     if t.dtype == torch.float32 or t.ndim != 2:
         return np.ascontiguousarray(t.float().cpu().numpy()).T
-    from .onnx_graph import LazyArray
 
     return LazyArray.of(t).T
 

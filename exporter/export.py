@@ -25,6 +25,7 @@ from . import __version__, arch
 from .arch.graph import GraphOptions
 from .checkpoint import Checkpoint, check_finite, check_state_finite, load_checkpoint, read_state_tuning
 from .errors import CheckpointError, ExportError
+from .lora import check_all_used
 from .onnx_graph import OPSET, GraphBuilder, WeightStore
 from .quantize import DynamicInt8Quantizer, PendingStore, Quantizer, quantize_into
 from .staging import Staging, Terminated
@@ -54,6 +55,8 @@ class ExportOptions:
     tokenizer: str | None = None  # "bytes" | "world" | path to a tokenizer.json | None (= from the model)
     external_data: bool | None = None  # None: when exporting two graphs (one shared file) or over 2 GB
     allow_nonfinite: bool = False  # export weights holding NaN/inf instead of refusing the checkpoint
+    lora: str | None = None  # a LoRA adapter (<weight>.lora_A/.lora_B, RWKV-PEFT) merged while streaming
+    lora_alpha: float | None = None  # its alpha (scale alpha/r); None: alpha = r, scale 1
 
 
 def sequence_path(step_path: Path) -> Path:
@@ -120,7 +123,8 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
     tick = progress or (lambda msg: None)
 
     tick("loading checkpoint")
-    ck = load_checkpoint(checkpoint, stream=True)  # large bf16/fp16 matrices: converted when written
+    # large bf16/fp16 matrices: converted when written; a LoRA pair merged into its matrix then too
+    ck = load_checkpoint(checkpoint, stream=True, lora=opt.lora, lora_alpha=opt.lora_alpha)
     _check_not_inputs(ck, opt, targets + replaced)
     if not opt.allow_nonfinite:
         check_finite(ck, release=lambda: release_mapped(ck.input_files), every=RELEASE_EVERY)
@@ -134,6 +138,7 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
     tick("preparing weights")
     with _inconsistent(ck):
         W = spec.export_weights(ck.weights, cfg)  # views into the memory-mapped checkpoint where possible
+    check_all_used(ck.lora)
     release_mapped(ck.input_files)  # the pages export_weights read (the embedding, folded with ln0)
     rescale = opt.rescale_every
     if rescale is None:
@@ -183,7 +188,9 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
                              **({"quant_block": block} if block is not None else {}),
                              "weights_file": data_path.name if external else None},
                     companions={k: paths[k].name for k in opt.graphs},
-                    source={"checkpoint": ck.path.name, "format": ck.format}, exporter_version=__version__,
+                    source={"checkpoint": ck.path.name, "format": ck.format,
+                            **({"lora": ck.lora.path.name, "lora_alpha": ck.lora.alpha} if ck.lora else {})},
+                    exporter_version=__version__,
                     initial_state="embedded" if initial else "", export_id=export_id)
                 meta = {MANIFEST_KEY: man.to_json()}
                 if tok_json is not None:
@@ -308,7 +315,7 @@ def _check_output_paths(out: Path, paths: list) -> None:
 def _input_files(ck: Checkpoint, opt: ExportOptions) -> list:
     """Every file the export reads (the checkpoint's files, the state-tuning and tokenizer files)."""
     inputs = list(ck.input_files)
-    for extra in (opt.state_tuning, opt.tokenizer):
+    for extra in (opt.state_tuning, opt.tokenizer, opt.lora):
         if extra and extra not in ("bytes", "world", "none") and Path(extra).is_file():
             inputs.append(Path(extra))
     return inputs
@@ -412,8 +419,9 @@ def load_manifest(path) -> Manifest:
 
 
 def reference_model(checkpoint):
-    """The PyTorch reference for a checkpoint (used by validate and the tests)."""
-    ck = load_checkpoint(checkpoint)
+    """The PyTorch reference for a checkpoint (used by validate and the tests); ``checkpoint`` may be a
+    loaded ``Checkpoint`` (e.g. with a LoRA adapter merged)."""
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     spec = arch.get(ck.version)
     return spec.Model.from_weights(ck.weights, spec.config_from_weights(ck.weights, ck.hf_config))
 
