@@ -84,9 +84,10 @@ def test_polygraphy_opens_plugin_libraries_before_it_imports_tensorrt(events, tm
 
 
 def test_the_wrapper_imports_tensorrt_before_any_plugin_library(events, tmp_path, monkeypatch):
+    from rwkv_export.targets.tensorrt import loader as trt_loader
     from rwkv_export.targets.tensorrt import polygraphy_run
 
-    monkeypatch.setattr(polygraphy_run, "load_plugin_library",
+    monkeypatch.setattr(trt_loader, "load_plugin_library",
                         lambda trt, p, echo=None: trt.get_plugin_registry().load_library(str(p)))
     main_lib = tmp_path / "librwkv_trt_plugins.so"
     auto_lib = tmp_path / "librwkv_trt_plugins_autoregister.so"

@@ -285,10 +285,10 @@ def test_plugin_library_is_recorded_and_loaded(tmp_path, fake, rwkv4_exports, mo
 
 
 def test_plugin_export_without_plugin_builds_function_bodies(tmp_path, fake, rwkv4_exports, monkeypatch):
-    import rwkv_export.targets.tensorrt.engine as engine_mod
+    import rwkv_export.targets.tensorrt.loader as loader_mod
 
     fake()
-    monkeypatch.setattr(engine_mod, "_default_plugin", lambda: None)
+    monkeypatch.setattr(loader_mod, "default_plugin", lambda: None)
     res, out = _build(tmp_path, rwkv4_exports["plugin"])
     assert res.exit_code == 0, res.output
     assert "no TensorRT plugin registered for rwkv::WKV4" in res.output
@@ -342,7 +342,7 @@ def _custom_nodes(path) -> int:
 @pytest.mark.parametrize("parser,plugins_win", [("10.1", False), ("11", True)])
 def test_stand_in_parser_precedence(tmp_path, fake, rwkv4_exports, parser, plugins_win):
     """The stand-in follows each version's rule for a node that is both a plugin and a local function."""
-    from rwkv_export.targets.tensorrt.engine import _plugin_layers
+    from rwkv_export.targets.tensorrt.loader import plugin_layers as _plugin_layers
 
     trt, _ = fake(parser=parser)
     lib = _fake_plugin_library(tmp_path)

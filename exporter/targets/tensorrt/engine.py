@@ -9,11 +9,9 @@ state and the plugin libraries the built network really uses: the runtime needs 
 nor onnx to run it. Files are staged in a temporary directory and moved into place only when every
 engine is built.
 
-Plugin-mode exports (``--wkv plugin``) need TensorRT >= 10.7: each ``rwkv::WKV*`` node is also a
-model-local ONNX function, and the ONNX parser of 10.0-10.6 prefers the function over a registered
-plugin (10.7 reversed that; 10.15+/11 take the plugin first when the node names a plugin_namespace).
-After parsing, the plugin layers of the network are counted, and only a network that contains some
-records plugin libraries in its sidecar.
+Parsing, plugin registration, the profile and the build itself are ``loader.EngineLoader``'s, the one
+engine loader ``validate --backend tensorrt`` uses too. After parsing, the plugin layers of the network
+are counted, and only a network that contains some records plugin libraries in its sidecar.
 """
 from __future__ import annotations
 
@@ -25,22 +23,13 @@ from pathlib import Path
 
 import click
 
+from rwkv_runtime.artifact import ENGINE_SUFFIXES, SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
 from rwkv_runtime.manifest import INITIAL_STATE_KEY, Manifest
 from rwkv_runtime.safe_write import SafeWrite, write_file
-from rwkv_runtime.artifact import ENGINE_SUFFIXES, SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
-from rwkv_runtime.tensorrt.loader import import_tensorrt, load_plugin_library, trt_logger
+from rwkv_runtime.tensorrt.loader import import_tensorrt, trt_logger
 
 from ... import __version__
-from ...errors import ExportError
-
-STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
-# The first TensorRT whose ONNX parser prefers a registered plugin over a model-local function of the
-# same op type (CHANGELOG 10.7: "prioritizes using plugins over local functions").
-MIN_PLUGIN_TRT = (10, 7)
-
-
-class EngineBuildError(ExportError):
-    """TensorRT could not parse or build the model, or the build options are inconsistent."""
+from .loader import EngineBuildError, EngineLoader, Profile, custom_ops
 
 
 @dataclass
@@ -73,26 +62,12 @@ class _Graph:
 # ---------------------------------------------------------------------------------------------
 def _read_onnx(path: Path):
     """Manifest, tokenizer JSON, initial state and custom nodes of an export (weights not loaded)."""
-    import onnx
     from rwkv_runtime.artifact import open_artifact
 
     if not path.is_file():
         raise EngineBuildError(f"{path}: no such file")
     art = open_artifact(path)  # the one artifact reader: the manifest validated against its schema
-    try:
-        m = onnx.load(str(path), load_external_data=False)  # the nodes, for the custom ops
-    except Exception as e:  # noqa: BLE001 - protobuf DecodeError and friends
-        raise EngineBuildError(f"{path}: not an ONNX model ({type(e).__name__})") from None
-    man, props = art.manifest, art.props
-    ops = set()
-    for n in m.graph.node:
-        if n.domain in STANDARD_DOMAINS:
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        dec = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in attrs.items()
-               if k in ("plugin_version", "plugin_namespace")}
-        ops.add((n.op_type, dec.get("plugin_version", "1"), dec.get("plugin_namespace", n.domain)))
-    return man, art.tokenizer_json, props.get(INITIAL_STATE_KEY), sorted(ops)
+    return art.manifest, art.tokenizer_json, art.props.get(INITIAL_STATE_KEY), custom_ops(path)
 
 
 def _companion_engine(out: Path, primary: str, kind: str) -> Path:
@@ -171,98 +146,6 @@ def _progress_monitor(trt, echo, max_depth: int = 1):
     return Monitor()
 
 
-def _network_flags(trt) -> int:
-    # TensorRT 11: always strongly typed (the flag is deprecated and ignored); 10: ask for it
-    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
-    if flag is None or int(str(trt.__version__).split(".")[0]) >= 11:
-        return 0
-    return 1 << int(flag)
-
-
-def _profile_shapes(g: _Graph, opts: EngineOptions, name: str, shape: tuple):
-    """(min, opt, max) for one network input, from the manifest; checked against the parsed shape."""
-    man = g.manifest
-    opt_seq = opts.opt_seq or min(128, opts.max_seq)
-    if name == man.tokens_input:
-        if g.kind == "sequence":
-            want = [(1, 1), (opts.opt_batch, opt_seq), (opts.max_batch, opts.max_seq)]
-        else:
-            want = [(1,), (opts.opt_batch,), (opts.max_batch,)]
-    else:
-        spec = next((s for s in man.state if s.name == name), None)
-        if spec is None:
-            raise EngineBuildError(f"{g.onnx.name}: input {name!r} is neither the tokens nor a state tensor "
-                                   "of the manifest")
-        want = [spec.concrete_shape(b) for b in (1, opts.opt_batch, opts.max_batch)]
-    if len(shape) != len(want[0]) or any(d >= 0 and any(w[axis] != d for w in want) for axis, d in enumerate(shape)):
-        raise EngineBuildError(f"{g.onnx.name}: input {name} has shape {list(shape)} in the graph but the manifest "
-                               f"implies {list(want[2])} at batch {opts.max_batch} (the batch and T axes must be "
-                               "dynamic; re-export the model)")
-    return [tuple(w) for w in want]
-
-
-def _parse(trt, builder, log, g: _Graph):
-    network = builder.create_network(_network_flags(trt))
-    parser = trt.OnnxParser(network, log)
-    # parse_from_file: the parser resolves external data (model.onnx.data) relative to the file
-    if not parser.parse_from_file(str(g.onnx)):
-        errs = [str(parser.get_error(i)).strip() for i in range(parser.num_errors)]
-        first = errs[0].splitlines()[0][:300] if errs else log.last_error()
-        more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
-        raise EngineBuildError(f"{g.onnx.name}: TensorRT's ONNX parser failed: {first}{more}")
-    return network, parser
-
-
-def _trt_version(trt) -> tuple:
-    parts = []
-    for x in str(getattr(trt, "__version__", "0")).split(".")[:2]:
-        digits = "".join(ch for ch in x if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts + [0] * (2 - len(parts)))
-
-
-def _registered(trt) -> set:
-    """(name, version, namespace) of every creator in TensorRT's registry. Read from the creator list,
-    not probed with get_creator: a miss there logs "Cannot find plugin" as an error, which then reads
-    as the cause of any later, unrelated failure."""
-    reg = trt.get_plugin_registry()
-    out = set()
-    for c in getattr(reg, "all_creators", None) or []:
-        name = getattr(c, "name", None)
-        if name is not None:
-            out.add((str(name), str(getattr(c, "plugin_version", "1")), str(getattr(c, "plugin_namespace", ""))))
-    return out
-
-
-def _check_plugins(trt, g: _Graph, echo) -> bool:
-    """True when any custom node has a registered plugin creator (so plugin layers are expected); warn
-    for each one that has none (the parser then builds it from its ONNX function body, if it has one)."""
-    if not g.custom_ops:
-        return False
-    have = _registered(trt)
-    missing = [(op, v, ns) for op, v, ns in g.custom_ops if (op, v, ns) not in have]
-    for op, v, ns in missing:
-        echo(f"warning: no TensorRT plugin registered for {ns}::{op} (version {v}): TensorRT builds it from the "
-             "node's ONNX function body; build plugins/ (see plugins/README.md) or pass --plugin LIB.so")
-    return len(missing) < len(g.custom_ops)
-
-
-def _plugin_layers(trt, network) -> int:
-    """How many plugin layers the parsed network contains (IPluginV3 layers; V2 ones too)."""
-    lt = getattr(trt, "LayerType", None)
-    kinds = {k for k in (getattr(lt, "PLUGIN_V3", None), getattr(lt, "PLUGIN_V2", None)) if k is not None}
-    return sum(1 for i in range(network.num_layers) if network.get_layer(i).type in kinds)
-
-
-def _default_plugin():
-    """The built rwkv plugin library (targets/tensorrt/plugin.py), if that module and the library exist."""
-    try:
-        from . import plugin as trt_plugin
-    except ImportError:
-        return None
-    return trt_plugin.find_plugin()
-
-
 # ---------------------------------------------------------------------------------------------
 # Build
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +173,8 @@ def _check_options(model: Path, out: Path, opts: EngineOptions):
                                                   for k in ("step", "sequence") if g != k)]
         taken += [sidecar_path(t) for t in taken[3:]]
         for t in taken:
-            if os.path.abspath(cache) == os.path.abspath(t) or (cache.exists() and t.exists() and os.path.samefile(cache, t)):
+            same = cache.exists() and t.exists() and os.path.samefile(cache, t)
+            if os.path.abspath(cache) == os.path.abspath(t) or same:
                 raise EngineBuildError(f"--timing-cache {cache}: is {t.name}, an input or output of this build; "
                                        "choose another file")
 
@@ -314,31 +198,26 @@ def build_engine(model, out, options: EngineOptions | None = None, echo=None) ->
 
 def _build(trt, log, model: Path, out: Path, opts: EngineOptions, say, progress: bool) -> list:
     graphs = plan_graphs(model, out, opts.companions, say)
-    builder = trt.Builder(log)  # first: its logger becomes TensorRT's global one, which plugins log through
-
-    # plugins before parsing: the parser looks custom nodes up in the registry
-    needs_plugins = any(g.custom_ops for g in graphs)
-    plugins = [Path(p) for p in opts.plugins]
-    version = _trt_version(trt)
-    if needs_plugins and version < MIN_PLUGIN_TRT:
-        why = (f"TensorRT {trt.__version__}'s ONNX parser builds the rwkv::WKV* nodes from their ONNX function "
-               f"bodies even when a plugin is registered (plugins win from TensorRT "
-               f"{'.'.join(map(str, MIN_PLUGIN_TRT))} on)")
-        if plugins:
-            raise EngineBuildError(f"{why}: upgrade TensorRT, or drop --plugin to build the function bodies")
-        say(f"note: {why}; building the function bodies, no plugin library needed")
-    elif not plugins and needs_plugins:
-        found = _default_plugin()
-        if found is not None:
-            plugins = [found]
-    for p in plugins:
-        say(f"loading plugin library {p}")
-        load_plugin_library(trt, p, echo=say)
+    loader = EngineLoader(opts.plugins, any(g.custom_ops for g in graphs), say)  # plugins before parsing
+    plugins = loader.plugins
     # which graphs must come out with plugin layers (any of their custom nodes has a registered creator)
-    expects = {id(g): _check_plugins(trt, g, say) for g in graphs} if version >= MIN_PLUGIN_TRT else {}
+    expects = {id(g): loader.expects_plugin_layers(g.custom_ops, g.onnx.name) for g in graphs}
+    profile = Profile(max_batch=opts.max_batch, opt_batch=opts.opt_batch, max_seq=opts.max_seq, opt_seq=opts.opt_seq)
 
-    cache = None
+    cache = [None]
     cache_path = Path(opts.timing_cache) if opts.timing_cache else None
+
+    def configure(config):  # build-engine's own settings on top of the loader's
+        if opts.workspace_mb:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_mb) << 20)
+        if opts.optimization_level is not None:
+            config.builder_optimization_level = int(opts.optimization_level)
+        if cache_path is not None:
+            cache[0] = _attach_timing_cache(config, cache[0], cache_path, log, say)
+        monitor = _progress_monitor(trt, say) if progress else None
+        if monitor is not None:
+            config.progress_monitor = monitor
+
     built = []
     # every file the build reads: no engine, sidecar or cache may replace one (safe_write refuses)
     inputs = [g.onnx for g in graphs] + [Path(p) for p in plugins]
@@ -347,58 +226,26 @@ def _build(trt, log, model: Path, out: Path, opts: EngineOptions, say, progress:
         tmp = sw.dir
         for g in graphs:
             say(f"parsing {g.onnx.name} ({g.kind} graph, {g.manifest.precision}, wkv {g.manifest.wkv})")
-            network, parser = _parse(trt, builder, log, g)
-            n_plugin = _plugin_layers(trt, network)
-            if expects.get(id(g)) and n_plugin == 0:
-                raise EngineBuildError(
-                    f"{g.onnx.name}: the rwkv plugins are registered but TensorRT {trt.__version__}'s ONNX parser "
-                    "built the network without any plugin layer (it used the nodes' ONNX function bodies); use "
-                    f"TensorRT >= {'.'.join(map(str, MIN_PLUGIN_TRT))}, or export with --wkv plain")
-            if n_plugin:
-                say(f"  {n_plugin} plugin layer(s) in the network")
-            config = builder.create_builder_config()
-            if opts.workspace_mb:
-                config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_mb) << 20)
-            if opts.optimization_level is not None:
-                config.builder_optimization_level = int(opts.optimization_level)
-            tf32 = getattr(getattr(trt, "BuilderFlag", None), "TF32", None)
-            if tf32 is not None and not opts.tf32:
-                config.clear_flag(tf32)  # float32 stays float32 (TF32 rounds MatMul inputs to 10 bits)
-            if cache_path is not None:
-                cache = _attach_timing_cache(config, cache, cache_path, log, say)
-            monitor = _progress_monitor(trt, say) if progress else None
-            if monitor is not None:
-                config.progress_monitor = monitor
-            profile = builder.create_optimization_profile()
-            shapes = {}
-            for i in range(network.num_inputs):
-                t = network.get_input(i)
-                mn, op, mx = _profile_shapes(g, opts, t.name, tuple(int(d) for d in t.shape))
-                profile.set_shape(t.name, mn, op, mx)
-                shapes[t.name] = [list(mn), list(op), list(mx)]
-            config.add_optimization_profile(profile)
             seq = f", T 1..{opts.max_seq}" if g.kind == "sequence" else ""
             say(f"building {g.engine.name}: batch 1..{opts.max_batch} (opt {opts.opt_batch}){seq}")
             t0 = time.perf_counter()
-            serialized = builder.build_serialized_network(network, config)
-            if serialized is None:
-                raise EngineBuildError(f"TensorRT could not build {g.onnx.name}: {log.last_error()}")
+            b = loader.build(g.onnx, g.manifest, profile, expect_plugins=expects[id(g)], tf32=opts.tf32,
+                             configure=configure)
             staged = Path(tmp) / g.engine.name
             with open(staged, "wb") as f:
-                f.write(serialized)
+                f.write(b.serialized)
             # only a network with plugin layers needs (and records) the plugin libraries
-            side = _sidecar(trt, g, opts, plugins if n_plugin else [], shapes, n_plugin)
+            side = _sidecar(trt, g, opts, plugins if b.plugin_layers else [], b.shapes, b.plugin_layers)
             sidecar_path(staged).write_text(json.dumps(side, indent=1, sort_keys=True), encoding="utf-8")
             say(f"built {g.engine.name} in {time.perf_counter() - t0:.1f} s")
             built.append((staged, g.engine))
-            del parser, network, config
         # everything built: one all-or-nothing commit, each sidecar before its engine
         moves = []
         for staged, target in built:
             moves += [(sidecar_path(staged).name, sidecar_path(target)), (staged.name, target)]
         sw.commit(moves)
-    if cache is not None:  # its own folder may differ: a second atomic write, after the engines
-        data = bytes(memoryview(cache.serialize()))
+    if cache[0] is not None:  # its own folder may differ: a second atomic write, after the engines
+        data = bytes(memoryview(cache[0].serialize()))
         write_file(cache_path, lambda p: p.write_bytes(data), inputs=inputs)
     return [target for _, target in built]
 
@@ -453,7 +300,8 @@ def _sidecar(trt, g: _Graph, opts: EngineOptions, plugins: list, shapes: dict, p
               help="Batch size TensorRT tunes for.")
 @click.option("--max-seq", default=256, show_default=True, type=click.IntRange(1),
               help="Sequence graph: most tokens per call (the runtime splits longer prompts).")
-@click.option("--opt-seq", default=None, type=click.IntRange(1), help="Sequence graph: T to tune for [min(128, max-seq)].")
+@click.option("--opt-seq", default=None, type=click.IntRange(1),
+              help="Sequence graph: T to tune for [min(128, max-seq)].")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path),
               help="TensorRT plugin library to load (repeatable; default for plugin-mode exports: the built one).")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,

@@ -1,4 +1,5 @@
-"""``python -m rwkv_export.polygraphy_run ARGS...``: Polygraphy's own CLI with the RWKV plugins registered.
+"""``python -m rwkv_export.targets.tensorrt.polygraphy_run ARGS...``: Polygraphy's own CLI with the RWKV
+plugins registered.
 
 Why not plain ``polygraphy run ... --plugins LIB``: Polygraphy's ``LoadPlugins`` only ``dlopen``s the
 library, and its ONNX loader runs that *before* its first use of TensorRT imports the ``tensorrt``
@@ -10,16 +11,15 @@ the parser (TensorRT >= 10.7) silently builds the custom nodes from their ONNX f
 engine built that way is not the one the plugin export asks for.
 
 This wrapper imports ``tensorrt`` first, registers every ``--plugins`` library the way it needs
-(``loadLibrary`` for the main library, ``dlopen`` for the autoregister one and any other), then hands
-the unchanged arguments to Polygraphy, whose own later ``dlopen`` of the same files is a no-op.
+(``loader.register_plugins``, as ``validate --backend tensorrt`` does: ``loadLibrary`` for the main
+library, ``dlopen`` for the autoregister one and any other), then hands the unchanged arguments to
+Polygraphy, whose own later ``dlopen`` of the same files is a no-op.
 """
 from __future__ import annotations
 
-import ctypes
 import sys
-from pathlib import Path
 
-from rwkv_runtime.tensorrt.loader import RWKV_PLUGIN_LIBRARY, load_plugin_library
+from .loader import register_plugins
 
 
 def plugin_paths(argv: list) -> list:
@@ -39,17 +39,6 @@ def plugin_paths(argv: list) -> list:
     return out
 
 
-def register_plugins(trt, paths: list) -> None:
-    for p in paths:
-        path = Path(p).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"plugin library {path} does not exist")
-        if path.name == RWKV_PLUGIN_LIBRARY:
-            load_plugin_library(trt, path, echo=lambda m: print(m, file=sys.stderr))
-        else:  # the autoregister library (registers on load, now that TensorRT is here) or a foreign one
-            ctypes.CDLL(str(path.resolve()))
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -58,7 +47,7 @@ def main(argv=None) -> int:
         print("Error: tensorrt is not installed (pip install 'rwkv-runtime[tensorrt]')", file=sys.stderr)
         return 1
     try:
-        register_plugins(trt, plugin_paths(argv))
+        register_plugins(trt, plugin_paths(argv), echo=lambda m: print(m, file=sys.stderr), dlopen=True)
     except (OSError, ValueError) as e:  # ValueError: the loader's TensorRTError (one line)
         print(f"Error: {e}", file=sys.stderr)
         return 1
