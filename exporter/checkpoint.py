@@ -1,10 +1,11 @@
 """Loading checkpoints safely and recognising their RWKV version.
 
 Formats: BlinkDL ``.pth`` (the official layout, ``blocks.N.att.time_decay`` ...), ``.safetensors`` in
-the same layout, and Hugging Face ``RwkvForCausalLM`` directories (config.json + model.safetensors or
-pytorch_model.bin). Every path goes through ``torch.load(weights_only=True)`` or safetensors, so a
-checkpoint can never execute code. All tensors come back in BlinkDL naming, as float32 (the export
-keeps large bf16/fp16 matrices in their own dtype: ``load_checkpoint(stream=True)``).
+the same layout, and Hugging Face directories of every version (config.json + model.safetensors,
+pytorch_model.bin or shards; the layouts and their renames: ``hf_layouts``). Every path goes through
+``torch.load(weights_only=True)`` or safetensors, so a checkpoint can never execute code. All tensors
+come back in BlinkDL naming, as float32 (the export keeps large bf16/fp16 matrices in their own dtype:
+``load_checkpoint(stream=True)``).
 """
 from __future__ import annotations
 
@@ -16,18 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError
-
-# Hugging Face RwkvForCausalLM -> BlinkDL names (values are unchanged).
-_HF_RENAMES = [
-    (r"^rwkv\.", ""),
-    (r"^embeddings\.", "emb."),
-    (r"\.pre_ln\.", ".ln0."),
-    (r"\.attention\.", ".att."),
-    (r"\.feed_forward\.", ".ffn."),
-    (r"\.time_mix_key$", ".time_mix_k"),
-    (r"\.time_mix_value$", ".time_mix_v"),
-    (r"\.time_mix_receptance$", ".time_mix_r"),
-]
 
 
 @dataclass
@@ -218,15 +207,6 @@ def _safetensors_load(path: Path) -> dict:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({str(e)[:160]})") from None
 
 
-def _from_hf(state: dict) -> dict:
-    out = {}
-    for k, v in state.items():
-        for pat, rep in _HF_RENAMES:
-            k = re.sub(pat, rep, k)
-        out[k] = v
-    return out
-
-
 # With ``stream``, non-float32 matrices of at least this many elements (1 MB as float32) are kept as
 # they are in the checkpoint (views into its mapping); the export converts each when it writes it.
 STREAM_MIN_ELEMENTS = 2**18
@@ -247,20 +227,21 @@ def load_checkpoint(path, stream: bool = False, lora=None, lora_alpha: float | N
         if not cfg.is_file():
             raise CheckpointError(f"{path}: a directory without config.json is not a Hugging Face checkpoint")
         hf_config = _read_hf_config(cfg)
-        if hf_config.get("model_type") not in (None, "rwkv"):
-            raise CheckpointError(
-                f"{path}: Hugging Face model_type {hf_config.get('model_type')!r} is not RWKV-4 ('rwkv')"
-            )
+        from . import hf_layouts
+
+        hf_layout = hf_layouts.version_of(hf_config.get("model_type"), cfg)
         inputs = [cfg]
-        if (path / "model.safetensors").is_file():
-            raw = _safetensors_load(path / "model.safetensors")
-            inputs.append(path / "model.safetensors")
-        elif (path / "pytorch_model.bin").is_file():
-            raw = _torch_load(path / "pytorch_model.bin")
-            inputs.append(path / "pytorch_model.bin")
-        else:
-            raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin (sharded checkpoints: merge first)")
-        raw = _from_hf(raw)
+        raw = {}
+        for f in hf_layouts.weight_files(path):  # one file, or an index and its shards
+            inputs.append(f)
+            if f.name.endswith(".index.json"):
+                continue
+            part = _safetensors_load(f) if f.suffix == ".safetensors" else _torch_load(f)
+            twice = next((k for k in part if k in raw), None)
+            if twice is not None:
+                raise CheckpointError(f"{f}: tensor {str(twice)[:80]!r} is also in another shard")
+            raw.update(part)
+        raw = hf_layouts.to_blinkdl(hf_layout, raw, hf_config, path)
         fmt = "huggingface"
         if (path / "tokenizer.json").is_file():
             tokenizer_file = path / "tokenizer.json"
@@ -303,7 +284,10 @@ def load_checkpoint(path, stream: bool = False, lora=None, lora_alpha: float | N
         raise CheckpointError("--lora-alpha applies to --lora (no adapter given)")
     from . import arch  # each version's ArchSpec recognises its own keys
 
-    return Checkpoint(weights, arch.detect(weights), path, fmt, hf_config, tokenizer_file, inputs, merge)
+    version = arch.detect(weights)
+    if fmt == "huggingface":
+        hf_layouts.check_version(hf_layout, version, path)
+    return Checkpoint(weights, version, path, fmt, hf_config, tokenizer_file, inputs, merge)
 
 
 def matrix_in_out(t):

@@ -55,7 +55,8 @@ def test_lora_merge_equals_independent_merge(version, tmp_path):
     torch.save(merge_independently(base, ad, ALPHA), tmp_path / "merged.pth")
 
     want = export(tmp_path / "merged.pth", tmp_path / "want.onnx")[0]
-    got = export(base_path, tmp_path / "got.onnx", ExportOptions(lora=str(tmp_path / "adapter.pth"), lora_alpha=ALPHA))[0]
+    opts = ExportOptions(lora=str(tmp_path / "adapter.pth"), lora_alpha=ALPHA)
+    got = export(base_path, tmp_path / "got.onnx", opts)[0]
     plain = export(base_path, tmp_path / "plain.onnx", ExportOptions(graphs=("step",)))[0]
     sw, sg = rwkv_runtime.Session(want), rwkv_runtime.Session(got)
     lw, _ = step_all(sw, PROMPT)
