@@ -38,11 +38,21 @@ import numpy as np
 from .errors import RuntimeUserError
 
 KINDS = ("json_object", "json_schema", "regex", "grammar", "choice")
+
+# A spec is compiled before its request is queued, and compiling grows faster than linearly with its
+# size (a 50 000-way choice took 4.4 s on one core, a 5 000-property schema 0.5 s): bounded by the length
+# of its canonical text (``ConstraintSpec.key``), far above any real schema, tool list or regex.
+MAX_SPEC_CHARS = 128 * 1024
 INSTALL_HINT = "constrained decoding needs llguidance: pip install 'rwkv-runtime[structured]'"
 
 # compact JSON (no free whitespace): bounded output, and no "\n\n" that a chat stop string would cut;
 # a schema's own "x-guidance" options still override this
 JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+class ConstraintError(RuntimeUserError):
+    """The constraint itself failed (it cannot start, matches nothing, or hit one of the engine's limits
+    while generating): the fault of whoever wrote the spec, never of the model or the server."""
 
 
 def _engine():
@@ -119,11 +129,13 @@ def check_spec(spec) -> ConstraintSpec:
         raise RuntimeUserError(f"constraint: a {k} must be a non-empty string")
     if k == "choice" and (not isinstance(v, tuple) or not v or not all(isinstance(x, str) and x for x in v)):
         raise RuntimeUserError("constraint: choice must be a non-empty list of non-empty strings")
-    if k == "json_schema":
-        try:
-            json.dumps(v)
-        except (TypeError, ValueError) as e:
-            raise RuntimeUserError(f"constraint: the JSON schema is not JSON ({e})") from None
+    try:
+        size = len(spec.key())
+    except (TypeError, ValueError, RecursionError) as e:  # (a nesting deeper than Python's stack, too)
+        raise RuntimeUserError(f"constraint: the JSON schema is not JSON ({str(e)[:120]})") from None
+    if size > MAX_SPEC_CHARS:
+        raise RuntimeUserError(f"constraint: the {k.replace('_', ' ')} is {size} characters long as JSON; "
+                               f"at most {MAX_SPEC_CHARS}")
     return spec
 
 
@@ -264,11 +276,29 @@ def compile_constraint(spec: ConstraintSpec, tokenizer, vocab_size: int) -> Comp
         raise RuntimeUserError(f"constraint: the {spec.kind.replace('_', ' ')} cannot be compiled "
                                f"({_first_line(proto.get_error())})")
     compiled = CompiledConstraint(spec, vocab, proto)
+    _check_first_token(compiled)
     with _CACHE_LOCK:
         _CACHE[key] = compiled
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return compiled
+
+
+def _check_first_token(compiled: CompiledConstraint) -> None:
+    """The first mask, computed once here (not by each row, after its prompt ran): a spec that cannot
+    start (a schema ``{"$ref": "#"}``, a grammar ``start: start``, a regex no text matches) or that
+    admits only the empty text (nothing to generate without an end-of-text token) is refused at compile
+    time, as a spec error, instead of failing each row that uses it."""
+    first = compiled.start()
+    what = compiled.spec.kind.replace("_", " ")
+    try:
+        allowed = first.allowed()
+    except ConstraintError as e:
+        raise RuntimeUserError(f"constraint: the {what} cannot be compiled ({str(e)[len('constraint: '):]})") from None
+    if not allowed.any():
+        raise RuntimeUserError(f"constraint: the {what} " + (
+            "matches only the empty text: there is nothing to generate" if first.accepting else
+            "matches no text this model's tokens can write"))
 
 
 # -- one row's matcher -------------------------------------------------------------------------------------
@@ -285,7 +315,7 @@ class ConstraintState:
     def _set_bits(self, bits: np.ndarray):
         self._bits = bits
         if self._m.is_error():
-            raise RuntimeUserError(f"constraint: {_first_line(self._m.get_error())}")
+            raise ConstraintError(f"constraint: {_first_line(self._m.get_error())}")
 
     def _bitmask(self) -> np.ndarray:
         if self._bits is None:
@@ -319,7 +349,7 @@ class ConstraintState:
         if self.finished:
             raise RuntimeUserError("constraint: the constrained output is already complete")
         if not self._m.consume_token(token):
-            raise RuntimeUserError(f"constraint: token {token} does not continue the constrained output "
+            raise ConstraintError(f"constraint: token {token} does not continue the constrained output "
                                    f"({_first_line(self._m.get_error()) or 'not allowed'})")
         self._bits = None
         self.tokens += 1
