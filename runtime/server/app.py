@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rwkv_runtime import RuntimeUserError
+
 from . import prompt_scoring, protocol
 from .engine import Engine, ServeError
 from .metrics import CONTENT_TYPE_LATEST
@@ -35,7 +37,7 @@ class _Guard:
     def __init__(self, app, metrics, max_body: int, engine, inflight: _Inflight, api_key: str | None = None):
         self.app, self.metrics, self.max_body = app, metrics, max_body
         self.engine, self.inflight = engine, inflight
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = check_api_key(api_key).encode() if api_key is not None else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -56,8 +58,10 @@ class _Guard:
             self.metrics.requests.labels(path, str(status.get("code", 0))).inc()
 
     def _authorized(self, headers: dict) -> bool:
-        # constant time: how much of a guess matched must not show in how long the answer takes
-        return hmac.compare_digest(headers.get(b"authorization", b""), self.expected)
+        # "Bearer" is case-insensitive (RFC 7235: auth schemes are); the key itself is compared exactly,
+        # in constant time: how much of a guess matched must not show in how long the answer takes
+        scheme, _, key = headers.get(b"authorization", b"").partition(b" ")
+        return hmac.compare_digest(key.lstrip(b" ") if scheme.lower() == b"bearer" else b"", self.expected)
 
     async def _guarded(self, scope, receive, send_counted):
         headers = dict(scope.get("headers") or [])
@@ -103,6 +107,18 @@ class _Guard:
                 return {"type": "http.request", "body": b"".join(parts), "more_body": False}
 
 
+def check_api_key(key: str) -> str:
+    """An API key a client can send: printable ASCII, nothing at either end that HTTP would strip (a key
+    with a trailing space or newline could never match), not empty (an empty ``--api-key ""`` would
+    otherwise mean no key at all, silently). None (no key) is the caller's."""
+    if not isinstance(key, str) or not key:
+        raise RuntimeUserError("--api-key is empty: give a key, or leave the option out to serve without one")
+    if key != key.strip(" \t") or not all(" " <= ch <= "~" for ch in key):
+        raise RuntimeUserError("--api-key must be printable ASCII without spaces at either end (an HTTP header "
+                               "cannot carry it otherwise)")
+    return key
+
+
 def _replay(first: dict, receive):
     """An ASGI ``receive`` that returns ``first``, then whatever the connection sends (a disconnect)."""
     pending = [first]
@@ -125,6 +141,8 @@ def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 <
                drain_seconds: float = 10.0, session_store=None, api_key: str | None = None) -> FastAPI:
     """An app serving one model. Its lifespan starts the engine thread and drains it at shutdown.
     ``api_key``: required as ``Authorization: Bearer KEY`` on every endpoint but /health and /metrics."""
+    if api_key is not None:
+        check_api_key(api_key)  # (here: the middleware itself is built only on the first request)
     serving = Serving(engine, config, session_store)
 
     @contextlib.asynccontextmanager
@@ -158,7 +176,7 @@ def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 <
         return _error(400, msg, "invalid_request_error", loc[0] if loc else None)
 
     def _respond(result, stream: bool):
-        if stream:
+        if stream and result is not None:
             return StreamingResponse(result, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         if result is None:  # the client went away; nobody reads this

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rwkv_runtime import RuntimeUserError, Sampler, State
+from rwkv_runtime.constraints import ConstraintError
 from rwkv_runtime.generation import Batch, Out, Row, TextStream, prefill_rows
 
 from . import statefile
@@ -290,6 +291,8 @@ class Engine:
     @staticmethod
     def _error(s: _Seq, e: BaseException, where: str) -> ServeError:
         """A sequence's own failure, for its client (logged with its traceback where it happened)."""
+        if isinstance(e, ConstraintError):  # the client's schema/regex/grammar failed (e.g. an engine limit)
+            return ServeError(400, str(e))
         if isinstance(e, RuntimeUserError):
             if s.req.state is not None:  # most likely from the state the client sent
                 return ServeError(400, f"{e} (from the imported state)", param="state")

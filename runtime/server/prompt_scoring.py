@@ -143,6 +143,7 @@ async def completions(serving, req, prompts: list, is_disconnected, session_id=N
         raise ServeError(503, "the server is shutting down", "service_unavailable")
     if req.max_tokens == 0 and req.best_of not in (None, 1):
         raise ServeError(400, "best_of needs tokens to rank (max_tokens >= 1)", param="best_of")
+    serving.check_count(req, prompts)
     ids_list = [serving._tokens(p) for p in prompts]
     for ids in ids_list:
         if len(ids) > eng.config.max_prompt_tokens:
@@ -162,14 +163,18 @@ async def completions(serving, req, prompts: list, is_disconnected, session_id=N
     k = max(lp_k or 0, vllm_k or 0)
     scored: list = [None] * len(ids_list)
     if k or lp_k is not None or vllm_k is not None:  # (max_tokens 0 alone: no scoring)
-        def run():
+        def run(ids):
             with _LOCK:
-                return [_Scored(ids, serving.session.score(np.asarray([ids]), state, start=1, top_k=k))
-                        for ids in ids_list]
-        try:
-            scored = await asyncio.to_thread(run)
-        except RuntimeUserError as e:
-            raise ServeError(400, str(e), param="prompt") from None
+                return _Scored(ids, serving.session.score(np.asarray([ids]), state, start=1, top_k=k))
+        # one prompt per turn of the lock: concurrent requests' prompts interleave (a request of many
+        # long prompts cannot hold the others for all of its own), and a client that left stops its own
+        for i, ids in enumerate(ids_list):
+            if i and await is_disconnected():
+                return None
+            try:
+                scored[i] = await asyncio.to_thread(run, ids)
+            except RuntimeUserError as e:
+                raise ServeError(400, str(e), param="prompt") from None
     views = [_offsets(serving, ids) for ids in ids_list]
     echo = [(p if isinstance(p, str) else views[i][1]) if req.echo else "" for i, p in enumerate(prompts)]
     prompt_lp = [legacy_logprobs(serving, scored[i], lp_k, views[i][0]) if lp_k is not None else None

@@ -163,6 +163,17 @@ class Serving:
             out[t] = float(v)
         return out
 
+    def check_count(self, req, prompts: list):
+        """A request's choices wait in the queue together: more than it holds can never be accepted (a 429
+        that no retry cures). Checked before tokenizing, which a huge prompt list would make slow, and
+        before scoring prompts (prompt_scoring), which would hold a worker for as long."""
+        k = self._candidates(req)
+        if len(prompts) * k > self.engine.config.max_queue:
+            raise ServeError(400, f"the request asks for {len(prompts) * k} completions ({len(prompts)} "
+                             f"prompt(s) x {'best_of' if k > req.n else 'n'}={k}); this server accepts at most "
+                             f"{self.engine.config.max_queue} per request",
+                             param=("best_of" if k > req.n else "n") if len(prompts) == 1 else "prompt")
+
     @staticmethod
     def _candidates(req) -> int:
         """Sequences generated per prompt: ``n``, or ``best_of`` of which the ``n`` best are returned."""
@@ -180,14 +191,8 @@ class Serving:
         # response_format / tools / vLLM's structured outputs: compiled once here (a 400 naming the field)
         constraint = structured.compile_for(structured.plan(req, isinstance(req, protocol.ChatCompletionRequest)),
                                             self.session)
-        # a request's choices wait in the queue together: more than it holds can never be accepted (a 429
-        # that no retry cures), and checked before tokenizing, which a huge prompt list would make slow
+        self.check_count(req, prompts)
         k = self._candidates(req)
-        if len(prompts) * k > self.engine.config.max_queue:
-            raise ServeError(400, f"the request asks for {len(prompts) * k} completions ({len(prompts)} "
-                             f"prompt(s) x {'best_of' if k > req.n else 'n'}={k}); this server accepts at most "
-                             f"{self.engine.config.max_queue} per request",
-                             param=("best_of" if k > req.n else "n") if len(prompts) == 1 else "prompt")
         if max_tokens > self.engine.config.max_tokens:
             raise ServeError(400, f"max_tokens is {max_tokens}; this server allows at most "
                              f"{self.engine.config.max_tokens}", param="max_tokens")
@@ -257,6 +262,7 @@ class Serving:
             raise ServeError(400, "the prompt is empty", param="prompt")
         if req.suffix:
             raise ServeError(400, "suffix is not supported by this server", param="suffix")
+        await self._compile(req, chat=False)
         if prompt_scoring.wanted(req):  # the prompt's own log-probabilities (echo + logprobs), or max_tokens 0
             return await prompt_scoring.completions(self, req, prompts, is_disconnected, session_id)
         gens = self._requests(req, prompts, req.max_tokens or self._default_max(16), req.stops())
@@ -264,6 +270,13 @@ class Serving:
         echo = [(x if isinstance(x, str) else self.session.decode(x)) if req.echo else "" for x in prompts]
         k = self._candidates(req)
         return await self._run(req, gens, False, [echo[i // k] for i in range(len(gens))], is_disconnected)
+
+    async def _compile(self, req, chat: bool):
+        """The request's constraint compiled in a worker thread (then a cache hit for ``_requests``): a
+        large schema takes a while to compile, and the event loop must keep serving the other requests."""
+        p = structured.plan(req, chat)
+        if p.spec is not None:
+            await asyncio.to_thread(structured.compile_for, p, self.session)
 
     def _default_max(self, default: int) -> int:
         # a default above the server's --max-tokens would refuse every request that leaves max_tokens out
@@ -278,6 +291,7 @@ class Serving:
         self.check_model(req.model)
         messages = req.messages
         tools_text = structured.tools_system_text(structured.plan(req, True))
+        await self._compile(req, chat=True)
         if tools_text and req.state is None:  # the tools, described to the model in a system turn
             messages = [protocol.ChatMessage(role="system", content=tools_text), *messages]
         text = self.config.template.render(messages, continuation=req.state is not None)

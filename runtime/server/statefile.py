@@ -61,6 +61,9 @@ def decode(text: str, binding: str, max_bytes: int) -> tuple[dict, dict]:
             if total > max_bytes:  # checked before inflating: a small zip may expand hugely
                 raise RuntimeUserError(f"state is larger than this server accepts ({max_bytes} bytes)")
             for name in z.zip.namelist():
+                if not name.endswith(".npy"):  # (np.load would hand back its raw bytes, not an array)
+                    raise RuntimeUserError(f"state is not a saved conversation state (it holds {name[:60]!r}, "
+                                           "which is not an array)")
                 _check_declared_size(z.zip, name)
             arrays = {k: z[k] for k in z.files}
     except RuntimeUserError:

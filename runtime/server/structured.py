@@ -136,7 +136,7 @@ def plan(req, chat: bool) -> Plan:
                 "tools"), "tools"))
         elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
             name = choice["function"].get("name")
-            if name not in p.tools:
+            if not isinstance(name, str) or name not in p.tools:  # (a list name is unhashable: not a 500)
                 raise _bad(f"tool_choice names the function {str(name)[:60]!r}, which is not in tools", "tool_choice")
             p.mode, p.forced = "named", name
             found.append((_spec("json_schema", p.tools[name]["parameters"], "tools"), "tools"))
