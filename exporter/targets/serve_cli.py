@@ -20,6 +20,36 @@ except ImportError as e:  # the serve extra is missing: the command still exists
         return []
 
 
+def _convert_states(model: Path, opts):
+    """``--state NAME=FILE.pth``: a state-tuning file (torch's format) read here, where torch is, into the
+    arrays the torch-free server starts from (``ServerOptions.state_arrays``); .npz files are the server's."""
+    import dataclasses
+
+    from rwkv_runtime.server.named_states import TORCH_SUFFIXES, parse
+
+    todo = [(n, p) for n, p in parse(opts.states) if p.suffix.lower() in TORCH_SUFFIXES]
+    if not todo:
+        return opts
+    from .. import arch
+    from ..checkpoint import check_state_finite, read_state_tuning
+    from ..export import load_manifest
+
+    man = load_manifest(model)
+    spec = arch.get(man.architecture)
+    converted = {}
+    for name, path in todo:
+        if spec.load_state_tuning is None:
+            raise RuntimeUserError(f"--state {name}={path}: {spec.name} has no learned initial state")
+        try:
+            arrays = spec.load_state_tuning(read_state_tuning(path), dict(man.dims))
+        except (KeyError, ValueError, IndexError, TypeError) as e:
+            raise RuntimeUserError(f"--state {name}={path}: not a state-tuning file of this model ({e})") from None
+        for k, v in arrays.items():
+            check_state_finite(v, f"--state {name}={path}: {k}")
+        converted[name] = arrays
+    return dataclasses.replace(opts, state_arrays=converted)
+
+
 def _click_type(fl):
     if fl.choices:
         return click.Choice([str(c) for c in fl.choices])
@@ -57,6 +87,6 @@ def serve_command(model, **values):
     if not Path(model).is_file():
         raise click.ClickException(f"{model}: no such file")
     try:
-        run(from_cli(str(model), values))
+        run(_convert_states(Path(model), from_cli(str(model), values)))
     except RuntimeUserError as e:  # (the CLI's user_errors, without importing cli.py: it imports us)
         raise click.ClickException(str(e)) from None

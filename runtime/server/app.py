@@ -210,7 +210,7 @@ def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 <
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
         serving.check_model(name)
-        return serving.model_card()
+        return serving.model_card(name)
 
     @app.get("/health")
     async def health():

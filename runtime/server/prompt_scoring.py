@@ -149,7 +149,8 @@ async def completions(serving, req, prompts: list, is_disconnected, session_id=N
         if len(ids) > eng.config.max_prompt_tokens:
             raise ServeError(413, f"the prompt has {len(ids)} tokens; this server accepts at most "
                              f"{eng.config.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
-    state = None
+    named = serving.named_state(req.model)  # model MODEL:NAME: scored from that named state
+    state = serving.session.state_from_numpy(named.arrays) if named is not None else None
     if req.state is not None:
         try:
             arrays, _ = statefile.decode(req.state, eng.binding, eng.config.max_state_bytes)

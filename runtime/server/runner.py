@@ -16,6 +16,7 @@ import numpy as np
 
 from rwkv_runtime import RuntimeUserError, Session
 
+from . import named_states
 from .app import create_app, json_log_formatter
 from .engine import Engine, EngineConfig
 from .options import API_KEY_ENV, opt
@@ -51,6 +52,11 @@ class ServerOptions:
     host: str = opt("127.0.0.1", "bind address (loopback unless you mean it; set an API key for any other)")
     port: int = opt(8000, "port (0: any free one)", type=int, min=0, max=65535)
     log_level: str = opt("info", "log level", choices=("debug", "info", "warning", "error"))
+    states: tuple | None = opt(None, "a named initial state NAME=FILE (repeatable): an .npz (Session.save_state, "
+                               "convert-state) or, under rwkv-export serve, a state-tuning .pth; clients pick it with "
+                               "model MODEL:NAME", flag="--state", multiple=True)
+    # NAME -> {state tensor: array}: --state files the caller read itself (rwkv-export serve: .pth, with torch)
+    state_arrays: dict | None = None
 
 
 def build_app(opts: ServerOptions, session_store=None):
@@ -72,10 +78,11 @@ def build_app(opts: ServerOptions, session_store=None):
     stop_ids = opts.stop_token_ids
     if stop_ids is None:
         stop_ids = (0,) if session.manifest.tokenizer.get("kind") == "world" else ()
+    states = named_states.load(session, opts.states, opts.state_arrays)
     warm_up(session, opts.engine.prefill_chunk)
     engine = Engine(session, opts.engine)
     name = opts.model_name or (path.name[:-5] if path.name.endswith(".onnx") else path.name)
-    cfg = ServingConfig(name, template, opts.default_max_tokens, tuple(stop_ids))
+    cfg = ServingConfig(name, template, opts.default_max_tokens, tuple(stop_ids), states)
     return create_app(engine, cfg, opts.max_body_bytes, opts.drain_seconds, session_store, opts.api_key), engine
 
 

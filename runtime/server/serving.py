@@ -77,6 +77,7 @@ class ServingConfig:
     template: ChatTemplate = field(default_factory=ChatTemplate)
     default_max_tokens: int = 256  # chat requests without max_tokens
     stop_token_ids: tuple = ()  # end-of-text token ids (e.g. 0 for World models)
+    states: dict = field(default_factory=dict)  # NAME -> named_states.NamedState (serve --state NAME=FILE)
 
 
 def sse(obj) -> str:
@@ -99,18 +100,34 @@ class Serving:
         return (protocol.chat_logprobs if chat else protocol.completion_logprobs)(entries, self._token_texts)
 
     def models(self) -> dict:
-        return {"object": "list", "data": [self.model_card()]}
+        return {"object": "list", "data": [self.model_card()] + [
+            self.model_card(f"{self.config.model_name}:{n}") for n in self.config.states]}
 
-    def model_card(self) -> dict:
+    def model_card(self, name: str | None = None) -> dict:
+        """The card of the model, or of ``MODEL:NAME`` (the model started from a named state)."""
         m = self.session.manifest
-        return {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "rwkv-export",
+        card = {"id": name or self.config.model_name, "object": "model", "created": 0, "owned_by": "rwkv-export",
                 "architecture": m.architecture, "export_id": self.engine.binding,
                 "max_prompt_tokens": self.engine.config.max_prompt_tokens}
+        state = self.named_state(name) if name else None
+        if state is not None:
+            card.update(parent=self.config.model_name, initial_state=state.name)
+        return card
+
+    def named_state(self, name: str):
+        """The ``NamedState`` that ``model: MODEL:NAME`` picks (None: the model itself); 404 for any other name."""
+        if name == self.config.model_name:
+            return None
+        model, colon, state = name.rpartition(":")
+        if colon and model == self.config.model_name and state in self.config.states:
+            return self.config.states[state]
+        names = [self.config.model_name] + [f"{self.config.model_name}:{n}" for n in self.config.states]
+        raise ServeError(404, f"the model {name!r} does not exist (this server serves "
+                         f"{', '.join(repr(n) for n in names[:8])}{' ...' if len(names) > 8 else ''})",
+                         param="model", code="model_not_found")
 
     def check_model(self, name: str):
-        if name != self.config.model_name:
-            raise ServeError(404, f"the model {name!r} does not exist (this server serves "
-                             f"{self.config.model_name!r})", param="model", code="model_not_found")
+        self.named_state(name)
 
     # -- request -> engine requests -------------------------------------------------------------
     def _tokens(self, prompt) -> list:
@@ -197,6 +214,9 @@ class Serving:
             raise ServeError(400, f"max_tokens is {max_tokens}; this server allows at most "
                              f"{self.engine.config.max_tokens}", param="max_tokens")
         arrays, base, seen = None, "", 0
+        named = self.named_state(req.model)
+        if named is not None:  # (a conversation state below, if given, already went on from it)
+            arrays, base = named.arrays, named.base
         if req.state is not None:
             try:
                 arrays, meta = statefile.decode(req.state, self.engine.binding, self.engine.config.max_state_bytes)
