@@ -180,7 +180,7 @@ def _export(checkpoint, out, graphs, wkv, precision, quantize, quant_block, resc
     if lora:
         click.echo(f"merged LoRA {lora} (alpha {'= rank, scale 1' if lora_alpha is None else f'{lora_alpha:g}'})")
     if (quantize or precision == "fp16") and "step" in opts.graphs:
-        from .quality import compare_to_reference
+        from .verify.quality import compare_to_reference
 
         ref = checkpoint
         if lora:  # the reference is the merged model
@@ -270,14 +270,14 @@ def generate(model, prompt, max_tokens, temperature, top_p, top_k, presence_pena
 def _register_optional_commands():
     """Commands that live in their own modules (they import heavier things lazily)."""
     from .targets.tensorrt.engine import build_engine_command
-    from .validate import validate_command
+    from .verify.cli import validate_command
 
     main.add_command(validate_command)
     main.add_command(build_engine_command)
     main.add_command(__import__("rwkv_export.targets.serve_cli", fromlist=["x"]).serve_command)
     main.add_command(__import__("rwkv_export.targets.triton_cli", fromlist=["x"]).triton_command)
     __import__("rwkv_export.targets.edge_cli", fromlist=["x"]).register(main)
-    main.add_command(__import__("rwkv_export.eval_cli", fromlist=["x"]).eval_command)
+    main.add_command(__import__("rwkv_export.verify.eval_cli", fromlist=["x"]).eval_command)
 
 
 _register_optional_commands()

@@ -17,7 +17,7 @@ in both graphs, and saved as an export of its own (the manifest's options say wh
 Speed: decode tokens/s at batch 1 and 32 of the 169M-shaped model, each variant in its own process,
 interleaved rounds (median, min-max), every figure next to the same-run ceiling of that batch size: one
 float32 ``Gemm`` over the model's fp32 bytes (scripts/bench_ceiling.py). Accuracy: cross-entropy on the
-held-out text (exporter/quality.py) of the variant against the float32 PyTorch reference, for the default
+held-out text (exporter/verify/quality.py) of the variant against the float32 PyTorch reference, for the default
 model and the reference models in ../shared/reference.
 """
 from __future__ import annotations
@@ -157,7 +157,7 @@ CEILING = textwrap.dedent("""
 def accuracy(names: list, variants: list, work: Path) -> dict:
     """{model: {variant: compare_to_reference(...)}} on the held-out text."""
     from rwkv_export.export import ExportOptions, export
-    from rwkv_export.quality import compare_to_reference
+    from rwkv_export.verify.quality import compare_to_reference
 
     out = {}
     for name in names:

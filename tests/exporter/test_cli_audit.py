@@ -71,7 +71,7 @@ def test_validate_never_overwrites_what_it_reads(export_dir, rwkv4_ref, tmp_path
 
 
 def test_validate_save_paths_are_checked_before_any_work(rwkv4_exports, tmp_path, monkeypatch):
-    import rwkv_export.validate as v
+    import rwkv_export.verify.cli as v
 
     monkeypatch.setattr(v, "load_reference", lambda *a: pytest.fail("the reference was loaded"))
     m, ref = rwkv4_exports["plain"], tmp_path / "unused.pth"
@@ -87,7 +87,7 @@ def test_validate_save_paths_are_checked_before_any_work(rwkv4_exports, tmp_path
 
 def test_validate_saves_atomically(tmp_path):
     """A failed save (disk full half-way) keeps the old file and leaves no partial one."""
-    from rwkv_export.validate import ValidationError, _save_atomically
+    from rwkv_export.verify.target import ValidationError, _save_atomically
 
     dest = tmp_path / "feeds.json"
     dest.write_text("old")

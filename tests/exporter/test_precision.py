@@ -6,7 +6,7 @@ import pytest
 
 import rwkv_runtime
 from rwkv_export.export import ExportOptions, export, load_manifest
-from rwkv_export.quality import compare_to_reference
+from rwkv_export.verify.quality import compare_to_reference
 
 from ..conftest import ref_model
 from ..helpers import step_all

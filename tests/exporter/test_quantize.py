@@ -99,7 +99,7 @@ def test_int8_dynamic_against_the_reference(tmp_path, name):
     """--quantize int8-dynamic: every large matrix becomes DynamicQuantizeMatMul with int8 [K, N] weights
     within half a step of the float weights (one scale per output column), and the model's cross-entropy
     on held-out text stays within 0.5% of the float32 PyTorch reference's."""
-    from rwkv_export.quality import compare_to_reference
+    from rwkv_export.verify.quality import compare_to_reference
 
     ck = load_checkpoint(ref_model(name))
     out = export(ck.path, tmp_path / "d.onnx", ExportOptions(quantize="int8-dynamic"))[0]
@@ -158,7 +158,7 @@ def test_quantised_embedding_within_a_step_of_the_float_table(tmp_path, fmt):
     float32 reference's."""
     import onnxruntime as ort
 
-    from rwkv_export.quality import compare_to_reference
+    from rwkv_export.verify.quality import compare_to_reference
 
     ck = load_checkpoint(ref_model("golden-rwkv7"))
     spec = arch.get(ck.version)

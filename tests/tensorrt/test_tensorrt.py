@@ -353,6 +353,43 @@ def test_stand_in_parser_precedence(tmp_path, fake, rwkv4_exports, parser, plugi
     assert _plugin_layers(trt, network) == layers == len(network.custom)
 
 
+def test_validate_and_build_engine_build_through_one_loader_with_one_profile(tmp_path, fake, rwkv4_exports,
+                                                                            monkeypatch):
+    """build-engine and validate --backend tensorrt make their engines with the same function
+    (targets.tensorrt.loader.EngineLoader.build): asked for the same ranges (batch 1, T 1..6 tuned for 6),
+    TensorRT receives the same profile, the same plugin registration and builds the same engine."""
+    import polygraphy.backend.trt as polygraphy_trt
+
+    from rwkv_export.targets.tensorrt.loader import EngineLoader, Profile
+    from rwkv_export.verify.runners import backend_runner
+    from rwkv_export.verify.target import load_target
+
+    trt, _ = fake()
+    lib = _fake_plugin_library(tmp_path)
+    calls = []
+    real_build = EngineLoader.build
+
+    def spy(self, onnx, manifest, profile, **kw):
+        calls.append((Path(onnx).name, profile))
+        return real_build(self, onnx, manifest, profile, **kw)
+
+    monkeypatch.setattr(EngineLoader, "build", spy)
+    model = rwkv4_exports["plugin"].with_name(rwkv4_exports["plugin"].stem + ".seq.onnx")
+    res, out = _build(tmp_path, model, "-q", "--no-companions", "--max-batch", "1", "--max-seq", "6",
+                      "--opt-seq", "6", "--plugin", str(lib))
+    assert res.exit_code == 0, res.output
+    # validate: the engine bytes go to Polygraphy's TrtRunner (recorded here: the stand-in is not TensorRT)
+    monkeypatch.setattr(polygraphy_trt, "EngineFromBytes", lambda data: lambda: ("engine", bytes(data)))
+    monkeypatch.setattr(polygraphy_trt, "TrtRunner", lambda engine, name: (engine, name))
+    (_, data), name = backend_runner(load_target(model), "tensorrt", (str(lib),), 6)
+    assert calls == [(model.name, Profile(max_batch=1, opt_batch=1, max_seq=6, opt_seq=6)),
+                     (model.name, Profile.for_validation(6))]
+    built, checked = (c.profiles[0].shapes for c in trt.calls["configs"])
+    assert built == checked and built["tokens"] == [[1, 1], [1, 6], [1, 6]]
+    assert data == out.read_bytes() and name == f"trt-{model.name}"
+    assert json.loads(data)["plugins"] and trt.calls["loaded"] == [str(lib.resolve())]  # plugin layers, once
+
+
 def test_sidecar_never_lists_a_plugin_the_network_does_not_contain(tmp_path, fake, rwkv4_exports):
     fake()
     lib = _fake_plugin_library(tmp_path)

@@ -34,7 +34,7 @@ def compare_to_reference(onnx_path, checkpoint, max_tokens: int = 256) -> dict:
 
     import rwkv_runtime
 
-    from .export import reference_model
+    from ..export import reference_model
 
     s = rwkv_runtime.Session(onnx_path)
     try:

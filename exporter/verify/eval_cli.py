@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .errors import user_errors
+from ..errors import user_errors
 
 
 def _pad(value: str):
@@ -94,7 +94,8 @@ def eval_command(model, task, data, reference, limit, batch, pad, threads, provi
         click.echo(f"{name:<10} perplexity {r.perplexity:.4f}{acc}  ({path})")
     if reference is not None:
         e, f = results["export"][1], results["reference"][1]
-        line = f"export - reference: perplexity {e.perplexity - f.perplexity:+.4f} ({(e.perplexity / f.perplexity - 1) * 100:+.3f} %)"
+        rel = (e.perplexity / f.perplexity - 1) * 100
+        line = f"export - reference: perplexity {e.perplexity - f.perplexity:+.4f} ({rel:+.3f} %)"
         if e.accuracy is not None:
             differ = int((e.correct != f.correct).sum())
             line += f", accuracy {(e.accuracy - f.accuracy) * 100:+.2f} points ({differ} documents judged differently)"

@@ -28,7 +28,7 @@ import numpy as np
 
 from rwkv_runtime.errors import RuntimeUserError
 
-from .errors import ExportError
+from ..errors import ExportError
 
 
 @dataclass
@@ -115,7 +115,7 @@ class ReferenceRunner:
     """The checkpoint's PyTorch reference (the per-version ``Model`` of rwkv_export.arch), float32."""
 
     def __init__(self, checkpoint, chunk: int = 64):
-        from .export import reference_model
+        from ..export import reference_model
 
         self.m = reference_model(checkpoint)
         self.vocab_size = self.m.cfg["vocab_size"] if hasattr(self.m, "cfg") else None
@@ -243,7 +243,10 @@ def perplexity(runner, tokens: list) -> TaskResult:
 
 
 def check_tokens(items_or_tokens, vocab: int, what: str):
-    flat = (t for item in items_or_tokens for part in item for t in part) if what == "lambada" else iter(items_or_tokens)
+    if what == "lambada":
+        flat = (t for item in items_or_tokens for part in item for t in part)
+    else:
+        flat = iter(items_or_tokens)
     bad = next((t for t in flat if not 0 <= t < vocab), None)
     if bad is not None:
         raise RuntimeUserError(f"token id {bad} is outside the model's vocabulary [0, {vocab}) (wrong --pad-token, "
