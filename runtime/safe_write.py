@@ -159,7 +159,10 @@ def _locked_by_other(d: Path) -> bool:
     try:
         fd = os.open(d / LOCK, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:  # just created by a live writer, or killed before locking
-        return time.time() - d.lstat().st_mtime < 60
+        try:
+            return time.time() - d.lstat().st_mtime < 60
+        except OSError:  # the folder itself is gone: its writer (another thread or process) finished
+            return True
     except OSError:
         return True
     try:
@@ -322,9 +325,12 @@ class SafeWrite:
         self.dir = Path(tempfile.mkdtemp(dir=self.out.parent if str(self.out.parent) else ".",
                                          prefix=_prefix(self.out)))
         try:
-            self._lock = open(self.dir / LOCK, "wb")
+            # locked under another name, then renamed: another writer's recover() never finds the lock
+            # file unlocked while this one is alive (it would take the folder for abandoned and remove it)
+            self._lock = open(self.dir / (LOCK + "-new"), "wb")
             if fcntl is not None:
                 fcntl.flock(self._lock, fcntl.LOCK_EX)
+            os.rename(self.dir / (LOCK + "-new"), self.dir / LOCK)
         except BaseException:
             self.__exit__()
             raise
@@ -351,7 +357,7 @@ class SafeWrite:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def path(self, name: str) -> Path:
-        if not _plain(name) or name in (JOURNAL, LOCK, "old"):
+        if not _plain(name) or name in (JOURNAL, LOCK, LOCK + "-new", "old"):
             raise UnsafeOutput(f"{name!r}: not a plain file name for staging")
         return self.dir / name
 
@@ -413,8 +419,11 @@ class SafeWrite:
             for e in entries:
                 target = folder / e["target"]
                 if os.path.lexists(target):
-                    os.replace(target, self.dir / "old" / str(e["i"]))
-                    done.append((target, self.dir / "old" / str(e["i"])))
+                    try:
+                        os.replace(target, self.dir / "old" / str(e["i"]))
+                        done.append((target, self.dir / "old" / str(e["i"])))
+                    except FileNotFoundError:  # another writer of the same output moved it away since:
+                        pass  # nothing of ours to keep (the last writer wins, with a complete file)
                 if e["staged"] is not None:
                     os.replace(self.dir / e["staged"], target)
                     done.append((self.dir / e["staged"], target))
