@@ -237,8 +237,30 @@ class _Body(GraphBuilder):
 
 def scan_ops(g: GraphBuilder, name: str, step, state, xs, outer=()):
     """Run ``step(body, *xs_t, *outer, state) -> (y_t, state')`` over axis 1 of each of ``xs``
-    ([B,T,...]) with a Scan; ``outer`` are enclosing-scope values the body reads directly.
-    Returns (y [B,T,...], final state)."""
+    ([B,T,...]); ``outer`` are enclosing-scope values the body reads directly. Returns (y [B,T,...],
+    final state).
+
+    An ``If`` on T: one token (a decode step through the sequence graph, the runtime's default) runs
+    the step body once; longer inputs a Scan over it. onnxruntime's Scan costs a fixed overhead per
+    call that at T = 1 was 8% of an int4 0.1B RWKV-7 decode step (issue #30)."""
+    one = _Body(g.fresh(name + "_t1"))
+    y1, s1 = step(one, *[_sq(one, x, 1) for x in xs], *outer, state)
+    y1 = _unsq(one, y1, 1)
+    many = _Body(g.fresh(name))
+    ys, sn = _scan(many, name, step, state, xs, outer)
+
+    def branch(b: _Body, outs):
+        ids = [b.op("Identity", [o]) for o in outs]  # outputs named in the branch itself
+        return helper.make_graph(b.nodes, b.name, [], [helper.make_tensor_value_info(n, F32, None) for n in ids],
+                                 b.initializers)
+
+    T = g.op("Gather", [g.op("Shape", [xs[0]]), g.const(1, np.int64)], axis=0)
+    ys, s_fin = g.op("If", [g.op("Equal", [T, g.const(1, np.int64)])], n_out=2,
+                     then_branch=branch(one, [y1, s1]), else_branch=branch(many, [ys, sn]))
+    return ys, s_fin
+
+
+def _scan(g: GraphBuilder, name: str, step, state, xs, outer=()):
     body = _Body(g.fresh(name))
     x_in = [body.fresh(f"x{j}") for j in range(len(xs))]
     s_in = body.fresh("state_in")

@@ -180,6 +180,32 @@ def test_onnx_sequence_graph_matches(exports, name, wkv):
 
 
 @pytest.mark.parametrize("name", list(REFERENCE))
+def test_one_token_through_the_sequence_graph_skips_the_scan(exports, name):
+    """Issue #30: the runtime decodes through the sequence graph (T = 1); each layer's WKV there is an
+    If whose T = 1 branch is the step body (no Scan: its fixed cost per call was 8% of a step), and
+    whose other branch scans. Both give the step graph's logits and state to float32 rounding, batched."""
+    step_path, seq_path = exports(name, "plain")
+    m = onnx.load(str(seq_path), load_external_data=False)
+    ifs = [n for n in m.graph.node if n.op_type == "If"]
+    assert len(ifs) == load_manifest(seq_path).n_layer and not any(n.op_type == "Scan" for n in m.graph.node)
+    for n in ifs:
+        br = {a.name: a.g for a in n.attribute}
+        assert not any(x.op_type == "Scan" for x in br["then_branch"].node)
+        assert [x.op_type for x in br["else_branch"].node].count("Scan") == 1
+    g, s = Onnx(step_path), Onnx(seq_path)
+    tokens = [[3, 7], [200, 1], [45, 45]]
+    state_g, state_s = g.fresh(3), s.fresh(3)
+    for t in range(2):
+        lg, state_g = g.run([r[t] for r in tokens], state_g)
+        ls, state_s = s.run([[r[t]] for r in tokens], state_s)
+        np.testing.assert_allclose(ls, lg, atol=1e-5, rtol=1e-5)
+    for k in state_g:
+        np.testing.assert_allclose(state_s[k], state_g[k], atol=1e-6, rtol=1e-5, err_msg=k)
+    both, state2 = s.run(tokens, s.fresh(3))  # T = 2: the Scan branch, same result
+    np.testing.assert_allclose(both, ls, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
 def test_onnx_all_logits_and_dynamic_batch(tmp_path, name):
     seq = export(ref_path(name), tmp_path / "m.onnx", ExportOptions(graphs=("sequence",), all_logits=True))[0]
     s = Onnx(seq)
