@@ -167,7 +167,7 @@ def _export(checkpoint, out, graphs, wkv, precision, quantize, quant_block, resc
                          tokenizer=tokenizer, external_data=external_data, allow_nonfinite=allow_nonfinite,
                          state_tuning=str(state_tuning) if state_tuning else None,
                          lora=str(lora) if lora else None, lora_alpha=lora_alpha)
-    bar = _Bar(2 + 2 * len(opts.graphs), "export", quiet)
+    bar = _Bar(opts.progress_steps(), "export", quiet)
     try:
         paths = export(checkpoint, out, opts, progress=bar)
     finally:

@@ -58,6 +58,38 @@ class ExportOptions:
     lora: str | None = None  # a LoRA adapter (<weight>.lora_A/.lora_B, RWKV-PEFT) merged while streaming
     lora_alpha: float | None = None  # its alpha (scale alpha/r); None: alpha = r, scale 1
 
+    def __post_init__(self):
+        self.check()  # options that cannot go together are refused where they are made
+
+    def check(self) -> None:
+        """Raise :class:`ExportError` (the one line the CLI prints) for a bad value or combination."""
+        if self.wkv not in ("plain", "plugin"):
+            raise ExportError(f"--wkv must be 'plain' or 'plugin', not {self.wkv!r}")
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.quantize not in (None, *QUANTIZE):
+            raise ExportError(f"--quantize must be one of {', '.join(QUANTIZE)}, not {self.quantize!r}")
+        if self.quant_block is not None and self.quantize not in DEFAULT_QUANT_BLOCK:
+            raise ExportError("--quant-block applies to --quantize int8 or int4 "
+                              "(int8-dynamic has one scale per column)")
+        if self.quant_block is not None and self.quant_block not in QUANT_BLOCKS:
+            raise ExportError(f"--quant-block must be one of {', '.join(map(str, QUANT_BLOCKS))}, "
+                              f"not {self.quant_block!r}")
+        if self.quantize and self.precision != "fp32":
+            raise ExportError("--quantize applies to fp32 exports (its int8/int4 formats are for ONNX Runtime on CPU)")
+        bad = [g for g in self.graphs if g not in GRAPHS]
+        if bad or not self.graphs:
+            raise ExportError(f"--graphs must name some of {', '.join(GRAPHS)} "
+                              f"(got {', '.join(self.graphs) or 'none'})")
+        twice = sorted({g for g in self.graphs if list(self.graphs).count(g) > 1})
+        if twice:
+            raise ExportError(f"--graphs names {', '.join(twice)} more than once (got {','.join(self.graphs)})")
+
+    def progress_steps(self) -> int:
+        """How many times :func:`export` calls its ``progress`` callback: loading, preparing, then per
+        graph building (+ quantizing) and writing; a progress bar's total."""
+        return 2 + len(self.graphs) * (3 if self.quantize else 2)
+
 
 def sequence_path(step_path: Path) -> Path:
     """Where the sequence graph goes beside the step graph: model.onnx -> model.seq.onnx."""
@@ -94,25 +126,8 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
     place together (``staging.Staging``); on any failure the previous files are left as they were."""
     opt = options or ExportOptions()
     out = Path(out)
-    if opt.wkv not in ("plain", "plugin"):
-        raise ExportError(f"--wkv must be 'plain' or 'plugin', not {opt.wkv!r}")
-    if opt.precision not in PRECISIONS:
-        raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, not {opt.precision!r}")
-    if opt.quantize not in (None, *QUANTIZE):
-        raise ExportError(f"--quantize must be one of {', '.join(QUANTIZE)}, not {opt.quantize!r}")
-    if opt.quant_block is not None and opt.quantize not in DEFAULT_QUANT_BLOCK:
-        raise ExportError("--quant-block applies to --quantize int8 or int4 (int8-dynamic has one scale per column)")
-    if opt.quant_block is not None and opt.quant_block not in QUANT_BLOCKS:
-        raise ExportError(f"--quant-block must be one of {', '.join(map(str, QUANT_BLOCKS))}, not {opt.quant_block!r}")
+    opt.check()  # again: the fields may have changed since construction
     block = opt.quant_block if opt.quant_block is not None else DEFAULT_QUANT_BLOCK.get(opt.quantize)
-    if opt.quantize and opt.precision != "fp32":
-        raise ExportError("--quantize applies to fp32 exports (its int8/int4 formats are for ONNX Runtime on CPU)")
-    bad = [g for g in opt.graphs if g not in GRAPHS]
-    if bad or not opt.graphs:
-        raise ExportError(f"--graphs must name some of {', '.join(GRAPHS)} (got {', '.join(opt.graphs) or 'none'})")
-    twice = sorted({g for g in opt.graphs if list(opt.graphs).count(g) > 1})
-    if twice:
-        raise ExportError(f"--graphs names {', '.join(twice)} more than once (got {','.join(opt.graphs)})")
     paths = {"step": out, "sequence": sequence_path(out) if "step" in opt.graphs else out}
     data_path = out.with_name(out.name + ".data")  # the one weights file of the export, when external
     # the set this export replaces: its graphs, the shared weights file, and per-graph weights files
