@@ -51,7 +51,14 @@ def read_lambada(path, limit: int | None = None) -> list[tuple[str, str]]:
     except IsADirectoryError:
         raise ExportError(f"{path}: is a folder, not a .jsonl file") from None
     with f:
-        for n, line in enumerate(f, 1):
+        lines = enumerate(f, 1)
+        while True:
+            try:
+                n, line = next(lines)
+            except StopIteration:
+                break
+            except UnicodeDecodeError as e:  # (decoded a block at a time: no line number to give)
+                raise ExportError(f"{path}: not UTF-8 text ({e.reason})") from None
             if limit is not None and len(out) >= limit:
                 break
             if not line.strip():
@@ -63,6 +70,11 @@ def read_lambada(path, limit: int | None = None) -> list[tuple[str, str]]:
             text = doc.get("text") if isinstance(doc, dict) else None
             if not isinstance(text, str):
                 raise ExportError(f'{path}, line {n}: expected an object with a "text" string')
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # a JSON escape "\ud800" alone is no character
+                raise ExportError(f"{path}, line {n}: the text holds a lone surrogate ({text[e.start]!a}), "
+                                  "not a character") from None
             if " " not in text.strip(" ") or text.endswith(" "):
                 raise ExportError(f"{path}, line {n}: the text has no last word after a space to predict")
             ctx, last = text.rsplit(" ", 1)
