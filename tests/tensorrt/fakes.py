@@ -1,8 +1,8 @@
 """A stand-in for `tensorrt` and cuda-python's `cuda.core`, for the TensorRT tests that run anywhere.
 
 It mirrors the documented API that exporter/targets/tensorrt (engine.py, loader.py) and runtime/trt_backend.py
-call, keeps "device" memory in host allocations, records CUDA graph captures, and computes with onnxruntime on the ONNX file
-the engine was built from. It checks our logic (profiles, sidecars, plugins, buffers, double buffering,
+call, keeps "device" memory in host allocations, records CUDA graph captures, and computes with onnxruntime on
+the ONNX file the engine was built from. It checks our logic (profiles, sidecars, plugins, buffers, double buffering,
 graph capture), not TensorRT. ``make_fake_trt(FakeCudaCore())`` returns the `tensorrt` module stand-in.
 """
 from __future__ import annotations
