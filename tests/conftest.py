@@ -34,9 +34,6 @@ REF = GOLDEN  # the folder of reference checkpoints and their BlinkDL logits
 SHARED = Path(os.environ.get("RWKV_SHARED_DIR") or REPO.parent / "shared")
 SHARED_MODELS = SHARED / "reference" / "models"
 PROMPTS = {"in": b'"in', "atom": b"Describe the structure of an atom."}
-# golden model per architecture (the names the tests use)
-GOLDEN_MODELS = {"rwkv4": "golden-rwkv4", "rwkv5": "golden-rwkv5", "rwkv5.2": "golden-rwkv5.2",
-                 "rwkv6": "golden-rwkv6", "rwkv7": "golden-rwkv7"}
 
 
 def ref_model(name: str) -> Path:
