@@ -245,22 +245,12 @@ def scan_ops(g: GraphBuilder, name: str, step, state, xs, outer=()):
     call that at T = 1 was 8% of an int4 0.1B RWKV-7 decode step (issue #30)."""
     one = _Body(g.fresh(name + "_t1"))
     y1, s1 = step(one, *[_sq(one, x, 1) for x in xs], *outer, state)
-    y1 = _unsq(one, y1, 1)
     many = _Body(g.fresh(name))
     ys, sn = _scan(many, name, step, state, xs, outer)
-
-    def branch(b: _Body, outs):
-        ids = [b.op("Identity", [o]) for o in outs]  # outputs named in the branch itself
-        return helper.make_graph(b.nodes, b.name, [], [helper.make_tensor_value_info(n, F32, None) for n in ids],
-                                 b.initializers)
-
-    T = g.op("Gather", [g.op("Shape", [xs[0]]), g.const(1, np.int64)], axis=0)
-    ys, s_fin = g.op("If", [g.op("Equal", [T, g.const(1, np.int64)])], n_out=2,
-                     then_branch=branch(one, [y1, s1]), else_branch=branch(many, [ys, sn]))
-    return ys, s_fin
+    return _if_one_token(g, xs[0], one, [_unsq(one, y1, 1), s1], many, [ys, sn])
 
 
-def _scan(g: GraphBuilder, name: str, step, state, xs, outer=()):
+def _scan(g: GraphBuilder, name: str, step, state, xs, outer=(), axis: int = 1):
     body = _Body(g.fresh(name))
     x_in = [body.fresh(f"x{j}") for j in range(len(xs))]
     s_in = body.fresh("state_in")
@@ -273,7 +263,7 @@ def _scan(g: GraphBuilder, name: str, step, state, xs, outer=()):
                               [helper.make_tensor_value_info(n, F32, None) for n in (s_out, y_out)],
                               body.initializers)
     s_fin, ys = g.op("Scan", [state] + list(xs), n_out=2, body=graph, num_scan_inputs=len(xs),
-                     scan_input_axes=[1] * len(xs), scan_output_axes=[1])
+                     scan_input_axes=[axis] * len(xs), scan_output_axes=[axis])
     return ys, s_fin
 
 
@@ -290,8 +280,106 @@ def wkv6_seq_ops(g, r, k, v, w, u, s):
 
 
 def wkv7_seq_ops(g, r, w, k, v, a, b, s):
-    """WKV7Seq: r,w,k,v,a,b [B,T,H,N] -> y [B,T,H,N], s'."""
-    return scan_ops(g, "wkv7_scan", wkv7_step_ops, s, [r, w, k, v, a, b])
+    """WKV7Seq: r,w,k,v,a,b [B,T,H,N] -> y [B,T,H,N], s'. One token: the step body; more: the
+    chunked form (``wkv7_chunked_ops``)."""
+    one = _Body(g.fresh("wkv7_t1"))
+    y1, s1 = wkv7_step_ops(one, *[_sq(one, x, 1) for x in (r, w, k, v, a, b)], s)
+    many = _Body(g.fresh("wkv7_chunked"))
+    ys, sn = wkv7_chunked_ops(many, r, w, k, v, a, b, s)
+    return _if_one_token(g, r, one, [_unsq(one, y1, 1), s1], many, [ys, sn])
+
+
+WKV7_CHUNK = 16  # tokens per chunk: 1 / prod(w) over a chunk stays below e^(16 * 0.6065) = 1.6e4
+
+
+def wkv7_chunked_ops(g: GraphBuilder, r, w, k, v, a, b, s, L: int = WKV7_CHUNK):
+    """WKV7Seq in chunks of L tokens (the parallel form of fla's chunked delta rule): within a chunk the
+    recurrence S_t = S_{t-1} (diag(w_t) + a_t b_t^T) + v_t k_t^T becomes matrix products, and only
+    the state passes from chunk to chunk (a Scan of two MatMul+Add pairs per chunk).
+
+    With c_t = sum_{j<=t} log w_j (inclusive, within the chunk), u_t = S_{t-1} a_t and the row
+    vectors a~_t = a_t e^{c_{t-1}}, r~_t = r_t e^{c_t}, b~_i = b_i e^{-c_i}, k~_i = k_i e^{-c_i}:
+        u_t = S0 a~_t + sum_{i<t} (a~_t.b~_i) u_i + (a~_t.k~_i) v_i     ->  U = (I - A_ab)^-1 (A~ S0^T + A_ak V)
+        y_t = S0 r~_t + sum_{i<=t} (r~_t.b~_i) u_i + (r~_t.k~_i) v_i
+        S_L = S0 diag(e^{c_L}) + sum_i u_i (b~_i e^{c_L})^T + v_i (k~_i e^{c_L})^T
+    U is linear in S0, so y = S0 Q + Y0 and S_L = S0 G + Hm with Q, Y0, G, Hm computed for every
+    chunk at once before the Scan. (I - A)^-1 of the strictly lower triangular A is the product
+    (I + A)(I + A^2)(I + A^4)(I + A^8) (A^16 = 0). RWKV-7's decay w > e^-0.6065 keeps e^{-c} < 1.6e4
+    within 16 tokens, far from float32's range. T is padded to a multiple of L with w = 1 and zeros
+    (tokens that leave the state unchanged); the padding's outputs are cut off."""
+    i64 = lambda v_: g.const(v_, np.int64)  # noqa: E731
+    mm = lambda x, y: g.op("MatMul", [x, y])  # noqa: E731
+    T = g.op("Gather", [g.op("Shape", [r]), i64(1)], axis=0)
+    pad = g.op("Mod", [g.op("Sub", [i64(L), g.op("Mod", [T, i64(L)])]), i64(L)])  # (-T) mod L
+    pads = g.op("Concat", [i64([0, 0, 0, 0, 0]), g.op("Unsqueeze", [pad, i64([0])]), i64([0, 0])], axis=0)
+    hd = g.op("Shape", [r])  # [B, T, H, N]
+    B_, HN = g.op("Slice", [hd, i64([0]), i64([1])]), g.op("Slice", [hd, i64([2]), i64([4])])
+    chunked = g.op("Concat", [B_, i64([-1, L]), HN], axis=0)  # [B, NC, L, H, N]
+
+    def blocks(x):  # [B,T,H,N] -> [B,H,NC,L,N]
+        x = g.op("Reshape", [g.op("Pad", [x, pads]), chunked])
+        return g.op("Transpose", [x], perm=[0, 3, 1, 2, 4])
+
+    lw = blocks(g.op("Log", [w]))  # padding 0: w = 1
+    r_, k_, v_, a_, b_ = (blocks(x) for x in (r, k, v, a, b))
+    c = g.op("CumSum", [lw, i64(3)])  # inclusive, over the chunk's L
+    c_prev = g.op("Sub", [c, lw])
+    c_last = g.op("Slice", [c, i64([-1]), i64([L]), i64([3])])  # [B,H,NC,1,N]
+    inv = g.op("Exp", [g.op("Neg", [c])])
+    at = g.op("Mul", [a_, g.op("Exp", [c_prev])])
+    rt = g.op("Mul", [r_, g.op("Exp", [c])])
+    bt, kt = g.op("Mul", [b_, inv]), g.op("Mul", [k_, inv])
+    btT, ktT = (g.op("Transpose", [x], perm=[0, 1, 2, 4, 3]) for x in (bt, kt))  # [B,H,NC,N,L]
+    strict = g.const(np.tril(np.ones((L, L), np.float32), -1))
+    incl = g.const(np.tril(np.ones((L, L), np.float32)))
+    A_ab, A_ak = g.op("Mul", [mm(at, btT), strict]), g.op("Mul", [mm(at, ktT), strict])
+    A_rb, A_rk = g.op("Mul", [mm(rt, btT), incl]), g.op("Mul", [mm(rt, ktT), incl])
+    # (I - A_ab)^-1
+    eye = g.const(np.eye(L, dtype=np.float32))
+    p, inv_m = A_ab, g.op("Add", [eye, A_ab])
+    for _ in range(int(np.log2(L)) - 1):
+        p = mm(p, p)
+        inv_m = mm(inv_m, g.op("Add", [eye, p]))
+    P = mm(inv_m, at)  # U = P S0^T + W1: [B,H,NC,L,N(key)]
+    W1 = mm(inv_m, mm(A_ak, v_))  # [B,H,NC,L,N(value)]
+    Q = g.op("Add", [rt, mm(A_rb, P)])  # y = Q S0^T + Y0
+    Y0 = g.op("Add", [mm(A_rb, W1), mm(A_rk, v_)])
+    decay = g.op("Exp", [c_last])  # [B,H,NC,1,N]
+    bh = g.op("Mul", [bt, decay])  # b~ e^{c_L}: [B,H,NC,L,N]
+    kh = g.op("Mul", [kt, decay])
+    G = g.op("Add", [mm(g.op("Transpose", [P], perm=[0, 1, 2, 4, 3]), bh),  # diag(e^{c_L}) + P^T b^
+                     g.op("Mul", [g.op("Transpose", [decay], perm=[0, 1, 2, 4, 3]), eye_n(g, r)])])
+    Hm = g.op("Add", [mm(g.op("Transpose", [W1], perm=[0, 1, 2, 4, 3]), bh),
+                      mm(g.op("Transpose", [v_], perm=[0, 1, 2, 4, 3]), kh)])  # [B,H,NC,N(value),N(key)]
+    QT = g.op("Transpose", [Q], perm=[0, 1, 2, 4, 3])  # [B,H,NC,N(key),L]
+    Y0T = g.op("Transpose", [Y0], perm=[0, 1, 2, 4, 3])  # [B,H,NC,N(value),L]
+
+    def chunk(body, qt, y0t, g_, h_, st):  # y^T = S0 Q^T + Y0^T; S_L = S0 G + Hm
+        return (body.op("Add", [body.op("MatMul", [st, qt]), y0t]),
+                body.op("Add", [body.op("MatMul", [st, g_]), h_]))
+
+    yT, s_fin = _scan(g, "wkv7_chunks", chunk, s, [QT, Y0T, G, Hm], axis=2)  # yT [B,H,NC,N(value),L]
+    y = g.op("Transpose", [yT], perm=[0, 2, 4, 1, 3])  # [B,NC,L,H,N]
+    y = g.op("Reshape", [y, g.op("Concat", [B_, i64([-1]), HN], axis=0)])
+    y = g.op("Slice", [y, i64([0]), g.op("Unsqueeze", [T, i64([0])]), i64([1])])
+    return y, s_fin
+
+
+def eye_n(g: GraphBuilder, r):
+    """The identity [N, N] of the head size (static: r's last dimension is the head size)."""
+    return g.op("EyeLike", [g.op("ConstantOfShape", [g.op("Concat", [g.op("Slice", [g.op("Shape", [r]), g.const([3], np.int64), g.const([4], np.int64)])] * 2, axis=0)])])
+
+
+def _if_one_token(g: GraphBuilder, x, one: "_Body", one_outs, many: "_Body", many_outs):
+    """If T (axis 1 of ``x``) == 1: ``one``'s graph, else ``many``'s; returns the two outputs."""
+    def branch(b: _Body, outs):
+        ids = [b.op("Identity", [o]) for o in outs]  # outputs named in the branch itself
+        return helper.make_graph(b.nodes, b.name, [], [helper.make_tensor_value_info(n, F32, None) for n in ids],
+                                 b.initializers)
+
+    T = g.op("Gather", [g.op("Shape", [x]), g.const(1, np.int64)], axis=0)
+    return g.op("If", [g.op("Equal", [T, g.const(1, np.int64)])], n_out=2,
+                then_branch=branch(one, one_outs), else_branch=branch(many, many_outs))
 
 
 WKV_OPS = {  # op type -> (formal inputs, standard-op body)

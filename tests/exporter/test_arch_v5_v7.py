@@ -517,3 +517,79 @@ def test_vectors_may_be_stored_squeezed(tmp_path):
                tmp_path / "b.pth")
     a, b = torch_model(tmp_path / "a.pth")[1], torch_model(tmp_path / "b.pth")[1]
     np.testing.assert_array_equal(torch_steps(a, TOKENS[:3])[0], torch_steps(b, TOKENS[:3])[0])
+
+
+def _wkv7_graph(T_shape="T"):
+    """WKV7Seq's standard-op body alone as a model: r,w,k,v,a,b [B,T,H,N], state -> y, state'."""
+    from onnx import TensorProto, helper
+
+    from rwkv_export.arch import headwise as hw
+    from rwkv_export.onnx_graph import OPSET, GraphBuilder
+
+    g = GraphBuilder("wkv7")
+    names = ["r", "w", "k", "v", "a", "b"]
+    for n in names:
+        g.input(n, "float32", ["B", T_shape, "H", "N"])
+    g.input("s", "float32", ["B", "H", "N", "N2"])
+    y, s2 = hw.wkv7_seq_ops(g, *names, "s")
+    g.op("Identity", [y], "y")
+    g.op("Identity", [s2], "s_out")
+    m = helper.make_model(helper.make_graph(g.nodes, "wkv7", g.inputs,
+                                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                                             helper.make_tensor_value_info("s_out", TensorProto.FLOAT, None)],
+                                            g.initializers), opset_imports=[helper.make_opsetid("", OPSET)])
+    m.ir_version = 9
+    return m
+
+
+@pytest.mark.parametrize("T", [2, 15, 16, 17, 50, 130])
+@pytest.mark.parametrize("decay", ["trained", "fastest"])
+def test_chunked_wkv7_equals_the_per_token_form(T, decay):
+    """Issue #30: the sequence graph's WKV7 runs in chunks of 16 tokens (matrix products within a chunk,
+    the state carried between chunks). Against the per-token recurrence in float64, on inputs shaped as
+    RWKV-7 makes them (kk unit per head, a = -kk, b = kk * gate, w in (e^-0.6065, 1); "fastest": every
+    decay at that bound, the chunk's widest range), with a carried-in state, batch 2, T around and
+    across chunk boundaries: within 1e-5 (relative to the values' scale) for y and the final state."""
+    import onnxruntime as ort
+
+    from rwkv_export.arch import headwise as hw
+
+    rng = np.random.default_rng(T)
+    B, H, N = 2, 3, 64
+    r, k, v = (rng.standard_normal((B, T, H, N)) for _ in range(3))
+    kk = rng.standard_normal((B, T, H, N))
+    kk /= np.linalg.norm(kk, axis=-1, keepdims=True)
+    gate = 1 / (1 + np.exp(-rng.standard_normal((B, T, H, N))))
+    if decay == "fastest":
+        w = np.full((B, T, H, N), np.exp(-0.606531))
+    else:
+        w = np.exp(-0.606531 / (1 + np.exp(-rng.uniform(-6, 3, (B, T, H, N)))))
+    a, b = -kk, kk * gate
+    s0 = rng.standard_normal((B, H, N, N)) * 0.5
+    want_y, want_s = hw.wkv7_seq(*(torch.tensor(x) for x in (r, w, k, v, a, b, s0)))
+    sess = ort.InferenceSession(_wkv7_graph().SerializeToString(), providers=["CPUExecutionProvider"])
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    y, s = sess.run(None, {n: f32(x) for n, x in zip(["r", "w", "k", "v", "a", "b", "s"], (r, w, k, v, a, b, s0))})
+    scale_y, scale_s = np.abs(want_y.numpy()).max(), np.abs(want_s.numpy()).max()
+    assert y.shape == (B, T, H, N) and s.shape == (B, H, N, N)
+    assert np.abs(y - want_y.numpy()).max() <= 1e-5 * max(1.0, scale_y)
+    assert np.abs(s - want_s.numpy()).max() <= 1e-5 * max(1.0, scale_s)
+
+
+@pytest.mark.parametrize("name", [n for n in REFERENCE if "rwkv7" in n])
+def test_chunked_sequence_graph_equals_steps_on_a_long_prompt(exports, name):
+    """The reference model: 70 tokens (five chunks, the last partial) through the sequence graph give
+    the step graph's logits and state to 1e-5, from a carried-in state too."""
+    step_path, seq_path = exports(name, "plain")
+    m = onnx.load(str(seq_path), load_external_data=False)
+    for n in (n for n in m.graph.node if n.op_type == "If"):  # the chunked form, not a per-token Scan
+        many = next(a.g for a in n.attribute if a.name == "else_branch")
+        assert {"CumSum", "Scan"} <= {x.op_type for x in many.node}
+    g, s = Onnx(step_path), Onnx(seq_path)
+    tokens = [int(t) for t in np.random.default_rng(0).integers(0, 256, 70)]
+    step_logits, step_state = g.steps(tokens)
+    logits, state = s.run([tokens[:33]], s.fresh())
+    logits, state = s.run([tokens[33:]], state)
+    assert np.abs(logits[0] - step_logits[-1]).max() <= 1e-5 * max(1.0, np.abs(step_logits[-1]).max())
+    for k_, v_ in step_state.items():
+        np.testing.assert_allclose(state[k_], v_, atol=1e-5, rtol=1e-5, err_msg=k_)
