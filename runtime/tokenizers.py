@@ -27,6 +27,7 @@ class ByteTokenizer:
     """
 
     kind = "bytes"
+    bytes_decode = True  # decode(ids) is the tokens' bytes as UTF-8 (StreamDecoder streams it incrementally)
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -51,6 +52,7 @@ class WorldTokenizer:
     """The RWKV World vocabulary (65536 tokens), used by RWKV-4-World and all RWKV-5/6/7 models."""
 
     kind = "world"
+    bytes_decode = True  # as the byte tokenizer: decode is the vocabulary's bytes as UTF-8
 
     def __init__(self):
         try:
@@ -148,21 +150,55 @@ def make_tokenizer(spec: dict, embedded_json: str | None = None):
 
 
 class StreamDecoder:
-    """Turns a stream of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+    """Turns a stream of token ids into text pieces, holding back incomplete UTF-8 sequences, so that the
+    pieces joined equal ``tokenizer.decode`` of all the tokens at once.
+
+    A tokenizer whose text is its tokens' bytes decoded as UTF-8 (``bytes_decode = True``: the byte and
+    World vocabularies) goes through Python's incremental UTF-8 decoder, which is exactly that: invalid
+    bytes become U+FFFD as they would in one decode, a character split across tokens waits for its last
+    byte. Other tokenizers (Hugging Face ``tokenizer.json``) are decoded from the held tokens while the
+    text so far ends in U+FFFD (a character not complete yet), at most 8 tokens."""
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
-        self.pending: list[int] = []
+        self._utf8 = None
+        if getattr(tokenizer, "bytes_decode", False):
+            import codecs
+
+            self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held: list[int] = []
+        self._text = ""  # decoded text held back with an incomplete character (a piece is all or nothing)
+
+    @property
+    def pending(self) -> bool:
+        """True while part of a character is held back (the next tokens complete it)."""
+        if self._utf8 is not None:
+            return bool(self._utf8.getstate()[0])
+        return bool(self._held)
 
     def push(self, token: int) -> str:
-        self.pending.append(int(token))
-        text = self.tok.decode(self.pending)
-        if "\ufffd" in text and len(self.pending) < 8:  # wait for the rest of a multi-byte character
+        if self._utf8 is not None:
+            data = self.tok.token_bytes(int(token))
+            if data is None:  # outside the vocabulary: the tokenizer's own one-line error
+                self.tok.decode([int(token)])
+                data = b""
+            text = self._text + self._utf8.decode(data)
+            if self._utf8.getstate()[0]:  # a character not complete yet: hold the piece whole
+                self._text = text
+                return ""
+            self._text = ""
+            return text
+        self._held.append(int(token))
+        text = self.tok.decode(self._held)
+        if text.endswith("\ufffd") and len(self._held) < 8:  # wait for the rest of a multi-byte character
             return ""
-        self.pending = []
+        self._held = []
         return text
 
     def flush(self) -> str:
-        text = self.tok.decode(self.pending) if self.pending else ""
-        self.pending = []
+        if self._utf8 is not None:
+            text, self._text = self._text + self._utf8.decode(b"", final=True), ""
+            return text
+        text = self.tok.decode(self._held) if self._held else ""
+        self._held = []
         return text

@@ -6,7 +6,7 @@ import { loadNpz, saveNpz } from "../src/npz.js";
 import { scanModel } from "../src/onnx-meta.js";
 import { parseManifest, checkCompanion } from "../src/manifest.js";
 import { NumpyRandom } from "../src/random.js";
-import { parsePyLiteral } from "../src/tokenizers.js";
+import { parsePyLiteral, ByteTokenizer, StreamDecoder } from "../src/tokenizers.js";
 import { RuntimeUserError } from "../src/errors.js";
 
 test("npz: saveNpz -> loadNpz round trip keeps names, dtypes, shapes and values", async () => {
@@ -71,4 +71,24 @@ test("python literals of the World vocabulary", () => {
 test("numpy PCG64: a known first draw of default_rng(42)", () => {
   // numpy: np.random.default_rng(42).random() == 0.7739560485559633 (its documented doctest value)
   assert.equal(new NumpyRandom(42).random(), 0.7739560485559633);
+});
+
+test("StreamDecoder: the pieces joined equal one decode, invalid UTF-8 included (as Python's)", () => {
+  const tok = new ByteTokenizer();
+  const run = (ids) => { const d = new StreamDecoder(tok); let s = ""; for (const t of ids) s += d.push(t); return s + d.flush(); };
+  const whole = (ids) => new TextDecoder().decode(Uint8Array.from(ids));
+  // seven invalid bytes, then a two-byte character split across tokens: it was lost to U+FFFD at the 8-token cap
+  const ids = [255, 255, 255, 255, 255, 255, 255, 0xde, 0x93, 0xc3, 0xc4];
+  assert.equal(run(ids), whole(ids));
+  assert.ok(run(ids).includes("\u0793"));
+  let x = 7;
+  for (let n = 0; n < 50; n++) {
+    const r = [];
+    for (let i = 0; i < 200; i++) { x = (x * 1103515245 + 12345) % 2147483648; r.push(x % 2 ? 0x80 + (x >> 8) % 128 : 0x20 + (x >> 8) % 95); }
+    assert.equal(run(r), whole(r));
+  }
+  const d = new StreamDecoder(tok);
+  assert.equal(d.push(0xe2), ""); assert.ok(d.pending);
+  assert.equal(d.push(0x82), "");
+  assert.equal(d.push(0xac), "\u20ac"); assert.ok(!d.pending);
 });

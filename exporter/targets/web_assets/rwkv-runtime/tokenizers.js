@@ -8,6 +8,12 @@ const decoder = () => new TextDecoder("utf-8"); // replacement characters for ba
 
 export class ByteTokenizer {
   kind = "bytes";
+  bytesDecode = true; // decode is the tokens' bytes as UTF-8 (StreamDecoder streams it)
+  tokenBytes(id) {
+    const n = Number(id);
+    if (!Number.isInteger(n) || n < 0 || n > 255) throw new RuntimeUserError(`token id ${id} is outside the byte vocabulary (0..255)`);
+    return Uint8Array.of(n);
+  }
   encode(text) { return Array.from(utf8.encode(text)); }
   decode(ids) {
     // Uint8Array.from would wrap 300 to 44 silently: an id outside 0..255 is an error (as in Python)
@@ -124,6 +130,9 @@ export class WorldTokenizer {
   }
 
   decode(ids) { return decoder().decode(this.decodeBytes(ids)); }
+
+  bytesDecode = true; // decode is the vocabulary's bytes as UTF-8 (StreamDecoder streams it)
+  tokenBytes(id) { return this.decodeBytes([id]); }
 }
 
 /** A Hugging Face tokenizer.json (e.g. the 20B tokenizer of the RWKV-4 Pile models). */
@@ -166,19 +175,55 @@ export async function makeTokenizer(spec, { embeddedJSON = null, worldVocab = nu
     "generateTokens/step/prefill, or re-export with --tokenizer");
 }
 
-/** Token ids -> text pieces, holding back incomplete UTF-8 sequences (as Python's StreamDecoder). */
+/** Bytes at the end of `b` that start a UTF-8 character not complete yet (0 when none). */
+function incompleteTail(b) {
+  for (let k = 1; k <= Math.min(3, b.length); k++) {
+    const c = b[b.length - k];
+    if (c >= 0x80 && c <= 0xbf) continue; // a continuation byte: look further back
+    const need = c >= 0xf0 && c <= 0xf4 ? 4 : c >= 0xe0 && c <= 0xef ? 3 : c >= 0xc2 && c <= 0xdf ? 2 : 1;
+    return need > k ? k : 0;
+  }
+  return 0;
+}
+
+/** Token ids -> text pieces, holding back incomplete UTF-8 sequences (as Python's StreamDecoder): the pieces
+ * joined equal one decode of all the tokens. Byte-based vocabularies (bytes, World: `bytesDecode`) go through
+ * TextDecoder's streaming mode (invalid bytes become U+FFFD as in one decode); a piece is held whole while a
+ * character is incomplete. Other tokenizers are decoded from the held tokens while the text ends in U+FFFD. */
 export class StreamDecoder {
-  constructor(tokenizer) { this.tok = tokenizer; this.pending = []; }
+  constructor(tokenizer) {
+    this.tok = tokenizer;
+    this.held = [];
+    this.stream = tokenizer.bytesDecode ? new TextDecoder("utf-8") : null;
+    this.text = "";
+    this.tail = new Uint8Array(0); // the last bytes seen (to tell whether a character is incomplete)
+  }
+  get pending() { return this.stream ? this.text.length > 0 || incompleteTail(this.tail) > 0 : this.held.length > 0; }
   push(token) {
-    this.pending.push(Number(token));
-    const text = this.tok.decode(this.pending);
-    if (text.includes("\ufffd") && this.pending.length < 8) return "";
-    this.pending = [];
+    if (this.stream) {
+      const data = this.tok.tokenBytes(Number(token)); // throws the tokenizer's one-line error outside it
+      const joined = new Uint8Array(this.tail.length + data.length);
+      joined.set(this.tail); joined.set(data, this.tail.length);
+      this.tail = joined.slice(-4);
+      const text = this.text + this.stream.decode(data, { stream: true });
+      if (incompleteTail(this.tail) > 0) { this.text = text; return ""; }
+      this.text = "";
+      return text;
+    }
+    this.held.push(Number(token));
+    const text = this.tok.decode(this.held);
+    if (text.endsWith("\ufffd") && this.held.length < 8) return "";
+    this.held = [];
     return text;
   }
   flush() {
-    const text = this.pending.length ? this.tok.decode(this.pending) : "";
-    this.pending = [];
+    if (this.stream) {
+      const text = this.text + this.stream.decode();
+      this.text = ""; this.tail = new Uint8Array(0);
+      return text;
+    }
+    const text = this.held.length ? this.tok.decode(this.held) : "";
+    this.held = [];
     return text;
   }
 }
