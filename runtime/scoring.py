@@ -27,7 +27,7 @@ class Scores:
 
     logprobs: np.ndarray  # float64: log P(tokens[:, j] | tokens[:, :j], state)
     greedy: np.ndarray  # bool: tokens[:, j] is the argmax of its logits (the first maximum, as numpy/torch argmax)
-    top_ids: np.ndarray  # int64: the top_k most likely tokens, most likely first (ties: lower id first)
+    top_ids: np.ndarray  # int64: the top_k (at most vocab) most likely tokens, most likely first (ties: lower id first)
     top_logprobs: np.ndarray  # float64: their log-probabilities
     rank: np.ndarray  # int64: 1 + the number of tokens more likely than tokens[:, j] (vLLM's rank; 0 unscored)
     logits: np.ndarray  # float32 [batch, vocab]: the logits after the last token (predicting the next one)
@@ -102,9 +102,14 @@ def has_all_logits(session) -> bool:
     return bool((man.options or {}).get("all_logits"))
 
 
+class ScoringStopped(Exception):
+    """``score``'s ``stop`` callable returned True: the scoring was abandoned between two model runs."""
+
+
 def score(session, tokens, state=None, start: int = 1, logits=None, top_k: int = 0,
-          chunk_size: int | None = None) -> Scores:
-    """See ``Session.score``."""
+          chunk_size: int | None = None, stop=None) -> Scores:
+    """See ``Session.score``. ``stop``: a callable asked before each model run; when it returns True the
+    call raises ``ScoringStopped`` (a server shutting down abandons a long prompt within one run)."""
     t = session._tokens(tokens, 2)
     B, T = t.shape
     for name, v, lo in (("start", start, 0), ("top_k", top_k, 0)):
@@ -119,11 +124,18 @@ def score(session, tokens, state=None, start: int = 1, logits=None, top_k: int =
     if start == 0:
         if logits is None:
             raise RuntimeUserError("start=0 needs the logits that predict the first token (logits=...)")
-        logits = np.asarray(logits, dtype=np.float32)
+        try:
+            logits = np.asarray(logits, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise RuntimeUserError("logits must be an array of numbers [batch, vocab]") from None
         if logits.shape != (B, V):
             raise RuntimeUserError(f"logits must have shape [{B}, {V}], not {list(logits.shape)}")
+        # (None reads as NaN): a non-finite logit makes the first position's log-probability NaN
+        if not np.isfinite(logits).all():
+            raise RuntimeUserError("logits hold NaN or infinity; pass the logits a model run returned")
+    stopped = stop if stop is not None else (lambda: False)
     st = session._coerce_state(state, B)
-    rec = _Recorder(t, int(top_k), int(start))
+    rec = _Recorder(t, min(int(top_k), V), int(start))  # more than the vocabulary: every token
     if start > 0:  # the unscored prefix: plain prefill (the last position's logits only)
         logits, st = session.prefill(t[:, :start], st, chunk)
     values = st._values
@@ -132,6 +144,8 @@ def score(session, tokens, state=None, start: int = 1, logits=None, top_k: int =
     if pos < T and has_all_logits(session):
         c = max(1, min(int(chunk), _BLOCK_FLOATS // (B * V)))
         while pos < T:
+            if stopped():
+                raise ScoringStopped()
             lg, values = session.backend.run("sequence", np.ascontiguousarray(t[:, pos:pos + c]), values,
                                              session._specs)
             rec.add(pos + 1, lg)  # lg[:, i] follows token pos + i, so predicts pos + i + 1
@@ -139,6 +153,8 @@ def score(session, tokens, state=None, start: int = 1, logits=None, top_k: int =
             pos += lg.shape[1]
     else:
         for j in range(pos, T):
+            if stopped():
+                raise ScoringStopped()
             logits, values = session.backend.run("step", np.ascontiguousarray(t[:, j]), values, session._specs)
             rec.add(j + 1, logits[:, None])
     return Scores(rec.logprobs, rec.greedy, rec.top_ids, rec.top_logprobs, rec.rank, np.asarray(logits, np.float32),

@@ -227,6 +227,8 @@ class Session:
         except ValueError:  # ragged lists
             raise RuntimeUserError("tokens must be a rectangular array of integers (use prefill_many for "
                                    "prompts of different lengths)") from None
+        if t.size == 0:  # (numpy reads [] as float64: it would be refused as "not integers")
+            raise RuntimeUserError(f"no tokens given (shape {list(t.shape)}); at least one token id is needed")
         if t.dtype.kind not in "iu":
             raise RuntimeUserError(f"token ids must be integers, not {t.dtype}")
         if ndim == 1 and t.ndim == 0:
@@ -285,7 +287,8 @@ class Session:
         return prefill_many(self, prompts, state, chunk_size)
 
     # -- scoring (log-probabilities of given tokens; runtime/scoring.py) --------------------------------
-    def score(self, tokens, state=None, start: int = 1, logits=None, top_k: int = 0, chunk_size: int | None = None):
+    def score(self, tokens, state=None, start: int = 1, logits=None, top_k: int = 0, chunk_size: int | None = None,
+              stop=None):
         """Log-probabilities of the tokens themselves: tokens [batch, T] -> ``scoring.Scores``.
 
         Position ``j >= start`` gets log_softmax (float64) of the logits after ``tokens[:, :j]`` at
@@ -293,11 +296,13 @@ class Session:
         are only prefilled. ``start=0`` scores the first token too, from ``logits`` (the logits that
         predict it, e.g. a previous call's ``Scores.logits``), so a long text can be scored piece by piece.
         Memory stays bounded (see scoring.py): all-logits sequence graph in chunks, else one step a token.
-        ``Scores.state``/``.logits`` continue after the last token.
+        ``Scores.state``/``.logits`` continue after the last token. ``top_k`` past the vocabulary means
+        every token. ``stop``: a callable asked before each model run of the scored part; when it returns
+        True the call raises ``scoring.ScoringStopped`` (a server abandoning a long prompt at shutdown).
         """
         from .scoring import score
 
-        return score(self, tokens, state, start, logits, top_k, chunk_size)
+        return score(self, tokens, state, start, logits, top_k, chunk_size, stop)
 
     def generate_tokens(self, prompt_tokens, max_new_tokens: int = 100, sampling: SamplingParams | None = None,
                         state=None) -> Iterator[int]:
