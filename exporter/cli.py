@@ -213,10 +213,10 @@ def convert_state(checkpoint, tuning, out):
 @user_errors
 def inspect(model, as_json):
     """Print the manifest of an exported MODEL (.onnx or .engine)."""
-    from rwkv_runtime.session import read_manifest
+    from rwkv_runtime import read_manifest
 
     if model.suffix in (".engine", ".plan", ".trt"):
-        from rwkv_runtime.trt_backend import read_engine_manifest
+        from rwkv_runtime.artifact import read_engine_manifest
 
         man, _ = read_engine_manifest(model)
     else:

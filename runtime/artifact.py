@@ -192,7 +192,7 @@ def decode_initial_state(text, specs: list, where: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Engine sidecars (moved here from trt_backend.py: reading them needs no TensorRT)
+# Engine sidecars (read here: reading them needs no TensorRT)
 # ---------------------------------------------------------------------------------------------
 def sidecar_path(engine_path) -> Path:
     """``model.engine`` -> ``model.engine.json``."""

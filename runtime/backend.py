@@ -2,7 +2,7 @@
 
 ``Session`` validates every user input (tokens, states, sizes) and depends on nothing but this protocol;
 a backend only moves tensors and runs graphs. Backends: ``ort_backend.OrtBackend``,
-``trt_backend.TrtBackend``.
+``rwkv_runtime.tensorrt.TrtBackend``.
 """
 from __future__ import annotations
 

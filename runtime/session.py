@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .artifact import is_engine, open_artifact, read_manifest  # noqa: F401 - read_manifest: its old public home
+from .artifact import is_engine, open_artifact
 from .backend import Backend
 from .errors import RuntimeUserError
 from .generation import Batch, Row, TextStream
@@ -22,7 +22,7 @@ from .sampling import Sampler, SamplingParams
 from .state import EXPORT_ID_KEY, MAX_STATE_BATCH, STATE_DTYPES, State, check_state_arrays, read_state_npz
 from .tokenizers import make_tokenizer
 
-__all__ = ["Session", "State", "Generation", "read_manifest"]
+__all__ = ["Session", "State", "Generation"]
 
 
 class Session:
@@ -54,7 +54,7 @@ class Session:
         if threads is not None and (not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or threads < 0):
             raise RuntimeUserError(f"threads must be an integer >= 1 (or None/0: onnxruntime's default), not {threads!r}")
         if is_engine(path):
-            from .trt_backend import TrtBackend  # optional: tensorrt + cuda.core
+            from .tensorrt import TrtBackend  # optional: tensorrt + cuda.core
 
             self.backend: Backend = TrtBackend(path, self.manifest, cuda_graphs=cuda_graphs, plugin=plugin)
         else:
@@ -69,7 +69,6 @@ class Session:
         self._tokenizer = None
         self._specs: list[StateSpec] = self.manifest.state
         self.export_id = self.manifest.export_id
-        self.stats: dict = {}  # the statistics of the last generate() (each call also has its own)
         # a learned starting state: embedded by the exporter, or given here (.npz path or arrays)
         self._initial: dict = self.artifact.initial_state()
         if initial_state is not None:
@@ -352,8 +351,7 @@ class Session:
         (temperature, top_p, top_k, presence_penalty, frequency_penalty, penalty_decay, seed, ban, stop,
         logit_bias).
         Text is encoded by the model's tokenizer (see tokenizers.py for text that is not valid UTF-8).
-        Each call has its own statistics (``gen.stats``), so concurrent calls never mix them;
-        ``Session.stats`` is the last started call's, for compatibility.
+        Each call has its own statistics (``gen.stats``), so concurrent calls never mix them.
         """
         if sampling is None:
             try:
@@ -363,9 +361,7 @@ class Session:
         elif sampling_kwargs:
             raise RuntimeUserError("give sampling settings either as SamplingParams or as keywords, not both")
         ids = self._prompt_ids(prompt)
-        gen = Generation(self, ids, max_new_tokens, sampling, state)
-        self.stats = gen.stats
-        return gen
+        return Generation(self, ids, max_new_tokens, sampling, state)
 
 
 class Generation:

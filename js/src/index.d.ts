@@ -80,8 +80,6 @@ export declare class Session {
   readonly manifest: Manifest;
   readonly vocabSize: number;
   readonly graphs: string[];
-  /** the last started generate call's stats (each call's own: Generation.stats) */
-  stats: GenerationStats;
   /** @deprecated shared by the session: the state of the last generation to end; use Generation.state */
   lastState?: State;
   /** "webgpu" when state stays in GPU buffers, else "cpu" */
@@ -106,7 +104,7 @@ export declare class Session {
   /** prompts of different lengths as one batch (Python's prefill_many); `state` is read, never written */
   prefillMany(prompts: (number | bigint)[][], state?: State, chunkSize?: number): Promise<StepResult>;
   generateTokens(promptTokens: number[], params?: GenerateParams | null): TokenGeneration;
-  /** Each call has its own statistics (`.stats`) and state (`.state`); `session.stats` is the last started call's. */
+  /** Each call has its own statistics (`.stats`) and state (`.state`). */
   generate(prompt: string | number[], params?: GenerateParams | null): Generation;
   encode(text: string): Promise<number[]>;
   decode(ids: (number | bigint)[]): Promise<string>;

@@ -128,7 +128,8 @@ def test_sampling_semantics():
 
 def test_generate_streams_text_greedy(rwkv4_exports):
     s = rwkv_runtime.Session(rwkv4_exports["plain"])
-    pieces = list(s.generate("Describe the structure of an", 8, temperature=0))
+    gen = s.generate("Describe the structure of an", 8, temperature=0)
+    pieces = list(gen)
     text = "".join(pieces)
     # greedy continuation equals argmax stepping
     ids = list(b"Describe the structure of an")
@@ -140,7 +141,7 @@ def test_generate_streams_text_greedy(rwkv4_exports):
         lg, st = s.step(np.array([tok]), st)
         tok = int(np.argmax(lg[0]))
     assert text == bytes(expect).decode("utf-8", errors="replace")
-    assert s.stats["new_tokens"] == 8
+    assert gen.stats["new_tokens"] == 8
 
 
 def test_world_tokenizer_vector():

@@ -1,6 +1,6 @@
 """A stand-in for `tensorrt` and cuda-python's `cuda.core`, for the TensorRT tests that run anywhere.
 
-It mirrors the documented API that exporter/targets/tensorrt (engine.py, loader.py) and runtime/trt_backend.py
+It mirrors the documented API that exporter/targets/tensorrt (engine.py, loader.py) and rwkv_runtime.tensorrt
 call, keeps "device" memory in host allocations, records CUDA graph captures, and computes with onnxruntime on
 the ONNX file the engine was built from. It checks our logic (profiles, sidecars, plugins, buffers, double buffering,
 graph capture), not TensorRT. ``make_fake_trt(FakeCudaCore())`` returns the `tensorrt` module stand-in.
@@ -109,7 +109,7 @@ class _Buffer:
 
 
 class FakeCudaCore:
-    """cuda.core as trt_backend uses it (Device, Stream, Buffer, LegacyPinnedMemoryResource, GraphBuilder);
+    """cuda.core as rwkv_runtime.tensorrt uses it (Device, Stream, Buffer, LegacyPinnedMemoryResource, GraphBuilder);
     "device" memory is host memory the stand-in keeps track of, so misuse (a host pointer given to the
     engine, pageable memory in a captured graph) is caught."""
 
@@ -165,7 +165,7 @@ _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tens
 
 def make_fake_trt(cudart: FakeCudaCore, capturable: bool = True, fail_build: str | None = None,
                   version: str = "10.99.0", parser: str | None = None):
-    """A module with the parts of the tensorrt API that engine.py and trt_backend.py use.
+    """A module with the parts of the tensorrt API that engine.py and rwkv_runtime.tensorrt use.
 
     ``parser``: whose precedence the ONNX parser follows for a custom node that is also a model-local
     function: "10.1" (onnx-tensorrt 10.0-10.6: built-in importer, then the local function, then the

@@ -3,7 +3,7 @@
 Three kinds of test:
 - without TensorRT (always run): the one-line errors, the sidecar manifest;
 - against a stand-in for `tensorrt` and cuda-python (always run; tests/tensorrt/fakes.py): the stand-in mirrors the documented
-  API that engine.py / trt_backend.py call, keeps "device" memory in host allocations, records CUDA
+  API that engine.py / rwkv_runtime.tensorrt call, keeps "device" memory in host allocations, records CUDA
   graph captures, and computes with onnxruntime on the ONNX file the engine was built from. It checks
   our logic (profiles, sidecars, plugins, buffers, double buffering, graph capture), not TensorRT;
 - with TensorRT and a CUDA device (skipped otherwise): real engines against BlinkDL's logits.
@@ -22,7 +22,8 @@ from click.testing import CliRunner
 
 import rwkv_runtime
 from rwkv_runtime import BackendUnavailable, RuntimeUserError
-from rwkv_runtime import trt_backend as tb
+from rwkv_runtime import artifact as art
+from rwkv_runtime import tensorrt as rtrt
 from rwkv_runtime.tensorrt import loader as trt_loader
 from rwkv_runtime.manifest import Manifest, StateSpec, encode_state
 
@@ -43,9 +44,9 @@ def _manifest(**kw) -> Manifest:
 def _write_fake_engine(d: Path, manifest: Manifest, **extra) -> Path:
     eng = d / "m.engine"
     eng.write_bytes(b"not a real engine")
-    side = {"format": tb.SIDECAR_FORMAT, "format_version": tb.SIDECAR_VERSION,
+    side = {"format": art.SIDECAR_FORMAT, "format_version": art.SIDECAR_VERSION,
             "manifest": json.loads(manifest.to_json()), **extra}
-    tb.sidecar_path(eng).write_text(json.dumps(side))
+    art.sidecar_path(eng).write_text(json.dumps(side))
     return eng
 
 
@@ -88,22 +89,22 @@ def test_sidecar_manifest_round_trip(tmp_path):
     man = _manifest(precision="fp16", tokenizer={"kind": "hf-json", "name": "tokenizer.json"})
     init = {"state.0.x": np.arange(4, dtype=np.float32)[None]}
     eng = _write_fake_engine(tmp_path, man, tokenizer_json='{"model": {}}', initial_state=encode_state(init))
-    got, tok = tb.read_engine_manifest(eng)
+    got, tok = art.read_engine_manifest(eng)
     assert got.to_json() == man.to_json() and tok == '{"model": {}}'
-    np.testing.assert_array_equal(tb.read_engine_initial_state(eng)["state.0.x"], init["state.0.x"])
+    np.testing.assert_array_equal(art.read_engine_initial_state(eng)["state.0.x"], init["state.0.x"])
 
 
 def test_sidecar_errors_are_one_line(tmp_path):
     eng = tmp_path / "m.engine"
     eng.write_bytes(b"x")
     with pytest.raises(RuntimeUserError, match="m.engine.json"):
-        tb.read_engine_manifest(eng)
-    tb.sidecar_path(eng).write_text("{nope")
+        art.read_engine_manifest(eng)
+    art.sidecar_path(eng).write_text("{nope")
     with pytest.raises(RuntimeUserError, match="not valid JSON"):
-        tb.read_engine_manifest(eng)
-    tb.sidecar_path(eng).write_text(json.dumps({"format": tb.SIDECAR_FORMAT, "format_version": 99, "manifest": {}}))
+        art.read_engine_manifest(eng)
+    art.sidecar_path(eng).write_text(json.dumps({"format": art.SIDECAR_FORMAT, "format_version": 99, "manifest": {}}))
     with pytest.raises(RuntimeUserError, match="version 99"):
-        tb.read_engine_manifest(eng)
+        art.read_engine_manifest(eng)
 
 
 def test_inspect_reads_the_engine_sidecar(tmp_path):
@@ -123,8 +124,8 @@ def fake(monkeypatch):
     """Install the stand-in: returns a function (capturable=..., fail_build=...) -> (trt, fake cuda.core)."""
     monkeypatch.setattr(trt_loader, "_LOGGER", None)
     monkeypatch.setattr(trt_loader, "_LOADED_PLUGINS", {})
-    monkeypatch.delenv(tb.PLUGIN_ENV, raising=False)
-    monkeypatch.delenv(tb.GRAPHS_ENV, raising=False)
+    monkeypatch.delenv(rtrt.PLUGIN_ENV, raising=False)
+    monkeypatch.delenv(rtrt.GRAPHS_ENV, raising=False)
 
     def install(**kw):
         cudart = FakeCudaCore()
@@ -154,15 +155,15 @@ def test_build_engine_writes_engines_sidecars_and_profiles(tmp_path, fake, rwkv4
     assert out.is_file() and seq.is_file() and cache.read_bytes() == b"fresh+"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rwkv-engine-")]
     assert "Building engine" in res.output and f"wrote {out}" in res.output
-    side = json.loads(tb.sidecar_path(out).read_text())
+    side = json.loads(art.sidecar_path(out).read_text())
     assert side["profile"]["tokens"] == [[1], [2], [4]]
     assert side["profile"]["state.0.wkv_pp"] == [[1, 64], [2, 64], [4, 64]]
     assert side["plugins"] == [] and side["source_onnx"] == rwkv4_exports["plain"].name
-    sside = json.loads(tb.sidecar_path(seq).read_text())
+    sside = json.loads(art.sidecar_path(seq).read_text())
     assert sside["profile"]["tokens"] == [[1, 1], [2, 16], [4, 16]]
-    man, _ = tb.read_engine_manifest(out)
+    man, _ = art.read_engine_manifest(out)
     assert man.graph == "step" and man.companions == {"step": "m.engine", "sequence": "m.seq.engine"}
-    assert tb.read_engine_manifest(seq)[0].graph == "sequence"
+    assert art.read_engine_manifest(seq)[0].graph == "sequence"
     # strongly typed on TensorRT 10, TF32 off, the cache shared by both builds
     assert all(n.flags == 1 << 1 for n in trt.calls["networks"])
     assert all(c.flags_cleared == ["tf32"] and c.pool == {"workspace": 64 << 20} for c in trt.calls["configs"])
@@ -263,7 +264,7 @@ def test_plugin_library_is_recorded_and_loaded(tmp_path, fake, rwkv4_exports, mo
     lib.write_text("rwkv::WKV4:1 rwkv::WKV4Seq:1")  # what the stand-in registry registers
     res, out = _build(tmp_path, rwkv4_exports["plugin"], "-q", "--plugin", str(lib))
     assert res.exit_code == 0, res.output
-    side = json.loads(tb.sidecar_path(out).read_text())
+    side = json.loads(art.sidecar_path(out).read_text())
     assert side["plugins"] == [{"name": lib.name, "path": str(lib.resolve())}]
     assert side["plugin_layers"] == _custom_nodes(rwkv4_exports["plugin"]) > 0  # each rwkv::WKV4 node: a plugin
     assert trt.calls["creator_misses"] == 0  # the registry was read, never probed with get_creator
@@ -278,9 +279,9 @@ def test_plugin_library_is_recorded_and_loaded(tmp_path, fake, rwkv4_exports, mo
     monkeypatch.setattr(trt_loader, "_LOADED_PLUGINS", {})
     fake()
     lib.rename(tmp_path / "elsewhere.so")
-    with pytest.raises(RuntimeUserError, match=f"needs the TensorRT plugin library {lib.name}.*{tb.PLUGIN_ENV}"):
+    with pytest.raises(RuntimeUserError, match=f"needs the TensorRT plugin library {lib.name}.*{rtrt.PLUGIN_ENV}"):
         rwkv_runtime.Session(out)
-    monkeypatch.setenv(tb.PLUGIN_ENV, str(tmp_path / "elsewhere.so"))
+    monkeypatch.setenv(rtrt.PLUGIN_ENV, str(tmp_path / "elsewhere.so"))
     rwkv_runtime.Session(out)
 
 
@@ -292,7 +293,7 @@ def test_plugin_export_without_plugin_builds_function_bodies(tmp_path, fake, rwk
     res, out = _build(tmp_path, rwkv4_exports["plugin"])
     assert res.exit_code == 0, res.output
     assert "no TensorRT plugin registered for rwkv::WKV4" in res.output
-    assert json.loads(tb.sidecar_path(out).read_text())["plugins"] == []
+    assert json.loads(art.sidecar_path(out).read_text())["plugins"] == []
 
 
 def _fake_plugin_library(tmp_path) -> Path:
@@ -316,7 +317,7 @@ def test_parser_10_1_precedence_is_refused_with_the_version(tmp_path, fake, rwkv
     res, out = _build(tmp_path, rwkv4_exports["plugin"])
     assert res.exit_code == 0, res.output
     assert "building the function bodies, no plugin library needed" in res.output
-    side = json.loads(tb.sidecar_path(out).read_text())
+    side = json.loads(art.sidecar_path(out).read_text())
     assert side["plugins"] == [] and side["plugin_layers"] == 0 and trt.calls["loaded"] == []
 
 
@@ -396,7 +397,7 @@ def test_sidecar_never_lists_a_plugin_the_network_does_not_contain(tmp_path, fak
     res, out = _build(tmp_path, rwkv4_exports["plain"], "-q", "--plugin", str(lib))  # nothing to use it
     assert res.exit_code == 0, res.output
     for eng in (out, tmp_path / "m.seq.engine"):
-        side = json.loads(tb.sidecar_path(eng).read_text())
+        side = json.loads(art.sidecar_path(eng).read_text())
         assert side["plugins"] == [] and side["plugin_layers"] == 0
     lib.unlink()  # so the runtime must not need it
     rwkv_runtime.Session(out)
@@ -461,7 +462,7 @@ def test_runtime_tensorrt_never_imports_the_exporter(tmp_path):
         "        if name.split('.')[0] in ('rwkv_export', 'torch', 'onnx', 'tensorrt'):\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import rwkv_runtime.trt_backend as tb\n"
+        "import rwkv_runtime.tensorrt\n"
         "from rwkv_runtime.tensorrt import loader\n"
         f"side = {side!r}\n"
         f"d = pathlib.Path({str(tmp_path)!r})\n"
@@ -489,7 +490,7 @@ def test_user_passed_plugin_path(tmp_path):
 
 
 def test_runtime_tensorrt_modules_are_small():
-    pkg = Path(tb.__file__).parent / "tensorrt"
+    pkg = Path(rtrt.__file__).parent
     sizes = {p.name: len(p.read_text().splitlines()) for p in pkg.glob("*.py")}
     assert set(sizes) >= {"__init__.py", "loader.py", "memory.py", "runner.py", "backend.py"}
     assert max(sizes.values()) <= 400, sizes
@@ -498,9 +499,9 @@ def test_runtime_tensorrt_modules_are_small():
 def test_engine_not_built_from_this_manifest_is_one_line(tmp_path, fake, rwkv4_exports):
     fake()
     res, out = _build(tmp_path, rwkv4_exports["plain"], "-q")
-    side = json.loads(tb.sidecar_path(out).read_text())
+    side = json.loads(art.sidecar_path(out).read_text())
     side["manifest"]["state"][0]["name"] = "state.0.nope"
-    tb.sidecar_path(out).write_text(json.dumps(side))
+    art.sidecar_path(out).write_text(json.dumps(side))
     with pytest.raises(RuntimeUserError, match="no tensor 'state.0.nope'"):
         rwkv_runtime.Session(out)
     out.write_bytes(b"garbage")
@@ -514,7 +515,7 @@ def test_engine_not_built_from_this_manifest_is_one_line(tmp_path, fake, rwkv4_e
 def _need_tensorrt_and_gpu():
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install tensorrt)")
     try:
-        cc = tb.import_cuda_core()
+        cc = rtrt.import_cuda_core()
         cc.Device(0)
     except BackendUnavailable:
         pytest.skip("cuda.core is not installed (pip install cuda-core cuda-bindings)")
@@ -549,7 +550,7 @@ def _engine(engines, wkv):
 @pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("wkv", ["plain", "plugin"])
 def test_engine_matches_blinkdl(rwkv4_engines, wkv, graphs, monkeypatch):
-    monkeypatch.setenv(tb.GRAPHS_ENV, "1" if graphs else "0")
+    monkeypatch.setenv(rtrt.GRAPHS_ENV, "1" if graphs else "0")
     s = rwkv_runtime.Session(_engine(rwkv4_engines, wkv))
     assert s.backend.cuda_graphs is graphs
     for prompt in PROMPTS:
@@ -565,7 +566,7 @@ def test_engine_matches_blinkdl(rwkv4_engines, wkv, graphs, monkeypatch):
 @pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("wkv", ["plain", "plugin"])
 def test_engine_batch_3_matches_onnxruntime(rwkv4_engines, rwkv4_exports, wkv, graphs, monkeypatch):
-    monkeypatch.setenv(tb.GRAPHS_ENV, "1" if graphs else "0")
+    monkeypatch.setenv(rtrt.GRAPHS_ENV, "1" if graphs else "0")
     s = rwkv_runtime.Session(_engine(rwkv4_engines, wkv))
     ref = rwkv_runtime.Session(rwkv4_exports[wkv])
     prompts = [PROMPTS["atom"][:12], b"hello, world", PROMPTS["atom"][12:24]]

@@ -692,12 +692,11 @@ export class Session {
     this._settings(params);
     if (Array.isArray(prompt)) this._tokens([prompt]);
     // each call has its own statistics (it.stats) and state (it.state), so concurrent calls never mix
-    // them; session.stats is the last started call's, as Python's Session.stats
+    // them (as in Python: no session-wide statistics)
     const stats = { promptTokens: 0, newTokens: 0, prefillMs: 0, decodeMs: 0, tokensPerSecond: 0 };
     const it = this._generate(prompt, params, stats, (st) => { it.state = st; });
     it.stats = stats;
     it.state = null;
-    this.stats = stats;
     return it;
   }
 
