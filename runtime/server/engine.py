@@ -90,6 +90,9 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.draining = False
+        # requests scoring prompts outside the scheduler (prompt_scoring, event-loop thread): a drain
+        # gives them its grace too, and they abandon their scoring once it is over (``stopped``)
+        self.scoring = 0
         self._ids = itertools.count()
         # on_finish(session_id, tokens, arrays, logits): called (scheduler thread) with the state after a
         # finished conversation turn, e.g. to keep it where another replica can find it
@@ -106,7 +109,12 @@ class Engine:
         self.draining = True
 
     def active(self) -> int:
-        return len(self._inbox) + len(self._waiting) + len(self._prefilling) + len(self._core)
+        return len(self._inbox) + len(self._waiting) + len(self._prefilling) + len(self._core) + self.scoring
+
+    @property
+    def stopped(self) -> bool:
+        """True once ``stop`` ended the drain: work still running is failed."""
+        return self._stop
 
     def stop(self, grace: float = 10.0):
         """Drain: let in-flight requests finish for up to ``grace`` seconds, then cancel the rest."""

@@ -28,6 +28,7 @@ import uuid
 import numpy as np
 
 from rwkv_runtime import RuntimeUserError
+from rwkv_runtime.scoring import ScoringStopped
 
 from . import protocol, statefile
 from .engine import ServeError
@@ -166,16 +167,27 @@ async def completions(serving, req, prompts: list, is_disconnected, session_id=N
     if k or lp_k is not None or vllm_k is not None:  # (max_tokens 0 alone: no scoring)
         def run(ids):
             with _LOCK:
-                return _Scored(ids, serving.session.score(np.asarray([ids]), state, start=1, top_k=k))
+                # a shutdown's drain over (engine stopped): abandoned between two model runs, so the
+                # request is answered (503) before the server exits instead of cancelled mid-call (was:
+                # uvicorn's CancelledError traceback and a plain-text 500 after its graceful timeout)
+                return _Scored(ids, serving.session.score(np.asarray([ids]), state, start=1, top_k=k,
+                                                          stop=lambda: eng.stopped))
         # one prompt per turn of the lock: concurrent requests' prompts interleave (a request of many
         # long prompts cannot hold the others for all of its own), and a client that left stops its own
-        for i, ids in enumerate(ids_list):
-            if i and await is_disconnected():
-                return None
-            try:
-                scored[i] = await asyncio.to_thread(run, ids)
-            except RuntimeUserError as e:
-                raise ServeError(400, str(e), param="prompt") from None
+        eng.scoring += 1  # a drain waits for this request (up to its grace), as for the engine's own
+        try:
+            for i, ids in enumerate(ids_list):
+                if i and await is_disconnected():
+                    return None
+                try:
+                    scored[i] = await asyncio.to_thread(run, ids)
+                except RuntimeUserError as e:
+                    raise ServeError(400, str(e), param="prompt") from None
+                except ScoringStopped:
+                    raise ServeError(503, "the server shut down while scoring the prompt; retry the request",
+                                     "service_unavailable") from None
+        finally:
+            eng.scoring -= 1
     views = [_offsets(serving, ids) for ids in ids_list]
     echo = [(p if isinstance(p, str) else views[i][1]) if req.echo else "" for i, p in enumerate(prompts)]
     prompt_lp = [legacy_logprobs(serving, scored[i], lp_k, views[i][0]) if lp_k is not None else None
