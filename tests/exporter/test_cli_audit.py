@@ -180,6 +180,9 @@ def mixed(rwkv4_exports, rwkv4_ref, tmp_path) -> Path:
     d.mkdir()
     step = rwkv4_exports["plain"]  # its manifest names its companion <stem>.seq.onnx
     shutil.copy(step, d / step.name)
+    data = step.with_name(step.name + ".data")  # the weights file both graphs of an export share
+    if data.exists():
+        shutil.copy(data, d / data.name)
     other = export(rwkv4_ref, tmp_path / "other.onnx", ExportOptions(graphs=("sequence",)))[0]
     shutil.copy(other, d / (step.stem + ".seq.onnx"))
     return d / step.name

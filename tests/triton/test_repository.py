@@ -118,7 +118,8 @@ def test_python_backend(triton_exports, tmp_path):
     (tok,) = cfg.input
     assert list(tok.dims) == [-1] and tok.allow_ragged_batch
     files = sorted(p.name for p in (d / "1").iterdir())
-    assert files == ["model.py", "tiny4.onnx", "tiny4.seq.onnx"]  # companions keep their names
+    # companions and the weights file both graphs share keep their names
+    assert files == ["model.py", "tiny4.onnx", "tiny4.onnx.data", "tiny4.seq.onnx"]
     assert cfg.parameters["rwkv.model_file"].string_value == "tiny4.onnx"
 
 
