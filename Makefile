@@ -119,6 +119,26 @@ bench-quant: $(BIN)/.installed
 	$(BIN)/python scripts/bench_quant_variants.py --speed build/rwkv4-169m.onnx --rounds 3 --work build/quant-variants \
 	    --json build/bench-quant.json
 
+## llamacpp: llama.cpp (CPU-only, -march=native) built from the llama-cpp-python source package on PyPI
+##           (it vendors llama.cpp) into build/llamacpp/{src,build}; never committed
+LLAMACPP := build/llamacpp
+$(LLAMACPP)/build/bin/llama-bench: | $(BIN)/.installed
+	mkdir -p $(LLAMACPP)/sdist
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: llama-cpp-python -d $(LLAMACPP)/sdist
+	rm -rf $(LLAMACPP)/src $(LLAMACPP)/unpack && mkdir -p $(LLAMACPP)/unpack
+	tar xzf $$(ls $(LLAMACPP)/sdist/llama_cpp_python-*.tar.gz | tail -1) -C $(LLAMACPP)/unpack
+	mv $(LLAMACPP)/unpack/llama_cpp_python-*/vendor/llama.cpp $(LLAMACPP)/src && rm -rf $(LLAMACPP)/unpack
+	cmake -S $(LLAMACPP)/src -B $(LLAMACPP)/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+	    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF
+	cmake --build $(LLAMACPP)/build -j --target llama-bench llama-quantize
+
+llamacpp: $(LLAMACPP)/build/bin/llama-bench
+
+## bench-llama: RWKV-7 0.1B and 0.4B shapes against llama.cpp (F32/Q8_0/Q4_0/Q4_K_M vs fp32/int8/int4): decode,
+##              prefill 512, peak RSS, disk, export vs convert+quantize time; the same weights in both (issue #30)
+bench-llama: $(BIN)/.installed llamacpp
+	$(BIN)/python scripts/bench_llamacpp.py --shapes 0.1b,0.4b --threads 2 --rounds 3 --json build/bench-llamacpp.json
+
 ## bench-scale: billion-parameter RWKV-7 shapes (export/load memory, disk, decode vs ceiling); heavy, not in CI
 bench-scale: $(BIN)/.installed
 	mkdir -p build
@@ -128,4 +148,4 @@ bench-scale: $(BIN)/.installed
 clean:
 	rm -rf build
 
-.PHONY: venv demo test test-fast test-slow test-edge test-kernels test-shared lint ci bench bench-quant bench-scale clean web-assets
+.PHONY: venv demo test test-fast test-slow test-edge test-kernels test-shared lint ci bench bench-quant bench-scale bench-llama llamacpp clean web-assets
