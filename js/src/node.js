@@ -1,6 +1,6 @@
 // Node.js entry point: Session on onnxruntime-node, reading files from disk.
-import { access, readFile, writeFile, rename, unlink } from "node:fs/promises";
-import { basename, dirname, join } from "node:path";
+import { access, readFile, realpath, writeFile, rename, unlink } from "node:fs/promises";
+import { basename, dirname, join, sep } from "node:path";
 import { fileURLToPath } from "node:url";
 import { RuntimeUserError, importPeer } from "./errors.js";
 import { Session as BaseSession, checkThreads } from "./session.js";
@@ -13,6 +13,18 @@ const nodeIO = {
   label: (p) => basename(p),
   resolve: (p, name) => join(dirname(p), name),
   exists: (p) => access(p).then(() => true, () => false),
+  /** The file `name` beside model `p` must really lie in the model's folder, as runtime/artifact.py
+   *  confined_path: its real path (symlinks resolved) inside the real folder holding the model as named,
+   *  or the folder of the model's real file (a Hugging Face cache links both into blobs/). A name that
+   *  does not resolve (missing) is left to the caller's existence check. */
+  async confine(p, name) {
+    const real = await realpath(join(dirname(p), name)).catch(() => null);
+    if (real === null) return;
+    const roots = await Promise.all([realpath(dirname(p)), realpath(p).then(dirname)].map((r) => r.catch(() => null)));
+    if (roots.some((r) => r !== null && real.startsWith(r.endsWith(sep) ? r : r + sep))) return;
+    throw new RuntimeUserError(`${basename(p)}: names a file ${JSON.stringify(name.slice(0, 60))} outside the model's folder ` +
+      `(it resolves to ${real.slice(0, 160)}, a link out of the folder); refusing to read it (keep an export's files together in one folder)`);
+  },
   async read(p) {
     try {
       return new Uint8Array(await readFile(p));

@@ -186,6 +186,7 @@ export class Session {
     for (const [kind, name] of Object.entries(s.manifest.companions)) {
       if (kind === s.manifest.graph || !wanted.includes(kind)) continue;
       const src = io.resolve(source, name); // a plain file name beside the model (parseManifest checked it)
+      await io.confine?.(source, name); // Node: not a symlink out of the model's folder
       if (!(await io.exists(src))) continue; // a missing sequence graph: prefill steps instead
       const g = await s._loadGraph(src, name, kind);
       checkCompanion(s.manifest, g.manifest, name, kind);
@@ -273,6 +274,7 @@ export class Session {
     // message for a missing one is cut off before the file name; a "../x" or URL would read elsewhere)
     for (const w of info.externalData) {
       if (!plainFileName(w)) throw new RuntimeUserError(`${label}: names a weights file ${JSON.stringify(w.slice(0, 60))} outside the model's folder; re-export the model`);
+      await this.io.confine?.(src, w);
       if (!(await this.io.exists(this.io.resolve(src, w)))) {
         throw new RuntimeUserError(`${label}: its weights file ${w} is missing; it must stay beside the graph under that name ` +
           "(copy or move the export's files together)");
@@ -401,7 +403,9 @@ export class Session {
       if (!a.data || typeof a.data.length !== "number" || a.data.length !== size(want)) {
         throw new RuntimeUserError(`${pre}state tensor ${k} has ${a.data?.length ?? "no"} values, its shape [${want}] needs ${size(want)}`);
       }
-      if (nan && a.dtype === "float32" && Array.prototype.some.call(a.data, Number.isNaN)) {
+      // float16 data is raw half bits: NaN is exponent all ones with a mantissa (was: only float32 checked)
+      const nanAt = a.dtype === "float16" ? (h) => (h & 0x7c00) === 0x7c00 && (h & 0x3ff) !== 0 : Number.isNaN;
+      if (nan && Array.prototype.some.call(a.data, nanAt)) {
         throw new RuntimeUserError(`${pre}state tensor ${k} holds NaN`);
       }
     }

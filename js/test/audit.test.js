@@ -359,3 +359,79 @@ test("web build (onnxruntime-web WASM over HTTP): runs wait their turn, as the J
   assert.deepEqual(both, [want, want]);
   await assert.rejects(WebSession.create(url.replace("m.onnx", "nope.onnx"), { ort }), userError(/HTTP 404/));
 });
+
+// -- audit of issue #24 part 5 (docs/errors.md "Audit of this round": JS runtime) -------------------
+const pb = (field, payload) => { // one length-delimited protobuf field
+  const b = typeof payload === "string" ? new TextEncoder().encode(payload) : payload;
+  return Uint8Array.from([...varint(field * 8 + 2), ...varint(b.length), ...b]);
+};
+const cat = (...parts) => Uint8Array.from(parts.flatMap((p) => [...p]));
+const externalTensor = (loc) => pb(13, cat(pb(1, "location"), pb(2, loc))); // TensorProto.external_data
+/** A Constant NodeProto whose value attribute (AttributeProto.t) keeps its data in file `loc`. */
+const constantNode = (loc) => cat(pb(3, "c_out"), pb(4, "Constant"), pb(5, cat(pb(1, "value"), pb(5, externalTensor(loc)))));
+
+test("scanModel: external data named anywhere a tensor can be (attributes, subgraphs, sparse, functions), as Python", () => {
+  const body = cat(pb(1, "up")); // a node with an If whose then_branch graph holds an initializer
+  const sub = cat(pb(5, externalTensor("sub.bin")), pb(15, cat(pb(1, externalTensor("sparse.bin")))));
+  const ifNode = cat(body, pb(4, "If"), pb(5, cat(pb(1, "then_branch"), pb(6, sub))));
+  const graph = cat(pb(1, constantNode("../attr.bin")), pb(1, ifNode), pb(5, externalTensor("init.bin")));
+  const fn = cat(pb(7, constantNode("fn.bin")));
+  const bytes = cat(pb(7, graph), pb(25, fn), pb(14, cat(pb(1, "k"), pb(2, "v"))));
+  const got = scanModel(bytes);
+  // was: only the graph initializer's init.bin (an attribute's "../attr.bin" was never confined)
+  assert.deepEqual(got.externalData.sort(), ["../attr.bin", "fn.bin", "init.bin", "sparse.bin", "sub.bin"]);
+  assert.deepEqual(got.metadata, { k: "v" });
+  let deep = externalTensor("deep.bin"); // subgraphs nested past any real model: damage, not a stack overflow
+  for (let i = 0; i < 40; i++) deep = pb(1, pb(5, pb(6, deep))); // graph > node > attribute > graph ...
+  assert.deepEqual(scanModel(pb(7, pb(1, pb(5, pb(6, pb(5, externalTensor("ok.bin"))))))).externalData, ["ok.bin"]);
+  assert.throws(() => scanModel(pb(7, deep)), /nested too deep/);
+});
+
+test("a float16 state holding NaN is refused, as a float32 one (was: only float32 was checked)", async () => {
+  const fake = Object.assign(Object.create(Session.prototype), {
+    manifest: { export_id: "", state: [{ name: "s", output: "s_out", shape: ["batch", 4], dtype: "float16", init: 0 }] },
+  });
+  const half = (bits) => saveNpz({ s: { dtype: "float16", shape: [1, 4], data: Uint16Array.from(bits) } });
+  await assert.rejects(fake.loadState(half([0x3c00, 0x7e00, 0, 0])), userError(/state tensor s holds NaN/)); // quiet NaN
+  await assert.rejects(fake.loadState(half([0xfc01, 0, 0, 0])), userError(/holds NaN/)); // signalling, negative
+  await assert.rejects(fake.setInitialState(half([0x7c01, 0, 0, 0])), userError(/holds NaN/));
+  // infinity is not NaN (RWKV-4's -1e30 fill becomes -inf in float16): checked as far as the NaN test goes
+  assert.doesNotThrow(() => fake._checkArrays({ s: { dtype: "float16", shape: [1, 4], data: Uint16Array.from([0xfc00, 0x7c00, 0, 0]) } }, "s", { nan: true }));
+});
+
+test("files an export names are confined to the model's folder: symlinks out of it, a node attribute's external data", withModel, async () => {
+  const { symlink } = await import("node:fs/promises");
+  // the sequence graph a link to the same export's graph elsewhere (was: loaded from outside the folder)
+  const a = await folder("link-companion");
+  await copyFile(join(cases.dir, "m.onnx"), join(a, "m.onnx"));
+  await symlink(join(cases.dir, "m.seq.onnx"), join(a, "m.seq.onnx"));
+  await assert.rejects(Session.create(join(a, "m.onnx")), userError(/m\.onnx: names a file "m\.seq\.onnx" outside the model's folder \(it resolves to .*, a link out of the folder\)/));
+  // the weights file a link out (was: onnxruntime's refusal, reported as "truncated or damaged")
+  const b = await folder("link-weights");
+  for (const f of ["m.onnx", "m.seq.onnx"]) await copyFile(join(cases.dir, "ext", f), join(b, f));
+  await symlink(join(cases.dir, "ext", "m.onnx.data"), join(b, "m.onnx.data"));
+  await assert.rejects(Session.create(join(b, "m.onnx")), userError(/names a file "m\.onnx\.data" outside the model's folder/));
+  // links that stay inside the folder are fine
+  const c = await folder("link-inside");
+  await mkdir(join(c, "store"));
+  for (const f of ["m.onnx", "m.seq.onnx"]) await copyFile(join(cases.dir, "ext", f), join(c, f));
+  await copyFile(join(cases.dir, "ext", "m.onnx.data"), join(c, "store", "m.onnx.data"));
+  await symlink(join("store", "m.onnx.data"), join(c, "m.onnx.data"));
+  const { params, tokens } = cases.generations[0];
+  assert.deepEqual(await tokensOf((await Session.create(join(c, "m.onnx"))).generateTokens(cases.prompt, { ...params, maxNewTokens: 20 })), tokens.slice(0, 20));
+  // a Constant node whose value lives in "../attr.bin" (was: not seen by the scan; onnxruntime's own refusal)
+  const bytes = await readFile(join(cases.dir, "m.onnx"));
+  const parts = [];
+  for (let pos = 0; pos < bytes.length;) {
+    const start = pos;
+    let key, n;
+    [key, pos] = readVarint(bytes, pos);
+    if ((key & 7) === 0) { pos = readVarint(bytes, pos)[1]; parts.push(bytes.subarray(start, pos)); continue; } // ir_version
+    [n, pos] = readVarint(bytes, pos);
+    parts.push(key >> 3 === 7 ? pb(7, cat(bytes.subarray(pos, pos + n), pb(1, constantNode("../attr.bin")))) : bytes.subarray(start, pos + n));
+    pos += n;
+  }
+  const d = await folder("attr-external");
+  await writeFile(join(d, "m.onnx"), Buffer.concat(parts));
+  await assert.rejects(Session.create(join(d, "m.onnx"), { graphs: ["step"] }), userError(/m\.onnx: names a weights file "\.\.\/attr\.bin" outside the model's folder/));
+});
