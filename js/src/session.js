@@ -215,7 +215,7 @@ export class Session {
       arrays = await initial.toArrays();
     } else if (typeof initial === "string" || initial instanceof Uint8Array || initial instanceof ArrayBuffer) {
       if (typeof initial === "string") where = initial;
-      arrays = await loadNpz(typeof initial === "string" ? await this.io.read(initial) : initial, where);
+      arrays = await loadNpz(typeof initial === "string" ? await this.io.read(initial) : initial, where, this._npzLimits());
       if (EXPORT_ID_KEY in arrays && arrays[EXPORT_ID_KEY].dtype !== "str") throw new RuntimeUserError(`${where}: malformed export id`);
     } else if (initial && typeof initial === "object") {
       arrays = { ...initial };
@@ -247,7 +247,7 @@ export class Session {
     } catch {
       throw new RuntimeUserError(`${label}: the embedded initial state is not valid base64; re-export`);
     }
-    const arrays = await loadNpz(raw, where);
+    const arrays = await loadNpz(raw, where, this._npzLimits());
     delete arrays[EXPORT_ID_KEY];
     this._checkArrays(arrays, where, { requireAll: false, batch: 1, nan: true });
     for (const [k, a] of Object.entries(arrays)) arrays[k] = { ...a, data: this._asDtype(a, k) };
@@ -444,6 +444,13 @@ export class Session {
     }
   }
 
+  /** The most bytes one .npz member of this model's states can hold: its largest tensor at MAX_BATCH
+   *  rows, plus a .npy header (Python's reader bounds a member the same way, by its checked header). */
+  _npzLimits() {
+    const row = Math.max(...this.manifest.state.map((s) => size(s.shape.slice(1)) * 4));
+    return { maxMemberBytes: row * MAX_BATCH + 65536 };
+  }
+
   /** .npz bytes of a state (Python's Session.load_state reads them). */
   async saveState(state) { return state.save(); }
 
@@ -454,7 +461,7 @@ export class Session {
     if (!(bytes instanceof Uint8Array || bytes instanceof ArrayBuffer)) {
       throw new RuntimeUserError(`loadState needs .npz bytes (Uint8Array / ArrayBuffer) or a path/URL string, not ${bytes === null ? "null" : typeof bytes}`);
     }
-    const arrays = await loadNpz(bytes, where);
+    const arrays = await loadNpz(bytes, where, this._npzLimits());
     if (EXPORT_ID_KEY in arrays) {
       const id = arrays[EXPORT_ID_KEY];
       if (id.dtype !== "str") throw new RuntimeUserError(`${where}: malformed export id`);

@@ -435,3 +435,36 @@ test("files an export names are confined to the model's folder: symlinks out of 
   await writeFile(join(d, "m.onnx"), Buffer.concat(parts));
   await assert.rejects(Session.create(join(d, "m.onnx"), { graphs: ["step"] }), userError(/m\.onnx: names a weights file "\.\.\/attr\.bin" outside the model's folder/));
 });
+
+test("npz: a deflated member is never inflated past its declared size, nor past what a state can hold", async () => {
+  const { deflateRawSync } = await import("node:zlib");
+  /** A one-member .npz whose member is deflated from `inflated` bytes, declaring `declared` bytes. */
+  const deflatedNpz = (inflated, declared) => {
+    const good = saveNpz({ s: { dtype: "float32", shape: [1, 4], data: new Float32Array(4) } });
+    const dv = new DataView(good.buffer), nlen = dv.getUint16(26, true), blen = dv.getUint32(18, true);
+    const plain = new Uint8Array(inflated ?? blen);
+    declared ??= blen;
+    plain.set(good.subarray(30 + nlen, 30 + nlen + blen));
+    const comp = deflateRawSync(plain);
+    const local = good.slice(0, 30 + nlen), lv = new DataView(local.buffer);
+    lv.setUint16(8, 8, true); lv.setUint32(18, comp.length, true); lv.setUint32(22, declared, true);
+    const cen = good.slice(30 + nlen + blen), cv = new DataView(cen.buffer);
+    cv.setUint16(10, 8, true); cv.setUint32(20, comp.length, true); cv.setUint32(24, declared, true);
+    cv.setUint32(16 + 46 + nlen, local.length + comp.length, true); // the end record's directory offset
+    return Buffer.concat([local, comp, cen]);
+  };
+  const bomb = deflatedNpz(200 << 20, 96);
+  globalThis.gc?.();
+  const before = process.memoryUsage().arrayBuffers;
+  // 200 KB of file, 200 MB inflated, 96 bytes declared (was: all 200 MB inflated, then "truncated")
+  await assert.rejects(loadNpz(bomb, "bomb.npz"), userError(/^bomb\.npz: s\.npy: inflates past its declared size of 96 bytes/));
+  assert.ok(process.memoryUsage().arrayBuffers - before < 64 << 20);
+  // honest but larger than any state of the model can be: refused before inflating (was: inflated, then refused)
+  const fake = Object.assign(Object.create(Session.prototype), {
+    manifest: { export_id: "", state: [{ name: "s", output: "s_out", shape: ["batch", 4], dtype: "float32", init: 0 }] },
+  });
+  await assert.rejects(fake.loadState(deflatedNpz(100 << 20, 100 << 20)), userError(/s\.npy: declares 104857600 bytes, more than a state tensor of this model can hold/));
+  // a small deflated state (numpy.savez_compressed writes these) still loads
+  const ok = await loadNpz(deflatedNpz(null, null), "ok.npz");
+  assert.deepEqual(ok.s.shape, [1, 4]);
+});
