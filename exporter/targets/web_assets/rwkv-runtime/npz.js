@@ -119,9 +119,26 @@ export function saveNpz(arrays) {
   return out;
 }
 
-async function inflateRaw(bytes) {
-  const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate-raw"));
-  return new Uint8Array(await new Response(stream).arrayBuffer());
+/** Inflate a deflated member, never past `limit` bytes: its declared size. (Was: inflated whole, then
+ *  compared; a 200 KB member of zeros declaring 16 bytes took 400 MB before it was refused.) */
+async function inflateRaw(bytes, limit, name) {
+  const reader = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate-raw")).getReader();
+  const chunks = [];
+  let n = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    n += value.length;
+    if (n > limit) {
+      await reader.cancel().catch(() => {});
+      throw new RuntimeUserError(`${name}: inflates past its declared size of ${limit} bytes (damaged, or a zip bomb)`);
+    }
+    chunks.push(value);
+  }
+  const out = new Uint8Array(n);
+  let p = 0;
+  for (const c of chunks) { out.set(c, p); p += c.length; }
+  return out;
 }
 
 /**
@@ -129,11 +146,12 @@ async function inflateRaw(bytes) {
  * member's CRC-32 is checked, as Python's zipfile does) is a RuntimeUserError naming `where`.
  * @param {Uint8Array|ArrayBuffer} input
  * @param {string} [where] the file, for messages
+ * @param {{maxMemberBytes?: number}} [limits] a member declaring more bytes is refused before it is read
  * @returns {Promise<Record<string, {dtype: string, shape: number[], data: ArrayBufferView}>>}
  */
-export async function loadNpz(input, where = "state") {
+export async function loadNpz(input, where = "state", { maxMemberBytes = Infinity } = {}) {
   try {
-    return await readZip(input instanceof Uint8Array ? input : new Uint8Array(input ?? 0));
+    return await readZip(input instanceof Uint8Array ? input : new Uint8Array(input ?? 0), maxMemberBytes);
   } catch (e) {
     if (e instanceof RuntimeUserError) throw new RuntimeUserError(`${where}: ${e.message}`);
     // offsets or sizes of a damaged directory past the end (RangeError), a corrupt deflate stream, ...
@@ -141,7 +159,7 @@ export async function loadNpz(input, where = "state") {
   }
 }
 
-async function readZip(bytes) {
+async function readZip(bytes, maxMemberBytes) {
   const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   let eocd = -1;
   for (let i = bytes.length - 22; i >= Math.max(0, bytes.length - 22 - 65535); i--) {
@@ -175,8 +193,10 @@ async function readZip(bytes) {
     if (local !== name) throw new RuntimeUserError(`${name}: its name in the zip directory and in its header differ`); // as Python's zipfile
     const data = loff + 30 + lname + dv.getUint16(loff + 28, true);
     if (data + csize > bytes.length) throw new RuntimeUserError(`${name}: truncated in the .npz`);
+    // a declared size no state of this model can have is refused before anything is inflated
+    if (usize > maxMemberBytes) throw new RuntimeUserError(`${name}: declares ${usize} bytes, more than a state tensor of this model can hold (${maxMemberBytes})`);
     let body = bytes.subarray(data, data + csize);
-    if (method === 8) body = await inflateRaw(body);
+    if (method === 8) body = await inflateRaw(body, usize, name);
     else if (method !== 0) throw new RuntimeUserError(`${name}: unsupported zip compression ${method}`);
     if (body.length !== usize) throw new RuntimeUserError(`${name}: truncated in the .npz`);
     if (crc32(body) !== crc) throw new RuntimeUserError(`${name}: damaged (CRC-32 mismatch)`);

@@ -6,9 +6,22 @@
 // fatal: a damaged entry is refused (as the Python reader does), not read with replacement characters
 const utf8 = new TextDecoder("utf-8", { fatal: true });
 
-// ModelProto: graph = 7, metadata_props = 14. StringStringEntryProto: key = 1, value = 2.
-// GraphProto: initializer = 5. TensorProto: external_data = 13, data_location = 14 (EXTERNAL = 1).
-const MODEL_GRAPH = 7, MODEL_METADATA = 14, GRAPH_INITIALIZER = 5, TENSOR_EXTERNAL_DATA = 13;
+// ModelProto: metadata_props = 14. StringStringEntryProto: key = 1, value = 2. TensorProto: external_data = 13.
+const MODEL_METADATA = 14, TENSOR_EXTERNAL_DATA = 13;
+// message -> {field number: message it holds}: every path to a TensorProto, as runtime/onnx_metadata.py's
+// _SCHEMA (initializers, sparse initializers, Constant-style attributes, subgraphs, functions, training
+// graphs). Initializers alone missed an attribute's external data: never confined, and never handed to
+// onnxruntime-web (which then could not load a valid export whose subgraph constant was stored outside).
+const SCHEMA = {
+  model: { 7: "graph", 20: "training", 25: "function" },
+  training: { 1: "graph", 3: "graph" },
+  function: { 7: "node", 11: "attribute" },
+  graph: { 1: "node", 5: "tensor", 15: "sparse" },
+  node: { 5: "attribute" },
+  attribute: { 5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse" },
+  sparse: { 1: "tensor", 2: "tensor" },
+};
+const MAX_DEPTH = 64; // nested subgraphs deeper than this are damage (as Python's reader)
 
 function readVarint(buf, pos) {
   let value = 0, mul = 1, byte;
@@ -54,29 +67,30 @@ function stringPair(buf, start, end) {
  * Scan an ONNX model's bytes.
  * @param {Uint8Array} bytes the whole .onnx file
  * @returns {{metadata: Record<string,string>, externalData: string[]}} metadata_props, and the
- *   distinct `location`s of initializers stored as external data
+ *   distinct external-data `location`s of every tensor (initializers, node attributes, subgraphs, ...)
  */
 export function scanModel(bytes) {
   const buf = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
   const metadata = {};
   const external = new Set();
-  try {
-    for (const f of fields(buf, 0, buf.length)) {
+  const walk = (kind, start, end, depth) => {
+    if (depth > MAX_DEPTH) throw new Error("subgraphs nested too deep");
+    const children = SCHEMA[kind] ?? {};
+    for (const f of fields(buf, start, end)) {
       if (f.wire !== 2) continue;
-      if (f.field === MODEL_METADATA) {
+      if (kind === "model" && f.field === MODEL_METADATA) {
         const [k, v] = stringPair(buf, f.start, f.end);
         metadata[k] = v;
-      } else if (f.field === MODEL_GRAPH) {
-        for (const g of fields(buf, f.start, f.end)) {
-          if (g.field !== GRAPH_INITIALIZER || g.wire !== 2) continue;
-          for (const t of fields(buf, g.start, g.end)) {
-            if (t.field !== TENSOR_EXTERNAL_DATA || t.wire !== 2) continue;
-            const [k, v] = stringPair(buf, t.start, t.end);
-            if (k === "location") external.add(v);
-          }
-        }
+      } else if (kind === "tensor" && f.field === TENSOR_EXTERNAL_DATA) {
+        const [k, v] = stringPair(buf, f.start, f.end);
+        if (k === "location") external.add(v);
+      } else if (f.field in children) {
+        walk(children[f.field], f.start, f.end, depth + 1);
       }
     }
+  };
+  try {
+    walk("model", 0, buf.length, 0);
   } catch (e) {
     throw new Error(`not an ONNX model (${e instanceof TypeError ? "a metadata entry is not UTF-8" : e.message})`);
   }

@@ -186,6 +186,7 @@ export class Session {
     for (const [kind, name] of Object.entries(s.manifest.companions)) {
       if (kind === s.manifest.graph || !wanted.includes(kind)) continue;
       const src = io.resolve(source, name); // a plain file name beside the model (parseManifest checked it)
+      await io.confine?.(source, name); // Node: not a symlink out of the model's folder
       if (!(await io.exists(src))) continue; // a missing sequence graph: prefill steps instead
       const g = await s._loadGraph(src, name, kind);
       checkCompanion(s.manifest, g.manifest, name, kind);
@@ -214,7 +215,7 @@ export class Session {
       arrays = await initial.toArrays();
     } else if (typeof initial === "string" || initial instanceof Uint8Array || initial instanceof ArrayBuffer) {
       if (typeof initial === "string") where = initial;
-      arrays = await loadNpz(typeof initial === "string" ? await this.io.read(initial) : initial, where);
+      arrays = await loadNpz(typeof initial === "string" ? await this.io.read(initial) : initial, where, this._npzLimits());
       if (EXPORT_ID_KEY in arrays && arrays[EXPORT_ID_KEY].dtype !== "str") throw new RuntimeUserError(`${where}: malformed export id`);
     } else if (initial && typeof initial === "object") {
       arrays = { ...initial };
@@ -246,7 +247,7 @@ export class Session {
     } catch {
       throw new RuntimeUserError(`${label}: the embedded initial state is not valid base64; re-export`);
     }
-    const arrays = await loadNpz(raw, where);
+    const arrays = await loadNpz(raw, where, this._npzLimits());
     delete arrays[EXPORT_ID_KEY];
     this._checkArrays(arrays, where, { requireAll: false, batch: 1, nan: true });
     for (const [k, a] of Object.entries(arrays)) arrays[k] = { ...a, data: this._asDtype(a, k) };
@@ -273,6 +274,7 @@ export class Session {
     // message for a missing one is cut off before the file name; a "../x" or URL would read elsewhere)
     for (const w of info.externalData) {
       if (!plainFileName(w)) throw new RuntimeUserError(`${label}: names a weights file ${JSON.stringify(w.slice(0, 60))} outside the model's folder; re-export the model`);
+      await this.io.confine?.(src, w);
       if (!(await this.io.exists(this.io.resolve(src, w)))) {
         throw new RuntimeUserError(`${label}: its weights file ${w} is missing; it must stay beside the graph under that name ` +
           "(copy or move the export's files together)");
@@ -401,7 +403,9 @@ export class Session {
       if (!a.data || typeof a.data.length !== "number" || a.data.length !== size(want)) {
         throw new RuntimeUserError(`${pre}state tensor ${k} has ${a.data?.length ?? "no"} values, its shape [${want}] needs ${size(want)}`);
       }
-      if (nan && a.dtype === "float32" && Array.prototype.some.call(a.data, Number.isNaN)) {
+      // float16 data is raw half bits: NaN is exponent all ones with a mantissa (was: only float32 checked)
+      const nanAt = a.dtype === "float16" ? (h) => (h & 0x7c00) === 0x7c00 && (h & 0x3ff) !== 0 : Number.isNaN;
+      if (nan && Array.prototype.some.call(a.data, nanAt)) {
         throw new RuntimeUserError(`${pre}state tensor ${k} holds NaN`);
       }
     }
@@ -440,6 +444,13 @@ export class Session {
     }
   }
 
+  /** The most bytes one .npz member of this model's states can hold: its largest tensor at MAX_BATCH
+   *  rows, plus a .npy header (Python's reader bounds a member the same way, by its checked header). */
+  _npzLimits() {
+    const row = Math.max(...this.manifest.state.map((s) => size(s.shape.slice(1)) * 4));
+    return { maxMemberBytes: row * MAX_BATCH + 65536 };
+  }
+
   /** .npz bytes of a state (Python's Session.load_state reads them). */
   async saveState(state) { return state.save(); }
 
@@ -450,7 +461,7 @@ export class Session {
     if (!(bytes instanceof Uint8Array || bytes instanceof ArrayBuffer)) {
       throw new RuntimeUserError(`loadState needs .npz bytes (Uint8Array / ArrayBuffer) or a path/URL string, not ${bytes === null ? "null" : typeof bytes}`);
     }
-    const arrays = await loadNpz(bytes, where);
+    const arrays = await loadNpz(bytes, where, this._npzLimits());
     if (EXPORT_ID_KEY in arrays) {
       const id = arrays[EXPORT_ID_KEY];
       if (id.dtype !== "str") throw new RuntimeUserError(`${where}: malformed export id`);
