@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 SHAPES = {"0.1b": dict(n_layer=12, n_embd=768, ffn=3072), "0.4b": dict(n_layer=24, n_embd=1024, ffn=4096)}
 VOCAB = 65536
-LORA = {"0.1b": (64, 64, 32, 128), "0.4b": (64, 64, 64, 128)}  # decay, iclr, value residual, gate
+LORA = {"0.1b": (64, 64, 32, 128), "0.4b": (64, 64, 32, 128)}  # decay, iclr, value residual, gate
 PAIRS = [("fp32", "F32"), ("int8", "Q8_0"), ("int4", "Q4_0"), (None, "Q4_K_M")]
 
 
