@@ -247,7 +247,8 @@ def scan_ops(g: GraphBuilder, name: str, step, state, xs, outer=()):
     y1, s1 = step(one, *[_sq(one, x, 1) for x in xs], *outer, state)
     many = _Body(g.fresh(name))
     ys, sn = _scan(many, name, step, state, xs, outer)
-    return _if_one_token(g, xs[0], one, [_unsq(one, y1, 1), s1], many, [ys, sn])
+    # y1 as [B, T, ...] from the input's shape (T = 1 here): both branches then have the same symbolic shape
+    return _if_one_token(g, xs[0], one, [one.op("Reshape", [y1, one.op("Shape", [xs[0]])]), s1], many, [ys, sn])
 
 
 def _scan(g: GraphBuilder, name: str, step, state, xs, outer=(), axis: int = 1):
@@ -286,7 +287,7 @@ def wkv7_seq_ops(g, r, w, k, v, a, b, s):
     y1, s1 = wkv7_step_ops(one, *[_sq(one, x, 1) for x in (r, w, k, v, a, b)], s)
     many = _Body(g.fresh("wkv7_chunked"))
     ys, sn = wkv7_chunked_ops(many, r, w, k, v, a, b, s)
-    return _if_one_token(g, r, one, [_unsq(one, y1, 1), s1], many, [ys, sn])
+    return _if_one_token(g, r, one, [one.op("Reshape", [y1, one.op("Shape", [r])]), s1], many, [ys, sn])
 
 
 WKV7_CHUNK = 16  # tokens per chunk: 1 / prod(w) over a chunk stays below e^(16 * 0.6065) = 1.6e4
@@ -347,27 +348,21 @@ def wkv7_chunked_ops(g: GraphBuilder, r, w, k, v, a, b, s, L: int = WKV7_CHUNK):
     decay = g.op("Exp", [c_last])  # [B,H,NC,1,N]
     bh = g.op("Mul", [bt, decay])  # b~ e^{c_L}: [B,H,NC,L,N]
     kh = g.op("Mul", [kt, decay])
-    G = g.op("Add", [mm(g.op("Transpose", [P], perm=[0, 1, 2, 4, 3]), bh),  # diag(e^{c_L}) + P^T b^
-                     g.op("Mul", [g.op("Transpose", [decay], perm=[0, 1, 2, 4, 3]), eye_n(g, r)])])
+    G = mm(g.op("Transpose", [P], perm=[0, 1, 2, 4, 3]), bh)  # P^T b^ (the diagonal decay: in the Scan)
     Hm = g.op("Add", [mm(g.op("Transpose", [W1], perm=[0, 1, 2, 4, 3]), bh),
                       mm(g.op("Transpose", [v_], perm=[0, 1, 2, 4, 3]), kh)])  # [B,H,NC,N(value),N(key)]
     QT = g.op("Transpose", [Q], perm=[0, 1, 2, 4, 3])  # [B,H,NC,N(key),L]
     Y0T = g.op("Transpose", [Y0], perm=[0, 1, 2, 4, 3])  # [B,H,NC,N(value),L]
 
-    def chunk(body, qt, y0t, g_, h_, st):  # y^T = S0 Q^T + Y0^T; S_L = S0 G + Hm
+    def chunk(body, qt, y0t, g_, h_, d_, st):  # y^T = S0 Q^T + Y0^T; S_L = S0 diag(d) + S0 G + Hm
         return (body.op("Add", [body.op("MatMul", [st, qt]), y0t]),
-                body.op("Add", [body.op("MatMul", [st, g_]), h_]))
+                body.op("Add", [body.op("Add", [body.op("Mul", [st, d_]), body.op("MatMul", [st, g_])]), h_]))
 
-    yT, s_fin = _scan(g, "wkv7_chunks", chunk, s, [QT, Y0T, G, Hm], axis=2)  # yT [B,H,NC,N(value),L]
+    yT, s_fin = _scan(g, "wkv7_chunks", chunk, s, [QT, Y0T, G, Hm, decay], axis=2)  # yT [B,H,NC,N(value),L]
     y = g.op("Transpose", [yT], perm=[0, 2, 4, 1, 3])  # [B,NC,L,H,N]
     y = g.op("Reshape", [y, g.op("Concat", [B_, i64([-1]), HN], axis=0)])
     y = g.op("Slice", [y, i64([0]), g.op("Unsqueeze", [T, i64([0])]), i64([1])])
     return y, s_fin
-
-
-def eye_n(g: GraphBuilder, r):
-    """The identity [N, N] of the head size (static: r's last dimension is the head size)."""
-    return g.op("EyeLike", [g.op("ConstantOfShape", [g.op("Concat", [g.op("Slice", [g.op("Shape", [r]), g.const([3], np.int64), g.const([4], np.int64)])] * 2, axis=0)])])
 
 
 def _if_one_token(g: GraphBuilder, x, one: "_Body", one_outs, many: "_Body", many_outs):
