@@ -14,6 +14,7 @@ form for 5/6, the output group norm, the ONNX bodies of the WKV ops and their ta
 a Scan helper, and the reference model's frame. The graph plumbing every version shares (RWKV-4
 too) is in graph.py, the key checks in keys.py.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -51,11 +52,24 @@ def state_layout(cfg: dict, wkv_doc: str) -> list:
     """Per layer: att_shift [B,C], wkv [B,H,N,N] (float32, index order in ``wkv_doc``), ffn_shift [B,C]."""
     C, H, N = cfg["n_embd"], cfg["n_head"], cfg["head_size"]
     shapes = {"att_shift": [BATCH, C], "wkv": [BATCH, H, N, N], "ffn_shift": [BATCH, C]}
-    docs = {"att_shift": "previous token's time-mix input (token shift)", "wkv": wkv_doc,
-            "ffn_shift": "previous token's channel-mix input (token shift)"}
-    return [StateSpec(name=f"state.{i}.{f}", output=f"new_state.{i}.{f}", shape=shapes[f], dtype="float32",
-                      init=0.0, layer=i, doc=docs[f])
-            for i in range(cfg["n_layer"]) for f in STATE_FIELDS]
+    docs = {
+        "att_shift": "previous token's time-mix input (token shift)",
+        "wkv": wkv_doc,
+        "ffn_shift": "previous token's channel-mix input (token shift)",
+    }
+    return [
+        StateSpec(
+            name=f"state.{i}.{f}",
+            output=f"new_state.{i}.{f}",
+            shape=shapes[f],
+            dtype="float32",
+            init=0.0,
+            layer=i,
+            doc=docs[f],
+        )
+        for i in range(cfg["n_layer"])
+        for f in STATE_FIELDS
+    ]
 
 
 def read_time_state(path_or_dict) -> dict:
@@ -66,12 +80,17 @@ def read_time_state(path_or_dict) -> dict:
         p = Path(path_or_dict)
         if p.suffix == ".safetensors":
             from ..checkpoint import _safetensors_load
+
             raw = _safetensors_load(p)
         else:
             from ..checkpoint import _torch_load
+
             raw = _torch_load(p)
-    return {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)))
-            for k, v in raw.items() if k.endswith("att.time_state")}
+    return {
+        k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)))
+        for k, v in raw.items()
+        if k.endswith("att.time_state")
+    }
 
 
 def load_state_tuning(path_or_dict, cfg: dict, transpose: bool) -> dict:
@@ -144,7 +163,7 @@ def wkv5_chunked(r, k, v, logw, u, s, chunk: int = 16):
     logw = logw.double().clamp(min=-1e4)
     ys = []
     for t0 in range(0, T, chunk):
-        rc, kc, vc, lw = (z[:, t0:t0 + chunk].transpose(1, 2) for z in (r, k, v, logw))  # [B,H,L,N]
+        rc, kc, vc, lw = (z[:, t0 : t0 + chunk].transpose(1, 2) for z in (r, k, v, logw))  # [B,H,L,N]
         Lc = rc.shape[2]
         c_next = torch.cumsum(lw, 2)  # c_{t+1}
         c = c_next - lw  # c_t = sum_{j<t} log w_j
@@ -179,8 +198,10 @@ def wkv7_seq(r, w, k, v, a, b, s):
 def load_module(model, w: dict, drop=()):
     """Load BlinkDL-named weights into a Module whose parameter names are those keys (reshaped)."""
     sd = model.state_dict()
-    model.load_state_dict({k: v.float().reshape(sd[k].shape) for k, v in w.items()
-                           if k not in drop and not k.endswith("att.time_state")}, strict=True)
+    model.load_state_dict(
+        {k: v.float().reshape(sd[k].shape) for k, v in w.items() if k not in drop and not k.endswith("att.time_state")},
+        strict=True,
+    )
     return model.eval()
 
 
@@ -218,8 +239,13 @@ def wkv5_step_ops(g: GraphBuilder, r, k, v, w, u, s):
 def wkv7_step_ops(g: GraphBuilder, r, w, k, v, a, b, s):
     """WKV7 step: r,w,k,v,a,b [B,H,N], s [B,H,N(value),N(key)] -> y [B,H,N], s'."""
     sa = g.op("MatMul", [s, _unsq(g, a, -1)])  # S a: [B,H,N,1]
-    s2 = g.op("Add", [g.op("Add", [g.op("Mul", [s, _unsq(g, w, -2)]), g.op("Mul", [sa, _unsq(g, b, -2)])]),
-                      g.op("Mul", [_unsq(g, v, -1), _unsq(g, k, -2)])])
+    s2 = g.op(
+        "Add",
+        [
+            g.op("Add", [g.op("Mul", [s, _unsq(g, w, -2)]), g.op("Mul", [sa, _unsq(g, b, -2)])]),
+            g.op("Mul", [_unsq(g, v, -1), _unsq(g, k, -2)]),
+        ],
+    )
     y = _sq(g, g.op("MatMul", [s2, _unsq(g, r, -1)]), -1)
     return y, s2
 
@@ -244,7 +270,10 @@ def scan_ops(g: GraphBuilder, name: str, step, state, xs, outer=()):
     the step body once; longer inputs a Scan over it. onnxruntime's Scan costs a fixed overhead per
     call that at T = 1 was 8% of an int4 0.1B RWKV-7 decode step (issue #30)."""
     one = _Body(g.fresh(name + "_t1"))
-    y1, s1 = step(one, *[_sq(one, x, 1) for x in xs], *outer, state)
+    # token 0 by Gather, not Squeeze: the same at T = 1, and valid for any T, so shape inference of the
+    # branch not taken holds with concrete shapes (onnxruntime checks both; a Squeeze of T = 9 fails)
+    first = one.const(0, np.int64)
+    y1, s1 = step(one, *[one.op("Gather", [x, first], axis=1) for x in xs], *outer, state)
     many = _Body(g.fresh(name))
     ys, sn = _scan(many, name, step, state, xs, outer)
     # y1 as [B, T, ...] from the input's shape (T = 1 here): both branches then have the same symbolic shape
@@ -259,25 +288,37 @@ def _scan(g: GraphBuilder, name: str, step, state, xs, outer=(), axis: int = 1):
     s_out, y_out = body.fresh("state_out"), body.fresh("y_out")
     body.op("Identity", [s2], s_out)
     body.op("Identity", [y], y_out)
-    graph = helper.make_graph(body.nodes, body.name,
-                              [helper.make_tensor_value_info(n, F32, None) for n in [s_in] + x_in],
-                              [helper.make_tensor_value_info(n, F32, None) for n in (s_out, y_out)],
-                              body.initializers)
-    s_fin, ys = g.op("Scan", [state] + list(xs), n_out=2, body=graph, num_scan_inputs=len(xs),
-                     scan_input_axes=[axis] * len(xs), scan_output_axes=[axis])
+    graph = helper.make_graph(
+        body.nodes,
+        body.name,
+        [helper.make_tensor_value_info(n, F32, None) for n in [s_in] + x_in],
+        [helper.make_tensor_value_info(n, F32, None) for n in (s_out, y_out)],
+        body.initializers,
+    )
+    s_fin, ys = g.op(
+        "Scan",
+        [state] + list(xs),
+        n_out=2,
+        body=graph,
+        num_scan_inputs=len(xs),
+        scan_input_axes=[axis] * len(xs),
+        scan_output_axes=[axis],
+    )
     return ys, s_fin
 
 
 def wkv5_seq_ops(g, r, k, v, w, u, s):
     """WKV5Seq: r,k,v [B,T,H,N], w [H,N] (constant over time), u [H,N] -> y [B,T,H,N], s'."""
-    return scan_ops(g, "wkv5_scan", lambda b, rt, kt, vt, w_, u_, st: wkv5_step_ops(b, rt, kt, vt, w_, u_, st),
-                    s, [r, k, v], [w, u])
+    return scan_ops(
+        g, "wkv5_scan", lambda b, rt, kt, vt, w_, u_, st: wkv5_step_ops(b, rt, kt, vt, w_, u_, st), s, [r, k, v], [w, u]
+    )
 
 
 def wkv6_seq_ops(g, r, k, v, w, u, s):
     """WKV6Seq: r,k,v,w [B,T,H,N], u [H,N] -> y [B,T,H,N], s'."""
-    return scan_ops(g, "wkv6_scan", lambda b, rt, kt, vt, wt, u_, st: wkv5_step_ops(b, rt, kt, vt, wt, u_, st),
-                    s, [r, k, v, w], [u])
+    return scan_ops(
+        g, "wkv6_scan", lambda b, rt, kt, vt, wt, u_, st: wkv5_step_ops(b, rt, kt, vt, wt, u_, st), s, [r, k, v, w], [u]
+    )
 
 
 def wkv7_seq_ops(g, r, w, k, v, a, b, s):
@@ -296,9 +337,14 @@ def _wkv7_one_token(g: GraphBuilder, r, w, k, v, a, b, s):
     decode path, where each costs a few microseconds. y comes back as [B,1,H,N]."""
     col = lambda x: g.op("Transpose", [x], perm=[0, 2, 3, 1])  # noqa: E731
     row = lambda x: g.op("Transpose", [x], perm=[0, 2, 1, 3])  # noqa: E731
+    # token 0 of the inputs that meet the state elementwise: the same at T = 1, and it keeps this branch's
+    # shapes valid for any T (onnxruntime infers the shapes of both If branches; TensorRT builds both)
+    zero, one_ = g.const([0], np.int64), g.const([1], np.int64)
+    w, k, v, a, b = (g.op("Slice", [x, zero, one_, one_]) for x in (w, k, v, a, b))
     sa = g.op("MatMul", [s, col(a)])  # S a: [B,H,N,1]
-    s2 = g.op("Add", [g.op("Add", [g.op("Mul", [s, row(w)]), g.op("Mul", [sa, row(b)])]),
-                      g.op("Mul", [col(v), row(k)])])
+    s2 = g.op(
+        "Add", [g.op("Add", [g.op("Mul", [s, row(w)]), g.op("Mul", [sa, row(b)])]), g.op("Mul", [col(v), row(k)])]
+    )
     y = g.op("Transpose", [g.op("MatMul", [s2, col(r)])], perm=[0, 3, 1, 2])  # [B,H,N,1] -> [B,1,H,N]
     return y, s2
 
@@ -362,14 +408,18 @@ def wkv7_chunked_ops(g: GraphBuilder, r, w, k, v, a, b, s, L: int = WKV7_CHUNK):
     bh = g.op("Mul", [bt, decay])  # b~ e^{c_L}: [B,H,NC,L,N]
     kh = g.op("Mul", [kt, decay])
     G = mm(g.op("Transpose", [P], perm=[0, 1, 2, 4, 3]), bh)  # P^T b^ (the diagonal decay: in the Scan)
-    Hm = g.op("Add", [mm(g.op("Transpose", [W1], perm=[0, 1, 2, 4, 3]), bh),
-                      mm(g.op("Transpose", [v_], perm=[0, 1, 2, 4, 3]), kh)])  # [B,H,NC,N(value),N(key)]
+    Hm = g.op(
+        "Add",
+        [mm(g.op("Transpose", [W1], perm=[0, 1, 2, 4, 3]), bh), mm(g.op("Transpose", [v_], perm=[0, 1, 2, 4, 3]), kh)],
+    )  # [B,H,NC,N(value),N(key)]
     QT = g.op("Transpose", [Q], perm=[0, 1, 2, 4, 3])  # [B,H,NC,N(key),L]
     Y0T = g.op("Transpose", [Y0], perm=[0, 1, 2, 4, 3])  # [B,H,NC,N(value),L]
 
     def chunk(body, qt, y0t, g_, h_, d_, st):  # y^T = S0 Q^T + Y0^T; S_L = S0 diag(d) + S0 G + Hm
-        return (body.op("Add", [body.op("MatMul", [st, qt]), y0t]),
-                body.op("Add", [body.op("Add", [body.op("Mul", [st, d_]), body.op("MatMul", [st, g_])]), h_]))
+        return (
+            body.op("Add", [body.op("MatMul", [st, qt]), y0t]),
+            body.op("Add", [body.op("Add", [body.op("Mul", [st, d_]), body.op("MatMul", [st, g_])]), h_]),
+        )
 
     yT, s_fin = _scan(g, "wkv7_chunks", chunk, s, [QT, Y0T, G, Hm, decay], axis=2)  # yT [B,H,NC,N(value),L]
     y = g.op("Transpose", [yT], perm=[0, 2, 4, 1, 3])  # [B,NC,L,H,N]
@@ -378,16 +428,23 @@ def wkv7_chunked_ops(g: GraphBuilder, r, w, k, v, a, b, s, L: int = WKV7_CHUNK):
     return y, s_fin
 
 
-def _if_one_token(g: GraphBuilder, x, one: "_Body", one_outs, many: "_Body", many_outs):
+def _if_one_token(g: GraphBuilder, x, one: _Body, one_outs, many: _Body, many_outs):
     """If T (axis 1 of ``x``) == 1: ``one``'s graph, else ``many``'s; returns the two outputs."""
+
     def branch(b: _Body, outs):
         ids = [b.op("Identity", [o]) for o in outs]  # outputs named in the branch itself
-        return helper.make_graph(b.nodes, b.name, [], [helper.make_tensor_value_info(n, F32, None) for n in ids],
-                                 b.initializers)
+        return helper.make_graph(
+            b.nodes, b.name, [], [helper.make_tensor_value_info(n, F32, None) for n in ids], b.initializers
+        )
 
     T = g.op("Gather", [g.op("Shape", [x]), g.const(1, np.int64)], axis=0)
-    return g.op("If", [g.op("Equal", [T, g.const(1, np.int64)])], n_out=2,
-                then_branch=branch(one, one_outs), else_branch=branch(many, many_outs))
+    return g.op(
+        "If",
+        [g.op("Equal", [T, g.const(1, np.int64)])],
+        n_out=2,
+        then_branch=branch(one, one_outs),
+        else_branch=branch(many, many_outs),
+    )
 
 
 WKV_OPS = {  # op type -> (formal inputs, standard-op body)
@@ -457,10 +514,11 @@ class HeadwiseModel(nn.Module):
         x = self.blocks[0].ln0(x)
         new = {}
         for i, blk in enumerate(self.blocks):
-            s = lambda f: state[f"state.{i}.{f}"]  # noqa: E731
+            s = lambda f, i=i: state[f"state.{i}.{f}"]  # noqa: E731 - this layer's state
             xx = blk.ln1(x)
-            out, new[f"state.{i}.wkv"] = blk.att(xx, shift(xx, s("att_shift")) if parallel else s("att_shift"),
-                                                 s("wkv"), parallel)
+            out, new[f"state.{i}.wkv"] = blk.att(
+                xx, shift(xx, s("att_shift")) if parallel else s("att_shift"), s("wkv"), parallel
+            )
             new[f"state.{i}.att_shift"] = xx[:, -1] if parallel else xx
             x = x + out
             xx = blk.ln2(x)

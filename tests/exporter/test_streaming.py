@@ -2,6 +2,7 @@
 (issue 18). A checkpoint that is not float32 stays in its own dtype, memory-mapped; each large matrix
 is converted when it is written and then dropped, so the export never holds a float32 copy of the
 model, and what it writes is byte for byte what exporting the float32-converted checkpoint writes."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -46,6 +47,7 @@ def test_slab_quantisation_is_byte_identical_to_one_shot(bits, K):
 
 def test_lazy_array_computes_what_the_eager_conversion_does():
     import ml_dtypes
+
     from rwkv_export.onnx_graph import CHUNK_BYTES, LazyArray
 
     t = torch.randn(CHUNK_BYTES // (4 * 96) + 333, 96).to(torch.bfloat16)  # several chunks, a partial one
@@ -71,6 +73,7 @@ def test_weight_store_writes_a_lazy_array_in_chunks_and_once(tmp_path):
     the other graph's request for the same LazyArray, or a LazyArray whose bytes are already stored,
     points at the stored bytes."""
     import onnx
+
     from rwkv_export.onnx_graph import CHUNK_BYTES, LazyArray, WeightStore
 
     t = torch.randn(CHUNK_BYTES // (4 * 64) + 77, 64).to(torch.float16)
@@ -93,19 +96,22 @@ def test_weight_store_writes_a_lazy_array_in_chunks_and_once(tmp_path):
     assert a.data_type == onnx.TensorProto.FLOAT and list(a.dims) == list(eager.shape)
     raw = (tmp_path / "w.data").read_bytes()
     off = int(info["a"]["offset"])
-    assert raw[off:off + eager.nbytes] == eager.tobytes()
+    assert raw[off : off + eager.nbytes] == eager.tobytes()
     off = int(info["e"]["offset"])
     assert off >= end and raw[off:] == (eager / np.float32(2)).tobytes()
 
 
 # -- tiny models of every version, every large-matrix path forced lazy (in process) ------------------
-@pytest.mark.parametrize("name,opts", [
-    ("golden-rwkv4", {"precision": "fp16"}),  # RWKV-4 fp16: the matrices rescaled (divided)
-    ("golden-rwkv5.2", {"precision": "bf16"}),
-    ("golden-rwkv6", {"quantize": "int8"}),
-    ("golden-rwkv7", {}),
-    ("golden-rwkv7", {"quantize": "int4"}),
-])
+@pytest.mark.parametrize(
+    "name,opts",
+    [
+        ("golden-rwkv4", {"precision": "fp16"}),  # RWKV-4 fp16: the matrices rescaled (divided)
+        ("golden-rwkv5.2", {"precision": "bf16"}),
+        ("golden-rwkv6", {"quantize": "int8"}),
+        ("golden-rwkv7", {}),
+        ("golden-rwkv7", {"quantize": "int4"}),
+    ],
+)
 def test_bf16_checkpoint_exports_the_bytes_of_its_float32_conversion(tmp_path, monkeypatch, name, opts):
     from rwkv_export import checkpoint
     from rwkv_export.export import ExportOptions, export
@@ -122,8 +128,9 @@ def test_bf16_checkpoint_exports_the_bytes_of_its_float32_conversion(tmp_path, m
     outs = {}
     for src in ("bf16", "fp32"):
         (tmp_path / src).mkdir()
-        outs[src] = export(tmp_path / f"{src}.pth", tmp_path / src / "m.onnx",
-                           ExportOptions(external_data=True, **opts))[0]
+        outs[src] = export(
+            tmp_path / f"{src}.pth", tmp_path / src / "m.onnx", ExportOptions(external_data=True, **opts)
+        )[0]
     a, b = (p.with_name("m.onnx.data").read_bytes() for p in outs.values())
     assert a == b
     import onnx
@@ -139,8 +146,9 @@ def test_stream_leaves_the_reference_path_float32(tmp_path, monkeypatch):
 
     from ..conftest import ref_model
 
-    torch.save({k: v.half() for k, v in torch.load(ref_model("golden-rwkv7"), weights_only=True).items()},
-               tmp_path / "h.pth")
+    torch.save(
+        {k: v.half() for k, v in torch.load(ref_model("golden-rwkv7"), weights_only=True).items()}, tmp_path / "h.pth"
+    )
     monkeypatch.setattr(checkpoint, "STREAM_MIN_ELEMENTS", 1)
     assert {v.dtype for v in checkpoint.load_checkpoint(tmp_path / "h.pth").weights.values()} == {torch.float32}
     streamed = checkpoint.load_checkpoint(tmp_path / "h.pth", stream=True).weights
@@ -179,8 +187,10 @@ def reference(checkpoints, tmp_path_factory):
     """The float32-converted checkpoint exported (fp32, int8): what every streamed export must write."""
     d, _ = checkpoints
     bench, out = _bench_scale(), tmp_path_factory.mktemp("ref")
-    return {kind: (_export(bench, d / "fp32.pth", out / kind / "m.onnx", opts), out / kind / "m.onnx.data")
-            for kind, opts in (("fp32", {}), ("int8", {"quantize": "int8"}))}
+    return {
+        kind: (_export(bench, d / "fp32.pth", out / kind / "m.onnx", opts), out / kind / "m.onnx.data")
+        for kind, opts in (("fp32", {}), ("int8", {"quantize": "int8"}))
+    }
 
 
 @pytest.mark.parametrize("src", ["bf16.pth", "bf16.safetensors", "fp32.safetensors"])
@@ -197,18 +207,21 @@ def test_large_checkpoint_streams_and_writes_the_float32_bytes(checkpoints, refe
 
 
 def test_large_bf16_checkpoint_quantised_streams(checkpoints, reference, tmp_path):
-    d, _ = checkpoints
+    d, fp32_bytes = checkpoints
     r = _export(_bench_scale(), d / "bf16.pth", tmp_path / "new" / "m.onnx", {"quantize": "int8"})
     data = tmp_path / "new" / "m.onnx.data"
     assert data.read_bytes() == reference["int8"][1].read_bytes()
+    # streamed: one matrix at a time in float32 while it is quantised, never the model (the int8 file is
+    # now ~1/4 of it with the embedding quantised too, so the bound is the float32 model's, as above)
     grown = (r["export_peak_rss_mb"] - r["export_baseline_rss_mb"]) * 2**20
-    assert grown < 1.5 * data.stat().st_size, (r, data.stat().st_size)
+    assert grown < 0.6 * fp32_bytes, (r, fp32_bytes)
 
 
 def test_safetensors_errors_stay_one_line(tmp_path):
+    from safetensors.torch import save_file
+
     from rwkv_export.checkpoint import load_checkpoint
     from rwkv_export.errors import CheckpointError
-    from safetensors.torch import save_file
 
     p = tmp_path / "m.safetensors"
     save_file({"emb.weight": torch.zeros(64, 16, dtype=torch.bfloat16)}, str(p))

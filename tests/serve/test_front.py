@@ -1,6 +1,7 @@
 """The server's front (issue #24): API keys, shutdown under SIGTERM, strict request types, bounded stop
 strings, damaged conversation states, the chat render of history, metrics labels, structured logs with
 their stacks, and the options both CLIs are generated from. Real servers on 127.0.0.1 only."""
+
 from __future__ import annotations
 
 import base64
@@ -52,11 +53,16 @@ def test_api_key_is_required_as_a_bearer_token(default_model):
             with pytest.raises(openai.AuthenticationError):
                 bad.models.list()
         # no header at all; another scheme; the tokenizer endpoints are not open either
-        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user",
-                       "content": "x"}]}, timeout=10)
+        r = httpx.post(
+            srv.url + "/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+            timeout=10,
+        )
         assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
         assert r.headers["www-authenticate"] == "Bearer"
-        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Basic s3cret"}, timeout=10).status_code == 401
+        assert (
+            httpx.get(srv.url + "/v1/models", headers={"Authorization": "Basic s3cret"}, timeout=10).status_code == 401
+        )
         assert httpx.post(srv.url + "/tokenize", json={"prompt": "x"}, timeout=10).status_code == 401
         # health and metrics stay open (load balancers and Prometheus carry no key)
         assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
@@ -89,12 +95,33 @@ def test_a_non_loopback_host_without_a_key_warns(default_model):
     assert is_loopback("0.0.0.0") is False and is_loopback("192.0.2.1") is False
     assert is_loopback("no-such-host.invalid") is None
     # 192.0.2.1 (TEST-NET-1) is on no interface here: the warning comes, then the bind fails (nothing listens)
-    res = subprocess.run([sys.executable, "-m", "rwkv_runtime.server", str(default_model), "--host", "192.0.2.1",
-                          "--port", "0"], capture_output=True, text=True, timeout=120, env=_env())
+    res = subprocess.run(
+        [sys.executable, "-m", "rwkv_runtime.server", str(default_model), "--host", "192.0.2.1", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
     assert res.returncode == 1
     assert "no API key" in res.stderr and "--api-key" in res.stderr, res.stderr
-    res = subprocess.run([sys.executable, "-m", "rwkv_runtime.server", str(default_model), "--host", "192.0.2.1",
-                          "--port", "0", "--api-key", "k"], capture_output=True, text=True, timeout=120, env=_env())
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rwkv_runtime.server",
+            str(default_model),
+            "--host",
+            "192.0.2.1",
+            "--port",
+            "0",
+            "--api-key",
+            "k",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
     assert res.returncode == 1 and "no API key" not in res.stderr and res.stderr.startswith("Error:"), res.stderr
 
 
@@ -109,9 +136,25 @@ def _env():
 def test_sigterm_drains_streams_to_done_and_refuses_new_work_with_503(default_model):
     """Streams outliving --drain-seconds used to end as a broken chunked body (no error, no [DONE]) with a
     CancelledError traceback each, and requests during the drain got connection refused."""
-    p = subprocess.Popen([sys.executable, "-m", "rwkv_runtime.server", str(default_model), "--port", "0",
-                          "--model-name", "m", "--drain-seconds", "2", "--max-tokens", "1000000"],
-                         stderr=subprocess.PIPE, text=True, env=_env())
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rwkv_runtime.server",
+            str(default_model),
+            "--port",
+            "0",
+            "--model-name",
+            "m",
+            "--drain-seconds",
+            "2",
+            "--max-tokens",
+            "1000000",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     try:
         url, head = None, []
         while url is None:
@@ -147,7 +190,7 @@ def test_sigterm_drains_streams_to_done_and_refuses_new_work_with_503(default_mo
             s.__exit__(None, None, None)
         for ev in events:
             assert ev[-1] == "data: [DONE]"
-            err = json.loads(ev[-2][len("data: "):])
+            err = json.loads(ev[-2][len("data: ") :])
             assert err["error"]["type"] == "service_unavailable" and "shut down" in err["error"]["message"]
         assert p.wait(30) == -signal.SIGTERM
         reader.join(10)
@@ -167,8 +210,7 @@ def test_requests_that_finish_within_the_drain_complete_normally(default_model):
     out = {}
 
     def one():
-        out["r"] = client(srv).completions.create(model="m", prompt="Hi", max_tokens=200, temperature=0,
-                                                  stream=True)
+        out["r"] = client(srv).completions.create(model="m", prompt="Hi", max_tokens=200, temperature=0, stream=True)
         out["chunks"] = list(out["r"])
 
     t = threading.Thread(target=one)
@@ -190,8 +232,9 @@ def test_json_logs_keep_the_traceback():
     try:
         raise ValueError("boom in the scheduler")
     except ValueError:
-        rec = logging.LogRecord("rwkv_runtime.server", logging.ERROR, __file__, 1, "scheduler iteration failed",
-                                None, sys.exc_info())
+        rec = logging.LogRecord(
+            "rwkv_runtime.server", logging.ERROR, __file__, 1, "scheduler iteration failed", None, sys.exc_info()
+        )
     out = json.loads(json_log_formatter().format(rec))
     assert out["message"] == "scheduler iteration failed" and out["level"] == "error"
     assert "Traceback" in out["exc_info"] and "ValueError: boom in the scheduler" in out["exc_info"]
@@ -201,14 +244,27 @@ def test_json_logs_keep_the_traceback():
 def test_wrong_types_are_400_naming_the_field(default_model, make_server):
     srv = make_server(default_model, model_name="m")
     base = {"model": "m", "prompt": "Hi", "max_tokens": 2}
-    for field, value in [("max_tokens", True), ("max_tokens", "4"), ("max_tokens", 2.0), ("stream", "yes"),
-                         ("stream", 1), ("n", "2"), ("temperature", "0.5"), ("temperature", True),
-                         ("seed", "1"), ("return_state", "true"), ("echo", 1)]:
+    for field, value in [
+        ("max_tokens", True),
+        ("max_tokens", "4"),
+        ("max_tokens", 2.0),
+        ("stream", "yes"),
+        ("stream", 1),
+        ("n", "2"),
+        ("temperature", "0.5"),
+        ("temperature", True),
+        ("seed", "1"),
+        ("return_state", "true"),
+        ("echo", 1),
+    ]:
         r = httpx.post(srv.url + "/v1/completions", json={**base, field: value}, timeout=30)
         assert r.status_code == 400, (field, value, r.text)
         assert r.json()["error"]["param"] == field, (field, value, r.text)
-    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user",
-                   "content": "x"}], "max_completion_tokens": "3"}, timeout=30)
+    r = httpx.post(
+        srv.url + "/v1/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": "3"},
+        timeout=30,
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
     r = httpx.post(srv.url + "/detokenize", json={"tokens": ["1"]}, timeout=30)
     assert r.status_code == 400
@@ -242,8 +298,9 @@ def test_tokenizer_endpoints_have_their_own_metrics_labels(default_model, make_s
 
 # -- conversation states --------------------------------------------------------------------------
 def _state_arrays(srv) -> dict:
-    r = client(srv).completions.create(model="m", prompt="Hi", max_tokens=2, temperature=0,
-                                       extra_body={"return_state": True})
+    r = client(srv).completions.create(
+        model="m", prompt="Hi", max_tokens=2, temperature=0, extra_body={"return_state": True}
+    )
     with np.load(io.BytesIO(base64.b64decode(r.choices[0].model_extra["state"]))) as z:
         return {k: z[k] for k in z.files}
 
@@ -287,8 +344,9 @@ def test_damaged_state_headers_are_400(default_model, make_server):
     # a header declaring 2**40 elements over a few bytes of data: refused before numpy allocates them
     name = sorted(arrays)[0]
     f = io.BytesIO()
-    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(arrays[name].dtype),
-                                             "fortran_order": False, "shape": (2**40,)})
+    np.lib.format.write_array_header_1_0(
+        f, {"descr": np.lib.format.dtype_to_descr(arrays[name].dtype), "fortran_order": False, "shape": (2**40,)}
+    )
     members = {k: _npy(v) for k, v in arrays.items()}
     members[name] = f.getvalue() + b"\0" * 8
     members["__meta__"] = _npy(np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
@@ -307,8 +365,12 @@ def test_history_renders_as_the_model_produced_it():
 
     t = ChatTemplate()
     for reply in ("\nHi.\n\nA list:\n\n- one ", " Hello", "  two spaces", "", "Hand-written"):
-        history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\n\nthere "},
-                   {"role": "assistant", "content": reply}, {"role": "user", "content": "And?"}]
+        history = [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi\n\nthere "},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": "And?"},
+        ]
         prefix = t.render_dicts(history[:2])
         full = t.render_dicts(history)
         shown = reply if reply[:1] in ("", " ", "\n") else " " + reply
@@ -328,21 +390,38 @@ def test_a_reply_starting_with_a_newline_hits_the_prefix_cache_next_turn(default
 
     srv = make_server(default_model, model_name="m", prefill_chunk=16, cache_min_tokens=1)
     c = client(srv)
-    msgs = [{"role": "user", "content": "Write a short list of words"},
-            {"role": "assistant", "content": "\nOne\nTwo"}]
+    msgs = [{"role": "user", "content": "Write a short list of words"}, {"role": "assistant", "content": "\nOne\nTwo"}]
     prompt_then_reply = ChatTemplate().render_dicts(msgs[:1]) + msgs[1]["content"]
     # leave in the cache the state after prompt + reply, as a finished turn does
     c.completions.create(model="m", prompt=prompt_then_reply, max_tokens=1, temperature=0)
-    nxt = c.chat.completions.create(model="m", messages=msgs + [{"role": "user", "content": "More"}],
-                                    max_tokens=1, temperature=0)
+    nxt = c.chat.completions.create(
+        model="m", messages=msgs + [{"role": "user", "content": "More"}], max_tokens=1, temperature=0
+    )
     n = len(Session(default_model).encode(prompt_then_reply))
     assert nxt.usage.prompt_tokens_details.cached_tokens == n, nxt.usage
 
 
 # -- options declared once ------------------------------------------------------------------------
-OLD_FLAGS = ["--host", "--port", "--model-name", "--threads", "--max-batch", "--max-queue", "--prefill-chunk",
-             "--prefill-budget", "--max-prompt-tokens", "--max-tokens", "--default-max-tokens", "--request-timeout",
-             "--cache-mb", "--chat-template", "--stop-token", "--drain-seconds", "--decode-graph", "--log-level"]
+OLD_FLAGS = [
+    "--host",
+    "--port",
+    "--model-name",
+    "--threads",
+    "--max-batch",
+    "--max-queue",
+    "--prefill-chunk",
+    "--prefill-budget",
+    "--max-prompt-tokens",
+    "--max-tokens",
+    "--default-max-tokens",
+    "--request-timeout",
+    "--cache-mb",
+    "--chat-template",
+    "--stop-token",
+    "--drain-seconds",
+    "--decode-graph",
+    "--log-level",
+]
 
 
 def test_both_clis_are_generated_from_the_options(monkeypatch):
@@ -353,7 +432,7 @@ def test_both_clis_are_generated_from_the_options(monkeypatch):
 
     monkeypatch.delenv("RWKV_API_KEY", raising=False)
     flags = [o.flag_name for o in cli_options()]
-    assert set(OLD_FLAGS) | {"--api-key"} == set(flags) and len(flags) == len(set(flags))
+    assert set(OLD_FLAGS) | {"--api-key", "--state"} == set(flags) and len(flags) == len(set(flags))
     argp = {a for act in parser()._actions for a in act.option_strings}
     clk = {a for p in serve_command.params for a in getattr(p, "opts", ())}
     assert set(flags) <= argp and set(flags) <= clk
@@ -364,25 +443,93 @@ def test_both_clis_are_generated_from_the_options(monkeypatch):
     ctx = serve_command.make_context("serve", ["m.onnx"])
     assert from_cli("m.onnx", {k: v for k, v in ctx.params.items() if k != "model"}) == want
     # every flag reaches its field, through both
-    args = ["--host", "::1", "--port", "0", "--model-name", "x", "--threads", "2", "--max-batch", "3",
-            "--max-queue", "4", "--prefill-chunk", "5", "--prefill-budget", "6", "--max-prompt-tokens", "7",
-            "--max-tokens", "8", "--default-max-tokens", "9", "--request-timeout", "1.5", "--cache-mb", "0.5",
-            "--chat-template", "t.json", "--stop-token", "1", "--stop-token", "2", "--drain-seconds", "0",
-            "--decode-graph", "step", "--log-level", "debug", "--api-key", "k"]
-    want = ServerOptions("m.onnx", "x", 2, None, EngineConfig(max_batch=3, max_queue=4, prefill_chunk=5,
-                         prefill_budget=6, max_prompt_tokens=7, max_tokens=8, request_timeout=1.5,
-                         cache_bytes=2**19), "t.json", 9, (1, 2), 0.0, decode_graph="step", api_key="k",
-                         host="::1", port=0, log_level="debug")
+    args = [
+        "--host",
+        "::1",
+        "--port",
+        "0",
+        "--model-name",
+        "x",
+        "--threads",
+        "2",
+        "--max-batch",
+        "3",
+        "--max-queue",
+        "4",
+        "--prefill-chunk",
+        "5",
+        "--prefill-budget",
+        "6",
+        "--max-prompt-tokens",
+        "7",
+        "--max-tokens",
+        "8",
+        "--default-max-tokens",
+        "9",
+        "--request-timeout",
+        "1.5",
+        "--cache-mb",
+        "0.5",
+        "--chat-template",
+        "t.json",
+        "--stop-token",
+        "1",
+        "--stop-token",
+        "2",
+        "--drain-seconds",
+        "0",
+        "--decode-graph",
+        "step",
+        "--log-level",
+        "debug",
+        "--api-key",
+        "k",
+    ]
+    want = ServerOptions(
+        "m.onnx",
+        "x",
+        2,
+        None,
+        EngineConfig(
+            max_batch=3,
+            max_queue=4,
+            prefill_chunk=5,
+            prefill_budget=6,
+            max_prompt_tokens=7,
+            max_tokens=8,
+            request_timeout=1.5,
+            cache_bytes=2**19,
+        ),
+        "t.json",
+        9,
+        (1, 2),
+        0.0,
+        decode_graph="step",
+        api_key="k",
+        host="::1",
+        port=0,
+        log_level="debug",
+    )
     assert options_from(parser().parse_args(["m.onnx", *args])) == want
     ctx = serve_command.make_context("serve", ["m.onnx", *args])
     assert from_cli("m.onnx", {k: v for k, v in ctx.params.items() if k != "model"}) == want
 
 
-@pytest.mark.parametrize("args, words", [(["--max-batch", "0"], "--max-batch must be >= 1"),
-                                         (["--request-timeout", "0"], "--request-timeout must be > 0"),
-                                         (["--cache-mb", "-1"], "--cache-mb must be >= 0"),
-                                         (["--port", "70000"], "--port must be <= 65535")])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--max-batch", "0"], "--max-batch must be >= 1"),
+        (["--request-timeout", "0"], "--request-timeout must be > 0"),
+        (["--cache-mb", "-1"], "--cache-mb must be >= 0"),
+        (["--port", "70000"], "--port must be <= 65535"),
+    ],
+)
 def test_the_module_cli_checks_bounds_as_one_error_line(default_model, args, words):
-    res = subprocess.run([sys.executable, "-m", "rwkv_runtime.server", str(default_model), *args],
-                         capture_output=True, text=True, timeout=120, env=_env())
+    res = subprocess.run(
+        [sys.executable, "-m", "rwkv_runtime.server", str(default_model), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [f"Error: {words}"], res.stderr
