@@ -1,7 +1,8 @@
 """The smallest embedding of rwkv_runtime: numpy + onnxruntime, no torch.
 
-    python deploy_examples/minimal_generate.py build/default.onnx "def main("
+python deploy_examples/minimal_generate.py build/default.onnx "def main("
 """
+
 import sys
 
 import numpy as np

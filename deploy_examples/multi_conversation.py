@@ -3,6 +3,7 @@ state row and sampling settings; conversations join and leave between steps.
 
     python deploy_examples/multi_conversation.py build/default.onnx
 """
+
 import sys
 
 import rwkv_runtime
@@ -12,8 +13,10 @@ from rwkv_runtime import BatchGenerator, SamplingParams
 def main(model: str, steps: int = 40) -> dict:
     s = rwkv_runtime.Session(model)
     gen = BatchGenerator(s)
-    convs = {gen.add("import os\n", SamplingParams(temperature=0)): "greedy",
-             gen.add("class Point:\n", SamplingParams(temperature=0.8, top_p=0.9, seed=1)): "sampled"}
+    convs = {
+        gen.add("import os\n", SamplingParams(temperature=0)): "greedy",
+        gen.add("class Point:\n", SamplingParams(temperature=0.8, top_p=0.9, seed=1)): "sampled",
+    }
     texts = {}
     for i in range(steps):
         gen.step()

@@ -17,6 +17,7 @@ Environment:
     RWKV_PROMPT  its start, encoded with the model's tokenizer (default: the start token 0)
     RWKV_CHUNK   sequence graph: tokens per call (default 8)
 """
+
 import os
 from collections import OrderedDict
 
@@ -44,8 +45,10 @@ def load_data():
 
     path = os.environ.get("RWKV_MODEL")
     if not path or not os.path.isfile(path):
-        raise SystemExit("set RWKV_MODEL to the exported .onnx file (the step or the sequence graph)"
-                         + (f"; {path} does not exist" if path else ""))
+        raise SystemExit(
+            "set RWKV_MODEL to the exported .onnx file (the step or the sequence graph)"
+            + (f"; {path} does not exist" if path else "")
+        )
     steps = _env_int("RWKV_STEPS", 16)
     chunk = _env_int("RWKV_CHUNK", 8)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -82,7 +85,7 @@ def load_data():
         logits, st = run(shaped([ids[-1]]), st)
         ids.append(int(logits[0].argmax()))
     # the feeds: the model's own state carried from call to call (chunks for a sequence graph)
-    pieces = [ids[i:i + chunk] for i in range(0, len(ids), chunk)] if seq else [[t] for t in ids]
+    pieces = [ids[i : i + chunk] for i in range(0, len(ids), chunk)] if seq else [[t] for t in ids]
     st = start
     for piece in pieces:
         feed = OrderedDict([(man.tokens_input, shaped(piece))])

@@ -12,11 +12,12 @@ request; an onnxruntime/TensorRT model (Triton keeps the state) takes one token 
 
     python deploy_examples/triton_client.py --url 127.0.0.1:8000 --model tiny "The capital of France is"
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -44,7 +45,9 @@ class TritonRWKV:
         self.tc, self.model = tc, model
         params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
         if "rwkv.manifest" not in params:
-            raise RuntimeUserError(f"model {model!r} has no rwkv.manifest parameter (not written by rwkv-export triton)")
+            raise RuntimeUserError(
+                f"model {model!r} has no rwkv.manifest parameter (not written by rwkv-export triton)"
+            )
         self.manifest = parse_manifest(params["rwkv.manifest"], f"{model} (Triton config)")
         self.tokenizer = make_tokenizer(self.manifest.tokenizer, params.get("rwkv.tokenizer_json") or None)
         tok = next(i for i in cfg["input"] if i["name"] == self.manifest.tokens_input)
@@ -55,8 +58,15 @@ class TritonRWKV:
         t.set_data_from_numpy(np.asarray([tokens], dtype=np.int64))
         out = [self.tc.InferRequestedOutput(self.manifest.logits_output)]
         # the id as a header too: a load balancer in front of several servers hashes it (docs/triton.md)
-        r = self.client.infer(self.model, [t], outputs=out, sequence_id=sequence_id, sequence_start=start,
-                              sequence_end=end, headers={"x-sequence-id": str(sequence_id)})
+        r = self.client.infer(
+            self.model,
+            [t],
+            outputs=out,
+            sequence_id=sequence_id,
+            sequence_start=start,
+            sequence_end=end,
+            headers={"x-sequence-id": str(sequence_id)},
+        )
         return r.as_numpy(self.manifest.logits_output)[0]
 
     def feed(self, tokens, sequence_id, start: bool, end: bool = False) -> np.ndarray:
@@ -71,8 +81,15 @@ class TritonRWKV:
             logits = self._send([x], sequence_id, start and j == 0, end and j == len(tokens) - 1)
         return logits
 
-    def generate_tokens(self, prompt_tokens, sequence_id, max_new_tokens: int = 50, sampling=None,
-                        start: bool = True, keep_open: bool = False) -> Iterator[int]:
+    def generate_tokens(
+        self,
+        prompt_tokens,
+        sequence_id,
+        max_new_tokens: int = 50,
+        sampling=None,
+        start: bool = True,
+        keep_open: bool = False,
+    ) -> Iterator[int]:
         """Prefill, then sample and feed back; yields token ids (as ``Session.generate_tokens`` does)."""
         from rwkv_runtime import RuntimeUserError, Sampler, SamplingParams
 

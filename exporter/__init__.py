@@ -1,4 +1,5 @@
 """rwkv_export: RWKV checkpoints -> ONNX (step and sequence graphs) with the manifest as contract."""
+
 from pathlib import Path
 
 __version__ = "0.1.0"

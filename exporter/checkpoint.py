@@ -7,6 +7,7 @@ pytorch_model.bin or shards; the layouts and their renames: ``hf_layouts``). Eve
 come back in BlinkDL naming, as float32 (the export keeps large bf16/fp16 matrices in their own dtype:
 ``load_checkpoint(stream=True)``).
 """
+
 from __future__ import annotations
 
 import json
@@ -91,8 +92,9 @@ def _check_zip_records(path: Path, tensors: dict) -> None:
             with open(path, "rb") as fh:
                 for info in z.infolist():
                     if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
-                        raise CheckpointError(f"{path}: record {info.filename!r} is compressed; not a PyTorch "
-                                              "checkpoint archive")
+                        raise CheckpointError(
+                            f"{path}: record {info.filename!r} is compressed; not a PyTorch checkpoint archive"
+                        )
                     fh.seek(info.header_offset)
                     head = fh.read(30)
                     if len(head) != 30 or head[:4] != b"PK\x03\x04":
@@ -126,11 +128,14 @@ def _check_zip_records(path: Path, tensors: dict) -> None:
     for ptr, nbytes in storages.items():
         info = data.get(ptr - base)
         if info is None:
-            raise CheckpointError(f"{path}: corrupt checkpoint (a tensor's data does not start at a record "
-                                  "of the archive)")
+            raise CheckpointError(
+                f"{path}: corrupt checkpoint (a tensor's data does not start at a record of the archive)"
+            )
         if info.file_size != nbytes:
-            raise CheckpointError(f"{path}: truncated or corrupt checkpoint (record {info.filename!r} holds "
-                                  f"{info.file_size} bytes, its tensor needs {nbytes})")
+            raise CheckpointError(
+                f"{path}: truncated or corrupt checkpoint (record {info.filename!r} holds "
+                f"{info.file_size} bytes, its tensor needs {nbytes})"
+            )
 
 
 def _mapping_base(path: Path, ptr: int) -> int | None:
@@ -155,14 +160,23 @@ def _refusal_reason(e: Exception) -> str:
     detail = [ln for ln in lines if not ln.startswith(boiler)]
     text = (detail or lines or [type(e).__name__])[0]
     if text.startswith("WeightsUnpickler error:"):
-        text = text[len("WeightsUnpickler error:"):].strip() or text
+        text = text[len("WeightsUnpickler error:") :].strip() or text
     return text[:160]
 
 
 # safetensors dtypes read straight from the memory-mapped file: numpy dtype, then the torch view of it
-_ST_DTYPES = {"F64": ("float64", None), "F32": ("float32", None), "F16": ("float16", None),
-              "BF16": ("int16", "bfloat16"), "I64": ("int64", None), "I32": ("int32", None),
-              "I16": ("int16", None), "I8": ("int8", None), "U8": ("uint8", None), "BOOL": ("bool", None)}
+_ST_DTYPES = {
+    "F64": ("float64", None),
+    "F32": ("float32", None),
+    "F16": ("float16", None),
+    "BF16": ("int16", "bfloat16"),
+    "I64": ("int64", None),
+    "I32": ("int32", None),
+    "I16": ("int16", None),
+    "I8": ("int8", None),
+    "U8": ("uint8", None),
+    "BOOL": ("bool", None),
+}
 
 
 def _safetensors_load(path: Path) -> dict:
@@ -266,8 +280,9 @@ def load_checkpoint(path, stream: bool = False, lora=None, lora_alpha: float | N
         if k.startswith("blocks.") and not _BLOCK_KEY.match(k):
             raise CheckpointError(f"{path}: key {k[:80]!r} does not name a layer (expected blocks.<N>.<name>)")
         if not v.is_floating_point():
-            raise CheckpointError(f"{path}: tensor {k!r} is {str(v.dtype).replace('torch.', '')}; "
-                                  "RWKV weights are floating point")
+            raise CheckpointError(
+                f"{path}: tensor {k!r} is {str(v.dtype).replace('torch.', '')}; RWKV weights are floating point"
+            )
         # float32 tensors stay views into the memory-mapped file; others are converted here, except
         # (streaming) large matrices, which stay views until the export converts them one by one
         if stream and v.dtype != torch.float32 and v.ndim == 2 and v.numel() >= STREAM_MIN_ELEMENTS:
@@ -311,9 +326,19 @@ def matrix_in_out(t):
 
 _BLOCK_KEY = re.compile(r"^blocks\.(0|[1-9][0-9]{0,5})\.[A-Za-z_]")
 # config.json fields that must be numbers when present (transformers' RwkvConfig)
-_HF_NUMERIC = ("vocab_size", "context_length", "hidden_size", "num_hidden_layers", "attention_hidden_size",
-               "intermediate_size", "layer_norm_epsilon", "rescale_every", "head_size", "bos_token_id",
-               "eos_token_id")
+_HF_NUMERIC = (
+    "vocab_size",
+    "context_length",
+    "hidden_size",
+    "num_hidden_layers",
+    "attention_hidden_size",
+    "intermediate_size",
+    "layer_norm_epsilon",
+    "rescale_every",
+    "head_size",
+    "bos_token_id",
+    "eos_token_id",
+)
 
 
 def _read_hf_config(cfg: Path) -> dict:
@@ -331,7 +356,9 @@ def _read_hf_config(cfg: Path) -> dict:
         raise CheckpointError(f"{cfg}: expected a JSON object, found {type(d).__name__ if d is not None else 'null'}")
     for k in _HF_NUMERIC:
         v = d.get(k)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf")):
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf")
+        ):
             raise CheckpointError(f"{cfg}: {k} must be a number, not {json.dumps(v)[:40]}")
     eps, every = d.get("layer_norm_epsilon"), d.get("rescale_every")
     if eps is not None and not 0 < eps < 1:
@@ -387,10 +414,11 @@ def check_finite(ck: Checkpoint, release=None, every: int = 256 * 2**20) -> None
     for k, v in ck.weights.items():
         flat = v.reshape(-1)
         for i in range(0, flat.numel(), step):
-            part = flat[i:i + step]
+            part = flat[i : i + step]
             if not bool(torch.isfinite(part).all()):
-                raise CheckpointError(f"{ck.path}: tensor {k!r} holds NaN or infinite values "
-                                      "(pass --allow-nonfinite to export it anyway)")
+                raise CheckpointError(
+                    f"{ck.path}: tensor {k!r} holds NaN or infinite values (pass --allow-nonfinite to export it anyway)"
+                )
             read += part.numel() * part.element_size()
             if release is not None and read >= every:
                 release()

@@ -1,4 +1,5 @@
 """The ``rwkv-export`` command line (click). User errors print one line and exit with status 1."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,14 @@ class _Bar:
     def __init__(self, total: int, desc: str, quiet: bool):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, file=sys.stderr, disable=quiet, leave=False,
-                        bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
+        self.bar = tqdm(
+            total=total,
+            desc=desc,
+            file=sys.stderr,
+            disable=quiet,
+            leave=False,
+            bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}] {postfix}",
+        )
 
     def __call__(self, msg: str):
         self.bar.set_postfix_str(msg)
@@ -44,46 +51,133 @@ def main():
 # ---------------------------------------------------------------------------------------------
 @main.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-              help="Step graph path (e.g. model.onnx); the sequence graph goes beside it as model.seq.onnx.")
-@click.option("--graphs", default="step,sequence", show_default=True,
-              help="Which graphs to write: step, sequence or both (comma-separated).")
-@click.option("--wkv", type=click.Choice(["plain", "plugin"]), default="plain", show_default=True,
-              help="plain: WKV as standard ONNX ops; plugin: one rwkv::WKV* node per layer (TensorRT >= 10.7 plugin; "
-                   "ONNX Runtime runs its function body).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Weights and MatMuls; the state, WKV and normalisations stay float32 (explicit casts).")
-@click.option("--quantize", type=click.Choice(["int8", "int4", "int8-dynamic"]), default=None,
-              help="For CPUs; prints its accuracy cost. int8/int4: weight-only blocks (onnxruntime MatMulNBits); "
-                   "int8-dynamic: int8 weights and activations (DynamicQuantizeMatMul), fastest for batches.")
-@click.option("--quant-block", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
-              help="Block size of --quantize int8/int4 along each row [default: 128 for int8, 32 for int4] "
-                   "(larger: smaller and faster, less accurate; "
-                   "docs/benchmarks.md compares them).")
-@click.option("--rescale-every", type=click.IntRange(0), default=None,
-              help="RWKV-4 float16 residual rescaling interval (default 6 for fp16/bf16, 0 = off).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Step graph path (e.g. model.onnx); the sequence graph goes beside it as model.seq.onnx.",
+)
+@click.option(
+    "--graphs",
+    default="step,sequence",
+    show_default=True,
+    help="Which graphs to write: step, sequence or both (comma-separated).",
+)
+@click.option(
+    "--wkv",
+    type=click.Choice(["plain", "plugin"]),
+    default="plain",
+    show_default=True,
+    help="plain: WKV as standard ONNX ops; plugin: one rwkv::WKV* node per layer (TensorRT >= 10.7 plugin; "
+    "ONNX Runtime runs its function body).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="Weights and MatMuls; the state, WKV and normalisations stay float32 (explicit casts).",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8", "int4", "int8-dynamic"]),
+    default=None,
+    help="For CPUs; prints its accuracy cost. int8/int4: weight-only blocks (onnxruntime MatMulNBits); "
+    "int8-dynamic: int8 weights and activations (DynamicQuantizeMatMul), fastest for batches.",
+)
+@click.option(
+    "--quant-block",
+    type=click.Choice(["16", "32", "64", "128", "256"]),
+    default=None,
+    help="Block size of --quantize int8/int4 along each row [default: 128 for int8, 32 for int4] "
+    "(larger: smaller and faster, less accurate; "
+    "docs/benchmarks.md compares them).",
+)
+@click.option(
+    "--rescale-every",
+    type=click.IntRange(0),
+    default=None,
+    help="RWKV-4 float16 residual rescaling interval (default 6 for fp16/bf16, 0 = off).",
+)
 @click.option("--all-logits", is_flag=True, help="Sequence graph returns logits for every position.")
-@click.option("--state-tuning", type=click.Path(path_type=Path), default=None,
-              help="A state-tuning file (blocks.N.att.time_state, RWKV-5/6/7): baked in as the starting state.")
-@click.option("--tokenizer", default=None, help="bytes | world | none | path/to/tokenizer.json (default: from the model).")
-@click.option("--external-data/--no-external-data", default=None,
-              help="Store weights in one .data file beside the model, shared by its graphs (default: when exporting "
-                   "step and sequence graphs, or above 2 GB; --no-external-data embeds them in each graph).")
-@click.option("--allow-nonfinite", is_flag=True,
-              help="Export weights that hold NaN or inf (refused by default, naming the tensor).")
-@click.option("--lora", type=click.Path(path_type=Path), default=None,
-              help="A LoRA adapter (.pth/.safetensors, <weight>.lora_A/.lora_B as RWKV-PEFT writes them) merged "
-                   "into the weights: W + B@A * alpha/rank.")
-@click.option("--lora-alpha", type=float, default=None,
-              help="The adapter's lora_alpha (its training setting) [default: the rank, i.e. scale 1].")
+@click.option(
+    "--state-tuning",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A state-tuning file (blocks.N.att.time_state, RWKV-5/6/7): baked in as the starting state.",
+)
+@click.option(
+    "--tokenizer", default=None, help="bytes | world | none | path/to/tokenizer.json (default: from the model)."
+)
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Store weights in one .data file beside the model, shared by its graphs (default: when exporting "
+    "step and sequence graphs, or above 2 GB; --no-external-data embeds them in each graph).",
+)
+@click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Export weights that hold NaN or inf (refused by default, naming the tensor).",
+)
+@click.option(
+    "--lora",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A LoRA adapter (.pth/.safetensors, <weight>.lora_A/.lora_B as RWKV-PEFT writes them) merged "
+    "into the weights: W + B@A * alpha/rank.",
+)
+@click.option(
+    "--lora-alpha",
+    type=float,
+    default=None,
+    help="The adapter's lora_alpha (its training setting) [default: the rank, i.e. scale 1].",
+)
 @click.option("-q", "--quiet", is_flag=True)
 @user_errors
-def export_cmd(checkpoint, out, graphs, wkv, precision, quantize, quant_block, rescale_every, all_logits, state_tuning, tokenizer,
-               external_data, allow_nonfinite, lora, lora_alpha, quiet):
+def export_cmd(
+    checkpoint,
+    out,
+    graphs,
+    wkv,
+    precision,
+    quantize,
+    quant_block,
+    rescale_every,
+    all_logits,
+    state_tuning,
+    tokenizer,
+    external_data,
+    allow_nonfinite,
+    lora,
+    lora_alpha,
+    quiet,
+):
     """Export CHECKPOINT (BlinkDL .pth, .safetensors, or a Hugging Face RWKV directory) to ONNX."""
-    _isolated(lambda: _export(checkpoint, out, graphs, wkv, precision, quantize, quant_block, rescale_every, all_logits,
-                              state_tuning, tokenizer, external_data, allow_nonfinite, quiet, lora, lora_alpha),
-              checkpoint, out)
+    _isolated(
+        lambda: _export(
+            checkpoint,
+            out,
+            graphs,
+            wkv,
+            precision,
+            quantize,
+            quant_block,
+            rescale_every,
+            all_logits,
+            state_tuning,
+            tokenizer,
+            external_data,
+            allow_nonfinite,
+            quiet,
+            lora,
+            lora_alpha,
+        ),
+        checkpoint,
+        out,
+    )
 
 
 def _isolated(body, checkpoint: Path, out: Path) -> None:
@@ -104,8 +198,11 @@ def _isolated(body, checkpoint: Path, out: Path) -> None:
         except (AttributeError, OSError, ValueError):  # click's CliRunner, pytest's capture
             return False
 
-    if not hasattr(os, "fork") or os.environ.get("RWKV_EXPORT_NO_FORK") or not (real_fd(sys.stdout)
-                                                                           and real_fd(sys.stderr)):
+    if (
+        not hasattr(os, "fork")
+        or os.environ.get("RWKV_EXPORT_NO_FORK")
+        or not (real_fd(sys.stdout) and real_fd(sys.stderr))
+    ):
         return body()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -128,8 +225,10 @@ def _isolated(body, checkpoint: Path, out: Path) -> None:
                 sys.stderr.flush()
             finally:
                 os._exit(code)
-    old = {s: signal.signal(s, (lambda signum, frame: os.kill(pid, signum)) if s != signal.SIGINT else signal.SIG_IGN)
-           for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    old = {
+        s: signal.signal(s, (lambda signum, frame: os.kill(pid, signum)) if s != signal.SIGINT else signal.SIG_IGN)
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
     try:
         while True:
             try:
@@ -152,21 +251,51 @@ def _isolated(body, checkpoint: Path, out: Path) -> None:
     names = [p.name for p in (out, sequence_path(out))]
     recover(out, allowed=names + [n + ".data" for n in names])
     name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-    why = (f"{checkpoint} changed or was truncated while it was being read" if sig == signal.SIGBUS
-           else "out of memory or killed" if sig == signal.SIGKILL else "a crash")
+    why = (
+        f"{checkpoint} changed or was truncated while it was being read"
+        if sig == signal.SIGBUS
+        else "out of memory or killed"
+        if sig == signal.SIGKILL
+        else "a crash"
+    )
     raise click.ClickException(f"the export died of {name} ({why}); {out} and its companions were left unchanged")
 
 
-def _export(checkpoint, out, graphs, wkv, precision, quantize, quant_block, rescale_every, all_logits, state_tuning,
-            tokenizer, external_data, allow_nonfinite, quiet, lora=None, lora_alpha=None):
+def _export(
+    checkpoint,
+    out,
+    graphs,
+    wkv,
+    precision,
+    quantize,
+    quant_block,
+    rescale_every,
+    all_logits,
+    state_tuning,
+    tokenizer,
+    external_data,
+    allow_nonfinite,
+    quiet,
+    lora=None,
+    lora_alpha=None,
+):
     from .export import ExportOptions, export
 
-    opts = ExportOptions(graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()), wkv=wkv,
-                         precision=precision, quantize=quantize, quant_block=int(quant_block) if quant_block else None,
-                         rescale_every=rescale_every, all_logits=all_logits,
-                         tokenizer=tokenizer, external_data=external_data, allow_nonfinite=allow_nonfinite,
-                         state_tuning=str(state_tuning) if state_tuning else None,
-                         lora=str(lora) if lora else None, lora_alpha=lora_alpha)
+    opts = ExportOptions(
+        graphs=tuple(g.strip() for g in graphs.split(",") if g.strip()),
+        wkv=wkv,
+        precision=precision,
+        quantize=quantize,
+        quant_block=int(quant_block) if quant_block else None,
+        rescale_every=rescale_every,
+        all_logits=all_logits,
+        tokenizer=tokenizer,
+        external_data=external_data,
+        allow_nonfinite=allow_nonfinite,
+        state_tuning=str(state_tuning) if state_tuning else None,
+        lora=str(lora) if lora else None,
+        lora_alpha=lora_alpha,
+    )
     bar = _Bar(opts.progress_steps(), "export", quiet)
     try:
         paths = export(checkpoint, out, opts, progress=bar)
@@ -188,9 +317,11 @@ def _export(checkpoint, out, graphs, wkv, precision, quantize, quant_block, resc
 
             ref = load_checkpoint(checkpoint, lora=lora, lora_alpha=lora_alpha)
         q = compare_to_reference(paths[0], ref)
-        click.echo(f"accuracy vs the float32 reference on {q['tokens']} held-out tokens: cross-entropy "
-                   f"{q['ce_model']:.4f} vs {q['ce_reference']:.4f} nats/token ({q['ce_change'] * 100:+.2f}%), "
-                   f"max logit error {q['max_abs_logit_error']:.3g}, argmax agreement {q['argmax_agreement'] * 100:.1f}%")
+        click.echo(
+            f"accuracy vs the float32 reference on {q['tokens']} held-out tokens: cross-entropy "
+            f"{q['ce_model']:.4f} vs {q['ce_reference']:.4f} nats/token ({q['ce_change'] * 100:+.2f}%), "
+            f"max logit error {q['max_abs_logit_error']:.3g}, argmax agreement {q['argmax_agreement'] * 100:.1f}%"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,14 +379,32 @@ def inspect(model, as_json):
 @click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider(s), in order.")
 @click.option("--low-memory", is_flag=True, help="One session (sequence graph for steps too), no weight prepacking.")
 @user_errors
-def generate(model, prompt, max_tokens, temperature, top_p, top_k, presence_penalty, frequency_penalty, seed,
-             threads, providers, low_memory):
+def generate(
+    model,
+    prompt,
+    max_tokens,
+    temperature,
+    top_p,
+    top_k,
+    presence_penalty,
+    frequency_penalty,
+    seed,
+    threads,
+    providers,
+    low_memory,
+):
     """Generate text from an exported MODEL, streaming it; tokens/s at the end (stderr)."""
     from rwkv_runtime import SamplingParams, Session
 
     s = Session(model, providers=list(providers) or None, threads=threads, low_memory=low_memory)
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
-                            frequency_penalty=frequency_penalty, seed=seed)
+    params = SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        seed=seed,
+    )
     gen = s.generate(prompt, max_tokens, params)  # every input checked here: no echoed prompt before an Error line
     click.echo(prompt, nl=False)
     for piece in gen:
@@ -263,8 +412,11 @@ def generate(model, prompt, max_tokens, temperature, top_p, top_k, presence_pena
     click.echo()
     st = gen.stats
     dec = st["new_tokens"] / st["decode_s"] if st["decode_s"] > 0 else float("nan")
-    click.echo(f"[{st['prompt_tokens']} prompt tokens in {st['prefill_s'] * 1e3:.1f} ms, "
-               f"{st['new_tokens']} new tokens at {dec:.1f} tokens/s]", err=True)
+    click.echo(
+        f"[{st['prompt_tokens']} prompt tokens in {st['prefill_s'] * 1e3:.1f} ms, "
+        f"{st['new_tokens']} new tokens at {dec:.1f} tokens/s]",
+        err=True,
+    )
 
 
 def _register_optional_commands():
@@ -289,8 +441,14 @@ _register_optional_commands()
 @click.option("--threads", default=None, type=click.IntRange(1), help="onnxruntime intra-op threads.")
 @click.option("--batch", "batches", default="1,4", show_default=True, help="Decode batch sizes (comma-separated).")
 @click.option("--tokens", default=64, show_default=True, type=click.IntRange(1), help="Decode steps timed.")
-@click.option("--prefill", "prefill_len", default=512, show_default=True, type=click.IntRange(0),
-              help="Prompt length for prefill tokens/s (0: skip).")
+@click.option(
+    "--prefill",
+    "prefill_len",
+    default=512,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Prompt length for prefill tokens/s (0: skip).",
+)
 @click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider(s).")
 @click.option("--low-memory", is_flag=True, help="One session (sequence graph for steps too), no weight prepacking.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")

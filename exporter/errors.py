@@ -2,6 +2,7 @@
 
 Every command module (cli.py, validate.py, engine.py, triton_cli.py, ...) takes ``user_errors`` from here,
 so no command module imports another."""
+
 from __future__ import annotations
 
 import functools
@@ -61,8 +62,12 @@ def user_errors(fn):
             if os.environ.get("RWKV_EXPORT_DEBUG"):
                 raise
             msg = str(e).splitlines()[0][:200] if str(e) else ""
-            raise click.ClickException(one_line(f"internal error ({type(e).__name__}: {msg}); "
-                                       "please report it (RWKV_EXPORT_DEBUG=1 shows the traceback)")) from None
+            raise click.ClickException(
+                one_line(
+                    f"internal error ({type(e).__name__}: {msg}); "
+                    "please report it (RWKV_EXPORT_DEBUG=1 shows the traceback)"
+                )
+            ) from None
 
     return wrapper
 

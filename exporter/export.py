@@ -5,6 +5,7 @@ Streaming: the checkpoint is memory-mapped, each weight is converted and written
 weights file (``onnx_graph.WeightStore``) as the graph builder asks for it, and both graphs point into
 that file, so the weights are neither held in memory nor stored twice. The set of files is replaced
 all-or-nothing (``staging``)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -70,17 +71,20 @@ class ExportOptions:
         if self.quantize not in (None, *QUANTIZE):
             raise ExportError(f"--quantize must be one of {', '.join(QUANTIZE)}, not {self.quantize!r}")
         if self.quant_block is not None and self.quantize not in DEFAULT_QUANT_BLOCK:
-            raise ExportError("--quant-block applies to --quantize int8 or int4 "
-                              "(int8-dynamic has one scale per column)")
+            raise ExportError(
+                "--quant-block applies to --quantize int8 or int4 (int8-dynamic has one scale per column)"
+            )
         if self.quant_block is not None and self.quant_block not in QUANT_BLOCKS:
-            raise ExportError(f"--quant-block must be one of {', '.join(map(str, QUANT_BLOCKS))}, "
-                              f"not {self.quant_block!r}")
+            raise ExportError(
+                f"--quant-block must be one of {', '.join(map(str, QUANT_BLOCKS))}, not {self.quant_block!r}"
+            )
         if self.quantize and self.precision != "fp32":
             raise ExportError("--quantize applies to fp32 exports (its int8/int4 formats are for ONNX Runtime on CPU)")
         bad = [g for g in self.graphs if g not in GRAPHS]
         if bad or not self.graphs:
-            raise ExportError(f"--graphs must name some of {', '.join(GRAPHS)} "
-                              f"(got {', '.join(self.graphs) or 'none'})")
+            raise ExportError(
+                f"--graphs must name some of {', '.join(GRAPHS)} (got {', '.join(self.graphs) or 'none'})"
+            )
         twice = sorted({g for g in self.graphs if list(self.graphs).count(g) > 1})
         if twice:
             raise ExportError(f"--graphs names {', '.join(twice)} more than once (got {','.join(self.graphs)})")
@@ -103,8 +107,10 @@ def _tokenizer(opt: ExportOptions, ck: Checkpoint, default: dict, vocab_size: in
     if choice is None:
         return default, None
     if choice == "bytes" and int(vocab_size) != 256:
-        raise ExportError(f"--tokenizer bytes needs a 256-token vocabulary; this model has {vocab_size} tokens "
-                          "(use world, a tokenizer.json or none)")
+        raise ExportError(
+            f"--tokenizer bytes needs a 256-token vocabulary; this model has {vocab_size} tokens "
+            "(use world, a tokenizer.json or none)"
+        )
     if choice in ("bytes", "world", "none"):
         return {"kind": choice}, None
     p = Path(choice)
@@ -168,8 +174,7 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
         # two graphs: one weights file both point into (each graph embedding every weight doubled the
         # disk, issue #30); one graph: self-contained unless protobuf's 2 GB limit forbids it
         itemsize = np.dtype(PRECISIONS[opt.precision]).itemsize
-        external = (len(opt.graphs) > 1
-                    or sum(t.numel() for t in ck.weights.values()) * itemsize > TWO_GB - 64 * 2**20)
+        external = len(opt.graphs) > 1 or sum(t.numel() for t in ck.weights.values()) * itemsize > TWO_GB - 64 * 2**20
     # A random id, not a content hash: hashing would read every weight once more, and two exports of
     # the same checkpoint with different options must not pass for companions of each other.
     export_id = uuid.uuid4().hex
@@ -181,8 +186,11 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
                 store.after_write = _every(RELEASE_EVERY, lambda: release_mapped(ck.input_files))
             quantizer = None
             if opt.quantize:
-                quantizer = (DynamicInt8Quantizer() if opt.quantize == "int8-dynamic"
-                             else Quantizer(8 if opt.quantize == "int8" else 4, block))
+                quantizer = (
+                    DynamicInt8Quantizer()
+                    if opt.quantize == "int8-dynamic"
+                    else Quantizer(8 if opt.quantize == "int8" else 4, block)
+                )
                 quantizer.after_write = _every(RELEASE_EVERY, lambda: release_mapped(ck.input_files))
             for kind in opt.graphs:
                 tick(f"building {kind} graph")
@@ -191,29 +199,56 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
                 g = GraphBuilder(f"{ck.version}_{kind}", store=pending if opt.quantize else store)
                 with _inconsistent(ck):
                     # no Gemm when quantising: the MatMulNBits quantiser rewrites MatMul nodes only
-                    spec.build_graph(g, W, cfg, GraphOptions(
-                        seq=kind == "sequence", plugin=opt.wkv == "plugin", all_logits=opt.all_logits,
-                        dtype=PRECISIONS[opt.precision], rescale_every=int(rescale), gemm=not opt.quantize))
+                    spec.build_graph(
+                        g,
+                        W,
+                        cfg,
+                        GraphOptions(
+                            seq=kind == "sequence",
+                            plugin=opt.wkv == "plugin",
+                            all_logits=opt.all_logits,
+                            dtype=PRECISIONS[opt.precision],
+                            rescale_every=int(rescale),
+                            gemm=not opt.quantize,
+                        ),
+                    )
                 man = Manifest(
-                    architecture=ck.version, n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
-                    vocab_size=cfg["vocab_size"], graph=kind, precision=opt.precision, opset=OPSET, wkv=opt.wkv,
-                    tokenizer=tok, state=spec.state_layout(cfg), dims={k: v for k, v in cfg.items()},
-                    options={"all_logits": bool(opt.all_logits and kind == "sequence"),
-                             "rescale_every": int(rescale), "quantize": opt.quantize,
-                             **({"quant_block": block} if block is not None else {}),
-                             "weights_file": data_path.name if external else None},
+                    architecture=ck.version,
+                    n_layer=cfg["n_layer"],
+                    n_embd=cfg["n_embd"],
+                    vocab_size=cfg["vocab_size"],
+                    graph=kind,
+                    precision=opt.precision,
+                    opset=OPSET,
+                    wkv=opt.wkv,
+                    tokenizer=tok,
+                    state=spec.state_layout(cfg),
+                    dims={k: v for k, v in cfg.items()},
+                    options={
+                        "all_logits": bool(opt.all_logits and kind == "sequence"),
+                        "rescale_every": int(rescale),
+                        "quantize": opt.quantize,
+                        **({"quant_block": block} if block is not None else {}),
+                        "weights_file": data_path.name if external else None,
+                    },
                     companions={k: paths[k].name for k in opt.graphs},
-                    source={"checkpoint": ck.path.name, "format": ck.format,
-                            **({"lora": ck.lora.path.name, "lora_alpha": ck.lora.alpha} if ck.lora else {})},
+                    source={
+                        "checkpoint": ck.path.name,
+                        "format": ck.format,
+                        **({"lora": ck.lora.path.name, "lora_alpha": ck.lora.alpha} if ck.lora else {}),
+                    },
                     exporter_version=__version__,
-                    initial_state="embedded" if initial else "", export_id=export_id)
+                    initial_state="embedded" if initial else "",
+                    export_id=export_id,
+                )
                 meta = {MANIFEST_KEY: man.to_json()}
                 if tok_json is not None:
                     meta[TOKENIZER_KEY] = tok_json
                 if initial:
                     meta[INITIAL_STATE_KEY] = encode_state(initial)
-                model = g.model(doc=f"RWKV {ck.version} {kind} graph exported by rwkv-export {__version__}",
-                                metadata=meta)
+                model = g.model(
+                    doc=f"RWKV {ck.version} {kind} graph exported by rwkv-export {__version__}", metadata=meta
+                )
                 del g
                 if opt.quantize:
                     tick(f"quantizing {kind} graph ({opt.quantize})")
@@ -236,15 +271,18 @@ def export(checkpoint, out, options: ExportOptions | None = None, progress=None)
     except OSError as e:
         raise ExportError(_os_message(e, out)) from None
     except Terminated as e:
-        raise ExportError(f"interrupted (SIGTERM); {out} and its companions were "
-                          + ("already replaced" if e.committed else "left unchanged")) from None
+        raise ExportError(
+            f"interrupted (SIGTERM); {out} and its companions were "
+            + ("already replaced" if e.committed else "left unchanged")
+        ) from None
     return [paths[k] for k in opt.graphs]
 
 
 def _check(model_or_path):
     try:
-        onnx.checker.check_model(model_or_path if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path),
-                                 full_check=False)
+        onnx.checker.check_model(
+            model_or_path if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path), full_check=False
+        )
     except onnx.checker.ValidationError as e:  # an exporter bug, but never a traceback
         raise ExportError(f"the exported graph failed onnx's checker ({str(e).splitlines()[0][:200]})") from None
 
@@ -260,6 +298,7 @@ def _every(nbytes: int, fn):
         if force or store.processed - done[0] >= nbytes:
             done[0] = store.processed
             fn()
+
     return after
 
 

@@ -13,6 +13,7 @@ transposed (``nn.Linear(C, D)`` stores ``[D, C]``), ``lora.2.weight`` is ``att.X
 ``lora.2.bias`` is ``att.X0``; the per-channel vectors are stored as ``[C]`` where BlinkDL has
 ``[1, 1, C]``. Transposes are views (nothing is copied from the memory-mapped file).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,12 @@ _V456_RENAMES = [
 ]
 
 # fla RWKV7ForCausalLM -> BlinkDL
-_V7_TOP = {"model.embeddings.weight": "emb.weight", "model.norm.weight": "ln_out.weight",
-           "model.norm.bias": "ln_out.bias", "lm_head.weight": "head.weight"}
+_V7_TOP = {
+    "model.embeddings.weight": "emb.weight",
+    "model.norm.weight": "ln_out.weight",
+    "model.norm.bias": "ln_out.bias",
+    "lm_head.weight": "head.weight",
+}
 _V7_MODULE = {"attn": "att", "ffn": "ffn", "pre_norm": "ln0", "attn_norm": "ln1", "ffn_norm": "ln2"}
 _V7_PROJ = {"r_proj": "receptance", "k_proj": "key", "v_proj": "value", "o_proj": "output", "g_norm": "ln_x"}
 _V7_LORA = {"lora.0.weight": "1", "lora.2.weight": "2", "lora.2.bias": "0"}
@@ -52,8 +57,10 @@ def version_of(model_type, cfg_path: Path) -> str:
     if model_type is None:
         return "rwkv4"
     if model_type not in MODEL_TYPES:
-        raise CheckpointError(f"{cfg_path}: Hugging Face model_type {model_type!r} is not an RWKV layout this reads "
-                              f"({', '.join(repr(k) for k in MODEL_TYPES)})")
+        raise CheckpointError(
+            f"{cfg_path}: Hugging Face model_type {model_type!r} is not an RWKV layout this reads "
+            f"({', '.join(repr(k) for k in MODEL_TYPES)})"
+        )
     return MODEL_TYPES[model_type]
 
 
@@ -73,8 +80,9 @@ def to_blinkdl(layout: str, state: dict, hf_config: dict, where: Path) -> dict:
 def check_version(layout: str, detected: str, where: Path) -> None:
     """config.json's model_type and the weights must agree (a mislabelled folder is refused)."""
     if detected not in _VERSIONS[layout]:
-        raise CheckpointError(f"{where}: config.json says model_type {layout.replace('rwkv4', 'rwkv')!r} "
-                              f"but the weights are {detected}")
+        raise CheckpointError(
+            f"{where}: config.json says model_type {layout.replace('rwkv4', 'rwkv')!r} but the weights are {detected}"
+        )
 
 
 def _from_fla_rwkv7(state: dict, hf_config: dict, where: Path) -> dict:
@@ -125,13 +133,26 @@ def weight_files(path: Path) -> list:
         try:
             data = json.loads(ip.read_bytes().decode("utf-8"))
             files = sorted(set(data["weight_map"].values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError,
-                RecursionError) as e:
+        except (
+            OSError,
+            UnicodeDecodeError,
+            json.JSONDecodeError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            RecursionError,
+        ) as e:
             raise CheckpointError(f"{ip}: not a shard index ({type(e).__name__})") from None
         out = []
         for name in files:
-            if (not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..")
-                    or name.startswith(".")):
+            if (
+                not isinstance(name, str)
+                or not name
+                or "/" in name
+                or "\\" in name
+                or name in (".", "..")
+                or name.startswith(".")
+            ):
                 raise CheckpointError(f"{ip}: shard {str(name)[:60]!r} is not a file name inside {path}")
             if not (path / name).is_file():
                 raise CheckpointError(f"{ip}: shard {name} is missing")

@@ -12,6 +12,7 @@ whole: the base tensor stays a view into the memory-mapped checkpoint and carrie
 ``checkpoint.matrix_in_out`` turns it into a ``LazyArray`` whose rows are merged as they are written.
 Every other load (the PyTorch reference, validate) merges eagerly, in float32.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,8 +90,10 @@ def apply(weights: dict, path, alpha: float | None, lazy: bool) -> Merge:
         if m:
             pairs.setdefault(m.group(1), {})[m.group(2)] = v
         elif "lora" in k:  # init_lora_A (PiSSA), lora_up/down (other trainers): not this layout
-            raise CheckpointError(f"{where}: key {k!r} is not a LoRA pair of this layout "
-                                  "(<weight>.lora_A / <weight>.lora_B, as RWKV-PEFT writes them)")
+            raise CheckpointError(
+                f"{where}: key {k!r} is not a LoRA pair of this layout "
+                "(<weight>.lora_A / <weight>.lora_B, as RWKV-PEFT writes them)"
+            )
         else:
             plain[k] = v
     if not pairs:
@@ -101,20 +104,25 @@ def apply(weights: dict, path, alpha: float | None, lazy: bool) -> Merge:
         ab = pairs[prefix]
         for half in "AB":
             if half not in ab:
-                raise CheckpointError(f"{where}: {prefix}.lora_{half} is missing (its pair "
-                                      f"{prefix}.lora_{'B' if half == 'A' else 'A'} is there)")
+                raise CheckpointError(
+                    f"{where}: {prefix}.lora_{half} is missing (its pair "
+                    f"{prefix}.lora_{'B' if half == 'A' else 'A'} is there)"
+                )
         key = prefix + ".weight"
         if key not in weights:
             raise CheckpointError(f"{where}: {prefix}.lora_A/B adapt {key}, which the checkpoint does not have")
         W, A, B = weights[key], ab["A"], ab["B"]
         if W.ndim != 2 or A.ndim != 2 or B.ndim != 2:
-            raise CheckpointError(f"{where}: {prefix}.lora_A {list(A.shape)} / lora_B {list(B.shape)} do not "
-                                  f"adapt {key} {list(W.shape)} (LoRA adapts matrices)")
+            raise CheckpointError(
+                f"{where}: {prefix}.lora_A {list(A.shape)} / lora_B {list(B.shape)} do not "
+                f"adapt {key} {list(W.shape)} (LoRA adapts matrices)"
+            )
         r = int(A.shape[0])
         if r < 1 or tuple(B.shape) != (W.shape[0], r) or tuple(A.shape) != (r, W.shape[1]):
             raise CheckpointError(
                 f"{where}: shapes do not match {key} {list(W.shape)}: lora_A {list(A.shape)}, lora_B "
-                f"{list(B.shape)} (expected lora_A [r, {W.shape[1]}], lora_B [{W.shape[0]}, r])")
+                f"{list(B.shape)} (expected lora_A [r, {W.shape[1]}], lora_B [{W.shape[0]}, r])"
+            )
         A32, B32 = A.detach().float().clone(), B.detach().float().clone()  # small: out of the mapping
         for name, t in (("lora_A", A32), ("lora_B", B32)):
             if not bool(torch.isfinite(t).all()):
@@ -125,8 +133,9 @@ def apply(weights: dict, path, alpha: float | None, lazy: bool) -> Merge:
         if k not in weights:
             raise CheckpointError(f"{where}: key {k!r} is neither a LoRA pair nor a tensor of the checkpoint")
         if tuple(v.shape) != tuple(weights[k].shape):
-            raise CheckpointError(f"{where}: {k!r} has shape {list(v.shape)}, the checkpoint's "
-                                  f"{list(weights[k].shape)}")
+            raise CheckpointError(
+                f"{where}: {k!r} has shape {list(v.shape)}, the checkpoint's {list(weights[k].shape)}"
+            )
         if not bool(torch.isfinite(v).all()):
             raise CheckpointError(f"{where}: {k!r} holds NaN or infinite values")
     # everything checked: now change the weights
@@ -157,6 +166,7 @@ def merged_rows(t, rec: Pending):
 
     def rows(i, j):
         return (t[i:j].float() + (B[i:j] @ A) * scale).numpy()
+
     return rows
 
 
@@ -169,5 +179,7 @@ def check_all_used(merge: Merge | None) -> None:
     if unused:
         from .errors import ExportError
 
-        raise ExportError(f"--lora: this version's export does not read {unused[0]} as a layer matrix; "
-                          "an adapter for it cannot be merged while streaming")
+        raise ExportError(
+            f"--lora: this version's export does not read {unused[0]} as a layer matrix; "
+            "an adapter for it cannot be merged while streaming"
+        )

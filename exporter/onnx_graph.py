@@ -5,6 +5,7 @@ Why not ``torch.onnx``: the step graph's interface (state tensors as named input
 reduced precision, block-quantised MatMuls) is the product; writing it node by node keeps every
 name and type under our control, and the PyTorch reference stays an independent check of it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,12 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 18
 CUSTOM_DOMAIN = "rwkv"
 
-ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
-              "bfloat16": TensorProto.BFLOAT16, "int64": TensorProto.INT64}
+ONNX_DTYPE = {
+    "float32": TensorProto.FLOAT,
+    "float16": TensorProto.FLOAT16,
+    "bfloat16": TensorProto.BFLOAT16,
+    "int64": TensorProto.INT64,
+}
 
 
 def onnx_dtype(dt) -> int:
@@ -55,7 +60,7 @@ class LazyArray:
             raise ValueError(f"LazyArray: a 2-D tensor expected, not {tuple(t.shape)}")
         return cls(lambda i, j: t[i:j].float().numpy(), t.shape)
 
-    def _like(self, **kw) -> "LazyArray":
+    def _like(self, **kw) -> LazyArray:
         a = dict(transposed=self._transposed, divisor=self._divisor, dtype=self.dtype)
         a.update(kw)
         return LazyArray(self._rows, self._base, **a)
@@ -75,20 +80,24 @@ class LazyArray:
     @property
     def key(self) -> tuple:
         """Identifies what this computes (the same source, layout, scale and dtype)."""
-        return (id(self._rows), self._transposed, None if self._divisor is None else float(self._divisor),
-                self.dtype.str)
+        return (
+            id(self._rows),
+            self._transposed,
+            None if self._divisor is None else float(self._divisor),
+            self.dtype.str,
+        )
 
     @property
-    def T(self) -> "LazyArray":
+    def T(self) -> LazyArray:
         return self._like(transposed=not self._transposed)
 
-    def __truediv__(self, d) -> "LazyArray":
+    def __truediv__(self, d) -> LazyArray:
         if self.dtype != np.float32:
             return NotImplemented
         d = np.float32(d)
         return self._like(divisor=d if self._divisor is None else self._divisor * d)
 
-    def astype(self, dtype, copy: bool = True) -> "LazyArray":
+    def astype(self, dtype, copy: bool = True) -> LazyArray:
         """float32 -> ``dtype`` after the float32 computation (as ``array.astype`` would be)."""
         if self.dtype != np.float32:
             raise ValueError("LazyArray.astype: converts from float32 only")
@@ -203,8 +212,9 @@ class WeightStore:
             if self.after_write is not None:
                 self.after_write(self)
         offset, length = self._seen[key]
-        t = onnx.TensorProto(name=name, data_type=onnx_dtype(arr.dtype), dims=list(arr.shape),
-                             data_location=onnx.TensorProto.EXTERNAL)
+        t = onnx.TensorProto(
+            name=name, data_type=onnx_dtype(arr.dtype), dims=list(arr.shape), data_location=onnx.TensorProto.EXTERNAL
+        )
         for k, v in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
             e = t.external_data.add()
             e.key, e.value = k, v
@@ -251,8 +261,11 @@ class WeightStore:
 
     def add_proto(self, t: onnx.TensorProto) -> onnx.TensorProto:
         """Move an in-memory initializer (e.g. from onnxruntime's quantiser) into the file."""
-        if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data") \
-                or len(t.raw_data) < self.min_bytes:
+        if (
+            t.data_location == onnx.TensorProto.EXTERNAL
+            or not t.HasField("raw_data")
+            or len(t.raw_data) < self.min_bytes
+        ):
             return t
         return self.add(t.name, numpy_helper.to_array(t))
 
@@ -336,8 +349,9 @@ class GraphBuilder:
             outputs = [self.fresh(op_type.lower()) for _ in range(n_out)]
         elif isinstance(outputs, str):
             outputs = [outputs]
-        node = helper.make_node(op_type, list(inputs), list(outputs), name=name or self.fresh(op_type),
-                                domain=domain, **attrs)
+        node = helper.make_node(
+            op_type, list(inputs), list(outputs), name=name or self.fresh(op_type), domain=domain, **attrs
+        )
         self.nodes.append(node)
         return outputs[0] if len(outputs) == 1 else outputs
 
@@ -349,8 +363,13 @@ class GraphBuilder:
     def model(self, doc: str = "", metadata: dict | None = None) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
         opsets = [helper.make_opsetid(d, v) for d, v in self.domains.items()]
-        m = helper.make_model(graph, opset_imports=opsets, producer_name="rwkv-export",
-                              functions=list(self.functions.values()), doc_string=doc)
+        m = helper.make_model(
+            graph,
+            opset_imports=opsets,
+            producer_name="rwkv-export",
+            functions=list(self.functions.values()),
+            doc_string=doc,
+        )
         m.ir_version = 9  # readable by onnxruntime >= 1.16 and TensorRT 10's parser
         for k, v in (metadata or {}).items():
             helper.set_model_props(m, {**{p.key: p.value for p in m.metadata_props}, k: v})
@@ -377,5 +396,12 @@ def make_function(name: str, inputs, outputs, build, attributes=(), domain=CUSTO
     consts = []
     for init in g.initializers:  # functions have no initializers: turn them into Constant nodes
         consts.append(helper.make_node("Constant", [], [init.name], value=init))
-    return helper.make_function(domain, name, list(inputs), list(outputs), consts + g.nodes,
-                                [helper.make_opsetid("", OPSET)], attributes=list(attributes))
+    return helper.make_function(
+        domain,
+        name,
+        list(inputs),
+        list(outputs),
+        consts + g.nodes,
+        [helper.make_opsetid("", OPSET)],
+        attributes=list(attributes),
+    )

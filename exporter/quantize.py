@@ -10,6 +10,7 @@ C++ kernels, so the same bytes as the whole-model quantiser), and writes the pac
 other initializer straight into the export's ``WeightStore``. Matrices shared by the step and the
 sequence graph are quantised once.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,8 +35,12 @@ class PendingStore:
 
     def add(self, name: str, arr: np.ndarray) -> onnx.TensorProto:
         self.arrays.append(arr)
-        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=list(arr.shape),
-                             data_location=onnx.TensorProto.EXTERNAL)
+        t = onnx.TensorProto(
+            name=name,
+            data_type=helper.np_dtype_to_tensor_dtype(arr.dtype),
+            dims=list(arr.shape),
+            data_location=onnx.TensorProto.EXTERNAL,
+        )
         for k, v in (("location", PENDING), ("offset", str(len(self.arrays) - 1))):
             e = t.external_data.add()
             e.key, e.value = k, v
@@ -56,12 +61,15 @@ class Quantizer:
     """Quantises matrices into a store; remembers what it did so a second graph reuses it."""
 
     def __init__(self, bits: int, block: int, accuracy_level: int = 4):
-        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                     DefaultWeightOnlyQuantizer)
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            DefaultWeightOnlyQuantizer,
+        )
 
         self.bits, self.block, self.accuracy_level = bits, block, accuracy_level
-        cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=accuracy_level,
-                                           bits=bits)
+        cfg = DefaultWeightOnlyQuantConfig(
+            block_size=block, is_symmetric=True, accuracy_level=accuracy_level, bits=bits
+        )
         self._q = DefaultWeightOnlyQuantizer(cfg)
         self._done: dict = {}  # (id of the source array, rows) -> (its packed and scales tensors, the array)
         self._row_quantizers: dict = {}
@@ -84,7 +92,7 @@ class Quantizer:
             self._done[key] = ((_tensor(store, qname, packed), _tensor(store, sname, scales)), arr)
         return self._done[key][0]
 
-    def row_quantizer(self, cols: int) -> "Quantizer | None":
+    def row_quantizer(self, cols: int) -> Quantizer | None:
         """The quantiser for a table read by rows with ``cols`` columns (the embedding): this one when its
         block divides ``cols`` (GatherBlockQuantized has no padded blocks), else one with the largest
         power-of-two block from 16 that does; None when none does."""
@@ -101,8 +109,17 @@ class Quantizer:
 
     def gather_node(self, indices: str, qname: str, sname: str, outputs, name: str):
         """Rows of a table quantised by ``tensors(rows=True)``, dequantised to float32 as they are read."""
-        return helper.make_node("GatherBlockQuantized", [qname, indices, sname], list(outputs), name=f"{name}_Q{self.bits}",
-                                domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=self.block, bits=self.bits)
+        return helper.make_node(
+            "GatherBlockQuantized",
+            [qname, indices, sname],
+            list(outputs),
+            name=f"{name}_Q{self.bits}",
+            domain=MS_DOMAIN,
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=self.block,
+            bits=self.bits,
+        )
 
     def quantize(self, arr, slab_bytes: int = SLAB_BYTES) -> tuple:
         """(packed [N, blocks, blob], scales [N, blocks]) of a float32 [K, N] matrix (an ndarray, a view
@@ -127,9 +144,18 @@ class Quantizer:
         return packed, scales
 
     def node(self, x: str, qname: str, sname: str, outputs, name: str, K: int, N: int):
-        return helper.make_node("MatMulNBits", [x, qname, sname], list(outputs), name=f"{name}_Q{self.bits}",
-                                domain=MS_DOMAIN, K=K, N=N, bits=self.bits, block_size=self.block,
-                                accuracy_level=self.accuracy_level)
+        return helper.make_node(
+            "MatMulNBits",
+            [x, qname, sname],
+            list(outputs),
+            name=f"{name}_Q{self.bits}",
+            domain=MS_DOMAIN,
+            K=K,
+            N=N,
+            bits=self.bits,
+            block_size=self.block,
+            accuracy_level=self.accuracy_level,
+        )
 
 
 class DynamicInt8Quantizer(Quantizer):
@@ -178,8 +204,9 @@ class DynamicInt8Quantizer(Quantizer):
         return q, scales
 
     def node(self, x: str, qname: str, sname: str, outputs, name: str, K: int, N: int):
-        return helper.make_node("DynamicQuantizeMatMul", [x, qname, sname], list(outputs), name=f"{name}_Q8d",
-                                domain=MS_DOMAIN)
+        return helper.make_node(
+            "DynamicQuantizeMatMul", [x, qname, sname], list(outputs), name=f"{name}_Q8d", domain=MS_DOMAIN
+        )
 
 
 def quantize_into(model: onnx.ModelProto, pending: PendingStore, store, quantizer: Quantizer) -> None:
@@ -192,8 +219,11 @@ def quantize_into(model: onnx.ModelProto, pending: PendingStore, store, quantize
         if node.op_type == "Gather" and _gather_axis(node) == 0:
             t = inits.get(node.input[0])
             arr = pending.array(t) if t is not None else None
-            rq = quantizer.row_quantizer(arr.shape[1]) if (arr is not None and arr.ndim == 2
-                                                            and arr.dtype == np.float32) else None
+            rq = (
+                quantizer.row_quantizer(arr.shape[1])
+                if (arr is not None and arr.ndim == 2 and arr.dtype == np.float32)
+                else None
+            )
             if rq is not None:  # the embedding: quantised like the matrices (llama.cpp's GGUF does too)
                 qname, sname = f"{t.name}_G{rq.bits}", f"{t.name}_gscales"
                 if qname not in quantized:

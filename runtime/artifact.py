@@ -19,6 +19,7 @@ What is checked where (docs/errors.md, "Runtime"):
 
 Every failure is a ``RuntimeUserError`` with one line naming the user's file.
 """
+
 from __future__ import annotations
 
 import base64
@@ -30,11 +31,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RuntimeUserError
+from .manifest import (
+    FIELDS_BY_NAME,
+    FORMAT_VERSION,
+    INITIAL_STATE_KEY,  # noqa: F401
+    MANIFEST_FIELDS,
+    MANIFEST_KEY,
+    PLAIN_FILE_PATTERN,
+    REQUIRED_FIELDS,
+    STATE_FIELDS,
+    TOKENIZER_KEY,
+    Manifest,
+    StateSpec,
+    check_value,
+)
 from .onnx_metadata import MAX_META_BYTES as _MAX_META_BYTES  # noqa: F401
 from .onnx_metadata import read_onnx, read_onnx_metadata  # noqa: F401 - read_onnx_metadata: its old home
-from .manifest import (BATCH, FIELDS_BY_NAME, FORMAT_VERSION, GRAPH_KINDS, INITIAL_STATE_KEY,  # noqa: F401
-                       MANIFEST_FIELDS, MANIFEST_KEY, PLAIN_FILE_PATTERN, REQUIRED_FIELDS, STATE_FIELDS,
-                       TOKENIZER_KEY, Manifest, StateSpec, check_value)
 from .state import EXPORT_ID_KEY, MAX_STATE_BATCH, STATE_DTYPES, check_state_arrays, read_state_npz  # noqa: F401
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # the one list: TensorRT engine files
@@ -92,8 +104,10 @@ def confined_path(model_path, rel, what: str) -> Path:
         why = outside_reason(model_path, full)
         if why is None:
             return full
-    raise RuntimeUserError(f"{model_path.name}: {what} {shown!r} is outside the model's folder ({why}); refusing to "
-                           "read it (an export keeps its files together in one folder; re-export or copy them there)")
+    raise RuntimeUserError(
+        f"{model_path.name}: {what} {shown!r} is outside the model's folder ({why}); refusing to "
+        "read it (an export keeps its files together in one folder; re-export or copy them there)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,8 +166,10 @@ def manifest_from_dict(d: dict, where: str = "model") -> Manifest:
     rules no schema keyword states (distinct names); paths it names are confined by ``open_artifact``."""
     if not check_value(d.get("format_version"), FIELDS_BY_NAME["format_version"].schema):
         v = d.get("format_version")
-        raise RuntimeUserError(f"{where}: unsupported manifest format version {str(v)[:20]} (this runtime reads "
-                               f"version {FORMAT_VERSION}); re-export the model")
+        raise RuntimeUserError(
+            f"{where}: unsupported manifest format version {str(v)[:20]} (this runtime reads "
+            f"version {FORMAT_VERSION}); re-export the model"
+        )
     for k in REQUIRED_FIELDS:
         if k not in d:
             raise _bad(where, f"missing field {k!r}")
@@ -204,10 +220,14 @@ def read_sidecar(engine_path) -> dict:
     path = Path(engine_path)
     side = sidecar_path(path)
     if not side.is_file():
-        raise RuntimeUserError(f"{path.name}: no {side.name} beside it (engines built by rwkv-export build-engine "
-                               "carry their manifest in that file; copy it with the engine or rebuild)")
+        raise RuntimeUserError(
+            f"{path.name}: no {side.name} beside it (engines built by rwkv-export build-engine "
+            "carry their manifest in that file; copy it with the engine or rebuild)"
+        )
     if (why := outside_reason(path, side)) is not None:  # named by us, but a link may point anywhere
-        raise RuntimeUserError(f"{side.name}: the engine sidecar {why}; refusing to read it (keep it beside the engine)")
+        raise RuntimeUserError(
+            f"{side.name}: the engine sidecar {why}; refusing to read it (keep it beside the engine)"
+        )
     try:
         d = json.loads(side.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
@@ -217,19 +237,24 @@ def read_sidecar(engine_path) -> dict:
     if not isinstance(d, dict) or d.get("format") != SIDECAR_FORMAT or not isinstance(d.get("manifest"), dict):
         raise RuntimeUserError(f"{side.name}: not an rwkv-export engine sidecar")
     if d.get("format_version") != SIDECAR_VERSION:
-        raise RuntimeUserError(f"{side.name}: sidecar format version {str(d.get('format_version'))[:20]} is not "
-                               f"supported (this runtime reads version {SIDECAR_VERSION}); rebuild the engine")
+        raise RuntimeUserError(
+            f"{side.name}: sidecar format version {str(d.get('format_version'))[:20]} is not "
+            f"supported (this runtime reads version {SIDECAR_VERSION}); rebuild the engine"
+        )
     for k in ("tokenizer_json", "initial_state"):
         if d.get(k) is not None and not isinstance(d[k], str):
             raise RuntimeUserError(f"{side.name}: {k} must be a string")
     plugins = d.get("plugins") or []
-    if not isinstance(plugins, list) or not all(isinstance(p, dict) and isinstance(p.get("name"), str)
-                                                and isinstance(p.get("path", ""), str) for p in plugins):
+    if not isinstance(plugins, list) or not all(
+        isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("path", ""), str) for p in plugins
+    ):
         raise RuntimeUserError(f"{side.name}: plugins must be a list of {{name, path}} strings")
     for p in plugins:  # a library is only ever looked up beside the engine under its plain name
         if not plain_file_name(p["name"]):
-            raise RuntimeUserError(f"{side.name}: plugin library {p['name'][:100]!r} is not a plain file name beside "
-                                   "the engine; rebuild the engine")
+            raise RuntimeUserError(
+                f"{side.name}: plugin library {p['name'][:100]!r} is not a plain file name beside "
+                "the engine; rebuild the engine"
+            )
         confined_path(path, p["name"], "plugin library")
     return d
 
@@ -288,7 +313,7 @@ class Artifact:
         p = self.path.with_name(name)
         return p if p.is_file() else None
 
-    def companion(self, kind: str) -> "Artifact":
+    def companion(self, kind: str) -> Artifact:
         """The companion graph, checked to belong to this export (same export id, same state layout)."""
         p = self.companion_path(kind)
         if p is None:
@@ -302,11 +327,19 @@ class Artifact:
         if o.graph != kind:
             raise RuntimeUserError(f"{p.name}: named as the {kind} graph of {self.path.name} but is a {o.graph} graph")
         if (m.export_id or o.export_id) and m.export_id != o.export_id:
-            raise RuntimeUserError(f"{p.name} belongs to another export than {self.path.name} (export ids "
-                                   f"{o.export_id[:16] or 'none'} vs {m.export_id[:16] or 'none'}); re-export them together")
-        same = ([(s.name, s.output, list(s.shape), s.dtype) for s in m.state]
-                == [(s.name, s.output, list(s.shape), s.dtype) for s in o.state])
-        if not same or (m.vocab_size, m.n_layer, m.n_embd, m.architecture) != (o.vocab_size, o.n_layer, o.n_embd, o.architecture):
+            raise RuntimeUserError(
+                f"{p.name} belongs to another export than {self.path.name} (export ids "
+                f"{o.export_id[:16] or 'none'} vs {m.export_id[:16] or 'none'}); re-export them together"
+            )
+        same = [(s.name, s.output, list(s.shape), s.dtype) for s in m.state] == [
+            (s.name, s.output, list(s.shape), s.dtype) for s in o.state
+        ]
+        if not same or (m.vocab_size, m.n_layer, m.n_embd, m.architecture) != (
+            o.vocab_size,
+            o.n_layer,
+            o.n_embd,
+            o.architecture,
+        ):
             raise RuntimeUserError(f"{p.name} does not match {self.path.name} (different model or state layout)")
         return other
 

@@ -4,6 +4,7 @@
 a backend only moves tensors and runs graphs. Backends: ``ort_backend.OrtBackend``,
 ``rwkv_runtime.tensorrt.TrtBackend``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable

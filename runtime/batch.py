@@ -14,6 +14,7 @@ A sequence whose step fails (its sampler, or its part of the model step) leaves 
 error is in ``gen.failed[seq_id]`` (and logged), ``step()`` carries on with the others, and
 ``remove(seq_id)`` still returns the tokens it generated.
 """
+
 from __future__ import annotations
 
 import itertools

@@ -1,5 +1,6 @@
 """Measuring an exported model: decode tokens/s (batch 1 and larger), prefill tokens/s, time to first
 token, peak memory. Used by ``rwkv-export bench`` and ``scripts/bench_vs_blinkdl.py``; torch-free."""
+
 from __future__ import annotations
 
 import resource
@@ -56,8 +57,13 @@ def time_to_first_token(session, prompt_len: int = 64) -> float:
 
 
 def run_bench(session, batches=(1, 4), decode_tokens: int = 64, prefill_len: int = 512) -> dict:
-    res = {"model": str(session.path), "architecture": session.manifest.architecture,
-           "precision": session.manifest.precision, "decode_tps": {}, "prefill_len": prefill_len}
+    res = {
+        "model": str(session.path),
+        "architecture": session.manifest.architecture,
+        "precision": session.manifest.precision,
+        "decode_tps": {},
+        "prefill_len": prefill_len,
+    }
     for b in batches:
         res["decode_tps"][str(b)] = decode_tps(session, b, decode_tokens)
     if prefill_len > 0:

@@ -25,6 +25,7 @@ object closed, a choice complete), or when it is complete and the model picks th
 ``eos_consumed``: that token is not part of the text). A vocabulary without an end-of-text token (the
 byte tokenizer) cannot end an open-ended constraint such as ``[0-9]+`` early: it runs to the token limit.
 """
+
 from __future__ import annotations
 
 import collections
@@ -111,15 +112,17 @@ def from_dict(d) -> ConstraintSpec:
     ``{"json_object": true}``: exactly one key (the form the CLI and the server's extras use)."""
     if not isinstance(d, dict) or len(d) != 1:
         raise RuntimeUserError(f"a constraint is one of {{{', '.join(KINDS)}}}: a dict with exactly one key")
-    (kind, value), = d.items()
+    ((kind, value),) = d.items()
     return ConstraintSpec(kind, None if kind == "json_object" else value)
 
 
 def check_spec(spec) -> ConstraintSpec:
     """The spec's shape (no engine needed): one clear RuntimeUserError."""
     if not isinstance(spec, ConstraintSpec):
-        raise RuntimeUserError(f"constraint must be a ConstraintSpec (rwkv_runtime.constraints.json_schema(...) "
-                               f"and co.), not {type(spec).__name__}")
+        raise RuntimeUserError(
+            f"constraint must be a ConstraintSpec (rwkv_runtime.constraints.json_schema(...) "
+            f"and co.), not {type(spec).__name__}"
+        )
     k, v = spec.kind, spec.value
     if k not in KINDS:
         raise RuntimeUserError(f"constraint kind {str(k)[:40]!r} is not one of {', '.join(KINDS)}")
@@ -134,8 +137,9 @@ def check_spec(spec) -> ConstraintSpec:
     except (TypeError, ValueError, RecursionError) as e:  # (a nesting deeper than Python's stack, too)
         raise RuntimeUserError(f"constraint: the JSON schema is not JSON ({str(e)[:120]})") from None
     if size > MAX_SPEC_CHARS:
-        raise RuntimeUserError(f"constraint: the {k.replace('_', ' ')} is {size} characters long as JSON; "
-                               f"at most {MAX_SPEC_CHARS}")
+        raise RuntimeUserError(
+            f"constraint: the {k.replace('_', ' ')} is {size} characters long as JSON; at most {MAX_SPEC_CHARS}"
+        )
     return spec
 
 
@@ -179,13 +183,20 @@ def vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
         if kind == "hf-json":
             # llguidance reads tokenizer.json itself (byte-level BPE, Metaspace, added tokens alike)
             tok = tokenizer._tok
-            eos = next((tok.token_to_id(t) for t in ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
-                        if tok.token_to_id(t) is not None), None)
+            eos = next(
+                (
+                    tok.token_to_id(t)
+                    for t in ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+                    if tok.token_to_id(t) is not None
+                ),
+                None,
+            )
             try:
                 lltok = llg.LLTokenizer(tok.to_str(), n_vocab=int(vocab_size), eos_token=eos)
             except Exception as e:  # noqa: BLE001 - the engine raises its own types
-                raise RuntimeUserError(f"constrained decoding cannot read this model's tokenizer.json "
-                                       f"({str(e).splitlines()[0][:160]})") from None
+                raise RuntimeUserError(
+                    f"constrained decoding cannot read this model's tokenizer.json ({str(e).splitlines()[0][:160]})"
+                ) from None
             if eos is not None and eos >= vocab_size:
                 eos = None
         elif kind in ("bytes", "world"):
@@ -204,8 +215,9 @@ def vocabulary(tokenizer, vocab_size: int) -> Vocabulary:
             words = _Words(tokens, eos if eos is not None else len(tokens) - 1, special, tokenizer.encode)
             lltok = llg.LLTokenizer(llg.TokenizerWrapper(words))
         else:
-            raise RuntimeUserError(f"constrained decoding does not know the tokenizer kind {str(kind)[:40]!r} "
-                                   "(bytes, world, hf-json)")
+            raise RuntimeUserError(
+                f"constrained decoding does not know the tokenizer kind {str(kind)[:40]!r} (bytes, world, hf-json)"
+            )
         cache[vocab_size] = v = Vocabulary(lltok, vocab_size, eos)
         return v
 
@@ -221,7 +233,7 @@ class CompiledConstraint:
     def vocab_size(self) -> int:
         return self.vocab.vocab_size
 
-    def start(self) -> "ConstraintState":
+    def start(self) -> ConstraintState:
         return ConstraintState(self, self._proto.deep_copy())
 
 
@@ -240,8 +252,9 @@ def grammar_text(spec: ConstraintSpec) -> str:
             return M.grammar_from_lark("start: " + " | ".join(json.dumps(x) for x in spec.value))
         return llg.grammar_from("grammar", spec.value)  # Lark, or GBNF converted to Lark
     except (ValueError, TypeError) as e:
-        raise RuntimeUserError(f"constraint: the {spec.kind.replace('_', ' ')} cannot be compiled "
-                               f"({_first_line(e)})") from None
+        raise RuntimeUserError(
+            f"constraint: the {spec.kind.replace('_', ' ')} cannot be compiled ({_first_line(e)})"
+        ) from None
 
 
 def _first_line(e) -> str:
@@ -269,12 +282,15 @@ def compile_constraint(spec: ConstraintSpec, tokenizer, vocab_size: int) -> Comp
     g = grammar_text(spec)
     is_error, msgs = llg.LLMatcher.validate_grammar_with_warnings(g, vocab.lltok)
     if is_error:
-        raise RuntimeUserError(f"constraint: the {spec.kind.replace('_', ' ')} cannot be compiled "
-                               f"({_first_line(msgs[0] if msgs else 'invalid')})")
+        raise RuntimeUserError(
+            f"constraint: the {spec.kind.replace('_', ' ')} cannot be compiled "
+            f"({_first_line(msgs[0] if msgs else 'invalid')})"
+        )
     proto = llg.LLMatcher(vocab.lltok, g, log_level=0)
     if proto.is_error():
-        raise RuntimeUserError(f"constraint: the {spec.kind.replace('_', ' ')} cannot be compiled "
-                               f"({_first_line(proto.get_error())})")
+        raise RuntimeUserError(
+            f"constraint: the {spec.kind.replace('_', ' ')} cannot be compiled ({_first_line(proto.get_error())})"
+        )
     compiled = CompiledConstraint(spec, vocab, proto)
     _check_first_token(compiled)
     with _CACHE_LOCK:
@@ -294,11 +310,16 @@ def _check_first_token(compiled: CompiledConstraint) -> None:
     try:
         allowed = first.allowed()
     except ConstraintError as e:
-        raise RuntimeUserError(f"constraint: the {what} cannot be compiled ({str(e)[len('constraint: '):]})") from None
+        raise RuntimeUserError(f"constraint: the {what} cannot be compiled ({str(e)[len('constraint: ') :]})") from None
     if not allowed.any():
-        raise RuntimeUserError(f"constraint: the {what} " + (
-            "matches only the empty text: there is nothing to generate" if first.accepting else
-            "matches no text this model's tokens can write"))
+        raise RuntimeUserError(
+            f"constraint: the {what} "
+            + (
+                "matches only the empty text: there is nothing to generate"
+                if first.accepting
+                else "matches no text this model's tokens can write"
+            )
+        )
 
 
 # -- one row's matcher -------------------------------------------------------------------------------------
@@ -327,7 +348,7 @@ class ConstraintState:
     def allowed(self) -> np.ndarray:
         """bool [vocab_size]: the tokens the constraint accepts next."""
         bits = np.unpackbits(self._bitmask().view(np.uint8), bitorder="little")
-        return bits[:self.vocab.vocab_size].astype(bool)
+        return bits[: self.vocab.vocab_size].astype(bool)
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
         """The logits with every token the constraint refuses set to -inf (a new float64 array when
@@ -337,8 +358,9 @@ class ConstraintState:
             raise RuntimeUserError("constraint: the constrained output is already complete; stop this sequence")
         ok = self.allowed()
         if x.shape[-1] != ok.size:
-            raise RuntimeUserError(f"constraint: {x.shape[-1]} logits for a constraint compiled for a vocabulary "
-                                   f"of {ok.size}")
+            raise RuntimeUserError(
+                f"constraint: {x.shape[-1]} logits for a constraint compiled for a vocabulary of {ok.size}"
+            )
         np.putmask(x, ~ok, -np.inf)
         return x
 
@@ -349,8 +371,10 @@ class ConstraintState:
         if self.finished:
             raise RuntimeUserError("constraint: the constrained output is already complete")
         if not self._m.consume_token(token):
-            raise ConstraintError(f"constraint: token {token} does not continue the constrained output "
-                                   f"({_first_line(self._m.get_error()) or 'not allowed'})")
+            raise ConstraintError(
+                f"constraint: token {token} does not continue the constrained output "
+                f"({_first_line(self._m.get_error()) or 'not allowed'})"
+            )
         self._bits = None
         self.tokens += 1
         if self.vocab.eos is not None and token == self.vocab.eos:
@@ -393,7 +417,8 @@ def prepare_masks(states) -> None:
         by_words.setdefault(s.vocab.n_words, []).append(s)
     for n_words, group in by_words.items():
         bits = np.empty((len(group), n_words), np.int32)
-        _EXECUTOR.unsafe_compute_mask_ptr([(s._m, i) for i, s in enumerate(group)], bits.ctypes.data,
-                                          n_words * 4, len(group))
+        _EXECUTOR.unsafe_compute_mask_ptr(
+            [(s._m, i) for i, s in enumerate(group)], bits.ctypes.data, n_words * 4, len(group)
+        )
         for i, s in enumerate(group):
             s._set_bits(bits[i])

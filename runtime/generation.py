@@ -22,6 +22,7 @@ token the core asks it for a mask of allowed tokens (applied by the Sampler befo
 included), and after the token it tells it the token; a constraint that says it is complete ends the
 row with finish reason ``"stop"``.
 """
+
 from __future__ import annotations
 
 import collections
@@ -39,8 +40,19 @@ from .tokenizers import StreamDecoder
 
 log = logging.getLogger("rwkv_runtime.generation")
 
-__all__ = ["Batch", "Row", "Out", "Constraint", "TextStream", "StopMatcher", "TokenLogprob", "token_logprob",
-           "step_rows", "prefill_rows", "prefill_many"]
+__all__ = [
+    "Batch",
+    "Row",
+    "Out",
+    "Constraint",
+    "TextStream",
+    "StopMatcher",
+    "TokenLogprob",
+    "token_logprob",
+    "step_rows",
+    "prefill_rows",
+    "prefill_many",
+]
 
 
 # -- stop strings ------------------------------------------------------------------------------------
@@ -264,10 +276,20 @@ class Row:
     ``key``: anything the front end wants to find its own record by.
     """
 
-    def __init__(self, sampler: Sampler, *, max_new_tokens: int | None = None, stop_ids=None,
-                 text: TextStream | None = None, logprobs: int | None = None, deadline: float | None = None,
-                 feed_last: bool = False, keep_state: bool = False, constraint: Constraint | None = None,
-                 key=None):
+    def __init__(
+        self,
+        sampler: Sampler,
+        *,
+        max_new_tokens: int | None = None,
+        stop_ids=None,
+        text: TextStream | None = None,
+        logprobs: int | None = None,
+        deadline: float | None = None,
+        feed_last: bool = False,
+        keep_state: bool = False,
+        constraint: Constraint | None = None,
+        key=None,
+    ):
         self.sampler = sampler
         self.max_new_tokens = max_new_tokens
         self.stop_ids = frozenset(sampler.stop if stop_ids is None else stop_ids)
@@ -299,7 +321,7 @@ class Row:
             return t
         return self.sampler(self.logits, mask)
 
-    def accept(self, token: int, now: float) -> "Out":
+    def accept(self, token: int, now: float) -> Out:
         """Take a sampled token: its text (stop strings, logprobs); sets ``reason`` (also on the Out) if
         the row ends here, and then delivers what was held back (``TextStream.finish``)."""
         out = Out(self, token)
@@ -323,7 +345,7 @@ class Row:
             self.reason = "timeout"
         return self._end(out) if self.reason else out
 
-    def _end(self, out: "Out") -> "Out":
+    def _end(self, out: Out) -> Out:
         if self.text is not None:
             text, lps, stopped = self.text.finish()
             out.text += text
@@ -375,7 +397,9 @@ def prefill_many(session, prompts: list, state: State | None = None, chunk_size:
     if min(lengths) == 0:
         raise RuntimeUserError("every prompt needs at least one token")
     if state is not None and not isinstance(state, (State, dict)):
-        raise RuntimeUserError(f"state must be a State (from new_state) or a dict of arrays, not {type(state).__name__}")
+        raise RuntimeUserError(
+            f"state must be a State (from new_state) or a dict of arrays, not {type(state).__name__}"
+        )
     if isinstance(state, State) and state.batch_size != n:
         raise RuntimeUserError(f"state is for a batch of {state.batch_size}, but {n} prompts were given")
     # checked like every other call's state (export id, batch size, ...), before numpy() drops the export id
@@ -425,8 +449,9 @@ def step_rows(session, tokens, states: list) -> list:
         if len(idx) == 1:
             return [(logits[0], new)]
         arrays = new.numpy()
-        return [(logits[j], session.state_from_numpy({k: v[j:j + 1] for k, v in arrays.items()}))
-                for j in range(len(idx))]
+        return [
+            (logits[j], session.state_from_numpy({k: v[j : j + 1] for k, v in arrays.items()})) for j in range(len(idx))
+        ]
 
     try:
         return _isolated(run, len(states), "a model step")
@@ -446,8 +471,9 @@ def prefill_rows(session, chunks: list, states: list, chunk_size: int | None = N
             return [(logits[0], new)]
         logits, new = prefill_many(session, [chunks[i] for i in idx], st, chunk_size)
         arrays = new.numpy()
-        return [(logits[j], session.state_from_numpy({k: v[j:j + 1] for k, v in arrays.items()}))
-                for j in range(len(idx))]
+        return [
+            (logits[j], session.state_from_numpy({k: v[j : j + 1] for k, v in arrays.items()})) for j in range(len(idx))
+        ]
 
     try:
         return _isolated(run, len(states), "a prefill")
@@ -499,8 +525,9 @@ class Batch:
         if logits.ndim == 1:
             logits = logits[None]
         if state.batch_size != len(rows) or logits.shape[0] != len(rows):
-            raise RuntimeUserError(f"{len(rows)} rows joining with a state of batch {state.batch_size} and "
-                                   f"{logits.shape[0]} logits rows")
+            raise RuntimeUserError(
+                f"{len(rows)} rows joining with a state of batch {state.batch_size} and {logits.shape[0]} logits rows"
+            )
         if self._next is not None:
             raise RuntimeError("rows join between steps: call advance() after sample() first")
         for r, lg in zip(rows, logits):
@@ -529,7 +556,7 @@ class Batch:
             else:
                 arrays = st.numpy()
                 for i in wanted:
-                    self.rows[i].final = {k: v[i:i + 1] for k, v in arrays.items()}
+                    self.rows[i].final = {k: v[i : i + 1] for k, v in arrays.items()}
         gone = set(idx)
         keep = [i for i in range(len(self.rows)) if i not in gone]
         self.rows = [self.rows[i] for i in keep]
@@ -589,9 +616,11 @@ class Batch:
                 return failed
             log.exception("a model step of %d rows failed as a batch; retrying row by row", len(self.rows))
             arrays = self.state.numpy()  # (one copy of the batch, then a batch-1 state per row)
-            rows = [self.session.state_from_numpy({k: v[i:i + 1] for k, v in arrays.items()})
-                    for i in range(len(self.rows))]
-            results = [step_rows(self.session, toks[i:i + 1], [rows[i]])[0] for i in range(len(rows))]
+            rows = [
+                self.session.state_from_numpy({k: v[i : i + 1] for k, v in arrays.items()})
+                for i in range(len(self.rows))
+            ]
+            results = [step_rows(self.session, toks[i : i + 1], [rows[i]])[0] for i in range(len(rows))]
             bad = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
             for i in bad:
                 failed.append(_failed(self.rows[i], results[i], "a model step", self.log_failures))

@@ -20,6 +20,7 @@ Schema keyword states are checked by ``artifact.manifest_from_dict`` and listed 
 the model's folder (``artifact.confined_path``).
 This module must stay importable with numpy alone (no torch, no onnx).
 """
+
 from __future__ import annotations
 
 import base64
@@ -74,55 +75,155 @@ def _str(min_len=0, max_len=None) -> dict:
 STATE_FIELDS = (
     Field("name", _str(1), "a non-empty string", "graph input holding this tensor", True, _NO_DEFAULT, "str"),
     Field("output", _str(1), "a non-empty string", "graph output holding its next value", True, _NO_DEFAULT, "str"),
-    Field("shape", {"type": "array", "minItems": 1, "prefixItems": [{"const": BATCH}],
-                    "items": {"type": "integer", "minimum": 1, "maximum": MAX_DIM}},
-          "['batch', positive ints...]", "'batch' first (the only symbolic axis), then sizes in [1, 2^24]",
-          True, _NO_DEFAULT, "list"),
-    Field("dtype", {"enum": list(STATE_DTYPE_NAMES)}, f"one of {list(STATE_DTYPE_NAMES)}", "element type",
-          False, "float32", "str"),
-    Field("init", {"type": "number", "x-finite": True}, "a finite number",
-          "fill value of a fresh state (RWKV-4's wkv_pp: -1e30)", False, 0.0, "float"),
+    Field(
+        "shape",
+        {
+            "type": "array",
+            "minItems": 1,
+            "prefixItems": [{"const": BATCH}],
+            "items": {"type": "integer", "minimum": 1, "maximum": MAX_DIM},
+        },
+        "['batch', positive ints...]",
+        "'batch' first (the only symbolic axis), then sizes in [1, 2^24]",
+        True,
+        _NO_DEFAULT,
+        "list",
+    ),
+    Field(
+        "dtype",
+        {"enum": list(STATE_DTYPE_NAMES)},
+        f"one of {list(STATE_DTYPE_NAMES)}",
+        "element type",
+        False,
+        "float32",
+        "str",
+    ),
+    Field(
+        "init",
+        {"type": "number", "x-finite": True},
+        "a finite number",
+        "fill value of a fresh state (RWKV-4's wkv_pp: -1e30)",
+        False,
+        0.0,
+        "float",
+    ),
     Field("layer", {"type": "integer"}, "an integer", "the layer it belongs to (-1: none)", False, -1, "int"),
     Field("doc", {"type": "string"}, "a string", "what it holds", False, "", "str"),
 )
 
-STATE_SCHEMA = {"type": "object", "required": [f.name for f in STATE_FIELDS if f.required],
-                "properties": {f.name: f.schema for f in STATE_FIELDS}}
+STATE_SCHEMA = {
+    "type": "object",
+    "required": [f.name for f in STATE_FIELDS if f.required],
+    "properties": {f.name: f.schema for f in STATE_FIELDS},
+}
 
 MANIFEST_FIELDS = (
-    Field("architecture", _str(1), "a non-empty string", "rwkv4, rwkv5, rwkv5.2, rwkv6, rwkv7", True,
-          _NO_DEFAULT, "str"),
+    Field(
+        "architecture", _str(1), "a non-empty string", "rwkv4, rwkv5, rwkv5.2, rwkv6, rwkv7", True, _NO_DEFAULT, "str"
+    ),
     Field("n_layer", {"type": "integer", "minimum": 1}, "an integer >= 1", "layers", True, _NO_DEFAULT, "int"),
     Field("n_embd", {"type": "integer", "minimum": 1}, "an integer >= 1", "embedding width", True, _NO_DEFAULT, "int"),
-    Field("vocab_size", {"type": "integer", "minimum": 1, "maximum": MAX_DIM}, "an integer in [1, 2^24]",
-          "vocabulary size (the logits' last axis)", True, _NO_DEFAULT, "int"),
-    Field("graph", {"enum": list(GRAPH_KINDS)}, "'step' or 'sequence'",
-          "step: tokens [batch]; sequence: tokens [batch, T]", False, "step", "str"),
+    Field(
+        "vocab_size",
+        {"type": "integer", "minimum": 1, "maximum": MAX_DIM},
+        "an integer in [1, 2^24]",
+        "vocabulary size (the logits' last axis)",
+        True,
+        _NO_DEFAULT,
+        "int",
+    ),
+    Field(
+        "graph",
+        {"enum": list(GRAPH_KINDS)},
+        "'step' or 'sequence'",
+        "step: tokens [batch]; sequence: tokens [batch, T]",
+        False,
+        "step",
+        "str",
+    ),
     Field("precision", {"type": "string"}, "a string", "weight precision: fp32, fp16, bf16", False, "fp32", "str"),
     Field("opset", {"type": "integer"}, "an integer", "ONNX opset", False, 18, "int"),
-    Field("wkv", {"type": "string"}, "a string", "plain (standard ops) or plugin (rwkv::WKV* custom nodes)",
-          False, "plain", "str"),
-    Field("tokenizer", {"type": "object", "properties": {"kind": {"type": "string"}}},
-          "an object with a string 'kind'", "{kind: bytes | world | hf-json | none}", False, {"kind": "bytes"}, "dict"),
+    Field(
+        "wkv",
+        {"type": "string"},
+        "a string",
+        "plain (standard ops) or plugin (rwkv::WKV* custom nodes)",
+        False,
+        "plain",
+        "str",
+    ),
+    Field(
+        "tokenizer",
+        {"type": "object", "properties": {"kind": {"type": "string"}}},
+        "an object with a string 'kind'",
+        "{kind: bytes | world | hf-json | none}",
+        False,
+        {"kind": "bytes"},
+        "dict",
+    ),
     Field("tokens_input", _str(1), "a non-empty string", "the token input's name", False, "tokens", "str"),
     Field("logits_output", _str(1), "a non-empty string", "the logits output's name", False, "logits", "str"),
-    Field("state", {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/state"}}, "a non-empty list",
-          "every recurrent state tensor", True, [], "list"),
+    Field(
+        "state",
+        {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/state"}},
+        "a non-empty list",
+        "every recurrent state tensor",
+        True,
+        [],
+        "list",
+    ),
     Field("dims", {"type": "object"}, "an object", "version-specific sizes (ffn_dim, heads, ...)", False, {}, "dict"),
-    Field("options", {"type": "object"}, "an object", "export options (rescale_every, all_logits, weights_file, ...)",
-          False, {}, "dict"),
-    Field("companions", {"type": "object", "propertyNames": {"enum": list(GRAPH_KINDS)},
-                         "additionalProperties": {"type": "string", "pattern": PLAIN_FILE_PATTERN}},
-          "an object of kind ('step'/'sequence') -> a plain file name in the model's folder",
-          "the other graphs of this export, by kind, as file names beside this one", False, {}, "dict"),
+    Field(
+        "options",
+        {"type": "object"},
+        "an object",
+        "export options (rescale_every, all_logits, weights_file, ...)",
+        False,
+        {},
+        "dict",
+    ),
+    Field(
+        "companions",
+        {
+            "type": "object",
+            "propertyNames": {"enum": list(GRAPH_KINDS)},
+            "additionalProperties": {"type": "string", "pattern": PLAIN_FILE_PATTERN},
+        },
+        "an object of kind ('step'/'sequence') -> a plain file name in the model's folder",
+        "the other graphs of this export, by kind, as file names beside this one",
+        False,
+        {},
+        "dict",
+    ),
     Field("source", {"type": "object"}, "an object", "what was exported (checkpoint name, format)", False, {}, "dict"),
-    Field("initial_state", {"enum": ["", "embedded"]}, "'' or 'embedded'",
-          "embedded: rwkv.initial_state holds a learned starting state", False, "", "str"),
-    Field("export_id", _str(0, 256), "a string of at most 256 characters",
-          "one id shared by every graph, engine and saved state of one export", False, "", "str"),
+    Field(
+        "initial_state",
+        {"enum": ["", "embedded"]},
+        "'' or 'embedded'",
+        "embedded: rwkv.initial_state holds a learned starting state",
+        False,
+        "",
+        "str",
+    ),
+    Field(
+        "export_id",
+        _str(0, 256),
+        "a string of at most 256 characters",
+        "one id shared by every graph, engine and saved state of one export",
+        False,
+        "",
+        "str",
+    ),
     Field("exporter_version", {"type": "string"}, "a string", "provenance", False, "", "str"),
-    Field("format_version", {"const": FORMAT_VERSION}, f"{FORMAT_VERSION}",
-          "the runtime refuses other versions", True, FORMAT_VERSION, "int"),
+    Field(
+        "format_version",
+        {"const": FORMAT_VERSION},
+        f"{FORMAT_VERSION}",
+        "the runtime refuses other versions",
+        True,
+        FORMAT_VERSION,
+        "int",
+    ),
 )
 FIELDS_BY_NAME = {f.name: f for f in MANIFEST_FIELDS}
 REQUIRED_FIELDS = tuple(f.name for f in MANIFEST_FIELDS if f.required)
@@ -147,9 +248,15 @@ def _concrete_shape(self, batch_size: int) -> tuple:
     return tuple(batch_size if d == BATCH else int(d) for d in self.shape)
 
 
-StateSpec = make_dataclass("StateSpec", _dc_fields(STATE_FIELDS), namespace={
-    "__doc__": "One recurrent state tensor: graph input ``name``, graph output ``output`` (fields: STATE_FIELDS).",
-    "concrete_shape": _concrete_shape, "__module__": __name__})
+StateSpec = make_dataclass(
+    "StateSpec",
+    _dc_fields(STATE_FIELDS),
+    namespace={
+        "__doc__": "One recurrent state tensor: graph input ``name``, graph output ``output`` (fields: STATE_FIELDS).",
+        "concrete_shape": _concrete_shape,
+        "__module__": __name__,
+    },
+)
 
 
 def _to_json(self) -> str:
@@ -165,20 +272,32 @@ def _from_json(cls, text: str):
 
 def _summary(self) -> dict:
     """A short human-readable view (``rwkv-export inspect``)."""
-    return {"architecture": self.architecture, "graph": self.graph, "layers": self.n_layer, "n_embd": self.n_embd,
-            "vocab": self.vocab_size, "precision": self.precision, "wkv": self.wkv,
-            "tokenizer": self.tokenizer.get("kind"), "state tensors": len(self.state)}
+    return {
+        "architecture": self.architecture,
+        "graph": self.graph,
+        "layers": self.n_layer,
+        "n_embd": self.n_embd,
+        "vocab": self.vocab_size,
+        "precision": self.precision,
+        "wkv": self.wkv,
+        "tokenizer": self.tokenizer.get("kind"),
+        "state tensors": len(self.state),
+    }
 
 
-Manifest = make_dataclass("Manifest", _dc_fields(MANIFEST_FIELDS), namespace={
-    "__doc__": "The manifest of one exported graph (fields: MANIFEST_FIELDS; ``state`` holds StateSpecs).",
-    "__module__": __name__,
-    "to_json": _to_json,
-    "from_json": classmethod(_from_json),
-    "summary": _summary,
-    "state_inputs": property(lambda self: [s.name for s in self.state]),
-    "state_outputs": property(lambda self: [s.output for s in self.state]),
-})
+Manifest = make_dataclass(
+    "Manifest",
+    _dc_fields(MANIFEST_FIELDS),
+    namespace={
+        "__doc__": "The manifest of one exported graph (fields: MANIFEST_FIELDS; ``state`` holds StateSpecs).",
+        "__module__": __name__,
+        "to_json": _to_json,
+        "from_json": classmethod(_from_json),
+        "summary": _summary,
+        "state_inputs": property(lambda self: [s.name for s in self.state]),
+        "state_outputs": property(lambda self: [s.output for s in self.state]),
+    },
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,8 +332,13 @@ def check_value(v, schema: dict) -> bool:
     if "type" in schema and not _type_ok(v, schema["type"]):
         return False
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        if isinstance(v, float) and not math.isfinite(v) and (schema.get("x-finite") or "minimum" in schema
-                                                                or "maximum" in schema or schema.get("type") == "integer"):
+        if (
+            isinstance(v, float)
+            and not math.isfinite(v)
+            and (
+                schema.get("x-finite") or "minimum" in schema or "maximum" in schema or schema.get("type") == "integer"
+            )
+        ):
             return False
         if "minimum" in schema and v < schema["minimum"] or "maximum" in schema and v > schema["maximum"]:
             return False
@@ -229,7 +353,7 @@ def check_value(v, schema: dict) -> bool:
         pre = schema.get("prefixItems", [])
         if not all(check_value(x, s) for x, s in zip(v, pre)):
             return False
-        if "items" in schema and not all(check_value(x, schema["items"]) for x in v[len(pre):]):
+        if "items" in schema and not all(check_value(x, schema["items"]) for x in v[len(pre) :]):
             return False
     if isinstance(v, dict):
         if any(k not in v for k in schema.get("required", ())):
@@ -239,8 +363,9 @@ def check_value(v, schema: dict) -> bool:
             return False
         if "propertyNames" in schema and not all(check_value(k, schema["propertyNames"]) for k in v):
             return False
-        if "additionalProperties" in schema and not all(check_value(x, schema["additionalProperties"])
-                                                        for k, x in v.items() if k not in props):
+        if "additionalProperties" in schema and not all(
+            check_value(x, schema["additionalProperties"]) for k, x in v.items() if k not in props
+        ):
             return False
     return True
 
@@ -250,6 +375,7 @@ def check_value(v, schema: dict) -> bool:
 # ---------------------------------------------------------------------------------------------
 def json_schema() -> dict:
     """The manifest's JSON Schema (draft 2020-12), from MANIFEST_FIELDS and STATE_FIELDS."""
+
     def prop(f: Field) -> dict:
         return {**f.schema, "description": f.doc}
 
@@ -258,12 +384,17 @@ def json_schema() -> dict:
         "$id": SCHEMA_ID,
         "title": "rwkv-export manifest",
         "description": f"The JSON in an exported model's metadata key {MANIFEST_KEY!r} (or an engine sidecar's "
-                       "'manifest'). Generated from runtime/manifest.py; do not edit.",
+        "'manifest'). Generated from runtime/manifest.py; do not edit.",
         "type": "object",
         "required": list(REQUIRED_FIELDS),
         "properties": {f.name: prop(f) for f in MANIFEST_FIELDS},
-        "$defs": {"state": {"type": "object", "required": STATE_SCHEMA["required"],
-                            "properties": {f.name: prop(f) for f in STATE_FIELDS}}},
+        "$defs": {
+            "state": {
+                "type": "object",
+                "required": STATE_SCHEMA["required"],
+                "properties": {f.name: prop(f) for f in STATE_FIELDS},
+            }
+        },
         "x-rules": [
             "state names, state outputs, tokens_input and logits_output are all distinct",
             "state[].init is finite (x-finite: JSON has no NaN/inf, but some parsers accept them)",

@@ -12,6 +12,7 @@ sparse initializers, ``Constant``-style node attributes, and the same inside sub
 ``Loop`` bodies), model-local functions and training-info graphs. ``_SCHEMA`` lists exactly those paths
 through the messages; everything else is skipped by length.
 """
+
 from __future__ import annotations
 
 import io

@@ -10,6 +10,7 @@ its values: CPython's reference count tells), so the usual loop ``logits, st = s
 ping-pongs between two sets and rebinds nothing, while a state the caller still holds is never an
 output target (the step takes another set, or falls back to fresh outputs).
 """
+
 from __future__ import annotations
 
 import sys
@@ -51,16 +52,19 @@ def check_providers(ort, providers) -> list:
 class _BufferSet:
     """Pre-allocated outputs of one graph at one batch size, bound once to their own IOBinding."""
 
-    def __init__(self, backend: "OrtBackend", sess, kind: str, batch: int, specs: list):
+    def __init__(self, backend: OrtBackend, sess, kind: str, batch: int, specs: list):
         ort, dev = backend.ort, backend.device
         m = backend.manifest
         seq = kind == "sequence"  # a decode step through the sequence graph: T = 1
         rank = next(len(o.shape) for o in sess.get_outputs() if o.name == m.logits_output)
         self.tokens = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1) if seq else (batch,), np.int64, "cpu", 0)
-        self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, m.vocab_size) if rank == 3 else
-                                                                (batch, m.vocab_size), np.float32, "cpu", 0)
-        self.values = {s.name: ort.OrtValue.ortvalue_from_shape_and_type(s.concrete_shape(batch), np.dtype(s.dtype), dev, 0)
-                       for s in specs}
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type(
+            (batch, 1, m.vocab_size) if rank == 3 else (batch, m.vocab_size), np.float32, "cpu", 0
+        )
+        self.values = {
+            s.name: ort.OrtValue.ortvalue_from_shape_and_type(s.concrete_shape(batch), np.dtype(s.dtype), dev, 0)
+            for s in specs
+        }
         self._probe = next(iter(self.values.values()))
         self.io = sess.io_binding()
         self.io.bind_ortvalue_input(m.tokens_input, self.tokens)
@@ -80,7 +84,7 @@ class _BufferSet:
         # a live State holding these values adds references beyond the measured ones
         return not self.busy and sys.getrefcount(self._probe) <= self.base_refs + self.extra_refs
 
-    def bind_inputs(self, values: dict, specs: list, src: "_BufferSet | None"):
+    def bind_inputs(self, values: dict, specs: list, src: _BufferSet | None):
         if self.input_refs is not None:  # our binding lets go of the previous source's values
             old, n = self.input_refs
             old.extra_refs -= n
@@ -98,8 +102,15 @@ class _BufferSet:
 class OrtBackend:
     """onnxruntime + IOBinding; see the module docstring. Implements ``backend.Backend``."""
 
-    def __init__(self, artifact: Artifact, providers=None, threads: int | None = None, session_options=None,
-                 low_memory: bool = False, decode_graph: str = "auto"):
+    def __init__(
+        self,
+        artifact: Artifact,
+        providers=None,
+        threads: int | None = None,
+        session_options=None,
+        low_memory: bool = False,
+        decode_graph: str = "auto",
+    ):
         from ._ort import import_onnxruntime  # one clear line when onnxruntime is missing or doubly installed
 
         ort = import_onnxruntime()
@@ -111,7 +122,9 @@ class OrtBackend:
         self.threads = threads
         if session_options is not None and not isinstance(session_options, ort.SessionOptions):
             # onnxruntime's own TypeError would be reported as the model failing to load
-            raise RuntimeUserError(f"session_options must be an onnxruntime.SessionOptions, not {type(session_options).__name__}")
+            raise RuntimeUserError(
+                f"session_options must be an onnxruntime.SessionOptions, not {type(session_options).__name__}"
+            )
         self._user_options = session_options
         # low_memory: also no weight prepacking for float graphs (smaller, slower)
         self.low_memory = bool(low_memory)
@@ -158,24 +171,31 @@ class OrtBackend:
         art = self.artifact.companion(kind)  # the export id and layout checked against the main graph
         path = art.path
         if self.manifest.precision == "bf16" and self.device == "cpu":
-            raise RuntimeUserError(f"{path.name} is a bfloat16 export: onnxruntime's CPU provider has no bfloat16 "
-                                   "MatMul; run it with TensorRT or onnxruntime's CUDA provider, or export fp32/fp16")
+            raise RuntimeUserError(
+                f"{path.name} is a bfloat16 export: onnxruntime's CPU provider has no bfloat16 "
+                "MatMul; run it with TensorRT or onnxruntime's CUDA provider, or export fp32/fp16"
+            )
         weights = art.manifest.options.get("weights_file")
         if isinstance(weights, str) and plain_file_name(weights) and not path.with_name(weights).is_file():
             # onnxruntime's own message for this is cut off before the file name
-            raise RuntimeUserError(f"{path.name}: its weights file {weights} is missing; it must stay beside the "
-                                   "graph under that name (copy or move the export's files together)")
+            raise RuntimeUserError(
+                f"{path.name}: its weights file {weights} is missing; it must stay beside the "
+                "graph under that name (copy or move the export's files together)"
+            )
         try:
             sess = self.ort.InferenceSession(str(path), self._options(), providers=self.providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types (Fail, InvalidGraph, ...)
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             if "bfloat16" in msg.lower():
-                raise RuntimeUserError(f"{path.name}: this onnxruntime cannot run bfloat16 graphs "
-                                       f"on {self.providers[0]} ({msg})") from None
+                raise RuntimeUserError(
+                    f"{path.name}: this onnxruntime cannot run bfloat16 graphs on {self.providers[0]} ({msg})"
+                ) from None
             if "GetExtDataFromTensorProto" in msg or "External data path" in msg:
                 what = "missing" if "does not exist" in msg else "truncated or damaged"
-                raise RuntimeUserError(f"{path.name}: its weights file {weights or '(.onnx.data)'} is {what}; copy the "
-                                       f"export's files again or re-export ({msg})") from None
+                raise RuntimeUserError(
+                    f"{path.name}: its weights file {weights or '(.onnx.data)'} is {what}; copy the "
+                    f"export's files again or re-export ({msg})"
+                ) from None
             raise RuntimeUserError(f"{path.name}: onnxruntime could not load the model ({msg})") from None
         check_graph_io(art.manifest, kind, sess.get_inputs(), sess.get_outputs(), path.name)
         return sess

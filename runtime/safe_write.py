@@ -41,6 +41,7 @@ API::
 Errors: ``OutputIsInput`` / ``UnsafeOutput`` are ``RuntimeUserError`` (one line for the CLI); ``OSError``
 from the file system passes through (the caller names its own paths); ``Terminated`` on SIGTERM.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,8 +71,18 @@ _HELD = (signal.SIGINT, signal.SIGTERM)
 _SUFFIX = re.compile(r"[a-z0-9_]{8}")  # tempfile.mkdtemp's random part
 log = logging.getLogger("rwkv_runtime.safe_write")
 
-__all__ = ["SafeWrite", "write_file", "recover", "check_not_inputs", "staging_folders", "Terminated",
-           "OutputIsInput", "UnsafeOutput", "PREFIX", "JOURNAL"]
+__all__ = [
+    "SafeWrite",
+    "write_file",
+    "recover",
+    "check_not_inputs",
+    "staging_folders",
+    "Terminated",
+    "OutputIsInput",
+    "UnsafeOutput",
+    "PREFIX",
+    "JOURNAL",
+]
 
 
 class Terminated(BaseException):
@@ -100,8 +111,14 @@ def _prefix(out: Path) -> str:
 
 
 def _plain(name) -> bool:
-    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and "\0" not in name and (os.altsep is None or os.altsep not in name))
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and (os.altsep is None or os.altsep not in name)
+    )
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -143,7 +160,7 @@ def staging_folders(out) -> list:
         names = os.listdir(out.parent if str(out.parent) else ".")
     except OSError:
         return []
-    return [out.parent / n for n in names if n.startswith(pre) and _SUFFIX.fullmatch(n[len(pre):])]
+    return [out.parent / n for n in names if n.startswith(pre) and _SUFFIX.fullmatch(n[len(pre) :])]
 
 
 def _ours(st: os.stat_result) -> bool:
@@ -218,8 +235,13 @@ def _rollback(d: Path, out: Path, moves: list) -> None:
             tst = target.lstat()
         except FileNotFoundError:
             tst = None
-        if (m["staged"] is not None and tst is not None and m["new"] is not None and tst.st_ino == m["new"]
-                and not os.path.lexists(d / m["staged"])):
+        if (
+            m["staged"] is not None
+            and tst is not None
+            and m["new"] is not None
+            and tst.st_ino == m["new"]
+            and not os.path.lexists(d / m["staged"])
+        ):
             os.replace(target, d / m["staged"])  # the new file had been placed: take it back
         try:
             bst = backup.lstat()
@@ -248,14 +270,19 @@ def recover(out, allowed=None) -> None:
         if os.path.lexists(d / JOURNAL):
             moves = _read_journal(d, out, allowed)
             if moves is None:
-                log.warning("%s: a journal this program cannot prove it wrote for %s; left alone (remove the "
-                            "folder once you have checked it)", d, out.name)
+                log.warning(
+                    "%s: a journal this program cannot prove it wrote for %s; left alone (remove the "
+                    "folder once you have checked it)",
+                    d,
+                    out.name,
+                )
                 continue
             try:
                 _rollback(d, out, moves)
             except OSError as e:
-                log.warning("%s: could not finish rolling back %s (%s); left for the next try", d, out.name,
-                            e.strerror or e)
+                log.warning(
+                    "%s: could not finish rolling back %s (%s); left for the next try", d, out.name, e.strerror or e
+                )
                 continue
         elif not stat.S_ISREG(_lstat_mode(d / LOCK)):
             log.warning("%s: not a staging folder of this program (no lock file); left alone", d)
@@ -322,8 +349,9 @@ class SafeWrite:
     def __enter__(self) -> SafeWrite:
         check_not_inputs([self.out], self.inputs)
         recover(self.out, self.allowed)
-        self.dir = Path(tempfile.mkdtemp(dir=self.out.parent if str(self.out.parent) else ".",
-                                         prefix=_prefix(self.out)))
+        self.dir = Path(
+            tempfile.mkdtemp(dir=self.out.parent if str(self.out.parent) else ".", prefix=_prefix(self.out))
+        )
         try:
             # locked under another name, then renamed: another writer's recover() never finds the lock
             # file unlocked while this one is alive (it would take the folder for abandoned and remove it)
@@ -335,6 +363,7 @@ class SafeWrite:
             self.__exit__()
             raise
         if threading.current_thread() is threading.main_thread():
+
             def _raise(signum, frame):
                 raise Terminated()
 
@@ -375,9 +404,15 @@ class SafeWrite:
                 raise FileNotFoundError(2, "staged file missing", str(self.dir / staged))
             if target.is_dir() and not target.is_symlink() and any(target.iterdir()):
                 raise UnsafeOutput(f"{target}: is a directory that is not empty; remove it or choose another output")
-            entries.append({"i": i, "staged": staged, "target": target.name,
-                            "new": _ino(self.dir / staged) if staged is not None else None,
-                            "old": _ino(target)})
+            entries.append(
+                {
+                    "i": i,
+                    "staged": staged,
+                    "target": target.name,
+                    "new": _ino(self.dir / staged) if staged is not None else None,
+                    "old": _ino(target),
+                }
+            )
         check_not_inputs([Path(t) for _, t in moves], self.inputs)
         return entries
 
@@ -406,8 +441,13 @@ class SafeWrite:
     def _commit(self, entries: list) -> None:
         folder = self.out.parent
         dst, pst = self.dir.lstat(), os.stat(folder if str(folder) else ".")
-        doc = {"version": JOURNAL_VERSION, "output": self.out.name, "stage": [dst.st_dev, dst.st_ino],
-               "folder": [pst.st_dev, pst.st_ino], "moves": entries}
+        doc = {
+            "version": JOURNAL_VERSION,
+            "output": self.out.name,
+            "stage": [dst.st_dev, dst.st_ino],
+            "folder": [pst.st_dev, pst.st_ino],
+            "moves": entries,
+        }
         journal = self.dir / JOURNAL
         with open(journal, "w") as f:
             json.dump(doc, f)

@@ -8,6 +8,7 @@ works (0.001 included) without overflow or "probabilities contain NaN". Paramete
 ``Sampler`` is made, logits on every call: NaN/inf, out-of-range values, negative seeds and token ids
 outside the vocabulary are a ``RuntimeUserError``.
 """
+
 from __future__ import annotations
 
 import math
@@ -88,8 +89,10 @@ def check_params(p: SamplingParams, vocab_size: int | None = None) -> SamplingPa
 
         if isinstance(p.constraint, CompiledConstraint):
             if vocab_size is not None and p.constraint.vocab_size != vocab_size:
-                raise RuntimeUserError(f"sampling: the constraint was compiled for a vocabulary of "
-                                       f"{p.constraint.vocab_size}, not {vocab_size}")
+                raise RuntimeUserError(
+                    f"sampling: the constraint was compiled for a vocabulary of "
+                    f"{p.constraint.vocab_size}, not {vocab_size}"
+                )
         else:
             check_spec(p.constraint)
     return p
@@ -154,8 +157,13 @@ class Sampler:
     def plain_greedy(self) -> bool:
         """Greedy with nothing that changes the logits: the token is the argmax of the raw logits."""
         p = self.params
-        return (p.temperature == 0 and not p.presence_penalty and not p.frequency_penalty and not self.ban
-                and not self.bias_ids.size)
+        return (
+            p.temperature == 0
+            and not p.presence_penalty
+            and not p.frequency_penalty
+            and not self.ban
+            and not self.bias_ids.size
+        )
 
     def __call__(self, logits: np.ndarray, mask: np.ndarray | None = None) -> int:
         """The next token from one row of logits. ``mask`` (bool [vocab], True = allowed; None: all) is
@@ -187,15 +195,17 @@ class Sampler:
         if mask is not None:
             mask = np.asarray(mask)
             if mask.dtype != np.bool_ or mask.shape != x.shape:
-                raise RuntimeUserError(f"sampling: a token mask must be bool [{x.size}], not {mask.dtype} "
-                                       f"{list(mask.shape)}")
+                raise RuntimeUserError(
+                    f"sampling: a token mask must be bool [{x.size}], not {mask.dtype} {list(mask.shape)}"
+                )
             x[~mask] = -np.inf
             if not np.isfinite(x).any():
                 raise RuntimeUserError("sampling: the token mask and ban allow no token")
         if self.bias_ids.size:
             if self._bias_bound >= x.size:
-                raise RuntimeUserError(f"sampling: logit_bias id {self._bias_bound} is outside the vocabulary "
-                                       f"[0, {x.size})")
+                raise RuntimeUserError(
+                    f"sampling: logit_bias id {self._bias_bound} is outside the vocabulary [0, {x.size})"
+                )
             x[self.bias_ids] += self.bias_values  # (a banned token stays -inf)
         for t, n in self.occurrence.items():
             x[t] -= p.presence_penalty + n * p.frequency_penalty

@@ -7,6 +7,7 @@ run in chunks whose ``[B, chunk, vocab]`` logits are reduced to these numbers be
 chunk is shrunk for large vocabularies so one block stays near ``_BLOCK_FLOATS`` floats); without it the
 scored tokens are stepped one at a time (the unscored prefix is still prefilled with the sequence graph).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ class Scores:
 
     def total(self) -> np.ndarray:
         """Sum of the scored log-probabilities per row (float64 [batch])."""
-        return self.logprobs[:, self.start:].sum(1)
+        return self.logprobs[:, self.start :].sum(1)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -78,17 +79,17 @@ class _Recorder:
             return
         B, V = logits.shape[0], logits.shape[2]
         lg = logits[:, :n].reshape(B * n, V)
-        tgt = self.tokens[:, j0:j0 + n].reshape(-1)
+        tgt = self.tokens[:, j0 : j0 + n].reshape(-1)
         lp = log_softmax(lg)
         rows = np.arange(B * n)
         mine = lp[rows, tgt]
-        self.logprobs[:, j0:j0 + n] = mine.reshape(B, n)
-        self.rank[:, j0:j0 + n] = ((lp > mine[:, None]).sum(-1) + 1).reshape(B, n)
-        self.greedy[:, j0:j0 + n] = (np.argmax(lg, -1) == tgt).reshape(B, n)
+        self.logprobs[:, j0 : j0 + n] = mine.reshape(B, n)
+        self.rank[:, j0 : j0 + n] = ((lp > mine[:, None]).sum(-1) + 1).reshape(B, n)
+        self.greedy[:, j0 : j0 + n] = (np.argmax(lg, -1) == tgt).reshape(B, n)
         if self.k:
             ids, vals = top_k(lp, self.k)
-            self.top_ids[:, j0:j0 + n] = ids.reshape(B, n, -1)
-            self.top_logprobs[:, j0:j0 + n] = vals.reshape(B, n, -1)
+            self.top_ids[:, j0 : j0 + n] = ids.reshape(B, n, -1)
+            self.top_logprobs[:, j0 : j0 + n] = vals.reshape(B, n, -1)
 
 
 def has_all_logits(session) -> bool:
@@ -106,8 +107,9 @@ class ScoringStopped(Exception):
     """``score``'s ``stop`` callable returned True: the scoring was abandoned between two model runs."""
 
 
-def score(session, tokens, state=None, start: int = 1, logits=None, top_k: int = 0,
-          chunk_size: int | None = None, stop=None) -> Scores:
+def score(
+    session, tokens, state=None, start: int = 1, logits=None, top_k: int = 0, chunk_size: int | None = None, stop=None
+) -> Scores:
     """See ``Session.score``. ``stop``: a callable asked before each model run; when it returns True the
     call raises ``ScoringStopped`` (a server shutting down abandons a long prompt within one run)."""
     t = session._tokens(tokens, 2)
@@ -146,8 +148,9 @@ def score(session, tokens, state=None, start: int = 1, logits=None, top_k: int =
         while pos < T:
             if stopped():
                 raise ScoringStopped()
-            lg, values = session.backend.run("sequence", np.ascontiguousarray(t[:, pos:pos + c]), values,
-                                             session._specs)
+            lg, values = session.backend.run(
+                "sequence", np.ascontiguousarray(t[:, pos : pos + c]), values, session._specs
+            )
             rec.add(pos + 1, lg)  # lg[:, i] follows token pos + i, so predicts pos + i + 1
             logits = lg[:, -1]
             pos += lg.shape[1]
@@ -157,5 +160,13 @@ def score(session, tokens, state=None, start: int = 1, logits=None, top_k: int =
                 raise ScoringStopped()
             logits, values = session.backend.run("step", np.ascontiguousarray(t[:, j]), values, session._specs)
             rec.add(j + 1, logits[:, None])
-    return Scores(rec.logprobs, rec.greedy, rec.top_ids, rec.top_logprobs, rec.rank, np.asarray(logits, np.float32),
-                  session._state(values, st.batch_size), int(start))
+    return Scores(
+        rec.logprobs,
+        rec.greedy,
+        rec.top_ids,
+        rec.top_logprobs,
+        rec.rank,
+        np.asarray(logits, np.float32),
+        session._state(values, st.batch_size),
+        int(start),
+    )

@@ -4,12 +4,13 @@ Everything about the model comes from its manifest. The state between calls stay
 ``OrtValue``s bound with IOBinding (on the GPU with the CUDA provider), so it is never copied through
 numpy on the hot path; ``State.numpy()`` is there when you want to look at it.
 """
+
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -41,9 +42,19 @@ class Session:
     No call writes into a state the caller holds: every call returns a new ``State``.
     """
 
-    def __init__(self, path, providers=None, threads: int | None = None, session_options=None,
-                 prefill_chunk: int = 256, low_memory: bool = False, initial_state=None, cuda_graphs=None,
-                 decode_graph: str = "auto", plugin=None):
+    def __init__(
+        self,
+        path,
+        providers=None,
+        threads: int | None = None,
+        session_options=None,
+        prefill_chunk: int = 256,
+        low_memory: bool = False,
+        initial_state=None,
+        cuda_graphs=None,
+        decode_graph: str = "auto",
+        plugin=None,
+    ):
         self.artifact = open_artifact(path)  # the manifest validated; no weights read yet
         self.path = path = self.artifact.path
         self.manifest = self.artifact.manifest
@@ -51,8 +62,12 @@ class Session:
         if not isinstance(prefill_chunk, (int, np.integer)) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
             raise RuntimeUserError(f"prefill_chunk must be >= 1, not {prefill_chunk}")
         # onnxruntime's own error for a bad thread count blames the model file ("could not load the model")
-        if threads is not None and (not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or threads < 0):
-            raise RuntimeUserError(f"threads must be an integer >= 1 (or None/0: onnxruntime's default), not {threads!r}")
+        if threads is not None and (
+            not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or threads < 0
+        ):
+            raise RuntimeUserError(
+                f"threads must be an integer >= 1 (or None/0: onnxruntime's default), not {threads!r}"
+            )
         if is_engine(path):
             from .tensorrt import TrtBackend  # optional: tensorrt + cuda.core
 
@@ -99,9 +114,11 @@ class Session:
         # byte-level model): say so, not as an anonymous bad token id at the first step
         bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
         if bad is not None:
-            raise RuntimeUserError(f"the model's tokenizer ({self.manifest.tokenizer.get('kind', 'none')}) encoded the "
-                                   f"prompt to token id {bad}, outside the model's vocabulary [0, {self.vocab_size}): "
-                                   "the export's tokenizer does not fit this model; re-export with the right --tokenizer")
+            raise RuntimeUserError(
+                f"the model's tokenizer ({self.manifest.tokenizer.get('kind', 'none')}) encoded the "
+                f"prompt to token id {bad}, outside the model's vocabulary [0, {self.vocab_size}): "
+                "the export's tokenizer does not fit this model; re-export with the right --tokenizer"
+            )
         return ids
 
     def decode(self, ids) -> str:
@@ -119,11 +136,15 @@ class Session:
     # -- state --------------------------------------------------------------------------------
     def new_state(self, batch_size: int = 1) -> State:
         """A fresh state: zeros, except where the manifest says otherwise (RWKV-4's pp = -1e30)."""
-        if (not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool)
-                or not 1 <= int(batch_size) <= MAX_STATE_BATCH):  # (the bound of saved states too)
+        if (
+            not isinstance(batch_size, (int, np.integer))
+            or isinstance(batch_size, bool)
+            or not 1 <= int(batch_size) <= MAX_STATE_BATCH
+        ):  # (the bound of saved states too)
             raise RuntimeUserError(f"batch_size must be an integer in [1, {MAX_STATE_BATCH}], not {batch_size!r}")
-        arrays = {s.name: np.full(s.concrete_shape(int(batch_size)), s.init, dtype=STATE_DTYPES[s.dtype])
-                  for s in self._specs}
+        arrays = {
+            s.name: np.full(s.concrete_shape(int(batch_size)), s.init, dtype=STATE_DTYPES[s.dtype]) for s in self._specs
+        }
         for k, v in self._initial.items():
             arrays[k][...] = v[:1]  # broadcast the learned state over the batch
         return self.state_from_numpy(arrays)
@@ -134,10 +155,13 @@ class Session:
         if isinstance(initial, State):
             initial = self._coerce_state(initial, initial.batch_size).numpy()
         if isinstance(initial, dict):
-            arrays = check_state_arrays({k: np.asarray(v) for k, v in initial.items()}, self._specs, "initial state", None)
+            arrays = check_state_arrays(
+                {k: np.asarray(v) for k, v in initial.items()}, self._specs, "initial state", None
+            )
         elif not isinstance(initial, (str, os.PathLike)):
-            raise RuntimeUserError(f"an initial state must be an .npz path, a dict of arrays or a State, "
-                                   f"not {type(initial).__name__}")
+            raise RuntimeUserError(
+                f"an initial state must be an .npz path, a dict of arrays or a State, not {type(initial).__name__}"
+            )
         else:
             p = Path(initial)
             arrays = read_state_npz(p, self._specs, str(p), self.export_id, require_all=False)
@@ -156,8 +180,9 @@ class Session:
         arrays = dict(arrays)
         saved_id = arrays.pop(EXPORT_ID_KEY, None)
         if saved_id is not None and str(saved_id) and self.export_id and str(saved_id) != self.export_id:
-            raise RuntimeUserError("this state belongs to another export than the model's; states only load into "
-                                   "the model that made them")
+            raise RuntimeUserError(
+                "this state belongs to another export than the model's; states only load into the model that made them"
+            )
         missing = [s.name for s in self._specs if s.name not in arrays]
         if missing:
             raise RuntimeUserError(f"state is missing {len(missing)} tensor(s), e.g. {missing[0]}")
@@ -171,8 +196,10 @@ class Session:
                 raise RuntimeUserError(f"state tensor {s.name} has shape {list(a.shape)}, expected {s.shape}")
             batch = a.shape[0] if batch is None else batch
             if tuple(a.shape) != s.concrete_shape(batch) or batch < 1:
-                raise RuntimeUserError(f"state tensor {s.name} has shape {list(a.shape)}, "
-                                       f"expected {list(s.concrete_shape(max(batch, 1)))} (batch {batch})")
+                raise RuntimeUserError(
+                    f"state tensor {s.name} has shape {list(a.shape)}, "
+                    f"expected {list(s.concrete_shape(max(batch, 1)))} (batch {batch})"
+                )
             values[s.name] = self.backend.from_numpy(a)
         extra = set(arrays) - {s.name for s in self._specs}
         if extra:
@@ -211,7 +238,9 @@ class Session:
         if isinstance(state, dict):
             state = self.state_from_numpy(state)
         if not isinstance(state, State):
-            raise RuntimeUserError(f"state must be a State (from new_state) or a dict of arrays, not {type(state).__name__}")
+            raise RuntimeUserError(
+                f"state must be a State (from new_state) or a dict of arrays, not {type(state).__name__}"
+            )
         if state.export_id and self.export_id and state.export_id != self.export_id:
             raise RuntimeUserError("this state belongs to another export than the model's")
         if state._backend is not self.backend:
@@ -224,8 +253,9 @@ class Session:
         try:
             t = np.asarray(tokens)
         except ValueError:  # ragged lists
-            raise RuntimeUserError("tokens must be a rectangular array of integers (use prefill_many for "
-                                   "prompts of different lengths)") from None
+            raise RuntimeUserError(
+                "tokens must be a rectangular array of integers (use prefill_many for prompts of different lengths)"
+            ) from None
         if t.size == 0:  # (numpy reads [] as float64: it would be refused as "not integers")
             raise RuntimeUserError(f"no tokens given (shape {list(t.shape)}); at least one token id is needed")
         if t.dtype.kind not in "iu":
@@ -235,7 +265,9 @@ class Session:
         if ndim == 2 and t.ndim == 1:
             t = t.reshape(1, -1)
         if t.ndim != ndim or t.size == 0:
-            raise RuntimeUserError(f"tokens must have shape {'[batch]' if ndim == 1 else '[batch, T]'}, got {list(t.shape)}")
+            raise RuntimeUserError(
+                f"tokens must have shape {'[batch]' if ndim == 1 else '[batch, T]'}, got {list(t.shape)}"
+            )
         bad = (t < 0) | (t >= self.vocab_size)
         if bad.any():
             raise RuntimeUserError(f"token id {int(t[bad][0])} is outside [0, {self.vocab_size})")
@@ -271,7 +303,7 @@ class Session:
         logits = None
         if self.backend.has("sequence"):
             for s in range(0, t.shape[1], chunk):
-                logits, values = self.backend.run("sequence", t[:, s:s + chunk], values, self._specs)
+                logits, values = self.backend.run("sequence", t[:, s : s + chunk], values, self._specs)
             if logits.ndim == 3:  # a graph exported with all_logits: keep the last position
                 logits = logits[:, -1]
         else:
@@ -286,8 +318,9 @@ class Session:
         return prefill_many(self, prompts, state, chunk_size)
 
     # -- scoring (log-probabilities of given tokens; runtime/scoring.py) --------------------------------
-    def score(self, tokens, state=None, start: int = 1, logits=None, top_k: int = 0, chunk_size: int | None = None,
-              stop=None):
+    def score(
+        self, tokens, state=None, start: int = 1, logits=None, top_k: int = 0, chunk_size: int | None = None, stop=None
+    ):
         """Log-probabilities of the tokens themselves: tokens [batch, T] -> ``scoring.Scores``.
 
         Position ``j >= start`` gets log_softmax (float64) of the logits after ``tokens[:, :j]`` at
@@ -303,8 +336,9 @@ class Session:
 
         return score(self, tokens, state, start, logits, top_k, chunk_size, stop)
 
-    def generate_tokens(self, prompt_tokens, max_new_tokens: int = 100, sampling: SamplingParams | None = None,
-                        state=None) -> Iterator[int]:
+    def generate_tokens(
+        self, prompt_tokens, max_new_tokens: int = 100, sampling: SamplingParams | None = None, state=None
+    ) -> Iterator[int]:
         """Prefill the prompt, then sample and step; yields token ids as they are produced."""
         for out in self._one_row(prompt_tokens, max_new_tokens, sampling, state, None, text=False):
             if out.appended:
@@ -328,8 +362,13 @@ class Session:
             holder.state = st
         if not max_new_tokens:
             return
-        row = Row(sampler, max_new_tokens=int(max_new_tokens), text=TextStream(self.tokenizer) if text else None,
-                  feed_last=True, keep_state=True)
+        row = Row(
+            sampler,
+            max_new_tokens=int(max_new_tokens),
+            text=TextStream(self.tokenizer) if text else None,
+            feed_last=True,
+            keep_state=True,
+        )
         batch = Batch(self, log_failures=False)  # (the error is raised to the caller)
         batch.add(row, st, logits)
         while batch.rows:
@@ -343,8 +382,9 @@ class Session:
             if holder is not None:
                 holder.state = batch.state if batch.rows else row.final
 
-    def generate(self, prompt, max_new_tokens: int = 100, sampling: SamplingParams | None = None, state=None,
-                 **sampling_kwargs) -> "Generation":
+    def generate(
+        self, prompt, max_new_tokens: int = 100, sampling: SamplingParams | None = None, state=None, **sampling_kwargs
+    ) -> Generation:
         """Stream text: returns a ``Generation``, an iterator of decoded text pieces with its own ``stats``.
 
         ``prompt`` is text (or a list of token ids); sampling settings as ``SamplingParams`` or keywords

@@ -3,6 +3,7 @@
 A state is never aliased: ``numpy()`` and ``state[name]`` return copies, and no runtime call writes
 into a state a caller holds (backends write every step's outputs into buffers no live State refers to).
 """
+
 from __future__ import annotations
 
 import io
@@ -39,16 +40,23 @@ class State:
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._values:
-            raise RuntimeUserError(f"no state tensor {name!r} (this model has {len(self.specs)}, e.g. {self.specs[0].name})")
+            raise RuntimeUserError(
+                f"no state tensor {name!r} (this model has {len(self.specs)}, e.g. {self.specs[0].name})"
+            )
         return np.array(self._backend.to_numpy(self._values[name]), copy=True)
 
     def keys(self):
         return [s.name for s in self.specs]
 
-    def copy(self) -> "State":
+    def copy(self) -> State:
         """An independent copy."""
-        return State({k: self._backend.from_numpy(v) for k, v in self.numpy().items()}, self.specs,
-                     self.batch_size, self._backend, self.export_id)
+        return State(
+            {k: self._backend.from_numpy(v) for k, v in self.numpy().items()},
+            self.specs,
+            self.batch_size,
+            self._backend,
+            self.export_id,
+        )
 
     def save(self, path, inputs=()) -> None:
         """Write the state to an ``.npz`` (plain arrays and the export id; loading it never runs code).
@@ -71,7 +79,9 @@ class State:
         except (OSError, ValueError) as e:  # a NUL in the name, a name too long
             if isinstance(e, RuntimeUserError):
                 raise
-            raise RuntimeUserError(f"{str(path)[:200]}: cannot write the state ({getattr(e, 'strerror', None) or e})") from None
+            raise RuntimeUserError(
+                f"{str(path)[:200]}: cannot write the state ({getattr(e, 'strerror', None) or e})"
+            ) from None
         arrays = self.numpy()
         arrays[EXPORT_ID_KEY] = np.array(self.export_id)
 
@@ -82,13 +92,16 @@ class State:
         try:
             write_file(path, write, inputs=inputs)
         except OutputIsInput as e:
-            raise RuntimeUserError(f"{path}: is one of the model's files ({e.input.name}); a state would replace "
-                                   "it: choose another path") from None
+            raise RuntimeUserError(
+                f"{path}: is one of the model's files ({e.input.name}); a state would replace it: choose another path"
+            ) from None
         except (OSError, ValueError) as e:  # ValueError: a NUL in the name
-            raise RuntimeUserError(f"{path}: cannot write the state ({getattr(e, 'strerror', None) or e}); "
-                                   "an existing file was left unchanged") from None
+            raise RuntimeUserError(
+                f"{path}: cannot write the state ({getattr(e, 'strerror', None) or e}); "
+                "an existing file was left unchanged"
+            ) from None
 
-    def select(self, rows) -> "State":
+    def select(self, rows) -> State:
         """The states of some sequences of the batch (gather along the batch axis)."""
         try:
             arr = np.asarray(rows)
@@ -102,11 +115,16 @@ class State:
         if not rows.size:
             raise RuntimeUserError("State.select needs at least one row")
         arrays = {k: np.ascontiguousarray(v[rows]) for k, v in self.numpy().items()}
-        return State({k: self._backend.from_numpy(v) for k, v in arrays.items()}, self.specs, len(rows),
-                     self._backend, self.export_id)
+        return State(
+            {k: self._backend.from_numpy(v) for k, v in arrays.items()},
+            self.specs,
+            len(rows),
+            self._backend,
+            self.export_id,
+        )
 
     @staticmethod
-    def concat(states: list) -> "State":
+    def concat(states: list) -> State:
         """Join the states of several batches into one batch (sequences joining a running batch)."""
         try:
             states = list(states)
@@ -122,8 +140,13 @@ class State:
             raise RuntimeUserError("State.concat: the states belong to different models")
         arrays = [s.numpy() for s in states]
         joined = {k: np.concatenate([a[k] for a in arrays], 0) for k in arrays[0]}
-        return State({k: first._backend.from_numpy(v) for k, v in joined.items()}, first.specs,
-                     sum(s.batch_size for s in states), first._backend, first.export_id)
+        return State(
+            {k: first._backend.from_numpy(v) for k, v in joined.items()},
+            first.specs,
+            sum(s.batch_size for s in states),
+            first._backend,
+            first.export_id,
+        )
 
     def __repr__(self):
         return f"State(batch_size={self.batch_size}, tensors={len(self.specs)})"
@@ -144,8 +167,12 @@ def check_state_arrays(arrays: dict, specs: list, where: str, batch: int | None)
         a = np.asarray(a)
         if a.dtype not in (np.dtype(np.float32), np.dtype(s.dtype)):
             raise RuntimeUserError(f"{where}: state tensor {k} has dtype {a.dtype}, expected {s.dtype}")
-        if (a.ndim != len(s.shape) or a.ndim == 0 or tuple(a.shape) != s.concrete_shape(a.shape[0])
-                or (batch is not None and a.shape[0] != batch)):
+        if (
+            a.ndim != len(s.shape)
+            or a.ndim == 0
+            or tuple(a.shape) != s.concrete_shape(a.shape[0])
+            or (batch is not None and a.shape[0] != batch)
+        ):
             raise RuntimeUserError(f"{where}: state tensor {k} has shape {list(a.shape)}, expected {s.shape}")
         if np.isnan(a).any():
             raise RuntimeUserError(f"{where}: state tensor {k} holds NaN")
@@ -162,8 +189,9 @@ def _read_data(f, shape, dtype, fortran: bool, where: str) -> np.ndarray:
     return np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C").copy()
 
 
-def read_state_npz(source, specs: list, where: str, export_id: str = "", batch: int | None = None,
-                   require_all: bool = True) -> dict:
+def read_state_npz(
+    source, specs: list, where: str, export_id: str = "", batch: int | None = None, require_all: bool = True
+) -> dict:
     """A saved state (.npz path or bytes) -> {name: array}, checked before any data is read.
 
     Each member's .npy header (dtype, shape) is checked against the manifest and its stored size before
@@ -204,19 +232,27 @@ def read_state_npz(source, specs: list, where: str, export_id: str = "", batch: 
                         continue
                     s = by_name[name]
                     if len(shape) != len(s.shape) or not shape or not 1 <= shape[0] <= MAX_STATE_BATCH:
-                        raise RuntimeUserError(f"{where}: state tensor {name} has shape {list(shape)}, expected {s.shape}")
+                        raise RuntimeUserError(
+                            f"{where}: state tensor {name} has shape {list(shape)}, expected {s.shape}"
+                        )
                     if tuple(shape) != s.concrete_shape(shape[0]):
-                        raise RuntimeUserError(f"{where}: state tensor {name} has shape {list(shape)}, expected {s.shape}")
+                        raise RuntimeUserError(
+                            f"{where}: state tensor {name} has shape {list(shape)}, expected {s.shape}"
+                        )
                     if header_len is not None and info.file_size != header_len + int(np.prod(shape)) * dtype.itemsize:
                         raise RuntimeUserError(f"{where}: state tensor {name} is truncated or oversized")
                     arrays[name] = _read_data(f, shape, dtype, fortran, where)
         except RuntimeUserError:
             raise
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError, SyntaxError) as e:
-            raise RuntimeUserError(f"{where}: not a saved state (.npz) ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})") from None
+            raise RuntimeUserError(
+                f"{where}: not a saved state (.npz) ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})"
+            ) from None
     if saved_id and export_id and saved_id != export_id:
-        raise RuntimeUserError(f"{where}: this state was saved from another export (id {saved_id[:16]}), not from "
-                               f"this model (id {export_id[:16]}); states only load into the model that made them")
+        raise RuntimeUserError(
+            f"{where}: this state was saved from another export (id {saved_id[:16]}), not from "
+            f"this model (id {export_id[:16]}); states only load into the model that made them"
+        )
     if require_all:
         missing = [s.name for s in specs if s.name not in arrays]
         if missing:

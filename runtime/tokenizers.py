@@ -1,6 +1,7 @@
 """Tokenizers named by the manifest: byte-level, the RWKV "World" trie vocabulary (pyrwkv-tokenizer,
 which ships the vocabulary), and Hugging Face ``tokenizer.json`` files (e.g. the 20B tokenizer of the
 Pile models) embedded in the model."""
+
 from __future__ import annotations
 
 import functools
@@ -12,8 +13,10 @@ def _refuse_surrogates(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise RuntimeUserError(f"the prompt is not valid Unicode text (a lone surrogate at character {e.start}); "
-                               "this tokenizer encodes only valid text") from None
+        raise RuntimeUserError(
+            f"the prompt is not valid Unicode text (a lone surrogate at character {e.start}); "
+            "this tokenizer encodes only valid text"
+        ) from None
     return text
 
 
@@ -33,8 +36,10 @@ class ByteTokenizer:
         try:
             return list(text.encode("utf-8", errors="surrogateescape"))
         except UnicodeEncodeError as e:
-            raise RuntimeUserError(f"the prompt holds a lone surrogate at character {e.start} that is not an "
-                                   "escaped byte; give valid text or token ids") from None
+            raise RuntimeUserError(
+                f"the prompt holds a lone surrogate at character {e.start} that is not an "
+                "escaped byte; give valid text or token ids"
+            ) from None
 
     def decode(self, ids) -> str:
         try:
@@ -87,7 +92,7 @@ class WorldTokenizer:
             with open(self._tok.vocab_filepath, encoding="utf-8") as f:
                 for line in f:  # "<id> <python str or bytes literal> <byte length>"
                     idx, rest = line.split(" ", 1)
-                    lit = ast.literal_eval(rest[:rest.rindex(" ")])  # literals only: never runs code
+                    lit = ast.literal_eval(rest[: rest.rindex(" ")])  # literals only: never runs code
                     table[int(idx)] = lit if isinstance(lit, bytes) else lit.encode("utf-8")
             self._bytes = table
         return self._bytes
@@ -143,10 +148,14 @@ def make_tokenizer(spec: dict, embedded_json: str | None = None):
             raise RuntimeUserError("the model names a tokenizer.json but does not embed it; re-export with --tokenizer")
         return HFTokenizer(embedded_json)
     if kind != "none":  # a newer exporter, or a damaged manifest
-        raise RuntimeUserError(f"the model's tokenizer kind {str(kind)[:40]!r} is not one this runtime knows "
-                               "(bytes, world, hf-json); upgrade rwkv-runtime or re-export with --tokenizer")
-    raise RuntimeUserError("the model has no tokenizer (it was exported with --tokenizer none): give token ids "
-                           "to generate_tokens/step/prefill, or re-export with --tokenizer")
+        raise RuntimeUserError(
+            f"the model's tokenizer kind {str(kind)[:40]!r} is not one this runtime knows "
+            "(bytes, world, hf-json); upgrade rwkv-runtime or re-export with --tokenizer"
+        )
+    raise RuntimeUserError(
+        "the model has no tokenizer (it was exported with --tokenizer none): give token ids "
+        "to generate_tokens/step/prefill, or re-export with --tokenizer"
+    )
 
 
 class StreamDecoder:

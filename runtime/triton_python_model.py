@@ -15,6 +15,7 @@ recurrent state itself, keyed by the CORRID control input:
 States of sequences Triton reaped for idleness (no END ever arrives) are dropped after the same idle time.
 The stub's interpreter must be able to import ``rwkv_runtime``: see docs/triton.md ("Python backend").
 """
+
 import json
 import logging
 import time
@@ -97,8 +98,10 @@ class TritonPythonModel:
                 elif corrid in self.states:
                     state = self.states[corrid][0]
                 else:
-                    raise RuntimeUserError(f"sequence {corrid} has no state here: start it with sequence_start "
-                                           "(or it was idle longer than max_sequence_idle_microseconds)")
+                    raise RuntimeUserError(
+                        f"sequence {corrid} has no state here: start it with sequence_start "
+                        "(or it was idle longer than max_sequence_idle_microseconds)"
+                    )
                 if toks.size == 1:
                     steps.append((i, corrid, toks.astype(np.int64), state, end, start))
                     continue

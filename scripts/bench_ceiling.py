@@ -18,6 +18,7 @@ nothing else in the graph. No graph built from those separate products can step 
 so decode over it is the cost of everything else (elementwise nodes, the runtime's step loop), and it
 over the single-op ceiling is the cost of splitting the bytes into many small products.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,12 +102,19 @@ def products_model(path) -> onnx.ModelProto:
             inputs[key] = helper.make_tensor_value_info(f"x_{K}_{dtype}", dtype, ["batch", K])
         used.update(extra)
         out = f"y_{i}"
-        nodes.append(helper.make_node(node.op_type, [inputs[key].name] + list(node.input[1:]), [out],
-                                      domain=node.domain,
-                                      **{a.name: helper.get_attribute_value(a) for a in node.attribute}))
+        nodes.append(
+            helper.make_node(
+                node.op_type,
+                [inputs[key].name] + list(node.input[1:]),
+                [out],
+                domain=node.domain,
+                **{a.name: helper.get_attribute_value(a) for a in node.attribute},
+            )
+        )
         outputs.append(helper.make_tensor_value_info(out, dtype, ["batch", N]))
-    g = helper.make_graph(nodes, "matrix_products", list(inputs.values()), outputs,
-                          [t for t in m.graph.initializer if t.name in used])
+    g = helper.make_graph(
+        nodes, "matrix_products", list(inputs.values()), outputs, [t for t in m.graph.initializer if t.name in used]
+    )
     return helper.make_model(g, opset_imports=list(m.opset_import), ir_version=m.ir_version)
 
 
@@ -128,11 +136,9 @@ class ProductsRunner:
             io = s.io_binding()
             feeds = {}
             for x in s.get_inputs():
-                feeds[x.name] = ort.OrtValue.ortvalue_from_numpy(
-                    np.full((rows, x.shape[1]), 0.01, _NP[x.type]))
+                feeds[x.name] = ort.OrtValue.ortvalue_from_numpy(np.full((rows, x.shape[1]), 0.01, _NP[x.type]))
                 io.bind_ortvalue_input(x.name, feeds[x.name])
-            outs = [ort.OrtValue.ortvalue_from_shape_and_type((rows, y.shape[1]), _NP[y.type])
-                    for y in s.get_outputs()]
+            outs = [ort.OrtValue.ortvalue_from_shape_and_type((rows, y.shape[1]), _NP[y.type]) for y in s.get_outputs()]
             for y, v in zip(s.get_outputs(), outs):
                 io.bind_ortvalue_output(y.name, v)
             self._io[rows] = (io, feeds, outs)  # the values live as long as their binding
@@ -145,16 +151,21 @@ class ProductsRunner:
 def products_tps(path, batches=("1",), threads: int = 2, seconds: float = 1.5) -> dict:
     """{batch: tok/s} of the model's matrix products alone (``ProductsRunner``) with ``batch`` rows."""
     r = ProductsRunner(path, threads)
-    return {str(b): int(b) * _calls_per_second(lambda: r.run(int(b)), seconds) for b in batches}
+    return {str(b): int(b) * _calls_per_second(lambda b=b: r.run(int(b)), seconds) for b in batches}
 
 
 def _gemm_model(K: int, nbytes: int) -> onnx.ModelProto:
     N = max(1, nbytes // (4 * K))
-    w = helper.make_tensor("W", TensorProto.FLOAT, [N, K],
-                           np.random.default_rng(0).standard_normal((N, K), np.float32).tobytes(), raw=True)
-    g = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], "ceiling_gemm",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])], [w])
+    w = helper.make_tensor(
+        "W", TensorProto.FLOAT, [N, K], np.random.default_rng(0).standard_normal((N, K), np.float32).tobytes(), raw=True
+    )
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)],
+        "ceiling_gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])],
+        [w],
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
 
 
@@ -165,14 +176,31 @@ def _nbits_model(K: int, nbytes: int, bits: int, block: int, accuracy_level: int
     rng = np.random.default_rng(0)
     b = rng.integers(0, 256, (N, blocks, block * bits // 8), dtype=np.uint8)
     s = (rng.random(N * blocks, dtype=np.float32) * 0.01).astype(np.float32)
-    inits = [helper.make_tensor("B", TensorProto.UINT8, b.shape, b.tobytes(), raw=True),
-             helper.make_tensor("S", TensorProto.FLOAT, s.shape, s.tobytes(), raw=True)]
-    node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=K, N=N, bits=bits,
-                            block_size=block, accuracy_level=accuracy_level)
-    g = helper.make_graph([node], "ceiling_nbits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
-                             ir_version=9)
+    inits = [
+        helper.make_tensor("B", TensorProto.UINT8, b.shape, b.tobytes(), raw=True),
+        helper.make_tensor("S", TensorProto.FLOAT, s.shape, s.tobytes(), raw=True),
+    ]
+    node = helper.make_node(
+        "MatMulNBits",
+        ["x", "B", "S"],
+        ["y"],
+        domain="com.microsoft",
+        K=K,
+        N=N,
+        bits=bits,
+        block_size=block,
+        accuracy_level=accuracy_level,
+    )
+    g = helper.make_graph(
+        [node],
+        "ceiling_nbits",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])],
+        inits,
+    )
+    return helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)], ir_version=9
+    )
 
 
 def _session(model: onnx.ModelProto, threads: int):
@@ -222,7 +250,8 @@ def ceiling_tps(info: dict, threads: int = 2) -> dict:
     res = {"gemm_fp32": _calls_per_s(_gemm_model(K, nbytes), K, threads)}
     if info["bits"] in (4, 8) and not info.get("dynamic"):
         res["matmulnbits"] = _calls_per_s(
-            _nbits_model(K, nbytes, info["bits"], info["block"], info["accuracy_level"]), K, threads)
+            _nbits_model(K, nbytes, info["bits"], info["block"], info["accuracy_level"]), K, threads
+        )
     res["ceiling"] = max(res.values())
     res["gbps"] = res["ceiling"] * nbytes / 1e9
     return res
@@ -241,9 +270,13 @@ def main():
             runs[m].append(ceiling_tps(infos[m], a.threads))
     for m in a.models:
         c = sorted(r["ceiling"] for r in runs[m])
-        parts = ", ".join(f"{k} {np.median([r[k] for r in runs[m]]):.1f}" for k in runs[m][0] if k not in ("ceiling", "gbps"))
-        print(f"{m}: {infos[m]['bytes'] / 1e6:.0f} MB/token ({infos[m]['bits']}-bit); ceiling {np.median(c):.1f} tok/s "
-              f"({c[0]:.1f}-{c[-1]:.1f}; {np.median([r['gbps'] for r in runs[m]]):.1f} GB/s) [{parts}]")
+        parts = ", ".join(
+            f"{k} {np.median([r[k] for r in runs[m]]):.1f}" for k in runs[m][0] if k not in ("ceiling", "gbps")
+        )
+        print(
+            f"{m}: {infos[m]['bytes'] / 1e6:.0f} MB/token ({infos[m]['bits']}-bit); ceiling {np.median(c):.1f} tok/s "
+            f"({c[0]:.1f}-{c[-1]:.1f}; {np.median([r['gbps'] for r in runs[m]]):.1f} GB/s) [{parts}]"
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ world). The schema keeps every row going for the whole measurement (an array of 
 so the batch never shrinks. Also prints the engine's mask time alone per row (the figure docs/
 structured-output.md quotes). Rounds alternate the two variants; medians with min-max are printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,12 @@ import numpy as np
 from rwkv_runtime import BatchGenerator, SamplingParams, Session
 from rwkv_runtime import constraints as C
 
-SCHEMA = {"type": "object", "properties": {"values": {"type": "array", "items": {"type": "integer"}, "minItems": 64}},
-          "required": ["values"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {"values": {"type": "array", "items": {"type": "integer"}, "minItems": 64}},
+    "required": ["values"],
+    "additionalProperties": False,
+}
 
 
 def step_ms(session, batch: int, steps: int, constrained: bool) -> float:
@@ -67,8 +72,10 @@ def main():
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args()
     s = Session(a.model, threads=a.threads)
-    print(f"{a.model}: vocab {s.vocab_size}, tokenizer {s.manifest.tokenizer.get('kind')}; "
-          f"{platform.processor() or platform.machine()}, {a.rounds} rounds, median (min-max)")
+    print(
+        f"{a.model}: vocab {s.vocab_size}, tokenizer {s.manifest.tokenizer.get('kind')}; "
+        f"{platform.processor() or platform.machine()}, {a.rounds} rounds, median (min-max)"
+    )
     out = {}
     for b in [int(x) for x in a.batches.split(",")]:
         res = {"plain": [], "json_schema": []}
@@ -78,9 +85,11 @@ def main():
         m = mask_us(s, b, a.steps)
         p, c = np.median(res["plain"]), np.median(res["json_schema"])
         out[b] = {"plain_ms": p, "json_schema_ms": c, "overhead": c / p - 1, "mask_us": m}
-        print(f"batch {b:>3}: step {p:8.2f} ms ({min(res['plain']):.2f}-{max(res['plain']):.2f}) plain, "
-              f"{c:8.2f} ms ({min(res['json_schema']):.2f}-{max(res['json_schema']):.2f}) with a JSON schema: "
-              f"{100 * (c / p - 1):+.1f}%; masks alone {m:.0f} us/step")
+        print(
+            f"batch {b:>3}: step {p:8.2f} ms ({min(res['plain']):.2f}-{max(res['plain']):.2f}) plain, "
+            f"{c:8.2f} ms ({min(res['json_schema']):.2f}-{max(res['json_schema']):.2f}) with a JSON schema: "
+            f"{100 * (c / p - 1):+.1f}%; masks alone {m:.0f} us/step"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

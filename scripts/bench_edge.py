@@ -8,6 +8,7 @@ the Python runtime (onnxruntime CPU), Node (onnxruntime-node), headless chromium
 threads, cross-origin isolated) and on WebGPU (SwiftShader: a CPU rasteriser, not a GPU). Prints a
 Markdown table and the machine (lscpu). Needs js/node_modules (scripts/ci_edge_setup.sh) and chromium.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,13 @@ def python_decode(model: Path, tokens: int, threads: int) -> dict:
         logits, st = s.step(np.array([tok]), st)
         tok = int(np.argmax(logits[0]))
     sec = time.perf_counter() - t0
-    return {"runtime": "python (rwkv_runtime, onnxruntime CPU)", "tokens": tokens, "seconds": sec,
-            "tokens_per_s": tokens / sec, "threads": threads}
+    return {
+        "runtime": "python (rwkv_runtime, onnxruntime CPU)",
+        "tokens": tokens,
+        "seconds": sec,
+        "tokens_per_s": tokens / sec,
+        "threads": threads,
+    }
 
 
 def bandwidth_ceiling(model: Path, repeats: int = 3) -> dict:
@@ -51,20 +57,47 @@ def bandwidth_ceiling(model: Path, repeats: int = 3) -> dict:
         with np.errstate(all="ignore"):  # the bytes include the protobuf framing: values are irrelevant
             a.sum(dtype=np.float32)  # one streaming pass over every byte
         best = min(best, time.perf_counter() - t0)
-    return {"runtime": "ceiling: one read of the weights (numpy sum, 1 thread)", "tokens": 1, "seconds": best,
-            "tokens_per_s": 1 / best, "threads": 1, "gb_per_s": a.nbytes / best / 1e9}
+    return {
+        "runtime": "ceiling: one read of the weights (numpy sum, 1 thread)",
+        "tokens": 1,
+        "seconds": best,
+        "tokens_per_s": 1 / best,
+        "threads": 1,
+        "gb_per_s": a.nbytes / best / 1e9,
+    }
 
 
 def browser(site: Path, jobs: list) -> list:
-    server = subprocess.Popen([sys.executable, str(REPO / "deploy_examples" / "web" / "serve.py"), "--port", "0",
-                               "--dir", str(site), "--max-seconds", "1800"], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "deploy_examples" / "web" / "serve.py"),
+            "--port",
+            "0",
+            "--dir",
+            str(site),
+            "--max-seconds",
+            "1800",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = server.stdout.readline().split(" at ")[1].strip()
         cfg = site.parent / "browser-jobs.json"
-        cfg.write_text(json.dumps({"chromium": "/usr/bin/chromium", "jobs": [
-            {**j, "url": url + j["url"], "wait": "window.benchResult", "timeoutMs": 900_000} for j in jobs]}))
-        p = subprocess.run(["node", "browser/run.mjs", str(cfg)], cwd=REPO / "js", capture_output=True, text=True,
-                           timeout=2400)
+        cfg.write_text(
+            json.dumps(
+                {
+                    "chromium": "/usr/bin/chromium",
+                    "jobs": [
+                        {**j, "url": url + j["url"], "wait": "window.benchResult", "timeoutMs": 900_000} for j in jobs
+                    ],
+                }
+            )
+        )
+        p = subprocess.run(
+            ["node", "browser/run.mjs", str(cfg)], cwd=REPO / "js", capture_output=True, text=True, timeout=2400
+        )
         if p.returncode:
             raise SystemExit(f"Error: browser run failed: {p.stderr[-500:]}")
         return [r.get("result") or {"error": r.get("error")} for r in json.loads(p.stdout.strip().splitlines()[-1])]
@@ -83,30 +116,67 @@ def main():
     a.work.mkdir(parents=True, exist_ok=True)
     ckpt, model = a.work / "rwkv4-169m-random.pth", a.work / "rwkv4-169m.onnx"
     if not ckpt.is_file():
-        subprocess.run([sys.executable, str(REPO / "scripts" / "make_169m.py"), "--version", "4", "-o", str(ckpt)], check=True)
+        subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "make_169m.py"), "--version", "4", "-o", str(ckpt)], check=True
+        )
     if not model.is_file():
-        subprocess.run([str(Path(sys.executable).parent / "rwkv-export"), "export", str(ckpt), "-o", str(model), "--graphs", "step",
-                        "--tokenizer", "none", "-q"], check=True)
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "rwkv-export"),
+                "export",
+                str(ckpt),
+                "-o",
+                str(model),
+                "--graphs",
+                "step",
+                "--tokenizer",
+                "none",
+                "-q",
+            ],
+            check=True,
+        )
     rows = [bandwidth_ceiling(model), python_decode(model, a.tokens, a.threads)]
-    node = subprocess.run(["node", "bench/node-bench.mjs", str(model), str(a.tokens), str(a.threads)], cwd=REPO / "js",
-                          capture_output=True, text=True, timeout=1200)
-    rows.append(json.loads(node.stdout.strip().splitlines()[-1]) if node.returncode == 0 else {"runtime": "node", "error": node.stderr[-300:]})
+    node = subprocess.run(
+        ["node", "bench/node-bench.mjs", str(model), str(a.tokens), str(a.threads)],
+        cwd=REPO / "js",
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    rows.append(
+        json.loads(node.stdout.strip().splitlines()[-1])
+        if node.returncode == 0
+        else {"runtime": "node", "error": node.stderr[-300:]}
+    )
     site = a.work / "site"
     site.mkdir(exist_ok=True)
-    links = {"rwkv-runtime": REPO / "js" / "src", "ort": REPO / "js" / "node_modules" / "onnxruntime-web" / "dist",
-             "bench.html": REPO / "js" / "bench" / "bench.html", "bench-page.js": REPO / "js" / "bench" / "bench-page.js",
-             model.name: model}
+    links = {
+        "rwkv-runtime": REPO / "js" / "src",
+        "ort": REPO / "js" / "node_modules" / "onnxruntime-web" / "dist",
+        "bench.html": REPO / "js" / "bench" / "bench.html",
+        "bench-page.js": REPO / "js" / "bench" / "bench-page.js",
+        model.name: model,
+    }
     for name, target in links.items():
         if not (site / name).exists():
             os.symlink(target, site / name)
     q = f"bench.html?model=./{model.name}"
-    rows += browser(site, [{"url": f"{q}&backend=wasm&threads=1&tokens={a.tokens}"},
-                           {"url": f"{q}&backend=wasm&threads={a.threads}&tokens={a.tokens}"},
-                           {"url": f"{q}&backend=webgpu&tokens={a.gpu_tokens}", "webgpu": True}])
+    rows += browser(
+        site,
+        [
+            {"url": f"{q}&backend=wasm&threads=1&tokens={a.tokens}"},
+            {"url": f"{q}&backend=wasm&threads={a.threads}&tokens={a.tokens}"},
+            {"url": f"{q}&backend=webgpu&tokens={a.gpu_tokens}", "webgpu": True},
+        ],
+    )
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    print("machine:", "; ".join(ln.split(":", 1)[1].strip() for ln in lscpu
-                                 if ln.startswith(("Model name", "CPU(s):", "Architecture"))),
-          f"; load average at the end: {os.getloadavg()[0]:.1f}")
+    print(
+        "machine:",
+        "; ".join(
+            ln.split(":", 1)[1].strip() for ln in lscpu if ln.startswith(("Model name", "CPU(s):", "Architecture"))
+        ),
+        f"; load average at the end: {os.getloadavg()[0]:.1f}",
+    )
     print("\n| runtime | threads | decode tokens/s | steps timed |\n|---|---|---|---|")
     for r in rows:
         if "error" in r:

@@ -23,12 +23,12 @@ Pairs: fp32 / F32, int8 / Q8_0, int4 / Q4_0 (Q4_K_M: llama.cpp's default 4-bit, 
 Every measurement is repeated ``--rounds`` times, the engines interleaved within a round; the best
 round is reported (the machine's noise only ever slows a run down). Ratios are ours / llama.cpp.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -44,15 +44,16 @@ LORA = {"0.1b": (64, 64, 32, 128), "0.4b": (64, 64, 32, 128)}  # decay, iclr, va
 PAIRS = [("fp32", "F32"), ("int8", "Q8_0"), ("int4", "Q4_0"), (None, "Q4_K_M")]
 
 
-
 def timed_child(cmd, env=None, cwd=None) -> tuple[float, float, str]:
     """(seconds, peak RSS MB of this child, stdout) of a command run in a fresh process. The peak comes
     from a wrapper's own rusage, so earlier, larger children cannot mask it."""
-    wrap = ("import resource, subprocess, sys, time, json\n"
-            "t = time.perf_counter(); r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-            "sys.stderr.write(r.stderr)\n"
-            "print(json.dumps({'rc': r.returncode, 's': time.perf_counter() - t, 'out': r.stdout,\n"
-            "  'rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))\n")
+    wrap = (
+        "import resource, subprocess, sys, time, json\n"
+        "t = time.perf_counter(); r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "sys.stderr.write(r.stderr)\n"
+        "print(json.dumps({'rc': r.returncode, 's': time.perf_counter() - t, 'out': r.stdout,\n"
+        "  'rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))\n"
+    )
     r = subprocess.run([sys.executable, "-c", wrap, *map(str, cmd)], capture_output=True, text=True, env=env, cwd=cwd)
     res = json.loads(r.stdout.strip().splitlines()[-1])
     if res["rc"] != 0:
@@ -99,11 +100,25 @@ def save_hf(w: dict, hf: Path, shape: str) -> None:
 
     s, (dw, da, dv, dg) = SHAPES[shape], LORA[shape]
     save_file({hf_name(k): v.contiguous() for k, v in w.items()}, str(hf / "model.safetensors"))
-    (hf / "config.json").write_text(json.dumps({
-        "architectures": ["RWKV7ForCausalLM"], "model_type": "rwkv7", "hidden_size": s["n_embd"],
-        "num_hidden_layers": s["n_layer"], "intermediate_size": s["ffn"], "head_size": 64,
-        "layer_norm_epsilon": 1e-5, "vocab_size": VOCAB, "lora_rank_decay": dw, "lora_rank_iclr": da,
-        "lora_rank_value_residual_mix": dv, "lora_rank_gate": dg, "torch_dtype": "float32"}))
+    (hf / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["RWKV7ForCausalLM"],
+                "model_type": "rwkv7",
+                "hidden_size": s["n_embd"],
+                "num_hidden_layers": s["n_layer"],
+                "intermediate_size": s["ffn"],
+                "head_size": 64,
+                "layer_norm_epsilon": 1e-5,
+                "vocab_size": VOCAB,
+                "lora_rank_decay": dw,
+                "lora_rank_iclr": da,
+                "lora_rank_value_residual_mix": dv,
+                "lora_rank_gate": dg,
+                "torch_dtype": "float32",
+            }
+        )
+    )
     import rwkv  # BlinkDL's package ships the World vocabulary llama.cpp's converter reads
 
     shutil.copy(Path(rwkv.__file__).parent / "rwkv_vocab_v20230424.txt", hf / "rwkv_vocab_v20230424.txt")
@@ -133,7 +148,11 @@ def export_ours(pth: Path, out: Path, fmt: str) -> dict:
     if not Path(cmd[0]).exists():
         cmd[0] = shutil.which("rwkv-export") or "rwkv-export"
     s, rss, _ = timed_child(cmd)
-    return {"convert_s": s, "convert_rss_mb": rss, "disk_mb": sum(p.stat().st_size for p in out.parent.iterdir()) / 2**20}
+    return {
+        "convert_s": s,
+        "convert_rss_mb": rss,
+        "disk_mb": sum(p.stat().st_size for p in out.parent.iterdir()) / 2**20,
+    }
 
 
 def run_ours(model: Path, threads: int, decode: int, prefill: int) -> dict:
@@ -146,16 +165,32 @@ def convert_gguf(llama: Path, hf: Path, d: Path, kind: str, threads: int, f32: P
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
     out = d / f"{hf.name}-{kind.lower()}.gguf"
     if kind == "F32":
-        s, rss, _ = timed_child([sys.executable, src / "convert_hf_to_gguf.py", hf, "--outtype", "f32",
-                                 "--outfile", out], env=env)
+        s, rss, _ = timed_child(
+            [sys.executable, src / "convert_hf_to_gguf.py", hf, "--outtype", "f32", "--outfile", out], env=env
+        )
         return {"path": out, "convert_s": s, "convert_rss_mb": rss, "disk_mb": out.stat().st_size / 2**20}
     s, rss, _ = timed_child([llama / "build" / "bin" / "llama-quantize", f32, out, kind, threads])
     return {"path": out, "quantize_s": s, "convert_rss_mb": rss, "disk_mb": out.stat().st_size / 2**20}
 
 
 def run_llama(llama: Path, gguf: Path, threads: int, decode: int, prefill: int) -> dict:
-    _, rss, out = timed_child([llama / "build" / "bin" / "llama-bench", "-m", gguf, "-t", threads, "-p", prefill,
-                               "-n", decode, "-r", 1, "-o", "json"])
+    _, rss, out = timed_child(
+        [
+            llama / "build" / "bin" / "llama-bench",
+            "-m",
+            gguf,
+            "-t",
+            threads,
+            "-p",
+            prefill,
+            "-n",
+            decode,
+            "-r",
+            1,
+            "-o",
+            "json",
+        ]
+    )
     res = {"rss_mb": rss}
     for r in json.loads(out):
         res["prefill_tps" if r["n_prompt"] else "decode_tps"] = r["avg_ts"]
@@ -181,33 +216,52 @@ def bench_shape(shape: str, args) -> list:
         theirs[kind] = convert_gguf(llama, hf, d, kind, args.threads, theirs.get("F32", {}).get("path"))
     for fmt in ours:
         info = step_weight_bytes(ours[fmt]["path"])
-        ours[fmt]["ceiling_tps"] = ceiling_tps(dict(info, bytes=min(info["bytes"], 2**30)), args.threads)["ceiling"] \
-            * min(info["bytes"], 2**30) / info["bytes"]
+        ours[fmt]["ceiling_tps"] = (
+            ceiling_tps(dict(info, bytes=min(info["bytes"], 2**30)), args.threads)["ceiling"]
+            * min(info["bytes"], 2**30)
+            / info["bytes"]
+        )
     runs = {k: [] for k in [*ours, *theirs]}
     for r in range(args.rounds):
         for fmt, kind in PAIRS:
             if fmt:
                 runs[fmt].append(run_ours(ours[fmt]["path"], args.threads, args.decode, args.prefill))
             runs[kind].append(run_llama(llama, theirs[kind]["path"], args.threads, args.decode, args.prefill))
-            print(f"# {shape} round {r + 1}: {fmt} {runs[fmt][-1] if fmt else ''} {kind} {runs[kind][-1]}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"# {shape} round {r + 1}: {fmt} {runs[fmt][-1] if fmt else ''} {kind} {runs[kind][-1]}",
+                file=sys.stderr,
+                flush=True,
+            )
     rows = []
     f32_convert = theirs["F32"]["convert_s"]
     for fmt, kind in PAIRS:
         t = theirs[kind]
-        lrow = {"decode_tps": best(runs[kind], "decode_tps"), "prefill_tps": best(runs[kind], "prefill_tps"),
-                "rss_mb": best(runs[kind], "rss_mb", low=True), "disk_mb": t["disk_mb"],
-                "convert_s": f32_convert + t.get("quantize_s", 0) * (kind != "F32"),
-                "convert_rss_mb": t["convert_rss_mb"]}
+        lrow = {
+            "decode_tps": best(runs[kind], "decode_tps"),
+            "prefill_tps": best(runs[kind], "prefill_tps"),
+            "rss_mb": best(runs[kind], "rss_mb", low=True),
+            "disk_mb": t["disk_mb"],
+            "convert_s": f32_convert + t.get("quantize_s", 0) * (kind != "F32"),
+            "convert_rss_mb": t["convert_rss_mb"],
+        }
         row = {"shape": shape, "ours": fmt, "llama": kind, "llama_cpp": lrow}
         if fmt:
             o = ours[fmt]
-            orow = {"decode_tps": best(runs[fmt], "decode_tps"), "prefill_tps": best(runs[fmt], "prefill_tps"),
-                    "rss_mb": best(runs[fmt], "rss_mb", low=True), "disk_mb": o["disk_mb"], "convert_s": o["convert_s"],
-                    "convert_rss_mb": o["convert_rss_mb"], "ceiling_tps": o["ceiling_tps"]}
+            orow = {
+                "decode_tps": best(runs[fmt], "decode_tps"),
+                "prefill_tps": best(runs[fmt], "prefill_tps"),
+                "rss_mb": best(runs[fmt], "rss_mb", low=True),
+                "disk_mb": o["disk_mb"],
+                "convert_s": o["convert_s"],
+                "convert_rss_mb": o["convert_rss_mb"],
+                "ceiling_tps": o["ceiling_tps"],
+            }
             row["rwkv_export"] = orow
-            row["ratio"] = {k: orow[k] / lrow[k] for k in ("decode_tps", "prefill_tps", "rss_mb", "disk_mb", "convert_s")
-                            if orow.get(k) and lrow.get(k)}
+            row["ratio"] = {
+                k: orow[k] / lrow[k]
+                for k in ("decode_tps", "prefill_tps", "rss_mb", "disk_mb", "convert_s")
+                if orow.get(k) and lrow.get(k)
+            }
         rows.append(row)
     if not args.keep:
         shutil.rmtree(d)
@@ -215,27 +269,36 @@ def bench_shape(shape: str, args) -> list:
 
 
 def table(rows: list) -> str:
-    out = ["| shape | ours / llama.cpp | decode tok/s | prefill-512 tok/s | peak RSS MB | disk MB | export / convert+quantize s | ceiling tok/s |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| shape | ours / llama.cpp | decode tok/s | prefill-512 tok/s | peak RSS MB | disk MB | export / convert+quantize s | ceiling tok/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lr = r["llama_cpp"]
         if "rwkv_export" not in r:
-            out.append(f"| {r['shape']} | — / {r['llama']} | — / {lr['decode_tps']:.1f} | — / {lr['prefill_tps']:.0f} | "
-                       f"— / {lr['rss_mb']:.0f} | — / {lr['disk_mb']:.0f} | — / {lr['convert_s']:.1f} | |")
+            out.append(
+                f"| {r['shape']} | — / {r['llama']} | — / {lr['decode_tps']:.1f} | — / {lr['prefill_tps']:.0f} | "
+                f"— / {lr['rss_mb']:.0f} | — / {lr['disk_mb']:.0f} | — / {lr['convert_s']:.1f} | |"
+            )
             continue
         o, q = r["rwkv_export"], r["ratio"]
 
-        def cell(k, f):
+        def cell(k, f, q=q, o=o, lr=lr):
             return f"{q.get(k, float('nan')):.2f}x ({o[k]:{f}} / {lr[k]:{f}})"
-        out.append(f"| {r['shape']} | {r['ours']} / {r['llama']} | {cell('decode_tps', '.1f')} | {cell('prefill_tps', '.0f')} | "
-                   f"{cell('rss_mb', '.0f')} | {cell('disk_mb', '.0f')} | {cell('convert_s', '.1f')} | {o['ceiling_tps']:.1f} |")
+
+        out.append(
+            f"| {r['shape']} | {r['ours']} / {r['llama']} | {cell('decode_tps', '.1f')} | {cell('prefill_tps', '.0f')} | "
+            f"{cell('rss_mb', '.0f')} | {cell('disk_mb', '.0f')} | {cell('convert_s', '.1f')} | {o['ceiling_tps']:.1f} |"
+        )
     return "\n".join(out)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="0.1b,0.4b")
-    ap.add_argument("--llama", default=str(REPO / "build" / "llamacpp"), help="folder with src/ and build/bin/ (make llamacpp)")
+    ap.add_argument(
+        "--llama", default=str(REPO / "build" / "llamacpp"), help="folder with src/ and build/bin/ (make llamacpp)"
+    )
     ap.add_argument("--work", default=str(REPO / "build" / "bench-llamacpp"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
@@ -251,8 +314,13 @@ def main():
         rows += bench_shape(shape, args)
     print(table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": args.threads, "rounds": args.rounds,
-                                               "time": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=1, default=str))
+        Path(args.json).write_text(
+            json.dumps(
+                {"threads": args.threads, "rounds": args.rounds, "time": time.strftime("%Y-%m-%d %H:%M"), "rows": rows},
+                indent=1,
+                default=str,
+            )
+        )
 
 
 if __name__ == "__main__":

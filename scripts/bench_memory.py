@@ -6,6 +6,7 @@ bytes of the step graph's file plus its external data. Prints a table; --json wr
 
     python scripts/bench_memory.py build/r169-f32.onnx build/r169-int8.onnx --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,24 +104,38 @@ def weights_mb(path: Path) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", type=Path)
-    ap.add_argument("--modes", default="default", help="comma-separated: default (one session), step "
-                    "(decode_graph='step': two sessions), low_memory")
+    ap.add_argument(
+        "--modes",
+        default="default",
+        help="comma-separated: default (one session), step (decode_graph='step': two sessions), low_memory",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (medians are reported)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--rwkvcpp", type=Path, help="an rwkv.cpp checkout with build/librwkv.so (docs/benchmarks.md)")
-    ap.add_argument("--rwkvcpp-model", type=Path, action="append", default=[],
-                    help="an rwkv.cpp model file (FP32/Q8_0/Q4_0 of the same checkpoint); repeatable")
+    ap.add_argument(
+        "--rwkvcpp-model",
+        type=Path,
+        action="append",
+        default=[],
+        help="an rwkv.cpp model file (FP32/Q8_0/Q4_0 of the same checkpoint); repeatable",
+    )
     a = ap.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads; python {platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {a.threads} threads; python {platform.python_version()}"
+    )
     rows = []
     for r in range(a.rounds):
         for m in a.models:
             for mode in a.modes.split(","):
-                out = subprocess.run([sys.executable, "-c", CHILD, str(m), mode, str(a.threads), str(a.steps),
-                                      str(a.prefill)], capture_output=True, text=True, timeout=900)
+                out = subprocess.run(
+                    [sys.executable, "-c", CHILD, str(m), mode, str(a.threads), str(a.steps), str(a.prefill)],
+                    capture_output=True,
+                    text=True,
+                    timeout=900,
+                )
                 if out.returncode:
                     print(f"{m.name} {mode}: failed: {out.stderr.strip().splitlines()[-1:]}")
                     continue
@@ -128,25 +143,44 @@ def main():
                 d.update(model=m.name, mode=mode, round=r, weights_mb=weights_mb(m))
                 rows.append(d)
         for m in a.rwkvcpp_model if a.rwkvcpp else []:
-            out = subprocess.run([sys.executable, "-c", CHILD_RWKVCPP, str(a.rwkvcpp), str(a.rwkvcpp / "build" / "librwkv.so"),
-                                  str(m), str(a.threads), str(a.steps), str(a.prefill)],
-                                 capture_output=True, text=True, timeout=900)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD_RWKVCPP,
+                    str(a.rwkvcpp),
+                    str(a.rwkvcpp / "build" / "librwkv.so"),
+                    str(m),
+                    str(a.threads),
+                    str(a.steps),
+                    str(a.prefill),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             if out.returncode:
                 print(f"{m.name} rwkv.cpp: failed: {out.stderr.strip().splitlines()[-1:]}")
                 continue
             d = json.loads(out.stdout.strip().splitlines()[-1])
             d.update(model=m.name[-24:], mode="rwkv.cpp", round=r, weights_mb=m.stat().st_size / 2**20)
             rows.append(d)
-    print(f"{'model':<16}{'mode':<12}{'weights MB':>11}{'base MB':>9}{'loaded x w':>11}{'peak dec MB':>12}{'x w':>6}"
-          f"{'peak pre MB':>12}{'x w':>6}{'end x w':>8}{'dec tok/s':>10}{'pre tok/s':>10}")
+    print(
+        f"{'model':<16}{'mode':<12}{'weights MB':>11}{'base MB':>9}{'loaded x w':>11}{'peak dec MB':>12}{'x w':>6}"
+        f"{'peak pre MB':>12}{'x w':>6}{'end x w':>8}{'dec tok/s':>10}{'pre tok/s':>10}"
+    )
     for d in rows:
         w = d["weights_mb"]
-        print(f"{d['model']:<16}{d['mode']:<12}{w:>11.0f}{d['base_mb']:>9.0f}{(d['loaded_mb'] - d['base_mb']) / w:>11.2f}"
-              f"{d['peak_decode_mb']:>12.0f}{(d['peak_decode_mb'] - d['base_mb']) / w:>6.2f}{d['peak_prefill_mb']:>12.0f}"
-              f"{(d['peak_prefill_mb'] - d['base_mb']) / w:>6.2f}{(d['end_mb'] - d['base_mb']) / w:>8.2f}"
-              f"{d['decode_tps']:>10.1f}{d['prefill_tps']:>10.1f}")
-    print("x w = (RSS - RSS after importing numpy, onnxruntime and the runtime) / weights; 'loaded' and 'end' are the "
-          "resident size after opening the session and at the end, 'peak' the process's high-water mark")
+        print(
+            f"{d['model']:<16}{d['mode']:<12}{w:>11.0f}{d['base_mb']:>9.0f}{(d['loaded_mb'] - d['base_mb']) / w:>11.2f}"
+            f"{d['peak_decode_mb']:>12.0f}{(d['peak_decode_mb'] - d['base_mb']) / w:>6.2f}{d['peak_prefill_mb']:>12.0f}"
+            f"{(d['peak_prefill_mb'] - d['base_mb']) / w:>6.2f}{(d['end_mb'] - d['base_mb']) / w:>8.2f}"
+            f"{d['decode_tps']:>10.1f}{d['prefill_tps']:>10.1f}"
+        )
+    print(
+        "x w = (RSS - RSS after importing numpy, onnxruntime and the runtime) / weights; 'loaded' and 'end' are the "
+        "resident size after opening the session and at the end, 'peak' the process's high-water mark"
+    )
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
 

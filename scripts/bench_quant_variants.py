@@ -20,6 +20,7 @@ float32 ``Gemm`` over the model's fp32 bytes (scripts/bench_ceiling.py). Accurac
 held-out text (exporter/verify/quality.py) of the variant against the float32 PyTorch reference, for the default
 model and the reference models in ../shared/reference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_vs_blinkdl import run  # noqa: E402  (one subprocess runner for the benchmarks)
+
 REPO = HERE.parent
 REFERENCE = REPO.parent / "shared" / "reference" / "models"
 CHECKPOINTS = {
@@ -43,8 +45,18 @@ CHECKPOINTS = {
     "v6": REFERENCE / "tiny-rwkv-6v0-1m.pth",
     "v7": REFERENCE / "tiny-rwkv-7v0-834K.pth",
 }
-VARIANTS = ["fp32", "nbits8-b32", "nbits8-b128", "nbits4-b32", "nbits4-b64", "nbits4-b128", "nbits4-b32-acc0",
-            "nbits4-b128-head32", "dq8", "dq8-head32"]
+VARIANTS = [
+    "fp32",
+    "nbits8-b32",
+    "nbits8-b128",
+    "nbits4-b32",
+    "nbits4-b64",
+    "nbits4-b128",
+    "nbits4-b32-acc0",
+    "nbits4-b128-head32",
+    "dq8",
+    "dq8-head32",
+]
 MS = "com.microsoft"
 
 
@@ -86,8 +98,13 @@ def rewrite(model, variant: str, cache: dict):
     for node in g.node:
         t = inits.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) == 2 else None
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if t is None or attrs.get("transB") != 1 or len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT \
-                or (v["head32"] and t.name == "head"):
+        if (
+            t is None
+            or attrs.get("transB") != 1
+            or len(t.dims) != 2
+            or t.data_type != onnx.TensorProto.FLOAT
+            or (v["head32"] and t.name == "head")
+        ):
             nodes.append(node)
             continue
         N, K = t.dims
@@ -99,8 +116,9 @@ def rewrite(model, variant: str, cache: dict):
             keep_inits += cache[t.name]
             added.add(t.name)
         nodes.append(q.node(node.input[0], qname, sname, node.output, node.name, K, N))
-    used = {i for n in nodes for i in n.input} | {i for n in nodes for a in n.attribute if a.type == a.GRAPH
-                                                  for sub in a.g.node for i in sub.input}
+    used = {i for n in nodes for i in n.input} | {
+        i for n in nodes for a in n.attribute if a.type == a.GRAPH for sub in a.g.node for i in sub.input
+    }
     keep_inits = [t for t in g.initializer if t.name in used] + keep_inits
     del g.node[:]
     g.node.extend(nodes)
@@ -172,9 +190,12 @@ def accuracy(names: list, variants: list, work: Path) -> dict:
             path = make_variant(fp32, v, base / "variants")
             r = compare_to_reference(path, ck)
             out[name][v] = r
-            print(f"  accuracy {name:8} {v:20} CE {r['ce_model']:.4f} vs {r['ce_reference']:.4f} "
-                  f"({100 * r['ce_change']:+.2f}%), argmax agreement {100 * r['argmax_agreement']:.1f}%",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  accuracy {name:8} {v:20} CE {r['ce_model']:.4f} vs {r['ce_reference']:.4f} "
+                f"({100 * r['ce_change']:+.2f}%), argmax agreement {100 * r['argmax_agreement']:.1f}%",
+                file=sys.stderr,
+                flush=True,
+            )
     return out
 
 
@@ -216,9 +237,11 @@ def main():
         step_bytes["ceiling"] = step_bytes.get("fp32", step_weight_bytes(a.speed)["bytes"])
         result["step_bytes"] = step_bytes
         med = {v: {b: float(np.median([x[b] for x in runs[v]])) for b in a.batches.split(",")} for v in runs}
-        print(f"decode, {a.rounds} interleaved rounds, median tok/s (min-max). Batch 1 is bound by memory: GB/s = "
-              "tok/s x the bytes one step reads, against the ceiling op's GB/s. Batch 32: the fraction of the "
-              "ceiling op at batch 32 (float32 Gemm over the fp32 bytes).")
+        print(
+            f"decode, {a.rounds} interleaved rounds, median tok/s (min-max). Batch 1 is bound by memory: GB/s = "
+            "tok/s x the bytes one step reads, against the ceiling op's GB/s. Batch 32: the fraction of the "
+            "ceiling op at batch 32 (float32 Gemm over the fp32 bytes)."
+        )
         for v in runs:
             cells = []
             for b in a.batches.split(","):
@@ -235,7 +258,10 @@ def main():
         print("cross-entropy change against the float32 reference on the held-out text (%):")
         print(f"{'':22}" + "".join(f"{n:>10}" for n in result["accuracy"]))
         for v in variants:
-            print(f"{v:22}" + "".join(f"{100 * result['accuracy'][n][v]['ce_change']:>+10.2f}" for n in result["accuracy"]))
+            print(
+                f"{v:22}"
+                + "".join(f"{100 * result['accuracy'][n][v]['ce_change']:>+10.2f}" for n in result["accuracy"])
+            )
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(result, indent=1))
 

@@ -16,6 +16,7 @@ in the same run, e.g. the exporter before the streaming export:
 
     python scripts/bench_scale.py --shapes 0.4b --precisions fp32 --export-only --compare-ref 2ddd500
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ SHAPES = {
 HEAD_SIZE = 64
 
 
-def random_rwkv7(path: Path, n_layer: int, n_embd: int, ffn: int, vocab: int, lora=(16, 16, 16, 32),
-                 seed: int = 0) -> Path:
+def random_rwkv7(
+    path: Path, n_layer: int, n_embd: int, ffn: int, vocab: int, lora=(16, 16, 16, 32), seed: int = 0
+) -> Path:
     """A BlinkDL-layout RWKV-7 .pth with random weights in ranges that keep activations finite."""
     import torch
 
@@ -58,27 +60,43 @@ def random_rwkv7(path: Path, n_layer: int, n_embd: int, ffn: int, vocab: int, lo
     def ru(*shape, lo=0.0, hi=1.0):
         return lo + (hi - lo) * torch.rand(*shape, generator=g)
 
-    w = {"emb.weight": rn(vocab, C, s=1e-2), "blocks.0.ln0.weight": torch.ones(C), "blocks.0.ln0.bias": torch.zeros(C),
-         "ln_out.weight": torch.ones(C), "ln_out.bias": torch.zeros(C), "head.weight": rn(vocab, C, s=C ** -0.5)}
+    w = {
+        "emb.weight": rn(vocab, C, s=1e-2),
+        "blocks.0.ln0.weight": torch.ones(C),
+        "blocks.0.ln0.bias": torch.zeros(C),
+        "ln_out.weight": torch.ones(C),
+        "ln_out.bias": torch.zeros(C),
+        "head.weight": rn(vocab, C, s=C**-0.5),
+    }
     for i in range(n_layer):
         b = f"blocks.{i}."
-        w.update({b + "ln1.weight": torch.ones(C), b + "ln1.bias": torch.zeros(C),
-                  b + "ln2.weight": torch.ones(C), b + "ln2.bias": torch.zeros(C),
-                  b + "att.w0": ru(1, 1, C, lo=-6, hi=-1), b + "att.a0": rn(1, 1, C, s=0.1),
-                  b + "att.k_k": ru(1, 1, C, lo=0.7, hi=1.0), b + "att.k_a": ru(1, 1, C, lo=0.8, hi=1.2),
-                  b + "att.r_k": rn(H, HEAD_SIZE, s=0.1), b + "att.ln_x.weight": torch.ones(C),
-                  b + "att.ln_x.bias": torch.zeros(C), b + "ffn.x_k": ru(1, 1, C)})
+        w.update(
+            {
+                b + "ln1.weight": torch.ones(C),
+                b + "ln1.bias": torch.zeros(C),
+                b + "ln2.weight": torch.ones(C),
+                b + "ln2.bias": torch.zeros(C),
+                b + "att.w0": ru(1, 1, C, lo=-6, hi=-1),
+                b + "att.a0": rn(1, 1, C, s=0.1),
+                b + "att.k_k": ru(1, 1, C, lo=0.7, hi=1.0),
+                b + "att.k_a": ru(1, 1, C, lo=0.8, hi=1.2),
+                b + "att.r_k": rn(H, HEAD_SIZE, s=0.1),
+                b + "att.ln_x.weight": torch.ones(C),
+                b + "att.ln_x.bias": torch.zeros(C),
+                b + "ffn.x_k": ru(1, 1, C),
+            }
+        )
         for m in "rwkvag":
             w[b + "att.x_" + m] = ru(1, 1, C)
         for n, d in (("w", dw), ("a", da), ("g", dg)) + ((("v", dv),) if i > 0 else ()):
-            w[b + f"att.{n}1"] = rn(C, d, s=0.1 * C ** -0.5)
-            w[b + f"att.{n}2"] = rn(d, C, s=0.1 * d ** -0.5)
+            w[b + f"att.{n}1"] = rn(C, d, s=0.1 * C**-0.5)
+            w[b + f"att.{n}2"] = rn(d, C, s=0.1 * d**-0.5)
         if i > 0:
             w[b + "att.v0"] = rn(1, 1, C, s=0.1)
         for n in ("key", "value", "receptance", "output"):
-            w[b + f"att.{n}.weight"] = rn(C, C, s=C ** -0.5)
-        w[b + "ffn.key.weight"] = rn(ffn, C, s=C ** -0.5)
-        w[b + "ffn.value.weight"] = rn(C, ffn, s=ffn ** -0.5)
+            w[b + f"att.{n}.weight"] = rn(C, C, s=C**-0.5)
+        w[b + "ffn.key.weight"] = rn(ffn, C, s=C**-0.5)
+        w[b + "ffn.value.weight"] = rn(C, ffn, s=ffn**-0.5)
     torch.save(w, path)
     return path
 
@@ -91,7 +109,9 @@ def hwm_mb():
         return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024
 """
 
-_EXPORT = _HWM + r"""
+_EXPORT = (
+    _HWM
+    + r"""
 import json, sys, time
 from rwkv_export.export import ExportOptions, export
 import onnx, onnxruntime, torch  # imported before the baseline: the export's own memory is what counts
@@ -103,8 +123,11 @@ paths = export(sys.argv[1], sys.argv[2], opts)
 print(json.dumps({"export_s": time.perf_counter() - t0, "export_baseline_rss_mb": base,
                   "export_peak_rss_mb": hwm_mb()}))
 """
+)
 
-_SESSION = _HWM + r"""
+_SESSION = (
+    _HWM
+    + r"""
 import json, sys, time
 import numpy as np
 t0 = time.perf_counter()
@@ -118,6 +141,7 @@ out["prefill_tps"] = prefill_tps(s, int(sys.argv[4]), repeats=1)
 out["session_peak_rss_mb"] = hwm_mb()
 print(json.dumps(out))
 """
+)
 
 
 def _child(code: str, *args, env=None) -> dict:
@@ -148,26 +172,37 @@ class RefExporter:
     them from exporter/ and runtime/), first on PYTHONPATH so they win over the editable install."""
 
     def __init__(self, rev: str):
-        self.rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], check=True,
-                                  capture_output=True, text=True).stdout.strip()
+        self.rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", rev], check=True, capture_output=True, text=True
+        ).stdout.strip()
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-scale-ref-"))
         self.tree = self.tmp / "tree"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(self.tree), self.rev],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(self.tree), self.rev],
+            check=True,
+            capture_output=True,
+        )
         shim = self.tmp / "shim"
         shim.mkdir()
         (shim / "rwkv_export").symlink_to(self.tree / "exporter")
         (shim / "rwkv_runtime").symlink_to(self.tree / "runtime")
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(shim)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-        check = subprocess.run([sys.executable, "-c", "import rwkv_export; print(rwkv_export.__file__)"],
-                               env=self.env, capture_output=True, text=True)
+        self.env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(
+                [str(shim)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            ),
+        )
+        check = subprocess.run(
+            [sys.executable, "-c", "import rwkv_export; print(rwkv_export.__file__)"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+        )
         if not check.stdout.strip().startswith(str(shim)):
             raise SystemExit(f"--compare-ref: rwkv_export did not resolve to {shim} ({check.stdout.strip()})")
 
     def close(self):
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(self.tree)],
-                       capture_output=True)
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(self.tree)], capture_output=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -194,13 +229,24 @@ def _export_row(ck: Path, out: Path, opts: dict, env=None) -> dict:
     # the weights written: the shared file (or, an older exporter, every graph's own data file)
     row["weights_mb"] = sum(n for f, n in files.items() if f.endswith(".data")) / 2**20
     row["export_rss_over_weights"] = row["export_peak_rss_mb"] / max(row["weights_mb"], 1e-9)
-    row["export_delta_over_weights"] = ((row["export_peak_rss_mb"] - row["export_baseline_rss_mb"])
-                                        / max(row["weights_mb"], 1e-9))
+    row["export_delta_over_weights"] = (row["export_peak_rss_mb"] - row["export_baseline_rss_mb"]) / max(
+        row["weights_mb"], 1e-9
+    )
     return row
 
 
-def run_shape(name: str, precisions, d: Path, threads: int, steps: int, plen: int, keep: bool,
-              sources=("fp32.pth",), session: bool = True, ref: RefExporter | None = None) -> list:
+def run_shape(
+    name: str,
+    precisions,
+    d: Path,
+    threads: int,
+    steps: int,
+    plen: int,
+    keep: bool,
+    sources=("fp32.pth",),
+    session: bool = True,
+    ref: RefExporter | None = None,
+) -> list:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_ceiling import ceiling_tps, step_weight_bytes
 
@@ -228,8 +274,14 @@ def run_shape(name: str, precisions, d: Path, threads: int, steps: int, plen: in
                 opts["quantize"] = prec
             else:
                 opts["precision"] = prec
-            row = {"shape": name, "precision": prec, "source": src, "exporter": "this",
-                   "checkpoint_mb": cks[src].stat().st_size / 2**20, "generate_s": gen_s}
+            row = {
+                "shape": name,
+                "precision": prec,
+                "source": src,
+                "exporter": "this",
+                "checkpoint_mb": cks[src].stat().st_size / 2**20,
+                "generate_s": gen_s,
+            }
             row.update(_export_row(cks[src], out, opts))
             if session:
                 row.update(_child(_SESSION, out, threads, steps, plen))
@@ -243,8 +295,14 @@ def run_shape(name: str, precisions, d: Path, threads: int, steps: int, plen: in
             rows.append(row)
             print(json.dumps(row), flush=True)
             if ref is not None:  # the older exporter, same checkpoint, right after
-                rrow = {"shape": name, "precision": prec, "source": src, "exporter": ref.rev,
-                        "checkpoint_mb": row["checkpoint_mb"], "generate_s": gen_s}
+                rrow = {
+                    "shape": name,
+                    "precision": prec,
+                    "source": src,
+                    "exporter": ref.rev,
+                    "checkpoint_mb": row["checkpoint_mb"],
+                    "generate_s": gen_s,
+                }
                 rrow.update(_export_row(cks[src], out, opts, env=ref.env))
                 rows.append(rrow)
                 print(json.dumps(rrow), flush=True)
@@ -266,11 +324,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="0.4b", help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--precisions", default="fp32", help="comma-separated: fp32, fp16, int8, int4")
-    ap.add_argument("--sources", default="fp32.pth",
-                    help=f"comma-separated checkpoint forms exported, of {', '.join(SOURCES)}")
+    ap.add_argument(
+        "--sources", default="fp32.pth", help=f"comma-separated checkpoint forms exported, of {', '.join(SOURCES)}"
+    )
     ap.add_argument("--export-only", action="store_true", help="no session, decode or prefill measurements")
-    ap.add_argument("--compare-ref", metavar="REV",
-                    help="also run the exporter of git revision REV on the same checkpoints (export only)")
+    ap.add_argument(
+        "--compare-ref",
+        metavar="REV",
+        help="also run the exporter of git revision REV on the same checkpoints (export only)",
+    )
     ap.add_argument("--dir", default="build/scale", type=Path)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8, help="decode steps timed")
@@ -287,20 +349,36 @@ def main():
     rows = []
     try:
         for name in a.shapes.split(","):
-            rows += run_shape(name.strip(), [p.strip() for p in a.precisions.split(",")], a.dir, a.threads,
-                              a.steps, a.prefill, a.keep, sources, not a.export_only, ref)
+            rows += run_shape(
+                name.strip(),
+                [p.strip() for p in a.precisions.split(",")],
+                a.dir,
+                a.threads,
+                a.steps,
+                a.prefill,
+                a.keep,
+                sources,
+                not a.export_only,
+                ref,
+            )
     finally:
         if ref is not None:
             ref.close()
-    print(f"\n{'shape':<6}{'prec':<6}{'source':<17}{'exporter':<9}{'export s':>9}{'exp RSS GB':>11}{'x wts':>6}"
-          f"{'disk GB':>8}{'load s':>7}{'run RSS GB':>11}{'x wts':>6}{'dec tok/s':>10}{'ceiling':>8}{'pre tok/s':>10}")
+    print(
+        f"\n{'shape':<6}{'prec':<6}{'source':<17}{'exporter':<9}{'export s':>9}{'exp RSS GB':>11}{'x wts':>6}"
+        f"{'disk GB':>8}{'load s':>7}{'run RSS GB':>11}{'x wts':>6}{'dec tok/s':>10}{'ceiling':>8}{'pre tok/s':>10}"
+    )
     for r in rows:
-        line = (f"{r['shape']:<6}{r['precision']:<6}{r['source']:<17}{r['exporter']:<9}{r['export_s']:>9.1f}"
-                f"{r['export_peak_rss_mb'] / 1024:>11.2f}{r['export_rss_over_weights']:>6.2f}"
-                f"{r['disk_mb'] / 1024:>8.2f}")
+        line = (
+            f"{r['shape']:<6}{r['precision']:<6}{r['source']:<17}{r['exporter']:<9}{r['export_s']:>9.1f}"
+            f"{r['export_peak_rss_mb'] / 1024:>11.2f}{r['export_rss_over_weights']:>6.2f}"
+            f"{r['disk_mb'] / 1024:>8.2f}"
+        )
         if "load_s" in r:
-            line += (f"{r['load_s']:>7.1f}{r['session_peak_rss_mb'] / 1024:>11.2f}{r['session_rss_over_weights']:>6.2f}"
-                     f"{r['decode_tps']:>10.2f}{r['ceiling_tps']:>8.2f}{r['prefill_tps']:>10.1f}")
+            line += (
+                f"{r['load_s']:>7.1f}{r['session_peak_rss_mb'] / 1024:>11.2f}{r['session_rss_over_weights']:>6.2f}"
+                f"{r['decode_tps']:>10.2f}{r['ceiling_tps']:>8.2f}{r['prefill_tps']:>10.1f}"
+            )
         print(line)
     if a.json:
         a.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))

@@ -8,6 +8,7 @@ token-id prompts (greedy, fixed length) and reports aggregate generated tokens/s
 token and inter-token latency. Next to each level: the ceiling measured in the same run, the raw
 ``Session.step`` loop at batch N without any server (what the scheduler could at best deliver).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,14 @@ def ceiling(model: str, levels: list, steps: int, threads, decode_graph: str = "
 
 
 async def one_stream(client, url, prompt, tokens):
-    body = {"model": "m", "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": "m",
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     arrivals, generated = [], 0
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -85,9 +92,16 @@ async def level(url, n, tokens, prompt_tokens, vocab, seed):
     itl = [d for _, a, _ in res for d in np.diff(a)]
     total = sum(g for _, _, g in res)
     pct = lambda xs, q: float(np.percentile(xs, q) * 1000) if len(xs) else float("nan")  # noqa: E731
-    return {"streams": n, "tokens": total, "wall_s": wall, "tok_s": total / wall,
-            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
-            "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99)}
+    return {
+        "streams": n,
+        "tokens": total,
+        "wall_s": wall,
+        "tok_s": total / wall,
+        "ttft_p50_ms": pct(ttft, 50),
+        "ttft_p99_ms": pct(ttft, 99),
+        "itl_p50_ms": pct(itl, 50),
+        "itl_p99_ms": pct(itl, 99),
+    }
 
 
 def main():
@@ -116,8 +130,22 @@ def main():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "rwkv_runtime.server", a.model, "--port", str(port), "--model-name", "m",
-           "--max-batch", str(max(levels)), "--log-level", "warning", "--cache-mb", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rwkv_runtime.server",
+        a.model,
+        "--port",
+        str(port),
+        "--model-name",
+        "m",
+        "--max-batch",
+        str(max(levels)),
+        "--log-level",
+        "warning",
+        "--cache-mb",
+        "0",
+    ]
     if a.threads:
         cmd += ["--threads", str(a.threads)]
     cmd += ["--decode-graph", a.decode_graph]
@@ -154,12 +182,16 @@ def main():
     print("\n| streams | aggregate tok/s | ceiling tok/s (raw step, batch N) | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['streams']} | {r['tok_s']:.1f} | {r['ceiling_tok_s']:.1f} | {r['ttft_p50_ms']:.0f} / "
-              f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |")
+        print(
+            f"| {r['streams']} | {r['tok_s']:.1f} | {r['ceiling_tok_s']:.1f} | {r['ttft_p50_ms']:.0f} / "
+            f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |"
+        )
     by = {r["streams"]: r for r in rows}
     if 1 in by and max(levels) in by:
-        print(f"\naggregate throughput, {max(levels)} streams vs 1: {by[max(levels)]['tok_s'] / by[1]['tok_s']:.1f}x "
-              f"(raw step ceiling: {ceil[max(levels)] / ceil[1]:.1f}x)")
+        print(
+            f"\naggregate throughput, {max(levels)} streams vs 1: {by[max(levels)]['tok_s'] / by[1]['tok_s']:.1f}x "
+            f"(raw step ceiling: {ceil[max(levels)] / ceil[1]:.1f}x)"
+        )
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
 

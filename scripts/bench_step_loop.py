@@ -5,6 +5,7 @@ All variants run in one process, interleaved over rounds; medians with min-max a
 
     python scripts/bench_step_loop.py build/r169-f32.onnx --threads 2 --rounds 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,11 +50,15 @@ def main():
     for _ in range(a.rounds):
         for k, s in variants.items():
             res[k].append(tps(s, ids))
-    print(f"{a.model}: {platform.processor() or platform.machine()}, {a.threads} threads, {a.rounds} interleaved rounds")
+    print(
+        f"{a.model}: {platform.processor() or platform.machine()}, {a.threads} threads, {a.rounds} interleaved rounds"
+    )
     for k, v in res.items():
         w, c = [x[0] for x in v], [x[1] for x in v]
-        print(f"  {k:<36} {np.median(w):7.1f} tok/s ({min(w):.1f}-{max(w):.1f})   "
-              f"{np.median(c):7.2f} CPU ms/token ({min(c):.2f}-{max(c):.2f}; the minimum is the least disturbed)")
+        print(
+            f"  {k:<36} {np.median(w):7.1f} tok/s ({min(w):.1f}-{max(w):.1f})   "
+            f"{np.median(c):7.2f} CPU ms/token ({min(c):.2f}-{max(c):.2f}; the minimum is the least disturbed)"
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ decode, one forward() of the whole prompt for prefill. rwkv.cpp (``--rwkvcpp`` =
 built as docs/benchmarks.md says): the checkpoint converted to FP32, Q8_0 and Q4_0, decode one token
 per rwkv_eval, prefill in chunks of ``--chunk`` tokens (its sequence mode; ours in the same chunks).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -151,21 +152,41 @@ def run(code: str, *args, threads: int) -> dict:
 
 def rwkvcpp_models(root: Path, checkpoint: str, build: Path) -> tuple[Path, dict]:
     """rwkv.cpp's library and the checkpoint in its formats (converted once, kept in ``build``)."""
-    lib = next((p for p in (root / "build" / "librwkv.so", root / "librwkv.so", root / "build" / "bin" / "librwkv.so")
-                if p.is_file()), None)
+    lib = next(
+        (
+            p
+            for p in (root / "build" / "librwkv.so", root / "librwkv.so", root / "build" / "bin" / "librwkv.so")
+            if p.is_file()
+        ),
+        None,
+    )
     if lib is None:
         raise SystemExit(f"--rwkvcpp {root}: no librwkv.so under build/ (see docs/benchmarks.md for the build)")
     stem = Path(checkpoint).stem
     files = {f: build / f"{stem}.rwkvcpp-{f}.bin" for f in ("FP32", "Q8_0", "Q4_0")}
     if not files["FP32"].is_file():
-        subprocess.run([sys.executable, str(root / "python" / "convert_pytorch_to_ggml.py"), checkpoint,
-                        str(files["FP32"]), "FP32"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(root / "python" / "convert_pytorch_to_ggml.py"),
+                checkpoint,
+                str(files["FP32"]),
+                "FP32",
+            ],
+            check=True,
+            capture_output=True,
+        )
     for f in ("Q8_0", "Q4_0"):
         if not files[f].is_file():
-            code = ("import sys; sys.path.insert(0, sys.argv[1] + '/python'); from rwkv_cpp import rwkv_cpp_shared_library as l;"
-                    "l.RWKVSharedLibrary(sys.argv[2]).rwkv_quantize_model_file(sys.argv[3], sys.argv[4], sys.argv[5])")
-            subprocess.run([sys.executable, "-c", code, str(root), str(lib), str(files["FP32"]), str(files[f]), f],
-                           check=True, capture_output=True)
+            code = (
+                "import sys; sys.path.insert(0, sys.argv[1] + '/python'); from rwkv_cpp import rwkv_cpp_shared_library as l;"
+                "l.RWKVSharedLibrary(sys.argv[2]).rwkv_quantize_model_file(sys.argv[3], sys.argv[4], sys.argv[5])"
+            )
+            subprocess.run(
+                [sys.executable, "-c", code, str(root), str(lib), str(files["FP32"]), str(files[f]), f],
+                check=True,
+                capture_output=True,
+            )
     return lib, files
 
 
@@ -199,12 +220,17 @@ def main():
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=64, help="prefill chunk size (ours and rwkv.cpp's sequence mode)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batches", default="1,4,16,32", help="batch sizes measured (the first model's against its ceiling)")
+    ap.add_argument(
+        "--batches", default="1,4,16,32", help="batch sizes measured (the first model's against its ceiling)"
+    )
     ap.add_argument("--low-memory", action="store_true", help="also measure each model with low_memory=True")
     ap.add_argument("--rwkvcpp", type=Path, help="an rwkv.cpp source tree with build/librwkv.so")
     ap.add_argument("--skip-blinkdl", action="store_true")
-    ap.add_argument("--step-graph", action="store_true",
-                    help="also measure the first model with decode_graph='step' (two sessions, a second weights copy)")
+    ap.add_argument(
+        "--step-graph",
+        action="store_true",
+        help="also measure the first model with decode_graph='step' (two sessions, a second weights copy)",
+    )
     ap.add_argument("--json", dest="json_out")
     a = ap.parse_args()
     T = a.threads
@@ -220,13 +246,15 @@ def main():
         for f, p in files.items():
             contenders[f"rwkv.cpp {f}"] = (RWKVCPP, (a.rwkvcpp, p, T, a.tokens, lib, a.prefill, a.chunk))
     for i, m in enumerate(a.models):
-        for low in ([False, True] if a.low_memory else [False]):
+        for low in [False, True] if a.low_memory else [False]:
             label = Path(m).name + (" (low-memory)" if low else "")
             batches = a.batches if not low else "1"
             contenders[label] = (OURS, (m, T, a.tokens, a.prefill, "1" if low else "0", batches, "auto", a.chunk, HERE))
         if i == 0 and a.step_graph:  # the two-session layout: faster decode, a second copy of the weights
             contenders[Path(m).name + " (decode_graph=step)"] = (
-                OURS, (m, T, a.tokens, a.prefill, "0", a.batches, "step", a.chunk, HERE))
+                OURS,
+                (m, T, a.tokens, a.prefill, "0", a.batches, "step", a.chunk, HERE),
+            )
 
     runs = {k: [] for k in contenders}
     for r in range(a.rounds):
@@ -244,8 +272,10 @@ def main():
     print(f"machine: {machine()}; {T} threads; {a.rounds} interleaved rounds, median (min-max)")
     blink = dec("BlinkDL rwkv (cpu fp32)") if not a.skip_blinkdl else []
     b_med = stats(blink)[0] if blink else float("nan")
-    print(f"{'':34}{'decode tok/s':>20}{'of ceiling':>11}{'ceiling tok/s':>20}{'vs BlinkDL*':>12}{'prefill tok/s':>20}"
-          f"{'paired**':>10}")
+    print(
+        f"{'':34}{'decode tok/s':>20}{'of ceiling':>11}{'ceiling tok/s':>20}{'vs BlinkDL*':>12}{'prefill tok/s':>20}"
+        f"{'paired**':>10}"
+    )
     if blink:
         pre = [x["prefill_tps"] for x in runs["BlinkDL rwkv (cpu fp32)"] if "prefill_tps" in x]
         print(f"{'BlinkDL rwkv (cpu fp32)':<34}{fmt(blink)}{'':>11}{'':>20}{1.0:>12.2f}{fmt(pre)}")
@@ -263,39 +293,56 @@ def main():
             pre = [x["prefill_tps"] for x in runs[label] if "prefill_tps" in x]
             paired = [x["paired_fraction"] for x in runs[label] if "paired_fraction" in x]
             pf = f"{stats(paired)[0]:.2f} ({stats(paired)[1]:.2f}-{stats(paired)[2]:.2f})" if paired else ""
-            print(f"{label:<34}{fmt(d)}{stats(d)[0] / stats(ceil)[0]:>11.2f}{fmt(ceil)}{stats(d)[0] / b_med:>12.2f}"
-                  f"{fmt(pre)}  {pf}")
+            print(
+                f"{label:<34}{fmt(d)}{stats(d)[0] / stats(ceil)[0]:>11.2f}{fmt(ceil)}{stats(d)[0] / b_med:>12.2f}"
+                f"{fmt(pre)}  {pf}"
+            )
             if label.endswith("(low-memory)"):
                 continue
             pp = [x["paired_products_fraction"] for x in runs[label] if "paired_products_fraction" in x]
             if label == Path(m).name:  # the bound of separate matrix products, once per model
-                print(f"{'  its matrix products alone***':<34}{fmt([x['1'] for x in prods])}"
-                      f"{p1 / stats(ceil)[0]:>11.2f}")
+                print(
+                    f"{'  its matrix products alone***':<34}{fmt([x['1'] for x in prods])}{p1 / stats(ceil)[0]:>11.2f}"
+                )
             if pp:
-                print(f"{'    decode over them':<34}{stats(d)[0] / p1:>20.2f}{'':>11}{'':>20}{'':>12}{'':>20}  "
-                      f"{stats(pp)[0]:.2f} ({stats(pp)[1]:.2f}-{stats(pp)[2]:.2f})")
+                print(
+                    f"{'    decode over them':<34}{stats(d)[0] / p1:>20.2f}{'':>11}{'':>20}{'':>12}{'':>20}  "
+                    f"{stats(pp)[0]:.2f} ({stats(pp)[1]:.2f}-{stats(pp)[2]:.2f})"
+                )
             first = a.models[0]
             bc = [x["batched"] for x in runs[f"ceiling {Path(first).name}"]]
             for b in a.batches.split(",")[1:]:
                 db, pb = dec(label, b), [x[b] for x in prods]
-                bound = f"; its products alone {stats(pb)[0]:.0f} tok/s (decode {stats(db)[0] / stats(pb)[0]:.2f} of them, " \
-                        f"at most {stats(pb)[0] / stats(d)[0]:.1f}x this batch 1)"
+                bound = (
+                    f"; its products alone {stats(pb)[0]:.0f} tok/s (decode {stats(db)[0] / stats(pb)[0]:.2f} of them, "
+                    f"at most {stats(pb)[0] / stats(d)[0]:.1f}x this batch 1)"
+                )
                 if i == 0:  # the float32 model: against the Gemm op at batch b over its bytes
                     cb = [x[b] for x in bc]
-                    print(f"{'  batch ' + b + ' (aggregate)':<34}{fmt(db)}{stats(db)[0] / stats(cb)[0]:>11.2f}{fmt(cb)}"
-                          f"{'':>12}   {stats(db)[0] / stats(d)[0]:.1f}x batch 1 (the ceiling op: "
-                          f"{stats(cb)[0] / stats([x['1'] for x in bc])[0]:.1f}x its batch 1){bound}")
+                    print(
+                        f"{'  batch ' + b + ' (aggregate)':<34}{fmt(db)}{stats(db)[0] / stats(cb)[0]:>11.2f}{fmt(cb)}"
+                        f"{'':>12}   {stats(db)[0] / stats(d)[0]:.1f}x batch 1 (the ceiling op: "
+                        f"{stats(cb)[0] / stats([x['1'] for x in bc])[0]:.1f}x its batch 1){bound}"
+                    )
                 else:
-                    print(f"{'  batch ' + b + ' (aggregate)':<34}{fmt(db)}{'':>11}{'':>20}{'':>12}"
-                          f"   {stats(db)[0] / stats(d)[0]:.1f}x batch 1, "
-                          f"{stats(db)[0] / stats(dec(Path(first).name))[0]:.1f}x {Path(first).name} batch 1{bound}")
-    print("* ratios to BlinkDL's package depend on the machine (memory bandwidth against compute); "
-          "the fractions of the ceiling are what carries over")
-    print("** paired: batch-1 decode over the ceiling op timed alternately in the model's own process (5 pairs of "
-          "16 steps; median of the rounds' medians, min-max): both see the same memory state at the same moment")
-    print("*** the step graph's weight-matrix products with their real weights and nothing else, one after another "
-          "(scripts/bench_ceiling.py products_model): no graph of separate products runs faster on onnxruntime, so "
-          "\"decode over them\" is the cost of everything else, and they over the ceiling the cost of many small products")
+                    print(
+                        f"{'  batch ' + b + ' (aggregate)':<34}{fmt(db)}{'':>11}{'':>20}{'':>12}"
+                        f"   {stats(db)[0] / stats(d)[0]:.1f}x batch 1, "
+                        f"{stats(db)[0] / stats(dec(Path(first).name))[0]:.1f}x {Path(first).name} batch 1{bound}"
+                    )
+    print(
+        "* ratios to BlinkDL's package depend on the machine (memory bandwidth against compute); "
+        "the fractions of the ceiling are what carries over"
+    )
+    print(
+        "** paired: batch-1 decode over the ceiling op timed alternately in the model's own process (5 pairs of "
+        "16 steps; median of the rounds' medians, min-max): both see the same memory state at the same moment"
+    )
+    print(
+        "*** the step graph's weight-matrix products with their real weights and nothing else, one after another "
+        "(scripts/bench_ceiling.py products_model): no graph of separate products runs faster on onnxruntime, so "
+        '"decode over them" is the cost of everything else, and they over the ceiling the cost of many small products'
+    )
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump({"machine": machine(), "threads": T, "rounds": a.rounds, "runs": runs}, f, indent=1)

@@ -8,6 +8,7 @@ from the version's own ``expected_shapes`` (the ArchSpec's key check), so the fi
 checkpoint of that version. Values are random but in the ranges training produces (mixes in [0,1],
 decays giving factors in (0,1), small matrices), so every figure measured on it is representative.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -18,12 +19,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CFG = {
     "4": {"n_layer": 12, "n_embd": 768, "vocab_size": 50277, "ffn_dim": 3072, "dim_att": 768},
-    "5": {"n_layer": 12, "n_embd": 768, "vocab_size": 65536, "ffn_dim": 3072, "n_head": 12, "head_size": 64,
-          "gate": True, "per_channel_decay": True, "bonus": "time_faaaa"},
-    "6": {"n_layer": 12, "n_embd": 768, "vocab_size": 65536, "ffn_dim": 2688, "n_head": 12, "head_size": 64,
-          "dim_maa": 32, "dim_decay": 64},
-    "7": {"n_layer": 12, "n_embd": 768, "vocab_size": 65536, "ffn_dim": 3072, "n_head": 12, "head_size": 64,
-          "dim_w": 64, "dim_a": 64, "dim_v": 32, "dim_g": 128},
+    "5": {
+        "n_layer": 12,
+        "n_embd": 768,
+        "vocab_size": 65536,
+        "ffn_dim": 3072,
+        "n_head": 12,
+        "head_size": 64,
+        "gate": True,
+        "per_channel_decay": True,
+        "bonus": "time_faaaa",
+    },
+    "6": {
+        "n_layer": 12,
+        "n_embd": 768,
+        "vocab_size": 65536,
+        "ffn_dim": 2688,
+        "n_head": 12,
+        "head_size": 64,
+        "dim_maa": 32,
+        "dim_decay": 64,
+    },
+    "7": {
+        "n_layer": 12,
+        "n_embd": 768,
+        "vocab_size": 65536,
+        "ffn_dim": 3072,
+        "n_head": 12,
+        "head_size": 64,
+        "dim_w": 64,
+        "dim_a": 64,
+        "dim_v": 32,
+        "dim_g": 128,
+    },
 }
 
 

@@ -6,6 +6,7 @@ BlinkDL ``.pth`` layout, exactly like an official checkpoint.
 
     python scripts/train_default.py --steps 600 -o exporter/default_model/tiny-rwkv4-pystdlib.pth
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,7 +83,7 @@ def main():
 
     def batch(data):
         idx = rng.integers(0, len(data) - a.ctx - 1, a.batch)
-        x = np.stack([data[i:i + a.ctx + 1] for i in idx]).astype(np.int64)
+        x = np.stack([data[i : i + a.ctx + 1] for i in idx]).astype(np.int64)
         return torch.from_numpy(x[:, :-1]), torch.from_numpy(x[:, 1:])
 
     def loss_of(x, y):

@@ -1,6 +1,7 @@
 """Shared fixtures: the golden models in tests/golden (always present), the optional ../shared lane
 (`@pytest.mark.shared`, skipped with a reason where absent) and session-scoped exports so each test file
 does not re-export."""
+
 from __future__ import annotations
 
 import os
@@ -81,11 +82,17 @@ def hf_tokenizer_json(path: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    text = ["Describe the structure of an atom. Hello world! The quick brown fox jumps over the lazy dog.",
-            "def main():\n    import os\n    return os.getcwd()  # naive caf\u00e9, \u00fcber, na\u00efve",
-            "In the beginning the model read bytes; then it read words, and the words were tokens."] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = [
+        "Describe the structure of an atom. Hello world! The quick brown fox jumps over the lazy dog.",
+        "def main():\n    import os\n    return os.getcwd()  # naive caf\u00e9, \u00fcber, na\u00efve",
+        "In the beginning the model read bytes; then it read words, and the words were tokens.",
+    ] * 20
     tok.train_from_iterator(text, trainer)
     tok.save(str(path))
     return path

@@ -1,4 +1,5 @@
 """Test helpers: random RWKV-4 checkpoints of odd shapes, BlinkDL's package as an independent truth."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,19 +20,40 @@ def random_rwkv4(path: Path, n_embd=72, n_layer=3, ffn=200, vocab=301, seed=0) -
     def ru(*shape):
         return torch.rand(*shape, generator=g)
 
-    w = {"emb.weight": rn(V, C), "blocks.0.ln0.weight": 1 + rn(C, s=0.1), "blocks.0.ln0.bias": rn(C, s=0.1),
-         "ln_out.weight": 1 + rn(C, s=0.1), "ln_out.bias": rn(C, s=0.1), "head.weight": rn(V, C, s=C ** -0.5)}
+    w = {
+        "emb.weight": rn(V, C),
+        "blocks.0.ln0.weight": 1 + rn(C, s=0.1),
+        "blocks.0.ln0.bias": rn(C, s=0.1),
+        "ln_out.weight": 1 + rn(C, s=0.1),
+        "ln_out.bias": rn(C, s=0.1),
+        "head.weight": rn(V, C, s=C**-0.5),
+    }
     for i in range(n_layer):
         b = f"blocks.{i}."
-        w.update({b + "ln1.weight": 1 + rn(C, s=0.1), b + "ln1.bias": rn(C, s=0.1),
-                  b + "ln2.weight": 1 + rn(C, s=0.1), b + "ln2.bias": rn(C, s=0.1),
-                  b + "att.time_decay": rn(C, s=2.0), b + "att.time_first": rn(C),
-                  b + "att.time_mix_k": ru(1, 1, C), b + "att.time_mix_v": ru(1, 1, C),
-                  b + "att.time_mix_r": ru(1, 1, C), b + "ffn.time_mix_k": ru(1, 1, C),
-                  b + "ffn.time_mix_r": ru(1, 1, C)})
-        for n, shape in (("att.key", (C, C)), ("att.value", (C, C)), ("att.receptance", (C, C)),
-                         ("att.output", (C, C)), ("ffn.key", (F, C)), ("ffn.receptance", (C, C)),
-                         ("ffn.value", (C, F))):
+        w.update(
+            {
+                b + "ln1.weight": 1 + rn(C, s=0.1),
+                b + "ln1.bias": rn(C, s=0.1),
+                b + "ln2.weight": 1 + rn(C, s=0.1),
+                b + "ln2.bias": rn(C, s=0.1),
+                b + "att.time_decay": rn(C, s=2.0),
+                b + "att.time_first": rn(C),
+                b + "att.time_mix_k": ru(1, 1, C),
+                b + "att.time_mix_v": ru(1, 1, C),
+                b + "att.time_mix_r": ru(1, 1, C),
+                b + "ffn.time_mix_k": ru(1, 1, C),
+                b + "ffn.time_mix_r": ru(1, 1, C),
+            }
+        )
+        for n, shape in (
+            ("att.key", (C, C)),
+            ("att.value", (C, C)),
+            ("att.receptance", (C, C)),
+            ("att.output", (C, C)),
+            ("ffn.key", (F, C)),
+            ("ffn.receptance", (C, C)),
+            ("ffn.value", (C, F)),
+        ):
             w[b + n + ".weight"] = rn(*shape, s=shape[1] ** -0.5)
     torch.save(w, path)
     return path
@@ -69,7 +91,10 @@ def random_state_tuning(checkpoint: Path, out: Path, seed: int = 0, scale: float
     ck = load_checkpoint(checkpoint)
     cfg = arch.get(ck.version).config_from_weights(ck.weights)
     g = torch.Generator().manual_seed(seed)
-    ts = {f"blocks.{i}.att.time_state": torch.randn(cfg["n_head"], cfg["head_size"], cfg["head_size"], generator=g) * scale
-          for i in range(cfg["n_layer"])}
+    ts = {
+        f"blocks.{i}.att.time_state": torch.randn(cfg["n_head"], cfg["head_size"], cfg["head_size"], generator=g)
+        * scale
+        for i in range(cfg["n_layer"])
+    }
     torch.save(ts, out)
     return ts

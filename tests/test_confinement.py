@@ -3,6 +3,7 @@
 
 The check lives once, in rwkv_runtime.artifact.open_artifact (the one artifact reader); this test is the
 proof that each command goes through it before anything loads the graph."""
+
 from __future__ import annotations
 
 import shutil
@@ -35,17 +36,21 @@ def escaping(rwkv4_ref, tmp_path_factory):
     return step
 
 
-@pytest.mark.parametrize("args", [
-    ["inspect", "{m}"],
-    ["generate", "{m}", "--prompt", "hi", "-n", "2"],
-    ["validate", "{m}", "--reference", "{ref}", "--steps", "2"],
-    ["bench", "{m}"],
-    ["build-engine", "{m}", "-o", "{out}/m.engine"],
-    ["triton", "{m}", "-o", "{out}/repo"],
-    ["web", "{m}", "-o", "{out}/web"],
-    ["mobile", "{m}", "-o", "{out}/mobile"],
-    ["serve", "{m}", "--port", "0"],
-], ids=lambda a: a[0])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inspect", "{m}"],
+        ["generate", "{m}", "--prompt", "hi", "-n", "2"],
+        ["validate", "{m}", "--reference", "{ref}", "--steps", "2"],
+        ["bench", "{m}"],
+        ["build-engine", "{m}", "-o", "{out}/m.engine"],
+        ["triton", "{m}", "-o", "{out}/repo"],
+        ["web", "{m}", "-o", "{out}/web"],
+        ["mobile", "{m}", "-o", "{out}/mobile"],
+        ["serve", "{m}", "--port", "0"],
+    ],
+    ids=lambda a: a[0],
+)
 def test_every_command_refuses_before_loading(escaping, rwkv4_ref, tmp_path, monkeypatch, args):
     import importlib.util
 

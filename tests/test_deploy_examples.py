@@ -1,4 +1,5 @@
 """The deployment examples run as documented (on the tiny reference export)."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,11 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "deploy_examples"
 
 
 def test_minimal_generate_runs_and_is_greedy(rwkv4_exports):
-    out = subprocess.run([sys.executable, str(EXAMPLES / "minimal_generate.py"), str(rwkv4_exports["plain"]), "The "],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "minimal_generate.py"), str(rwkv4_exports["plain"]), "The "],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     s = rwkv_runtime.Session(rwkv4_exports["plain"])
     expect = "".join(s.generate("The ", 64, temperature=0))
@@ -20,8 +24,11 @@ def test_minimal_generate_runs_and_is_greedy(rwkv4_exports):
 
 
 def test_multi_conversation_runs(rwkv4_exports):
-    out = subprocess.run([sys.executable, str(EXAMPLES / "multi_conversation.py"), str(rwkv4_exports["plain"])],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "multi_conversation.py"), str(rwkv4_exports["plain"])],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert "--- greedy" in out.stdout and "--- late joiner" in out.stdout
     assert np.any([ln for ln in out.stdout.splitlines() if not ln.startswith("---")])
@@ -60,12 +67,14 @@ def test_ray_build_refuses_bad_arguments_with_one_line():
     import pytest
 
     app = _ray_app()
-    for args, msg in [({}, "model=PATH is required"),
-                      ({"model": "m.onnx", "replica": "4"}, "unknown argument 'replica'"),
-                      ({"model": "m.onnx", "replicas": "two"}, "replicas='two': must be a whole number >= 1"),
-                      ({"model": "m.onnx", "replicas": 0}, "replicas=0: must be a whole number >= 1"),
-                      ({"model": "m.onnx", "max_batch": "2.5"}, "max_batch='2.5'"),
-                      ({"model": "m.onnx", "threads": -1}, "threads=-1: must be a whole number >= 0")]:
+    for args, msg in [
+        ({}, "model=PATH is required"),
+        ({"model": "m.onnx", "replica": "4"}, "unknown argument 'replica'"),
+        ({"model": "m.onnx", "replicas": "two"}, "replicas='two': must be a whole number >= 1"),
+        ({"model": "m.onnx", "replicas": 0}, "replicas=0: must be a whole number >= 1"),
+        ({"model": "m.onnx", "max_batch": "2.5"}, "max_batch='2.5'"),
+        ({"model": "m.onnx", "threads": -1}, "threads=-1: must be a whole number >= 0"),
+    ]:
         with pytest.raises(ValueError) as e:
             app.build(args)
         assert msg in str(e.value) and "\n" not in str(e.value)
@@ -92,6 +101,7 @@ def test_ray_lost_or_slow_keeper_means_prefill_not_a_failed_request(monkeypatch)
                 if self.how == "slow":
                     await asyncio.sleep(30)
                 return ([1, 2], "blob", None)
+
             return answer()
 
     fresh = Store("ok")

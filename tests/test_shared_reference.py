@@ -2,6 +2,7 @@
 against the logits of two implementations that are not this project, BlinkDL's `rwkv` package and
 rwkv.cpp. The fast tests use the random-weight golden models in tests/golden; these add trained weights
 (real decays, real attention patterns) and a second, independent implementation."""
+
 from __future__ import annotations
 
 import numpy as np

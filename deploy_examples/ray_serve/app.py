@@ -10,6 +10,7 @@ state format, bound to the export id) to a small state-keeper actor; a replica t
 session it has never seen (the one that served it is gone, or the ring changed) imports it from
 there and seeds its own cache. Answers are the same either way; only prefill work differs.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,8 +22,8 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from rwkv_runtime.server import EngineConfig, ServerOptions, build_app as build_server
-from rwkv_runtime.server import statefile
+from rwkv_runtime.server import EngineConfig, ServerOptions, statefile
+from rwkv_runtime.server import build_app as build_server
 
 ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
 STORE = "rwkv-conversation-states"
@@ -85,15 +86,18 @@ class _ReplicaHeader:
         await self.app(scope, receive, send_tagged)
 
 
-@serve.deployment(request_router_config=RequestRouterConfig(request_router_class=ROUTER),
-                  ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+@serve.deployment(
+    request_router_config=RequestRouterConfig(request_router_class=ROUTER),
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=64,
+)
 @serve.ingress()
 class RWKVServer:
-    def __init__(self, model: str, model_name: str | None = None, threads: int | None = 1,
-                 engine: dict | None = None):
+    def __init__(self, model: str, model_name: str | None = None, threads: int | None = 1, engine: dict | None = None):
         self.store = self._keeper()
-        self._asgi, self.engine = build_server(ServerOptions(model, model_name, threads, engine=EngineConfig(**(engine or {}))),
-                                             session_store=self._lookup)
+        self._asgi, self.engine = build_server(
+            ServerOptions(model, model_name, threads, engine=EngineConfig(**(engine or {}))), session_store=self._lookup
+        )
         self.engine.on_finish = self._keep
         self.engine.start()  # (also started by the app's lifespan; starting twice is a no-op)
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -150,4 +154,5 @@ def build(args: dict):
         raise ValueError("model=PATH is required (the exported .onnx, readable on every node)")
     engine = {k: _whole(args, k) for k in ("max_batch", "prefill_chunk") if k in args}
     return RWKVServer.options(num_replicas=_whole(args, "replicas", 2)).bind(
-        str(args["model"]), args.get("model_name"), _whole(args, "threads", 1, low=0), engine)
+        str(args["model"]), args.get("model_name"), _whole(args, "threads", 1, low=0), engine
+    )

@@ -16,6 +16,7 @@ Python backend, with one backend stub per Python version. What this launcher set
     deploy_examples/triton/make_stub_env.sh                       # once: build/triton-env
     python deploy_examples/triton/local_server.py REPO            # serve until Ctrl-C (prints the ports)
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,7 +32,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-
 DEFAULT_ENV = Path(__file__).resolve().parents[2] / "build" / "triton-env"
 
 
@@ -45,8 +45,10 @@ def _pytriton_dist(python_env: Path) -> tuple[Path, Path]:
         spec = importlib.util.find_spec("pytriton")
         origin = spec.origin if spec else ""
     if not origin:
-        raise RuntimeError(f"no tritonserver: the nvidia-pytriton wheel is in neither {python_env} nor this "
-                           "environment (deploy_examples/triton/make_stub_env.sh installs it)")
+        raise RuntimeError(
+            f"no tritonserver: the nvidia-pytriton wheel is in neither {python_env} nor this "
+            "environment (deploy_examples/triton/make_stub_env.sh installs it)"
+        )
     root = Path(origin).resolve().parent
     return root / "tritonserver", root.parent / "nvidia_pytriton.libs"
 
@@ -70,8 +72,7 @@ def _free_port() -> int:
 class LocalTriton:
     """``with LocalTriton(repo) as t: t.http_url ...`` — a tritonserver process with a bounded lifetime."""
 
-    def __init__(self, repo, start_timeout: float = 120.0, max_lifetime: float = 900.0, extra_args=(),
-                 python_env=None):
+    def __init__(self, repo, start_timeout: float = 120.0, max_lifetime: float = 900.0, extra_args=(), python_env=None):
         self.repo = Path(repo).resolve()
         # the environment model.py runs in (its bin/ goes first on PATH); default: this interpreter's
         self.python_env = Path(python_env or os.environ.get("RWKV_TRITON_PYTHON_ENV") or DEFAULT_ENV)
@@ -92,8 +93,10 @@ class LocalTriton:
         ver, np_ver = r.stdout.split()
         if int(np_ver.split(".")[0]) >= 2:
             # the stub in nvidia-pytriton 0.7 (Triton 2.51) returns EMPTY output tensors with numpy 2
-            raise RuntimeError(f"{self.python_env} has numpy {np_ver}: Triton 2.51's Python backend stub needs "
-                               "numpy<2 (run deploy_examples/triton/make_stub_env.sh)")
+            raise RuntimeError(
+                f"{self.python_env} has numpy {np_ver}: Triton 2.51's Python backend stub needs "
+                "numpy<2 (run deploy_examples/triton/make_stub_env.sh)"
+            )
         return ver
 
     def _backends(self, dist: Path) -> Path:
@@ -109,7 +112,7 @@ class LocalTriton:
         shutil.copy2(stub, py / "triton_python_backend_stub")
         return py.parent
 
-    def __enter__(self) -> "LocalTriton":
+    def __enter__(self) -> LocalTriton:
         if not (self.python_env / "bin" / "python3").exists():
             raise RuntimeError(f"{self.python_env}: no bin/python3 (run deploy_examples/triton/make_stub_env.sh)")
         dist, libs = _pytriton_dist(self.python_env)
@@ -123,14 +126,29 @@ class LocalTriton:
         env["LD_LIBRARY_PATH"] = ":".join(p for p in (env.get("LD_LIBRARY_PATH"), str(libs)) if p)
         env["PATH"] = f"{self.python_env / 'bin'}:{env.get('PATH', '')}"
         self.http_port, self.grpc_port = _free_port(), _free_port()
-        cmd = [str(dist / "bin" / "tritonserver"), f"--model-repository={self.repo}",
-               f"--backend-directory={backends}", "--http-address=127.0.0.1",
-               f"--http-port={self.http_port}", "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-               "--allow-metrics=false", "--exit-timeout-secs=5", "--strict-readiness=true", *self.extra_args]
+        cmd = [
+            str(dist / "bin" / "tritonserver"),
+            f"--model-repository={self.repo}",
+            f"--backend-directory={backends}",
+            "--http-address=127.0.0.1",
+            f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.grpc_port}",
+            "--allow-metrics=false",
+            "--exit-timeout-secs=5",
+            "--strict-readiness=true",
+            *self.extra_args,
+        ]
         self.log_path = Path(self._work) / "tritonserver.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         self._killer = threading.Timer(self.max_lifetime, self._stop)
         self._killer.daemon = True
         self._killer.start()

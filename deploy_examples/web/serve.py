@@ -6,6 +6,7 @@ isolation headers (COOP/COEP) ONNX Runtime Web needs for WASM threads.
 Only GET/HEAD, files under the folder; each connection times out after 30 s. ``--max-seconds`` /
 ``--max-requests`` stop the server after that long / that many requests (tests use them; 0 = no limit).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,14 @@ HEADERS = {
 
 class Handler(http.server.SimpleHTTPRequestHandler):
     timeout = 30  # seconds a connection may stay idle
-    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript",
-                      ".js": "text/javascript", ".wasm": "application/wasm", ".onnx": "application/octet-stream",
-                      ".json": "application/json"}
+    extensions_map = {
+        **http.server.SimpleHTTPRequestHandler.extensions_map,
+        ".mjs": "text/javascript",
+        ".js": "text/javascript",
+        ".wasm": "application/wasm",
+        ".onnx": "application/octet-stream",
+        ".json": "application/json",
+    }
     served = 0
 
     def end_headers(self):

@@ -5,11 +5,12 @@ lists those modules in the order their key patterns are tried. The exporter, the
 checkpoint loader use only what an ``ArchSpec`` declares. docs/adding-a-version.md walks through
 adding one.
 """
+
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import UnsupportedArchitecture
 
@@ -51,8 +52,10 @@ def detect(w: dict) -> str:
         if version:
             return version
     keys = sorted(w)
-    raise CheckpointError("not an RWKV checkpoint: no emb.weight / blocks.N.att.* keys found "
-                          f"(first keys: {', '.join(keys[:5]) or 'none'})")
+    raise CheckpointError(
+        "not an RWKV checkpoint: no emb.weight / blocks.N.att.* keys found "
+        f"(first keys: {', '.join(keys[:5]) or 'none'})"
+    )
 
 
 def get(version: str) -> ArchSpec:
@@ -61,4 +64,6 @@ def get(version: str) -> ArchSpec:
         if version in spec.versions:
             return spec
     supported = ", ".join(s.name for s in specs())
-    raise UnsupportedArchitecture(f"architecture {version!r} is not supported by this exporter (supported: {supported})")
+    raise UnsupportedArchitecture(
+        f"architecture {version!r} is not supported by this exporter (supported: {supported})"
+    )

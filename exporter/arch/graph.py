@@ -14,6 +14,7 @@ with [in, out] on onnxruntime's CPU provider for RWKV-4 (docs/benchmarks.md has 
 The sequence graph (x [B,T,C]) and weight-only quantised exports (onnxruntime's MatMulNBits
 quantiser rewrites MatMul nodes only) use MatMul with [in, out].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ F32 = TensorProto.FLOAT
 class GraphOptions:
     """What to build. ``gemm``: Gemm(transB) for the step graph's large matrices (off when the
     graph will be weight-only quantised)."""
+
     seq: bool = False
     plugin: bool = False
     all_logits: bool = False
@@ -61,8 +63,7 @@ class Graph:
         self.tokens = g.input("tokens", "int64", [BATCH, "T"] if self.seq else [BATCH])
         for s in specs:
             g.input(s.name, "float32", s.shape)
-        g.output("logits", "float32",
-                 ([BATCH, "T", V] if self.all_logits else [BATCH, V]) if self.seq else [BATCH, V])
+        g.output("logits", "float32", ([BATCH, "T", V] if self.all_logits else [BATCH, V]) if self.seq else [BATCH, V])
         for s in specs:
             g.output(s.output, "float32", s.shape)
 
@@ -122,8 +123,9 @@ class Graph:
         return self.g.op("MatMul", [x, self.vec(name)])
 
     def ln(self, x, pre):
-        return self.g.op("LayerNormalization", [x, self.vec(pre + ".weight"), self.vec(pre + ".bias")],
-                         axis=-1, epsilon=self.eps)
+        return self.g.op(
+            "LayerNormalization", [x, self.vec(pre + ".weight"), self.vec(pre + ".bias")], axis=-1, epsilon=self.eps
+        )
 
     def shift(self, xx, prev):
         """The previous token's input for every position: prev (step) or [prev, xx_0..xx_{T-2}]."""
@@ -192,8 +194,15 @@ def wkv_node(g: GraphBuilder, op_type: str, formal_inputs, formal_outputs, body,
         def fn_body(fg, *a):
             return [fg.op("Identity", [r]) for r in body(fg, *a)]
 
-        g.add_function(make_function(op_type, list(formal_inputs), list(formal_outputs), fn_body,
-                                     attributes=["plugin_version", "plugin_namespace"]))
+        g.add_function(
+            make_function(
+                op_type,
+                list(formal_inputs),
+                list(formal_outputs),
+                fn_body,
+                attributes=["plugin_version", "plugin_namespace"],
+            )
+        )
     g.op(op_type, ins, outs, domain=CUSTOM_DOMAIN, plugin_version="1", plugin_namespace=CUSTOM_DOMAIN)
 
 
@@ -212,8 +221,14 @@ def elide_identities(g: GraphBuilder):
     rename, keep = {}, []
     for n in g.nodes:
         src = n.input[0] if n.op_type == "Identity" else None
-        if (src and n.output[0] in outputs and src in produced and src not in outputs and src not in rename
-                and src not in in_subgraphs):
+        if (
+            src
+            and n.output[0] in outputs
+            and src in produced
+            and src not in outputs
+            and src not in rename
+            and src not in in_subgraphs
+        ):
             rename[src] = n.output[0]
         else:
             keep.append(n)
@@ -253,5 +268,9 @@ def embedding_and_head(w: dict, cfg: dict) -> dict:
     def emb_rows(i, j):  # F.layer_norm works row by row: chunks give the bytes the whole table would
         return F.layer_norm(emb_w[i:j].detach().float(), (C,), ln_w, ln_b, eps=eps).numpy()
 
-    return {"emb": LazyArray(emb_rows, emb_w.shape), "ln_out.weight": np32(w["ln_out.weight"]),
-            "ln_out.bias": np32(w["ln_out.bias"]), "head": matrix_in_out(w["head.weight"])}
+    return {
+        "emb": LazyArray(emb_rows, emb_w.shape),
+        "ln_out.weight": np32(w["ln_out.weight"]),
+        "ln_out.bias": np32(w["ln_out.bias"]),
+        "head": matrix_in_out(w["head.weight"]),
+    }

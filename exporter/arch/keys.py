@@ -3,6 +3,7 @@
 A version module declares ``expected_shapes(cfg)`` (BlinkDL key -> shape) and calls
 ``check_keys`` from its ``config_from_weights``; every failure is one ``CheckpointError`` line.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -9,6 +9,7 @@ V vocab. Per layer the recurrent state is
     ffn_shift [B,C]  the previous token's channel-mix input
 all float32 whatever the precision of the weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,10 +40,16 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
     # Hugging Face configs may set attention_hidden_size != hidden_size; BlinkDL checkpoints never do
     A = int(ak.shape[0]) if ak is not None and ak.dim() == 2 else int(C)
     hf = hf_config or {}
-    cfg = {"n_layer": L, "n_embd": int(C), "vocab_size": int(V), "ffn_dim": int(fk.shape[0]), "dim_att": A,
-           "ln_eps": float(hf.get("layer_norm_epsilon", LN_EPS)),
-           # transformers halves the residual every `rescale_every` blocks at inference (all precisions)
-           "rescale_every": int(hf.get("rescale_every", 6) or 0) if hf else 0}
+    cfg = {
+        "n_layer": L,
+        "n_embd": int(C),
+        "vocab_size": int(V),
+        "ffn_dim": int(fk.shape[0]),
+        "dim_att": A,
+        "ln_eps": float(hf.get("layer_norm_epsilon", LN_EPS)),
+        # transformers halves the residual every `rescale_every` blocks at inference (all precisions)
+        "rescale_every": int(hf.get("rescale_every", 6) or 0) if hf else 0,
+    }
     keys.check_keys(w, expected_shapes(cfg), "RWKV-4", flexible=("time_decay", "time_first"))
     return cfg
 
@@ -50,17 +57,38 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
 def expected_shapes(cfg: dict) -> dict:
     C, F_, V = cfg["n_embd"], cfg["ffn_dim"], cfg["vocab_size"]
     A = cfg.get("dim_att", C)
-    s = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
-         "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)}
+    s = {
+        "emb.weight": (V, C),
+        "blocks.0.ln0.weight": (C,),
+        "blocks.0.ln0.bias": (C,),
+        "ln_out.weight": (C,),
+        "ln_out.bias": (C,),
+        "head.weight": (V, C),
+    }
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
-        s.update({b + "ln1.weight": (C,), b + "ln1.bias": (C,), b + "ln2.weight": (C,), b + "ln2.bias": (C,),
-                  b + "att.time_decay": (A,), b + "att.time_first": (A,),
-                  b + "att.time_mix_k": (1, 1, C), b + "att.time_mix_v": (1, 1, C), b + "att.time_mix_r": (1, 1, C),
-                  b + "att.key.weight": (A, C), b + "att.value.weight": (A, C),
-                  b + "att.receptance.weight": (A, C), b + "att.output.weight": (C, A),
-                  b + "ffn.time_mix_k": (1, 1, C), b + "ffn.time_mix_r": (1, 1, C),
-                  b + "ffn.key.weight": (F_, C), b + "ffn.receptance.weight": (C, C), b + "ffn.value.weight": (C, F_)})
+        s.update(
+            {
+                b + "ln1.weight": (C,),
+                b + "ln1.bias": (C,),
+                b + "ln2.weight": (C,),
+                b + "ln2.bias": (C,),
+                b + "att.time_decay": (A,),
+                b + "att.time_first": (A,),
+                b + "att.time_mix_k": (1, 1, C),
+                b + "att.time_mix_v": (1, 1, C),
+                b + "att.time_mix_r": (1, 1, C),
+                b + "att.key.weight": (A, C),
+                b + "att.value.weight": (A, C),
+                b + "att.receptance.weight": (A, C),
+                b + "att.output.weight": (C, A),
+                b + "ffn.time_mix_k": (1, 1, C),
+                b + "ffn.time_mix_r": (1, 1, C),
+                b + "ffn.key.weight": (F_, C),
+                b + "ffn.receptance.weight": (C, C),
+                b + "ffn.value.weight": (C, F_),
+            }
+        )
     return s
 
 
@@ -70,8 +98,16 @@ def state_layout(cfg: dict) -> list:
     for i in range(cfg["n_layer"]):
         for f in STATE_FIELDS:
             width = cfg.get("dim_att", cfg["n_embd"]) if f.startswith("wkv") else cfg["n_embd"]
-            specs.append(StateSpec(name=f"state.{i}.{f}", output=f"new_state.{i}.{f}", shape=[BATCH, width],
-                                   dtype="float32", init=PP_INIT if f == "wkv_pp" else 0.0, layer=i))
+            specs.append(
+                StateSpec(
+                    name=f"state.{i}.{f}",
+                    output=f"new_state.{i}.{f}",
+                    shape=[BATCH, width],
+                    dtype="float32",
+                    init=PP_INIT if f == "wkv_pp" else 0.0,
+                    layer=i,
+                )
+            )
     return specs
 
 
@@ -100,7 +136,7 @@ def wkv4_parallel(w, u, k, v, aa, bb, pp, chunk: int = 64):
     T = k.shape[1]
     ys = []
     for s in range(0, T, chunk):
-        kc, vc = k[:, s:s + chunk], v[:, s:s + chunk]
+        kc, vc = k[:, s : s + chunk], v[:, s : s + chunk]
         y, aa, bb, pp = _wkv4_chunk(w, u, kc, vc, aa, bb, pp)
         ys.append(y)
     return torch.cat(ys, 1), aa, bb, pp
@@ -195,13 +231,14 @@ class Model(nn.Module):
         C, V = cfg["n_embd"], cfg["vocab_size"]
         self.emb = nn.Embedding(V, C)
         eps = cfg.get("ln_eps", LN_EPS)
-        self.blocks = nn.ModuleList(Block(i, C, cfg["ffn_dim"], cfg.get("dim_att", C), eps)
-                                    for i in range(cfg["n_layer"]))
+        self.blocks = nn.ModuleList(
+            Block(i, C, cfg["ffn_dim"], cfg.get("dim_att", C), eps) for i in range(cfg["n_layer"])
+        )
         self.ln_out = nn.LayerNorm(C, eps=eps)
         self.head = nn.Linear(C, V, bias=False)
 
     @classmethod
-    def from_weights(cls, w: dict, cfg: dict | None = None) -> "Model":
+    def from_weights(cls, w: dict, cfg: dict | None = None) -> Model:
         cfg = cfg or config_from_weights(w)
         m = cls(cfg)
         sd = {k: v.reshape(m.state_dict()[k].shape) for k, v in w.items()}
@@ -214,20 +251,28 @@ class Model(nn.Module):
         return m.eval()
 
     def new_state(self, batch_size: int = 1) -> dict:
-        return {s.name: torch.full(s.concrete_shape(batch_size), s.init, dtype=torch.float32)
-                for s in state_layout(self.cfg)}
+        return {
+            s.name: torch.full(s.concrete_shape(batch_size), s.init, dtype=torch.float32)
+            for s in state_layout(self.cfg)
+        }
 
     def _run(self, x, state: dict, parallel: bool):
         x = self.blocks[0].ln0(x)
         new = {}
         for i, blk in enumerate(self.blocks):
-            s = lambda f: state[f"state.{i}.{f}"]  # noqa: E731
+            s = lambda f, i=i: state[f"state.{i}.{f}"]  # noqa: E731 - this layer's state
             xx = blk.ln1(x)
             sx = _shift(xx, s("att_shift")) if parallel else s("att_shift")
             out, aa, bb, pp = blk.att(xx, sx, s("wkv_aa"), s("wkv_bb"), s("wkv_pp"), parallel)
             x = x + out
-            new.update({f"state.{i}.att_shift": xx[:, -1] if parallel else xx,
-                        f"state.{i}.wkv_aa": aa, f"state.{i}.wkv_bb": bb, f"state.{i}.wkv_pp": pp})
+            new.update(
+                {
+                    f"state.{i}.att_shift": xx[:, -1] if parallel else xx,
+                    f"state.{i}.wkv_aa": aa,
+                    f"state.{i}.wkv_bb": bb,
+                    f"state.{i}.wkv_pp": pp,
+                }
+            )
             xx = blk.ln2(x)
             sx = _shift(xx, s("ffn_shift")) if parallel else s("ffn_shift")
             x = x + blk.ffn(xx, sx)
@@ -314,10 +359,12 @@ def wkv4_seq_ops(g: GraphBuilder, k, v, w, u, aa, bb, pp):
     body.op("Identity", [pp2], "pp_out")
     body.op("Identity", [y], "y_t")
     body_graph = helper.make_graph(
-        body.nodes, "wkv4_scan_body",
+        body.nodes,
+        "wkv4_scan_body",
         [helper.make_tensor_value_info(n, f32, None) for n in names],
         [helper.make_tensor_value_info(n, f32, None) for n in ("aa_out", "bb_out", "pp_out", "y_t")],
-        body.initializers)
+        body.initializers,
+    )
     # the body reads w and u from the enclosing scope
     for node in body_graph.node:
         for j, n in enumerate(node.input):
@@ -325,8 +372,15 @@ def wkv4_seq_ops(g: GraphBuilder, k, v, w, u, aa, bb, pp):
                 node.input[j] = w
             elif n == "u_outer":
                 node.input[j] = u
-    aa2, bb2, pp2, y = g.op("Scan", [aa, bb, pp, k, v], n_out=4, body=body_graph, num_scan_inputs=2,
-                            scan_input_axes=[1, 1], scan_output_axes=[1])
+    aa2, bb2, pp2, y = g.op(
+        "Scan",
+        [aa, bb, pp, k, v],
+        n_out=4,
+        body=body_graph,
+        num_scan_inputs=2,
+        scan_input_axes=[1, 1],
+        scan_output_axes=[1],
+    )
     return y, aa2, bb2, pp2
 
 
@@ -343,27 +397,34 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, opts: GraphOptions):
     x = G.embed()
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
-        st = lambda f: f"state.{i}.{f}"  # noqa: E731
+        st = lambda f, i=i: f"state.{i}.{f}"  # noqa: E731 - this layer's state names
         # time mixing
         xx = G.ln(x, b + "ln1")
         sx = G.shift(xx, st("att_shift"))
         G.last(xx, f"new_state.{i}.att_shift")
         d = g.op("Sub", [xx, sx])
-        k, v, r = (G.linear(b + "att." + n, mix(sx, d, b + "att.time_mix_" + n[0]))
-                   for n in ("key", "value", "receptance"))
+        k, v, r = (
+            G.linear(b + "att." + n, mix(sx, d, b + "att.time_mix_" + n[0])) for n in ("key", "value", "receptance")
+        )
         y = g.fresh("wkv")
         op, body = ("WKV4Seq", wkv4_seq_ops) if seq else ("WKV4", wkv4_step_ops)
-        wkv_node(g, op, WKV4_INPUTS, WKV4_OUTPUTS, body, opts.plugin,
-                 [k, v, G.vec(b + "att.w"), G.vec(b + "att.u"), st("wkv_aa"), st("wkv_bb"), st("wkv_pp")],
-                 [y, f"new_state.{i}.wkv_aa", f"new_state.{i}.wkv_bb", f"new_state.{i}.wkv_pp"])
+        wkv_node(
+            g,
+            op,
+            WKV4_INPUTS,
+            WKV4_OUTPUTS,
+            body,
+            opts.plugin,
+            [k, v, G.vec(b + "att.w"), G.vec(b + "att.u"), st("wkv_aa"), st("wkv_bb"), st("wkv_pp")],
+            [y, f"new_state.{i}.wkv_aa", f"new_state.{i}.wkv_bb", f"new_state.{i}.wkv_pp"],
+        )
         x = g.op("Add", [x, G.linear(b + "att.output", g.op("Mul", [g.op("Sigmoid", [r]), y]), layer=i)])
         # channel mixing
         xx = G.ln(x, b + "ln2")
         sx = G.shift(xx, st("ffn_shift"))
         G.last(xx, f"new_state.{i}.ffn_shift")
         d = g.op("Sub", [xx, sx])
-        kv = G.linear(b + "ffn.value", G.relu_sq(G.linear(b + "ffn.key", mix(sx, d, b + "ffn.time_mix_k"))),
-                      layer=i)
+        kv = G.linear(b + "ffn.value", G.relu_sq(G.linear(b + "ffn.key", mix(sx, d, b + "ffn.time_mix_k"))), layer=i)
         rr = g.op("Sigmoid", [G.linear(b + "ffn.receptance", mix(sx, d, b + "ffn.time_mix_r"))])
         x = G.rescale(g.op("Add", [x, g.op("Mul", [rr, kv])]), i)
     G.head(x)
@@ -374,7 +435,15 @@ def detect(w: dict) -> str | None:
     return VERSION if "emb.weight" in w and any(k.endswith("att.time_first") for k in w) else None
 
 
-SPEC = ArchSpec(name="RWKV-4", versions=(VERSION,), detect=detect,
-                config_from_weights=config_from_weights, export_weights=export_weights,
-                state_layout=state_layout, Model=Model, build_graph=build_graph,
-                default_tokenizer=keys.default_tokenizer, half_rescale_every=6)
+SPEC = ArchSpec(
+    name="RWKV-4",
+    versions=(VERSION,),
+    detect=detect,
+    config_from_weights=config_from_weights,
+    export_weights=export_weights,
+    state_layout=state_layout,
+    Model=Model,
+    build_graph=build_graph,
+    default_tokenizer=keys.default_tokenizer,
+    half_rescale_every=6,
+)

@@ -29,6 +29,7 @@ model-local function whose standard-op body ONNX Runtime inlines). All tensors f
              outputs y [B,T,H,N] (the WKV5 step applied for t = 0..T-1), state_out after the last token
 The group norm, gate and output projection stay outside the op.
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,10 +61,18 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
     N = C // H
     bonus = "time_faaaa" if "blocks.0.att.time_faaaa" in w else "time_first"
     F_ = int(keys.need(w, "blocks.0.ffn.key.weight", 2).shape[0])
-    cfg = {"n_layer": L, "n_embd": C, "vocab_size": V, "ffn_dim": F_,
-           "n_head": H, "head_size": N, "gate": "blocks.0.att.gate.weight" in w,
-           "per_channel_decay": td.numel() == H * N and N > 1, "bonus": bonus,
-           "time_state": "blocks.0.att.time_state" in w}
+    cfg = {
+        "n_layer": L,
+        "n_embd": C,
+        "vocab_size": V,
+        "ffn_dim": F_,
+        "n_head": H,
+        "head_size": N,
+        "gate": "blocks.0.att.gate.weight" in w,
+        "per_channel_decay": td.numel() == H * N and N > 1,
+        "bonus": bonus,
+        "time_state": "blocks.0.att.time_state" in w,
+    }
     keys.check_keys(w, expected_shapes(cfg), "RWKV-5", flexible=("time_decay", "time_first", "time_faaaa"))
     return cfg
 
@@ -71,18 +80,38 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
 def expected_shapes(cfg: dict) -> dict:
     C, F_, V, H, N = cfg["n_embd"], cfg["ffn_dim"], cfg["vocab_size"], cfg["n_head"], cfg["head_size"]
     hd = (H, N) if cfg["per_channel_decay"] else (H,)
-    s = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
-         "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)}
+    s = {
+        "emb.weight": (V, C),
+        "blocks.0.ln0.weight": (C,),
+        "blocks.0.ln0.bias": (C,),
+        "ln_out.weight": (C,),
+        "ln_out.bias": (C,),
+        "head.weight": (V, C),
+    }
     mixes = "kvrg" if cfg["gate"] else "kvr"
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
-        s.update({b + "ln1.weight": (C,), b + "ln1.bias": (C,), b + "ln2.weight": (C,), b + "ln2.bias": (C,),
-                  b + "att.time_decay": hd, b + "att." + cfg["bonus"]: hd,
-                  b + "att.ln_x.weight": (C,), b + "att.ln_x.bias": (C,),
-                  b + "att.key.weight": (C, C), b + "att.value.weight": (C, C),
-                  b + "att.receptance.weight": (C, C), b + "att.output.weight": (C, C),
-                  b + "ffn.time_mix_k": (1, 1, C), b + "ffn.time_mix_r": (1, 1, C),
-                  b + "ffn.key.weight": (F_, C), b + "ffn.receptance.weight": (C, C), b + "ffn.value.weight": (C, F_)})
+        s.update(
+            {
+                b + "ln1.weight": (C,),
+                b + "ln1.bias": (C,),
+                b + "ln2.weight": (C,),
+                b + "ln2.bias": (C,),
+                b + "att.time_decay": hd,
+                b + "att." + cfg["bonus"]: hd,
+                b + "att.ln_x.weight": (C,),
+                b + "att.ln_x.bias": (C,),
+                b + "att.key.weight": (C, C),
+                b + "att.value.weight": (C, C),
+                b + "att.receptance.weight": (C, C),
+                b + "att.output.weight": (C, C),
+                b + "ffn.time_mix_k": (1, 1, C),
+                b + "ffn.time_mix_r": (1, 1, C),
+                b + "ffn.key.weight": (F_, C),
+                b + "ffn.receptance.weight": (C, C),
+                b + "ffn.value.weight": (C, F_),
+            }
+        )
         s.update({b + "att.time_mix_" + m: (1, 1, C) for m in mixes})
         if cfg["gate"]:
             s[b + "att.gate.weight"] = (C, C)
@@ -122,6 +151,7 @@ class TimeMix(nn.Module):
 
     def forward(self, xx, sx, s, parallel: bool):
         """xx: this token's normalised input [B,(T),C], sx: the previous one's; s [B,H,N,N]."""
+
         def mix(m):
             mm = getattr(self, "time_mix_" + m)
             return xx * mm + sx * (1 - mm)  # BlinkDL's form (rounding as his)
@@ -205,20 +235,27 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, opts: GraphOptions):
     x = G.embed()
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
-        st = lambda f: f"state.{i}.{f}"  # noqa: E731
+        st = lambda f, i=i: f"state.{i}.{f}"  # noqa: E731 - this layer's state names
 
-        def mix(xx, sx, name):
+        def mix(xx, sx, name, b=b):
             return g.op("Add", [g.op("Mul", [xx, G.vec(b + name)]), g.op("Mul", [sx, G.vec(b + name + ".1m")])])
 
         # time mixing
         xx = G.ln(x, b + "ln1")
         sx = G.shift(xx, st("att_shift"))
         G.last(xx, f"new_state.{i}.att_shift")
-        r, k, v = (G.heads(G.linear(b + "att." + n, mix(xx, sx, "att.time_mix_" + m)))
-                   for n, m in (("receptance", "r"), ("key", "k"), ("value", "v")))
+        r, k, v = (
+            G.heads(G.linear(b + "att." + n, mix(xx, sx, "att.time_mix_" + m)))
+            for n, m in (("receptance", "r"), ("key", "k"), ("value", "v"))
+        )
         y = g.fresh("wkv")
-        hw.wkv_node(g, "WKV5Seq" if seq else "WKV5", opts.plugin,
-                    [r, k, v, G.vec(b + "att.w"), G.vec(b + "att.u"), st("wkv")], [y, f"new_state.{i}.wkv"])
+        hw.wkv_node(
+            g,
+            "WKV5Seq" if seq else "WKV5",
+            opts.plugin,
+            [r, k, v, G.vec(b + "att.w"), G.vec(b + "att.u"), st("wkv")],
+            [y, f"new_state.{i}.wkv"],
+        )
         out = G.group_norm(y, b + "att.ln_x")
         if cfg["gate"]:
             gate = G.linear(b + "att.gate", mix(xx, sx, "att.time_mix_g"))
@@ -243,7 +280,15 @@ def detect(w: dict) -> str | None:
     return "rwkv5.2" if td and td[0].dim() == 2 and td[0].shape[-1] > 1 else "rwkv5"
 
 
-SPEC = ArchSpec(name="RWKV-5", versions=(VERSION, "rwkv5.2"), detect=detect,
-                config_from_weights=config_from_weights, export_weights=export_weights,
-                state_layout=state_layout, Model=Model, build_graph=build_graph,
-                default_tokenizer=keys.default_tokenizer, load_state_tuning=load_state_tuning)
+SPEC = ArchSpec(
+    name="RWKV-5",
+    versions=(VERSION, "rwkv5.2"),
+    detect=detect,
+    config_from_weights=config_from_weights,
+    export_weights=export_weights,
+    state_layout=state_layout,
+    Model=Model,
+    build_graph=build_graph,
+    default_tokenizer=keys.default_tokenizer,
+    load_state_tuning=load_state_tuning,
+)

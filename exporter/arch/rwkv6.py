@@ -28,6 +28,7 @@ model-local function whose standard-op body ONNX Runtime inlines). All tensors f
              outputs y [B,T,H,N] (the WKV6 step applied for t = 0..T-1), state_out after the last token
 The data-dependent decay, group norm, gate and output projection stay outside the op.
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,14 +58,22 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
     u = keys.need(w, "blocks.0.att.time_faaaa", 2)
     H, N = (int(d) for d in u.shape)
     if H * N != C:
-        raise CheckpointError(f"inconsistent shape for blocks.0.att.time_faaaa: {[H, N]} "
-                              f"(heads x head size != n_embd {C})")
+        raise CheckpointError(
+            f"inconsistent shape for blocks.0.att.time_faaaa: {[H, N]} (heads x head size != n_embd {C})"
+        )
     w2 = keys.need(w, "blocks.0.att.time_maa_w2", 3)
     F_ = int(keys.need(w, "blocks.0.ffn.key.weight", 2).shape[0])
-    cfg = {"n_layer": L, "n_embd": C, "vocab_size": V, "ffn_dim": F_,
-           "n_head": H, "head_size": N, "dim_maa": int(w2.shape[1]),
-           "dim_decay": int(keys.need(w, "blocks.0.att.time_decay_w1", 2).shape[1]),
-           "time_state": "blocks.0.att.time_state" in w}
+    cfg = {
+        "n_layer": L,
+        "n_embd": C,
+        "vocab_size": V,
+        "ffn_dim": F_,
+        "n_head": H,
+        "head_size": N,
+        "dim_maa": int(w2.shape[1]),
+        "dim_decay": int(keys.need(w, "blocks.0.att.time_decay_w1", 2).shape[1]),
+        "time_state": "blocks.0.att.time_state" in w,
+    }
     keys.check_keys(w, expected_shapes(cfg), "RWKV-6", flexible=("time_decay",))
     return cfg
 
@@ -72,18 +81,43 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
 def expected_shapes(cfg: dict) -> dict:
     C, F_, V, H, N = cfg["n_embd"], cfg["ffn_dim"], cfg["vocab_size"], cfg["n_head"], cfg["head_size"]
     D, E = cfg["dim_maa"], cfg["dim_decay"]
-    s = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
-         "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)}
+    s = {
+        "emb.weight": (V, C),
+        "blocks.0.ln0.weight": (C,),
+        "blocks.0.ln0.bias": (C,),
+        "ln_out.weight": (C,),
+        "ln_out.bias": (C,),
+        "head.weight": (V, C),
+    }
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
-        s.update({b + "ln1.weight": (C,), b + "ln1.bias": (C,), b + "ln2.weight": (C,), b + "ln2.bias": (C,),
-                  b + "att.time_maa_x": (1, 1, C), b + "att.time_maa_w1": (C, 5 * D), b + "att.time_maa_w2": (5, D, C),
-                  b + "att.time_decay": (1, 1, C), b + "att.time_decay_w1": (C, E), b + "att.time_decay_w2": (E, C),
-                  b + "att.time_faaaa": (H, N), b + "att.ln_x.weight": (C,), b + "att.ln_x.bias": (C,),
-                  b + "att.key.weight": (C, C), b + "att.value.weight": (C, C), b + "att.receptance.weight": (C, C),
-                  b + "att.gate.weight": (C, C), b + "att.output.weight": (C, C),
-                  b + "ffn.time_maa_k": (1, 1, C), b + "ffn.time_maa_r": (1, 1, C),
-                  b + "ffn.key.weight": (F_, C), b + "ffn.receptance.weight": (C, C), b + "ffn.value.weight": (C, F_)})
+        s.update(
+            {
+                b + "ln1.weight": (C,),
+                b + "ln1.bias": (C,),
+                b + "ln2.weight": (C,),
+                b + "ln2.bias": (C,),
+                b + "att.time_maa_x": (1, 1, C),
+                b + "att.time_maa_w1": (C, 5 * D),
+                b + "att.time_maa_w2": (5, D, C),
+                b + "att.time_decay": (1, 1, C),
+                b + "att.time_decay_w1": (C, E),
+                b + "att.time_decay_w2": (E, C),
+                b + "att.time_faaaa": (H, N),
+                b + "att.ln_x.weight": (C,),
+                b + "att.ln_x.bias": (C,),
+                b + "att.key.weight": (C, C),
+                b + "att.value.weight": (C, C),
+                b + "att.receptance.weight": (C, C),
+                b + "att.gate.weight": (C, C),
+                b + "att.output.weight": (C, C),
+                b + "ffn.time_maa_k": (1, 1, C),
+                b + "ffn.time_maa_r": (1, 1, C),
+                b + "ffn.key.weight": (F_, C),
+                b + "ffn.receptance.weight": (C, C),
+                b + "ffn.value.weight": (C, F_),
+            }
+        )
         s.update({b + "att.time_maa_" + m: (1, 1, C) for m in MAA})
     if cfg.get("time_state"):
         s.update(hw.time_state_keys(cfg))
@@ -121,8 +155,7 @@ class TimeMix(nn.Module):
         lead = xx.shape[:-1]
         xxx = torch.tanh((xx + dx * self.time_maa_x) @ self.time_maa_w1).view(*lead, 5, 1, self.D)
         mw, mk, mv, mr, mg = (xxx @ self.time_maa_w2).view(*lead, 5, -1).unbind(-2)  # 5 x [B,(T),C]
-        xw, xk, xv, xr, xg = (xx + dx * (getattr(self, "time_maa_" + n) + m)
-                              for n, m in zip(MAA, (mw, mk, mv, mr, mg)))
+        xw, xk, xv, xr, xg = (xx + dx * (getattr(self, "time_maa_" + n) + m) for n, m in zip(MAA, (mw, mk, mv, mr, mg)))
         hd = lead + (self.H, self.N)
         r, k, v = self.receptance(xr).view(hd), self.key(xk).view(hd), self.value(xv).view(hd)
         logw = -torch.exp(self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).view(hd)
@@ -173,16 +206,32 @@ def export_weights(w: dict, cfg: dict) -> dict:
     out = embedding_and_head(w, cfg)
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
-        for n in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "att.time_maa_w1", "att.time_maa_w2",
-                  "att.time_decay_w1", "att.time_decay_w2"):
+        for n in (
+            "ln1.weight",
+            "ln1.bias",
+            "ln2.weight",
+            "ln2.bias",
+            "att.time_maa_w1",
+            "att.time_maa_w2",
+            "att.time_decay_w1",
+            "att.time_decay_w2",
+        ):
             out[b + n] = hw.np32(w[b + n])
         for n in ["att.time_maa_" + m for m in "x" + MAA] + ["att.time_decay", "ffn.time_maa_k", "ffn.time_maa_r"]:
             out[b + n] = hw.np32(w[b + n]).reshape(C)
         out[b + "att.u"] = hw.np32(w[b + "att.time_faaaa"]).reshape(H, N)
         out[b + "att.ln_x.weight"] = hw.np32(w[b + "att.ln_x.weight"]).reshape(H, N)
         out[b + "att.ln_x.bias"] = hw.np32(w[b + "att.ln_x.bias"]).reshape(H, N)
-        for n in ("att.key", "att.value", "att.receptance", "att.gate", "att.output",
-                  "ffn.key", "ffn.receptance", "ffn.value"):
+        for n in (
+            "att.key",
+            "att.value",
+            "att.receptance",
+            "att.gate",
+            "att.output",
+            "ffn.key",
+            "ffn.receptance",
+            "ffn.value",
+        ):
             out[b + n] = matrix_in_out(w[b + n + ".weight"])  # bf16/fp16: converted when written
     return out
 
@@ -197,7 +246,7 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, opts: GraphOptions):
     x = G.embed()
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
-        st = lambda f: f"state.{i}.{f}"  # noqa: E731
+        st = lambda f, i=i: f"state.{i}.{f}"  # noqa: E731 - this layer's state names
 
         def lerp(xx, dx, m):  # xx + dx * m
             return g.op("Add", [xx, g.op("Mul", [dx, m])])
@@ -214,14 +263,25 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, opts: GraphOptions):
             mj = g.op("Gather", [xxx, g.const([j], np.int64)], axis=-3)  # [B,(T),1,1,C]
             mj = g.op("Squeeze", [mj, g.const([-3, -2], np.int64)])  # [B,(T),C]
             mixed[m] = lerp(xx, dx, g.op("Add", [G.vec(b + "att.time_maa_" + m), mj]))
-        r, k, v = (G.heads(G.linear(b + "att." + n, mixed[m]))
-                   for n, m in (("receptance", "r"), ("key", "k"), ("value", "v")))
-        dec = g.op("Add", [G.vec(b + "att.time_decay"),
-                           G.mm(g.op("Tanh", [G.mm(mixed["w"], b + "att.time_decay_w1")]), b + "att.time_decay_w2")])
+        r, k, v = (
+            G.heads(G.linear(b + "att." + n, mixed[m])) for n, m in (("receptance", "r"), ("key", "k"), ("value", "v"))
+        )
+        dec = g.op(
+            "Add",
+            [
+                G.vec(b + "att.time_decay"),
+                G.mm(g.op("Tanh", [G.mm(mixed["w"], b + "att.time_decay_w1")]), b + "att.time_decay_w2"),
+            ],
+        )
         w = G.heads(g.op("Exp", [g.op("Neg", [g.op("Exp", [dec])])]))
         y = g.fresh("wkv")
-        hw.wkv_node(g, "WKV6Seq" if seq else "WKV6", opts.plugin,
-                    [r, k, v, w, G.vec(b + "att.u"), st("wkv")], [y, f"new_state.{i}.wkv"])
+        hw.wkv_node(
+            g,
+            "WKV6Seq" if seq else "WKV6",
+            opts.plugin,
+            [r, k, v, w, G.vec(b + "att.u"), st("wkv")],
+            [y, f"new_state.{i}.wkv"],
+        )
         out = G.group_norm(y, b + "att.ln_x")
         gate = G.linear(b + "att.gate", mixed["g"])
         out = g.op("Mul", [out, g.op("Mul", [gate, g.op("Sigmoid", [gate])])])  # silu
@@ -242,7 +302,15 @@ def detect(w: dict) -> str | None:
     return VERSION if any(k.endswith("att.time_maa_x") for k in w) else None
 
 
-SPEC = ArchSpec(name="RWKV-6", versions=(VERSION,), detect=detect,
-                config_from_weights=config_from_weights, export_weights=export_weights,
-                state_layout=state_layout, Model=Model, build_graph=build_graph,
-                default_tokenizer=keys.default_tokenizer, load_state_tuning=load_state_tuning)
+SPEC = ArchSpec(
+    name="RWKV-6",
+    versions=(VERSION,),
+    detect=detect,
+    config_from_weights=config_from_weights,
+    export_weights=export_weights,
+    state_layout=state_layout,
+    Model=Model,
+    build_graph=build_graph,
+    default_tokenizer=keys.default_tokenizer,
+    load_state_tuning=load_state_tuning,
+)

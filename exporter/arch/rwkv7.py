@@ -35,6 +35,7 @@ model-local function whose standard-op body ONNX Runtime inlines). All tensors f
              outputs y [B,T,H,N] (the WKV7 step applied for t = 0..T-1), state_out after the last token
 The group norm, the r_k bonus term, gate and output projection stay outside the op.
 """
+
 from __future__ import annotations
 
 import functools
@@ -67,32 +68,69 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
     H, N = (int(d) for d in rk.shape)
     if H * N != C:
         raise CheckpointError(f"inconsistent shape for blocks.0.att.r_k: {[H, N]} (heads x head size != n_embd {C})")
-    dv = int(keys.need(w, "blocks.1.att.v1", 2).shape[1]) if L > 1 else (
-        int(w["blocks.0.att.v1"].shape[1]) if "blocks.0.att.v1" in w else 0)
+    dv = (
+        int(keys.need(w, "blocks.1.att.v1", 2).shape[1])
+        if L > 1
+        else (int(w["blocks.0.att.v1"].shape[1]) if "blocks.0.att.v1" in w else 0)
+    )
     F_ = int(keys.need(w, "blocks.0.ffn.key.weight", 2).shape[0])
-    cfg = {"n_layer": L, "n_embd": C, "vocab_size": V, "ffn_dim": F_,
-           "n_head": H, "head_size": N, "dim_w": int(keys.need(w, "blocks.0.att.w1", 2).shape[1]),
-           "dim_a": int(keys.need(w, "blocks.0.att.a1", 2).shape[1]), "dim_v": dv,
-           "dim_g": int(keys.need(w, "blocks.0.att.g1", 2).shape[1]), "time_state": "blocks.0.att.time_state" in w}
+    cfg = {
+        "n_layer": L,
+        "n_embd": C,
+        "vocab_size": V,
+        "ffn_dim": F_,
+        "n_head": H,
+        "head_size": N,
+        "dim_w": int(keys.need(w, "blocks.0.att.w1", 2).shape[1]),
+        "dim_a": int(keys.need(w, "blocks.0.att.a1", 2).shape[1]),
+        "dim_v": dv,
+        "dim_g": int(keys.need(w, "blocks.0.att.g1", 2).shape[1]),
+        "time_state": "blocks.0.att.time_state" in w,
+    }
     keys.check_keys(w, expected_shapes(cfg), "RWKV-7", ignored=UNUSED_LAYER0)
     return cfg
 
 
 def expected_shapes(cfg: dict) -> dict:
     C, F_, V, H, N = cfg["n_embd"], cfg["ffn_dim"], cfg["vocab_size"], cfg["n_head"], cfg["head_size"]
-    s = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
-         "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)}
+    s = {
+        "emb.weight": (V, C),
+        "blocks.0.ln0.weight": (C,),
+        "blocks.0.ln0.bias": (C,),
+        "ln_out.weight": (C,),
+        "ln_out.bias": (C,),
+        "head.weight": (V, C),
+    }
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
-        s.update({b + "ln1.weight": (C,), b + "ln1.bias": (C,), b + "ln2.weight": (C,), b + "ln2.bias": (C,),
-                  b + "att.w0": (1, 1, C), b + "att.w1": (C, cfg["dim_w"]), b + "att.w2": (cfg["dim_w"], C),
-                  b + "att.a0": (1, 1, C), b + "att.a1": (C, cfg["dim_a"]), b + "att.a2": (cfg["dim_a"], C),
-                  b + "att.g1": (C, cfg["dim_g"]), b + "att.g2": (cfg["dim_g"], C),
-                  b + "att.k_k": (1, 1, C), b + "att.k_a": (1, 1, C), b + "att.r_k": (H, N),
-                  b + "att.key.weight": (C, C), b + "att.value.weight": (C, C),
-                  b + "att.receptance.weight": (C, C), b + "att.output.weight": (C, C),
-                  b + "att.ln_x.weight": (C,), b + "att.ln_x.bias": (C,),
-                  b + "ffn.x_k": (1, 1, C), b + "ffn.key.weight": (F_, C), b + "ffn.value.weight": (C, F_)})
+        s.update(
+            {
+                b + "ln1.weight": (C,),
+                b + "ln1.bias": (C,),
+                b + "ln2.weight": (C,),
+                b + "ln2.bias": (C,),
+                b + "att.w0": (1, 1, C),
+                b + "att.w1": (C, cfg["dim_w"]),
+                b + "att.w2": (cfg["dim_w"], C),
+                b + "att.a0": (1, 1, C),
+                b + "att.a1": (C, cfg["dim_a"]),
+                b + "att.a2": (cfg["dim_a"], C),
+                b + "att.g1": (C, cfg["dim_g"]),
+                b + "att.g2": (cfg["dim_g"], C),
+                b + "att.k_k": (1, 1, C),
+                b + "att.k_a": (1, 1, C),
+                b + "att.r_k": (H, N),
+                b + "att.key.weight": (C, C),
+                b + "att.value.weight": (C, C),
+                b + "att.receptance.weight": (C, C),
+                b + "att.output.weight": (C, C),
+                b + "att.ln_x.weight": (C,),
+                b + "att.ln_x.bias": (C,),
+                b + "ffn.x_k": (1, 1, C),
+                b + "ffn.key.weight": (F_, C),
+                b + "ffn.value.weight": (C, F_),
+            }
+        )
         s.update({b + "att.x_" + m: (1, 1, C) for m in MIXES})
         if i > 0:
             s.update({b + "att.v0": (1, 1, C), b + "att.v1": (C, cfg["dim_v"]), b + "att.v2": (cfg["dim_v"], C)})
@@ -183,10 +221,11 @@ class Model(hw.HeadwiseModel):
         x = self.blocks[0].ln0(x)
         new, v_first = {}, None
         for i, blk in enumerate(self.blocks):
-            s = lambda f: state[f"state.{i}.{f}"]  # noqa: E731
+            s = lambda f, i=i: state[f"state.{i}.{f}"]  # noqa: E731 - this layer's state
             xx = blk.ln1(x)
             out, new[f"state.{i}.wkv"], v_first = blk.att(
-                xx, hw.shift(xx, s("att_shift")) if parallel else s("att_shift"), s("wkv"), v_first, parallel)
+                xx, hw.shift(xx, s("att_shift")) if parallel else s("att_shift"), s("wkv"), v_first, parallel
+            )
             new[f"state.{i}.att_shift"] = xx[:, -1] if parallel else xx
             x = x + out
             xx = blk.ln2(x)
@@ -211,8 +250,9 @@ def export_weights(w: dict, cfg: dict) -> dict:
         lora = ["w", "a", "g"] + (["v"] if i > 0 else [])
         for n in ["ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"] + [f"att.{x}{j}" for x in lora for j in "12"]:
             out[b + n] = hw.np32(w[b + n])
-        vecs = (["att.x_" + m for m in MIXES] + [f"att.{x}0" for x in lora if x != "g"]
-                + ["att.k_k", "att.k_a", "ffn.x_k"])
+        vecs = (
+            ["att.x_" + m for m in MIXES] + [f"att.{x}0" for x in lora if x != "g"] + ["att.k_k", "att.k_a", "ffn.x_k"]
+        )
         for n in vecs:
             out[b + n] = hw.np32(w[b + n]).reshape(C)
         for n in ("att.r_k", "att.ln_x.weight", "att.ln_x.bias"):
@@ -233,9 +273,9 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, opts: GraphOptions):
     v_first = None
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
-        st = lambda f: f"state.{i}.{f}"  # noqa: E731
+        st = lambda f, i=i: f"state.{i}.{f}"  # noqa: E731 - this layer's state names
 
-        def lora(x_, n, mid=None):  # (mid(x_ @ n1)) @ n2
+        def lora(x_, n, mid=None, b=b):  # (mid(x_ @ n1)) @ n2
             h = G.mm(x_, b + f"att.{n}1")
             return G.mm(g.op(mid, [h]) if mid else h, b + f"att.{n}2")
 
@@ -252,8 +292,9 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, opts: GraphOptions):
         gate = G.mm(g.op("Sigmoid", [G.mm(xm["g"], b + "att.g1")]), b + "att.g2")
         kk = G.heads(g.op("Mul", [k, G.vec(b + "att.k_k")]))
         kk = g.op("Div", [kk, g.op("Max", [g.op("ReduceL2", [kk, ax], keepdims=1), g.const(1e-12)])])  # F.normalize
-        k = g.op("Mul", [k, g.op("Add", [g.const(1.0), g.op("Mul", [g.op("Sub", [a, g.const(1.0)]),
-                                                                     G.vec(b + "att.k_a")])])])
+        k = g.op(
+            "Mul", [k, g.op("Add", [g.const(1.0), g.op("Mul", [g.op("Sub", [a, g.const(1.0)]), G.vec(b + "att.k_a")])])]
+        )
         if i == 0:
             v_first = v
         else:
@@ -262,9 +303,13 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, opts: GraphOptions):
         w = g.op("Exp", [g.op("Mul", [g.const(-W_SCALE), g.op("Sigmoid", [g.op("Add", [G.vec(b + "att.w0"), w])])])])
         rh, kh, vh = G.heads(r), G.heads(k), G.heads(v)
         y = g.fresh("wkv")
-        hw.wkv_node(g, "WKV7Seq" if seq else "WKV7", opts.plugin,
-                    [rh, G.heads(w), kh, vh, g.op("Neg", [kk]), g.op("Mul", [kk, G.heads(a)]), st("wkv")],
-                    [y, f"new_state.{i}.wkv"])
+        hw.wkv_node(
+            g,
+            "WKV7Seq" if seq else "WKV7",
+            opts.plugin,
+            [rh, G.heads(w), kh, vh, g.op("Neg", [kk]), g.op("Mul", [kk, G.heads(a)]), st("wkv")],
+            [y, f"new_state.{i}.wkv"],
+        )
         out = G.group_norm(y, b + "att.ln_x")
         bonus = g.op("ReduceSum", [g.op("Mul", [g.op("Mul", [rh, kh]), G.vec(b + "att.r_k")]), ax], keepdims=1)
         out = g.op("Add", [out, G.flat(g.op("Mul", [bonus, vh]))])
@@ -283,7 +328,15 @@ def detect(w: dict) -> str | None:
     return VERSION if any(k.endswith(("att.k_k", "att.r_k")) for k in w) else None
 
 
-SPEC = ArchSpec(name="RWKV-7", versions=(VERSION,), detect=detect,
-                config_from_weights=config_from_weights, export_weights=export_weights,
-                state_layout=state_layout, Model=Model, build_graph=build_graph,
-                default_tokenizer=keys.default_tokenizer, load_state_tuning=load_state_tuning)
+SPEC = ArchSpec(
+    name="RWKV-7",
+    versions=(VERSION,),
+    detect=detect,
+    config_from_weights=config_from_weights,
+    export_weights=export_weights,
+    state_layout=state_layout,
+    Model=Model,
+    build_graph=build_graph,
+    default_tokenizer=keys.default_tokenizer,
+    load_state_tuning=load_state_tuning,
+)

@@ -1,4 +1,5 @@
 """The edge commands: ``rwkv-export web`` (a browser bundle) and ``rwkv-export mobile`` (ORT format)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,10 +22,17 @@ def _run(fn, *a):
 
 @click.command("web")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="New folder for the bundle.")
-@click.option("--ort-web", "ort_web", type=click.Path(path_type=Path), default=None,
-              help="Folder with ONNX Runtime Web 1.30's files: its dist folder, the onnxruntime-web package or the "
-                   "node_modules holding it (`npm install onnxruntime-web@1.30.0`). Default: a checkout's js/node_modules.")
+@click.option(
+    "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="New folder for the bundle."
+)
+@click.option(
+    "--ort-web",
+    "ort_web",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder with ONNX Runtime Web 1.30's files: its dist folder, the onnxruntime-web package or the "
+    "node_modules holding it (`npm install onnxruntime-web@1.30.0`). Default: a checkout's js/node_modules.",
+)
 def web_command(model, out, ort_web):
     """Write a static web bundle for an exported MODEL (.onnx): demo page, JS runtime, ONNX Runtime Web."""
     from .web import write_web_bundle
@@ -36,7 +44,9 @@ def web_command(model, out, ort_web):
 
 @click.command("mobile")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="New folder for the .ort files.")
+@click.option(
+    "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="New folder for the .ort files."
+)
 def mobile_command(model, out):
     """Convert an exported MODEL (.onnx) and its companions to ORT format for ONNX Runtime Mobile."""
     from .mobile import write_mobile

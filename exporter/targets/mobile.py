@@ -7,6 +7,7 @@ Runtime build) and ``MODEL.manifest.json``: the manifest with companions renamed
 (apps read it instead of parsing flatbuffers; the ``.ort`` keeps the metadata too, checked here).
 Optimisation level "extended": no hardware-specific layouts, so a file converted on x86 runs on ARM.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,7 +57,9 @@ def ort_metadata(path: Path) -> dict:
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return dict(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map)
+    return dict(
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    )
 
 
 def write_mobile(model, out) -> list[Path]:
@@ -66,7 +69,9 @@ def write_mobile(model, out) -> list[Path]:
     if art.engine:
         raise ExportError(f"{model.name}: a TensorRT engine cannot be converted; pass the .onnx export")
     if art.manifest.precision == "bf16":
-        raise ExportError(f"{model.name} is a bfloat16 export: ONNX Runtime Mobile has no bfloat16 kernels; export fp32 or fp16")
+        raise ExportError(
+            f"{model.name} is a bfloat16 export: ONNX Runtime Mobile has no bfloat16 kernels; export fp32 or fp16"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: exists and is not an empty folder; choose another -o")
     if not out.parent.is_dir():
@@ -87,8 +92,10 @@ def write_mobile(model, out) -> list[Path]:
         for f in external_files(src):
             # an external-data location is a plain name in the model's folder: never a path elsewhere
             if not _plain_name(f):
-                raise ExportError(f"{src}: its weights are stored at {f!r}, not a file in the model's folder; "
-                                  "refused (re-export the model)")
+                raise ExportError(
+                    f"{src}: its weights are stored at {f!r}, not a file in the model's folder; "
+                    "refused (re-export the model)"
+                )
             if not src.with_name(f).is_file():
                 raise ExportError(f"{src}: its weights file {src.with_name(f)} is missing")
             inputs.append(src.with_name(f))
@@ -108,8 +115,9 @@ def write_mobile(model, out) -> list[Path]:
                     os.symlink(src.with_name(f).resolve(), staged / f)
                 ort_file = _convert(staged / src.name, work / "out")
                 if ort_file.stat().st_size > ORT_FORMAT_LIMIT:
-                    raise ExportError(f"{ort_file.name}: over the ORT format's 2 GB limit; export a smaller or "
-                                      "quantized model")
+                    raise ExportError(
+                        f"{ort_file.name}: over the ORT format's 2 GB limit; export a smaller or quantized model"
+                    )
                 if MANIFEST_KEY not in ort_metadata(ort_file):
                     raise ExportError(f"{ort_file.name}: the ORT format dropped the model's metadata (rwkv manifest)")
                 names[kind] = src.stem + ".ort"  # the tool appends the optimisation level; drop it

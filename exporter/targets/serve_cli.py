@@ -2,6 +2,7 @@
 
 Its flags are generated from ``rwkv_runtime.server``'s ServerOptions / EngineConfig (options.py), as are
 those of ``python -m rwkv_runtime.server``: one declaration, one default each."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -63,9 +64,16 @@ def _click_type(fl):
 def _with_options(f):
     for o in reversed(cli_options()):
         fl = o.flag
-        f = click.option(o.flag_name, o.dest, default=() if fl.multiple else o.default, type=_click_type(fl),
-                         multiple=fl.multiple, help=fl.help + ".", show_default=not fl.secret,
-                         metavar="KEY" if fl.secret else None)(f)
+        f = click.option(
+            o.flag_name,
+            o.dest,
+            default=() if fl.multiple else o.default,
+            type=_click_type(fl),
+            multiple=fl.multiple,
+            help=fl.help + ".",
+            show_default=not fl.secret,
+            metavar="KEY" if fl.secret else None,
+        )(f)
     return f
 
 
@@ -79,8 +87,9 @@ def serve_command(model, **values):
     /v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, /metrics. See docs/serving.md.
     """
     if _MISSING_EXTRA:
-        raise click.ClickException(f"serving needs the serve extra: pip install \"rwkv-export[serve]\" "
-                                   f"({_MISSING_EXTRA} is missing)")
+        raise click.ClickException(
+            f'serving needs the serve extra: pip install "rwkv-export[serve]" ({_MISSING_EXTRA} is missing)'
+        )
     from rwkv_runtime.server import run
     from rwkv_runtime.server.options import from_cli
 

@@ -16,6 +16,7 @@ unknown field or enum cannot be written. The manifest travels as the config para
 (clients read it with ``get_model_config``) and as ``rwkv_manifest.json`` beside ``config.pbtxt``.
 A repository is written into a temporary folder and renamed into place: a failure leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,8 @@ import numpy as np
 
 import rwkv_runtime as _rwkv_runtime
 from rwkv_runtime.artifact import confined_path, open_artifact, outside_reason
-from rwkv_runtime.safe_write import SafeWrite
 from rwkv_runtime.manifest import BATCH
+from rwkv_runtime.safe_write import SafeWrite
 
 from ..errors import ExportError
 
@@ -99,8 +100,16 @@ def _state_file(name: str) -> str:
     return name.replace("/", "_")  # state names are dotted identifiers; keep them plain file names
 
 
-def build_config(art, backend: str, name: str, max_batch: int, idle_s: float, max_sequences: int,
-                 logits_dtype: str = "float32", tokens_dtype: str = "int64"):
+def build_config(
+    art,
+    backend: str,
+    name: str,
+    max_batch: int,
+    idle_s: float,
+    max_sequences: int,
+    logits_dtype: str = "float32",
+    tokens_dtype: str = "int64",
+):
     """The ``ModelConfig`` message for an artifact (no files written)."""
     pb, _ = _pb()
     man = art.manifest
@@ -122,8 +131,11 @@ def build_config(art, backend: str, name: str, max_batch: int, idle_s: float, ma
         # inputs to find the sequence's state and to drop it at the end
         tok.dims.append(-1)
         tok.allow_ragged_batch = True  # requests of different lengths still reach one execute() call
-        for ctl, kind, dtype in (("START", "CONTROL_SEQUENCE_START", None), ("END", "CONTROL_SEQUENCE_END", None),
-                                 ("CORRID", "CONTROL_SEQUENCE_CORRID", "TYPE_UINT64")):
+        for ctl, kind, dtype in (
+            ("START", "CONTROL_SEQUENCE_START", None),
+            ("END", "CONTROL_SEQUENCE_END", None),
+            ("CORRID", "CONTROL_SEQUENCE_CORRID", "TYPE_UINT64"),
+        ):
             c = sb.control_input.add(name=ctl).control.add(kind=kind)
             if dtype:
                 c.data_type = dtype
@@ -174,9 +186,17 @@ def parse_config(text: str):
     return tf.Parse(text, pb.ModelConfig())
 
 
-def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int | None = None, name: str | None = None,
-                     idle_s: float = DEFAULT_IDLE_S, max_sequences: int | None = None, force: bool = False,
-                     plugins: tuple = ()) -> Path:
+def write_repository(
+    model,
+    repo,
+    backend: str = "onnxruntime",
+    max_batch: int | None = None,
+    name: str | None = None,
+    idle_s: float = DEFAULT_IDLE_S,
+    max_sequences: int | None = None,
+    force: bool = False,
+    plugins: tuple = (),
+) -> Path:
     """Write ``repo/name/`` for ``model`` (an ONNX export or, for tensorrt, an engine); returns its folder.
     ``max_batch`` None: 8, or an engine's own maximum batch where that is smaller."""
     if backend not in BACKENDS:
@@ -192,14 +212,18 @@ def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int |
         raise ExportError(f"{repo}: exists and is not a folder (the model repository is a folder)")
     art = open_artifact(model)
     if backend == "tensorrt" and not art.engine:
-        raise ExportError(f"{model.name}: --backend tensorrt needs an engine from 'rwkv-export build-engine' "
-                          "(a .engine/.plan file with its .json sidecar)")
+        raise ExportError(
+            f"{model.name}: --backend tensorrt needs an engine from 'rwkv-export build-engine' "
+            "(a .engine/.plan file with its .json sidecar)"
+        )
     if backend != "tensorrt" and art.engine:
         raise ExportError(f"{model.name} is a TensorRT engine: use --backend tensorrt")
     if backend == "python" and art.manifest.precision == "bf16":
-        raise ExportError(f"{model.name} is a bfloat16 export: the Python backend runs rwkv_runtime on onnxruntime's "
-                          "CPU provider, which has no bfloat16 MatMul; use --backend onnxruntime (a GPU instance) "
-                          "or tensorrt, or export fp32/fp16")
+        raise ExportError(
+            f"{model.name} is a bfloat16 export: the Python backend runs rwkv_runtime on onnxruntime's "
+            "CPU provider, which has no bfloat16 MatMul; use --backend onnxruntime (a GPU instance) "
+            "or tensorrt, or export fp32/fp16"
+        )
     if backend != "python":  # implicit state steps one token per request: the step graph
         step = art.companion("step")
         art = step
@@ -209,9 +233,11 @@ def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int |
     elif engine_max is not None and int(max_batch) > engine_max:
         # Triton's TensorRT backend refuses it at load ("configuration specified max-batch N but TensorRT
         # engine only supports max-batch M")
-        raise ExportError(f"--max-batch {max_batch} is larger than the engine's maximum batch {engine_max} "
-                          f"(rwkv-export build-engine --max-batch): pass --max-batch {engine_max} or less, or "
-                          "rebuild the engine")
+        raise ExportError(
+            f"--max-batch {max_batch} is larger than the engine's maximum batch {engine_max} "
+            f"(rwkv-export build-engine --max-batch): pass --max-batch {engine_max} or less, or "
+            "rebuild the engine"
+        )
     name = name or model.name.split(".")[0]
     if not name or "/" in name or "\\" in name or name.startswith(".") or not name.isprintable():
         raise ExportError(f"--name {name!r}: not a usable model name")
@@ -227,15 +253,23 @@ def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int |
         io = _graph_dtypes(art.path)
         # Triton binds the config's names to the graph: a manifest naming tensors the graph lacks would only
         # fail when the server loads the model
-        missing = [n for n in [art.manifest.tokens_input, art.manifest.logits_output]
-                   + [x for st in art.manifest.state for x in (st.name, st.output)] if n not in io]
+        missing = [
+            n
+            for n in [art.manifest.tokens_input, art.manifest.logits_output]
+            + [x for st in art.manifest.state for x in (st.name, st.output)]
+            if n not in io
+        ]
         if missing:
-            raise ExportError(f"{art.path.name}: the graph does not match its manifest (no tensor {missing[0]!r}); "
-                              "re-export the model")
+            raise ExportError(
+                f"{art.path.name}: the graph does not match its manifest (no tensor {missing[0]!r}); "
+                "re-export the model"
+            )
         logits_dtype, tokens_dtype = io.get(art.manifest.logits_output, "?"), io.get(art.manifest.tokens_input, "?")
         if logits_dtype not in ("float32", "float16") or tokens_dtype not in ("int64", "int32"):
-            raise ExportError(f"{art.path.name}: logits {logits_dtype} / tokens {tokens_dtype} are not types this "
-                              "command knows how to serve; re-export the model")
+            raise ExportError(
+                f"{art.path.name}: logits {logits_dtype} / tokens {tokens_dtype} are not types this "
+                "command knows how to serve; re-export the model"
+            )
     if backend == "python":  # model.py converts: clients send INT64, it answers FP32
         logits_dtype, tokens_dtype = "float32", "int64"
     cfg = build_config(art, backend, name, int(max_batch), float(idle_s), max_sequences, logits_dtype, tokens_dtype)
@@ -273,8 +307,10 @@ def write_repository(model, repo, backend: str = "onnxruntime", max_batch: int |
         repo.mkdir(parents=True, exist_ok=True)
         _write_model_folder(dest, name, files, fills, text, art, inputs)
     except OSError as e:  # disk full, permissions, ...: one line naming the user's folder
-        raise ExportError(f"{dest}: {e.strerror or type(e).__name__}; nothing was written"
-                          + (" (the old model folder is unchanged)" if os.path.lexists(dest) else "")) from None
+        raise ExportError(
+            f"{dest}: {e.strerror or type(e).__name__}; nothing was written"
+            + (" (the old model folder is unchanged)" if os.path.lexists(dest) else "")
+        ) from None
     finally:
         if created and repo.is_dir() and not any(repo.iterdir()):
             repo.rmdir()
@@ -290,23 +326,31 @@ def _check_destination(dest: Path, inputs: list, force: bool) -> None:
     """What may stand at REPO/NAME: nothing; or, with --force, a model folder this command wrote (it holds
     MARKER) and that holds none of this command's inputs. Never a link (it would be written through)."""
     if dest.is_symlink():
-        raise ExportError(f"{dest}: is a symbolic link; rwkv-export triton neither writes through nor replaces "
-                          "a link: remove it or choose another --name")
+        raise ExportError(
+            f"{dest}: is a symbolic link; rwkv-export triton neither writes through nor replaces "
+            "a link: remove it or choose another --name"
+        )
     if not os.path.lexists(dest):
         return
     if not force:
         raise ExportError(f"{dest} already exists (pass --force to replace it)")
     held = next((i for i in inputs if _inside(i, dest)), None)
     if held is not None:
-        raise ExportError(f"{dest}: holds {held.name}, an input of this command; --force never deletes a folder "
-                          "holding an input: write the repository elsewhere (-o) or choose another --name")
+        raise ExportError(
+            f"{dest}: holds {held.name}, an input of this command; --force never deletes a folder "
+            "holding an input: write the repository elsewhere (-o) or choose another --name"
+        )
     if not dest.is_dir():
-        raise ExportError(f"{dest}: exists and is not a model folder; --force only replaces model folders "
-                          "rwkv-export triton wrote: remove it yourself or choose another --name")
+        raise ExportError(
+            f"{dest}: exists and is not a model folder; --force only replaces model folders "
+            "rwkv-export triton wrote: remove it yourself or choose another --name"
+        )
     marker = dest / MARKER
     if any(dest.iterdir()) and (marker.is_symlink() or not marker.is_file()):
-        raise ExportError(f"{dest}: was not written by rwkv-export triton (no {MARKER} in it); --force only "
-                          "replaces model folders this command wrote: remove it yourself or choose another --name")
+        raise ExportError(
+            f"{dest}: was not written by rwkv-export triton (no {MARKER} in it); --force only "
+            "replaces model folders this command wrote: remove it yourself or choose another --name"
+        )
 
 
 def _write_model_folder(dest: Path, name: str, files: list, fills: dict, text: str, art, inputs: list) -> None:
@@ -328,8 +372,13 @@ def _write_model_folder(dest: Path, name: str, files: list, fills: dict, text: s
         (tmp / SIDECAR).write_text(art.manifest.to_json(), encoding="utf-8")
         if art.tokenizer_json:
             (tmp / "tokenizer.json").write_text(art.tokenizer_json, encoding="utf-8")
-        (tmp / MARKER).write_text(json.dumps({"written_by": "rwkv-export triton", "model": art.path.name,
-                                              "export_id": art.manifest.export_id}) + "\n", encoding="utf-8")
+        (tmp / MARKER).write_text(
+            json.dumps(
+                {"written_by": "rwkv-export triton", "model": art.path.name, "export_id": art.manifest.export_id}
+            )
+            + "\n",
+            encoding="utf-8",
+        )
         old = sw.path("replaced")
         moved = False
         if os.path.lexists(dest):
@@ -365,8 +414,10 @@ def _plugin_libraries(art, plugins: tuple) -> list:
                 cands.append(Path(str(rec["path"])))
             hit = next((c for c in cands if c.is_file()), None)
             if hit is None:
-                raise ExportError(f"{art.path.name} needs the plugin library {rec['name']}: copy it beside the engine "
-                                  "or pass --plugin PATH")
+                raise ExportError(
+                    f"{art.path.name} needs the plugin library {rec['name']}: copy it beside the engine "
+                    "or pass --plugin PATH"
+                )
             found.append(hit)
     for p in found:
         if not p.is_file():

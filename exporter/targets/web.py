@@ -11,6 +11,7 @@ command works from an installed rwkv-export. ONNX Runtime Web is not ours to shi
 js/node_modules. The bundle is staged and committed through rwkv_runtime.safe_write: nothing
 half-written, an existing folder is only ever an empty one.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,13 @@ DEMO_DIR = ASSETS / "demo"
 DEMO_FILES = ("index.html", "app.js", "serve.py")
 ORT_WEB_VERSION = "1.30.0"
 # onnxruntime-web 1.30: the WebGPU-capable module (it also runs WASM) and the binaries it may load
-ORT_FILES = ("ort.webgpu.min.mjs", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm",
-             "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")
+ORT_FILES = (
+    "ort.webgpu.min.mjs",
+    "ort-wasm-simd-threaded.jsep.mjs",
+    "ort-wasm-simd-threaded.jsep.wasm",
+    "ort-wasm-simd-threaded.asyncify.mjs",
+    "ort-wasm-simd-threaded.asyncify.wasm",
+)
 HF_MODULE = Path("@huggingface") / "tokenizers" / "dist" / "tokenizers.min.mjs"
 BROWSER_LIMIT = 2**31 - 1  # Chrome's ArrayBuffer limit: one model file must fit
 NPM_STEP = f"`npm install onnxruntime-web@{ORT_WEB_VERSION}` in a folder, then --ort-web FOLDER/node_modules"
@@ -75,8 +81,10 @@ def find_ort_web(ort_web=None, js_dir: Path | None = None) -> Path:
             if (d / ORT_FILES[0]).is_file():
                 missing = [f for f in ORT_FILES if not (d / f).is_file()]
                 if missing:
-                    raise ExportError(f"--ort-web {base}: {missing[0]} is missing from {d} (onnxruntime-web "
-                                      f"{ORT_WEB_VERSION} ships it); {NPM_STEP}")
+                    raise ExportError(
+                        f"--ort-web {base}: {missing[0]} is missing from {d} (onnxruntime-web "
+                        f"{ORT_WEB_VERSION} ships it); {NPM_STEP}"
+                    )
                 return d
         raise ExportError(f"--ort-web {base}: no ONNX Runtime Web files there ({ORT_FILES[0]}); {NPM_STEP}")
     d = Path(js_dir or JS_DIR) / "node_modules" / "onnxruntime-web" / "dist"
@@ -91,8 +99,10 @@ def _hf_module(ort: Path, js_dir: Path | None) -> Path:
     for r in roots:
         if (r / HF_MODULE).is_file():
             return r / HF_MODULE
-    raise ExportError("this model's tokenizer.json needs @huggingface/tokenizers in the browser: `npm install "
-                      "@huggingface/tokenizers` beside onnxruntime-web, and pass that node_modules as --ort-web")
+    raise ExportError(
+        "this model's tokenizer.json needs @huggingface/tokenizers in the browser: `npm install "
+        "@huggingface/tokenizers` beside onnxruntime-web, and pass that node_modules as --ort-web"
+    )
 
 
 def write_web_bundle(model, out, js_dir: Path | None = None, ort_web=None) -> list[Path]:
@@ -104,17 +114,23 @@ def write_web_bundle(model, out, js_dir: Path | None = None, ort_web=None) -> li
         raise ExportError(f"{model.name}: a TensorRT engine cannot run in a browser; pass the .onnx export")
     man = art.manifest
     if man.precision == "bf16":
-        raise ExportError(f"{model.name} is a bfloat16 export: ONNX Runtime Web has no bfloat16 kernels; export fp32 or fp16")
+        raise ExportError(
+            f"{model.name} is a bfloat16 export: ONNX Runtime Web has no bfloat16 kernels; export fp32 or fp16"
+        )
     kind = man.tokenizer.get("kind", "none")
     # what the runtime would refuse, refused before writing a bundle that cannot run in the page
     art.initial_state()
     if kind not in ("bytes", "world", "hf-json", "none"):
         raise ExportError(f"{model.name}: tokenizer kind {kind[:40]!r} is not one the web runtime knows; re-export it")
     if kind == "none":  # the demo page generates text; the runtime refuses that as Python does
-        raise ExportError(f"{model.name} was exported with --tokenizer none: the demo page needs a tokenizer to "
-                          "turn text into tokens; re-export with --tokenizer")
+        raise ExportError(
+            f"{model.name} was exported with --tokenizer none: the demo page needs a tokenizer to "
+            "turn text into tokens; re-export with --tokenizer"
+        )
     if kind == "hf-json" and not art.tokenizer_json:
-        raise ExportError(f"{model.name}: the manifest names a tokenizer.json but the model does not embed it; re-export it")
+        raise ExportError(
+            f"{model.name}: the manifest names a tokenizer.json but the model does not embed it; re-export it"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: exists and is not an empty folder; choose another -o")
     if not out.parent.is_dir():
@@ -135,8 +151,10 @@ def write_web_bundle(model, out, js_dir: Path | None = None, ort_web=None) -> li
         if not f.is_file():
             raise ExportError(f"{f}: named by the export but missing")
         if f.stat().st_size > BROWSER_LIMIT:
-            raise ExportError(f"{f.name} is {f.stat().st_size / 2**30:.1f} GiB: over the browser's 2 GiB ArrayBuffer "
-                              "limit; export a smaller or quantized model")
+            raise ExportError(
+                f"{f.name} is {f.stat().st_size / 2**30:.1f} GiB: over the browser's 2 GiB ArrayBuffer "
+                "limit; export a smaller or quantized model"
+            )
 
     vocab = world_vocab() if kind == "world" else None
     try:
@@ -159,11 +177,21 @@ def write_web_bundle(model, out, js_dir: Path | None = None, ort_web=None) -> li
                 shutil.copy2(vocab, tmp / vocab.name)
             for f in DEMO_FILES:
                 shutil.copy2(DEMO_DIR / f, tmp / f)
-            (tmp / "bundle.json").write_text(json.dumps({
-                "model": model.name, "graphs": [g.name for g in graphs], "external_data": data,
-                "architecture": man.architecture, "tokenizer": kind, "world_vocab": vocab.name if vocab else None,
-                "export_id": man.export_id, "ort": "ort/ort.webgpu.min.mjs",
-            }, indent=1))
+            (tmp / "bundle.json").write_text(
+                json.dumps(
+                    {
+                        "model": model.name,
+                        "graphs": [g.name for g in graphs],
+                        "external_data": data,
+                        "architecture": man.architecture,
+                        "tokenizer": kind,
+                        "world_vocab": vocab.name if vocab else None,
+                        "export_id": man.export_id,
+                        "ort": "ort/ort.webgpu.min.mjs",
+                    },
+                    indent=1,
+                )
+            )
             sw.commit([("bundle", out)])
     except OSError as e:  # (disk full, ...): one line naming the user's folder, never the staging one
         where = out if e.filename is None or ".rwkv-export-" in str(e.filename) else e.filename

@@ -1,4 +1,5 @@
 """``rwkv-export validate``: both checks run, the report printed summary first (see the package docstring)."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -24,10 +25,24 @@ from .target import (
 FREE_RUNNING_RUNNER = "export-free-running"
 
 
-def validate(model, reference, backend: str = "onnxruntime", graph: str | None = None, steps: int = DEFAULT_STEPS,
-             prompt: str | None = None, tokens: str | None = None, atol: float | None = None,
-             rtol: float | None = None, chunk: int = DEFAULT_CHUNK, save_inputs=None, save_outputs=None,
-             plugins=(), onnx_path=None, echo=print, verbose: bool = False) -> Report:
+def validate(
+    model,
+    reference,
+    backend: str = "onnxruntime",
+    graph: str | None = None,
+    steps: int = DEFAULT_STEPS,
+    prompt: str | None = None,
+    tokens: str | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    save_inputs=None,
+    save_outputs=None,
+    plugins=(),
+    onnx_path=None,
+    echo=print,
+    verbose: bool = False,
+) -> Report:
     """Run both checks, print the report through ``echo`` (verdict and summary; ``verbose``: the per-step
     tables of both checks too) and return it."""
     from polygraphy.comparator import Comparator, RunResults
@@ -71,14 +86,17 @@ def validate(model, reference, backend: str = "onnxruntime", graph: str | None =
             say(line)
 
     prec = man.precision + (f" {man.options['quantize']}" if man.options.get("quantize") else "")
-    say(f"validating {target.path.name}: {man.architecture} {man.graph} graph, {prec}, wkv {man.wkv}, "
-        f"backend {backend}")
+    say(
+        f"validating {target.path.name}: {man.architecture} {man.graph} graph, {prec}, wkv {man.wkv}, backend {backend}"
+    )
     say(f"reference: {Path(reference).name} (PyTorch, float32)")
     source = "the prompt" if prompt is not None or tokens is not None else "the start token"
     more = len(roll.ids) - roll.n_prompt
-    say(f"rollout: {len(roll.ids)} tokens ({roll.n_prompt} from {source}"
+    say(
+        f"rollout: {len(roll.ids)} tokens ({roll.n_prompt} from {source}"
         + (f", {more} the reference's greedy continuation)" if more else ")")
-        + (f", fed {chunk} per call: {len(roll.pieces)} calls" if seq else ""))
+        + (f", fed {chunk} per call: {len(roll.pieces)} calls" if seq else "")
+    )
     say(f"tolerance (Polygraphy's rule): an element fails when |err| > {atol:g} and |err|/|ref| > {rtol:g}")
 
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # our report says it all; failures still raise
@@ -89,12 +107,15 @@ def validate(model, reference, backend: str = "onnxruntime", graph: str | None =
             tf_ok, tf_rows = compare(results[0], results[1], target, atol, rtol)
             # 2. free-running: the export fed back its own state; its logits against the reference's
             fr_outs = free_run(runner, target, roll)
-            fr_ok, fr_rows = compare((FREE_RUNNING_RUNNER, fr_outs), results[1], target, atol, rtol,
-                                     outputs=[man.logits_output])
+            fr_ok, fr_rows = compare(
+                (FREE_RUNNING_RUNNER, fr_outs), results[1], target, atol, rtol, outputs=[man.logits_output]
+            )
             if save_inputs:
-                _save_atomically(save_inputs, lambda dest: save_json(roll.feeds, dest,
-                                                                     description="rwkv-export validate: rollout feeds"),
-                                 read)
+                _save_atomically(
+                    save_inputs,
+                    lambda dest: save_json(roll.feeds, dest, description="rwkv-export validate: rollout feeds"),
+                    read,
+                )
             if save_outputs:
                 only_ref = RunResults()
                 only_ref.append(results[1])  # the reference's outputs alone, as polygraphy --load-outputs reads them
@@ -120,18 +141,24 @@ def validate(model, reference, backend: str = "onnxruntime", graph: str | None =
     say_all("  " + line for line in summary_table(tf_rows, fr_rows, groups, man))
     tf_agree = sum(r.agree[0] for r in tf_rows), sum(r.agree[1] for r in tf_rows)
     fr_agree = sum(r.agree[0] for r in fr_rows), sum(r.agree[1] for r in fr_rows)
-    say(f"  logits argmax agreement: {tf_agree[0]}/{tf_agree[1]} teacher-forced, {fr_agree[0]}/{fr_agree[1]} "
-        "free-running")
+    say(
+        f"  logits argmax agreement: {tf_agree[0]}/{tf_agree[1]} teacher-forced, {fr_agree[0]}/{fr_agree[1]} "
+        "free-running"
+    )
     if tf_bad is not None:
         say(f"  teacher-forced step {tf_bad} failed in: {', '.join(_short(tf_rows[tf_bad].failed_outputs))}")
     if verbose:
         say("")
-        say(f"1. teacher-forced: every step starts from the reference's state (Polygraphy Comparator, "
-            f"{runner.name} vs {REFERENCE_RUNNER})")
+        say(
+            f"1. teacher-forced: every step starts from the reference's state (Polygraphy Comparator, "
+            f"{runner.name} vs {REFERENCE_RUNNER})"
+        )
         say_all("  " + line for line in _step_table(tf_rows, roll, seq, groups, state_groups))
         say("")
-        say("2. free-running: the export fed back its own state, its logits compared with the reference's rollout "
-            "(state drift shown for information)")
+        say(
+            "2. free-running: the export fed back its own state, its logits compared with the reference's rollout "
+            "(state drift shown for information)"
+        )
         say_all("  " + line for line in _step_table(fr_rows, roll, seq, [man.logits_output], state_groups))
     else:
         say(f"  (the per-step tables of both checks: --verbose; {len(tf_rows)} rows each)")
@@ -145,44 +172,128 @@ def validate(model, reference, backend: str = "onnxruntime", graph: str | None =
 
 @click.command("validate")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--reference", required=True, type=click.Path(path_type=Path),
-              help="The checkpoint MODEL was exported from (run in PyTorch, float32).")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
-              help="What runs the export (a .engine MODEL implies tensorrt).")
-@click.option("--graph", type=click.Choice(["step", "sequence"]), default=None,
-              help="Which graph of the export to check (default: the one MODEL is; the other is found beside it).")
-@click.option("--steps", default=DEFAULT_STEPS, show_default=True, type=click.IntRange(1),
-              help="Steps checked: tokens of the rollout for a step graph, calls of --chunk tokens for a sequence "
-                   "graph (the rollout: the prompt, then the reference's greedy continuation).")
-@click.option("--prompt", default=None, help="Start of the rollout, encoded with the model's tokenizer "
-              "(default: the start token 0).")
+@click.option(
+    "--reference",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The checkpoint MODEL was exported from (run in PyTorch, float32).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["onnxruntime", "tensorrt"]),
+    default="onnxruntime",
+    show_default=True,
+    help="What runs the export (a .engine MODEL implies tensorrt).",
+)
+@click.option(
+    "--graph",
+    type=click.Choice(["step", "sequence"]),
+    default=None,
+    help="Which graph of the export to check (default: the one MODEL is; the other is found beside it).",
+)
+@click.option(
+    "--steps",
+    default=DEFAULT_STEPS,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Steps checked: tokens of the rollout for a step graph, calls of --chunk tokens for a sequence "
+    "graph (the rollout: the prompt, then the reference's greedy continuation).",
+)
+@click.option(
+    "--prompt",
+    default=None,
+    help="Start of the rollout, encoded with the model's tokenizer (default: the start token 0).",
+)
 @click.option("--tokens", default=None, help="Start of the rollout as token ids (1,2,3), instead of --prompt.")
-@click.option("--atol", type=click.FloatRange(0), default=None,
-              help="Absolute tolerance (default by precision: fp32 1e-4, fp16 5e-2, ...).")
-@click.option("--rtol", type=click.FloatRange(0), default=None,
-              help="Relative tolerance (default by precision: fp32 1e-3, fp16 5e-2, ...).")
-@click.option("--chunk", default=DEFAULT_CHUNK, show_default=True, type=click.IntRange(1),
-              help="Sequence graph: tokens per call.")
-@click.option("--save-inputs", type=click.Path(path_type=Path), default=None,
-              help="Write the rollout's feeds as Polygraphy JSON (for polygraphy run --load-inputs).")
-@click.option("--save-outputs", type=click.Path(path_type=Path), default=None,
-              help="Write the reference's outputs as Polygraphy RunResults (for polygraphy run --load-outputs).")
-@click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path),
-              help="TensorRT plugin library (default for plugin-mode exports: the built one).")
-@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), default=None,
-              help="For a TensorRT engine: the ONNX file it was built from (its manifest; default: beside it).")
-@click.option("-v", "--verbose", is_flag=True,
-              help="Also print the per-step tables of both checks (the verdict and summary come first either way).")
-def validate_command(model, reference, backend, graph, steps, prompt, tokens, atol, rtol, chunk, save_inputs,
-                     save_outputs, plugins, onnx_path, verbose):
+@click.option(
+    "--atol",
+    type=click.FloatRange(0),
+    default=None,
+    help="Absolute tolerance (default by precision: fp32 1e-4, fp16 5e-2, ...).",
+)
+@click.option(
+    "--rtol",
+    type=click.FloatRange(0),
+    default=None,
+    help="Relative tolerance (default by precision: fp32 1e-3, fp16 5e-2, ...).",
+)
+@click.option(
+    "--chunk", default=DEFAULT_CHUNK, show_default=True, type=click.IntRange(1), help="Sequence graph: tokens per call."
+)
+@click.option(
+    "--save-inputs",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the rollout's feeds as Polygraphy JSON (for polygraphy run --load-inputs).",
+)
+@click.option(
+    "--save-outputs",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the reference's outputs as Polygraphy RunResults (for polygraphy run --load-outputs).",
+)
+@click.option(
+    "--plugin",
+    "plugins",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="TensorRT plugin library (default for plugin-mode exports: the built one).",
+)
+@click.option(
+    "--onnx",
+    "onnx_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="For a TensorRT engine: the ONNX file it was built from (its manifest; default: beside it).",
+)
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Also print the per-step tables of both checks (the verdict and summary come first either way).",
+)
+def validate_command(
+    model,
+    reference,
+    backend,
+    graph,
+    steps,
+    prompt,
+    tokens,
+    atol,
+    rtol,
+    chunk,
+    save_inputs,
+    save_outputs,
+    plugins,
+    onnx_path,
+    verbose,
+):
     """Check exported MODEL against the PyTorch reference over a multi-step rollout (Polygraphy).
 
     Exits 1 when the export is wrong, naming the first step that broke tolerance.
     """
     from ..errors import user_errors
 
-    run = user_errors(lambda: validate(model, reference, backend, graph, steps, prompt, tokens, atol, rtol, chunk,
-                                       save_inputs, save_outputs, plugins, onnx_path, echo=click.echo,
-                                       verbose=verbose))
+    run = user_errors(
+        lambda: validate(
+            model,
+            reference,
+            backend,
+            graph,
+            steps,
+            prompt,
+            tokens,
+            atol,
+            rtol,
+            chunk,
+            save_inputs,
+            save_outputs,
+            plugins,
+            onnx_path,
+            echo=click.echo,
+            verbose=verbose,
+        )
+    )
     if not run().passed:
         click.get_current_context().exit(1)

@@ -1,5 +1,6 @@
 """Errors by Polygraphy's rule: its verdict (``Comparator.compare_accuracy`` with the simple comparison)
 and, per step and output group, the largest absolute and relative error and the share of the tolerance used."""
+
 from __future__ import annotations
 
 import math
@@ -78,8 +79,9 @@ def compare(export_run, ref_run, target: Target, atol: float, rtol: float, outpu
     results = RunResults()
     for name, iters in (export_run, ref_run):
         results.add([OrderedDict((n, it[n]) for n in names) for it in iters], runner_name=name)
-    return _rows(Comparator.compare_accuracy(results, compare_func=func), export_run[1], ref_run[1], names,
-                 target, atol, rtol)
+    return _rows(
+        Comparator.compare_accuracy(results, compare_func=func), export_run[1], ref_run[1], names, target, atol, rtol
+    )
 
 
 def _rows(accuracy, exp_iters, ref_iters, names, target: Target, atol, rtol) -> tuple:
@@ -92,6 +94,5 @@ def _rows(accuracy, exp_iters, ref_iters, names, target: Target, atol, rtol) -> 
             g = _group(n, man)
             groups[g] = groups.get(g, Err()).merge(error_of(e[n], r[n], atol, rtol))
         failed = [n for n in names if not bool(v[n])]
-        rows.append(StepRow(i, groups, _argmax_agree(e[man.logits_output], r[man.logits_output]),
-                            not failed, failed))
+        rows.append(StepRow(i, groups, _argmax_agree(e[man.logits_output], r[man.logits_output]), not failed, failed))
     return bool(accuracy), rows

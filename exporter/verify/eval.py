@@ -17,6 +17,7 @@ together (rows of different lengths advance together, then the longer ones alone
 row's state is touched by another's tokens), then the target tokens stepped for the rows that still
 have one.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,9 @@ def read_lambada(path, limit: int | None = None) -> list[tuple[str, str]]:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as e:  # a JSON escape "\ud800" alone is no character
-                raise ExportError(f"{path}, line {n}: the text holds a lone surrogate ({text[e.start]!a}), "
-                                  "not a character") from None
+                raise ExportError(
+                    f"{path}, line {n}: the text holds a lone surrogate ({text[e.start]!a}), not a character"
+                ) from None
             if " " not in text.strip(" ") or text.endswith(" "):
                 raise ExportError(f"{path}, line {n}: the text has no last word after a space to predict")
             ctx, last = text.rsplit(" ", 1)
@@ -116,9 +118,9 @@ class ExportRunner:
         """log P(tokens[j] | tokens[:j]) for j >= 1, the text scored ``piece`` tokens at a time."""
         out, logits, state = [], None, None
         for s in range(0, len(tokens), piece):
-            part = np.asarray([tokens[s:s + piece]])
+            part = np.asarray([tokens[s : s + piece]])
             sc = self.s.score(part, state, start=1 if s == 0 else 0, logits=logits)
-            out.append(sc.logprobs[0, sc.start:])
+            out.append(sc.logprobs[0, sc.start :])
             logits, state = sc.logits, sc.state
         return np.concatenate(out)
 
@@ -140,7 +142,9 @@ class ReferenceRunner:
         outs = []
         with torch.no_grad():
             for s in range(0, tokens.shape[1], self.chunk):
-                lg, state = self.m.sequence(torch.from_numpy(np.ascontiguousarray(tokens[:, s:s + self.chunk])), state)
+                lg, state = self.m.sequence(
+                    torch.from_numpy(np.ascontiguousarray(tokens[:, s : s + self.chunk])), state
+                )
                 outs.append(lg.float().numpy())
         return np.concatenate(outs, 1), state
 
@@ -182,7 +186,7 @@ class ReferenceRunner:
 
         out, prev, state = [], None, self.m.new_state(1)
         for s in range(0, len(tokens), piece):
-            part = np.asarray([tokens[s:s + piece]], np.int64)
+            part = np.asarray([tokens[s : s + piece]], np.int64)
             lg, state = self._seq(part, state)
             lg = lg[0]
             if prev is not None:
@@ -190,7 +194,7 @@ class ReferenceRunner:
                 tgt = part[0]
             else:
                 tgt = part[0, 1:]
-            lp = log_softmax(lg[:len(tgt)])
+            lp = log_softmax(lg[: len(tgt)])
             out.append(lp[np.arange(len(tgt)), tgt])
             prev = lg[-1]
         return np.concatenate(out)
@@ -207,7 +211,7 @@ def score_targets(runner, items: list, batch: int = 16, progress=None) -> tuple[
     correct = np.ones(n, bool)
     order = sorted(range(n), key=lambda i: len(items[i][0]))  # similar lengths prefill together
     for b in range(0, n, batch):
-        ids = order[b:b + batch]
+        ids = order[b : b + batch]
         logits, state = runner.prefill([items[i][0] for i in ids])
         rows = list(range(len(ids)))  # positions in `ids` of the rows still in `logits`/`state`
         j = 0
@@ -243,8 +247,7 @@ def encode_lambada(encode, docs: list, pad: int | None) -> list:
 
 def lambada(runner, items: list, batch: int = 16, progress=None) -> TaskResult:
     total, correct = score_targets(runner, items, batch, progress)
-    return TaskResult("lambada", math.exp(-total.sum() / len(items)), float(correct.mean()), len(items), total,
-                      correct)
+    return TaskResult("lambada", math.exp(-total.sum() / len(items)), float(correct.mean()), len(items), total, correct)
 
 
 def perplexity(runner, tokens: list) -> TaskResult:
@@ -261,5 +264,7 @@ def check_tokens(items_or_tokens, vocab: int, what: str):
         flat = iter(items_or_tokens)
     bad = next((t for t in flat if not 0 <= t < vocab), None)
     if bad is not None:
-        raise RuntimeUserError(f"token id {bad} is outside the model's vocabulary [0, {vocab}) (wrong --pad-token, "
-                               "or an export whose tokenizer does not fit the model)")
+        raise RuntimeUserError(
+            f"token id {bad} is outside the model's vocabulary [0, {vocab}) (wrong --pad-token, "
+            "or an export whose tokenizer does not fit the model)"
+        )

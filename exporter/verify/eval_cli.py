@@ -1,4 +1,5 @@
 """``rwkv-export eval``: the click command (the work is in eval.py)."""
+
 from __future__ import annotations
 
 import json
@@ -32,17 +33,31 @@ def _format(man) -> str:
 
 @click.command("eval")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--task", type=click.Choice(["lambada", "perplexity"]), default="lambada", show_default=True,
-              help="lambada: last-word prediction as BlinkDL scores it (.jsonl of {\"text\": ...}); "
-                   "perplexity: every token of a UTF-8 text file.")
+@click.option(
+    "--task",
+    type=click.Choice(["lambada", "perplexity"]),
+    default="lambada",
+    show_default=True,
+    help='lambada: last-word prediction as BlinkDL scores it (.jsonl of {"text": ...}); '
+    "perplexity: every token of a UTF-8 text file.",
+)
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="The task's data file.")
-@click.option("--reference", type=click.Path(path_type=Path), default=None,
-              help="The checkpoint the export came from: scored too (PyTorch, float32), and the difference printed.")
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The checkpoint the export came from: scored too (PyTorch, float32), and the difference printed.",
+)
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N documents (lambada).")
 @click.option("--batch", type=click.IntRange(1, 4096), default=16, show_default=True, help="Documents per batch.")
-@click.option("--pad-token", "pad", default="0", show_default=True,
-              help="Token prepended to each context (lambada) or to the text (perplexity): 0 as in BlinkDL's "
-                   "scripts; 'none' for nothing.")
+@click.option(
+    "--pad-token",
+    "pad",
+    default="0",
+    show_default=True,
+    help="Token prepended to each context (lambada) or to the text (perplexity): 0 as in BlinkDL's "
+    "scripts; 'none' for nothing.",
+)
 @click.option("--threads", default=None, type=click.IntRange(1), help="onnxruntime intra-op threads.")
 @click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider(s), in order.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
@@ -74,8 +89,9 @@ def eval_command(model, task, data, reference, limit, batch, pad, threads, provi
     results = {}
     for name, path, runner in runners:
         if task == "lambada":
-            bar = tqdm(total=len(items), desc=f"lambada {name}", file=sys.stderr, disable=quiet, leave=False,
-                       unit="doc")
+            bar = tqdm(
+                total=len(items), desc=f"lambada {name}", file=sys.stderr, disable=quiet, leave=False, unit="doc"
+            )
             try:
                 r = ev.lambada(runner, items, batch, bar.update)
             finally:
@@ -84,8 +100,13 @@ def eval_command(model, task, data, reference, limit, batch, pad, threads, provi
             r = ev.perplexity(runner, tokens)
         results[name] = (path, r)
     if as_json:
-        out = {"task": task, "data": str(data), "items": what, "pad_token": pad,
-               **{n: {"path": p, "perplexity": r.perplexity, "accuracy": r.accuracy} for n, (p, r) in results.items()}}
+        out = {
+            "task": task,
+            "data": str(data),
+            "items": what,
+            "pad_token": pad,
+            **{n: {"path": p, "perplexity": r.perplexity, "accuracy": r.accuracy} for n, (p, r) in results.items()},
+        }
         click.echo(json.dumps(out, indent=1))
         return
     click.echo(f"{task}: {what} from {data}" + (f", token {pad} prepended" if pad is not None else ""))

@@ -1,5 +1,6 @@
 """What reduced precision costs: the exported model against the PyTorch reference (float32) on a
 held-out text, both stepping token by token with their own state (errors accumulate as in use)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,9 +39,9 @@ def compare_to_reference(onnx_path, checkpoint, max_tokens: int = 256) -> dict:
 
     s = rwkv_runtime.Session(onnx_path)
     try:
-        ids = s.encode(HELD_OUT_TEXT)[:max_tokens + 1]
+        ids = s.encode(HELD_OUT_TEXT)[: max_tokens + 1]
     except rwkv_runtime.RuntimeUserError:  # no tokenizer: the text's bytes stand in as token ids
-        ids = list(HELD_OUT_TEXT.encode("utf-8"))[:max_tokens + 1]
+        ids = list(HELD_OUT_TEXT.encode("utf-8"))[: max_tokens + 1]
     ids = [i for i in ids if i < s.vocab_size]
     ref = reference_model(checkpoint)
     ms, logits = None, []
@@ -55,7 +56,12 @@ def compare_to_reference(onnx_path, checkpoint, max_tokens: int = 256) -> dict:
     tgt = np.array(ids[1:])
     ce_ref = float(-_log_softmax(R)[np.arange(len(tgt)), tgt].mean())
     ce = float(-_log_softmax(M)[np.arange(len(tgt)), tgt].mean())
-    return {"tokens": len(tgt), "ce_reference": ce_ref, "ce_model": ce, "ce_change": (ce - ce_ref) / ce_ref,
-            "max_abs_logit_error": float(np.abs(R - M).max()),
-            "argmax_agreement": float((R.argmax(1) == M.argmax(1)).mean()),
-            "finite": bool(np.isfinite(M).all())}
+    return {
+        "tokens": len(tgt),
+        "ce_reference": ce_ref,
+        "ce_model": ce,
+        "ce_change": (ce - ce_ref) / ce_ref,
+        "max_abs_logit_error": float(np.abs(R - M).max()),
+        "argmax_agreement": float((R.argmax(1) == M.argmax(1)).mean()),
+        "finite": bool(np.isfinite(M).all()),
+    }

@@ -1,6 +1,7 @@
 """validate's report: the verdict and a compact summary first (per output group: largest errors, share of
 the tolerance used, worst and first bad step), the two per-step tables with ``--verbose``, and the
 ``polygraphy run`` line that repeats the teacher-forced check."""
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,10 @@ def _pct(x: float) -> str:
 def _step_table(rows: list, roll: Rollout, seq: bool, verdict_groups: list, state_groups: list) -> list:
     """One line per step: logits errors and argmax, the share of the tolerance used by the outputs
     that decide (``verdict_groups``), and the largest state error with the field it is in."""
-    head = (f"{'step':>5} {'positions' if seq else 'token':>9}  {'logits abs':>10} {'rel':>9} {'argmax':>7} "
-            f"{'tol used':>9}  {'state abs':>10}  worst field")
+    head = (
+        f"{'step':>5} {'positions' if seq else 'token':>9}  {'logits abs':>10} {'rel':>9} {'argmax':>7} "
+        f"{'tol used':>9}  {'state abs':>10}  worst field"
+    )
     lines = [head]
     for row in rows:
         lg = row.groups[roll_logits(row)]
@@ -40,9 +43,10 @@ def _step_table(rows: list, roll: Rollout, seq: bool, verdict_groups: list, stat
         agree = "same" if ok == n else f"{ok}/{n}"
         used = max(row.groups[g].used for g in verdict_groups)
         worst = max(state_groups, key=lambda g: row.groups[g].abs)
-        lines.append(f"{row.step:>5} {_token_label(roll, row.step, seq):>9}  {_g(lg.abs):>10} {_g(lg.rel):>9} "
-                     f"{agree:>7} {_pct(used):>9}  {_g(row.groups[worst].abs):>10}  {worst:<11}"
-                     + ("" if row.passed else "FAIL"))
+        lines.append(
+            f"{row.step:>5} {_token_label(roll, row.step, seq):>9}  {_g(lg.abs):>10} {_g(lg.rel):>9} "
+            f"{agree:>7} {_pct(used):>9}  {_g(row.groups[worst].abs):>10}  {worst:<11}" + ("" if row.passed else "FAIL")
+        )
     return _condense(lines)
 
 
@@ -83,8 +87,10 @@ def summary_table(tf_rows: list, fr_rows: list, groups: list, man) -> list:
             err = err.merge(e)
             if first is None and e.used > 1:
                 first = row.step
-        lines.append(f"{label:<22} {_g(err.abs):>10} {_g(err.rel):>9} {_pct(err.used):>9}  "
-                     f"{'-' if worst is None else worst:>10}  {'-' if first is None else first}")
+        lines.append(
+            f"{label:<22} {_g(err.abs):>10} {_g(err.rel):>9} {_pct(err.used):>9}  "
+            f"{'-' if worst is None else worst:>10}  {'-' if first is None else first}"
+        )
     return lines
 
 
@@ -96,8 +102,11 @@ def verdict(passed: bool, tf_bad, fr_bad, n_tf: int, n_fr: int, chunk: int | Non
         return f"PASS: {n_tf} teacher-forced and {n_fr} free-running steps{calls} within tolerance"
     if tf_bad is None and fr_bad is None:
         return "FAIL: Polygraphy's comparison failed, though no single step did"
-    parts = [f"{what} step {step}" for what, step in (("teacher-forced", tf_bad), ("free-running", fr_bad))
-             if step is not None]
+    parts = [
+        f"{what} step {step}"
+        for what, step in (("teacher-forced", tf_bad), ("free-running", fr_bad))
+        if step is not None
+    ]
     first = min(step for step in (tf_bad, fr_bad) if step is not None)
     return f"FAIL: the export differs from the reference; first bad step: {first} ({', '.join(parts)})"
 
@@ -119,8 +128,9 @@ def _short(names: list, n: int = 4) -> list:
     return names[:n] + ([f"{len(names) - n} more"] if len(names) > n else [])
 
 
-def polygraphy_command(target: Target, backend: str, save_inputs, save_outputs, atol, rtol, plugins=(),
-                       chunk: int = DEFAULT_CHUNK) -> str:
+def polygraphy_command(
+    target: Target, backend: str, save_inputs, save_outputs, atol, rtol, plugins=(), chunk: int = DEFAULT_CHUNK
+) -> str:
     """The ``polygraphy run`` line that repeats the teacher-forced check from the saved files."""
     tail = f"--load-inputs {save_inputs} --load-outputs {save_outputs} --atol {atol:g} --rtol {rtol:g}"
     if backend == "onnxruntime":

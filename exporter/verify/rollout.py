@@ -1,5 +1,6 @@
 """The rollout: the prompt continued greedily by the reference, the teacher-forced feeds (each call's
 tokens and the reference's state before them) and the free run (the export fed back its own state)."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -73,7 +74,7 @@ def make_rollout(ref, target: Target, ids: list, steps: int, chunk: int) -> Roll
         while len(ids) < steps:
             logits, st = ref.step(torch.tensor([ids[-1]]), st)
             ids.append(int(logits[0].argmax()))
-        pieces = [ids[i:i + chunk] for i in range(0, len(ids), chunk)] if seq else [[t] for t in ids]
+        pieces = [ids[i : i + chunk] for i in range(0, len(ids), chunk)] if seq else [[t] for t in ids]
         roll = Rollout(ids, n_prompt, pieces)
         st = _start_state(ref, target)
         for piece in pieces:

@@ -2,6 +2,7 @@
 the export (``backend_runner``: onnxruntime through ``OnnxrtRunner`` around our own session, or TensorRT
 through ``TrtRunner`` around the engine that ``targets.tensorrt.loader.EngineLoader`` -- the one engine
 loader, ``build-engine``'s too -- builds with validate's profile: batch 1, 1..chunk tokens per call)."""
+
 from __future__ import annotations
 
 import sys
@@ -29,9 +30,11 @@ def load_reference(checkpoint, manifest):
     got = (ck.version, cfg["n_layer"], cfg["n_embd"], cfg["vocab_size"])
     want = (manifest.architecture, manifest.n_layer, manifest.n_embd, manifest.vocab_size)
     if got != want:
-        raise ValidationError(f"--reference {Path(checkpoint).name} is {got[0]} with {got[1]} layers, n_embd {got[2]}, "
-                              f"vocab {got[3]}; the model is {want[0]} with {want[1]}, {want[2]}, {want[3]}: "
-                              "not its checkpoint")
+        raise ValidationError(
+            f"--reference {Path(checkpoint).name} is {got[0]} with {got[1]} layers, n_embd {got[2]}, "
+            f"vocab {got[3]}; the model is {want[0]} with {want[1]}, {want[2]}, {want[3]}: "
+            "not its checkpoint"
+        )
     return spec.Model.from_weights(ck.weights, cfg)
 
 
@@ -91,14 +94,17 @@ def _onnxrt_runner(target: Target):
     if target.is_engine:
         raise ValidationError(f"{target.path.name} is a TensorRT engine: use --backend tensorrt")
     if target.manifest.precision == "bf16":
-        raise ValidationError(f"{target.path.name} is a bfloat16 export: onnxruntime's CPU provider has no bfloat16 "
-                              "MatMul; validate it with --backend tensorrt")
+        raise ValidationError(
+            f"{target.path.name} is a bfloat16 export: onnxruntime's CPU provider has no bfloat16 "
+            "MatMul; validate it with --backend tensorrt"
+        )
     try:
         # our own session: plugin-mode graphs run as they are (their rwkv:: nodes are model-local functions)
         sess = ort.InferenceSession(str(target.path), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise ValidationError(f"{target.path.name}: onnxruntime could not load it ({str(e).splitlines()[0][:160]})") \
-            from None
+        raise ValidationError(
+            f"{target.path.name}: onnxruntime could not load it ({str(e).splitlines()[0][:160]})"
+        ) from None
     return OnnxrtRunner(sess, name=f"onnxrt-{target.path.name}")
 
 
@@ -106,8 +112,10 @@ def require_tensorrt():
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        raise BackendUnavailable("--backend tensorrt needs TensorRT's Python package: pip install tensorrt "
-                                 "(NVIDIA's wheels, with a CUDA GPU), or pip install 'rwkv-export[tensorrt]'") from None
+        raise BackendUnavailable(
+            "--backend tensorrt needs TensorRT's Python package: pip install tensorrt "
+            "(NVIDIA's wheels, with a CUDA GPU), or pip install 'rwkv-export[tensorrt]'"
+        ) from None
 
 
 def plugin_libraries(target: Target, plugins=()) -> list:
@@ -119,8 +127,10 @@ def plugin_libraries(target: Target, plugins=()) -> list:
 
         found = find_plugin()
         if found is None:
-            raise ValidationError(f"{target.path.name} is a plugin-mode export: pass --plugin with the TensorRT plugin "
-                                  "library (or build it, or set RWKV_TRT_PLUGIN)")
+            raise ValidationError(
+                f"{target.path.name} is a plugin-mode export: pass --plugin with the TensorRT plugin "
+                "library (or build it, or set RWKV_TRT_PLUGIN)"
+            )
         libs = [str(found)]
     for lib in libs:
         if not Path(lib).is_file():
@@ -148,6 +158,10 @@ def engine_bytes(target: Target, libs: list, chunk: int):
     loader = EngineLoader(libs, bool(ops), echo=lambda m: print(m, file=sys.stderr), dlopen=True)
     if target.is_engine:
         return target.path.read_bytes()
-    built = loader.build(target.path, target.manifest, Profile.for_validation(chunk),
-                         expect_plugins=loader.expects_plugin_layers(ops, target.path.name))
+    built = loader.build(
+        target.path,
+        target.manifest,
+        Profile.for_validation(chunk),
+        expect_plugins=loader.expects_plugin_layers(ops, target.path.name),
+    )
     return bytes(memoryview(built.serialized))

@@ -1,5 +1,6 @@
 """What ``validate`` checks: the model file, the manifest it carries (an engine's from its sidecar or its
 ONNX file), the tolerances by precision, and every file the check reads (none may be written)."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,13 @@ DEFAULT_CHUNK = 8
 # Default (atol, rtol) by what the export computes in. fp32, measured (ONNX Runtime CPU vs torch,
 # 256 tokens of the embedded RWKV-4): no output uses more than 1.6% of this tolerance. The others
 # catch a wrongly built graph; quantisation's quality cost is measured by `export --quantize`.
-DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (5e-2, 5e-2), "bf16": (0.25, 0.1),
-                      "int8": (0.5, 0.1), "int4": (2.0, 0.3)}
+DEFAULT_TOLERANCES = {
+    "fp32": (1e-4, 1e-3),
+    "fp16": (5e-2, 5e-2),
+    "bf16": (0.25, 0.1),
+    "int8": (0.5, 0.1),
+    "int4": (2.0, 0.3),
+}
 
 
 class ValidationError(RuntimeUserError):
@@ -58,8 +64,10 @@ def load_target(model, graph: str | None = None, onnx_path=None) -> Target:
         art = open_artifact(path) if own else None
         other = art.companion_path(graph) if art is not None else None
         if other is None:
-            raise ValidationError(f"{path.name} is a {man.graph} graph and its {graph} graph is not beside it "
-                                  f"(give that file as MODEL{'' if read is _read_onnx else ', with its --onnx'})")
+            raise ValidationError(
+                f"{path.name} is a {man.graph} graph and its {graph} graph is not beside it "
+                f"(give that file as MODEL{'' if read is _read_onnx else ', with its --onnx'})"
+            )
         art.companion(graph)  # same export id and state layout
         target = read(other, None)
     return target
@@ -92,8 +100,10 @@ def _read_engine(path: Path, onnx_path=None) -> Target:
             return Target(path, sidecar_path(path), art.manifest, art.tokenizer_json, art.initial_state(), found)
     src = Path(onnx_path) if onnx_path else path.with_suffix(".onnx")
     if not src.is_file():
-        raise ValidationError(f"{path.name} is a TensorRT engine with no {path.name}.json sidecar: pass --onnx with "
-                              f"the ONNX file it was built from, which holds the manifest (looked for {src.name})")
+        raise ValidationError(
+            f"{path.name} is a TensorRT engine with no {path.name}.json sidecar: pass --onnx with "
+            f"the ONNX file it was built from, which holds the manifest (looked for {src.name})"
+        )
     onnx_target = _read_onnx(src)
     return Target(path, src, onnx_target.manifest, onnx_target.tokenizer_json, onnx_target.initial)
 
@@ -150,5 +160,6 @@ def _save_atomically(dest, write, inputs=()) -> None:
     try:
         write_file(dest, lambda p: write(str(p)), inputs=inputs)
     except OSError as e:
-        raise ValidationError(f"{dest}: cannot write it ({e.strerror or type(e).__name__}); "
-                              "an existing file was left unchanged") from None
+        raise ValidationError(
+            f"{dest}: cannot write it ({e.strerror or type(e).__name__}); an existing file was left unchanged"
+        ) from None

@@ -12,15 +12,16 @@
 #endif
 
 #ifdef __cplusplus
-extern "C" {
+extern "C"
+{
 #endif
 
-//! Element type of a launcher's activations (and of a per-token decay, where it may differ).
-enum RwkvDType
-{
-    RWKV_DTYPE_FLOAT32 = 0,
-    RWKV_DTYPE_FLOAT16 = 1
-};
+    //! Element type of a launcher's activations (and of a per-token decay, where it may differ).
+    enum RwkvDType
+    {
+        RWKV_DTYPE_FLOAT32 = 0,
+        RWKV_DTYPE_FLOAT16 = 1
+    };
 
 #ifdef __cplusplus
 }

@@ -35,34 +35,34 @@ using Severity = nvinfer1::ILogger::Severity;
 
 //! The methods each op defines (its shape and type rules, enqueue); everything else of IPluginV3
 //! comes from PluginV3Base. Put in the op class's public section.
-#define RWKV_PLUGIN_OP_METHODS                                                                                     \
-    int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,                                 \
-        nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;                          \
-    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs,                                   \
-        nvinfer1::DimsExprs const* shapeInputs, int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs,               \
-        int32_t nbOutputs, nvinfer1::IExprBuilder& exprBuilder) noexcept override;                                 \
-    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs, \
-        int32_t nbOutputs) noexcept override;                                                                      \
-    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,                         \
-        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;                        \
-    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,                                  \
-        nvinfer1::PluginTensorDesc const* out, int32_t nbOutputs) noexcept override;                               \
-    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,     \
+#define RWKV_PLUGIN_OP_METHODS                                                                                         \
+    int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,                                     \
+        nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;                               \
+    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs,                                       \
+        nvinfer1::DimsExprs const* shapeInputs, int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs,                   \
+        int32_t nbOutputs, nvinfer1::IExprBuilder& exprBuilder) noexcept override;                                     \
+    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,      \
+        int32_t nbOutputs) noexcept override;                                                                          \
+    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,                             \
+        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;                            \
+    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,                                      \
+        nvinfer1::PluginTensorDesc const* out, int32_t nbOutputs) noexcept override;                                   \
+    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,         \
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override
 
 //! Name, version and namespace, for a plugin and its creator alike.
-#define RWKV_PLUGIN_IDENTITY(NAME, VERSION)                                                                        \
-    char const* getPluginName() const noexcept override                                                            \
-    {                                                                                                              \
-        return NAME;                                                                                               \
-    }                                                                                                              \
-    char const* getPluginVersion() const noexcept override                                                         \
-    {                                                                                                              \
-        return VERSION;                                                                                            \
-    }                                                                                                              \
-    char const* getPluginNamespace() const noexcept override                                                       \
-    {                                                                                                              \
-        return kPLUGIN_NAMESPACE;                                                                                  \
+#define RWKV_PLUGIN_IDENTITY(NAME, VERSION)                                                                            \
+    char const* getPluginName() const noexcept override                                                                \
+    {                                                                                                                  \
+        return NAME;                                                                                                   \
+    }                                                                                                                  \
+    char const* getPluginVersion() const noexcept override                                                             \
+    {                                                                                                                  \
+        return VERSION;                                                                                                \
+    }                                                                                                                  \
+    char const* getPluginNamespace() const noexcept override                                                           \
+    {                                                                                                                  \
+        return kPLUGIN_NAMESPACE;                                                                                      \
     }
 
 //! Version of what getFieldsToSerialize writes; createPlugin(kRUNTIME) rejects engines with another.
@@ -122,8 +122,8 @@ public:
 
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override
     {
-        mSerialField = nvinfer1::PluginField(
-            kFORMAT_VERSION_FIELD, &mFormatVersion, nvinfer1::PluginFieldType::kINT32, 1);
+        mSerialField =
+            nvinfer1::PluginField(kFORMAT_VERSION_FIELD, &mFormatVersion, nvinfer1::PluginFieldType::kINT32, 1);
         mSerialFields.nbFields = 1;
         mSerialFields.fields = &mSerialField;
         return &mSerialFields;
@@ -178,8 +178,8 @@ public:
         return &mFieldNames; // none: plugin_version/plugin_namespace are the parser's
     }
 
-    nvinfer1::IPluginV3* createPlugin(
-        char const* /*name*/, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override
+    nvinfer1::IPluginV3* createPlugin(char const* /*name*/, nvinfer1::PluginFieldCollection const* fc,
+        nvinfer1::TensorRTPhase phase) noexcept override
     {
         // Runtime phase: fc is what getFieldsToSerialize() wrote into the engine.
         if (!engineFormatMatches(fc, phase, kENGINE_FORMAT_VERSION, mName))

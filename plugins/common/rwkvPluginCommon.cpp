@@ -96,8 +96,8 @@ void formatDims(nvinfer1::Dims const& d, char* buf, size_t size) noexcept
     }
 }
 
-bool engineFormatMatches(nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase,
-    int32_t expected, char const* opName) noexcept
+bool engineFormatMatches(nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase, int32_t expected,
+    char const* opName) noexcept
 {
     if (phase != nvinfer1::TensorRTPhase::kRUNTIME || fc == nullptr)
     {

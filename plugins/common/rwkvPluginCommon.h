@@ -64,8 +64,8 @@ constexpr char const* kFORMAT_VERSION_FIELD{"format_version"};
 //! In createPlugin(): false (and logs why) when `fc` comes from an engine whose format_version
 //! field differs from `expected`. Build-phase collections (phase != kRUNTIME) always pass: the
 //! ONNX parser passes only fields named by getFieldNames(), i.e. none.
-bool engineFormatMatches(nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase,
-    int32_t expected, char const* opName) noexcept;
+bool engineFormatMatches(nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase, int32_t expected,
+    char const* opName) noexcept;
 
 //! "[2, -1, 64]" into buf (for messages).
 void formatDims(nvinfer1::Dims const& d, char* buf, size_t size) noexcept;

@@ -62,8 +62,8 @@ IPluginCreatorInterface* const* creators() noexcept
     static WkvHeadPluginCreator sWkv6Seq{WkvFamily::kWKV6, /*seq=*/true};
     static WkvHeadPluginCreator sWkv7{WkvFamily::kWKV7, /*seq=*/false};
     static WkvHeadPluginCreator sWkv7Seq{WkvFamily::kWKV7, /*seq=*/true};
-    static IPluginCreatorInterface* const sList[kNB_CREATORS]
-        = {&sWkv4, &sWkv4Seq, &sWkv5, &sWkv5Seq, &sWkv6, &sWkv6Seq, &sWkv7, &sWkv7Seq};
+    static IPluginCreatorInterface* const sList[kNB_CREATORS] = {
+        &sWkv4, &sWkv4Seq, &sWkv5, &sWkv5Seq, &sWkv6, &sWkv6Seq, &sWkv7, &sWkv7Seq};
     return sList;
 }
 
@@ -259,7 +259,9 @@ RWKV_EXPORT int32_t rwkvTrtRegisterPlugins()
 //! One line describing this build, for bug reports and tests.
 RWKV_EXPORT char const* rwkvTrtPluginInfo()
 {
-    return "librwkv_trt_plugins " RWKV_TRT_PLUGINS_VERSION "; TensorRT headers " RWKV_STR(NV_TENSORRT_MAJOR) "."
-        RWKV_STR(NV_TENSORRT_MINOR) "." RWKV_STR(NV_TENSORRT_PATCH) "; plugins rwkv::WKV4 v1, rwkv::WKV4Seq v1, "
-        "rwkv::WKV5 v1, rwkv::WKV5Seq v1, rwkv::WKV6 v1, rwkv::WKV6Seq v1, rwkv::WKV7 v1, rwkv::WKV7Seq v1";
+    return "librwkv_trt_plugins " RWKV_TRT_PLUGINS_VERSION
+           "; TensorRT headers " RWKV_STR(NV_TENSORRT_MAJOR) "." RWKV_STR(NV_TENSORRT_MINOR) "." RWKV_STR(
+               NV_TENSORRT_PATCH) "; plugins rwkv::WKV4 v1, rwkv::WKV4Seq v1, "
+                                  "rwkv::WKV5 v1, rwkv::WKV5Seq v1, rwkv::WKV6 v1, rwkv::WKV6Seq v1, rwkv::WKV7 v1, "
+                                  "rwkv::WKV7Seq v1";
 }

@@ -4,6 +4,7 @@ RWKV-5/6/7 CUDA kernels compiled to run on the CPU (the kernel emulator), option
 AddressSanitizer. Used by tests/tensorrt/test_plugins.py and plugins/tests/gpu_check.py (which put this
 folder on sys.path); not part of the rwkv_export package.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,7 +25,8 @@ def load_plugin_module():
         return plugin
     except ImportError:
         spec = importlib.util.spec_from_file_location(
-            "rwkv_trt_plugin", REPO / "exporter" / "targets" / "tensorrt" / "plugin.py")
+            "rwkv_trt_plugin", REPO / "exporter" / "targets" / "tensorrt" / "plugin.py"
+        )
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         return mod
@@ -38,7 +40,6 @@ def compiler(cxx: str | None = None) -> str:
     if cxx is None:
         raise tp.PluginBuildError("no C++ compiler found (set CXX)")
     return cxx
-
 
 
 def compile_host_reference(out_dir, cxx: str | None = None, family: str = "wkv4", warnings: bool = False) -> Path:
@@ -71,8 +72,21 @@ def compile_kernel_emulator(out_dir, cxx: str | None = None, sanitize: bool = Fa
     out = Path(out_dir) / ("librwkv_wkvhead_emulated_asan.so" if sanitize else "librwkv_wkvhead_emulated.so")
     out.parent.mkdir(parents=True, exist_ok=True)
     # -O0 for the sanitized build: a third of the compile time, and the cases it runs are small
-    cmd = [compiler(cxx), "-std=c++20", *(["-O0", "-g"] if sanitize else ["-O1"]), "-shared", "-fPIC",
-           "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror", "-isystem", inc, "-I", src / "wkvhead"]
+    cmd = [
+        compiler(cxx),
+        "-std=c++20",
+        *(["-O0", "-g"] if sanitize else ["-O1"]),
+        "-shared",
+        "-fPIC",
+        "-fvisibility=hidden",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-isystem",
+        inc,
+        "-I",
+        src / "wkvhead",
+    ]
     if sanitize:
         cmd += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
     tp._run(cmd + [src / "tests" / "wkvhead_emulator.cpp", "-o", out, "-lpthread"], "C++ compile (kernel emulator)")

@@ -36,6 +36,7 @@ without TensorRT). 2: nothing could run (no CUDA device). One JSON and one text 
 --report-dir (default build/gpu-check/). bf16 is not a kernel dtype: bf16 exports keep the WKV in
 float32 (exporter/arch/graph.py's precision policy), so the float32 rows cover them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,17 +97,33 @@ def wkv4_rows(lib, backend, rng):
     k, v, w, u, state = ref.random_case(rng, 2, 256, 768, np.float32, k_scale=8.0)
     got = ref.run_device(lib, backend, k, v, w, u, state)
     errs = ref.compare(got, k, v, w, u, state)
-    rows.append(("WKV4Seq", "float32", 2, 256, 768, errs,
-                 ref.within(errs, np.float32) and all(np.isfinite(g).all() for g in got), "k ~ N(0, 8)"))
+    rows.append(
+        (
+            "WKV4Seq",
+            "float32",
+            2,
+            256,
+            768,
+            errs,
+            ref.within(errs, np.float32) and all(np.isfinite(g).all() for g in got),
+            "k ~ N(0, 8)",
+        )
+    )
 
     print()
-    print(f"{'op':8} {'dtype':8} {'B':>2} {'T':>4} {'C':>4}  {'y vs f32':>9} {'state vs f32':>12} {'vs f64':>9}  result")
+    print(
+        f"{'op':8} {'dtype':8} {'B':>2} {'T':>4} {'C':>4}  {'y vs f32':>9} {'state vs f32':>12} {'vs f64':>9}  result"
+    )
     for op, dt, B, T, C, errs, ok, note in rows:
         e = lambda key: f"{errs[key]:.1e}" if key in errs else "-"  # noqa: E731
-        print(f"{op:8} {dt:8} {B:>2} {T:>4} {C:>4}  {e('y_vs_f32'):>9} {e('state_vs_f32'):>12} {e('vs_f64'):>9}  "
-              f"{'PASS' if ok else 'FAIL'} {note}")
-    print(f"\ntolerances (relative to max(1, |ref|)): y {ref.TOL_Y[np.dtype(np.float32)]:.0e} (f32) / "
-          f"{ref.TOL_Y[np.dtype(np.float16)]:.0e} (f16), state {ref.TOL_STATE:.0e}, vs float64 {ref.TOL_F64:.0e}")
+        print(
+            f"{op:8} {dt:8} {B:>2} {T:>4} {C:>4}  {e('y_vs_f32'):>9} {e('state_vs_f32'):>12} {e('vs_f64'):>9}  "
+            f"{'PASS' if ok else 'FAIL'} {note}"
+        )
+    print(
+        f"\ntolerances (relative to max(1, |ref|)): y {ref.TOL_Y[np.dtype(np.float32)]:.0e} (f32) / "
+        f"{ref.TOL_Y[np.dtype(np.float16)]:.0e} (f16), state {ref.TOL_STATE:.0e}, vs float64 {ref.TOL_F64:.0e}"
+    )
     return sum(not r[6] for r in rows)
 
 
@@ -128,8 +145,9 @@ def head_cases():
                     cases.append((op, dkey, B, T, 4, 64, ""))
         seq = op.endswith("Seq")
         for N, H in ((8, 8), (16, 4), (32, 2), (48, 2), (128, 1)):  # other register sizes + generic path
-            cases.append((op, "f32", 3, 7 if seq else 1, H, N, "register path" if N in href.REGISTER_SIZES
-                          else "generic path"))
+            cases.append(
+                (op, "f32", 3, 7 if seq else 1, H, N, "register path" if N in href.REGISTER_SIZES else "generic path")
+            )
         if seq:
             cases.append((op, "f16", 2, 256, 2, 64, "long sequence"))
             cases.append((op, "f32", 1, 64, 1, 256, "generic path, N=256"))
@@ -154,19 +172,37 @@ def head_special_rows(lib, backend, rng):
         # T = 0: the state is copied through.
         ins = href.random_case(rng, fam, 2, 0, 2, 64, np.float32)
         y, s = href.run_device(lib, backend, fam, ins)
-        rows.append((op, "f32", 2, 0, 2, 64, {}, y.shape == (2, 0, 2, 64) and np.array_equal(s, ins["state"]),
-                     "T=0: state passed through"))
+        rows.append(
+            (
+                op,
+                "f32",
+                2,
+                0,
+                2,
+                64,
+                {},
+                y.shape == (2, 0, 2, 64) and np.array_equal(s, ins["state"]),
+                "T=0: state passed through",
+            )
+        )
         # Outputs aliasing inputs: y over r, state_out over state.
         for N in (64, 48):
             ins = href.random_case(rng, fam, 2, 5, 2, N, np.float16)
             want = href.run_device(lib, backend, fam, ins)
             dev = {n: backend.to_device(ins[n]) for n in href.OPS[fam].inputs}
             rc = getattr(lib, f"rwkv{fam.capitalize()}Forward")(
-                backend.stream(), *href.size_args(fam, ins), *(dev[n][1] for n in href.OPS[fam].inputs),
-                dev["r"][1], dev["state"][1])
+                backend.stream(),
+                *href.size_args(fam, ins),
+                *(dev[n][1] for n in href.OPS[fam].inputs),
+                dev["r"][1],
+                dev["state"][1],
+            )
             backend.synchronize()
-            ok = rc == 0 and np.array_equal(backend.to_host(dev["r"][0]), want[0]) and \
-                np.array_equal(backend.to_host(dev["state"][0]), want[1])
+            ok = (
+                rc == 0
+                and np.array_equal(backend.to_host(dev["r"][0]), want[0])
+                and np.array_equal(backend.to_host(dev["state"][0]), want[1])
+            )
             rows.append((op, "f16", 2, 5, 2, N, {}, ok, "y aliases r, state_out aliases state"))
         # A state 4 bytes off 16-byte alignment: the scalar state loads/stores.
         ins = href.random_case(rng, fam, 2, 5, 2, 64, np.float32)
@@ -177,17 +213,20 @@ def head_special_rows(lib, backend, rng):
         dev = {n: backend.to_device(ins[n]) for n in href.OPS[fam].inputs if n != "state"}
         y = backend.empty(ins["r"].shape, np.float32)
         ptrs = [dev[n][1] if n != "state" else buf_in[1] + 4 for n in href.OPS[fam].inputs]
-        rc = getattr(lib, f"rwkv{fam.capitalize()}Forward")(backend.stream(), *href.size_args(fam, ins), *ptrs, y[1],
-                                                            buf_out[1] + 4)
+        rc = getattr(lib, f"rwkv{fam.capitalize()}Forward")(
+            backend.stream(), *href.size_args(fam, ins), *ptrs, y[1], buf_out[1] + 4
+        )
         backend.synchronize()
         s = backend.to_host(buf_out[0])[1:-1].reshape(ins["state"].shape)
         ok = rc == 0 and np.array_equal(backend.to_host(y[0]), want[0]) and np.array_equal(s, want[1])
         rows.append((op, "f32", 2, 5, 2, 64, {}, ok, "state misaligned by 4 bytes (same result)"))
     # Argument checks.
     ins = href.random_case(rng, "WKV7", 1, 1, 1, 64, np.float32)
-    bad = [lib.rwkvWkv7Forward(backend.stream(), 1, 1, 1, 2048, 0, 0, *([None] * 9)),   # N > 1024
-           lib.rwkvWkv7Forward(backend.stream(), 1, 1, 1, 64, 0, 1, *([None] * 9)),     # f16 w with f32 act
-           lib.rwkvWkv5Forward(backend.stream(), 1, 1, 1, 64, 2, *([None] * 8))]        # bad dtype
+    bad = [
+        lib.rwkvWkv7Forward(backend.stream(), 1, 1, 1, 2048, 0, 0, *([None] * 9)),  # N > 1024
+        lib.rwkvWkv7Forward(backend.stream(), 1, 1, 1, 64, 0, 1, *([None] * 9)),  # f16 w with f32 act
+        lib.rwkvWkv5Forward(backend.stream(), 1, 1, 1, 64, 2, *([None] * 8)),
+    ]  # bad dtype
     rows.append(("WKV*", "-", 1, 1, 1, 64, {}, all(rc == 1 for rc in bad), "invalid arguments: cudaErrorInvalidValue"))
     return rows
 
@@ -206,14 +245,20 @@ def head_section(lib, backend, rng, timings):
         rows.append(("WKV*", "-", 0, 0, 0, 0, {}, False, f"special cases: {type(e).__name__}: {e}"))
 
     print()
-    print(f"{'op':8} {'dtype':8} {'B':>2} {'T':>4} {'H':>2} {'N':>4}  {'y vs f32':>9} {'state vs f32':>12} "
-          f"{'vs f64':>9}  result")
+    print(
+        f"{'op':8} {'dtype':8} {'B':>2} {'T':>4} {'H':>2} {'N':>4}  {'y vs f32':>9} {'state vs f32':>12} "
+        f"{'vs f64':>9}  result"
+    )
     for op, dt, B, T, H, N, errs, ok, note in rows:
         e = lambda key: f"{errs[key]:.1e}" if key in errs else "-"  # noqa: E731
-        print(f"{op:8} {dt:8} {B:>2} {T:>4} {H:>2} {N:>4}  {e('y_vs_f32'):>9} {e('state_vs_f32'):>12} "
-              f"{e('vs_f64'):>9}  {'PASS' if ok else 'FAIL'} {note}")
-    print(f"\ntolerances (relative to max(1, max |ref|) of each tensor): y {href.TOL_Y[href.F32]:.0e} (f32) / "
-          f"{href.TOL_Y[href.F16]:.0e} (f16), state {href.TOL_STATE:.0e}, vs float64 {href.TOL_F64:.0e}")
+        print(
+            f"{op:8} {dt:8} {B:>2} {T:>4} {H:>2} {N:>4}  {e('y_vs_f32'):>9} {e('state_vs_f32'):>12} "
+            f"{e('vs_f64'):>9}  {'PASS' if ok else 'FAIL'} {note}"
+        )
+    print(
+        f"\ntolerances (relative to max(1, max |ref|) of each tensor): y {href.TOL_Y[href.F32]:.0e} (f32) / "
+        f"{href.TOL_Y[href.F16]:.0e} (f16), state {href.TOL_STATE:.0e}, vs float64 {href.TOL_F64:.0e}"
+    )
 
     if timings:
         # Informational timings (wall clock around launch + synchronize), float16 activations.
@@ -230,14 +275,25 @@ def head_section(lib, backend, rng, timings):
                     f(backend.stream(), *ints, *(p for _, p in dev), y[1], s[1])
                     backend.synchronize()
 
-                print(f"timing {fam} f16 B={B} T={T} H={H} N={N}: {time_call(call, reps=20):.1f} us per call "
-                      "(launch + sync)")
+                print(
+                    f"timing {fam} f16 B={B} T={T} H={H} N={N}: {time_call(call, reps=20):.1f} us per call "
+                    "(launch + sync)"
+                )
     return sum(not r[7] for r in rows)
 
 
 # -- the report -----------------------------------------------------------------------------------------
-CHECKS = ("compile", "wkv4-kernels", "wkvhead-kernels", "kernel-bandwidth", "cuda-core-memory", "cuda-core-graph",
-          "cuda-core-threads", "plugin-enqueue", "tensorrt-engines")
+CHECKS = (
+    "compile",
+    "wkv4-kernels",
+    "wkvhead-kernels",
+    "kernel-bandwidth",
+    "cuda-core-memory",
+    "cuda-core-graph",
+    "cuda-core-threads",
+    "plugin-enqueue",
+    "tensorrt-engines",
+)
 
 
 class Report:
@@ -264,7 +320,10 @@ class Report:
         try:
             status, detail = fn(*args)
         except Exception as e:  # noqa: BLE001 - one line per failed check; the run goes on
-            status, detail = "FAILED", f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            status, detail = (
+                "FAILED",
+                f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+            )
         self.verdict(name, status, detail)
         return status
 
@@ -274,10 +333,17 @@ class Report:
 
     def write(self, out_dir: Path, meta: dict, code: int | None = None):
         out_dir.mkdir(parents=True, exist_ok=True)
-        summary = {st: sorted(n for n, c in self.checks.items() if c["status"] == st)
-                   for st in ("PASSED", "FAILED", "SKIPPED", "NOT REQUESTED")}
-        doc = {"meta": meta, "checks": self.checks, "summary": summary, "data": self.data,
-               "exit_code": self.exit_code() if code is None else code}
+        summary = {
+            st: sorted(n for n, c in self.checks.items() if c["status"] == st)
+            for st in ("PASSED", "FAILED", "SKIPPED", "NOT REQUESTED")
+        }
+        doc = {
+            "meta": meta,
+            "checks": self.checks,
+            "summary": summary,
+            "data": self.data,
+            "exit_code": self.exit_code() if code is None else code,
+        }
         (out_dir / "gpu_check.json").write_text(json.dumps(doc, indent=1, default=str))
         (out_dir / "gpu_check.txt").write_text(self.text.getvalue())
 
@@ -366,8 +432,11 @@ class CudaCoreChecks:
             fails.append("a held set was handed out again")
         del prev, held
         pool.close()
-        return ("FAILED", "; ".join(fails)) if fails else (
-            "PASSED", "copies (pageable, pinned, odd sizes, offset 256) and the double-buffered state-set pool")
+        return (
+            ("FAILED", "; ".join(fails))
+            if fails
+            else ("PASSED", "copies (pageable, pinned, odd sizes, offset 256) and the double-buffered state-set pool")
+        )
 
     def graph_check(self):
         if self.cuda is None:
@@ -391,7 +460,10 @@ class CudaCoreChecks:
                 cuda.sync()
                 if not np.array_equal(pin_out.view((n,), np.float32), x):
                     return "FAILED", "a replayed graph returned stale data"
-            return "PASSED", "GraphBuilder capture (pinned in, device copy, pinned out) replays with new data, 3 launches"
+            return (
+                "PASSED",
+                "GraphBuilder capture (pinned in, device copy, pinned out) replays with new data, 3 launches",
+            )
         finally:
             if graph is not None:
                 graph.close()
@@ -485,8 +557,10 @@ BANDWIDTH_REPS = 30
 def bandwidth_check(report, lib, hlib, backend, rng):
     ceiling = copy_ceiling(backend)
     peak = theoretical_bandwidth()
-    report.say(f"\nbandwidth ceiling (device-to-device copy, same run): {ceiling:.0f} GB/s"
-               + (f"; theoretical HBM {peak:.0f} GB/s" if peak else "; theoretical HBM: unknown (needs CuPy)"))
+    report.say(
+        f"\nbandwidth ceiling (device-to-device copy, same run): {ceiling:.0f} GB/s"
+        + (f"; theoretical HBM {peak:.0f} GB/s" if peak else "; theoretical HBM: unknown (needs CuPy)")
+    )
     rows = []
 
     def timed(fn, reps=BANDWIDTH_REPS):
@@ -505,8 +579,11 @@ def bandwidth_check(report, lib, hlib, backend, rng):
         outs = [backend.empty((B, C), np.float32) for _ in range(3)]
         code = 0 if dt == np.float32 else 1
         nbytes = sum(a.nbytes for a in (k, v, w, u, *state)) + k.nbytes + 3 * B * C * 4
-        sec = timed(lambda: lib.rwkvWkv4Forward(backend.stream(), B, T, C, code, *(p for _, p in ins), y[1],
-                                                *(p for _, p in outs)))
+        sec = timed(
+            lambda: lib.rwkvWkv4Forward(
+                backend.stream(), B, T, C, code, *(p for _, p in ins), y[1], *(p for _, p in outs)
+            )
+        )
         rows.append(("WKV4" + ("Seq" if T > 1 else ""), np.dtype(dt).name, B, T, f"C={C}", nbytes, sec))
     for fam in href.OPS:
         for B, T, H, N, dt in HEAD_BANDWIDTH_CASES:
@@ -519,15 +596,31 @@ def bandwidth_check(report, lib, hlib, backend, rng):
             nbytes = sum(a.nbytes for a in ins.values()) + ins["r"].nbytes + ins["state"].nbytes
             sec = timed(lambda: f(backend.stream(), *ints, *(p for _, p in dev), yb[1], sb[1]))
             rows.append((fam + ("Seq" if T > 1 else ""), np.dtype(dt).name, B, T, f"H={H} N={N}", nbytes, sec))
-    report.say(f"{'op':8} {'dtype':8} {'B':>3} {'T':>4} {'shape':>11} {'MB/call':>8} {'us/call':>8} {'GB/s':>7} "
-               f"{'of copy':>7} {'of HBM':>7}")
+    report.say(
+        f"{'op':8} {'dtype':8} {'B':>3} {'T':>4} {'shape':>11} {'MB/call':>8} {'us/call':>8} {'GB/s':>7} "
+        f"{'of copy':>7} {'of HBM':>7}"
+    )
     data = []
     for op, dt, B, T, shape, nbytes, sec in rows:
         gbs = nbytes / sec / 1e9
-        report.say(f"{op:8} {dt:8} {B:>3} {T:>4} {shape:>11} {nbytes / 1e6:>8.1f} {sec * 1e6:>8.1f} {gbs:>7.0f} "
-                   f"{gbs / ceiling:>7.2f} {(f'{gbs / peak:.2f}' if peak else '-'):>7}")
-        data.append({"op": op, "dtype": dt, "B": B, "T": T, "shape": shape, "bytes": nbytes, "seconds": sec,
-                     "GBps": gbs, "of_copy_ceiling": gbs / ceiling, "of_theoretical": gbs / peak if peak else None})
+        report.say(
+            f"{op:8} {dt:8} {B:>3} {T:>4} {shape:>11} {nbytes / 1e6:>8.1f} {sec * 1e6:>8.1f} {gbs:>7.0f} "
+            f"{gbs / ceiling:>7.2f} {(f'{gbs / peak:.2f}' if peak else '-'):>7}"
+        )
+        data.append(
+            {
+                "op": op,
+                "dtype": dt,
+                "B": B,
+                "T": T,
+                "shape": shape,
+                "bytes": nbytes,
+                "seconds": sec,
+                "GBps": gbs,
+                "of_copy_ceiling": gbs / ceiling,
+                "of_theoretical": gbs / peak if peak else None,
+            }
+        )
     report.data["bandwidth"] = {"copy_ceiling_GBps": ceiling, "theoretical_GBps": peak, "rows": data}
     best = max(d["of_copy_ceiling"] for d in data)
     return "PASSED", f"{len(data)} kernels timed; best {best:.2f} of the copy ceiling ({ceiling:.0f} GB/s)"
@@ -555,10 +648,25 @@ def real_tensorrt_check(report, plugin=None):
     onnxruntime: tests/tensorrt/test_tensorrt.py's device tests."""
     if importlib.util.find_spec("tensorrt") is None:
         return "SKIPPED", "tensorrt is not installed"
-    r = subprocess.run([sys.executable, "-m", "pytest", str(REPO / "tests" / "tensorrt" / "test_tensorrt.py"), "-q",
-                        "-rs", "-p", "no:cacheprovider", "-k", "blinkdl or batch_3"], cwd=REPO, capture_output=True,
-                       text=True, timeout=900,
-                       env={**os.environ, **({"RWKV_TRT_PLUGIN": str(plugin)} if plugin else {})})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(REPO / "tests" / "tensorrt" / "test_tensorrt.py"),
+            "-q",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "blinkdl or batch_3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **({"RWKV_TRT_PLUGIN": str(plugin)} if plugin else {})},
+    )
     report.say((r.stdout + r.stderr)[-3000:])
     if r.returncode != 0:
         return "FAILED", f"pytest exited {r.returncode}"
@@ -575,11 +683,17 @@ def main(argv=None):
     ap.add_argument("--out-dir", type=Path, help="where to compile (default: a temporary directory)")
     ap.add_argument("--trt-include", type=Path, help="TensorRT include dir (default: $TENSORRT_INCLUDE_DIR)")
     ap.add_argument("--skip", default="", help=f"checks not to ask for, comma-separated, of: {', '.join(CHECKS)}")
-    ap.add_argument("--report-dir", type=Path, default=REPO / "build" / "gpu-check",
-                    help="where gpu_check.json and gpu_check.txt go (default: build/gpu-check)")
-    ap.add_argument("--emulate", action="store_true",
-                    help="no GPU: run the WKV5/6/7 kernels on the CPU (wkvhead_emulator.cpp); skips WKV4 and the "
-                         "plugin")
+    ap.add_argument(
+        "--report-dir",
+        type=Path,
+        default=REPO / "build" / "gpu-check",
+        help="where gpu_check.json and gpu_check.txt go (default: build/gpu-check)",
+    )
+    ap.add_argument(
+        "--emulate",
+        action="store_true",
+        help="no GPU: run the WKV5/6/7 kernels on the CPU (wkvhead_emulator.cpp); skips WKV4 and the plugin",
+    )
     args = ap.parse_args(argv)
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
     unknown = skip - set(CHECKS)
@@ -608,8 +722,12 @@ def main(argv=None):
 
 
 def _run_checks(args, report, rng, tp, out_dir, t_start):
-    meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(), "python": sys.version.split()[0],
-            "argv": sys.argv[1:]}
+    meta = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": platform.node(),
+        "python": sys.version.split()[0],
+        "argv": sys.argv[1:],
+    }
     backend, reason = ref.cuda_backend()
     if backend is None:
         print(f"gpu_check: cannot run: {reason}")
@@ -628,8 +746,11 @@ def _run_checks(args, report, rng, tp, out_dir, t_start):
             libs["wkv4"], libs["head"] = args.lib, args.head_lib
             return "PASSED", "prebuilt libraries given"
         if tp.find_nvcc() is None:
-            return "FAILED", "nvcc not found (set CUDACXX or CUDA_HOME, or put the CUDA toolkit on PATH), or pass " \
-                             "--lib and --head-lib"
+            return (
+                "FAILED",
+                "nvcc not found (set CUDACXX or CUDA_HOME, or put the CUDA toolkit on PATH), or pass "
+                "--lib and --head-lib",
+            )
         t0 = time.perf_counter()
         libs["wkv4"] = args.lib or tp.compile_kernels_only(out_dir, cuda_architectures=arch)
         libs["head"] = args.head_lib or tp.compile_kernels(out_dir, "wkvhead", cuda_architectures=arch)
@@ -651,13 +772,18 @@ def _run_checks(args, report, rng, tp, out_dir, t_start):
         if hlib is None:
             return no_lib
         failed = head_section(hlib, backend, rng, timings=False)
-        return ("FAILED", f"{failed} rows failed") if failed else (
-            "PASSED", "every WKV5/6/7 (+Seq) row within tolerance, f32/f16/f16-with-f32-w, head sizes 8-256")
+        return (
+            ("FAILED", f"{failed} rows failed")
+            if failed
+            else ("PASSED", "every WKV5/6/7 (+Seq) row within tolerance, f32/f16/f16-with-f32-w, head sizes 8-256")
+        )
 
     report.run("wkv4-kernels", wkv4_check)
     report.run("wkvhead-kernels", head_check)
-    report.run("kernel-bandwidth", lambda: no_lib if lib is None or hlib is None else
-               bandwidth_check(report, lib, hlib, backend, rng))
+    report.run(
+        "kernel-bandwidth",
+        lambda: no_lib if lib is None or hlib is None else bandwidth_check(report, lib, hlib, backend, rng),
+    )
 
     cc = CudaCoreChecks(report, rng)
     report.run("cuda-core-memory", cc.memory_check)
@@ -680,8 +806,10 @@ def _run_checks(args, report, rng, tp, out_dir, t_start):
     if code == 0:
         report.say(f"\nALL PASSED ({len(report.checks)} checks, {meta['seconds']} s)")
     else:
-        report.say(f"\nNOT ALL PASSED: {len(failed)} failed ({', '.join(failed) or '-'}), {len(not_run)} asked for "
-                   f"but not run ({', '.join(not_run) or '-'}; --skip them if that is expected) [{meta['seconds']} s]")
+        report.say(
+            f"\nNOT ALL PASSED: {len(failed)} failed ({', '.join(failed) or '-'}), {len(not_run)} asked for "
+            f"but not run ({', '.join(not_run) or '-'}; --skip them if that is expected) [{meta['seconds']} s]"
+        )
     report.write(args.report_dir, meta)
     report.say(f"reports: {args.report_dir / 'gpu_check.json'}, {args.report_dir / 'gpu_check.txt'}")
     return code

@@ -1,6 +1,7 @@
 """Builds the TensorRT-free test harness: librwkv_trt_plugins.so (CMake), the stand-in
 libnvinfer.so.<major> (mock_nvinfer.cpp) and the C++ driver (mock_trt_check.cpp). Used by
 tests/tensorrt/test_plugins.py and gpu_check.py. Needs TensorRT headers, nvcc, cmake and a C++ compiler."""
+
 from __future__ import annotations
 
 import os
@@ -59,16 +60,53 @@ def build_harness(tp, include, out_dir, cuda_architectures=80) -> dict:
     mock_dir = out / "mock"
     mock_dir.mkdir(parents=True, exist_ok=True)
     mock = mock_dir / f"libnvinfer.so.{major}"
-    common = [cxx, "-std=c++17", "-O1", "-Wno-deprecated-declarations", "-isystem", str(include),
-              "-isystem", str(cuda_inc), "-I", str(PLUGINS / "wkv4"), "-I", str(PLUGINS / "wkvhead")]
+    common = [
+        cxx,
+        "-std=c++17",
+        "-O1",
+        "-Wno-deprecated-declarations",
+        "-isystem",
+        str(include),
+        "-isystem",
+        str(cuda_inc),
+        "-I",
+        str(PLUGINS / "wkv4"),
+        "-I",
+        str(PLUGINS / "wkvhead"),
+    ]
     for cmd in (
-        [*common, "-shared", "-fPIC", "-DTENSORRT_BUILD_LIB", f"-Wl,-soname,{mock.name}",
-         str(HERE / "mock_nvinfer.cpp"), "-o", str(mock), "-ldl"],
-        [*common, str(HERE / "mock_trt_check.cpp"), str(mock), f"-Wl,-rpath,{mock_dir}", str(cudart),
-         "-lpthread", "-lrt", "-ldl", "-o", str(mock_dir / "mock_trt_check")],
+        [
+            *common,
+            "-shared",
+            "-fPIC",
+            "-DTENSORRT_BUILD_LIB",
+            f"-Wl,-soname,{mock.name}",
+            str(HERE / "mock_nvinfer.cpp"),
+            "-o",
+            str(mock),
+            "-ldl",
+        ],
+        [
+            *common,
+            str(HERE / "mock_trt_check.cpp"),
+            str(mock),
+            f"-Wl,-rpath,{mock_dir}",
+            str(cudart),
+            "-lpthread",
+            "-lrt",
+            "-ldl",
+            "-o",
+            str(mock_dir / "mock_trt_check"),
+        ],
     ):
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"compile failed: {' '.join(cmd)}\n{r.stdout}{r.stderr}")
-    return {"plugin": plugin, "autoregister": autoregister, "copy": copy, "mock": mock,
-            "driver": mock_dir / "mock_trt_check", "major": major}
+    return {
+        "plugin": plugin,
+        "autoregister": autoregister,
+        "copy": copy,
+        "mock": mock,
+        "driver": mock_dir / "mock_trt_check",
+        "major": major,
+    }

@@ -12,8 +12,8 @@ Scenarios:
   version-mismatch    mock reports another major version (MOCK_TRT_VERSION): nothing registered
 Prints one line per check; exit status 1 on failure.
 """
+
 import ctypes
-import os
 import sys
 
 failures = 0
@@ -50,10 +50,14 @@ def main(scenario, mock_path, plugin_path, autoregister_path):
     if scenario == "trt-first":
         m = load_mock(mock_path)
         ctypes.CDLL(autoregister_path)
-        check(m.mockCreatorCount() == NB,
-              f"autoregister library found the already-loaded TensorRT by soname and registered {NB} creators")
-        check(all(m.mockHasCreator(op, b"1", b"rwkv") == 1 for op in OPS),
-              "rwkv::WKV4/5/6/7 and their Seq forms, version 1")
+        check(
+            m.mockCreatorCount() == NB,
+            f"autoregister library found the already-loaded TensorRT by soname and registered {NB} creators",
+        )
+        check(
+            all(m.mockHasCreator(op, b"1", b"rwkv") == 1 for op in OPS),
+            "rwkv::WKV4/5/6/7 and their Seq forms, version 1",
+        )
         p = ctypes.CDLL(plugin_path)
         p.rwkvTrtRegisterPlugins.restype = ctypes.c_int32
         check(p.rwkvTrtRegisterPlugins() == NB and m.mockCreatorCount() == NB, "rwkvTrtRegisterPlugins() is idempotent")
@@ -66,8 +70,10 @@ def main(scenario, mock_path, plugin_path, autoregister_path):
         check(p.rwkvTrtRegisterPlugins() == -1, "rwkvTrtRegisterPlugins() returns -1 while no TensorRT is loaded")
         m = load_mock(mock_path)
         check(m.mockCreatorCount() == 0, "nothing registered before TensorRT was loaded")
-        check(p.rwkvTrtRegisterPlugins() == NB and m.mockCreatorCount() == NB,
-              "rwkvTrtRegisterPlugins() registers all once TensorRT is loaded")
+        check(
+            p.rwkvTrtRegisterPlugins() == NB and m.mockCreatorCount() == NB,
+            "rwkvTrtRegisterPlugins() registers all once TensorRT is loaded",
+        )
         check(len(loaded("libnvinfer")) == 1, "exactly one TensorRT in the process")
     elif scenario == "loadlibrary":
         m = load_mock(mock_path)

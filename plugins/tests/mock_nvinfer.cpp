@@ -122,8 +122,8 @@ public:
         return true;
     }
 
-    IPluginCreatorInterface* getCreator(AsciiChar const* const name, AsciiChar const* const version,
-        AsciiChar const* const ns) noexcept override
+    IPluginCreatorInterface* getCreator(
+        AsciiChar const* const name, AsciiChar const* const version, AsciiChar const* const ns) noexcept override
     {
         RegistryCall call(mMutex, "getCreator");
         IPluginCreatorInterface* c = peek(name, version, ns);
@@ -153,7 +153,7 @@ public:
             gLogger.log(ILogger::Severity::kERROR, dlerror());
             return nullptr;
         }
-        using GetCreators = IPluginCreatorInterface* const* (*) (int32_t&);
+        using GetCreators = IPluginCreatorInterface* const* (*)(int32_t&);
         using SetLoggerFinder = void (*)(ILoggerFinder*);
         auto getCreators = reinterpret_cast<GetCreators>(dlsym(h, "getCreators"));
         if (getCreators == nullptr)
@@ -173,8 +173,7 @@ public:
             std::string key;
             if (!creatorKey(*list[i], key) || find(key) >= 0)
             {
-                std::string const name
-                    = std::strcmp(list[i]->getInterfaceInfo().kind, "PLUGIN CREATOR_V3ONE") == 0
+                std::string const name = std::strcmp(list[i]->getInterfaceInfo().kind, "PLUGIN CREATOR_V3ONE") == 0
                     ? static_cast<IPluginCreatorV3One*>(list[i])->getPluginName()
                     : key;
                 gLogger.log(ILogger::Severity::kERROR,
@@ -245,7 +244,9 @@ public:
     {
         return true;
     }
-    void setParentSearchEnabled(bool const) override {}
+    void setParentSearchEnabled(bool const) override
+    {
+    }
     IPluginResource* acquirePluginResource(AsciiChar const*, IPluginResource*) noexcept override
     {
         return nullptr;
@@ -271,7 +272,8 @@ public:
         *n = 0;
         return nullptr;
     }
-    IPluginCreator* getPluginCreator(AsciiChar const* const, AsciiChar const* const, AsciiChar const* const) noexcept override
+    IPluginCreator* getPluginCreator(
+        AsciiChar const* const, AsciiChar const* const, AsciiChar const* const) noexcept override
     {
         return nullptr;
     }

@@ -270,11 +270,11 @@ void finishChecks(char const* name, Made& m)
 {
     std::string const tag = std::string(name) + ": ";
     auto msg = [&](char const* s) { return (tag + s); };
-    auto nameOf = [](IPluginV3* q) {
-        return static_cast<IPluginV3OneCore*>(q->getCapabilityInterface(PluginCapabilityType::kCORE))->getPluginName();
-    };
+    auto nameOf = [](IPluginV3* q)
+    { return static_cast<IPluginV3OneCore*>(q->getCapabilityInterface(PluginCapabilityType::kCORE))->getPluginName(); };
     PluginFieldCollection const* fields = m.runtime->getFieldsToSerialize();
-    bool fieldsOk = fields != nullptr && fields->nbFields == 1 && std::strcmp(fields->fields[0].name, "format_version") == 0
+    bool fieldsOk = fields != nullptr && fields->nbFields == 1
+        && std::strcmp(fields->fields[0].name, "format_version") == 0
         && fields->fields[0].type == PluginFieldType::kINT32 && fields->fields[0].length == 1
         && *static_cast<int32_t const*>(fields->fields[0].data) == 1;
     check(fieldsOk, msg("getFieldsToSerialize: format_version = 1").c_str());
@@ -294,9 +294,9 @@ void finishChecks(char const* name, Made& m)
     if (cl)
     {
         // The clone's serialization fields must point into the clone, not the original.
-        PluginFieldCollection const* cf
-            = static_cast<IPluginV3OneRuntime*>(cl->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
-                  ->getFieldsToSerialize();
+        PluginFieldCollection const* cf =
+            static_cast<IPluginV3OneRuntime*>(cl->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
+                ->getFieldsToSerialize();
         check(cf != fields && cf->fields[0].data != fields->fields[0].data, msg("clone owns its fields").c_str());
     }
     delete cl;
@@ -373,7 +373,8 @@ void exercise(char const* name, bool seq)
         wrongRank[i] = ins[i];
     }
     wrongRank[0].nbDims = seq ? 2 : 3;
-    check(build->getOutputShapes(wrongRank, 7, nullptr, 0, outs, 4, eb) != 0, msg("getOutputShapes: wrong rank of k rejected").c_str());
+    check(build->getOutputShapes(wrongRank, 7, nullptr, 0, outs, 4, eb) != 0,
+        msg("getOutputShapes: wrong rank of k rejected").c_str());
 
     // Format/type combinations, queried in order as TensorRT does.
     Dims dims[7];
@@ -394,19 +395,23 @@ void exercise(char const* name, bool seq)
     }
     check(sfc, msg("supportsFormatCombination: all f32, linear").c_str());
     dyn[1].desc.type = h; // v differs from k
-    check(!build->supportsFormatCombination(1, dyn, 7, 4), msg("supportsFormatCombination: v type != k rejected").c_str());
+    check(!build->supportsFormatCombination(1, dyn, 7, 4),
+        msg("supportsFormatCombination: v type != k rejected").c_str());
     dyn[1].desc.type = f;
     dyn[7].desc.type = h; // y differs from k
-    check(!build->supportsFormatCombination(7, dyn, 7, 4), msg("supportsFormatCombination: y type != k rejected").c_str());
+    check(!build->supportsFormatCombination(7, dyn, 7, 4),
+        msg("supportsFormatCombination: y type != k rejected").c_str());
     dyn[7].desc.type = f;
     dyn[4].desc.type = h;
-    check(!build->supportsFormatCombination(4, dyn, 7, 4), msg("supportsFormatCombination: f16 state rejected").c_str());
+    check(
+        !build->supportsFormatCombination(4, dyn, 7, 4), msg("supportsFormatCombination: f16 state rejected").c_str());
     dyn[4].desc.type = f;
     dyn[0].desc.type = DataType::kINT8;
     check(!build->supportsFormatCombination(0, dyn, 7, 4), msg("supportsFormatCombination: int8 k rejected").c_str());
     dyn[0].desc.type = f;
     dyn[2].desc.format = TensorFormat::kCHW32;
-    check(!build->supportsFormatCombination(2, dyn, 7, 4), msg("supportsFormatCombination: non-linear rejected").c_str());
+    check(
+        !build->supportsFormatCombination(2, dyn, 7, 4), msg("supportsFormatCombination: non-linear rejected").c_str());
     dyn[2].desc.format = TensorFormat::kLINEAR;
 
     check(build->configurePlugin(dyn, 7, dyn + 7, 4) == 0, msg("configurePlugin: dynamic B/T accepted").c_str());
@@ -428,13 +433,16 @@ void exercise(char const* name, bool seq)
     // enqueue: validation before any CUDA call; an empty batch returns before launching.
     void const* inPtrs[7] = {};
     void* outPtrs[4] = {};
-    check(rt->enqueue(desc, desc + 7, inPtrs, outPtrs, nullptr, nullptr) != 0, msg("enqueue: bad shapes rejected").c_str());
+    check(rt->enqueue(desc, desc + 7, inPtrs, outPtrs, nullptr, nullptr) != 0,
+        msg("enqueue: bad shapes rejected").c_str());
     Dims empty0[7];
     inputDims(seq, 0, 5, 64, empty0);
     fillDescs(empty0, h, nullptr, desc);
-    check(rt->enqueue(desc, desc + 7, inPtrs, outPtrs, nullptr, nullptr) == 0, msg("enqueue: B = 0 is a no-op").c_str());
+    check(
+        rt->enqueue(desc, desc + 7, inPtrs, outPtrs, nullptr, nullptr) == 0, msg("enqueue: B = 0 is a no-op").c_str());
     desc[7].type = f;
-    check(rt->enqueue(desc, desc + 7, inPtrs, outPtrs, nullptr, nullptr) != 0, msg("enqueue: y type != k rejected").c_str());
+    check(rt->enqueue(desc, desc + 7, inPtrs, outPtrs, nullptr, nullptr) != 0,
+        msg("enqueue: y type != k rejected").c_str());
 
     finishChecks(name, m);
 }
@@ -497,8 +505,8 @@ void enqueueCase(char const* name, bool seq, int32_t B, int32_t T, int32_t C, Da
     {
         for (int64_t c = 0; c < C; ++c)
         {
-            rwkv::wkv4Channel<Elem>(b, c, T, C, k.data(), v.data(), w.data(), u.data(), aa.data(), bb.data(),
-                pp.data(), yRef.data(), aaRef.data(), bbRef.data(), ppRef.data());
+            rwkv::wkv4Channel<Elem>(b, c, T, C, k.data(), v.data(), w.data(), u.data(), aa.data(), bb.data(), pp.data(),
+                yRef.data(), aaRef.data(), bbRef.data(), ppRef.data());
         }
     }
 
@@ -583,11 +591,13 @@ HeadOp headOp(int family, bool seq)
     using R = Role;
     if (family == 5)
     {
-        return {seq ? "WKV5Seq" : "WKV5", 5, seq, 6, {R::kTOKEN, R::kTOKEN, R::kTOKEN, R::kPARAM, R::kPARAM, R::kSTATE}};
+        return {
+            seq ? "WKV5Seq" : "WKV5", 5, seq, 6, {R::kTOKEN, R::kTOKEN, R::kTOKEN, R::kPARAM, R::kPARAM, R::kSTATE}};
     }
     if (family == 6)
     {
-        return {seq ? "WKV6Seq" : "WKV6", 6, seq, 6, {R::kTOKEN, R::kTOKEN, R::kTOKEN, R::kDECAY, R::kPARAM, R::kSTATE}};
+        return {
+            seq ? "WKV6Seq" : "WKV6", 6, seq, 6, {R::kTOKEN, R::kTOKEN, R::kTOKEN, R::kDECAY, R::kPARAM, R::kSTATE}};
     }
     return {seq ? "WKV7Seq" : "WKV7", 7, seq, 7,
         {R::kTOKEN, R::kDECAY, R::kTOKEN, R::kTOKEN, R::kTOKEN, R::kTOKEN, R::kSTATE}};
@@ -626,8 +636,8 @@ void headDescs(HeadOp const& op, Dims const* dims, DataType act, DataType decay,
 {
     for (int i = 0; i < op.nbIn + 2; ++i)
     {
-        DataType const t = i == op.nbIn ? act
-            : i > op.nbIn               ? DataType::kFLOAT
+        DataType const t = i == op.nbIn   ? act
+            : i > op.nbIn                 ? DataType::kFLOAT
             : op.roles[i] == Role::kTOKEN ? act
             : op.roles[i] == Role::kDECAY ? decay
                                           : DataType::kFLOAT;
@@ -663,7 +673,8 @@ void exerciseHead(int family, bool seq)
 
     // Output types.
     DataType const f = DataType::kFLOAT, h = DataType::kHALF;
-    auto types = [&](DataType act, DataType decay, DataType* t) {
+    auto types = [&](DataType act, DataType decay, DataType* t)
+    {
         for (int i = 0; i < nb; ++i)
         {
             t[i] = op.roles[i] == Role::kTOKEN ? act : op.roles[i] == Role::kDECAY ? decay : f;
@@ -683,7 +694,8 @@ void exerciseHead(int family, bool seq)
         check(build->getOutputDataTypes(out, 2, in, nb) == 0 && out[0] == h,
             msg("types: f16 activations with f32 decay w accepted").c_str());
         types(f, h, in);
-        check(build->getOutputDataTypes(out, 2, in, nb) != 0, msg("types: f16 w with f32 activations rejected").c_str());
+        check(
+            build->getOutputDataTypes(out, 2, in, nb) != 0, msg("types: f16 w with f32 activations rejected").c_str());
     }
     types(DataType::kBF16, DataType::kBF16, in);
     check(build->getOutputDataTypes(out, 2, in, nb) != 0, msg("types: bf16 rejected").c_str());
@@ -773,7 +785,8 @@ void exerciseHead(int family, bool seq)
         msg("supportsFormatCombination: token input type != r rejected").c_str());
     dyn[2].desc.type = h;
     dyn[nb].desc.type = f;
-    check(!build->supportsFormatCombination(nb, dyn, nb, 2), msg("supportsFormatCombination: y type != r rejected").c_str());
+    check(!build->supportsFormatCombination(nb, dyn, nb, 2),
+        msg("supportsFormatCombination: y type != r rejected").c_str());
     dyn[nb].desc.type = h;
     dyn[nb + 1].desc.type = h;
     check(!build->supportsFormatCombination(nb + 1, dyn, nb, 2),
@@ -787,13 +800,16 @@ void exerciseHead(int family, bool seq)
     check(!build->supportsFormatCombination(0, dyn, nb, 2), msg("supportsFormatCombination: int8 r rejected").c_str());
     dyn[0].desc.type = h;
     dyn[1].desc.format = TensorFormat::kCHW32;
-    check(!build->supportsFormatCombination(1, dyn, nb, 2), msg("supportsFormatCombination: non-linear rejected").c_str());
+    check(!build->supportsFormatCombination(1, dyn, nb, 2),
+        msg("supportsFormatCombination: non-linear rejected").c_str());
     dyn[1].desc.format = TensorFormat::kLINEAR;
-    check(!build->supportsFormatCombination(nb + 2, dyn, nb, 2), msg("supportsFormatCombination: bad pos rejected").c_str());
+    check(!build->supportsFormatCombination(nb + 2, dyn, nb, 2),
+        msg("supportsFormatCombination: bad pos rejected").c_str());
 
     check(build->configurePlugin(dyn, nb, dyn + nb, 2) == 0, msg("configurePlugin: dynamic B/T accepted").c_str());
     dyn[nb - 1].desc.dims = makeDims({-1, 4, 32, 32});
-    check(build->configurePlugin(dyn, nb, dyn + nb, 2) != 0, msg("configurePlugin: state with wrong N rejected").c_str());
+    check(
+        build->configurePlugin(dyn, nb, dyn + nb, 2) != 0, msg("configurePlugin: state with wrong N rejected").c_str());
     dyn[nb - 1].desc.dims = dims[nb - 1];
     dyn[2].desc.dims = seq ? makeDims({-1, -1, 2, 64}) : makeDims({-1, 2, 64});
     check(build->configurePlugin(dyn, nb, dyn + nb, 2) != 0, msg("configurePlugin: k with wrong H rejected").c_str());
@@ -817,21 +833,26 @@ void exerciseHead(int family, bool seq)
     headDescs(op, run, h, h, nullptr, desc);
     check(rt->onShapeChange(desc, nb, desc + nb, 2) == 0, msg("onShapeChange: concrete shapes accepted").c_str());
     desc[nb - 1].dims = makeDims({2, 2, 64, 64});
-    check(rt->onShapeChange(desc, nb, desc + nb, 2) != 0, msg("onShapeChange: state batch != r batch rejected").c_str());
+    check(
+        rt->onShapeChange(desc, nb, desc + nb, 2) != 0, msg("onShapeChange: state batch != r batch rejected").c_str());
 
     // enqueue: validation before any CUDA call; an empty batch returns before launching.
     void const* inPtrs[7] = {};
     void* outPtrs[2] = {};
-    check(rt->enqueue(desc, desc + nb, inPtrs, outPtrs, nullptr, nullptr) != 0, msg("enqueue: bad shapes rejected").c_str());
+    check(rt->enqueue(desc, desc + nb, inPtrs, outPtrs, nullptr, nullptr) != 0,
+        msg("enqueue: bad shapes rejected").c_str());
     Dims empty0[9];
     headDims(op, 0, 5, 2, 64, empty0);
     headDescs(op, empty0, h, h, nullptr, desc);
-    check(rt->enqueue(desc, desc + nb, inPtrs, outPtrs, nullptr, nullptr) == 0, msg("enqueue: B = 0 is a no-op").c_str());
+    check(
+        rt->enqueue(desc, desc + nb, inPtrs, outPtrs, nullptr, nullptr) == 0, msg("enqueue: B = 0 is a no-op").c_str());
     desc[nb].type = f;
-    check(rt->enqueue(desc, desc + nb, inPtrs, outPtrs, nullptr, nullptr) != 0, msg("enqueue: y type != r rejected").c_str());
+    check(rt->enqueue(desc, desc + nb, inPtrs, outPtrs, nullptr, nullptr) != 0,
+        msg("enqueue: y type != r rejected").c_str());
     desc[nb].type = h;
     desc[nb - 1].type = h;
-    check(rt->enqueue(desc, desc + nb, inPtrs, outPtrs, nullptr, nullptr) != 0, msg("enqueue: f16 state rejected").c_str());
+    check(rt->enqueue(desc, desc + nb, inPtrs, outPtrs, nullptr, nullptr) != 0,
+        msg("enqueue: f16 state rejected").c_str());
 
     finishChecks(op.name, m);
 }
@@ -859,14 +880,14 @@ void headReference(HeadOp const& op, int64_t B, int64_t T, int64_t H, int64_t N,
                 {
                     if (op.family == 7)
                     {
-                        yt[l] = rwkv::head::wkv7Lane<0>(static_cast<int32_t>(N), s + l * N, 1, tok(0), tok(1), tok(2),
-                            tok(4), tok(5), tok(3)[l]);
+                        yt[l] = rwkv::head::wkv7Lane<0>(
+                            static_cast<int32_t>(N), s + l * N, 1, tok(0), tok(1), tok(2), tok(4), tok(5), tok(3)[l]);
                     }
                     else
                     {
                         float const* w = op.family == 5 ? par(3) : tok(3);
-                        yt[l] = rwkv::head::wkv5Lane<0>(static_cast<int32_t>(N), s + l, N, tok(0), tok(1), w, par(4),
-                            tok(2)[l]);
+                        yt[l] = rwkv::head::wkv5Lane<0>(
+                            static_cast<int32_t>(N), s + l, N, tok(0), tok(1), w, par(4), tok(2)[l]);
                     }
                 }
                 for (int64_t l = 0; l < N; ++l)
@@ -991,8 +1012,8 @@ void enqueueHeadCase(int family, bool seq, int32_t B, int32_t T, int32_t H, int3
             in[i] = dev[i];
         }
         void* out[2] = {dev[nb], dev[nb + 1]};
-        ok = rt->onShapeChange(desc, nb, desc + nb, 2) == 0 && rt->enqueue(desc, desc + nb, in, out, nullptr, nullptr) == 0
-            && cudaDeviceSynchronize() == cudaSuccess;
+        ok = rt->onShapeChange(desc, nb, desc + nb, 2) == 0
+            && rt->enqueue(desc, desc + nb, in, out, nullptr, nullptr) == 0 && cudaDeviceSynchronize() == cudaSuccess;
     }
     std::vector<Act> yGot(nAct);
     std::vector<float> sGot(nState);
@@ -1066,14 +1087,16 @@ int main(int argc, char** argv)
     }
     else if (scenario == "dlopen-registers-nothing")
     {
-        check(plainDlopen(lib) != nullptr && mockCreatorCount() == 0, "a plain dlopen registers nothing (no static "
-                                                                        "registration in the loadLibrary library)");
+        check(plainDlopen(lib) != nullptr && mockCreatorCount() == 0,
+            "a plain dlopen registers nothing (no static "
+            "registration in the loadLibrary library)");
         check(loadLibrary(lib) && mockCreatorCountFromLibraries() == kNB, "a later loadLibrary registers all 8");
     }
     else if (scenario == "autoregister" && copy)
     {
-        check(plainDlopen(copy) != nullptr && mockCreatorCount() == kNB, "dlopen of the autoregister library "
-                                                                         "registers 8 creators");
+        check(plainDlopen(copy) != nullptr && mockCreatorCount() == kNB,
+            "dlopen of the autoregister library "
+            "registers 8 creators");
         check(mockCreatorCountFromLibraries() == 0, "... by registerCreator, not loadLibrary");
     }
     else if (scenario == "autoregister-then-loadlibrary" && copy)
@@ -1089,8 +1112,9 @@ int main(int argc, char** argv)
     else if (scenario == "loadlibrary-then-autoregister" && copy)
     {
         check(loadLibrary(lib) && mockCreatorCount() == kNB, "loadLibrary registers 8 creators");
-        check(plainDlopen(copy) != nullptr && mockCreatorCount() == kNB, "the autoregister library finds them "
-                                                                         "registered and adds nothing");
+        check(plainDlopen(copy) != nullptr && mockCreatorCount() == kNB,
+            "the autoregister library finds them "
+            "registered and adds nothing");
     }
     else if (scenario == "loadlibrary-then-copy" && copy)
     {
@@ -1160,7 +1184,8 @@ int main(int argc, char** argv)
                 in[i] = buf[i];
             }
             void* out[2] = {buf[7], buf[8]};
-            check(rt->enqueue(desc, desc + 7, in, out, nullptr, nullptr) != 0, "WKV7Seq enqueue reports the failed launch");
+            check(rt->enqueue(desc, desc + 7, in, out, nullptr, nullptr) != 0,
+                "WKV7Seq enqueue reports the failed launch");
             check(mockErrorCount() == 3, "... through the TensorRT logger");
             delete p7;
         }
@@ -1194,7 +1219,8 @@ int main(int argc, char** argv)
             exerciseHead(family, true);
         }
         check(mockErrorCount() > errorsBefore, "rejections were reported through the TensorRT logger");
-        std::printf("errors logged while exercising (expected, one per rejection): %d\n", mockErrorCount() - errorsBefore);
+        std::printf(
+            "errors logged while exercising (expected, one per rejection): %d\n", mockErrorCount() - errorsBefore);
         return gFailures == 0 ? 0 : 1;
     }
     else

@@ -1,5 +1,6 @@
 """numpy reference of the RWKV-4 WKV operator and realistic random inputs; shared by
 tests/tensorrt/test_plugins.py and plugins/tests/gpu_check.py (no torch, no TensorRT)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -90,8 +91,19 @@ def run_host(lib, k, v, w, u, state, *, out_state=None, y=None):
     y = np.empty_like(arrs[0]) if y is None else y
     outs = out_state if out_state is not None else tuple(np.empty((B, C), np.float32) for _ in range(3))
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
-    rc = lib.rwkvWkv4ForwardHost(B, T, C, dtype, ptr(arrs[0]), ptr(arrs[1]), ptr(w), ptr(u),
-                                 *(ptr(s) for s in state), ptr(y), *(ptr(o) for o in outs))
+    rc = lib.rwkvWkv4ForwardHost(
+        B,
+        T,
+        C,
+        dtype,
+        ptr(arrs[0]),
+        ptr(arrs[1]),
+        ptr(w),
+        ptr(u),
+        *(ptr(s) for s in state),
+        ptr(y),
+        *(ptr(o) for o in outs),
+    )
     if rc != 0:
         raise RuntimeError(f"rwkvWkv4ForwardHost returned {rc}")
     return (y, *outs)
@@ -211,5 +223,6 @@ TOL_F64 = 5e-4  # float32 vs exact math (a sanity bound), T <= 512, k ~ N(0, 8) 
 
 
 def within(errs, dtype):
-    return (errs["y_vs_f32"] <= TOL_Y[np.dtype(dtype)] and errs["state_vs_f32"] <= TOL_STATE
-            and errs["vs_f64"] <= TOL_F64)
+    return (
+        errs["y_vs_f32"] <= TOL_Y[np.dtype(dtype)] and errs["state_vs_f32"] <= TOL_STATE and errs["vs_f64"] <= TOL_F64
+    )

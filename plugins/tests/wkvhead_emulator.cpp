@@ -35,8 +35,8 @@
 #define RWKV_EMU_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
 #define RWKV_EMU_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
 #else
-#define RWKV_EMU_POISON(p, n) ((void) (p), (void) (n))
-#define RWKV_EMU_UNPOISON(p, n) ((void) (p), (void) (n))
+#define RWKV_EMU_POISON(p, n) ((void)(p), (void)(n))
+#define RWKV_EMU_UNPOISON(p, n) ((void)(p), (void)(n))
 #endif
 
 // ---- the CUDA built-ins the kernels use ----------------------------------------------------------
@@ -89,12 +89,14 @@ cudaError_t rwkvEmulateLaunch(void (*kernel)(Params...), unsigned int grid, unsi
         threads.reserve(block);
         for (unsigned int tx = 0; tx < block; ++tx)
         {
-            threads.emplace_back([=]() {
-                threadIdx = make_uint3(tx, 0, 0);
-                blockIdx = make_uint3(bx, 0, 0);
-                blockDim = dim3(block, 1, 1);
-                kernel(args...);
-            });
+            threads.emplace_back(
+                [=]()
+                {
+                    threadIdx = make_uint3(tx, 0, 0);
+                    blockIdx = make_uint3(bx, 0, 0);
+                    blockDim = dim3(block, 1, 1);
+                    kernel(args...);
+                });
         }
         for (auto& t : threads)
         {

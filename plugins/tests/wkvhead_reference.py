@@ -8,6 +8,7 @@ Conventions: every activation is [B, T, H, N] here (the single-step ops are T = 
 drops the T axis for the ONNX step ops); the state is [B, H, N, N] float32. Index order and
 formulas are those of exporter/arch/headwise.py (see plugins/wkvhead/wkvHeadMath.cuh).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -26,11 +27,11 @@ W7_SCALE = 0.606531  # RWKV-7: w = exp(-0.606531 * sigmoid(...))
 
 @dataclass(frozen=True)
 class OpSpec:
-    family: str    # WKV5, WKV6, WKV7 (the Seq op runs the same kernel)
+    family: str  # WKV5, WKV6, WKV7 (the Seq op runs the same kernel)
     inputs: tuple  # ONNX input order
-    token: tuple   # per-token activations [B, T, H, N] (w among them for WKV6/7)
+    token: tuple  # per-token activations [B, T, H, N] (w among them for WKV6/7)
     params: tuple  # float32 [H, N]
-    w_arg: bool    # the launcher takes wDtype (w is per token and may be float32 or the activation type)
+    w_arg: bool  # the launcher takes wDtype (w is per token and may be float32 or the activation type)
 
 
 OPS = {
@@ -153,8 +154,11 @@ TOL_F64 = 2e-4  # float32 vs exact math, T <= 512 with these input ranges (a san
 
 
 def within(errs, act_dtype):
-    return (errs["y_vs_f32"] <= TOL_Y[np.dtype(act_dtype)] and errs["state_vs_f32"] <= TOL_STATE
-            and errs["vs_f64"] <= TOL_F64)
+    return (
+        errs["y_vs_f32"] <= TOL_Y[np.dtype(act_dtype)]
+        and errs["state_vs_f32"] <= TOL_STATE
+        and errs["vs_f64"] <= TOL_F64
+    )
 
 
 # -- ctypes -----------------------------------------------------------------------------------------
@@ -202,7 +206,8 @@ def run_host(lib, fam, ins, *, y=None, state_out=None):
     state_out = np.empty_like(arrs["state"]) if state_out is None else state_out
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     rc = getattr(lib, f"rwkv{fam.capitalize()}ForwardHost")(
-        *size_args(fam, arrs), *(ptr(arrs[n]) for n in OPS[fam].inputs), ptr(y), ptr(state_out))
+        *size_args(fam, arrs), *(ptr(arrs[n]) for n in OPS[fam].inputs), ptr(y), ptr(state_out)
+    )
     if rc != 0:
         raise RuntimeError(f"rwkv{fam.capitalize()}ForwardHost returned {rc}")
     return y, state_out
@@ -214,8 +219,9 @@ def run_device(lib, backend, fam, ins):
     dev = [backend.to_device(ins[n]) for n in OPS[fam].inputs]
     y = backend.empty(ins["r"].shape, ins["r"].dtype)
     s = backend.empty(ins["state"].shape, np.float32)
-    rc = getattr(lib, f"rwkv{fam.capitalize()}Forward")(backend.stream(), *size_args(fam, ins), *(p for _, p in dev),
-                                                        y[1], s[1])
+    rc = getattr(lib, f"rwkv{fam.capitalize()}Forward")(
+        backend.stream(), *size_args(fam, ins), *(p for _, p in dev), y[1], s[1]
+    )
     if rc != 0:
         raise RuntimeError(f"rwkv{fam.capitalize()}Forward returned cudaError {rc}")
     backend.synchronize()

@@ -35,14 +35,14 @@ extern "C" __attribute__((visibility("default"))) int32_t rwkvWkv4ForwardHost(in
         {
             if (dtype == 0)
             {
-                rwkv::wkv4Channel<float>(b, c, T, C, static_cast<float const*>(k), static_cast<float const*>(v), w,
-                    u, aa, bb, pp, static_cast<float*>(y), aaOut, bbOut, ppOut);
+                rwkv::wkv4Channel<float>(b, c, T, C, static_cast<float const*>(k), static_cast<float const*>(v), w, u,
+                    aa, bb, pp, static_cast<float*>(y), aaOut, bbOut, ppOut);
             }
             else
             {
 #if RWKV_WKV4_HAS_HALF
-                rwkv::wkv4Channel<__half>(b, c, T, C, static_cast<__half const*>(k), static_cast<__half const*>(v),
-                    w, u, aa, bb, pp, static_cast<__half*>(y), aaOut, bbOut, ppOut);
+                rwkv::wkv4Channel<__half>(b, c, T, C, static_cast<__half const*>(k), static_cast<__half const*>(v), w,
+                    u, aa, bb, pp, static_cast<__half*>(y), aaOut, bbOut, ppOut);
 #else
                 return 2;
 #endif

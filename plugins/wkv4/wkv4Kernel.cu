@@ -36,8 +36,8 @@ cudaError_t launch(cudaStream_t stream, int32_t B, int32_t T, int32_t C, void co
     int64_t const n = static_cast<int64_t>(B) * C;
     int64_t const blocks = (n + kTHREADS_PER_BLOCK - 1) / kTHREADS_PER_BLOCK;
     wkv4Kernel<Elem><<<static_cast<unsigned int>(blocks), kTHREADS_PER_BLOCK, 0, stream>>>(B, T, C,
-        static_cast<Elem const*>(k), static_cast<Elem const*>(v), w, u, aa, bb, pp, static_cast<Elem*>(y), aaOut,
-        bbOut, ppOut);
+        static_cast<Elem const*>(k), static_cast<Elem const*>(v), w, u, aa, bb, pp, static_cast<Elem*>(y), aaOut, bbOut,
+        ppOut);
     return cudaGetLastError();
 }
 

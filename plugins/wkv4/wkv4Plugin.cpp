@@ -37,7 +37,6 @@ int32_t kvRank(bool seq) noexcept
 }
 
 
-
 //! Checks the seven input shapes against the op contract; logs the first problem. With
 //! concrete=true (runtime) also requires known sizes that fit the launcher's int32 arguments.
 bool checkInputShapes(bool seq, Dims const* const dims[kWKV4_NB_INPUTS], bool concrete) noexcept
@@ -89,8 +88,8 @@ bool checkInputShapes(bool seq, Dims const* const dims[kWKV4_NB_INPUTS], bool co
         formatDims(*dims[bad], got, sizeof(got));
         char kDims[160];
         formatDims(k, kDims, sizeof(kDims));
-        log(Severity::kERROR, "%s: input '%s' has shape %s, expected %s with k %s", opName(seq), kINPUT_NAMES[bad],
-            got, expect, kDims);
+        log(Severity::kERROR, "%s: input '%s' has shape %s, expected %s with k %s", opName(seq), kINPUT_NAMES[bad], got,
+            expect, kDims);
         return false;
     }
     if (concrete)
@@ -272,11 +271,11 @@ int32_t Wkv4Plugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc 
     auto const C = static_cast<int32_t>(k.d[rank - 1]);
     int32_t const dtype = type == DataType::kHALF ? RWKV_DTYPE_FLOAT16 : RWKV_DTYPE_FLOAT32;
 
-    cudaError_t const status = rwkvWkv4Forward(stream, B, T, C, dtype, inputs[kK], inputs[kV],
-        static_cast<float const*>(inputs[kW]), static_cast<float const*>(inputs[kU]),
-        static_cast<float const*>(inputs[kAA]), static_cast<float const*>(inputs[kBB]),
-        static_cast<float const*>(inputs[kPP]), outputs[0], static_cast<float*>(outputs[1]),
-        static_cast<float*>(outputs[2]), static_cast<float*>(outputs[3]));
+    cudaError_t const status =
+        rwkvWkv4Forward(stream, B, T, C, dtype, inputs[kK], inputs[kV], static_cast<float const*>(inputs[kW]),
+            static_cast<float const*>(inputs[kU]), static_cast<float const*>(inputs[kAA]),
+            static_cast<float const*>(inputs[kBB]), static_cast<float const*>(inputs[kPP]), outputs[0],
+            static_cast<float*>(outputs[1]), static_cast<float*>(outputs[2]), static_cast<float*>(outputs[3]));
     if (status != cudaSuccess)
     {
         log(Severity::kERROR, "%s::enqueue: kernel launch failed (B=%d, T=%d, C=%d): %s", getPluginName(), B, T, C,

@@ -45,8 +45,8 @@ namespace head
 //! Sizes and element types the launchers accept. B * H becomes the grid size.
 inline bool validCall(int32_t B, int32_t T, int32_t H, int32_t N, int32_t dtype, int32_t wDtype) noexcept
 {
-    bool const sizesOk = B >= 0 && T >= 0 && H >= 0 && N >= 0 && N <= kMAX_HEAD_SIZE
-        && static_cast<int64_t>(B) * H <= INT32_MAX;
+    bool const sizesOk =
+        B >= 0 && T >= 0 && H >= 0 && N >= 0 && N <= kMAX_HEAD_SIZE && static_cast<int64_t>(B) * H <= INT32_MAX;
     bool const typesOk = (dtype == RWKV_DTYPE_FLOAT32 || dtype == RWKV_DTYPE_FLOAT16)
         && (wDtype == dtype || wDtype == RWKV_DTYPE_FLOAT32);
     return sizesOk && typesOk;
@@ -75,8 +75,7 @@ cudaError_t launch(void (*kernel)(Params...), unsigned int grid, unsigned int bl
 //! kTokenDecay false (WKV5): w is the float32 [H, N] decay; true (WKV6): w is [B, T, H, N] of WT.
 template <typename Act, typename WT, int32_t kN, bool kTokenDecay>
 __global__ void __launch_bounds__(kN > 0 ? kN : kMAX_HEAD_SIZE, 1) wkv56Kernel(int32_t T, int32_t H, int32_t n,
-    Act const* r, Act const* k, Act const* v, WT const* w, float const* u, float const* state, Act* y,
-    float* stateOut)
+    Act const* r, Act const* k, Act const* v, WT const* w, float const* u, float const* state, Act* y, float* stateOut)
 {
     int32_t const N = headSize<kN>(n);
     int64_t const bh = blockIdx.x;
@@ -94,7 +93,7 @@ __global__ void __launch_bounds__(kN > 0 ? kN : kMAX_HEAD_SIZE, 1) wkv56Kernel(i
     float* const shU = shm + 3 * N;
 
     float line[kN > 0 ? kN : 1]; // the column in registers (kN > 0)
-    (void) line;
+    (void)line;
     if constexpr (kN > 0)
     {
         RWKV_WKVH_UNROLL
@@ -151,8 +150,8 @@ __global__ void __launch_bounds__(kN > 0 ? kN : kMAX_HEAD_SIZE, 1) wkv56Kernel(i
 }
 
 template <typename Act, typename WT, bool kTokenDecay>
-cudaError_t launchWkv56(cudaStream_t stream, int32_t B, int32_t T, int32_t H, int32_t N, void const* r,
-    void const* k, void const* v, void const* w, float const* u, float const* state, void* y, float* stateOut)
+cudaError_t launchWkv56(cudaStream_t stream, int32_t B, int32_t T, int32_t H, int32_t N, void const* r, void const* k,
+    void const* v, void const* w, float const* u, float const* state, void* y, float* stateOut)
 {
     auto const grid = static_cast<unsigned int>(static_cast<int64_t>(B) * H);
     auto const block = static_cast<unsigned int>(N);
@@ -179,9 +178,9 @@ cudaError_t launchWkv56(cudaStream_t stream, int32_t B, int32_t T, int32_t H, in
 // ---- WKV7 ---------------------------------------------------------------------------------------
 
 template <typename Act, typename WT, int32_t kN>
-__global__ void __launch_bounds__(kN > 0 ? kN : kMAX_HEAD_SIZE, 1) wkv7Kernel(int32_t T, int32_t H, int32_t n,
-    Act const* r, WT const* w, Act const* k, Act const* v, Act const* a, Act const* bb, float const* state, Act* y,
-    float* stateOut)
+__global__ void __launch_bounds__(kN > 0 ? kN : kMAX_HEAD_SIZE, 1)
+    wkv7Kernel(int32_t T, int32_t H, int32_t n, Act const* r, WT const* w, Act const* k, Act const* v, Act const* a,
+        Act const* bb, float const* state, Act* y, float* stateOut)
 {
     int32_t const N = headSize<kN>(n);
     int64_t const bh = blockIdx.x;
@@ -203,8 +202,8 @@ __global__ void __launch_bounds__(kN > 0 ? kN : kMAX_HEAD_SIZE, 1) wkv7Kernel(in
     // specialised size, so this depends on the base pointers only and is uniform over the block).
     bool const vec4 = ((reinterpret_cast<uintptr_t>(sIn) | reinterpret_cast<uintptr_t>(sOut)) & 15U) == 0;
     float line[kN > 0 ? kN : 1]; // the row in registers (kN > 0)
-    (void) line;
-    (void) vec4;
+    (void)line;
+    (void)vec4;
     if constexpr (kN > 0)
     {
         if (vec4)
@@ -266,8 +265,8 @@ __global__ void __launch_bounds__(kN > 0 ? kN : kMAX_HEAD_SIZE, 1) wkv7Kernel(in
             RWKV_WKVH_UNROLL
             for (int32_t q = 0; q < kN / 4; ++q)
             {
-                reinterpret_cast<float4*>(sOut)[q]
-                    = make_float4(line[4 * q], line[4 * q + 1], line[4 * q + 2], line[4 * q + 3]);
+                reinterpret_cast<float4*>(sOut)[q] =
+                    make_float4(line[4 * q], line[4 * q + 1], line[4 * q + 2], line[4 * q + 3]);
             }
         }
         else
@@ -299,14 +298,14 @@ cudaError_t launchWkv7(cudaStream_t stream, int32_t B, int32_t T, int32_t H, int
     {
 #define RWKV_CASE(S)                                                                                                   \
     case S:                                                                                                            \
-        return launch(wkv7Kernel<Act, WT, S>, grid, block, shmBytes, stream, T, H, N, rp, wp, kp, vp, ap, bp, state, \
+        return launch(wkv7Kernel<Act, WT, S>, grid, block, shmBytes, stream, T, H, N, rp, wp, kp, vp, ap, bp, state,   \
             yp, stateOut);
         RWKV_WKVHEAD_FOR_EACH_SIZE(RWKV_CASE)
 #undef RWKV_CASE
     default: break;
     }
-    return launch(wkv7Kernel<Act, WT, 0>, grid, block, shmBytes, stream, T, H, N, rp, wp, kp, vp, ap, bp, state, yp,
-        stateOut);
+    return launch(
+        wkv7Kernel<Act, WT, 0>, grid, block, shmBytes, stream, T, H, N, rp, wp, kp, vp, ap, bp, state, yp, stateOut);
 }
 
 } // namespace head

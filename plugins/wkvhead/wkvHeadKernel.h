@@ -26,24 +26,25 @@
 #include "../common/rwkvKernelApi.h"
 
 #ifdef __cplusplus
-extern "C" {
+extern "C"
+{
 #endif
 
 
-//! WKV5 / WKV5Seq: r, k, v, y [B, T, H, N]; w (decay factor), u (bonus) [H, N] float32.
-RWKV_KERNEL_API cudaError_t rwkvWkv5Forward(cudaStream_t stream, int32_t B, int32_t T, int32_t H, int32_t N,
-    int32_t dtype, void const* r, void const* k, void const* v, float const* w, float const* u, float const* state,
-    void* y, float* stateOut);
+    //! WKV5 / WKV5Seq: r, k, v, y [B, T, H, N]; w (decay factor), u (bonus) [H, N] float32.
+    RWKV_KERNEL_API cudaError_t rwkvWkv5Forward(cudaStream_t stream, int32_t B, int32_t T, int32_t H, int32_t N,
+        int32_t dtype, void const* r, void const* k, void const* v, float const* w, float const* u, float const* state,
+        void* y, float* stateOut);
 
-//! WKV6 / WKV6Seq: r, k, v, y [B, T, H, N]; w (decay factor) [B, T, H, N] of wDtype; u [H, N] float32.
-RWKV_KERNEL_API cudaError_t rwkvWkv6Forward(cudaStream_t stream, int32_t B, int32_t T, int32_t H, int32_t N,
-    int32_t dtype, int32_t wDtype, void const* r, void const* k, void const* v, void const* w, float const* u,
-    float const* state, void* y, float* stateOut);
+    //! WKV6 / WKV6Seq: r, k, v, y [B, T, H, N]; w (decay factor) [B, T, H, N] of wDtype; u [H, N] float32.
+    RWKV_KERNEL_API cudaError_t rwkvWkv6Forward(cudaStream_t stream, int32_t B, int32_t T, int32_t H, int32_t N,
+        int32_t dtype, int32_t wDtype, void const* r, void const* k, void const* v, void const* w, float const* u,
+        float const* state, void* y, float* stateOut);
 
-//! WKV7 / WKV7Seq: r, k, v, a, b, y [B, T, H, N]; w (decay factor) [B, T, H, N] of wDtype.
-RWKV_KERNEL_API cudaError_t rwkvWkv7Forward(cudaStream_t stream, int32_t B, int32_t T, int32_t H, int32_t N,
-    int32_t dtype, int32_t wDtype, void const* r, void const* w, void const* k, void const* v, void const* a,
-    void const* b, float const* state, void* y, float* stateOut);
+    //! WKV7 / WKV7Seq: r, k, v, a, b, y [B, T, H, N]; w (decay factor) [B, T, H, N] of wDtype.
+    RWKV_KERNEL_API cudaError_t rwkvWkv7Forward(cudaStream_t stream, int32_t B, int32_t T, int32_t H, int32_t N,
+        int32_t dtype, int32_t wDtype, void const* r, void const* w, void const* k, void const* v, void const* a,
+        void const* b, float const* state, void* y, float* stateOut);
 
 #ifdef __cplusplus
 }

@@ -65,8 +65,8 @@ RWKV_WKVH_HD int32_t headSize(int32_t n)
 //! WKV5/WKV6, one token, lane j: updates the column s[i * stride] = S[i, j] (i = 0..N-1) in place
 //! and returns y_j. r, k, w, u: the head's N-vectors for this token; vj = v[j].
 template <int32_t kN>
-RWKV_WKVH_HD float wkv5Lane(int32_t n, float* s, int64_t stride, float const* r, float const* k, float const* w,
-    float const* u, float vj)
+RWKV_WKVH_HD float wkv5Lane(
+    int32_t n, float* s, int64_t stride, float const* r, float const* k, float const* w, float const* u, float vj)
 {
     float y = 0.F;
     RWKV_WKVH_UNROLL

@@ -144,8 +144,10 @@ bool checkInputShapes(WkvFamily family, bool seq, Dims const* const* dims, bool 
     }
     if (N > 1024)
     {
-        log(Severity::kERROR, "%s: head size N = %lld is not supported (at most 1024: one CUDA thread per value "
-            "index)", name, static_cast<long long>(N));
+        log(Severity::kERROR,
+            "%s: head size N = %lld is not supported (at most 1024: one CUDA thread per value "
+            "index)",
+            name, static_cast<long long>(N));
         return false;
     }
     if (concrete)
@@ -158,8 +160,8 @@ bool checkInputShapes(WkvFamily family, bool seq, Dims const* const* dims, bool 
         if (!sizesOk)
         {
             formatDims(r, got, sizeof(got));
-            log(Severity::kERROR,
-                "%s: unsupported size of 'r' %s (each dimension, and B*H, must be in [0, 2^31))", name, got);
+            log(Severity::kERROR, "%s: unsupported size of 'r' %s (each dimension, and B*H, must be in [0, 2^31))",
+                name, got);
             return false;
         }
     }
@@ -194,8 +196,7 @@ bool checkInputTypes(WkvFamily family, bool seq, DataType const* types) noexcept
         if (!typeAllowed(op.roles[i], types[i], act))
         {
             log(Severity::kERROR, "%s: input '%s' must be %s (got type %d, 'r' has type %d)", opName(family, seq),
-                op.inputNames[i], roleTypeText(op.roles[i]), static_cast<int32_t>(types[i]),
-                static_cast<int32_t>(act));
+                op.inputNames[i], roleTypeText(op.roles[i]), static_cast<int32_t>(types[i]), static_cast<int32_t>(act));
             return false;
         }
     }
@@ -234,8 +235,7 @@ int32_t WkvHeadPlugin::getOutputDataTypes(
 int32_t WkvHeadPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* /*shapeInputs*/,
     int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs, nvinfer1::IExprBuilder& /*exprBuilder*/) noexcept
 {
-    if (!checkCounts(mFamily, mSeq, nbInputs, nbOutputs, "getOutputShapes") || inputs == nullptr
-        || outputs == nullptr)
+    if (!checkCounts(mFamily, mSeq, nbInputs, nbOutputs, "getOutputShapes") || inputs == nullptr || outputs == nullptr)
     {
         return -1;
     }

@@ -8,9 +8,20 @@ responses), ``app`` (routes only), ``engine`` (the scheduler thread), ``events``
 the two), ``logprobs`` (per-token log-probabilities), ``cache`` (prefix states),
 ``statefile`` (portable conversation states), ``metrics`` (Prometheus), ``runner`` (uvicorn).
 """
+
 from .engine import Engine, EngineConfig, GenRequest, ServeError
 from .runner import ServerOptions, ServerThread, build_app, run
 from .serving import ChatTemplate, ServingConfig
 
-__all__ = ["Engine", "EngineConfig", "GenRequest", "ServeError", "ServerOptions", "ServerThread", "build_app", "run",
-           "ChatTemplate", "ServingConfig"]
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "GenRequest",
+    "ServeError",
+    "ServerOptions",
+    "ServerThread",
+    "build_app",
+    "run",
+    "ChatTemplate",
+    "ServingConfig",
+]

@@ -1,6 +1,7 @@
 """``python -m rwkv_runtime.server MODEL [--host 127.0.0.1] [--port 8000] ...`` (no torch, no click).
 
 The flags are generated from ServerOptions / EngineConfig (options.py), as are those of ``rwkv-export serve``."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """The FastAPI routes (thin: validation by pydantic, work in serving.py / engine.py)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,6 +26,7 @@ def _error(status: int, message: str, type_: str, param=None, code=None, headers
 
 class _Inflight:
     """Requests being answered (streams until their last byte): what a drain waits for."""
+
     n = 0
 
 
@@ -68,15 +70,24 @@ class _Guard:
         if scope["path"] not in _OPEN:
             if self.expected is not None and not self._authorized(headers):
                 given = b"authorization" in headers
-                msg = ("Incorrect API key provided" if given else
-                       "You didn't provide an API key. Send it as the header 'Authorization: Bearer KEY'")
-                return await _error(401, msg, "invalid_request_error", code="invalid_api_key",
-                                    headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_counted)
+                msg = (
+                    "Incorrect API key provided"
+                    if given
+                    else "You didn't provide an API key. Send it as the header 'Authorization: Bearer KEY'"
+                )
+                return await _error(
+                    401, msg, "invalid_request_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+                )(scope, receive, send_counted)
             if self.engine.draining:
                 return await _error(503, "the server is shutting down", "service_unavailable")(
-                    scope, receive, send_counted)
-        too_large = _error(413, f"the request body is larger than {self.max_body} bytes", "invalid_request_error",
-                           code="request_too_large")
+                    scope, receive, send_counted
+                )
+        too_large = _error(
+            413,
+            f"the request body is larger than {self.max_body} bytes",
+            "invalid_request_error",
+            code="request_too_large",
+        )
         length = headers.get(b"content-length")
         if length and length.isdigit() and int(length) > self.max_body:
             await too_large(scope, receive, send_counted)
@@ -114,8 +125,9 @@ def check_api_key(key: str) -> str:
     if not isinstance(key, str) or not key:
         raise RuntimeUserError("--api-key is empty: give a key, or leave the option out to serve without one")
     if key != key.strip(" \t") or not all(" " <= ch <= "~" for ch in key):
-        raise RuntimeUserError("--api-key must be printable ASCII without spaces at either end (an HTTP header "
-                               "cannot carry it otherwise)")
+        raise RuntimeUserError(
+            "--api-key must be printable ASCII without spaces at either end (an HTTP header cannot carry it otherwise)"
+        )
     return key
 
 
@@ -129,16 +141,29 @@ def _replay(first: dict, receive):
     return replay
 
 
-_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
-              "/metrics"}
+_ENDPOINTS = {
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/tokenize",
+    "/detokenize",
+    "/health",
+    "/metrics",
+}
 _OPEN = {"/health", "/metrics"}  # no API key, and answered while draining (/health says 503 itself)
 
 
 SESSION_HEADER = "x-session-id"  # the header Ray Serve's consistent-hash router routes by
 
 
-def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 << 20,
-               drain_seconds: float = 10.0, session_store=None, api_key: str | None = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    config: ServingConfig,
+    max_body_bytes: int = 16 << 20,
+    drain_seconds: float = 10.0,
+    session_store=None,
+    api_key: str | None = None,
+) -> FastAPI:
     """An app serving one model. Its lifespan starts the engine thread and drains it at shutdown.
     ``api_key``: required as ``Authorization: Bearer KEY`` on every endpoint but /health and /metrics."""
     if api_key is not None:
@@ -169,16 +194,20 @@ def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 <
         if first.get("type") == "json_invalid":  # (its loc is a character position, not a field)
             at = first.get("loc", ("body", None))[-1]
             detail = (first.get("ctx") or {}).get("error", "")
-            return _error(400, f"the body is not valid JSON ({detail or 'decode error'} at character {at})",
-                          "invalid_request_error")
+            return _error(
+                400,
+                f"the body is not valid JSON ({detail or 'decode error'} at character {at})",
+                "invalid_request_error",
+            )
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         msg = f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}"
         return _error(400, msg, "invalid_request_error", loc[0] if loc else None)
 
     def _respond(result, stream: bool):
         if stream and result is not None:
-            return StreamingResponse(result, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                result, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            )
         if result is None:  # the client went away; nobody reads this
             return Response(status_code=499)
         return JSONResponse(result)
@@ -222,8 +251,14 @@ def create_app(engine: Engine, config: ServingConfig, max_body_bytes: int = 16 <
     async def metrics():
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(_Guard, metrics=engine.metrics, max_body=max_body_bytes, engine=engine,
-                       inflight=app.state.inflight, api_key=api_key)
+    app.add_middleware(
+        _Guard,
+        metrics=engine.metrics,
+        max_body=max_body_bytes,
+        engine=engine,
+        inflight=app.state.inflight,
+        api_key=api_key,
+    )
     return app
 
 

@@ -6,6 +6,7 @@ imported state never matches the same tokens from a fresh start. A lookup tries 
 the longest down (few distinct lengths are cached: chunk boundaries and prompt ends), so it costs a
 handful of hashes, not a trie walk. Bounded by bytes, least recently used first out.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -82,8 +83,12 @@ class PrefixCache:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return
-            self._entries[key] = CacheEntry({k: np.array(v, copy=True) for k, v in arrays.items()},
-                                            np.array(logits, np.float32, copy=True), len(tokens), nbytes)
+            self._entries[key] = CacheEntry(
+                {k: np.array(v, copy=True) for k, v in arrays.items()},
+                np.array(logits, np.float32, copy=True),
+                len(tokens),
+                nbytes,
+            )
             self._bases[key] = base
             lengths = self._lengths.setdefault(base, {})
             lengths[len(tokens)] = lengths.get(len(tokens), 0) + 1

@@ -16,6 +16,7 @@ traceback); the others carry on.
 The HTTP side never touches the model: it submits a ``GenRequest`` and reads events (``Delta``,
 ``Finished``, ``Failed``) from an asyncio queue (events.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -64,9 +65,16 @@ class _Seq:
     def __init__(self, h: Handle, tokenizer, timeout: float):
         self.h, self.req = h, h.req
         req = h.req
-        self.row = Row(Sampler(req.sampling), max_new_tokens=req.max_tokens, stop_ids=req.stop_ids,
-                       text=TextStream(tokenizer, req.stop, req.logprobs is not None), logprobs=req.logprobs,
-                       deadline=h.arrival + timeout, keep_state=True, key=self)
+        self.row = Row(
+            Sampler(req.sampling),
+            max_new_tokens=req.max_tokens,
+            stop_ids=req.stop_ids,
+            text=TextStream(tokenizer, req.stop, req.logprobs is not None),
+            logprobs=req.logprobs,
+            deadline=h.arrival + timeout,
+            keep_state=True,
+            key=self,
+        )
         self.done = 0  # prompt tokens already in the state
         self.cached = 0
         self.state = None  # while prefilling: the state after the first ``done`` tokens
@@ -137,11 +145,19 @@ class Engine:
         if not req.prompt:
             raise ServeError(400, "the prompt is empty", param="prompt")
         if len(req.prompt) > self.config.max_prompt_tokens:
-            raise ServeError(413, f"the prompt has {len(req.prompt)} tokens; this server accepts at most "
-                             f"{self.config.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
+            raise ServeError(
+                413,
+                f"the prompt has {len(req.prompt)} tokens; this server accepts at most {self.config.max_prompt_tokens}",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         if len(self._inbox) + len(self._waiting) >= self.config.max_queue:
-            raise ServeError(429, f"the server is busy ({self.config.max_queue} requests queued); retry later",
-                             "rate_limit_error", code="queue_full")
+            raise ServeError(
+                429,
+                f"the server is busy ({self.config.max_queue} requests queued); retry later",
+                "rate_limit_error",
+                code="queue_full",
+            )
         req.request_id = req.request_id or f"req-{next(self._ids)}"
         h = Handle(req, asyncio.get_running_loop(), queue, index)
         self.metrics.prompt_tokens.inc(len(req.prompt))
@@ -257,8 +273,9 @@ class Engine:
             budget -= end - s.done
         if not group:
             return 0
-        results = prefill_rows(self.session, [s.req.prompt[s.done:s.done + n] for s, n in group],
-                               [s.state for s, _ in group], c)
+        results = prefill_rows(
+            self.session, [s.req.prompt[s.done : s.done + n] for s, n in group], [s.state for s, _ in group], c
+        )
         joined, total = [], 0
         for (s, n), res in zip(group, results):
             if isinstance(res, BaseException):
@@ -271,7 +288,7 @@ class Engine:
             s.logits, s.state = res
             s.done += n
             if s.done % c == 0 or s.done == len(s.req.prompt):
-                self.cache.put(s.req.state_base, s.req.prompt[:s.done], s.state.numpy(), s.logits)
+                self.cache.put(s.req.state_base, s.req.prompt[: s.done], s.state.numpy(), s.logits)
             if s.done == len(s.req.prompt):
                 self._prefilling.remove(s)
                 joined.append(s)
@@ -361,21 +378,33 @@ class Engine:
         blob = None
         if s.req.return_state:
             if out.appended:  # the last token is part of the reply: feed it
-                _, st = self.session.step(np.array([row.tokens[-1]], dtype=np.int64), self.session.state_from_numpy(arrays))
+                _, st = self.session.step(
+                    np.array([row.tokens[-1]], dtype=np.int64), self.session.state_from_numpy(arrays)
+                )
                 arrays = st.numpy()
             # what the state read beyond the delivered reply (a stop string and what followed it in the
             # same tokens): recorded, so the next turn's render does not feed it a second time
             tail = ""
             if row.text is not None and reason == "stop" and row.tokens:
                 try:
-                    tail = self.session.decode(row.tokens)[row.text.sent:]
+                    tail = self.session.decode(row.tokens)[row.text.sent :]
                 except Exception:  # noqa: BLE001 - a tokenizer without text: no tail
                     tail = ""
-            blob = statefile.encode(arrays, self.binding,
-                                    s.req.state_tokens + len(s.req.prompt) + len(row.tokens), tail)
+            blob = statefile.encode(
+                arrays, self.binding, s.req.state_tokens + len(s.req.prompt) + len(row.tokens), tail
+            )
         m.e2e.observe(now - s.h.arrival)
         s.h._put(Finished(reason, len(s.req.prompt), len(row.tokens), s.cached, blob))
-        log.info(json.dumps({"event": "request_done", "id": s.req.request_id, "finish_reason": reason,
-                             "prompt_tokens": len(s.req.prompt), "cached_tokens": s.cached,
-                             "completion_tokens": len(row.tokens),
-                             "seconds": round(now - s.h.arrival, 4)}))
+        log.info(
+            json.dumps(
+                {
+                    "event": "request_done",
+                    "id": s.req.request_id,
+                    "finish_reason": reason,
+                    "prompt_tokens": len(s.req.prompt),
+                    "cached_tokens": s.cached,
+                    "completion_tokens": len(row.tokens),
+                    "seconds": round(now - s.h.arrival, 4),
+                }
+            )
+        )

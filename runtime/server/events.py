@@ -4,6 +4,7 @@ The scheduler thread produces events (``Delta``, ``Finished``, ``Failed``) into 
 hands each iteration's events to the event loop in one ``call_soon_threadsafe`` call; the HTTP side reads
 them from an asyncio queue as ``(index, event)``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -62,8 +63,9 @@ class Failed:
 class Handle:
     """The HTTP side's view of a submitted request."""
 
-    def __init__(self, req: GenRequest, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue | None = None,
-                 index: int = 0):
+    def __init__(
+        self, req: GenRequest, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue | None = None, index: int = 0
+    ):
         self.req = req
         self.loop = loop
         self.queue: asyncio.Queue = queue if queue is not None else asyncio.Queue()  # gets (index, event)

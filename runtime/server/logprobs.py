@@ -2,6 +2,7 @@
 generation core (rwkv_runtime/generation.py: ``TokenLogprob``, ``token_logprob``, aligned with the
 delivered text by its ``TextStream``) for the sequences that ask only; turned into token strings and
 bytes on the HTTP side here."""
+
 from __future__ import annotations
 
 from rwkv_runtime.generation import TokenLogprob, token_logprob  # noqa: F401 - their old home

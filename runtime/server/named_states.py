@@ -10,6 +10,7 @@ Files: an ``.npz`` (``Session.save_state`` / ``State.save``, bound to this expor
 ``rwkv-export serve`` converts it before starting (``converted``); the torch-free
 ``python -m rwkv_runtime.server`` refuses it with the command that converts it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,10 @@ def parse(specs) -> list:
         if not eq or not file:
             raise RuntimeUserError(f"--state {spec!r}: expected NAME=FILE")
         if not NAME.match(name):
-            raise RuntimeUserError(f"--state {spec!r}: NAME must be letters, digits, '.', '_' or '-' "
-                                   "(at most 64, starting with a letter or digit)")
+            raise RuntimeUserError(
+                f"--state {spec!r}: NAME must be letters, digits, '.', '_' or '-' "
+                "(at most 64, starting with a letter or digit)"
+            )
         if name in seen:
             raise RuntimeUserError(f"--state {name}: given twice")
         seen.add(name)
@@ -68,7 +71,8 @@ def load(session, specs, converted: dict | None = None) -> dict:
             if path.suffix.lower() in TORCH_SUFFIXES:
                 raise RuntimeUserError(
                     f"--state {name}={path}: a state-tuning file needs torch to read; serve with `rwkv-export serve` "
-                    f"(it converts it), or convert it first: rwkv-export convert-state CHECKPOINT {path} -o STATE.npz")
+                    f"(it converts it), or convert it first: rwkv-export convert-state CHECKPOINT {path} -o STATE.npz"
+                )
             if not path.is_file():
                 raise RuntimeUserError(f"--state {name}={path}: no such file")
             src = path

@@ -10,6 +10,7 @@ field's default, nowhere else.
 EngineConfig lives in engine.py (the scheduler); its flags are described here in ``ENGINE_FLAGS``,
 keyed by field name, with the defaults read from EngineConfig itself.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,19 +47,20 @@ ENGINE_FLAGS = {
     "max_batch": Flag("sequences decoded together", type=int, min=1),
     "max_queue": Flag("queued requests before 429", type=int, min=1),
     "prefill_chunk": Flag("prompt chunk length (prefix states are cached at chunk ends)", type=int, min=1),
-    "prefill_budget": Flag("prompt tokens prefilled between two decode steps (interleaved with decoding)",
-                           type=int, min=1),
+    "prefill_budget": Flag(
+        "prompt tokens prefilled between two decode steps (interleaved with decoding)", type=int, min=1
+    ),
     "max_prompt_tokens": Flag("longer prompts get 413", type=int, min=1),
     "max_tokens": Flag("ceiling on a request's max_tokens", type=int, min=1),
     "request_timeout": Flag("seconds per request (then finish_reason timeout)", type=float, min=0, min_open=True),
-    "cache_bytes": Flag("prefix-state cache budget in MiB (0: off)", flag="--cache-mb", type=float, min=0,
-                        scale=2**20),
+    "cache_bytes": Flag("prefix-state cache budget in MiB (0: off)", flag="--cache-mb", type=float, min=0, scale=2**20),
 }
 
 
 @dataclass(frozen=True)
 class CliOption:
     """One generated flag: where its value goes (``target``: "server" or "engine"), the field, the flag."""
+
     target: str
     name: str
     flag: Flag
@@ -126,7 +128,7 @@ def from_cli(model: str, values: dict):
             v = os.environ.get(o.flag.env) or None
         if v is None:
             continue
-        for x in (v if o.flag.multiple else (v,)):
+        for x in v if o.flag.multiple else (v,):
             _check(o, x)
         if o.flag.scale:
             v = int(v * o.flag.scale)

@@ -17,6 +17,7 @@ TensorRT backend holds a lock).
 The first prompt token has no log-probability (``null``), as OpenAI reports it: nothing predicted it
 (also after an imported ``state``, whose file carries no logits).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -43,8 +44,11 @@ def _sse(obj) -> str:
 
 def wanted(req) -> bool:
     """Whether this completions request is this module's: prompt log-probabilities or ``max_tokens: 0``."""
-    return bool((req.echo and req.logprobs is not None) or getattr(req, "prompt_logprobs", None) is not None
-                or req.max_tokens == 0)
+    return bool(
+        (req.echo and req.logprobs is not None)
+        or getattr(req, "prompt_logprobs", None) is not None
+        or req.max_tokens == 0
+    )
 
 
 def add_routes(app, serving):
@@ -59,8 +63,13 @@ def add_routes(app, serving):
                 eos = text if text and s.encode(text) == [serving.config.stop_token_ids[0]] else None
             except (RuntimeUserError, ValueError, UnicodeError):
                 eos = None
-        return {"tokenizer_class": s.manifest.tokenizer.get("kind", "none"), "eos_token": eos, "bos_token": None,
-                "pad_token": None, "model_max_length": serving.engine.config.max_prompt_tokens}
+        return {
+            "tokenizer_class": s.manifest.tokenizer.get("kind", "none"),
+            "eos_token": eos,
+            "bos_token": None,
+            "pad_token": None,
+            "model_max_length": serving.engine.config.max_prompt_tokens,
+        }
 
 
 class _Scored:
@@ -72,7 +81,7 @@ class _Scored:
         self.top_ids = sc.top_ids[row]
         self.top_logprobs = sc.top_logprobs[row]
         self.rank = sc.rank[row]
-        self.arrays = {k: v[row:row + 1] for k, v in sc.state.numpy().items()}
+        self.arrays = {k: v[row : row + 1] for k, v in sc.state.numpy().items()}
         self.logits = sc.logits[row]
 
 
@@ -106,9 +115,12 @@ def legacy_logprobs(serving, p: _Scored, k: int, offsets: list) -> dict:
         for t, lp in (*zip(p.top_ids[j][:k].tolist(), p.top_logprobs[j][:k].tolist()), (p.ids[j], p.logprobs[j])):
             top.setdefault(texts(t)[0], protocol._logprob(float(lp)))
         tops.append(top)
-    return {"tokens": [texts(t)[0] for t in p.ids],
-            "token_logprobs": [None] + [protocol._logprob(float(x)) for x in p.logprobs[1:]],
-            "top_logprobs": tops, "text_offset": list(offsets)}
+    return {
+        "tokens": [texts(t)[0] for t in p.ids],
+        "token_logprobs": [None] + [protocol._logprob(float(x)) for x in p.logprobs[1:]],
+        "top_logprobs": tops,
+        "text_offset": list(offsets),
+    }
 
 
 def vllm_prompt_logprobs(serving, p: _Scored, k: int) -> list:
@@ -120,8 +132,14 @@ def vllm_prompt_logprobs(serving, p: _Scored, k: int) -> list:
         d = {}
         for r, (t, lp) in enumerate(zip(p.top_ids[j][:k].tolist(), p.top_logprobs[j][:k].tolist()), 1):
             d[str(t)] = {"logprob": protocol._logprob(float(lp)), "rank": r, "decoded_token": texts(t)[0]}
-        d.setdefault(str(p.ids[j]), {"logprob": protocol._logprob(float(p.logprobs[j])), "rank": int(p.rank[j]),
-                                     "decoded_token": texts(p.ids[j])[0]})
+        d.setdefault(
+            str(p.ids[j]),
+            {
+                "logprob": protocol._logprob(float(p.logprobs[j])),
+                "rank": int(p.rank[j]),
+                "decoded_token": texts(p.ids[j])[0],
+            },
+        )
         out.append(d)
     return out
 
@@ -132,9 +150,12 @@ def _merge(a: dict | None, b: dict | None, shift: int) -> dict | None:
         return b
     if not b:
         return a
-    return {"tokens": a["tokens"] + b["tokens"], "token_logprobs": a["token_logprobs"] + b["token_logprobs"],
-            "top_logprobs": a["top_logprobs"] + b["top_logprobs"],
-            "text_offset": a["text_offset"] + [o + shift for o in b["text_offset"]]}
+    return {
+        "tokens": a["tokens"] + b["tokens"],
+        "token_logprobs": a["token_logprobs"] + b["token_logprobs"],
+        "top_logprobs": a["top_logprobs"] + b["top_logprobs"],
+        "text_offset": a["text_offset"] + [o + shift for o in b["text_offset"]],
+    }
 
 
 async def completions(serving, req, prompts: list, is_disconnected, session_id=None):
@@ -148,8 +169,12 @@ async def completions(serving, req, prompts: list, is_disconnected, session_id=N
     ids_list = [serving._tokens(p) for p in prompts]
     for ids in ids_list:
         if len(ids) > eng.config.max_prompt_tokens:
-            raise ServeError(413, f"the prompt has {len(ids)} tokens; this server accepts at most "
-                             f"{eng.config.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
+            raise ServeError(
+                413,
+                f"the prompt has {len(ids)} tokens; this server accepts at most {eng.config.max_prompt_tokens}",
+                param="prompt",
+                code="context_length_exceeded",
+            )
     named = serving.named_state(req.model)  # model MODEL:NAME: scored from that named state
     state = serving.session.state_from_numpy(named.arrays) if named is not None else None
     if req.state is not None:
@@ -165,13 +190,16 @@ async def completions(serving, req, prompts: list, is_disconnected, session_id=N
     k = max(lp_k or 0, vllm_k or 0)
     scored: list = [None] * len(ids_list)
     if k or lp_k is not None or vllm_k is not None:  # (max_tokens 0 alone: no scoring)
+
         def run(ids):
             with _LOCK:
                 # a shutdown's drain over (engine stopped): abandoned between two model runs, so the
                 # request is answered (503) before the server exits instead of cancelled mid-call (was:
                 # uvicorn's CancelledError traceback and a plain-text 500 after its graceful timeout)
-                return _Scored(ids, serving.session.score(np.asarray([ids]), state, start=1, top_k=k,
-                                                          stop=lambda: eng.stopped))
+                return _Scored(
+                    ids, serving.session.score(np.asarray([ids]), state, start=1, top_k=k, stop=lambda: eng.stopped)
+                )
+
         # one prompt per turn of the lock: concurrent requests' prompts interleave (a request of many
         # long prompts cannot hold the others for all of its own), and a client that left stops its own
         eng.scoring += 1  # a drain waits for this request (up to its grace), as for the engine's own
@@ -184,16 +212,20 @@ async def completions(serving, req, prompts: list, is_disconnected, session_id=N
                 except RuntimeUserError as e:
                     raise ServeError(400, str(e), param="prompt") from None
                 except ScoringStopped:
-                    raise ServeError(503, "the server shut down while scoring the prompt; retry the request",
-                                     "service_unavailable") from None
+                    raise ServeError(
+                        503, "the server shut down while scoring the prompt; retry the request", "service_unavailable"
+                    ) from None
         finally:
             eng.scoring -= 1
     views = [_offsets(serving, ids) for ids in ids_list]
     echo = [(p if isinstance(p, str) else views[i][1]) if req.echo else "" for i, p in enumerate(prompts)]
-    prompt_lp = [legacy_logprobs(serving, scored[i], lp_k, views[i][0]) if lp_k is not None else None
-                 for i in range(len(ids_list))]
-    vllm_lp = [vllm_prompt_logprobs(serving, scored[i], vllm_k) if vllm_k is not None else None
-               for i in range(len(ids_list))]
+    prompt_lp = [
+        legacy_logprobs(serving, scored[i], lp_k, views[i][0]) if lp_k is not None else None
+        for i in range(len(ids_list))
+    ]
+    vllm_lp = [
+        vllm_prompt_logprobs(serving, scored[i], vllm_k) if vllm_k is not None else None for i in range(len(ids_list))
+    ]
 
     def extra(c: dict, i: int) -> dict:
         if vllm_lp[i] is not None:
@@ -205,20 +237,31 @@ async def completions(serving, req, prompts: list, is_disconnected, session_id=N
         rid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
         total = sum(len(ids) for ids in ids_list)
         use = protocol.usage(total, 0, 0)
-        choices = [extra(protocol.choice(c, echo[c // n], "length", False, None, prompt_lp[c // n]), c // n)
-                   for c in range(len(ids_list) * n)]
+        choices = [
+            extra(protocol.choice(c, echo[c // n], "length", False, None, prompt_lp[c // n]), c // n)
+            for c in range(len(ids_list) * n)
+        ]
         if not req.stream:
             return protocol.completion(rid, serving.config.model_name, choices, use, False)
 
         async def events():
             for c in choices:
-                ch = protocol.chunk(rid, serving.config.model_name, created, False, c["index"], c["text"], "length",
-                                    logprobs=c["logprobs"])
+                ch = protocol.chunk(
+                    rid,
+                    serving.config.model_name,
+                    created,
+                    False,
+                    c["index"],
+                    c["text"],
+                    "length",
+                    logprobs=c["logprobs"],
+                )
                 extra(ch["choices"][0], c["index"] // n)
                 yield _sse(ch)
             if req.include_usage():
                 yield _sse(protocol.chunk(rid, serving.config.model_name, created, False, 0, use=use))
             yield "data: [DONE]\n\n"
+
         return events()
 
     # tokens to generate after the prompt: the engine, as for any request (logprobs of the generated
@@ -246,7 +289,7 @@ async def completions(serving, req, prompts: list, is_disconnected, session_id=N
     async def stream():
         head_sent = set()
         async for ev in result:
-            body = ev[len("data: "):].strip() if ev.startswith("data: {") else None
+            body = ev[len("data: ") :].strip() if ev.startswith("data: {") else None
             obj = json.loads(body) if body else None
             if obj is None or "choices" not in obj:
                 yield ev
@@ -256,8 +299,9 @@ async def completions(serving, req, prompts: list, is_disconnected, session_id=N
                 i = c["index"] // n
                 if c["index"] not in head_sent:  # the echoed prompt (and its logprobs) first, in the same stream
                     head_sent.add(c["index"])
-                    first = protocol.chunk(obj["id"], obj["model"], obj["created"], False, c["index"], echo[i],
-                                           logprobs=prompt_lp[i])
+                    first = protocol.chunk(
+                        obj["id"], obj["model"], obj["created"], False, c["index"], echo[i], logprobs=prompt_lp[i]
+                    )
                     extra(first["choices"][0], i)
                     out.append(first)
                 if c.get("logprobs") and prompt_lp[i] is not None:
@@ -266,4 +310,5 @@ async def completions(serving, req, prompts: list, is_disconnected, session_id=N
                 obj["usage"]["prompt_tokens_details"] = {"cached_tokens": 0}
             for o in out + [obj]:
                 yield _sse(o)
+
     return stream()

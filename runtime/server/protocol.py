@@ -9,10 +9,11 @@ honoured by constrained decoding (structured.py). Two fields
 are this server's own: ``state`` (resume from an exported conversation state) and ``return_state``
 (get the state after this reply back, in each choice's ``state``).
 """
+
 from __future__ import annotations
 
 import time
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -31,32 +32,32 @@ class _Request(BaseModel):
     model_config = ConfigDict(**_STRICT, allow_inf_nan=False)
 
     model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # 0: off (OpenAI has no top_k; vLLM and ai00 accept it)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     penalty_decay: float = Field(0.996, ge=0.0, le=1.0)  # RWKV's occurrence decay (ChatRWKV alpha_decay)
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
-    stream_options: Optional[dict] = None
-    user: Optional[str] = None
-    state: Optional[str] = None  # base64 conversation state from a previous reply's ``state``
+    stream_options: dict | None = None
+    user: str | None = None
+    state: str | None = None  # base64 conversation state from a previous reply's ``state``
     return_state: bool = False
     # OpenAI fields this server cannot honour: accepted in their "off" form (clients send defaults),
     # refused otherwise (Serving.check_unsupported), rather than silently ignored
-    logit_bias: Optional[dict] = None
+    logit_bias: dict | None = None
     # structured output (server/structured.py): OpenAI's response_format, vLLM's structured_outputs and
     # its older guided_* fields; at most one per request
-    response_format: Optional[dict] = None
-    structured_outputs: Optional[dict] = None
-    guided_json: Union[dict, str, None] = None
-    guided_regex: Optional[str] = None
-    guided_choice: Optional[list[str]] = None
-    guided_grammar: Optional[str] = None
+    response_format: dict | None = None
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -77,13 +78,13 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: Optional[int] = Field(None, ge=0, le=5)  # alternatives per token (OpenAI's legacy limit)
-    max_tokens: Optional[int] = Field(None, ge=0)  # 0: the prompt alone (echo, its logprobs): prompt_scoring.py
-    prompt_logprobs: Optional[int] = Field(None, ge=0, le=20)  # vLLM's: the prompt tokens' logprobs, k alternatives
-    suffix: Optional[str] = None
-    best_of: Optional[int] = Field(None, ge=1, le=20)  # (OpenAI's limit)
+    logprobs: int | None = Field(None, ge=0, le=5)  # alternatives per token (OpenAI's legacy limit)
+    max_tokens: int | None = Field(None, ge=0)  # 0: the prompt alone (echo, its logprobs): prompt_scoring.py
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: the prompt tokens' logprobs, k alternatives
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=20)  # (OpenAI's limit)
 
     @field_validator("logprobs", mode="before")
     @classmethod
@@ -104,8 +105,8 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
-    name: Optional[str] = None
+    content: str | list[TextPart] | None = None
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -115,28 +116,29 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
-    response_format: Optional[dict] = None
-    tools: Optional[list] = None
-    tool_choice: Union[str, dict, None] = None
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
 
 
 class TokenizeRequest(BaseModel):
     """``POST /tokenize`` (vLLM's shape): a ``prompt`` as the completions endpoint tokenizes it, or chat
     ``messages`` as the chat endpoint renders them (the prompt the model would see)."""
+
     model_config = _STRICT
 
-    model: Optional[str] = None
-    prompt: Optional[str] = None
-    messages: Optional[list[ChatMessage]] = Field(None, min_length=1)
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
 
 
 class DetokenizeRequest(BaseModel):
     model_config = _STRICT
 
-    model: Optional[str] = None
+    model: str | None = None
     tokens: list[int]
 
 
@@ -146,13 +148,24 @@ def error_body(message: str, type_: str, param=None, code=None) -> dict:
 
 
 def usage(prompt: int, completion: int, cached: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def completion(rid: str, model: str, choices: list, use: dict, chat: bool) -> dict:
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": choices, "usage": use, "system_fingerprint": None}
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": use,
+        "system_fingerprint": None,
+    }
 
 
 def _logprob(x: float) -> float:
@@ -168,8 +181,12 @@ def completion_logprobs(entries: list, texts) -> dict:
         for t, lp in (*e.top, (e.token, e.logprob)):
             top.setdefault(texts(t)[0], _logprob(lp))
         tops.append(top)
-    return {"tokens": [texts(e.token)[0] for e in entries], "token_logprobs": [_logprob(e.logprob) for e in entries],
-            "top_logprobs": tops, "text_offset": [e.start for e in entries]}
+    return {
+        "tokens": [texts(e.token)[0] for e in entries],
+        "token_logprobs": [_logprob(e.logprob) for e in entries],
+        "top_logprobs": tops,
+        "text_offset": [e.start for e in entries],
+    }
 
 
 def chat_logprobs(entries: list, texts) -> dict:
@@ -177,8 +194,9 @@ def chat_logprobs(entries: list, texts) -> dict:
         text, raw = texts(t)
         return {"token": text, "logprob": _logprob(lp), "bytes": list(raw)}
 
-    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
-                        for e in entries]}
+    return {
+        "content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
+    }
 
 
 def choice(index: int, text: str, finish: str, chat: bool, state: str | None, logprobs: dict | None = None) -> dict:
@@ -192,22 +210,36 @@ def choice(index: int, text: str, finish: str, chat: bool, state: str | None, lo
     return c
 
 
-def chunk(rid: str, model: str, created: int, chat: bool, index: int, text: str | None = None,
-          finish: str | None = None, role: bool = False, state: str | None = None, use: dict | None = None,
-          logprobs: dict | None = None) -> dict:
+def chunk(
+    rid: str,
+    model: str,
+    created: int,
+    chat: bool,
+    index: int,
+    text: str | None = None,
+    finish: str | None = None,
+    role: bool = False,
+    state: str | None = None,
+    use: dict | None = None,
+    logprobs: dict | None = None,
+) -> dict:
     choices = []
     if use is None:
         c = {"index": index, "finish_reason": finish, "logprobs": logprobs}
         if chat:
-            c["delta"] = ({"role": "assistant", "content": ""} if role else
-                          {"content": text} if text is not None else {})
+            c["delta"] = {"role": "assistant", "content": ""} if role else {"content": text} if text is not None else {}
         else:
             c["text"] = text or ""
         if state is not None:
             c["state"] = state
         choices.append(c)
-    out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-           "model": model, "choices": choices}
+    out = {
+        "id": rid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
     if use is not None:
         out["usage"] = use
     return out

@@ -1,4 +1,5 @@
 """Building and running a server: from a model path to a running uvicorn (foreground or a thread)."""
+
 from __future__ import annotations
 
 import errno
@@ -29,32 +30,54 @@ log = logging.getLogger("rwkv_runtime.server")
 class ServerOptions:
     """Everything a server is started with. A field with ``opt(...)`` metadata is also a command-line flag
     of both CLIs (generated in options.py; the engine's flags are EngineConfig's, options.ENGINE_FLAGS)."""
+
     model: str
     model_name: str | None = opt(None, "the `model` clients ask for (default: the file name)")
     threads: int | None = opt(None, "onnxruntime intra-op threads", type=int, min=1)
     providers: list | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
     chat_template: str | None = opt(None, "JSON file with system/user/assistant/separator/stop")
-    default_max_tokens: int = opt(ServingConfig.default_max_tokens, "max_tokens of chat requests that leave it out",
-                                  type=int, min=1)
-    stop_token_ids: tuple | None = opt(None, "end-of-text token id (repeatable; default 0 for World-tokenizer "
-                                       "models)", flag="--stop-token", type=int, min=0, multiple=True)
-    drain_seconds: float = opt(10.0, "on SIGTERM/SIGINT: time in-flight requests get to finish (new ones get 503)",
-                               type=float, min=0)
+    default_max_tokens: int = opt(
+        ServingConfig.default_max_tokens, "max_tokens of chat requests that leave it out", type=int, min=1
+    )
+    stop_token_ids: tuple | None = opt(
+        None,
+        "end-of-text token id (repeatable; default 0 for World-tokenizer models)",
+        flag="--stop-token",
+        type=int,
+        min=0,
+        multiple=True,
+    )
+    drain_seconds: float = opt(
+        10.0, "on SIGTERM/SIGINT: time in-flight requests get to finish (new ones get 503)", type=float, min=0
+    )
     max_body_bytes: int = 16 << 20
     # "auto": one onnxruntime session, weights held once; "step": the step graph decodes in a second
     # session (a second copy of the weights, faster batched decode: docs/benchmarks.md, Serving)
-    decode_graph: str = opt("auto", "auto: one onnxruntime session (weights once); step: the step graph decodes "
-                            "(two copies of the weights, faster)", choices=("auto", "step"))
-    api_key: str | None = opt(None, f"require `Authorization: Bearer KEY` on every endpoint but /health and "
-                              f"/metrics (default: ${API_KEY_ENV}; none: no key required)", env=API_KEY_ENV,
-                              secret=True)
+    decode_graph: str = opt(
+        "auto",
+        "auto: one onnxruntime session (weights once); step: the step graph decodes "
+        "(two copies of the weights, faster)",
+        choices=("auto", "step"),
+    )
+    api_key: str | None = opt(
+        None,
+        f"require `Authorization: Bearer KEY` on every endpoint but /health and "
+        f"/metrics (default: ${API_KEY_ENV}; none: no key required)",
+        env=API_KEY_ENV,
+        secret=True,
+    )
     host: str = opt("127.0.0.1", "bind address (loopback unless you mean it; set an API key for any other)")
     port: int = opt(8000, "port (0: any free one)", type=int, min=0, max=65535)
     log_level: str = opt("info", "log level", choices=("debug", "info", "warning", "error"))
-    states: tuple | None = opt(None, "a named initial state NAME=FILE (repeatable): an .npz (Session.save_state, "
-                               "convert-state) or, under rwkv-export serve, a state-tuning .pth; clients pick it with "
-                               "model MODEL:NAME", flag="--state", multiple=True)
+    states: tuple | None = opt(
+        None,
+        "a named initial state NAME=FILE (repeatable): an .npz (Session.save_state, "
+        "convert-state) or, under rwkv-export serve, a state-tuning .pth; clients pick it with "
+        "model MODEL:NAME",
+        flag="--state",
+        multiple=True,
+    )
     # NAME -> {state tensor: array}: --state files the caller read itself (rwkv-export serve: .pth, with torch)
     state_arrays: dict | None = None
 
@@ -63,8 +86,13 @@ def build_app(opts: ServerOptions, session_store=None):
     """(FastAPI app, Engine) for ``opts``; the engine starts with the app's lifespan. ``session_store``:
     see ``Serving`` (the Ray Serve app passes one). The model is warmed up before this returns."""
     path = Path(opts.model)
-    session = Session(path, providers=opts.providers, threads=opts.threads, prefill_chunk=opts.engine.prefill_chunk,
-                      decode_graph=opts.decode_graph)
+    session = Session(
+        path,
+        providers=opts.providers,
+        threads=opts.threads,
+        prefill_chunk=opts.engine.prefill_chunk,
+        decode_graph=opts.decode_graph,
+    )
     try:
         session.tokenizer  # noqa: B018 - loads it: text in, text out
     except RuntimeUserError as e:
@@ -123,8 +151,7 @@ def _uvicorn_server(app, engine, log_level: str, drain_seconds: float, host="127
 
         def drain(self, sig=None, frame=None):
             engine.begin_shutdown()  # (called in the signal handler: the work happens in a thread)
-            self._drain_thread = threading.Thread(target=self._drain, args=(sig, frame), name="rwkv-drain",
-                                                  daemon=True)
+            self._drain_thread = threading.Thread(target=self._drain, args=(sig, frame), name="rwkv-drain", daemon=True)
             self._drain_thread.start()
 
         def _drain(self, sig, frame):
@@ -143,11 +170,13 @@ def _uvicorn_server(app, engine, log_level: str, drain_seconds: float, host="127
             if sockets and self.started:  # uvicorn names the address only for sockets it bound itself
                 h, p = sockets[0].getsockname()[:2]
                 logging.getLogger("uvicorn.error").info(
-                    "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", f"[{h}]" if ":" in h else h, p)
+                    "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", f"[{h}]" if ":" in h else h, p
+                )
 
     # (what is left when uvicorn shuts down: idle keep-alive connections, or a client that stopped reading)
-    cfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                         timeout_graceful_shutdown=5, lifespan="on")
+    cfg = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5, lifespan="on"
+    )
     return _Server(cfg)
 
 
@@ -168,9 +197,17 @@ def run(opts: ServerOptions, host: str | None = None, port: int | None = None, l
     log_level = log_level or opts.log_level
     setup_logging(log_level)
     if not opts.api_key and is_loopback(host) is False:
-        log.warning(json.dumps({"event": "no_api_key", "message": (
-            f"--host {host} is not a loopback address and no API key is set: anyone who can reach this "
-            f"port can use the server; set --api-key or ${API_KEY_ENV}")}))
+        log.warning(
+            json.dumps(
+                {
+                    "event": "no_api_key",
+                    "message": (
+                        f"--host {host} is not a loopback address and no API key is set: anyone who can reach this "
+                        f"port can use the server; set --api-key or ${API_KEY_ENV}"
+                    ),
+                }
+            )
+        )
     sock = _listen(host, port)  # before the model loads: a taken port is one line at once, not uvicorn's exit 3
     try:
         app, engine = build_app(opts)

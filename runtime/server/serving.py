@@ -1,5 +1,6 @@
 """Turns validated OpenAI requests into engine requests, and engine events into OpenAI responses
 (one JSON body, or server-sent events ending with ``[DONE]``)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -34,13 +35,14 @@ class ChatTemplate:
     stop: tuple = ("\n\nUser:",)
 
     @classmethod
-    def from_json(cls, text: str) -> "ChatTemplate":
+    def from_json(cls, text: str) -> ChatTemplate:
         try:
             d = json.loads(text)
             t = cls(**{k: v for k, v in d.items() if k != "stop"}, stop=tuple(d.get("stop", cls.stop)))
         except (ValueError, TypeError, AttributeError) as e:
-            raise RuntimeUserError(f"chat template: expected a JSON object with keys system/user/assistant/"
-                                   f"separator/stop ({e})") from None
+            raise RuntimeUserError(
+                f"chat template: expected a JSON object with keys system/user/assistant/separator/stop ({e})"
+            ) from None
         if not all(isinstance(getattr(t, k), str) for k in ("system", "user", "assistant", "separator")):
             raise RuntimeUserError("chat template: system/user/assistant/separator must be strings")
         return t
@@ -100,15 +102,24 @@ class Serving:
         return (protocol.chat_logprobs if chat else protocol.completion_logprobs)(entries, self._token_texts)
 
     def models(self) -> dict:
-        return {"object": "list", "data": [self.model_card()] + [
-            self.model_card(f"{self.config.model_name}:{n}") for n in self.config.states]}
+        return {
+            "object": "list",
+            "data": [self.model_card()]
+            + [self.model_card(f"{self.config.model_name}:{n}") for n in self.config.states],
+        }
 
     def model_card(self, name: str | None = None) -> dict:
         """The card of the model, or of ``MODEL:NAME`` (the model started from a named state)."""
         m = self.session.manifest
-        card = {"id": name or self.config.model_name, "object": "model", "created": 0, "owned_by": "rwkv-export",
-                "architecture": m.architecture, "export_id": self.engine.binding,
-                "max_prompt_tokens": self.engine.config.max_prompt_tokens}
+        card = {
+            "id": name or self.config.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "rwkv-export",
+            "architecture": m.architecture,
+            "export_id": self.engine.binding,
+            "max_prompt_tokens": self.engine.config.max_prompt_tokens,
+        }
         state = self.named_state(name) if name else None
         if state is not None:
             card.update(parent=self.config.model_name, initial_state=state.name)
@@ -122,9 +133,13 @@ class Serving:
         if colon and model == self.config.model_name and state in self.config.states:
             return self.config.states[state]
         names = [self.config.model_name] + [f"{self.config.model_name}:{n}" for n in self.config.states]
-        raise ServeError(404, f"the model {name!r} does not exist (this server serves "
-                         f"{', '.join(repr(n) for n in names[:8])}{' ...' if len(names) > 8 else ''})",
-                         param="model", code="model_not_found")
+        raise ServeError(
+            404,
+            f"the model {name!r} does not exist (this server serves "
+            f"{', '.join(repr(n) for n in names[:8])}{' ...' if len(names) > 8 else ''})",
+            param="model",
+            code="model_not_found",
+        )
 
     def check_model(self, name: str):
         self.named_state(name)
@@ -151,8 +166,7 @@ class Serving:
         if best_of is not None and best_of < req.n:
             raise ServeError(400, f"best_of ({best_of}) must be at least n ({req.n})", param="best_of")
         if best_of is not None and best_of > req.n and req.stream:
-            raise ServeError(400, "best_of above n cannot be streamed (the best are known at the end)",
-                             param="best_of")
+            raise ServeError(400, "best_of above n cannot be streamed (the best are known at the end)", param="best_of")
 
     @staticmethod
     def _top_logprobs(req) -> int | None:
@@ -175,8 +189,9 @@ class Serving:
             except ValueError:
                 raise ServeError(400, f"logit_bias keys are token ids, not {k!r}", param="logit_bias") from None
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-                raise ServeError(400, f"logit_bias values are numbers in [-100, 100], not {v!r} (token {t})",
-                                 param="logit_bias")
+                raise ServeError(
+                    400, f"logit_bias values are numbers in [-100, 100], not {v!r} (token {t})", param="logit_bias"
+                )
             out[t] = float(v)
         return out
 
@@ -186,10 +201,13 @@ class Serving:
         before scoring prompts (prompt_scoring), which would hold a worker for as long."""
         k = self._candidates(req)
         if len(prompts) * k > self.engine.config.max_queue:
-            raise ServeError(400, f"the request asks for {len(prompts) * k} completions ({len(prompts)} "
-                             f"prompt(s) x {'best_of' if k > req.n else 'n'}={k}); this server accepts at most "
-                             f"{self.engine.config.max_queue} per request",
-                             param=("best_of" if k > req.n else "n") if len(prompts) == 1 else "prompt")
+            raise ServeError(
+                400,
+                f"the request asks for {len(prompts) * k} completions ({len(prompts)} "
+                f"prompt(s) x {'best_of' if k > req.n else 'n'}={k}); this server accepts at most "
+                f"{self.engine.config.max_queue} per request",
+                param=("best_of" if k > req.n else "n") if len(prompts) == 1 else "prompt",
+            )
 
     @staticmethod
     def _candidates(req) -> int:
@@ -206,13 +224,17 @@ class Serving:
             top_logprobs = 0  # ranking needs each token's log-probability (not returned unless asked)
         logit_bias = self._logit_bias(req)
         # response_format / tools / vLLM's structured outputs: compiled once here (a 400 naming the field)
-        constraint = structured.compile_for(structured.plan(req, isinstance(req, protocol.ChatCompletionRequest)),
-                                            self.session)
+        constraint = structured.compile_for(
+            structured.plan(req, isinstance(req, protocol.ChatCompletionRequest)), self.session
+        )
         self.check_count(req, prompts)
         k = self._candidates(req)
         if max_tokens > self.engine.config.max_tokens:
-            raise ServeError(400, f"max_tokens is {max_tokens}; this server allows at most "
-                             f"{self.engine.config.max_tokens}", param="max_tokens")
+            raise ServeError(
+                400,
+                f"max_tokens is {max_tokens}; this server allows at most {self.engine.config.max_tokens}",
+                param="max_tokens",
+            )
         arrays, base, seen = None, "", 0
         named = self.named_state(req.model)
         if named is not None:  # (a conversation state below, if given, already went on from it)
@@ -227,22 +249,41 @@ class Serving:
             base, seen = statefile.digest(req.state), meta.get("tokens", 0)
             tail = meta.get("tail", "")
             if after_tail and tail:
-                prompts = [p[len(tail):] if p.startswith(tail) else p for p in prompts]
+                prompts = [p[len(tail) :] if p.startswith(tail) else p for p in prompts]
         out = []
         for p in prompts:
             ids = self._tokens(p)
             for j in range(k):
                 seed = None if req.seed is None else req.seed + j
-                sp = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                    presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                                    penalty_decay=req.penalty_decay, seed=seed, logit_bias=logit_bias,
-                                    constraint=constraint)
+                sp = SamplingParams(
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    top_k=req.top_k,
+                    presence_penalty=req.presence_penalty,
+                    frequency_penalty=req.frequency_penalty,
+                    penalty_decay=req.penalty_decay,
+                    seed=seed,
+                    logit_bias=logit_bias,
+                    constraint=constraint,
+                )
                 try:
                     Sampler(sp, self.session.vocab_size)  # checks the parameters: a clear 400, here
                 except RuntimeUserError as e:
                     raise ServeError(400, str(e)) from None
-                out.append(GenRequest(ids, sp, max_tokens, stops, frozenset(self.config.stop_token_ids), arrays,
-                                      base, seen, req.return_state, top_logprobs))
+                out.append(
+                    GenRequest(
+                        ids,
+                        sp,
+                        max_tokens,
+                        stops,
+                        frozenset(self.config.stop_token_ids),
+                        arrays,
+                        base,
+                        seen,
+                        req.return_state,
+                        top_logprobs,
+                    )
+                )
         return out
 
     def _submit(self, gens: list):
@@ -267,7 +308,7 @@ class Serving:
         if not found:
             return
         tokens, blob, logits = found
-        if hit < len(tokens) <= len(prompt) and list(prompt[:len(tokens)]) == list(tokens):
+        if hit < len(tokens) <= len(prompt) and list(prompt[: len(tokens)]) == list(tokens):
             try:
                 arrays, _ = statefile.decode(blob, self.engine.binding, self.engine.config.max_state_bytes)
             except RuntimeUserError:
@@ -316,8 +357,9 @@ class Serving:
             messages = [protocol.ChatMessage(role="system", content=tools_text), *messages]
         text = self.config.template.render(messages, continuation=req.state is not None)
         max_tokens = req.max_completion_tokens or req.max_tokens or self._default_max(self.config.default_max_tokens)
-        gens = self._requests(req, [text], max_tokens, tuple(dict.fromkeys(self.config.template.stop + req.stops())),
-                              after_tail=True)
+        gens = self._requests(
+            req, [text], max_tokens, tuple(dict.fromkeys(self.config.template.stop + req.stops())), after_tail=True
+        )
         await self._with_session(gens, session_id)
         return await self._run(req, gens, True, [""] * len(gens), is_disconnected)
 
@@ -375,15 +417,21 @@ class Serving:
         wants = self._top_logprobs(req) is not None  # (best_of computes them to rank, returns them if asked)
         k = self._candidates(req)
         picked = range(len(handles)) if k == req.n else self._best(entries, req.n, k)
-        choices = [protocol.choice(c, texts[i], done[i].reason, chat, done[i].state,
-                                   self._logprobs(entries[i], chat) if wants else None) for c, i in enumerate(picked)]
+        choices = [
+            protocol.choice(
+                c, texts[i], done[i].reason, chat, done[i].state, self._logprobs(entries[i], chat) if wants else None
+            )
+            for c, i in enumerate(picked)
+        ]
         return structured.shape_response(
-            plan, protocol.completion(rid, self.config.model_name, choices, self._usage(req, done), chat))
+            plan, protocol.completion(rid, self.config.model_name, choices, self._usage(req, done), chat)
+        )
 
     @staticmethod
     def _best(entries: list, n: int, k: int) -> list:
         """best_of: of each prompt's ``k`` candidates, the ``n`` with the highest mean log-probability
         per token (OpenAI's rule; a candidate with no tokens ranks last), best first."""
+
         def score(i):
             lps = [e.logprob for e in entries[i]]
             return sum(lps) / len(lps) if lps else float("-inf")

@@ -5,6 +5,7 @@ entry (JSON bytes): format name, version, the model's export id and the number o
 has seen. Loading never unpickles (``allow_pickle=False``) and checks the model binding, the size and
 every tensor against the manifest (``Session.state_from_numpy``).
 """
+
 from __future__ import annotations
 
 import base64
@@ -40,8 +41,9 @@ def encode(arrays: dict, binding: str, tokens_seen: int, tail: str = "") -> str:
         d["tail"] = tail
     meta = json.dumps(d)
     buf = io.BytesIO()
-    np.savez_compressed(buf, **{k: np.asarray(v) for k, v in arrays.items()},
-                        **{META: np.frombuffer(meta.encode(), dtype=np.uint8)})
+    np.savez_compressed(
+        buf, **{k: np.asarray(v) for k, v in arrays.items()}, **{META: np.frombuffer(meta.encode(), dtype=np.uint8)}
+    )
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -62,8 +64,9 @@ def decode(text: str, binding: str, max_bytes: int) -> tuple[dict, dict]:
                 raise RuntimeUserError(f"state is larger than this server accepts ({max_bytes} bytes)")
             for name in z.zip.namelist():
                 if not name.endswith(".npy"):  # (np.load would hand back its raw bytes, not an array)
-                    raise RuntimeUserError(f"state is not a saved conversation state (it holds {name[:60]!r}, "
-                                           "which is not an array)")
+                    raise RuntimeUserError(
+                        f"state is not a saved conversation state (it holds {name[:60]!r}, which is not an array)"
+                    )
                 _check_declared_size(z.zip, name)
             arrays = {k: z[k] for k in z.files}
     except RuntimeUserError:
@@ -78,16 +81,19 @@ def decode(text: str, binding: str, max_bytes: int) -> tuple[dict, dict]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise RuntimeUserError("state is not a saved conversation state (no rwkv state header)")
     if meta.get("version") != VERSION:
-        raise RuntimeUserError(f"state format version {meta.get('version')!r} is not supported "
-                               f"(this server reads version {VERSION})")
+        raise RuntimeUserError(
+            f"state format version {meta.get('version')!r} is not supported (this server reads version {VERSION})"
+        )
     tokens = meta.get("tokens", 0)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
         raise RuntimeUserError(f"state header: tokens must be a whole number >= 0, not {tokens!r}")
     if not isinstance(meta.get("tail", ""), str):
         raise RuntimeUserError(f"state header: tail must be a string, not {type(meta['tail']).__name__}")
     if meta.get("export_id") != binding:
-        raise RuntimeUserError("state belongs to another model export (export id differs); "
-                               "it can only be resumed on a server running the same export")
+        raise RuntimeUserError(
+            "state belongs to another model export (export id differs); "
+            "it can only be resumed on a server running the same export"
+        )
     # a state the model made is finite; NaN/inf would make NaN logits (garbage text, a failed sampler)
     for k, v in arrays.items():
         if v.dtype.kind in "fc" and not np.isfinite(v).all():
@@ -107,8 +113,10 @@ def _check_declared_size(zf: zipfile.ZipFile, name: str):
         header = f.tell()
     size = math.prod(shape) * dtype.itemsize
     if size > zf.getinfo(name).file_size - header:
-        raise RuntimeUserError(f"state is not a saved conversation state ({name[:-4][:60]!r} declares "
-                               f"{math.prod(shape)} elements, more than it holds)")
+        raise RuntimeUserError(
+            f"state is not a saved conversation state ({name[:-4][:60]!r} declares "
+            f"{math.prod(shape)} elements, more than it holds)"
+        )
 
 
 def check_batch_one(arrays: dict):
@@ -116,8 +124,9 @@ def check_batch_one(arrays: dict):
     the first tensor's batch as the truth and blames the next one)."""
     for k, v in arrays.items():
         if v.ndim == 0 or v.shape[0] != 1:
-            raise RuntimeUserError(f"state must hold one conversation (batch 1): tensor {k[:60]!r} has shape "
-                                   f"{list(v.shape)}")
+            raise RuntimeUserError(
+                f"state must hold one conversation (batch 1): tensor {k[:60]!r} has shape {list(v.shape)}"
+            )
 
 
 def digest(text: str) -> str:

@@ -17,6 +17,7 @@ Request fields (docs/structured-output.md has the full contract):
 
 At most one constraint per request: two of these fields at once is a 400 naming the second.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,13 @@ from .events import ServeError
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
-_VLLM_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
-               "json_object": "json_object"}
+_VLLM_KINDS = {
+    "json": "json_schema",
+    "regex": "regex",
+    "choice": "choice",
+    "grammar": "grammar",
+    "json_object": "json_object",
+}
 
 
 @dataclass
@@ -79,18 +85,26 @@ def _response_format(fmt) -> C.ConstraintSpec | None:
             raise _bad("response_format.json_schema must be an object with a 'schema' object", "response_format")
         # strict or not, the schema is enforced (strict: false is a best-effort request, met in full here)
         return _spec("json_schema", js.get("schema", {}), "response_format")
-    raise _bad(f"response_format type {str(kind)[:40]!r} is not one of text, json_object, json_schema",
-               "response_format")
+    raise _bad(
+        f"response_format type {str(kind)[:40]!r} is not one of text, json_object, json_schema", "response_format"
+    )
 
 
 def _tools(req) -> dict:
     out = {}
     for i, t in enumerate(req.tools or []):
         f = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(f, dict) \
-                or not isinstance(f.get("name"), str) or not f["name"]:
-            raise _bad(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': {{...}}}}}}",
-                       "tools")
+        if (
+            not isinstance(t, dict)
+            or t.get("type", "function") != "function"
+            or not isinstance(f, dict)
+            or not isinstance(f.get("name"), str)
+            or not f["name"]
+        ):
+            raise _bad(
+                f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': {{...}}}}}}",
+                "tools",
+            )
         params = f.get("parameters", {"type": "object"})
         if not isinstance(params, dict):
             raise _bad(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
@@ -113,7 +127,7 @@ def plan(req, chat: bool) -> Plan:
         given = {k: v for k, v in so.items() if k in _VLLM_KINDS and v not in (None, False)}
         if len(given) != 1:
             raise _bad(f"structured_outputs needs exactly one of {', '.join(_VLLM_KINDS)}", "structured_outputs")
-        (k, v), = given.items()
+        ((k, v),) = given.items()
         found.append((_spec(_VLLM_KINDS[k], v, "structured_outputs"), "structured_outputs"))
     for name, k in _GUIDED.items():
         v = getattr(req, name, None)
@@ -130,10 +144,26 @@ def plan(req, chat: bool) -> Plan:
             p.mode = "none"
         elif choice == "required":
             p.mode = "required"
-            found.append((_spec("json_schema", {"anyOf": [
-                {"type": "object", "properties": {"name": {"const": n}, "arguments": f["parameters"]},
-                 "required": ["name", "arguments"], "additionalProperties": False} for n, f in p.tools.items()]},
-                "tools"), "tools"))
+            found.append(
+                (
+                    _spec(
+                        "json_schema",
+                        {
+                            "anyOf": [
+                                {
+                                    "type": "object",
+                                    "properties": {"name": {"const": n}, "arguments": f["parameters"]},
+                                    "required": ["name", "arguments"],
+                                    "additionalProperties": False,
+                                }
+                                for n, f in p.tools.items()
+                            ]
+                        },
+                        "tools",
+                    ),
+                    "tools",
+                )
+            )
         elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
             name = choice["function"].get("name")
             if not isinstance(name, str) or name not in p.tools:  # (a list name is unhashable: not a 500)
@@ -141,8 +171,10 @@ def plan(req, chat: bool) -> Plan:
             p.mode, p.forced = "named", name
             found.append((_spec("json_schema", p.tools[name]["parameters"], "tools"), "tools"))
         else:
-            raise _bad("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
-                       "{'name': ...}}", "tool_choice")
+            raise _bad(
+                "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
+                "tool_choice",
+            )
     elif choice not in (None, "none", "auto"):
         raise _bad("tool_choice needs tools", "tool_choice")
     if len(found) > 1:
@@ -170,19 +202,26 @@ def tools_system_text(p: Plan) -> str | None:
     """The tools described for the model (Hermes style, one line per function), or None."""
     if not (p.tool_mode and p.tools):
         return None
-    lines = ["You can call these functions. To call one, reply with",
-             TOOL_OPEN + '{"name": <function name>, "arguments": <arguments object>}' + TOOL_CLOSE,
-             "<tools>"]
-    lines += [json.dumps({"type": "function", "function": f}, ensure_ascii=False, separators=(",", ":"))
-              for f in p.tools.values()]
+    lines = [
+        "You can call these functions. To call one, reply with",
+        TOOL_OPEN + '{"name": <function name>, "arguments": <arguments object>}' + TOOL_CLOSE,
+        "<tools>",
+    ]
+    lines += [
+        json.dumps({"type": "function", "function": f}, ensure_ascii=False, separators=(",", ":"))
+        for f in p.tools.values()
+    ]
     lines.append("</tools>")
     return "\n".join(lines)
 
 
 # -- replies ---------------------------------------------------------------------------------------------
 def _call(name: str, arguments: str) -> dict:
-    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-            "function": {"name": name, "arguments": arguments}}
+    return {
+        "id": "call_" + uuid.uuid4().hex[:24],
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
 
 
 def tool_calls(p: Plan, text: str) -> tuple[str | None, list | None]:
@@ -199,7 +238,7 @@ def tool_calls(p: Plan, text: str) -> tuple[str | None, list | None]:
             return text, None
     if p.mode == "auto" and TOOL_OPEN in text:
         calls, rest = [], text
-        content = text[:text.index(TOOL_OPEN)].rstrip() or None
+        content = text[: text.index(TOOL_OPEN)].rstrip() or None
         while TOOL_OPEN in rest:
             body, _, rest = rest.split(TOOL_OPEN, 1)[1].partition(TOOL_CLOSE)
             try:
@@ -262,8 +301,12 @@ async def shape_stream(p: Plan, events):
                 if i not in started:
                     started.add(i)
                     ids[i] = _call(p.forced, "")
-                    tc = {"index": 0, "id": ids[i]["id"], "type": "function",
-                          "function": {"name": p.forced, "arguments": text}}
+                    tc = {
+                        "index": 0,
+                        "id": ids[i]["id"],
+                        "type": "function",
+                        "function": {"name": p.forced, "arguments": text},
+                    }
                 c["delta"] = {"tool_calls": [tc]}
                 yield _sse(obj)
             else:
@@ -273,9 +316,27 @@ async def shape_stream(p: Plan, events):
             finish = c["finish_reason"]
             if p.mode == "named":
                 if i not in started:  # nothing was generated: an empty call still names the function
-                    yield _sse({**obj, "choices": [{**c, "finish_reason": None, "delta": {"tool_calls": [
-                        {"index": 0, "id": _call(p.forced, "")["id"], "type": "function",
-                         "function": {"name": p.forced, "arguments": ""}}]}}]})
+                    yield _sse(
+                        {
+                            **obj,
+                            "choices": [
+                                {
+                                    **c,
+                                    "finish_reason": None,
+                                    "delta": {
+                                        "tool_calls": [
+                                            {
+                                                "index": 0,
+                                                "id": _call(p.forced, "")["id"],
+                                                "type": "function",
+                                                "function": {"name": p.forced, "arguments": ""},
+                                            }
+                                        ]
+                                    },
+                                }
+                            ],
+                        }
+                    )
                 if finish == "stop":
                     c["finish_reason"] = "tool_calls"
             else:

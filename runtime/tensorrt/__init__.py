@@ -25,12 +25,39 @@ Buffers (see docs/tensorrt.md):
 Modules: ``loader`` (imports, logger, plugin libraries), ``memory`` (cuda.core device/stream/buffers,
 the state-set pool), ``runner`` (one engine and its contexts), ``backend`` (``TrtBackend``).
 """
+
 from .backend import TrtBackend
-from .loader import (CUDA_INSTALL_HINT, GRAPHS_ENV, MIN_TRT_MAJOR, PLUGIN_ENV, RWKV_PLUGIN_LIBRARY, TRT_INSTALL_HINT,
-                     VERBOSE_ENV, TensorRTError, import_cuda_core, import_tensorrt, load_plugin_library,
-                     plugin_candidates, trt_logger)
+from .loader import (
+    CUDA_INSTALL_HINT,
+    GRAPHS_ENV,
+    MIN_TRT_MAJOR,
+    PLUGIN_ENV,
+    RWKV_PLUGIN_LIBRARY,
+    TRT_INSTALL_HINT,
+    VERBOSE_ENV,
+    TensorRTError,
+    import_cuda_core,
+    import_tensorrt,
+    load_plugin_library,
+    plugin_candidates,
+    trt_logger,
+)
 from .memory import DeviceTensor
 
-__all__ = ["TrtBackend", "TensorRTError", "DeviceTensor", "import_tensorrt", "import_cuda_core", "trt_logger",
-           "load_plugin_library", "plugin_candidates", "PLUGIN_ENV", "GRAPHS_ENV", "VERBOSE_ENV", "MIN_TRT_MAJOR",
-           "RWKV_PLUGIN_LIBRARY", "TRT_INSTALL_HINT", "CUDA_INSTALL_HINT"]
+__all__ = [
+    "TrtBackend",
+    "TensorRTError",
+    "DeviceTensor",
+    "import_tensorrt",
+    "import_cuda_core",
+    "trt_logger",
+    "load_plugin_library",
+    "plugin_candidates",
+    "PLUGIN_ENV",
+    "GRAPHS_ENV",
+    "VERBOSE_ENV",
+    "MIN_TRT_MAJOR",
+    "RWKV_PLUGIN_LIBRARY",
+    "TRT_INSTALL_HINT",
+    "CUDA_INSTALL_HINT",
+]

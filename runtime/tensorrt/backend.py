@@ -5,6 +5,7 @@ Callable from any thread: every entry point (``run``, ``from_numpy``, ``to_numpy
 the CUDA context current on the calling thread (``Cuda.bind``) and holds one lock, so calls from
 several threads are serialised rather than interleaved on the one stream.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,9 @@ from .runner import Exec, Runner
 class TrtBackend:
     """Runs a TensorRT engine (and its sequence companion) for ``Session``."""
 
-    def __init__(self, path, manifest: Manifest, cuda_graphs: bool | None = None, pool_keep: int | None = None,
-                 plugin=None):
+    def __init__(
+        self, path, manifest: Manifest, cuda_graphs: bool | None = None, pool_keep: int | None = None, plugin=None
+    ):
         self._lock = threading.RLock()
         self.path = Path(path)
         self.manifest = manifest
@@ -59,8 +61,10 @@ class TrtBackend:
         name = self.manifest.companions.get(kind)
         p = self.path.with_name(name) if name else None
         if p is None or not p.is_file():
-            raise RuntimeUserError(f"no {kind} engine for {self.path.name} (build-engine builds it when the "
-                                   f"ONNX export has a {kind} graph)")
+            raise RuntimeUserError(
+                f"no {kind} engine for {self.path.name} (build-engine builds it when the "
+                f"ONNX export has a {kind} graph)"
+            )
         return p
 
     def has(self, kind: str) -> bool:
@@ -129,7 +133,7 @@ class TrtBackend:
         if r.seq and tokens.shape[1] > r.max_seq:  # longer than the profile allows: chunks of max_seq
             parts = []
             for s in range(0, tokens.shape[1], r.max_seq):
-                lg, values = self._run_once(r, tokens[:, s:s + r.max_seq], values, specs)
+                lg, values = self._run_once(r, tokens[:, s : s + r.max_seq], values, specs)
                 parts.append(lg)
             return (np.concatenate(parts, axis=1) if parts[0].ndim == 3 else parts[-1]), values
         return self._run_once(r, tokens, values, specs)
@@ -143,8 +147,10 @@ class TrtBackend:
             if not isinstance(v, DeviceTensor):
                 v = self.from_numpy(np.asarray(v, dtype=s.dtype))
             if v.shape != s.concrete_shape(B) or v.dtype != np.dtype(s.dtype):
-                raise RuntimeUserError(f"state tensor {s.name} is {list(v.shape)} {v.dtype}, expected "
-                                       f"{list(s.concrete_shape(B))} {s.dtype}")
+                raise RuntimeUserError(
+                    f"state tensor {s.name} is {list(v.shape)} {v.dtype}, expected "
+                    f"{list(s.concrete_shape(B))} {s.dtype}"
+                )
             out.append(v)
         return out
 
@@ -180,8 +186,9 @@ class TrtBackend:
 
     def _bind(self, r: Runner, ex: Exec, specs, in_ptrs, out):
         ctx = ex.ctx
-        ok = (ctx.set_tensor_address(r.tokens, int(ex.io.tok_dev.handle))
-              and ctx.set_tensor_address(r.logits, int(ex.io.log_dev.handle)))
+        ok = ctx.set_tensor_address(r.tokens, int(ex.io.tok_dev.handle)) and ctx.set_tensor_address(
+            r.logits, int(ex.io.log_dev.handle)
+        )
         for s, p in zip(specs, in_ptrs):
             ok = ctx.set_tensor_address(s.name, p) and ok
             ok = ctx.set_tensor_address(s.output, out[s.name].ptr) and ok
@@ -228,8 +235,10 @@ class TrtBackend:
             ex.seen.clear()
             if not self._warned_capture:
                 self._warned_capture = True
-                print(f"warning: {r.path.name}: CUDA graph capture failed ({why}); running without CUDA graphs",
-                      file=sys.stderr)
+                print(
+                    f"warning: {r.path.name}: CUDA graph capture failed ({why}); running without CUDA graphs",
+                    file=sys.stderr,
+                )
             return None
         ex.keep_graph(key, graph)
         return graph

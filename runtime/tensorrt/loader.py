@@ -4,6 +4,7 @@ process-wide TensorRT logger, and plugin libraries.
 The plugin library an engine needs is located here, from what the engine's sidecar recorded and what
 the user passes -- never through the exporter package (the runtime installs without it).
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,10 @@ VERBOSE_ENV = "RWKV_TRT_VERBOSE"
 MIN_TRT_MAJOR = 10
 RWKV_PLUGIN_LIBRARY = "librwkv_trt_plugins.so"  # the loadLibrary library of plugins/ (see plugins/README.md)
 RWKV_AUTOREGISTER_LIBRARY = "librwkv_trt_plugins_autoregister.so"  # for ctypes loaders only: no getCreators
-TRT_INSTALL_HINT = ("pip install tensorrt (NVIDIA's wheels; the install downloads the libraries from "
-                    "pypi.nvidia.com) or pip install 'rwkv-runtime[tensorrt]'")
+TRT_INSTALL_HINT = (
+    "pip install tensorrt (NVIDIA's wheels; the install downloads the libraries from "
+    "pypi.nvidia.com) or pip install 'rwkv-runtime[tensorrt]'"
+)
 CUDA_INSTALL_HINT = "pip install cuda-core cuda-bindings (or the [tensorrt] extra)"
 
 
@@ -42,12 +45,15 @@ def import_tensorrt():
     except ImportError:
         raise BackendUnavailable(f"TensorRT is not installed: {TRT_INSTALL_HINT}") from None
     except OSError as e:  # the Python module is there, libnvinfer is not
-        raise BackendUnavailable(f"TensorRT's libraries could not be loaded ({str(e).splitlines()[0][:160]}): "
-                                 f"{TRT_INSTALL_HINT}") from None
+        raise BackendUnavailable(
+            f"TensorRT's libraries could not be loaded ({str(e).splitlines()[0][:160]}): {TRT_INSTALL_HINT}"
+        ) from None
     version = getattr(trt, "__version__", "0")
     if _major(version) < MIN_TRT_MAJOR:
-        raise BackendUnavailable(f"TensorRT {version} is too old: rwkv-export needs TensorRT >= {MIN_TRT_MAJOR} "
-                                 f"(strongly typed networks, execute_async_v3): {TRT_INSTALL_HINT}")
+        raise BackendUnavailable(
+            f"TensorRT {version} is too old: rwkv-export needs TensorRT >= {MIN_TRT_MAJOR} "
+            f"(strongly typed networks, execute_async_v3): {TRT_INSTALL_HINT}"
+        )
     return trt
 
 
@@ -74,6 +80,7 @@ def trt_logger(trt):
     (stderr by default; ``RWKV_TRT_VERBOSE=1`` adds info messages)."""
     global _LOGGER
     if _LOGGER is None or not isinstance(_LOGGER, trt.ILogger):  # (another tensorrt module: tests' stand-in)
+
         class _Log(trt.ILogger):
             def __init__(self):
                 trt.ILogger.__init__(self)
@@ -112,8 +119,10 @@ def load_plugin_library(trt, path, echo=None) -> bool:
     if not p.is_file():
         raise TensorRTError(f"plugin library {p} does not exist")
     if p.name == RWKV_AUTOREGISTER_LIBRARY:  # TensorRT would only say "SymbolAddress for getCreators ..."
-        raise TensorRTError(f"{p.name} is for loaders that only dlopen (ctypes, Polygraphy --plugins); "
-                            f"TensorRT's load_library needs {RWKV_PLUGIN_LIBRARY} from the same directory")
+        raise TensorRTError(
+            f"{p.name} is for loaders that only dlopen (ctypes, Polygraphy --plugins); "
+            f"TensorRT's load_library needs {RWKV_PLUGIN_LIBRARY} from the same directory"
+        )
     key = str(p.resolve())
     if key in _LOADED_PLUGINS:
         return True
@@ -123,7 +132,8 @@ def load_plugin_library(trt, path, echo=None) -> bool:
     if handle is None:
         (echo or log.echo or (lambda m: None))(
             f"warning: TensorRT did not load {p.name} ({log.last_error('no message')}); harmless if its plugins "
-            "were already registered")
+            "were already registered"
+        )
         return False
     return True
 
@@ -137,7 +147,7 @@ def plugin_candidates(engine_path: Path, sidecar: dict, plugin=None) -> list:
     (``artifact.confined_path``, links included): the recorded name is looked up beside the engine, and
     the ``path`` build-engine recorded is followed only where it resolves inside that folder (a
     ``plugins/`` folder beside the engine); anywhere else it is not loaded."""
-    from ..artifact import outside_reason, confined_path
+    from ..artifact import confined_path, outside_reason
 
     engine_path = Path(engine_path)
     given = str(plugin) if plugin else os.environ.get(PLUGIN_ENV, "").strip()
@@ -157,10 +167,15 @@ def plugin_candidates(engine_path: Path, sidecar: dict, plugin=None) -> list:
         if found is None:
             if given and cands[0] == Path(given).expanduser():
                 raise TensorRTError(f"{origin}{given} does not exist")
-            built = (f" (built with {str(rec['path'])[:160]}, outside the engine's folder: not loaded from there)"
-                     if far else "")
-            raise TensorRTError(f"{engine_path.name} needs the TensorRT plugin library {name}{built}: copy it beside "
-                                f"the engine, or pass it (plugin=..., --plugin) or set {PLUGIN_ENV}=/path/to/{name}")
+            built = (
+                f" (built with {str(rec['path'])[:160]}, outside the engine's folder: not loaded from there)"
+                if far
+                else ""
+            )
+            raise TensorRTError(
+                f"{engine_path.name} needs the TensorRT plugin library {name}{built}: copy it beside "
+                f"the engine, or pass it (plugin=..., --plugin) or set {PLUGIN_ENV}=/path/to/{name}"
+            )
         out.append(found)
     if given and not recorded:  # an engine that needs none: a given library is still loaded (custom plugins)
         p = Path(given).expanduser()

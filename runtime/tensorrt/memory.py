@@ -7,6 +7,7 @@ What is ours is the double-buffering rule (docs/tensorrt.md): a run writes its n
 garbage-collected, and kept (a few per size) for reuse, so that a step loop alternates between the
 same two addresses -- which is what lets a captured CUDA graph be launched again.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -63,8 +64,9 @@ class Cuda:
     def allocate(self, nbytes: int):
         """A device Buffer; on failure the cached free sets go back first (see Pool.trim)."""
         self.bind()
-        return self.call(f"allocating {nbytes} bytes on the GPU", self.device.allocate, max(int(nbytes), 1),
-                         stream=self.stream)
+        return self.call(
+            f"allocating {nbytes} bytes on the GPU", self.device.allocate, max(int(nbytes), 1), stream=self.stream
+        )
 
     def copy(self, dst: int, src: int, nbytes: int, stream=None):
         """``nbytes`` from address ``src`` to ``dst`` (host or device: unified addressing), asynchronous
@@ -74,8 +76,9 @@ class Cuda:
             return
         self.bind()
         wrap = self.cc.Buffer.from_handle
-        self.call("copy", wrap(int(dst), int(nbytes)).copy_from, wrap(int(src), int(nbytes)),
-                  stream=stream or self.stream)
+        self.call(
+            "copy", wrap(int(dst), int(nbytes)).copy_from, wrap(int(src), int(nbytes)), stream=stream or self.stream
+        )
 
     def sync(self):
         self.bind()
@@ -117,7 +120,7 @@ class Lease:
 
     __slots__ = ("buf", "ptr", "nbytes", "pool")
 
-    def __init__(self, buf, nbytes: int, pool: "Pool"):
+    def __init__(self, buf, nbytes: int, pool: Pool):
         self.buf, self.ptr, self.nbytes, self.pool = buf, int(buf.handle), nbytes, pool
 
     def __del__(self):

@@ -1,6 +1,7 @@
 """One deserialized engine (the step or the sequence graph): its I/O names checked against the
 manifest, its profile limits, and its execution contexts -- one shared context for plain runs, and one
 per batch size for CUDA graphs, each with the graphs captured for it."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -19,7 +20,7 @@ class Exec:
     """An execution context with input shapes set for one (batch, T), and, when it is the context of
     a CUDA-graph batch size, its captured graphs."""
 
-    def __init__(self, runner: "Runner", ctx, own: bool):
+    def __init__(self, runner: Runner, ctx, own: bool):
         self.runner, self.ctx, self.own = runner, ctx, own
         self.key = None
         self.logits_shape: tuple = ()
@@ -34,12 +35,16 @@ class Exec:
             return
         tok_shape = (B,) if T is None else (B, T)
         if not self.ctx.set_input_shape(r.tokens, tok_shape):
-            raise TensorRTError(f"{r.path.name}: TensorRT rejected tokens of shape {list(tok_shape)} "
-                                f"({r.log.last_error('outside the optimization profile')})")
+            raise TensorRTError(
+                f"{r.path.name}: TensorRT rejected tokens of shape {list(tok_shape)} "
+                f"({r.log.last_error('outside the optimization profile')})"
+            )
         for s in r.specs:
             if not self.ctx.set_input_shape(s.name, s.concrete_shape(B)):
-                raise TensorRTError(f"{r.path.name}: TensorRT rejected {s.name} of shape "
-                                    f"{list(s.concrete_shape(B))} ({r.log.last_error('outside the profile')})")
+                raise TensorRTError(
+                    f"{r.path.name}: TensorRT rejected {s.name} of shape "
+                    f"{list(s.concrete_shape(B))} ({r.log.last_error('outside the profile')})"
+                )
         shape = tuple(int(d) for d in self.ctx.get_tensor_shape(r.logits))
         if any(d < 0 for d in shape):
             raise TensorRTError(f"{r.path.name}: TensorRT could not infer the logits shape ({r.log.last_error()})")
@@ -77,11 +82,16 @@ class Runner:
         engine = backend.runtime.deserialize_cuda_engine(data)
         if engine is None:
             built = backend.sidecar.get("tensorrt_version") if path == backend.path else None
-            hint = (f" (built with TensorRT {built}, this is {trt.__version__})"
-                    if built and built != trt.__version__ else "")
-            raise TensorRTError(f"{path.name}: TensorRT could not deserialize this engine{hint}: "
-                                f"{self.log.last_error()}; engines are specific to a TensorRT version and GPU, "
-                                "rebuild it with rwkv-export build-engine")
+            hint = (
+                f" (built with TensorRT {built}, this is {trt.__version__})"
+                if built and built != trt.__version__
+                else ""
+            )
+            raise TensorRTError(
+                f"{path.name}: TensorRT could not deserialize this engine{hint}: "
+                f"{self.log.last_error()}; engines are specific to a TensorRT version and GPU, "
+                "rebuild it with rwkv-export build-engine"
+            )
         self.engine = engine
         self._check_io(trt)
         lo, _, hi = (tuple(int(d) for d in dims) for dims in engine.get_tensor_profile_shape(self.tokens, 0))
@@ -97,8 +107,10 @@ class Runner:
         want_out = [self.logits] + [s.output for s in self.specs]
         for n in want_in + want_out:
             if n not in names:
-                raise TensorRTError(f"{path.name}: the engine has no tensor {n!r}, which the manifest names "
-                                    "(was it built from this model?)")
+                raise TensorRTError(
+                    f"{path.name}: the engine has no tensor {n!r}, which the manifest names "
+                    "(was it built from this model?)"
+                )
         extra = sorted(set(names) - set(want_in) - set(want_out))
         if extra:
             raise TensorRTError(f"{path.name}: the engine has tensors the manifest does not name: {', '.join(extra)}")
@@ -113,14 +125,18 @@ class Runner:
     def new_context(self):
         ctx = self.engine.create_execution_context()
         if ctx is None:
-            raise TensorRTError(f"{self.path.name}: TensorRT could not create an execution context "
-                                f"({self.log.last_error('out of GPU memory?')})")
+            raise TensorRTError(
+                f"{self.path.name}: TensorRT could not create an execution context "
+                f"({self.log.last_error('out of GPU memory?')})"
+            )
         return ctx
 
     def exec_for(self, B: int, T, graphs: bool) -> Exec:
         if not self.min_batch <= B <= self.max_batch:
-            raise TensorRTError(f"a batch of {B} is outside this engine's profile ({self.min_batch}..{self.max_batch}): "
-                                f"rebuild it with rwkv-export build-engine --max-batch {B}")
+            raise TensorRTError(
+                f"a batch of {B} is outside this engine's profile ({self.min_batch}..{self.max_batch}): "
+                f"rebuild it with rwkv-export build-engine --max-batch {B}"
+            )
         if graphs and not self.seq:
             ex = self.graph_execs.get(B)
             if ex is None:

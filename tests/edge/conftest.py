@@ -2,6 +2,7 @@
 answers on them (logits, greedy and seeded generations, a saved state, tokenizer ids) written to a
 folder the JavaScript tests read. The JavaScript side must reproduce these; Python is the truth here,
 and the Python runtime itself is checked against BlinkDL's logits elsewhere (and again below)."""
+
 from __future__ import annotations
 
 import json
@@ -41,11 +42,44 @@ def node_ready() -> str | None:
 def mixed_script_text(n_chars: int = 120_000, seed: int = 0) -> str:
     """A large deterministic text mixing scripts, punctuation, digits, emoji and whitespace runs."""
     rnd = random.Random(seed)
-    ranges = [(0x20, 0x7E), (0x20, 0x7E), (0x20, 0x7E), (0xC0, 0x17F), (0x391, 0x3C9), (0x410, 0x44F),
-              (0x5D0, 0x5EA), (0x621, 0x64A), (0x905, 0x939), (0xE01, 0xE30), (0x3041, 0x3093), (0x30A1, 0x30F6),
-              (0x4E00, 0x4FFF), (0xAC00, 0xAD00), (0x1F600, 0x1F64F), (0x2000, 0x206F)]
-    words = ["the", " the", "ing", " and", "\n\n", "    ", "\t", "http://", "<|endoftext|>", "以下は", "блабла",
-             " structure", "Describe", "1234567", "...", "—", "'ll", " 'd"]
+    ranges = [
+        (0x20, 0x7E),
+        (0x20, 0x7E),
+        (0x20, 0x7E),
+        (0xC0, 0x17F),
+        (0x391, 0x3C9),
+        (0x410, 0x44F),
+        (0x5D0, 0x5EA),
+        (0x621, 0x64A),
+        (0x905, 0x939),
+        (0xE01, 0xE30),
+        (0x3041, 0x3093),
+        (0x30A1, 0x30F6),
+        (0x4E00, 0x4FFF),
+        (0xAC00, 0xAD00),
+        (0x1F600, 0x1F64F),
+        (0x2000, 0x206F),
+    ]
+    words = [
+        "the",
+        " the",
+        "ing",
+        " and",
+        "\n\n",
+        "    ",
+        "\t",
+        "http://",
+        "<|endoftext|>",
+        "以下は",
+        "блабла",
+        " structure",
+        "Describe",
+        "1234567",
+        "...",
+        "—",
+        "'ll",
+        " 'd",
+    ]
     out, n = [], 0
     while n < n_chars:
         if rnd.random() < 0.35:
@@ -62,7 +96,6 @@ def mixed_script_text(n_chars: int = 120_000, seed: int = 0) -> str:
 def _state_tuned_v6(d: Path) -> Path:
     """The tiny RWKV-6 exported with a (made-up, well-scaled) state-tuning file: an embedded initial state."""
     from rwkv_export.export import ExportOptions, export
-
     from tests.helpers import random_state_tuning
 
     path = ref_model("golden-rwkv6")
@@ -72,7 +105,6 @@ def _state_tuned_v6(d: Path) -> Path:
 
 def _python_case(name: str, path: Path, d: Path, blinkdl: bool = True, ref: str | None = None) -> dict:
     from rwkv_runtime import SamplingParams, Session
-
     from tests.helpers import step_all
 
     s = Session(path)
@@ -84,11 +116,17 @@ def _python_case(name: str, path: Path, d: Path, blinkdl: bool = True, ref: str 
     greedy = list(s.generate_tokens(tokens, 40, SamplingParams(temperature=0)))
     sampled = [list(s.generate_tokens(tokens, 40, SamplingParams(**p))) for p in SAMPLING]
     return {
-        "name": name, "model": str(path), "prompt": tokens,
-        "step_logits": step_logits.tolist(), "prefill_logits": prefill_logits[0].tolist(),
+        "name": name,
+        "model": str(path),
+        "prompt": tokens,
+        "step_logits": step_logits.tolist(),
+        "prefill_logits": prefill_logits[0].tolist(),
         "blinkdl_logits": ref_logits(ref or name, "atom").tolist() if blinkdl else None,
-        "state_file": str(d / f"{name}.state.npz"), "after_state_token": ord(" "), "after_state_logits": after[0].tolist(),
-        "greedy": greedy, "sampled": [{"params": p, "tokens": t} for p, t in zip(SAMPLING, sampled)],
+        "state_file": str(d / f"{name}.state.npz"),
+        "after_state_token": ord(" "),
+        "after_state_logits": after[0].tolist(),
+        "greedy": greedy,
+        "sampled": [{"params": p, "tokens": t} for p, t in zip(SAMPLING, sampled)],
     }
 
 
@@ -101,7 +139,7 @@ def edge_fixtures(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("edge")
     cases = []
-    for key, name in MODELS.items():
+    for name in MODELS.values():
         paths = export(ref_model(name), d / f"{name}.onnx", ExportOptions())
         cases.append(_python_case(name, paths[0], d))
     # RWKV-4 with its weights in an external-data file (Node: ORT finds it by path; web: externalData)
@@ -135,17 +173,25 @@ def edge_fixtures(tmp_path_factory) -> Path:
             params = {**p, "seed": seed}
             smp = Sampler(SamplingParams(**params))
             sampler_cases.append({"params": params, "tokens": [smp(row) for row in logits]})
-    (d / "cases.json").write_text(json.dumps({
-        "models": cases, "world": world, "hf": hf,
-        "sampler": {"logits": logits.tolist(), "cases": sampler_cases},
-        "rng": {str(seed): np.random.default_rng(seed).random(5).tolist() for seed in (0, 1, 42, 2**33 + 1)},
-    }))
+    (d / "cases.json").write_text(
+        json.dumps(
+            {
+                "models": cases,
+                "world": world,
+                "hf": hf,
+                "sampler": {"logits": logits.tolist(), "cases": sampler_cases},
+                "rng": {str(seed): np.random.default_rng(seed).random(5).tolist() for seed in (0, 1, 42, 2**33 + 1)},
+            }
+        )
+    )
     return d
 
 
 def failures(out: str) -> str:
     """The failing cases of a `node --test` spec report, without the huge diffs of long arrays."""
-    keep = [ln[:300] for ln in out.splitlines() if ln.startswith(("✖", "  Error", "  AssertionError", "  TypeError", "ℹ"))]
+    keep = [
+        ln[:300] for ln in out.splitlines() if ln.startswith(("✖", "  Error", "  AssertionError", "  TypeError", "ℹ"))
+    ]
     return "\n".join(keep[-60:])
 
 
@@ -154,11 +200,21 @@ def counts_ok(out: str) -> bool:
     import re
 
     got = {k: int(v) for k, v in re.findall(r"^ℹ (tests|pass|fail|skipped|cancelled) (\d+)$", out, re.M)}
-    return got.get("tests", 0) > 0 and got.get("fail", 1) == 0 and got.get("skipped", 1) == 0 and got.get("cancelled", 1) == 0
+    return (
+        got.get("tests", 0) > 0
+        and got.get("fail", 1) == 0
+        and got.get("skipped", 1) == 0
+        and got.get("cancelled", 1) == 0
+    )
 
 
 def run_node_tests(fixtures: Path, files: list[str], timeout: int = 600, env_extra: dict | None = None):
     env = {**os.environ, "RWKV_EDGE_FIXTURES": str(fixtures), **(env_extra or {})}
-    return subprocess.run(["node", "--test", "--test-reporter=spec", *files], cwd=JS, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
+    return subprocess.run(
+        ["node", "--test", "--test-reporter=spec", *files],
+        cwd=JS,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

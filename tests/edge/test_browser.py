@@ -6,6 +6,7 @@ page (js/browser/) runs the Node checks on WASM with 1 and 2 threads and on WebG
 per-step logits vs the Python runtime, prefill = stepping, a saved state reloaded, greedy generation
 equal to Python's. The demo page streams a continuation; its screenshot is kept in pytest's tmp folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,20 @@ class Server:
     """serve.py of a bundle, on a free loopback port, stopped by the test (and by its own time limit)."""
 
     def __init__(self, root: Path, max_seconds: int = 900):
-        self.proc = subprocess.Popen([sys.executable, str(root / "runtime" / "serve.py"), "--port", "0", "--dir", str(root),
-                                      "--max-seconds", str(max_seconds)], stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(root / "runtime" / "serve.py"),
+                "--port",
+                "0",
+                "--dir",
+                str(root),
+                "--max-seconds",
+                str(max_seconds),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         line = self.proc.stdout.readline()
         assert line.startswith("serving"), line
         self.url = line.split(" at ")[1].strip()
@@ -78,8 +91,9 @@ def site(edge_fixtures, tmp_path_factory):
     (root / "browser-cases.json").write_text(json.dumps(browser_cases))
     for f in ("check.html", "check.js"):
         shutil.copy(JS / "browser" / f, root / f)
-    default = export(REPO / "exporter" / "default_model" / "tiny-rwkv4-pystdlib.pth", root.parent / "default.onnx",
-                     ExportOptions())
+    default = export(
+        REPO / "exporter" / "default_model" / "tiny-rwkv4-pystdlib.pth", root.parent / "default.onnx", ExportOptions()
+    )
     write_web_bundle(default[0], root / "demo")
     server = Server(root)
     yield root, server.url
@@ -97,10 +111,11 @@ def run_browser(jobs: list, tmp_path: Path) -> list:
 @pytest.fixture(scope="module")
 def checks(site, tmp_path_factory):
     root, url = site
-    jobs = [{"url": f"{url}check.html?backend=wasm&threads=1", "wait": "window.checkResult"},
-            {"url": f"{url}check.html?backend=wasm&threads=2", "wait": "window.checkResult"},
-            {"url": f"{url}check.html?backend=webgpu", "wait": "window.checkResult", "webgpu": True,
-             "timeoutMs": 600_000}]  # SwiftShader compiles every shader on the CPU: minutes on a busy machine
+    jobs = [
+        {"url": f"{url}check.html?backend=wasm&threads=1", "wait": "window.checkResult"},
+        {"url": f"{url}check.html?backend=wasm&threads=2", "wait": "window.checkResult"},
+        {"url": f"{url}check.html?backend=webgpu", "wait": "window.checkResult", "webgpu": True, "timeoutMs": 600_000},
+    ]  # SwiftShader compiles every shader on the CPU: minutes on a busy machine
     return run_browser(jobs, tmp_path_factory.mktemp("browser"))
 
 
@@ -119,7 +134,9 @@ def test_wasm_matches_python(checks, job, threads):
         assert m["greedyEqual"], m
         assert m["concurrentEqual"], m  # overlapping generate() calls: queued runs, both right
         assert m["stateLocation"] == "cpu"
-        print(f"WASM {threads} thread(s) {m['name']}: max |JS - Python| step {m['stepMaxDiff']:.2e}, prefill {m['prefillMaxDiff']:.2e}")
+        print(
+            f"WASM {threads} thread(s) {m['name']}: max |JS - Python| step {m['stepMaxDiff']:.2e}, prefill {m['prefillMaxDiff']:.2e}"
+        )
 
 
 def test_webgpu_matches_python_with_state_on_gpu(checks):
@@ -140,11 +157,20 @@ def test_demo_page_streams_text(site, tmp_path):
     root, url = site
     shot = tmp_path / "demo.png"
     prompt = "class Queue:\n    def "  # the default model was trained on Python's standard library
-    [r] = run_browser([{"url": f"{url}demo/index.html?backend=wasm&threads=2", "type": prompt, "screenshot": str(shot),
-                        "wait": f"window.demo.error || (window.demo.last && window.demo.last.prompt === {json.dumps(prompt)} && window.demo.last)",
-                        "evaluate": "({backend: document.getElementById('backend').textContent, "
-                                    "speed: document.getElementById('speed').textContent, "
-                                    "out: document.getElementById('out').textContent})"}], tmp_path)
+    [r] = run_browser(
+        [
+            {
+                "url": f"{url}demo/index.html?backend=wasm&threads=2",
+                "type": prompt,
+                "screenshot": str(shot),
+                "wait": f"window.demo.error || (window.demo.last && window.demo.last.prompt === {json.dumps(prompt)} && window.demo.last)",
+                "evaluate": "({backend: document.getElementById('backend').textContent, "
+                "speed: document.getElementById('speed').textContent, "
+                "out: document.getElementById('out').textContent})",
+            }
+        ],
+        tmp_path,
+    )
     assert "error" not in r, r
     assert r["result"].get("text"), r
     assert r["extra"]["backend"] == "WASM, 2 threads"

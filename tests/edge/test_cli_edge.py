@@ -1,5 +1,6 @@
 """`rwkv-export web` and `rwkv-export mobile`: what they write, that the .ort files compute what the ONNX
 export computes (Python onnxruntime, step by step), and one-line errors that leave nothing behind."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,10 @@ def _ort_steps(path, manifest, tokens):
     import onnxruntime as ort
 
     s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    state = {st["name"]: np.full([1 if d == "batch" else d for d in st["shape"]], st["init"], np.float32)
-             for st in manifest["state"]}
+    state = {
+        st["name"]: np.full([1 if d == "batch" else d for d in st["shape"]], st["init"], np.float32)
+        for st in manifest["state"]
+    }
     out = []
     for t in tokens:
         res = s.run(None, {manifest["tokens_input"]: np.array([t], np.int64), **state})
@@ -64,8 +67,12 @@ def test_mobile_ort_files_match_the_onnx_export(v7_export, tmp_path):
 
     seq = ort.InferenceSession(str(out / "tiny7.seq.ort"), providers=["CPUExecutionProvider"])
     feeds = {man["tokens_input"]: np.array([PROMPT], np.int64)}
-    feeds.update({st["name"]: np.full([1 if d == "batch" else d for d in st["shape"]], st["init"], np.float32)
-                  for st in man["state"]})
+    feeds.update(
+        {
+            st["name"]: np.full([1 if d == "batch" else d for d in st["shape"]], st["init"], np.float32)
+            for st in man["state"]
+        }
+    )
     logits = seq.run([man["logits_output"]], feeds)[0]
     assert np.abs(logits.reshape(-1, logits.shape[-1])[-1] - want[-1]).max() <= 1e-5
 
@@ -80,8 +87,16 @@ def test_web_bundle_contents(v7_export, tmp_path):
     assert r.exit_code == 0, r.output
     b = json.loads((out / "bundle.json").read_text())
     assert b["model"] == "tiny7.onnx" and b["graphs"] == ["tiny7.onnx", "tiny7.seq.onnx"]
-    for f in ["index.html", "app.js", "serve.py", "tiny7.onnx", "tiny7.seq.onnx", "rwkv-runtime/web.js",
-              "rwkv-runtime/session.js", "ort/ort.webgpu.min.mjs"]:
+    for f in [
+        "index.html",
+        "app.js",
+        "serve.py",
+        "tiny7.onnx",
+        "tiny7.seq.onnx",
+        "rwkv-runtime/web.js",
+        "rwkv-runtime/session.js",
+        "ort/ort.webgpu.min.mjs",
+    ]:
         assert (out / f).is_file(), f
     assert (out / "tiny7.onnx").read_bytes() == v7_export.read_bytes()
 
@@ -109,7 +124,9 @@ def test_mobile_folds_external_data_into_the_ort_file(tmp_path):
 
     src = tmp_path / "src"
     src.mkdir()
-    onnx_path = export(ref_model("golden-rwkv4"), src / "t4.onnx", ExportOptions(external_data=True, graphs=("step",)))[0]
+    onnx_path = export(ref_model("golden-rwkv4"), src / "t4.onnx", ExportOptions(external_data=True, graphs=("step",)))[
+        0
+    ]
     from rwkv_export.targets.web import external_files
 
     assert external_files(onnx_path), "the export should use external data"
@@ -130,8 +147,12 @@ def test_web_assets_equal_the_sources():
 
     from .conftest import REPO
 
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "sync_web_assets.py"), "--check"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "sync_web_assets.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -180,7 +201,9 @@ def test_web_refuses_a_model_without_tokenizer(tmp_path):
     from rwkv_export.export import ExportOptions, export
 
     m = export(ref_model("golden-rwkv4"), tmp_path / "n.onnx", ExportOptions(tokenizer="none", graphs=("step",)))[0]
-    r = CliRunner().invoke(main, ["web", str(m), "-o", str(tmp_path / "site"), "--ort-web", str(_fake_ort_web(tmp_path / "d"))])
+    r = CliRunner().invoke(
+        main, ["web", str(m), "-o", str(tmp_path / "site"), "--ort-web", str(_fake_ort_web(tmp_path / "d"))]
+    )
     assert r.exit_code == 1 and "--tokenizer none" in r.output and r.output.count("\n") == 1, r.output
     assert not (tmp_path / "site").exists()
 
@@ -195,8 +218,23 @@ def test_wheel_ships_the_web_runtime(tmp_path):
 
     from .conftest import REPO
 
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-                        str(REPO)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if r.returncode != 0 and "No module named" in r.stderr:
         pytest.skip(f"cannot build a wheel here: {r.stderr.strip().splitlines()[-1][:120]}")
     assert r.returncode == 0, r.stderr[-2000:]

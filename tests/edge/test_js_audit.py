@@ -2,6 +2,7 @@
 foreign companions, missing/truncated weights files, damaged embedded states, bad tokens, states and
 settings, and concurrent generations each give one RuntimeUserError or the right answer; greedy and
 seeded generations equal the Python runtime's token for token. Runs `node --test test/audit.test.js`."""
+
 from __future__ import annotations
 
 import json
@@ -35,11 +36,14 @@ def audit_dir(tmp_path_factory):
     # self-contained graphs (the tests tamper with and copy single .onnx files); ext/: external data
     export(DEFAULT_MODEL, d / "m.onnx", ExportOptions(external_data=False))
     export(DEFAULT_MODEL, d / "ext" / "m.onnx", ExportOptions(external_data=True))
-    export(DEFAULT_MODEL, d / "other" / "m.onnx", ExportOptions(external_data=False))  # same checkpoint, another export id
+    export(
+        DEFAULT_MODEL, d / "other" / "m.onnx", ExportOptions(external_data=False)
+    )  # same checkpoint, another export id
     s = Session(d / "m.onnx")
     gens = [{"params": p, "tokens": list(s.generate_tokens(PROMPT, 200, SamplingParams(**p)))} for p in GENERATIONS]
-    (d / "audit.json").write_text(json.dumps({"dir": str(d), "other": str(d / "other"), "prompt": PROMPT,
-                                              "generations": gens}))
+    (d / "audit.json").write_text(
+        json.dumps({"dir": str(d), "other": str(d / "other"), "prompt": PROMPT, "generations": gens})
+    )
     return d
 
 

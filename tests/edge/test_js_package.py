@@ -4,6 +4,7 @@ Python runtime's greedy generation and continues a chat from the generation's ow
 onnxruntime-node it is one error naming the package to install; an esbuild app bundles it with
 onnxruntime-web and runs in headless chromium with ORT Web's files served as js/README.md says. The
 declarations (index.d.ts) type-check a typed usage example (tsc --noEmit)."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,13 @@ from .conftest import JS, REPO
 pytestmark = pytest.mark.slow
 ORT_VERSION = "1.30.0"
 PROMPT = "class Queue:\n    def "  # the default model was trained on Python's standard library
-NPM_ENV = {**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip", "npm_config_fund": "false", "npm_config_audit": "false",
-           "npm_config_update_notifier": "false"}
+NPM_ENV = {
+    **os.environ,
+    "ONNXRUNTIME_NODE_INSTALL": "skip",
+    "npm_config_fund": "false",
+    "npm_config_audit": "false",
+    "npm_config_update_notifier": "false",
+}
 
 
 def _need(*tools: str) -> None:
@@ -31,8 +37,14 @@ def _need(*tools: str) -> None:
 
 
 def _npm(args: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    r = subprocess.run(["npm", *args, "--prefer-offline", "--loglevel=error"], cwd=cwd, env=NPM_ENV,
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        ["npm", *args, "--prefer-offline", "--loglevel=error"],
+        cwd=cwd,
+        env=NPM_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if r.returncode != 0 and ("ENOTFOUND" in r.stderr or "EAI_AGAIN" in r.stderr or "ETIMEDOUT" in r.stderr):
         pytest.skip("the npm registry is not reachable (and the packages are not in npm's cache)")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -43,8 +55,14 @@ def _npm(args: list, cwd: Path, timeout: int = 300) -> subprocess.CompletedProce
 def tarball(tmp_path_factory) -> Path:
     _need("node", "npm")
     d = tmp_path_factory.mktemp("pack")
-    r = subprocess.run(["npm", "pack", "--json", "--pack-destination", str(d)], cwd=JS, env=NPM_ENV,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        ["npm", "pack", "--json", "--pack-destination", str(d)],
+        cwd=JS,
+        env=NPM_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads(r.stdout)[0]
     files = {f["path"] for f in info["files"]}
@@ -115,7 +133,8 @@ def test_missing_peer_is_one_error_naming_it(tarball, model, tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         "Error: onnxruntime-node is not installed: rwkv-runtime runs models on it (a peer dependency); install it "
-        "beside rwkv-runtime (npm install onnxruntime-node), or pass it as options.ort"], r.stderr  # was: Cannot find package
+        "beside rwkv-runtime (npm install onnxruntime-node), or pass it as options.ort"
+    ], r.stderr  # was: Cannot find package
 
 
 def test_declarations_type_check_a_typed_app():
@@ -156,14 +175,28 @@ def test_packed_package_bundles_and_runs_in_browser(tarball, model, tmp_path):
     (app / "main.js").write_text(BROWSER_APP % json.dumps(PROMPT))
     dist = app / "dist"
     (dist / "ort").mkdir(parents=True)
-    r = subprocess.run([str(app / "node_modules" / ".bin" / "esbuild"), "main.js", "--bundle", "--format=esm",
-                        "--outfile=dist/app.js", "--log-level=error"], cwd=app, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            str(app / "node_modules" / ".bin" / "esbuild"),
+            "main.js",
+            "--bundle",
+            "--format=esm",
+            "--outfile=dist/app.js",
+            "--log-level=error",
+        ],
+        cwd=app,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     ort_dist = app / "node_modules" / "onnxruntime-web" / "dist"
     for f in ort_dist.glob("ort-wasm-simd-threaded*"):
         if f.suffix in (".wasm", ".mjs"):
             shutil.copy(f, dist / "ort" / f.name)
-    (dist / "index.html").write_text('<!doctype html><meta charset="utf-8"><script type="module" src="app.js"></script>')
+    (dist / "index.html").write_text(
+        '<!doctype html><meta charset="utf-8"><script type="module" src="app.js"></script>'
+    )
     for f in model.parent.glob("m*.onnx*"):  # the graphs and their shared weights file (m.onnx.data)
         shutil.copy(f, dist / f.name)
     shutil.copy(REPO / "deploy_examples" / "web" / "serve.py", dist / "serve.py")
@@ -172,8 +205,14 @@ def test_packed_package_bundles_and_runs_in_browser(tarball, model, tmp_path):
     server = Server(dist, max_seconds=600)
     try:
         cfg = tmp_path / "browser.json"
-        cfg.write_text(json.dumps({"chromium": CHROMIUM, "jobs": [{"url": f"{server.url}index.html", "wait": "window.appResult",
-                                                                   "timeoutMs": 300_000}]}))
+        cfg.write_text(
+            json.dumps(
+                {
+                    "chromium": CHROMIUM,
+                    "jobs": [{"url": f"{server.url}index.html", "wait": "window.appResult", "timeoutMs": 300_000}],
+                }
+            )
+        )
         p = subprocess.run(["node", "browser/run.mjs", str(cfg)], cwd=JS, capture_output=True, text=True, timeout=600)
     finally:
         server.close()

@@ -1,6 +1,7 @@
 """The JavaScript runtime on Node.js (onnxruntime-node) gives the Python runtime's answers: per-step
 logits within 1e-5, prefill = stepping, the same greedy and seeded generations, states exchanged as
 .npz both ways, the World and 20B tokenizers token for token. Runs `node --test` in js/."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,9 @@ def _api_case(d: Path) -> None:
     from rwkv_runtime import Session
 
     models = json.loads((d / "cases.json").read_text())["models"]
-    texts = {c["name"]: "".join(Session(c["model"]).generate(bytes(c["prompt"]).decode(), 40, temperature=0)) for c in models}
+    texts = {
+        c["name"]: "".join(Session(c["model"]).generate(bytes(c["prompt"]).decode(), 40, temperature=0)) for c in models
+    }
     s = Session(models[0]["model"])
     gen = s.generate(PROMPT.decode(), 12, temperature=0)
     text = "".join(gen)
@@ -37,15 +40,25 @@ def _api_case(d: Path) -> None:
     s.set_initial_state(d / "initial.state.npz")
     from_initial, _ = s.prefill(np.array([list(b"Hi")]))
     (d / "notok").mkdir(exist_ok=True)
-    none = export(ref_model(MODELS["v4"]),
-                  d / "notok" / "notok.onnx", ExportOptions(tokenizer="none"))[0]
-    (d / "api.json").write_text(json.dumps({
-        "greedy_texts": texts,
-        "model": models[0]["model"], "generated_text": text, "continue_token": ord("!"), "continue_logits": after[0].tolist(),
-        "many_prompts": prompts, "many_logits": many_logits.tolist(), "many_state": str(d / "many.state.npz"),
-        "initial_state": str(d / "initial.state.npz"), "initial_prompt": list(b"Hi"), "initial_logits": from_initial[0].tolist(),
-        "no_tokenizer": str(none),
-    }))
+    none = export(ref_model(MODELS["v4"]), d / "notok" / "notok.onnx", ExportOptions(tokenizer="none"))[0]
+    (d / "api.json").write_text(
+        json.dumps(
+            {
+                "greedy_texts": texts,
+                "model": models[0]["model"],
+                "generated_text": text,
+                "continue_token": ord("!"),
+                "continue_logits": after[0].tolist(),
+                "many_prompts": prompts,
+                "many_logits": many_logits.tolist(),
+                "many_state": str(d / "many.state.npz"),
+                "initial_state": str(d / "initial.state.npz"),
+                "initial_prompt": list(b"Hi"),
+                "initial_logits": from_initial[0].tolist(),
+                "no_tokenizer": str(none),
+            }
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +67,9 @@ def node_run(edge_fixtures):
     if why:
         pytest.skip(why)
     _api_case(edge_fixtures)
-    return run_node_tests(edge_fixtures, ["test/units.test.js", "test/node.test.js", "test/api.test.js", "test/conformance.test.js"])
+    return run_node_tests(
+        edge_fixtures, ["test/units.test.js", "test/node.test.js", "test/api.test.js", "test/conformance.test.js"]
+    )
 
 
 def test_node_suite_passes(node_run):

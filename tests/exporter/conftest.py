@@ -1,5 +1,6 @@
 """Helpers shared by the exporter reliability tests: what "the old set" and "the new set" of an
 export folder are, checked against BlinkDL's logits for the model each set came from."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,6 @@
 """docs/adding-a-version.md, followed: a version written as one module (tests/exporter/toy_version.py) and one
 registry entry exports, runs in ONNX Runtime and matches its own reference, with no other file touched."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,13 +1,13 @@
 """RWKV-5 / 5.2 / 6 / 7: the PyTorch references, the exported ONNX graphs (plain and plugin WKV) and
 state tuning, checked against BlinkDL's own outputs (the golden models' logits, tests/golden) and against his
 `rwkv` package on random models of odd shapes."""
+
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,8 +19,9 @@ from rwkv_export.checkpoint import load_checkpoint
 from rwkv_export.errors import CheckpointError
 from rwkv_export.export import ExportOptions, export, load_manifest, sequence_path
 
-from ..conftest import PROMPTS, REF, ref_logits
+from ..conftest import PROMPTS, ref_logits
 from ..conftest import ref_model as ref_path
+
 REFERENCE = {  # reference model -> (version detected from its keys, the ArchSpec's name)
     "golden-rwkv5": ("rwkv5", "RWKV-5"),
     "golden-rwkv5.2": ("rwkv5.2", "RWKV-5"),
@@ -240,8 +241,10 @@ def test_graph_structure_and_manifest(exports, name):
         assert [x.name for x in m.graph.output] == ["logits"] + man.state_outputs
         H, N = man.dims["n_head"], man.dims["head_size"]
         assert [(s.name, s.shape, s.init) for s in man.state[:3]] == [
-            ("state.0.att_shift", ["batch", 64], 0.0), ("state.0.wkv", ["batch", H, N, N], 0.0),
-            ("state.0.ffn_shift", ["batch", 64], 0.0)]
+            ("state.0.att_shift", ["batch", 64], 0.0),
+            ("state.0.wkv", ["batch", H, N, N], 0.0),
+            ("state.0.ffn_shift", ["batch", 64], 0.0),
+        ]
         assert len(man.state) == 6 and all(s.dtype == "float32" for s in man.state)
     plain = onnx.load(str(exports(name, "plain")[0]))
     assert not [x for x in plain.graph.node if x.domain == "rwkv"] and not plain.functions
@@ -269,13 +272,26 @@ def _gen(seed):
 
 
 def _common(rn, C, V, L):
-    w = {"emb.weight": rn(V, C), "blocks.0.ln0.weight": 1 + rn(C, sc=0.1), "blocks.0.ln0.bias": rn(C, sc=0.1),
-         "ln_out.weight": 1 + rn(C, sc=0.1), "ln_out.bias": rn(C, sc=0.1), "head.weight": rn(V, C, sc=C ** -0.5)}
+    w = {
+        "emb.weight": rn(V, C),
+        "blocks.0.ln0.weight": 1 + rn(C, sc=0.1),
+        "blocks.0.ln0.bias": rn(C, sc=0.1),
+        "ln_out.weight": 1 + rn(C, sc=0.1),
+        "ln_out.bias": rn(C, sc=0.1),
+        "head.weight": rn(V, C, sc=C**-0.5),
+    }
     for i in range(L):
         b = f"blocks.{i}."
-        w.update({b + "ln1.weight": 1 + rn(C, sc=0.1), b + "ln1.bias": rn(C, sc=0.1),
-                  b + "ln2.weight": 1 + rn(C, sc=0.1), b + "ln2.bias": rn(C, sc=0.1),
-                  b + "att.ln_x.weight": 1 + rn(C, sc=0.2), b + "att.ln_x.bias": rn(C, sc=0.1)})
+        w.update(
+            {
+                b + "ln1.weight": 1 + rn(C, sc=0.1),
+                b + "ln1.bias": rn(C, sc=0.1),
+                b + "ln2.weight": 1 + rn(C, sc=0.1),
+                b + "ln2.bias": rn(C, sc=0.1),
+                b + "att.ln_x.weight": 1 + rn(C, sc=0.2),
+                b + "att.ln_x.bias": rn(C, sc=0.1),
+            }
+        )
     return w
 
 
@@ -297,9 +313,21 @@ def random_rwkv5(path, variant, seed=0, C=40, H=5, L=3, F=104, V=97):
         for m in "kvrg" if gate else "kvr":
             w[b + "att.time_mix_" + m] = ru(1, 1, C)
         w[b + "ffn.time_mix_k"], w[b + "ffn.time_mix_r"] = ru(1, 1, C), ru(1, 1, C)
-        _mats(w, rn, b, {"att.key": (C, C), "att.value": (C, C), "att.receptance": (C, C), "att.output": (C, C),
-                         **({"att.gate": (C, C)} if gate else {}),
-                         "ffn.key": (F, C), "ffn.receptance": (C, C), "ffn.value": (C, F)})
+        _mats(
+            w,
+            rn,
+            b,
+            {
+                "att.key": (C, C),
+                "att.value": (C, C),
+                "att.receptance": (C, C),
+                "att.output": (C, C),
+                **({"att.gate": (C, C)} if gate else {}),
+                "ffn.key": (F, C),
+                "ffn.receptance": (C, C),
+                "ffn.value": (C, F),
+            },
+        )
     torch.save(w, path)
     return path
 
@@ -312,12 +340,33 @@ def random_rwkv6(path, seed=0, C=48, H=3, L=3, F=136, V=89, D=8, E=12):
         b = f"blocks.{i}."
         for m in "xwkvrg":
             w[b + "att.time_maa_" + m] = ru(1, 1, C)
-        w.update({b + "att.time_maa_w1": rn(C, 5 * D, sc=0.3), b + "att.time_maa_w2": rn(5, D, C, sc=0.3),
-                  b + "att.time_decay": rn(1, 1, C) - 1, b + "att.time_decay_w1": rn(C, E, sc=0.3),
-                  b + "att.time_decay_w2": rn(E, C, sc=0.3), b + "att.time_faaaa": rn(H, N, sc=0.5),
-                  b + "ffn.time_maa_k": ru(1, 1, C), b + "ffn.time_maa_r": ru(1, 1, C)})
-        _mats(w, rn, b, {"att.key": (C, C), "att.value": (C, C), "att.receptance": (C, C), "att.output": (C, C),
-                         "att.gate": (C, C), "ffn.key": (F, C), "ffn.receptance": (C, C), "ffn.value": (C, F)})
+        w.update(
+            {
+                b + "att.time_maa_w1": rn(C, 5 * D, sc=0.3),
+                b + "att.time_maa_w2": rn(5, D, C, sc=0.3),
+                b + "att.time_decay": rn(1, 1, C) - 1,
+                b + "att.time_decay_w1": rn(C, E, sc=0.3),
+                b + "att.time_decay_w2": rn(E, C, sc=0.3),
+                b + "att.time_faaaa": rn(H, N, sc=0.5),
+                b + "ffn.time_maa_k": ru(1, 1, C),
+                b + "ffn.time_maa_r": ru(1, 1, C),
+            }
+        )
+        _mats(
+            w,
+            rn,
+            b,
+            {
+                "att.key": (C, C),
+                "att.value": (C, C),
+                "att.receptance": (C, C),
+                "att.output": (C, C),
+                "att.gate": (C, C),
+                "ffn.key": (F, C),
+                "ffn.receptance": (C, C),
+                "ffn.value": (C, F),
+            },
+        )
     torch.save(w, path)
     return path
 
@@ -335,10 +384,27 @@ def random_rwkv7(path, seed=0, C=48, H=3, L=3, F=136, V=89, dims=(12, 10, 6, 14)
             w[b + f"att.{n}1"], w[b + f"att.{n}2"] = rn(C, d, sc=0.3), rn(d, C, sc=0.3)
             if n != "g":
                 w[b + f"att.{n}0"] = rn(1, 1, C, sc=0.5) - (0.5 if n == "w" else 0)
-        w.update({b + "att.k_k": 0.85 + rn(1, 1, C, sc=0.1), b + "att.k_a": 1 + rn(1, 1, C, sc=0.1),
-                  b + "att.r_k": rn(H, N, sc=0.3), b + "ffn.x_k": ru(1, 1, C)})
-        _mats(w, rn, b, {"att.key": (C, C), "att.value": (C, C), "att.receptance": (C, C), "att.output": (C, C),
-                         "ffn.key": (F, C), "ffn.value": (C, F)})
+        w.update(
+            {
+                b + "att.k_k": 0.85 + rn(1, 1, C, sc=0.1),
+                b + "att.k_a": 1 + rn(1, 1, C, sc=0.1),
+                b + "att.r_k": rn(H, N, sc=0.3),
+                b + "ffn.x_k": ru(1, 1, C),
+            }
+        )
+        _mats(
+            w,
+            rn,
+            b,
+            {
+                "att.key": (C, C),
+                "att.value": (C, C),
+                "att.receptance": (C, C),
+                "att.output": (C, C),
+                "ffn.key": (F, C),
+                "ffn.value": (C, F),
+            },
+        )
     torch.save(w, path)
     return path
 
@@ -400,12 +466,20 @@ def random_models(tmp_path_factory):
     np.save(d / "t7.wkv.npy", np.stack([t.numpy() for t in tuned["7"][2].values()]))
     jobs56 = [{"key": v, "path": str(p), "tokens": TOKENS} for v, p in models.items() if v != "7"]
     jobs56 += [{"key": "t" + v, "path": str(tuned[v][0]), "tokens": TOKENS} for v in ("5.2", "6")]
-    jobs7 = [{"key": "7", "path": str(models["7"]), "tokens": TOKENS},
-             {"key": "t7", "path": str(models["7"]), "tokens": TOKENS, "wkv": str(d / "t7.wkv.npy")}]
+    jobs7 = [
+        {"key": "7", "path": str(models["7"]), "tokens": TOKENS},
+        {"key": "t7", "path": str(models["7"]), "tokens": TOKENS, "wkv": str(d / "t7.wkv.npy")},
+    ]
     env = {**os.environ, "RWKV_JIT_ON": "0", "RWKV_CUDA_ON": "0", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", _BLINKDL, json.dumps(jobs), str(d / f"{k}.npz")],
-                              env={**env, **extra}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for k, jobs, extra in (("v56", jobs56, {}), ("v7", jobs7, {"RWKV_V7_ON": "1"}))]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BLINKDL, json.dumps(jobs), str(d / f"{k}.npz")],
+            env={**env, **extra},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for k, jobs, extra in (("v56", jobs56, {}), ("v7", jobs7, {"RWKV_V7_ON": "1"}))
+    ]
     truth = {}
     for k, p in zip(("v56", "v7"), procs):
         _, err = p.communicate(timeout=300)
@@ -476,8 +550,10 @@ def _weights(path):
 
 def test_rwkv7_layer0_value_lora_is_optional(tmp_path):
     w = _weights(random_rwkv7(tmp_path / "a.pth", seed=9))
-    torch.save({k: v for k, v in w.items() if k not in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")},
-               tmp_path / "b.pth")
+    torch.save(
+        {k: v for k, v in w.items() if k not in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")},
+        tmp_path / "b.pth",
+    )
     with_v, without = load_checkpoint(tmp_path / "a.pth"), load_checkpoint(tmp_path / "b.pth")
     assert "blocks.0.att.v1" in with_v.weights and "blocks.0.att.v1" not in without.weights
     mod = module("rwkv7")
@@ -488,9 +564,15 @@ def test_rwkv7_layer0_value_lora_is_optional(tmp_path):
     assert "blocks.0.att.v1" not in mod.export_weights(with_v.weights, mod.config_from_weights(with_v.weights))
 
 
-@pytest.mark.parametrize("maker,version", [(lambda p: random_rwkv5(p, "5.2"), "rwkv5.2"),
-                                           (lambda p: random_rwkv5(p, "5.0"), "rwkv5"),
-                                           (random_rwkv6, "rwkv6"), (random_rwkv7, "rwkv7")])
+@pytest.mark.parametrize(
+    "maker,version",
+    [
+        (lambda p: random_rwkv5(p, "5.2"), "rwkv5.2"),
+        (lambda p: random_rwkv5(p, "5.0"), "rwkv5"),
+        (random_rwkv6, "rwkv6"),
+        (random_rwkv7, "rwkv7"),
+    ],
+)
 def test_bad_checkpoints_give_one_line_errors(tmp_path, maker, version):
     w = _weights(maker(tmp_path / "m.pth"))
     assert load_checkpoint(tmp_path / "m.pth").version == version
@@ -513,8 +595,9 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, maker, version):
 def test_vectors_may_be_stored_squeezed(tmp_path):
     """[1,1,C] mixing vectors saved as [C] (some converters squeeze them) load and compute the same."""
     w = _weights(random_rwkv6(tmp_path / "a.pth", seed=3))
-    torch.save({k: (v.reshape(-1) if v.dim() == 3 and v.shape[:2] == (1, 1) else v) for k, v in w.items()},
-               tmp_path / "b.pth")
+    torch.save(
+        {k: (v.reshape(-1) if v.dim() == 3 and v.shape[:2] == (1, 1) else v) for k, v in w.items()}, tmp_path / "b.pth"
+    )
     a, b = torch_model(tmp_path / "a.pth")[1], torch_model(tmp_path / "b.pth")[1]
     np.testing.assert_array_equal(torch_steps(a, TOKENS[:3])[0], torch_steps(b, TOKENS[:3])[0])
 
@@ -534,10 +617,19 @@ def _wkv7_graph(T_shape="T"):
     y, s2 = hw.wkv7_seq_ops(g, *names, "s")
     g.op("Identity", [y], "y")
     g.op("Identity", [s2], "s_out")
-    m = helper.make_model(helper.make_graph(g.nodes, "wkv7", g.inputs,
-                                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
-                                             helper.make_tensor_value_info("s_out", TensorProto.FLOAT, None)],
-                                            g.initializers), opset_imports=[helper.make_opsetid("", OPSET)])
+    m = helper.make_model(
+        helper.make_graph(
+            g.nodes,
+            "wkv7",
+            g.inputs,
+            [
+                helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                helper.make_tensor_value_info("s_out", TensorProto.FLOAT, None),
+            ],
+            g.initializers,
+        ),
+        opset_imports=[helper.make_opsetid("", OPSET)],
+    )
     m.ir_version = 9
     return m
 

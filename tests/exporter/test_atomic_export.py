@@ -2,6 +2,7 @@
 nothing: after an exception at any file operation, an interrupt, or a kill, the folder holds exactly
 the old set or the complete new set, and the runtime runs whichever it is (checked against BlinkDL's
 logits of the model each set came from)."""
+
 from __future__ import annotations
 
 import builtins
@@ -75,6 +76,7 @@ def _inject(monkeypatch, d: Path, fail_at: int | None, exc, persistent=False) ->
                 if fail_at is not None and (n == fail_at or (persistent and n > fail_at)):
                     raise exc()
             return fn(*args, **kw)
+
         return f
 
     monkeypatch.setattr(os, "replace", wrap("replace", os.replace))
@@ -96,8 +98,9 @@ def _count_ops(monkeypatch, d, out, ck) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("exc", [lambda: OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt],
-                         ids=["ENOSPC", "SIGINT"])
+@pytest.mark.parametrize(
+    "exc", [lambda: OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt], ids=["ENOSPC", "SIGINT"]
+)
 def test_exception_at_every_file_operation(folder, old_and_new, monkeypatch, exc):
     d, out, old = folder
     calls = _count_ops(monkeypatch, d, out, old_and_new[1])
@@ -206,8 +209,9 @@ def test_disk_full_is_one_line_naming_the_folder(tmp_path, old_and_new, monkeypa
         return real(self, name, arr)
 
     monkeypatch.setattr(WeightStore, "add", full)
-    res = CliRunner().invoke(main, ["export", str(old_and_new[0]), "-o", str(tmp_path / "m.onnx"), "-q",
-                                    "--external-data"])
+    res = CliRunner().invoke(
+        main, ["export", str(old_and_new[0]), "-o", str(tmp_path / "m.onnx"), "-q", "--external-data"]
+    )
     assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
     assert f"Error: {tmp_path}: no space left on device" in res.output and "rwkv-export-" not in res.output
     assert list(tmp_path.iterdir()) == []
@@ -231,8 +235,13 @@ _CHILD = textwrap.dedent("""
 
 def _child(ck, out, slow=0.0):
     env = dict(os.environ, SLOW_REPLACE=str(slow))
-    p = subprocess.Popen([sys.executable, "-c", _CHILD, str(ck), str(out)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(ck), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert p.stdout.readline().strip() == "ready"
     return p
 
@@ -277,9 +286,22 @@ def test_real_signal(folder, old_and_new, sig, moment):
 @pytest.mark.slow
 def test_cli_sigterm_is_one_line(folder, old_and_new):
     d, out, old = folder
-    p = subprocess.Popen([sys.executable, "-c", "from rwkv_export.cli import main; main()", "export",
-                          str(old_and_new[1]), "-o", str(out), "-q", "--external-data"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from rwkv_export.cli import main; main()",
+            "export",
+            str(old_and_new[1]),
+            "-o",
+            str(out),
+            "-q",
+            "--external-data",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     end = time.time() + 60
     while not list(d.glob(staging.PREFIX + "*")) and time.time() < end:  # the export is staging
         time.sleep(0.005)

@@ -1,6 +1,7 @@
 """The bounds `make bench` divides by are what they claim: the ceiling op reads the step's weight bytes,
 and the "matrix products alone" graph holds every weight product of the step graph, with its real
 weights, and computes what those products compute."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,8 +32,9 @@ def exports(tmp_path_factory):
     for name, ver in (("v4", "golden-rwkv4"), ("v7", "golden-rwkv7")):
         out[name] = export(ref_model(ver), d / f"{name}.onnx", ExportOptions())[0]
     out["v7-int4"] = export(ref_model("golden-rwkv7"), d / "v7-int4.onnx", ExportOptions(quantize="int4"))[0]
-    out["v4-fp16"] = export(ref_model("golden-rwkv4"), d / "v4-fp16.onnx",
-                            ExportOptions(graphs=("step",), precision="fp16"))[0]
+    out["v4-fp16"] = export(
+        ref_model("golden-rwkv4"), d / "v4-fp16.onnx", ExportOptions(graphs=("step",), precision="fp16")
+    )[0]
     return out
 
 
@@ -42,8 +44,11 @@ def test_products_alone_are_the_step_graphs_weight_products(exports, name):
     path = exports[name]
     m = onnx.load(str(path))
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
-    weight_nodes = [n for n in m.graph.node if n.op_type in ("Gemm", "MatMul") and n.input[1] in inits
-                    and inits[n.input[1]].ndim == 2]
+    weight_nodes = [
+        n
+        for n in m.graph.node
+        if n.op_type in ("Gemm", "MatMul") and n.input[1] in inits and inits[n.input[1]].ndim == 2
+    ]
     assert weight_nodes, "the step graph has weight products"
     pm = bc.products_model(path)
     assert [n.input[1] for n in pm.graph.node] == [n.input[1] for n in weight_nodes]
@@ -51,8 +56,11 @@ def test_products_alone_are_the_step_graphs_weight_products(exports, name):
     p_inits = {t.name: numpy_helper.to_array(t) for t in pm.graph.initializer}
     for n in weight_nodes:
         np.testing.assert_array_equal(p_inits[n.input[1]], inits[n.input[1]])
-    gathers = sum(inits[n.input[0]].nbytes // inits[n.input[0]].shape[0] for n in m.graph.node
-                  if n.op_type == "Gather" and n.input[0] in inits)
+    gathers = sum(
+        inits[n.input[0]].nbytes // inits[n.input[0]].shape[0]
+        for n in m.graph.node
+        if n.op_type == "Gather" and n.input[0] in inits
+    )
     assert sum(a.nbytes for a in p_inits.values()) == bc.step_weight_bytes(path)["bytes"] - gathers
     # and it computes those products: each output is x times the weight (as numpy computes it)
     s = ort.InferenceSession(pm.SerializeToString(), providers=["CPUExecutionProvider"])

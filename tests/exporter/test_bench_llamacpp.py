@@ -1,6 +1,7 @@
 """scripts/bench_llamacpp.py writes the same weights in the Hugging Face layout llama.cpp's converter
 reads: every tensor under a name gguf-py's RWKV-7 tensor map knows (checked against llama.cpp's own
 gguf-py when `make llamacpp` has fetched it; skipped otherwise), the values unchanged."""
+
 from __future__ import annotations
 
 import importlib.util

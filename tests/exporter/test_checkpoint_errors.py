@@ -1,6 +1,7 @@
 """Damaged checkpoints and configs: a clean ``Error:`` line with exit 1, or an export that computes
 what BlinkDL's own package computes from the same file; never a traceback. The named cases of the
 issue are regression tests; a hypothesis suite generates the rest."""
+
 from __future__ import annotations
 
 import json
@@ -48,14 +49,17 @@ def export_dict(d: dict, tmp: Path, *extra) -> tuple[int, str]:
     return cli("export", tmp / "ck.pth", "-o", tmp / "m.onnx", "-q", *extra)
 
 
-@pytest.mark.parametrize("change, expect", [
-    (lambda d: {**d, 7: d["emb.weight"]}, "not a string"),
-    (lambda d: {**d, "blocks.extra.foo": torch.zeros(3)}, "'blocks.extra.foo' does not name a layer"),
-    (lambda d: {**d, "blocks.0.att.key.weight": d["blocks.0.att.key.weight"].to(torch.int32)}, "is int32"),
-    (lambda d: {**d, "blocks.1.ln1.weight": d["blocks.1.ln1.weight"] > 0}, "is bool"),
-    (lambda d: {**d, "head.weight": d["head.weight"].to(torch.complex64)}, "is complex64"),
-    (lambda d: {**d, "emb.weight": d["emb.weight"][:0], "head.weight": d["head.weight"][:0]}, "vocabulary"),
-])
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (lambda d: {**d, 7: d["emb.weight"]}, "not a string"),
+        (lambda d: {**d, "blocks.extra.foo": torch.zeros(3)}, "'blocks.extra.foo' does not name a layer"),
+        (lambda d: {**d, "blocks.0.att.key.weight": d["blocks.0.att.key.weight"].to(torch.int32)}, "is int32"),
+        (lambda d: {**d, "blocks.1.ln1.weight": d["blocks.1.ln1.weight"] > 0}, "is bool"),
+        (lambda d: {**d, "head.weight": d["head.weight"].to(torch.complex64)}, "is complex64"),
+        (lambda d: {**d, "emb.weight": d["emb.weight"][:0], "head.weight": d["head.weight"][:0]}, "vocabulary"),
+    ],
+)
 def test_named_checkpoint_cases(sd, tmp_path, change, expect):
     assert expect in one_error(*export_dict(change(dict(sd)), tmp_path))
     assert not (tmp_path / "m.onnx").exists()
@@ -70,15 +74,18 @@ def test_nonfinite_weights_refused_unless_allowed(sd, tmp_path):
     assert code == 0 and (tmp_path / "m.onnx").is_file(), out
 
 
-@pytest.mark.parametrize("text, expect", [
-    (b"null", "expected a JSON object, found null"),
-    (b"[1, 2]", "expected a JSON object, found list"),
-    (b'{"hidden_size": "\xff\xfe"}', "not UTF-8"),
-    (b'{"layer_norm_epsilon": "small"}', "layer_norm_epsilon must be a number"),
-    (b'{"rescale_every": true}', "rescale_every must be a number"),
-    (b'{"layer_norm_epsilon": -1}', "layer_norm_epsilon must be in (0, 1)"),
-    (b'{"model_type": 3}', "model_type must be a string"),
-])
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        (b"null", "expected a JSON object, found null"),
+        (b"[1, 2]", "expected a JSON object, found list"),
+        (b'{"hidden_size": "\xff\xfe"}', "not UTF-8"),
+        (b'{"layer_norm_epsilon": "small"}', "layer_norm_epsilon must be a number"),
+        (b'{"rescale_every": true}', "rescale_every must be a number"),
+        (b'{"layer_norm_epsilon": -1}', "layer_norm_epsilon must be in (0, 1)"),
+        (b'{"model_type": 3}', "model_type must be a string"),
+    ],
+)
 def test_hf_config_cases(sd, tmp_path, text, expect):
     hf = tmp_path / "hf"
     hf.mkdir()
@@ -129,8 +136,15 @@ def test_malformed_embedded_initial_state_is_one_line(tmp_path):
 _DTYPES = [torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool, torch.complex64]
 
 
-_ODD_KEYS = ["blocks.x.att.key", "blocks.-1.ln1.weight", "blocks.0.", "blocks.99999999.ln1.weight",
-             "blocks.1.att.time_state", "blocks.0.att.k_k", "emb.weight.extra"]
+_ODD_KEYS = [
+    "blocks.x.att.key",
+    "blocks.-1.ln1.weight",
+    "blocks.0.",
+    "blocks.99999999.ln1.weight",
+    "blocks.1.att.time_state",
+    "blocks.0.att.k_k",
+    "emb.weight.extra",
+]
 
 
 def damage(sd: dict, data) -> tuple[dict, list]:
@@ -162,8 +176,9 @@ def damage(sd: dict, data) -> tuple[dict, list]:
 
 
 @pytest.mark.slow
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                 HealthCheck.too_slow])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_generated_damaged_checkpoints(sd, data):
     d, done = damage(sd, data)
@@ -190,29 +205,53 @@ def test_generated_damaged_checkpoints(sd, data):
         np.testing.assert_allclose(np.asarray(logits).reshape(-1), truth, atol=1e-3, rtol=1e-3)
 
 
-_LEAF = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=True) | st.text(max_size=8)
-_JSON = st.recursive(_LEAF, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
-                     max_leaves=6)
+_LEAF = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=True) | st.text(max_size=8)
+_JSON = st.recursive(
+    _LEAF, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3), max_leaves=6
+)
 
 
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     torch.manual_seed(0)
-    cfg = transformers.RwkvConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
-                                  intermediate_size=64, context_length=32)
+    cfg = transformers.RwkvConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        attention_hidden_size=32,
+        intermediate_size=64,
+        context_length=32,
+    )
     d = tmp_path_factory.mktemp("hf")
     transformers.RwkvForCausalLM(cfg).save_pretrained(d)
     return d
 
 
 @pytest.mark.slow
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                 HealthCheck.too_slow])
-@given(top=st.one_of(st.just("dict"), _JSON), fields=st.dictionaries(
-    st.sampled_from(["layer_norm_epsilon", "rescale_every", "hidden_size", "vocab_size", "model_type",
-                     "num_hidden_layers", "attention_hidden_size", "intermediate_size"]), _JSON, max_size=4),
-    raw=st.one_of(st.none(), st.binary(max_size=12)))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(
+    top=st.one_of(st.just("dict"), _JSON),
+    fields=st.dictionaries(
+        st.sampled_from(
+            [
+                "layer_norm_epsilon",
+                "rescale_every",
+                "hidden_size",
+                "vocab_size",
+                "model_type",
+                "num_hidden_layers",
+                "attention_hidden_size",
+                "intermediate_size",
+            ]
+        ),
+        _JSON,
+        max_size=4,
+    ),
+    raw=st.one_of(st.none(), st.binary(max_size=12)),
+)
 def test_generated_hf_configs(hf_model, top, fields, raw):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -236,9 +275,11 @@ def test_generated_hf_configs(hf_model, top, fields, raw):
 
 def test_damaged_state_tuning_file_is_one_line(tmp_path):
     ck = ref_model("golden-rwkv7")
-    for name, content in (("odd.pth", {"blocks.0.att.time_state": torch.zeros(3, 5)}),
-                          ("none.pth", {"foo": torch.zeros(2)}),
-                          ("layer.pth", {"blocks.99.att.time_state": torch.zeros(1, 64, 64)})):
+    for name, content in (
+        ("odd.pth", {"blocks.0.att.time_state": torch.zeros(3, 5)}),
+        ("none.pth", {"foo": torch.zeros(2)}),
+        ("layer.pth", {"blocks.99.att.time_state": torch.zeros(1, 64, 64)}),
+    ):
         torch.save(content, tmp_path / name)
         code, out = cli("export", ck, "-o", tmp_path / "m.onnx", "-q", "--state-tuning", tmp_path / name)
         one_error(code, out)

@@ -1,4 +1,5 @@
 """The rwkv-export CLI: each command works, and user errors are one line with a non-zero exit."""
+
 import subprocess
 import sys
 
@@ -10,8 +11,11 @@ from rwkv_export.cli import main
 
 def run_cli(*args):
     """Run the real console entry point in a subprocess (so tracebacks would show on stderr)."""
-    return subprocess.run([sys.executable, "-c", "from rwkv_export.cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-c", "from rwkv_export.cli import main; main()", *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_help_for_every_command():
@@ -40,11 +44,14 @@ def _one_clean_line(res):
     return lines[0]
 
 
-@pytest.mark.parametrize("make, expect", [
-    (lambda d: d / "missing.pth", "no such file"),
-    (lambda d: (d / "junk.pth").write_bytes(b"hello world") and d / "junk.pth", "not a PyTorch checkpoint"),
-    (lambda d: (d / "empty.pth").write_bytes(b"") or d / "empty.pth", "empty"),
-])
+@pytest.mark.parametrize(
+    "make, expect",
+    [
+        (lambda d: d / "missing.pth", "no such file"),
+        (lambda d: (d / "junk.pth").write_bytes(b"hello world") and d / "junk.pth", "not a PyTorch checkpoint"),
+        (lambda d: (d / "empty.pth").write_bytes(b"") or d / "empty.pth", "empty"),
+    ],
+)
 def test_bad_checkpoints(tmp_path, make, expect):
     res = run_cli("export", make(tmp_path), "-o", tmp_path / "out.onnx", "-q")
     assert expect in _one_clean_line(res)
@@ -62,15 +69,21 @@ def test_truncated_and_inconsistent_checkpoints(rwkv4_ref, tmp_path):
     bad = dict(sd)
     bad["blocks.1.att.key.weight"] = torch.zeros(128, 64)
     torch.save(bad, tmp_path / "shape.pth")
-    assert "inconsistent shape" in _one_clean_line(run_cli("export", tmp_path / "shape.pth", "-o", tmp_path / "o.onnx", "-q"))
+    assert "inconsistent shape" in _one_clean_line(
+        run_cli("export", tmp_path / "shape.pth", "-o", tmp_path / "o.onnx", "-q")
+    )
     missing = {k: v for k, v in sd.items() if k != "blocks.1.ffn.value.weight"}
     torch.save(missing, tmp_path / "missing.pth")
-    assert "missing keys" in _one_clean_line(run_cli("export", tmp_path / "missing.pth", "-o", tmp_path / "o.onnx", "-q"))
+    assert "missing keys" in _one_clean_line(
+        run_cli("export", tmp_path / "missing.pth", "-o", tmp_path / "o.onnx", "-q")
+    )
     extra = {**sd, "blocks.0.att.something": torch.zeros(3)}
     torch.save(extra, tmp_path / "extra.pth")
     assert "unknown keys" in _one_clean_line(run_cli("export", tmp_path / "extra.pth", "-o", tmp_path / "o.onnx", "-q"))
     torch.save({"foo": torch.zeros(3)}, tmp_path / "other.pth")
-    assert "not an RWKV checkpoint" in _one_clean_line(run_cli("export", tmp_path / "other.pth", "-o", tmp_path / "o.onnx", "-q"))
+    assert "not an RWKV checkpoint" in _one_clean_line(
+        run_cli("export", tmp_path / "other.pth", "-o", tmp_path / "o.onnx", "-q")
+    )
     assert not (tmp_path / "o.onnx").exists()
 
 
@@ -97,12 +110,15 @@ def test_runtime_errors_are_one_line(rwkv4_exports, tmp_path):
     _one_clean_line(res)
 
 
-@pytest.mark.parametrize("exc, expect, code", [
-    (ZeroDivisionError("division by zero"), "internal error (ZeroDivisionError", 1),
-    (EOFError("Ran out of input"), "internal error (EOFError", 1),
-    (OSError(30, "Read-only file system", "/x/m.onnx"), "/x/m.onnx: Read-only file system", 1),
-    (KeyboardInterrupt(), "interrupted", 130),
-])
+@pytest.mark.parametrize(
+    "exc, expect, code",
+    [
+        (ZeroDivisionError("division by zero"), "internal error (ZeroDivisionError", 1),
+        (EOFError("Ran out of input"), "internal error (EOFError", 1),
+        (OSError(30, "Read-only file system", "/x/m.onnx"), "/x/m.onnx: Read-only file system", 1),
+        (KeyboardInterrupt(), "interrupted", 130),
+    ],
+)
 def test_unexpected_errors_are_one_line_never_aborted(rwkv4_ref, tmp_path, monkeypatch, exc, expect, code):
     """Every command is wrapped (also those registered from other modules): a bug or an OS error is one
     line, never a traceback or click's bare "Aborted!"."""

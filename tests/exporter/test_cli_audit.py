@@ -1,5 +1,6 @@
 """CLI contract violations found by an audit: one `Error:` line (exit 1), nothing printed or written before
 it, no file the user had is lost, and a checkpoint never runs code."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,11 @@ PWNED = "rwkv-audit-pwned"
 
 def run_cli(*args):
     """The real entry point in a subprocess: stderr is exactly what a user sees (warnings, tracebacks)."""
-    return subprocess.run([sys.executable, "-c", "from rwkv_export.cli import main; main()", *map(str, args)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-c", "from rwkv_export.cli import main; main()", *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
 
 
 def invoke(*args):
@@ -62,8 +66,12 @@ def test_validate_never_overwrites_what_it_reads(export_dir, rwkv4_ref, tmp_path
     model = _copy(export_dir, tmp_path / "e")
     ref = tmp_path / "ref.pth"
     shutil.copy(rwkv4_ref, ref)
-    target = {"model": model, "companion": model.with_name("m.seq.onnx"), "weights": model.with_name("m.onnx.data"),
-              "reference": ref}[which]
+    target = {
+        "model": model,
+        "companion": model.with_name("m.seq.onnx"),
+        "weights": model.with_name("m.onnx.data"),
+        "reference": ref,
+    }[which]
     before = target.read_bytes()
     res = invoke("validate", model, "--reference", ref, "--steps", "2", "--save-outputs", target)
     assert f"--save-outputs {target}: is a file this check reads" in one_error_line(res)
@@ -75,7 +83,9 @@ def test_validate_save_paths_are_checked_before_any_work(rwkv4_exports, tmp_path
 
     monkeypatch.setattr(v, "load_reference", lambda *a: pytest.fail("the reference was loaded"))
     m, ref = rwkv4_exports["plain"], tmp_path / "unused.pth"
-    same = invoke("validate", m, "--reference", ref, "--save-inputs", tmp_path / "a.json", "--save-outputs", tmp_path / "a.json")
+    same = invoke(
+        "validate", m, "--reference", ref, "--save-inputs", tmp_path / "a.json", "--save-outputs", tmp_path / "a.json"
+    )
     assert "--save-outputs" in one_error_line(same) and "is also --save-inputs" in one_error_line(same)
     # was: Polygraphy created the missing folders (/nonexistent/...) and wrote there
     gone = tmp_path / "no" / "such" / "a.json"
@@ -104,11 +114,14 @@ def test_validate_saves_atomically(tmp_path):
 
 
 # --- generate / bench ------------------------------------------------------------------------------
-@pytest.mark.parametrize("extra, expect", [
-    (["--temperature", "nan"], "temperature must be a finite number"),
-    (["--seed", "-1"], "seed must be an integer >= 0"),
-    (["--presence-penalty", "inf"], "presence_penalty must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "extra, expect",
+    [
+        (["--temperature", "nan"], "temperature must be a finite number"),
+        (["--seed", "-1"], "seed must be an integer >= 0"),
+        (["--presence-penalty", "inf"], "presence_penalty must be a finite number"),
+    ],
+)
 def test_generate_prints_nothing_before_an_error(rwkv4_exports, extra, expect):
     """The prompt was echoed first, so the terminal showed `helloError: sampling: ...`."""
     res = invoke("generate", rwkv4_exports["plain"], "-p", "hello", "-n", "3", *extra)
@@ -128,7 +141,9 @@ def test_generate_with_a_tokenizer_that_does_not_fit_the_model(rwkv4_exports, tm
 
 def test_bench_without_batch_sizes_is_refused(rwkv4_exports):
     """`--batch ''` measured nothing and exited 0."""
-    assert "--batch needs at least one batch size" in one_error_line(invoke("bench", rwkv4_exports["plain"], "--batch", ""))
+    assert "--batch needs at least one batch size" in one_error_line(
+        invoke("bench", rwkv4_exports["plain"], "--batch", "")
+    )
 
 
 # --- checkpoints that would run code ---------------------------------------------------------------
@@ -148,8 +163,21 @@ def test_a_checkpoint_that_runs_code_is_refused_in_one_line(tmp_path, fmt):
         torch.save({"emb.weight": torch.zeros(2, 2), "x": _RunsCode()}, ck)
     else:
         ck.write_bytes(pickle.dumps({"x": _RunsCode()}, protocol=4))
-    res = subprocess.run([sys.executable, "-c", "from rwkv_export.cli import main; main()", "export", str(ck),
-                          "-o", str(tmp_path / "o.onnx"), "-q"], capture_output=True, text=True, cwd=tmp_path)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from rwkv_export.cli import main; main()",
+            "export",
+            str(ck),
+            "-o",
+            str(tmp_path / "o.onnx"),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     line = one_error_line(res)
     assert "refused to load" in line and "weights-only loader" in line
     if fmt == "zip":

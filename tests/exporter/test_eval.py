@@ -3,6 +3,7 @@ independent computation with BlinkDL's own ``rwkv`` package (0.8.32, cpu fp32) o
 scored here the way BlinkDL's RWKV-LM scripts score LAMBADA. The model is the embedded default model
 (byte-level RWKV-4 trained on Python's standard library), so the data file is Python written for this
 test, in LAMBADA's format."""
+
 from __future__ import annotations
 
 import json
@@ -130,8 +131,9 @@ def test_text_output_and_cost_line(tmp_path, data):
     from rwkv_export.export import ExportOptions, export
 
     q = export(CKPT, tmp_path / "q.onnx", ExportOptions(quantize="int8"))[0]
-    r = CliRunner().invoke(main, ["eval", str(q), "--data", str(data / "lambada.jsonl"), "--limit", "3",
-                                  "--reference", str(CKPT), "-q"])
+    r = CliRunner().invoke(
+        main, ["eval", str(q), "--data", str(data / "lambada.jsonl"), "--limit", "3", "--reference", str(CKPT), "-q"]
+    )
     assert r.exit_code == 0, r.output
     lines = r.output.strip().splitlines()
     assert lines[0].startswith("lambada: 3 documents")
@@ -141,12 +143,15 @@ def test_text_output_and_cost_line(tmp_path, data):
     assert lines[4].startswith("cost of int8 (block 128): ") and lines[4].endswith("%")
 
 
-@pytest.mark.parametrize("content, msg", [
-    ('{"text": "one two"}\nnot json\n', "line 2: not JSON"),
-    ('{"text": 3}\n', 'line 1: expected an object with a "text" string'),
-    ('{"text": "nospace"}\n', "line 1: the text has no last word"),
-    ("\n\n", "no documents"),
-])
+@pytest.mark.parametrize(
+    "content, msg",
+    [
+        ('{"text": "one two"}\nnot json\n', "line 2: not JSON"),
+        ('{"text": 3}\n', 'line 1: expected an object with a "text" string'),
+        ('{"text": "nospace"}\n', "line 1: the text has no last word"),
+        ("\n\n", "no documents"),
+    ],
+)
 def test_bad_data_is_one_error_line(export_path, tmp_path, content, msg):
     f = tmp_path / "bad.jsonl"
     f.write_text(content, encoding="utf-8")
@@ -208,9 +213,14 @@ def test_score_refuses_bad_arguments(export_path):
 
     s = Session(export_path)
     toks = np.array([list(b"abc")])
-    for kw, msg in [(dict(start=4), "past the end"), (dict(start=0), "needs the logits"),
-                    (dict(start=0, logits=np.zeros((1, 5))), "logits must have shape"),
-                    (dict(top_k=-1), "top_k"), (dict(start=1.5), "start"), (dict(chunk_size=0), "chunk_size")]:
+    for kw, msg in [
+        (dict(start=4), "past the end"),
+        (dict(start=0), "needs the logits"),
+        (dict(start=0, logits=np.zeros((1, 5))), "logits must have shape"),
+        (dict(top_k=-1), "top_k"),
+        (dict(start=1.5), "start"),
+        (dict(chunk_size=0), "chunk_size"),
+    ]:
         with pytest.raises(RuntimeUserError, match=msg):
             s.score(toks, **kw)
     sc = s.score(toks, start=3)  # nothing to score: only the state and logits after the tokens

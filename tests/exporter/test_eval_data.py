@@ -1,6 +1,7 @@
 """rwkv-export eval's LAMBADA reader against hostile data files: bytes that are not UTF-8 and a lone
 surrogate escape are one Error line naming the file (was: an 'internal error', and a line about "the
 prompt" naming neither file nor line)."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,4 +23,3 @@ def test_a_lone_surrogate_is_refused_with_its_line(tmp_path):
     with pytest.raises(RuntimeUserError, match=r"s.jsonl, line 2: the text holds a lone surrogate \('\\ud800'\)"):
         ev.read_lambada(p)
     assert ev.read_lambada(p, limit=1) == [("a", " b")]
-

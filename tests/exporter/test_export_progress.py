@@ -1,6 +1,7 @@
 """`rwkv-export export`'s progress bar ends at its total (it counted 2 + 2 per graph, so with --quantize,
 one more stage per graph, it ran past it: 8/6); ExportOptions refuses bad combinations itself, with the
 CLI's one-line errors."""
+
 import pytest
 from click.testing import CliRunner
 
@@ -25,15 +26,18 @@ def test_progress_bar_total_equals_its_final_count(rwkv4_ref, tmp_path, monkeypa
     assert n == total and n == 2 + (1 if "step" in extra else 2) * (3 if "--quantize" in extra else 2)
 
 
-@pytest.mark.parametrize("kw,msg", [
-    ({"quantize": "int8", "precision": "fp16"}, "--quantize applies to fp32 exports"),
-    ({"graphs": ("step", "step")}, "--graphs names step more than once"),
-    ({"graphs": ()}, "--graphs must name some of"),
-    ({"quant_block": 64}, "--quant-block applies to --quantize int8 or int4"),
-    ({"quantize": "int8", "quant_block": 48}, "--quant-block must be one of"),
-    ({"wkv": "fast"}, "--wkv must be 'plain' or 'plugin'"),
-    ({"precision": "fp8"}, "--precision must be one of"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"quantize": "int8", "precision": "fp16"}, "--quantize applies to fp32 exports"),
+        ({"graphs": ("step", "step")}, "--graphs names step more than once"),
+        ({"graphs": ()}, "--graphs must name some of"),
+        ({"quant_block": 64}, "--quant-block applies to --quantize int8 or int4"),
+        ({"quantize": "int8", "quant_block": 48}, "--quant-block must be one of"),
+        ({"wkv": "fast"}, "--wkv must be 'plain' or 'plugin'"),
+        ({"precision": "fp8"}, "--precision must be one of"),
+    ],
+)
 def test_export_options_check_themselves(kw, msg):
     with pytest.raises(ExportError, match=msg):
         ExportOptions(**kw)
@@ -45,8 +49,11 @@ def test_export_options_check_themselves(kw, msg):
 
 
 def test_a_bad_combination_is_one_line_from_the_cli(rwkv4_ref, tmp_path):
-    res = CliRunner().invoke(cli.main, ["export", str(rwkv4_ref), "-o", str(tmp_path / "m.onnx"),
-                                        "--quantize", "int8", "--precision", "fp16"])
+    res = CliRunner().invoke(
+        cli.main,
+        ["export", str(rwkv4_ref), "-o", str(tmp_path / "m.onnx"), "--quantize", "int8", "--precision", "fp16"],
+    )
     assert res.exit_code == 1 and res.output.strip().splitlines() == [
-        "Error: --quantize applies to fp32 exports (its int8/int4 formats are for ONNX Runtime on CPU)"]
+        "Error: --quantize applies to fp32 exports (its int8/int4 formats are for ONNX Runtime on CPU)"
+    ]
     assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,5 @@
 """The exported RWKV-4 ONNX, run through rwkv_runtime, computes what the checkpoint computes."""
+
 import json
 
 import numpy as np
@@ -97,8 +98,15 @@ def test_huggingface_checkpoint_matches_transformers(tmp_path, layers, att, eps)
     import torch
 
     torch.manual_seed(0)
-    cfg = transformers.RwkvConfig(vocab_size=123, hidden_size=48, num_hidden_layers=layers, attention_hidden_size=att,
-                                  intermediate_size=160, context_length=64, layer_norm_epsilon=eps)
+    cfg = transformers.RwkvConfig(
+        vocab_size=123,
+        hidden_size=48,
+        num_hidden_layers=layers,
+        attention_hidden_size=att,
+        intermediate_size=160,
+        context_length=64,
+        layer_norm_epsilon=eps,
+    )
     model = transformers.RwkvForCausalLM(cfg).eval()
     with torch.no_grad():  # HF's init leaves some weights at exactly zero/one: make them all matter
         for name, p in model.named_parameters():

@@ -2,6 +2,7 @@
 fla's RWKV7ForCausalLM): the golden models written here in each HF layout, by an inverse mapping of
 the test's own (from the published modeling code's parameter names), export to the same logits as
 the BlinkDL .pth they came from."""
+
 import json
 import re
 
@@ -39,8 +40,12 @@ def hf_v456(w: dict) -> dict:
 def hf_fla_rwkv7(w: dict) -> dict:
     """BlinkDL -> fla's RWKV7ForCausalLM: Linear-style low-rank matrices (transposed), their bias,
     [C] vectors where fla keeps them flat, projections renamed."""
-    top = {"emb.weight": "model.embeddings.weight", "ln_out.weight": "model.norm.weight",
-           "ln_out.bias": "model.norm.bias", "head.weight": "lm_head.weight"}
+    top = {
+        "emb.weight": "model.embeddings.weight",
+        "ln_out.weight": "model.norm.weight",
+        "ln_out.bias": "model.norm.bias",
+        "head.weight": "lm_head.weight",
+    }
     module = {"att": "attn", "ffn": "ffn", "ln0": "pre_norm", "ln1": "attn_norm", "ln2": "ffn_norm"}
     proj = {"receptance": "r_proj", "key": "k_proj", "value": "v_proj", "output": "o_proj", "ln_x": "g_norm"}
     out = {}
@@ -60,7 +65,7 @@ def hf_fla_rwkv7(w: dict) -> dict:
             continue
         head = rest.split(".")[0]
         if mod == "att" and head in proj:
-            rest = proj[head] + rest[len(head):]
+            rest = proj[head] + rest[len(head) :]
         if rest in ("k_k", "k_a") or (mod == "ffn" and rest == "x_k"):
             v = v.reshape(-1)
         out[f"model.layers.{i}.{module[mod]}.{rest}"] = v
@@ -72,8 +77,12 @@ def write_hf(version: str, d, shards: int = 1, model_type=None, extra_cfg=None):
     hf = hf_fla_rwkv7(w) if version == "rwkv7" else hf_v456(w)
     hf = {k: v.contiguous() for k, v in hf.items()}
     d.mkdir()
-    cfg = {"model_type": model_type or MODEL_TYPE[version], "vocab_size": int(w["emb.weight"].shape[0]),
-           "hidden_size": int(w["emb.weight"].shape[1]), **(extra_cfg or {})}
+    cfg = {
+        "model_type": model_type or MODEL_TYPE[version],
+        "vocab_size": int(w["emb.weight"].shape[0]),
+        "hidden_size": int(w["emb.weight"].shape[1]),
+        **(extra_cfg or {}),
+    }
     (d / "config.json").write_text(json.dumps(cfg))
     if shards == 1:
         save_file(hf, str(d / "model.safetensors"))

@@ -1,5 +1,6 @@
 """Issue #24 (integrity), the exporter's part: each case of the hostile-input audit, reproduced. Every
 command fails with one `Error:` line, writes nothing, and loses no file the user had."""
+
 from __future__ import annotations
 
 import errno
@@ -89,8 +90,9 @@ def test_checkpoint_truncated_mid_export_is_one_error_line(tmp_path):
     export(ck, out)  # the old set, which must survive
     old = snapshot(tmp_path)
     old.pop("ck.pth")
-    r = subprocess.run([sys.executable, "-c", _TRUNCATE, str(ck), str(out)], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _TRUNCATE, str(ck), str(out)], capture_output=True, text=True, timeout=300
+    )
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), (r.returncode, r.stderr)
     assert "SIGBUS" in lines[0] and "truncated" in lines[0] and "left unchanged" in lines[0]
@@ -134,7 +136,7 @@ def test_a_record_with_a_bad_crc_is_refused(tmp_path):
         info = next(i for i in z.infolist() if "/data/" in i.filename)
     raw = bytearray(src.read_bytes())
     start = info.header_offset + 30 + len(info.filename.encode())
-    start += int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    start += int.from_bytes(raw[info.header_offset + 28 : info.header_offset + 30], "little")
     raw[start + 5] ^= 0x40  # one flipped bit inside a tensor: the stored CRC-32 no longer matches
     (tmp_path / "flip.pth").write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
@@ -160,8 +162,10 @@ def _tuning(ts: dict, d: Path, how: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize("how, expect", [("nan", "NaN or infinite"), ("inf", "NaN or infinite"),
-                                         ("complex", "is complex64"), ("int-key", "not a string")])
+@pytest.mark.parametrize(
+    "how, expect",
+    [("nan", "NaN or infinite"), ("inf", "NaN or infinite"), ("complex", "is complex64"), ("int-key", "not a string")],
+)
 def test_bad_state_tuning_is_refused(rwkv6, tmp_path, how, expect):
     ck, ts, d = rwkv6
     bad = _tuning(ts, tmp_path, how)
@@ -210,8 +214,9 @@ def test_tokenizer_bytes_needs_a_256_token_vocabulary(tmp_path):
 
 
 def test_graphs_named_twice(tmp_path):
-    msg = one_error(invoke("export", ref_model("golden-rwkv7"), "-o", tmp_path / "m.onnx", "-q",
-                           "--graphs", "step,step"))
+    msg = one_error(
+        invoke("export", ref_model("golden-rwkv7"), "-o", tmp_path / "m.onnx", "-q", "--graphs", "step,step")
+    )
     assert "--graphs names step more than once" in msg and str(tmp_path) not in msg
     assert list(tmp_path.iterdir()) == []
 

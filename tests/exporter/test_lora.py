@@ -1,5 +1,6 @@
 """export --lora: a LoRA adapter (RWKV-PEFT's <weight>.lora_A / .lora_B layout) merged while streaming
 equals the checkpoint merged independently here with torch and exported plainly."""
+
 import numpy as np
 import pytest
 import torch
@@ -24,8 +25,8 @@ def make_adapter(base: dict, path, seed=0, extra_plain=True):
     for k, v in base.items():
         if k.endswith(".weight") and v.ndim == 2:
             out_f, in_f = v.shape
-            p = k[:-len(".weight")]
-            ad[p + ".lora_A"] = torch.randn(RANK, in_f, generator=g) * in_f ** -0.5
+            p = k[: -len(".weight")]
+            ad[p + ".lora_A"] = torch.randn(RANK, in_f, generator=g) * in_f**-0.5
             ad[p + ".lora_B"] = torch.randn(out_f, RANK, generator=g) * 0.05
     if extra_plain:
         ad["blocks.0.ln1.weight"] = base["blocks.0.ln1.weight"] * 1.1
@@ -40,7 +41,7 @@ def merge_independently(base: dict, ad: dict, alpha) -> dict:
         if not k.endswith((".lora_A", ".lora_B")):
             w[k] = v.clone().float()
     for k in list(w):
-        p = k[:-len(".weight")] if k.endswith(".weight") else None
+        p = k[: -len(".weight")] if k.endswith(".weight") else None
         if p and p + ".lora_A" in ad:
             A, B = ad[p + ".lora_A"].float(), ad[p + ".lora_B"].float()
             w[k] = w[k] + (B @ A) * ((alpha if alpha is not None else B.shape[1]) / B.shape[1])
@@ -112,16 +113,19 @@ def rwkv4(tmp_path):
     return base_path, torch.load(base_path, weights_only=True)
 
 
-@pytest.mark.parametrize("case,message", [
-    ("shape", "shapes do not match blocks.0.att.key.weight"),
-    ("half", "blocks.0.att.key.lora_B is missing"),
-    ("absent", "which the checkpoint does not have"),
-    ("empty", "not a LoRA adapter"),
-    ("pissa", "is not a LoRA pair of this layout"),
-    ("unknown", "neither a LoRA pair nor a tensor of the checkpoint"),
-    ("plainshape", "has shape"),
-    ("nan", "NaN or infinite"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("shape", "shapes do not match blocks.0.att.key.weight"),
+        ("half", "blocks.0.att.key.lora_B is missing"),
+        ("absent", "which the checkpoint does not have"),
+        ("empty", "not a LoRA adapter"),
+        ("pissa", "is not a LoRA pair of this layout"),
+        ("unknown", "neither a LoRA pair nor a tensor of the checkpoint"),
+        ("plainshape", "has shape"),
+        ("nan", "NaN or infinite"),
+    ],
+)
 def test_lora_refusals(rwkv4, tmp_path, case, message):
     base_path, base = rwkv4
     C = base["blocks.0.att.key.weight"].shape[1]
@@ -165,8 +169,9 @@ def test_lora_cli_merges(rwkv4, tmp_path):
     base_path, base = rwkv4
     ad = make_adapter(base, tmp_path / "a.pth")
     torch.save(merge_independently(base, ad, ALPHA), tmp_path / "m.pth")
-    res = _cli(base_path, "-o", tmp_path / "got.onnx", "--graphs", "step", "--lora", tmp_path / "a.pth",
-               "--lora-alpha", ALPHA)
+    res = _cli(
+        base_path, "-o", tmp_path / "got.onnx", "--graphs", "step", "--lora", tmp_path / "a.pth", "--lora-alpha", ALPHA
+    )
     assert res.exit_code == 0, res.output
     assert "merged LoRA" in res.output
     want = export(tmp_path / "m.pth", tmp_path / "want.onnx", ExportOptions(graphs=("step",)))[0]

@@ -1,5 +1,6 @@
 """Reduced precision stays right: fp16/bf16 greedy agreement, no overflow over long fp16 rollouts,
 the cost of int8/int4 weights on a held-out text, and a clear error where a runtime can't run bf16."""
+
 import numpy as np
 import onnx
 import pytest
@@ -54,7 +55,7 @@ def test_reduced_precision_greedy_agrees_with_fp32(tmp_path, name, precision):
     # teacher-forced: both see the fp32 continuation; compare their next-token choice at every step
     a, _ = step_all(fp32, list(PROMPT) + toks[:-1])
     b, _ = step_all(low, list(PROMPT) + toks[:-1])
-    a, b = a[len(PROMPT) - 1:], b[len(PROMPT) - 1:]
+    a, b = a[len(PROMPT) - 1 :], b[len(PROMPT) - 1 :]
     agree = (a.argmax(1) == b.argmax(1)).mean()
     err = np.abs(a - b).max()
     print(f"{name} {precision}: argmax agreement {agree:.3f}, max logit error {err:.3g}")
@@ -77,7 +78,7 @@ def test_fp16_rwkv4_long_rollout_stays_finite(tmp_path):
     st = s.new_state(1).numpy()
     names = [o.name for o in seq.get_outputs()]
     for i in range(0, len(text), 1000):
-        out = seq.run(None, {"tokens": text[None, i:i + 1000].astype(np.int64), **st})
+        out = seq.run(None, {"tokens": text[None, i : i + 1000].astype(np.int64), **st})
         assert np.isfinite(out[0]).all(), f"non-finite logits in tokens {i}..{i + 1000}"
         st = {n.replace("new_state", "state", 1): v for n, v in zip(names[1:], out[1:])}
         assert all(np.isfinite(v).all() for v in st.values())

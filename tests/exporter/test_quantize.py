@@ -1,5 +1,6 @@
 """int8/int4 exports are quantised one matrix at a time, yet give exactly what onnxruntime's
 whole-model ``MatMulNBitsQuantizer`` gives on the same float graph: same nodes, same bytes."""
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,15 @@ from ..conftest import ref_model
 
 
 def _nodes(m):
-    return [(n.op_type, tuple(n.input), tuple(n.output),
-             tuple(sorted((a.name, helper.get_attribute_value(a)) for a in n.attribute))) for n in m.graph.node]
+    return [
+        (
+            n.op_type,
+            tuple(n.input),
+            tuple(n.output),
+            tuple(sorted((a.name, helper.get_attribute_value(a)) for a in n.attribute)),
+        )
+        for n in m.graph.node
+    ]
 
 
 @pytest.mark.parametrize("bits,block", [(8, 32), (4, 32), (4, 128)])
@@ -36,15 +44,23 @@ def test_streamed_quantisation_equals_onnxruntimes_quantizer(tmp_path, bits, blo
     q = mnq.MatMulNBitsQuantizer(g.model(), bits=bits, block_size=block, is_symmetric=True, accuracy_level=4)
     q.process()
     want = q.model.model
-    got = onnx.load(str(export(ck.path, tmp_path / "q.onnx", ExportOptions(quantize=f"int{bits}", quant_block=block,
-                                                                              graphs=("step",)))[0]))
+    got = onnx.load(
+        str(
+            export(
+                ck.path, tmp_path / "q.onnx", ExportOptions(quantize=f"int{bits}", quant_block=block, graphs=("step",))
+            )[0]
+        )
+    )
     # the embedding's Gather is ours to quantise (onnxruntime's quantiser leaves it float: see below)
     emb = [n for n in _nodes(got) if n[0] == "GatherBlockQuantized"]
     assert len(emb) == 1 and [n for n in _nodes(want) if n[0] == "Gather"][0][2] == emb[0][2]
     assert [n for n in _nodes(got) if n[0] != "GatherBlockQuantized"] == [n for n in _nodes(want) if n[0] != "Gather"]
     wi = {t.name: numpy_helper.to_array(t) for t in want.graph.initializer if t.name != "emb"}
-    gi = {t.name: numpy_helper.to_array(t) for t in got.graph.initializer if not t.name.startswith("emb_G")
-          and t.name != "emb_gscales"}
+    gi = {
+        t.name: numpy_helper.to_array(t)
+        for t in got.graph.initializer
+        if not t.name.startswith("emb_G") and t.name != "emb_gscales"
+    }
     assert set(wi) == set(gi) and sum(n == "MatMulNBits" for n, *_ in _nodes(got)) > 20  # 2 layers x 13 + head
     for k in wi:
         np.testing.assert_array_equal(gi[k], wi[k], err_msg=k)
@@ -57,20 +73,42 @@ def test_cli_quant_block_reaches_the_graph_and_the_manifest(tmp_path):
     from rwkv_runtime.artifact import read_manifest
 
     out = tmp_path / "q.onnx"
-    r = CliRunner().invoke(main, ["export", str(ref_model("golden-rwkv4")), "-o", str(out), "-q",
-                                  "--quantize", "int4", "--quant-block", "64", "--graphs", "step"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "export",
+            str(ref_model("golden-rwkv4")),
+            "-o",
+            str(out),
+            "-q",
+            "--quantize",
+            "int4",
+            "--quant-block",
+            "64",
+            "--graphs",
+            "step",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    blocks = {helper.get_attribute_value(a) for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"
-              for a in n.attribute if a.name == "block_size"}
+    blocks = {
+        helper.get_attribute_value(a)
+        for n in onnx.load(str(out)).graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "block_size"
+    }
     assert blocks == {64}
     assert read_manifest(out)[0].options["quant_block"] == 64
-    r = CliRunner().invoke(main, ["export", str(ref_model("golden-rwkv4")), "-o", str(out), "-q",
-                                  "--quantize", "int4", "--quant-block", "48"])
+    r = CliRunner().invoke(
+        main,
+        ["export", str(ref_model("golden-rwkv4")), "-o", str(out), "-q", "--quantize", "int4", "--quant-block", "48"],
+    )
     assert r.exit_code != 0 and "48" in r.output
     before = out.read_bytes()
     for extra in (["--quantize", "int8-dynamic"], []):  # a block size that nothing would use: refused
-        r = CliRunner().invoke(main, ["export", str(ref_model("golden-rwkv4")), "-o", str(out), "-q",
-                                      "--quant-block", "64", *extra])
+        r = CliRunner().invoke(
+            main, ["export", str(ref_model("golden-rwkv4")), "-o", str(out), "-q", "--quant-block", "64", *extra]
+        )
         assert r.exit_code == 1 and "--quant-block applies to --quantize int8 or int4" in r.output, r.output
         assert out.read_bytes() == before  # the earlier export is untouched
 
@@ -85,11 +123,17 @@ def test_cli_default_block_is_the_formats_measured_best(tmp_path, fmt, block):
     from rwkv_runtime.artifact import read_manifest
 
     out = tmp_path / "q.onnx"
-    r = CliRunner().invoke(main, ["export", str(ref_model("golden-rwkv4")), "-o", str(out), "-q",
-                                  "--quantize", fmt, "--graphs", "step"])
+    r = CliRunner().invoke(
+        main, ["export", str(ref_model("golden-rwkv4")), "-o", str(out), "-q", "--quantize", fmt, "--graphs", "step"]
+    )
     assert r.exit_code == 0, r.output
-    blocks = {helper.get_attribute_value(a) for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"
-              for a in n.attribute if a.name == "block_size"}
+    blocks = {
+        helper.get_attribute_value(a)
+        for n in onnx.load(str(out)).graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "block_size"
+    }
     assert blocks == {block}
     assert read_manifest(out)[0].options["quant_block"] == block
 
@@ -177,12 +221,17 @@ def test_quantised_embedding_within_a_step_of_the_float_table(tmp_path, fmt):
     assert data.dtype == np.uint8 and data.shape == (V, C * attrs["bits"] // 8)
     assert scales.dtype == np.float32 and scales.shape == (V, C // attrs["block_size"])
     # read every row back through onnxruntime's own op
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info(node.input[1], onnx.TensorProto.INT64, [V])],
-                          [helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, [V, C])],
-                          [inits[node.input[0]], inits[node.input[2]]])
+    g = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info(node.input[1], onnx.TensorProto.INT64, [V])],
+        [helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, [V, C])],
+        [inits[node.input[0]], inits[node.input[2]]],
+    )
     one = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     rows = ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {node.input[1]: np.arange(V, dtype=np.int64)})[0]
+        None, {node.input[1]: np.arange(V, dtype=np.int64)}
+    )[0]
     step = np.abs(scales).repeat(attrs["block_size"], axis=1)
     err = np.abs(rows - table)
     # onnxruntime's symmetric blocks map [-amax, amax] onto [-2^(b-1), 2^(b-1) - 1] (scale amax / 2^(b-1)):

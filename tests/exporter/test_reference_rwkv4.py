@@ -1,4 +1,5 @@
 """The PyTorch reference RWKV-4 computes what BlinkDL's implementation computes, in both forms."""
+
 import numpy as np
 import pytest
 import torch

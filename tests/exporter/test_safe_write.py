@@ -2,6 +2,7 @@
 rename and under signals, recovery after SIGKILL, inputs never replaced, and recovery that ignores
 journals it did not write (issue #24: a planted journal made the next export delete and create files
 anywhere its paths pointed)."""
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,13 @@ def test_journal_entries_outside_the_output_set_are_ignored(folder, tmp_path, ta
     victim.write_bytes(b"precious")
     st = _plant(folder, {})
     dst, pst = st.lstat(), folder.stat()
-    doc = {"version": 1, "output": "m.bin", "stage": [dst.st_dev, dst.st_ino], "folder": [pst.st_dev, pst.st_ino],
-           "moves": [{"i": 0, "staged": None, "target": target, "new": None, "old": victim.stat().st_ino}]}
+    doc = {
+        "version": 1,
+        "output": "m.bin",
+        "stage": [dst.st_dev, dst.st_ino],
+        "folder": [pst.st_dev, pst.st_ino],
+        "moves": [{"i": 0, "staged": None, "target": target, "new": None, "old": victim.stat().st_ino}],
+    }
     (st / sw.JOURNAL).write_text(json.dumps(doc))
     os.link(victim, st / "old" / "0")
     before = _set(folder)
@@ -90,9 +96,13 @@ def test_a_well_formed_journal_copied_into_a_planted_folder_is_ignored(folder):
     extracted beside the output): its folder's inode is not the one it names."""
     st = _plant(folder, {})
     pst = folder.stat()
-    doc = {"version": 1, "output": "m.bin", "stage": [1, 2], "folder": [pst.st_dev, pst.st_ino],
-           "moves": [{"i": 0, "staged": "x", "target": "m.bin", "new": (folder / "m.bin").stat().st_ino,
-                      "old": None}]}
+    doc = {
+        "version": 1,
+        "output": "m.bin",
+        "stage": [1, 2],
+        "folder": [pst.st_dev, pst.st_ino],
+        "moves": [{"i": 0, "staged": "x", "target": "m.bin", "new": (folder / "m.bin").stat().st_ino, "old": None}],
+    }
     (st / sw.JOURNAL).write_text(json.dumps(doc))
     before = _set(folder)
     recover(folder / "m.bin")
@@ -103,8 +113,13 @@ def test_backup_with_another_inode_is_not_restored(folder):
     st = _plant(folder, {})
     dst, pst = st.lstat(), folder.stat()
     (st / "old" / "0").write_bytes(b"planted")
-    doc = {"version": 1, "output": "m.bin", "stage": [dst.st_dev, dst.st_ino], "folder": [pst.st_dev, pst.st_ino],
-           "moves": [{"i": 0, "staged": None, "target": "m.bin", "new": None, "old": 12345}]}
+    doc = {
+        "version": 1,
+        "output": "m.bin",
+        "stage": [dst.st_dev, dst.st_ino],
+        "folder": [pst.st_dev, pst.st_ino],
+        "moves": [{"i": 0, "staged": None, "target": "m.bin", "new": None, "old": 12345}],
+    }
     (st / sw.JOURNAL).write_text(json.dumps(doc))
     before = _set(folder)
     recover(folder / "m.bin")

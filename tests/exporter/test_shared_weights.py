@@ -2,6 +2,7 @@
 external data. Both graphs point into the same file at 64 KiB-aligned offsets, each weight is stored
 once, the folder can be moved, the export's memory does not hold a second copy, and both graphs
 compute what BlinkDL's package computes from the checkpoint."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -35,8 +36,9 @@ def blinkdl_logits(path: Path, tokens) -> np.ndarray:
     """BlinkDL's package on an RWKV-7 (its v7 mode is chosen at import time: a fresh process)."""
     out = Path(str(path) + f".{len(tokens)}.npy")
     if not out.exists():
-        r = subprocess.run([sys.executable, "-c", _V7, str(path), json.dumps(tokens), str(out)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-c", _V7, str(path), json.dumps(tokens), str(out)], capture_output=True, text=True
+        )
         assert r.returncode == 0, r.stderr[-2000:]
     return np.load(out)[None]
 
@@ -50,8 +52,11 @@ def _bench_scale():
 
 def _external(path: Path) -> dict:
     m = onnx.load(str(path), load_external_data=False)
-    return {t.name: {e.key: e.value for e in t.external_data} for t in m.graph.initializer
-            if t.data_location == onnx.TensorProto.EXTERNAL}
+    return {
+        t.name: {e.key: e.value for e in t.external_data}
+        for t in m.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    }
 
 
 @pytest.fixture(scope="module")

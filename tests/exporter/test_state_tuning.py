@@ -1,12 +1,13 @@
 """State-tuned initial states: baked into an export, or loaded by the runtime as the starting state."""
+
 import numpy as np
 import pytest
 import torch
 
 import rwkv_runtime
+from rwkv_export.arch import rwkv6
 from rwkv_export.checkpoint import load_checkpoint
 from rwkv_export.export import ExportOptions, export, state_tuning_to_npz
-from rwkv_export.arch import rwkv6
 
 from ..conftest import ref_model
 from ..helpers import random_state_tuning, step_all

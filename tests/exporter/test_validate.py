@@ -1,6 +1,7 @@
 """``rwkv-export validate`` passes good exports, fails a slightly wrong one at the right step, and its
 saved files let ``polygraphy run`` repeat the check alone; the data-loader script feeds Polygraphy
 real rollout states. Everything runs for real with ONNX Runtime on the tiny RWKV-4 reference."""
+
 import json
 import os
 import re
@@ -43,9 +44,25 @@ def corrupt(src: Path, dst: Path, name="blocks.0.att.value", index=0, delta=0.03
 
 
 def polygraphy_replay(model: Path, inputs: Path, outputs: Path):
-    return subprocess.run([POLYGRAPHY, "run", str(model), "--onnxrt", "--load-inputs", str(inputs),
-                           "--load-outputs", str(outputs), "--atol", "1e-4", "--rtol", "1e-3"],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            POLYGRAPHY,
+            "run",
+            str(model),
+            "--onnxrt",
+            "--load-inputs",
+            str(inputs),
+            "--load-outputs",
+            str(outputs),
+            "--atol",
+            "1e-4",
+            "--rtol",
+            "1e-3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +76,19 @@ def bad_model(rwkv4_exports, tmp_path_factory):
 @pytest.mark.parametrize("wkv", ["plain", "plugin"])
 @pytest.mark.parametrize("graph", ["step", "sequence"])
 def test_validate_passes_on_good_exports(rwkv4_exports, rwkv4_ref, graph, wkv):
-    res = validate(rwkv4_exports[wkv], "--reference", rwkv4_ref, "--graph", graph, "--steps", STEPS,
-                   "--prompt", "import os\n", "--chunk", "5")
+    res = validate(
+        rwkv4_exports[wkv],
+        "--reference",
+        rwkv4_ref,
+        "--graph",
+        graph,
+        "--steps",
+        STEPS,
+        "--prompt",
+        "import os\n",
+        "--chunk",
+        "5",
+    )
     assert res.exit_code == 0, res.output
     name = rwkv4_exports[wkv].name if graph == "step" else seq(rwkv4_exports[wkv]).name
     assert f"validating {name}: rwkv4 {graph} graph, fp32, wkv {wkv}" in res.output
@@ -68,8 +96,15 @@ def test_validate_passes_on_good_exports(rwkv4_exports, rwkv4_ref, graph, wkv):
     # first bad step); the per-step tables only with --verbose
     lines = res.output.splitlines()
     assert lines[lines.index("") + 1].startswith("PASS:"), res.output
-    for group in ("logits", "att_shift (x2)", "wkv_aa (x2)", "wkv_bb (x2)", "wkv_pp (x2)", "ffn_shift (x2)",
-                  "logits (free-running)"):
+    for group in (
+        "logits",
+        "att_shift (x2)",
+        "wkv_aa (x2)",
+        "wkv_bb (x2)",
+        "wkv_pp (x2)",
+        "ffn_shift (x2)",
+        "logits (free-running)",
+    ):
         assert re.search(rf"^\s*{re.escape(group)}\s+\S+\s+\S+\s+\S+\s+\d+\s+-$", res.output, re.M), group
     assert "1. teacher-forced" not in res.output and "2. free-running" not in res.output
     assert len(lines) <= 20, res.output  # was two tables of one row per step
@@ -79,8 +114,12 @@ def test_verbose_adds_both_per_step_tables_after_the_summary(rwkv4_exports, rwkv
     res = validate(rwkv4_exports["plain"], "--reference", rwkv4_ref, "--steps", "5", "--verbose")
     assert res.exit_code == 0, res.output
     out = res.output
-    assert out.index("PASS:") < out.index("summary, over all steps") < out.index("1. teacher-forced") \
+    assert (
+        out.index("PASS:")
+        < out.index("summary, over all steps")
+        < out.index("1. teacher-forced")
         < out.index("2. free-running")
+    )
     for table in out.split("1. teacher-forced")[1].split("2. free-running"):
         assert [int(ln.split()[0]) for ln in table.splitlines() if re.match(r"^\s+\d+\s", ln)] == list(range(5))
 
@@ -91,7 +130,9 @@ def test_validate_fails_on_a_corrupted_export_naming_the_first_bad_step(rwkv4_re
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output
     last = next(ln for ln in res.output.splitlines() if ln.startswith("FAIL:"))
-    m = re.match(r"FAIL: the export differs from the reference; first bad step: (\d+) \(teacher-forced step (\d+)", last)
+    m = re.match(
+        r"FAIL: the export differs from the reference; first bad step: (\d+) \(teacher-forced step (\d+)", last
+    )
     assert m, last
     first = int(m.group(1))
     # the named step is the first row marked FAIL in the teacher-forced table, and a later one:
@@ -110,8 +151,19 @@ def test_polygraphy_alone_repeats_the_check(rwkv4_exports, rwkv4_ref, bad_model,
 
     good = rwkv4_exports["plain"]
     ins, outs = tmp_path / "inputs.json", tmp_path / "reference.json"
-    res = validate(good, "--reference", rwkv4_ref, "--steps", STEPS, "--prompt", "import os\n",
-                   "--save-inputs", ins, "--save-outputs", outs)
+    res = validate(
+        good,
+        "--reference",
+        rwkv4_ref,
+        "--steps",
+        STEPS,
+        "--prompt",
+        "import os\n",
+        "--save-inputs",
+        ins,
+        "--save-outputs",
+        outs,
+    )
     assert res.exit_code == 0, res.output
     assert f"polygraphy run {good} --onnxrt --load-inputs {ins} --load-outputs {outs}" in res.output
 
@@ -137,9 +189,24 @@ def test_data_loader_script_gives_polygraphy_real_states(rwkv4_exports, tmp_path
     model = rwkv4_exports["plugin"] if graph == "step" else seq(rwkv4_exports["plain"])
     ins, outs = tmp_path / "in.json", tmp_path / "out.json"
     env = dict(os.environ, RWKV_MODEL=str(model), RWKV_STEPS="12", RWKV_PROMPT="def f", RWKV_CHUNK="4")
-    r = subprocess.run([POLYGRAPHY, "run", str(model), "--onnxrt", "--data-loader-script", f"{DATA_LOADER}:load_data",
-                        "--save-inputs", str(ins), "--save-outputs", str(outs)],
-                       capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [
+            POLYGRAPHY,
+            "run",
+            str(model),
+            "--onnxrt",
+            "--data-loader-script",
+            f"{DATA_LOADER}:load_data",
+            "--save-inputs",
+            str(ins),
+            "--save-outputs",
+            str(outs),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0 and "PASSED" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
 
     from polygraphy.comparator import RunResults
@@ -184,16 +251,23 @@ def test_tensorrt_profile_of_validate(rwkv4_exports):
 
 
 def test_an_engine_takes_its_manifest_from_its_sidecar(rwkv4_exports, tmp_path):
-    from rwkv_runtime import artifact as trt_backend  # the engine sidecar's home
     from rwkv_export.verify.target import load_target
+    from rwkv_runtime import artifact as trt_backend  # the engine sidecar's home
     from rwkv_runtime import read_manifest
 
     man, _ = read_manifest(seq(rwkv4_exports["plain"]))
     engine = tmp_path / "model.seq.engine"
     engine.write_bytes(b"not an engine")
-    trt_backend.sidecar_path(engine).write_text(json.dumps(
-        {"format": trt_backend.SIDECAR_FORMAT, "format_version": trt_backend.SIDECAR_VERSION,
-         "manifest": json.loads(man.to_json()), "plugins": [{"name": "gone.so", "path": "/gone.so"}]}))
+    trt_backend.sidecar_path(engine).write_text(
+        json.dumps(
+            {
+                "format": trt_backend.SIDECAR_FORMAT,
+                "format_version": trt_backend.SIDECAR_VERSION,
+                "manifest": json.loads(man.to_json()),
+                "plugins": [{"name": "gone.so", "path": "/gone.so"}],
+            }
+        )
+    )
     target = load_target(engine)
     assert target.is_engine and target.manifest.graph == "sequence" and target.plugins == []
 

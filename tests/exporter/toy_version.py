@@ -5,6 +5,7 @@ The toy is RWKV without time mixing: per block only the channel mix (token shift
 sigmoid receptance), so it has a recurrent state (``ffn_shift``) but no WKV op. Keys: emb.weight,
 blocks.N.ln2.*, blocks.N.ffn.{time_mix_k, time_mix_r, key, receptance, value}, ln_out.*, head.weight.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,22 +23,44 @@ def expected_shapes(cfg: dict) -> dict:
     s = {"emb.weight": (V, C), "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)}
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
-        s.update({b + "ln2.weight": (C,), b + "ln2.bias": (C,), b + "ffn.time_mix_k": (C,), b + "ffn.time_mix_r": (C,),
-                  b + "ffn.key.weight": (F_, C), b + "ffn.receptance.weight": (C, C), b + "ffn.value.weight": (C, F_)})
+        s.update(
+            {
+                b + "ln2.weight": (C,),
+                b + "ln2.bias": (C,),
+                b + "ffn.time_mix_k": (C,),
+                b + "ffn.time_mix_r": (C,),
+                b + "ffn.key.weight": (F_, C),
+                b + "ffn.receptance.weight": (C, C),
+                b + "ffn.value.weight": (C, F_),
+            }
+        )
     return s
 
 
 def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
     V, C = keys.embedding_size(w)
-    cfg = {"n_layer": keys.layer_count(w), "n_embd": C, "vocab_size": V,
-           "ffn_dim": int(keys.need(w, "blocks.0.ffn.key.weight", 2).shape[0])}
+    cfg = {
+        "n_layer": keys.layer_count(w),
+        "n_embd": C,
+        "vocab_size": V,
+        "ffn_dim": int(keys.need(w, "blocks.0.ffn.key.weight", 2).shape[0]),
+    }
     keys.check_keys(w, expected_shapes(cfg), "the toy version")
     return cfg
 
 
 def state_layout(cfg: dict) -> list:
-    return [StateSpec(name=f"state.{i}.ffn_shift", output=f"new_state.{i}.ffn_shift", shape=[BATCH, cfg["n_embd"]],
-                      dtype="float32", init=0.0, layer=i) for i in range(cfg["n_layer"])]
+    return [
+        StateSpec(
+            name=f"state.{i}.ffn_shift",
+            output=f"new_state.{i}.ffn_shift",
+            shape=[BATCH, cfg["n_embd"]],
+            dtype="float32",
+            init=0.0,
+            layer=i,
+        )
+        for i in range(cfg["n_layer"])
+    ]
 
 
 class Model(nn.Module):
@@ -84,7 +107,9 @@ def export_weights(w: dict, cfg: dict) -> dict:
     out = {"emb": w["emb.weight"].float().numpy()}
     for k, v in w.items():
         if k != "emb.weight":
-            out[k.removesuffix(".weight") if v.dim() == 2 else k] = v.float().numpy().T if v.dim() == 2 else v.float().numpy()
+            out[k.removesuffix(".weight") if v.dim() == 2 else k] = (
+                v.float().numpy().T if v.dim() == 2 else v.float().numpy()
+            )
     return out
 
 
@@ -97,7 +122,7 @@ def build_graph(g, W: dict, cfg: dict, opts: GraphOptions):
         sx = G.shift(xx, f"state.{i}.ffn_shift")
         G.last(xx, f"new_state.{i}.ffn_shift")
 
-        def mix(m):  # xx * m + sx * (1 - m)
+        def mix(m, xx=xx, sx=sx, b=b):  # xx * m + sx * (1 - m)
             return g.op("Add", [sx, g.op("Mul", [g.op("Sub", [xx, sx]), G.vec(b + "ffn.time_mix_" + m)])])
 
         r = g.op("Sigmoid", [G.linear(b + "ffn.receptance", mix("r"))])
@@ -109,9 +134,17 @@ def detect(w: dict) -> str | None:
     return VERSION if "blocks.0.ffn.key.weight" in w and not any(".att." in k for k in w) else None
 
 
-SPEC = ArchSpec(name="Toy", versions=(VERSION,), detect=detect, config_from_weights=config_from_weights,
-                export_weights=export_weights, state_layout=state_layout, Model=Model, build_graph=build_graph,
-                default_tokenizer=keys.default_tokenizer)
+SPEC = ArchSpec(
+    name="Toy",
+    versions=(VERSION,),
+    detect=detect,
+    config_from_weights=config_from_weights,
+    export_weights=export_weights,
+    state_layout=state_layout,
+    Model=Model,
+    build_graph=build_graph,
+    default_tokenizer=keys.default_tokenizer,
+)
 
 
 def random_checkpoint(path, C=24, L=2, F_=40, V=50, seed=0):

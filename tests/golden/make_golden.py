@@ -19,6 +19,7 @@ Scales (so every part of a block matters, unlike a model whose channel mix is ~0
 Shapes mirror the trained tiny models these tests used before (n_embd 64, vocab 256 = bytes, 8 heads of 8
 for 5/6, 1 head of 64 for 7) with 2 layers and a smaller FFN to keep each file near 0.5 MB.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,12 +68,24 @@ def _ramp(n, lo, hi, layer, rn):
 
 
 def _common(rn, ln_x=True):
-    w = {"emb.weight": rn(V, C, s=0.5), "blocks.0.ln0.weight": 1 + rn(C, s=0.1), "blocks.0.ln0.bias": rn(C, s=0.1),
-         "ln_out.weight": 1 + rn(C, s=0.1), "ln_out.bias": rn(C, s=0.1), "head.weight": rn(V, C, s=1.5 * C ** -0.5)}
+    w = {
+        "emb.weight": rn(V, C, s=0.5),
+        "blocks.0.ln0.weight": 1 + rn(C, s=0.1),
+        "blocks.0.ln0.bias": rn(C, s=0.1),
+        "ln_out.weight": 1 + rn(C, s=0.1),
+        "ln_out.bias": rn(C, s=0.1),
+        "head.weight": rn(V, C, s=1.5 * C**-0.5),
+    }
     for i in range(L):
         b = f"blocks.{i}."
-        w.update({b + "ln1.weight": 1 + rn(C, s=0.1), b + "ln1.bias": rn(C, s=0.1),
-                  b + "ln2.weight": 1 + rn(C, s=0.1), b + "ln2.bias": rn(C, s=0.1)})
+        w.update(
+            {
+                b + "ln1.weight": 1 + rn(C, s=0.1),
+                b + "ln1.bias": rn(C, s=0.1),
+                b + "ln2.weight": 1 + rn(C, s=0.1),
+                b + "ln2.bias": rn(C, s=0.1),
+            }
+        )
         if ln_x:
             w.update({b + "att.ln_x.weight": 1 + rn(C, s=0.1), b + "att.ln_x.bias": rn(C, s=0.1)})
     return w
@@ -109,20 +122,48 @@ def build(kind: str, seed: int) -> dict:
             else:  # 5.2: per channel [H, N], u = time_faaaa (raw)
                 w[b + "att.time_decay"] = _ramp(C, -6.0, 1.0, i, rn).reshape(H, N)
                 w[b + "att.time_faaaa"] = rn(H, N, s=0.3)
-            _mats(w, rn, b, {"att.key": (C, C), "att.value": (C, C), "att.receptance": (C, C),
-                             "att.output": (C, C), **({"att.gate": (C, C)} if kind == "v5.2" else {}),
-                             "ffn.receptance": (C, C)})
+            _mats(
+                w,
+                rn,
+                b,
+                {
+                    "att.key": (C, C),
+                    "att.value": (C, C),
+                    "att.receptance": (C, C),
+                    "att.output": (C, C),
+                    **({"att.gate": (C, C)} if kind == "v5.2" else {}),
+                    "ffn.receptance": (C, C),
+                },
+            )
         elif kind == "v6":
             D, E = 8, 16  # token-shift LoRA, decay LoRA
             for m in "xwkvrg":
                 w[b + "att.time_maa_" + m] = ru(1, 1, C)
-            w.update({b + "att.time_maa_w1": rn(C, 5 * D, s=0.1), b + "att.time_maa_w2": rn(5, D, C, s=0.15),
-                      b + "att.time_decay": _ramp(C, -6.0, 0.0, i, rn).reshape(1, 1, C),
-                      b + "att.time_decay_w1": rn(C, E, s=0.1), b + "att.time_decay_w2": rn(E, C, s=0.2),
-                      b + "att.time_faaaa": rn(H, N, s=0.3),
-                      b + "ffn.time_maa_k": ru(1, 1, C), b + "ffn.time_maa_r": ru(1, 1, C)})
-            _mats(w, rn, b, {"att.key": (C, C), "att.value": (C, C), "att.receptance": (C, C),
-                             "att.output": (C, C), "att.gate": (C, C), "ffn.receptance": (C, C)})
+            w.update(
+                {
+                    b + "att.time_maa_w1": rn(C, 5 * D, s=0.1),
+                    b + "att.time_maa_w2": rn(5, D, C, s=0.15),
+                    b + "att.time_decay": _ramp(C, -6.0, 0.0, i, rn).reshape(1, 1, C),
+                    b + "att.time_decay_w1": rn(C, E, s=0.1),
+                    b + "att.time_decay_w2": rn(E, C, s=0.2),
+                    b + "att.time_faaaa": rn(H, N, s=0.3),
+                    b + "ffn.time_maa_k": ru(1, 1, C),
+                    b + "ffn.time_maa_r": ru(1, 1, C),
+                }
+            )
+            _mats(
+                w,
+                rn,
+                b,
+                {
+                    "att.key": (C, C),
+                    "att.value": (C, C),
+                    "att.receptance": (C, C),
+                    "att.output": (C, C),
+                    "att.gate": (C, C),
+                    "ffn.receptance": (C, C),
+                },
+            )
         else:  # v7; block 0 has no v0/v1/v2 (unused there; the trained tiny model had none either)
             dims = {"w": 16, "a": 16, "v": 8, "g": 32}
             for m in "rwkvag":
@@ -136,10 +177,15 @@ def build(kind: str, seed: int) -> dict:
             w[b + "att.a0"] = rn(1, 1, C, s=0.5)
             if i > 0:
                 w[b + "att.v0"] = rn(1, 1, C, s=0.5)
-            w.update({b + "att.k_k": 0.85 + rn(1, 1, C, s=0.1), b + "att.k_a": 1 + rn(1, 1, C, s=0.1),
-                      b + "att.r_k": rn(H, N, s=0.3), b + "ffn.x_k": ru(1, 1, C)})
-            _mats(w, rn, b, {"att.key": (C, C), "att.value": (C, C), "att.receptance": (C, C),
-                             "att.output": (C, C)})
+            w.update(
+                {
+                    b + "att.k_k": 0.85 + rn(1, 1, C, s=0.1),
+                    b + "att.k_a": 1 + rn(1, 1, C, s=0.1),
+                    b + "att.r_k": rn(H, N, s=0.3),
+                    b + "ffn.x_k": ru(1, 1, C),
+                }
+            )
+            _mats(w, rn, b, {"att.key": (C, C), "att.value": (C, C), "att.receptance": (C, C), "att.output": (C, C)})
         _ffn(w, rn, b)
     return {k: v.float().contiguous() for k, v in w.items()}
 
@@ -166,13 +212,23 @@ np.savez(out, **res)
 
 def blinkdl_logits(path: Path, v7: bool, timeout: float = 300) -> dict:
     """{prompt name: [T, V] float32} from BlinkDL's package on ``path`` (a child process)."""
-    env = {**os.environ, "RWKV_JIT_ON": "0", "RWKV_CUDA_ON": "0", "RWKV_V7_ON": "1" if v7 else "0",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "RWKV_JIT_ON": "0",
+        "RWKV_CUDA_ON": "0",
+        "RWKV_V7_ON": "1" if v7 else "0",
+        "OMP_NUM_THREADS": "1",
+    }
     prompts = json.dumps({k: list(v) for k, v in PROMPTS.items()})
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "logits.npz"
-        r = subprocess.run([sys.executable, "-c", _BLINKDL, str(path), prompts, str(out)], env=env,
-                           capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(
+            [sys.executable, "-c", _BLINKDL, str(path), prompts, str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if r.returncode:
             raise RuntimeError(f"BlinkDL's rwkv package failed on {path.name}: {r.stderr[-500:]}")
         return dict(np.load(out))
@@ -198,8 +254,9 @@ def write(folder: Path, names=None, logits: bool = True) -> list[Path]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=HERE, help="folder to write (default: beside this script)")
-    ap.add_argument("--check", action="store_true",
-                    help="regenerate into a temporary folder and compare with the committed files")
+    ap.add_argument(
+        "--check", action="store_true", help="regenerate into a temporary folder and compare with the committed files"
+    )
     args = ap.parse_args(argv)
     if not args.check:
         for p in write(args.out):

@@ -1,5 +1,6 @@
 """The golden models in tests/golden are what make_golden.py makes, and BlinkDL's own package still
 computes the committed logits on them (the truth every fast test compares against)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,8 +11,13 @@ import torch
 
 from . import make_golden as mg
 
-VERSIONS = {"golden-rwkv4": "rwkv4", "golden-rwkv5": "rwkv5", "golden-rwkv5.2": "rwkv5.2",
-            "golden-rwkv6": "rwkv6", "golden-rwkv7": "rwkv7"}
+VERSIONS = {
+    "golden-rwkv4": "rwkv4",
+    "golden-rwkv5": "rwkv5",
+    "golden-rwkv5.2": "rwkv5.2",
+    "golden-rwkv6": "rwkv6",
+    "golden-rwkv7": "rwkv7",
+}
 
 
 @pytest.mark.parametrize("name", list(mg.ARCHS))

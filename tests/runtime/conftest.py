@@ -1,4 +1,5 @@
 """Fixtures for the runtime tests: a tiny export copied per test, and a tool to rewrite its manifest."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """Misuse of the public runtime API found by an audit: each is a RuntimeUserError naming the mistake, never a
 TypeError/IndexError/ValueError from numpy or onnxruntime, and nothing is run or written before the check."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,13 +31,16 @@ def test_session_path_of_the_wrong_type(path):
     _user_error(lambda: Session(path), "model path must be a str or Path")
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"threads": -1}, "threads must be an integer"),
-    ({"threads": 1.5}, "threads must be an integer"),  # was "onnxruntime could not load the model (...)"
-    ({"threads": "2"}, "threads must be an integer"),
-    ({"providers": 5}, "providers must be a list"),  # was TypeError: 'int' object is not iterable
-    ({"session_options": 5}, "session_options must be an onnxruntime.SessionOptions"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"threads": -1}, "threads must be an integer"),
+        ({"threads": 1.5}, "threads must be an integer"),  # was "onnxruntime could not load the model (...)"
+        ({"threads": "2"}, "threads must be an integer"),
+        ({"providers": 5}, "providers must be a list"),  # was TypeError: 'int' object is not iterable
+        ({"session_options": 5}, "session_options must be an onnxruntime.SessionOptions"),
+    ],
+)
 def test_session_options_of_the_wrong_type(rwkv4_exports, kw, match):
     _user_error(lambda: Session(rwkv4_exports["plain"], **kw), match)
 
@@ -46,15 +50,18 @@ def test_new_state_batch_is_bounded(tiny_session):
     _user_error(lambda: tiny_session.new_state(10**12), r"batch_size must be an integer in \[1, 65536\]")
 
 
-@pytest.mark.parametrize("ids, match", [
-    ([300], "outside the byte vocabulary"),  # was ValueError: bytes must be in range(0, 256)
-    ([-1], "not a token id"),
-    ([1.5], "integer token ids"),  # was silently int(1.5)
-    ("ab", "integer token ids"),  # was ValueError from int('a')
-    (None, "integer token ids"),  # was TypeError
-    ([10**30], "integer token ids"),
-    ([[1], [1, 2]], "integer token ids"),
-])
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        ([300], "outside the byte vocabulary"),  # was ValueError: bytes must be in range(0, 256)
+        ([-1], "not a token id"),
+        ([1.5], "integer token ids"),  # was silently int(1.5)
+        ("ab", "integer token ids"),  # was ValueError from int('a')
+        (None, "integer token ids"),  # was TypeError
+        ([10**30], "integer token ids"),
+        ([[1], [1, 2]], "integer token ids"),
+    ],
+)
 def test_decode_checks_its_ids(tiny_session, ids, match):
     _user_error(lambda: tiny_session.decode(ids), match)
 
@@ -93,12 +100,14 @@ def test_a_tokenizer_larger_than_the_model_is_named(rwkv4_exports, tmp_path):
 
 def test_tokenizer_messages(rwkv4_exports, tmp_path):
     p = copy_export(rwkv4_exports["plain"], tmp_path / "t")
-    for kind, match in (("none", r"--tokenizer none\): give token ids to generate_tokens"),
-                        ("klingon", "tokenizer kind 'klingon' is not one this runtime knows")):
+    for kind, match in (
+        ("none", r"--tokenizer none\): give token ids to generate_tokens"),
+        ("klingon", "tokenizer kind 'klingon' is not one this runtime knows"),
+    ):
         for f in (p, p.with_name(p.stem + ".seq.onnx")):
             write_manifest(f, {**manifest_dict(f), "tokenizer": {"kind": kind}})
         s = Session(p)
-        _user_error(lambda: s.generate([1, 2], 2), match)  # at the call, not at the first next()
+        _user_error(lambda s=s: s.generate([1, 2], 2), match)  # at the call, not at the first next()
         assert list(s.generate_tokens([1, 2], 2, SamplingParams(temperature=0)))  # ids need no tokenizer
 
 
@@ -113,11 +122,14 @@ def test_set_initial_state_takes_a_state_of_this_export(rwkv4_exports, other_ses
     s.set_initial_state(s.new_state())
 
 
-@pytest.mark.parametrize("rows, match", [
-    ([0.5], "integer row indices"),  # was silently row 0
-    (["a"], "integer row indices"),  # was ValueError from numpy
-    ([[0], [0, 1]], "integer row indices"),
-])
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        ([0.5], "integer row indices"),  # was silently row 0
+        (["a"], "integer row indices"),  # was ValueError from numpy
+        ([[0], [0, 1]], "integer row indices"),
+    ],
+)
 def test_state_select_needs_integer_rows(tiny_session, rows, match):
     _user_error(lambda: tiny_session.new_state(2).select(rows), match)
 
@@ -139,11 +151,14 @@ def test_batch_generator_arguments(tiny_session):
     assert bg.remove(seq) == []
 
 
-@pytest.mark.parametrize("logits, match", [
-    (["a"], "logits must be real numbers"),  # was ValueError from numpy
-    (np.array([1j, 2]), "logits must be real numbers"),  # was a ComplexWarning and the real part
-    (np.zeros(10), "10 logits for a vocabulary of 256"),
-])
+@pytest.mark.parametrize(
+    "logits, match",
+    [
+        (["a"], "logits must be real numbers"),  # was ValueError from numpy
+        (np.array([1j, 2]), "logits must be real numbers"),  # was a ComplexWarning and the real part
+        (np.zeros(10), "10 logits for a vocabulary of 256"),
+    ],
+)
 def test_sampler_logits(logits, match):
     _user_error(lambda: Sampler(SamplingParams(seed=0), vocab_size=256)(logits), match)
 
@@ -169,5 +184,7 @@ def test_zero_new_tokens_still_times_the_prefill(tiny_session):
 
 def test_unusable_path_names_are_user_errors(tiny_session, tmp_path):
     _user_error(lambda: Session(str(tmp_path / ("a" * 5000))), "cannot open it")  # was OSError ENAMETOOLONG
-    _user_error(lambda: tiny_session.new_state().save(str(tmp_path / "s\0.npz")), "cannot write the state")  # ValueError
+    _user_error(
+        lambda: tiny_session.new_state().save(str(tmp_path / "s\0.npz")), "cannot write the state"
+    )  # ValueError
     assert not list(tmp_path.iterdir())  # no temporary file left

@@ -1,6 +1,7 @@
 """The artifact reader: metadata read from the protobuf bytes, the manifest schema, companions bound to
 their export, the manifest checked against the graph, engine sidecars. Every damaged or foreign input
 is a RuntimeUserError with one line, never another exception."""
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rwkv_runtime import RuntimeUserError, Session
-from rwkv_runtime.artifact import (ENGINE_SUFFIXES, open_artifact, parse_manifest, read_engine_manifest,
-                                   read_onnx_metadata)
+from rwkv_runtime.artifact import (
+    ENGINE_SUFFIXES,
+    open_artifact,
+    parse_manifest,
+    read_engine_manifest,
+    read_onnx_metadata,
+)
 
 from .conftest import copy_export, manifest_dict, set_metadata, write_manifest
 
@@ -126,11 +132,14 @@ def test_companion_of_the_wrong_kind_is_refused(tiny):
 
 
 # -- the manifest against the graph ---------------------------------------------------------------
-@pytest.mark.parametrize("field,value,match", [
-    ("vocab_size", 300, "vocab"),
-    ("tokens_input", "ids", "no input"),
-    ("logits_output", "out", "no output"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("vocab_size", 300, "vocab"),
+        ("tokens_input", "ids", "no input"),
+        ("logits_output", "out", "no output"),
+    ],
+)
 def test_manifest_checked_against_the_graph(tiny, field, value, match):
     for p in (tiny, tiny.with_name("tiny4-plain.seq.onnx")):
         d = manifest_dict(p)
@@ -163,9 +172,10 @@ def test_missing_embedded_initial_state_is_a_clear_error(tiny):
 
 # -- generated damage -----------------------------------------------------------------------------
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=True) | st.text(max_size=8),
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=True) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-    max_leaves=6)
+    max_leaves=6,
+)
 
 
 def _mutate(d: dict, data) -> dict:
@@ -176,17 +186,23 @@ def _mutate(d: dict, data) -> dict:
     elif kind == "retype":
         d[data.draw(st.sampled_from(sorted(d)))] = data.draw(json_values)
     elif kind == "state":
-        d["state"] = data.draw(st.sampled_from([[], d["state"][:1], d["state"] + d["state"][:1],
-                                                [None], "state", {"a": 1}]))
+        d["state"] = data.draw(
+            st.sampled_from([[], d["state"][:1], d["state"] + d["state"][:1], [None], "state", {"a": 1}])
+        )
     elif kind == "state_field":
         i = data.draw(st.integers(0, len(d["state"]) - 1))
         field = data.draw(st.sampled_from(["name", "output", "shape", "dtype", "init", "layer", "doc"]))
-        d["state"][i][field] = data.draw(json_values | st.sampled_from([["batch", -1], ["batch", 0], [4, "batch"],
-                                                                       ["batch"], "float64", 1e400]))
+        d["state"][i][field] = data.draw(
+            json_values | st.sampled_from([["batch", -1], ["batch", 0], [4, "batch"], ["batch"], "float64", 1e400])
+        )
     elif kind == "companion":
-        d["companions"] = data.draw(st.dictionaries(st.sampled_from(["step", "sequence", "other"]),
-                                                    json_values | st.sampled_from(["../x", "a/b", "x.onnx"]),
-                                                    max_size=2))
+        d["companions"] = data.draw(
+            st.dictionaries(
+                st.sampled_from(["step", "sequence", "other"]),
+                json_values | st.sampled_from(["../x", "a/b", "x.onnx"]),
+                max_size=2,
+            )
+        )
     else:
         return data.draw(st.sampled_from(["", "{", "[]", "null", "1", '"x"', "{" * 5000, json.dumps(d)[:-3]]))
     return d
@@ -231,9 +247,14 @@ def test_engine_sidecar_damage(tmp_path, rwkv4_exports):
     good = {"format": "rwkv-trt-engine", "format_version": 1, "manifest": man}
     side.write_text(json.dumps(good))
     assert read_engine_manifest(eng)[0].vocab_size == man["vocab_size"]
-    for bad in ("{", "[]", json.dumps({**good, "format_version": 9}), json.dumps({**good, "manifest": 3}),
-                json.dumps({**good, "manifest": {**man, "n_layer": "x"}}),
-                json.dumps({**good, "tokenizer_json": 5})):
+    for bad in (
+        "{",
+        "[]",
+        json.dumps({**good, "format_version": 9}),
+        json.dumps({**good, "manifest": 3}),
+        json.dumps({**good, "manifest": {**man, "n_layer": "x"}}),
+        json.dumps({**good, "tokenizer_json": 5}),
+    ):
         side.write_text(bad)
         with pytest.raises(RuntimeUserError):
             read_engine_manifest(eng)
@@ -263,19 +284,43 @@ def _external_model(tmp_path):
         t.external_data.add(key="offset", value="0")
         return t
 
-    branch = helper.make_graph([helper.make_node("Identity", ["bi"], ["bo"])], "branch", [],
-                               [helper.make_tensor_value_info("bo", TensorProto.FLOAT, [1])], [ext("bi", "sub.bin")])
-    sparse = helper.make_sparse_tensor(ext("sv", "sparse.bin"), helper.make_tensor("si", TensorProto.INT64, [1], [0]), [4])
-    fn = helper.make_function("local", "F", ["x"], ["y"],
-                              [helper.make_node("Constant", [], ["c"], value=ext("fc", "func.bin")),
-                               helper.make_node("Add", ["x", "c"], ["y"])], [helper.make_opsetid("", 18)])
-    nodes = [helper.make_node("Constant", [], ["k"], value=ext("kc", "const.bin")),
-             helper.make_node("If", ["cond"], ["z"], then_branch=branch, else_branch=branch),
-             helper.make_node("F", ["w"], ["out"], domain="local")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])],
-                          [ext("w", "init.bin")], sparse_initializer=[sparse])
-    m = helper.make_model(g, functions=[fn], opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("local", 1)])
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["bi"], ["bo"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("bo", TensorProto.FLOAT, [1])],
+        [ext("bi", "sub.bin")],
+    )
+    sparse = helper.make_sparse_tensor(
+        ext("sv", "sparse.bin"), helper.make_tensor("si", TensorProto.INT64, [1], [0]), [4]
+    )
+    fn = helper.make_function(
+        "local",
+        "F",
+        ["x"],
+        ["y"],
+        [
+            helper.make_node("Constant", [], ["c"], value=ext("fc", "func.bin")),
+            helper.make_node("Add", ["x", "c"], ["y"]),
+        ],
+        [helper.make_opsetid("", 18)],
+    )
+    nodes = [
+        helper.make_node("Constant", [], ["k"], value=ext("kc", "const.bin")),
+        helper.make_node("If", ["cond"], ["z"], then_branch=branch, else_branch=branch),
+        helper.make_node("F", ["w"], ["out"], domain="local"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])],
+        [ext("w", "init.bin")],
+        sparse_initializer=[sparse],
+    )
+    m = helper.make_model(
+        g, functions=[fn], opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("local", 1)]
+    )
     path = tmp_path / "x.onnx"
     onnx.save(m, str(path))
     return path, {"init.bin", "sparse.bin", "const.bin", "sub.bin", "func.bin"}
@@ -319,8 +364,13 @@ def test_external_data_outside_the_folder_is_refused_before_onnxruntime_loads(ex
         m.with_name("e.onnx.data").unlink()
         m.with_name("e.onnx.data").symlink_to(secret)
     else:
-        loc = {"dotdot": "../secret.bin", "absolute": str(secret), "backslash": "..\\secret.bin",
-               "drive": "C:secret.bin", "folder-itself": "."}[how]
+        loc = {
+            "dotdot": "../secret.bin",
+            "absolute": str(secret),
+            "backslash": "..\\secret.bin",
+            "drive": "C:secret.bin",
+            "folder-itself": ".",
+        }[how]
         for g in (m, m.with_name("e.seq.onnx")):
             _relocate(g, loc)
     loaded = []
@@ -357,7 +407,9 @@ def test_a_companion_linked_out_of_the_folder_is_refused(tiny, tmp_path):
     outside = tmp_path / "elsewhere.onnx"
     seq.rename(outside)
     seq.symlink_to(outside)
-    with pytest.raises(RuntimeUserError, match="companion sequence graph .* is outside the model's folder .*resolves to"):
+    with pytest.raises(
+        RuntimeUserError, match="companion sequence graph .* is outside the model's folder .*resolves to"
+    ):
         open_artifact(tiny)
 
 
@@ -381,11 +433,14 @@ def _engine(tiny, where, plugins=None):
     return eng
 
 
-@pytest.mark.parametrize("name, message", [
-    ("../lib.so", "not a plain file name"),
-    ("/abs/lib.so", "not a plain file name"),
-    ("link.so", "plugin library 'link.so' is outside the model's folder"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("../lib.so", "not a plain file name"),
+        ("/abs/lib.so", "not a plain file name"),
+        ("link.so", "plugin library 'link.so' is outside the model's folder"),
+    ],
+)
 def test_sidecar_plugin_names_stay_beside_the_engine(tiny, tmp_path, name, message):
     (tmp_path / "lib.so").write_bytes(b"")
     (tmp_path / "e").mkdir()
@@ -403,7 +458,9 @@ def test_a_sidecar_linked_out_of_the_folder_is_refused(tiny, tmp_path):
     (tmp_path / "e" / "m.engine").write_bytes(b"plan")
     (tmp_path / "e" / "m.engine.json").symlink_to(tmp_path / "out" / "m.engine.json")
     assert open_artifact(eng).engine
-    with pytest.raises(RuntimeUserError, match="m.engine.json: the engine sidecar resolves to .*, a link out of the folder"):
+    with pytest.raises(
+        RuntimeUserError, match="m.engine.json: the engine sidecar resolves to .*, a link out of the folder"
+    ):
         open_artifact(tmp_path / "e" / "m.engine")
 
 

@@ -1,6 +1,7 @@
 """runtime/constraints.py against independent truth: outputs of random walks through the mask parse and
 validate with jsonschema / match with Python's re; the mask of a choice equals the set of tokens whose
 bytes continue an option (computed here from the tokenizer's bytes); bad specs are one clear error."""
+
 from __future__ import annotations
 
 import json
@@ -17,20 +18,36 @@ from rwkv_runtime import RuntimeUserError, SamplingParams  # noqa: E402
 from rwkv_runtime import constraints as C  # noqa: E402
 from rwkv_runtime.tokenizers import ByteTokenizer, HFTokenizer, WorldTokenizer  # noqa: E402
 
-
 SCHEMAS = [
-    {"type": "object", "properties": {  # nested object, enum, integer range
-        "user": {"type": "object", "properties": {
-            "name": {"type": "string", "maxLength": 8},
-            "role": {"enum": ["admin", "guest", "dev"]}},
-            "required": ["name", "role"], "additionalProperties": False},
-        "age": {"type": "integer", "minimum": 18, "maximum": 99}},
-     "required": ["user", "age"], "additionalProperties": False},
-    {"type": "object", "properties": {  # array with bounds, string pattern, boolean
-        "tags": {"type": "array", "items": {"type": "string", "pattern": "^[a-z]{1,4}$"}, "minItems": 1, "maxItems": 3},
-        "ok": {"type": "boolean"},
-        "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"}},
-     "required": ["tags", "ok", "code"], "additionalProperties": False},
+    {
+        "type": "object",
+        "properties": {  # nested object, enum, integer range
+            "user": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "maxLength": 8}, "role": {"enum": ["admin", "guest", "dev"]}},
+                "required": ["name", "role"],
+                "additionalProperties": False,
+            },
+            "age": {"type": "integer", "minimum": 18, "maximum": 99},
+        },
+        "required": ["user", "age"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {  # array with bounds, string pattern, boolean
+            "tags": {
+                "type": "array",
+                "items": {"type": "string", "pattern": "^[a-z]{1,4}$"},
+                "minItems": 1,
+                "maxItems": 3,
+            },
+            "ok": {"type": "boolean"},
+            "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
+        },
+        "required": ["tags", "ok", "code"],
+        "additionalProperties": False,
+    },
     {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "minItems": 2, "maxItems": 4},
 ]
 
@@ -70,9 +87,23 @@ def test_random_walks_validate(schema, vocab, world):
 
 def test_json_object_and_regex_and_grammar(world):
     for seed in range(6):
-        obj = json.loads(walk(C.compile_constraint(C.json_schema(
-            {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}, "y": {"type": "null"}},
-             "additionalProperties": False}), world, 65536), world, seed))
+        obj = json.loads(
+            walk(
+                C.compile_constraint(
+                    C.json_schema(
+                        {
+                            "type": "object",
+                            "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}, "y": {"type": "null"}},
+                            "additionalProperties": False,
+                        }
+                    ),
+                    world,
+                    65536,
+                ),
+                world,
+                seed,
+            )
+        )
         assert isinstance(obj, dict) and set(obj) <= {"x", "y"}
         text = walk(C.compile_constraint(C.regex(r"[a-c]{2,5}-(x|yy)"), world, 65536), world, seed).decode()
         assert re.fullmatch(r"[a-c]{2,5}-(x|yy)", text), text
@@ -157,7 +188,7 @@ def test_prepare_masks_equals_each_rows_own(world, monkeypatch):
     specs = [C.json_schema(SCHEMAS[0]), C.regex("[0-9]{3}"), C.choice(["left", "right"]), C.json_object()]
     rows = [C.compile_constraint(s, world, 65536).start() for s in specs]
     solo = [C.compile_constraint(s, world, 65536).start() for s in specs]
-    for step in range(3):
+    for _ in range(3):
         C.prepare_masks(rows + [None])
         assert all(r._bits is not None for r in rows if not r.finished)  # computed by the pool
         for r, s in zip(rows, solo):
@@ -169,21 +200,30 @@ def test_prepare_masks_equals_each_rows_own(world, monkeypatch):
                 s.advance(t)
 
 
-@pytest.mark.parametrize("spec, match", [
-    (C.ConstraintSpec("regex", "(("), "regex cannot be compiled"),
-    (C.ConstraintSpec("json_schema", {"type": "strin"}), "json schema cannot be compiled"),
-    (C.ConstraintSpec("grammar", "start: nothing_defined"), "grammar cannot be compiled"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (C.ConstraintSpec("regex", "(("), "regex cannot be compiled"),
+        (C.ConstraintSpec("json_schema", {"type": "strin"}), "json schema cannot be compiled"),
+        (C.ConstraintSpec("grammar", "start: nothing_defined"), "grammar cannot be compiled"),
+    ],
+)
 def test_uncompilable_specs_are_one_error(spec, match):
     with pytest.raises(RuntimeUserError, match=match) as e:
         C.compile_constraint(spec, ByteTokenizer(), 256)
     assert "Traceback" not in str(e.value)
 
 
-@pytest.mark.parametrize("kind, value, match", [
-    ("xml", "x", "not one of"), ("json_schema", "[]", "must be an object"), ("regex", "", "non-empty"),
-    ("choice", [], "non-empty list"), ("choice", ["a", 3], "non-empty list"),
-])
+@pytest.mark.parametrize(
+    "kind, value, match",
+    [
+        ("xml", "x", "not one of"),
+        ("json_schema", "[]", "must be an object"),
+        ("regex", "", "non-empty"),
+        ("choice", [], "non-empty list"),
+        ("choice", ["a", 3], "non-empty list"),
+    ],
+)
 def test_bad_spec_shapes(kind, value, match):
     with pytest.raises(RuntimeUserError, match=match):
         C.ConstraintSpec(kind, value)
@@ -237,16 +277,21 @@ def _reference_greedy(session, prompt: str, grammar: str, limit: int) -> list:
     return out
 
 
-SCHEMA_SMALL = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999},
-                                                 "k": {"enum": ["red", "green"]}},
-                "required": ["n", "k"], "additionalProperties": False}
+SCHEMA_SMALL = {
+    "type": "object",
+    "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}, "k": {"enum": ["red", "green"]}},
+    "required": ["n", "k"],
+    "additionalProperties": False,
+}
 
 
 def test_greedy_generate_equals_reference_loop(tiny_session):
     import llguidance as llg
 
-    for spec, g in [(C.json_schema(SCHEMA_SMALL), llg.LLMatcher.grammar_from_json_schema(SCHEMA_SMALL, defaults=C.JSON_OPTIONS)),
-                    (C.regex("[a-z]{3}-[0-9]{2}"), llg.LLMatcher.grammar_from_regex("[a-z]{3}-[0-9]{2}"))]:
+    for spec, g in [
+        (C.json_schema(SCHEMA_SMALL), llg.LLMatcher.grammar_from_json_schema(SCHEMA_SMALL, defaults=C.JSON_OPTIONS)),
+        (C.regex("[a-z]{3}-[0-9]{2}"), llg.LLMatcher.grammar_from_regex("[a-z]{3}-[0-9]{2}")),
+    ]:
         got = list(tiny_session.generate_tokens(list(b"The "), 200, SamplingParams(temperature=0, constraint=spec)))
         assert got == _reference_greedy(tiny_session, "The ", g, 200)
     text = "".join(tiny_session.generate("The ", 200, temperature=0, constraint=C.json_schema(SCHEMA_SMALL)))
@@ -255,7 +300,9 @@ def test_greedy_generate_equals_reference_loop(tiny_session):
 
 def test_sampled_generate_validates_and_stops(tiny_session):
     for seed in range(5):
-        g = tiny_session.generate("A", 300, temperature=1.0, top_p=1.0, seed=seed, constraint=C.json_schema(SCHEMA_SMALL))
+        g = tiny_session.generate(
+            "A", 300, temperature=1.0, top_p=1.0, seed=seed, constraint=C.json_schema(SCHEMA_SMALL)
+        )
         text = "".join(g)
         jsonschema.validate(json.loads(text), SCHEMA_SMALL)
         assert g.stats["new_tokens"] == len(text.encode())  # stopped at the end, nothing after it
@@ -264,9 +311,11 @@ def test_sampled_generate_validates_and_stops(tiny_session):
 def test_batch_rows_with_different_constraints_equal_their_solo_runs(tiny_session):
     from rwkv_runtime import BatchGenerator
 
-    params = [SamplingParams(temperature=1.0, top_p=1.0, seed=1, constraint=C.json_schema(SCHEMA_SMALL)),
-              SamplingParams(temperature=1.0, top_p=1.0, seed=2, constraint=C.regex("(ab|cd){1,4}!")),
-              SamplingParams(temperature=1.0, top_p=1.0, seed=3)]
+    params = [
+        SamplingParams(temperature=1.0, top_p=1.0, seed=1, constraint=C.json_schema(SCHEMA_SMALL)),
+        SamplingParams(temperature=1.0, top_p=1.0, seed=2, constraint=C.regex("(ab|cd){1,4}!")),
+        SamplingParams(temperature=1.0, top_p=1.0, seed=3),
+    ]
     solo = [list(tiny_session.generate_tokens(list(b"Hi"), 60, p)) for p in params]
     gen = BatchGenerator(tiny_session)
     ids = [gen.add("Hi", p) for p in params]

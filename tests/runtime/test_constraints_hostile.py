@@ -2,6 +2,7 @@
 text, that is huge or nested past Python's stack is one RuntimeUserError at compile time (before any
 request runs it); a spec that fails while generating (an engine limit) raises ConstraintError, the
 client's fault, which the server answers with a 400."""
+
 from __future__ import annotations
 
 import time
@@ -17,12 +18,16 @@ from rwkv_runtime.tokenizers import ByteTokenizer  # noqa: E402
 BYTES = ByteTokenizer()
 
 
-@pytest.mark.parametrize("spec", [
-    C.json_schema({"$ref": "#"}),  # a schema that is only itself
-    C.json_schema({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}),
-    C.regex("[^\\x00-\\U0010FFFF]"),  # no character at all
-    C.grammar("start: start"),  # a rule that never produces anything
-], ids=["ref-self", "ref-cycle", "empty-class", "rule-loop"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        C.json_schema({"$ref": "#"}),  # a schema that is only itself
+        C.json_schema({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}),
+        C.regex("[^\\x00-\\U0010FFFF]"),  # no character at all
+        C.grammar("start: start"),  # a rule that never produces anything
+    ],
+    ids=["ref-self", "ref-cycle", "empty-class", "rule-loop"],
+)
 def test_a_spec_that_cannot_start_is_refused_at_compile_time(spec):
     with pytest.raises(RuntimeUserError, match="cannot be compiled"):
         C.compile_constraint(spec, BYTES, 256)
@@ -39,12 +44,16 @@ def test_a_spec_that_can_start_still_compiles():
     assert c.start().allowed()[[ord("a"), ord("b")]].all()
 
 
-@pytest.mark.parametrize("spec", [
-    lambda: C.choice([f"x{i}" for i in range(50000)]),  # compiled in 4.4 s before the bound
-    lambda: C.json_schema({"enum": [f"v{i}" for i in range(100000)]}),
-    lambda: C.grammar("start: " + "|".join(f'"w{i}"' for i in range(50000))),
-    lambda: C.regex("a" * (C.MAX_SPEC_CHARS + 1)),
-], ids=["choice", "enum", "grammar", "regex"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        lambda: C.choice([f"x{i}" for i in range(50000)]),  # compiled in 4.4 s before the bound
+        lambda: C.json_schema({"enum": [f"v{i}" for i in range(100000)]}),
+        lambda: C.grammar("start: " + "|".join(f'"w{i}"' for i in range(50000))),
+        lambda: C.regex("a" * (C.MAX_SPEC_CHARS + 1)),
+    ],
+    ids=["choice", "enum", "grammar", "regex"],
+)
 def test_an_oversized_spec_is_refused_at_once(spec):
     t = time.perf_counter()
     with pytest.raises(RuntimeUserError, match=f"at most {C.MAX_SPEC_CHARS}"):
@@ -67,4 +76,3 @@ def test_an_engine_limit_while_generating_is_a_constraint_error():
     with pytest.raises(C.ConstraintError, match="does not continue"):
         st.advance(ord("a"))
     assert issubclass(C.ConstraintError, RuntimeUserError)
-

@@ -2,6 +2,7 @@
 time linear in the text), per-row failure in BatchGenerator and Batch (the other rows produce what they
 produce alone), the constraint hook, and Session.generate as a batch of one (its tokens against stepping
 Session.step by hand)."""
+
 from __future__ import annotations
 
 import random
@@ -31,7 +32,7 @@ def _stops_like_find(pieces, stops):
         full += p
         found = [i for i in (full.find(s) for s in stops if s) if i >= 0]
         if found:
-            expect = full[:min(found)]
+            expect = full[: min(found)]
             break
     return (out, stopped), ((expect, True) if expect is not None else (full, False))
 
@@ -88,8 +89,11 @@ def _alone(session, prompt, params, n):
 
 
 PROMPTS = [[10, 20, 30], [40, 50], [60, 70, 80, 90]]
-PARAMS = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_p=0.9, seed=7),
-          SamplingParams(temperature=0.8, seed=666)]  # seed 666: the row made to fail below
+PARAMS = [
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=1.0, top_p=0.9, seed=7),
+    SamplingParams(temperature=0.8, seed=666),
+]  # seed 666: the row made to fail below
 
 
 def _poison_seed_666(monkeypatch):
@@ -227,8 +231,10 @@ def test_a_tokenizer_that_raises_for_one_row_ends_that_row(tiny_session, caplog)
 
     want = "".join(s.generate(PROMPTS[0], 8, temperature=0))
     b = Batch(s)
-    rows = [Row(Sampler(SamplingParams(temperature=0)), max_new_tokens=8, text=TextStream(t))
-            for t in (s.tokenizer, Breaks())]
+    rows = [
+        Row(Sampler(SamplingParams(temperature=0)), max_new_tokens=8, text=TextStream(t))
+        for t in (s.tokenizer, Breaks())
+    ]
     for r, p in zip(rows, PROMPTS):
         logits, st = s.prefill([p])
         b.add(r, st, logits)

@@ -2,6 +2,7 @@
 what the tables emit, and the shared conformance fixtures (tests/conformance/, also run by the JS
 runtime) give the verdicts they state -- through the runtime's validator and, independently, through the
 `jsonschema` library reading the committed schema."""
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,9 @@ STATES = json.loads((CONFORMANCE / "states.json").read_text())
 
 @pytest.mark.parametrize("copy_path", SCHEMA_COPIES, ids=lambda p: str(p.relative_to(REPO)))
 def test_committed_schema_is_the_emitted_one(copy_path):
-    assert copy_path.read_text(encoding="utf-8") == schema_text(), \
+    assert copy_path.read_text(encoding="utf-8") == schema_text(), (
         f"regenerate: python -m rwkv_runtime.manifest --schema > {copy_path.relative_to(REPO)}"
+    )
 
 
 def test_schema_command_prints_it():

@@ -1,4 +1,5 @@
 """Prefill (the sequence graph) equals stepping token by token; batches equal one-by-one runs."""
+
 import numpy as np
 import pytest
 

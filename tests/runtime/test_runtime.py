@@ -1,4 +1,5 @@
 """rwkv_runtime on its own: torch-free, state handling, sampling semantics, bad input."""
+
 import subprocess
 import sys
 import textwrap
@@ -26,9 +27,9 @@ def test_runtime_runs_with_torch_and_onnx_blocked(rwkv4_exports):
                     raise ImportError('blocked: ' + name)
         sys.meta_path.insert(0, Block())
         import numpy as np, rwkv_runtime
-        s = rwkv_runtime.Session({str(rwkv4_exports['plain'])!r})
+        s = rwkv_runtime.Session({str(rwkv4_exports["plain"])!r})
         st = s.new_state(1)
-        for t in {list(PROMPTS['in'])!r}:
+        for t in {list(PROMPTS["in"])!r}:
             logits, st = s.step(np.array([t]), st)
         np.save(sys.argv[1], logits)
         text = ''.join(s.generate('ab', 5, temperature=0))
@@ -49,7 +50,7 @@ def test_state_copy_save_load(rwkv4_exports, tmp_path):
     a, _ = step_all(s, rest, snapshot)
     b, _ = step_all(s, rest, loaded)
     c, _ = step_all(s, rest, st)
-    truth = ref_logits(NAME, "atom")[-len(rest):]
+    truth = ref_logits(NAME, "atom")[-len(rest) :]
     for x in (a, b, c):
         assert np.abs(x - truth).max() <= 1e-5
     assert st["state.0.wkv_pp"].dtype == np.float32 and st["state.0.wkv_pp"].shape == (1, 64)
@@ -79,19 +80,30 @@ def test_batch_select_and_concat(rwkv4_exports):
     np.testing.assert_allclose(l1, l2, atol=1e-5)
 
 
-@pytest.mark.parametrize("bad, msg", [
-    (lambda s: s.step(np.array([256])), "outside [0, 256)"),
-    (lambda s: s.step(np.array([-1])), "outside"),
-    (lambda s: s.step(np.array([1.5])), "integers"),
-    (lambda s: s.step(np.array([1, 2]), s.new_state(1)), "batch of 1"),
-    (lambda s: s.step(np.array([1]), {**s.new_state(1).numpy(),
-                                      "state.0.wkv_aa": np.zeros((1, 32), np.float32)}), "shape"),
-    (lambda s: s.step(np.array([1]), {**s.new_state(1).numpy(),
-                                      "state.0.wkv_aa": np.zeros((1, 64), np.float64)}), "dtype"),
-    (lambda s: s.step(np.array([1]), {"state.0.wkv_aa": np.zeros((1, 64), np.float32)}), "missing"),
-    (lambda s: s.new_state(0), "batch_size"),
-    (lambda s: s.prefill(np.array([[1, 2]]), chunk_size=0), "chunk_size"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (lambda s: s.step(np.array([256])), "outside [0, 256)"),
+        (lambda s: s.step(np.array([-1])), "outside"),
+        (lambda s: s.step(np.array([1.5])), "integers"),
+        (lambda s: s.step(np.array([1, 2]), s.new_state(1)), "batch of 1"),
+        (
+            lambda s: s.step(
+                np.array([1]), {**s.new_state(1).numpy(), "state.0.wkv_aa": np.zeros((1, 32), np.float32)}
+            ),
+            "shape",
+        ),
+        (
+            lambda s: s.step(
+                np.array([1]), {**s.new_state(1).numpy(), "state.0.wkv_aa": np.zeros((1, 64), np.float64)}
+            ),
+            "dtype",
+        ),
+        (lambda s: s.step(np.array([1]), {"state.0.wkv_aa": np.zeros((1, 64), np.float32)}), "missing"),
+        (lambda s: s.new_state(0), "batch_size"),
+        (lambda s: s.prefill(np.array([[1, 2]]), chunk_size=0), "chunk_size"),
+    ],
+)
 def test_bad_input_is_one_clear_error(rwkv4_exports, bad, msg):
     s = rwkv_runtime.Session(rwkv4_exports["plain"])
     with pytest.raises(RuntimeUserError, match=msg.replace("[", r"\[").replace(")", r"\)").replace("(", r"\(")):
@@ -148,8 +160,36 @@ def test_world_tokenizer_vector():
     from rwkv_runtime.tokenizers import WorldTokenizer
 
     text = "I'll 'd test блабла 以下は、]) -> <|endoftext|><|padding|> int"
-    ids = [74, 5229, 274, 101, 32223, 5092, 27980, 2795, 27980, 33, 10399, 10258, 10139, 10079, 1682, 3463, 295,
-           125, 25258, 7588, 2318, 125, 790, 125, 49520, 125, 63, 21888]
+    ids = [
+        74,
+        5229,
+        274,
+        101,
+        32223,
+        5092,
+        27980,
+        2795,
+        27980,
+        33,
+        10399,
+        10258,
+        10139,
+        10079,
+        1682,
+        3463,
+        295,
+        125,
+        25258,
+        7588,
+        2318,
+        125,
+        790,
+        125,
+        49520,
+        125,
+        63,
+        21888,
+    ]
     t = WorldTokenizer()
     assert t.encode(text) == ids and t.decode(ids) == text
 

@@ -1,6 +1,7 @@
 """rwkv_runtime.safe_write with writers racing on one output: every write succeeds and the file is
 always one writer's complete content (was: a writer failed with 'No such file or directory' when
 another moved the old file away between its check and its rename)."""
+
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,5 @@
 """Sampling: sound at every temperature, parameters and logits checked, ChatRWKV's semantics kept."""
+
 from __future__ import annotations
 
 import math
@@ -43,10 +44,25 @@ def test_non_finite_logits_are_a_clear_error(bad):
         Sampler(SamplingParams(seed=0))(logits)
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=float("nan")), dict(temperature=-1.0), dict(temperature=float("inf")),
-                                dict(top_p=1.5), dict(top_p=float("nan")), dict(top_k=-1), dict(top_k=1.5),
-                                dict(seed=-1), dict(seed=1.5), dict(presence_penalty=float("inf")),
-                                dict(penalty_decay=2.0), dict(ban=(-1,)), dict(stop=("a",)), dict(ban=5.5)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=float("nan")),
+        dict(temperature=-1.0),
+        dict(temperature=float("inf")),
+        dict(top_p=1.5),
+        dict(top_p=float("nan")),
+        dict(top_k=-1),
+        dict(top_k=1.5),
+        dict(seed=-1),
+        dict(seed=1.5),
+        dict(presence_penalty=float("inf")),
+        dict(penalty_decay=2.0),
+        dict(ban=(-1,)),
+        dict(stop=("a",)),
+        dict(ban=5.5),
+    ],
+)
 def test_bad_parameters_are_a_clear_error(kw):
     with pytest.raises(RuntimeUserError, match="sampling"):
         Sampler(SamplingParams(**kw))
@@ -73,16 +89,33 @@ finite_or_not = st.floats(allow_nan=True, allow_infinity=True, width=64)
 
 
 @settings(max_examples=60, deadline=None)
-@given(temperature=finite_or_not | st.floats(0, 1e-3), top_p=finite_or_not | st.floats(0, 1),
-       top_k=st.integers(-3, 12), presence=finite_or_not, frequency=finite_or_not,
-       seed=st.none() | st.integers(-5, 2**63), ban=st.lists(st.integers(-2, 12), max_size=4),
-       logits=st.lists(st.floats(-1e30, 1e30).map(lambda x: float(np.float32(x))), min_size=1, max_size=10))
-def test_generated_parameters_give_a_token_or_a_clear_error(temperature, top_p, top_k, presence, frequency, seed, ban,
-                                                           logits):
+@given(
+    temperature=finite_or_not | st.floats(0, 1e-3),
+    top_p=finite_or_not | st.floats(0, 1),
+    top_k=st.integers(-3, 12),
+    presence=finite_or_not,
+    frequency=finite_or_not,
+    seed=st.none() | st.integers(-5, 2**63),
+    ban=st.lists(st.integers(-2, 12), max_size=4),
+    logits=st.lists(st.floats(-1e30, 1e30).map(lambda x: float(np.float32(x))), min_size=1, max_size=10),
+)
+def test_generated_parameters_give_a_token_or_a_clear_error(
+    temperature, top_p, top_k, presence, frequency, seed, ban, logits
+):
     v = len(logits)
     try:
-        s = Sampler(SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence,
-                                   frequency_penalty=frequency, seed=seed, ban=tuple(ban)), vocab_size=v)
+        s = Sampler(
+            SamplingParams(
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                presence_penalty=presence,
+                frequency_penalty=frequency,
+                seed=seed,
+                ban=tuple(ban),
+            ),
+            vocab_size=v,
+        )
         toks = [s(np.asarray(logits, np.float32)) for _ in range(3)]
     except RuntimeUserError as e:
         assert "\n" not in str(e)
@@ -110,8 +143,9 @@ def test_logit_bias_is_added_to_the_logits_before_everything_else():
     assert Sampler(SamplingParams(temperature=0, logit_bias={1: 100}, ban=(1,)))(logits) == 0
 
 
-@pytest.mark.parametrize("bias", [{"5": 1.0}, {True: 1.0}, {-1: 1.0}, {40: 1.0}, {2: float("nan")}, {2: float("inf")},
-                                  {2: "1"}, [(2, 1.0)]])
+@pytest.mark.parametrize(
+    "bias", [{"5": 1.0}, {True: 1.0}, {-1: 1.0}, {40: 1.0}, {2: float("nan")}, {2: float("inf")}, {2: "1"}, [(2, 1.0)]]
+)
 def test_bad_logit_bias_is_a_clear_error(bias):
     with pytest.raises(RuntimeUserError, match="logit_bias"):
         Sampler(SamplingParams(logit_bias=bias), vocab_size=40)

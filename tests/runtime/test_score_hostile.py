@@ -1,6 +1,7 @@
 """``Session.score`` with odd arguments (issue #24 part 5, docs/errors.md "Audit of this round"): each is
 one ``RuntimeUserError`` or a correct result, never numpy's MemoryError/ValueError or a silent NaN; and
 its ``stop`` hook abandons a long scoring between two model runs (what the server's shutdown uses)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,22 +47,34 @@ def test_top_k_past_the_vocabulary_means_every_token(sessions, k):
     assert np.all(np.diff(got.top_logprobs[0, j]) <= 0)
 
 
-@pytest.mark.parametrize("logits", [np.full((1, 256), np.nan), np.full((1, 256), np.inf),
-                                    [[None] * 256], "abc", [["x"] * 256]])
+@pytest.mark.parametrize(
+    "logits", [np.full((1, 256), np.nan), np.full((1, 256), np.inf), [[None] * 256], "abc", [["x"] * 256]]
+)
 def test_start0_logits_must_be_finite_numbers(sessions, logits):
     # was: NaN logits (or None, read as NaN) gave a NaN log-probability at position 0; a string a ValueError
     with pytest.raises(RuntimeUserError, match="logits"):
         sessions[0].score([TEXT], start=0, logits=logits)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(start=len(TEXT) + 1), "past the end"), (dict(start=10**30), "past the end"),
-    (dict(start=-1), "start must be"), (dict(start=1.0), "start must be"), (dict(top_k=-1), "top_k must be"),
-    (dict(top_k=True), "top_k must be"), (dict(tokens=[[1.5, 2.0]]), "integers"), (dict(tokens=[[1.0, 2.0]]), "integers"),
-    (dict(tokens=[["a", "b"]]), "integers"), (dict(tokens=[[1, 2], [3]]), "rectangular"), (dict(tokens=[[[1, 2]]]), "shape"),
-    (dict(tokens=[[1, 256]]), "outside"), (dict(tokens=np.array([[1, 2**63]], np.uint64)), "outside"),
-    (dict(chunk_size=0), "chunk_size"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(start=len(TEXT) + 1), "past the end"),
+        (dict(start=10**30), "past the end"),
+        (dict(start=-1), "start must be"),
+        (dict(start=1.0), "start must be"),
+        (dict(top_k=-1), "top_k must be"),
+        (dict(top_k=True), "top_k must be"),
+        (dict(tokens=[[1.5, 2.0]]), "integers"),
+        (dict(tokens=[[1.0, 2.0]]), "integers"),
+        (dict(tokens=[["a", "b"]]), "integers"),
+        (dict(tokens=[[1, 2], [3]]), "rectangular"),
+        (dict(tokens=[[[1, 2]]]), "shape"),
+        (dict(tokens=[[1, 256]]), "outside"),
+        (dict(tokens=np.array([[1, 2**63]], np.uint64)), "outside"),
+        (dict(chunk_size=0), "chunk_size"),
+    ],
+)
 def test_odd_arguments_are_one_line(sessions, kw, match):
     kw = {"tokens": [TEXT], **kw}
     with pytest.raises(RuntimeUserError, match=match):

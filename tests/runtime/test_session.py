@@ -1,5 +1,6 @@
 """Session: providers, per-call statistics, prompts that are not valid UTF-8, the decode graph choice,
 the bound-once step loop, the Backend protocol, and no exporter import in the runtime."""
+
 from __future__ import annotations
 
 import subprocess
@@ -111,28 +112,33 @@ def test_step_loop_binds_its_buffers_once(rwkv4_exports, monkeypatch):
 
 def test_backend_protocol_and_no_exporter_import(rwkv4_exports, tiny_session):
     assert isinstance(tiny_session.backend, Backend)
-    code = ("import sys, rwkv_runtime; from rwkv_runtime import ort_backend, artifact, session, state, batch, bench;"
-            "assert not [m for m in sys.modules if m.startswith(('rwkv_export', 'torch', 'onnx.'))], sorted(sys.modules)")
+    code = (
+        "import sys, rwkv_runtime; from rwkv_runtime import ort_backend, artifact, session, state, batch, bench;"
+        "assert not [m for m in sys.modules if m.startswith(('rwkv_export', 'torch', 'onnx.'))], sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("call", [
-    lambda s: s.step([[1, 2], [3]]),
-    lambda s: s.prefill([[1, 2], [3]]),
-    lambda s: s.prefill([[1]], chunk_size=0),
-    lambda s: s.prefill([[1]], chunk_size=1.5),
-    lambda s: s.new_state(0),
-    lambda s: s.new_state(True),
-    lambda s: list(s.generate([], 2)),
-    lambda s: list(s.generate([1], -1)),
-    lambda s: list(s.generate([1], 2, SamplingParams(), temperature=0)),
-    lambda s: list(s.generate([1], 2, bogus=1)),
-    lambda s: s.generate(5, 2),
-    lambda s: s.state_from_numpy([1, 2]),
-    lambda s: s.new_state()["nope"],
-    lambda s: s.prefill_many([[1], []]),
-    lambda s: s.prefill_many([[1], [2]], s.new_state(3)),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: s.step([[1, 2], [3]]),
+        lambda s: s.prefill([[1, 2], [3]]),
+        lambda s: s.prefill([[1]], chunk_size=0),
+        lambda s: s.prefill([[1]], chunk_size=1.5),
+        lambda s: s.new_state(0),
+        lambda s: s.new_state(True),
+        lambda s: list(s.generate([], 2)),
+        lambda s: list(s.generate([1], -1)),
+        lambda s: list(s.generate([1], 2, SamplingParams(), temperature=0)),
+        lambda s: list(s.generate([1], 2, bogus=1)),
+        lambda s: s.generate(5, 2),
+        lambda s: s.state_from_numpy([1, 2]),
+        lambda s: s.new_state()["nope"],
+        lambda s: s.prefill_many([[1], []]),
+        lambda s: s.prefill_many([[1], [2]], s.new_state(3)),
+    ],
+)
 def test_misuse_is_one_clear_error(tiny_session, call):
     with pytest.raises(RuntimeUserError):
         call(tiny_session)

@@ -1,4 +1,5 @@
 """State is never aliased, saves atomically, and loads only from sound files of the same export."""
+
 from __future__ import annotations
 
 import io
@@ -159,8 +160,9 @@ def test_oversized_header_is_refused_before_reading(tiny_session, tmp_path):
     """A member whose header claims a huge batch: refused from the header, nothing allocated."""
     name = tiny_session.manifest.state[0]
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
-                                                  "shape": (10**9,) + tuple(name.shape[1:])})
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (10**9,) + tuple(name.shape[1:])}
+    )
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr(name.name + ".npy", b"\x93NUMPY\x01\x00" + header.getvalue()[8:] + b"\0" * 64)
@@ -172,8 +174,11 @@ def test_oversized_header_is_refused_before_reading(tiny_session, tmp_path):
 @pytest.mark.parametrize("content", [b"", b"PK", b"not a zip at all", b"PK\x03\x04" + b"\0" * 40])
 def test_not_a_state_file(tiny_session, tmp_path, content):
     (tmp_path / "x.npz").write_bytes(content)
-    for fn in (tiny_session.load_state, tiny_session.set_initial_state,
-               lambda p: Session(tiny_session.path, initial_state=p)):
+    for fn in (
+        tiny_session.load_state,
+        tiny_session.set_initial_state,
+        lambda p: Session(tiny_session.path, initial_state=p),
+    ):
         with pytest.raises(RuntimeUserError):
             fn(tmp_path / "x.npz")
 
@@ -193,10 +198,10 @@ def test_damaged_state_files_never_raise_anything_else(tiny_session, tmp_path, d
     kind = data.draw(st.sampled_from(["truncate", "flip", "drop", "extra", "dtype", "shape", "batch", "random"]))
     raw = _npz(good)
     if kind == "truncate":
-        raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
     elif kind == "flip":
         i = data.draw(st.integers(0, len(raw) - 1))
-        raw = raw[:i] + bytes([raw[i] ^ data.draw(st.integers(1, 255))]) + raw[i + 1:]
+        raw = raw[:i] + bytes([raw[i] ^ data.draw(st.integers(1, 255))]) + raw[i + 1 :]
     elif kind == "drop":
         k = data.draw(st.sampled_from(sorted(good)))
         raw = _npz({n: v for n, v in good.items() if n != k})

@@ -1,6 +1,7 @@
 """State files (issue #24): ``Session.save_state`` never replaces the model's own files (a path naming
 the graph, its companion or weights file, directly or through a link, is refused and the file kept), and
 ``State.save`` is all or nothing through ``rwkv_runtime.safe_write``."""
+
 from __future__ import annotations
 
 import errno
@@ -34,8 +35,9 @@ def test_save_state_refuses_the_models_own_files(external, tmp_path):
             s.save_state(st, p)
     assert {p: p.read_bytes() for p in files} == before
     s.save_state(st, tmp_path / "s.npz")  # an ordinary path still works, and loads back
-    np.testing.assert_array_equal(s.load_state(tmp_path / "s.npz").numpy()[s.manifest.state[0].name],
-                                  st.numpy()[s.manifest.state[0].name])
+    np.testing.assert_array_equal(
+        s.load_state(tmp_path / "s.npz").numpy()[s.manifest.state[0].name], st.numpy()[s.manifest.state[0].name]
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rwkv-export-")]
 
 
@@ -45,9 +47,11 @@ def test_state_save_failure_keeps_the_old_file(external, tmp_path, monkeypatch, 
     target = tmp_path / "s.npz"
     target.write_bytes(b"old state")
     if fail == "write":
+
         def savez(f, **kw):
             f.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
+
         monkeypatch.setattr(np, "savez", savez)
     else:
         real = os.replace
@@ -56,6 +60,7 @@ def test_state_save_failure_keeps_the_old_file(external, tmp_path, monkeypatch, 
             if Path(b) == target and not str(a).endswith("/old/0"):
                 raise OSError(errno.ENOSPC, "No space") if fail == "replace" else KeyboardInterrupt()
             return real(a, b)
+
         monkeypatch.setattr(os, "replace", replace)
     with pytest.raises((RuntimeUserError, KeyboardInterrupt)):
         s.save_state(s.new_state(), target)

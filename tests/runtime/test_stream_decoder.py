@@ -1,5 +1,6 @@
 """StreamDecoder: the pieces of a token stream joined equal one decode of all its tokens, invalid UTF-8
 included (a valid character after invalid bytes was turned into U+FFFD when the held tokens reached the cap)."""
+
 from __future__ import annotations
 
 import numpy as np

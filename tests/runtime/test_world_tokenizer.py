@@ -1,5 +1,6 @@
 """The World tokenizer decodes from its vocabulary's bytes: identical to pyrwkv-tokenizer wherever that
 decodes, and a token that ends inside a multi-byte character (which makes pyrwkv-tokenizer panic) streams."""
+
 import numpy as np
 import pytest
 
@@ -26,7 +27,7 @@ def test_round_trip_and_agreement_with_pyrwkv_tokenizer():
 def test_split_multibyte_character_streams_without_error():
     tok = WorldTokenizer()
     # byte-level tokens (ids 1..256 are the bytes 0..255) split a 4-byte emoji across four tokens
-    ids = [b + 1 for b in "a🙂b".encode("utf-8")]
+    ids = [b + 1 for b in "a🙂b".encode()]
     assert tok.decode(ids[1:2]) == "\ufffd"  # a lone lead byte: replaced, no panic
     dec = StreamDecoder(tok)
     pieces = [dec.push(i) for i in ids] + [dec.flush()]

@@ -1,5 +1,6 @@
 """Fixtures for the server tests: exports of the default model and of the RWKV-7 reference model, and
 a factory for real servers on 127.0.0.1 (ephemeral port), shut down by the test."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,12 +10,12 @@ from pathlib import Path
 import pytest
 
 
-
 def need_serve_deps():
     """Skip the calling test module where the serve extra or the openai client is missing."""
     pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, prometheus-client) is not installed")
     pytest.importorskip("prometheus_client", reason="the serve extra (prometheus-client) is not installed")
     pytest.importorskip("openai", reason="the official openai client (dev extra) is not installed")
+
 
 REPO = Path(__file__).resolve().parents[2]
 V7 = REPO / "tests" / "golden" / "golden-rwkv7.pth"  # the golden RWKV-7 (in the repository)
@@ -44,6 +45,7 @@ def make_server():
     from rwkv_runtime.server import EngineConfig, ServerOptions, ServerThread, build_app
 
     with contextlib.ExitStack() as stack:
+
         def make(model, model_name=None, **engine):
             app, eng = build_app(ServerOptions(str(model), model_name, engine=EngineConfig(**engine)))
             return stack.enter_context(ServerThread(app, eng))

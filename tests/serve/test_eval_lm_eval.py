@@ -2,6 +2,7 @@
 ``tokenizer_backend=remote``) against a real ``rwkv_runtime`` server on 127.0.0.1, on an offline task
 defined from a local LAMBADA-format file: its perplexity and accuracy equal ``rwkv-export eval`` on the
 same data (``--pad-token none``: lm-eval prepends no token to the context)."""
+
 from __future__ import annotations
 
 import json
@@ -59,9 +60,21 @@ def test_lm_eval_local_completions_equals_eval(default_model, make_server, tmp_p
     srv = make_server(default_model, model_name="m")
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
-           f"model=m,base_url={srv.url}/v1/completions,tokenizer_backend=remote,num_concurrent=1,max_retries=1",
-           "--tasks", "lambada_local", "--include_path", str(tasks), "--output_path", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "--model",
+        "local-completions",
+        "--model_args",
+        f"model=m,base_url={srv.url}/v1/completions,tokenizer_backend=remote,num_concurrent=1,max_retries=1",
+        "--tasks",
+        "lambada_local",
+        "--include_path",
+        str(tasks),
+        "--output_path",
+        str(out),
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     (res_file,) = list(Path(out).rglob("results_*.json"))
@@ -69,7 +82,9 @@ def test_lm_eval_local_completions_equals_eval(default_model, make_server, tmp_p
 
     from rwkv_export.cli import main
 
-    e = CliRunner().invoke(main, ["eval", str(default_model), "--data", str(data), "--pad-token", "none", "--json", "-q"])
+    e = CliRunner().invoke(
+        main, ["eval", str(default_model), "--data", str(data), "--pad-token", "none", "--json", "-q"]
+    )
     assert e.exit_code == 0, e.output
     want = json.loads(e.output)["export"]
     assert 0 < want["accuracy"] < 1  # the data discriminates

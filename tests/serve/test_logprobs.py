@@ -1,6 +1,7 @@
 """``logprobs`` on both endpoints, driven by the official `openai` client against a real server on
 127.0.0.1. Truth: the export run alone in this process with ``Session.prefill``/``step`` (the tokens from
 ``Session.generate_tokens`` with the same settings), log_softmax of the raw logits taken here."""
+
 from __future__ import annotations
 
 import asyncio
@@ -114,8 +115,15 @@ def test_completion_logprobs_equal_session(sampled, which, request, make_server)
     c = client(srv)
     sampling = SAMPLED if sampled else {"temperature": 0.0}
     k, n = (1, 2) if sampled else (5, 1)
-    kw = dict(model="m", prompt="The quick brown fox", max_tokens=16, logprobs=k, n=n,
-              extra_body={"top_k": sampling.get("top_k", 0)}, **{a: b for a, b in sampling.items() if a != "top_k"})
+    kw = dict(
+        model="m",
+        prompt="The quick brown fox",
+        max_tokens=16,
+        logprobs=k,
+        n=n,
+        extra_body={"top_k": sampling.get("top_k", 0)},
+        **{a: b for a, b in sampling.items() if a != "top_k"},
+    )
     r = c.completions.create(**kw)
     chunks = list(c.completions.create(stream=True, **kw))  # the same seed
     for j, ch in enumerate(r.choices):  # choice j is sampled with seed + j
@@ -140,8 +148,15 @@ def test_chat_logprobs_equal_session(sampled, default_model, make_server):
     c = client(srv)
     sampling = SAMPLED if sampled else {"temperature": 0.0}
     ids, want = truth(default_model, CHAT, 20, 4, **sampling)
-    kw = dict(model="m", messages=MSGS, max_tokens=20, logprobs=True, top_logprobs=4,
-              extra_body={"top_k": sampling.get("top_k", 0)}, **{a: b for a, b in sampling.items() if a != "top_k"})
+    kw = dict(
+        model="m",
+        messages=MSGS,
+        max_tokens=20,
+        logprobs=True,
+        top_logprobs=4,
+        extra_body={"top_k": sampling.get("top_k", 0)},
+        **{a: b for a, b in sampling.items() if a != "top_k"},
+    )
     r = c.chat.completions.create(**kw)
     text, content = r.choices[0].message.content, r.choices[0].logprobs.content
     # the template's stop string may end the reply early: exactly the tokens of the text are reported
@@ -173,8 +188,9 @@ def test_logprobs_with_stop_strings(default_model, make_server):
     assert joined(chunks, False) == r.choices[0].logprobs.model_dump(include=set(joined(chunks, False)))
     assert "".join(ch.choices[0].text for ch in chunks) == full[:cut]
     # a stop string that never completes: what was held back is released at the end, with its logprobs
-    r = c.completions.create(model="m", prompt="Hello", max_tokens=12, temperature=0, logprobs=2,
-                             stop=[full[11:13] + "\x01"])
+    r = c.completions.create(
+        model="m", prompt="Hello", max_tokens=12, temperature=0, logprobs=2, stop=[full[11:13] + "\x01"]
+    )
     assert r.choices[0].text == full[:12]
     check_completion(default_model, r.choices[0].logprobs, ids[:12], want[:12])
 
@@ -188,9 +204,11 @@ def test_logprobs_refusals_and_off_values(default_model, make_server):
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(model="m", prompt="x", max_tokens=2, **kw)
         assert e.value.body["param"] == "logprobs"
-    for kw, param in [(dict(logprobs=True, top_logprobs=21), "top_logprobs"),
-                      (dict(logprobs=True, top_logprobs=-1), "top_logprobs"),
-                      (dict(top_logprobs=2), "top_logprobs")]:  # without logprobs: true (as OpenAI)
+    for kw, param in [
+        (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+        (dict(logprobs=True, top_logprobs=-1), "top_logprobs"),
+        (dict(top_logprobs=2), "top_logprobs"),
+    ]:  # without logprobs: true (as OpenAI)
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="m", messages=MSGS, max_tokens=2, **kw)
         assert e.value.body["param"] == param
@@ -199,8 +217,7 @@ def test_logprobs_refusals_and_off_values(default_model, make_server):
     assert r.choices[0].logprobs is None
     r = c.completions.create(model="m", prompt="x", max_tokens=3, temperature=0, echo=True)
     assert r.choices[0].logprobs is None and r.choices[0].text.startswith("x")
-    r = c.chat.completions.create(model="m", messages=MSGS, max_tokens=3, temperature=0, logprobs=False,
-                                  top_logprobs=0)
+    r = c.chat.completions.create(model="m", messages=MSGS, max_tokens=3, temperature=0, logprobs=False, top_logprobs=0)
     assert r.choices[0].logprobs is None
 
 
@@ -232,8 +249,11 @@ def test_logprobs_follow_delivered_text():
     assert reasons == [None] * 5 + ["stop"]
     got = [(ev.text, [(e.token, e.start) for e in ev.logprobs or ()]) for ev in events]
     assert got == [("ab", [(1, 0)]), ("é", [(5, 2), (6, 2)]), ("c", []), ("", [(2, 3)])]
-    assert all(e.logprob == pytest.approx(-np.log(8)) and e.top == ((0, e.logprob),)
-               for ev in events for e in ev.logprobs or ())
+    assert all(
+        e.logprob == pytest.approx(-np.log(8)) and e.top == ((0, e.logprob),)
+        for ev in events
+        for e in ev.logprobs or ()
+    )
 
 
 @pytest.mark.parametrize("kind", ["world", "hf-json"])
@@ -244,7 +264,7 @@ def test_token_bytes_of_partial_characters(kind, tmp_path):
 
     if kind == "world":
         pytest.importorskip("pyrwkv_tokenizer")
-        tok, text = make_tokenizer({"kind": "world"}), "naïve 𝔘ꙮ \U0001F9EC ok"
+        tok, text = make_tokenizer({"kind": "world"}), "naïve 𝔘ꙮ \U0001f9ec ok"
     else:
         from ..conftest import hf_tokenizer_json
 
@@ -257,8 +277,22 @@ def test_token_bytes_of_partial_characters(kind, tmp_path):
     assert all(b == s.encode() for s, b in pieces if "\ufffd" not in s)
 
 
-PIECES = [b"a", b"b", b"\n", b"ab", b"b\n", b"\nU", b"\xc3", b"\xa9", b"\xe2\x82", b"\xac", b"\xe2", b"\x82\xac",
-          b"\xc3\xa9a", b"\xff"]
+PIECES = [
+    b"a",
+    b"b",
+    b"\n",
+    b"ab",
+    b"b\n",
+    b"\nU",
+    b"\xc3",
+    b"\xa9",
+    b"\xe2\x82",
+    b"\xac",
+    b"\xe2",
+    b"\x82\xac",
+    b"\xc3\xa9a",
+    b"\xff",
+]
 
 
 def _run_engine(tokens, stop, logprobs):
@@ -268,8 +302,11 @@ def _run_engine(tokens, stop, logprobs):
     engine = Engine(SimpleNamespace(manifest=SimpleNamespace(export_id="fake")))
     loop = asyncio.new_event_loop()
     try:
-        s = _Seq(Handle(GenRequest([0], SamplingParams(temperature=0), len(tokens), stop=stop, logprobs=logprobs),
-                        loop), tok, 600.0)
+        s = _Seq(
+            Handle(GenRequest([0], SamplingParams(temperature=0), len(tokens), stop=stop, logprobs=logprobs), loop),
+            tok,
+            600.0,
+        )
         s.row.logits = np.linspace(0, 1, len(PIECES), dtype=np.float32)
         n, stopped = 0, False
         for t in tokens:
@@ -285,8 +322,10 @@ def _run_engine(tokens, stop, logprobs):
 
 
 @settings(max_examples=300, deadline=None)
-@given(tokens=st.lists(st.integers(0, len(PIECES) - 1), min_size=1, max_size=24),
-       stop=st.lists(st.text(alphabet="ab\nUé€", min_size=1, max_size=4), max_size=3).map(tuple))
+@given(
+    tokens=st.lists(st.integers(0, len(PIECES) - 1), min_size=1, max_size=24),
+    stop=st.lists(st.text(alphabet="ab\nUé€", min_size=1, max_size=4), max_size=3).map(tuple),
+)
 def test_logprobs_alignment_holds_for_any_tokens_and_stop_strings(tokens, stop):
     """Asking for logprobs never changes the text; a token is never reported ahead of its text; the
     reported tokens' spans tile the delivered text from 0 (the pieces of one character share one span)
@@ -302,7 +341,7 @@ def test_logprobs_alignment_holds_for_any_tokens_and_stop_strings(tokens, stop):
         for e in ev.logprobs or ():
             assert e.start < len(delivered) and (e.end <= len(delivered) or (stopped and last))
             reported.append(e)
-    assert [e.token for e in reported] == tokens[:len(reported)]
+    assert [e.token for e in reported] == tokens[: len(reported)]
     at = 0
     for a, b in zip([None] + reported, reported):
         assert b.start == at or (a is not None and (b.start, b.end) == (a.start, a.end))

@@ -2,6 +2,7 @@
 equal to ``Session(model, initial_state=FILE)``'s, listed in /v1/models, unknown names a 404 in
 OpenAI's shape, and a prefix cache keyed by the state (the same prompt from two states never shares
 a cached prefix)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -61,11 +62,14 @@ def server(v7_model, states):
     from rwkv_runtime.server import ServerOptions, ServerThread, build_app
 
     with contextlib.ExitStack() as stack:
+
         def make(**kw):
-            opts = ServerOptions(str(v7_model), "m", states=(f"tuned={states['tuned']}", f"story={states['story']}"),
-                                 **kw)
+            opts = ServerOptions(
+                str(v7_model), "m", states=(f"tuned={states['tuned']}", f"story={states['story']}"), **kw
+            )
             app, eng = build_app(opts)
             return stack.enter_context(ServerThread(app, eng))
+
         yield make
 
 
@@ -95,8 +99,10 @@ def test_models_lists_named_states(server):
 @pytest.mark.parametrize("model", ["m:nope", "other:tuned", "m:", "tuned"])
 def test_unknown_named_state_is_404(server, model):
     srv = server()
-    for path, body in (("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 1}),
-                       ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}]})):
+    for path, body in (
+        ("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 1}),
+        ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+    ):
         r = httpx.post(srv.url + path, json=body, timeout=30)
         assert r.status_code == 404, r.text
         err = r.json()["error"]
@@ -154,11 +160,14 @@ def test_pth_state_converted_by_rwkv_export_serve(v7_model, states):
         np.testing.assert_allclose(gen(srv, "m:tuned"), want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("noequals", "expected NAME=FILE"),
-    ("bad name=x.npz", "NAME must be"),
-    ("a=missing.npz", "no such file"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("noequals", "expected NAME=FILE"),
+        ("bad name=x.npz", "NAME must be"),
+        ("a=missing.npz", "no such file"),
+    ],
+)
 def test_state_option_errors(v7_model, spec, message):
     from rwkv_runtime import RuntimeUserError
     from rwkv_runtime.server import ServerOptions, build_app

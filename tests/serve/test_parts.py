@@ -1,5 +1,6 @@
 """The server's parts on their own: the prefix-state cache, portable conversation states, the chat
 template, the entry points (CLI, ``python -m``), and that serving imports no torch."""
+
 from __future__ import annotations
 
 import base64
@@ -18,8 +19,7 @@ need_serve_deps()
 import numpy as np  # noqa: E402 - after the skip check
 
 from rwkv_runtime import RuntimeUserError, Session  # noqa: E402 - after the skip check
-from rwkv_runtime.server import ChatTemplate  # noqa: E402 - after the skip check
-from rwkv_runtime.server import statefile  # noqa: E402 - after the skip check
+from rwkv_runtime.server import ChatTemplate, statefile  # noqa: E402 - after the skip check
 from rwkv_runtime.server.cache import PrefixCache  # noqa: E402 - after the skip check
 
 from .conftest import REPO  # noqa: E402 - after the skip check
@@ -109,10 +109,12 @@ def _run(*args, env_extra=None):
 
 
 def test_serving_needs_no_torch(default_model):
-    code = ("import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
-            "from rwkv_runtime.server import ServerOptions, build_app\n"
-            f"app, engine = build_app(ServerOptions({str(default_model)!r}))\n"
-            "print(sorted(r.path for r in app.routes if r.path.startswith('/v1'))[:2])")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
+        "from rwkv_runtime.server import ServerOptions, build_app\n"
+        f"app, engine = build_app(ServerOptions({str(default_model)!r}))\n"
+        "print(sorted(r.path for r in app.routes if r.path.startswith('/v1'))[:2])"
+    )
     r = _run("-c", code)
     assert r.returncode == 0, r.stderr
     assert "/v1/chat/completions" in r.stdout
@@ -136,8 +138,23 @@ def test_sigterm_drains_in_flight_streams_then_exits(default_model):
 
     import httpx
 
-    p = subprocess.Popen([sys.executable, "-m", "rwkv_runtime.server", str(default_model), "--port", "0",
-                          "--model-name", "m", "--drain-seconds", "20"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rwkv_runtime.server",
+            str(default_model),
+            "--port",
+            "0",
+            "--model-name",
+            "m",
+            "--drain-seconds",
+            "20",
+        ],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lines: list = []
         port = None
@@ -178,8 +195,10 @@ def test_stop_strings_match_a_plain_search_however_the_text_is_split():
     from rwkv_runtime.generation import StopMatcher
 
     @hypothesis.settings(max_examples=600, deadline=None)
-    @hypothesis.given(st.lists(st.text("ab\n", max_size=4), max_size=12),
-                      st.lists(st.text("ab\n", min_size=1, max_size=6), min_size=1, max_size=3))
+    @hypothesis.given(
+        st.lists(st.text("ab\n", max_size=4), max_size=12),
+        st.lists(st.text("ab\n", min_size=1, max_size=6), min_size=1, max_size=3),
+    )
     def check(pieces, stops):
         matcher = StopMatcher(stops)
         out, stopped = "", False
@@ -197,7 +216,7 @@ def test_stop_strings_match_a_plain_search_however_the_text_is_split():
             full += p
             found = [i for i in (full.find(s) for s in stops) if i >= 0]
             if found:
-                expect, hit = full[:min(found)], True
+                expect, hit = full[: min(found)], True
                 break
         assert stopped == hit
         assert out == (expect if hit else full)

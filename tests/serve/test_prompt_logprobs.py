@@ -1,6 +1,7 @@
 """The prompt's own log-probabilities on /v1/completions (``echo`` + ``logprobs``, ``max_tokens`` 0 or
 more, vLLM's ``prompt_logprobs``), driven by the official `openai` client against a real server on
 127.0.0.1. Truth: log_softmax of ``Session.step``'s logits after each prompt token, computed here."""
+
 from __future__ import annotations
 
 import functools
@@ -29,7 +30,7 @@ def truth(model, prompt: str):
     ids = s.encode(prompt)
     st, lps, tops = None, [None], [None]
     logits = None
-    for j, t in enumerate(ids):
+    for t in ids:
         if logits is not None:
             x = logits.astype(np.float64)
             lp = x - x.max() - np.log(np.exp(x - x.max()).sum())
@@ -92,8 +93,7 @@ def test_echo_logprobs_then_generated(default_model, make_server, cache):
     assert lp["text_offset"][n] == len(PROMPT)
     assert r.usage.completion_tokens == 1 and r.usage.prompt_tokens == n
     # a token-id prompt, two prompts in one request, n=2: each choice has its prompt's logprobs
-    r = c.completions.create(model="m", prompt=[ids, ids[:20]], max_tokens=2, echo=True, logprobs=0, n=2,
-                             temperature=0)
+    r = c.completions.create(model="m", prompt=[ids, ids[:20]], max_tokens=2, echo=True, logprobs=0, n=2, temperature=0)
     assert len(r.choices) == 4
     for ch in r.choices:
         m = n if ch.index < 2 else 20
@@ -105,11 +105,13 @@ def test_streamed_equals_not_streamed(default_model, make_server):
     srv = make_server(default_model, model_name="m")
     c = client(srv)
     for max_tokens in (0, 4):
-        whole = c.completions.create(model="m", prompt=PROMPT, max_tokens=max_tokens, echo=True, logprobs=2,
-                                     temperature=0)
+        whole = c.completions.create(
+            model="m", prompt=PROMPT, max_tokens=max_tokens, echo=True, logprobs=2, temperature=0
+        )
         text, lp = "", {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for ev in c.completions.create(model="m", prompt=PROMPT, max_tokens=max_tokens, echo=True, logprobs=2,
-                                       temperature=0, stream=True):
+        for ev in c.completions.create(
+            model="m", prompt=PROMPT, max_tokens=max_tokens, echo=True, logprobs=2, temperature=0, stream=True
+        ):
             for ch in ev.choices:
                 text += ch.text
                 if ch.logprobs is not None:
@@ -123,8 +125,11 @@ def test_streamed_equals_not_streamed(default_model, make_server):
 def test_vllm_prompt_logprobs_and_tokenizer_info(default_model, make_server):
     srv = make_server(default_model, model_name="m")
     ids, lps, tops, _, _ = truth(default_model, PROMPT)
-    r = httpx.post(srv.url + "/v1/completions", json={"model": "m", "prompt": PROMPT, "max_tokens": 1,
-                                                      "temperature": 0, "prompt_logprobs": 2}, timeout=60).json()
+    r = httpx.post(
+        srv.url + "/v1/completions",
+        json={"model": "m", "prompt": PROMPT, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 2},
+        timeout=60,
+    ).json()
     pl = r["choices"][0]["prompt_logprobs"]
     assert pl[0] is None and len(pl) == len(ids)
     for j in range(1, len(ids)):

@@ -1,6 +1,7 @@
 """The Ray Serve app (deploy_examples/ray_serve): a local Ray cluster with 2 replicas; conversations stay
 on one replica (Ray's consistent-hash router, x-session-id) and answer exactly as one process would;
 when a replica is killed, its conversations continue elsewhere from the exported states."""
+
 from __future__ import annotations
 
 import socket
@@ -39,14 +40,18 @@ def test_sessions_stick_to_a_replica_and_survive_its_loss(default_model):
     from ray import serve
 
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, namespace="rwkv-serve-test", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="rwkv-serve-test",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
     try:
         from deploy_examples.ray_serve.app import build
 
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build({"model": str(default_model), "replicas": 2, "model_name": "m"}), name="rwkv",
-                  route_prefix="/")
+        serve.run(build({"model": str(default_model), "replicas": 2, "model_name": "m"}), name="rwkv", route_prefix="/")
         solo = Session(default_model)
         sessions = {f"conversation-{i}": [] for i in range(6)}
         where: dict = {k: set() for k in sessions}

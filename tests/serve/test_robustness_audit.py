@@ -1,6 +1,7 @@
 """Regression tests from an adversarial audit of the server: each request here once crashed a batch,
 leaked a slot, stalled the scheduler, slipped past a limit or was silently mishandled. All against a
 real server on 127.0.0.1, with the official `openai` client or plain HTTP; every count and wait bounded."""
+
 from __future__ import annotations
 
 import base64
@@ -44,20 +45,27 @@ def test_chunked_body_over_the_limit_is_413(default_model):
 
     app, eng = build_app(ServerOptions(str(default_model), "m", max_body_bytes=4096))
     with ServerThread(app, eng) as srv:
+
         def chunked(body: bytes, piece=1000):
             def gen():
                 for i in range(0, len(body), piece):
-                    yield body[i:i + piece]
+                    yield body[i : i + piece]
+
             return gen()
 
         big = json.dumps({"model": "m", "prompt": "a" * 10_000, "max_tokens": 1}).encode()
-        r = httpx.post(srv.url + "/v1/completions", content=chunked(big), timeout=30,
-                       headers={"content-type": "application/json"})
+        r = httpx.post(
+            srv.url + "/v1/completions", content=chunked(big), timeout=30, headers={"content-type": "application/json"}
+        )
         assert _is_error(r, 413)["code"] == "request_too_large"
         # a chunked body under the limit still reaches the endpoint whole
         small = json.dumps({"model": "m", "prompt": "Hi", "max_tokens": 3, "temperature": 0}).encode()
-        r = httpx.post(srv.url + "/v1/completions", content=chunked(small, 5), timeout=30,
-                       headers={"content-type": "application/json"})
+        r = httpx.post(
+            srv.url + "/v1/completions",
+            content=chunked(small, 5),
+            timeout=30,
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
 
@@ -79,8 +87,9 @@ def test_more_choices_than_the_queue_holds_is_400_not_429(default_model, make_se
 
 
 def _state_blob(srv) -> dict:
-    r = client(srv).completions.create(model="m", prompt="Hi", max_tokens=2, temperature=0,
-                                       extra_body={"return_state": True})
+    r = client(srv).completions.create(
+        model="m", prompt="Hi", max_tokens=2, temperature=0, extra_body={"return_state": True}
+    )
     with np.load(io.BytesIO(base64.b64decode(r.choices[0].model_extra["state"]))) as z:
         return {k: z[k] for k in z.files}
 
@@ -106,8 +115,9 @@ def test_damaged_state_fails_its_request_alone(default_model, make_server):
     for blob in (nan, huge):
         for temperature in (1.0, 0.0):
             with pytest.raises(openai.BadRequestError) as e:
-                c.completions.create(model="m", prompt="Hi", max_tokens=5, temperature=temperature,
-                                     extra_body={"state": blob})
+                c.completions.create(
+                    model="m", prompt="Hi", max_tokens=5, temperature=temperature, extra_body={"state": blob}
+                )
             assert e.value.body["param"] == "state" and "NaN" in e.value.body["message"]
     rest = list(it)  # the stream that shared the batch is untouched
     assert rest[-1].choices[0].finish_reason == "length"
@@ -123,8 +133,10 @@ def test_non_streaming_client_that_disconnects_frees_its_slot(default_model, mak
     body = json.dumps({"model": "m", "prompt": "Hi", "max_tokens": 10**6, "temperature": 0}).encode()
     s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
     try:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
         _wait(lambda: metric(srv, "rwkv_running_sequences") == 1)
     finally:
         s.close()
@@ -164,8 +176,10 @@ def test_fields_the_server_cannot_honour_are_refused(default_model, make_server)
     as 'should be less than or equal to 2'."""
     srv = make_server(default_model, model_name="m")
     c = client(srv)
-    refused = [(c.completions.create, {"prompt": "Hi", "best_of": 1, "n": 2}, "best_of"),  # (best_of: see test_logprobs)
-               (c.completions.create, {"prompt": "Hi", "best_of": 3, "stream": True}, "best_of")]
+    refused = [
+        (c.completions.create, {"prompt": "Hi", "best_of": 1, "n": 2}, "best_of"),  # (best_of: see test_logprobs)
+        (c.completions.create, {"prompt": "Hi", "best_of": 3, "stream": True}, "best_of"),
+    ]
     # (response_format and tools are honoured now, by constrained decoding: tests/serve/test_structured.py)
     for create, kw, param in refused:
         with pytest.raises(openai.BadRequestError) as e:
@@ -173,11 +187,20 @@ def test_fields_the_server_cannot_honour_are_refused(default_model, make_server)
         assert e.value.body["param"] == param
     # their "off" forms, as client libraries send them by default, are fine
     assert c.completions.create(model="m", prompt="Hi", max_tokens=2, logit_bias={}, best_of=1).choices
-    assert c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
-                                     response_format={"type": "text"}, tools=[{"type": "function", "function": {
-                                         "name": "f"}}], tool_choice="none").choices
-    r = httpx.post(srv.url + "/v1/completions", content=b'{"model": "m", "prompt": "Hi", "temperature": NaN}',
-                   headers={"content-type": "application/json"}, timeout=30)
+    assert c.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        response_format={"type": "text"},
+        tools=[{"type": "function", "function": {"name": "f"}}],
+        tool_choice="none",
+    ).choices
+    r = httpx.post(
+        srv.url + "/v1/completions",
+        content=b'{"model": "m", "prompt": "Hi", "temperature": NaN}',
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert "finite" in _is_error(r, 400, "temperature")["message"]
 
 

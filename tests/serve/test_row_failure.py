@@ -1,6 +1,7 @@
 """Per-request failure in the server (issue #24): one sequence whose sampling raises inside the scheduler
 fails that request alone (500, logged with its traceback); the requests running beside it complete with
 the same text as when each runs alone. (It used to fail every running and queued request with 500.)"""
+
 from __future__ import annotations
 
 import logging
@@ -19,9 +20,11 @@ from rwkv_runtime.sampling import Sampler  # noqa: E402 - after the skip check
 
 from .conftest import client  # noqa: E402 - after the skip check
 
-OTHERS = [dict(prompt="def main():\n", temperature=0.0),
-          dict(prompt="import os\n", temperature=1.0, top_p=0.9, seed=5),
-          dict(prompt="class Point:\n", temperature=0.7, seed=9)]
+OTHERS = [
+    dict(prompt="def main():\n", temperature=0.0),
+    dict(prompt="import os\n", temperature=1.0, top_p=0.9, seed=5),
+    dict(prompt="class Point:\n", temperature=0.7, seed=9),
+]
 POISON = dict(prompt="x = ", temperature=1.0, seed=666)
 
 

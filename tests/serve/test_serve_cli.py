@@ -1,5 +1,6 @@
 """`rwkv-export serve` as a user starts it: an address it cannot listen on is one `Error:` line and exit 1,
 before the model is loaded (uvicorn by itself logs the error and exits 3)."""
+
 from __future__ import annotations
 
 import socket
@@ -12,8 +13,12 @@ need_serve_deps()
 
 
 def _serve(model, *args):
-    return subprocess.run([sys.executable, "-c", "from rwkv_export.cli import main; main()", "serve", str(model), *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", "from rwkv_export.cli import main; main()", "serve", str(model), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_a_taken_port_is_one_error_line(default_model):

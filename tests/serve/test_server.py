@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, driven by the official `openai` client against a real server on
 127.0.0.1. Truth: ``Session.generate`` (greedy, or seeded sampling) run alone in this process."""
+
 from __future__ import annotations
 
 import asyncio
@@ -47,8 +48,11 @@ def test_greedy_equals_session_generate(which, request, make_server):
     n_prompt = len(Session(model).encode(prompt))
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 40, n_prompt + 40)
     # streaming: the same pieces, one chunk per token, then a finish chunk and [DONE]
-    chunks = list(c.completions.create(model="m", prompt=prompt, max_tokens=40, temperature=0, stream=True,
-                                       stream_options={"include_usage": True}))
+    chunks = list(
+        c.completions.create(
+            model="m", prompt=prompt, max_tokens=40, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     pieces = [ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].text]
     assert pieces == want
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
@@ -59,13 +63,31 @@ def test_greedy_equals_session_generate(which, request, make_server):
 
 def test_seeded_sampling_and_n(default_model, make_server):
     srv = make_server(default_model, model_name="m")
-    r = client(srv).completions.create(model="m", prompt="Once upon a time", max_tokens=30, temperature=0.9,
-                                       top_p=0.9, presence_penalty=0.3, frequency_penalty=0.2, seed=7, n=2,
-                                       extra_body={"top_k": 20})
+    r = client(srv).completions.create(
+        model="m",
+        prompt="Once upon a time",
+        max_tokens=30,
+        temperature=0.9,
+        top_p=0.9,
+        presence_penalty=0.3,
+        frequency_penalty=0.2,
+        seed=7,
+        n=2,
+        extra_body={"top_k": 20},
+    )
     assert [ch.index for ch in r.choices] == [0, 1]
     for j, ch in enumerate(r.choices):  # choice j is sampled with seed + j
-        want = solo(default_model, "Once upon a time", 30, temperature=0.9, top_p=0.9, top_k=20,
-                    presence_penalty=0.3, frequency_penalty=0.2, seed=7 + j)
+        want = solo(
+            default_model,
+            "Once upon a time",
+            30,
+            temperature=0.9,
+            top_p=0.9,
+            top_k=20,
+            presence_penalty=0.3,
+            frequency_penalty=0.2,
+            seed=7 + j,
+        )
         assert ch.text == "".join(want)
     assert r.usage.completion_tokens == 60 and r.usage.prompt_tokens == len("Once upon a time")
 
@@ -75,7 +97,7 @@ def test_stop_strings_across_tokens(default_model, make_server):
     c = client(srv)
     full = "".join(solo(default_model, "Hello", 40))  # byte tokenizer: each character is its own token
     stop = full[10:14]  # 4 tokens long: it can only be seen across token boundaries
-    cut = full[:full.index(stop)]
+    cut = full[: full.index(stop)]
     r = c.completions.create(model="m", prompt="Hello", max_tokens=40, temperature=0, stop=[stop, "zzzz"])
     assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
     assert r.usage.completion_tokens == full.index(stop) + len(stop)  # the stop string's tokens were generated
@@ -89,23 +111,27 @@ def test_stop_strings_across_tokens(default_model, make_server):
 
 def test_chat_template_and_default_stop(default_model, make_server):
     srv = make_server(default_model, model_name="m")
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\n\nthere"},
-            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is a string?"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi\n\nthere"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "What is a string?"},
+    ]
     rendered = "System: Be brief.\n\nUser: Hi\nthere\n\nAssistant: Hello.\n\nUser: What is a string?\n\nAssistant:"
     full = "".join(solo(default_model, rendered, 60))
     want = full.split("\n\nUser:")[0]
     r = client(srv).chat.completions.create(model="m", messages=msgs, max_tokens=60, temperature=0)
     assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
     assert r.usage.prompt_tokens == len(rendered.encode())
-    chunks = list(client(srv).chat.completions.create(model="m", messages=msgs, max_tokens=60, temperature=0,
-                                                      stream=True))
+    chunks = list(
+        client(srv).chat.completions.create(model="m", messages=msgs, max_tokens=60, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want
 
 
 def test_error_statuses(default_model, make_server):
-    srv = make_server(default_model, model_name="m", max_prompt_tokens=50, max_batch=1, max_queue=1,
-                      max_tokens=100000)
+    srv = make_server(default_model, model_name="m", max_prompt_tokens=50, max_batch=1, max_queue=1, max_tokens=100000)
     c = client(srv)
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model="m", prompt="x", temperature=5)
@@ -124,13 +150,16 @@ def test_error_statuses(default_model, make_server):
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = httpx.post(srv.url + "/v1/nothing-here", json={})
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
-    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "robot", "content": "x"}]})
+    r = httpx.post(
+        srv.url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "robot", "content": "x"}]}
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     # 429: one slot busy with a long stream, one request queued, the next one refused
     busy = c.completions.create(model="m", prompt="a", max_tokens=100000, temperature=0, stream=True)
     next(iter(busy))
-    queued = threading.Thread(target=lambda: _swallow(lambda: c.completions.create(model="m", prompt="b",
-                                                                                     max_tokens=1)))
+    queued = threading.Thread(
+        target=lambda: _swallow(lambda: c.completions.create(model="m", prompt="b", max_tokens=1))
+    )
     queued.start()
     _wait(lambda: metric(srv, "rwkv_queue_length") == 1)
     with pytest.raises(openai.RateLimitError) as e:
@@ -202,8 +231,11 @@ def test_prefix_cache_saves_prefill_work(default_model, make_server):
 def test_disconnect_frees_the_slot(default_model, make_server):
     srv = make_server(default_model, model_name="m", max_tokens=1000000)
     with httpx.Client(timeout=30) as h:
-        with h.stream("POST", srv.url + "/v1/completions", json={"model": "m", "prompt": "Hi", "stream": True,
-                                                                 "max_tokens": 1000000, "temperature": 0}) as r:
+        with h.stream(
+            "POST",
+            srv.url + "/v1/completions",
+            json={"model": "m", "prompt": "Hi", "stream": True, "max_tokens": 1000000, "temperature": 0},
+        ) as r:
             lines = r.iter_lines()
             for _ in range(10):
                 next(lines)
@@ -217,11 +249,13 @@ def test_disconnect_frees_the_slot(default_model, make_server):
 def test_conversation_state_export_and_resume(default_model, v7_model, make_server):
     a = make_server(default_model, model_name="m")
     b = make_server(default_model, model_name="m")  # another replica of the same export
-    r1 = client(a).completions.create(model="m", prompt="Hello there", max_tokens=12, temperature=0,
-                                      extra_body={"return_state": True})
+    r1 = client(a).completions.create(
+        model="m", prompt="Hello there", max_tokens=12, temperature=0, extra_body={"return_state": True}
+    )
     blob = r1.choices[0].model_extra["state"]
-    r2 = client(b).completions.create(model="m", prompt=" and then", max_tokens=20, temperature=0,
-                                      extra_body={"state": blob})
+    r2 = client(b).completions.create(
+        model="m", prompt=" and then", max_tokens=20, temperature=0, extra_body={"state": blob}
+    )
     # truth: one process that saw the prompt, the reply, then the continuation
     s = Session(default_model)
     _, st = s.prefill(np.array([s.encode("Hello there" + r1.choices[0].text)]))

@@ -3,6 +3,7 @@ answered, not cut. Was: the drain did not wait for prompt scoring (it runs outsi
 graceful timeout cancelled the request mid-scoring, the client got a plain-text 500 and the log a
 CancelledError traceback. Now a drain gives scoring requests its grace; past it they are abandoned
 between two model runs and answered 503 in OpenAI's error shape, and the process exits at once."""
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,26 @@ LONG = "The quick brown fox. " * 4000  # 84 000 byte tokens: scored one step a t
 
 def test_sigterm_during_long_prompt_scoring_answers_503_and_exits(default_model):
     env = {k: v for k, v in __import__("os").environ.items() if k != "RWKV_API_KEY"}
-    p = subprocess.Popen([sys.executable, "-c", "from rwkv_export.cli import main; main()", "serve", str(default_model),
-                          "--port", "0", "--model-name", "m", "--drain-seconds", "1", "--max-prompt-tokens", "200000"],
-                         stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from rwkv_export.cli import main; main()",
+            "serve",
+            str(default_model),
+            "--port",
+            "0",
+            "--model-name",
+            "m",
+            "--drain-seconds",
+            "1",
+            "--max-prompt-tokens",
+            "200000",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         url, head = None, []
         while url is None:
@@ -51,8 +69,14 @@ def test_sigterm_during_long_prompt_scoring_answers_503_and_exits(default_model)
                 answers[name] = (None, repr(e))
 
         base = {"model": "m", "prompt": LONG, "max_tokens": 0, "prompt_logprobs": 5}
-        clients = [threading.Thread(target=ask, args=(n, {**base, **extra})) for n, extra in
-                   (("plain", {}), ("stream", {"stream": True}), ("echo", {"echo": True, "logprobs": 2, "max_tokens": 3}))]
+        clients = [
+            threading.Thread(target=ask, args=(n, {**base, **extra}))
+            for n, extra in (
+                ("plain", {}),
+                ("stream", {"stream": True}),
+                ("echo", {"echo": True, "logprobs": 2, "max_tokens": 3}),
+            )
+        ]
         for c in clients:
             c.start()
         time.sleep(1.5)  # all three accepted; the first is scoring, the others wait for the scoring lock

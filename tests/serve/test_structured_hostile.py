@@ -3,6 +3,7 @@ while generating, odd tool choices, conversation states holding members that are
 scoring asked for more than a request may hold, and API key edge cases. Every one is a 4xx in OpenAI's
 error shape (never a 500), and a healthy request running beside a failing one is untouched. Real
 servers on 127.0.0.1 only."""
+
 from __future__ import annotations
 
 import base64
@@ -54,13 +55,17 @@ def _is_400(r, param=None):
     return err["message"]
 
 
-@pytest.mark.parametrize("extra, param", [
-    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#"}}}}, "response_format"),
-    ({"guided_regex": "[^\\x00-\\U0010FFFF]"}, "guided_regex"),
-    ({"guided_grammar": "start: start"}, "guided_grammar"),
-    ({"guided_grammar": 'start: ""'}, "guided_grammar"),  # only the empty text; the byte vocabulary has no EOS
-    ({"guided_choice": [f"x{i}" for i in range(50000)]}, "guided_choice"),  # took 5 s in the event loop
-], ids=["ref-self", "empty-class", "rule-loop", "empty-only", "huge-choice"])
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#"}}}}, "response_format"),
+        ({"guided_regex": "[^\\x00-\\U0010FFFF]"}, "guided_regex"),
+        ({"guided_grammar": "start: start"}, "guided_grammar"),
+        ({"guided_grammar": 'start: ""'}, "guided_grammar"),  # only the empty text; the byte vocabulary has no EOS
+        ({"guided_choice": [f"x{i}" for i in range(50000)]}, "guided_choice"),  # took 5 s in the event loop
+    ],
+    ids=["ref-self", "empty-class", "rule-loop", "empty-only", "huge-choice"],
+)
 def test_a_constraint_that_cannot_run_is_a_400_before_it_is_queued(srv, extra, param):
     t = time.perf_counter()
     _is_400(_post(srv, "/v1/completions", _completion(**extra)), param)
@@ -97,8 +102,9 @@ def test_a_constraint_failing_while_generating_is_a_400_and_fails_no_other_reque
 @pytest.mark.parametrize("name", [["a"], {"x": 1}, 5, None])
 def test_tool_choice_naming_a_function_by_a_non_string_is_a_400(srv, name):
     tools = [{"type": "function", "function": {"name": "a"}}]
-    r = _post(srv, "/v1/chat/completions", _chat(tools=tools, tool_choice={"type": "function",
-                                                                          "function": {"name": name}}))
+    r = _post(
+        srv, "/v1/chat/completions", _chat(tools=tools, tool_choice={"type": "function", "function": {"name": name}})
+    )
     _is_400(r, "tool_choice")
 
 
@@ -117,9 +123,11 @@ def _state_with(srv, extra: dict) -> str:
 @pytest.mark.parametrize("member", ["notes.txt", "state.0.att_shift", "folder/"])
 def test_a_state_holding_a_member_that_is_not_an_array_is_a_400(srv, member):
     blob = _state_with(srv, {member: b"hello"})
-    for path, body in [("/v1/completions", _completion(state=blob)),
-                       ("/v1/completions", _completion(state=blob, echo=True, logprobs=1, max_tokens=0)),
-                       ("/v1/chat/completions", _chat(state=blob))]:
+    for path, body in [
+        ("/v1/completions", _completion(state=blob)),
+        ("/v1/completions", _completion(state=blob, echo=True, logprobs=1, max_tokens=0)),
+        ("/v1/chat/completions", _chat(state=blob)),
+    ]:
         assert "not an array" in _is_400(_post(srv, path, body), "state")
 
 
@@ -148,8 +156,17 @@ def test_the_bearer_scheme_is_case_insensitive_and_the_key_exact(default_model):
     with contextlib.ExitStack() as stack:
         app, eng = build_app(ServerOptions(str(default_model), "m", api_key="a b"))  # a space inside is fine
         s = stack.enter_context(ServerThread(app, eng))
-        for header, ok in [("Bearer a b", True), ("bearer a b", True), ("BEARER a b", True),
-                           ("Bearer  a b", True), ("Bearer a  b", False), ("a b", False), ("Bearer a", False),
-                           ("Bearer", False), ("Basic a b", False), ("Bearer A B", False)]:
+        for header, ok in [
+            ("Bearer a b", True),
+            ("bearer a b", True),
+            ("BEARER a b", True),
+            ("Bearer  a b", True),
+            ("Bearer a  b", False),
+            ("a b", False),
+            ("Bearer a", False),
+            ("Bearer", False),
+            ("Basic a b", False),
+            ("Bearer A B", False),
+        ]:
             r = httpx.get(s.url + "/v1/models", headers={"Authorization": header}, timeout=10)
             assert r.status_code == (200 if ok else 401), (header, r.status_code)

@@ -1,5 +1,6 @@
 """``/tokenize`` and ``/detokenize`` (vLLM's routes) on a real server on 127.0.0.1. Truth: the export's
 tokenizer through ``Session.encode``/``decode``, and the chat template's documented rendering."""
+
 from __future__ import annotations
 
 from .conftest import client, need_serve_deps
@@ -38,14 +39,15 @@ def test_the_ids_it_gives_work_in_logit_bias(default_model, make_server):
 def test_tokenize_errors(default_model, make_server):
     srv = make_server(default_model, model_name="m")
     for path, body, status, param in [
-            ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400, "prompt"),
-            ("/tokenize", {}, 400, "prompt"),
-            ("/tokenize", {"prompt": "a", "model": "other"}, 404, "model"),
-            ("/tokenize", {"prompt": 5}, 400, "prompt"),
-            ("/detokenize", {"tokens": [1, 10**6]}, 400, "tokens"),
-            ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
-            ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
-            ("/detokenize", {"tokens": [1], "model": "other"}, 404, "model")]:
+        ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400, "prompt"),
+        ("/tokenize", {}, 400, "prompt"),
+        ("/tokenize", {"prompt": "a", "model": "other"}, 404, "model"),
+        ("/tokenize", {"prompt": 5}, 400, "prompt"),
+        ("/detokenize", {"tokens": [1, 10**6]}, 400, "tokens"),
+        ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+        ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+        ("/detokenize", {"tokens": [1], "model": "other"}, 404, "model"),
+    ]:
         r = post(srv, path, body)
         assert r.status_code == status, (path, body, r.text)
         assert r.json()["error"]["param"] == param, (path, body, r.text)

@@ -5,6 +5,7 @@ call, keeps "device" memory in host allocations, records CUDA graph captures, an
 the ONNX file the engine was built from. It checks our logic (profiles, sidecars, plugins, buffers, double buffering,
 graph capture), not TensorRT. ``make_fake_trt(FakeCudaCore())`` returns the `tensorrt` module stand-in.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -101,8 +102,9 @@ class _Buffer:
             if not dev and s.capture is not None and not cuda._inside(cuda.pinned, p, n):
                 s.invalid = True  # real CUDA: pageable memory cannot be captured
                 raise FakeCUDAError("CUDA_ERROR_STREAM_CAPTURE_INVALIDATED")
-        if not (dst_dev or src_dev) and not (cuda._inside(cuda.pinned, self.handle, n)
-                                             or cuda._inside(cuda.pinned, src.handle, n)):
+        if not (dst_dev or src_dev) and not (
+            cuda._inside(cuda.pinned, self.handle, n) or cuda._inside(cuda.pinned, src.handle, n)
+        ):
             raise FakeCUDAError("host-to-host copy through the GPU API (the backend never does this)")
         dst, srcp = self.handle, src.handle
         s.submit(lambda: ctypes.memmove(dst, srcp, n))
@@ -159,12 +161,21 @@ class FakeCudaCore:
         return self._inside(self.dev, int(p), int(n))
 
 
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-               "tensor(int32)": np.int32}
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
 
 
-def make_fake_trt(cudart: FakeCudaCore, capturable: bool = True, fail_build: str | None = None,
-                  version: str = "10.99.0", parser: str | None = None):
+def make_fake_trt(
+    cudart: FakeCudaCore,
+    capturable: bool = True,
+    fail_build: str | None = None,
+    version: str = "10.99.0",
+    parser: str | None = None,
+):
     """A module with the parts of the tensorrt API that engine.py and rwkv_runtime.tensorrt use.
 
     ``parser``: whose precedence the ONNX parser follows for a custom node that is also a model-local
@@ -200,8 +211,13 @@ def make_fake_trt(cudart: FakeCudaCore, capturable: bool = True, fail_build: str
     trt.BuilderFlag = types.SimpleNamespace(TF32="tf32")
     trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
     trt.nptype = lambda dt: np.dtype(dt).type
-    trt.LayerType = types.SimpleNamespace(PLUGIN_V3="PLUGIN_V3", PLUGIN_V2="PLUGIN_V2", ELEMENTWISE="ELEMENTWISE",
-                                          UNARY="UNARY", MATRIX_MULTIPLY="MATRIX_MULTIPLY")
+    trt.LayerType = types.SimpleNamespace(
+        PLUGIN_V3="PLUGIN_V3",
+        PLUGIN_V2="PLUGIN_V2",
+        ELEMENTWISE="ELEMENTWISE",
+        UNARY="UNARY",
+        MATRIX_MULTIPLY="MATRIX_MULTIPLY",
+    )
 
     class Registry:
         def load_library(self, path):
@@ -284,8 +300,9 @@ def make_fake_trt(cudart: FakeCudaCore, capturable: bool = True, fail_build: str
                     self.network.custom.append(key)
                     self.network.layers.append(types.SimpleNamespace(type=trt.LayerType.PLUGIN_V3, name=n.name))
                 elif fn is not None:  # the function body, inlined as ordinary layers
-                    self.network.layers += [types.SimpleNamespace(type=trt.LayerType.UNARY, name=f"{n.name}/{b.name}")
-                                            for b in fn.node]
+                    self.network.layers += [
+                        types.SimpleNamespace(type=trt.LayerType.UNARY, name=f"{n.name}/{b.name}") for b in fn.node
+                    ]
                 else:
                     self.errors.append(f"In node {n.name}: No importer registered for op: {n.op_type}")
                     return False
@@ -358,8 +375,9 @@ def make_fake_trt(cudart: FakeCudaCore, capturable: bool = True, fail_build: str
                 return None
             (prof,) = config.profiles
             assert set(prof.shapes) == {t.name for t in network.inputs}
-            return json.dumps({"onnx": network.path, "profile": prof.shapes, "plugins": network.custom,
-                               "capturable": capturable}).encode()
+            return json.dumps(
+                {"onnx": network.path, "profile": prof.shapes, "plugins": network.custom, "capturable": capturable}
+            ).encode()
 
     trt.OnnxParser, trt.Builder = OnnxParser, Builder
 

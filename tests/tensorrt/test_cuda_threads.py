@@ -3,6 +3,7 @@ main thread and steps on its scheduler thread; cuda.core's current context is pe
 
 A stand-in for cuda.core that, like the driver, refuses any call from a thread on which the device's
 context was never made current. The real-device version of this check is in plugins/tests/gpu_check.py."""
+
 from __future__ import annotations
 
 import threading
@@ -33,7 +34,11 @@ class _Buffer:
     @classmethod
     def from_handle(cls, ptr, nbytes):
         b = cls.__new__(cls)
-        b.handle, b._mem, b.closed = ptr, np.ctypeslib.as_array((np.ctypeslib.ctypes.c_ubyte * nbytes).from_address(ptr)), False
+        b.handle, b._mem, b.closed = (
+            ptr,
+            np.ctypeslib.as_array((np.ctypeslib.ctypes.c_ubyte * nbytes).from_address(ptr)),
+            False,
+        )
         return b
 
     def copy_from(self, src, stream=None):

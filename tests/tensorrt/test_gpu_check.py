@@ -1,4 +1,5 @@
 """plugins/tests/gpu_check.py's verdicts: a check asked for that did not run fails the run; reports are written."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,10 @@ def test_an_exception_is_one_failed_line_not_a_traceback(capsys):
 
 
 def test_runtime_is_found_from_the_checkout_without_installing_it():
-    code = ("import sys; sys.modules['rwkv_runtime'] = None; sys.path.insert(0, 'plugins/tests'); import gpu_check; "
-            "loader, memory, where = gpu_check.import_runtime_tensorrt(); print(where, memory.Cuda.__name__)")
+    code = (
+        "import sys; sys.modules['rwkv_runtime'] = None; sys.path.insert(0, 'plugins/tests'); import gpu_check; "
+        "loader, memory, where = gpu_check.import_runtime_tensorrt(); print(where, memory.Cuda.__name__)"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "rwkv_runtime from" in r.stdout and "Cuda" in r.stdout
@@ -47,8 +50,12 @@ def test_runtime_is_found_from_the_checkout_without_installing_it():
 
 @pytest.mark.slow
 def test_without_a_device_it_says_so_and_exits_2(tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "plugins" / "tests" / "gpu_check.py"), "--report-dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "plugins" / "tests" / "gpu_check.py"), "--report-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if r.returncode != 2:
         pytest.skip("a CUDA device is visible here: the script runs for real")
     assert "cannot run: no CUDA device" in r.stdout and "Traceback" not in r.stderr

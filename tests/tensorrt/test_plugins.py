@@ -10,6 +10,7 @@
   symbols and registers/behaves correctly against a stand-in libnvinfer (plugins/tests/mock_*);
 - with a CUDA device (torch or CuPy), the kernels against numpy.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,23 @@ import wkv4_reference as ref  # noqa: E402
 import wkvhead_reference as href  # noqa: E402
 
 CASES = [(1, 1, 64), (3, 7, 768), (8, 64, 64), (2, 33, 100)]  # (B, T, C); C=100: not a multiple of a warp
-EXPORTED = {"getCreators", "setLoggerFinder", "rwkvTrtRegisterPlugins", "rwkvTrtPluginInfo", "rwkvWkv4Forward",
-            "rwkvWkv5Forward", "rwkvWkv6Forward", "rwkvWkv7Forward"}
-DOCUMENTED_LOADERS = ("trtexec --dynamicPlugins", "load_library", "Polygraphy `--plugins", "ctypes.CDLL", "--staticPlugins")
+EXPORTED = {
+    "getCreators",
+    "setLoggerFinder",
+    "rwkvTrtRegisterPlugins",
+    "rwkvTrtPluginInfo",
+    "rwkvWkv4Forward",
+    "rwkvWkv5Forward",
+    "rwkvWkv6Forward",
+    "rwkvWkv7Forward",
+}
+DOCUMENTED_LOADERS = (
+    "trtexec --dynamicPlugins",
+    "load_library",
+    "Polygraphy `--plugins",
+    "ctypes.CDLL",
+    "--staticPlugins",
+)
 REF_MODELS = REPO / "tests" / "golden"  # the golden models (in the repository)
 
 
@@ -76,9 +91,11 @@ def test_default_plugin_path_is_in_repo():
 
 
 def test_gencode_flags():
-    assert tp._gencode_flags("80;90") == ["-gencode=arch=compute_80,code=sm_80",
-                                          "-gencode=arch=compute_90,code=sm_90",
-                                          "-gencode=arch=compute_90,code=compute_90"]
+    assert tp._gencode_flags("80;90") == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
     assert tp._gencode_flags([86, "sm_89"])[-1] == "-gencode=arch=compute_89,code=compute_89"
     assert len(tp._gencode_flags(None)) == len(tp.DEFAULT_CUDA_ARCHITECTURES) + 1
     with pytest.raises(tp.PluginBuildError):
@@ -181,8 +198,9 @@ FAM_DTYPES = [(f, d) for f in href.OPS for d in HEAD_DTYPES if d != "f16-w32" or
 def head_host(tmp_path_factory):
     if not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
         pytest.skip("no C++ compiler")
-    lib = href.host_library(build_helpers.compile_host_reference(tmp_path_factory.mktemp("wkvhead_host"), family="wkvhead",
-                                                    warnings=True))
+    lib = href.host_library(
+        build_helpers.compile_host_reference(tmp_path_factory.mktemp("wkvhead_host"), family="wkvhead", warnings=True)
+    )
     if not lib.rwkvWkvHeadHasHalf():
         pytest.skip("cuda_fp16.h not found: the CPU build has no float16 path")
     return lib
@@ -288,7 +306,7 @@ def test_head_host_matches_function_body(head_host, ort_available, op, dkey):
     act, _ = HEAD_DTYPES[dkey]
     seq = op.endswith("Seq")
     rng = np.random.default_rng(len(op) * 13 + len(dkey))
-    for B, T, H, N in ([(1, 1, 2, 64), (3, 9, 2, 8), (2, 20, 1, 48)] if seq else [(1, 1, 2, 64), (4, 1, 2, 8)]):
+    for B, T, H, N in [(1, 1, 2, 64), (3, 9, 2, 8), (2, 20, 1, 48)] if seq else [(1, 1, 2, 64), (4, 1, 2, 8)]:
         ins = href.random_case(rng, fam, B, T, H, N, act)
         got_y, got_s = href.run_host(head_host, fam, ins)
         feeds = {n: a.astype(np.float32) for n, a in ins.items()}
@@ -392,14 +410,22 @@ def test_emulated_kernels_alias_and_alignment(head_emulated, fam):
     want = href.run_device(head_emulated, be, fam, ins)
     f = getattr(head_emulated, f"rwkv{fam.capitalize()}Forward")
     arrs = {n: ins[n].copy() for n in href.OPS[fam].inputs}
-    assert f(None, *href.size_args(fam, ins), *(arrs[n].ctypes.data for n in href.OPS[fam].inputs),
-             arrs["r"].ctypes.data, arrs["state"].ctypes.data) == 0
+    assert (
+        f(
+            None,
+            *href.size_args(fam, ins),
+            *(arrs[n].ctypes.data for n in href.OPS[fam].inputs),
+            arrs["r"].ctypes.data,
+            arrs["state"].ctypes.data,
+        )
+        == 0
+    )
     np.testing.assert_array_equal(arrs["r"], want[0])
     np.testing.assert_array_equal(arrs["state"], want[1])
     n_state = ins["state"].size
     buf_in, buf_out = np.zeros(n_state + 4, np.float32), np.zeros(n_state + 4, np.float32)
     assert buf_in.ctypes.data % 16 == 0 and buf_out.ctypes.data % 16 == 0  # numpy aligns to 16 bytes
-    s_in, s_out = buf_in[1:1 + n_state], buf_out[1:1 + n_state]  # 4 bytes past alignment
+    s_in, s_out = buf_in[1 : 1 + n_state], buf_out[1 : 1 + n_state]  # 4 bytes past alignment
     s_in[:] = ins["state"].ravel()
     y = np.zeros_like(ins["r"])
     arrs = {n: ins[n].copy() for n in href.OPS[fam].inputs}
@@ -444,8 +470,12 @@ def test_emulated_kernels_under_address_sanitizer(tmp_path):
         "            n += 1\n"
         "print('cases', n)\n"
     )
-    env = {**os.environ, "LD_PRELOAD": str(asan), "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",
-           "UBSAN_OPTIONS": "print_stacktrace=1"}
+    env = {
+        **os.environ,
+        "LD_PRELOAD": str(asan),
+        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",
+        "UBSAN_OPTIONS": "print_stacktrace=1",
+    }
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and "cases 40" in r.stdout, r.stdout + r.stderr[-4000:]
     assert "runtime error" not in r.stderr and "AddressSanitizer" not in r.stderr, r.stderr[-4000:]
@@ -494,17 +524,23 @@ def trt_build(tmp_path_factory):
 def test_plugin_library_exports(trt_build):
     if shutil.which("nm") is None:
         pytest.skip("nm not found")
-    nm = lambda *a: subprocess.run(["nm", "-D", *a, str(trt_build["plugin"])],  # noqa: E731
-                                   capture_output=True, text=True, check=True).stdout
+    nm = lambda *a: (
+        subprocess.run(
+            ["nm", "-D", *a, str(trt_build["plugin"])],  # noqa: E731
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     defined = {ln.split()[-1] for ln in nm("--defined-only").splitlines() if ln.strip()}
     assert defined == EXPORTED
     undefined = nm("--undefined-only")
     assert "getPluginRegistry" not in undefined  # looked up at run time, never linked
-    assert "libnvinfer" not in subprocess.run(["ldd", str(trt_build["plugin"])], capture_output=True,
-                                             text=True).stdout
+    assert "libnvinfer" not in subprocess.run(["ldd", str(trt_build["plugin"])], capture_output=True, text=True).stdout
     # the autoregister companion: exports nothing, needs only the plugin library (found beside it)
-    auto = subprocess.run(["nm", "-D", "--defined-only", str(trt_build["autoregister"])], capture_output=True,
-                          text=True, check=True).stdout
+    auto = subprocess.run(
+        ["nm", "-D", "--defined-only", str(trt_build["autoregister"])], capture_output=True, text=True, check=True
+    ).stdout
     assert not [ln for ln in auto.splitlines() if ln.split()[-1].startswith(("rwkv", "get", "set"))], auto
     needed = subprocess.run(["readelf", "-d", str(trt_build["autoregister"])], capture_output=True, text=True).stdout
     assert "[librwkv_trt_plugins.so]" in needed and "libnvinfer" not in needed and "$ORIGIN" in needed, needed
@@ -512,21 +548,34 @@ def test_plugin_library_exports(trt_build):
 
 def test_plugins_readme_documents_each_loader():
     text = (REPO / "plugins" / "README.md").read_text()
-    loading = text[text.index("## Loading"):]
-    loading = loading[:loading.find("\n## ", 3)] if "\n## " in loading[3:] else loading
+    loading = text[text.index("## Loading") :]
+    loading = loading[: loading.find("\n## ", 3)] if "\n## " in loading[3:] else loading
     for loader in DOCUMENTED_LOADERS:
         assert loader in loading, loader
     assert tp.LIBRARY_NAME in loading and tp.AUTOREGISTER_LIBRARY_NAME in loading
     assert "10.7" in loading  # the minimum TensorRT version for plugin-mode exports
 
 
-@pytest.mark.parametrize("scenario", ["loadlibrary", "dlopen-registers-nothing", "autoregister",
-                                      "autoregister-then-loadlibrary", "loadlibrary-then-autoregister",
-                                      "loadlibrary-then-copy", "exercise"])
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "loadlibrary",
+        "dlopen-registers-nothing",
+        "autoregister",
+        "autoregister-then-loadlibrary",
+        "loadlibrary-then-autoregister",
+        "loadlibrary-then-copy",
+        "exercise",
+    ],
+)
 def test_plugin_against_mock_tensorrt(trt_build, scenario):
     second = trt_build["copy"] if scenario.endswith("copy") else trt_build["autoregister"]
-    r = subprocess.run([str(trt_build["driver"]), scenario, str(trt_build["plugin"]), str(second)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [str(trt_build["driver"]), scenario, str(trt_build["plugin"]), str(second)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0 and "FAIL" not in r.stdout, r.stdout + r.stderr
     assert "ok  :" in r.stdout  # the scenario ran its checks
     if scenario != "exercise":  # (exercise provokes rejections on purpose)
@@ -537,15 +586,28 @@ def test_mock_registry_catches_registration_inside_loadlibrary(trt_build, tmp_pa
     """The stand-in is strict where TensorRT is: a library that registers from its static initializer
     while loadLibrary holds the registry lock is caught (real TensorRT would deadlock or fail)."""
     src = tmp_path / "bad.cpp"
-    src.write_text('extern "C" int rwkvTrtRegisterPlugins();\n'
-                   'static int registered = rwkvTrtRegisterPlugins();\n'
-                   'extern "C" __attribute__((visibility("default"))) void* getCreators(int& n) { n = 0; return 0; }\n')
+    src.write_text(
+        'extern "C" int rwkvTrtRegisterPlugins();\n'
+        "static int registered = rwkvTrtRegisterPlugins();\n"
+        'extern "C" __attribute__((visibility("default"))) void* getCreators(int& n) { n = 0; return 0; }\n'
+    )
     bad = tmp_path / "libbad.so"
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    subprocess.run([cxx, "-shared", "-fPIC", str(src), "-o", str(bad), str(trt_build["plugin"]),
-                    f"-Wl,-rpath,{trt_build['plugin'].parent}"], check=True, capture_output=True)
-    r = subprocess.run([str(trt_build["driver"]), "loadlibrary", str(bad)], capture_output=True, text=True,
-                       timeout=60)
+    subprocess.run(
+        [
+            cxx,
+            "-shared",
+            "-fPIC",
+            str(src),
+            "-o",
+            str(bad),
+            str(trt_build["plugin"]),
+            f"-Wl,-rpath,{trt_build['plugin'].parent}",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    r = subprocess.run([str(trt_build["driver"]), "loadlibrary", str(bad)], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "FAIL: IPluginRegistry::getAllCreators called from inside another registry call" in r.stdout, r.stdout
 
@@ -553,23 +615,39 @@ def test_mock_registry_catches_registration_inside_loadlibrary(trt_build, tmp_pa
 def test_enqueue_reports_launch_failure_without_gpu(trt_build):
     if Path("/dev/nvidiactl").exists() or ref.cuda_backend()[0] is not None:
         pytest.skip("a CUDA device exists; this checks the no-device error path")
-    r = subprocess.run([str(trt_build["driver"]), "enqueue-without-gpu", str(trt_build["plugin"])],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [str(trt_build["driver"]), "enqueue-without-gpu", str(trt_build["plugin"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0 and "FAIL" not in r.stdout, r.stdout + r.stderr
     assert "kernel launch failed" in r.stderr
 
 
-@pytest.mark.parametrize("scenario", ["trt-first", "plugin-first", "no-second-tensorrt", "loadlibrary",
-                                      "version-mismatch"])
+@pytest.mark.parametrize(
+    "scenario", ["trt-first", "plugin-first", "no-second-tensorrt", "loadlibrary", "version-mismatch"]
+)
 def test_plugin_loaded_with_ctypes(trt_build, scenario):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_TRT_PLUGIN")}
     if scenario == "no-second-tensorrt":  # a TensorRT is findable by soname, but none is loaded
         env["LD_LIBRARY_PATH"] = str(trt_build["mock"].parent)
     if scenario == "version-mismatch":
         env["MOCK_TRT_VERSION"] = str((trt_build["major"] - 1) * 10000 + 800)
-    r = subprocess.run([sys.executable, str(PLUGIN_TESTS / "mock_ctypes_scenarios.py"), scenario,
-                        str(trt_build["mock"]), str(trt_build["plugin"]), str(trt_build["autoregister"])],
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(PLUGIN_TESTS / "mock_ctypes_scenarios.py"),
+            scenario,
+            str(trt_build["mock"]),
+            str(trt_build["plugin"]),
+            str(trt_build["autoregister"]),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 0 and "FAIL" not in r.stdout and "ok  :" in r.stdout, r.stdout + r.stderr
     if scenario in ("plugin-first", "no-second-tensorrt"):
         assert "were not registered" in r.stderr
@@ -613,8 +691,9 @@ def test_plugin_enqueue_on_gpu(trt_build):
     backend, reason = ref.cuda_backend()
     if backend is None and not Path("/dev/nvidiactl").exists():
         pytest.skip(reason)
-    r = subprocess.run([str(trt_build["driver"]), "enqueue-gpu", str(trt_build["plugin"])],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [str(trt_build["driver"]), "enqueue-gpu", str(trt_build["plugin"])], capture_output=True, text=True, timeout=120
+    )
     if r.stdout.startswith("skip:"):
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0 and "FAIL" not in r.stdout, r.stdout + r.stderr
@@ -641,16 +720,22 @@ def test_head_kernels_on_gpu_match_numpy(head_gpu, fam, dkey, case):
 # Every test that needs a library compiled for it (g++, nvcc, CMake: seconds to a minute on two cores)
 # is `slow`; the rest run in the fast lane (-m "not slow").
 _COMPILED_FIXTURES = {"host_lib", "head_host", "head_emulated", "head_model_exports", "trt_build", "gpu", "head_gpu"}
-_COMPILING_TESTS = {"test_emulated_kernels_under_address_sanitizer", "test_nvcc_compiles_kernels",
-                    "test_nvcc_compiles_head_kernels"}
+_COMPILING_TESTS = {
+    "test_emulated_kernels_under_address_sanitizer",
+    "test_nvcc_compiles_kernels",
+    "test_nvcc_compiles_head_kernels",
+}
 
 
 def _mark_compiling_tests_slow():
     import inspect
 
     for name, fn in list(globals().items()):
-        if name.startswith("test_") and callable(fn) and (
-                name in _COMPILING_TESTS or _COMPILED_FIXTURES & set(inspect.signature(fn).parameters)):
+        if (
+            name.startswith("test_")
+            and callable(fn)
+            and (name in _COMPILING_TESTS or _COMPILED_FIXTURES & set(inspect.signature(fn).parameters))
+        ):
             globals()[name] = pytest.mark.slow(fn)
 
 

@@ -4,6 +4,7 @@ Our plugin libraries register into the TensorRT already loaded in the process, s
 imported before the library is opened. Polygraphy's own loader chain opens `--plugins` libraries first
 (first test: documents why `polygraphy run --plugins` alone registers nothing); the wrapper
 `python -m rwkv_export.targets.tensorrt.polygraphy_run` imports TensorRT first (second test)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -77,7 +78,7 @@ def test_polygraphy_opens_plugin_libraries_before_it_imports_tensorrt(events, tm
     lib = tmp_path / "librwkv_trt_plugins_autoregister.so"
     lib.write_bytes(b"")
     loader = NetworkFromOnnxPath(LoadPlugins(plugins=[str(lib)], obj=str(tmp_path / "m.onnx")))
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="stand-in stops here"):
         loader()
     assert events[0] == "dlopen librwkv_trt_plugins_autoregister.so", events
     assert events.index("import tensorrt") > 0, events
@@ -87,8 +88,9 @@ def test_the_wrapper_imports_tensorrt_before_any_plugin_library(events, tmp_path
     from rwkv_export.targets.tensorrt import loader as trt_loader
     from rwkv_export.targets.tensorrt import polygraphy_run
 
-    monkeypatch.setattr(trt_loader, "load_plugin_library",
-                        lambda trt, p, echo=None: trt.get_plugin_registry().load_library(str(p)))
+    monkeypatch.setattr(
+        trt_loader, "load_plugin_library", lambda trt, p, echo=None: trt.get_plugin_registry().load_library(str(p))
+    )
     main_lib = tmp_path / "librwkv_trt_plugins.so"
     auto_lib = tmp_path / "librwkv_trt_plugins_autoregister.so"
     for p in (main_lib, auto_lib):
@@ -100,8 +102,11 @@ def test_the_wrapper_imports_tensorrt_before_any_plugin_library(events, tmp_path
     monkeypatch.setattr(sys, "argv", ["x"])
     argv = ["run", "m.onnx", "--trt", "--plugins", str(main_lib), str(auto_lib), "--atol", "1e-4"]
     assert polygraphy_run.main(argv) == 0
-    assert events == ["import tensorrt", "loadLibrary librwkv_trt_plugins.so",
-                      "dlopen librwkv_trt_plugins_autoregister.so"], events
+    assert events == [
+        "import tensorrt",
+        "loadLibrary librwkv_trt_plugins.so",
+        "dlopen librwkv_trt_plugins_autoregister.so",
+    ], events
     assert ran["argv"] == ["polygraphy", *argv]  # Polygraphy gets the arguments unchanged
 
 
@@ -116,4 +121,8 @@ def test_the_wrapper_names_a_missing_library_in_one_line(events, tmp_path, capsy
 def test_plugins_argument_forms():
     from rwkv_export.targets.tensorrt.polygraphy_run import plugin_paths
 
-    assert plugin_paths(["run", "m", "--plugins", "a.so", "b.so", "--trt", "--plugins=c.so"]) == ["a.so", "b.so", "c.so"]
+    assert plugin_paths(["run", "m", "--plugins", "a.so", "b.so", "--trt", "--plugins=c.so"]) == [
+        "a.so",
+        "b.so",
+        "c.so",
+    ]

@@ -8,6 +8,7 @@ Three kinds of test:
   our logic (profiles, sidecars, plugins, buffers, double buffering, graph capture), not TensorRT;
 - with TensorRT and a CUDA device (skipped otherwise): real engines against BlinkDL's logits.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,8 @@ import rwkv_runtime
 from rwkv_runtime import BackendUnavailable, RuntimeUserError
 from rwkv_runtime import artifact as art
 from rwkv_runtime import tensorrt as rtrt
-from rwkv_runtime.tensorrt import loader as trt_loader
 from rwkv_runtime.manifest import Manifest, StateSpec, encode_state
+from rwkv_runtime.tensorrt import loader as trt_loader
 
 from ..conftest import PROMPTS, ref_logits
 from ..helpers import step_all
@@ -37,15 +38,20 @@ _REAL_IMPORT_CUDA_CORE = trt_loader.import_cuda_core
 
 def _manifest(**kw) -> Manifest:
     state = [StateSpec("state.0.x", "new_state.0.x", ["batch", 4], init=-1e30, layer=0)]
-    return Manifest(architecture="rwkv4", n_layer=1, n_embd=4, vocab_size=8, state=state,
-                    companions={"step": "m.engine"}, **kw)
+    return Manifest(
+        architecture="rwkv4", n_layer=1, n_embd=4, vocab_size=8, state=state, companions={"step": "m.engine"}, **kw
+    )
 
 
 def _write_fake_engine(d: Path, manifest: Manifest, **extra) -> Path:
     eng = d / "m.engine"
     eng.write_bytes(b"not a real engine")
-    side = {"format": art.SIDECAR_FORMAT, "format_version": art.SIDECAR_VERSION,
-            "manifest": json.loads(manifest.to_json()), **extra}
+    side = {
+        "format": art.SIDECAR_FORMAT,
+        "format_version": art.SIDECAR_VERSION,
+        "manifest": json.loads(manifest.to_json()),
+        **extra,
+    }
     art.sidecar_path(eng).write_text(json.dumps(side))
     return eng
 
@@ -148,8 +154,20 @@ def _build(tmp_path, onnx_path, *args):
 def test_build_engine_writes_engines_sidecars_and_profiles(tmp_path, fake, rwkv4_exports):
     trt, _ = fake()
     cache = tmp_path / "timing.cache"
-    res, out = _build(tmp_path, rwkv4_exports["plain"], "--max-batch", "4", "--opt-batch", "2", "--max-seq", "16",
-                      "--timing-cache", str(cache), "--workspace", "64")
+    res, out = _build(
+        tmp_path,
+        rwkv4_exports["plain"],
+        "--max-batch",
+        "4",
+        "--opt-batch",
+        "2",
+        "--max-seq",
+        "16",
+        "--timing-cache",
+        str(cache),
+        "--workspace",
+        "64",
+    )
     assert res.exit_code == 0, res.output
     seq = tmp_path / "m.seq.engine"
     assert out.is_file() and seq.is_file() and cache.read_bytes() == b"fresh+"
@@ -176,7 +194,8 @@ def test_failed_build_leaves_nothing_behind(tmp_path, fake, rwkv4_exports):
     assert res.exit_code == 1
     assert res.output.strip().splitlines() == [
         f"Error: TensorRT could not build {rwkv4_exports['plain'].name.replace('.onnx', '.seq.onnx')}: "
-        "out of tactics (stand-in failure)"]
+        "out of tactics (stand-in failure)"
+    ]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -311,8 +330,13 @@ def test_parser_10_1_precedence_is_refused_with_the_version(tmp_path, fake, rwkv
     res, out = _build(tmp_path, rwkv4_exports["plugin"], "-q", "--plugin", str(lib))
     assert res.exit_code == 1
     (line,) = res.output.strip().splitlines()
-    assert line.startswith("Error: TensorRT 10.6.0's ONNX parser builds the rwkv::WKV* nodes from their ONNX "
-                           "function bodies") and "10.7" in line and "drop --plugin" in line
+    assert (
+        line.startswith(
+            "Error: TensorRT 10.6.0's ONNX parser builds the rwkv::WKV* nodes from their ONNX function bodies"
+        )
+        and "10.7" in line
+        and "drop --plugin" in line
+    )
     assert not out.exists() and trt.calls["loaded"] == []
     res, out = _build(tmp_path, rwkv4_exports["plugin"])
     assert res.exit_code == 0, res.output
@@ -354,8 +378,9 @@ def test_stand_in_parser_precedence(tmp_path, fake, rwkv4_exports, parser, plugi
     assert _plugin_layers(trt, network) == layers == len(network.custom)
 
 
-def test_validate_and_build_engine_build_through_one_loader_with_one_profile(tmp_path, fake, rwkv4_exports,
-                                                                            monkeypatch):
+def test_validate_and_build_engine_build_through_one_loader_with_one_profile(
+    tmp_path, fake, rwkv4_exports, monkeypatch
+):
     """build-engine and validate --backend tensorrt make their engines with the same function
     (targets.tensorrt.loader.EngineLoader.build): asked for the same ranges (batch 1, T 1..6 tuned for 6),
     TensorRT receives the same profile, the same plugin registration and builds the same engine."""
@@ -376,15 +401,29 @@ def test_validate_and_build_engine_build_through_one_loader_with_one_profile(tmp
 
     monkeypatch.setattr(EngineLoader, "build", spy)
     model = rwkv4_exports["plugin"].with_name(rwkv4_exports["plugin"].stem + ".seq.onnx")
-    res, out = _build(tmp_path, model, "-q", "--no-companions", "--max-batch", "1", "--max-seq", "6",
-                      "--opt-seq", "6", "--plugin", str(lib))
+    res, out = _build(
+        tmp_path,
+        model,
+        "-q",
+        "--no-companions",
+        "--max-batch",
+        "1",
+        "--max-seq",
+        "6",
+        "--opt-seq",
+        "6",
+        "--plugin",
+        str(lib),
+    )
     assert res.exit_code == 0, res.output
     # validate: the engine bytes go to Polygraphy's TrtRunner (recorded here: the stand-in is not TensorRT)
     monkeypatch.setattr(polygraphy_trt, "EngineFromBytes", lambda data: lambda: ("engine", bytes(data)))
     monkeypatch.setattr(polygraphy_trt, "TrtRunner", lambda engine, name: (engine, name))
     (_, data), name = backend_runner(load_target(model), "tensorrt", (str(lib),), 6)
-    assert calls == [(model.name, Profile(max_batch=1, opt_batch=1, max_seq=6, opt_seq=6)),
-                     (model.name, Profile.for_validation(6))]
+    assert calls == [
+        (model.name, Profile(max_batch=1, opt_batch=1, max_seq=6, opt_seq=6)),
+        (model.name, Profile.for_validation(6)),
+    ]
     built, checked = (c.profiles[0].shapes for c in trt.calls["configs"])
     assert built == checked and built["tokens"] == [[1, 1], [1, 6], [1, 6]]
     assert data == out.read_bytes() and name == f"trt-{model.name}"
@@ -470,8 +509,9 @@ def test_runtime_tensorrt_never_imports_the_exporter(tmp_path):
         "print(loader.plugin_candidates(d / 'm.engine', side, plugin=d / 'librwkv_trt_plugins.so')[0])\n"
         "assert not [m for m in sys.modules if m.split('.')[0] in ('rwkv_export', 'torch', 'onnx')]\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ,
-                       "RWKV_TRT_PLUGIN": ""})
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "RWKV_TRT_PLUGIN": ""}
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["librwkv_trt_plugins.so", str(tmp_path / "librwkv_trt_plugins.so")]
 
@@ -534,8 +574,9 @@ def rwkv4_engines(rwkv4_exports, tmp_path_factory):
     out = {"plain": build_engine(rwkv4_exports["plain"], d / "plain.engine", EngineOptions(max_batch=4))[0]}
     lib = find_plugin()
     if lib is not None:
-        out["plugin"] = build_engine(rwkv4_exports["plugin"], d / "plugin.engine",
-                                     EngineOptions(max_batch=4, plugins=(lib,)))[0]
+        out["plugin"] = build_engine(
+            rwkv4_exports["plugin"], d / "plugin.engine", EngineOptions(max_batch=4, plugins=(lib,))
+        )[0]
     return out
 
 

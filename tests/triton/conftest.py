@@ -1,4 +1,5 @@
 """Exports shared by the Triton tests: RWKV-4 (pp = -1e30), RWKV-7 ([H, N, N] states), a state-tuned RWKV-6."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,7 +9,6 @@ import pytest
 
 from ..conftest import REPO, ref_model
 from ..helpers import random_state_tuning
-
 
 
 def _load_example(name: str, path):
@@ -31,10 +31,13 @@ def triton_exports(tmp_path_factory) -> dict:
     from rwkv_export.export import ExportOptions, export
 
     d = tmp_path_factory.mktemp("triton-exports")
-    out = {"rwkv4": export(ref_model("golden-rwkv4"), d / "tiny4.onnx")[0],
-           "rwkv7": export(ref_model("golden-rwkv7"), d / "tiny7.onnx", ExportOptions(graphs=("step",)))[0]}
+    out = {
+        "rwkv4": export(ref_model("golden-rwkv4"), d / "tiny4.onnx")[0],
+        "rwkv7": export(ref_model("golden-rwkv7"), d / "tiny7.onnx", ExportOptions(graphs=("step",)))[0],
+    }
     base = ref_model("golden-rwkv6")
     random_state_tuning(base, d / "tuning.pth", seed=1)
-    out["tuned6"] = export(base, d / "tuned6.onnx",
-                           ExportOptions(graphs=("step",), state_tuning=str(d / "tuning.pth")))[0]
+    out["tuned6"] = export(
+        base, d / "tuned6.onnx", ExportOptions(graphs=("step",), state_tuning=str(d / "tuning.pth"))
+    )[0]
     return out

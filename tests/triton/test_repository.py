@@ -1,5 +1,6 @@
 """`rwkv-export triton` writes repositories whose config.pbtxt parses against Triton's own schema
 (tritonclient's model_config_pb2) and whose state blocks agree with the exported graph itself."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,10 @@ def parse(model_dir: Path):
 def graph_io(path: Path) -> dict:
     """{name: (elem_type, dims)} of the ONNX graph's inputs and outputs, from the graph itself."""
     g = onnx.load(str(path), load_external_data=False).graph
-    return {v.name: (v.type.tensor_type.elem_type, [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim])
-            for v in list(g.input) + list(g.output)}
+    return {
+        v.name: (v.type.tensor_type.elem_type, [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim])
+        for v in list(g.input) + list(g.output)
+    }
 
 
 def check_implicit_state(model_dir: Path, graph: Path, expect_start: dict):
@@ -93,8 +96,9 @@ def test_rwkv7_head_states(triton_exports, tmp_path):
     wkv = [s for s in cfg.sequence_batching.state if s.input_name.endswith(".wkv")]
     man = rwkv_runtime.read_manifest(g)[0]
     # [H, N, N] with H * N = n_embd
-    assert len(wkv) == man.n_layer and all(len(s.dims) == 3 and s.dims[1] == s.dims[2]
-                                           and s.dims[0] * s.dims[1] == man.n_embd for s in wkv)
+    assert len(wkv) == man.n_layer and all(
+        len(s.dims) == 3 and s.dims[1] == s.dims[2] and s.dims[0] * s.dims[1] == man.n_embd for s in wkv
+    )
     assert not (d / "initial_state").exists()
 
 
@@ -113,8 +117,11 @@ def test_python_backend(triton_exports, tmp_path):
     assert cfg.backend == "python" and not cfg.sequence_batching.state  # model.py keeps the state
     controls = {c.name: c.control[0].kind for c in cfg.sequence_batching.control_input}
     K = model_config_pb2.ModelSequenceBatching.Control
-    assert controls == {"START": K.CONTROL_SEQUENCE_START, "END": K.CONTROL_SEQUENCE_END,
-                        "CORRID": K.CONTROL_SEQUENCE_CORRID}
+    assert controls == {
+        "START": K.CONTROL_SEQUENCE_START,
+        "END": K.CONTROL_SEQUENCE_END,
+        "CORRID": K.CONTROL_SEQUENCE_CORRID,
+    }
     (tok,) = cfg.input
     assert list(tok.dims) == [-1] and tok.allow_ragged_batch
     files = sorted(p.name for p in (d / "1").iterdir())
@@ -131,9 +138,16 @@ def test_tensorrt_engine_with_plugin(triton_exports, tmp_path):
     plugin = tmp_path / "librwkv_trt_plugins.so"
     plugin.write_bytes(b"\x7fELF")
     man = rwkv_runtime.Session(g).manifest
-    (tmp_path / "tiny4.engine.json").write_text(json.dumps(
-        {"format": "rwkv-trt-engine", "format_version": 1, "manifest": json.loads(man.to_json()),
-         "plugins": [{"name": plugin.name, "path": str(plugin)}]}))
+    (tmp_path / "tiny4.engine.json").write_text(
+        json.dumps(
+            {
+                "format": "rwkv-trt-engine",
+                "format_version": 1,
+                "manifest": json.loads(man.to_json()),
+                "plugins": [{"name": plugin.name, "path": str(plugin)}],
+            }
+        )
+    )
     d = write_repository(eng, tmp_path / "repo", "tensorrt", max_batch=8)
     cfg = check_implicit_state(d, g, nonzero_start(g))
     assert cfg.platform == "tensorrt_plan" and (d / "1" / "model.plan").read_bytes() == eng.read_bytes()
@@ -173,8 +187,11 @@ def test_every_config_parses(triton_exports, tmp_path, key, backend):
 def test_the_schema_check_can_fail(triton_exports, tmp_path):
     d = write_repository(triton_exports["rwkv4"], tmp_path, "onnxruntime")
     text = (d / "config.pbtxt").read_text()
-    for broken in (text.replace("zero_data: true", "zero_data: true\n      data_file: \"x\"", 1),  # oneof
-                   text.replace("KIND_CPU", "KIND_TPU"), text.replace("max_batch_size", "max_batch")):
+    for broken in (
+        text.replace("zero_data: true", 'zero_data: true\n      data_file: "x"', 1),  # oneof
+        text.replace("KIND_CPU", "KIND_TPU"),
+        text.replace("max_batch_size", "max_batch"),
+    ):
         with pytest.raises(text_format.ParseError):
             text_format.Parse(broken, model_config_pb2.ModelConfig())
 
@@ -192,12 +209,15 @@ def test_cli(triton_exports, tmp_path):
     assert cfg.sequence_batching.oldest.max_candidate_sequences == 12
 
 
-@pytest.mark.parametrize("args, expect", [
-    (("--name", "m7"), "already exists (pass --force"),
-    (("--backend", "tensorrt"), "needs an engine from 'rwkv-export build-engine'"),
-    (("--max-batch", 4, "--max-sequences", 2), "must be at least --max-batch"),
-    (("--name", ".hidden"), "not a usable model name"),
-])
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (("--name", "m7"), "already exists (pass --force"),
+        (("--backend", "tensorrt"), "needs an engine from 'rwkv-export build-engine'"),
+        (("--max-batch", 4, "--max-sequences", 2), "must be at least --max-batch"),
+        (("--name", ".hidden"), "not a usable model name"),
+    ],
+)
 def test_cli_errors_are_one_line_and_leave_nothing(triton_exports, tmp_path, args, expect):
     assert run_cli("triton", triton_exports["rwkv7"], "-o", tmp_path, "--name", "m7").exit_code == 0
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
@@ -210,7 +230,10 @@ def test_cli_errors_are_one_line_and_leave_nothing(triton_exports, tmp_path, arg
 def test_cli_repository_is_a_file(triton_exports, tmp_path):
     (tmp_path / "repo").write_text("x")
     r = run_cli("triton", triton_exports["rwkv7"], "-o", tmp_path / "repo")
-    assert r.exit_code == 1 and r.output == f"Error: {tmp_path / 'repo'}: exists and is not a folder (the model repository is a folder)\n"
+    assert (
+        r.exit_code == 1
+        and r.output == f"Error: {tmp_path / 'repo'}: exists and is not a folder (the model repository is a folder)\n"
+    )
 
 
 def test_cli_missing_model(tmp_path):
@@ -352,8 +375,10 @@ def test_a_symlinked_model_folder_is_one_clear_line(triton_exports, tmp_path, fo
     repo.mkdir()
     (repo / "m7").symlink_to(elsewhere)
     r = run_cli("triton", triton_exports["rwkv7"], "-o", repo, "--name", "m7", *(["--force"] if force else []))
-    assert r.exit_code == 1 and r.output == (f"Error: {repo / 'm7'}: is a symbolic link; rwkv-export triton neither "
-                                             "writes through nor replaces a link: remove it or choose another --name\n")
+    assert r.exit_code == 1 and r.output == (
+        f"Error: {repo / 'm7'}: is a symbolic link; rwkv-export triton neither "
+        "writes through nor replaces a link: remove it or choose another --name\n"
+    )
     assert (repo / "m7").is_symlink() and tree(elsewhere) == ["keep.txt"]
 
 

@@ -2,6 +2,7 @@
 run as one batch; when one sequence's step fails, the batch is retried sequence by sequence, so that
 request alone gets the error (INTERNAL, one line; the traceback in the log) and the others get the
 logits they get alone. (The whole batch used to fail with it.)"""
+
 from __future__ import annotations
 
 import logging
@@ -9,10 +10,9 @@ import logging
 import numpy as np
 
 import rwkv_runtime
+from rwkv_export.targets.triton import write_repository  # noqa: E402 - after the skip in test_triton_audit
 
 from .test_triton_audit import INTERNAL, load_model, logits, pb_utils, req  # noqa: F401 - pb_utils: a fixture
-
-from rwkv_export.targets.triton import write_repository  # noqa: E402 - after the skip in test_triton_audit
 
 
 def test_a_failing_step_fails_its_request_alone(triton_exports, tmp_path, pb_utils, monkeypatch, caplog):  # noqa: F811

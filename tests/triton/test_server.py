@@ -6,6 +6,7 @@
   swapped for a stub python model is loaded by Triton, which reads our initial_state data files and hands
   them to the stub on a sequence start; the stub echoes what it got; broken ones are rejected.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,10 @@ pytest.importorskip("tritonclient.grpc", reason="tritonclient not installed (pip
 
 ENV = Path(os.environ.get("RWKV_TRITON_PYTHON_ENV") or REPO / "build" / "triton-env")
 if not (ENV / "bin" / "python3").exists():
-    pytest.skip(f"no local Triton env at {ENV} (tritonserver + stub env): run deploy_examples/triton/make_stub_env.sh",
-                allow_module_level=True)
+    pytest.skip(
+        f"no local Triton env at {ENV} (tritonserver + stub env): run deploy_examples/triton/make_stub_env.sh",
+        allow_module_level=True,
+    )
 
 from local_server import LocalTriton  # noqa: E402  (loaded by path in conftest)
 from triton_client import TritonRWKV  # noqa: E402
@@ -139,16 +142,19 @@ def test_onnxruntime_state_blocks_load_in_triton(triton_exports, tmp_path):
             echo = c.infer(key, [x], sequence_id=50 + i, sequence_start=True, sequence_end=True).as_numpy("logits")[0]
             start = rwkv_runtime.Session(triton_exports[key]).new_state(1).numpy()  # the runtime's own start
             want = np.concatenate([[v.astype(np.float64).sum(), v.min(), v.max()] for _, v in sorted(start.items())])
-            np.testing.assert_allclose(echo[:want.size], want, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(echo[: want.size], want, rtol=1e-5, atol=1e-6)
             assert np.abs(want).max() > 0 or key == "rwkv7"  # rwkv4's -1e30, tuned6's learned state
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("missing", "failed to open text file for read"),
-    ("short", "initial_state setting expects"),
-    ("dtype", "does not match the state data type"),
-    ("dims", "'initial_state' dim for input name 'state.0.wkv_pp' doesn't match"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing", "failed to open text file for read"),
+        ("short", "initial_state setting expects"),
+        ("dtype", "does not match the state data type"),
+        ("dims", "'initial_state' dim for input name 'state.0.wkv_pp' doesn't match"),
+    ],
+)
 def test_broken_state_config_is_rejected_by_triton(triton_exports, tmp_path, damage, message):
     d = write_repository(triton_exports["rwkv4"], tmp_path / "repo", "onnxruntime", max_batch=2, name="bad")
     as_stub(d, 256)
@@ -161,7 +167,7 @@ def test_broken_state_config_is_rejected_by_triton(triton_exports, tmp_path, dam
         old, new = {"dtype": ("data_type: TYPE_FP32", "data_type: TYPE_FP16"), "dims": ("dims: 64", "dims: 32")}[damage]
         text = (d / "config.pbtxt").read_text()
         j = text.rindex(old, 0, text.index('data_file: "state.0.wkv_pp"'))
-        (d / "config.pbtxt").write_text(text[:j] + new + text[j + len(old):])
+        (d / "config.pbtxt").write_text(text[:j] + new + text[j + len(old) :])
     with pytest.raises(RuntimeError, match=message):
         with LocalTriton(tmp_path / "repo", python_env=ENV, max_lifetime=120):
             pass
@@ -225,13 +231,16 @@ def test_scale_out_behind_a_hashing_balancer(triton_exports, tmp_path):
     greedy = rwkv_runtime.SamplingParams(temperature=0)
     ids = [11, 12, 13, 14, 15, 16]
     want = [list(s.generate_tokens(s.encode(PROMPTS[i % 4]), 8, greedy)) for i in range(len(ids))]
-    with LocalTriton(tmp_path / "repo", python_env=ENV, max_lifetime=300) as a, \
-            LocalTriton(tmp_path / "repo", python_env=ENV, max_lifetime=300) as b:
+    with (
+        LocalTriton(tmp_path / "repo", python_env=ENV, max_lifetime=300) as a,
+        LocalTriton(tmp_path / "repo", python_env=ENV, max_lifetime=300) as b,
+    ):
         lb = _HashProxy([a.http_url, b.http_url])
         try:
             m = TritonRWKV(lb.url, "tiny4")
-            got = [list(m.generate_tokens(m.tokenizer.encode(PROMPTS[i % 4]), sid, 8, greedy))
-                   for i, sid in enumerate(ids)]
+            got = [
+                list(m.generate_tokens(m.tokenizer.encode(PROMPTS[i % 4]), sid, 8, greedy)) for i, sid in enumerate(ids)
+            ]
         finally:
             lb.close()
     assert got == want

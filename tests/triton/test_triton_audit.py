@@ -1,6 +1,7 @@
 """Audit of the Triton paths: the Python-backend model.py on bad requests (run in-process with a stand-in
 for Triton's ``triton_python_backend_utils``; the real server's view is in test_server.py), and
 repositories for export kinds Triton would refuse to load (bf16 on CPU, a --max-batch above an engine's)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -71,15 +72,24 @@ def load_model(model_dir):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     model = mod.TritonPythonModel()
-    model.initialize({"model_config": json_format.MessageToJson(cfg, preserving_proto_field_name=True),
-                      "model_repository": str(model_dir), "model_version": "1"})
+    model.initialize(
+        {
+            "model_config": json_format.MessageToJson(cfg, preserving_proto_field_name=True),
+            "model_repository": str(model_dir),
+            "model_version": "1",
+        }
+    )
     return model
 
 
 def req(tokens, corrid, start=False, end=False):
     """A request as Triton's sequence batcher hands it over: tokens [1, T] + the control inputs."""
-    t = {"tokens": np.asarray(tokens, np.int64).reshape(1, -1), "START": np.array([[int(start)]], np.int32),
-         "END": np.array([[int(end)]], np.int32), "CORRID": np.array([[corrid]], np.uint64)}
+    t = {
+        "tokens": np.asarray(tokens, np.int64).reshape(1, -1),
+        "START": np.array([[int(start)]], np.int32),
+        "END": np.array([[int(end)]], np.int32),
+        "CORRID": np.array([[corrid]], np.uint64),
+    }
     return {k: _Tensor(k, v) for k, v in t.items()}
 
 
@@ -96,17 +106,24 @@ def py_model(triton_exports, tmp_path, pb_utils):
 def test_bad_requests_fail_alone_as_invalid_argument(py_model, triton_exports):
     s = rwkv_runtime.Session(triton_exports["rwkv4"])
     good = [req([65, 66], 1, start=True), req([67], 2, start=True)]
-    bad = [req(np.zeros(0), 3, start=True), req([65, 256], 4, start=True), req([-1], 5, start=True),
-           req([65], 6)]  # empty, out of vocabulary, negative, never started
+    bad = [
+        req(np.zeros(0), 3, start=True),
+        req([65, 256], 4, start=True),
+        req([-1], 5, start=True),
+        req([65], 6),
+    ]  # empty, out of vocabulary, negative, never started
     out = py_model.execute(good[:1] + bad[:2] + good[1:] + bad[2:])
     np.testing.assert_allclose(logits(out[0])[0], s.prefill(np.array([[65, 66]]))[0][0], atol=1e-5)
     np.testing.assert_allclose(logits(out[3])[0], s.step(np.array([67]))[0][0], atol=1e-5)
     errors = [out[1].error, out[2].error, out[4].error, out[5].error]
     assert [e.code for e in errors] == [INVALID_ARG] * 4  # a client's mistake: HTTP 400, not 500
     assert [e.message() for e in errors] == [
-        "tokens is empty", "token id 256 is outside [0, 256)", "token id -1 is outside [0, 256)",
+        "tokens is empty",
+        "token id 256 is outside [0, 256)",
+        "token id -1 is outside [0, 256)",
         "sequence 6 has no state here: start it with sequence_start (or it was idle longer than "
-        "max_sequence_idle_microseconds)"]
+        "max_sequence_idle_microseconds)",
+    ]
     assert py_model.execute([]) == []
 
 
@@ -197,7 +214,8 @@ def test_max_batch_never_exceeds_the_engines(triton_exports, tmp_path):
     r = run_cli("triton", eng, "-o", tmp_path / "repo", "--backend", "tensorrt", "--max-batch", 16, "--name", "x")
     assert r.exit_code == 1 and r.output == (
         "Error: --max-batch 16 is larger than the engine's maximum batch 4 (rwkv-export build-engine --max-batch): "
-        "pass --max-batch 4 or less, or rebuild the engine\n")
+        "pass --max-batch 4 or less, or rebuild the engine\n"
+    )
     big = engine_with_profile(triton_exports["rwkv4"], tmp_path / "repo", 32)
     assert parse(write_repository(big, tmp_path / "r2", "tensorrt")).max_batch_size == 8  # the usual default
 
@@ -213,10 +231,13 @@ def test_max_sequences_bounds(triton_exports, tmp_path):
         write_repository(g, tmp_path, max_sequences=2**40, name="n")
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"idle_s": 1e-7}, "the idle timeout must be in"),  # 0 microseconds: Triton would use its 1 s default
-    ({"name": "a\nb"}, "not a usable model name"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"idle_s": 1e-7}, "the idle timeout must be in"),  # 0 microseconds: Triton would use its 1 s default
+        ({"name": "a\nb"}, "not a usable model name"),
+    ],
+)
 def test_api_extremes_are_refused(triton_exports, tmp_path, kw, message):
     with pytest.raises(ExportError, match=message):
         write_repository(triton_exports["rwkv7"], tmp_path / "repo", **kw)

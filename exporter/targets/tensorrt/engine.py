@@ -13,6 +13,7 @@ Parsing, plugin registration, the profile and the build itself are ``loader.Engi
 engine loader ``validate --backend tensorrt`` uses too. After parsing, the plugin layers of the network
 are counted, and only a network that contains some records plugin libraries in its sidecar.
 """
+
 from __future__ import annotations
 
 import json
@@ -84,8 +85,10 @@ def plan_graphs(model: Path, out: Path, companions: bool = True, echo=None) -> l
     """The graphs to build: MODEL itself, then the companions present beside it."""
     man, tok, init, ops = _read_onnx(model)
     if man.options.get("quantize"):
-        raise EngineBuildError(f"{model.name} is a {man.options['quantize']} export (onnxruntime's CPU "
-                               "quantised ops); TensorRT cannot build it: export without --quantize")
+        raise EngineBuildError(
+            f"{model.name} is a {man.options['quantize']} export (onnxruntime's CPU "
+            "quantised ops); TensorRT cannot build it: export without --quantize"
+        )
     graphs = [_Graph(man.graph, model, out, man, tok, init, ops)]
     if companions:
         for kind, name in sorted(man.companions.items()):
@@ -151,8 +154,10 @@ def _progress_monitor(trt, echo, max_depth: int = 1):
 # ---------------------------------------------------------------------------------------------
 def _check_options(model: Path, out: Path, opts: EngineOptions):
     if out.suffix not in ENGINE_SUFFIXES:
-        raise EngineBuildError(f"-o {out.name}: an engine file name must end in {', '.join(ENGINE_SUFFIXES)} "
-                               "(that is how Session recognises it)")
+        raise EngineBuildError(
+            f"-o {out.name}: an engine file name must end in {', '.join(ENGINE_SUFFIXES)} "
+            "(that is how Session recognises it)"
+        )
     if not model.is_file():
         raise EngineBuildError(f"{model}: no such file")
     if not out.parent.is_dir():
@@ -169,14 +174,19 @@ def _check_options(model: Path, out: Path, opts: EngineOptions):
     if opts.timing_cache is not None:
         # the cache is written after the engines: naming an output (or the model) would replace that file
         cache = Path(opts.timing_cache)
-        taken = [out, sidecar_path(out), model, *(_companion_engine(out, g, k) for g in ("step", "sequence")
-                                                  for k in ("step", "sequence") if g != k)]
+        taken = [
+            out,
+            sidecar_path(out),
+            model,
+            *(_companion_engine(out, g, k) for g in ("step", "sequence") for k in ("step", "sequence") if g != k),
+        ]
         taken += [sidecar_path(t) for t in taken[3:]]
         for t in taken:
             same = cache.exists() and t.exists() and os.path.samefile(cache, t)
             if os.path.abspath(cache) == os.path.abspath(t) or same:
-                raise EngineBuildError(f"--timing-cache {cache}: is {t.name}, an input or output of this build; "
-                                       "choose another file")
+                raise EngineBuildError(
+                    f"--timing-cache {cache}: is {t.name}, an input or output of this build; choose another file"
+                )
 
 
 def build_engine(model, out, options: EngineOptions | None = None, echo=None) -> list:
@@ -229,8 +239,9 @@ def _build(trt, log, model: Path, out: Path, opts: EngineOptions, say, progress:
             seq = f", T 1..{opts.max_seq}" if g.kind == "sequence" else ""
             say(f"building {g.engine.name}: batch 1..{opts.max_batch} (opt {opts.opt_batch}){seq}")
             t0 = time.perf_counter()
-            b = loader.build(g.onnx, g.manifest, profile, expect_plugins=expects[id(g)], tf32=opts.tf32,
-                             configure=configure)
+            b = loader.build(
+                g.onnx, g.manifest, profile, expect_plugins=expects[id(g)], tf32=opts.tf32, configure=configure
+            )
             staged = Path(tmp) / g.engine.name
             with open(staged, "wb") as f:
                 f.write(b.serialized)
@@ -257,8 +268,10 @@ def _attach_timing_cache(config, cache, path: Path, log, say):
         data = path.read_bytes() if path.is_file() else b""
         cache = config.create_timing_cache(data)
         if cache is None and data:  # corrupt, or not a timing cache at all (NVIDIA's samples check this too)
-            raise EngineBuildError(f"--timing-cache {path}: TensorRT cannot read this file as a timing cache "
-                                   f"({log.last_error('no message')}); delete it or pass another path")
+            raise EngineBuildError(
+                f"--timing-cache {path}: TensorRT cannot read this file as a timing cache "
+                f"({log.last_error('no message')}); delete it or pass another path"
+            )
         if data and not config.set_timing_cache(cache, False):
             say(f"warning: {path.name} was made on another device or TensorRT version; starting a new cache")
             cache = config.create_timing_cache(b"")
@@ -293,34 +306,87 @@ def _sidecar(trt, g: _Graph, opts: EngineOptions, plugins: list, shapes: dict, p
 # ---------------------------------------------------------------------------------------------
 @click.command("build-engine")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-              help="Engine path (model.engine); a sequence companion goes beside it as model.seq.engine.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Engine path (model.engine); a sequence companion goes beside it as model.seq.engine.",
+)
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Largest batch size.")
-@click.option("--opt-batch", default=1, show_default=True, type=click.IntRange(1),
-              help="Batch size TensorRT tunes for.")
-@click.option("--max-seq", default=256, show_default=True, type=click.IntRange(1),
-              help="Sequence graph: most tokens per call (the runtime splits longer prompts).")
-@click.option("--opt-seq", default=None, type=click.IntRange(1),
-              help="Sequence graph: T to tune for [min(128, max-seq)].")
-@click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path),
-              help="TensorRT plugin library to load (repeatable; default for plugin-mode exports: the built one).")
-@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
-              help="TensorRT timing cache: read if present, written back after the build (faster rebuilds).")
+@click.option(
+    "--opt-batch", default=1, show_default=True, type=click.IntRange(1), help="Batch size TensorRT tunes for."
+)
+@click.option(
+    "--max-seq",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Sequence graph: most tokens per call (the runtime splits longer prompts).",
+)
+@click.option(
+    "--opt-seq", default=None, type=click.IntRange(1), help="Sequence graph: T to tune for [min(128, max-seq)]."
+)
+@click.option(
+    "--plugin",
+    "plugins",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="TensorRT plugin library to load (repeatable; default for plugin-mode exports: the built one).",
+)
+@click.option(
+    "--timing-cache",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TensorRT timing cache: read if present, written back after the build (faster rebuilds).",
+)
 @click.option("--workspace", "workspace_mb", type=click.IntRange(1), default=None, help="Workspace limit in MB.")
-@click.option("--builder-optimization-level", "opt_level", type=click.IntRange(0, 5), default=None,
-              help="TensorRT builder optimization level (default 3; higher builds longer, may run faster).")
+@click.option(
+    "--builder-optimization-level",
+    "opt_level",
+    type=click.IntRange(0, 5),
+    default=None,
+    help="TensorRT builder optimization level (default 3; higher builds longer, may run faster).",
+)
 @click.option("--tf32", is_flag=True, help="Allow TF32 MatMuls for float32 graphs (faster, ~1e-3 relative error).")
-@click.option("--companions/--no-companions", default=True, show_default=True,
-              help="Also build the export's other graph (model.seq.onnx) when it is beside MODEL.")
+@click.option(
+    "--companions/--no-companions",
+    default=True,
+    show_default=True,
+    help="Also build the export's other graph (model.seq.onnx) when it is beside MODEL.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def build_engine_command(model, out, max_batch, opt_batch, max_seq, opt_seq, plugins, timing_cache, workspace_mb,
-                         opt_level, tf32, companions, quiet):
+def build_engine_command(
+    model,
+    out,
+    max_batch,
+    opt_batch,
+    max_seq,
+    opt_seq,
+    plugins,
+    timing_cache,
+    workspace_mb,
+    opt_level,
+    tf32,
+    companions,
+    quiet,
+):
     """Build TensorRT engine(s) from an exported MODEL.onnx (strongly typed: precision from the ONNX)."""
     from ...errors import run_user_errors
 
-    opts = EngineOptions(max_batch=max_batch, opt_batch=opt_batch, max_seq=max_seq, opt_seq=opt_seq,
-                         plugins=tuple(plugins), timing_cache=timing_cache, workspace_mb=workspace_mb,
-                         optimization_level=opt_level, tf32=tf32, companions=companions)
+    opts = EngineOptions(
+        max_batch=max_batch,
+        opt_batch=opt_batch,
+        max_seq=max_seq,
+        opt_seq=opt_seq,
+        plugins=tuple(plugins),
+        timing_cache=timing_cache,
+        workspace_mb=workspace_mb,
+        optimization_level=opt_level,
+        tf32=tf32,
+        companions=companions,
+    )
     echo = None if quiet else (lambda msg: click.echo(msg, err=True))
     paths = run_user_errors(lambda: build_engine(model, out, opts, echo=echo))
     for p in paths:

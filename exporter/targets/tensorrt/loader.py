@@ -12,6 +12,7 @@ Plugin-mode exports (``--wkv plugin``) need TensorRT >= 10.7: each ``rwkv::WKV*`
 model-local ONNX function, and the ONNX parser of 10.0-10.6 prefers the function over a registered
 plugin (10.7 reversed that; 10.15+/11 take the plugin first when the node names a plugin_namespace).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -70,11 +71,14 @@ def profile_shapes(manifest, name: str, shape: tuple | None, profile: Profile, w
         if spec is None:
             raise EngineBuildError(f"{where}: input {name!r} is neither the tokens nor a state tensor of the manifest")
         want = [tuple(spec.concrete_shape(b)) for b in batches]
-    if shape is not None and (len(shape) != len(want[0])
-                              or any(d >= 0 and any(w[axis] != d for w in want) for axis, d in enumerate(shape))):
-        raise EngineBuildError(f"{where}: input {name} has shape {list(shape)} in the graph but the manifest "
-                               f"implies {list(want[2])} at batch {profile.max_batch} (the batch and T axes must be "
-                               "dynamic; re-export the model)")
+    if shape is not None and (
+        len(shape) != len(want[0]) or any(d >= 0 and any(w[axis] != d for w in want) for axis, d in enumerate(shape))
+    ):
+        raise EngineBuildError(
+            f"{where}: input {name} has shape {list(shape)} in the graph but the manifest "
+            f"implies {list(want[2])} at batch {profile.max_batch} (the batch and T axes must be "
+            "dynamic; re-export the model)"
+        )
     return [tuple(w) for w in want]
 
 
@@ -92,8 +96,11 @@ def custom_ops(model) -> list:
         if n.domain in STANDARD_DOMAINS:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        dec = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in attrs.items()
-               if k in ("plugin_version", "plugin_namespace")}
+        dec = {
+            k: v.decode() if isinstance(v, bytes) else str(v)
+            for k, v in attrs.items()
+            if k in ("plugin_version", "plugin_namespace")
+        }
         ops.add((n.op_type, dec.get("plugin_version", "1"), dec.get("plugin_namespace", n.domain)))
     return sorted(ops)
 
@@ -182,9 +189,11 @@ class EngineLoader:
         self.version = trt_version(trt)
         plugins = [Path(p) for p in plugins]
         if needs_plugins and self.version < MIN_PLUGIN_TRT:
-            why = (f"TensorRT {trt.__version__}'s ONNX parser builds the rwkv::WKV* nodes from their ONNX function "
-                   f"bodies even when a plugin is registered (plugins win from TensorRT "
-                   f"{'.'.join(map(str, MIN_PLUGIN_TRT))} on)")
+            why = (
+                f"TensorRT {trt.__version__}'s ONNX parser builds the rwkv::WKV* nodes from their ONNX function "
+                f"bodies even when a plugin is registered (plugins win from TensorRT "
+                f"{'.'.join(map(str, MIN_PLUGIN_TRT))} on)"
+            )
             if plugins:
                 raise EngineBuildError(f"{why}: upgrade TensorRT, or drop --plugin to build the function bodies")
             self.say(f"note: {why}; building the function bodies, no plugin library needed")
@@ -205,8 +214,10 @@ class EngineLoader:
         have = registered(self.trt)
         missing = [(op, v, ns) for op, v, ns in ops if (op, v, ns) not in have]
         for op, v, ns in missing:
-            self.say(f"warning: no TensorRT plugin registered for {ns}::{op} (version {v}): TensorRT builds it from "
-                     "the node's ONNX function body; build plugins/ (see plugins/README.md) or pass --plugin LIB.so")
+            self.say(
+                f"warning: no TensorRT plugin registered for {ns}::{op} (version {v}): TensorRT builds it from "
+                "the node's ONNX function body; build plugins/ (see plugins/README.md) or pass --plugin LIB.so"
+            )
         return len(missing) < len(ops)
 
     def parse(self, onnx: Path):
@@ -220,8 +231,9 @@ class EngineLoader:
             raise EngineBuildError(f"{onnx.name}: TensorRT's ONNX parser failed: {first}{more}")
         return network, parser
 
-    def build(self, onnx, manifest, profile: Profile, expect_plugins: bool = False, tf32: bool = False,
-              configure=None) -> Built:
+    def build(
+        self, onnx, manifest, profile: Profile, expect_plugins: bool = False, tf32: bool = False, configure=None
+    ) -> Built:
         """Parse ``onnx`` (strongly typed), check its plugin layers, give it ``profile``, build it.
         ``configure(config)``: the caller's further builder settings (workspace, timing cache, ...)."""
         trt, onnx = self.trt, Path(onnx)
@@ -231,7 +243,8 @@ class EngineLoader:
             raise EngineBuildError(
                 f"{onnx.name}: the rwkv plugins are registered but TensorRT {trt.__version__}'s ONNX parser "
                 "built the network without any plugin layer (it used the nodes' ONNX function bodies); use "
-                f"TensorRT >= {'.'.join(map(str, MIN_PLUGIN_TRT))}, or export with --wkv plain")
+                f"TensorRT >= {'.'.join(map(str, MIN_PLUGIN_TRT))}, or export with --wkv plain"
+            )
         if n_plugin:
             self.say(f"  {n_plugin} plugin layer(s) in the network")
         config = self.builder.create_builder_config()
@@ -255,5 +268,12 @@ class EngineLoader:
         return Built(serialized, shapes, n_plugin)
 
 
-__all__ = ["EngineLoader", "EngineBuildError", "Profile", "profile_shapes", "custom_ops",
-           "register_plugins", "MIN_PLUGIN_TRT"]
+__all__ = [
+    "EngineLoader",
+    "EngineBuildError",
+    "Profile",
+    "profile_shapes",
+    "custom_ops",
+    "register_plugins",
+    "MIN_PLUGIN_TRT",
+]

@@ -10,6 +10,7 @@ tensorrt, and it can be loaded by file path.
 - :func:`find_plugin` -- ``$RWKV_TRT_PLUGIN``, else ``plugins/build/librwkv_trt_plugins.so``.
 - :func:`compile_kernels` / :func:`compile_kernels_only` -- nvcc of the CUDA kernels alone (no TensorRT).
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,13 @@ HOST_LIBRARY_NAME = "librwkv_wkv4_host.so"
 # Per kernel family: source folder, kernel files, kernel library, CPU-build source and library.
 FAMILIES = {
     "wkv4": ("wkv4", ("wkv4Kernel.cu",), KERNELS_LIBRARY_NAME, "wkv4Host.cpp", HOST_LIBRARY_NAME),
-    "wkvhead": ("wkvhead", ("wkv5Kernel.cu", "wkv6Kernel.cu", "wkv7Kernel.cu"), "librwkv_wkvhead_kernels.so",
-                "wkvHeadHost.cpp", "librwkv_wkvhead_host.so"),
+    "wkvhead": (
+        "wkvhead",
+        ("wkv5Kernel.cu", "wkv6Kernel.cu", "wkv7Kernel.cu"),
+        "librwkv_wkvhead_kernels.so",
+        "wkvHeadHost.cpp",
+        "librwkv_wkvhead_host.so",
+    ),
 }
 ENV_VAR = "RWKV_TRT_PLUGIN"
 # SASS for each, plus PTX of the newest so later GPUs can JIT. CUDA 13 has no sm_70 or older.
@@ -200,13 +206,33 @@ def build_plugin(tensorrt_root, build_dir=None, cuda_architectures: Archs = None
     build.mkdir(parents=True, exist_ok=True)
     log = build / "rwkv-plugin-build.log"
     log.write_text("")
-    cfg = [cmake, "-S", src, "-B", build, f"-DTensorRT_INCLUDE_DIR={include}", "-DCMAKE_BUILD_TYPE=Release",
-           f"-DCMAKE_CUDA_COMPILER={nvcc}"]
+    cfg = [
+        cmake,
+        "-S",
+        src,
+        "-B",
+        build,
+        f"-DTensorRT_INCLUDE_DIR={include}",
+        "-DCMAKE_BUILD_TYPE=Release",
+        f"-DCMAKE_CUDA_COMPILER={nvcc}",
+    ]
     if cuda_architectures is not None:
         cfg.append("-DCMAKE_CUDA_ARCHITECTURES=" + ";".join(_parse_archs(cuda_architectures)))
     _run(cfg, "cmake configure", log)
-    _run([cmake, "--build", build, "--target", "rwkv_trt_plugins", "rwkv_trt_plugins_autoregister", "-j",
-          str(os.cpu_count() or 2)], "plugin build", log)
+    _run(
+        [
+            cmake,
+            "--build",
+            build,
+            "--target",
+            "rwkv_trt_plugins",
+            "rwkv_trt_plugins_autoregister",
+            "-j",
+            str(os.cpu_count() or 2),
+        ],
+        "plugin build",
+        log,
+    )
     out = build / LIBRARY_NAME
     for lib in (out, build / AUTOREGISTER_LIBRARY_NAME):
         if not lib.is_file():
@@ -221,8 +247,7 @@ def _family(family: str):
     return plugins_dir() / folder, kernels, kernels_lib, host_src, host_lib
 
 
-def compile_kernels(out_dir, family: str = "wkv4", cuda_architectures: Archs = None,
-                    nvcc: str | None = None) -> Path:
+def compile_kernels(out_dir, family: str = "wkv4", cuda_architectures: Archs = None, nvcc: str | None = None) -> Path:
     """nvcc one family's CUDA kernels (no TensorRT) into a shared library in ``out_dir``; returns its
     path. ``family``: "wkv4" (exports ``rwkvWkv4Forward``) or "wkvhead" (``rwkvWkv5/6/7Forward``; three
     files compiled in parallel). One architecture (e.g. ``cuda_architectures=80``) takes seconds."""
@@ -233,11 +258,17 @@ def compile_kernels(out_dir, family: str = "wkv4", cuda_architectures: Archs = N
     out_dir = Path(out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     gencode = _gencode_flags(cuda_architectures)
-    base = [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", *gencode,
-            "-I", src]
+    base = [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", *gencode, "-I", src]
     objs = [out_dir / (k + ".o") for k in kernels]
-    procs = [subprocess.Popen([str(c) for c in base + ["-c", src / k, "-o", o]], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for k, o in zip(kernels, objs)]
+    procs = [
+        subprocess.Popen(
+            [str(c) for c in base + ["-c", src / k, "-o", o]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for k, o in zip(kernels, objs)
+    ]
     for proc in procs:
         text = proc.communicate()[0]
         if proc.returncode != 0:

@@ -15,6 +15,7 @@ This wrapper imports ``tensorrt`` first, registers every ``--plugins`` library t
 library, ``dlopen`` for the autoregister one and any other), then hands the unchanged arguments to
 Polygraphy, whose own later ``dlopen`` of the same files is a no-op.
 """
+
 from __future__ import annotations
 
 import sys
