@@ -23,11 +23,21 @@ demo: $(BIN)/.installed
 	$(BIN)/rwkv-export validate build/default.onnx --reference $(DEFAULT_MODEL) --steps 48 --prompt 'import os'
 	$(BIN)/rwkv-export generate build/default.onnx --prompt 'def main(' -n 200 --temperature 0.8 --top-p 0.9 --seed 0
 
-## test: the test suite (GPU/TensorRT tests skip with a reason where those are missing)
-# The real-tritonserver tests and the Node/browser tests need a few things beside .venv; each is set up
-# here when the registries allow, and its tests skip with a one-line reason when it could not be.
+## test: every CI lane (lint, fast, slow, edge, kernels, shared), each run even when an earlier one failed;
+##       the README's test command, and what .ci/run calls. The real-tritonserver and Node/browser tests need a
+##       few things beside .venv; each is set up here when the registries allow, and its tests skip with a
+##       one-line reason when it could not be.
+CI_LANES := lint test-fast test-slow test-edge test-kernels test-shared
 test: $(BIN)/.installed build/triton-env/.ready js/node_modules/.package-lock.json
-	$(BIN)/python -m pytest -q -rs
+	@mkdir -p build; failed=; for lane in $(CI_LANES); do \
+	    echo "=== make $$lane"; start=$$(date +%s); \
+	    $(MAKE) --no-print-directory $$lane || failed="$$failed $$lane"; \
+	    echo "=== make $$lane: $$(( $$(date +%s) - start )) s"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "CI failed:$$failed"; exit 1; fi; echo "CI passed: $(CI_LANES)"
+
+## ci: the same as test
+ci: test
 
 ## test-fast: the fast lane for local work (no subprocess-, server- or compile-heavy tests); needs nothing
 ##            outside the checkout (tests/golden holds the models; `shared` tests are their own lane)
@@ -64,16 +74,6 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/clang-format --dry-run -Werror $$(git ls-files 'plugins/*.cpp' 'plugins/*.h' 'plugins/*.cu' 'plugins/*.cuh')
-
-## ci: every lane (lint, fast, slow, edge, kernels, shared), each run even when an earlier one failed; .ci/run calls it
-CI_LANES := lint test-fast test-slow test-edge test-kernels test-shared
-ci: $(BIN)/.installed
-	@mkdir -p build; failed=; for lane in $(CI_LANES); do \
-	    echo "=== make $$lane"; start=$$(date +%s); \
-	    $(MAKE) --no-print-directory $$lane || failed="$$failed $$lane"; \
-	    echo "=== make $$lane: $$(( $$(date +%s) - start )) s"; \
-	done; \
-	if [ -n "$$failed" ]; then echo "CI failed:$$failed"; exit 1; fi; echo "CI passed: $(CI_LANES)"
 
 # Triton's Python-backend stub environment (numpy<2, rwkv-runtime, the tritonserver binary from nvidia-pytriton)
 build/triton-env/.ready: runtime/pyproject.toml deploy_examples/triton/make_stub_env.sh
