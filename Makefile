@@ -86,7 +86,7 @@ js/node_modules/.package-lock.json: js/package-lock.json
 	cd js && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error \
 	    || echo "warning: npm ci failed in js/ (tests/edge will skip)"
 
-## web-assets: refresh exporter/targets/web_assets (the copy of js/src + the demo page that `rwkv-export web` ships)
+## web-assets: write js/src/manifest.schema.js from the schema (exporter/targets/web_assets links to js/src and the demo)
 web-assets:
 	python3 scripts/sync_web_assets.py
 

@@ -1,33 +1,26 @@
-"""Copy the browser runtime (js/src, without the Node entry) and the demo page (deploy_examples/web)
-into exporter/targets/web_assets, the copy `rwkv-export web` ships inside the rwkv_export package.
+"""Write js/src/manifest.schema.js (the manifest's JSON Schema as an ES module, from js/src/manifest.schema.json,
+itself emitted from runtime/manifest.py) and check the web assets `rwkv-export web` ships:
+exporter/targets/web_assets holds two links, rwkv-runtime -> js/src and demo -> deploy_examples/web, so
+each file exists once in the repository (a wheel carries the files the links point at).
 
-    python scripts/sync_web_assets.py          # write the copy
-    python scripts/sync_web_assets.py --check  # exit 1 naming the first difference (tests/edge runs this)
+    python scripts/sync_web_assets.py          # write the schema module
+    python scripts/sync_web_assets.py --check  # exit 1 naming what is stale or broken (tests/edge runs this)
 """
 
 from __future__ import annotations
 
 import argparse
-import filecmp
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "exporter" / "targets" / "web_assets"
-NODE_ONLY = {"node.js"}
 
 
-def sources() -> dict[str, Path]:
-    """Bundle-relative name -> source file."""
-    out = {
-        f"rwkv-runtime/{p.name}": p
-        for p in sorted((REPO / "js" / "src").iterdir())
-        if p.is_file() and p.name not in NODE_ONLY
-    }
-    out.update({f"demo/{n}": REPO / "deploy_examples" / "web" / n for n in ("index.html", "app.js", "serve.py")})
-    return out
+LINKS = {"rwkv-runtime": REPO / "js" / "src", "demo": REPO / "deploy_examples" / "web"}
 
 
 SCHEMA_JSON = REPO / "js" / "src" / "manifest.schema.json"
@@ -50,15 +43,11 @@ def differences() -> list[str]:
     mod = schema_module()
     if mod is not None and (not SCHEMA_JS.is_file() or SCHEMA_JS.read_text(encoding="utf-8") != mod):
         return [f"{SCHEMA_JS.relative_to(REPO)}: differs from {SCHEMA_JSON.relative_to(REPO)}"]
-    want = sources()
-    have = {str(p.relative_to(ASSETS)) for p in ASSETS.rglob("*") if p.is_file()} if ASSETS.is_dir() else set()
-    diffs = [f"{n}: missing from {ASSETS}" for n in sorted(set(want) - have)]
-    diffs += [f"{n}: in {ASSETS} but not in the sources" for n in sorted(have - set(want))]
-    diffs += [
-        f"{n}: differs from {want[n].relative_to(REPO)}"
-        for n in sorted(set(want) & have)
-        if not filecmp.cmp(want[n], ASSETS / n, shallow=False)
-    ]
+    diffs = []
+    for name, target in LINKS.items():
+        link = ASSETS / name
+        if not link.is_symlink() or link.resolve() != target.resolve():
+            diffs.append(f"{link.relative_to(REPO)}: not a link to {target.relative_to(REPO)}")
     return diffs
 
 
@@ -76,12 +65,19 @@ def main(argv=None) -> int:
     mod = schema_module()
     if mod is not None:
         SCHEMA_JS.write_text(mod, encoding="utf-8")
-    if ASSETS.exists():
-        shutil.rmtree(ASSETS)
-    for name, src in sources().items():
-        (ASSETS / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, ASSETS / name)
-    print(f"wrote {ASSETS} ({len(sources())} files)")
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    for name, target in LINKS.items():
+        link = ASSETS / name
+        if not (link.is_symlink() and link.resolve() == target.resolve()):
+            if link.is_symlink() or link.is_file():
+                link.unlink()
+            elif link.exists():
+                shutil.rmtree(link)
+            link.symlink_to(os.path.relpath(target, ASSETS))
+    print(
+        f"wrote {SCHEMA_JS.relative_to(REPO)}; {ASSETS.relative_to(REPO)} links to "
+        + ", ".join(str(t.relative_to(REPO)) for t in LINKS.values())
+    )
     return 0
 
 

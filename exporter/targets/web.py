@@ -4,9 +4,9 @@ DIR gets the model's graphs (and their external-data files), the JavaScript runt
 Web's module and WASM binaries, the tokenizer's files, the demo page and a ``bundle.json`` the page
 reads. Serve it with ``python DIR/serve.py`` (COOP/COEP headers, loopback only).
 
-The runtime and the demo page ship inside this package (``rwkv_export/web_assets``: a copy of js/src
-and deploy_examples/web made by scripts/sync_web_assets.py, checked equal by tests/edge), so the
-command works from an installed rwkv-export. ONNX Runtime Web is not ours to ship: its files come from
+The runtime and the demo page ship inside this package (``rwkv_export/targets/web_assets``: in the
+repository two links, to js/src and deploy_examples/web, so there is one copy of each file; a wheel
+holds the files themselves), so the command works from an installed rwkv-export. ONNX Runtime Web is not ours to ship: its files come from
 ``--ort-web DIR`` (a folder from ``npm install onnxruntime-web@1.30.0``), or, in a checkout, from
 js/node_modules. The bundle is staged and committed through rwkv_runtime.safe_write: nothing
 half-written, an existing folder is only ever an empty one.
@@ -26,7 +26,8 @@ from ..errors import ExportError
 REPO = Path(__file__).resolve().parents[2]
 JS_DIR = REPO / "js"  # a checkout's js/ (its node_modules is the fallback for ORT Web)
 ASSETS = Path(__file__).resolve().parent / "web_assets"
-RUNTIME_DIR = ASSETS / "rwkv-runtime"  # js/src without node.js
+RUNTIME_DIR = ASSETS / "rwkv-runtime"  # js/src (its Node entry, node.js, is not copied into a bundle)
+NODE_ONLY = {"node.js"}
 DEMO_DIR = ASSETS / "demo"
 DEMO_FILES = ("index.html", "app.js", "serve.py")
 ORT_WEB_VERSION = "1.30.0"
@@ -165,7 +166,7 @@ def write_web_bundle(model, out, js_dir: Path | None = None, ort_web=None) -> li
                 shutil.copy2(f, tmp / f.name)
             (tmp / "rwkv-runtime").mkdir()
             for f in sorted(RUNTIME_DIR.iterdir()):
-                if f.is_file():
+                if f.is_file() and f.name not in NODE_ONLY:
                     shutil.copy2(f, tmp / "rwkv-runtime" / f.name)
             (tmp / "ort").mkdir()
             for f in ORT_FILES:
