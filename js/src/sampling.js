@@ -127,6 +127,13 @@ export class Sampler {
     const known = Object.keys(DEFAULT_SAMPLING);
     params ??= {};
     if (typeof params !== "object") throw new RuntimeUserError(`sampling: settings must be an object, not ${typeof params}`);
+    // constrained decoding (Python's SamplingParams.constraint) is not in this runtime: say so, not "unknown"
+    const constrained = ["constraint", "responseFormat", "response_format", "jsonSchema", "regex", "grammar", "choice"]
+      .find((k) => k in params);
+    if (constrained) {
+      throw new RuntimeUserError(`sampling: ${constrained}: constrained decoding is not available in the JavaScript runtime ` +
+        "(docs/edge.md); constrain on the Python runtime or the server and stream its output");
+    }
     // an unknown key (topP, max_new_tokens, ...) would silently sample with the default instead
     const unknown = Object.keys(params).filter((k) => !known.includes(k));
     if (unknown.length) {

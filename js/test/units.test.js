@@ -7,6 +7,7 @@ import { scanModel } from "../src/onnx-meta.js";
 import { parseManifest, checkCompanion } from "../src/manifest.js";
 import { NumpyRandom } from "../src/random.js";
 import { parsePyLiteral, ByteTokenizer, StreamDecoder } from "../src/tokenizers.js";
+import { Sampler } from "../src/sampling.js";
 import { RuntimeUserError } from "../src/errors.js";
 
 test("npz: saveNpz -> loadNpz round trip keeps names, dtypes, shapes and values", async () => {
@@ -91,4 +92,10 @@ test("StreamDecoder: the pieces joined equal one decode, invalid UTF-8 included 
   assert.equal(d.push(0xe2), ""); assert.ok(d.pending);
   assert.equal(d.push(0x82), "");
   assert.equal(d.push(0xac), "\u20ac"); assert.ok(!d.pending);
+});
+
+test("constrained decoding options are one clear error naming what is missing (not an unknown setting)", () => {
+  for (const k of ["constraint", "responseFormat", "regex", "grammar"]) {
+    assert.throws(() => new Sampler({ [k]: {} }), (e) => e instanceof RuntimeUserError && e.message.includes("constrained decoding is not available") && e.message.includes(k));
+  }
 });
