@@ -188,6 +188,27 @@ def test_build_engine_writes_engines_sidecars_and_profiles(tmp_path, fake, rwkv4
     assert trt.calls["configs"][0].cache is trt.calls["configs"][1].cache
 
 
+@pytest.mark.parametrize("what", ["engine", "cache"])
+def test_an_output_linked_to_an_input_is_refused_before_building(tmp_path, fake, rwkv4_exports, what):
+    """-o (or --timing-cache) a link to the export's weights file: one line before TensorRT builds anything
+    (was: refused only when the engines were committed, after the build)."""
+    trt, _ = fake()
+    model = rwkv4_exports["plain"]
+    weights = model.with_name(model.name + ".data")
+    assert weights.is_file()
+    before = weights.read_bytes()
+    link = tmp_path / ("m.engine" if what == "engine" else "timing.cache")
+    link.symlink_to(weights)
+    args = ["--timing-cache", str(link)] if what == "cache" else []
+    out = link if what == "engine" else tmp_path / "x.engine"
+    from rwkv_export.targets.tensorrt.engine import build_engine_command
+
+    res = CliRunner().invoke(build_engine_command, [str(model), "-o", str(out), *args])
+    assert res.exit_code == 1 and res.output.startswith("Error:") and "input" in res.output, res.output
+    assert not trt.calls["networks"], "TensorRT was asked to build"
+    assert weights.read_bytes() == before
+
+
 def test_failed_build_leaves_nothing_behind(tmp_path, fake, rwkv4_exports):
     fake(fail_build=".seq.onnx")
     res, out = _build(tmp_path, rwkv4_exports["plain"], "-q")

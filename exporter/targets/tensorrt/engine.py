@@ -26,7 +26,7 @@ import click
 
 from rwkv_runtime.artifact import ENGINE_SUFFIXES, SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
 from rwkv_runtime.manifest import INITIAL_STATE_KEY, Manifest
-from rwkv_runtime.safe_write import SafeWrite, write_file
+from rwkv_runtime.safe_write import SafeWrite, check_not_inputs, write_file
 from rwkv_runtime.tensorrt.loader import import_tensorrt, trt_logger
 
 from ... import __version__
@@ -232,6 +232,9 @@ def _build(trt, log, model: Path, out: Path, opts: EngineOptions, say, progress:
     # every file the build reads: no engine, sidecar or cache may replace one (safe_write refuses)
     inputs = [g.onnx for g in graphs] + [Path(p) for p in plugins]
     inputs += [g.onnx.parent / n for g in graphs for n in (g.manifest.options.get("weights_file"),) if n]
+    # refused before the build (minutes on a GPU), not when its result is committed
+    targets = [p for g in graphs for p in (g.engine, sidecar_path(g.engine))] + ([cache_path] if cache_path else [])
+    check_not_inputs(targets, inputs)
     with SafeWrite(out, inputs=inputs) as sw:
         tmp = sw.dir
         for g in graphs:
