@@ -1,6 +1,6 @@
 """The per-version contract (``ArchSpec``) and the one table of supported RWKV versions.
 
-Every version module (rwkv4.py, rwkv5.py, ...) ends with ``SPEC = ArchSpec(...)``; ``REGISTRY`` below
+Every version module (rwkv4.py, rwkv5.py, ...) ends with ``SPEC = ArchSpec(...)`` (or ``ArchSpec.of``); ``REGISTRY`` below
 lists those modules in the order their key patterns are tried. The exporter, the validator and the
 checkpoint loader use only what an ``ArchSpec`` declares. docs/adding-a-version.md walks through
 adding one.
@@ -9,6 +9,7 @@ adding one.
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +37,19 @@ class ArchSpec:
     default_tokenizer: Callable  # (cfg) -> the manifest's tokenizer entry
     load_state_tuning: Callable | None = None  # (path or dict, cfg) -> {state name: [1,...]}; None: no learned state
     half_rescale_every: int = 0  # residual rescaling by default in float16/bfloat16 (RWKV-4: 6)
+
+    @classmethod
+    def of(cls, module: str, name: str, versions: tuple, **fields) -> ArchSpec:
+        """The spec of version module ``module`` (its ``__name__``) from its own functions and classes
+        named as the fields above (``detect``, ``config_from_weights``, ... ``Model``, ``build_graph``;
+        ``load_state_tuning`` where it has one; ``default_tokenizer``: ``keys.default_tokenizer``
+        unless it has its own). ``fields``: any field given explicitly instead."""
+        from .keys import default_tokenizer
+
+        ns = {"default_tokenizer": default_tokenizer, **vars(sys.modules[module])}
+        own = ("detect", "config_from_weights", "export_weights", "state_layout", "Model", "build_graph")
+        found = {f: ns[f] for f in own + ("default_tokenizer",)} | {f: ns[f] for f in ("load_state_tuning",) if f in ns}
+        return cls(name=name, versions=versions, **(found | fields))
 
 
 def specs() -> list:

@@ -274,3 +274,11 @@ def embedding_and_head(w: dict, cfg: dict) -> dict:
         "ln_out.bias": np32(w["ln_out.bias"]),
         "head": matrix_in_out(w["head.weight"]),
     }
+
+
+def layer_matrices(w: dict, b: str, names) -> dict:
+    """Layer ``b``'s large matrices (checkpoint keys ``b + name + ".weight"``) as [in, out], under
+    ``b + name``; bf16/fp16 ones are converted when written."""
+    from ..checkpoint import matrix_in_out
+
+    return {b + n: matrix_in_out(w[b + n + ".weight"]) for n in names}

@@ -17,6 +17,7 @@ too) is in graph.py, the key checks in keys.py.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from rwkv_runtime.manifest import BATCH, StateSpec
 
 from ..errors import CheckpointError
 from ..onnx_graph import GraphBuilder
-from . import graph
+from . import graph, keys
 from .graph import F32, GN_EPS, LN_EPS
 
 STATE_FIELDS = ("att_shift", "wkv", "ffn_shift")
@@ -43,6 +44,21 @@ def time_state_keys(cfg: dict) -> dict:
     """State tuning merged into a checkpoint: an optional learned initial WKV state per layer."""
     H, N = cfg["n_head"], cfg["head_size"]
     return {f"blocks.{i}.att.time_state": (H, N, N) for i in range(cfg["n_layer"])}
+
+
+def sizes(w: dict, V: int, C: int, L: int, H: int, N: int) -> dict:
+    """The first entries of every head-wise version's cfg; ffn_dim is read here, after the version's
+    own key checks (so a checkpoint with several faults names the same one first as before)."""
+    F_ = int(keys.need(w, "blocks.0.ffn.key.weight", 2).shape[0])
+    return {"n_layer": L, "n_embd": C, "vocab_size": V, "ffn_dim": F_, "n_head": H, "head_size": N}
+
+
+def expected_shapes(cfg: dict, layer_shapes) -> dict:
+    """``keys.model_shapes`` and, when the checkpoint carries state tuning, its time_state keys."""
+    s = keys.model_shapes(cfg, layer_shapes)
+    if cfg.get("time_state"):
+        s.update(time_state_keys(cfg))
+    return s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +86,12 @@ def state_layout(cfg: dict, wkv_doc: str) -> list:
         for i in range(cfg["n_layer"])
         for f in STATE_FIELDS
     ]
+
+
+def version_state(wkv_doc: str, transpose: bool) -> tuple:
+    """A version's ``state_layout(cfg)`` and ``load_state_tuning(path_or_dict, cfg)``: the shared
+    ones above, in its WKV index order (``wkv_doc``; ``transpose``: see ``load_state_tuning``)."""
+    return functools.partial(state_layout, wkv_doc=wkv_doc), functools.partial(load_state_tuning, transpose=transpose)
 
 
 def read_time_state(path_or_dict) -> dict:

@@ -32,6 +32,38 @@ def check_keys(w: dict, expected: dict, pretty: str, ignored=(), flexible=()):
             raise CheckpointError(f"inconsistent shape for {k}: {list(got)}, expected {list(shape)}")
 
 
+def model_shapes(cfg: dict, layer_shapes) -> dict:
+    """The expected key -> shape table of a version: what every version has (embedding, ln0, ln_out,
+    head and each layer's ln1/ln2) with ``layer_shapes(i, "blocks.{i}.")``'s keys after each layer's
+    norms (in the order given: a "missing keys" message lists them in this order)."""
+    C, V = cfg["n_embd"], cfg["vocab_size"]
+    s = {
+        "emb.weight": (V, C),
+        "blocks.0.ln0.weight": (C,),
+        "blocks.0.ln0.bias": (C,),
+        "ln_out.weight": (C,),
+        "ln_out.bias": (C,),
+        "head.weight": (V, C),
+    }
+    for i in range(cfg["n_layer"]):
+        b = f"blocks.{i}."
+        s.update({b + n: (C,) for n in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias")})
+        s.update(layer_shapes(i, b))
+    return s
+
+
+def channel_mix_shapes(b: str, C: int, F_: int, mix: str = "time_mix") -> dict:
+    """Layer ``b``'s channel-mix keys in RWKV-4, 5 and 6 (``mix``: its token-shift vectors' prefix,
+    time_mix, or time_maa in RWKV-6)."""
+    return {
+        b + f"ffn.{mix}_k": (1, 1, C),
+        b + f"ffn.{mix}_r": (1, 1, C),
+        b + "ffn.key.weight": (F_, C),
+        b + "ffn.receptance.weight": (C, C),
+        b + "ffn.value.weight": (C, F_),
+    }
+
+
 def layer_count(w: dict) -> int:
     layers = sorted({int(k.split(".")[1]) for k in w if k.startswith("blocks.") and k.split(".")[1].isdigit()})
     if not layers or layers != list(range(len(layers))):

@@ -22,7 +22,8 @@ from rwkv_runtime.manifest import BATCH, StateSpec
 
 from ..onnx_graph import GraphBuilder
 from . import ArchSpec, keys
-from .graph import LN_EPS, Graph, GraphOptions, embedding_and_head, wkv_node
+from .graph import LN_EPS, Graph, GraphOptions, embedding_and_head, layer_matrices, wkv_node
+from .headwise import initial_state
 
 VERSION = "rwkv4"
 PP_INIT = -1e30
@@ -55,41 +56,24 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
 
 
 def expected_shapes(cfg: dict) -> dict:
-    C, F_, V = cfg["n_embd"], cfg["ffn_dim"], cfg["vocab_size"]
+    C, F_ = cfg["n_embd"], cfg["ffn_dim"]
     A = cfg.get("dim_att", C)
-    s = {
-        "emb.weight": (V, C),
-        "blocks.0.ln0.weight": (C,),
-        "blocks.0.ln0.bias": (C,),
-        "ln_out.weight": (C,),
-        "ln_out.bias": (C,),
-        "head.weight": (V, C),
-    }
-    for i in range(cfg["n_layer"]):
-        b = f"blocks.{i}."
-        s.update(
-            {
-                b + "ln1.weight": (C,),
-                b + "ln1.bias": (C,),
-                b + "ln2.weight": (C,),
-                b + "ln2.bias": (C,),
-                b + "att.time_decay": (A,),
-                b + "att.time_first": (A,),
-                b + "att.time_mix_k": (1, 1, C),
-                b + "att.time_mix_v": (1, 1, C),
-                b + "att.time_mix_r": (1, 1, C),
-                b + "att.key.weight": (A, C),
-                b + "att.value.weight": (A, C),
-                b + "att.receptance.weight": (A, C),
-                b + "att.output.weight": (C, A),
-                b + "ffn.time_mix_k": (1, 1, C),
-                b + "ffn.time_mix_r": (1, 1, C),
-                b + "ffn.key.weight": (F_, C),
-                b + "ffn.receptance.weight": (C, C),
-                b + "ffn.value.weight": (C, F_),
-            }
-        )
-    return s
+
+    def layer(i, b):
+        return {
+            b + "att.time_decay": (A,),
+            b + "att.time_first": (A,),
+            b + "att.time_mix_k": (1, 1, C),
+            b + "att.time_mix_v": (1, 1, C),
+            b + "att.time_mix_r": (1, 1, C),
+            b + "att.key.weight": (A, C),
+            b + "att.value.weight": (A, C),
+            b + "att.receptance.weight": (A, C),
+            b + "att.output.weight": (C, A),
+            **keys.channel_mix_shapes(b, C, F_),
+        }
+
+    return keys.model_shapes(cfg, layer)
 
 
 def state_layout(cfg: dict) -> list:
@@ -251,10 +235,7 @@ class Model(nn.Module):
         return m.eval()
 
     def new_state(self, batch_size: int = 1) -> dict:
-        return {
-            s.name: torch.full(s.concrete_shape(batch_size), s.init, dtype=torch.float32)
-            for s in state_layout(self.cfg)
-        }
+        return initial_state(state_layout(self.cfg), batch_size, None)
 
     def _run(self, x, state: dict, parallel: bool):
         x = self.blocks[0].ln0(x)
@@ -302,8 +283,6 @@ def export_weights(w: dict, cfg: dict) -> dict:
     """Weights in the form the graph uses: ln0 folded into the embedding, w = -exp(time_decay)
     computed once in float32, mixing vectors flattened, matrices transposed to [in, out]."""
     C, A = cfg["n_embd"], cfg.get("dim_att", cfg["n_embd"])
-    from ..checkpoint import matrix_in_out
-
     out = embedding_and_head(w, cfg)
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
@@ -313,8 +292,11 @@ def export_weights(w: dict, cfg: dict) -> dict:
         out[b + "att.u"] = _np(w[b + "att.time_first"].reshape(A))
         for n in ("att.time_mix_k", "att.time_mix_v", "att.time_mix_r", "ffn.time_mix_k", "ffn.time_mix_r"):
             out[b + n] = _np(w[b + n].reshape(C))
-        for n in ("att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.receptance", "ffn.value"):
-            out[b + n] = matrix_in_out(w[b + n + ".weight"])  # bf16/fp16: converted when written
+        out.update(
+            layer_matrices(
+                w, b, ("att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.receptance", "ffn.value")
+            )
+        )
     return out
 
 
@@ -435,15 +417,5 @@ def detect(w: dict) -> str | None:
     return VERSION if "emb.weight" in w and any(k.endswith("att.time_first") for k in w) else None
 
 
-SPEC = ArchSpec(
-    name="RWKV-4",
-    versions=(VERSION,),
-    detect=detect,
-    config_from_weights=config_from_weights,
-    export_weights=export_weights,
-    state_layout=state_layout,
-    Model=Model,
-    build_graph=build_graph,
-    default_tokenizer=keys.default_tokenizer,
-    half_rescale_every=6,
-)
+# the ArchSpec of this module: its functions and Model under the contract's names
+SPEC = ArchSpec.of(__name__, name="RWKV-4", versions=(VERSION,), half_rescale_every=6)

@@ -32,8 +32,6 @@ The group norm, gate and output projection stay outside the op.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +40,7 @@ from ..errors import CheckpointError
 from ..onnx_graph import GraphBuilder
 from . import ArchSpec, keys
 from . import headwise as hw
-from .graph import Graph, GraphOptions, embedding_and_head
+from .graph import Graph, GraphOptions, embedding_and_head, layer_matrices
 
 VERSION = "rwkv5"
 WKV_DOC = "WKV state S[b,h,i,j]: i over keys, j over values (BlinkDL's RWKV-5 layout)"
@@ -60,14 +58,8 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
         raise CheckpointError(f"blocks.0.att.time_decay: {H} heads do not divide n_embd {C}")
     N = C // H
     bonus = "time_faaaa" if "blocks.0.att.time_faaaa" in w else "time_first"
-    F_ = int(keys.need(w, "blocks.0.ffn.key.weight", 2).shape[0])
     cfg = {
-        "n_layer": L,
-        "n_embd": C,
-        "vocab_size": V,
-        "ffn_dim": F_,
-        "n_head": H,
-        "head_size": N,
+        **hw.sizes(w, V, C, L, H, N),
         "gate": "blocks.0.att.gate.weight" in w,
         "per_channel_decay": td.numel() == H * N and N > 1,
         "bonus": bonus,
@@ -78,51 +70,32 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
 
 
 def expected_shapes(cfg: dict) -> dict:
-    C, F_, V, H, N = cfg["n_embd"], cfg["ffn_dim"], cfg["vocab_size"], cfg["n_head"], cfg["head_size"]
+    C, F_, H, N = cfg["n_embd"], cfg["ffn_dim"], cfg["n_head"], cfg["head_size"]
     hd = (H, N) if cfg["per_channel_decay"] else (H,)
-    s = {
-        "emb.weight": (V, C),
-        "blocks.0.ln0.weight": (C,),
-        "blocks.0.ln0.bias": (C,),
-        "ln_out.weight": (C,),
-        "ln_out.bias": (C,),
-        "head.weight": (V, C),
-    }
     mixes = "kvrg" if cfg["gate"] else "kvr"
-    for i in range(cfg["n_layer"]):
-        b = f"blocks.{i}."
-        s.update(
-            {
-                b + "ln1.weight": (C,),
-                b + "ln1.bias": (C,),
-                b + "ln2.weight": (C,),
-                b + "ln2.bias": (C,),
-                b + "att.time_decay": hd,
-                b + "att." + cfg["bonus"]: hd,
-                b + "att.ln_x.weight": (C,),
-                b + "att.ln_x.bias": (C,),
-                b + "att.key.weight": (C, C),
-                b + "att.value.weight": (C, C),
-                b + "att.receptance.weight": (C, C),
-                b + "att.output.weight": (C, C),
-                b + "ffn.time_mix_k": (1, 1, C),
-                b + "ffn.time_mix_r": (1, 1, C),
-                b + "ffn.key.weight": (F_, C),
-                b + "ffn.receptance.weight": (C, C),
-                b + "ffn.value.weight": (C, F_),
-            }
-        )
+
+    def layer(i, b):
+        s = {
+            b + "att.time_decay": hd,
+            b + "att." + cfg["bonus"]: hd,
+            b + "att.ln_x.weight": (C,),
+            b + "att.ln_x.bias": (C,),
+            b + "att.key.weight": (C, C),
+            b + "att.value.weight": (C, C),
+            b + "att.receptance.weight": (C, C),
+            b + "att.output.weight": (C, C),
+            **keys.channel_mix_shapes(b, C, F_),
+        }
         s.update({b + "att.time_mix_" + m: (1, 1, C) for m in mixes})
         if cfg["gate"]:
             s[b + "att.gate.weight"] = (C, C)
-    if cfg.get("time_state"):
-        s.update(hw.time_state_keys(cfg))
-    return s
+        return s
+
+    return hw.expected_shapes(cfg, layer)
 
 
 # the shared head-wise state layout and time_state loader, in this version's WKV index order
-state_layout = functools.partial(hw.state_layout, wkv_doc=WKV_DOC)
-load_state_tuning = functools.partial(hw.load_state_tuning, transpose=True)
+state_layout, load_state_tuning = hw.version_state(WKV_DOC, transpose=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,8 +176,6 @@ def export_weights(w: dict, cfg: dict) -> dict:
     u computed once in float32 as [H,N], mixing vectors flat (with 1 - mix, BlinkDL's form), ln_x
     as [H,N], matrices transposed to [in, out]."""
     C, H, N = cfg["n_embd"], cfg["n_head"], cfg["head_size"]
-    from ..checkpoint import matrix_in_out
-
     out = embedding_and_head(w, cfg)
     hd = (H, N) if cfg["per_channel_decay"] else (H, 1)
     for i in range(cfg["n_layer"]):
@@ -222,8 +193,7 @@ def export_weights(w: dict, cfg: dict) -> dict:
             m = w[b + n].float().reshape(C)
             out[b + n], out[b + n + ".1m"] = hw.np32(m), hw.np32(1 - m)
         mats = ["att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.receptance", "ffn.value"]
-        for n in mats + (["att.gate"] if cfg["gate"] else []):
-            out[b + n] = matrix_in_out(w[b + n + ".weight"])  # bf16/fp16: converted when written
+        out.update(layer_matrices(w, b, mats + (["att.gate"] if cfg["gate"] else [])))
     return out
 
 
@@ -280,15 +250,5 @@ def detect(w: dict) -> str | None:
     return "rwkv5.2" if td and td[0].dim() == 2 and td[0].shape[-1] > 1 else "rwkv5"
 
 
-SPEC = ArchSpec(
-    name="RWKV-5",
-    versions=(VERSION, "rwkv5.2"),
-    detect=detect,
-    config_from_weights=config_from_weights,
-    export_weights=export_weights,
-    state_layout=state_layout,
-    Model=Model,
-    build_graph=build_graph,
-    default_tokenizer=keys.default_tokenizer,
-    load_state_tuning=load_state_tuning,
-)
+# the ArchSpec of this module: its functions and Model under the contract's names
+SPEC = ArchSpec.of(__name__, name="RWKV-5", versions=(VERSION, "rwkv5.2"))

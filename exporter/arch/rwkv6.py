@@ -31,8 +31,6 @@ The data-dependent decay, group norm, gate and output projection stay outside th
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -42,7 +40,7 @@ from ..errors import CheckpointError
 from ..onnx_graph import GraphBuilder
 from . import ArchSpec, keys
 from . import headwise as hw
-from .graph import Graph, GraphOptions, embedding_and_head
+from .graph import Graph, GraphOptions, embedding_and_head, layer_matrices
 
 VERSION = "rwkv6"
 WKV_DOC = "WKV state S[b,h,i,j]: i over keys, j over values (BlinkDL's RWKV-6 layout)"
@@ -62,14 +60,8 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
             f"inconsistent shape for blocks.0.att.time_faaaa: {[H, N]} (heads x head size != n_embd {C})"
         )
     w2 = keys.need(w, "blocks.0.att.time_maa_w2", 3)
-    F_ = int(keys.need(w, "blocks.0.ffn.key.weight", 2).shape[0])
     cfg = {
-        "n_layer": L,
-        "n_embd": C,
-        "vocab_size": V,
-        "ffn_dim": F_,
-        "n_head": H,
-        "head_size": N,
+        **hw.sizes(w, V, C, L, H, N),
         "dim_maa": int(w2.shape[1]),
         "dim_decay": int(keys.need(w, "blocks.0.att.time_decay_w1", 2).shape[1]),
         "time_state": "blocks.0.att.time_state" in w,
@@ -79,54 +71,35 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
 
 
 def expected_shapes(cfg: dict) -> dict:
-    C, F_, V, H, N = cfg["n_embd"], cfg["ffn_dim"], cfg["vocab_size"], cfg["n_head"], cfg["head_size"]
+    C, F_, H, N = cfg["n_embd"], cfg["ffn_dim"], cfg["n_head"], cfg["head_size"]
     D, E = cfg["dim_maa"], cfg["dim_decay"]
-    s = {
-        "emb.weight": (V, C),
-        "blocks.0.ln0.weight": (C,),
-        "blocks.0.ln0.bias": (C,),
-        "ln_out.weight": (C,),
-        "ln_out.bias": (C,),
-        "head.weight": (V, C),
-    }
-    for i in range(cfg["n_layer"]):
-        b = f"blocks.{i}."
-        s.update(
-            {
-                b + "ln1.weight": (C,),
-                b + "ln1.bias": (C,),
-                b + "ln2.weight": (C,),
-                b + "ln2.bias": (C,),
-                b + "att.time_maa_x": (1, 1, C),
-                b + "att.time_maa_w1": (C, 5 * D),
-                b + "att.time_maa_w2": (5, D, C),
-                b + "att.time_decay": (1, 1, C),
-                b + "att.time_decay_w1": (C, E),
-                b + "att.time_decay_w2": (E, C),
-                b + "att.time_faaaa": (H, N),
-                b + "att.ln_x.weight": (C,),
-                b + "att.ln_x.bias": (C,),
-                b + "att.key.weight": (C, C),
-                b + "att.value.weight": (C, C),
-                b + "att.receptance.weight": (C, C),
-                b + "att.gate.weight": (C, C),
-                b + "att.output.weight": (C, C),
-                b + "ffn.time_maa_k": (1, 1, C),
-                b + "ffn.time_maa_r": (1, 1, C),
-                b + "ffn.key.weight": (F_, C),
-                b + "ffn.receptance.weight": (C, C),
-                b + "ffn.value.weight": (C, F_),
-            }
-        )
+
+    def layer(i, b):
+        s = {
+            b + "att.time_maa_x": (1, 1, C),
+            b + "att.time_maa_w1": (C, 5 * D),
+            b + "att.time_maa_w2": (5, D, C),
+            b + "att.time_decay": (1, 1, C),
+            b + "att.time_decay_w1": (C, E),
+            b + "att.time_decay_w2": (E, C),
+            b + "att.time_faaaa": (H, N),
+            b + "att.ln_x.weight": (C,),
+            b + "att.ln_x.bias": (C,),
+            b + "att.key.weight": (C, C),
+            b + "att.value.weight": (C, C),
+            b + "att.receptance.weight": (C, C),
+            b + "att.gate.weight": (C, C),
+            b + "att.output.weight": (C, C),
+            **keys.channel_mix_shapes(b, C, F_, "time_maa"),
+        }
         s.update({b + "att.time_maa_" + m: (1, 1, C) for m in MAA})
-    if cfg.get("time_state"):
-        s.update(hw.time_state_keys(cfg))
-    return s
+        return s
+
+    return hw.expected_shapes(cfg, layer)
 
 
 # the shared head-wise state layout and time_state loader, in this version's WKV index order
-state_layout = functools.partial(hw.state_layout, wkv_doc=WKV_DOC)
-load_state_tuning = functools.partial(hw.load_state_tuning, transpose=True)
+state_layout, load_state_tuning = hw.version_state(WKV_DOC, transpose=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,8 +174,6 @@ def export_weights(w: dict, cfg: dict) -> dict:
     time_decay flat, ln_x as [H,N], LoRA matrices as they are ([in, out]; time_maa_w2 [5,D,C]),
     the other matrices transposed to [in, out]."""
     C, H, N = cfg["n_embd"], cfg["n_head"], cfg["head_size"]
-    from ..checkpoint import matrix_in_out
-
     out = embedding_and_head(w, cfg)
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
@@ -222,17 +193,22 @@ def export_weights(w: dict, cfg: dict) -> dict:
         out[b + "att.u"] = hw.np32(w[b + "att.time_faaaa"]).reshape(H, N)
         out[b + "att.ln_x.weight"] = hw.np32(w[b + "att.ln_x.weight"]).reshape(H, N)
         out[b + "att.ln_x.bias"] = hw.np32(w[b + "att.ln_x.bias"]).reshape(H, N)
-        for n in (
-            "att.key",
-            "att.value",
-            "att.receptance",
-            "att.gate",
-            "att.output",
-            "ffn.key",
-            "ffn.receptance",
-            "ffn.value",
-        ):
-            out[b + n] = matrix_in_out(w[b + n + ".weight"])  # bf16/fp16: converted when written
+        out.update(
+            layer_matrices(
+                w,
+                b,
+                (
+                    "att.key",
+                    "att.value",
+                    "att.receptance",
+                    "att.gate",
+                    "att.output",
+                    "ffn.key",
+                    "ffn.receptance",
+                    "ffn.value",
+                ),
+            )
+        )
     return out
 
 
@@ -302,15 +278,5 @@ def detect(w: dict) -> str | None:
     return VERSION if any(k.endswith("att.time_maa_x") for k in w) else None
 
 
-SPEC = ArchSpec(
-    name="RWKV-6",
-    versions=(VERSION,),
-    detect=detect,
-    config_from_weights=config_from_weights,
-    export_weights=export_weights,
-    state_layout=state_layout,
-    Model=Model,
-    build_graph=build_graph,
-    default_tokenizer=keys.default_tokenizer,
-    load_state_tuning=load_state_tuning,
-)
+# the ArchSpec of this module: its functions and Model under the contract's names
+SPEC = ArchSpec.of(__name__, name="RWKV-6", versions=(VERSION,))

@@ -38,8 +38,6 @@ The group norm, the r_k bonus term, gate and output projection stay outside the 
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -49,7 +47,7 @@ from ..errors import CheckpointError
 from ..onnx_graph import GraphBuilder
 from . import ArchSpec, keys
 from . import headwise as hw
-from .graph import Graph, GraphOptions, embedding_and_head
+from .graph import Graph, GraphOptions, embedding_and_head, layer_matrices
 
 VERSION = "rwkv7"
 WKV_DOC = "WKV state S[b,h,i,j]: i over values, j over keys (BlinkDL's RWKV-7 layout)"
@@ -73,14 +71,8 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
         if L > 1
         else (int(w["blocks.0.att.v1"].shape[1]) if "blocks.0.att.v1" in w else 0)
     )
-    F_ = int(keys.need(w, "blocks.0.ffn.key.weight", 2).shape[0])
     cfg = {
-        "n_layer": L,
-        "n_embd": C,
-        "vocab_size": V,
-        "ffn_dim": F_,
-        "n_head": H,
-        "head_size": N,
+        **hw.sizes(w, V, C, L, H, N),
         "dim_w": int(keys.need(w, "blocks.0.att.w1", 2).shape[1]),
         "dim_a": int(keys.need(w, "blocks.0.att.a1", 2).shape[1]),
         "dim_v": dv,
@@ -92,56 +84,41 @@ def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
 
 
 def expected_shapes(cfg: dict) -> dict:
-    C, F_, V, H, N = cfg["n_embd"], cfg["ffn_dim"], cfg["vocab_size"], cfg["n_head"], cfg["head_size"]
-    s = {
-        "emb.weight": (V, C),
-        "blocks.0.ln0.weight": (C,),
-        "blocks.0.ln0.bias": (C,),
-        "ln_out.weight": (C,),
-        "ln_out.bias": (C,),
-        "head.weight": (V, C),
-    }
-    for i in range(cfg["n_layer"]):
-        b = f"blocks.{i}."
-        s.update(
-            {
-                b + "ln1.weight": (C,),
-                b + "ln1.bias": (C,),
-                b + "ln2.weight": (C,),
-                b + "ln2.bias": (C,),
-                b + "att.w0": (1, 1, C),
-                b + "att.w1": (C, cfg["dim_w"]),
-                b + "att.w2": (cfg["dim_w"], C),
-                b + "att.a0": (1, 1, C),
-                b + "att.a1": (C, cfg["dim_a"]),
-                b + "att.a2": (cfg["dim_a"], C),
-                b + "att.g1": (C, cfg["dim_g"]),
-                b + "att.g2": (cfg["dim_g"], C),
-                b + "att.k_k": (1, 1, C),
-                b + "att.k_a": (1, 1, C),
-                b + "att.r_k": (H, N),
-                b + "att.key.weight": (C, C),
-                b + "att.value.weight": (C, C),
-                b + "att.receptance.weight": (C, C),
-                b + "att.output.weight": (C, C),
-                b + "att.ln_x.weight": (C,),
-                b + "att.ln_x.bias": (C,),
-                b + "ffn.x_k": (1, 1, C),
-                b + "ffn.key.weight": (F_, C),
-                b + "ffn.value.weight": (C, F_),
-            }
-        )
+    C, F_, H, N = cfg["n_embd"], cfg["ffn_dim"], cfg["n_head"], cfg["head_size"]
+
+    def layer(i, b):
+        s = {
+            b + "att.w0": (1, 1, C),
+            b + "att.w1": (C, cfg["dim_w"]),
+            b + "att.w2": (cfg["dim_w"], C),
+            b + "att.a0": (1, 1, C),
+            b + "att.a1": (C, cfg["dim_a"]),
+            b + "att.a2": (cfg["dim_a"], C),
+            b + "att.g1": (C, cfg["dim_g"]),
+            b + "att.g2": (cfg["dim_g"], C),
+            b + "att.k_k": (1, 1, C),
+            b + "att.k_a": (1, 1, C),
+            b + "att.r_k": (H, N),
+            b + "att.key.weight": (C, C),
+            b + "att.value.weight": (C, C),
+            b + "att.receptance.weight": (C, C),
+            b + "att.output.weight": (C, C),
+            b + "att.ln_x.weight": (C,),
+            b + "att.ln_x.bias": (C,),
+            b + "ffn.x_k": (1, 1, C),
+            b + "ffn.key.weight": (F_, C),
+            b + "ffn.value.weight": (C, F_),
+        }
         s.update({b + "att.x_" + m: (1, 1, C) for m in MIXES})
         if i > 0:
             s.update({b + "att.v0": (1, 1, C), b + "att.v1": (C, cfg["dim_v"]), b + "att.v2": (cfg["dim_v"], C)})
-    if cfg.get("time_state"):
-        s.update(hw.time_state_keys(cfg))
-    return s
+        return s
+
+    return hw.expected_shapes(cfg, layer)
 
 
 # the shared head-wise state layout and time_state loader, in this version's WKV index order
-state_layout = functools.partial(hw.state_layout, wkv_doc=WKV_DOC)
-load_state_tuning = functools.partial(hw.load_state_tuning, transpose=False)
+state_layout, load_state_tuning = hw.version_state(WKV_DOC, transpose=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,8 +219,6 @@ def export_weights(w: dict, cfg: dict) -> dict:
     as [H,N], LoRA matrices as they are ([in, out]), the other matrices transposed to [in, out].
     Layer 0's unused v0/v1/v2 are dropped."""
     C, H, N = cfg["n_embd"], cfg["n_head"], cfg["head_size"]
-    from ..checkpoint import matrix_in_out
-
     out = embedding_and_head(w, cfg)
     for i in range(cfg["n_layer"]):
         b = f"blocks.{i}."
@@ -257,15 +232,16 @@ def export_weights(w: dict, cfg: dict) -> dict:
             out[b + n] = hw.np32(w[b + n]).reshape(C)
         for n in ("att.r_k", "att.ln_x.weight", "att.ln_x.bias"):
             out[b + n] = hw.np32(w[b + n]).reshape(H, N)
-        for n in ("att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.value"):
-            out[b + n] = matrix_in_out(w[b + n + ".weight"])  # bf16/fp16: converted when written
+        out.update(
+            layer_matrices(w, b, ("att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.value"))
+        )
     return out
 
 
 def build_graph(g: GraphBuilder, W: dict, cfg: dict, opts: GraphOptions):
     """Step graph (tokens [B]) or sequence graph (tokens [B,T]); state in -> logits, state out.
     Matrices, precision and rescaling as ``graph.Graph`` does them for every version. The LoRA
-    matrices stay float32 MatMuls."""
+    matrices (w, a, v, g) stay float32 MatMuls."""
     G = Graph(g, W, cfg, state_layout(cfg), opts)
     seq = opts.seq
     ax = g.const([-1], np.int64)
@@ -328,15 +304,5 @@ def detect(w: dict) -> str | None:
     return VERSION if any(k.endswith(("att.k_k", "att.r_k")) for k in w) else None
 
 
-SPEC = ArchSpec(
-    name="RWKV-7",
-    versions=(VERSION,),
-    detect=detect,
-    config_from_weights=config_from_weights,
-    export_weights=export_weights,
-    state_layout=state_layout,
-    Model=Model,
-    build_graph=build_graph,
-    default_tokenizer=keys.default_tokenizer,
-    load_state_tuning=load_state_tuning,
-)
+# the ArchSpec of this module: its functions and Model under the contract's names
+SPEC = ArchSpec.of(__name__, name="RWKV-7", versions=(VERSION,))
