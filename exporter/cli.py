@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cli_options import choice_option, output_option, path_argument, path_option
 from .errors import user_errors
 
 
@@ -50,13 +51,9 @@ def main():
 
 # ---------------------------------------------------------------------------------------------
 @main.command("export")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option(
-    "-o",
-    "--output",
+@path_argument("checkpoint")
+@output_option(
     "out",
-    required=True,
-    type=click.Path(path_type=Path),
     help="Step graph path (e.g. model.onnx); the sequence graph goes beside it as model.seq.onnx.",
 )
 @click.option(
@@ -65,19 +62,17 @@ def main():
     show_default=True,
     help="Which graphs to write: step, sequence or both (comma-separated).",
 )
-@click.option(
+@choice_option(
     "--wkv",
-    type=click.Choice(["plain", "plugin"]),
+    choices=["plain", "plugin"],
     default="plain",
-    show_default=True,
     help="plain: WKV as standard ONNX ops; plugin: one rwkv::WKV* node per layer (TensorRT >= 10.7 plugin; "
     "ONNX Runtime runs its function body).",
 )
-@click.option(
+@choice_option(
     "--precision",
-    type=click.Choice(["fp32", "fp16", "bf16"]),
+    choices=["fp32", "fp16", "bf16"],
     default="fp32",
-    show_default=True,
     help="Weights and MatMuls; the state, WKV and normalisations stay float32 (explicit casts).",
 )
 @click.option(
@@ -102,9 +97,8 @@ def main():
     help="RWKV-4 float16 residual rescaling interval (default 6 for fp16/bf16, 0 = off).",
 )
 @click.option("--all-logits", is_flag=True, help="Sequence graph returns logits for every position.")
-@click.option(
+@path_option(
     "--state-tuning",
-    type=click.Path(path_type=Path),
     default=None,
     help="A state-tuning file (blocks.N.att.time_state, RWKV-5/6/7): baked in as the starting state.",
 )
@@ -122,9 +116,8 @@ def main():
     is_flag=True,
     help="Export weights that hold NaN or inf (refused by default, naming the tensor).",
 )
-@click.option(
+@path_option(
     "--lora",
-    type=click.Path(path_type=Path),
     default=None,
     help="A LoRA adapter (.pth/.safetensors, <weight>.lora_A/.lora_B as RWKV-PEFT writes them) merged "
     "into the weights: W + B@A * alpha/rank.",
@@ -137,47 +130,9 @@ def main():
 )
 @click.option("-q", "--quiet", is_flag=True)
 @user_errors
-def export_cmd(
-    checkpoint,
-    out,
-    graphs,
-    wkv,
-    precision,
-    quantize,
-    quant_block,
-    rescale_every,
-    all_logits,
-    state_tuning,
-    tokenizer,
-    external_data,
-    allow_nonfinite,
-    lora,
-    lora_alpha,
-    quiet,
-):
+def export_cmd(checkpoint, out, quiet, **options):
     """Export CHECKPOINT (BlinkDL .pth, .safetensors, or a Hugging Face RWKV directory) to ONNX."""
-    _isolated(
-        lambda: _export(
-            checkpoint,
-            out,
-            graphs,
-            wkv,
-            precision,
-            quantize,
-            quant_block,
-            rescale_every,
-            all_logits,
-            state_tuning,
-            tokenizer,
-            external_data,
-            allow_nonfinite,
-            quiet,
-            lora,
-            lora_alpha,
-        ),
-        checkpoint,
-        out,
-    )
+    _isolated(lambda: _export(checkpoint, out, quiet=quiet, **options), checkpoint, out)
 
 
 def _isolated(body, checkpoint: Path, out: Path) -> None:
@@ -326,9 +281,9 @@ def _export(
 
 # ---------------------------------------------------------------------------------------------
 @main.command("convert-state")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.argument("tuning", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
+@path_argument("checkpoint")
+@path_argument("tuning")
+@path_option("-o", "--output", "out", required=True)
 @user_errors
 def convert_state(checkpoint, tuning, out):
     """Convert a state-tuning file for CHECKPOINT into an .npz for Session(initial_state=...)."""
@@ -339,7 +294,7 @@ def convert_state(checkpoint, tuning, out):
 
 # ---------------------------------------------------------------------------------------------
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@path_argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 @user_errors
 def inspect(model, as_json):
@@ -366,7 +321,7 @@ def inspect(model, as_json):
 
 # ---------------------------------------------------------------------------------------------
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@path_argument("model")
 @click.option("--prompt", "-p", required=True, help="Prompt text.")
 @click.option("-n", "--max-tokens", default=100, show_default=True, type=click.IntRange(0))
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0))
@@ -437,7 +392,7 @@ _register_optional_commands()
 
 # ---------------------------------------------------------------------------------------------
 @main.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@path_argument("model")
 @click.option("--threads", default=None, type=click.IntRange(1), help="onnxruntime intra-op threads.")
 @click.option("--batch", "batches", default="1,4", show_default=True, help="Decode batch sizes (comma-separated).")
 @click.option("--tokens", default=64, show_default=True, type=click.IntRange(1), help="Decode steps timed.")

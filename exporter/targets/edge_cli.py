@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from rwkv_runtime.errors import RuntimeUserError
 
+from ..cli_options import output_option, path_argument, path_option
 from ..errors import ExportError
 
 
@@ -21,14 +20,11 @@ def _run(fn, *a):
 
 
 @click.command("web")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="New folder for the bundle."
-)
-@click.option(
+@path_argument("model")
+@output_option("out", help="New folder for the bundle.")
+@path_option(
     "--ort-web",
     "ort_web",
-    type=click.Path(path_type=Path),
     default=None,
     help="Folder with ONNX Runtime Web 1.30's files: its dist folder, the onnxruntime-web package or the "
     "node_modules holding it (`npm install onnxruntime-web@1.30.0`). Default: a checkout's js/node_modules.",
@@ -43,10 +39,8 @@ def web_command(model, out, ort_web):
 
 
 @click.command("mobile")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="New folder for the .ort files."
-)
+@path_argument("model")
+@output_option("out", help="New folder for the .ort files.")
 def mobile_command(model, out):
     """Convert an exported MODEL (.onnx) and its companions to ORT format for ONNX Runtime Mobile."""
     from .mobile import write_mobile

@@ -11,6 +11,8 @@ import click
 
 from rwkv_runtime.errors import RuntimeUserError
 
+from ..cli_options import path_argument
+
 _MISSING_EXTRA = None
 try:
     from rwkv_runtime.server.options import cli_options
@@ -78,7 +80,7 @@ def _with_options(f):
 
 
 @click.command("serve")
-@click.argument("model", type=click.Path(path_type=Path))
+@path_argument("model")
 @_with_options
 def serve_command(model, **values):
     """Serve MODEL over an OpenAI-compatible HTTP API (continuous batching, prefix-state cache).

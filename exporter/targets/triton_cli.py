@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
+
+from ..cli_options import choice_option, output_option, path_argument, plugin_option
 
 
 @click.command("triton")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "-o",
-    "--output",
+@path_argument("model")
+@output_option(
     "repo",
-    required=True,
-    type=click.Path(path_type=Path),
     help="The model repository folder (created if needed); the model goes into REPO/NAME/.",
 )
-@click.option(
+@choice_option(
     "--backend",
-    type=click.Choice(["onnxruntime", "tensorrt", "python"]),
+    choices=["onnxruntime", "tensorrt", "python"],
     default="onnxruntime",
-    show_default=True,
     help="onnxruntime/tensorrt: Triton keeps the state (implicit state); "
     "python: rwkv_runtime inside Triton's Python backend (CPU).",
 )
@@ -47,11 +42,7 @@ import click
     type=click.IntRange(1, 2**31 - 1),
     help="Sequences open at once (oldest strategy's max_candidate_sequences; default 4 x --max-batch).",
 )
-@click.option(
-    "--plugin",
-    "plugins",
-    multiple=True,
-    type=click.Path(path_type=Path),
+@plugin_option(
     help="tensorrt: the plugin library to ship with the engine (default: the one build-engine used).",
 )
 @click.option(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..cli_options import choice_option, path_argument, path_option, plugin_option
 from .compare import Err, _group, compare, error_of
 from .report import Report, _short, _step_table, polygraphy_command, summary_table, verdict
 from .rollout import free_run, make_rollout, prompt_ids
@@ -171,18 +172,16 @@ def validate(
 
 
 @click.command("validate")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option(
+@path_argument("model")
+@path_option(
     "--reference",
     required=True,
-    type=click.Path(path_type=Path),
     help="The checkpoint MODEL was exported from (run in PyTorch, float32).",
 )
-@click.option(
+@choice_option(
     "--backend",
-    type=click.Choice(["onnxruntime", "tensorrt"]),
+    choices=["onnxruntime", "tensorrt"],
     default="onnxruntime",
-    show_default=True,
     help="What runs the export (a .engine MODEL implies tensorrt).",
 )
 @click.option(
@@ -220,29 +219,22 @@ def validate(
 @click.option(
     "--chunk", default=DEFAULT_CHUNK, show_default=True, type=click.IntRange(1), help="Sequence graph: tokens per call."
 )
-@click.option(
+@path_option(
     "--save-inputs",
-    type=click.Path(path_type=Path),
     default=None,
     help="Write the rollout's feeds as Polygraphy JSON (for polygraphy run --load-inputs).",
 )
-@click.option(
+@path_option(
     "--save-outputs",
-    type=click.Path(path_type=Path),
     default=None,
     help="Write the reference's outputs as Polygraphy RunResults (for polygraphy run --load-outputs).",
 )
-@click.option(
-    "--plugin",
-    "plugins",
-    multiple=True,
-    type=click.Path(path_type=Path),
+@plugin_option(
     help="TensorRT plugin library (default for plugin-mode exports: the built one).",
 )
-@click.option(
+@path_option(
     "--onnx",
     "onnx_path",
-    type=click.Path(path_type=Path),
     default=None,
     help="For a TensorRT engine: the ONNX file it was built from (its manifest; default: beside it).",
 )
@@ -252,48 +244,13 @@ def validate(
     is_flag=True,
     help="Also print the per-step tables of both checks (the verdict and summary come first either way).",
 )
-def validate_command(
-    model,
-    reference,
-    backend,
-    graph,
-    steps,
-    prompt,
-    tokens,
-    atol,
-    rtol,
-    chunk,
-    save_inputs,
-    save_outputs,
-    plugins,
-    onnx_path,
-    verbose,
-):
+def validate_command(model, reference, verbose, **options):
     """Check exported MODEL against the PyTorch reference over a multi-step rollout (Polygraphy).
 
     Exits 1 when the export is wrong, naming the first step that broke tolerance.
     """
     from ..errors import user_errors
 
-    run = user_errors(
-        lambda: validate(
-            model,
-            reference,
-            backend,
-            graph,
-            steps,
-            prompt,
-            tokens,
-            atol,
-            rtol,
-            chunk,
-            save_inputs,
-            save_outputs,
-            plugins,
-            onnx_path,
-            echo=click.echo,
-            verbose=verbose,
-        )
-    )
+    run = user_errors(lambda: validate(model, reference, echo=click.echo, verbose=verbose, **options))
     if not run().passed:
         click.get_current_context().exit(1)

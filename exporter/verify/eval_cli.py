@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import click
 
+from ..cli_options import choice_option, path_argument, path_option
 from ..errors import user_errors
 
 
@@ -32,19 +32,17 @@ def _format(man) -> str:
 
 
 @click.command("eval")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option(
+@path_argument("model")
+@choice_option(
     "--task",
-    type=click.Choice(["lambada", "perplexity"]),
+    choices=["lambada", "perplexity"],
     default="lambada",
-    show_default=True,
     help='lambada: last-word prediction as BlinkDL scores it (.jsonl of {"text": ...}); '
     "perplexity: every token of a UTF-8 text file.",
 )
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="The task's data file.")
-@click.option(
+@path_option("--data", required=True, help="The task's data file.")
+@path_option(
     "--reference",
-    type=click.Path(path_type=Path),
     default=None,
     help="The checkpoint the export came from: scored too (PyTorch, float32), and the difference printed.",
 )

@@ -30,6 +30,7 @@ from rwkv_runtime.safe_write import SafeWrite, check_not_inputs, write_file
 from rwkv_runtime.tensorrt.loader import import_tensorrt, trt_logger
 
 from ... import __version__
+from ...cli_options import output_option, path_argument, path_option, plugin_option
 from .loader import EngineBuildError, EngineLoader, Profile, custom_ops
 
 
@@ -308,13 +309,9 @@ def _sidecar(trt, g: _Graph, opts: EngineOptions, plugins: list, shapes: dict, p
 # CLI
 # ---------------------------------------------------------------------------------------------
 @click.command("build-engine")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "-o",
-    "--output",
+@path_argument("model")
+@output_option(
     "out",
-    required=True,
-    type=click.Path(path_type=Path),
     help="Engine path (model.engine); a sequence companion goes beside it as model.seq.engine.",
 )
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Largest batch size.")
@@ -331,16 +328,11 @@ def _sidecar(trt, g: _Graph, opts: EngineOptions, plugins: list, shapes: dict, p
 @click.option(
     "--opt-seq", default=None, type=click.IntRange(1), help="Sequence graph: T to tune for [min(128, max-seq)]."
 )
-@click.option(
-    "--plugin",
-    "plugins",
-    multiple=True,
-    type=click.Path(path_type=Path),
+@plugin_option(
     help="TensorRT plugin library to load (repeatable; default for plugin-mode exports: the built one).",
 )
-@click.option(
+@path_option(
     "--timing-cache",
-    type=click.Path(path_type=Path),
     default=None,
     help="TensorRT timing cache: read if present, written back after the build (faster rebuilds).",
 )
