@@ -107,14 +107,17 @@ class Quantizer:
             self._row_quantizers[block] = q
         return self._row_quantizers[block]
 
+    def _ms_node(self, op_type: str, inputs, outputs, name: str, **attrs):
+        """A com.microsoft node replacing node ``name``, named after it and this quantiser's bits."""
+        return helper.make_node(op_type, inputs, list(outputs), name=f"{name}_Q{self.bits}", domain=MS_DOMAIN, **attrs)
+
     def gather_node(self, indices: str, qname: str, sname: str, outputs, name: str):
         """Rows of a table quantised by ``tensors(rows=True)``, dequantised to float32 as they are read."""
-        return helper.make_node(
+        return self._ms_node(
             "GatherBlockQuantized",
             [qname, indices, sname],
-            list(outputs),
-            name=f"{name}_Q{self.bits}",
-            domain=MS_DOMAIN,
+            outputs,
+            name,
             gather_axis=0,
             quantize_axis=1,
             block_size=self.block,
@@ -144,12 +147,11 @@ class Quantizer:
         return packed, scales
 
     def node(self, x: str, qname: str, sname: str, outputs, name: str, K: int, N: int):
-        return helper.make_node(
+        return self._ms_node(
             "MatMulNBits",
             [x, qname, sname],
-            list(outputs),
-            name=f"{name}_Q{self.bits}",
-            domain=MS_DOMAIN,
+            outputs,
+            name,
             K=K,
             N=N,
             bits=self.bits,
@@ -245,21 +247,35 @@ def quantize_into(model: onnx.ModelProto, pending: PendingStore, store, quantize
                 new_inits.append(t_)
             quantized.add(qname)
         new_nodes.append(quantizer.node(node.input[0], qname, sname, node.output, node.name, K, N))
-    used = set()
-    for n in new_nodes:  # Scan bodies read outer-scope initializers (RWKV-4's w, u) by name too
-        used.update(n.input)
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                used.update(i for sub in a.g.node for i in sub.input)
+    used = names_read(new_nodes)
     for t in g.initializer:
         if t.name not in used:
             continue  # a float matrix that was quantised
         arr = pending.array(t)
         new_inits.append(t if arr is None else _tensor(store, t.name, arr))
+    replace_graph(model, new_nodes, new_inits)
+
+
+def names_read(nodes) -> set:
+    """The value names ``nodes`` read, their subgraphs' included (a Scan body reads outer-scope
+    initializers, RWKV-4's w and u, by name)."""
+    used = set()
+    for n in nodes:
+        used.update(n.input)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                used.update(i for sub in a.g.node for i in sub.input)
+    return used
+
+
+def replace_graph(model: onnx.ModelProto, nodes, initializers) -> None:
+    """Give ``model``'s main graph these nodes and initializers, and the com.microsoft opset that
+    quantised nodes need."""
+    g = model.graph
     del g.node[:]
-    g.node.extend(new_nodes)
+    g.node.extend(nodes)
     del g.initializer[:]
-    g.initializer.extend(new_inits)
+    g.initializer.extend(initializers)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 

@@ -21,7 +21,7 @@ import itertools
 
 import numpy as np
 
-from .errors import RuntimeUserError
+from .errors import PROMPT_ERRORS, RuntimeUserError, nonempty_list
 from .generation import Batch, Row, prefill_many
 from .sampling import Sampler, SamplingParams
 from .state import State
@@ -52,12 +52,7 @@ class BatchGenerator:
     def add(self, prompt, sampling: SamplingParams | None = None, state: State | None = None) -> int:
         """Prefill a new sequence and append its state row to the running batch; returns its id."""
         sampler = Sampler(sampling or SamplingParams(), vocab_size=self.session.vocab_size)  # checked first
-        try:
-            ids = list(self.session._prompt_ids(prompt))
-        except TypeError:
-            raise RuntimeUserError("the prompt must be text or a list of token ids") from None
-        if not ids:
-            raise RuntimeUserError("the prompt is empty")
+        ids = nonempty_list(self.session._prompt_ids(prompt), *PROMPT_ERRORS)
         logits, st = self.session.prefill(np.asarray([ids]), state)
         seq_id = next(self._ids)
         row = Row(sampler, stop_ids=(), key=seq_id)  # (stop ids are the caller's to act on, as before)

@@ -7,3 +7,18 @@ class RuntimeUserError(ValueError):
 
 class BackendUnavailable(RuntimeUserError):
     """An optional backend (TensorRT, CUDA bindings) is not installed."""
+
+
+PROMPT_ERRORS = ("the prompt must be text or a list of token ids", "the prompt is empty")
+
+
+def nonempty_list(values, not_a_list: str, empty: str) -> list:
+    """``values`` (a caller's iterable) as a list; RuntimeUserError(``not_a_list``) when it is not
+    iterable, RuntimeUserError(``empty``) when it holds nothing."""
+    try:
+        out = list(values)
+    except TypeError:
+        raise RuntimeUserError(not_a_list) from None
+    if not out:
+        raise RuntimeUserError(empty)
+    return out

@@ -16,7 +16,7 @@ import numpy as np
 
 from .artifact import is_engine, open_artifact
 from .backend import Backend
-from .errors import RuntimeUserError
+from .errors import PROMPT_ERRORS, RuntimeUserError, nonempty_list
 from .generation import Batch, Row, TextStream
 from .manifest import StateSpec
 from .sampling import Sampler, SamplingParams
@@ -349,12 +349,7 @@ class Session:
         model runs the token, so a consumer sees it at once); ``holder.state``: the state after the last
         token run (the prompt, then each generated token; not a stop token)."""
         sampler = Sampler(sampling or SamplingParams(), vocab_size=self.vocab_size)
-        try:
-            ids = list(prompt_tokens)
-        except TypeError:
-            raise RuntimeUserError("the prompt must be text or a list of token ids") from None
-        if len(ids) == 0:
-            raise RuntimeUserError("the prompt is empty")
+        ids = nonempty_list(prompt_tokens, *PROMPT_ERRORS)
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise RuntimeUserError(f"max_new_tokens must be an integer >= 0, not {max_new_tokens!r}")
         logits, st = self.prefill(np.asarray([ids]), state)
@@ -411,12 +406,7 @@ class Generation:
         Sampler(sampling, vocab_size=session.vocab_size)  # check the settings now, not at the first token
         self.session = session
         self.state = None  # the state after the last token (continue a conversation from it)
-        try:
-            ids = list(ids)
-        except TypeError:
-            raise RuntimeUserError("the prompt must be text or a list of token ids") from None
-        if not ids:
-            raise RuntimeUserError("the prompt is empty")
+        ids = nonempty_list(ids, *PROMPT_ERRORS)
         # checked now, not at the first next(): a bad token id, or a model without a tokenizer to decode
         # with, is an error of the call (the CLI prints nothing before it)
         session._tokens([ids], 2)

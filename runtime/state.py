@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RuntimeUserError
+from .errors import RuntimeUserError, nonempty_list
 
 STATE_DTYPES = {"float32": np.float32, "float16": np.float16}
 EXPORT_ID_KEY = "__rwkv_export_id__"  # the export a saved state belongs to (an .npz member)
@@ -126,12 +126,7 @@ class State:
     @staticmethod
     def concat(states: list) -> State:
         """Join the states of several batches into one batch (sequences joining a running batch)."""
-        try:
-            states = list(states)
-        except TypeError:
-            raise RuntimeUserError("State.concat needs a list of States") from None
-        if not states:
-            raise RuntimeUserError("State.concat needs at least one state")
+        states = nonempty_list(states, "State.concat needs a list of States", "State.concat needs at least one state")
         bad = next((s for s in states if not isinstance(s, State)), None)
         if bad is not None:
             raise RuntimeUserError(f"State.concat joins States, not {type(bad).__name__}")

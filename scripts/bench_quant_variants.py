@@ -57,7 +57,6 @@ VARIANTS = [
     "dq8",
     "dq8-head32",
 ]
-MS = "com.microsoft"
 
 
 def _parse(variant: str) -> dict:
@@ -88,6 +87,8 @@ def rewrite(model, variant: str, cache: dict):
     import onnx
     from onnx import helper, numpy_helper
 
+    from rwkv_export.quantize import names_read, replace_graph
+
     v = _parse(variant)
     if v["kind"] == "fp32":
         return model
@@ -116,16 +117,8 @@ def rewrite(model, variant: str, cache: dict):
             keep_inits += cache[t.name]
             added.add(t.name)
         nodes.append(q.node(node.input[0], qname, sname, node.output, node.name, K, N))
-    used = {i for n in nodes for i in n.input} | {
-        i for n in nodes for a in n.attribute if a.type == a.GRAPH for sub in a.g.node for i in sub.input
-    }
-    keep_inits = [t for t in g.initializer if t.name in used] + keep_inits
-    del g.node[:]
-    g.node.extend(nodes)
-    del g.initializer[:]
-    g.initializer.extend(keep_inits)
-    if not any(o.domain == MS for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS, 1))
+    used = names_read(nodes)
+    replace_graph(model, nodes, [t for t in g.initializer if t.name in used] + keep_inits)
     return model
 
 

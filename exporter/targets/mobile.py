@@ -22,6 +22,7 @@ from rwkv_runtime.manifest import MANIFEST_KEY
 from rwkv_runtime.safe_write import PREFIX, SafeWrite
 
 from ..errors import ExportError
+from . import check_new_folder
 
 ORT_FORMAT_LIMIT = 2**31 - 1  # flatbuffers: one .ort file must stay under 2 GB
 
@@ -72,10 +73,7 @@ def write_mobile(model, out) -> list[Path]:
         raise ExportError(
             f"{model.name} is a bfloat16 export: ONNX Runtime Mobile has no bfloat16 kernels; export fp32 or fp16"
         )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out}: exists and is not an empty folder; choose another -o")
-    if not out.parent.is_dir():
-        raise ExportError(f"{out.parent}: no such folder")
+    check_new_folder(out)
     art.initial_state()  # a manifest that promises an embedded initial state has one (as the runtime checks)
     graphs = {}
     for kind in ("step", "sequence"):

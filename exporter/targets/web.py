@@ -22,6 +22,7 @@ from rwkv_runtime.artifact import open_artifact
 from rwkv_runtime.safe_write import SafeWrite
 
 from ..errors import ExportError
+from . import check_new_folder
 
 REPO = Path(__file__).resolve().parents[2]
 JS_DIR = REPO / "js"  # a checkout's js/ (its node_modules is the fallback for ORT Web)
@@ -132,10 +133,7 @@ def write_web_bundle(model, out, js_dir: Path | None = None, ort_web=None) -> li
         raise ExportError(
             f"{model.name}: the manifest names a tokenizer.json but the model does not embed it; re-export it"
         )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out}: exists and is not an empty folder; choose another -o")
-    if not out.parent.is_dir():
-        raise ExportError(f"{out.parent}: no such folder")
+    check_new_folder(out)
     if not (RUNTIME_DIR / "web.js").is_file() or not all((DEMO_DIR / f).is_file() for f in DEMO_FILES):
         raise ExportError(f"{ASSETS}: the web runtime's files are missing from this rwkv-export install; reinstall it")
     ort = find_ort_web(ort_web, js_dir)
