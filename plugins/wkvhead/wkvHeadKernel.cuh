@@ -27,6 +27,7 @@
 
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #include <cuda_runtime.h>
@@ -68,6 +69,27 @@ cudaError_t launch(void (*kernel)(Params...), unsigned int grid, unsigned int bl
 #else
     return rwkvEmulateLaunch(kernel, grid, block, shmBytes, stream, args...);
 #endif
+}
+
+//! Launches the kernel `kernelFor(std::integral_constant<int32_t, S>{})` returns, specialised for head size
+//! S = N where RWKV_WKVHEAD_FOR_EACH_SIZE has N (else S = 0, the generic kernel): one block of N threads per
+//! (batch, head), `vectors` float vectors of N in dynamic shared memory.
+template <typename KernelFor, typename... Args>
+cudaError_t launchPerHead(
+    KernelFor kernelFor, cudaStream_t stream, int32_t B, int32_t H, int32_t N, size_t vectors, Args... args)
+{
+    auto const grid = static_cast<unsigned int>(static_cast<int64_t>(B) * H);
+    auto const block = static_cast<unsigned int>(N);
+    size_t const shmBytes = vectors * static_cast<size_t>(N) * sizeof(float);
+    switch (N)
+    {
+#define RWKV_CASE(S)                                                                                                   \
+    case S: return launch(kernelFor(std::integral_constant<int32_t, S>{}), grid, block, shmBytes, stream, args...);
+        RWKV_WKVHEAD_FOR_EACH_SIZE(RWKV_CASE)
+#undef RWKV_CASE
+    default: break;
+    }
+    return launch(kernelFor(std::integral_constant<int32_t, 0>{}), grid, block, shmBytes, stream, args...);
 }
 
 // ---- WKV5 / WKV6 --------------------------------------------------------------------------------
@@ -153,26 +175,9 @@ template <typename Act, typename WT, bool kTokenDecay>
 cudaError_t launchWkv56(cudaStream_t stream, int32_t B, int32_t T, int32_t H, int32_t N, void const* r, void const* k,
     void const* v, void const* w, float const* u, float const* state, void* y, float* stateOut)
 {
-    auto const grid = static_cast<unsigned int>(static_cast<int64_t>(B) * H);
-    auto const block = static_cast<unsigned int>(N);
-    size_t const shmBytes = 4 * static_cast<size_t>(N) * sizeof(float);
-    auto const* rp = static_cast<Act const*>(r);
-    auto const* kp = static_cast<Act const*>(k);
-    auto const* vp = static_cast<Act const*>(v);
-    auto const* wp = static_cast<WT const*>(w);
-    auto* yp = static_cast<Act*>(y);
-    switch (N)
-    {
-#define RWKV_CASE(S)                                                                                                   \
-    case S:                                                                                                            \
-        return launch(wkv56Kernel<Act, WT, S, kTokenDecay>, grid, block, shmBytes, stream, T, H, N, rp, kp, vp, wp, u, \
-            state, yp, stateOut);
-        RWKV_WKVHEAD_FOR_EACH_SIZE(RWKV_CASE)
-#undef RWKV_CASE
-    default: break;
-    }
-    return launch(wkv56Kernel<Act, WT, 0, kTokenDecay>, grid, block, shmBytes, stream, T, H, N, rp, kp, vp, wp, u,
-        state, yp, stateOut);
+    auto const kernelFor = [](auto size) { return &wkv56Kernel<Act, WT, decltype(size)::value, kTokenDecay>; };
+    return launchPerHead(kernelFor, stream, B, H, N, 4, T, H, N, static_cast<Act const*>(r), static_cast<Act const*>(k),
+        static_cast<Act const*>(v), static_cast<WT const*>(w), u, state, static_cast<Act*>(y), stateOut);
 }
 
 // ---- WKV7 ---------------------------------------------------------------------------------------
@@ -284,28 +289,10 @@ template <typename Act, typename WT>
 cudaError_t launchWkv7(cudaStream_t stream, int32_t B, int32_t T, int32_t H, int32_t N, void const* r, void const* w,
     void const* k, void const* v, void const* a, void const* b, float const* state, void* y, float* stateOut)
 {
-    auto const grid = static_cast<unsigned int>(static_cast<int64_t>(B) * H);
-    auto const block = static_cast<unsigned int>(N);
-    size_t const shmBytes = 5 * static_cast<size_t>(N) * sizeof(float);
-    auto const* rp = static_cast<Act const*>(r);
-    auto const* wp = static_cast<WT const*>(w);
-    auto const* kp = static_cast<Act const*>(k);
-    auto const* vp = static_cast<Act const*>(v);
-    auto const* ap = static_cast<Act const*>(a);
-    auto const* bp = static_cast<Act const*>(b);
-    auto* yp = static_cast<Act*>(y);
-    switch (N)
-    {
-#define RWKV_CASE(S)                                                                                                   \
-    case S:                                                                                                            \
-        return launch(wkv7Kernel<Act, WT, S>, grid, block, shmBytes, stream, T, H, N, rp, wp, kp, vp, ap, bp, state,   \
-            yp, stateOut);
-        RWKV_WKVHEAD_FOR_EACH_SIZE(RWKV_CASE)
-#undef RWKV_CASE
-    default: break;
-    }
-    return launch(
-        wkv7Kernel<Act, WT, 0>, grid, block, shmBytes, stream, T, H, N, rp, wp, kp, vp, ap, bp, state, yp, stateOut);
+    auto const kernelFor = [](auto size) { return &wkv7Kernel<Act, WT, decltype(size)::value>; };
+    return launchPerHead(kernelFor, stream, B, H, N, 5, T, H, N, static_cast<Act const*>(r), static_cast<WT const*>(w),
+        static_cast<Act const*>(k), static_cast<Act const*>(v), static_cast<Act const*>(a), static_cast<Act const*>(b),
+        state, static_cast<Act*>(y), stateOut);
 }
 
 } // namespace head
