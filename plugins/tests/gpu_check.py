@@ -514,6 +514,17 @@ class CudaCoreChecks:
 
 
 # -- bandwidth: the kernels against the device's memory bandwidth ------------------------------------------
+def seconds_per_call(backend, fn, reps: int) -> float:
+    """Mean seconds of ``fn()`` over ``reps`` calls after one warm-up, the device synchronised around them."""
+    fn()
+    backend.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    backend.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
 def copy_ceiling(backend, nbytes=512 << 20, reps=20):
     """GB/s of a device-to-device copy (read + write counted), the same-run ceiling."""
     n = nbytes // 4
@@ -525,13 +536,7 @@ def copy_ceiling(backend, nbytes=512 << 20, reps=20):
         src = backend.mod.empty(n, dtype=backend.mod.float32)
         dst = backend.mod.empty_like(src)
         fn = lambda: backend.mod.copyto(dst, src)  # noqa: E731
-    fn()
-    backend.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    backend.synchronize()
-    return 2 * nbytes / ((time.perf_counter() - t0) / reps) / 1e9
+    return 2 * nbytes / seconds_per_call(backend, fn, reps) / 1e9
 
 
 def theoretical_bandwidth():
@@ -564,13 +569,7 @@ def bandwidth_check(report, lib, hlib, backend, rng):
     rows = []
 
     def timed(fn, reps=BANDWIDTH_REPS):
-        fn()
-        backend.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        backend.synchronize()
-        return (time.perf_counter() - t0) / reps
+        return seconds_per_call(backend, fn, reps)
 
     for B, T, C, dt in WKV4_BANDWIDTH_CASES:
         k, v, w, u, state = ref.random_case(rng, B, T, C, dt, warmup=0)
