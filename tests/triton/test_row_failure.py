@@ -10,9 +10,9 @@ import logging
 import numpy as np
 
 import rwkv_runtime
-from rwkv_export.targets.triton import write_repository  # noqa: E402 - after the skip in test_triton_audit
+from rwkv_export.targets.triton import write_repository  # noqa: E402 - after the skip in test_python_model
 
-from .test_triton_audit import INTERNAL, load_model, logits, pb_utils, req  # noqa: F401 - pb_utils: a fixture
+from .test_python_model import INTERNAL, load_model, logits, pb_utils, req  # noqa: F401 - pb_utils: a fixture
 
 
 def test_a_failing_step_fails_its_request_alone(triton_exports, tmp_path, pb_utils, monkeypatch, caplog):  # noqa: F811

@@ -1,7 +1,7 @@
 // Regression tests of the JS runtime's error contract (docs/errors.md): damaged or tampered exports,
 // wrong arguments and concurrent use give one RuntimeUserError (or the right answer), never a crash
 // deep inside onnxruntime, a silently wrong result, or an input the Python runtime refuses.
-// The model parts run through pytest (tests/edge/test_js_audit.py sets RWKV_AUDIT_DIR: exports of
+// The model parts run through pytest (tests/edge/test_js_errors.py sets RWKV_AUDIT_DIR: exports of
 // the default model and the Python runtime's generations on it); the rest needs no model.
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
@@ -15,7 +15,7 @@ import { checkCompanion } from "../src/manifest.js";
 
 const dir = process.env.RWKV_AUDIT_DIR;
 const cases = dir ? JSON.parse(await readFile(join(dir, "audit.json"), "utf8")) : null;
-const withModel = { skip: dir ? false : "RWKV_AUDIT_DIR is not set (run through pytest tests/edge/test_js_audit.py)" };
+const withModel = { skip: dir ? false : "RWKV_AUDIT_DIR is not set (run through pytest tests/edge/test_js_errors.py)" };
 const userError = (re) => (e) => e instanceof RuntimeUserError && (!re || re.test(e.message));
 
 // -- helpers --------------------------------------------------------------------------------------

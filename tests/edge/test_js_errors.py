@@ -1,7 +1,7 @@
 """The JavaScript runtime's error contract (docs/errors.md) on the default model: tampered manifests,
 foreign companions, missing/truncated weights files, damaged embedded states, bad tokens, states and
 settings, and concurrent generations each give one RuntimeUserError or the right answer; greedy and
-seeded generations equal the Python runtime's token for token. Runs `node --test test/audit.test.js`."""
+seeded generations equal the Python runtime's token for token. Runs `node --test test/errors.test.js`."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def audit_dir(tmp_path_factory):
     return d
 
 
-def test_js_audit_suite_passes(audit_dir):
-    r = run_node_tests(audit_dir, ["test/audit.test.js"], env_extra={"RWKV_AUDIT_DIR": str(audit_dir)})
+def test_js_errors_suite_passes(audit_dir):
+    r = run_node_tests(audit_dir, ["test/errors.test.js"], env_extra={"RWKV_AUDIT_DIR": str(audit_dir)})
     out = r.stdout + r.stderr
     assert r.returncode == 0 and counts_ok(out), failures(out)
