@@ -67,3 +67,30 @@ def metric(srv, name: str, labels: str = "") -> float:
     pat = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" (\S+)"
     m = re.search("^" + pat + "$", text, re.M)
     return float(m.group(1)) if m else 0.0
+
+
+@contextlib.contextmanager
+def server_process(argv: list, env=None, cwd=None):
+    """A server in its own process (``python ARGV...``, listening on 127.0.0.1): yields (process, url, the
+    stderr lines after the listening line, the thread collecting them); killed at exit if still running."""
+    import subprocess
+    import sys
+    import threading
+
+    p = subprocess.Popen([sys.executable, *argv], stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    try:
+        url, head = None, []
+        while url is None:
+            line = p.stderr.readline()
+            assert line, "".join(head)
+            head.append(line)
+            m = re.search(r"(http://127\.0\.0\.1:\d+)", line)
+            url = m.group(1) if m else None
+        rest: list = []
+        reader = threading.Thread(target=lambda: rest.extend(p.stderr), daemon=True)
+        reader.start()
+        yield p, url, rest, reader
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -9,7 +9,6 @@ import dataclasses
 import io
 import json
 import logging
-import re
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import httpx  # noqa: E402 - after the skip check
 import numpy as np  # noqa: E402 - after the skip check
 import openai  # noqa: E402 - after the skip check
 
-from .conftest import client, metric  # noqa: E402 - after the skip check
+from .conftest import client, metric, server_process  # noqa: E402 - after the skip check
 
 
 def _keyed_server(model, key, stack):
@@ -136,36 +135,9 @@ def _env():
 def test_sigterm_drains_streams_to_done_and_refuses_new_work_with_503(default_model):
     """Streams outliving --drain-seconds used to end as a broken chunked body (no error, no [DONE]) with a
     CancelledError traceback each, and requests during the drain got connection refused."""
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rwkv_runtime.server",
-            str(default_model),
-            "--port",
-            "0",
-            "--model-name",
-            "m",
-            "--drain-seconds",
-            "2",
-            "--max-tokens",
-            "1000000",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-    )
-    try:
-        url, head = None, []
-        while url is None:
-            line = p.stderr.readline()
-            assert line, "".join(head)
-            head.append(line)
-            m = re.search(r"running on (http://127\.0\.0\.1:\d+)", line)
-            url = m.group(1) if m else None
-        rest: list = []
-        reader = threading.Thread(target=lambda: rest.extend(p.stderr), daemon=True)
-        reader.start()
+    argv = ["-m", "rwkv_runtime.server", str(default_model), "--port", "0", "--model-name", "m"]
+    argv += ["--drain-seconds", "2", "--max-tokens", "1000000"]
+    with server_process(argv, env=_env()) as (p, url, rest, reader):
         body = {"model": "m", "prompt": "Hello", "max_tokens": 1000000, "stream": True, "temperature": 0}
         streams = [httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) for _ in range(2)]
         events: list = [[], []]
@@ -196,10 +168,6 @@ def test_sigterm_drains_streams_to_done_and_refuses_new_work_with_503(default_mo
         reader.join(10)
         log = "".join(rest)
         assert "Traceback" not in log and "CancelledError" not in log, log
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 def test_requests_that_finish_within_the_drain_complete_normally(default_model):

@@ -22,7 +22,7 @@ from rwkv_runtime import RuntimeUserError, Session  # noqa: E402 - after the ski
 from rwkv_runtime.server import ChatTemplate, statefile  # noqa: E402 - after the skip check
 from rwkv_runtime.server.cache import PrefixCache  # noqa: E402 - after the skip check
 
-from .conftest import REPO  # noqa: E402 - after the skip check
+from .conftest import REPO, server_process  # noqa: E402 - after the skip check
 
 
 def _arrays(v: float, n: int = 100) -> dict:
@@ -132,44 +132,14 @@ def test_entry_points_give_one_line_errors(tmp_path):
 def test_sigterm_drains_in_flight_streams_then_exits(default_model):
     """The real process: SIGTERM while a stream runs -> the stream ends normally, the process exits 0,
     and the request's structured log line is written."""
-    import re
     import signal
-    import threading
 
     import httpx
 
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rwkv_runtime.server",
-            str(default_model),
-            "--port",
-            "0",
-            "--model-name",
-            "m",
-            "--drain-seconds",
-            "20",
-        ],
-        cwd=REPO,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        lines: list = []
-        port = None
-        for line in p.stderr:
-            lines.append(line)
-            m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-            if m:
-                port = int(m.group(1))
-                break
-        assert port, "".join(lines)
-        rest: list = []
-        reader = threading.Thread(target=lambda: rest.extend(p.stderr), daemon=True)
-        reader.start()
+    argv = ["-m", "rwkv_runtime.server", str(default_model), "--port", "0", "--model-name", "m"]
+    with server_process([*argv, "--drain-seconds", "20"], cwd=REPO) as (p, url, rest, reader):
         body = {"model": "m", "prompt": "Hi", "max_tokens": 400, "temperature": 0, "stream": True}
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             it = r.iter_lines()
             next(it)
             p.send_signal(signal.SIGTERM)
@@ -180,10 +150,6 @@ def test_sigterm_drains_in_flight_streams_then_exits(default_model):
         reader.join(10)
         logs = [json.loads(ln) for ln in rest if ln.startswith("{")]
         assert any(e.get("event") == "request_done" and e.get("completion_tokens") == 400 for e in logs), rest
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 def test_stop_strings_match_a_plain_search_however_the_text_is_split():

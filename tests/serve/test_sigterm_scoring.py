@@ -7,16 +7,13 @@ between two model runs and answered 503 in OpenAI's error shape, and the process
 from __future__ import annotations
 
 import json
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from .conftest import need_serve_deps
+from .conftest import need_serve_deps, server_process
 
 need_serve_deps()
 
@@ -29,36 +26,9 @@ LONG = "The quick brown fox. " * 4000  # 84 000 byte tokens: scored one step a t
 
 def test_sigterm_during_long_prompt_scoring_answers_503_and_exits(default_model):
     env = {k: v for k, v in __import__("os").environ.items() if k != "RWKV_API_KEY"}
-    p = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from rwkv_export.cli import main; main()",
-            "serve",
-            str(default_model),
-            "--port",
-            "0",
-            "--model-name",
-            "m",
-            "--drain-seconds",
-            "1",
-            "--max-prompt-tokens",
-            "200000",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        url, head = None, []
-        while url is None:
-            line = p.stderr.readline()
-            assert line, "".join(head)
-            head.append(line)
-            m = re.search(r"running on (http://127\.0\.0\.1:\d+)", line)
-            url = m.group(1) if m else None
-        rest: list = []
-        threading.Thread(target=lambda: rest.extend(p.stderr), daemon=True).start()
+    argv = ["-c", "from rwkv_export.cli import main; main()", "serve", str(default_model), "--port", "0"]
+    argv += ["--model-name", "m", "--drain-seconds", "1", "--max-prompt-tokens", "200000"]
+    with server_process(argv, env=env) as (p, url, rest, _):
         answers: dict = {}
 
         def ask(name, body):
@@ -93,7 +63,3 @@ def test_sigterm_during_long_prompt_scoring_answers_503_and_exits(default_model)
         assert took < 10, took  # the drain's 1 s, not the ~20 s the scoring would have taken
         log = "".join(rest)
         assert "Traceback" not in log and "CancelledError" not in log, log
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
