@@ -22,6 +22,7 @@ from rwkv_runtime.manifest import BATCH, StateSpec
 
 from ..onnx_graph import GraphBuilder
 from . import ArchSpec, keys
+from .frame import ReferenceModel
 from .graph import LN_EPS, Graph, GraphOptions, embedding_and_head, layer_matrices, wkv_node
 from .headwise import initial_state
 
@@ -199,13 +200,8 @@ class Block(nn.Module):
         self.ffn = ChannelMix(C, F_)
 
 
-def _shift(xx, prev):
-    """Token shift over a sequence: [prev, xx_0, ..., xx_{T-2}]."""
-    return torch.cat([prev[:, None], xx[:, :-1]], 1)
-
-
-class Model(nn.Module):
-    """RWKV-4 in PyTorch: ``step`` is the RNN form, ``sequence`` the parallel form."""
+class Model(ReferenceModel):
+    """RWKV-4 in PyTorch: ``step`` is the RNN form, ``sequence`` the parallel form (frame.py)."""
 
     version = VERSION
 
@@ -237,39 +233,13 @@ class Model(nn.Module):
     def new_state(self, batch_size: int = 1) -> dict:
         return initial_state(state_layout(self.cfg), batch_size, None)
 
-    def _run(self, x, state: dict, parallel: bool):
-        x = self.blocks[0].ln0(x)
-        new = {}
-        for i, blk in enumerate(self.blocks):
-            s = lambda f, i=i: state[f"state.{i}.{f}"]  # noqa: E731 - this layer's state
-            xx = blk.ln1(x)
-            sx = _shift(xx, s("att_shift")) if parallel else s("att_shift")
-            out, aa, bb, pp = blk.att(xx, sx, s("wkv_aa"), s("wkv_bb"), s("wkv_pp"), parallel)
-            x = x + out
-            new.update(
-                {
-                    f"state.{i}.att_shift": xx[:, -1] if parallel else xx,
-                    f"state.{i}.wkv_aa": aa,
-                    f"state.{i}.wkv_bb": bb,
-                    f"state.{i}.wkv_pp": pp,
-                }
-            )
-            xx = blk.ln2(x)
-            sx = _shift(xx, s("ffn_shift")) if parallel else s("ffn_shift")
-            x = x + blk.ffn(xx, sx)
-            new[f"state.{i}.ffn_shift"] = xx[:, -1] if parallel else xx
-            R = self.cfg.get("rescale_every", 0)
-            if R and (i + 1) % R == 0:  # as transformers does (its weights are divided in from_weights)
-                x = x / 2
-        return self.head(self.ln_out(x)), new
+    def attend(self, i, blk, xx, sx, s, parallel, carry):
+        out, aa, bb, pp = blk.att(xx, sx, s("wkv_aa"), s("wkv_bb"), s("wkv_pp"), parallel)
+        return out, {"wkv_aa": aa, "wkv_bb": bb, "wkv_pp": pp}
 
-    def step(self, tokens, state: dict):
-        """tokens [B] -> logits [B,V], new state (keys as the inputs: ``state.{i}.{field}``)."""
-        return self._run(self.emb(tokens), state, parallel=False)
-
-    def sequence(self, tokens, state: dict):
-        """tokens [B,T] -> logits [B,T,V], state after the last token."""
-        return self._run(self.emb(tokens), state, parallel=True)
+    def after_layer(self, i, x):
+        R = self.cfg.get("rescale_every", 0)
+        return x / 2 if R and (i + 1) % R == 0 else x  # as transformers does (weights divided in from_weights)
 
 
 # ---------------------------------------------------------------------------------------------

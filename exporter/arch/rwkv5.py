@@ -142,30 +142,11 @@ class TimeMix(nn.Module):
         return self.output(out), s
 
 
-class ChannelMix(nn.Module):
-    def __init__(self, C, F_):
-        super().__init__()
-        self.time_mix_k = nn.Parameter(torch.zeros(C))
-        self.time_mix_r = nn.Parameter(torch.zeros(C))
-        self.key = nn.Linear(C, F_, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(F_, C, bias=False)
-
-    def forward(self, xx, sx):
-        mk, mr = self.time_mix_k, self.time_mix_r
-        k = torch.square(torch.relu(self.key(xx * mk + sx * (1 - mk))))
-        return torch.sigmoid(self.receptance(xx * mr + sx * (1 - mr))) * self.value(k)
-
-
 class Model(hw.HeadwiseModel):
     """RWKV-5 in PyTorch: ``step`` is the RNN form, ``sequence`` the chunked parallel form."""
 
-    version = VERSION
     time_mix = staticmethod(lambda i, cfg: TimeMix(cfg))
-    channel_mix = staticmethod(lambda C, F_: ChannelMix(C, F_))
-    config_from_weights = staticmethod(config_from_weights)
-    state_layout = staticmethod(state_layout)
-    load_state_tuning = staticmethod(load_state_tuning)
+    channel_mix = staticmethod(lambda C, F_: hw.ChannelMix(C, F_, "time_mix"))
 
 
 # ---------------------------------------------------------------------------------------------
