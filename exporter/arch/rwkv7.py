@@ -186,29 +186,13 @@ class Model(hw.HeadwiseModel):
     """RWKV-7 in PyTorch: ``step`` is the RNN form; ``sequence`` computes every projection for
     the whole sequence at once and runs the WKV token by token."""
 
-    version = VERSION
     time_mix = staticmethod(lambda i, cfg: TimeMix(i, cfg))
     channel_mix = staticmethod(lambda C, F_: ChannelMix(C, F_))
-    config_from_weights = staticmethod(config_from_weights)
-    state_layout = staticmethod(state_layout)
-    load_state_tuning = staticmethod(load_state_tuning)
     drop_keys = UNUSED_LAYER0
 
-    def _run(self, x, state: dict, parallel: bool):
-        x = self.blocks[0].ln0(x)
-        new, v_first = {}, None
-        for i, blk in enumerate(self.blocks):
-            s = lambda f, i=i: state[f"state.{i}.{f}"]  # noqa: E731 - this layer's state
-            xx = blk.ln1(x)
-            out, new[f"state.{i}.wkv"], v_first = blk.att(
-                xx, hw.shift(xx, s("att_shift")) if parallel else s("att_shift"), s("wkv"), v_first, parallel
-            )
-            new[f"state.{i}.att_shift"] = xx[:, -1] if parallel else xx
-            x = x + out
-            xx = blk.ln2(x)
-            x = x + blk.ffn(xx, hw.shift(xx, s("ffn_shift")) if parallel else s("ffn_shift"))
-            new[f"state.{i}.ffn_shift"] = xx[:, -1] if parallel else xx
-        return self.head(self.ln_out(x)), {k: new[k] for k in state}
+    def attend(self, i, blk, xx, sx, s, parallel, carry):
+        out, wkv, carry["v_first"] = blk.att(xx, sx, s("wkv"), carry.get("v_first"), parallel)
+        return out, {"wkv": wkv}
 
 
 # ---------------------------------------------------------------------------------------------
