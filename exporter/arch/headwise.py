@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from rwkv_runtime.manifest import BATCH, StateSpec
 from ..errors import CheckpointError
 from ..onnx_graph import GraphBuilder
 from . import graph, keys
+from .frame import ReferenceModel
 from .graph import F32, GN_EPS, LN_EPS
 
 STATE_FIELDS = ("att_shift", "wkv", "ffn_shift")
@@ -148,11 +150,6 @@ def group_norm(x, H: int, weight, bias):
     """ln_x: per-head normalisation of [..., C] (BlinkDL: F.group_norm with eps 64e-5)."""
     shape = x.shape
     return F.group_norm(x.reshape(-1, shape[-1]), H, weight, bias, eps=GN_EPS).reshape(shape)
-
-
-def shift(xx, prev):
-    """Token shift over a sequence: [prev, xx_0, ..., xx_{T-2}]; xx [B,T,C], prev [B,C]."""
-    return torch.cat([prev[:, None], xx[:, :-1]], 1)
 
 
 def wkv5_step(r, k, v, w, u, s):
@@ -500,15 +497,46 @@ class Block(nn.Module):
         self.ffn = channel_mix(C, cfg["ffn_dim"])
 
 
-class HeadwiseModel(nn.Module):
-    """Embedding, blocks, head, the state and the two forms; a version module subclasses it and sets
-    ``time_mix``/``channel_mix`` (module factories) and ``config_from_weights``, ``state_layout``,
-    ``load_state_tuning`` (its module's functions, as staticmethods). ``_run`` is RWKV-5/6's;
+class ChannelMix(nn.Module):
+    """RWKV-5/6's channel mix (RWKV-4's): sigmoid(receptance(x_r)) * value(relu(key(x_k))^2), x_m the
+    token-shift mix of xx and sx under the parameter ``{prefix}_m``. RWKV-5's time_mix_* in BlinkDL's
+    form xx*m + sx*(1-m), RWKV-6's time_maa_* as xx + (sx-xx)*m: each rounds as BlinkDL's code does."""
+
+    def __init__(self, C, F_, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+        for m in "kr":
+            setattr(self, f"{prefix}_{m}", nn.Parameter(torch.zeros(C)))
+        self.key = nn.Linear(C, F_, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(F_, C, bias=False)
+
+    def mix(self, xx, sx, m: str):
+        mm = getattr(self, f"{self.prefix}_{m}")
+        return xx * mm + sx * (1 - mm) if self.prefix == "time_mix" else xx + (sx - xx) * mm
+
+    def forward(self, xx, sx):
+        k = torch.square(torch.relu(self.key(self.mix(xx, sx, "k"))))
+        return torch.sigmoid(self.receptance(self.mix(xx, sx, "r"))) * self.value(k)
+
+
+class HeadwiseModel(ReferenceModel):
+    """Embedding, blocks, head and the state of RWKV-5/6/7 (the loop: frame.py). A version module
+    subclasses it with ``time_mix`` / ``channel_mix`` (module factories); ``version``,
+    ``config_from_weights``, ``state_layout`` and ``load_state_tuning`` come from the subclass's own
+    module (its VERSION and functions), as ``ArchSpec.of`` takes them. ``attend`` is RWKV-5/6's;
     RWKV-7 overrides it (v_first)."""
 
     version = ""
     config_from_weights = state_layout = load_state_tuning = None
     drop_keys: tuple = ()  # checkpoint keys the model ignores (RWKV-7's unused layer-0 v0/v1/v2)
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        mod = vars(sys.modules[cls.__module__])
+        cls.version = mod["VERSION"]
+        for f in ("config_from_weights", "state_layout", "load_state_tuning"):
+            setattr(cls, f, staticmethod(mod[f]))
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -532,28 +560,6 @@ class HeadwiseModel(nn.Module):
         """Zeros, or the checkpoint's learned initial WKV state (as BlinkDL's package does)."""
         return initial_state(self.state_layout(self.cfg), batch_size, self.time_state)
 
-    def _run(self, x, state: dict, parallel: bool):
-        x = self.blocks[0].ln0(x)
-        new = {}
-        for i, blk in enumerate(self.blocks):
-            s = lambda f, i=i: state[f"state.{i}.{f}"]  # noqa: E731 - this layer's state
-            xx = blk.ln1(x)
-            out, new[f"state.{i}.wkv"] = blk.att(
-                xx, shift(xx, s("att_shift")) if parallel else s("att_shift"), s("wkv"), parallel
-            )
-            new[f"state.{i}.att_shift"] = xx[:, -1] if parallel else xx
-            x = x + out
-            xx = blk.ln2(x)
-            x = x + blk.ffn(xx, shift(xx, s("ffn_shift")) if parallel else s("ffn_shift"))
-            new[f"state.{i}.ffn_shift"] = xx[:, -1] if parallel else xx
-        return self.head(self.ln_out(x)), {k: new[k] for k in state}
-
-    @torch.no_grad()
-    def step(self, tokens, state: dict):
-        """tokens [B] -> logits [B,V], new state (keys as the inputs: ``state.{i}.{field}``)."""
-        return self._run(self.emb(tokens), state, parallel=False)
-
-    @torch.no_grad()
-    def sequence(self, tokens, state: dict):
-        """tokens [B,T] -> logits [B,T,V], state after the last token."""
-        return self._run(self.emb(tokens), state, parallel=True)
+    def attend(self, i, blk, xx, sx, s, parallel, carry):
+        out, wkv = blk.att(xx, sx, s("wkv"), parallel)
+        return out, {"wkv": wkv}
