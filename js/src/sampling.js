@@ -137,7 +137,7 @@ export class Sampler {
     // an unknown key (topP, max_new_tokens, ...) would silently sample with the default instead
     const unknown = Object.keys(params).filter((k) => !known.includes(k));
     if (unknown.length) {
-      throw new RuntimeUserError(`sampling: unknown setting ${unknown[0]} (known: ${known.join(", ")}; generate also takes maxNewTokens, state)`);
+      throw new RuntimeUserError(`sampling: unknown setting ${unknown[0]} (known: ${known.join(", ")}; generate also takes maxNewTokens, state, stopStrings, logprobs)`);
     }
     this.params = { ...DEFAULT_SAMPLING };
     for (const k of known) if (params[k] !== undefined) this.params[k] = params[k];

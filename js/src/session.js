@@ -15,27 +15,17 @@ import { INITIAL_STATE_KEY, MANIFEST_KEY, TOKENIZER_KEY, checkCompanion, concret
 import { loadNpz, saveNpz } from "./npz.js";
 import { scanModel } from "./onnx-meta.js";
 import { Sampler } from "./sampling.js";
-import { StreamDecoder, makeTokenizer } from "./tokenizers.js";
+import { makeTokenizer } from "./tokenizers.js";
+import { Batch, Row, TextStream, concatRows, pickRows } from "./generation.js";
 
 export const EXPORT_ID_KEY = "__rwkv_export_id__"; // the export a saved state belongs to (as Python's)
 export const MAX_BATCH = 1 << 16; // as Python's MAX_STATE_BATCH: more rows than this is a mistake (or damage)
 const size = (shape) => shape.reduce((a, b) => a * b, 1);
 const ARRAY = { float32: Float32Array, float16: Uint16Array };
-const GEN_KEYS = new Set(["maxNewTokens", "state"]); // generate's own settings besides the sampler's
+const GEN_KEYS = new Set(["maxNewTokens", "state", "stopStrings", "logprobs"]); // generate's own settings besides the sampler's
 const short = (e) => String(e?.message ?? e).split("\n")[0].slice(0, 200);
 export const NO_TOKENIZER = "the model has no tokenizer (it was exported with --tokenizer none): give token ids to " +
   "generateTokens/step/prefill, or re-export with --tokenizer";
-
-/** Rows `rows` of every array (batch n) -> arrays of batch rows.length. */
-function pickRows(arrays, rows, n) {
-  const out = {};
-  for (const [k, a] of Object.entries(arrays)) {
-    const per = a.data.length / n, data = new a.data.constructor(per * rows.length);
-    rows.forEach((r, j) => data.set(a.data.subarray(r * per, (r + 1) * per), j * per));
-    out[k] = { dtype: a.dtype, shape: [rows.length, ...a.shape.slice(1)], data };
-  }
-  return out;
-}
 
 /** The inverse of pickRows: `part`'s rows written back into `arrays` at `rows`. */
 function putRows(arrays, part, rows, n) {
@@ -128,6 +118,7 @@ class Chain {
     this.s = session;
     this.start = start.values;
     this.cur = start.values;
+    this.startState = start;
     this.batch = start.batch;
     this.spare = null; // Node: the buffer set the next run writes into
   }
@@ -153,6 +144,15 @@ class Chain {
     this.cur = this.start; // the chain keeps nothing of it
     this.spare = null;
     return st;
+  }
+
+  /** The chain is given up without handing its state over: WebGPU frees its intermediate buffers. */
+  discard() {
+    if (this.cur !== this.start && !this.s.io.preallocate) {
+      for (const t of Object.values(this.cur)) if (t.location === "gpu-buffer") t.dispose();
+    }
+    this.cur = this.start;
+    this.spare = null;
   }
 }
 
@@ -641,14 +641,34 @@ export class Session {
     if (state.batch !== batch) throw new RuntimeUserError(`state is for a batch of ${state.batch}, but ${batch} token row(s) were given`);
   }
 
-  /** generate's settings, checked: a Sampler and maxNewTokens. */
-  _settings(params) {
+  // -- generation: a batch of one (or several) on the generation core (generation.js) ----------------
+  /** A chain of runs over `state` (read, never written): the batch's state in generation.js. */
+  _chain(state) { return new Chain(this, state); }
+
+  /** A chain's current state as plain arrays (copies). */
+  _arraysOf(chain) { return new State(this, chain.batch, chain.cur).toArrays(); }
+
+  /** generate's settings, checked: a Sampler, maxNewTokens, stop strings and logprobs (text: a
+   *  tokenizer's text is made; without one, stopStrings and logprobs are refused). */
+  _settings(params, text = true) {
     const sampling = {};
     for (const [k, v] of Object.entries(params ?? {})) if (!GEN_KEYS.has(k)) sampling[k] = v;
     const sampler = new Sampler(sampling, this.vocabSize);
     const max = params?.maxNewTokens ?? 100;
     if (!Number.isInteger(max) || max < 0) throw new RuntimeUserError(`maxNewTokens must be an integer >= 0, not ${max}`);
-    return { sampler, max };
+    let stops = params?.stopStrings ?? [];
+    if (typeof stops === "string") stops = [stops];
+    if (!Array.isArray(stops) || !stops.every((x) => typeof x === "string")) {
+      throw new RuntimeUserError(`stopStrings must be a string or an array of strings, not ${String(params.stopStrings).slice(0, 40)}`);
+    }
+    const logprobs = params?.logprobs ?? null;
+    if (logprobs !== null && !(Number.isInteger(logprobs) && logprobs >= 0)) {
+      throw new RuntimeUserError(`logprobs must be an integer >= 0 (alternatives per token; null: off), not ${String(logprobs).slice(0, 40)}`);
+    }
+    if (!text && (stops.length || logprobs !== null)) {
+      throw new RuntimeUserError("stopStrings and logprobs apply to text: use generate (generateTokens yields token ids)");
+    }
+    return { sampler, max, stops, logprobs };
   }
 
   /**
@@ -658,32 +678,48 @@ export class Session {
    * @param {number[]} promptTokens @param {object} [params] sampling + maxNewTokens + state
    */
   generateTokens(promptTokens, params = {}) {
-    const it = this._tokenLoop(promptTokens, params ?? {}, (st) => { it.state = st; });
+    const self = this;
+    const it = (async function* () {
+      for await (const out of self._oneRow(promptTokens, params ?? {}, null, it)) if (out.appended) yield out.token;
+    })();
     it.state = null;
     return it;
   }
 
-  async *_tokenLoop(promptTokens, params, done) {
+  /**
+   * One sequence as a batch of one on the generation core (Python's _one_row): yields each step's Out
+   * (before the model runs the token, so a consumer sees it at once); once it ends, `holder.state` is
+   * the state after the last token run (the prompt, then each generated token; not a stop token).
+   */
+  async *_oneRow(promptTokens, params, tokenizer, holder) {
     if (!Array.isArray(promptTokens)) throw new RuntimeUserError("the prompt must be text or an array of token ids");
     if (!promptTokens.length) throw new RuntimeUserError("the prompt is empty");
-    const { sampler, max } = this._settings(params);
+    const { sampler, max, stops, logprobs } = this._settings(params, tokenizer !== null);
     this._tokens([promptTokens]);
     const start = params.state ?? this.newState(1);
     this._check(start, 1);
-    const chain = new Chain(this, start);
+    let prompted = null, batch = null, row = null;
     try {
-      let row = this._rows(await this._prefillOn(chain, [promptTokens], this.prefillChunk), 1)[0];
-      for (let i = 0; i < max; i++) {
-        const tok = sampler.sample(row);
-        if (sampler.stop.has(tok)) return;
-        yield tok;
-        row = this._rows(await this._stepOn(chain, BigInt64Array.of(BigInt(tok)), 1), 1)[0];
+      const r = await this.prefill([promptTokens], start);
+      prompted = r.state;
+      if (!max) return;
+      const text = tokenizer ? new TextStream(tokenizer, stops, logprobs !== null) : null;
+      row = new Row(sampler, { maxNewTokens: max, text, logprobs, feedLast: true, keepState: true });
+      batch = new Batch(this);
+      await batch.add(row, prompted, r.logits);
+      while (batch.rows.length) {
+        const [out] = await batch.sample();
+        if (out.error) throw out.error;
+        yield out;
+        const failed = await batch.advance();
+        if (failed.length) throw failed[0].error;
       }
     } finally {
-      const st = chain.finish();
+      if (batch?.rows.length) await batch.close(); // broken out of: the state of the tokens run so far
+      const st = row?.final ?? prompted;
       if (st) {
         this.lastState = st; // (deprecated: shared by the session; use the iterator's own .state)
-        done(st);
+        holder.state = st;
       }
     }
   }
@@ -691,8 +727,10 @@ export class Session {
   /**
    * Stream text: an async iterator of decoded pieces. `prompt` is text or token ids; params as
    * Python's SamplingParams (temperature, top_p, top_k, presence_penalty, frequency_penalty,
-   * penalty_decay, seed, ban, stop, logit_bias) plus maxNewTokens and state. The iterator carries
-   * this call's `stats` and, once it ends, its own `state` (continue a conversation from it).
+   * penalty_decay, seed, ban, stop, logit_bias) plus maxNewTokens, state, stopStrings (the text ends
+   * before the first one, as the server's `stop`) and logprobs (alternatives per token). The iterator
+   * carries this call's `stats`, `logprobs` (the entries of the text delivered so far, when asked for),
+   * `finishReason` ("stop" / "length" once it ends) and, once it ends, its own `state`.
    * The prompt, the settings and the model's tokenizer are checked now, as Python's generate does.
    */
   generate(prompt, params = {}) {
@@ -700,35 +738,100 @@ export class Session {
     if (typeof prompt !== "string" && !Array.isArray(prompt)) throw new RuntimeUserError("the prompt must be text or an array of token ids");
     if (prompt.length === 0) throw new RuntimeUserError("the prompt is empty");
     if ((this.manifest.tokenizer?.kind ?? "none") === "none") throw new RuntimeUserError(NO_TOKENIZER);
-    this._settings(params);
+    const { logprobs } = this._settings(params);
     if (Array.isArray(prompt)) this._tokens([prompt]);
     // each call has its own statistics (it.stats) and state (it.state), so concurrent calls never mix
     // them (as in Python: no session-wide statistics)
     const stats = { promptTokens: 0, newTokens: 0, prefillMs: 0, decodeMs: 0, tokensPerSecond: 0 };
-    const it = this._generate(prompt, params, stats, (st) => { it.state = st; });
+    const it = this._generate(prompt, params, stats, () => it);
     it.stats = stats;
     it.state = null;
+    it.finishReason = null;
+    it.logprobs = logprobs === null ? null : [];
     return it;
   }
 
-  async *_generate(prompt, params, stats, done) {
+  async *_generate(prompt, params, stats, self) {
+    const it = self();
     const tok = await this.tokenizer();
     const ids = typeof prompt === "string" ? this._encodeWith(tok, prompt) : [...prompt];
-    const dec = new StreamDecoder(tok);
     stats.promptTokens = ids.length;
     let t0 = performance.now(), first = true;
-    for await (const t of this._tokenLoop(ids, params, done)) {
+    for await (const out of this._oneRow(ids, params, tok, it)) {
       const now = performance.now();
-      if (first) { stats.prefillMs = now - t0; t0 = now; first = false; }
-      stats.newTokens++;
-      const piece = dec.push(t);
-      if (piece) yield piece;
+      if (first && out.appended) { stats.prefillMs = now - t0; t0 = now; first = false; }
+      if (out.appended) stats.newTokens++;
+      if (out.logprobs) it.logprobs.push(...out.logprobs);
+      if (out.reason) it.finishReason = out.reason;
+      if (out.text) yield out.text;
       stats.decodeMs = performance.now() - t0;
       stats.tokensPerSecond = stats.newTokens / (stats.decodeMs / 1000 || Infinity);
     }
     if (first) stats.prefillMs = performance.now() - t0; // no token came: the time was all prefill
-    const tail = dec.flush();
-    if (tail) yield tail;
+  }
+
+  /**
+   * Several prompts generated as one batch (one model step per token for all of them; Python's
+   * BatchGenerator on the same core): each row has its own sampler, limits, stop strings and state,
+   * and gives the tokens it would give generated alone. `params`: one settings object for every prompt,
+   * or an array of one per prompt (generate's settings; `state` a batch-1 State, read, never written).
+   * A row that fails (e.g. its sampler) ends alone with `finishReason` "error" and its `error`; the
+   * others go on. Resolves to one result per prompt, in order:
+   * {text, tokens, finishReason, error, logprobs, state} (text null for a model without a tokenizer;
+   * state: after the row's last token, as generate's).
+   */
+  async generateBatch(prompts, params = {}) {
+    if (!Array.isArray(prompts) || !prompts.length) throw new RuntimeUserError("generateBatch needs a non-empty array of prompts (text or token ids)");
+    params ??= {};
+    const per = Array.isArray(params) ? params : prompts.map(() => params);
+    if (per.length !== prompts.length) throw new RuntimeUserError(`generateBatch: ${per.length} settings for ${prompts.length} prompts`);
+    const hasTok = (this.manifest.tokenizer?.kind ?? "none") !== "none";
+    const tok = hasTok ? await this.tokenizer() : null;
+    const ids = prompts.map((p) => {
+      if (typeof p === "string") {
+        if (!hasTok) throw new RuntimeUserError(NO_TOKENIZER);
+        return this._encodeWith(tok, p);
+      }
+      if (!Array.isArray(p)) throw new RuntimeUserError("the prompt must be text or an array of token ids");
+      this._tokens([p]);
+      return [...p];
+    });
+    if (ids.some((p) => !p.length)) throw new RuntimeUserError("the prompt is empty");
+    const rows = per.map((p, i) => {
+      const { sampler, max, stops, logprobs } = this._settings(p ?? {}, hasTok);
+      const text = tok ? new TextStream(tok, stops, logprobs !== null) : null;
+      return new Row(sampler, { maxNewTokens: max, text, logprobs, feedLast: true, keepState: true, key: i });
+    });
+    const states = per.map((p) => p?.state ?? null);
+    states.forEach((st) => st && this._check(st, 1));
+    const start = states.every((st) => st === null) ? null
+      : this.stateFromArrays(concatRows(await Promise.all(states.map((st) => (st ?? this.newState(1)).toArrays()))));
+    const { logits, state } = await this.prefillMany(ids, start ?? undefined);
+    const results = rows.map((r) => ({ text: tok ? "" : null, tokens: r.tokens, finishReason: null, error: null,
+      logprobs: r.logprobs === null ? null : [], state: null }));
+    const batch = new Batch(this);
+    const none = rows.filter((r) => r.maxNewTokens === 0); // nothing to generate: the prompt's state
+    if (none.length) {
+      const arrays = await state.toArrays();
+      for (const r of none) { r.reason = "length"; r.final = this.stateFromArrays(pickRows(arrays, [r.key], rows.length)); }
+      const live = rows.filter((r) => r.maxNewTokens !== 0).map((r) => r.key);
+      if (live.length) await batch.add(live.map((i) => rows[i]), this.stateFromArrays(pickRows(arrays, live, rows.length)), live.map((i) => logits[i]));
+    } else {
+      await batch.add(rows, state, logits);
+    }
+    try {
+      while (batch.rows.length) {
+        for (const out of await batch.step()) {
+          const res = results[out.row.key];
+          if (out.text) res.text += out.text;
+          if (out.logprobs) res.logprobs.push(...out.logprobs);
+        }
+      }
+    } finally {
+      if (batch.rows.length) await batch.close();
+    }
+    rows.forEach((r, i) => Object.assign(results[i], { finishReason: r.reason, error: r.error, state: r.final }));
+    return results;
   }
 
   /** Release the ONNX Runtime sessions. */
