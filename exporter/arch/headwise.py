@@ -2,8 +2,12 @@
 
 B batch, T time, C channels (n_embd), H heads, N head size (C = H*N), V vocab.
 
-The WKV state of one layer is a float32 [B,H,N,N] matrix per head. Its index order follows BlinkDL's
-inference code, which differs between versions (documented in each module and in the StateSpec docs):
+Recurrent state per layer (all float32; zeros, or a learned one: state tuning, ``load_state_tuning``):
+    state.{i}.att_shift [B,C]      previous token's time-mix input (after ln1)
+    state.{i}.wkv       [B,H,N,N]  the WKV state, a matrix per head
+    state.{i}.ffn_shift [B,C]      previous token's channel-mix input (after ln2)
+The WKV state's index order follows BlinkDL's inference code, which differs between versions
+(documented in each module and in the StateSpec docs):
     RWKV-5/6: S[b,h,i,j] with i over keys, j over values:  y_j = sum_i r_i (u_i k_i v_j + S_ij)
     RWKV-7:   S[b,h,i,j] with i over values, j over keys:  y_i = sum_j S_ij r_j
 Training code and state-tuning files store ``time_state`` as [H, N(value), N(key)] for every version
@@ -55,9 +59,17 @@ def sizes(w: dict, V: int, C: int, L: int, H: int, N: int) -> dict:
     return {"n_layer": L, "n_embd": C, "vocab_size": V, "ffn_dim": F_, "n_head": H, "head_size": N}
 
 
-def expected_shapes(cfg: dict, layer_shapes) -> dict:
-    """``keys.model_shapes`` and, when the checkpoint carries state tuning, its time_state keys."""
-    s = keys.model_shapes(cfg, layer_shapes)
+def expected_shapes(cfg: dict, layer_shapes, gate: bool = False) -> dict:
+    """``keys.model_shapes`` with what every head-wise layer has (the time-mix projections, with
+    att.gate when ``gate``, and the output group norm att.ln_x) besides the version's own
+    ``layer_shapes``, and, when the checkpoint carries state tuning, its time_state keys."""
+    C = cfg["n_embd"]
+
+    def layer(i, b):
+        common = {b + "att.ln_x.weight": (C,), b + "att.ln_x.bias": (C,)}
+        return {**keys.projection_shapes(b, C, extra=("gate",) if gate else ()), **common, **layer_shapes(i, b)}
+
+    s = keys.model_shapes(cfg, layer)
     if cfg.get("time_state"):
         s.update(time_state_keys(cfg))
     return s

@@ -64,6 +64,22 @@ def channel_mix_shapes(b: str, C: int, F_: int, mix: str = "time_mix") -> dict:
     }
 
 
+def projection_shapes(b: str, C: int, A: int | None = None, extra: tuple = ()) -> dict:
+    """Layer ``b``'s time-mix projections in every version: att.key/value/receptance [A,C] (plus
+    ``extra`` ones of that shape, the gate) and att.output [C,A]; A = C except RWKV-4's dim_att."""
+    A = C if A is None else A
+    s = {b + f"att.{n}.weight": (A, C) for n in ("key", "value", "receptance") + tuple(extra)}
+    return {**s, b + "att.output.weight": (C, A)}
+
+
+def heads_of(w: dict, key: str, C: int) -> tuple:
+    """(H, N) from a per-head [H, N] tensor ``key`` of layer 0, checked against n_embd C."""
+    H, N = (int(d) for d in need(w, key, 2).shape)
+    if H * N != C:
+        raise CheckpointError(f"inconsistent shape for {key}: {[H, N]} (heads x head size != n_embd {C})")
+    return H, N
+
+
 def layer_count(w: dict) -> int:
     layers = sorted({int(k.split(".")[1]) for k in w if k.startswith("blocks.") and k.split(".")[1].isdigit()})
     if not layers or layers != list(range(len(layers))):

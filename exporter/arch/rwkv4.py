@@ -67,10 +67,7 @@ def expected_shapes(cfg: dict) -> dict:
             b + "att.time_mix_k": (1, 1, C),
             b + "att.time_mix_v": (1, 1, C),
             b + "att.time_mix_r": (1, 1, C),
-            b + "att.key.weight": (A, C),
-            b + "att.value.weight": (A, C),
-            b + "att.receptance.weight": (A, C),
-            b + "att.output.weight": (C, A),
+            **keys.projection_shapes(b, C, A),
             **keys.channel_mix_shapes(b, C, F_),
         }
 

@@ -11,11 +11,8 @@ Per layer, with w = exp(-exp(time_decay)) and a_t = k_t v_t^T (per head):
     out = output( group_norm(y) [* silu(gate(x_g))] )   group norm over each head, eps 64e-5
 The channel mix is RWKV-4's: sigmoid(receptance(x_r)) * value(relu(key(x_k))^2).
 
-Recurrent state per layer (all float32):
-    state.{i}.att_shift [B,C]      previous token's time-mix input (after ln1)
-    state.{i}.wkv       [B,H,N,N]  S[b,h,i,j], i over keys, j over values (BlinkDL's layout)
-    state.{i}.ffn_shift [B,C]      previous token's channel-mix input (after ln2)
-The initial state is zeros, or a learned one (state tuning: ``load_state_tuning``).
+Recurrent state per layer: the head-wise layout (headwise.py: att_shift, wkv, ffn_shift), the WKV
+state S[b,h,i,j] with i over keys, j over values (BlinkDL's layout).
 
 Custom ONNX ops (domain "rwkv", attributes plugin_version="1", plugin_namespace="rwkv"; each also a
 model-local function whose standard-op body ONNX Runtime inlines). All tensors float32.
@@ -75,23 +72,14 @@ def expected_shapes(cfg: dict) -> dict:
     mixes = "kvrg" if cfg["gate"] else "kvr"
 
     def layer(i, b):
-        s = {
+        return {
             b + "att.time_decay": hd,
             b + "att." + cfg["bonus"]: hd,
-            b + "att.ln_x.weight": (C,),
-            b + "att.ln_x.bias": (C,),
-            b + "att.key.weight": (C, C),
-            b + "att.value.weight": (C, C),
-            b + "att.receptance.weight": (C, C),
-            b + "att.output.weight": (C, C),
             **keys.channel_mix_shapes(b, C, F_),
+            **{b + "att.time_mix_" + m: (1, 1, C) for m in mixes},
         }
-        s.update({b + "att.time_mix_" + m: (1, 1, C) for m in mixes})
-        if cfg["gate"]:
-            s[b + "att.gate.weight"] = (C, C)
-        return s
 
-    return hw.expected_shapes(cfg, layer)
+    return hw.expected_shapes(cfg, layer, gate=cfg["gate"])
 
 
 # the shared head-wise state layout and time_state loader, in this version's WKV index order

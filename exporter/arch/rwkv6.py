@@ -10,11 +10,8 @@ Per layer, with xx the ln1 output and dx = prev - xx (data-dependent token shift
     out = output( group_norm(y) * silu(gate(x_g)) )     group norm over each head, eps 64e-5
 Channel mix: dx = prev - xx; sigmoid(receptance(xx + dx*maa_r)) * value(relu(key(xx + dx*maa_k))^2).
 
-Recurrent state per layer (all float32):
-    state.{i}.att_shift [B,C]      previous token's time-mix input (after ln1)
-    state.{i}.wkv       [B,H,N,N]  S[b,h,i,j], i over keys, j over values (BlinkDL's layout)
-    state.{i}.ffn_shift [B,C]      previous token's channel-mix input (after ln2)
-The initial state is zeros, or a learned one (state tuning: ``load_state_tuning``).
+Recurrent state per layer: the head-wise layout (headwise.py: att_shift, wkv, ffn_shift), the WKV
+state S[b,h,i,j] with i over keys, j over values (BlinkDL's layout).
 
 Custom ONNX ops (domain "rwkv", attributes plugin_version="1", plugin_namespace="rwkv"; each also a
 model-local function whose standard-op body ONNX Runtime inlines). All tensors float32.
@@ -36,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError
 from ..onnx_graph import GraphBuilder
 from . import ArchSpec, keys
 from . import headwise as hw
@@ -53,12 +49,7 @@ MAA = "wkvrg"  # the five data-dependent token-shift mixes, in time_maa_w2's ord
 def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
     V, C = keys.embedding_size(w)
     L = keys.layer_count(w)
-    u = keys.need(w, "blocks.0.att.time_faaaa", 2)
-    H, N = (int(d) for d in u.shape)
-    if H * N != C:
-        raise CheckpointError(
-            f"inconsistent shape for blocks.0.att.time_faaaa: {[H, N]} (heads x head size != n_embd {C})"
-        )
+    H, N = keys.heads_of(w, "blocks.0.att.time_faaaa", C)
     w2 = keys.need(w, "blocks.0.att.time_maa_w2", 3)
     cfg = {
         **hw.sizes(w, V, C, L, H, N),
@@ -75,7 +66,7 @@ def expected_shapes(cfg: dict) -> dict:
     D, E = cfg["dim_maa"], cfg["dim_decay"]
 
     def layer(i, b):
-        s = {
+        return {
             b + "att.time_maa_x": (1, 1, C),
             b + "att.time_maa_w1": (C, 5 * D),
             b + "att.time_maa_w2": (5, D, C),
@@ -83,19 +74,11 @@ def expected_shapes(cfg: dict) -> dict:
             b + "att.time_decay_w1": (C, E),
             b + "att.time_decay_w2": (E, C),
             b + "att.time_faaaa": (H, N),
-            b + "att.ln_x.weight": (C,),
-            b + "att.ln_x.bias": (C,),
-            b + "att.key.weight": (C, C),
-            b + "att.value.weight": (C, C),
-            b + "att.receptance.weight": (C, C),
-            b + "att.gate.weight": (C, C),
-            b + "att.output.weight": (C, C),
             **keys.channel_mix_shapes(b, C, F_, "time_maa"),
+            **{b + "att.time_maa_" + m: (1, 1, C) for m in MAA},
         }
-        s.update({b + "att.time_maa_" + m: (1, 1, C) for m in MAA})
-        return s
 
-    return hw.expected_shapes(cfg, layer)
+    return hw.expected_shapes(cfg, layer, gate=True)
 
 
 # the shared head-wise state layout and time_state loader, in this version's WKV index order

@@ -16,12 +16,8 @@ Per layer, with xx the ln1 output and dx = prev - xx:
 Channel mix: relu((xx + dx*x_k) K)^2 V. ``v_first`` lives within one token (it is layer 0's value,
 read by every later layer), so it is not part of the recurrent state.
 
-Recurrent state per layer (all float32):
-    state.{i}.att_shift [B,C]      previous token's time-mix input (after ln1)
-    state.{i}.wkv       [B,H,N,N]  S[b,h,i,j], i over values, j over keys (BlinkDL's RWKV-7 layout,
-                                   the transpose of RWKV-5/6's)
-    state.{i}.ffn_shift [B,C]      previous token's channel-mix input (after ln2)
-The initial state is zeros, or a learned one (state tuning: ``load_state_tuning``).
+Recurrent state per layer: the head-wise layout (headwise.py: att_shift, wkv, ffn_shift), the WKV
+state S[b,h,i,j] with i over values, j over keys (BlinkDL's RWKV-7 layout, the transpose of 5/6's).
 
 Custom ONNX ops (domain "rwkv", attributes plugin_version="1", plugin_namespace="rwkv"; each also a
 model-local function whose standard-op body ONNX Runtime inlines). All tensors float32.
@@ -43,7 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError
 from ..onnx_graph import GraphBuilder
 from . import ArchSpec, keys
 from . import headwise as hw
@@ -62,10 +57,7 @@ UNUSED_LAYER0 = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")  # off
 def config_from_weights(w: dict, hf_config: dict | None = None) -> dict:
     V, C = keys.embedding_size(w)
     L = keys.layer_count(w)
-    rk = keys.need(w, "blocks.0.att.r_k", 2)
-    H, N = (int(d) for d in rk.shape)
-    if H * N != C:
-        raise CheckpointError(f"inconsistent shape for blocks.0.att.r_k: {[H, N]} (heads x head size != n_embd {C})")
+    H, N = keys.heads_of(w, "blocks.0.att.r_k", C)
     dv = (
         int(keys.need(w, "blocks.1.att.v1", 2).shape[1])
         if L > 1
@@ -99,12 +91,6 @@ def expected_shapes(cfg: dict) -> dict:
             b + "att.k_k": (1, 1, C),
             b + "att.k_a": (1, 1, C),
             b + "att.r_k": (H, N),
-            b + "att.key.weight": (C, C),
-            b + "att.value.weight": (C, C),
-            b + "att.receptance.weight": (C, C),
-            b + "att.output.weight": (C, C),
-            b + "att.ln_x.weight": (C,),
-            b + "att.ln_x.bias": (C,),
             b + "ffn.x_k": (1, 1, C),
             b + "ffn.key.weight": (F_, C),
             b + "ffn.value.weight": (C, F_),
