@@ -8,6 +8,7 @@ import { readFileSync } from "node:fs";
 import { RuntimeUserError, parseManifest } from "../src/node.js";
 import { Session } from "../src/session.js";
 import { validateSchema, MANIFEST_SCHEMA } from "../src/manifest.js";
+import { StopMatcher } from "../src/generation.js";
 
 const dir = new URL("../../tests/conformance/", import.meta.url);
 const load = (name) => JSON.parse(readFileSync(new URL(name, dir), "utf8"));
@@ -49,5 +50,17 @@ for (const c of states.cases) {
     const run = () => Session.prototype._checkArrays.call(holder, arrays, "state", { requireAll: false, batch: c.batch, nan: true });
     if (c.valid) run();
     else assert.throws(run, (e) => e instanceof RuntimeUserError && e.message.includes(c.error), `should be refused naming ${c.error}`);
+  });
+}
+
+// Stop strings (tests/conformance/stops.json, also read by tests/runtime/test_stop_conformance.py, which
+// checks its answers against the definition): generation.js's StopMatcher delivers exactly the table's
+// text after every piece, as Python's StopMatcher does.
+const stops = load("stops.json");
+for (const c of stops.cases) {
+  test(`stop strings: ${c.name}`, () => {
+    const m = new StopMatcher(c.stops);
+    assert.deepEqual(c.pieces.slice(0, c.pushes.length).map((p) => m.push(p)), c.pushes);
+    if (c.release !== null) assert.equal(m.release(), c.release);
   });
 }
