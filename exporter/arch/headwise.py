@@ -339,17 +339,103 @@ def _scan(g: GraphBuilder, name: str, step, state, xs, outer=(), axis: int = 1):
 
 
 def wkv5_seq_ops(g, r, k, v, w, u, s):
-    """WKV5Seq: r,k,v [B,T,H,N], w [H,N] (constant over time), u [H,N] -> y [B,T,H,N], s'."""
-    return scan_ops(
-        g, "wkv5_scan", lambda b, rt, kt, vt, w_, u_, st: wkv5_step_ops(b, rt, kt, vt, w_, u_, st), s, [r, k, v], [w, u]
-    )
+    """WKV5Seq: r,k,v [B,T,H,N], w [H,N] (constant over time), u [H,N] -> y [B,T,H,N], s'. One token:
+    the step body; more: the chunked form (``wkv5_chunked_ops``)."""
+    return _wkv5_if_one_token(g, "wkv5", r, k, v, w, u, s, per_token_w=False)
 
 
 def wkv6_seq_ops(g, r, k, v, w, u, s):
-    """WKV6Seq: r,k,v,w [B,T,H,N], u [H,N] -> y [B,T,H,N], s'."""
-    return scan_ops(
-        g, "wkv6_scan", lambda b, rt, kt, vt, wt, u_, st: wkv5_step_ops(b, rt, kt, vt, wt, u_, st), s, [r, k, v, w], [u]
-    )
+    """WKV6Seq: r,k,v,w [B,T,H,N], u [H,N] -> y [B,T,H,N], s'. One token: the step body; more: the
+    chunked form (``wkv5_chunked_ops``)."""
+    return _wkv5_if_one_token(g, "wkv6", r, k, v, w, u, s, per_token_w=True)
+
+
+def _wkv5_if_one_token(g: GraphBuilder, name: str, r, k, v, w, u, s, per_token_w: bool):
+    one = _Body(g.fresh(name + "_t1"))
+    # token 0 by Gather, not Squeeze: valid for any T, so shape inference of the branch not taken holds
+    first = one.const(0, np.int64)
+    tok = lambda x: one.op("Gather", [x, first], axis=1)  # noqa: E731
+    y1, s1 = wkv5_step_ops(one, tok(r), tok(k), tok(v), tok(w) if per_token_w else w, u, s)
+    many = _Body(g.fresh(name + "_chunked"))
+    ys, sn = wkv5_chunked_ops(many, r, k, v, w, u, s)
+    # y1 as [B, T, ...] from r's shape (T = 1 here): both branches then have the same symbolic shape
+    return _if_one_token(g, r, one, [one.op("Reshape", [y1, one.op("Shape", [r])]), s1], many, [ys, sn])
+
+
+# tokens per chunk: the [B,H,T/L,L,L,N] decay tensor grows with L, the Scan's steps shrink with it. One
+# RWKV-6 0.1B-shaped layer, 512 tokens, one thread: L = 8 16.3 ms, L = 16 19.6 ms, L = 32 39.5 ms, the
+# per-token Scan 33.6 ms (scripts/bench_wkv5_chunked.py, docs/benchmarks.md)
+WKV5_CHUNK = 8
+WKV5_LOG_FLOOR = -1e4  # log w below this is as good as -inf (exp gives 0) and keeps inf - inf out
+
+
+def wkv5_chunked_ops(g: GraphBuilder, r, k, v, w, u, s, L: int = WKV5_CHUNK):
+    """WKV5Seq/WKV6Seq in chunks of L tokens: the math of ``wkv5_chunked`` in float32 ONNX ops.
+    r,k,v [B,T,H,N]; w the decay factor in [0,1], [H,N] (RWKV-5, constant) or [B,T,H,N] (RWKV-6);
+    u [H,N]; s [B,H,N(key),N(value)] -> y [B,T,H,N], the final state.
+
+    With S0 the state entering a chunk and every exponent a sum of log w over the tokens between
+    (never a difference of two cumulative sums: RWKV-5/6 decays reach log w = -300 per token, where
+    exp(c_t) exp(-c_i) over- or underflows float32 and c_t - c_i cancels):
+        D[t,i] = sum_{i<j<t} log w_j    E[t] = sum_{j<t} log w_j    F[i] = sum_{i<j<L} log w_j
+        y_t = sum_{i<t} (r_t . e^{D[t,i]} . k_i) v_i + (r_t . u . k_t) v_t + (r_t e^{E[t]}) S0
+        S_L = diag(e^{sum_j log w_j}) S0 + sum_i (k_i e^{F[i]}) v_i^T
+    Each sum is a MatMul of a constant 0/1 mask with the chunk's log w, so every exponent is <= 0
+    and accurate to float32 rounding of its own size. Everything but S0's terms is computed for all
+    chunks at once; a Scan over the chunks carries the state (one MatMul+Add for y, one Mul+Add for
+    the state). T is padded to a multiple of L with w = 1 and zeros (tokens that leave the state
+    unchanged); the padding's outputs are cut off. RWKV-5's w stays batch 1 ([1,T,H,N])."""
+    i64 = lambda v_: g.const(v_, np.int64)  # noqa: E731
+    mm = lambda x, y: g.op("MatMul", [x, y])  # noqa: E731
+    f32 = lambda a: g.const(np.asarray(a, np.float32))  # noqa: E731
+    hd = g.op("Shape", [r])  # [B, T, H, N]
+    T = g.op("Gather", [hd, i64(1)], axis=0)
+    T1 = g.op("Unsqueeze", [T, i64([0])])
+    HN = g.op("Slice", [hd, i64([2]), i64([4])])
+    pad = g.op("Mod", [g.op("Sub", [i64(L), g.op("Mod", [T, i64(L)])]), i64(L)])  # (-T) mod L
+    pads = g.op("Concat", [i64([0, 0, 0, 0, 0]), g.op("Unsqueeze", [pad, i64([0])]), i64([0, 0])], axis=0)
+    chunked = g.op("Concat", [i64([0, -1, L]), HN], axis=0)  # [B (copied), NC, L, H, N]
+
+    def blocks(x):  # [B,T,H,N] -> [B,H,NC,L,N]
+        x = g.op("Reshape", [g.op("Pad", [x, pads]), chunked])
+        return g.op("Transpose", [x], perm=[0, 3, 1, 2, 4])
+
+    # [H,N] -> [1,T,H,N]; [B,T,H,N] stays (Expand broadcasts both ways)
+    w = g.op("Expand", [w, g.op("Concat", [i64([1]), T1, HN], axis=0)])
+    lw = blocks(g.op("Max", [g.op("Log", [w]), f32(WKV5_LOG_FLOOR)]))  # [B|1,H,NC,L,N]; padding 0: w = 1
+    r_, k_, v_ = (blocks(x) for x in (r, k, v))
+    # D by one MatMul with a 0/1 mask over the chunk's L tokens plus one more of log w = floor, which
+    # rows (t, i >= t) read: e^D is then 0 there without masking the [.., L, L, N] tensor
+    t_, i_, j_ = np.ogrid[:L, :L, : L + 1]
+    between = ((i_ < j_) & (j_ < t_)) | ((j_ == L) & (i_ >= t_))  # row (t, i), column j
+    lw_ext = g.op("Pad", [lw, i64([0, 0, 0, 0, 0, 0, 0, 0, 1, 0]), f32(WKV5_LOG_FLOOR)])  # [.., L+1, N]
+    D = g.op("Reshape", [mm(f32(between.reshape(L * L, L + 1)), lw_ext), i64([0, 0, 0, L, L, -1])])
+    # [B|1,H,NC,L(t),L(i),N]
+    att = g.op(
+        "ReduceSum", [g.op("Mul", [g.op("Mul", [_unsq(g, r_, -2), g.op("Exp", [D])]), _unsq(g, k_, -3)]), i64([-1])],
+        keepdims=0,
+    )  # [B,H,NC,L(t),L(i)]: k_i's weight in y_t, i < t
+    # token t itself, with the bonus u
+    bonus = g.op("ReduceSum", [g.op("Mul", [g.op("Mul", [r_, g.op("Unsqueeze", [u, i64([1, 2])])]), k_]), i64([-1])], keepdims=1)
+    strict = np.tril(np.ones((L, L), np.float32), -1)  # i < t
+    Y0 = g.op("Add", [mm(att, v_), g.op("Mul", [bonus, v_])])  # the chunk's own tokens: [B,H,NC,L,N(value)]
+    RQ = g.op("Mul", [r_, g.op("Exp", [mm(f32(strict), lw)])])  # r_t e^{E[t]}: reads S0
+    KF = g.op("Mul", [k_, g.op("Exp", [mm(f32(strict.T), lw)])])  # k_i e^{F[i]}: into S_L
+    Hm = mm(g.op("Transpose", [KF], perm=[0, 1, 2, 4, 3]), v_)  # [B,H,NC,N(key),N(value)]
+    decay = g.op("Exp", [g.op("ReduceSum", [lw, i64([3])], keepdims=1)])  # [B|1,H,NC,1,N]
+    decay = g.op("Transpose", [decay], perm=[0, 1, 2, 4, 3])  # per key row: [B|1,H,NC,N,1]
+
+    def chunk(body, rq, y0, h_, d_, st):  # y = RQ S0 + Y0; S_L = diag(d) S0 + Hm
+        return (
+            body.op("Add", [body.op("MatMul", [rq, st]), y0]),
+            body.op("Add", [body.op("Mul", [st, d_]), h_]),
+        )
+
+    yc, s_fin = _scan(g, "wkv5_chunks", chunk, s, [RQ, Y0, Hm, decay], axis=2)  # yc [B,H,NC,L,N]
+    y = g.op("Transpose", [yc], perm=[0, 2, 3, 1, 4])  # [B,NC,L,H,N]
+    y = g.op("Reshape", [y, g.op("Concat", [i64([0, -1]), HN], axis=0)])
+    y = g.op("Slice", [y, i64([0]), T1, i64([1])])
+    return y, s_fin
 
 
 def wkv7_seq_ops(g, r, w, k, v, a, b, s):

@@ -668,15 +668,93 @@ def test_chunked_wkv7_equals_the_per_token_form(T, decay):
     assert np.abs(s - want_s.numpy()).max() <= 1e-5 * max(1.0, scale_s)
 
 
-@pytest.mark.parametrize("name", [n for n in REFERENCE if "rwkv7" in n])
+def _wkv5_chunked_graph(per_token: bool):
+    """``headwise.wkv5_chunked_ops`` alone as a model (the many-token branch of WKV5Seq/WKV6Seq, called
+    directly so that T = 1 runs it too): r,k,v [B,T,H,N], w [H,N] or [B,T,H,N], u [H,N], state."""
+    from onnx import TensorProto, helper
+
+    from rwkv_export.arch import headwise as hw
+    from rwkv_export.onnx_graph import OPSET, GraphBuilder
+
+    g = GraphBuilder("wkv5")
+    for n in "rkv":
+        g.input(n, "float32", ["B", "T", "H", "N"])
+    g.input("w", "float32", ["B", "T", "H", "N"] if per_token else ["H", "N"])
+    g.input("u", "float32", ["H", "N"])
+    g.input("s", "float32", ["B", "H", "N", "N2"])
+    y, s2 = hw.wkv5_chunked_ops(g, "r", "k", "v", "w", "u", "s")
+    g.op("Identity", [y], "y")
+    g.op("Identity", [s2], "s_out")
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "s_out")]
+    m = helper.make_model(
+        helper.make_graph(g.nodes, "wkv5", g.inputs, outs, g.initializers),
+        opset_imports=[helper.make_opsetid("", OPSET)],
+    )
+    m.ir_version = 9
+    return m
+
+
+def _wkv5_inputs(kind: str, T: int, B=2, H=3, N=64):
+    """r,k,v,w,u,s0 in float64 as RWKV-5/6 make them: w = exp(-exp(d)) with d as in trained checkpoints
+    (about -6..3), plus, for "6-strong", log w = -300 on 10% of (token, channel), w that underflowed
+    to 0 on 5% and w = 1 on 2%."""
+    rng = np.random.default_rng([T, len(kind)])
+    r, k, v = (rng.standard_normal((B, T, H, N)) for _ in range(3))
+    u = rng.standard_normal((H, N)) * 0.5
+    if kind == "5-per-head":
+        w = np.repeat(np.exp(-np.exp(rng.uniform(-6, 3, (H, 1)))), N, axis=1)
+    elif kind == "5-per-channel":
+        w = np.exp(-np.exp(rng.uniform(-6, 3, (H, N))))
+        w[0, :4] = np.exp(-300.0)  # strong constant decays exist too
+    else:
+        w = np.exp(-np.exp(rng.uniform(-6, 3, (B, T, H, N))))
+        if kind == "6-strong":
+            x = rng.random((B, T, H, N))
+            w[x < 0.10] = np.exp(-300.0)
+            w[(x >= 0.10) & (x < 0.15)] = 0.0
+            w[(x >= 0.15) & (x < 0.17)] = 1.0
+    s0 = rng.standard_normal((B, H, N, N)) * 0.5
+    return r, k, v, w, u, s0
+
+
+@pytest.mark.parametrize("T", [1, 2, 15, 16, 17, 40])
+@pytest.mark.parametrize("kind", ["5-per-head", "5-per-channel", "6-trained", "6-strong"])
+def test_chunked_wkv5_wkv6_equal_the_per_token_form(kind, T):
+    """Issue #30: the sequence graph's WKV5/WKV6 run in chunks (``headwise.wkv5_chunked_ops``). Against
+    the per-token recurrence in float64 (``headwise.wkv5_seq``), fed float32-rounded inputs, with a
+    carried-in state, batch 2, T around and across chunk boundaries, decays down to log w = -300 and
+    w = 0 (RWKV-6): within 1e-5 (relative to the values' scale) for y and the final state, all finite."""
+    import onnxruntime as ort
+
+    from rwkv_export.arch import headwise as hw
+
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    xs = [f32(x) for x in _wkv5_inputs(kind, T)]
+    want_y, want_s = (t.numpy() for t in hw.wkv5_seq(*(torch.tensor(x, dtype=torch.float64) for x in xs)))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    graph = _wkv5_chunked_graph(per_token=kind.startswith("6"))
+    sess = ort.InferenceSession(graph.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    y, s = sess.run(None, dict(zip("rkvwus", xs)))
+    B, _, H, N = xs[0].shape
+    assert y.shape == (B, T, H, N) and s.shape == (B, H, N, N)
+    assert np.isfinite(y).all() and np.isfinite(s).all()
+    assert np.abs(y - want_y).max() <= 1e-5 * max(1.0, np.abs(want_y).max())
+    assert np.abs(s - want_s).max() <= 1e-5 * max(1.0, np.abs(want_s).max())
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
 def test_chunked_sequence_graph_equals_steps_on_a_long_prompt(exports, name):
-    """The reference model: 70 tokens (five chunks, the last partial) through the sequence graph give
-    the step graph's logits and state to 1e-5, from a carried-in state too."""
+    """The reference model (every version 5, 5.2, 6, 7): 70 tokens (several chunks, the last partial)
+    through the sequence graph give the step graph's logits and state to 1e-5, from a carried-in
+    state too."""
     step_path, seq_path = exports(name, "plain")
     m = onnx.load(str(seq_path), load_external_data=False)
     for n in (n for n in m.graph.node if n.op_type == "If"):  # the chunked form, not a per-token Scan
         many = next(a.g for a in n.attribute if a.name == "else_branch")
-        assert {"CumSum", "Scan"} <= {x.op_type for x in many.node}
+        (scan,) = [x for x in many.node if x.op_type == "Scan"]
+        axes = next(a.ints for a in scan.attribute if a.name == "scan_input_axes")
+        assert set(axes) == {2}  # over [B,H,chunks,...], not over T (axis 1 of [B,T,H,N])
     g, s = Onnx(step_path), Onnx(seq_path)
     tokens = [int(t) for t in np.random.default_rng(0).integers(0, 256, 70)]
     step_logits, step_state = g.steps(tokens)

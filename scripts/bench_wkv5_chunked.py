@@ -1,0 +1,124 @@
+"""Prefill of an RWKV-6 sequence graph: the chunked WKV (shipped) against the per-token Scan it replaced.
+
+A random RWKV-6 of the 0.1B shape (12 layers x 768, head 64, ffn 2688, a small vocabulary: the head is
+not what is measured) is exported fp32 twice in one process: as shipped (``headwise.wkv5_chunked_ops``
+in the sequence graph) and with WKV6Seq's body swapped back to the per-token ``scan_ops`` form. Both
+sessions then prefill the same prompt, one thread each, CPU time (time.process_time), best of
+``--repeat``, interleaved. A relative check: run both in one process on the same machine.
+
+    python scripts/bench_wkv5_chunked.py [--tokens 512] [--repeat 3] [--dir /tmp/wkv6bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def random_rwkv6(path: Path, L=12, C=768, H=12, F=2688, V=1024, D=32, E=64, seed=0) -> Path:
+    """BlinkDL-layout RWKV-6 weights in ranges that keep activations finite (decays as trained:
+    time_decay around -6..1, so log w spans about -e^1 .. -e^-6 per token)."""
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s, sc=1.0: torch.randn(*s, generator=g) * sc  # noqa: E731
+    ru = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    N = C // H
+    w = {
+        "emb.weight": rn(V, C, sc=1e-2),
+        "blocks.0.ln0.weight": torch.ones(C),
+        "blocks.0.ln0.bias": torch.zeros(C),
+        "ln_out.weight": torch.ones(C),
+        "ln_out.bias": torch.zeros(C),
+        "head.weight": rn(V, C, sc=C**-0.5),
+    }
+    for i in range(L):
+        b = f"blocks.{i}."
+        for n in ("ln1", "ln2", "att.ln_x"):
+            w[b + n + ".weight"], w[b + n + ".bias"] = torch.ones(C), torch.zeros(C)
+        for m in "xwkvrg":
+            w[b + "att.time_maa_" + m] = ru(1, 1, C)
+        w[b + "att.time_maa_w1"], w[b + "att.time_maa_w2"] = rn(C, 5 * D, sc=0.1), rn(5, D, C, sc=0.1)
+        w[b + "att.time_decay"] = -6 + 7 * ru(1, 1, C)
+        w[b + "att.time_decay_w1"], w[b + "att.time_decay_w2"] = rn(C, E, sc=0.1), rn(E, C, sc=0.1)
+        w[b + "att.time_faaaa"] = rn(H, N, sc=0.5)
+        w[b + "ffn.time_maa_k"], w[b + "ffn.time_maa_r"] = ru(1, 1, C), ru(1, 1, C)
+        for n, (o, i_) in {
+            "att.key": (C, C),
+            "att.value": (C, C),
+            "att.receptance": (C, C),
+            "att.output": (C, C),
+            "att.gate": (C, C),
+            "ffn.key": (F, C),
+            "ffn.receptance": (C, C),
+            "ffn.value": (C, F),
+        }.items():
+            w[b + n + ".weight"] = rn(o, i_, sc=i_**-0.5)
+    torch.save(w, path)
+    return path
+
+
+def scan_wkv6(g, r, k, v, w, u, s):
+    """WKV6Seq as it was before the chunked form: an If whose many-token branch scans token by token."""
+    from rwkv_export.arch import headwise as hw
+
+    return hw.scan_ops(
+        g, "wkv6_scan", lambda b, rt, kt, vt, wt, u_, st: hw.wkv5_step_ops(b, rt, kt, vt, wt, u_, st), s, [r, k, v, w], [u]
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dir", type=Path, default=None)
+    a = ap.parse_args()
+    import onnxruntime as ort
+
+    from rwkv_export.arch import headwise as hw
+    from rwkv_export.export import ExportOptions, export, load_manifest
+
+    d = a.dir or Path(tempfile.mkdtemp(prefix="wkv6bench-"))
+    d.mkdir(parents=True, exist_ok=True)
+    ck = d / "rwkv6-0.1b-random.pth"
+    if not ck.exists():
+        random_rwkv6(ck)
+    paths = {}
+    opts = ExportOptions(graphs=("sequence",))
+    paths["chunked"] = export(ck, d / "chunked.onnx", opts)[-1]
+    shipped = hw.WKV_OPS["WKV6Seq"]
+    hw.WKV_OPS["WKV6Seq"] = (shipped[0], scan_wkv6)
+    try:
+        paths["scan"] = export(ck, d / "scan.onnx", opts)[-1]
+    finally:
+        hw.WKV_OPS["WKV6Seq"] = shipped
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    tokens = np.random.default_rng(0).integers(0, 1024, (1, a.tokens)).astype(np.int64)
+    runs, outs = {}, {}
+    for name, p in paths.items():
+        man = load_manifest(p)
+        sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+        feed = {"tokens": tokens, **{s.name: np.full(s.concrete_shape(1), s.init, np.float32) for s in man.state}}
+        outs[name] = sess.run(None, feed)  # warm-up (arena, first-run allocations)
+        runs[name] = (sess, feed)
+    best = {n: float("inf") for n in runs}
+    for _ in range(a.repeat):
+        for name, (sess, feed) in runs.items():
+            t0 = time.process_time()
+            sess.run(None, feed)
+            best[name] = min(best[name], time.process_time() - t0)
+    diff = max(float(np.abs(x - y).max() / max(1.0, np.abs(y).max())) for x, y in zip(outs["chunked"], outs["scan"]))
+    for name, t in best.items():
+        print(f"{name:8s} prefill {a.tokens} tokens: {t:.3f} s CPU ({a.tokens / t:.0f} tok/s)")
+    print(f"speedup {best['scan'] / best['chunked']:.2f}x; max relative difference of the outputs {diff:.1e}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
