@@ -449,20 +449,20 @@ def wkv7_seq_ops(g, r, w, k, v, a, b, s):
 
 
 def _wkv7_one_token(g: GraphBuilder, r, w, k, v, a, b, s):
-    """``wkv7_step_ops`` on [B,1,H,N] inputs, each brought to the column [B,H,N,1] or row [B,H,1,N] form
-    the products need by one Transpose (instead of a Squeeze and an Unsqueeze): fewer nodes in the
-    decode path, where each costs a few microseconds. y comes back as [B,1,H,N]."""
-    col = lambda x: g.op("Transpose", [x], perm=[0, 2, 3, 1])  # noqa: E731
-    row = lambda x: g.op("Transpose", [x], perm=[0, 2, 1, 3])  # noqa: E731
-    # token 0 of the inputs that meet the state elementwise: the same at T = 1, and it keeps this branch's
-    # shapes valid for any T (onnxruntime infers the shapes of both If branches; TensorRT builds both)
+    """``wkv7_step_ops`` on [B,1,H,N] inputs. The five inputs that meet the state elementwise are
+    concatenated along N, cut to token 0 by one Slice (the same at T = 1, and it keeps this branch's
+    shapes valid for any T: onnxruntime infers the shapes of both If branches, TensorRT builds both),
+    brought to row form [B,H,1,5N] by one Transpose and split; v and a are turned into columns [B,H,N,1].
+    That is 6 nodes where a Slice and a Transpose per input took 10: each costs a few microseconds per
+    decode step. y comes back as [B,1,H,N]."""
     zero, one_ = g.const([0], np.int64), g.const([1], np.int64)
-    w, k, v, a, b = (g.op("Slice", [x, zero, one_, one_]) for x in (w, k, v, a, b))
+    cat = g.op("Slice", [g.op("Concat", [w, k, v, a, b], axis=-1), zero, one_, one_])  # [B,1,H,5N]
+    rows = g.op("Transpose", [cat], perm=[0, 2, 1, 3])  # [B,H,1,5N]
+    w, k, v, a, b = g.op("Split", [rows], n_out=5, axis=-1, num_outputs=5)  # each [B,H,1,N]
+    col = lambda x: g.op("Transpose", [x], perm=[0, 1, 3, 2])  # noqa: E731 - [B,H,1,N] -> [B,H,N,1]
     sa = g.op("MatMul", [s, col(a)])  # S a: [B,H,N,1]
-    s2 = g.op(
-        "Add", [g.op("Add", [g.op("Mul", [s, row(w)]), g.op("Mul", [sa, row(b)])]), g.op("Mul", [col(v), row(k)])]
-    )
-    y = g.op("Transpose", [g.op("MatMul", [s2, col(r)])], perm=[0, 3, 1, 2])  # [B,H,N,1] -> [B,1,H,N]
+    s2 = g.op("Add", [g.op("Add", [g.op("Mul", [s, w]), g.op("Mul", [sa, b])]), g.op("Mul", [col(v), k])])
+    y = g.op("Transpose", [g.op("MatMul", [s2, g.op("Transpose", [r], perm=[0, 2, 3, 1])])], perm=[0, 3, 1, 2])
     return y, s2
 
 

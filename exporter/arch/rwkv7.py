@@ -229,7 +229,7 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, opts: GraphOptions):
         xx = G.ln(x, b + "ln1")
         dx = g.op("Sub", [G.shift(xx, st("att_shift")), xx])
         G.last(xx, f"new_state.{i}.att_shift")
-        xm = {m: g.op("Add", [xx, g.op("Mul", [dx, G.vec(b + "att.x_" + m)])]) for m in MIXES}
+        xm = dict(zip(MIXES, G.mixes(xx, dx, [b + "att.x_" + m for m in MIXES], b + "att.x_" + MIXES)))
         r = G.linear(b + "att.receptance", xm["r"])
         k = G.linear(b + "att.key", xm["k"])
         v = G.linear(b + "att.value", xm["v"])
@@ -238,9 +238,9 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, opts: GraphOptions):
         gate = G.mm(g.op("Sigmoid", [G.mm(xm["g"], b + "att.g1")]), b + "att.g2")
         kk = G.heads(g.op("Mul", [k, G.vec(b + "att.k_k")]))
         kk = g.op("Div", [kk, g.op("Max", [g.op("ReduceL2", [kk, ax], keepdims=1), g.const(1e-12)])])  # F.normalize
-        k = g.op(
-            "Mul", [k, g.op("Add", [g.const(1.0), g.op("Mul", [g.op("Sub", [a, g.const(1.0)]), G.vec(b + "att.k_a")])])]
-        )
+        # k * (1 + (a - 1) * k_a) as k * ((1 - k_a) + a * k_a): 1 - k_a folded at export, one node less
+        k_a = W[b + "att.k_a"]
+        k = g.op("Mul", [k, g.op("Add", [G.vec(b + "att.1-k_a", array=1 - k_a), g.op("Mul", [a, G.vec(b + "att.k_a")])])])
         if i == 0:
             v_first = v
         else:
