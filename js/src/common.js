@@ -7,3 +7,4 @@ export { loadNpz, saveNpz } from "./npz.js";
 export { Sampler, DEFAULT_SAMPLING, checkParams } from "./sampling.js";
 export { NumpyRandom } from "./random.js";
 export { ByteTokenizer, WorldTokenizer, HFTokenizer, StreamDecoder, makeTokenizer } from "./tokenizers.js";
+export { Batch, Row, Out, TextStream, StopMatcher, TokenLogprob, tokenLogprob } from "./generation.js";
