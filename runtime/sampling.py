@@ -109,11 +109,15 @@ def sample_logprobs(logp: np.ndarray, temperature: float, top_p: float, top_k: i
     if temperature <= 0:
         return int(np.argmax(logp))
     probs = np.exp(logp)
-    order = np.argsort(-logp, kind="stable")
+    # the nucleus needs only the head of the descending order: sorting the whole vocabulary (6 ms of
+    # an 8 ms draw over 65,536 tokens) is the fallback, taken when the head is not enough
+    order = _nucleus_head(logp, probs, top_p)
+    if order is None:
+        order = np.argsort(-logp, kind="stable")
     cum = np.cumsum(probs[order])
     cutoff = logp[order[int(np.argmax(cum >= min(top_p, cum[-1])))]]
     keep = logp >= cutoff
-    if 0 < top_k < len(logp):
+    if 0 < top_k < min(len(order), len(logp)):  # a head shorter than top_k holds every kept token
         keep[order[top_k:]] = False
     best = np.max(logp[keep])
     with np.errstate(over="ignore"):  # (logp - best) / T -> -inf for a tiny T: probability 0, as it should be
@@ -121,6 +125,29 @@ def sample_logprobs(logp: np.ndarray, temperature: float, top_p: float, top_k: i
     q = np.exp(scaled)  # the best kept token has scaled = 0, so q.sum() >= 1
     q /= q.sum()
     return int(rng.choice(len(q), p=q))
+
+
+def _nucleus_head(logp: np.ndarray, probs: np.ndarray, top_p: float) -> np.ndarray | None:
+    """The first entries of ``argsort(-logp, kind="stable")``, enough of them that their cumulative
+    sum reaches top_p, or None. Exactly the full order's head: the tokens with logp >= a bound come
+    before all others, and a stable sort of them (in index order) breaks ties as the full one does;
+    the cumulative sum of a head equals the head of the full cumulative sum (a sequential sum). The
+    cut is then top_p itself, not cum[-1]: top_p is below the total by more than either sum's
+    rounding (n * eps each), so the sampled token is the one the full sort gives, bit for bit."""
+    n = len(logp)
+    total = float(probs.sum())
+    margin = 2.0 * n * np.finfo(np.float64).eps * total
+    if not top_p <= total - margin:
+        return None
+    top = float(np.max(logp))
+    for drop in (8.0, 16.0, 32.0):  # tokens within e^-drop of the most likely one
+        head = np.flatnonzero(logp >= top - drop)
+        if len(head) > n // 4:
+            return None  # a flat distribution: the full sort costs little more
+        if float(probs[head].sum()) >= top_p + margin:
+            head = head[np.argsort(-logp[head], kind="stable")]
+            return head if np.cumsum(probs[head])[-1] >= top_p else None
+    return None
 
 
 def sample_probs(probs: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator) -> int:
