@@ -17,7 +17,15 @@ export interface SamplingParams {
   /** token id (JSON's string key or a number) -> value added to its logit before sampling */
   logit_bias: Record<string, number> | Map<number, number> | null;
 }
-export interface GenerateParams extends Partial<SamplingParams> { maxNewTokens?: number; state?: State }
+export interface GenerateParams extends Partial<SamplingParams> {
+  maxNewTokens?: number;
+  /** batch 1; read, never written */
+  state?: State;
+  /** generate only: the text ends before the first of these (Python's TextStream stops, the server's `stop`) */
+  stopStrings?: string | string[];
+  /** generate only: report each token's log-probability with this many alternatives (null: off) */
+  logprobs?: number | null;
+}
 
 export interface SessionOptions {
   /** browser only: "wasm" (default) or "webgpu" (state kept in GPU buffers) */
@@ -68,10 +76,43 @@ export interface TokenGeneration extends AsyncGenerator<number, void, undefined>
   state: State | null;
 }
 
+/** Why a row ended: a stop token or stop string, the maxNewTokens limit, its deadline, or its error. */
+export type FinishReason = "stop" | "length" | "timeout" | "error";
+
+/** One generated token's log-probability (Python's TokenLogprob): log_softmax of the model's logits,
+ *  before temperature, top-p/top-k, penalties and bias. */
+export interface TokenLogprob {
+  token: number;
+  logprob: number;
+  /** the k most likely tokens of the position: [id, logprob], most likely first (ties: lower id first) */
+  top: [number, number][];
+  /** the characters it produced in the generated text: text.slice(start, end) (JS string indices) */
+  start: number | null;
+  end: number | null;
+}
+
 /** One generate call: text pieces as produced, with this call's own `stats` and (once it ends) `state`. */
 export interface Generation extends AsyncGenerator<string, void, undefined> {
   stats: GenerationStats;
   /** the state after the last token fed to the model (continue a chat from it); null until the iteration ends */
+  state: State | null;
+  /** "stop" (a stop token or stop string) or "length" once it ends; null before (or when broken out of) */
+  finishReason: FinishReason | null;
+  /** with params.logprobs: the entries of the text delivered so far, in order; else null */
+  logprobs: TokenLogprob[] | null;
+}
+
+/** One prompt's result from Session.generateBatch. */
+export interface BatchResult {
+  /** the delivered text (cut before a stop string); null for a model without a tokenizer */
+  text: string | null;
+  /** the tokens produced (a stop token excluded) */
+  tokens: number[];
+  finishReason: FinishReason;
+  /** the failure that ended this row alone (finishReason "error"); null otherwise */
+  error: Error | null;
+  logprobs: TokenLogprob[] | null;
+  /** the row's state after its last token (batch 1) */
   state: State | null;
 }
 
@@ -106,13 +147,70 @@ export declare class Session {
   generateTokens(promptTokens: number[], params?: GenerateParams | null): TokenGeneration;
   /** Each call has its own statistics (`.stats`) and state (`.state`). */
   generate(prompt: string | number[], params?: GenerateParams | null): Generation;
+  /** several prompts as one batch (a model step per token for all): each row its own settings (one object
+   *  for all, or one per prompt), the tokens it would give alone; a failing row ends alone */
+  generateBatch(prompts: (string | number[])[], params?: GenerateParams | GenerateParams[] | null): Promise<BatchResult[]>;
   encode(text: string): Promise<number[]>;
   decode(ids: (number | bigint)[]): Promise<string>;
   release(): Promise<void>;
 }
 
 export declare class RuntimeUserError extends Error {}
-export declare class Sampler { constructor(params?: Partial<SamplingParams>, vocabSize?: number | null); sample(logits: ArrayLike<number>): number }
+
+// -- the generation core (generation.js; Python's runtime/generation.py, part for part) ---------------
+/** Stop strings across text pieces: push(piece) -> [text deliverable now, stopped]; release() at the end. */
+export declare class StopMatcher {
+  constructor(stops?: Iterable<string>);
+  readonly stops: string[];
+  readonly held: string;
+  push(piece: string): [string, boolean];
+  release(): string;
+}
+export declare function tokenLogprob(logits: ArrayLike<number>, token: number, k: number): TokenLogprob;
+/** One row's text: tokens -> pieces (StreamDecoder), stop strings, logprob entries with the text they complete. */
+export declare class TextStream {
+  constructor(tokenizer: Tokenizer, stops?: Iterable<string>, logprobs?: boolean);
+  push(token: number, entry?: TokenLogprob | null): [string, TokenLogprob[] | null, boolean];
+  finish(): [string, TokenLogprob[] | null, boolean];
+}
+export interface RowOptions {
+  maxNewTokens?: number | null; stopIds?: Iterable<number> | null; text?: TextStream | null; logprobs?: number | null;
+  /** a performance.now() after which the row ends with "timeout" */
+  deadline?: number | null; feedLast?: boolean; keepState?: boolean; key?: unknown;
+}
+/** One sequence in a Batch: its Sampler, limits, stop ids, optional TextStream. */
+export declare class Row {
+  constructor(sampler: Sampler, options?: RowOptions);
+  readonly sampler: Sampler;
+  key: unknown;
+  readonly tokens: number[];
+  reason: FinishReason | null;
+  error: unknown;
+  /** with keepState, once it left: its state (batch 1) */
+  final: State | null;
+  pick(): number;
+  accept(token: number, now?: number): Out;
+}
+/** What one row produced in a step. */
+export declare class Out {
+  readonly row: Row; token: number | null; appended: boolean; text: string; logprobs: TokenLogprob[] | null;
+  reason: FinishReason | null; error: unknown;
+}
+/** Rows decoded together on one batched state; a row's failure ends that row alone. Await each call in turn. */
+export declare class Batch {
+  constructor(session: Session);
+  readonly rows: Row[];
+  readonly length: number;
+  /** rows join between steps; `state` (batch rows.length) is read, never written */
+  add(rows: Row | Row[], state: State, logits: Float32Array | Float32Array[]): Promise<void>;
+  remove(row: Row): Promise<void>;
+  /** every row leaves now (keepState rows get the state of the tokens run so far) */
+  close(): Promise<void>;
+  sample(now?: number): Promise<Out[]>;
+  advance(): Promise<Out[]>;
+  step(now?: number): Promise<Out[]>;
+}
+export declare class Sampler { constructor(params?: Partial<SamplingParams>, vocabSize?: number | null); readonly params: SamplingParams; sample(logits: ArrayLike<number>): number }
 export declare class NumpyRandom { constructor(seed?: number | bigint | null); random(): number; choice(probs: ArrayLike<number>): number }
 export declare class WorldTokenizer { constructor(vocabText: string); encode(text: string): number[]; decode(ids: number[]): string }
 export declare class ByteTokenizer { encode(text: string): number[]; decode(ids: number[]): string }

@@ -717,6 +717,8 @@ export class Session {
     } finally {
       if (batch?.rows.length) await batch.close(); // broken out of: the state of the tokens run so far
       const st = row?.final ?? prompted;
+      // the prompt's state is this call's own: once the steps moved past it, WebGPU frees its buffers
+      if (prompted && st !== prompted) prompted.dispose();
       if (st) {
         this.lastState = st; // (deprecated: shared by the session; use the iterator's own .state)
         holder.state = st;

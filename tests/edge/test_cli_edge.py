@@ -95,6 +95,7 @@ def test_web_bundle_contents(v7_export, tmp_path):
         "tiny7.seq.onnx",
         "rwkv-runtime/web.js",
         "rwkv-runtime/session.js",
+        "rwkv-runtime/generation.js",
         "ort/ort.webgpu.min.mjs",
     ]:
         assert (out / f).is_file(), f

@@ -1,7 +1,8 @@
 // A typed app using the package's own names (rwkv-runtime resolves to ../../ through package.json
 // "exports", as it would from node_modules): checked by `tsc -p test/types` (tests/edge/test_js_package.py).
 // Each @ts-expect-error line is a misuse the declarations must refuse: tsc fails if one is accepted.
-import { Session, State, RuntimeUserError, type Generation, type GenerationStats } from "rwkv-runtime";
+import { Session, State, RuntimeUserError, type Generation, type GenerationStats, type BatchResult, type FinishReason,
+  type TokenLogprob } from "rwkv-runtime";
 import { Session as WebSession } from "rwkv-runtime/web";
 
 export async function chat(modelPath: string, saved?: Uint8Array): Promise<string> {
@@ -26,6 +27,15 @@ export async function chat(modelPath: string, saved?: Uint8Array): Promise<strin
     const many = await s.prefillMany([[1, 2, 3], [4]]);
     many.state.dispose();
   }
+  const cut = s.generate("User: hi\n\nAssistant:", { temperature: 0, stopStrings: ["\n\nUser:"], logprobs: 3 });
+  for await (const piece of cut) reply += piece;
+  const reason: FinishReason | null = cut.finishReason;
+  const lps: TokenLogprob[] | null = cut.logprobs;
+  if (lps) for (const e of lps) console.log(e.token, e.logprob, e.top[0][0], reply.slice(e.start ?? 0, e.end ?? 0));
+  const results: BatchResult[] = await s.generateBatch(["Hello", [72, 105]], [{ seed: 1 }, { temperature: 0, maxNewTokens: 5 }]);
+  for (const r of results) console.log(r.text, r.tokens.length, r.finishReason, r.error?.message, reason);
+  // @ts-expect-error: stop strings are strings (token ids that stop go in `stop`)
+  s.generate("x", { stopStrings: [261] });
   const ids = s.generateTokens([72, 105], { temperature: 0 });
   for await (const id of ids) { const n: number = id; void n; }
   const after: State | null = ids.state;
