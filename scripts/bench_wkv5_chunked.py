@@ -66,7 +66,12 @@ def scan_wkv6(g, r, k, v, w, u, s):
     from rwkv_export.arch import headwise as hw
 
     return hw.scan_ops(
-        g, "wkv6_scan", lambda b, rt, kt, vt, wt, u_, st: hw.wkv5_step_ops(b, rt, kt, vt, wt, u_, st), s, [r, k, v, w], [u]
+        g,
+        "wkv6_scan",
+        lambda b, rt, kt, vt, wt, u_, st: hw.wkv5_step_ops(b, rt, kt, vt, wt, u_, st),
+        s,
+        [r, k, v, w],
+        [u],
     )
 
 

@@ -380,8 +380,9 @@ def wkv5_chunked_ops(g: GraphBuilder, r, k, v, w, u, s, L: int = WKV5_CHUNK):
         D[t,i] = sum_{i<j<t} log w_j    E[t] = sum_{j<t} log w_j    F[i] = sum_{i<j<L} log w_j
         y_t = sum_{i<t} (r_t . e^{D[t,i]} . k_i) v_i + (r_t . u . k_t) v_t + (r_t e^{E[t]}) S0
         S_L = diag(e^{sum_j log w_j}) S0 + sum_i (k_i e^{F[i]}) v_i^T
-    Each sum is a MatMul of a constant 0/1 mask with the chunk's log w, so every exponent is <= 0
-    and accurate to float32 rounding of its own size. Everything but S0's terms is computed for all
+    D, E and F are MatMuls of constant 0/1 masks with the chunk's log w (the chunk's total a
+    ReduceSum), so every exponent is <= 0 and accurate to float32 rounding of its own size. The
+    [B,H,T/L,L,L,N] tensors of D make memory grow as B*T*L*C (RWKV-5's D has batch 1). Everything but S0's terms is computed for all
     chunks at once; a Scan over the chunks carries the state (one MatMul+Add for y, one Mul+Add for
     the state). T is padded to a multiple of L with w = 1 and zeros (tokens that leave the state
     unchanged); the padding's outputs are cut off. RWKV-5's w stays batch 1 ([1,T,H,N])."""
@@ -411,13 +412,12 @@ def wkv5_chunked_ops(g: GraphBuilder, r, k, v, w, u, s, L: int = WKV5_CHUNK):
     lw_ext = g.op("Pad", [lw, i64([0, 0, 0, 0, 0, 0, 0, 0, 1, 0]), f32(WKV5_LOG_FLOOR)])  # [.., L+1, N]
     D = g.op("Reshape", [mm(f32(between.reshape(L * L, L + 1)), lw_ext), i64([0, 0, 0, L, L, -1])])
     # [B|1,H,NC,L(t),L(i),N]
-    att = g.op(
-        "ReduceSum", [g.op("Mul", [g.op("Mul", [_unsq(g, r_, -2), g.op("Exp", [D])]), _unsq(g, k_, -3)]), i64([-1])],
-        keepdims=0,
-    )  # [B,H,NC,L(t),L(i)]: k_i's weight in y_t, i < t
+    rDk = g.op("Mul", [g.op("Mul", [_unsq(g, r_, -2), g.op("Exp", [D])]), _unsq(g, k_, -3)])
+    att = g.op("ReduceSum", [rDk, i64([-1])], keepdims=0)  # [B,H,NC,L(t),L(i)]: k_i's weight in y_t, i < t
     # token t itself, with the bonus u
-    bonus = g.op("ReduceSum", [g.op("Mul", [g.op("Mul", [r_, g.op("Unsqueeze", [u, i64([1, 2])])]), k_]), i64([-1])], keepdims=1)
-    strict = np.tril(np.ones((L, L), np.float32), -1)  # i < t
+    ruk = g.op("Mul", [g.op("Mul", [r_, g.op("Unsqueeze", [u, i64([1, 2])])]), k_])
+    bonus = g.op("ReduceSum", [ruk, i64([-1])], keepdims=1)  # [B,H,NC,L,1]
+    strict = np.tril(np.ones((L, L), np.float32), -1)  # j < t (E below); its transpose j > i (F)
     Y0 = g.op("Add", [mm(att, v_), g.op("Mul", [bonus, v_])])  # the chunk's own tokens: [B,H,NC,L,N(value)]
     RQ = g.op("Mul", [r_, g.op("Exp", [mm(f32(strict), lw)])])  # r_t e^{E[t]}: reads S0
     KF = g.op("Mul", [k_, g.op("Exp", [mm(f32(strict.T), lw)])])  # k_i e^{F[i]}: into S_L
