@@ -105,20 +105,27 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def sample_logprobs(logp: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator) -> int:
-    """One token from log-probabilities (-inf = impossible), ChatRWKV's order: top-p, top-k, temperature."""
+    """One token from log-probabilities (-inf = impossible), ChatRWKV's order: top-p, top-k, temperature.
+    top_p 1 keeps every possible token (the cut at cum >= min(top_p, cum[-1]) would drop only the
+    tokens the float sum absorbs, whose probability is below 1e-16; not worth a sort per draw)."""
     if temperature <= 0:
         return int(np.argmax(logp))
-    probs = np.exp(logp)
-    # the nucleus needs only the head of the descending order: sorting the whole vocabulary (6 ms of
-    # an 8 ms draw over 65,536 tokens) is the fallback, taken when the head is not enough
-    order = _nucleus_head(logp, probs, top_p)
-    if order is None:
-        order = np.argsort(-logp, kind="stable")
-    cum = np.cumsum(probs[order])
-    cutoff = logp[order[int(np.argmax(cum >= min(top_p, cum[-1])))]]
-    keep = logp >= cutoff
-    if 0 < top_k < min(len(order), len(logp)):  # a head shorter than top_k holds every kept token
-        keep[order[top_k:]] = False
+    top_k = top_k if 0 < top_k < len(logp) else 0
+    if top_p >= 1.0:  # no nucleus cut: every possible token (and no sort unless top_k asks for one)
+        keep = logp > -np.inf
+        if top_k:
+            keep[np.argsort(-logp, kind="stable")[top_k:]] = False
+    else:
+        # the nucleus needs only the head of the descending order: sorting the whole vocabulary (6 ms
+        # of an 8 ms draw over 65,536 tokens) is the fallback, taken when the head is not enough
+        probs = np.exp(logp)
+        order = _nucleus_head(logp, probs, top_p)
+        if order is None:
+            order = np.argsort(-logp, kind="stable")
+        cum = np.cumsum(probs[order])
+        keep = logp >= logp[order[int(np.argmax(cum >= min(top_p, cum[-1])))]]
+        if top_k and top_k < len(order):  # a head shorter than top_k holds every kept token
+            keep[order[top_k:]] = False
     best = np.max(logp[keep])
     with np.errstate(over="ignore"):  # (logp - best) / T -> -inf for a tiny T: probability 0, as it should be
         scaled = np.where(keep, (logp - best) / temperature, -np.inf)  # probs ** (1/T), in log space

@@ -55,18 +55,26 @@ function logSoftmax(x) {
 /** Python's sample_logprobs: one token from log-probabilities (-Infinity = impossible). */
 export function sampleLogprobs(logp, temperature, topP, topK, rng) {
   if (temperature <= 0) return argmax(logp);
-  const probs = logp.map(Math.exp);
-  const order = Array.from(logp.keys()).sort((a, b) => (logp[b] > logp[a]) - (logp[b] < logp[a])); // stable
-  const cum = new Float64Array(order.length);
-  let acc = 0;
-  for (let j = 0; j < order.length; j++) { acc += probs[order[j]]; cum[j] = acc; }
-  const limit = Math.min(topP, cum[cum.length - 1]);
-  let at = 0;
-  while (at < cum.length && !(cum[at] >= limit)) at++;
-  if (at === cum.length) at = 0; // numpy's argmax of an all-False mask
-  const cutoff = logp[order[at]];
-  const keep = logp.map((v) => v >= cutoff);
-  if (topK > 0 && topK < logp.length) for (let j = topK; j < order.length; j++) keep[order[j]] = false;
+  const useK = topK > 0 && topK < logp.length;
+  const sorted = () => Array.from(logp.keys()).sort((a, b) => (logp[b] > logp[a]) - (logp[b] < logp[a])); // stable
+  let keep, order = null;
+  if (topP >= 1) {
+    // as Python: top_p 1 keeps every possible token, no sort unless top_k asks for one
+    keep = logp.map((v) => v > -Infinity);
+  } else {
+    const probs = logp.map(Math.exp);
+    order = sorted();
+    const cum = new Float64Array(order.length);
+    let acc = 0;
+    for (let j = 0; j < order.length; j++) { acc += probs[order[j]]; cum[j] = acc; }
+    const limit = Math.min(topP, cum[cum.length - 1]);
+    let at = 0;
+    while (at < cum.length && !(cum[at] >= limit)) at++;
+    if (at === cum.length) at = 0; // numpy's argmax of an all-False mask
+    const cutoff = logp[order[at]];
+    keep = logp.map((v) => v >= cutoff);
+  }
+  if (useK) { order ??= sorted(); for (let j = topK; j < order.length; j++) keep[order[j]] = false; }
   const scaled = logp.map((v, i) => (keep[i] ? v / temperature : -Infinity));
   const m = maxOf(scaled);
   const q = scaled.map((v) => Math.exp(v - m));

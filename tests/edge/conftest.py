@@ -27,6 +27,7 @@ SAMPLING = [  # seeded sampling settings both runtimes must agree on token for t
     {"temperature": 1.3, "top_p": 1.0, "top_k": 5, "penalty_decay": 0.9, "frequency_penalty": 1.0, "seed": 2**40 + 5},
     # (JSON turns the int keys into strings: the JavaScript side reads {"101": 2.5, ...})
     {"temperature": 0.9, "top_p": 0.9, "logit_bias": {101: 2.5, 32: -1.5, 10: -100.0, 116: 0.75}, "seed": 99},
+    {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": 31},  # no cut at all: the server's default
 ]
 
 

@@ -174,6 +174,8 @@ def _full_sort_sample(logp, temperature, top_p, top_k, rng):
     order = np.argsort(-logp, kind="stable")
     cum = np.cumsum(probs[order])
     keep = logp >= logp[order[int(np.argmax(cum >= min(top_p, cum[-1])))]]
+    if top_p >= 1.0:  # no cut: every possible token
+        keep = logp > -np.inf
     if 0 < top_k < len(logp):
         keep[order[top_k:]] = False
     with np.errstate(over="ignore"):
