@@ -110,6 +110,8 @@ bench: $(BIN)/.installed
 	$(BIN)/rwkv-export export build/rwkv7-169m-random.pth -o build/rwkv7-169m-world.onnx --tokenizer world --external-data -q
 	$(BIN)/python scripts/bench_constraints.py build/rwkv7-169m-world.onnx --batches 1,32 --threads 2 --rounds 3 \
 	    --json build/bench-constraints.json
+	# the sampler's draw over 65,536 logits: as shipped, sorting everything (peer), one pass (ceiling)
+	$(BIN)/python scripts/bench_sampling.py --rounds 5 --json build/bench-sampling.json
 
 ## bench-quant: weight formats for CPU side by side (speed at batch 1 and 32, cross-entropy cost); not in CI
 bench-quant: $(BIN)/.installed
