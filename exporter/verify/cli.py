@@ -173,11 +173,7 @@ def validate(
 
 @click.command("validate")
 @path_argument("model")
-@path_option(
-    "--reference",
-    required=True,
-    help="The checkpoint MODEL was exported from (run in PyTorch, float32).",
-)
+@path_option("--reference", required=True, help="The checkpoint MODEL was exported from (run in PyTorch, float32).")
 @choice_option(
     "--backend",
     choices=["onnxruntime", "tensorrt"],
