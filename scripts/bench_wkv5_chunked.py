@@ -7,6 +7,9 @@ sessions then prefill the same prompt, one thread each, CPU time (time.process_t
 ``--repeat``, interleaved. A relative check: run both in one process on the same machine.
 
     python scripts/bench_wkv5_chunked.py [--tokens 512] [--repeat 3] [--dir /tmp/wkv6bench]
+
+--wkv-only times the WKV6Seq op alone (one layer's worth: batch 1, 12 heads of 64, trained-range
+decays) for the Scan and for each chunk length in --chunks, the same way.
 """
 
 from __future__ import annotations
@@ -75,12 +78,74 @@ def scan_wkv6(g, r, k, v, w, u, s):
     )
 
 
+def _session(model, ort):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def _best(sessions: dict, feeds: dict, repeat: int) -> dict:
+    """CPU seconds per run, best of ``repeat``, the sessions interleaved; after one warm-up run each."""
+    for name, sess in sessions.items():
+        sess.run(None, feeds[name])
+    best = {n: float("inf") for n in sessions}
+    for _ in range(repeat):
+        for name, sess in sessions.items():
+            t0 = time.process_time()
+            sess.run(None, feeds[name])
+            best[name] = min(best[name], time.process_time() - t0)
+    return best
+
+
+def wkv_only(tokens: int, chunks, repeat: int):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from rwkv_export.arch import headwise as hw
+    from rwkv_export.onnx_graph import OPSET, GraphBuilder
+
+    def model(body):
+        g = GraphBuilder("wkv6")
+        for n in "rkvw":
+            g.input(n, "float32", ["B", "T", "H", "N"])
+        g.input("u", "float32", ["H", "N"])
+        g.input("s", "float32", ["B", "H", "N", "N2"])
+        y, s2 = body(g, "r", "k", "v", "w", "u", "s")
+        g.op("Identity", [y], "y")
+        g.op("Identity", [s2], "s_out")
+        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "s_out")]
+        m = helper.make_model(
+            helper.make_graph(g.nodes, "wkv6", g.inputs, outs, g.initializers),
+            opset_imports=[helper.make_opsetid("", OPSET)],
+        )
+        m.ir_version = 9
+        return m.SerializeToString()
+
+    B, H, N = 1, 12, 64
+    rng = np.random.default_rng(0)
+    feed = {n: rng.standard_normal((B, tokens, H, N)).astype(np.float32) for n in "rkv"}
+    feed["w"] = np.exp(-np.exp(rng.uniform(-6, 1, (B, tokens, H, N)))).astype(np.float32)
+    feed["u"] = rng.standard_normal((H, N)).astype(np.float32)
+    feed["s"] = rng.standard_normal((B, H, N, N)).astype(np.float32)
+    sessions = {"scan": _session(model(scan_wkv6), ort)}
+    for L in chunks:
+        sessions[f"chunked L={L}"] = _session(model(lambda g, *a, L=L: hw.wkv5_chunked_ops(g, *a, L=L)), ort)
+    best = _best(sessions, {n: feed for n in sessions}, repeat)
+    for name, t in best.items():
+        print(f"{name:14s} WKV6Seq, {tokens} tokens, one layer: {t * 1000:.1f} ms CPU")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--wkv-only", action="store_true")
+    ap.add_argument("--chunks", default="8,16,32", help="chunk lengths for --wkv-only")
     a = ap.parse_args()
+    if a.wkv_only:
+        return wkv_only(a.tokens, [int(x) for x in a.chunks.split(",")], a.repeat)
     import onnxruntime as ort
 
     from rwkv_export.arch import headwise as hw
@@ -101,23 +166,17 @@ def main():
     finally:
         hw.WKV_OPS["WKV6Seq"] = shipped
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    so.log_severity_level = 3
     tokens = np.random.default_rng(0).integers(0, 1024, (1, a.tokens)).astype(np.int64)
-    runs, outs = {}, {}
+    sessions, feeds = {}, {}
     for name, p in paths.items():
         man = load_manifest(p)
-        sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-        feed = {"tokens": tokens, **{s.name: np.full(s.concrete_shape(1), s.init, np.float32) for s in man.state}}
-        outs[name] = sess.run(None, feed)  # warm-up (arena, first-run allocations)
-        runs[name] = (sess, feed)
-    best = {n: float("inf") for n in runs}
-    for _ in range(a.repeat):
-        for name, (sess, feed) in runs.items():
-            t0 = time.process_time()
-            sess.run(None, feed)
-            best[name] = min(best[name], time.process_time() - t0)
+        sessions[name] = _session(str(p), ort)
+        feeds[name] = {
+            "tokens": tokens,
+            **{s.name: np.full(s.concrete_shape(1), s.init, np.float32) for s in man.state},
+        }
+    outs = {n: s.run(None, feeds[n]) for n, s in sessions.items()}
+    best = _best(sessions, feeds, a.repeat)
     diff = max(float(np.abs(x - y).max() / max(1.0, np.abs(y).max())) for x, y in zip(outs["chunked"], outs["scan"]))
     for name, t in best.items():
         print(f"{name:8s} prefill {a.tokens} tokens: {t:.3f} s CPU ({a.tokens / t:.0f} tok/s)")

@@ -363,8 +363,8 @@ def _wkv5_if_one_token(g: GraphBuilder, name: str, r, k, v, w, u, s, per_token_w
 
 
 # tokens per chunk: the [B,H,T/L,L,L,N] decay tensor grows with L, the Scan's steps shrink with it. One
-# RWKV-6 0.1B-shaped layer, 512 tokens, one thread: L = 8 16.3 ms, L = 16 19.6 ms, L = 32 39.5 ms, the
-# per-token Scan 33.6 ms (scripts/bench_wkv5_chunked.py, docs/benchmarks.md)
+# RWKV-6 0.1B-shaped layer, 512 tokens, one thread: L = 4 19.9 ms, 8 16.0 ms, 16 18.9 ms, 32 31.7 ms, the
+# per-token Scan 34.3 ms (scripts/bench_wkv5_chunked.py --wkv-only, docs/benchmarks.md)
 WKV5_CHUNK = 8
 WKV5_LOG_FLOOR = -1e4  # log w below this is as good as -inf (exp gives 0) and keeps inf - inf out
 
