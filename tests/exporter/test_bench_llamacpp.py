@@ -1,20 +1,17 @@
 """scripts/bench_llamacpp.py writes the same weights in the Hugging Face layout llama.cpp's converter
-reads: every tensor under a name gguf-py's RWKV-7 tensor map knows (checked against llama.cpp's own
-gguf-py when `make llamacpp` has fetched it; skipped otherwise), the values unchanged."""
+reads: every tensor under a name gguf-py's RWKV-7 tensor map knows (llama.cpp's own `gguf` package from
+PyPI, a dev dependency), the values unchanged."""
 
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from ..conftest import ref_model
 
 REPO = Path(__file__).resolve().parents[2]
-GGUF_PY = REPO / "build" / "llamacpp" / "src" / "gguf-py"
 
 
 def _bench():
@@ -34,13 +31,9 @@ def test_hf_names_are_unique_and_keep_the_layer():
     assert names["blocks.0.ln0.bias"] == "model.layers.0.pre_norm.bias"
 
 
-@pytest.mark.skipif(not GGUF_PY.is_dir(), reason="needs llama.cpp's gguf-py (make llamacpp fetches it into build/)")
 def test_every_tensor_maps_to_a_gguf_rwkv7_name():
-    sys.path.insert(0, str(GGUF_PY))
-    try:
-        import gguf
-    finally:
-        sys.path.remove(str(GGUF_PY))
+    import gguf
+
     w = torch.load(ref_model("golden-rwkv7"), weights_only=True)
     n_layer = 1 + max(int(k.split(".")[1]) for k in w if k.startswith("blocks."))
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.RWKV7, n_layer)
