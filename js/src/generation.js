@@ -130,11 +130,7 @@ export class StopMatcher {
  *  generated text (JS string indices). */
 export class TokenLogprob {
   constructor(token, logprob, top) {
-    this.token = token;
-    this.logprob = logprob;
-    this.top = top;
-    this.start = null;
-    this.end = null;
+    Object.assign(this, { token, logprob, top, start: null, end: null });
   }
 }
 
