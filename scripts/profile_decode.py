@@ -55,7 +55,7 @@ def export(pth: Path, out: Path, fmt: str, extra=()) -> Path:
     return out
 
 
-def session(model, profile: str | None = None, optimized: str | None = None, threads: int = 1):
+def session(model, profile: str | None = None, optimized: str | None = None, threads: int = 1, mem_pattern=True):
     import onnxruntime as ort
 
     from rwkv_runtime import Session
@@ -63,6 +63,7 @@ def session(model, profile: str | None = None, optimized: str | None = None, thr
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.enable_mem_pattern = mem_pattern
     if profile:
         so.enable_profiling = True
         so.profile_file_prefix = profile
@@ -90,14 +91,14 @@ def step_ms(s, steps: int, rounds: int = 1, state=None):
 def cmd_profile(a):
     model = Path(a.model)
     prefix = str(Path(a.out or model.parent) / "decode_profile")
-    s = session(model, profile=prefix, optimized=a.optimized)
+    s = session(model, profile=prefix, optimized=a.optimized, mem_pattern=not a.no_mem_pattern)
     warm, st = step_ms(s, 8)
     n_steps = a.steps
     _, st = step_ms(s, n_steps, 1, st)
     trace = s.backend.session(s.backend.decode_kind).end_profiling()
     events = json.loads(Path(trace).read_text())
     count, dur = collections.Counter(), collections.Counter()
-    runs = 0
+    runs, inner = 0, 0
     for e in events:
         if e.get("cat") == "Session" and e.get("name") == "model_run":
             runs += 1
@@ -106,10 +107,15 @@ def cmd_profile(a):
         op = e.get("args", {}).get("op_name", "?")
         count[op] += 1
         dur[op] += e.get("dur", 0)
+        if "/" in e["name"]:  # a node inside an If branch (the body builders prefix their node names)
+            inner += e.get("dur", 0)
+    # an If's time includes its branch's nodes, which have their own events: keep only its own cost
+    dur["If"] -= inner
     total = sum(dur.values())
     steps = max(runs, 1)  # the warm-up runs are in the trace too: per-run figures divide by all runs
     print(f"{model}: {runs} runs profiled, {sum(count.values()) / steps:.0f} nodes per step, "
           f"kernel time {total / steps / 1e3:.2f} ms per step (profiler on)")
+    print("If: its own cost, without the nodes of the branch it runs (counted under their op types)")
     print(f"{'op':28s} {'per step':>9s} {'share':>7s} {'us/node':>8s}")
     for op, d in dur.most_common():
         print(f"{op:28s} {count[op] / steps:9.1f} {d / total:7.1%} {d / count[op]:8.1f}")
@@ -129,7 +135,7 @@ def cmd_profile(a):
 
         walk(m.graph)
         print("optimized model (both If branches):", dict(c.most_common()))
-    s2 = session(model)
+    s2 = session(model, mem_pattern=not a.no_mem_pattern)
     ms, _ = step_ms(s2, a.steps, a.rounds)
     print(f"decode step, 1 thread, profiler off: {ms:.3f} ms CPU (best of {a.rounds} x {a.steps})")
 
@@ -212,6 +218,7 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out")
     p.add_argument("--optimized", help="write onnxruntime's optimized sequence graph here")
+    p.add_argument("--no-mem-pattern", action="store_true", help="SessionOptions.enable_mem_pattern = False")
     c = sub.add_parser("compare")
     c.add_argument("models", nargs="+")
     c.add_argument("--steps", type=int, default=64)

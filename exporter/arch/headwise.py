@@ -449,20 +449,21 @@ def wkv7_seq_ops(g, r, w, k, v, a, b, s):
 
 
 def _wkv7_one_token(g: GraphBuilder, r, w, k, v, a, b, s):
-    """``wkv7_step_ops`` on [B,1,H,N] inputs. The five inputs that meet the state elementwise are
-    concatenated along N, cut to token 0 by one Slice (the same at T = 1, and it keeps this branch's
-    shapes valid for any T: onnxruntime infers the shapes of both If branches, TensorRT builds both),
-    brought to row form [B,H,1,5N] by one Transpose and split; v and a are turned into columns [B,H,N,1].
-    That is 6 nodes where a Slice and a Transpose per input took 10: each costs a few microseconds per
-    decode step. y comes back as [B,1,H,N]."""
-    zero, one_ = g.const([0], np.int64), g.const([1], np.int64)
-    cat = g.op("Slice", [g.op("Concat", [w, k, v, a, b], axis=-1), zero, one_, one_])  # [B,1,H,5N]
-    rows = g.op("Transpose", [cat], perm=[0, 2, 1, 3])  # [B,H,1,5N]
-    w, k, v, a, b = g.op("Split", [rows], n_out=5, axis=-1, num_outputs=5)  # each [B,H,1,N]
-    col = lambda x: g.op("Transpose", [x], perm=[0, 1, 3, 2])  # noqa: E731 - [B,H,1,N] -> [B,H,N,1]
+    """``wkv7_step_ops`` on [B,1,H,N] inputs. The six inputs are concatenated along N and cut to token 0
+    by one Slice (the same at T = 1, and it keeps this branch's shapes valid for any T: onnxruntime
+    infers the shapes of both If branches, TensorRT builds both), brought to row form [B,H,1,6N] by one
+    Reshape (a copy-free move at T = 1; onnxruntime's transpose optimizer would push a Transpose through
+    the Split, one per input again) and split; r, a and v are reshaped to columns [B,H,N,1]. 16 nodes
+    where a Slice and a Transpose per input took 20: each costs a few microseconds per decode step.
+    y comes back as [B,1,H,N]."""
+    i64 = lambda x: g.const(x, np.int64)  # noqa: E731
+    cat = g.op("Slice", [g.op("Concat", [r, w, k, v, a, b], axis=-1), i64([0]), i64([1]), i64([1])])  # [B,1,H,6N]
+    rows = g.op("Reshape", [cat, i64([0, -1, 1, 0])])  # [B,H,1,6N]
+    r, w, k, v, a, b = g.op("Split", [rows], n_out=6, axis=-1, num_outputs=6)  # each [B,H,1,N]
+    col = lambda x: g.op("Reshape", [x, i64([0, 0, -1, 1])])  # noqa: E731 - [B,H,1,N] -> [B,H,N,1]
     sa = g.op("MatMul", [s, col(a)])  # S a: [B,H,N,1]
     s2 = g.op("Add", [g.op("Add", [g.op("Mul", [s, w]), g.op("Mul", [sa, b])]), g.op("Mul", [col(v), k])])
-    y = g.op("Transpose", [g.op("MatMul", [s2, g.op("Transpose", [r], perm=[0, 2, 3, 1])])], perm=[0, 3, 1, 2])
+    y = g.op("Transpose", [g.op("MatMul", [s2, col(r)])], perm=[0, 3, 1, 2])  # [B,H,N,1] -> [B,1,H,N]
     return y, s2
 
 
@@ -549,15 +550,22 @@ def _if_one_token(g: GraphBuilder, x, one: _Body, one_outs, many: _Body, many_ou
     """If T (axis 1 of ``x``) == 1: ``one``'s graph, else ``many``'s; returns the two outputs."""
 
     def branch(b: _Body, outs):
-        ids = [b.op("Identity", [o]) for o in outs]  # outputs named in the branch itself
+        # outputs must be named in the branch itself: an Identity only for a value it does not produce
+        # (or one returned twice); a kept Identity copies the whole state on every decode step
+        made = {o for n in b.nodes for o in n.output}
+        ids = [o if o in made and outs.count(o) == 1 else b.op("Identity", [o]) for o in outs]
         return helper.make_graph(
             b.nodes, b.name, [], [helper.make_tensor_value_info(n, F32, None) for n in ids], b.initializers
         )
 
-    T = g.op("Gather", [g.op("Shape", [x]), g.const(1, np.int64)], axis=0)
+    # T == 1 once per graph, not per layer (3 nodes each): every WKV input of a graph has the tokens' T
+    cond = getattr(g, "_t_is_one", None)
+    if cond is None:
+        T = g.op("Gather", [g.op("Shape", [x]), g.const(1, np.int64)], axis=0)
+        cond = g._t_is_one = g.op("Equal", [T, g.const(1, np.int64)])
     return g.op(
         "If",
-        [g.op("Equal", [T, g.const(1, np.int64)])],
+        [cond],
         n_out=2,
         then_branch=branch(one, one_outs),
         else_branch=branch(many, many_outs),
