@@ -148,18 +148,27 @@ class OrtBackend:
         self._has: dict = {}
         self._sets: OrderedDict = OrderedDict()  # batch size -> [_BufferSet], most recently used last
         self._lock = threading.Lock()
+        # Prefill runs (several tokens) hand the CPU arena's free regions back when they end. onnxruntime
+        # plans one block for the intermediates of a run the second time it sees an input shape (its
+        # memory pattern) and takes it from the arena, which cannot fit it into the regions the first run
+        # left free: the second 256-token chunk of a prefill added the block on top of them. Shrinking
+        # after each chunk (with the state outputs outside the arena, see _run_fresh) releases the first
+        # run's regions before the block is taken. Decode steps keep the arena and their pattern.
+        # Measured on the 0.1B RWKV-7, prefill 512 + decode 128, one process per run, 1 thread (issue #30,
+        # scripts/profile_decode.py rss): peak RSS int4 336 -> 312 MB, int8 360 -> 348 MB, fp32 801 -> 800;
+        # prefill within 1-3% (page faults of the fresh block), decode unchanged. Turning the memory
+        # pattern off instead saved more (int4 -44 MB) but made int8 decode ~8% slower: not taken.
+        # Only with the runtime's own session options: onnxruntime fails a run that asks to shrink an arena
+        # the session does not have (a caller's options may turn it off or use the environment's allocator).
+        self._prefill_run_options = None
+        if self.device == "cpu" and session_options is None:
+            self._prefill_run_options = ort.RunOptions()
+            self._prefill_run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
-    def _options(self, kind: str = "step"):
+    def _options(self):
         so = self._user_options or self.ort.SessionOptions()
         if self._user_options is None:
             so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if kind == "sequence":
-                # No memory pattern for the sequence graph: a pattern is one block per input shape, planned
-                # for the whole run and kept in the arena, so a 512-token prefill (chunks of 256) left
-                # ~44 MB more resident. Measured on the 0.1B RWKV-7 (issue #30; scripts/profile_decode.py
-                # rss): int4 peak RSS 337 -> 293 MB; decode and prefill no slower (int4 9.9 vs 10.3 ms per
-                # step, prefill-512 1.03 vs 1.05 s; fp32 28.0 vs 31.1 ms, 1.15 vs 1.17 s; CPU time, 1 thread).
-                so.enable_mem_pattern = False
             if self.threads:
                 so.intra_op_num_threads = self.threads
                 so.inter_op_num_threads = 1
@@ -190,7 +199,7 @@ class OrtBackend:
                 "graph under that name (copy or move the export's files together)"
             )
         try:
-            sess = self.ort.InferenceSession(str(path), self._options(kind), providers=self.providers)
+            sess = self.ort.InferenceSession(str(path), self._options(), providers=self.providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types (Fail, InvalidGraph, ...)
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             if "bfloat16" in msg.lower():
@@ -242,17 +251,23 @@ class OrtBackend:
             else:
                 logits, new = self._run_fresh(sess, tokens[:, None] if kind == "sequence" else tokens, values, specs)
             return (logits[:, -1] if logits.ndim == 3 else logits), new
-        return self._run_fresh(self.session(kind), tokens, values, specs)
+        return self._run_fresh(self.session(kind), tokens, values, specs, self._prefill_run_options)
 
-    def _run_fresh(self, sess, tokens, values, specs):
+    def _run_fresh(self, sess, tokens, values, specs, run_options=None):
         io = sess.io_binding()
         io.bind_cpu_input(self.manifest.tokens_input, tokens)
         for s in specs:
             io.bind_ortvalue_input(s.name, values[s.name])
         io.bind_output(self.manifest.logits_output, "cpu")  # logits go to the sampler on the host
         for s in specs:
-            io.bind_output(s.output, self.device)  # fresh outputs: never a caller's state
-        self._execute(sess, io)
+            if run_options is None:
+                io.bind_output(s.output, self.device)  # fresh outputs: never a caller's state
+            else:  # outside the session's arena, so that the state kept after the run pins none of it
+                out = self.ort.OrtValue.ortvalue_from_shape_and_type(
+                    s.concrete_shape(tokens.shape[0]), np.dtype(s.dtype), self.device, 0
+                )
+                io.bind_ortvalue_output(s.output, out)
+        self._execute(sess, io, run_options)
         outs = io.get_outputs()
         return np.array(outs[0].numpy(), copy=True), {s.name: o for s, o in zip(specs, outs[1:])}
 
@@ -291,9 +306,9 @@ class OrtBackend:
                 return bs if all(values[s.name] is bs.values[s.name] for s in specs) else None
         return None
 
-    def _execute(self, sess, io):
+    def _execute(self, sess, io, run_options=None):
         try:
-            sess.run_with_iobinding(io)
+            sess.run_with_iobinding(io, run_options)
         except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise RuntimeUserError(f"{self.path.name}: onnxruntime failed to run the graph ({msg})") from None

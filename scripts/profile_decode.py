@@ -12,8 +12,10 @@ with onnxruntime's profiler on; the node events of the decode steps give the cou
 share of kernel time per op type. The optimized model (``--optimized PATH``) shows what onnxruntime fused.
 Timings are CPU time (``time.process_time``) per step, best of ``--rounds`` blocks of ``--steps`` steps.
 
-``rss``: a fresh process loads the export, prefills 512 tokens and decodes 32, and prints its peak RSS
-(``ru_maxrss``) and the decode/prefill speed, with the session options of ``--variant``.
+``rss``: a fresh process loads the export, prefills 512 tokens and decodes 128, and prints its peak RSS
+(``ru_maxrss``) and the decode/prefill CPU time, with the session options of ``--variant``; variants
+run in turn, each in its own process, ``--rounds`` times (a second session in one process runs 5-15%
+faster than the first, so in-process A/B of session options is biased by creation order).
 Measurement only: never run by the tests.
 """
 
@@ -113,8 +115,10 @@ def cmd_profile(a):
     dur["If"] -= inner
     total = sum(dur.values())
     steps = max(runs, 1)  # the warm-up runs are in the trace too: per-run figures divide by all runs
-    print(f"{model}: {runs} runs profiled, {sum(count.values()) / steps:.0f} nodes per step, "
-          f"kernel time {total / steps / 1e3:.2f} ms per step (profiler on)")
+    print(
+        f"{model}: {runs} runs profiled, {sum(count.values()) / steps:.0f} nodes per step, "
+        f"kernel time {total / steps / 1e3:.2f} ms per step (profiler on)"
+    )
     print("If: its own cost, without the nodes of the branch it runs (counted under their op types)")
     print(f"{'op':28s} {'per step':>9s} {'share':>7s} {'us/node':>8s}")
     for op, d in dur.most_common():
@@ -160,7 +164,9 @@ import onnxruntime as ort
 from rwkv_runtime import Session
 variant = sys.argv[2]
 so = None
-if variant != "runtime":  # "runtime": the runtime's own options (ort_backend._options)
+# "runtime": the runtime's own options (ort_backend); "noshrink": those without shrinking the arena after
+# prefill runs (the runtime before issue #30); anything else: these SessionOptions (no shrinking then)
+if variant not in ("runtime", "noshrink"):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads, so.inter_op_num_threads = int(sys.argv[3]), 1
@@ -180,15 +186,17 @@ if variant != "runtime":  # "runtime": the runtime's own options (ort_backend._o
         elif v != "base":
             raise SystemExit("unknown variant " + v)
 s = Session(sys.argv[1], threads=int(sys.argv[3]), session_options=so)
+if "noshrink" in variant:  # the runtime before it shrank the arena after prefill runs
+    s.backend._prefill_run_options = None
 rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 ids = np.random.default_rng(1).integers(0, s.vocab_size, size=(1, 512))
-t0 = time.perf_counter(); logits, st = s.prefill(ids); pre = time.perf_counter() - t0
+t0 = time.process_time(); logits, st = s.prefill(ids); pre = time.process_time() - t0
 rss_pre = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 tok = ids[:, -1]
 t0 = time.process_time()
-for _ in range(32):
+for _ in range(128):
     logits, st = s.step(tok, st)
-dec = (time.process_time() - t0) / 32 * 1e3
+dec = (time.process_time() - t0) / 128 * 1e3
 print(json.dumps({"rss_load": rss_load, "rss_prefill": rss_pre,
                   "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "prefill_s": pre, "decode_ms": dec}))
@@ -202,7 +210,7 @@ def cmd_rss(a):
                 [sys.executable, "-c", _RSS, a.model, v, str(a.threads)], capture_output=True, text=True, check=True
             ).stdout
             res = json.loads(out.strip().splitlines()[-1])
-            print(f"round {r + 1} {v:40s} " + " ".join(f"{k} {x:.1f}" for k, x in res.items()), flush=True)
+            print(f"round {r + 1} {v:40s} " + " ".join(f"{k} {x:.3f}" for k, x in res.items()), flush=True)
 
 
 def main():
@@ -225,7 +233,9 @@ def main():
     c.add_argument("--rounds", type=int, default=5)
     r = sub.add_parser("rss")
     r.add_argument("model")
-    r.add_argument("--variant", action="append", default=None, help="base, runtime, arena_off, ... ('+' joins)")
+    r.add_argument(
+        "--variant", action="append", default=None, help="runtime, noshrink, base, arena_off, ... ('+' joins)"
+    )
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()

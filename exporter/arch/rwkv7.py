@@ -239,8 +239,8 @@ def build_graph(g: GraphBuilder, W: dict, cfg: dict, opts: GraphOptions):
         kk = G.heads(g.op("Mul", [k, G.vec(b + "att.k_k")]))
         kk = g.op("Div", [kk, g.op("Max", [g.op("ReduceL2", [kk, ax], keepdims=1), g.const(1e-12)])])  # F.normalize
         # k * (1 + (a - 1) * k_a) as k * ((1 - k_a) + a * k_a): 1 - k_a folded at export, one node less
-        k_a = W[b + "att.k_a"]
-        k = g.op("Mul", [k, g.op("Add", [G.vec(b + "att.1-k_a", array=1 - k_a), g.op("Mul", [a, G.vec(b + "att.k_a")])])])
+        one_minus_ka = G.vec(b + "att.1-k_a", array=1 - W[b + "att.k_a"])
+        k = g.op("Mul", [k, g.op("Add", [one_minus_ka, g.op("Mul", [a, G.vec(b + "att.k_a")])])])
         if i == 0:
             v_first = v
         else:
