@@ -22,6 +22,24 @@ def shift(xx, prev):
     return torch.cat([prev[:, None], xx[:, :-1]], 1)
 
 
+def loaded(cls, cfg: dict, w: dict, drop=(), scale: dict | None = None):
+    """``cls(cfg)`` holding the BlinkDL-named tensors ``w`` (reshaped to its parameters; ``drop``: keys
+    it ignores; ``scale``: key -> factor applied first). Built on the meta device and assigned, not
+    copied: no random initialisation of parameters about to be replaced, and a float32 checkpoint's
+    tensors become the parameters (the accuracy report after a 0.4B export: ~3 s and 1.8 GB less)."""
+    with torch.device("meta"):
+        m = cls(cfg)
+    shapes = {k: v.shape for k, v in m.state_dict().items()}
+    sd = {}
+    for k, v in w.items():
+        if k in drop or k.endswith("att.time_state"):
+            continue
+        v = v.float().reshape(shapes[k]) if k in shapes else v  # an unknown key: strict loading names it
+        sd[k] = v * scale[k] if scale and k in scale else v
+    m.load_state_dict(sd, strict=True, assign=True)
+    return m.eval()
+
+
 class ReferenceModel(nn.Module):
     """Subclasses build ``emb``, ``blocks`` (each with ln1, ln2, ffn; block 0 with ln0), ``ln_out``
     and ``head``, and implement ``attend``."""

@@ -37,7 +37,7 @@ from rwkv_runtime.manifest import BATCH, StateSpec
 from ..errors import CheckpointError
 from ..onnx_graph import GraphBuilder
 from . import graph, keys
-from .frame import ReferenceModel
+from .frame import ReferenceModel, loaded
 from .graph import F32, GN_EPS, LN_EPS
 
 STATE_FIELDS = ("att_shift", "wkv", "ffn_shift")
@@ -224,16 +224,6 @@ def wkv7_seq(r, w, k, v, a, b, s):
         y, s = wkv7_step(r[:, t], w[:, t], k[:, t], v[:, t], a[:, t], b[:, t], s)
         ys.append(y)
     return torch.stack(ys, 1), s
-
-
-def load_module(model, w: dict, drop=()):
-    """Load BlinkDL-named weights into a Module whose parameter names are those keys (reshaped)."""
-    sd = model.state_dict()
-    model.load_state_dict(
-        {k: v.float().reshape(sd[k].shape) for k, v in w.items() if k not in drop and not k.endswith("att.time_state")},
-        strict=True,
-    )
-    return model.eval()
 
 
 def initial_state(specs, batch_size: int, time_state: dict | None) -> dict:
@@ -657,7 +647,7 @@ class HeadwiseModel(ReferenceModel):
     @classmethod
     def from_weights(cls, w: dict, cfg: dict | None = None):
         cfg = cfg or cls.config_from_weights(w)
-        m = load_module(cls(cfg), w, drop=cls.drop_keys)
+        m = loaded(cls, cfg, w, drop=cls.drop_keys)
         if cfg.get("time_state"):
             m.time_state = cls.load_state_tuning(w, cfg)
         return m

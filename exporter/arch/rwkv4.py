@@ -22,7 +22,7 @@ from rwkv_runtime.manifest import BATCH, StateSpec
 
 from ..onnx_graph import GraphBuilder
 from . import ArchSpec, keys
-from .frame import ReferenceModel
+from .frame import ReferenceModel, loaded
 from .graph import LN_EPS, Graph, GraphOptions, embedding_and_head, layer_matrices, wkv_node
 from .headwise import initial_state
 
@@ -217,15 +217,13 @@ class Model(ReferenceModel):
     @classmethod
     def from_weights(cls, w: dict, cfg: dict | None = None) -> Model:
         cfg = cfg or config_from_weights(w)
-        m = cls(cfg)
-        sd = {k: v.reshape(m.state_dict()[k].shape) for k, v in w.items()}
         R = cfg.get("rescale_every", 0)
-        if R:
-            for i in range(cfg["n_layer"]):
-                for n in (f"blocks.{i}.att.output.weight", f"blocks.{i}.ffn.value.weight"):
-                    sd[n] = sd[n] / (2 ** (i // R))
-        m.load_state_dict(sd, strict=True)
-        return m.eval()
+        scale = {
+            f"blocks.{i}.{n}.weight": 1 / 2 ** (i // R)
+            for i in range(cfg["n_layer"] if R else 0)
+            for n in ("att.output", "ffn.value")
+        }
+        return loaded(cls, cfg, w, scale=scale)
 
     def new_state(self, batch_size: int = 1) -> dict:
         return initial_state(state_layout(self.cfg), batch_size, None)
