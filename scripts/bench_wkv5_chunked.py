@@ -1,7 +1,7 @@
 """Prefill of an RWKV-6 sequence graph: the chunked WKV (shipped) against the per-token Scan it replaced.
 
-A random RWKV-6 of the 0.1B shape (12 layers x 768, head 64, ffn 2688, a small vocabulary: the head is
-not what is measured) is exported fp32 twice in one process: as shipped (``headwise.wkv5_chunked_ops``
+A random RWKV-6 of the 0.1B shape (12 layers x 768, head 64, ffn 2688, vocab 65536: scripts/make_169m.py;
+the sequence graph's head reads the last token only, so the vocabulary is not what is measured) is exported fp32 twice in one process: as shipped (``headwise.wkv5_chunked_ops``
 in the sequence graph) and with WKV6Seq's body swapped back to the per-token ``scan_ops`` form. Both
 sessions then prefill the same prompt, one thread each, CPU time (time.process_time), best of
 ``--repeat``, interleaved. A relative check: run both in one process on the same machine.
@@ -21,47 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def random_rwkv6(path: Path, L=12, C=768, H=12, F=2688, V=1024, D=32, E=64, seed=0) -> Path:
-    """BlinkDL-layout RWKV-6 weights in ranges that keep activations finite (decays as trained:
-    time_decay around -6..1, so log w spans about -e^1 .. -e^-6 per token)."""
-    g = torch.Generator().manual_seed(seed)
-    rn = lambda *s, sc=1.0: torch.randn(*s, generator=g) * sc  # noqa: E731
-    ru = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
-    N = C // H
-    w = {
-        "emb.weight": rn(V, C, sc=1e-2),
-        "blocks.0.ln0.weight": torch.ones(C),
-        "blocks.0.ln0.bias": torch.zeros(C),
-        "ln_out.weight": torch.ones(C),
-        "ln_out.bias": torch.zeros(C),
-        "head.weight": rn(V, C, sc=C**-0.5),
-    }
-    for i in range(L):
-        b = f"blocks.{i}."
-        for n in ("ln1", "ln2", "att.ln_x"):
-            w[b + n + ".weight"], w[b + n + ".bias"] = torch.ones(C), torch.zeros(C)
-        for m in "xwkvrg":
-            w[b + "att.time_maa_" + m] = ru(1, 1, C)
-        w[b + "att.time_maa_w1"], w[b + "att.time_maa_w2"] = rn(C, 5 * D, sc=0.1), rn(5, D, C, sc=0.1)
-        w[b + "att.time_decay"] = -6 + 7 * ru(1, 1, C)
-        w[b + "att.time_decay_w1"], w[b + "att.time_decay_w2"] = rn(C, E, sc=0.1), rn(E, C, sc=0.1)
-        w[b + "att.time_faaaa"] = rn(H, N, sc=0.5)
-        w[b + "ffn.time_maa_k"], w[b + "ffn.time_maa_r"] = ru(1, 1, C), ru(1, 1, C)
-        for n, (o, i_) in {
-            "att.key": (C, C),
-            "att.value": (C, C),
-            "att.receptance": (C, C),
-            "att.output": (C, C),
-            "att.gate": (C, C),
-            "ffn.key": (F, C),
-            "ffn.receptance": (C, C),
-            "ffn.value": (C, F),
-        }.items():
-            w[b + n + ".weight"] = rn(o, i_, sc=i_**-0.5)
-    torch.save(w, path)
-    return path
+from make_169m import random_weights  # this folder (python puts a script's folder on sys.path)
 
 
 def scan_wkv6(g, r, k, v, w, u, s):
@@ -155,7 +115,7 @@ def main():
     d.mkdir(parents=True, exist_ok=True)
     ck = d / "rwkv6-0.1b-random.pth"
     if not ck.exists():
-        random_rwkv6(ck)
+        torch.save(random_weights("6"), ck)  # scripts/make_169m.py: the 0.1B RWKV-6 shape
     paths = {}
     opts = ExportOptions(graphs=("sequence",))
     paths["chunked"] = export(ck, d / "chunked.onnx", opts)[-1]

@@ -40,6 +40,19 @@ def node_ready() -> str | None:
     return None
 
 
+def node_export(tmp_path_factory, name: str):
+    """(a fresh folder, the default model exported self-contained into it as m.onnx) for a JavaScript
+    suite; skips when Node is not ready."""
+    why = node_ready()
+    if why:
+        pytest.skip(why)
+    from rwkv_export import DEFAULT_MODEL
+    from rwkv_export.export import ExportOptions, export
+
+    d = tmp_path_factory.mktemp(name)
+    return d, export(DEFAULT_MODEL, d / "m.onnx", ExportOptions(external_data=False))[0]
+
+
 def mixed_script_text(n_chars: int = 120_000, seed: int = 0) -> str:
     """A large deterministic text mixing scripts, punctuation, digits, emoji and whitespace runs."""
     rnd = random.Random(seed)

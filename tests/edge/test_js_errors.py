@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from .conftest import counts_ok, failures, node_ready, run_node_tests
+from .conftest import counts_ok, failures, node_export, run_node_tests
 
 pytestmark = pytest.mark.slow
 
@@ -23,18 +23,14 @@ GENERATIONS = [  # settings both runtimes must agree on token for token (200 tok
 
 @pytest.fixture(scope="module")
 def audit_dir(tmp_path_factory):
-    why = node_ready()
-    if why:
-        pytest.skip(why)
     from rwkv_export import DEFAULT_MODEL  # the tiny RWKV-4 the project ships
     from rwkv_export.export import ExportOptions, export
     from rwkv_runtime import SamplingParams, Session
 
-    d = tmp_path_factory.mktemp("js-audit")
+    # self-contained graphs (the tests tamper with and copy single .onnx files); ext/: external data
+    d, _ = node_export(tmp_path_factory, "js-audit")
     (d / "ext").mkdir()
     (d / "other").mkdir()
-    # self-contained graphs (the tests tamper with and copy single .onnx files); ext/: external data
-    export(DEFAULT_MODEL, d / "m.onnx", ExportOptions(external_data=False))
     export(DEFAULT_MODEL, d / "ext" / "m.onnx", ExportOptions(external_data=True))
     export(
         DEFAULT_MODEL, d / "other" / "m.onnx", ExportOptions(external_data=False)

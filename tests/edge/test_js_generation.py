@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from .conftest import counts_ok, failures, node_ready, run_node_tests
+from .conftest import counts_ok, failures, node_export, run_node_tests
 
 pytestmark = pytest.mark.slow
 
@@ -67,15 +67,9 @@ def _core(session, params: dict, stops: list, k: int, n: int) -> dict:
 
 @pytest.fixture(scope="module")
 def gen_dir(tmp_path_factory):
-    why = node_ready()
-    if why:
-        pytest.skip(why)
-    from rwkv_export import DEFAULT_MODEL
-    from rwkv_export.export import ExportOptions, export
     from rwkv_runtime import SamplingParams, Session
 
-    d = tmp_path_factory.mktemp("js-gen")
-    model = export(DEFAULT_MODEL, d / "m.onnx", ExportOptions(external_data=False))[0]
+    d, model = node_export(tmp_path_factory, "js-gen")
     s = Session(model)
     greedy = "".join(s.generate(bytes(PROMPT).decode(), 40, temperature=0))
     # a stop string the greedy text first reaches mid-way
