@@ -95,7 +95,7 @@ export class StopMatcher {
       this._heldLen = 0;
       return [text, true];
     }
-    const hold = Math.max(...this._j);
+    const hold = this._j.reduce((a, b) => Math.max(a, b), 0); // (no spread: any number of stop strings)
     return [this._take(this._heldLen + piece.length - hold, piece, true), false];
   }
 

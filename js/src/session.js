@@ -608,8 +608,9 @@ export class Session {
     }
     const n = prompts.length;
     if (n === 0) throw new RuntimeUserError("prefillMany needs at least one prompt");
+    if (n > MAX_BATCH) throw new RuntimeUserError(`at most ${MAX_BATCH} prompts at once, not ${n}`);
     const lengths = prompts.map((p) => p.length);
-    if (Math.min(...lengths) === 0) throw new RuntimeUserError("every prompt needs at least one token");
+    if (lengths.includes(0)) throw new RuntimeUserError("every prompt needs at least one token");
     this._chunk(chunkSize);
     for (const p of prompts) this._tokens([p]);
     state ??= this.newState(n);
@@ -784,6 +785,7 @@ export class Session {
    */
   async generateBatch(prompts, params = {}) {
     if (!Array.isArray(prompts) || !prompts.length) throw new RuntimeUserError("generateBatch needs a non-empty array of prompts (text or token ids)");
+    if (prompts.length > MAX_BATCH) throw new RuntimeUserError(`at most ${MAX_BATCH} prompts at once, not ${prompts.length}`);
     params ??= {};
     const per = Array.isArray(params) ? params : prompts.map(() => params);
     if (per.length !== prompts.length) throw new RuntimeUserError(`generateBatch: ${per.length} settings for ${prompts.length} prompts`);

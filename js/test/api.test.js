@@ -67,6 +67,10 @@ test("prefillMany: prompts of different lengths give Python's prefill_many logit
   await assert.rejects(s.prefillMany([]), userError(/at least one prompt/));
   await assert.rejects(s.prefillMany([[1], [2]], s.newState(3)), userError(/batch of 3, but 2 prompts/));
   await assert.rejects(s.prefillMany([[1], [999]]), userError(/outside \[0, 256\)/));
+  // more prompts than a batch may hold: one clear error, not a RangeError from spreading 200,000 arguments
+  const many = Array.from({ length: 200000 }, () => [1]);
+  await assert.rejects(s.prefillMany(many), userError(/at most 65536 prompts/));
+  await assert.rejects(s.generateBatch(many), userError(/at most 65536 prompts/));
 });
 
 test("initial state: the option and setInitialState start newState there, as Python's set_initial_state", opts, async () => {
