@@ -63,7 +63,8 @@ export function sampleLogprobs(logp, temperature, topP, topK, rng) {
     keep = logp.map((v) => v > -Infinity);
   } else {
     const probs = logp.map(Math.exp);
-    order = sorted();
+    // as Python: the nucleus needs only the head of the descending order; the full sort is the fallback
+    order = nucleusHead(logp, probs, topP) ?? sorted();
     const cum = new Float64Array(order.length);
     let acc = 0;
     for (let j = 0; j < order.length; j++) { acc += probs[order[j]]; cum[j] = acc; }
@@ -81,6 +82,32 @@ export function sampleLogprobs(logp, temperature, topP, topK, rng) {
   const s = pairwiseSum(q);
   for (let i = 0; i < q.length; i++) q[i] /= s;
   return rng.choice(q);
+}
+
+/** Python's _nucleus_head: the first entries of the stable descending order, enough that their
+ *  cumulative sum reaches topP, or null. Exactly the full order's head (the tokens with logp >= a bound
+ *  come first, and a stable sort of them breaks ties as the full one does), and the cut is topP itself
+ *  (it is below the total by more than either sum's rounding): the same token as the full sort. */
+function nucleusHead(logp, probs, topP) {
+  const n = logp.length;
+  const total = pairwiseSum(probs);
+  const margin = 2 * n * Number.EPSILON * total;
+  if (!(topP <= total - margin)) return null;
+  const top = maxOf(logp);
+  for (const drop of [8, 16, 32]) { // tokens within e^-drop of the most likely one
+    const head = [];
+    for (let i = 0; i < n; i++) if (logp[i] >= top - drop) head.push(i);
+    if (head.length > Math.floor(n / 4)) return null; // a flat distribution: the full sort costs little more
+    let mass = 0;
+    for (const i of head) mass += probs[i];
+    if (mass >= topP + margin) {
+      head.sort((a, b) => (logp[b] > logp[a]) - (logp[b] < logp[a])); // stable
+      let acc = 0;
+      for (const i of head) acc += probs[i];
+      return acc >= topP ? head : null;
+    }
+  }
+  return null;
 }
 
 function number(name, v, lo = null, hi = null) {

@@ -7,7 +7,7 @@ import { scanModel } from "../src/onnx-meta.js";
 import { parseManifest, checkCompanion } from "../src/manifest.js";
 import { NumpyRandom } from "../src/random.js";
 import { parsePyLiteral, ByteTokenizer, StreamDecoder } from "../src/tokenizers.js";
-import { Sampler } from "../src/sampling.js";
+import { Sampler, sampleLogprobs, pairwiseSum } from "../src/sampling.js";
 import { RuntimeUserError } from "../src/errors.js";
 
 test("npz: saveNpz -> loadNpz round trip keeps names, dtypes, shapes and values", async () => {
@@ -97,5 +97,41 @@ test("StreamDecoder: the pieces joined equal one decode, invalid UTF-8 included 
 test("constrained decoding options are one clear error naming what is missing (not an unknown setting)", () => {
   for (const k of ["constraint", "responseFormat", "regex", "grammar"]) {
     assert.throws(() => new Sampler({ [k]: {} }), (e) => e instanceof RuntimeUserError && e.message.includes("constrained decoding is not available") && e.message.includes(k));
+  }
+});
+
+// the draw as ChatRWKV's order defines it, sorting the whole vocabulary (what sampleLogprobs did before
+// it sorted only the nucleus's head): the independent statement of the semantics
+function fullSortSample(logp, temperature, topP, topK, rng) {
+  const probs = logp.map(Math.exp);
+  const order = Array.from(logp.keys()).sort((a, b) => (logp[b] > logp[a]) - (logp[b] < logp[a]));
+  let acc = 0;
+  const cum = order.map((i) => (acc += probs[i]));
+  const limit = Math.min(topP, cum[cum.length - 1]);
+  let at = cum.findIndex((c) => c >= limit);
+  if (at < 0) at = 0;
+  const keep = topP >= 1 ? logp.map((v) => v > -Infinity) : logp.map((v) => v >= logp[order[at]]);
+  if (topK > 0 && topK < logp.length) for (let j = topK; j < order.length; j++) keep[order[j]] = false;
+  const scaled = logp.map((v, i) => (keep[i] ? v / temperature : -Infinity));
+  const m = Math.max(...scaled.filter((v) => v > -Infinity));
+  const q = scaled.map((v) => Math.exp(v - m));
+  const s = pairwiseSum(q);
+  return rng.choice(q.map((v) => v / s));
+}
+
+test("sampling: sorting only the nucleus's head draws what the full sort draws (as Python's test)", () => {
+  const g = new NumpyRandom(7);
+  for (let c = 0; c < 120; c++) {
+    const V = [7, 1000, 65536][c % 3];
+    const scale = [0.3, 3, 12][Math.floor(c / 3) % 3];
+    const x = Array.from({ length: V }, () => g.random() * 2 - 1).map((u, i) => u * scale * (1 + (i % 7 === 0 ? 4 : 0)));
+    if (c % 5 === 0) for (let i = 0; i < V; i++) x[i] = Math.round(x[i]); // ties at the cut
+    if (c % 7 === 0) { for (let i = 1; i < V; i += 2) x[i] = -Infinity; x[0] = 1; } // masked tokens
+    const m = Math.max(...x.filter((v) => v > -Infinity));
+    const z = m + Math.log(pairwiseSum(x.map((v) => Math.exp(v - m))));
+    const logp = x.map((v) => v - z);
+    const T = [0.05, 1, 2][c % 3], P = [0, 0.3, 0.85, 0.999, 1][c % 5], K = [0, 1, 5, 300][c % 4];
+    const got = sampleLogprobs(logp, T, P, K, new NumpyRandom(c));
+    assert.equal(got, fullSortSample(logp, T, P, K, new NumpyRandom(c)), `case ${c}: V ${V} T ${T} top_p ${P} top_k ${K}`);
   }
 });
