@@ -112,6 +112,7 @@ bench: $(BIN)/.installed
 	    --json build/bench-constraints.json
 	# the sampler's draw over 65,536 logits: as shipped, sorting everything (peer), one pass (ceiling)
 	$(BIN)/python scripts/bench_sampling.py --rounds 5 --json build/bench-sampling.json
+	cd js && node bench/sampling-bench.mjs 5
 
 ## bench-quant: weight formats for CPU side by side (speed at batch 1 and 32, cross-entropy cost); not in CI
 bench-quant: $(BIN)/.installed
