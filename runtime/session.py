@@ -36,6 +36,8 @@ class Session:
     Memory: by default one onnxruntime session, the export's sequence graph, serves both decode (T = 1)
     and prefill, so the weights are held once; ``decode_graph="step"`` decodes with the step graph in a
     second session (a second copy of the weights). ``low_memory=True`` also turns off weight prepacking.
+    ``huge_pages`` (CPU, Linux): the memory onnxruntime fills while loading (the prepacked weights) is
+    moved to huge pages, for a faster decode (runtime/hugepages.py); False leaves it as allocated.
     ``plugin``: the TensorRT plugin library for an engine that needs one (else found from the sidecar/env).
 
     Inputs are checked here (tokens, states, sizes); the backend (``backend.Backend``) only runs graphs.
@@ -54,6 +56,7 @@ class Session:
         cuda_graphs=None,
         decode_graph: str = "auto",
         plugin=None,
+        huge_pages: bool = True,
     ):
         self.artifact = open_artifact(path)  # the manifest validated; no weights read yet
         self.path = path = self.artifact.path
@@ -75,7 +78,9 @@ class Session:
         else:
             from .ort_backend import OrtBackend
 
-            self.backend = OrtBackend(self.artifact, providers, threads, session_options, low_memory, decode_graph)
+            self.backend = OrtBackend(
+                self.artifact, providers, threads, session_options, low_memory, decode_graph, huge_pages
+            )
             self.backend.session(self.backend.decode_kind)  # fail early on bad files; graph checked against manifest
         for kind in ("step", "sequence"):  # companions bound to this export (same id), checked up front
             if self.artifact.companion_path(kind) is not None:

@@ -206,9 +206,14 @@ def _nbits_model(K: int, nbytes: int, bits: int, block: int, accuracy_level: int
 def _session(model: onnx.ModelProto, threads: int):
     import onnxruntime as ort
 
+    from rwkv_runtime.hugepages import anonymous_regions, collapse_new
+
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    before = anonymous_regions()
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    collapse_new(before)  # its weights in huge pages, as the runtime's sessions have them (hugepages.py)
+    return sess
 
 
 def _calls_per_second(call, seconds: float, warmup: int = 3) -> float:
