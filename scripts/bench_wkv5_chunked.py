@@ -60,10 +60,9 @@ def _best(sessions: dict, feeds: dict, repeat: int) -> dict:
 
 def wkv_only(tokens: int, chunks, repeat: int):
     import onnxruntime as ort
-    from onnx import TensorProto, helper
 
     from rwkv_export.arch import headwise as hw
-    from rwkv_export.onnx_graph import OPSET, GraphBuilder
+    from rwkv_export.onnx_graph import GraphBuilder
 
     def model(body):
         g = GraphBuilder("wkv6")
@@ -74,13 +73,9 @@ def wkv_only(tokens: int, chunks, repeat: int):
         y, s2 = body(g, "r", "k", "v", "w", "u", "s")
         g.op("Identity", [y], "y")
         g.op("Identity", [s2], "s_out")
-        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "s_out")]
-        m = helper.make_model(
-            helper.make_graph(g.nodes, "wkv6", g.inputs, outs, g.initializers),
-            opset_imports=[helper.make_opsetid("", OPSET)],
-        )
-        m.ir_version = 9
-        return m.SerializeToString()
+        g.output("y", "float32", None)
+        g.output("s_out", "float32", None)
+        return g.model().SerializeToString()
 
     B, H, N = 1, 12, 64
     rng = np.random.default_rng(0)

@@ -604,10 +604,9 @@ def test_vectors_may_be_stored_squeezed(tmp_path):
 
 def _wkv7_graph(T_shape="T"):
     """WKV7Seq's standard-op body alone as a model: r,w,k,v,a,b [B,T,H,N], state -> y, state'."""
-    from onnx import TensorProto, helper
 
     from rwkv_export.arch import headwise as hw
-    from rwkv_export.onnx_graph import OPSET, GraphBuilder
+    from rwkv_export.onnx_graph import GraphBuilder
 
     g = GraphBuilder("wkv7")
     names = ["r", "w", "k", "v", "a", "b"]
@@ -617,21 +616,9 @@ def _wkv7_graph(T_shape="T"):
     y, s2 = hw.wkv7_seq_ops(g, *names, "s")
     g.op("Identity", [y], "y")
     g.op("Identity", [s2], "s_out")
-    m = helper.make_model(
-        helper.make_graph(
-            g.nodes,
-            "wkv7",
-            g.inputs,
-            [
-                helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
-                helper.make_tensor_value_info("s_out", TensorProto.FLOAT, None),
-            ],
-            g.initializers,
-        ),
-        opset_imports=[helper.make_opsetid("", OPSET)],
-    )
-    m.ir_version = 9
-    return m
+    g.output("y", "float32", None)
+    g.output("s_out", "float32", None)
+    return g.model()
 
 
 @pytest.mark.parametrize("T", [2, 15, 16, 17, 50, 130])
@@ -671,10 +658,9 @@ def test_chunked_wkv7_equals_the_per_token_form(T, decay):
 def _wkv5_chunked_graph(per_token: bool):
     """``headwise.wkv5_chunked_ops`` alone as a model (the many-token branch of WKV5Seq/WKV6Seq, called
     directly so that T = 1 runs it too): r,k,v [B,T,H,N], w [H,N] or [B,T,H,N], u [H,N], state."""
-    from onnx import TensorProto, helper
 
     from rwkv_export.arch import headwise as hw
-    from rwkv_export.onnx_graph import OPSET, GraphBuilder
+    from rwkv_export.onnx_graph import GraphBuilder
 
     g = GraphBuilder("wkv5")
     for n in "rkv":
@@ -685,13 +671,9 @@ def _wkv5_chunked_graph(per_token: bool):
     y, s2 = hw.wkv5_chunked_ops(g, "r", "k", "v", "w", "u", "s")
     g.op("Identity", [y], "y")
     g.op("Identity", [s2], "s_out")
-    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "s_out")]
-    m = helper.make_model(
-        helper.make_graph(g.nodes, "wkv5", g.inputs, outs, g.initializers),
-        opset_imports=[helper.make_opsetid("", OPSET)],
-    )
-    m.ir_version = 9
-    return m
+    g.output("y", "float32", None)
+    g.output("s_out", "float32", None)
+    return g.model()
 
 
 def _wkv5_inputs(kind: str, T: int, B=2, H=3, N=64):
