@@ -228,13 +228,21 @@ _CHILD = textwrap.dedent("""
             time.sleep(slow)
             return real(a, b)
         os.replace = replace
+    stage = float(os.environ.get("SLOW_STAGE", "0"))
+    if stage:  # stretch the staging (each weight written) so that a signal lands inside it on any machine
+        from rwkv_export.onnx_graph import WeightStore
+        add = WeightStore.add
+        def slow_add(self, name, arr):
+            time.sleep(stage)
+            return add(self, name, arr)
+        WeightStore.add = slow_add
     print("ready", flush=True)
     export(sys.argv[1], sys.argv[2], ExportOptions(external_data=True))
 """)
 
 
-def _child(ck, out, slow=0.0):
-    env = dict(os.environ, SLOW_REPLACE=str(slow))
+def _child(ck, out, slow=0.0, stage=0.0):
+    env = dict(os.environ, SLOW_REPLACE=str(slow), SLOW_STAGE=str(stage))
     p = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(ck), str(out)],
         stdout=subprocess.PIPE,
@@ -260,12 +268,15 @@ def _wait_for_journal(d: Path, timeout=60) -> bool:
 @pytest.mark.parametrize("moment", ["staging", "commit"])
 def test_real_signal(folder, old_and_new, sig, moment):
     d, out, old = folder
-    p = _child(old_and_new[1], out, slow=0.3 if moment == "commit" else 0.0)
+    p = _child(old_and_new[1], out, slow=0.3 if moment == "commit" else 0.0, stage=0.02 if moment == "staging" else 0.0)
     if moment == "commit":
         assert _wait_for_journal(d), p.communicate()
         time.sleep(0.45)  # between the first and the second rename
-    else:
-        time.sleep(0.05)  # just after the checkpoint started loading
+    else:  # the export is staging (its folder exists, weights are being written slowly)
+        end = time.time() + 60
+        while not list(d.glob(staging.PREFIX + "*")) and time.time() < end:
+            time.sleep(0.002)
+        time.sleep(0.05)
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
     assert p.returncode != 0
