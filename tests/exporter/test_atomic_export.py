@@ -219,7 +219,9 @@ def test_disk_full_is_one_line_naming_the_folder(tmp_path, old_and_new, monkeypa
 
 # -- real signals in a subprocess ---------------------------------------------------------------
 _CHILD = textwrap.dedent("""
-    import os, sys, time
+    import os, signal, sys, time
+    # a job started in the background (nohup ... &) inherits SIGINT ignored; the test needs Python's own
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from rwkv_export.export import ExportOptions, export
     slow = float(os.environ.get("SLOW_REPLACE", "0"))
     if slow:  # stretch the commit so that a signal can land inside it
