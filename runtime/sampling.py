@@ -120,9 +120,10 @@ def sample_logprobs(logp: np.ndarray, temperature: float, top_p: float, top_k: i
         # of an 8 ms draw over 65,536 tokens) is the fallback, taken when the head is not enough
         probs = np.exp(logp)
         order = _nucleus_head(logp, probs, top_p)
-        if order is None:
+        cum = None if order is None else np.cumsum(probs[order])
+        if cum is None or cum[-1] < top_p:  # no head, or one whose sorted sum falls short: the full sort
             order = np.argsort(-logp, kind="stable")
-        cum = np.cumsum(probs[order])
+            cum = np.cumsum(probs[order])
         keep = logp >= logp[order[int(np.argmax(cum >= min(top_p, cum[-1])))]]
         if top_k and top_k < len(order):  # a head shorter than top_k holds every kept token
             keep[order[top_k:]] = False
@@ -136,7 +137,7 @@ def sample_logprobs(logp: np.ndarray, temperature: float, top_p: float, top_k: i
 
 def _nucleus_head(logp: np.ndarray, probs: np.ndarray, top_p: float) -> np.ndarray | None:
     """The first entries of ``argsort(-logp, kind="stable")``, enough of them that their cumulative
-    sum reaches top_p, or None. Exactly the full order's head: the tokens with logp >= a bound come
+    sum reaches top_p (the caller checks it on the sum it computes anyway), or None. Exactly the full order's head: the tokens with logp >= a bound come
     before all others, and a stable sort of them (in index order) breaks ties as the full one does;
     the cumulative sum of a head equals the head of the full cumulative sum (a sequential sum). The
     cut is then top_p itself, not cum[-1]: top_p is below the total by more than either sum's
@@ -152,8 +153,7 @@ def _nucleus_head(logp: np.ndarray, probs: np.ndarray, top_p: float) -> np.ndarr
         if len(head) > n // 4:
             return None  # a flat distribution: the full sort costs little more
         if float(probs[head].sum()) >= top_p + margin:
-            head = head[np.argsort(-logp[head], kind="stable")]
-            return head if np.cumsum(probs[head])[-1] >= top_p else None
+            return head[np.argsort(-logp[head], kind="stable")]
     return None
 
 
