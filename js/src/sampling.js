@@ -64,10 +64,10 @@ export function sampleLogprobs(logp, temperature, topP, topK, rng) {
   } else {
     const probs = logp.map(Math.exp);
     // as Python: the nucleus needs only the head of the descending order; the full sort is the fallback
-    order = nucleusHead(logp, probs, topP) ?? sorted();
-    const cum = new Float64Array(order.length);
-    let acc = 0;
-    for (let j = 0; j < order.length; j++) { acc += probs[order[j]]; cum[j] = acc; }
+    const cumulative = (o) => { let acc = 0; return Float64Array.from(o, (i) => (acc += probs[i])); };
+    order = nucleusHead(logp, probs, topP);
+    let cum = order && cumulative(order);
+    if (!cum || cum[cum.length - 1] < topP) cum = cumulative((order = sorted())); // no head, or one that falls short
     const limit = Math.min(topP, cum[cum.length - 1]);
     let at = 0;
     while (at < cum.length && !(cum[at] >= limit)) at++;
@@ -85,7 +85,7 @@ export function sampleLogprobs(logp, temperature, topP, topK, rng) {
 }
 
 /** Python's _nucleus_head: the first entries of the stable descending order, enough that their
- *  cumulative sum reaches topP, or null. Exactly the full order's head (the tokens with logp >= a bound
+ *  cumulative sum reaches topP (the caller checks it on the sum it computes anyway), or null. Exactly the full order's head (the tokens with logp >= a bound
  *  come first, and a stable sort of them breaks ties as the full one does), and the cut is topP itself
  *  (it is below the total by more than either sum's rounding): the same token as the full sort. */
 function nucleusHead(logp, probs, topP) {
@@ -101,10 +101,7 @@ function nucleusHead(logp, probs, topP) {
     let mass = 0;
     for (const i of head) mass += probs[i];
     if (mass >= topP + margin) {
-      head.sort((a, b) => (logp[b] > logp[a]) - (logp[b] < logp[a])); // stable
-      let acc = 0;
-      for (const i of head) acc += probs[i];
-      return acc >= topP ? head : null;
+      return head.sort((a, b) => (logp[b] > logp[a]) - (logp[b] < logp[a])); // stable
     }
   }
   return null;
