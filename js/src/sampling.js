@@ -85,9 +85,10 @@ export function sampleLogprobs(logp, temperature, topP, topK, rng) {
 }
 
 /** Python's _nucleus_head: the first entries of the stable descending order, enough that their
- *  cumulative sum reaches topP (the caller checks it on the sum it computes anyway), or null. Exactly the full order's head (the tokens with logp >= a bound
- *  come first, and a stable sort of them breaks ties as the full one does), and the cut is topP itself
- *  (it is below the total by more than either sum's rounding): the same token as the full sort. */
+ *  cumulative sum reaches topP (the caller checks it on the sum it computes anyway), or null. Exactly
+ *  the full order's head (the tokens with logp >= a bound come first, and a stable sort of them breaks
+ *  ties as the full one does), and the cut is topP itself (it is below the total by more than either
+ *  sum's rounding): the same token as the full sort. */
 function nucleusHead(logp, probs, topP) {
   const n = logp.length;
   const total = pairwiseSum(probs);
